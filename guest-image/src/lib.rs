@@ -1,0 +1,1 @@
+//! Test guest programs and the guest<->VMM protocol.
