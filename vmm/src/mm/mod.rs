@@ -2,6 +2,8 @@
 //! unit, property and model tests exercise without `/dev/kvm`.
 //!
 //! - [`addr`]: typed guest-physical and host-virtual addresses.
+//! - [`backing`]: host mappings (anon, shared, memfd, THP, hugetlb, file) that back guest memory.
 
 pub mod addr;
+pub mod backing;
 pub(crate) mod sync;

@@ -1,0 +1,448 @@
+//! Host memory behind guest memory: one [`HostMapping`] owns one `mmap` of a
+//! chosen [`BackingKind`] and unmaps it on drop.
+//!
+//! Ownership rule: whoever registers a mapping with KVM (or any other table that
+//! hands out pointers into it) keeps an `Arc<HostMapping>` until that table has
+//! dropped the registration, so the memory cannot be unmapped under a user.
+//!
+//! ```
+//! use vmm::mm::backing::{BackingKind, HostMapping};
+//! let m = HostMapping::new(&BackingKind::Anon, 2 << 20).unwrap();
+//! assert_eq!(m.len(), 2 << 20);
+//! assert_eq!(m.page_size(), 4096);
+//! // Fresh anonymous memory reads as zeros.
+//! // SAFETY: the mapping is 2 MiB long and alive.
+//! assert_eq!(unsafe { *m.as_ptr().add(4096) }, 0);
+//! assert!("bogus".parse::<BackingKind>().is_err());
+//! ```
+
+use std::fmt;
+use std::fs::OpenOptions;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::PathBuf;
+use std::str::FromStr;
+
+use super::addr::{Hva, HUGE_2M, PAGE_SIZE};
+
+/// Errors creating or changing a host mapping.
+#[derive(Debug, thiserror::Error)]
+pub enum BackingError {
+    /// The `--backing` text is not one of the accepted forms.
+    #[error("unknown backing {0:?}: expected anon, shared, memfd, thp, hugetlb or file=PATH")]
+    UnknownKind(String),
+    /// Size zero or not a multiple of the backing's page size.
+    #[error("size {size:#x} is not a non-zero multiple of the {kind} page size {page_size:#x}")]
+    BadSize {
+        /// Requested size.
+        size: u64,
+        /// Backing kind.
+        kind: BackingKind,
+        /// Its page size.
+        page_size: u64,
+    },
+    /// hugetlb backing without enough reserved huge pages on the host.
+    #[error("hugetlb backing needs {needed} free 2 MiB huge pages but the host has {free} (reserve them with: echo N > /proc/sys/vm/nr_hugepages)")]
+    NoHugePages {
+        /// Huge pages needed.
+        needed: u64,
+        /// Huge pages free.
+        free: u64,
+    },
+    /// A system call failed.
+    #[error("{what} failed for {kind} backing of {size:#x} bytes: {source}")]
+    Sys {
+        /// The call.
+        what: &'static str,
+        /// Backing kind.
+        kind: BackingKind,
+        /// Requested size.
+        size: u64,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// A discard range outside the mapping or not page-aligned.
+    #[error(
+        "discard of [{offset:#x}, +{len:#x}) is outside the {size:#x}-byte mapping or misaligned"
+    )]
+    BadRange {
+        /// Offset into the mapping.
+        offset: u64,
+        /// Length.
+        len: u64,
+        /// Mapping size.
+        size: u64,
+    },
+}
+
+/// What kind of host memory backs guest memory.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum BackingKind {
+    /// Private anonymous memory (`MAP_PRIVATE | MAP_ANONYMOUS`).
+    Anon,
+    /// Shared anonymous memory (`MAP_SHARED | MAP_ANONYMOUS`, shmem).
+    Shared,
+    /// A `memfd_create` file mapped shared.
+    Memfd,
+    /// Private anonymous memory, 2 MiB aligned, with `MADV_HUGEPAGE`.
+    Thp,
+    /// `MAP_HUGETLB` 2 MiB pages (needs pages reserved on the host).
+    Hugetlb,
+    /// A file mapped shared; created if missing and grown to the size needed.
+    File(PathBuf),
+}
+
+impl BackingKind {
+    /// The granule guest ranges on this backing must be aligned to.
+    pub fn page_size(&self) -> u64 {
+        match self {
+            BackingKind::Thp | BackingKind::Hugetlb => HUGE_2M,
+            _ => PAGE_SIZE,
+        }
+    }
+}
+
+impl fmt::Display for BackingKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            BackingKind::Anon => f.write_str("anon"),
+            BackingKind::Shared => f.write_str("shared"),
+            BackingKind::Memfd => f.write_str("memfd"),
+            BackingKind::Thp => f.write_str("thp"),
+            BackingKind::Hugetlb => f.write_str("hugetlb"),
+            BackingKind::File(p) => write!(f, "file={}", p.display()),
+        }
+    }
+}
+
+impl FromStr for BackingKind {
+    type Err = BackingError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(match s {
+            "anon" => BackingKind::Anon,
+            "shared" => BackingKind::Shared,
+            "memfd" => BackingKind::Memfd,
+            "thp" => BackingKind::Thp,
+            "hugetlb" => BackingKind::Hugetlb,
+            _ => match s.strip_prefix("file=") {
+                Some(p) if !p.is_empty() => BackingKind::File(PathBuf::from(p)),
+                _ => return Err(BackingError::UnknownKind(s.to_string())),
+            },
+        })
+    }
+}
+
+/// One host `mmap` that backs guest memory. Unmapped on drop.
+pub struct HostMapping {
+    addr: *mut u8,
+    len: u64,
+    kind: BackingKind,
+    /// Keeps a memfd or file open for `discard` (hole punching).
+    fd: Option<OwnedFd>,
+}
+
+// SAFETY: the mapping is plain memory shared by design between the VMM's
+// threads and the guest; `HostMapping` hands out raw pointers only, and every
+// dereference of them is an `unsafe` site with its own justification.
+unsafe impl Send for HostMapping {}
+// SAFETY: as for `Send`: no method takes `&self` and mutates Rust-visible state.
+unsafe impl Sync for HostMapping {}
+
+impl fmt::Debug for HostMapping {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HostMapping")
+            .field("addr", &self.addr)
+            .field("len", &self.len)
+            .field("kind", &self.kind)
+            .finish()
+    }
+}
+
+fn free_huge_pages() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("HugePages_Free:"))
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+impl HostMapping {
+    /// Maps `len` bytes of `kind` memory, readable and writable.
+    pub fn new(kind: &BackingKind, len: u64) -> Result<Self, BackingError> {
+        let page_size = kind.page_size();
+        if len == 0 || len % page_size != 0 {
+            return Err(BackingError::BadSize {
+                size: len,
+                kind: kind.clone(),
+                page_size,
+            });
+        }
+        let sys = |what, source| BackingError::Sys {
+            what,
+            kind: kind.clone(),
+            size: len,
+            source,
+        };
+        if *kind == BackingKind::Hugetlb {
+            let (needed, free) = (len / HUGE_2M, free_huge_pages());
+            if free < needed {
+                return Err(BackingError::NoHugePages { needed, free });
+            }
+        }
+        let fd = match kind {
+            BackingKind::Memfd => {
+                // SAFETY: the name is a valid NUL-terminated string; the result
+                // is checked before use.
+                let raw = unsafe { libc::memfd_create(c"vmm-guest".as_ptr(), libc::MFD_CLOEXEC) };
+                if raw < 0 {
+                    return Err(sys("memfd_create", io::Error::last_os_error()));
+                }
+                // SAFETY: `raw` is a fresh descriptor that nothing else owns.
+                let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+                let file = std::fs::File::from(fd);
+                file.set_len(len).map_err(|e| sys("ftruncate", e))?;
+                Some(OwnedFd::from(file))
+            }
+            BackingKind::File(path) => {
+                let file = OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create(true)
+                    .truncate(false)
+                    .open(path)
+                    .map_err(|e| sys("open", e))?;
+                let cur = file.metadata().map_err(|e| sys("stat", e))?.len();
+                if cur < len {
+                    file.set_len(len).map_err(|e| sys("ftruncate", e))?;
+                }
+                Some(OwnedFd::from(file))
+            }
+            _ => None,
+        };
+        let (flags, map_len) = match kind {
+            BackingKind::Anon => (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, len),
+            BackingKind::Shared => (libc::MAP_SHARED | libc::MAP_ANONYMOUS, len),
+            BackingKind::Memfd | BackingKind::File(_) => (libc::MAP_SHARED, len),
+            // Over-allocate so a 2 MiB-aligned window fits; the slop is unmapped.
+            BackingKind::Thp => (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, len + HUGE_2M),
+            BackingKind::Hugetlb => (
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_HUGETLB,
+                len,
+            ),
+        };
+        let raw_fd = fd.as_ref().map_or(-1, |f| f.as_raw_fd());
+        // SAFETY: a fresh mapping at a kernel-chosen address; no existing memory
+        // is affected. The result is checked against MAP_FAILED.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                map_len as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                flags | libc::MAP_NORESERVE,
+                raw_fd,
+                0,
+            )
+        };
+        if base == libc::MAP_FAILED {
+            return Err(sys("mmap", io::Error::last_os_error()));
+        }
+        let mut addr = base.cast::<u8>();
+        if *kind == BackingKind::Thp {
+            let start = base as u64;
+            let aligned = (start + HUGE_2M - 1) & !(HUGE_2M - 1);
+            let head = aligned - start;
+            let tail = map_len - head - len;
+            // SAFETY: both ranges lie inside the mapping just created and are
+            // outside the window we keep; nothing references them.
+            unsafe {
+                if head > 0 {
+                    libc::munmap(base, head as usize);
+                }
+                if tail > 0 {
+                    libc::munmap((aligned + len) as *mut libc::c_void, tail as usize);
+                }
+            }
+            addr = aligned as *mut u8;
+            // SAFETY: advice on our own mapping; it cannot invalidate memory.
+            if unsafe { libc::madvise(addr.cast(), len as usize, libc::MADV_HUGEPAGE) } != 0 {
+                let err = io::Error::last_os_error();
+                // SAFETY: unmapping the window we own, not yet shared with anyone.
+                unsafe { libc::munmap(addr.cast(), len as usize) };
+                return Err(sys("madvise(MADV_HUGEPAGE)", err));
+            }
+        }
+        Ok(Self {
+            addr,
+            len,
+            kind: kind.clone(),
+            fd,
+        })
+    }
+
+    /// Host address of the first byte.
+    pub fn hva(&self) -> Hva {
+        Hva(self.addr as u64)
+    }
+
+    /// Pointer to the first byte.
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.addr
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Whether the mapping is empty (never true: zero-size mappings are refused).
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The backing kind.
+    pub fn kind(&self) -> &BackingKind {
+        &self.kind
+    }
+
+    /// Alignment granule for guest ranges on this mapping.
+    pub fn page_size(&self) -> u64 {
+        self.kind.page_size()
+    }
+
+    /// The `mmap` flags, for wrappers (vm-memory) that need them.
+    pub fn mmap_flags(&self) -> i32 {
+        match self.kind {
+            BackingKind::Anon | BackingKind::Thp => libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            BackingKind::Hugetlb => libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_HUGETLB,
+            BackingKind::Shared => libc::MAP_SHARED | libc::MAP_ANONYMOUS,
+            BackingKind::Memfd | BackingKind::File(_) => libc::MAP_SHARED,
+        }
+    }
+
+    /// Releases the host memory of `[offset, offset + len)`: the next access
+    /// reads zeros (files: the file's contents are punched out too).
+    pub fn discard(&self, offset: u64, len: u64) -> Result<(), BackingError> {
+        let ps = self.page_size();
+        let end = offset.checked_add(len);
+        if end.is_none_or(|e| e > self.len) || offset % ps != 0 || len % ps != 0 {
+            return Err(BackingError::BadRange {
+                offset,
+                len,
+                size: self.len,
+            });
+        }
+        if len == 0 {
+            return Ok(());
+        }
+        let sys = |what, source| BackingError::Sys {
+            what,
+            kind: self.kind.clone(),
+            size: len,
+            source,
+        };
+        // SAFETY: the range lies inside our mapping (checked above); discarding
+        // replaces its contents with zeros, which every user of guest memory
+        // must tolerate (callers invalidate users first).
+        let ptr = unsafe { self.addr.add(offset as usize) };
+        let advice = match self.kind {
+            BackingKind::Anon | BackingKind::Thp => libc::MADV_DONTNEED,
+            _ => libc::MADV_REMOVE,
+        };
+        // SAFETY: see above; `ptr..ptr+len` is inside the mapping.
+        if unsafe { libc::madvise(ptr.cast(), len as usize, advice) } != 0 {
+            return Err(sys("madvise(discard)", io::Error::last_os_error()));
+        }
+        Ok(())
+    }
+
+    /// The descriptor of a memfd or file backing.
+    pub fn fd(&self) -> Option<&OwnedFd> {
+        self.fd.as_ref()
+    }
+}
+
+impl Drop for HostMapping {
+    fn drop(&mut self) {
+        // SAFETY: we own this mapping; by the ownership rule above nobody can
+        // still hold a registration that points into it.
+        unsafe { libc::munmap(self.addr.cast(), self.len as usize) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write_read(m: &HostMapping, off: u64, v: u8) -> u8 {
+        // SAFETY: `off` is inside the mapping in every caller.
+        unsafe {
+            *m.as_ptr().add(off as usize) = v;
+            *m.as_ptr().add(off as usize)
+        }
+    }
+
+    #[test]
+    fn test_backing_parse_all_forms_roundtrip() {
+        for s in ["anon", "shared", "memfd", "thp", "hugetlb", "file=/tmp/x"] {
+            assert_eq!(s.parse::<BackingKind>().unwrap().to_string(), s);
+        }
+        let err = "file=".parse::<BackingKind>().unwrap_err().to_string();
+        assert!(err.contains("file=PATH"), "{err}");
+    }
+
+    #[test]
+    fn test_mapping_each_kind_is_usable_and_discard_zeroes() {
+        let dir = std::env::temp_dir().join(format!("vmm-backing-{}", std::process::id()));
+        for kind in [
+            BackingKind::Anon,
+            BackingKind::Shared,
+            BackingKind::Memfd,
+            BackingKind::Thp,
+            BackingKind::File(dir.clone()),
+        ] {
+            let m = HostMapping::new(&kind, 4 << 20).unwrap();
+            assert_eq!(write_read(&m, 8192, 7), 7, "{kind}");
+            if kind == BackingKind::Thp {
+                assert!(m.hva().is_aligned(HUGE_2M));
+            }
+            let ps = m.page_size();
+            m.discard(8192 / ps * ps, ps).unwrap();
+            // SAFETY: offset 8192 < 4 MiB.
+            assert_eq!(unsafe { *m.as_ptr().add(8192) }, 0, "{kind}");
+        }
+        let _ = std::fs::remove_file(dir);
+    }
+
+    #[test]
+    fn test_mapping_zero_or_misaligned_size_is_rejected() {
+        assert!(matches!(
+            HostMapping::new(&BackingKind::Anon, 0),
+            Err(BackingError::BadSize { .. })
+        ));
+        assert!(matches!(
+            HostMapping::new(&BackingKind::Thp, 4096),
+            Err(BackingError::BadSize { .. })
+        ));
+    }
+
+    #[test]
+    fn test_discard_out_of_range_is_rejected() {
+        let m = HostMapping::new(&BackingKind::Anon, 8192).unwrap();
+        assert!(matches!(
+            m.discard(4096, 8192),
+            Err(BackingError::BadRange { .. })
+        ));
+    }
+
+    #[test]
+    fn test_hugetlb_without_reserved_pages_names_the_fix() {
+        if free_huge_pages() > 0 {
+            return; // This host has huge pages; the refusal path does not apply.
+        }
+        let err = HostMapping::new(&BackingKind::Hugetlb, 2 << 20).unwrap_err();
+        assert!(err.to_string().contains("nr_hugepages"), "{err}");
+    }
+}
