@@ -2,7 +2,7 @@
 //! image. Loaded by the VMM at `layout::FIRMWARE`; the IDT points vector `v` at
 //! `FIRMWARE + v * STUB_STRIDE`. Each stub pushes a dummy error code where the
 //! CPU pushes none, pushes the vector, and jumps to a common handler that fills
-//! `Mailbox::exception` of the faulting vCPU and reports to `PORT_EXCEPTION`.
+//! `Mailbox::exception` of the faulting vCPU and reports to `REG_EXCEPTION`.
 //!
 //! The handler finds the mailbox without any per-vCPU state: TSS.RSP0 is the
 //! end of the ring-0 stack page that follows the vCPU's mailbox page, so
@@ -16,7 +16,7 @@ mod protocol {
 }
 
 use core::arch::global_asm;
-use protocol::{mailbox_offset::EXCEPTION, PORT_EXCEPTION};
+use protocol::{mailbox_offset::EXCEPTION, REG_EXCEPTION};
 
 global_asm!(
     ".section .text.stubs, \"ax\"",
@@ -48,13 +48,13 @@ global_asm!(
     "mov rcx, [rsp + 24]",
     "mov [rax + {exc} + 32], rcx", // rsp
     "mov rax, [rax + {exc}]",
-    "mov dx, {port}",
-    "out dx, al",
+    "mov rdx, {reg}",
+    "mov [rdx], eax",
     "2:",
     "hlt",
     "jmp 2b",
     exc = const EXCEPTION,
-    port = const PORT_EXCEPTION,
+    reg = const REG_EXCEPTION,
 );
 
 #[panic_handler]

@@ -4,7 +4,8 @@
 //! Entry ABI (set by the VMM): RIP = `_start`, RSP = the vCPU's ring-3 stack,
 //! RDI = vCPU index, RSI = guest-physical address of its mailbox. The guest runs
 //! at CPL3 with IOPL=3 over an identity map, so `out` reaches the VMM and a
-//! guest-physical address is also the pointer to use.
+//! guest-physical address is also the pointer to use. It talks to the VMM by
+//! storing to the MMIO register page (`REG_*`).
 //!
 //! Loop: ring the doorbell with a status, read the command the VMM left in the
 //! mailbox when the `out` returned, execute it, repeat.
@@ -18,7 +19,7 @@ mod protocol {
 
 use core::arch::{asm, global_asm};
 use core::ptr::{read_volatile, write_volatile};
-use protocol::{command, pattern_word, status, Mailbox, CONSOLE_BYTES, PORT_CONSOLE, PORT_DOORBELL};
+use protocol::{command, pattern_word, status, Mailbox, CONSOLE_BYTES, REG_CONSOLE, REG_DOORBELL};
 
 global_asm!(
     ".section .text.entry, \"ax\"",
@@ -29,10 +30,12 @@ global_asm!(
     main = sym guest_main,
 );
 
-fn out32(port: u16, value: u32) {
-    // SAFETY: port I/O has no memory effects in the guest; IOPL=3 allows it at
-    // CPL3 and the VMM handles the exit.
-    unsafe { asm!("out dx, eax", in("dx") port, in("eax") value, options(nostack, preserves_flags)) };
+/// Stores `value` to a VMM register: the store exits to the VMM, which acts
+/// on it before the guest continues.
+fn write_reg(reg: u64, value: u32) {
+    // SAFETY: the register page has no memory behind it; the store is an exit
+    // to the VMM and changes no guest memory.
+    unsafe { write_volatile(reg as *mut u32, value) };
 }
 
 fn rdtsc() -> u64 {
@@ -85,7 +88,7 @@ impl Console {
     }
     fn flush(&mut self) {
         if self.len > 0 {
-            out32(PORT_CONSOLE, self.len as u32);
+            write_reg(REG_CONSOLE, self.len as u32);
             self.len = 0;
         }
     }
@@ -209,11 +212,11 @@ fn execute(mb: *mut Mailbox, vcpu: u64, cmd: u64, args: [u64; 6]) -> u32 {
 extern "C" fn guest_main(vcpu: u64, mailbox: *mut Mailbox) -> ! {
     let mut st = status::READY;
     loop {
-        out32(PORT_DOORBELL, st);
+        write_reg(REG_DOORBELL, st);
         let (cmd, args) = read_command(mailbox);
         if cmd == command::STOP {
             loop {
-                out32(PORT_DOORBELL, status::STOPPED);
+                write_reg(REG_DOORBELL, status::STOPPED);
             }
         }
         st = execute(mailbox, vcpu, cmd, args);

@@ -3,15 +3,22 @@
 // `include!`), so both sides share one definition of every constant and layout.
 // It must stay `core`-only. The prose description lives in guest-image/PROTOCOL.md.
 
-/// I/O port the guest writes (32-bit `out`) when it finished a command or is
-/// ready for the first one. The value is a `STATUS_*` code. When the `out`
-/// returns, the next command is in the mailbox.
-pub const PORT_DOORBELL: u16 = 0x510;
-/// I/O port the guest writes (32-bit `out`) to print `mailbox.console[..value]`.
-pub const PORT_CONSOLE: u16 = 0x511;
-/// I/O port the firmware's exception handlers write (8-bit `out`, value = vector)
-/// after filling `mailbox.exception`. The vCPU never resumes after it.
-pub const PORT_EXCEPTION: u16 = 0x512;
+/// The VMM's registers: a guest-physical page with no memory behind it, so
+/// every guest store to it exits to the VMM (`KVM_EXIT_MMIO`) with the value.
+/// Port I/O is not used: under PVM-style nested KVM, ring-3 `out` raises #GP
+/// even with IOPL=3, while an MMIO store exits on every KVM host.
+pub const MMIO_BASE: u64 = 0x3000_0000;
+/// 32-bit store: the guest finished a command or is ready for the first one.
+/// The value is a `status::*` code. When the store returns, the next command
+/// is in the mailbox.
+pub const REG_DOORBELL: u64 = MMIO_BASE;
+/// 32-bit store: print `mailbox.console[..value]`.
+pub const REG_CONSOLE: u64 = MMIO_BASE + 0x8;
+/// 32-bit store (value = vector) by the firmware's exception handlers after
+/// filling `mailbox.exception`. The vCPU never resumes after it.
+pub const REG_EXCEPTION: u64 = MMIO_BASE + 0x10;
+/// Size of the register page.
+pub const MMIO_SIZE: u64 = 0x1000;
 
 /// Guest-physical layout of the boot region, which is never unplugged.
 pub mod layout {
@@ -25,11 +32,12 @@ pub mod layout {
     pub const TSS_STRIDE: u64 = 128;
     /// Page-map level 4 table.
     pub const PML4: u64 = 0x8000;
-    /// First page-directory-pointer table (covers 0..512 GiB).
+    /// The page-directory-pointer table (covers 0..512 GiB).
     pub const PDPT: u64 = 0x9000;
-    /// Page directory for the first GiB (2 MiB pages).
-    pub const PD0: u64 = 0xA000;
-    /// Where the firmware (exception stubs) is loaded.
+    /// Page directories, one page per GiB of the identity map (2 MiB pages):
+    /// GiB `i` uses the page at `PDS + i * 0x1000`.
+    pub const PDS: u64 = 0x1_0000;
+    /// Where the firmware (exception stubs) is loaded; after the last PD.
     pub const FIRMWARE: u64 = 0x8_0000;
     /// Distance between two exception stubs in the firmware.
     pub const STUB_STRIDE: u64 = 16;
@@ -50,9 +58,10 @@ pub mod layout {
     pub const BOOT_SIZE: u64 = VCPU_AREAS + MAX_VCPUS * VCPU_AREA_SIZE;
     /// Default guest RAM starts here (1 GiB, so 1 GiB guest pages can cover it).
     pub const RAM_BASE: u64 = 0x4000_0000;
-    /// The identity map covers `[0, IDENTITY_END)` unless the host's
-    /// guest-physical width is smaller (512 GiB: one PDPT of 1 GiB pages).
-    pub const IDENTITY_END: u64 = 512 << 30;
+    /// The identity map covers `[0, IDENTITY_END)` with 2 MiB pages (1 GiB
+    /// pages need CPUID pdpe1gb, which KVM's shadow MMU may not offer), unless
+    /// the host's guest-physical width is smaller.
+    pub const IDENTITY_END: u64 = 64 << 30;
     /// GDT selectors.
     pub const KERNEL_CS: u16 = 0x08;
     /// Ring-0 data selector.
@@ -183,3 +192,5 @@ const _: () = assert!(core::mem::offset_of!(Mailbox, console) as u64 == mailbox_
 pub const fn pattern_word(seed: u64, addr: u64) -> u64 {
     (addr ^ seed).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (addr >> 12)
 }
+
+const _: () = assert!(layout::PDS + (layout::IDENTITY_END >> 30) * 0x1000 <= layout::FIRMWARE);

@@ -1,4 +1,17 @@
 //! `vmm`: a small KVM virtual machine monitor built around a stage-2 guest
 //! memory manager. See `docs/architecture.md` for the map of modules.
+//!
+//! - [`mm`]: the guest memory manager (no KVM inside).
+//! - [`boot`]: guest image loading and boot tables (pure).
+//! - [`kvm`]: KVM helpers kvm-ioctls lacks.
+//! - [`vm`]: building a VM; [`vcpu`]: the vCPU thread loop;
+//!   [`plan`]: what guests are told to do; [`run`]: `vmm run`; [`cli`]: flags.
 
+pub mod boot;
+pub mod cli;
+pub mod kvm;
 pub mod mm;
+pub mod plan;
+pub mod run;
+pub mod vcpu;
+pub mod vm;

@@ -1,0 +1,6 @@
+//! Building what a test guest boots with, as pure functions over byte buffers:
+//! [`elf`] loads guest images, [`tables`] writes page tables, GDT, IDT and TSSes.
+//! No KVM here; `crate::vm` writes the results into guest memory and registers.
+
+pub mod elf;
+pub mod tables;

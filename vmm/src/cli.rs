@@ -1,0 +1,298 @@
+//! The command line. Every flag is parsed and validated here, before any VM
+//! exists; a bad value is rejected with a message naming the flag and the
+//! accepted form (clap exits with status 2).
+//!
+//! ```
+//! use vmm::cli::{parse_size, parse_duration};
+//! assert_eq!(parse_size("256M"), Ok(256 << 20));
+//! assert_eq!(parse_size("2G"), Ok(2 << 30));
+//! assert!(parse_size("3x").unwrap_err().contains("256M"));
+//! assert_eq!(parse_duration("1500ms"), Ok(std::time::Duration::from_millis(1500)));
+//! ```
+
+use std::ffi::OsString;
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use guest_image::protocol::layout;
+
+use crate::boot::elf::ElfImage;
+use crate::mm::addr::{Gpa, GpaRange, PAGE_SIZE};
+use crate::mm::backing::BackingKind;
+use crate::plan::BuiltinGuest;
+use crate::run::{self, GuestSource, RunConfig, Verbosity};
+
+const SIZE_FORM: &str =
+    "expected a size like 256M, 2G, 64K or 1048576 (bytes; suffixes K, M, G, T are powers of 1024)";
+
+/// Parses `256M`-style sizes. Zero is refused.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let (digits, shift) = match t.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let shift = match c.to_ascii_uppercase() {
+                'K' => 10,
+                'M' => 20,
+                'G' => 30,
+                'T' => 40,
+                _ => return Err(format!("{s:?}: unknown suffix {c:?}; {SIZE_FORM}")),
+            };
+            (&t[..i], shift)
+        }
+        _ => (t, 0),
+    };
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size; {SIZE_FORM}"))?;
+    if n == 0 {
+        return Err(format!(
+            "{s:?}: size must be greater than zero; {SIZE_FORM}"
+        ));
+    }
+    n.checked_mul(1 << shift)
+        .ok_or_else(|| format!("{s:?} is too large; {SIZE_FORM}"))
+}
+
+/// Parses a guest RAM size: a non-zero multiple of 4 KiB that fits below the
+/// 512 GiB identity window.
+pub fn parse_mem(s: &str) -> Result<u64, String> {
+    let n = parse_size(s)?;
+    if n % PAGE_SIZE != 0 {
+        return Err(format!("{s:?} is not a multiple of 4 KiB; {SIZE_FORM}"));
+    }
+    let max = layout::IDENTITY_END - layout::RAM_BASE;
+    if n > max {
+        return Err(format!(
+            "{s:?} is larger than the {} GiB guest RAM maximum",
+            max >> 30
+        ));
+    }
+    Ok(n)
+}
+
+/// Parses `10s`, `500ms`, `2m`, `1h` or a plain number of seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    const FORM: &str = "expected a duration like 30s, 500ms, 2m or 1h";
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let v: f64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration; {FORM}"))?;
+    let secs = match unit {
+        "" | "s" => v,
+        "ms" => v / 1e3,
+        "us" | "µs" => v / 1e6,
+        "m" | "min" => v * 60.0,
+        "h" => v * 3600.0,
+        _ => return Err(format!("{s:?}: unknown unit {unit:?}; {FORM}")),
+    };
+    if !(secs > 0.0 && secs < 1e9) {
+        return Err(format!("{s:?}: must be greater than zero; {FORM}"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+/// Parses `--guest`: a built-in name, or the path of an ELF image that loads.
+pub fn parse_guest(s: &str) -> Result<GuestSource, String> {
+    if let Ok(b) = s.parse::<BuiltinGuest>() {
+        return Ok(GuestSource::Builtin(b));
+    }
+    let path = PathBuf::from(s);
+    let bytes = std::fs::read(&path).map_err(|e| {
+        format!(
+            "{s:?} is not a built-in guest ({}) and cannot be read as an image file: {e}",
+            BuiltinGuest::names()
+        )
+    })?;
+    let window = GpaRange::from_bounds(Gpa(layout::IMAGE_START), Gpa(layout::IMAGE_END))
+        .expect("layout is ordered");
+    ElfImage::parse(&bytes, window).map_err(|e| format!("{s:?}: {e}"))?;
+    Ok(GuestSource::Image {
+        path,
+        bytes: Arc::from(bytes),
+    })
+}
+
+fn parse_backing(s: &str) -> Result<BackingKind, String> {
+    s.parse()
+        .map_err(|e: crate::mm::backing::BackingError| e.to_string())
+}
+
+/// A small KVM VMM for tiny test guests, built around a stage-2 guest memory manager.
+#[derive(Debug, Parser)]
+#[command(name = "vmm", version, about, long_about = None)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Option<Cmd>,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Cmd {
+    /// Launch a test guest and report its result (the exit status is the guest's verdict).
+    Run(RunArgs),
+}
+
+/// `vmm run` flags.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Guest RAM size, placed at guest-physical 1 GiB (e.g. 256M, 2G).
+    #[arg(long, value_name = "SIZE", default_value = "256M", value_parser = parse_mem)]
+    pub mem: u64,
+    /// Number of vCPUs, each on its own thread (1 to 64).
+    #[arg(long, value_name = "N", default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..=layout::MAX_VCPUS))]
+    pub vcpus: u64,
+    /// Host memory behind guest RAM: anon, shared, memfd, thp, hugetlb or file=PATH.
+    #[arg(long, value_name = "KIND", default_value = "anon", value_parser = parse_backing)]
+    pub backing: BackingKind,
+    /// Guest program: a built-in name (default, hello, page-fault, bad-insn, spin) or an ELF image path.
+    #[arg(long, value_name = "NAME|PATH", default_value = "default", value_parser = parse_guest)]
+    pub guest: GuestSource,
+    /// Stop the guest and fail after this long (e.g. 30s, 500ms, 2m).
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_duration)]
+    pub timeout: Duration,
+    /// Seed of the memory pattern the default guest writes and verifies.
+    #[arg(long, value_name = "N", default_value_t = 0x5EED_0F_CAFE)]
+    pub seed: u64,
+    /// Print a JSON report on stdout at the end (console output moves to stderr).
+    #[arg(long)]
+    pub json: bool,
+    /// More output: per-command progress (repeatable).
+    #[arg(short, long, action = clap::ArgAction::Count, conflicts_with = "quiet")]
+    pub verbose: u8,
+    /// Only errors on the console.
+    #[arg(short, long)]
+    pub quiet: bool,
+}
+
+impl RunArgs {
+    /// The run configuration these flags describe.
+    pub fn to_config(&self) -> RunConfig {
+        RunConfig {
+            mem_size: self.mem,
+            vcpus: self.vcpus,
+            backing: self.backing.clone(),
+            guest: self.guest.clone(),
+            timeout: self.timeout,
+            seed: self.seed,
+            verbosity: if self.quiet {
+                Verbosity::Quiet
+            } else if self.verbose > 0 {
+                Verbosity::Verbose
+            } else {
+                Verbosity::Normal
+            },
+        }
+    }
+}
+
+/// Runs the CLI with `args` (including the program name); returns the exit status.
+pub fn main_with_args<I, T>(args: I) -> i32
+where
+    I: IntoIterator<Item = T>,
+    T: Into<OsString> + Clone,
+{
+    let cli = match Cli::try_parse_from(args) {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return e.exit_code();
+        }
+    };
+    let args = match cli.command {
+        Some(Cmd::Run(a)) => a,
+        None => {
+            eprintln!("vmm: no command given; try `vmm run` (a default guest) or `vmm --help`");
+            return 2;
+        }
+    };
+    let config = args.to_config();
+    let console: Box<dyn Write> = if args.json {
+        Box::new(std::io::stderr())
+    } else {
+        Box::new(std::io::stdout())
+    };
+    match run::run(&config, console) {
+        Ok(report) => {
+            if args.json {
+                match serde_json::to_string_pretty(&report) {
+                    Ok(j) => println!("{j}"),
+                    Err(e) => eprintln!("vmm: cannot encode the report: {e}"),
+                }
+            }
+            match &report.error {
+                None => 0,
+                Some(e) => {
+                    eprintln!("vmm: {e}");
+                    1
+                }
+            }
+        }
+        Err(e) => {
+            eprintln!("vmm: {e}");
+            1
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_parse_size_rejects_zero_and_garbage_naming_the_form() {
+        for bad in ["0", "3x", "", "M", "-1", "99999999999T"] {
+            let e = parse_size(bad).unwrap_err();
+            assert!(e.contains("256M"), "{bad}: {e}");
+        }
+        assert_eq!(parse_size("64k"), Ok(64 << 10));
+    }
+
+    #[test]
+    fn test_parse_mem_requires_page_multiple_and_fits_window() {
+        assert!(parse_mem("1000").unwrap_err().contains("4 KiB"));
+        assert!(parse_mem("64G").unwrap_err().contains("maximum"));
+        assert_eq!(parse_mem("2G"), Ok(2 << 30));
+    }
+
+    #[test]
+    fn test_parse_duration_units() {
+        assert_eq!(parse_duration("2"), Ok(Duration::from_secs(2)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert!(parse_duration("0s").is_err());
+        assert!(parse_duration("5 parsecs").is_err());
+    }
+
+    #[test]
+    fn test_parse_guest_missing_path_names_builtins() {
+        let e = parse_guest("/nonexistent/guest.elf").unwrap_err();
+        assert!(e.contains("default, hello"), "{e}");
+        assert!(e.contains("No such file"), "{e}");
+    }
+
+    #[test]
+    fn test_cli_defaults_need_no_arguments() {
+        let cli = Cli::try_parse_from(["vmm", "run"]).unwrap();
+        let Some(Cmd::Run(a)) = cli.command else {
+            panic!("run")
+        };
+        assert_eq!((a.mem, a.vcpus), (256 << 20, 2));
+    }
+
+    #[test]
+    fn test_cli_vcpus_out_of_range_is_rejected() {
+        for bad in ["0", "100000"] {
+            let e = Cli::try_parse_from(["vmm", "run", "--vcpus", bad])
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("--vcpus") && e.contains("1..=64"), "{e}");
+        }
+    }
+}

@@ -1,0 +1,122 @@
+//! The machine-readable report of a run (`vmm run --json`).
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde::Serialize;
+
+use super::RunConfig;
+use crate::vcpu::VcpuReport;
+
+/// Wall time of each phase, in milliseconds.
+#[derive(Debug, Clone, Serialize)]
+pub struct Timings {
+    /// Creating the VM, memory, memslots, vCPUs.
+    pub setup_ms: f64,
+    /// From starting vCPU threads until all ended.
+    pub run_ms: f64,
+    /// Dropping the VM and unmapping memory.
+    pub teardown_ms: f64,
+}
+
+/// KVM binary statistics at the end of the run.
+#[derive(Debug, Clone, Serialize)]
+pub struct KvmStats {
+    /// VM-wide counters (pages_4k, pages_2m, ...).
+    pub vm: BTreeMap<String, u64>,
+    /// vCPU counters summed over vCPUs (pf_fixed, pf_taken, exits, ...).
+    pub vcpu: BTreeMap<String, u64>,
+}
+
+/// The report of one run.
+#[derive(Debug, Serialize)]
+pub struct RunReport {
+    /// "ok" or "failed".
+    pub outcome: &'static str,
+    /// The one-line reason of a failure.
+    pub error: Option<String>,
+    /// Guest program name or image path.
+    pub guest: String,
+    /// Guest RAM bytes.
+    pub mem_bytes: u64,
+    /// Backing of guest RAM.
+    pub backing: String,
+    /// vCPU count.
+    pub vcpu_count: u64,
+    /// Guest TSC frequency.
+    pub tsc_khz: u32,
+    /// Phase timings.
+    pub timings: Timings,
+    /// Exits summed over vCPUs, by reason.
+    pub exits: BTreeMap<&'static str, u64>,
+    /// Per-vCPU results.
+    pub vcpus: Vec<VcpuReport>,
+    /// KVM statistics.
+    pub kvm_stats: KvmStats,
+}
+
+/// Inputs of [`RunReport::new`].
+pub(super) struct Parts<'a> {
+    pub config: &'a RunConfig,
+    pub guest: String,
+    pub error: Option<String>,
+    pub reports: Vec<VcpuReport>,
+    pub exits: BTreeMap<&'static str, u64>,
+    pub stats: (BTreeMap<String, u64>, BTreeMap<String, u64>),
+    pub tsc_khz: u32,
+    pub setup: Duration,
+    pub run: Duration,
+    pub teardown: Duration,
+}
+
+fn ms(d: Duration) -> f64 {
+    (d.as_secs_f64() * 1e6).round() / 1e3
+}
+
+impl RunReport {
+    pub(super) fn new(p: Parts<'_>) -> Self {
+        Self {
+            outcome: if p.error.is_none() { "ok" } else { "failed" },
+            error: p.error,
+            guest: p.guest,
+            mem_bytes: p.config.mem_size,
+            backing: p.config.backing.to_string(),
+            vcpu_count: p.config.vcpus,
+            tsc_khz: p.tsc_khz,
+            timings: Timings {
+                setup_ms: ms(p.setup),
+                run_ms: ms(p.run),
+                teardown_ms: ms(p.teardown),
+            },
+            exits: p.exits,
+            vcpus: p.reports,
+            kvm_stats: KvmStats {
+                vm: p.stats.0,
+                vcpu: p.stats.1,
+            },
+        }
+    }
+
+    /// Whether the guest succeeded.
+    pub fn succeeded(&self) -> bool {
+        self.error.is_none()
+    }
+
+    /// A one-line human summary.
+    pub fn summary_line(&self) -> String {
+        let commands: usize = self.vcpus.iter().map(|v| v.commands.len()).sum();
+        match &self.error {
+            None => format!(
+                "guest {} OK: {} vCPU(s), {} MiB {} RAM, {} commands, {} exits, pf_fixed {}",
+                self.guest,
+                self.vcpu_count,
+                self.mem_bytes >> 20,
+                self.backing,
+                commands,
+                self.exits.values().sum::<u64>(),
+                self.kvm_stats.vcpu.get("pf_fixed").copied().unwrap_or(0)
+            ),
+            Some(e) => format!("guest {} FAILED: {e}", self.guest),
+        }
+    }
+}

@@ -1,0 +1,309 @@
+//! Creating a test VM: host memory, KVM memslots, the boot region's contents
+//! and each vCPU's starting state (64-bit long mode, CPL3, IOPL=3).
+//!
+//! Drop order matters and is encoded in field order: the VM and vCPU fds go
+//! first (KVM drops its memslots when the VM is destroyed), the host mappings
+//! last, so no memslot ever points at unmapped memory.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use guest_image::protocol::layout;
+use kvm_bindings::{kvm_segment, kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES};
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use vm_memory::{GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
+
+use crate::boot::elf::{ElfError, ElfImage};
+use crate::boot::tables::{gdt_size, tss_addr, write_boot_tables, TablesError};
+use crate::kvm::stats::{StatsError, StatsReader};
+use crate::mm::addr::{Gpa, GpaRange, HUGE_1G};
+use crate::mm::backing::{BackingError, BackingKind, HostMapping};
+
+/// Errors building a VM.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    /// `/dev/kvm` could not be opened.
+    #[error("cannot open /dev/kvm: {0}")]
+    OpenKvm(kvm_ioctls::Error),
+    /// A KVM ioctl failed.
+    #[error("{what} failed: {source}")]
+    Kvm {
+        /// The operation.
+        what: &'static str,
+        /// The errno.
+        source: kvm_ioctls::Error,
+    },
+    /// Host memory could not be set up.
+    #[error(transparent)]
+    Backing(#[from] BackingError),
+    /// The guest image is invalid.
+    #[error("guest image: {0}")]
+    Image(#[from] ElfError),
+    /// Boot tables could not be written.
+    #[error(transparent)]
+    Tables(#[from] TablesError),
+    /// Guest RAM does not fit the guest-physical window.
+    #[error("--mem {mem:#x} does not fit: guest RAM at {base:#x} must end by {limit:#x} (the identity-mapped window of this host)")]
+    RamTooLarge {
+        /// Requested size.
+        mem: u64,
+        /// RAM base.
+        base: u64,
+        /// Window end.
+        limit: u64,
+    },
+    /// vm-memory refused the regions.
+    #[error("vm-memory: {0}")]
+    GuestMemory(String),
+    /// KVM statistics unavailable.
+    #[error(transparent)]
+    Stats(#[from] StatsError),
+}
+
+fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
+    move |source| VmError::Kvm { what, source }
+}
+
+/// What to build.
+#[derive(Debug, Clone)]
+pub struct VmSpec {
+    /// Number of vCPUs.
+    pub vcpus: u64,
+    /// Guest RAM size in bytes, placed at `layout::RAM_BASE`.
+    pub mem_size: u64,
+    /// Host memory kind behind guest RAM.
+    pub backing: BackingKind,
+    /// The guest program (an ELF image).
+    pub image: Arc<[u8]>,
+}
+
+/// A built VM, ready to run. vCPU fds are handed to threads with
+/// [`Vm::take_vcpus`].
+#[derive(Debug)]
+pub struct Vm {
+    /// The VM fd. Declared first: dropped before the mappings below.
+    pub vm_fd: VmFd,
+    vcpus: Vec<VcpuFd>,
+    /// Stats of the VM and of each vCPU.
+    pub vm_stats: StatsReader,
+    /// Per-vCPU stats readers, by index.
+    pub vcpu_stats: Vec<StatsReader>,
+    /// The VMM's own view of guest memory (boot region and RAM).
+    pub memory: GuestMemoryMmap,
+    /// Guest RAM.
+    pub ram: GpaRange,
+    /// Guest TSC frequency in kHz.
+    pub tsc_khz: u32,
+    /// The value of KVM_CAP_NR_MEMSLOTS.
+    pub max_memslots: usize,
+    /// End of the guest's identity map.
+    pub identity_end: u64,
+    boot_mapping: Arc<HostMapping>,
+    ram_mapping: Arc<HostMapping>,
+    _kvm: Kvm,
+}
+
+fn guest_region(mapping: &HostMapping, gpa: Gpa) -> Result<GuestRegionMmap, VmError> {
+    // SAFETY: `mapping` is a live mapping of `len()` bytes with these flags; the
+    // `Vm` keeps it alive (field order) for as long as `memory` exists.
+    let region = unsafe {
+        MmapRegion::build_raw(
+            mapping.as_ptr(),
+            mapping.len() as usize,
+            libc::PROT_READ | libc::PROT_WRITE,
+            mapping.mmap_flags(),
+        )
+    }
+    .map_err(|e| VmError::GuestMemory(e.to_string()))?;
+    GuestRegionMmap::new(region, GuestAddress(gpa.0))
+        .ok_or_else(|| VmError::GuestMemory(format!("region at {gpa} overflows")))
+}
+
+/// Registers `mapping` as KVM memslot `slot` at `gpa`.
+fn set_memslot(vm_fd: &VmFd, slot: u32, gpa: Gpa, mapping: &HostMapping) -> Result<(), VmError> {
+    let region = kvm_userspace_memory_region {
+        slot,
+        flags: 0,
+        guest_phys_addr: gpa.0,
+        memory_size: mapping.len(),
+        userspace_addr: mapping.hva().0,
+    };
+    // SAFETY: the region points at a live mapping of `memory_size` bytes that the
+    // `Vm` owns and keeps until after `vm_fd` (and with it the memslot) is gone.
+    unsafe { vm_fd.set_user_memory_region(region) }.map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))
+}
+
+/// The guest-physical address width KVM supports, from CPUID 0x80000008.
+fn phys_bits(cpuid: &CpuId) -> u32 {
+    cpuid
+        .as_slice()
+        .iter()
+        .find(|e| e.function == 0x8000_0008)
+        .map_or(36, |e| e.eax & 0xFF)
+}
+
+impl Vm {
+    /// Creates the VM: memory, memslots, boot tables, firmware, image, vCPUs.
+    pub fn new(spec: &VmSpec) -> Result<Self, VmError> {
+        let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
+        let cpuid = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+        let window = 1u64 << phys_bits(&cpuid).min(40);
+        let identity_end = window.min(layout::IDENTITY_END) & !(HUGE_1G - 1);
+        let ram = GpaRange::new(Gpa(layout::RAM_BASE), spec.mem_size)
+            .filter(|r| r.end().0 <= identity_end)
+            .ok_or(VmError::RamTooLarge {
+                mem: spec.mem_size,
+                base: layout::RAM_BASE,
+                limit: identity_end,
+            })?;
+        let image_window = GpaRange::from_bounds(Gpa(layout::IMAGE_START), Gpa(layout::IMAGE_END))
+            .expect("layout constants are ordered");
+        let image = ElfImage::parse(&spec.image, image_window)?;
+        let firmware_window = GpaRange::new(
+            Gpa(layout::FIRMWARE),
+            layout::IMAGE_START - layout::FIRMWARE,
+        )
+        .expect("layout constants are ordered");
+        let firmware = ElfImage::parse(guest_image::FIRMWARE_ELF, firmware_window)?;
+
+        let boot_mapping = Arc::new(HostMapping::new(&BackingKind::Anon, layout::BOOT_SIZE)?);
+        // SAFETY: the boot mapping is BOOT_SIZE bytes, freshly mapped and not
+        // yet visible to the guest or any other thread.
+        let boot = unsafe {
+            std::slice::from_raw_parts_mut(boot_mapping.as_ptr(), layout::BOOT_SIZE as usize)
+        };
+        write_boot_tables(boot, spec.vcpus, identity_end)?;
+        firmware.load_into(boot, Gpa(0));
+        image.load_into(boot, Gpa(0));
+        let ram_mapping = Arc::new(HostMapping::new(&spec.backing, spec.mem_size)?);
+
+        let vm_fd = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+        set_memslot(&vm_fd, 0, Gpa(0), &boot_mapping)?;
+        set_memslot(&vm_fd, 1, ram.start(), &ram_mapping)?;
+        let memory = GuestMemoryMmap::from_regions(vec![
+            guest_region(&boot_mapping, Gpa(0))?,
+            guest_region(&ram_mapping, ram.start())?,
+        ])
+        .map_err(|e| VmError::GuestMemory(e.to_string()))?;
+
+        let mut vcpus = Vec::new();
+        let mut vcpu_stats = Vec::new();
+        for index in 0..spec.vcpus {
+            let vcpu = vm_fd
+                .create_vcpu(index)
+                .map_err(kvm_err("KVM_CREATE_VCPU"))?;
+            vcpu.set_cpuid2(&cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
+            setup_vcpu_registers(&vcpu, index, spec.vcpus, image.entry)?;
+            vcpu_stats.push(StatsReader::open(&vcpu)?);
+            vcpus.push(vcpu);
+        }
+        let tsc_khz = vcpus[0].get_tsc_khz().map_err(kvm_err("KVM_GET_TSC_KHZ"))?;
+        let vm_stats = StatsReader::open(&vm_fd)?;
+        Ok(Self {
+            max_memslots: kvm.get_nr_memslots(),
+            vm_fd,
+            vcpus,
+            vm_stats,
+            vcpu_stats,
+            memory,
+            ram,
+            tsc_khz,
+            identity_end,
+            boot_mapping,
+            ram_mapping,
+            _kvm: kvm,
+        })
+    }
+
+    /// Hands the vCPU fds over (to their threads). Returns them once.
+    pub fn take_vcpus(&mut self) -> Vec<VcpuFd> {
+        std::mem::take(&mut self.vcpus)
+    }
+
+    /// Sum of all vCPUs' KVM stats, and the VM's.
+    pub fn read_stats(&self) -> Result<(BTreeMap<String, u64>, BTreeMap<String, u64>), StatsError> {
+        let mut vcpu = BTreeMap::new();
+        for r in &self.vcpu_stats {
+            crate::kvm::stats::accumulate(&mut vcpu, &r.read()?);
+        }
+        Ok((self.vm_stats.read()?, vcpu))
+    }
+
+    /// Host mapping behind guest RAM.
+    pub fn ram_mapping(&self) -> &Arc<HostMapping> {
+        &self.ram_mapping
+    }
+
+    /// Host mapping behind the boot region.
+    pub fn boot_mapping(&self) -> &Arc<HostMapping> {
+        &self.boot_mapping
+    }
+}
+
+fn segment(selector: u16, code: bool) -> kvm_segment {
+    kvm_segment {
+        base: 0,
+        limit: 0xFFFF_FFFF,
+        selector,
+        type_: if code { 0xB } else { 0x3 },
+        present: 1,
+        dpl: (selector & 3) as u8,
+        db: u8::from(!code),
+        s: 1,
+        l: u8::from(code),
+        g: 1,
+        avl: 0,
+        unusable: 0,
+        padding: 0,
+    }
+}
+
+/// Long mode, paging, SSE enabled; CS/SS at ring 3; TR = this vCPU's TSS.
+fn setup_vcpu_registers(vcpu: &VcpuFd, index: u64, vcpus: u64, entry: Gpa) -> Result<(), VmError> {
+    const CR0_PE: u64 = 1;
+    const CR0_MP: u64 = 1 << 1;
+    const CR0_ET: u64 = 1 << 4;
+    const CR0_NE: u64 = 1 << 5;
+    const CR0_WP: u64 = 1 << 16;
+    const CR0_PG: u64 = 1 << 31;
+    const CR4_PAE: u64 = 1 << 5;
+    const CR4_OSFXSR: u64 = 1 << 9;
+    const CR4_OSXMMEXCPT: u64 = 1 << 10;
+    const EFER_LME: u64 = 1 << 8;
+    const EFER_LMA: u64 = 1 << 10;
+    const RFLAGS_IOPL3: u64 = 3 << 12;
+
+    let mut sregs = vcpu.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
+    sregs.cr0 = CR0_PE | CR0_MP | CR0_ET | CR0_NE | CR0_WP | CR0_PG;
+    sregs.cr4 = CR4_PAE | CR4_OSFXSR | CR4_OSXMMEXCPT;
+    sregs.cr3 = layout::PML4;
+    sregs.efer = EFER_LME | EFER_LMA;
+    sregs.cs = segment(layout::USER_CS, true);
+    let data = segment(layout::USER_DS, false);
+    (sregs.ds, sregs.es, sregs.fs, sregs.gs, sregs.ss) = (data, data, data, data, data);
+    let tss = tss_addr(index);
+    sregs.tr = kvm_segment {
+        base: tss,
+        limit: 103,
+        selector: layout::TSS_SEL0 + 16 * index as u16,
+        type_: 0xB,
+        present: 1,
+        s: 0,
+        ..Default::default()
+    };
+    sregs.gdt.base = layout::GDT;
+    sregs.gdt.limit = (gdt_size(vcpus) - 1) as u16;
+    sregs.idt.base = layout::IDT;
+    sregs.idt.limit = 32 * 16 - 1;
+    vcpu.set_sregs(&sregs).map_err(kvm_err("KVM_SET_SREGS"))?;
+
+    let mut regs = vcpu.get_regs().map_err(kvm_err("KVM_GET_REGS"))?;
+    regs.rip = entry.0;
+    regs.rsp = layout::user_stack_top(index);
+    regs.rdi = index;
+    regs.rsi = layout::mailbox(index);
+    regs.rflags = 0x2 | RFLAGS_IOPL3;
+    vcpu.set_regs(&regs).map_err(kvm_err("KVM_SET_REGS"))
+}
