@@ -2,6 +2,8 @@
 //! unit, property and model tests exercise without `/dev/kvm`.
 //!
 //! - [`addr`]: typed guest-physical and host-virtual addresses.
+//! - [`pin_account`]: lock-free pinned-page and DMA-mapping budgets.
 
 pub mod addr;
+pub mod pin_account;
 pub(crate) mod sync;
