@@ -1,1 +1,4 @@
+//! Integration tests on real `/dev/kvm`; one binary, shared harness in `vmm_tests`.
 
+mod cli;
+mod launch;

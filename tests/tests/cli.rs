@@ -1,0 +1,141 @@
+//! The `vmm` command line as a user runs it: exit status, one-line errors,
+//! JSON, help, bad input rejected before any VM is created, and signals.
+
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use vmm_tests::kvm_or_skip;
+
+fn vmm(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_vmm-cli"))
+        .args(args)
+        .output()
+        .expect("the vmm binary runs")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn test_cli_bad_input_is_rejected_naming_flag_and_form() {
+    // Each must fail at parse time (status 2, clap's usage error), i.e. before
+    // any VM is created, and say which flag and what it accepts.
+    let cases: [(&[&str], &str, &str); 6] = [
+        (&["run", "--mem", "0"], "--mem", "greater than zero"),
+        (&["run", "--mem", "3x"], "--mem", "256M"),
+        (&["run", "--vcpus", "0"], "--vcpus", "1..=64"),
+        (&["run", "--vcpus", "100000"], "--vcpus", "1..=64"),
+        (
+            &["run", "--guest", "/no/such/guest.elf"],
+            "--guest",
+            "not a built-in guest",
+        ),
+        (
+            &["run", "--backing", "swap"],
+            "--backing",
+            "anon, shared, memfd",
+        ),
+    ];
+    for (args, flag, form) in cases {
+        let out = vmm(args);
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(flag) && err.contains(form), "{args:?}: {err}");
+        assert!(out.stdout.is_empty(), "{args:?}: nothing on stdout");
+    }
+}
+
+#[test]
+fn test_cli_help_describes_every_flag() {
+    let out = vmm(&["run", "--help"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    for flag in [
+        "--mem",
+        "--vcpus",
+        "--backing",
+        "--guest",
+        "--timeout",
+        "--json",
+        "--verbose",
+        "--quiet",
+    ] {
+        assert!(text.contains(flag), "{flag} missing from:\n{text}");
+    }
+    let top = vmm(&["--help"]);
+    assert!(String::from_utf8_lossy(&top.stdout).contains("run"));
+}
+
+#[test]
+fn test_cli_json_report_on_success() {
+    if !kvm_or_skip("cli json") {
+        return;
+    }
+    let out = vmm(&[
+        "run", "--guest", "hello", "--mem", "2M", "--vcpus", "2", "--json",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let report: serde_json::Value =
+        serde_json::from_slice(&out.stdout).expect("stdout is only JSON");
+    assert_eq!(report["outcome"], "ok");
+    assert_eq!(report["vcpus"].as_array().unwrap().len(), 2);
+    for key in ["setup_ms", "run_ms", "teardown_ms"] {
+        assert!(report["timings"][key].as_f64().unwrap() > 0.0, "{key}");
+    }
+    assert!(report["kvm_stats"]["vcpu"]["pf_fixed"].as_u64().is_some());
+    assert!(report["kvm_stats"]["vm"]["pages_4k"].as_u64().is_some());
+    assert!(report["exits"]["mmio_doorbell"].as_u64().unwrap() >= 6);
+    assert!(
+        stderr(&out).contains("hello from vCPU 1"),
+        "console goes to stderr with --json"
+    );
+}
+
+#[test]
+fn test_cli_guest_failure_exits_nonzero_with_one_line_reason() {
+    if !kvm_or_skip("cli failure") {
+        return;
+    }
+    let out = vmm(&["run", "--guest", "bad-insn", "--mem", "2M", "-q"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
+    assert_eq!(err.lines().count(), 1, "one line: {err}");
+    assert!(err.starts_with("vmm: vCPU 0: guest exception #UD"), "{err}");
+}
+
+#[test]
+fn test_cli_sigint_stops_guest_cleanly_with_report() {
+    if !kvm_or_skip("cli sigint") {
+        return;
+    }
+    let child = Command::new(env!("CARGO_BIN_EXE_vmm-cli"))
+        .args([
+            "run",
+            "--guest",
+            "spin",
+            "--mem",
+            "2M",
+            "--timeout",
+            "60s",
+            "--json",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    // SAFETY: kill(2) on our own live child; no memory is involved.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let started = Instant::now();
+    let out = child.wait_with_output().unwrap();
+    assert!(started.elapsed() < Duration::from_secs(10));
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("interrupted by SIGINT"),
+        "{}",
+        stderr(&out)
+    );
+    let report: serde_json::Value =
+        serde_json::from_slice(&out.stdout).expect("a report after SIGINT");
+    assert_eq!(report["outcome"], "failed");
+}
