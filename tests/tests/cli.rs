@@ -100,7 +100,10 @@ fn test_cli_guest_failure_exits_nonzero_with_one_line_reason() {
     assert_eq!(out.status.code(), Some(1));
     let err = stderr(&out);
     assert_eq!(err.lines().count(), 1, "one line: {err}");
-    assert!(err.starts_with("vmm: vCPU ") && err.contains(": guest exception #UD (vector 6"), "{err}");
+    assert!(
+        err.starts_with("vmm: vCPU ") && err.contains(": guest exception #UD (vector 6"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -261,7 +261,12 @@ fn segment(selector: u16, code: bool) -> kvm_segment {
 }
 
 /// Long mode, paging, SSE enabled; CS/SS at ring 3; TR = this vCPU's TSS.
-fn setup_vcpu_registers(vcpu: &VcpuFd, index: u64, vcpus: u64, entry: Gpa) -> Result<(), VmError> {
+pub fn setup_vcpu_registers(
+    vcpu: &VcpuFd,
+    index: u64,
+    vcpus: u64,
+    entry: Gpa,
+) -> Result<(), VmError> {
     const CR0_PE: u64 = 1;
     const CR0_MP: u64 = 1 << 1;
     const CR0_ET: u64 = 1 << 4;
