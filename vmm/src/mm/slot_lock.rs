@@ -949,6 +949,63 @@ mod tests {
         }
         assert_eq!(cell.word(), MAP_REF);
     }
+
+    /// The range a recycle test attaches for `generation`: alternating,
+    /// overlapping at 0x18_0000, so only the generation tells them apart.
+    fn range_for(generation: u64) -> GpaRange {
+        if generation % 2 == 1 {
+            range(0x10_0000, 0x10_0000)
+        } else {
+            range(0x18_0000, 0x10_0000)
+        }
+    }
+
+    #[test]
+    fn test_read_racing_recycles_guard_matches_requested_identity() {
+        use std::sync::atomic::AtomicU64 as StdAtomicU64;
+        let cell = std::sync::Arc::new(SlotCell::new(16));
+        // The "published snapshot": the generation readers look up.
+        let snapshot = std::sync::Arc::new(StdAtomicU64::new(
+            cell.attach(range_for(1)).unwrap().generation,
+        ));
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let readers: Vec<_> = (0..2)
+            .map(|_| {
+                let (cell, snapshot, stop) = (cell.clone(), snapshot.clone(), stop.clone());
+                thread::spawn(move || {
+                    let mut admitted = 0u32;
+                    while !stop.load(Ordering::Relaxed) {
+                        let generation = snapshot.load(Ordering::Acquire);
+                        if let Ok(g) = cell.read(generation, Gpa(0x18_0000)) {
+                            assert_eq!(g.generation(), generation);
+                            assert_eq!(g.range(), range_for(generation));
+                            admitted += 1;
+                        }
+                        // Two spinning readers on a small machine would
+                        // starve the writer's wake-up.
+                        thread::yield_now();
+                    }
+                    admitted
+                })
+            })
+            .collect();
+        for _ in 0..100 {
+            let mut ex = cell.exclude().unwrap();
+            ex.wait_drained(Duration::from_secs(5)).unwrap();
+            ex.detach().unwrap();
+            drop(ex);
+            let next = cell.generation.load(Ordering::Relaxed) + 1;
+            let id = cell.attach(range_for(next)).unwrap();
+            assert_eq!(id.generation, next);
+            // Publish late: readers meanwhile try the stale generation.
+            thread::yield_now();
+            snapshot.store(id.generation, Ordering::Release);
+        }
+        stop.store(true, Ordering::Relaxed);
+        let admitted: u32 = readers.into_iter().map(|r| r.join().unwrap()).sum();
+        assert!(admitted > 0, "no reader ever got in");
+        assert_eq!(cell.word(), MAP_REF);
+    }
 }
 
 #[cfg(all(test, vmm_loom))]
