@@ -4,8 +4,11 @@
 //! - [`addr`]: typed guest-physical and host-virtual addresses.
 //! - [`backing`]: host mappings (anon, shared, memfd, THP, hugetlb, file) that back guest memory.
 //! - [`pin_account`]: lock-free pinned-page and DMA-mapping budgets.
+//! - [`slot_lock`]: per-slot refcount locks (the `vm_refcnt` design): lockless
+//!   readers, writers that exclude and drain.
 
 pub mod addr;
 pub mod backing;
 pub mod pin_account;
+pub mod slot_lock;
 pub(crate) mod sync;
