@@ -962,34 +962,46 @@ mod tests {
 
     #[test]
     fn test_read_racing_recycles_guard_matches_requested_identity() {
-        use std::sync::atomic::AtomicU64 as StdAtomicU64;
+        use std::sync::atomic::{AtomicU32 as StdAtomicU32, AtomicU64 as StdAtomicU64};
         let cell = std::sync::Arc::new(SlotCell::new(16));
         // The "published snapshot": the generation readers look up.
         let snapshot = std::sync::Arc::new(StdAtomicU64::new(
             cell.attach(range_for(1)).unwrap().generation,
         ));
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let admitted = std::sync::Arc::new(StdAtomicU32::new(0));
         let readers: Vec<_> = (0..2)
             .map(|_| {
-                let (cell, snapshot, stop) = (cell.clone(), snapshot.clone(), stop.clone());
+                let (cell, snapshot, stop, admitted) = (
+                    cell.clone(),
+                    snapshot.clone(),
+                    stop.clone(),
+                    admitted.clone(),
+                );
                 thread::spawn(move || {
-                    let mut admitted = 0u32;
                     while !stop.load(Ordering::Relaxed) {
                         let generation = snapshot.load(Ordering::Acquire);
                         if let Ok(g) = cell.read(generation, Gpa(0x18_0000)) {
                             assert_eq!(g.generation(), generation);
                             assert_eq!(g.range(), range_for(generation));
-                            admitted += 1;
+                            admitted.fetch_add(1, Ordering::Relaxed);
                         }
                         // Two spinning readers on a small machine would
                         // starve the writer's wake-up.
                         thread::yield_now();
                     }
-                    admitted
                 })
             })
             .collect();
-        for _ in 0..100 {
+        // At least 100 recycles, and keep going (bounded) until readers have
+        // really been admitted, so the test cannot pass vacuously on a
+        // loaded machine.
+        let started = std::time::Instant::now();
+        let mut cycles = 0;
+        while cycles < 100
+            || (admitted.load(Ordering::Relaxed) < 20
+                && started.elapsed() < Duration::from_secs(20))
+        {
             let mut ex = cell.exclude().unwrap();
             ex.wait_drained(Duration::from_secs(5)).unwrap();
             ex.detach().unwrap();
@@ -1000,10 +1012,17 @@ mod tests {
             // Publish late: readers meanwhile try the stale generation.
             thread::yield_now();
             snapshot.store(id.generation, Ordering::Release);
+            thread::sleep(Duration::from_micros(50));
+            cycles += 1;
         }
         stop.store(true, Ordering::Relaxed);
-        let admitted: u32 = readers.into_iter().map(|r| r.join().unwrap()).sum();
-        assert!(admitted > 0, "no reader ever got in");
+        for r in readers {
+            r.join().unwrap();
+        }
+        assert!(
+            admitted.load(Ordering::Relaxed) > 0,
+            "no reader ever got in"
+        );
         assert_eq!(cell.word(), MAP_REF);
     }
 }
