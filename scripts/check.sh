@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Static checks to run before committing: formatting and clippy (deny warnings),
+# also under the loom cfg so model-only code stays clean.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets -- -D warnings
+RUSTFLAGS="--cfg vmm_loom" CARGO_TARGET_DIR=target/loom cargo clippy -p vmm --lib --tests -- -D warnings
