@@ -2,6 +2,8 @@
 //! unit, property and model tests exercise without `/dev/kvm`.
 //!
 //! - [`addr`]: typed guest-physical and host-virtual addresses.
+//! - [`notifier`]: invalidation ranges, KVM's fault-path sequence protocol and a translation cache.
 
 pub mod addr;
+pub mod notifier;
 pub(crate) mod sync;
