@@ -15,6 +15,10 @@
 //!   matched start/end pair (or nothing), never an end before its start.
 //! - `test_loom_hub_unsubscribe_*`: once `unsubscribe` returns no callback of
 //!   that subscriber is running or starts.
+//! - `test_loom_hub_subscribe_racing_veto_*`: a subscriber registering while
+//!   `begin` runs the vetoes is either checked or registered after the
+//!   record (then its start comes from the registration).
+//! - `test_loom_hub_replay_*`: replay racing a plug reports it exactly once.
 //!
 //! Each model uses a preemption bound of 3; all of them together take well
 //! under a second in a release build.
@@ -317,5 +321,84 @@ fn test_loom_hub_unsubscribe_racing_delivery_then_silence() {
                 || evs[..marker] == ["start", "start-done", "end"],
             "torn or unordered callbacks: {evs:?}"
         );
+    });
+}
+
+/// Vetoes everything; records on which thread a start reached it.
+struct Vetoer {
+    starts: Mutex<Vec<thread::ThreadId>>,
+}
+
+impl Subscriber for Vetoer {
+    fn invalidate_start(&self, _: GpaRange, _: Reason) {
+        lock(&self.starts).push(thread::current().id());
+    }
+    fn invalidate_end(&self, _: GpaRange) {}
+    fn check(&self, _: GpaRange, _: Reason) -> Result<(), String> {
+        Err("pinned".into())
+    }
+}
+
+/// A vetoing subscriber registering while `begin` runs its checks: either
+/// `begin` is refused, or the subscriber registered after the change was
+/// recorded and got its start from the registration (on its own thread) —
+/// never a start from the writer, which would mean it escaped the check.
+#[test]
+fn test_loom_hub_subscribe_racing_veto_check_is_never_skipped() {
+    builder(3).check(|| {
+        let hub = Arc::new(InvalidationHub::new());
+        let vetoer = Arc::new(Vetoer {
+            starts: Mutex::new(Vec::new()),
+        });
+        let writer = {
+            let hub = hub.clone();
+            thread::spawn(move || hub.begin(page_range(), Reason::Unplug).map(|t| t.end()))
+        };
+        hub.subscribe(Interest::All, vetoer.clone(), Replay::None)
+            .unwrap();
+        let writer_id = writer.thread().id();
+        let result = writer.join().unwrap();
+
+        let starts = lock(&vetoer.starts).clone();
+        assert!(
+            !starts.contains(&writer_id),
+            "the writer delivered a start to a subscriber it never checked"
+        );
+        if result.is_err() {
+            assert!(starts.is_empty());
+        }
+    });
+}
+
+/// Counts `memory_added` calls.
+#[derive(Default)]
+struct AddCounter {
+    added: AtomicUsize,
+}
+
+impl Subscriber for AddCounter {
+    fn invalidate_start(&self, _: GpaRange, _: Reason) {}
+    fn invalidate_end(&self, _: GpaRange) {}
+    fn memory_added(&self, _: GpaRange, _: Reason) {
+        self.added.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// A subscriber asking for the plugged-range replay while memory is being
+/// plugged hears about that memory exactly once (from the replay or from the
+/// writer), never zero or two times.
+#[test]
+fn test_loom_hub_replay_racing_plug_reports_exactly_once() {
+    builder(3).check(|| {
+        let hub = Arc::new(InvalidationHub::new());
+        let writer = {
+            let hub = hub.clone();
+            thread::spawn(move || hub.added(page_range(), Reason::Plug).unwrap())
+        };
+        let counter = Arc::new(AddCounter::default());
+        hub.subscribe(Interest::All, counter.clone(), Replay::Plugged)
+            .unwrap();
+        writer.join().unwrap();
+        assert_eq!(counter.added.load(Ordering::Relaxed), 1);
     });
 }
