@@ -34,6 +34,15 @@
 //! ([`NotifierError::EmptyRange`]); a subscriber whose range does not overlap
 //! a change hears nothing of it.
 //!
+//! # Fault-path protocol
+//! `let seq = hub.read_begin()` → resolve → under your own lock (the one your
+//! `invalidate_start` takes) `hub.retry(seq, range)`: `true` if an overlapping
+//! invalidation is in progress (recorded by `begin`, not yet fully ended) or
+//! any invalidation ended since `read_begin`. As in KVM the count moves at
+//! `end` only: one that started since and still runs is caught by the
+//! in-progress check when it overlaps and is irrelevant when it does not. See
+//! `seq.rs` for the memory orderings (KVM's `smp_wmb`/`smp_rmb` pairing).
+//!
 //! # Subscribing while invalidations run
 //! A subscriber that registers while an overlapping invalidation is in
 //! progress receives `invalidate_start` for it (clipped) before `subscribe`
@@ -59,6 +68,8 @@
 //! callbacks on different threads must not unsubscribe each other.
 //! `check` is a snapshot: a subscriber that can start refusing later (a pin)
 //! must close the race itself with `read_begin`/`retry` around its pin.
+//! A panicking callback is a bug in the subscriber, but leaves the hub
+//! usable: the invalidation is still ended and the callback's gate released.
 //!
 //! # Lock order
 //! `hub state` → `seq ranges`; `cache shard` → `seq ranges`; an entry's gate
