@@ -3,12 +3,19 @@
 //!
 //! - [`addr`]: typed guest-physical and host-virtual addresses.
 //! - [`backing`]: host mappings (anon, shared, memfd, THP, hugetlb, file) that back guest memory.
-//! - [`pin_account`]: lock-free pinned-page and DMA-mapping budgets.
+//! - [`slot_map`]: guest memory slots managed like VMAs (split, merge, protect,
+//!   move, resize), published for lock-free readers, with the memslot changes
+//!   that keep KVM in sync.
 //! - [`slot_lock`]: per-slot refcount locks (the `vm_refcnt` design): lockless
 //!   readers, writers that exclude and drain.
+//! - [`notifier`]: mmu-notifier-style invalidation ranges, KVM's sequence
+//!   protocol for fault paths, and a translation cache built on it.
+//! - [`pin_account`]: lock-free pinned-page and DMA-mapping budgets.
 
 pub mod addr;
 pub mod backing;
+pub mod notifier;
 pub mod pin_account;
 pub mod slot_lock;
+pub mod slot_map;
 pub(crate) mod sync;

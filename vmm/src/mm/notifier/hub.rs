@@ -1,0 +1,1084 @@
+//! The invalidation hub: subscriptions, the writer API and the reader API.
+//!
+//! # Invariants
+//! - `HubState::active` holds exactly the invalidations between `begin`'s
+//!   record step and `end`'s removal step; each lists the subscriptions that
+//!   were (or, if registering, are being) sent its start, with their clipped
+//!   range. `end` delivers ends to exactly those that are still subscribed.
+//! - `SeqState` in-progress records are a superset in time of `active`: added
+//!   in the same critical section as the `active` entry (before any start is
+//!   delivered) and removed after all ends are delivered.
+//! - `HubState::generation` changes on every `subscribe`; `begin` re-runs the
+//!   veto checks if it changed while they ran, so no subscriber that was
+//!   registered when the change is recorded escaped its check.
+//! - An entry's gate: `removed` is final; `running` lists the threads inside
+//!   one of its callbacks; writers deliver only once `ready` (its registration
+//!   replay is done) and never after `removed`.
+//!
+//! Lock order: `state` → seq `ranges`; a gate lock is taken with no other
+//! lock held. No lock is held while a subscriber callback runs.
+
+use std::fmt;
+use std::sync::Arc;
+
+use super::ranges::RangeSet;
+use super::seq::{lock, ReadSeq, SeqState};
+use super::{NotifierError, Reason, Subscriber};
+use crate::mm::addr::GpaRange;
+use crate::mm::sync::{thread, Condvar, Mutex};
+
+/// Identifies one subscription; returned by [`InvalidationHub::subscribe`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SubscriptionId(u64);
+
+impl fmt::Display for SubscriptionId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "#{}", self.0)
+    }
+}
+
+/// Which changes a subscriber hears about.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Interest {
+    /// Every change, unclipped.
+    All,
+    /// Changes overlapping this (non-empty) range, clipped to it.
+    Range(GpaRange),
+}
+
+impl Interest {
+    /// The part of `range` this interest covers, if any.
+    fn clip(&self, range: GpaRange) -> Option<GpaRange> {
+        match self {
+            Self::All => (!range.is_empty()).then_some(range),
+            Self::Range(r) => r.intersect(&range),
+        }
+    }
+}
+
+/// Whether a new subscriber is told about memory plugged before it came.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Replay {
+    /// Only future changes (and invalidations in progress).
+    None,
+    /// First `memory_added(range, Reason::Plug)` for every plugged range
+    /// (clipped to the interest), then as [`Replay::None`].
+    Plugged,
+}
+
+/// Delivery gate of one subscription.
+#[derive(Debug, Default)]
+struct Gate {
+    /// The registration replay is done; writers may deliver.
+    ready: bool,
+    /// Unsubscribed: nothing more is delivered.
+    removed: bool,
+    /// Threads currently inside one of this subscriber's callbacks.
+    running: Vec<thread::ThreadId>,
+}
+
+/// One subscription.
+struct Entry {
+    id: SubscriptionId,
+    interest: Interest,
+    subscriber: Arc<dyn Subscriber>,
+    gate: Mutex<Gate>,
+    /// Signalled when `ready`/`removed` are set and when a callback returns.
+    gate_cv: Condvar,
+}
+
+impl fmt::Debug for Entry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Entry")
+            .field("id", &self.id)
+            .field("interest", &self.interest)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Marks the current thread as inside a callback of `entry` until dropped
+/// (also on unwind, so a panicking callback cannot wedge `unsubscribe`).
+struct InCallback<'a> {
+    entry: &'a Entry,
+    me: thread::ThreadId,
+}
+
+impl Drop for InCallback<'_> {
+    fn drop(&mut self) {
+        let mut gate = lock(&self.entry.gate);
+        if let Some(pos) = gate.running.iter().position(|t| *t == self.me) {
+            gate.running.swap_remove(pos);
+        }
+        drop(gate);
+        self.entry.gate_cv.notify_all();
+    }
+}
+
+impl Entry {
+    fn new(id: SubscriptionId, interest: Interest, subscriber: Arc<dyn Subscriber>) -> Self {
+        Self {
+            id,
+            interest,
+            subscriber,
+            gate: Mutex::new(Gate::default()),
+            gate_cv: Condvar::new(),
+        }
+    }
+
+    /// Enters a callback section, or `None` if unsubscribed. Writers pass
+    /// `wait_ready = true` to wait for the registration replay.
+    fn enter(&self, wait_ready: bool) -> Option<InCallback<'_>> {
+        let me = thread::current().id();
+        let mut gate = lock(&self.gate);
+        while wait_ready && !gate.ready && !gate.removed {
+            gate = self.gate_cv.wait(gate).unwrap_or_else(|e| e.into_inner());
+        }
+        if gate.removed {
+            return None;
+        }
+        gate.running.push(me);
+        Some(InCallback { entry: self, me })
+    }
+
+    /// Runs `f` on the subscriber unless it is unsubscribed.
+    fn deliver<R>(&self, f: impl FnOnce(&dyn Subscriber) -> R) -> Option<R> {
+        let _in = self.enter(true)?;
+        Some(f(&*self.subscriber))
+    }
+
+    fn mark_ready(&self) {
+        lock(&self.gate).ready = true;
+        self.gate_cv.notify_all();
+    }
+
+    /// Stops deliveries and waits for callbacks running on other threads.
+    fn close(&self) {
+        let me = thread::current().id();
+        let mut gate = lock(&self.gate);
+        gate.removed = true;
+        self.gate_cv.notify_all();
+        while gate.running.iter().any(|t| *t != me) {
+            gate = self.gate_cv.wait(gate).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+}
+
+/// Lets writers deliver to a newly registered entry when dropped.
+struct ReadyOnDrop<'a>(&'a Entry);
+
+impl Drop for ReadyOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.mark_ready();
+    }
+}
+
+/// Ends invalidation `id` in the sequence state when dropped.
+struct ClearOnDrop<'a> {
+    seq: &'a SeqState,
+    id: u64,
+}
+
+impl Drop for ClearOnDrop<'_> {
+    fn drop(&mut self) {
+        self.seq.end(self.id);
+    }
+}
+
+/// A subscription and the part of a change it was sent.
+type Recipient = (Arc<Entry>, GpaRange);
+
+/// An invalidation between `begin` and `end`.
+#[derive(Debug)]
+struct Active {
+    id: u64,
+    range: GpaRange,
+    reason: Reason,
+    recipients: Vec<Recipient>,
+}
+
+#[derive(Debug, Default)]
+struct HubState {
+    /// Subscriptions in registration order (the delivery order).
+    entries: Vec<Arc<Entry>>,
+    /// Bumped by every `subscribe`.
+    generation: u64,
+    active: Vec<Active>,
+    plugged: RangeSet,
+    next_subscription: u64,
+    next_invalidation: u64,
+}
+
+impl HubState {
+    fn recipients(&self, range: GpaRange) -> Vec<Recipient> {
+        self.entries
+            .iter()
+            .filter_map(|e| e.interest.clip(range).map(|c| (Arc::clone(e), c)))
+            .collect()
+    }
+}
+
+/// Where guest-memory changes are announced and subscribers listen.
+///
+/// See the [module docs](super) for the protocol, delivery order and callback
+/// rules.
+#[derive(Debug)]
+pub struct InvalidationHub {
+    seq: SeqState,
+    state: Mutex<HubState>,
+}
+
+impl Default for InvalidationHub {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// An invalidation in progress, returned by [`InvalidationHub::begin`]. End it
+/// with [`InvalidationHub::end`] (or [`Invalidation::end`]) after tearing down;
+/// dropping it ends it as well (so a panicking teardown does not leave the
+/// range blocked forever).
+#[derive(Debug)]
+#[must_use = "an invalidation must be ended after the teardown"]
+pub struct Invalidation<'a> {
+    hub: &'a InvalidationHub,
+    id: u64,
+    range: GpaRange,
+    reason: Reason,
+    ended: bool,
+}
+
+impl Invalidation<'_> {
+    /// The invalidated range.
+    pub fn range(&self) -> GpaRange {
+        self.range
+    }
+
+    /// Why.
+    pub fn reason(&self) -> Reason {
+        self.reason
+    }
+
+    /// Delivers `invalidate_end`, then bumps the sequence count and clears
+    /// the in-progress record.
+    pub fn end(mut self) {
+        self.finish();
+    }
+
+    fn finish(&mut self) {
+        if std::mem::replace(&mut self.ended, true) {
+            return;
+        }
+        self.hub.finish(self.id);
+    }
+}
+
+impl Drop for Invalidation<'_> {
+    fn drop(&mut self) {
+        self.finish();
+    }
+}
+
+impl InvalidationHub {
+    /// An empty hub: no subscriber, nothing plugged, sequence count 0.
+    pub fn new() -> Self {
+        Self {
+            seq: SeqState::new(),
+            state: Mutex::new(HubState::default()),
+        }
+    }
+
+    /// Registers `subscriber` for `interest`.
+    ///
+    /// Before returning, delivers (in this order, on this thread) the
+    /// [`Replay::Plugged`] replay and an `invalidate_start` for every
+    /// overlapping invalidation in progress; their ends follow from the
+    /// writers.
+    ///
+    /// ```
+    /// use std::sync::{Arc, Mutex};
+    /// use vmm::mm::addr::{Gpa, GpaRange};
+    /// use vmm::mm::notifier::{Interest, InvalidationHub, Reason, Replay, Subscriber};
+    ///
+    /// #[derive(Default)]
+    /// struct Seen(Mutex<Vec<GpaRange>>);
+    /// impl Subscriber for Seen {
+    ///     fn invalidate_start(&self, _: GpaRange, _: Reason) {}
+    ///     fn invalidate_end(&self, _: GpaRange) {}
+    ///     fn memory_added(&self, range: GpaRange, _: Reason) {
+    ///         self.0.lock().unwrap().push(range);
+    ///     }
+    /// }
+    ///
+    /// let hub = InvalidationHub::new();
+    /// hub.added(GpaRange::new(Gpa(0), 0x4000).unwrap(), Reason::Plug).unwrap();
+    /// let seen = Arc::new(Seen::default());
+    /// let window = Interest::Range(GpaRange::new(Gpa(0x1000), 0x1000).unwrap());
+    /// let id = hub.subscribe(window, seen.clone(), Replay::Plugged).unwrap();
+    /// assert_eq!(*seen.0.lock().unwrap(), vec![GpaRange::new(Gpa(0x1000), 0x1000).unwrap()]);
+    /// hub.unsubscribe(id).unwrap();
+    /// ```
+    pub fn subscribe(
+        &self,
+        interest: Interest,
+        subscriber: Arc<dyn Subscriber>,
+        replay: Replay,
+    ) -> Result<SubscriptionId, NotifierError> {
+        if let Interest::Range(r) = interest {
+            if r.is_empty() {
+                return Err(NotifierError::EmptyRange {
+                    range: r,
+                    what: "interest".into(),
+                });
+            }
+        }
+        let (entry, plugged, starts) = {
+            let mut st = lock(&self.state);
+            let id = SubscriptionId(st.next_subscription);
+            st.next_subscription += 1;
+            st.generation += 1;
+            let entry = Arc::new(Entry::new(id, interest, subscriber));
+            st.entries.push(Arc::clone(&entry));
+            let plugged: Vec<GpaRange> = match replay {
+                Replay::None => Vec::new(),
+                Replay::Plugged => st
+                    .plugged
+                    .to_vec()
+                    .into_iter()
+                    .filter_map(|r| interest.clip(r))
+                    .collect(),
+            };
+            let mut starts = Vec::new();
+            for active in &mut st.active {
+                if let Some(clipped) = interest.clip(active.range) {
+                    active.recipients.push((Arc::clone(&entry), clipped));
+                    starts.push((clipped, active.reason));
+                }
+            }
+            (entry, plugged, starts)
+        };
+        // Marks the entry ready when this returns or unwinds, so a panicking
+        // replay callback cannot leave writers waiting forever.
+        let _ready = ReadyOnDrop(&entry);
+        if let Some(_in) = entry.enter(false) {
+            for range in plugged {
+                entry.subscriber.memory_added(range, Reason::Plug);
+            }
+            for (range, reason) in starts {
+                entry.subscriber.invalidate_start(range, reason);
+            }
+        }
+        Ok(entry.id)
+    }
+
+    /// Removes a subscription. When this returns, no callback of it runs on
+    /// another thread and none will start. From inside its own callback it
+    /// does not wait for that callback (no deadlock).
+    pub fn unsubscribe(&self, id: SubscriptionId) -> Result<(), NotifierError> {
+        let entry = {
+            let mut st = lock(&self.state);
+            let pos = st
+                .entries
+                .iter()
+                .position(|e| e.id == id)
+                .ok_or(NotifierError::UnknownSubscription { id })?;
+            let entry = st.entries.remove(pos);
+            for active in &mut st.active {
+                active.recipients.retain(|(e, _)| e.id != id);
+            }
+            entry
+        };
+        entry.close();
+        Ok(())
+    }
+
+    /// Starts invalidating `range` for `reason` (see the module docs). All
+    /// vetoes run first; on success every overlapping subscriber has received
+    /// `invalidate_start` (clipped) before this returns, and readers'
+    /// [`retry`](Self::retry) reports the range as in progress.
+    ///
+    /// Errors: [`NotifierError::EmptyRange`], [`NotifierError::NotAnInvalidation`],
+    /// [`NotifierError::Vetoed`] — in each case nothing was delivered or
+    /// recorded.
+    pub fn begin(
+        &self,
+        range: GpaRange,
+        reason: Reason,
+    ) -> Result<Invalidation<'_>, NotifierError> {
+        if range.is_empty() {
+            return Err(NotifierError::EmptyRange {
+                range,
+                what: reason.to_string(),
+            });
+        }
+        if !reason.invalidates() {
+            return Err(NotifierError::NotAnInvalidation { range, reason });
+        }
+        loop {
+            let (generation, candidates) = {
+                let st = lock(&self.state);
+                (st.generation, st.recipients(range))
+            };
+            for (entry, clipped) in &candidates {
+                if let Some(Err(message)) = entry.deliver(|s| s.check(*clipped, reason)) {
+                    return Err(NotifierError::Vetoed {
+                        subscription: entry.id,
+                        range: *clipped,
+                        reason,
+                        message,
+                    });
+                }
+            }
+            let mut st = lock(&self.state);
+            if st.generation != generation {
+                continue; // someone subscribed meanwhile: check again
+            }
+            let id = st.next_invalidation;
+            st.next_invalidation += 1;
+            let recipients = st.recipients(range);
+            st.active.push(Active {
+                id,
+                range,
+                reason,
+                recipients: recipients.clone(),
+            });
+            self.seq.start(id, range);
+            drop(st);
+            // Made before delivering, so that a panicking callback still
+            // ends the invalidation (through `Drop`) instead of wedging it.
+            let invalidation = Invalidation {
+                hub: self,
+                id,
+                range,
+                reason,
+                ended: false,
+            };
+            for (entry, clipped) in &recipients {
+                entry.deliver(|s| s.invalidate_start(*clipped, reason));
+            }
+            return Ok(invalidation);
+        }
+    }
+
+    /// Ends an invalidation: same as [`Invalidation::end`].
+    pub fn end(&self, invalidation: Invalidation<'_>) {
+        debug_assert!(std::ptr::eq(invalidation.hub, self));
+        invalidation.end();
+    }
+
+    fn finish(&self, id: u64) {
+        let active = {
+            let mut st = lock(&self.state);
+            let Some(pos) = st.active.iter().position(|a| a.id == id) else {
+                return;
+            };
+            let active = st.active.swap_remove(pos);
+            if active.reason.unplugs() {
+                st.plugged.remove(active.range);
+            }
+            active
+        };
+        // Clears the in-progress record even if an end callback panics.
+        let _clear = ClearOnDrop { seq: &self.seq, id };
+        for (entry, clipped) in &active.recipients {
+            entry.deliver(|s| s.invalidate_end(*clipped));
+        }
+    }
+
+    /// Announces that `range` became usable (`reason` is `Plug`, `Grow` or
+    /// `Move`): records it as plugged and delivers `memory_added` (clipped)
+    /// to overlapping subscribers before returning.
+    pub fn added(&self, range: GpaRange, reason: Reason) -> Result<(), NotifierError> {
+        if range.is_empty() {
+            return Err(NotifierError::EmptyRange {
+                range,
+                what: reason.to_string(),
+            });
+        }
+        if !reason.adds() {
+            return Err(NotifierError::NotAnAddition { range, reason });
+        }
+        let recipients = {
+            let mut st = lock(&self.state);
+            if let Some(existing) = st.plugged.first_overlap(range) {
+                return Err(NotifierError::AlreadyPlugged {
+                    range,
+                    reason,
+                    existing,
+                });
+            }
+            st.plugged.insert(range);
+            st.recipients(range)
+        };
+        for (entry, clipped) in &recipients {
+            entry.deliver(|s| s.memory_added(*clipped, reason));
+        }
+        Ok(())
+    }
+
+    /// Snapshot for the fault path (KVM's `mmu_invalidate_seq` read +
+    /// `smp_rmb`). Resolve after this, then check with [`retry`](Self::retry).
+    pub fn read_begin(&self) -> ReadSeq {
+        self.seq.read_begin()
+    }
+
+    /// `true` if a translation of `range` resolved after `seq` was taken must
+    /// be thrown away: an overlapping invalidation is in progress, or any
+    /// invalidation ended since `read_begin`. Call it under the lock your
+    /// `invalidate_start` takes, and install the translation under that same
+    /// lock if it returns `false`.
+    pub fn retry(&self, seq: ReadSeq, range: GpaRange) -> bool {
+        self.seq.retry(seq, range)
+    }
+
+    /// Whether an invalidation overlapping `range` is in progress (recorded
+    /// by `begin`, not yet fully ended).
+    pub fn is_invalidating(&self, range: GpaRange) -> bool {
+        self.seq.overlaps_in_progress(range)
+    }
+
+    /// Blocks until no invalidation overlapping `range` is in progress. Must
+    /// not be called from a callback of that invalidation.
+    pub fn wait_idle(&self, range: GpaRange) {
+        self.seq.wait_idle(range);
+    }
+
+    /// Number of invalidations in progress.
+    pub fn in_progress(&self) -> usize {
+        self.seq.in_progress()
+    }
+
+    /// The plugged ranges (from `added` minus ended unplug/shrink/move
+    /// invalidations), merged, in address order.
+    pub fn plugged(&self) -> Vec<GpaRange> {
+        lock(&self.state).plugged.to_vec()
+    }
+
+    /// Number of subscriptions.
+    pub fn subscriber_count(&self) -> usize {
+        lock(&self.state).entries.len()
+    }
+}
+
+#[cfg(all(test, not(vmm_loom)))]
+mod tests {
+    use std::sync::mpsc;
+    use std::sync::Mutex as StdMutex;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::mm::addr::Gpa;
+
+    fn r(start: u64, len: u64) -> GpaRange {
+        GpaRange::new(Gpa(start), len).unwrap()
+    }
+
+    #[derive(Clone, Debug, PartialEq, Eq)]
+    enum Ev {
+        Check(&'static str, GpaRange),
+        Start(&'static str, GpaRange, Reason),
+        End(&'static str, GpaRange),
+        Added(&'static str, GpaRange, Reason),
+        Teardown,
+    }
+
+    type Log = Arc<StdMutex<Vec<Ev>>>;
+
+    /// Records every callback into a log shared by several subscribers.
+    struct Rec {
+        name: &'static str,
+        log: Log,
+        veto: Option<&'static str>,
+    }
+
+    impl Rec {
+        fn new(name: &'static str, log: &Log) -> Arc<Self> {
+            Arc::new(Self {
+                name,
+                log: Arc::clone(log),
+                veto: None,
+            })
+        }
+        fn push(&self, ev: Ev) {
+            self.log.lock().unwrap().push(ev);
+        }
+    }
+
+    impl Subscriber for Rec {
+        fn invalidate_start(&self, range: GpaRange, reason: Reason) {
+            self.push(Ev::Start(self.name, range, reason));
+        }
+        fn invalidate_end(&self, range: GpaRange) {
+            self.push(Ev::End(self.name, range));
+        }
+        fn memory_added(&self, range: GpaRange, reason: Reason) {
+            self.push(Ev::Added(self.name, range, reason));
+        }
+        fn check(&self, range: GpaRange, _reason: Reason) -> Result<(), String> {
+            self.push(Ev::Check(self.name, range));
+            match self.veto {
+                Some(msg) => Err(msg.to_string()),
+                None => Ok(()),
+            }
+        }
+    }
+
+    fn starts_and_ends(log: &Log) -> Vec<Ev> {
+        log.lock()
+            .unwrap()
+            .iter()
+            .filter(|e| !matches!(e, Ev::Check(..)))
+            .cloned()
+            .collect()
+    }
+
+    #[test]
+    fn test_hub_begin_end_clips_and_orders_across_subscribers() {
+        let hub = InvalidationHub::new();
+        let log = Log::default();
+        hub.subscribe(Interest::All, Rec::new("all", &log), Replay::None)
+            .unwrap();
+        let low = Interest::Range(r(0x0, 0x2000));
+        hub.subscribe(low, Rec::new("low", &log), Replay::None)
+            .unwrap();
+        let high = Interest::Range(r(0x3000, 0x4000));
+        hub.subscribe(high, Rec::new("high", &log), Replay::None)
+            .unwrap();
+
+        let t = hub.begin(r(0x1000, 0x3000), Reason::Shrink).unwrap();
+        log.lock().unwrap().push(Ev::Teardown);
+        hub.end(t);
+
+        assert_eq!(
+            starts_and_ends(&log),
+            vec![
+                Ev::Start("all", r(0x1000, 0x3000), Reason::Shrink),
+                Ev::Start("low", r(0x1000, 0x1000), Reason::Shrink),
+                Ev::Start("high", r(0x3000, 0x1000), Reason::Shrink),
+                Ev::Teardown,
+                Ev::End("all", r(0x1000, 0x3000)),
+                Ev::End("low", r(0x1000, 0x1000)),
+                Ev::End("high", r(0x3000, 0x1000)),
+            ]
+        );
+        assert_eq!(hub.in_progress(), 0);
+    }
+
+    #[test]
+    fn test_hub_disjoint_interest_hears_nothing() {
+        let hub = InvalidationHub::new();
+        let log = Log::default();
+        let far = Interest::Range(r(0x10_0000, 0x1000));
+        hub.subscribe(far, Rec::new("far", &log), Replay::None)
+            .unwrap();
+        // Adjacent but not overlapping on both sides.
+        hub.begin(r(0x0, 0x10_0000), Reason::Unplug).unwrap().end();
+        hub.begin(r(0x10_1000, 0x1000), Reason::Discard)
+            .unwrap()
+            .end();
+        hub.added(r(0x20_0000, 0x1000), Reason::Plug).unwrap();
+        assert!(log.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn test_hub_veto_refuses_and_nothing_is_delivered() {
+        let hub = InvalidationHub::new();
+        let log = Log::default();
+        hub.subscribe(Interest::All, Rec::new("dev", &log), Replay::None)
+            .unwrap();
+        let pin = Arc::new(Rec {
+            name: "pin",
+            log: Arc::clone(&log),
+            veto: Some("DMA buffer pinned"),
+        });
+        let pin_id = hub
+            .subscribe(Interest::Range(r(0x2000, 0x1000)), pin, Replay::None)
+            .unwrap();
+        let seq = hub.read_begin();
+
+        let err = hub.begin(r(0x0, 0x10000), Reason::Unplug).unwrap_err();
+
+        assert_eq!(
+            err,
+            NotifierError::Vetoed {
+                subscription: pin_id,
+                range: r(0x2000, 0x1000),
+                reason: Reason::Unplug,
+                message: "DMA buffer pinned".into(),
+            }
+        );
+        assert!(err.to_string().contains("DMA buffer pinned"));
+        assert!(starts_and_ends(&log).is_empty());
+        assert_eq!(hub.in_progress(), 0);
+        assert!(!hub.retry(seq, r(0x0, 0x10000)));
+        // Outside the pinned range the change goes through.
+        hub.begin(r(0x4000, 0x1000), Reason::Unplug).unwrap().end();
+        assert_eq!(starts_and_ends(&log).len(), 2);
+    }
+
+    #[test]
+    fn test_hub_empty_range_is_error_and_not_delivered() {
+        let hub = InvalidationHub::new();
+        let log = Log::default();
+        hub.subscribe(Interest::All, Rec::new("all", &log), Replay::None)
+            .unwrap();
+        let empty = r(0x1000, 0);
+        assert!(matches!(
+            hub.begin(empty, Reason::Unplug),
+            Err(NotifierError::EmptyRange { .. })
+        ));
+        assert!(matches!(
+            hub.added(empty, Reason::Plug),
+            Err(NotifierError::EmptyRange { .. })
+        ));
+        assert!(matches!(
+            hub.subscribe(Interest::Range(empty), Rec::new("e", &log), Replay::None),
+            Err(NotifierError::EmptyRange { .. })
+        ));
+        assert!(log.lock().unwrap().is_empty());
+        assert_eq!(hub.subscriber_count(), 1);
+    }
+
+    #[test]
+    fn test_hub_wrong_reason_is_error() {
+        let hub = InvalidationHub::new();
+        assert!(matches!(
+            hub.begin(r(0, 0x1000), Reason::Plug),
+            Err(NotifierError::NotAnInvalidation { .. })
+        ));
+        assert!(matches!(
+            hub.added(r(0, 0x1000), Reason::Discard),
+            Err(NotifierError::NotAnAddition { .. })
+        ));
+    }
+
+    #[test]
+    fn test_hub_added_overlapping_plugged_is_error() {
+        let hub = InvalidationHub::new();
+        hub.added(r(0x1000, 0x2000), Reason::Plug).unwrap();
+        let err = hub.added(r(0x2000, 0x2000), Reason::Grow).unwrap_err();
+        assert_eq!(
+            err,
+            NotifierError::AlreadyPlugged {
+                range: r(0x2000, 0x2000),
+                reason: Reason::Grow,
+                existing: r(0x1000, 0x2000),
+            }
+        );
+        assert_eq!(hub.plugged(), vec![r(0x1000, 0x2000)]);
+    }
+
+    #[test]
+    fn test_hub_subscribe_during_invalidation_gets_start_then_end() {
+        let hub = InvalidationHub::new();
+        let log = Log::default();
+        let t = hub.begin(r(0x0, 0x4000), Reason::Protect).unwrap();
+
+        let late = Interest::Range(r(0x3000, 0x4000));
+        hub.subscribe(late, Rec::new("late", &log), Replay::None)
+            .unwrap();
+        assert_eq!(
+            starts_and_ends(&log),
+            vec![Ev::Start("late", r(0x3000, 0x1000), Reason::Protect)]
+        );
+        hub.end(t);
+
+        assert_eq!(
+            starts_and_ends(&log),
+            vec![
+                Ev::Start("late", r(0x3000, 0x1000), Reason::Protect),
+                Ev::End("late", r(0x3000, 0x1000)),
+            ]
+        );
+    }
+
+    #[test]
+    fn test_hub_subscribe_during_invalidation_sees_retry_true() {
+        let hub = InvalidationHub::new();
+        let t = hub.begin(r(0x0, 0x1000), Reason::Discard).unwrap();
+        let log = Log::default();
+        hub.subscribe(Interest::All, Rec::new("late", &log), Replay::None)
+            .unwrap();
+        let seq = hub.read_begin();
+        assert!(hub.retry(seq, r(0x0, 0x1000)));
+        hub.end(t);
+        assert!(hub.retry(seq, r(0x0, 0x1000)));
+    }
+
+    #[test]
+    fn test_hub_unsubscribe_during_invalidation_from_thread_gets_no_end() {
+        let hub = InvalidationHub::new();
+        let log = Log::default();
+        let id = hub
+            .subscribe(Interest::All, Rec::new("gone", &log), Replay::None)
+            .unwrap();
+        hub.subscribe(Interest::All, Rec::new("stay", &log), Replay::None)
+            .unwrap();
+        let t = hub.begin(r(0x0, 0x1000), Reason::Unplug).unwrap();
+
+        std::thread::scope(|s| {
+            s.spawn(|| hub.unsubscribe(id).unwrap());
+        });
+        hub.end(t);
+
+        assert_eq!(
+            starts_and_ends(&log),
+            vec![
+                Ev::Start("gone", r(0x0, 0x1000), Reason::Unplug),
+                Ev::Start("stay", r(0x0, 0x1000), Reason::Unplug),
+                Ev::End("stay", r(0x0, 0x1000)),
+            ]
+        );
+        assert_eq!(
+            hub.unsubscribe(id),
+            Err(NotifierError::UnknownSubscription { id })
+        );
+    }
+
+    /// Blocks in `invalidate_start` until released; reports entry and exit.
+    struct Blocker {
+        entered: StdMutex<mpsc::Sender<()>>,
+        release: StdMutex<mpsc::Receiver<()>>,
+        inside: std::sync::atomic::AtomicBool,
+    }
+
+    impl Subscriber for Blocker {
+        fn invalidate_start(&self, _: GpaRange, _: Reason) {
+            self.inside.store(true, std::sync::atomic::Ordering::SeqCst);
+            self.entered.lock().unwrap().send(()).unwrap();
+            self.release.lock().unwrap().recv().unwrap();
+            self.inside
+                .store(false, std::sync::atomic::Ordering::SeqCst);
+        }
+        fn invalidate_end(&self, _: GpaRange) {
+            panic!("end delivered after unsubscribe");
+        }
+    }
+
+    #[test]
+    fn test_hub_unsubscribe_waits_for_running_callback() {
+        let hub = InvalidationHub::new();
+        let (entered_tx, entered_rx) = mpsc::channel();
+        let (release_tx, release_rx) = mpsc::channel();
+        let blocker = Arc::new(Blocker {
+            entered: StdMutex::new(entered_tx),
+            release: StdMutex::new(release_rx),
+            inside: false.into(),
+        });
+        let id = hub
+            .subscribe(Interest::All, blocker.clone(), Replay::None)
+            .unwrap();
+
+        std::thread::scope(|s| {
+            let writer = s.spawn(|| hub.begin(r(0, 0x1000), Reason::Unplug).unwrap().end());
+            entered_rx.recv().unwrap();
+            let unsub = s.spawn(|| {
+                hub.unsubscribe(id).unwrap();
+                // After unsubscribe returns the callback has finished.
+                assert!(!blocker.inside.load(std::sync::atomic::Ordering::SeqCst));
+            });
+            std::thread::sleep(Duration::from_millis(20));
+            assert!(
+                !unsub.is_finished(),
+                "unsubscribe returned during a callback"
+            );
+            release_tx.send(()).unwrap();
+            unsub.join().unwrap();
+            writer.join().unwrap();
+        });
+        assert_eq!(hub.subscriber_count(), 0);
+    }
+
+    /// Unsubscribes itself from inside `invalidate_start`.
+    struct SelfRemover {
+        hub: Arc<InvalidationHub>,
+        id: StdMutex<Option<SubscriptionId>>,
+        calls: std::sync::atomic::AtomicUsize,
+    }
+
+    impl Subscriber for SelfRemover {
+        fn invalidate_start(&self, _: GpaRange, _: Reason) {
+            self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let id = self.id.lock().unwrap().take();
+            if let Some(id) = id {
+                self.hub.unsubscribe(id).unwrap();
+            }
+        }
+        fn invalidate_end(&self, _: GpaRange) {
+            self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn test_hub_unsubscribe_from_own_callback_does_not_deadlock() {
+        let hub = Arc::new(InvalidationHub::new());
+        let sub = Arc::new(SelfRemover {
+            hub: Arc::clone(&hub),
+            id: StdMutex::new(None),
+            calls: 0.into(),
+        });
+        let id = hub
+            .subscribe(Interest::All, sub.clone(), Replay::None)
+            .unwrap();
+        *sub.id.lock().unwrap() = Some(id);
+
+        hub.begin(r(0, 0x1000), Reason::Unplug).unwrap().end();
+        hub.begin(r(0, 0x1000), Reason::Unplug).unwrap().end();
+
+        // Only the first start: no end, no second start.
+        assert_eq!(sub.calls.load(std::sync::atomic::Ordering::SeqCst), 1);
+        assert_eq!(hub.subscriber_count(), 0);
+    }
+
+    #[test]
+    fn test_hub_replay_delivers_plugged_ranges_clipped() {
+        let hub = InvalidationHub::new();
+        hub.added(r(0x0, 0x4000), Reason::Plug).unwrap();
+        hub.added(r(0x8000, 0x2000), Reason::Plug).unwrap();
+        hub.added(r(0xa000, 0x1000), Reason::Grow).unwrap();
+        hub.begin(r(0x1000, 0x1000), Reason::Unplug).unwrap().end();
+        hub.begin(r(0x3000, 0x1000), Reason::Protect).unwrap().end();
+        assert_eq!(
+            hub.plugged(),
+            vec![r(0x0, 0x1000), r(0x2000, 0x2000), r(0x8000, 0x3000)]
+        );
+
+        let log = Log::default();
+        let window = Interest::Range(r(0x800, 0x8000));
+        hub.subscribe(window, Rec::new("new", &log), Replay::Plugged)
+            .unwrap();
+        hub.subscribe(Interest::All, Rec::new("quiet", &log), Replay::None)
+            .unwrap();
+
+        assert_eq!(
+            *log.lock().unwrap(),
+            vec![
+                Ev::Added("new", r(0x800, 0x800), Reason::Plug),
+                Ev::Added("new", r(0x2000, 0x2000), Reason::Plug),
+                Ev::Added("new", r(0x8000, 0x800), Reason::Plug),
+            ]
+        );
+    }
+
+    #[test]
+    fn test_hub_replay_during_unplug_gives_added_then_start_then_end() {
+        let hub = InvalidationHub::new();
+        hub.added(r(0x0, 0x2000), Reason::Plug).unwrap();
+        let t = hub.begin(r(0x0, 0x2000), Reason::Unplug).unwrap();
+        let log = Log::default();
+        hub.subscribe(Interest::All, Rec::new("new", &log), Replay::Plugged)
+            .unwrap();
+        hub.end(t);
+        assert_eq!(
+            *log.lock().unwrap(),
+            vec![
+                Ev::Added("new", r(0x0, 0x2000), Reason::Plug),
+                Ev::Start("new", r(0x0, 0x2000), Reason::Unplug),
+                Ev::End("new", r(0x0, 0x2000)),
+            ]
+        );
+        assert!(hub.plugged().is_empty());
+    }
+
+    #[test]
+    fn test_hub_retry_overlapping_in_progress_is_true() {
+        let hub = InvalidationHub::new();
+        let seq = hub.read_begin();
+        let _t = hub.begin(r(0x1000, 0x1000), Reason::Discard).unwrap();
+        assert!(hub.retry(seq, r(0x1800, 0x1000)));
+        assert!(hub.retry(hub.read_begin(), r(0x1800, 0x1000)));
+    }
+
+    #[test]
+    fn test_hub_retry_disjoint_in_progress_is_false() {
+        let hub = InvalidationHub::new();
+        let _t = hub.begin(r(0x1000, 0x1000), Reason::Discard).unwrap();
+        let seq = hub.read_begin();
+        assert!(!hub.retry(seq, r(0x2000, 0x1000)));
+        assert!(!hub.retry(seq, r(0x0, 0x1000)));
+    }
+
+    #[test]
+    fn test_hub_retry_after_seq_change_is_true() {
+        let hub = InvalidationHub::new();
+        let seq = hub.read_begin();
+        hub.begin(r(0x1000, 0x1000), Reason::Discard).unwrap().end();
+        // Even for a range the (finished) invalidation did not touch.
+        assert!(hub.retry(seq, r(0x9000, 0x1000)));
+        assert!(!hub.retry(hub.read_begin(), r(0x1000, 0x1000)));
+    }
+
+    #[test]
+    fn test_hub_dropped_invalidation_is_ended() {
+        let hub = InvalidationHub::new();
+        let log = Log::default();
+        hub.subscribe(Interest::All, Rec::new("all", &log), Replay::None)
+            .unwrap();
+        drop(hub.begin(r(0, 0x1000), Reason::Move).unwrap());
+        assert_eq!(hub.in_progress(), 0);
+        assert_eq!(
+            starts_and_ends(&log).last(),
+            Some(&Ev::End("all", r(0, 0x1000)))
+        );
+    }
+
+    struct PanicsAtStart;
+    impl Subscriber for PanicsAtStart {
+        fn invalidate_start(&self, _: GpaRange, _: Reason) {
+            panic!("subscriber bug");
+        }
+        fn invalidate_end(&self, _: GpaRange) {}
+    }
+
+    #[test]
+    fn test_hub_panicking_start_callback_still_ends_invalidation() {
+        let hub = InvalidationHub::new();
+        let log = Log::default();
+        hub.subscribe(Interest::All, Rec::new("ok", &log), Replay::None)
+            .unwrap();
+        let bad = hub
+            .subscribe(Interest::All, Arc::new(PanicsAtStart), Replay::None)
+            .unwrap();
+
+        let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            hub.begin(r(0, 0x1000), Reason::Unplug).map(|t| t.end())
+        }));
+
+        assert!(caught.is_err());
+        assert_eq!(hub.in_progress(), 0);
+        assert_eq!(
+            starts_and_ends(&log).last(),
+            Some(&Ev::End("ok", r(0, 0x1000)))
+        );
+        // The hub is still usable; the gate of the panicked subscriber is clear.
+        hub.unsubscribe(bad).unwrap();
+        hub.begin(r(0, 0x1000), Reason::Unplug).unwrap().end();
+    }
+
+    #[test]
+    fn test_hub_concurrent_subscribe_during_end_gets_matched_pairs() {
+        // Many rounds of a subscriber registering while a writer ends: every
+        // start it receives is followed by exactly one end, never reversed.
+        for _ in 0..50 {
+            let hub = InvalidationHub::new();
+            let log = Log::default();
+            let t = hub.begin(r(0, 0x1000), Reason::Unplug).unwrap();
+            std::thread::scope(|s| {
+                s.spawn(|| hub.end(t));
+                s.spawn(|| {
+                    hub.subscribe(Interest::All, Rec::new("new", &log), Replay::None)
+                        .unwrap()
+                });
+            });
+            let evs = starts_and_ends(&log);
+            assert!(
+                evs.is_empty()
+                    || evs
+                        == vec![
+                            Ev::Start("new", r(0, 0x1000), Reason::Unplug),
+                            Ev::End("new", r(0, 0x1000)),
+                        ],
+                "{evs:?}"
+            );
+        }
+    }
+}

@@ -1,0 +1,404 @@
+//! Loom models of the fault-path sequence protocol.
+//!
+//! Run with
+//! `RUSTFLAGS="--cfg vmm_loom" cargo test -p vmm --lib --release mm::notifier::loom_tests`.
+//!
+//! - `protocol_model` runs a fault path (read_begin → resolve → check and
+//!   install under its lock) against one invalidation (start → drop under the
+//!   same lock → change what the resolver returns → end), generic over the
+//!   protocol, and asserts the installed translation is never the old one. It
+//!   is run on the real [`SeqState`] (must pass) and on two deliberately
+//!   broken protocols (must be caught).
+//! - `test_loom_hub_cache_*` runs the real hub and [`TranslationCache`]: a
+//!   lookup racing an invalidation never returns or keeps the old translation.
+//! - `test_loom_hub_subscribe_*`: registering during an invalidation yields a
+//!   matched start/end pair (or nothing), never an end before its start.
+//! - `test_loom_hub_unsubscribe_*`: once `unsubscribe` returns no callback of
+//!   that subscriber is running or starts.
+//! - `test_loom_hub_subscribe_racing_veto_*`: a subscriber registering while
+//!   `begin` runs the vetoes is either checked or registered after the
+//!   record (then its start comes from the registration).
+//! - `test_loom_hub_replay_*`: replay racing a plug reports it exactly once.
+//!
+//! Each model uses a preemption bound of 3; all of them together take well
+//! under a second in a release build.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::Arc;
+
+use loom::model::Builder;
+
+use super::seq::{lock, ReadSeq, SeqState};
+use super::{Interest, InvalidationHub, Reason, Replay, Subscriber, TranslationCache};
+use crate::mm::addr::{Gpa, GpaRange, Hva};
+use crate::mm::sync::{thread, AtomicBool, AtomicU64, AtomicUsize, Mutex, Ordering};
+
+const PAGE: Gpa = Gpa(0x1000);
+
+fn page_range() -> GpaRange {
+    GpaRange::new(PAGE, 0x1000).unwrap()
+}
+
+fn builder(preemptions: usize) -> Builder {
+    let mut b = Builder::new();
+    b.preemption_bound = Some(preemptions);
+    b
+}
+
+/// A writer/reader sequence protocol for one page.
+trait Protocol: Send + Sync + 'static {
+    fn start(&self);
+    fn end(&self);
+    fn read_begin(&self) -> u64;
+    fn retry(&self, seq: u64) -> bool;
+}
+
+/// The real protocol.
+struct Real(SeqState);
+
+impl Protocol for Real {
+    fn start(&self) {
+        self.0.start(1, page_range());
+    }
+    fn end(&self) {
+        assert!(self.0.end(1));
+    }
+    fn read_begin(&self) -> u64 {
+        self.0.read_begin().0
+    }
+    fn retry(&self, seq: u64) -> bool {
+        self.0.retry(ReadSeq(seq), page_range())
+    }
+}
+
+/// Broken: `retry` looks only at the sequence count, not at invalidations in
+/// progress.
+struct IgnoresInProgress {
+    seq: AtomicU64,
+}
+
+impl Protocol for IgnoresInProgress {
+    fn start(&self) {}
+    fn end(&self) {
+        self.seq.fetch_add(1, Ordering::Release);
+    }
+    fn read_begin(&self) -> u64 {
+        self.seq.load(Ordering::Acquire)
+    }
+    fn retry(&self, seq: u64) -> bool {
+        self.seq.load(Ordering::Acquire) != seq
+    }
+}
+
+/// Broken: the sequence count moves at `start` instead of at `end`.
+struct BumpsAtStartOnly {
+    seq: AtomicU64,
+    in_progress: AtomicUsize,
+}
+
+impl Protocol for BumpsAtStartOnly {
+    fn start(&self) {
+        self.seq.fetch_add(1, Ordering::Release);
+        self.in_progress.fetch_add(1, Ordering::Release);
+    }
+    fn end(&self) {
+        self.in_progress.fetch_sub(1, Ordering::Release);
+    }
+    fn read_begin(&self) -> u64 {
+        self.seq.load(Ordering::Acquire)
+    }
+    fn retry(&self, seq: u64) -> bool {
+        self.in_progress.load(Ordering::Acquire) != 0 || self.seq.load(Ordering::Acquire) != seq
+    }
+}
+
+/// One invalidation racing one fault path; the fault path's translation is
+/// the resolver's generation (1 before the change, 2 after).
+fn protocol_model<P: Protocol>(make: fn() -> P) {
+    builder(3).check(move || {
+        let proto = Arc::new(make());
+        let generation = Arc::new(AtomicU64::new(1));
+        let slot = Arc::new(Mutex::new(None::<u64>));
+
+        let writer = {
+            let (proto, generation, slot) = (proto.clone(), generation.clone(), slot.clone());
+            thread::spawn(move || {
+                proto.start();
+                *lock(&slot) = None; // invalidate_start: drop the translation
+                generation.store(2, Ordering::Release); // teardown: new answer
+                proto.end();
+            })
+        };
+
+        for _ in 0..2 {
+            let seq = proto.read_begin();
+            let resolved = generation.load(Ordering::Acquire);
+            let mut installed = lock(&slot);
+            if !proto.retry(seq) {
+                *installed = Some(resolved);
+                break;
+            }
+            drop(installed);
+            thread::yield_now();
+        }
+
+        writer.join().unwrap();
+        let kept = *lock(&slot);
+        assert!(
+            kept.is_none() || kept == Some(2),
+            "stale translation kept: {kept:?}"
+        );
+    });
+}
+
+#[test]
+fn test_loom_seq_fault_racing_invalidation_never_keeps_stale() {
+    protocol_model(|| Real(SeqState::new()));
+}
+
+#[test]
+fn test_loom_seq_retry_ignoring_in_progress_is_caught() {
+    let caught = catch_unwind(AssertUnwindSafe(|| {
+        protocol_model(|| IgnoresInProgress {
+            seq: AtomicU64::new(0),
+        })
+    }));
+    assert!(
+        caught.is_err(),
+        "the model missed a protocol that ignores in-progress"
+    );
+}
+
+#[test]
+fn test_loom_seq_bump_at_start_only_is_caught() {
+    let caught = catch_unwind(AssertUnwindSafe(|| {
+        protocol_model(|| BumpsAtStartOnly {
+            seq: AtomicU64::new(0),
+            in_progress: AtomicUsize::new(0),
+        })
+    }));
+    assert!(
+        caught.is_err(),
+        "the model missed a protocol that bumps at start only"
+    );
+}
+
+/// The real hub and cache: a lookup racing `begin` → new resolver answer →
+/// `end`. A lookup that starts after `begin` returned (the change is in
+/// progress) or after `end` returned must see the new answer, and after both
+/// threads are done the cache must not hold the old one.
+#[test]
+fn test_loom_hub_cache_lookup_racing_invalidation_never_stale() {
+    static ITERATIONS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    builder(3).check(|| {
+        ITERATIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let hub = Arc::new(InvalidationHub::new());
+        let generation = Arc::new(AtomicU64::new(1));
+        let g = generation.clone();
+        let cache = TranslationCache::with_shards(
+            hub.clone(),
+            move |gpa: Gpa| Some(Hva((g.load(Ordering::Acquire) << 32) | gpa.0)),
+            1,
+        )
+        .unwrap();
+        let begun = Arc::new(AtomicBool::new(false));
+
+        let writer = {
+            let (hub, generation, begun) = (hub.clone(), generation.clone(), begun.clone());
+            thread::spawn(move || {
+                let t = hub.begin(page_range(), Reason::Protect).unwrap();
+                begun.store(true, Ordering::Release);
+                generation.store(2, Ordering::Release);
+                hub.end(t);
+            })
+        };
+
+        let first = cache.lookup(PAGE).unwrap();
+        assert!(first.0 >> 32 == 1 || first.0 >> 32 == 2);
+        let in_progress_or_done = begun.load(Ordering::Acquire);
+        let second = cache.lookup(PAGE).unwrap();
+        if in_progress_or_done {
+            assert_eq!(
+                second.0 >> 32,
+                2,
+                "lookup after begin returned the old translation"
+            );
+        }
+
+        writer.join().unwrap();
+        assert_eq!(
+            cache.lookup(PAGE).unwrap().0 >> 32,
+            2,
+            "stale entry left in the cache"
+        );
+    });
+    // The model is not vacuous: it explored many interleavings.
+    assert!(ITERATIONS.load(std::sync::atomic::Ordering::Relaxed) > 100);
+}
+
+/// Records callbacks (entry and exit) and test markers in one log.
+#[derive(Default)]
+struct Recorder {
+    log: Mutex<Vec<&'static str>>,
+}
+
+impl Recorder {
+    fn push(&self, ev: &'static str) {
+        lock(&self.log).push(ev);
+    }
+    fn events(&self) -> Vec<&'static str> {
+        lock(&self.log).clone()
+    }
+}
+
+impl Subscriber for Recorder {
+    fn invalidate_start(&self, _: GpaRange, _: Reason) {
+        self.push("start");
+        self.push("start-done");
+    }
+    fn invalidate_end(&self, _: GpaRange) {
+        self.push("end");
+    }
+}
+
+/// A subscriber registering while an invalidation begins and ends gets
+/// either nothing or exactly `start` then `end`.
+#[test]
+fn test_loom_hub_subscribe_racing_invalidation_gets_matched_pair() {
+    builder(3).check(|| {
+        let hub = Arc::new(InvalidationHub::new());
+        let writer = {
+            let hub = hub.clone();
+            thread::spawn(move || {
+                let t = hub.begin(page_range(), Reason::Unplug).unwrap();
+                hub.end(t);
+            })
+        };
+        let rec = Arc::new(Recorder::default());
+        hub.subscribe(Interest::All, rec.clone(), Replay::None)
+            .unwrap();
+        writer.join().unwrap();
+
+        let evs = rec.events();
+        assert!(
+            evs.is_empty() || evs == ["start", "start-done", "end"],
+            "unmatched deliveries: {evs:?}"
+        );
+    });
+}
+
+/// After `unsubscribe` returns no callback of the subscriber is running or
+/// starts, while a writer delivers to it from another thread.
+#[test]
+fn test_loom_hub_unsubscribe_racing_delivery_then_silence() {
+    builder(3).check(|| {
+        let hub = Arc::new(InvalidationHub::new());
+        let rec = Arc::new(Recorder::default());
+        let id = hub
+            .subscribe(Interest::All, rec.clone(), Replay::None)
+            .unwrap();
+        let writer = {
+            let hub = hub.clone();
+            thread::spawn(move || {
+                let t = hub.begin(page_range(), Reason::Unplug).unwrap();
+                hub.end(t);
+            })
+        };
+        hub.unsubscribe(id).unwrap();
+        rec.push("unsubscribed");
+        writer.join().unwrap();
+
+        let evs = rec.events();
+        let marker = evs.iter().position(|e| *e == "unsubscribed").unwrap();
+        assert_eq!(
+            marker,
+            evs.len() - 1,
+            "callback after unsubscribe returned: {evs:?}"
+        );
+        assert!(
+            evs[..marker].is_empty()
+                || evs[..marker] == ["start", "start-done"]
+                || evs[..marker] == ["start", "start-done", "end"],
+            "torn or unordered callbacks: {evs:?}"
+        );
+    });
+}
+
+/// Vetoes everything; records on which thread a start reached it.
+struct Vetoer {
+    starts: Mutex<Vec<thread::ThreadId>>,
+}
+
+impl Subscriber for Vetoer {
+    fn invalidate_start(&self, _: GpaRange, _: Reason) {
+        lock(&self.starts).push(thread::current().id());
+    }
+    fn invalidate_end(&self, _: GpaRange) {}
+    fn check(&self, _: GpaRange, _: Reason) -> Result<(), String> {
+        Err("pinned".into())
+    }
+}
+
+/// A vetoing subscriber registering while `begin` runs its checks: either
+/// `begin` is refused, or the subscriber registered after the change was
+/// recorded and got its start from the registration (on its own thread) —
+/// never a start from the writer, which would mean it escaped the check.
+#[test]
+fn test_loom_hub_subscribe_racing_veto_check_is_never_skipped() {
+    builder(3).check(|| {
+        let hub = Arc::new(InvalidationHub::new());
+        let vetoer = Arc::new(Vetoer {
+            starts: Mutex::new(Vec::new()),
+        });
+        let writer = {
+            let hub = hub.clone();
+            thread::spawn(move || hub.begin(page_range(), Reason::Unplug).map(|t| t.end()))
+        };
+        hub.subscribe(Interest::All, vetoer.clone(), Replay::None)
+            .unwrap();
+        let writer_id = writer.thread().id();
+        let result = writer.join().unwrap();
+
+        let starts = lock(&vetoer.starts).clone();
+        assert!(
+            !starts.contains(&writer_id),
+            "the writer delivered a start to a subscriber it never checked"
+        );
+        if result.is_err() {
+            assert!(starts.is_empty());
+        }
+    });
+}
+
+/// Counts `memory_added` calls.
+#[derive(Default)]
+struct AddCounter {
+    added: AtomicUsize,
+}
+
+impl Subscriber for AddCounter {
+    fn invalidate_start(&self, _: GpaRange, _: Reason) {}
+    fn invalidate_end(&self, _: GpaRange) {}
+    fn memory_added(&self, _: GpaRange, _: Reason) {
+        self.added.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// A subscriber asking for the plugged-range replay while memory is being
+/// plugged hears about that memory exactly once (from the replay or from the
+/// writer), never zero or two times.
+#[test]
+fn test_loom_hub_replay_racing_plug_reports_exactly_once() {
+    builder(3).check(|| {
+        let hub = Arc::new(InvalidationHub::new());
+        let writer = {
+            let hub = hub.clone();
+            thread::spawn(move || hub.added(page_range(), Reason::Plug).unwrap())
+        };
+        let counter = Arc::new(AddCounter::default());
+        hub.subscribe(Interest::All, counter.clone(), Replay::Plugged)
+            .unwrap();
+        writer.join().unwrap();
+        assert_eq!(counter.added.load(Ordering::Relaxed), 1);
+    });
+}
