@@ -15,13 +15,13 @@ use crate::mm::slot_map::{ChangeKind, SlotMapError};
 /// Guest-physical window, in pages (also the map's `max_gpa`).
 const PAGES: u64 = 32;
 /// Pages per test mapping.
-const MAP_PAGES: u64 = 12;
+const MAP_PAGES: u64 = 16;
 /// Test mappings an op can use; index `NMAPS` is the fixed boot mapping.
 const NMAPS: usize = 3;
 const BOOT: usize = NMAPS;
 /// The fixed boot slot: pages `[BOOT_AT, BOOT_AT + 2)`.
 const BOOT_AT: u64 = 14;
-const MAX_SLOTS: u32 = 6;
+const MAX_SLOTS: u32 = 7;
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 struct Page {
@@ -43,21 +43,51 @@ enum Op {
 }
 
 fn op() -> impl Strategy<Value = Op> {
-    let g = || 0..PAGES + 2;
-    let n = || 0..7u64;
+    // Mostly in-window, non-empty ranges; sometimes empty or past the end.
+    let g = || prop_oneof![6 => 0..PAGES - 4, 1 => PAGES - 4..PAGES + 2];
+    // Ops on existing memory mostly start at a slot's start (see `resolve`).
+    let at = || prop_oneof![1 => 0..PAGES, 2 => SLOT_REF..SLOT_REF + 8];
+    let n = || prop_oneof![1 => Just(0u64), 30 => 1..7u64];
     prop_oneof![
-        4 => (g(), n(), 0..NMAPS, 0..MAP_PAGES + 2, any::<bool>(), any::<bool>())
+        4 => (g(), n(), 0..NMAPS, 0..MAP_PAGES - 2, any::<bool>(), any::<bool>())
             .prop_map(|(gpa, n, m, off, ro, dl)| Op::Plug { gpa, n, m, off, ro, dl }),
-        2 => (g(), n()).prop_map(|(gpa, n)| Op::Unplug { gpa, n }),
-        1 => (g(), n(), any::<bool>()).prop_map(|(gpa, n, ro)| Op::Protect { gpa, n, ro }),
-        1 => (g(), n(), any::<bool>()).prop_map(|(gpa, n, on)| Op::DirtyLog { gpa, n, on }),
-        1 => (g(), n(), g()).prop_map(|(gpa, n, dst)| Op::Move { gpa, n, dst }),
-        1 => (g(), 0..9u64, proptest::option::of(0..NMAPS))
+        2 => (at(), n()).prop_map(|(gpa, n)| Op::Unplug { gpa, n }),
+        1 => (at(), n(), any::<bool>()).prop_map(|(gpa, n, ro)| Op::Protect { gpa, n, ro }),
+        1 => (at(), n(), any::<bool>()).prop_map(|(gpa, n, on)| Op::DirtyLog { gpa, n, on }),
+        1 => (at(), n(), g()).prop_map(|(gpa, n, dst)| Op::Move { gpa, n, dst }),
+        1 => (at(), prop_oneof![1 => Just(0u64), 20 => 1..9u64], proptest::option::of(0..NMAPS))
             .prop_map(|(gpa, n, grow)| Op::Resize { gpa, n, grow }),
     ]
 }
 
 type Model = Vec<Option<Page>>;
+
+/// A `gpa` of `SLOT_REF + k` in a generated op means "the start of the k-th
+/// slot (mod the slot count)", so ops on existing memory often hit some.
+const SLOT_REF: u64 = 1000;
+
+/// Replaces slot references in `op` by page numbers, from the model's state.
+fn resolve(pages: &Model, op: &Op) -> Op {
+    // The fixed boot slot is referenced only rarely (k = 7).
+    let starts: Vec<u64> = (0..pages.len())
+        .filter(|&i| pages[i].is_some_and(|p| !p.fixed) && (i == 0 || !continues(pages[i - 1], pages[i])))
+        .map(|i| i as u64)
+        .collect();
+    let fix = |gpa: u64| match gpa.checked_sub(SLOT_REF) {
+        Some(7) => BOOT_AT,
+        Some(k) if !starts.is_empty() => starts[k as usize % starts.len()],
+        Some(_) => 0,
+        None => gpa,
+    };
+    match op.clone() {
+        Op::Unplug { gpa, n } => Op::Unplug { gpa: fix(gpa), n },
+        Op::Protect { gpa, n, ro } => Op::Protect { gpa: fix(gpa), n, ro },
+        Op::DirtyLog { gpa, n, on } => Op::DirtyLog { gpa: fix(gpa), n, on },
+        Op::Move { gpa, n, dst } => Op::Move { gpa: fix(gpa), n, dst },
+        Op::Resize { gpa, n, grow } => Op::Resize { gpa: fix(gpa), n, grow },
+        plug => plug,
+    }
+}
 
 /// Whether page `b` continues page `a` within one (maximally merged) slot.
 fn continues(a: Option<Page>, b: Option<Page>) -> bool {
@@ -240,6 +270,7 @@ fn run(ops: &[Op]) {
         model[o as usize] = Some(Page { m: BOOT, off: i as u64, ro: false, dl: false, fixed: true });
     }
     for (step, op) in ops.iter().enumerate() {
+        let op = &resolve(&model, op);
         let before = snapshot(&map);
         let want = model_apply(&model, op);
         match (real_apply(&map, &maps, op), want) {
