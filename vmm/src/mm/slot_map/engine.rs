@@ -242,7 +242,7 @@ impl SlotMap {
         })
     }
 
-    fn bump_generation(&mut self) -> u64 {
+    pub(super) fn bump_generation(&mut self) -> u64 {
         let g = self.next_generation;
         self.next_generation += 1;
         g

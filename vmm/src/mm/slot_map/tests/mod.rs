@@ -5,7 +5,7 @@
 mod bad_input;
 mod model;
 mod ops;
-//mod scale;
+mod scale;
 //mod shared;
 
 use std::collections::{BTreeMap, HashSet};
