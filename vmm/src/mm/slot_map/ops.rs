@@ -42,7 +42,8 @@ impl SlotMap {
         if size == 0 {
             return Err(SlotMapError::ZeroSize { op });
         }
-        let range = GpaRange::new(gpa, size).ok_or(SlotMapError::RangeOverflow { op, gpa, size })?;
+        let range =
+            GpaRange::new(gpa, size).ok_or(SlotMapError::RangeOverflow { op, gpa, size })?;
         check_aligned(op, "gpa", gpa.0, align)?;
         check_aligned(op, "size", size, align)?;
         if range.end() > self.config.max_gpa {
@@ -147,7 +148,10 @@ impl SlotMap {
         if flags.read_only && !self.config.read_only_supported {
             return Err(SlotMapError::ReadOnlyUnsupported { op: OP });
         }
-        if offset.checked_add(size).is_none_or(|end| end > mapping.len()) {
+        if offset
+            .checked_add(size)
+            .is_none_or(|end| end > mapping.len())
+        {
             return Err(SlotMapError::MappingTooSmall {
                 op: OP,
                 offset,
@@ -200,7 +204,12 @@ impl SlotMap {
     /// range must be fully plugged; slots are split at its edges and merged
     /// afterwards. KVM cannot toggle `KVM_MEM_READONLY` on a live slot, so
     /// every changed slot is a delete and a create.
-    pub fn protect(&self, gpa: Gpa, size: u64, read_only: bool) -> Result<Transition, SlotMapError> {
+    pub fn protect(
+        &self,
+        gpa: Gpa,
+        size: u64,
+        read_only: bool,
+    ) -> Result<Transition, SlotMapError> {
         const OP: &str = "protect";
         if read_only && !self.config.read_only_supported {
             return Err(SlotMapError::ReadOnlyUnsupported { op: OP });
@@ -260,7 +269,12 @@ impl SlotMap {
     /// place and the old range becomes unplugged. The source must be fully
     /// plugged; the destination must be free and not overlap the source;
     /// `new_gpa` must be aligned to the page size of every moved mapping.
-    pub fn move_range(&self, gpa: Gpa, size: u64, new_gpa: Gpa) -> Result<Transition, SlotMapError> {
+    pub fn move_range(
+        &self,
+        gpa: Gpa,
+        size: u64,
+        new_gpa: Gpa,
+    ) -> Result<Transition, SlotMapError> {
         const OP: &str = "move_range";
         let src = self.check_range(OP, gpa, size, PAGE_SIZE)?;
         let dst = GpaRange::new(new_gpa, size).ok_or(SlotMapError::RangeOverflow {
@@ -318,14 +332,20 @@ impl SlotMap {
         grow_mapping: Option<Arc<HostMapping>>,
     ) -> Result<Transition, SlotMapError> {
         const OP: &str = "resize";
-        let slot = self
-            .slot_at(slot_gpa)
-            .ok_or(SlotMapError::NoSlotAt { op: OP, gpa: slot_gpa })?;
+        let slot = self.slot_at(slot_gpa).ok_or(SlotMapError::NoSlotAt {
+            op: OP,
+            gpa: slot_gpa,
+        })?;
         Self::check_not_fixed(OP, [slot])?;
         if new_size == 0 {
             return Err(SlotMapError::ZeroSize { op: OP });
         }
-        check_aligned(OP, "new_size", new_size, slot.mapping.page_size().max(PAGE_SIZE))?;
+        check_aligned(
+            OP,
+            "new_size",
+            new_size,
+            slot.mapping.page_size().max(PAGE_SIZE),
+        )?;
         let len = slot.range.len();
         if new_size <= len {
             if new_size == len {

@@ -49,7 +49,11 @@ fn test_bad_input_table_each_gives_its_error_and_map_unchanged() {
             plug(free, P, 0x800),
             misaligned("plug", "offset", 0x800, P),
         ),
-        ("zero size", plug(free, 0, 0), SlotMapError::ZeroSize { op: "plug" }),
+        (
+            "zero size",
+            plug(free, 0, 0),
+            SlotMapError::ZeroSize { op: "plug" },
+        ),
         (
             "overflow",
             plug(u64::MAX - 0xfff, 2 * P, 0),

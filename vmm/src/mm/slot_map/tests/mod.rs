@@ -6,7 +6,7 @@ mod bad_input;
 mod model;
 mod ops;
 mod scale;
-//mod shared;
+mod shared;
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
@@ -39,7 +39,13 @@ pub(super) fn config(max_slots: u32, max_gpa: u64) -> SlotMapConfig {
 }
 
 /// Plugs and asserts success.
-pub(super) fn plugged(map: &SlotMap, gpa: u64, size: u64, m: &Arc<HostMapping>, off: u64) -> SlotMap {
+pub(super) fn plugged(
+    map: &SlotMap,
+    gpa: u64,
+    size: u64,
+    m: &Arc<HostMapping>,
+    off: u64,
+) -> SlotMap {
     let t = map
         .plug(Gpa(gpa), size, Arc::clone(m), off, SlotFlags::NONE)
         .unwrap();
@@ -63,8 +69,15 @@ pub(super) fn check_invariants(map: &SlotMap) {
     for (key, s) in map.slots.iter() {
         assert_eq!(*key, s.range.start(), "key of {s:?}");
         assert!(!s.range.is_empty());
-        assert!(s.range.end() <= cfg.max_gpa, "{s:?} beyond {:?}", cfg.max_gpa);
-        assert!(s.offset + s.range.len() <= s.mapping.len(), "{s:?} outside mapping");
+        assert!(
+            s.range.end() <= cfg.max_gpa,
+            "{s:?} beyond {:?}",
+            cfg.max_gpa
+        );
+        assert!(
+            s.offset + s.range.len() <= s.mapping.len(),
+            "{s:?} outside mapping"
+        );
         let ps = s.mapping.page_size();
         assert!(s.range.start().is_aligned(ps) && s.range.len() % ps == 0 && s.offset % ps == 0);
         assert!(s.id.0 < cfg.max_slots, "{s:?} id beyond {}", cfg.max_slots);
@@ -74,7 +87,10 @@ pub(super) fn check_invariants(map: &SlotMap) {
         assert_eq!(map.host.get(&host_key(&s.mapping, s.offset)), Some(key));
         if let Some(p) = prev {
             assert!(p.range.end() <= s.range.start(), "{p:?} overlaps {s:?}");
-            assert!(!Seg::of(p).merges_with(&Seg::of(s)), "{p:?} and {s:?} not merged");
+            assert!(
+                !Seg::of(p).merges_with(&Seg::of(s)),
+                "{p:?} and {s:?} not merged"
+            );
         }
         prev = Some(s);
     }
@@ -84,7 +100,13 @@ pub(super) fn check_invariants(map: &SlotMap) {
     // Host windows of one mapping are disjoint.
     let mut host: Vec<(usize, u64, u64)> = map
         .iter()
-        .map(|s| (Arc::as_ptr(&s.mapping) as usize, s.offset, s.offset + s.range.len()))
+        .map(|s| {
+            (
+                Arc::as_ptr(&s.mapping) as usize,
+                s.offset,
+                s.offset + s.range.len(),
+            )
+        })
         .collect();
     host.sort();
     for w in host.windows(2) {
@@ -122,7 +144,11 @@ impl KvmSim {
             return Err(format!("EINVAL: create of live {s:?}"));
         }
         let r = range(s.gpa.0, s.size);
-        if let Some(o) = self.slots.values().find(|o| range(o.gpa.0, o.size).overlaps(&r)) {
+        if let Some(o) = self
+            .slots
+            .values()
+            .find(|o| range(o.gpa.0, o.size).overlaps(&r))
+        {
             return Err(format!("EEXIST: {s:?} overlaps {o:?}"));
         }
         self.slots.insert(s.id.0, s);

@@ -34,12 +34,38 @@ struct Page {
 
 #[derive(Clone, Debug)]
 enum Op {
-    Plug { gpa: u64, n: u64, m: usize, off: u64, ro: bool, dl: bool },
-    Unplug { gpa: u64, n: u64 },
-    Protect { gpa: u64, n: u64, ro: bool },
-    DirtyLog { gpa: u64, n: u64, on: bool },
-    Move { gpa: u64, n: u64, dst: u64 },
-    Resize { gpa: u64, n: u64, grow: Option<usize> },
+    Plug {
+        gpa: u64,
+        n: u64,
+        m: usize,
+        off: u64,
+        ro: bool,
+        dl: bool,
+    },
+    Unplug {
+        gpa: u64,
+        n: u64,
+    },
+    Protect {
+        gpa: u64,
+        n: u64,
+        ro: bool,
+    },
+    DirtyLog {
+        gpa: u64,
+        n: u64,
+        on: bool,
+    },
+    Move {
+        gpa: u64,
+        n: u64,
+        dst: u64,
+    },
+    Resize {
+        gpa: u64,
+        n: u64,
+        grow: Option<usize>,
+    },
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -70,7 +96,9 @@ const SLOT_REF: u64 = 1000;
 fn resolve(pages: &Model, op: &Op) -> Op {
     // The fixed boot slot is referenced only rarely (k = 7).
     let starts: Vec<u64> = (0..pages.len())
-        .filter(|&i| pages[i].is_some_and(|p| !p.fixed) && (i == 0 || !continues(pages[i - 1], pages[i])))
+        .filter(|&i| {
+            pages[i].is_some_and(|p| !p.fixed) && (i == 0 || !continues(pages[i - 1], pages[i]))
+        })
         .map(|i| i as u64)
         .collect();
     let fix = |gpa: u64| match gpa.checked_sub(SLOT_REF) {
@@ -81,10 +109,26 @@ fn resolve(pages: &Model, op: &Op) -> Op {
     };
     match op.clone() {
         Op::Unplug { gpa, n } => Op::Unplug { gpa: fix(gpa), n },
-        Op::Protect { gpa, n, ro } => Op::Protect { gpa: fix(gpa), n, ro },
-        Op::DirtyLog { gpa, n, on } => Op::DirtyLog { gpa: fix(gpa), n, on },
-        Op::Move { gpa, n, dst } => Op::Move { gpa: fix(gpa), n, dst },
-        Op::Resize { gpa, n, grow } => Op::Resize { gpa: fix(gpa), n, grow },
+        Op::Protect { gpa, n, ro } => Op::Protect {
+            gpa: fix(gpa),
+            n,
+            ro,
+        },
+        Op::DirtyLog { gpa, n, on } => Op::DirtyLog {
+            gpa: fix(gpa),
+            n,
+            on,
+        },
+        Op::Move { gpa, n, dst } => Op::Move {
+            gpa: fix(gpa),
+            n,
+            dst,
+        },
+        Op::Resize { gpa, n, grow } => Op::Resize {
+            gpa: fix(gpa),
+            n,
+            grow,
+        },
         plug => plug,
     }
 }
@@ -116,9 +160,18 @@ fn span(gpa: u64, n: u64) -> std::ops::Range<usize> {
 fn model_apply(pages: &Model, op: &Op) -> Option<Model> {
     let mut new = pages.clone();
     let in_window = |gpa: u64, n: u64| n > 0 && gpa + n <= PAGES;
-    let all = |r: std::ops::Range<usize>, f: &dyn Fn(Option<Page>) -> bool| pages[r].iter().all(|p| f(*p));
+    let all = |r: std::ops::Range<usize>, f: &dyn Fn(Option<Page>) -> bool| {
+        pages[r].iter().all(|p| f(*p))
+    };
     match *op {
-        Op::Plug { gpa, n, m, off, ro, dl } => {
+        Op::Plug {
+            gpa,
+            n,
+            m,
+            off,
+            ro,
+            dl,
+        } => {
             if !in_window(gpa, n) || off + n > MAP_PAGES || !all(span(gpa, n), &|p| p.is_none()) {
                 return None;
             }
@@ -126,7 +179,13 @@ fn model_apply(pages: &Model, op: &Op) -> Option<Model> {
                 return None;
             }
             for (i, o) in span(gpa, n).zip(off..) {
-                new[i] = Some(Page { m, off: o, ro, dl, fixed: false });
+                new[i] = Some(Page {
+                    m,
+                    off: o,
+                    ro,
+                    dl,
+                    fixed: false,
+                });
             }
         }
         Op::Unplug { gpa, n } => {
@@ -154,7 +213,9 @@ fn model_apply(pages: &Model, op: &Op) -> Option<Model> {
             if !in_window(gpa, n) || !in_window(dst, n) || (dst < gpa + n && gpa < dst + n) {
                 return None;
             }
-            if !all(span(gpa, n), &|p| p.is_some_and(|p| !p.fixed)) || !all(span(dst, n), &|p| p.is_none()) {
+            if !all(span(gpa, n), &|p| p.is_some_and(|p| !p.fixed))
+                || !all(span(dst, n), &|p| p.is_none())
+            {
                 return None;
             }
             span(gpa, n).for_each(|i| new[i] = None);
@@ -169,7 +230,9 @@ fn model_apply(pages: &Model, op: &Op) -> Option<Model> {
                 return None; // No slot starts here.
             }
             let first = first?;
-            let len = (start..pages.len()).take_while(|&i| i == start || continues(pages[i - 1], pages[i])).count() as u64;
+            let len = (start..pages.len())
+                .take_while(|&i| i == start || continues(pages[i - 1], pages[i]))
+                .count() as u64;
             if first.fixed || n == 0 {
                 return None;
             }
@@ -201,24 +264,44 @@ fn model_apply(pages: &Model, op: &Op) -> Option<Model> {
     (slot_count(&new) <= MAX_SLOTS as usize).then_some(new)
 }
 
-fn real_apply(map: &SlotMap, maps: &[Arc<HostMapping>], op: &Op) -> Result<Transition, SlotMapError> {
+fn real_apply(
+    map: &SlotMap,
+    maps: &[Arc<HostMapping>],
+    op: &Op,
+) -> Result<Transition, SlotMapError> {
     match *op {
-        Op::Plug { gpa, n, m, off, ro, dl } => {
-            let flags = SlotFlags { read_only: ro, dirty_log: dl, fixed: false };
+        Op::Plug {
+            gpa,
+            n,
+            m,
+            off,
+            ro,
+            dl,
+        } => {
+            let flags = SlotFlags {
+                read_only: ro,
+                dirty_log: dl,
+                fixed: false,
+            };
             map.plug(Gpa(gpa * P), n * P, maps[m].clone(), off * P, flags)
         }
         Op::Unplug { gpa, n } => map.unplug(Gpa(gpa * P), n * P),
         Op::Protect { gpa, n, ro } => map.protect(Gpa(gpa * P), n * P, ro),
         Op::DirtyLog { gpa, n, on } => map.set_dirty_log(Gpa(gpa * P), n * P, on),
         Op::Move { gpa, n, dst } => map.move_range(Gpa(gpa * P), n * P, Gpa(dst * P)),
-        Op::Resize { gpa, n, grow } => map.resize(Gpa(gpa * P), n * P, grow.map(|m| maps[m].clone())),
+        Op::Resize { gpa, n, grow } => {
+            map.resize(Gpa(gpa * P), n * P, grow.map(|m| maps[m].clone()))
+        }
     }
 }
 
 /// The map's view of one page, in model terms.
 fn real_page(map: &SlotMap, maps: &[Arc<HostMapping>], page: u64) -> Option<Page> {
     let (hva, slot) = map.translate(Gpa(page * P))?;
-    let m = maps.iter().position(|m| Arc::ptr_eq(m, slot.mapping())).expect("unknown mapping");
+    let m = maps
+        .iter()
+        .position(|m| Arc::ptr_eq(m, slot.mapping()))
+        .expect("unknown mapping");
     let f = slot.flags();
     Some(Page {
         m,
@@ -230,26 +313,40 @@ fn real_page(map: &SlotMap, maps: &[Arc<HostMapping>], page: u64) -> Option<Page
 }
 
 fn pages_of(ranges: impl Iterator<Item = GpaRange>) -> BTreeSet<u64> {
-    ranges.flat_map(|r| r.start().0 / P..r.end().0 / P).collect()
+    ranges
+        .flat_map(|r| r.start().0 / P..r.end().0 / P)
+        .collect()
 }
 
 fn check_reports(before: &Model, after: &Model, t: &Transition, maps: &[Arc<HostMapping>]) {
-    let host = |pages: &Model| -> BTreeSet<(usize, u64)> { pages.iter().flatten().map(|p| (p.m, p.off)).collect() };
+    let host = |pages: &Model| -> BTreeSet<(usize, u64)> {
+        pages.iter().flatten().map(|p| (p.m, p.off)).collect()
+    };
     let released: BTreeSet<_> = host(before).difference(&host(after)).copied().collect();
     let discarded: BTreeSet<_> = t
         .discards
         .iter()
         .flat_map(|d| {
-            let m = maps.iter().position(|m| Arc::ptr_eq(m, &d.mapping)).expect("unknown mapping");
+            let m = maps
+                .iter()
+                .position(|m| Arc::ptr_eq(m, &d.mapping))
+                .expect("unknown mapping");
             (d.offset / P..(d.offset + d.len) / P).map(move |o| (m, o))
         })
         .collect();
     assert_eq!(discarded, released, "discards");
     let mem = |p: &Option<Page>| p.map(|p| (p.m, p.off));
     let gone: BTreeSet<u64> = (0..PAGES)
-        .filter(|&i| before[i as usize].is_some() && mem(&before[i as usize]) != mem(&after[i as usize]))
+        .filter(|&i| {
+            before[i as usize].is_some() && mem(&before[i as usize]) != mem(&after[i as usize])
+        })
         .collect();
-    let unmapped = pages_of(t.removed.iter().filter(|(_, k)| *k == ChangeKind::Unmapped).map(|(r, _)| *r));
+    let unmapped = pages_of(
+        t.removed
+            .iter()
+            .filter(|(_, k)| *k == ChangeKind::Unmapped)
+            .map(|(r, _)| *r),
+    );
     assert_eq!(unmapped, gone, "removed Unmapped");
     let new: BTreeSet<u64> = (0..PAGES)
         .filter(|&i| before[i as usize].is_none() && after[i as usize].is_some())
@@ -260,14 +357,23 @@ fn check_reports(before: &Model, after: &Model, t: &Transition, maps: &[Arc<Host
 fn run(ops: &[Op]) {
     let mut maps: Vec<_> = (0..NMAPS).map(|_| anon(MAP_PAGES)).collect();
     maps.push(anon(2));
-    let fixed = SlotFlags { fixed: true, ..SlotFlags::NONE };
+    let fixed = SlotFlags {
+        fixed: true,
+        ..SlotFlags::NONE
+    };
     let mut map = SlotMap::new(config(MAX_SLOTS, PAGES * P))
         .plug(Gpa(BOOT_AT * P), 2 * P, maps[BOOT].clone(), 0, fixed)
         .unwrap()
         .map;
     let mut model: Model = vec![None; PAGES as usize];
     for (i, o) in (BOOT_AT..BOOT_AT + 2).enumerate() {
-        model[o as usize] = Some(Page { m: BOOT, off: i as u64, ro: false, dl: false, fixed: true });
+        model[o as usize] = Some(Page {
+            m: BOOT,
+            off: i as u64,
+            ro: false,
+            dl: false,
+            fixed: true,
+        });
     }
     for (step, op) in ops.iter().enumerate() {
         let op = &resolve(&model, op);
@@ -280,15 +386,30 @@ fn run(ops: &[Op]) {
                 map = t.map;
                 model = new;
             }
-            (Err(e), None) => assert_eq!(snapshot(&map), before, "step {step} {op:?}: {e} changed the map"),
-            (Ok(t), None) => panic!("step {step} {op:?}: model refuses, map accepts: {:?}", t.changes),
+            (Err(e), None) => assert_eq!(
+                snapshot(&map),
+                before,
+                "step {step} {op:?}: {e} changed the map"
+            ),
+            (Ok(t), None) => panic!(
+                "step {step} {op:?}: model refuses, map accepts: {:?}",
+                t.changes
+            ),
             (Err(e), Some(_)) => panic!("step {step} {op:?}: model accepts, map refuses: {e}"),
         }
         for page in 0..PAGES + 2 {
             let want = model.get(page as usize).copied().flatten();
-            assert_eq!(real_page(&map, &maps, page), want, "step {step} {op:?}: page {page}");
+            assert_eq!(
+                real_page(&map, &maps, page),
+                want,
+                "step {step} {op:?}: page {page}"
+            );
         }
-        assert_eq!(map.len(), slot_count(&model), "step {step} {op:?}: slot count");
+        assert_eq!(
+            map.len(),
+            slot_count(&model),
+            "step {step} {op:?}: slot count"
+        );
     }
 }
 

@@ -243,7 +243,10 @@ fn test_resize_grow_without_room_uses_grow_mapping() {
     let (m, g) = (anon(4), anon(4));
     let map = plugged(&empty(), 0, 4 * P, &m, 0);
     let err = map.resize(Gpa(0), 6 * P, None).unwrap_err();
-    assert!(matches!(err, SlotMapError::NoRoomToGrow { grow, .. } if grow == 2 * P), "{err}");
+    assert!(
+        matches!(err, SlotMapError::NoRoomToGrow { grow, .. } if grow == 2 * P),
+        "{err}"
+    );
     let t = map.resize(Gpa(0), 6 * P, Some(g.clone())).unwrap();
     check_transition(&map, &t);
     assert_eq!(t.map.len(), 2);
@@ -280,7 +283,13 @@ fn test_fixed_slot_refused_by_every_op() {
     for r in refused {
         let err = r.unwrap_err();
         assert!(
-            matches!(err, SlotMapError::Fixed { slot: SlotId(0), .. }),
+            matches!(
+                err,
+                SlotMapError::Fixed {
+                    slot: SlotId(0),
+                    ..
+                }
+            ),
             "{err}"
         );
     }
@@ -364,5 +373,8 @@ fn test_error_messages_name_values() {
     let m = anon(4);
     let map = plugged(&empty(), 0, 4 * P, &m, 0);
     let msg = map.protect(Gpa(0), 8 * P, true).unwrap_err().to_string();
-    assert_eq!(msg, "protect: [0x4000, 0x8000) inside [0x0, 0x8000) is not plugged");
+    assert_eq!(
+        msg,
+        "protect: [0x4000, 0x8000) inside [0x0, 0x8000) is not plugged"
+    );
 }

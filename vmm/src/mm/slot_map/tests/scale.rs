@@ -20,7 +20,8 @@ fn map_with(n: u64, m: &Arc<HostMapping>) -> SlotMap {
             flags: SlotFlags::NONE,
             generation: map.bump_generation(),
         };
-        map.host.insert(host_key(m, slot.offset), slot.range.start());
+        map.host
+            .insert(host_key(m, slot.offset), slot.range.start());
         map.slots.insert(slot.range.start(), slot);
     }
     check_invariants(&map);
@@ -72,7 +73,10 @@ fn test_scale_op_on_30000_slots_costs_like_on_10() {
     assert_eq!(big.len(), BIG as usize);
     // Per-pair times, compared by their minimum (the intrinsic cost) and
     // median: totals are at the mercy of the other users of this machine.
-    let (small_t, big_t) = (time_pairs(&small, OPS, &spare), time_pairs(&big, OPS, &spare));
+    let (small_t, big_t) = (
+        time_pairs(&small, OPS, &spare),
+        time_pairs(&big, OPS, &spare),
+    );
     let (min_s, min_b) = (small_t[0], big_t[0]);
     let (med_s, med_b) = (small_t[small_t.len() / 2], big_t[big_t.len() / 2]);
     eprintln!(
