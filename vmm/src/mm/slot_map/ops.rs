@@ -133,6 +133,13 @@ impl SlotMap {
     /// (at least 4 KiB); the range must be free and below the limit; the host
     /// window must lie inside the mapping and back no other slot. The new slot
     /// merges with neighbours that continue it.
+    ///
+    /// # Errors
+    /// [`ZeroSize`](SlotMapError::ZeroSize), [`RangeOverflow`](SlotMapError::RangeOverflow),
+    /// [`Misaligned`](SlotMapError::Misaligned), [`BeyondMaxGpa`](SlotMapError::BeyondMaxGpa),
+    /// [`ReadOnlyUnsupported`](SlotMapError::ReadOnlyUnsupported),
+    /// [`MappingTooSmall`](SlotMapError::MappingTooSmall), [`Overlap`](SlotMapError::Overlap),
+    /// [`HostAliased`](SlotMapError::HostAliased), [`TooManySlots`](SlotMapError::TooManySlots).
     pub fn plug(
         &self,
         gpa: Gpa,
@@ -178,6 +185,12 @@ impl SlotMap {
     /// Unplugs `[gpa, gpa + size)` like `munmap`: slots across the edges are
     /// split, holes inside are fine, but the range must hold some memory.
     /// The host memory unmapped is listed in [`Transition::discards`].
+    ///
+    /// # Errors
+    /// Range errors as for [`plug`](SlotMap::plug) (4 KiB granule),
+    /// [`NothingPlugged`](SlotMapError::NothingPlugged), [`Fixed`](SlotMapError::Fixed),
+    /// [`Misaligned`](SlotMapError::Misaligned) for a cut inside a huge-page slot,
+    /// [`TooManySlots`](SlotMapError::TooManySlots) when a split needs one slot too many.
     pub fn unplug(&self, gpa: Gpa, size: u64) -> Result<Transition, SlotMapError> {
         const OP: &str = "unplug";
         let range = self.check_range(OP, gpa, size, PAGE_SIZE)?;
@@ -204,6 +217,27 @@ impl SlotMap {
     /// range must be fully plugged; slots are split at its edges and merged
     /// afterwards. KVM cannot toggle `KVM_MEM_READONLY` on a live slot, so
     /// every changed slot is a delete and a create.
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use vmm::mm::addr::Gpa;
+    /// use vmm::mm::backing::{BackingKind, HostMapping};
+    /// use vmm::mm::slot_map::{ChangeKind, SlotFlags, SlotMap, SlotMapConfig};
+    ///
+    /// let mem = Arc::new(HostMapping::new(&BackingKind::Anon, 0x8000).unwrap());
+    /// let map = SlotMap::new(SlotMapConfig::default());
+    /// let map = map.plug(Gpa(0), 0x8000, mem, 0, SlotFlags::NONE).unwrap().map;
+    /// let t = map.protect(Gpa(0x2000), 0x2000, true).unwrap();
+    /// assert_eq!(t.map.len(), 3); // split at both edges
+    /// assert!(t.map.lookup(Gpa(0x2000)).unwrap().flags().read_only);
+    /// assert_eq!(t.removed[0].1, ChangeKind::WriteProtected);
+    /// // Making it writable again merges the three slots back into one.
+    /// assert_eq!(t.map.protect(Gpa(0), 0x8000, false).unwrap().map.len(), 1);
+    /// ```
+    ///
+    /// # Errors
+    /// Range errors as for [`unplug`](SlotMap::unplug), [`Hole`](SlotMapError::Hole),
+    /// [`ReadOnlyUnsupported`](SlotMapError::ReadOnlyUnsupported).
     pub fn protect(
         &self,
         gpa: Gpa,
@@ -227,6 +261,22 @@ impl SlotMap {
     /// its id and gets a flags-only [`MemslotChange::SetFlags`].
     ///
     /// [`MemslotChange::SetFlags`]: super::MemslotChange::SetFlags
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use vmm::mm::addr::Gpa;
+    /// use vmm::mm::backing::{BackingKind, HostMapping};
+    /// use vmm::mm::slot_map::{MemslotChange, SlotFlags, SlotMap, SlotMapConfig};
+    ///
+    /// let mem = Arc::new(HostMapping::new(&BackingKind::Anon, 0x8000).unwrap());
+    /// let map = SlotMap::new(SlotMapConfig::default());
+    /// let map = map.plug(Gpa(0), 0x8000, mem, 0, SlotFlags::NONE).unwrap().map;
+    /// let t = map.set_dirty_log(Gpa(0), 0x8000, true).unwrap();
+    /// assert!(matches!(&t.changes[..], [MemslotChange::SetFlags { .. }]));
+    /// ```
+    ///
+    /// # Errors
+    /// As for [`protect`](SlotMap::protect).
     pub fn set_dirty_log(&self, gpa: Gpa, size: u64, on: bool) -> Result<Transition, SlotMapError> {
         self.reflag(
             "set_dirty_log",
@@ -269,6 +319,27 @@ impl SlotMap {
     /// place and the old range becomes unplugged. The source must be fully
     /// plugged; the destination must be free and not overlap the source;
     /// `new_gpa` must be aligned to the page size of every moved mapping.
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use vmm::mm::addr::Gpa;
+    /// use vmm::mm::backing::{BackingKind, HostMapping};
+    /// use vmm::mm::slot_map::{SlotFlags, SlotMap, SlotMapConfig};
+    ///
+    /// let mem = Arc::new(HostMapping::new(&BackingKind::Anon, 0x8000).unwrap());
+    /// let map = SlotMap::new(SlotMapConfig::default());
+    /// let map = map.plug(Gpa(0), 0x8000, mem, 0, SlotFlags::NONE).unwrap().map;
+    /// let hva = map.translate(Gpa(0x4000)).unwrap().0;
+    /// let t = map.move_range(Gpa(0x4000), 0x4000, Gpa(0x100_0000)).unwrap();
+    /// assert_eq!(t.map.translate(Gpa(0x100_0000)).unwrap().0, hva);
+    /// assert!(t.map.lookup(Gpa(0x4000)).is_none());
+    /// ```
+    ///
+    /// # Errors
+    /// Range errors, [`DestinationOverlapsSource`](SlotMapError::DestinationOverlapsSource),
+    /// [`Hole`](SlotMapError::Hole), [`Fixed`](SlotMapError::Fixed),
+    /// [`Overlap`](SlotMapError::Overlap) (destination occupied),
+    /// [`TooManySlots`](SlotMapError::TooManySlots).
     pub fn move_range(
         &self,
         gpa: Gpa,
@@ -325,6 +396,30 @@ impl SlotMap {
     /// added range free and below the limit; it extends the slot in place when
     /// its mapping has unused room after it, else it backs the added part with
     /// `grow_mapping` from offset 0 (a new slot with the same flags).
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use vmm::mm::addr::Gpa;
+    /// use vmm::mm::backing::{BackingKind, HostMapping};
+    /// use vmm::mm::slot_map::{SlotFlags, SlotMap, SlotMapConfig};
+    ///
+    /// let mem = Arc::new(HostMapping::new(&BackingKind::Anon, 0x8000).unwrap());
+    /// let map = SlotMap::new(SlotMapConfig::default());
+    /// let map = map.plug(Gpa(0), 0x4000, mem, 0, SlotFlags::NONE).unwrap().map;
+    /// let grown = map.resize(Gpa(0), 0x8000, None).unwrap().map; // room in `mem`
+    /// assert_eq!(grown.lookup(Gpa(0x7000)).unwrap().range().len(), 0x8000);
+    /// let t = grown.resize(Gpa(0), 0x1000, None).unwrap();
+    /// assert_eq!(t.discards[0].len, 0x7000);
+    /// ```
+    ///
+    /// # Errors
+    /// [`NoSlotAt`](SlotMapError::NoSlotAt), [`Fixed`](SlotMapError::Fixed),
+    /// [`ZeroSize`](SlotMapError::ZeroSize), [`Misaligned`](SlotMapError::Misaligned),
+    /// [`BeyondMaxGpa`](SlotMapError::BeyondMaxGpa), [`Overlap`](SlotMapError::Overlap),
+    /// [`NoRoomToGrow`](SlotMapError::NoRoomToGrow), and for `grow_mapping`
+    /// [`MappingTooSmall`](SlotMapError::MappingTooSmall) or
+    /// [`HostAliased`](SlotMapError::HostAliased). A shrink reports errors as
+    /// [`unplug`](SlotMap::unplug) of the tail.
     pub fn resize(
         &self,
         slot_gpa: Gpa,

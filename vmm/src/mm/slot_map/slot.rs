@@ -92,7 +92,8 @@ impl Slot {
     }
     /// Unique among the slot objects of one lineage of maps: two slots with
     /// the same generation are the same slot object (same id, range, hva,
-    /// flags). Lets a reader holding an old snapshot check its slot is still
+    /// flags); any change, a flags-only one included, makes a new slot object
+    /// with a new generation. Lets a reader holding an old snapshot check its slot is still
     /// the current one.
     pub fn generation(&self) -> u64 {
         self.generation
