@@ -13,7 +13,8 @@
 //!    memory keeps it (unchanged, or a flags-only change when only
 //!    `dirty_log` differs); every other old slot is deleted and every other
 //!    piece created;
-//! 5. checks the slot budget, then edits a clone of the map.
+//! 5. checks the slot budget, then edits a clone of the map, emitting the
+//!    changes cluster by cluster (see [`transition`](super::transition)).
 //!
 //! Cost: O((k + log n) log n) for k touched slots; nothing walks the map.
 
@@ -201,12 +202,6 @@ impl SlotMap {
 
         let mut map = self.clone();
         let mut changes = Vec::with_capacity(deletes.len() + set_flags.len() + creates.len());
-        for slot in deletes.into_values() {
-            map.slots.remove(&slot.range.start());
-            map.host.remove(&host_key(&slot.mapping, slot.offset));
-            map.ids.release(slot.id);
-            changes.push(MemslotChange::Delete { slot });
-        }
         for (old_slot, p) in set_flags {
             let slot = Slot {
                 flags: p.flags,
@@ -219,19 +214,27 @@ impl SlotMap {
                 old_flags: old_slot.flags,
             });
         }
-        for p in creates {
-            let slot = Slot {
-                id: map.ids.alloc(),
-                range: p.range,
-                offset: p.offset,
-                flags: p.flags,
-                generation: map.bump_generation(),
-                mapping: p.mapping,
-            };
-            map.host
-                .insert(host_key(&slot.mapping, slot.offset), slot.range.start());
-            map.slots.insert(slot.range.start(), slot.clone());
-            changes.push(MemslotChange::Create { slot });
+        for cluster in clusters(deletes.into_values().collect(), creates) {
+            for slot in cluster.deletes {
+                map.slots.remove(&slot.range.start());
+                map.host.remove(&host_key(&slot.mapping, slot.offset));
+                map.ids.release(slot.id);
+                changes.push(MemslotChange::Delete { slot });
+            }
+            for p in cluster.creates {
+                let slot = Slot {
+                    id: map.ids.alloc(),
+                    range: p.range,
+                    offset: p.offset,
+                    flags: p.flags,
+                    generation: map.bump_generation(),
+                    mapping: p.mapping,
+                };
+                map.host
+                    .insert(host_key(&slot.mapping, slot.offset), slot.range.start());
+                map.slots.insert(slot.range.start(), slot.clone());
+                changes.push(MemslotChange::Create { slot });
+            }
         }
         Ok(Transition {
             map,
@@ -247,6 +250,50 @@ impl SlotMap {
         self.next_generation += 1;
         g
     }
+}
+
+/// Deletes and creates whose GPA ranges overlap, transitively: they must be
+/// applied together (deletes first), but apart from other clusters.
+#[derive(Default)]
+struct Cluster {
+    deletes: Vec<Slot>,
+    creates: Vec<Seg>,
+}
+
+/// Groups `deletes` and `creates` into clusters, in the order they must be
+/// applied: clusters that do not add slots first (by GPA), then those that do
+/// (by GPA). So the live slot count never exceeds the larger of the old and
+/// new counts, and ids handed out lowest-first stay below it.
+fn clusters(deletes: Vec<Slot>, creates: Vec<Seg>) -> Vec<Cluster> {
+    enum Item {
+        Delete(Slot),
+        Create(Seg),
+    }
+    let mut items: Vec<(GpaRange, Item)> = deletes
+        .into_iter()
+        .map(|s| (s.range, Item::Delete(s)))
+        .chain(creates.into_iter().map(|p| (p.range, Item::Create(p))))
+        .collect();
+    items.sort_by_key(|(r, _)| r.start());
+    let mut out: Vec<Cluster> = Vec::new();
+    let mut end = Gpa(0);
+    for (r, item) in items {
+        if out.is_empty() || r.start() >= end {
+            out.push(Cluster::default());
+        }
+        end = end.max(r.end());
+        if let Some(c) = out.last_mut() {
+            match item {
+                Item::Delete(s) => c.deletes.push(s),
+                Item::Create(p) => c.creates.push(p),
+            }
+        }
+    }
+    let (mut order, growing): (Vec<Cluster>, Vec<Cluster>) = out
+        .into_iter()
+        .partition(|c| c.creates.len() <= c.deletes.len());
+    order.extend(growing);
+    order
 }
 
 /// Pushes the parts of `slot` outside every window (`windows` sorted).

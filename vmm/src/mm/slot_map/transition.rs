@@ -3,22 +3,33 @@
 //! translation changed.
 //!
 //! # Order of `changes`
-//! All [`MemslotChange::Delete`]s come first, then [`MemslotChange::SetFlags`],
-//! then [`MemslotChange::Create`]s (each group sorted by GPA). Applied in this
-//! order to a KVM whose memslots equal [`SlotMap::expected_memslots`] of the old
-//! map, every step is valid: a create never overlaps a live slot (the slots it
-//! replaces are already deleted, the ones it does not replace are disjoint from
-//! it) and never reuses a live id (ids are handed out only after the deletes
-//! freed them); the slot count never exceeds the old or the new count.
+//! [`MemslotChange::SetFlags`] come first. Then the deletes and creates, in
+//! *clusters*: a cluster is a set of deleted and created slots whose GPA
+//! ranges overlap (transitively); within a cluster all deletes come before
+//! all creates. Clusters that do not add slots come first, then those that
+//! do, each group by GPA. Applied in this order to a KVM whose memslots equal
+//! [`SlotMap::expected_memslots`] of the old map, every step is valid:
+//! - a create never overlaps a live slot: the slots it overlaps are in its
+//!   cluster and already deleted; the others are disjoint from it;
+//! - a create never reuses a live id: ids are handed out as the changes are
+//!   emitted, lowest free first, from the ids free at that point;
+//! - the live count never exceeds the larger of the old and new counts
+//!   (first non-growing clusters, each never above its starting count; then
+//!   growing ones, each never above its ending count), so ids, which stay
+//!   below the live count, stay below `max_slots`.
+//!
 //! A rollback undoes the applied prefix in reverse: a `Create` is undone by
 //! deleting its slot, a `SetFlags` by setting `old_flags`, a `Delete` by
-//! re-creating its slot. That sequence is valid for the same reasons.
+//! re-creating its slot. Each undo restores the state before its change, so
+//! the reverse sequence is valid too.
 //!
 //! # The guest-visible window
 //! KVM cannot resize or split a memslot, nor toggle `KVM_MEM_READONLY` on a
 //! live one: such changes are a delete followed by a create. Between the two
 //! ioctls the range has no memslot, so a vCPU touching it exits to the VMM as
-//! MMIO (`KVM_EXIT_MMIO`); the VMM should treat an MMIO exit in a range of
+//! MMIO (`KVM_EXIT_MMIO`). Clustering keeps that window per cluster: a range
+//! is without memslot only from its cluster's first delete to its last
+//! create, not for the whole op; the VMM should treat an MMIO exit in a range of
 //! `changes` as "retry after the op" rather than a guest error. A deleted slot
 //! also loses its dirty bitmap: harvest the dirty log of a `Delete`d
 //! dirty-logging slot before applying the delete. A `SetFlags` (dirty log on or

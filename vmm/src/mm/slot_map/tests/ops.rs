@@ -378,3 +378,27 @@ fn test_error_messages_name_values() {
         "protect: [0x4000, 0x8000) inside [0x0, 0x8000) is not plugged"
     );
 }
+
+#[test]
+fn test_changes_are_clustered_so_each_range_is_briefly_unmapped() {
+    let (a, b) = (anon(4), anon(4));
+    let map = plugged(&empty(), 0, 4 * P, &a, 0);
+    let map = plugged(&map, 4 * P, 4 * P, &b, 0);
+    let t = map.protect(Gpa(0), 8 * P, true).unwrap();
+    check_transition(&map, &t);
+    // Not delete, delete, create, create: A is back before B goes away.
+    assert_eq!(kinds(&t), ["delete", "create", "delete", "create"]);
+}
+
+#[test]
+fn test_move_at_slot_limit_deletes_source_before_creating_destination() {
+    // Two slots, limit two: creating the destination first would need a
+    // third slot (id 2), which KVM refuses.
+    let (a, s) = (anon(4), anon(4));
+    let map = plugged(&SlotMap::new(config(2, 1 << 30)), 0, 4 * P, &a, 0);
+    let map = plugged(&map, 100 * P, 4 * P, &s, 0);
+    let t = map.move_range(Gpa(100 * P), 4 * P, Gpa(50 * P)).unwrap();
+    check_transition(&map, &t);
+    assert_eq!(kinds(&t), ["delete", "create"]);
+    assert_eq!(t.map.lookup(Gpa(50 * P)).unwrap().id(), SlotId(1));
+}
