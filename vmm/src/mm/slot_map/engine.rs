@@ -1,0 +1,322 @@
+//! The one place slots are split, merged and diffed into memslot changes.
+//!
+//! An op describes its effect as an [`Edit`]: GPA `windows` whose current
+//! contents go away, and `inserts` (pieces laid out inside those windows).
+//! [`SlotMap::commit`] then:
+//! 1. collects the slots overlapping the windows (refusing fixed ones) and
+//!    keeps their parts outside the windows (the split at the edges);
+//! 2. adds the GPA-adjacent neighbours of every piece as merge candidates
+//!    (one level suffices: the old map was maximally merged, and whether two
+//!    pieces merge depends only on their common boundary);
+//! 3. sorts and merges the pieces;
+//! 4. diffs them against the old slots: a piece with exactly an old slot's
+//!    memory keeps it (unchanged, or a flags-only change when only
+//!    `dirty_log` differs); every other old slot is deleted and every other
+//!    piece created;
+//! 5. checks the slot budget, then edits a clone of the map, emitting the
+//!    changes cluster by cluster (see [`transition`](super::transition)).
+//!
+//! Cost: O((k + log n) log n) for k touched slots; nothing walks the map.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use crate::mm::addr::{Gpa, GpaRange};
+use crate::mm::backing::HostMapping;
+
+use super::error::SlotMapError;
+use super::slot::{Seg, Slot};
+use super::transition::{ChangeKind, Discard, MemslotChange, Transition};
+use super::{host_key, SlotMap};
+
+/// What an op does, before splitting and merging.
+#[derive(Default)]
+pub(super) struct Edit {
+    /// GPA ranges whose contents are replaced (sorted, disjoint).
+    pub(super) windows: Vec<GpaRange>,
+    /// New pieces, each inside a window, disjoint.
+    pub(super) inserts: Vec<Seg>,
+    pub(super) discards: Vec<Discard>,
+    pub(super) removed: Vec<(GpaRange, ChangeKind)>,
+    pub(super) added: Vec<GpaRange>,
+}
+
+impl Edit {
+    /// Records a changed range, coalescing with the previous one.
+    pub(super) fn removed(&mut self, range: GpaRange, kind: ChangeKind) {
+        if let Some((last, k)) = self.removed.last_mut() {
+            if *k == kind && last.end() == range.start() {
+                *last = GpaRange::from_bounds(last.start(), range.end()).unwrap_or(*last);
+                return;
+            }
+        }
+        self.removed.push((range, kind));
+    }
+
+    /// Records host memory to release, coalescing with the previous one.
+    pub(super) fn discard(&mut self, mapping: &Arc<HostMapping>, offset: u64, len: u64) {
+        if let Some(last) = self.discards.last_mut() {
+            if Arc::ptr_eq(&last.mapping, mapping) && last.offset + last.len == offset {
+                last.len += len;
+                return;
+            }
+        }
+        self.discards.push(Discard {
+            mapping: Arc::clone(mapping),
+            offset,
+            len,
+        });
+    }
+}
+
+impl SlotMap {
+    /// Slots overlapping `r`, by GPA, in O(log n + k).
+    pub(super) fn overlapping(&self, r: GpaRange) -> impl Iterator<Item = &Slot> + '_ {
+        let prev = self
+            .slots
+            .range(..r.start())
+            .next_back()
+            .map(|(_, s)| s)
+            .filter(move |s| s.range.end() > r.start());
+        prev.into_iter()
+            .chain(self.slots.range(r.start()..r.end()).map(|(_, s)| s))
+    }
+
+    /// The slot, if any, already backed by host memory `[offset, offset + len)`
+    /// of `mapping`, in O(log n).
+    pub(super) fn host_user(
+        &self,
+        mapping: &Arc<HostMapping>,
+        offset: u64,
+        len: u64,
+    ) -> Option<&Slot> {
+        let last = host_key(mapping, offset + len - 1);
+        let (key, gpa) = self.host.range(..=last).next_back()?;
+        if key.0 != last.0 {
+            return None;
+        }
+        // Host windows of one mapping are disjoint, so only the window starting
+        // last at or before our end can overlap us.
+        let slot = self.slots.get(gpa)?;
+        (slot.offset + slot.range.len() > offset).then_some(slot)
+    }
+
+    /// Refuses fixed slots among `slots`.
+    pub(super) fn check_not_fixed<'a>(
+        op: &'static str,
+        slots: impl IntoIterator<Item = &'a Slot>,
+    ) -> Result<(), SlotMapError> {
+        match slots.into_iter().find(|s| s.flags.fixed) {
+            Some(s) => Err(SlotMapError::Fixed {
+                op,
+                slot: s.id,
+                slot_range: s.range,
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// Applies `edit` to a clone of the map. See the module docs.
+    pub(super) fn commit(&self, op: &'static str, edit: Edit) -> Result<Transition, SlotMapError> {
+        // 1. Touched slots and what survives of them outside the windows.
+        let mut old: BTreeMap<Gpa, Slot> = BTreeMap::new();
+        for w in &edit.windows {
+            for s in self.overlapping(*w) {
+                old.insert(s.range.start(), s.clone());
+            }
+        }
+        Self::check_not_fixed(op, old.values())?;
+        let mut pieces: Vec<Seg> = Vec::with_capacity(old.len() * 2 + edit.inserts.len());
+        for s in old.values() {
+            remainders(s, &edit.windows, &mut pieces);
+        }
+        pieces.extend(edit.inserts);
+
+        // 2. Neighbours that may merge.
+        let mut neighbours = Vec::new();
+        for p in &pieces {
+            if let Some((_, prev)) = self.slots.range(..p.range.start()).next_back() {
+                if prev.range.end() == p.range.start() {
+                    neighbours.push(prev);
+                }
+            }
+            if let Some(next) = self.slots.get(&p.range.end()) {
+                neighbours.push(next);
+            }
+        }
+        for n in neighbours {
+            if !n.flags.fixed && !old.contains_key(&n.range.start()) {
+                old.insert(n.range.start(), n.clone());
+                pieces.push(Seg::of(n));
+            }
+        }
+
+        // 3. Sort and merge.
+        pieces.sort_by_key(|p| p.range.start());
+        let mut merged: Vec<Seg> = Vec::with_capacity(pieces.len());
+        for p in pieces {
+            match merged.last_mut() {
+                Some(last) if last.merges_with(&p) => {
+                    last.range = GpaRange::from_bounds(last.range.start(), p.range.end())
+                        .unwrap_or(last.range);
+                }
+                Some(last) => {
+                    debug_assert!(last.range.end() <= p.range.start(), "pieces overlap");
+                    merged.push(p);
+                }
+                None => merged.push(p),
+            }
+        }
+
+        // 4. Diff against the old slots.
+        let mut kept: Vec<Gpa> = Vec::new();
+        let mut set_flags: Vec<(Slot, Seg)> = Vec::new();
+        let mut creates: Vec<Seg> = Vec::new();
+        for p in merged {
+            match old.get(&p.range.start()) {
+                Some(s) if p.same_memory(s) && p.flags == s.flags => kept.push(s.range.start()),
+                Some(s) if p.same_memory(s) && p.flags.read_only == s.flags.read_only => {
+                    kept.push(s.range.start());
+                    set_flags.push((s.clone(), p));
+                }
+                _ => creates.push(p),
+            }
+        }
+        for k in &kept {
+            old.remove(k);
+        }
+        let deletes = old; // Every touched slot not kept.
+
+        // 5. Budget, read-only support, then build.
+        let needed = self.slots.len() - deletes.len() + creates.len();
+        if needed > self.config.max_slots as usize {
+            return Err(SlotMapError::TooManySlots {
+                op,
+                needed,
+                max: self.config.max_slots,
+            });
+        }
+        if !self.config.read_only_supported && creates.iter().any(|c| c.flags.read_only) {
+            return Err(SlotMapError::ReadOnlyUnsupported { op });
+        }
+
+        let mut map = self.clone();
+        let mut changes = Vec::with_capacity(deletes.len() + set_flags.len() + creates.len());
+        for (old_slot, p) in set_flags {
+            let slot = Slot {
+                flags: p.flags,
+                generation: map.bump_generation(),
+                ..old_slot.clone()
+            };
+            map.slots.insert(slot.range.start(), slot.clone());
+            changes.push(MemslotChange::SetFlags {
+                slot,
+                old_flags: old_slot.flags,
+            });
+        }
+        for cluster in clusters(deletes.into_values().collect(), creates) {
+            for slot in cluster.deletes {
+                map.slots.remove(&slot.range.start());
+                map.host.remove(&host_key(&slot.mapping, slot.offset));
+                map.ids.release(slot.id);
+                changes.push(MemslotChange::Delete { slot });
+            }
+            for p in cluster.creates {
+                let slot = Slot {
+                    id: map.ids.alloc(),
+                    range: p.range,
+                    offset: p.offset,
+                    flags: p.flags,
+                    generation: map.bump_generation(),
+                    mapping: p.mapping,
+                };
+                map.host
+                    .insert(host_key(&slot.mapping, slot.offset), slot.range.start());
+                map.slots.insert(slot.range.start(), slot.clone());
+                changes.push(MemslotChange::Create { slot });
+            }
+        }
+        Ok(Transition {
+            map,
+            changes,
+            discards: edit.discards,
+            removed: edit.removed,
+            added: edit.added,
+        })
+    }
+
+    pub(super) fn bump_generation(&mut self) -> u64 {
+        let g = self.next_generation;
+        self.next_generation += 1;
+        g
+    }
+}
+
+/// Deletes and creates whose GPA ranges overlap, transitively: they must be
+/// applied together (deletes first), but apart from other clusters.
+#[derive(Default)]
+struct Cluster {
+    deletes: Vec<Slot>,
+    creates: Vec<Seg>,
+}
+
+/// Groups `deletes` and `creates` into clusters, in the order they must be
+/// applied: clusters that do not add slots first (by GPA), then those that do
+/// (by GPA). So the live slot count never exceeds the larger of the old and
+/// new counts, and ids handed out lowest-first stay below it.
+fn clusters(deletes: Vec<Slot>, creates: Vec<Seg>) -> Vec<Cluster> {
+    enum Item {
+        Delete(Slot),
+        Create(Seg),
+    }
+    let mut items: Vec<(GpaRange, Item)> = deletes
+        .into_iter()
+        .map(|s| (s.range, Item::Delete(s)))
+        .chain(creates.into_iter().map(|p| (p.range, Item::Create(p))))
+        .collect();
+    items.sort_by_key(|(r, _)| r.start());
+    let mut out: Vec<Cluster> = Vec::new();
+    let mut end = Gpa(0);
+    for (r, item) in items {
+        if out.is_empty() || r.start() >= end {
+            out.push(Cluster::default());
+        }
+        end = end.max(r.end());
+        if let Some(c) = out.last_mut() {
+            match item {
+                Item::Delete(s) => c.deletes.push(s),
+                Item::Create(p) => c.creates.push(p),
+            }
+        }
+    }
+    let (mut order, growing): (Vec<Cluster>, Vec<Cluster>) = out
+        .into_iter()
+        .partition(|c| c.creates.len() <= c.deletes.len());
+    order.extend(growing);
+    order
+}
+
+/// Pushes the parts of `slot` outside every window (`windows` sorted).
+fn remainders(slot: &Slot, windows: &[GpaRange], out: &mut Vec<Seg>) {
+    let mut cursor = slot.range.start();
+    let end = slot.range.end();
+    for w in windows {
+        if w.end() <= cursor {
+            continue;
+        }
+        if w.start() >= end {
+            break;
+        }
+        if w.start() > cursor {
+            if let Some(r) = GpaRange::from_bounds(cursor, w.start()) {
+                out.push(Seg::part(slot, r));
+            }
+        }
+        cursor = cursor.max(w.end());
+    }
+    if cursor < end {
+        if let Some(r) = GpaRange::from_bounds(cursor, end) {
+            out.push(Seg::part(slot, r));
+        }
+    }
+}

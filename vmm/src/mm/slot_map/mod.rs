@@ -1,0 +1,193 @@
+//! Guest memory slots managed like a process's VMAs, with no KVM inside.
+//!
+//! A [`SlotMap`] maps the guest-physical address space to windows of host
+//! mappings, the way `mm/vma.c` maps a process's address space. Ops
+//! ([`plug`](SlotMap::plug), [`unplug`](SlotMap::unplug),
+//! [`protect`](SlotMap::protect), [`set_dirty_log`](SlotMap::set_dirty_log),
+//! [`move_range`](SlotMap::move_range), [`resize`](SlotMap::resize)) behave like
+//! `mmap`/`munmap`/`mprotect`/`mremap`: they split slots at the range's edges
+//! and merge neighbours afterwards. Each op validates first, then returns a
+//! [`Transition`]: the new map plus the exact memslot changes that make KVM
+//! agree with it (see [`transition`] for their order and the guest-visible
+//! window). The layer that owns the VM fd applies them.
+//!
+//! # Invariants (after every op)
+//! - Slots are sorted by GPA and never overlap; all lie below `max_gpa`.
+//! - Merging is maximal: no two GPA-adjacent slots share a mapping, have
+//!   contiguous offsets and equal flags (fixed slots never merge).
+//! - Ids are unique, lowest-free-first, and below `max_slots`; `len() <= max_slots`.
+//! - No two slots back the same host memory (so a discard never zeroes memory
+//!   still mapped elsewhere).
+//! - `[offset, offset + len)` of every slot lies inside its mapping; GPA, size
+//!   and offset are aligned to the mapping's page size.
+//!
+//! # Persistence and cost
+//! The map is an [`imbl::OrdMap`] keyed by slot start (plus a host-side index
+//! and an [`imbl::OrdSet`] of free ids): cloning is O(1), an op clones the map
+//! and edits the clone in O(k log n) for k slots it touches, sharing every
+//! untouched node with the old map. A failed or abandoned op therefore leaves
+//! the old map exactly as it was, and nothing is O(n) in the number of slots.
+//!
+//! # Concurrency
+//! `SlotMap` is an immutable value. [`SharedSlotMap`] publishes the current one
+//! for lock-free readers and serializes writers; see [`shared`].
+//!
+//! ```
+//! use std::sync::Arc;
+//! use vmm::mm::addr::{Gpa, Hva};
+//! use vmm::mm::backing::{BackingKind, HostMapping};
+//! use vmm::mm::slot_map::{MemslotChange, SlotFlags, SlotMap, SlotMapConfig};
+//!
+//! let mem = Arc::new(HostMapping::new(&BackingKind::Anon, 1 << 20).unwrap());
+//! let map = SlotMap::new(SlotMapConfig::default());
+//! let t = map.plug(Gpa(0x10_0000), 1 << 20, mem.clone(), 0, SlotFlags::NONE).unwrap();
+//! assert_eq!(t.changes.len(), 1); // one Create
+//! let map = t.map;
+//! assert_eq!(map.translate(Gpa(0x10_2000)).unwrap().0, Hva(mem.hva().0 + 0x2000));
+//!
+//! // Punch a hole in the middle: the slot is split like munmap splits a VMA.
+//! let t = map.unplug(Gpa(0x14_0000), 0x1000).unwrap();
+//! assert!(matches!(t.changes[0], MemslotChange::Delete { .. }));
+//! assert_eq!(t.map.len(), 2);
+//! assert_eq!(t.discards[0].offset, 0x4_0000);
+//! assert!(t.map.lookup(Gpa(0x14_0000)).is_none());
+//! assert_eq!(map.len(), 1); // the old map is unchanged
+//! ```
+
+mod engine;
+mod error;
+mod ids;
+mod ops;
+pub mod shared;
+mod slot;
+pub mod transition;
+
+#[cfg(test)]
+mod tests;
+
+use std::fmt;
+use std::sync::Arc;
+
+use imbl::OrdMap;
+
+use crate::mm::addr::{Gpa, Hva};
+use crate::mm::backing::HostMapping;
+
+pub use error::SlotMapError;
+pub use shared::{SharedSlotMap, SlotMapWriter};
+pub use slot::{MemslotSpec, Slot, SlotFlags, SlotId, KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY};
+pub use transition::{ChangeKind, Discard, MemslotChange, Transition};
+
+use ids::IdAlloc;
+
+/// `KVM_CAP_NR_MEMSLOTS` measured on the development host.
+pub const DEFAULT_MAX_SLOTS: u32 = 32764;
+
+/// What KVM allows; read from KVM capabilities by the layer that owns the VM.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct SlotMapConfig {
+    /// `KVM_CAP_NR_MEMSLOTS`: the most slots (and one past the highest id).
+    pub max_slots: u32,
+    /// Exclusive guest-physical limit (`1 << guest physical address bits`).
+    pub max_gpa: Gpa,
+    /// `KVM_CAP_READONLY_MEM`.
+    pub read_only_supported: bool,
+}
+
+impl Default for SlotMapConfig {
+    /// 32,764 slots, a 48-bit guest-physical space, read-only slots supported.
+    fn default() -> Self {
+        Self {
+            max_slots: DEFAULT_MAX_SLOTS,
+            max_gpa: Gpa(1 << 48),
+            read_only_supported: true,
+        }
+    }
+}
+
+/// Key of the host-side index: (mapping identity, offset of a slot's first byte).
+type HostKey = (usize, u64);
+
+fn host_key(mapping: &Arc<HostMapping>, offset: u64) -> HostKey {
+    (Arc::as_ptr(mapping) as usize, offset)
+}
+
+/// A persistent, ordered map of guest memory slots. See the module docs.
+#[derive(Clone)]
+pub struct SlotMap {
+    config: SlotMapConfig,
+    /// Slot start -> slot.
+    slots: OrdMap<Gpa, Slot>,
+    /// (mapping, offset) -> slot start, to find who uses host memory.
+    host: OrdMap<HostKey, Gpa>,
+    ids: IdAlloc,
+    next_generation: u64,
+}
+
+impl fmt::Debug for SlotMap {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SlotMap")
+            .field("config", &self.config)
+            .field("len", &self.slots.len())
+            .field("next_generation", &self.next_generation)
+            .finish()
+    }
+}
+
+impl SlotMap {
+    /// An empty map.
+    pub fn new(config: SlotMapConfig) -> Self {
+        Self {
+            config,
+            slots: OrdMap::new(),
+            host: OrdMap::new(),
+            ids: IdAlloc::default(),
+            next_generation: 0,
+        }
+    }
+
+    /// The limits the map enforces.
+    pub fn config(&self) -> &SlotMapConfig {
+        &self.config
+    }
+
+    /// The slot containing `gpa`, in O(log n).
+    pub fn lookup(&self, gpa: Gpa) -> Option<&Slot> {
+        let (_, slot) = self.slots.get_prev(&gpa)?;
+        slot.range.contains(gpa).then_some(slot)
+    }
+
+    /// The host address of `gpa` and its slot, in O(log n).
+    pub fn translate(&self, gpa: Gpa) -> Option<(Hva, &Slot)> {
+        let slot = self.lookup(gpa)?;
+        Some((slot.translate(gpa)?, slot))
+    }
+
+    /// The slot starting exactly at `gpa`.
+    pub fn slot_at(&self, gpa: Gpa) -> Option<&Slot> {
+        self.slots.get(&gpa)
+    }
+
+    /// All slots by ascending GPA.
+    pub fn iter(&self) -> impl Iterator<Item = &Slot> + '_ {
+        self.slots.values()
+    }
+
+    /// Number of slots.
+    pub fn len(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// Whether no slot is plugged.
+    pub fn is_empty(&self) -> bool {
+        self.slots.is_empty()
+    }
+
+    /// What KVM's memslots must be, sorted by id: for a consistency check
+    /// against the kernel (O(n)).
+    pub fn expected_memslots(&self) -> Vec<MemslotSpec> {
+        let mut v: Vec<MemslotSpec> = self.slots.values().map(Slot::spec).collect();
+        v.sort_by_key(|s| s.id);
+        v
+    }
+}

@@ -1,0 +1,197 @@
+//! One guest memory slot: a guest-physical range backed by a window of a host
+//! mapping, with the flags KVM sees and the identity later checks rely on.
+
+use std::fmt;
+use std::sync::Arc;
+
+use crate::mm::addr::{Gpa, GpaRange, Hva};
+use crate::mm::backing::HostMapping;
+
+/// KVM's `KVM_MEM_LOG_DIRTY_PAGES` memslot flag (`include/uapi/linux/kvm.h`).
+pub const KVM_MEM_LOG_DIRTY_PAGES: u32 = 1 << 0;
+/// KVM's `KVM_MEM_READONLY` memslot flag (`include/uapi/linux/kvm.h`).
+pub const KVM_MEM_READONLY: u32 = 1 << 1;
+
+/// A KVM memslot id (the low 16 bits of `kvm_userspace_memory_region::slot`).
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug)]
+pub struct SlotId(pub u32);
+
+impl fmt::Display for SlotId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "slot {}", self.0)
+    }
+}
+
+/// The flags of a slot.
+///
+/// `read_only` and `dirty_log` map to KVM memslot flags; `fixed` is the map's
+/// own: a fixed slot (the boot region) is refused by every op and never merges.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, Default)]
+pub struct SlotFlags {
+    /// Guest writes exit to the VMM as MMIO (`KVM_MEM_READONLY`).
+    pub read_only: bool,
+    /// KVM logs guest writes (`KVM_MEM_LOG_DIRTY_PAGES`).
+    pub dirty_log: bool,
+    /// No op may change, split, merge or remove this slot.
+    pub fixed: bool,
+}
+
+impl SlotFlags {
+    /// Writable, not logged, not fixed.
+    pub const NONE: SlotFlags = SlotFlags {
+        read_only: false,
+        dirty_log: false,
+        fixed: false,
+    };
+
+    /// The `flags` field of `kvm_userspace_memory_region`.
+    pub fn kvm_flags(self) -> u32 {
+        let mut f = 0;
+        if self.dirty_log {
+            f |= KVM_MEM_LOG_DIRTY_PAGES;
+        }
+        if self.read_only {
+            f |= KVM_MEM_READONLY;
+        }
+        f
+    }
+}
+
+/// A guest memory slot. Immutable: an op that changes a slot creates a new
+/// `Slot` with a new [`generation`](Slot::generation).
+#[derive(Clone)]
+pub struct Slot {
+    pub(super) id: SlotId,
+    pub(super) range: GpaRange,
+    pub(super) mapping: Arc<HostMapping>,
+    pub(super) offset: u64,
+    pub(super) flags: SlotFlags,
+    pub(super) generation: u64,
+}
+
+impl Slot {
+    /// The KVM memslot id.
+    pub fn id(&self) -> SlotId {
+        self.id
+    }
+    /// The guest-physical range.
+    pub fn range(&self) -> GpaRange {
+        self.range
+    }
+    /// The host mapping behind the range.
+    pub fn mapping(&self) -> &Arc<HostMapping> {
+        &self.mapping
+    }
+    /// Byte offset of the slot's first byte inside [`mapping`](Slot::mapping).
+    pub fn offset(&self) -> u64 {
+        self.offset
+    }
+    /// The flags.
+    pub fn flags(&self) -> SlotFlags {
+        self.flags
+    }
+    /// Unique among the slot objects of one lineage of maps: two slots with
+    /// the same generation are the same slot object (same id, range, hva,
+    /// flags); any change, a flags-only one included, makes a new slot object
+    /// with a new generation. Lets a reader holding an old snapshot check its slot is still
+    /// the current one.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+    /// Host address of the slot's first byte (`userspace_addr`).
+    pub fn hva(&self) -> Hva {
+        Hva(self.mapping.hva().0 + self.offset)
+    }
+    /// Host address of `gpa`, if it lies inside the slot.
+    pub fn translate(&self, gpa: Gpa) -> Option<Hva> {
+        let delta = gpa.offset_from(self.range.start())?;
+        (delta < self.range.len()).then(|| Hva(self.hva().0 + delta))
+    }
+    /// What KVM must hold for this slot.
+    pub fn spec(&self) -> MemslotSpec {
+        MemslotSpec {
+            id: self.id,
+            gpa: self.range.start(),
+            size: self.range.len(),
+            hva: self.hva(),
+            flags: self.flags.kvm_flags(),
+        }
+    }
+}
+
+impl fmt::Debug for Slot {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Slot")
+            .field("id", &self.id.0)
+            .field("range", &format_args!("{}", self.range))
+            .field("hva", &self.hva())
+            .field("offset", &format_args!("{:#x}", self.offset))
+            .field("flags", &self.flags)
+            .field("generation", &self.generation)
+            .finish()
+    }
+}
+
+/// One KVM memslot as `KVM_SET_USER_MEMORY_REGION` takes it.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct MemslotSpec {
+    /// Slot id.
+    pub id: SlotId,
+    /// `guest_phys_addr`.
+    pub gpa: Gpa,
+    /// `memory_size`.
+    pub size: u64,
+    /// `userspace_addr`.
+    pub hva: Hva,
+    /// `flags` ([`KVM_MEM_READONLY`], [`KVM_MEM_LOG_DIRTY_PAGES`]).
+    pub flags: u32,
+}
+
+/// A piece of guest memory being laid out by an op, before it gets an id.
+#[derive(Clone)]
+pub(super) struct Seg {
+    pub(super) range: GpaRange,
+    pub(super) mapping: Arc<HostMapping>,
+    pub(super) offset: u64,
+    pub(super) flags: SlotFlags,
+}
+
+impl Seg {
+    pub(super) fn of(slot: &Slot) -> Seg {
+        Seg {
+            range: slot.range,
+            mapping: Arc::clone(&slot.mapping),
+            offset: slot.offset,
+            flags: slot.flags,
+        }
+    }
+
+    /// The part of `slot` inside `part` (which must lie inside the slot).
+    pub(super) fn part(slot: &Slot, part: GpaRange) -> Seg {
+        debug_assert!(part.start() >= slot.range.start() && part.end() <= slot.range.end());
+        Seg {
+            range: part,
+            mapping: Arc::clone(&slot.mapping),
+            offset: slot.offset + (part.start().0 - slot.range.start().0),
+            flags: slot.flags,
+        }
+    }
+
+    /// Whether `next` continues `self` seamlessly, so the two merge into one
+    /// slot: adjacent in GPA, same mapping, contiguous offsets, equal flags,
+    /// neither fixed.
+    pub(super) fn merges_with(&self, next: &Seg) -> bool {
+        !self.flags.fixed
+            && self.flags == next.flags
+            && self.range.end() == next.range.start()
+            && Arc::ptr_eq(&self.mapping, &next.mapping)
+            && self.offset + self.range.len() == next.offset
+    }
+
+    /// Whether this piece is exactly `slot`'s memory (flags aside).
+    pub(super) fn same_memory(&self, slot: &Slot) -> bool {
+        self.range == slot.range
+            && Arc::ptr_eq(&self.mapping, &slot.mapping)
+            && self.offset == slot.offset
+    }
+}
