@@ -159,7 +159,7 @@ pub struct RunArgs {
     #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_duration)]
     pub timeout: Duration,
     /// Seed of the memory pattern the default guest writes and verifies.
-    #[arg(long, value_name = "N", default_value_t = 0x5EED_0F_CAFE)]
+    #[arg(long, value_name = "N", default_value_t = 0x005E_ED0F_CAFE)]
     pub seed: u64,
     /// Print a JSON report on stdout at the end (console output moves to stderr).
     #[arg(long)]

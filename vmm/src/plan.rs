@@ -312,7 +312,7 @@ mod tests {
 
     #[test]
     fn test_ram_share_covers_ram_exactly_once() {
-        let ram = GpaRange::new(Gpa(RAM_BASE), 10 * PAGE_SIZE + 0).unwrap();
+        let ram = GpaRange::new(Gpa(RAM_BASE), 10 * PAGE_SIZE).unwrap();
         let shares: Vec<_> = (0..3).map(|i| ram_share(ram, i, 3).unwrap()).collect();
         assert_eq!(shares[0].start(), ram.start());
         assert_eq!(shares[0].end(), shares[1].start());

@@ -19,6 +19,9 @@ use crate::kvm::stats::{StatsError, StatsReader};
 use crate::mm::addr::{Gpa, GpaRange, HUGE_1G};
 use crate::mm::backing::{BackingError, BackingKind, HostMapping};
 
+/// KVM statistics by name.
+pub type Counters = BTreeMap<String, u64>;
+
 /// Errors building a VM.
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
@@ -222,8 +225,8 @@ impl Vm {
         std::mem::take(&mut self.vcpus)
     }
 
-    /// Sum of all vCPUs' KVM stats, and the VM's.
-    pub fn read_stats(&self) -> Result<(BTreeMap<String, u64>, BTreeMap<String, u64>), StatsError> {
+    /// The VM's KVM stats, and the sum of all vCPUs' stats.
+    pub fn read_stats(&self) -> Result<(Counters, Counters), StatsError> {
         let mut vcpu = BTreeMap::new();
         for r in &self.vcpu_stats {
             crate::kvm::stats::accumulate(&mut vcpu, &r.read()?);

@@ -69,7 +69,7 @@ pub struct ElfImage<'a> {
 }
 
 fn read<const N: usize>(b: &[u8], off: u64, what: &'static str) -> Result<[u8; N], ElfError> {
-    let end = off.checked_add(N as u64).unwrap_or(u64::MAX);
+    let end = off.saturating_add(N as u64);
     b.get(off as usize..end as usize)
         .and_then(|s| s.try_into().ok())
         .ok_or(ElfError::Truncated {
@@ -131,7 +131,7 @@ impl<'a> ElfImage<'a> {
             if memsz < filesz {
                 return Err(ElfError::Unsupported("segment memory size below file size"));
             }
-            let file_end = offset.checked_add(filesz).unwrap_or(u64::MAX);
+            let file_end = offset.saturating_add(filesz);
             let data =
                 bytes
                     .get(offset as usize..file_end as usize)

@@ -94,9 +94,7 @@ pub fn write_boot_tables(
     if vcpus == 0 || vcpus > layout::MAX_VCPUS {
         return Err(TablesError::VcpuCount(vcpus));
     }
-    if identity_end % HUGE_1G != 0
-        || identity_end < 2 * HUGE_1G
-        || identity_end > layout::IDENTITY_END
+    if identity_end % HUGE_1G != 0 || !(2 * HUGE_1G..=layout::IDENTITY_END).contains(&identity_end)
     {
         return Err(TablesError::Window(identity_end));
     }

@@ -92,7 +92,7 @@ impl RunConfig {
             backing: BackingKind::Anon,
             guest: GuestSource::Builtin(BuiltinGuest::Default),
             timeout: Duration::from_secs(60),
-            seed: 0x5EED_0F_CAFE,
+            seed: 0x005E_ED0F_CAFE,
             verbosity: Verbosity::Normal,
         }
     }
