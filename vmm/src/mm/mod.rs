@@ -2,6 +2,8 @@
 //! unit, property and model tests exercise without `/dev/kvm`.
 //!
 //! - [`addr`]: typed guest-physical and host-virtual addresses.
+//! - [`stage2`]: a lock-free software stage-2 table in x86 EPT format.
 
 pub mod addr;
+pub mod stage2;
 pub(crate) mod sync;
