@@ -19,7 +19,7 @@
 //! In test and debug builds a reclaimed page is overwritten with
 //! [`POISON`](super::entry::POISON) before it goes. Walkers decode every entry
 //! they read and panic on poison, so reading a page after its grace period is
-//! caught. Test builds also keep the last [`QUARANTINE_PAGES`] freed pages
+//! caught. Test builds also keep the last `QUARANTINE_PAGES` freed pages
 //! allocated (a quarantine), so that such a late read is a well-defined read of
 //! poison rather than a use-after-free the test could miss.
 
@@ -176,15 +176,16 @@ fn reclaim(page: RetiredPage, counters: &PageCounters) {
     quarantine(page);
 }
 
-/// How many freed pages test builds keep allocated (16 MiB).
+/// How many freed pages test builds keep allocated (64 MiB).
 #[cfg(test)]
-pub(crate) const QUARANTINE_PAGES: usize = 4096;
+pub(crate) const QUARANTINE_PAGES: usize = 16384;
+
+#[cfg(test)]
+static QUARANTINE: std::sync::Mutex<std::collections::VecDeque<Box<TablePage>>> =
+    std::sync::Mutex::new(std::collections::VecDeque::new());
 
 #[cfg(test)]
 fn quarantine(page: Box<TablePage>) {
-    use std::collections::VecDeque;
-    use std::sync::Mutex;
-    static QUARANTINE: Mutex<VecDeque<Box<TablePage>>> = Mutex::new(VecDeque::new());
     let mut q = QUARANTINE
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -192,6 +193,18 @@ fn quarantine(page: Box<TablePage>) {
     while q.len() > QUARANTINE_PAGES {
         q.pop_front();
     }
+}
+
+/// Runs `f` on the freed page at `addr` if it is still in the quarantine
+/// (which cannot evict it meanwhile); `None` if it is not there.
+#[cfg(test)]
+pub(crate) fn with_quarantined<R>(addr: u64, f: impl FnOnce(&TablePage) -> R) -> Option<R> {
+    let q = QUARANTINE
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    q.iter()
+        .find(|p| std::ptr::eq(&***p, addr as *const TablePage))
+        .map(|p| f(p))
 }
 
 #[cfg(not(test))]
