@@ -4,8 +4,8 @@ use serde::ser::{Serialize, SerializeStruct, Serializer};
 
 use super::entry::{level_size, Decoded, Entry, PageSize, Perms, ROOT_LEVEL};
 use super::reclaim::{self, TablePage};
-use super::table::{corrupt, Stage2Table};
 use super::slot;
+use super::table::{corrupt, Stage2Table};
 use crate::mm::addr::{Gpa, GpaRange, Hva};
 
 /// A run of leaves of one size and permission mapping contiguous guest-
@@ -69,17 +69,23 @@ impl Stage2Table {
         let _excl = self.lock_exclusive();
         let mut runs: Vec<MappedRun> = Vec::new();
         self.with_root(|root, guard| {
-            visit(root, ROOT_LEVEL, 0, guard, &mut |run| match runs.last_mut() {
-                Some(last) if last.continued_by(&run) => {
-                    let len = last.range.len() + run.range.len();
-                    // The merged run ends where `run` ends, inside the
-                    // 48-bit space, so the range cannot overflow.
-                    if let Some(r) = GpaRange::new(last.range.start(), len) {
-                        last.range = r;
+            visit(
+                root,
+                ROOT_LEVEL,
+                0,
+                guard,
+                &mut |run| match runs.last_mut() {
+                    Some(last) if last.continued_by(&run) => {
+                        let len = last.range.len() + run.range.len();
+                        // The merged run ends where `run` ends, inside the
+                        // 48-bit space, so the range cannot overflow.
+                        if let Some(r) = GpaRange::new(last.range.start(), len) {
+                            last.range = r;
+                        }
                     }
-                }
-                _ => runs.push(run),
-            });
+                    _ => runs.push(run),
+                },
+            );
         });
         runs
     }

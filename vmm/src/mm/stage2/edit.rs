@@ -249,7 +249,9 @@ impl Stage2Table {
             let leaf = match Entry(v).decode(child_level) {
                 Decoded::Leaf(leaf) => leaf,
                 Decoded::Empty => return not("the lower table is not fully populated"),
-                Decoded::Table(_) => return not("the lower table holds tables (collapse them first)"),
+                Decoded::Table(_) => {
+                    return not("the lower table holds tables (collapse them first)")
+                }
                 Decoded::Frozen => stale_frozen(gpa.0, child_level),
                 Decoded::Corrupt => corrupt(v, gpa.0, child_level),
             };
@@ -340,13 +342,7 @@ impl Stage2Table {
     /// Freezes the lower table linked by `raw` in `slot` (at `level`), tears
     /// it down, clears the slot, and retires its pages. Returns the number of
     /// 4 KiB pages it mapped, or the slot's new value if it changed.
-    fn zap_table(
-        &self,
-        slot: &AtomicU64,
-        raw: u64,
-        level: u8,
-        guard: &Guard,
-    ) -> Result<u64, u64> {
+    fn zap_table(&self, slot: &AtomicU64, raw: u64, level: u8, guard: &Guard) -> Result<u64, u64> {
         slot::freeze_if(slot, raw)?;
         let mut pages = Vec::new();
         let mapped = teardown(Entry(raw).frame_addr(), level - 1, guard, &mut pages);
@@ -436,9 +432,9 @@ impl Stage2Table {
                         match op {
                             RangeOp::Unmap { pages } => *pages += size / PAGE_SIZE,
                             RangeOp::Protect(_) => {}
-                            RangeOp::TakeDirty(out) => out.extend(
-                                (e_start / PAGE_SIZE..e_end / PAGE_SIZE).map(Gfn),
-                            ),
+                            RangeOp::TakeDirty(out) => {
+                                out.extend((e_start / PAGE_SIZE..e_end / PAGE_SIZE).map(Gfn))
+                            }
                         }
                         break;
                     }

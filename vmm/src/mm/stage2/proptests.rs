@@ -30,7 +30,8 @@ impl Model {
         };
         if s + n > p {
             self.extents.insert(s, (p - s, h, perms));
-            self.extents.insert(p, (s + n - p, h + (p - s) * PAGE_SIZE, perms));
+            self.extents
+                .insert(p, (s + n - p, h + (p - s) * PAGE_SIZE, perms));
         }
     }
     fn is_free(&self, start: u64, end: u64) -> bool {
@@ -81,15 +82,37 @@ fn merge(runs: impl Iterator<Item = (u64, u64, u64, Perms)>) -> Vec<(u64, u64, u
 
 #[derive(Clone, Debug)]
 enum Op {
-    Map { size: PageSize, slot: u64, shift: usize, perms: Perms },
-    Unmap { page: u64, pages: u64 },
-    Protect { page: u64, pages: u64, perms: Perms },
-    Split { page: u64 },
-    Collapse { size: PageSize, slot: u64 },
+    Map {
+        size: PageSize,
+        slot: u64,
+        shift: usize,
+        perms: Perms,
+    },
+    Unmap {
+        page: u64,
+        pages: u64,
+    },
+    Protect {
+        page: u64,
+        pages: u64,
+        perms: Perms,
+    },
+    Split {
+        page: u64,
+    },
+    Collapse {
+        size: PageSize,
+        slot: u64,
+    },
 }
 
 fn perms() -> impl Strategy<Value = Perms> {
-    prop_oneof![Just(Perms::R), Just(Perms::RW), Just(Perms::RX), Just(Perms::RWX)]
+    prop_oneof![
+        Just(Perms::R),
+        Just(Perms::RW),
+        Just(Perms::RX),
+        Just(Perms::RWX)
+    ]
 }
 
 fn size() -> impl Strategy<Value = PageSize> {
@@ -102,7 +125,12 @@ fn size() -> impl Strategy<Value = PageSize> {
 
 /// A length in pages: a few pages, or a few 2 MiB regions (may cross them).
 fn pages() -> impl Strategy<Value = u64> {
-    prop_oneof![1..64u64, (1..1200u64), (1..3u64).prop_map(|n| n * 512), Just(WINDOW_PAGES)]
+    prop_oneof![
+        1..64u64,
+        (1..1200u64),
+        (1..3u64).prop_map(|n| n * 512),
+        Just(WINDOW_PAGES)
+    ]
 }
 
 /// An index, mostly among the first 8 regions of 2 MiB (where the fills
@@ -135,7 +163,9 @@ fn fill_2m(t: &Stage2Table, m: &mut Model, region: u64, shift: u64, perms: Perms
     let start = region * HUGE_2M;
     for i in 0..512 {
         let gpa = start + i * PAGE_SIZE;
-        let ok = t.map(Gpa(gpa), Hva(gpa + shift), PageSize::Size4K, perms).is_ok();
+        let ok = t
+            .map(Gpa(gpa), Hva(gpa + shift), PageSize::Size4K, perms)
+            .is_ok();
         assert_eq!(ok, m.is_free(gpa / PAGE_SIZE, gpa / PAGE_SIZE + 1));
         if ok {
             m.extents.insert(gpa / PAGE_SIZE, (1, gpa + shift, perms));
@@ -147,15 +177,26 @@ fn fill_2m(t: &Stage2Table, m: &mut Model, region: u64, shift: u64, perms: Perms
 /// Returns addresses worth sampling afterwards.
 fn apply(t: &Stage2Table, m: &mut Model, op: &Op) -> Vec<u64> {
     match *op {
-        Op::Map { size, slot, shift, perms } => {
+        Op::Map {
+            size,
+            slot,
+            shift,
+            perms,
+        } => {
             let gpa = (slot % (WINDOW / size.bytes())) * size.bytes();
             let hva = gpa + SHIFTS[shift];
             let (first, end) = (gpa / PAGE_SIZE, (gpa + size.bytes()) / PAGE_SIZE);
             let got = t.map(Gpa(gpa), Hva(hva), size, perms);
             let want = if hva % size.bytes() != 0 {
-                Err(Stage2Error::MisalignedHva { hva: Hva(hva), size })
+                Err(Stage2Error::MisalignedHva {
+                    hva: Hva(hva),
+                    size,
+                })
             } else if !m.is_free(first, end) {
-                Err(Stage2Error::AlreadyMapped { gpa: Gpa(gpa), size })
+                Err(Stage2Error::AlreadyMapped {
+                    gpa: Gpa(gpa),
+                    size,
+                })
             } else {
                 m.extents.insert(first, (end - first, hva, perms));
                 Ok(())
@@ -171,14 +212,24 @@ fn apply(t: &Stage2Table, m: &mut Model, op: &Op) -> Vec<u64> {
             m.remove(page, end);
             let after: u64 = m.runs().iter().map(|r| r.1).sum();
             assert_eq!(unmapped * PAGE_SIZE, before - after, "{op:?}");
-            vec![r.start().0.saturating_sub(1), r.start().0, r.end().0 - 1, r.end().0]
+            vec![
+                r.start().0.saturating_sub(1),
+                r.start().0,
+                r.end().0 - 1,
+                r.end().0,
+            ]
         }
         Op::Protect { page, pages, perms } => {
             let end = (page + pages).min(WINDOW_PAGES);
             let r = GpaRange::from_bounds(Gpa(page * PAGE_SIZE), Gpa(end * PAGE_SIZE)).unwrap();
             t.protect(r, perms).unwrap();
             m.protect(page, end, perms);
-            vec![r.start().0.saturating_sub(1), r.start().0, r.end().0 - 1, r.end().0]
+            vec![
+                r.start().0.saturating_sub(1),
+                r.start().0,
+                r.end().0 - 1,
+                r.end().0,
+            ]
         }
         Op::Split { page } => {
             let gpa = page * PAGE_SIZE;
@@ -215,7 +266,10 @@ fn check_dump(t: &Stage2Table, m: &Model) {
     let runs = t.dump();
     for w in runs.windows(2) {
         let (a, b) = (&w[0], &w[1]);
-        assert!(a.range.end() <= b.range.start(), "unsorted or overlapping: {a:?} {b:?}");
+        assert!(
+            a.range.end() <= b.range.start(),
+            "unsorted or overlapping: {a:?} {b:?}"
+        );
         let continues = a.range.end() == b.range.start()
             && a.hva.0 + a.range.len() == b.hva.0
             && a.perms == b.perms
@@ -224,15 +278,23 @@ fn check_dump(t: &Stage2Table, m: &Model) {
     }
     for r in &runs {
         let ps = r.page_size.bytes();
-        assert!(r.range.start().is_aligned(ps) && r.range.len() % ps == 0 && r.hva.is_aligned(ps), "{r:?}");
+        assert!(
+            r.range.start().is_aligned(ps) && r.range.len() % ps == 0 && r.hva.is_aligned(ps),
+            "{r:?}"
+        );
     }
-    let got = merge(runs.iter().map(|r| (r.range.start().0, r.range.len(), r.hva.0, r.perms)));
+    let got = merge(
+        runs.iter()
+            .map(|r| (r.range.start().0, r.range.len(), r.hva.0, r.perms)),
+    );
     assert_eq!(got, m.runs());
 }
 
 fn check_lookup(t: &Stage2Table, m: &Model, gpa: u64) {
     let got = t.lookup(Gpa(gpa)).map(|tr| (tr.hva.0, tr.perms));
-    let want = m.get(gpa / PAGE_SIZE).map(|(h, p)| (h + gpa % PAGE_SIZE, p));
+    let want = m
+        .get(gpa / PAGE_SIZE)
+        .map(|(h, p)| (h + gpa % PAGE_SIZE, p));
     assert_eq!(got, want, "lookup({gpa:#x})");
 }
 

@@ -51,14 +51,19 @@ fn table_addr(t: &Stage2Table, gpa: u64, level: u8, guard: &epoch::Guard) -> u64
 fn test_reclaim_pinned_walker_keeps_zapped_page_until_unpinned() {
     let t = Stage2Table::new();
     let gpa = HUGE_1G + 0x5000;
-    t.map(Gpa(gpa), Hva(0x5000), PageSize::Size4K, Perms::RW).unwrap();
+    t.map(Gpa(gpa), Hva(0x5000), PageSize::Size4K, Perms::RW)
+        .unwrap();
 
     // A walker is inside the level-1 table when the writer zaps it.
     let walker = epoch::pin();
     let l1_addr = table_addr(&t, gpa, 1, &walker);
     // SAFETY: read from a table entry while `walker` is pinned.
     let l1 = unsafe { reclaim::page_at(l1_addr, &walker) };
-    assert_eq!(t.unmap(GpaRange::new(Gpa(0), 2 * HUGE_1G).unwrap()).unwrap(), 1);
+    assert_eq!(
+        t.unmap(GpaRange::new(Gpa(0), 2 * HUGE_1G).unwrap())
+            .unwrap(),
+        1
+    );
     assert_eq!(t.reclaim_stats().retired, 3); // L3, L2, L1
 
     // Other threads pin, flush and unpin: the grace period cannot end.
@@ -70,7 +75,11 @@ fn test_reclaim_pinned_walker_keeps_zapped_page_until_unpinned() {
     for e in l1.slots() {
         let v = slot::read(e);
         assert_ne!(v, POISON, "walker read poison while pinned");
-        assert_eq!(Entry(v).decode(1), Decoded::Frozen, "torn-down entries are frozen");
+        assert_eq!(
+            Entry(v).decode(1),
+            Decoded::Frozen,
+            "torn-down entries are frozen"
+        );
     }
 
     // The walker leaves: the pages are reclaimed and poisoned.
@@ -103,7 +112,11 @@ fn xorshift(s: &mut u64) -> u64 {
 /// Random page-aligned gpa in the window, biased to its first 16 MiB so that
 /// the writer keeps reshaping the same tables the walkers are in.
 fn rand_gpa(s: &mut u64, align: u64) -> u64 {
-    let span = if xorshift(s) % 4 == 0 { WINDOW } else { 8 * HUGE_2M };
+    let span = if xorshift(s) % 4 == 0 {
+        WINDOW
+    } else {
+        8 * HUGE_2M
+    };
     WINDOW_START + (xorshift(s) % span) / align * align
 }
 
@@ -128,14 +141,19 @@ fn writer_step(t: &Stage2Table, s: &mut u64, c: &mut OpCounts) {
             }
         }
         9 => {
-            let size = if xorshift(s) % 4 == 0 { PageSize::Size1G } else { PageSize::Size2M };
+            let size = if xorshift(s) % 4 == 0 {
+                PageSize::Size1G
+            } else {
+                PageSize::Size2M
+            };
             let gpa = STABLE_START + xorshift(s) % (8 * HUGE_2M) / size.bytes() * size.bytes();
             if t.collapse(Gpa(gpa), size).is_ok() {
                 c.stable_collapses += 1;
             }
         }
         0 => {
-            let size = [PageSize::Size4K, PageSize::Size2M, PageSize::Size1G][(xorshift(s) % 3) as usize];
+            let size =
+                [PageSize::Size4K, PageSize::Size2M, PageSize::Size1G][(xorshift(s) % 3) as usize];
             let gpa = rand_gpa(s, size.bytes());
             if t.map(Gpa(gpa), Hva(gpa + HVA_OFFSET), size, perms).is_ok() {
                 c.maps += 1;
@@ -146,7 +164,9 @@ fn writer_step(t: &Stage2Table, s: &mut u64, c: &mut OpCounts) {
             let base = rand_gpa(s, HUGE_2M);
             for i in 0..512 {
                 let gpa = base + i * PAGE_SIZE;
-                if t.map(Gpa(gpa), Hva(gpa + HVA_OFFSET), PageSize::Size4K, perms).is_ok() {
+                if t.map(Gpa(gpa), Hva(gpa + HVA_OFFSET), PageSize::Size4K, perms)
+                    .is_ok()
+                {
                     c.maps += 1;
                 }
             }
@@ -159,7 +179,8 @@ fn writer_step(t: &Stage2Table, s: &mut u64, c: &mut OpCounts) {
         3 => {
             let start = rand_gpa(s, PAGE_SIZE);
             let len = (xorshift(s) % 1024 + 1) * PAGE_SIZE;
-            t.protect(GpaRange::new(Gpa(start), len).unwrap(), perms).unwrap();
+            t.protect(GpaRange::new(Gpa(start), len).unwrap(), perms)
+                .unwrap();
             c.protects += 1;
         }
         4 | 5 => {
@@ -168,7 +189,11 @@ fn writer_step(t: &Stage2Table, s: &mut u64, c: &mut OpCounts) {
             }
         }
         6 => {
-            let size = if xorshift(s) % 4 == 0 { PageSize::Size1G } else { PageSize::Size2M };
+            let size = if xorshift(s) % 4 == 0 {
+                PageSize::Size1G
+            } else {
+                PageSize::Size2M
+            };
             if t.collapse(Gpa(rand_gpa(s, size.bytes())), size).is_ok() {
                 c.collapses += 1;
             }
@@ -200,11 +225,21 @@ fn walker_loop(t: &Stage2Table, stop: &AtomicBool, seed: u64) -> (u64, u64) {
         match t.translate(Gpa(gpa), access) {
             Some(tr) => {
                 hits += 1;
-                assert_eq!(tr.hva, Hva(gpa + HVA_OFFSET), "translation of {gpa:#x}: {tr:?}");
+                assert_eq!(
+                    tr.hva,
+                    Hva(gpa + HVA_OFFSET),
+                    "translation of {gpa:#x}: {tr:?}"
+                );
                 assert!(tr.page_gpa.is_aligned(tr.page_size.bytes()), "{tr:?}");
                 assert!(tr.page_gpa.0 <= gpa && gpa - tr.page_gpa.0 < tr.page_size.bytes());
-                assert!(PERMS.contains(&tr.perms) && tr.perms.allows(access), "{tr:?}");
-                assert!(tr.accessed && (access != Access::Write || tr.dirty), "{tr:?}");
+                assert!(
+                    PERMS.contains(&tr.perms) && tr.perms.allows(access),
+                    "{tr:?}"
+                );
+                assert!(
+                    tr.accessed && (access != Access::Write || tr.dirty),
+                    "{tr:?}"
+                );
             }
             None => misses += 1,
         }
@@ -217,8 +252,13 @@ fn test_table_concurrent_walkers_see_only_valid_translations() {
     let t = Stage2Table::new();
     let stop = AtomicBool::new(false);
     let retired_before = t.reclaim_stats().retired;
-    t.map(Gpa(STABLE_START), Hva(STABLE_START + HVA_OFFSET), PageSize::Size1G, Perms::RWX)
-        .unwrap();
+    t.map(
+        Gpa(STABLE_START),
+        Hva(STABLE_START + HVA_OFFSET),
+        PageSize::Size1G,
+        Perms::RWX,
+    )
+    .unwrap();
     let mut counts = OpCounts::default();
     let walked = AtomicU64::new(0);
     std::thread::scope(|sc| {
@@ -238,24 +278,43 @@ fn test_table_concurrent_walkers_see_only_valid_translations() {
         stop.store(true, Ordering::Relaxed);
         for w in walkers {
             let (hits, misses) = w.join().expect("walker panicked");
-            assert!(hits > 0 && misses > 0, "walkers did not race: {hits} hits, {misses} misses");
+            assert!(
+                hits > 0 && misses > 0,
+                "walkers did not race: {hits} hits, {misses} misses"
+            );
             walked.fetch_add(hits + misses, Ordering::Relaxed);
         }
     });
     assert!(counts.maps > 0 && counts.unmapped_pages > 0 && counts.protects > 0);
-    assert!(counts.splits > 0 && counts.collapses > 0, "splits {} collapses {}", counts.splits, counts.collapses);
+    assert!(
+        counts.splits > 0 && counts.collapses > 0,
+        "splits {} collapses {}",
+        counts.splits,
+        counts.collapses
+    );
     assert!(counts.dirty > 0, "walkers' writes never showed up as dirty");
-    assert!(counts.stable_collapses > 0, "the stable region was never collapsed");
+    assert!(
+        counts.stable_collapses > 0,
+        "the stable region was never collapsed"
+    );
     let stats = t.reclaim_stats();
-    assert!(stats.retired > retired_before, "nothing was reclaimed: {stats:?}");
+    assert!(
+        stats.retired > retired_before,
+        "nothing was reclaimed: {stats:?}"
+    );
     // The table is still consistent for a writer.
-    t.unmap(GpaRange::new(Gpa(0), 4 * HUGE_1G).unwrap()).unwrap();
+    t.unmap(GpaRange::new(Gpa(0), 4 * HUGE_1G).unwrap())
+        .unwrap();
     assert!(t.dump().is_empty());
     assert_eq!(t.reclaim_stats().linked, 1);
     let freed_all = advance_epochs_until(Duration::from_secs(2), || {
         let s = t.reclaim_stats();
         s.freed == s.retired
     });
-    assert!(freed_all, "retired pages not reclaimed: {:?}", t.reclaim_stats());
+    assert!(
+        freed_all,
+        "retired pages not reclaimed: {:?}",
+        t.reclaim_stats()
+    );
     assert!(walked.into_inner() > 0);
 }

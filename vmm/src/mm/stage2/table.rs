@@ -163,7 +163,11 @@ impl Stage2Table {
         if !hva.is_aligned(size.bytes()) {
             return Err(Stage2Error::MisalignedHva { hva, size });
         }
-        if hva.0.checked_add(size.bytes()).is_none_or(|end| end > FRAME_LIMIT) {
+        if hva
+            .0
+            .checked_add(size.bytes())
+            .is_none_or(|end| end > FRAME_LIMIT)
+        {
             return Err(Stage2Error::HvaOutOfRange { hva });
         }
         perms.validate()?;

@@ -36,7 +36,10 @@ fn test_entry_leaf_huge_sets_large_bit_and_decodes_as_leaf() {
         let Decoded::Leaf(l) = e.decode(level) else {
             panic!("{e:?} at level {level} is not a leaf")
         };
-        assert_eq!((l.hva, l.perms, l.accessed, l.dirty), (Hva(HUGE_1G), Perms::RX, false, false));
+        assert_eq!(
+            (l.hva, l.perms, l.accessed, l.dirty),
+            (Hva(HUGE_1G), Perms::RX, false, false)
+        );
     }
 }
 
@@ -101,7 +104,10 @@ fn test_level_size_matches_page_sizes() {
 #[test]
 fn test_perms_validate_rejects_empty_and_write_only() {
     for bad in [Perms::NONE, Perms::W] {
-        assert_eq!(bad.validate(), Err(Stage2Error::InvalidPerms { perms: bad }));
+        assert_eq!(
+            bad.validate(),
+            Err(Stage2Error::InvalidPerms { perms: bad })
+        );
     }
     for good in [Perms::R, Perms::X, Perms::RW, Perms::RX, Perms::RWX] {
         assert_eq!(good.validate(), Ok(()));
@@ -123,8 +129,14 @@ fn test_map_each_size_translates_with_offset() {
         let off = size.bytes() - 8;
         let tr = t.translate(Gpa(gpa + off), Access::Read).unwrap();
         assert_eq!(tr.hva, Hva(hva + off), "{size}");
-        assert_eq!((tr.page_size, tr.page_gpa, tr.perms), (size, Gpa(gpa), Perms::RW));
-        assert!(t.translate(Gpa(gpa + size.bytes()), Access::Read).is_none(), "{size} end");
+        assert_eq!(
+            (tr.page_size, tr.page_gpa, tr.perms),
+            (size, Gpa(gpa), Perms::RW)
+        );
+        assert!(
+            t.translate(Gpa(gpa + size.bytes()), Access::Read).is_none(),
+            "{size} end"
+        );
     }
     assert_eq!(t.reclaim_stats().linked, 1 + 1 + 1 + 1); // root, L3, L2, L1
 }
@@ -135,19 +147,30 @@ fn test_map_invalid_arguments_fail_with_typed_errors() {
     let (g, h) = (Gpa(HUGE_2M), Hva(HUGE_2M));
     assert_eq!(
         t.map(Gpa(0x1000), h, PageSize::Size2M, Perms::R),
-        Err(Stage2Error::MisalignedGpa { gpa: Gpa(0x1000), size: PageSize::Size2M })
+        Err(Stage2Error::MisalignedGpa {
+            gpa: Gpa(0x1000),
+            size: PageSize::Size2M
+        })
     );
     assert_eq!(
         t.map(g, Hva(0x1000), PageSize::Size2M, Perms::R),
-        Err(Stage2Error::MisalignedHva { hva: Hva(0x1000), size: PageSize::Size2M })
+        Err(Stage2Error::MisalignedHva {
+            hva: Hva(0x1000),
+            size: PageSize::Size2M
+        })
     );
     assert_eq!(
         t.map(Gpa(GPA_LIMIT), h, PageSize::Size4K, Perms::R),
-        Err(Stage2Error::GpaOutOfRange { gpa: Gpa(GPA_LIMIT), size: PageSize::Size4K })
+        Err(Stage2Error::GpaOutOfRange {
+            gpa: Gpa(GPA_LIMIT),
+            size: PageSize::Size4K
+        })
     );
     assert_eq!(
         t.map(g, Hva(FRAME_LIMIT), PageSize::Size4K, Perms::R),
-        Err(Stage2Error::HvaOutOfRange { hva: Hva(FRAME_LIMIT) })
+        Err(Stage2Error::HvaOutOfRange {
+            hva: Hva(FRAME_LIMIT)
+        })
     );
     assert_eq!(
         t.map(g, h, PageSize::Size4K, Perms::W),
@@ -160,10 +183,22 @@ fn test_map_invalid_arguments_fail_with_typed_errors() {
 #[test]
 fn test_map_overlap_fails_and_changes_nothing() {
     let t = Stage2Table::new();
-    t.map(Gpa(HUGE_2M + 0x3000), Hva(0x3000), PageSize::Size4K, Perms::R).unwrap();
+    t.map(
+        Gpa(HUGE_2M + 0x3000),
+        Hva(0x3000),
+        PageSize::Size4K,
+        Perms::R,
+    )
+    .unwrap();
     let before = t.dump();
     let err = t.map(Gpa(HUGE_2M), Hva(0), PageSize::Size2M, Perms::R);
-    assert_eq!(err, Err(Stage2Error::AlreadyMapped { gpa: Gpa(HUGE_2M), size: PageSize::Size2M }));
+    assert_eq!(
+        err,
+        Err(Stage2Error::AlreadyMapped {
+            gpa: Gpa(HUGE_2M),
+            size: PageSize::Size2M
+        })
+    );
     let err = t.map(Gpa(0), Hva(0), PageSize::Size1G, Perms::R);
     assert!(matches!(err, Err(Stage2Error::AlreadyMapped { .. })));
     let err = t.map(Gpa(HUGE_2M + 0x3000), Hva(0), PageSize::Size4K, Perms::R);
@@ -174,7 +209,8 @@ fn test_map_overlap_fails_and_changes_nothing() {
 #[test]
 fn test_translate_sets_accessed_and_dirty_only_for_writes() {
     let t = Stage2Table::new();
-    t.map(Gpa(0), Hva(HUGE_2M), PageSize::Size2M, Perms::RWX).unwrap();
+    t.map(Gpa(0), Hva(HUGE_2M), PageSize::Size2M, Perms::RWX)
+        .unwrap();
     let l = t.lookup(Gpa(0)).unwrap();
     assert!(!l.accessed && !l.dirty);
     let r = t.translate(Gpa(0x10), Access::Exec).unwrap();
@@ -189,7 +225,8 @@ fn test_translate_sets_accessed_and_dirty_only_for_writes() {
 #[test]
 fn test_translate_denied_access_is_none_and_leaves_ad_clear() {
     let t = Stage2Table::new();
-    t.map(Gpa(0x1000), Hva(0x1000), PageSize::Size4K, Perms::R).unwrap();
+    t.map(Gpa(0x1000), Hva(0x1000), PageSize::Size4K, Perms::R)
+        .unwrap();
     assert!(t.translate(Gpa(0x1000), Access::Write).is_none());
     assert!(t.translate(Gpa(0x1000), Access::Exec).is_none());
     let l = t.lookup(Gpa(0x1000)).unwrap();
@@ -202,7 +239,8 @@ fn test_translate_denied_access_is_none_and_leaves_ad_clear() {
 #[test]
 fn test_unmap_partial_2m_splits_and_keeps_the_rest() {
     let t = Stage2Table::new();
-    t.map(Gpa(HUGE_2M), Hva(HVA_BASE), PageSize::Size2M, Perms::RW).unwrap();
+    t.map(Gpa(HUGE_2M), Hva(HVA_BASE), PageSize::Size2M, Perms::RW)
+        .unwrap();
     assert_eq!(t.unmap(range(HUGE_2M + 0x4000, 0x2000)).unwrap(), 2);
     for page in 0..512u64 {
         let gpa = HUGE_2M + page * PAGE_SIZE;
@@ -211,7 +249,10 @@ fn test_unmap_partial_2m_splits_and_keeps_the_rest() {
             assert!(tr.is_none(), "page {page} still mapped");
         } else {
             let tr = tr.unwrap();
-            assert_eq!((tr.hva, tr.page_size), (Hva(HVA_BASE + page * PAGE_SIZE), PageSize::Size4K));
+            assert_eq!(
+                (tr.hva, tr.page_size),
+                (Hva(HVA_BASE + page * PAGE_SIZE), PageSize::Size4K)
+            );
         }
     }
 }
@@ -219,7 +260,8 @@ fn test_unmap_partial_2m_splits_and_keeps_the_rest() {
 #[test]
 fn test_unmap_partial_1g_splits_down_to_4k_around_the_hole() {
     let t = Stage2Table::new();
-    t.map(Gpa(HUGE_1G), Hva(HVA_BASE), PageSize::Size1G, Perms::R).unwrap();
+    t.map(Gpa(HUGE_1G), Hva(HVA_BASE), PageSize::Size1G, Perms::R)
+        .unwrap();
     let hole = HUGE_1G + 5 * HUGE_2M + 0x7000;
     assert_eq!(t.unmap(range(hole, PAGE_SIZE)).unwrap(), 1);
     assert_eq!(t.lookup(Gpa(hole)), None);
@@ -235,8 +277,10 @@ fn test_unmap_partial_1g_splits_down_to_4k_around_the_hole() {
 #[test]
 fn test_unmap_everything_unlinks_all_tables_and_reclaims_them() {
     let t = Stage2Table::new();
-    t.map(Gpa(0x1000), Hva(0x1000), PageSize::Size4K, Perms::R).unwrap();
-    t.map(Gpa(HUGE_1G), Hva(HUGE_1G), PageSize::Size2M, Perms::R).unwrap();
+    t.map(Gpa(0x1000), Hva(0x1000), PageSize::Size4K, Perms::R)
+        .unwrap();
+    t.map(Gpa(HUGE_1G), Hva(HUGE_1G), PageSize::Size2M, Perms::R)
+        .unwrap();
     assert_eq!(t.reclaim_stats().linked, 5);
     assert_eq!(t.unmap(range(0x1000, PAGE_SIZE)).unwrap(), 1); // prunes L1, L2
     assert_eq!(t.reclaim_stats().linked, 3);
@@ -251,9 +295,18 @@ fn test_unmap_everything_unlinks_all_tables_and_reclaims_them() {
 #[test]
 fn test_unmap_bad_range_fails() {
     let t = Stage2Table::new();
-    assert!(matches!(t.unmap(range(0x10, PAGE_SIZE)), Err(Stage2Error::BadRange { .. })));
-    assert!(matches!(t.unmap(range(0, 0x10)), Err(Stage2Error::BadRange { .. })));
-    assert!(matches!(t.unmap(range(GPA_LIMIT, PAGE_SIZE)), Err(Stage2Error::BadRange { .. })));
+    assert!(matches!(
+        t.unmap(range(0x10, PAGE_SIZE)),
+        Err(Stage2Error::BadRange { .. })
+    ));
+    assert!(matches!(
+        t.unmap(range(0, 0x10)),
+        Err(Stage2Error::BadRange { .. })
+    ));
+    assert!(matches!(
+        t.unmap(range(GPA_LIMIT, PAGE_SIZE)),
+        Err(Stage2Error::BadRange { .. })
+    ));
     assert_eq!(t.unmap(range(0, 0)), Ok(0));
 }
 
@@ -264,7 +317,11 @@ fn test_protect_partial_huge_splits_only_when_perms_change() {
     let t = Stage2Table::new();
     t.map(Gpa(0), Hva(0), PageSize::Size2M, Perms::RW).unwrap();
     t.protect(range(0x1000, 0x1000), Perms::RW).unwrap();
-    assert_eq!(size_at(&t, 0), Some(PageSize::Size2M), "same perms must not split");
+    assert_eq!(
+        size_at(&t, 0),
+        Some(PageSize::Size2M),
+        "same perms must not split"
+    );
     t.protect(range(0x1000, 0x1000), Perms::RX).unwrap();
     assert_eq!(t.lookup(Gpa(0x1000)).unwrap().perms, Perms::RX);
     assert_eq!(t.lookup(Gpa(0x2000)).unwrap().perms, Perms::RW);
@@ -279,8 +336,14 @@ fn test_protect_whole_huge_leaf_keeps_size_and_dirty() {
     t.translate(Gpa(0), Access::Write).unwrap();
     t.protect(range(0, HUGE_1G), Perms::R).unwrap();
     let l = t.lookup(Gpa(0)).unwrap();
-    assert_eq!((l.page_size, l.perms, l.dirty), (PageSize::Size1G, Perms::R, true));
-    assert!(matches!(t.protect(range(0, HUGE_1G), Perms::W), Err(Stage2Error::InvalidPerms { .. })));
+    assert_eq!(
+        (l.page_size, l.perms, l.dirty),
+        (PageSize::Size1G, Perms::R, true)
+    );
+    assert!(matches!(
+        t.protect(range(0, HUGE_1G), Perms::W),
+        Err(Stage2Error::InvalidPerms { .. })
+    ));
 }
 
 // ---- take_dirty ----
@@ -289,23 +352,39 @@ fn test_protect_whole_huge_leaf_keeps_size_and_dirty() {
 fn test_take_dirty_returns_written_frames_once() {
     let t = Stage2Table::new();
     for i in 0..4u64 {
-        t.map(Gpa(i * PAGE_SIZE), Hva(i * PAGE_SIZE), PageSize::Size4K, Perms::RW).unwrap();
+        t.map(
+            Gpa(i * PAGE_SIZE),
+            Hva(i * PAGE_SIZE),
+            PageSize::Size4K,
+            Perms::RW,
+        )
+        .unwrap();
     }
     t.translate(Gpa(PAGE_SIZE), Access::Write).unwrap();
     t.translate(Gpa(3 * PAGE_SIZE), Access::Write).unwrap();
     t.translate(Gpa(2 * PAGE_SIZE), Access::Read).unwrap();
-    assert_eq!(t.take_dirty(range(0, HUGE_2M)).unwrap(), vec![Gfn(1), Gfn(3)]);
+    assert_eq!(
+        t.take_dirty(range(0, HUGE_2M)).unwrap(),
+        vec![Gfn(1), Gfn(3)]
+    );
     assert!(t.take_dirty(range(0, HUGE_2M)).unwrap().is_empty());
-    assert!(t.lookup(Gpa(PAGE_SIZE)).unwrap().accessed, "accessed is kept");
+    assert!(
+        t.lookup(Gpa(PAGE_SIZE)).unwrap().accessed,
+        "accessed is kept"
+    );
 }
 
 #[test]
 fn test_take_dirty_partial_huge_reports_only_the_range() {
     let t = Stage2Table::new();
-    t.map(Gpa(HUGE_2M), Hva(0), PageSize::Size2M, Perms::RW).unwrap();
+    t.map(Gpa(HUGE_2M), Hva(0), PageSize::Size2M, Perms::RW)
+        .unwrap();
     t.translate(Gpa(HUGE_2M), Access::Write).unwrap();
     let first = HUGE_2M / PAGE_SIZE;
-    assert_eq!(t.take_dirty(range(HUGE_2M, 2 * PAGE_SIZE)).unwrap(), vec![Gfn(first), Gfn(first + 1)]);
+    assert_eq!(
+        t.take_dirty(range(HUGE_2M, 2 * PAGE_SIZE)).unwrap(),
+        vec![Gfn(first), Gfn(first + 1)]
+    );
     let rest = t.take_dirty(range(0, HUGE_1G)).unwrap();
     assert_eq!(rest.len(), 510);
     assert_eq!(rest[0], Gfn(first + 2));
@@ -316,24 +395,34 @@ fn test_take_dirty_partial_huge_reports_only_the_range() {
 #[test]
 fn test_split_2m_keeps_translations_and_ad_bits() {
     let t = Stage2Table::new();
-    t.map(Gpa(0), Hva(HVA_BASE), PageSize::Size2M, Perms::RX).unwrap();
+    t.map(Gpa(0), Hva(HVA_BASE), PageSize::Size2M, Perms::RX)
+        .unwrap();
     t.translate(Gpa(0), Access::Read).unwrap();
     assert_eq!(t.split(Gpa(0x3000)).unwrap(), PageSize::Size4K);
     for page in [0u64, 1, 511] {
         let l = t.lookup(Gpa(page * PAGE_SIZE)).unwrap();
         assert_eq!(
             (l.hva, l.page_size, l.perms, l.accessed),
-            (Hva(HVA_BASE + page * PAGE_SIZE), PageSize::Size4K, Perms::RX, true)
+            (
+                Hva(HVA_BASE + page * PAGE_SIZE),
+                PageSize::Size4K,
+                Perms::RX,
+                true
+            )
         );
     }
     assert_eq!(t.split(Gpa(0)), Err(Stage2Error::NotHuge { gpa: Gpa(0) }));
-    assert_eq!(t.split(Gpa(HUGE_1G)), Err(Stage2Error::NotMapped { gpa: Gpa(HUGE_1G) }));
+    assert_eq!(
+        t.split(Gpa(HUGE_1G)),
+        Err(Stage2Error::NotMapped { gpa: Gpa(HUGE_1G) })
+    );
 }
 
 fn map_2m_as_4k(t: &Stage2Table, gpa: u64, hva: u64, perms: Perms) {
     for i in 0..512u64 {
         let off = i * PAGE_SIZE;
-        t.map(Gpa(gpa + off), Hva(hva + off), PageSize::Size4K, perms).unwrap();
+        t.map(Gpa(gpa + off), Hva(hva + off), PageSize::Size4K, perms)
+            .unwrap();
     }
 }
 
@@ -341,23 +430,31 @@ fn map_2m_as_4k(t: &Stage2Table, gpa: u64, hva: u64, perms: Perms) {
 fn test_collapse_uniform_table_becomes_huge_leaf_and_ors_dirty() {
     let t = Stage2Table::new();
     map_2m_as_4k(&t, HUGE_2M, HVA_BASE, Perms::RW);
-    t.translate(Gpa(HUGE_2M + 77 * PAGE_SIZE), Access::Write).unwrap();
+    t.translate(Gpa(HUGE_2M + 77 * PAGE_SIZE), Access::Write)
+        .unwrap();
     let linked = t.reclaim_stats().linked;
     t.collapse(Gpa(HUGE_2M), PageSize::Size2M).unwrap();
     let l = t.lookup(Gpa(HUGE_2M + 5)).unwrap();
-    assert_eq!((l.hva, l.page_size, l.dirty), (Hva(HVA_BASE + 5), PageSize::Size2M, true));
+    assert_eq!(
+        (l.hva, l.page_size, l.dirty),
+        (Hva(HVA_BASE + 5), PageSize::Size2M, true)
+    );
     let stats = t.reclaim_stats();
     assert_eq!((stats.linked, stats.retired), (linked - 1, 1));
     assert!(matches!(
         t.collapse(Gpa(HUGE_2M), PageSize::Size2M),
-        Err(Stage2Error::NotCollapsible { reason: "already a leaf", .. })
+        Err(Stage2Error::NotCollapsible {
+            reason: "already a leaf",
+            ..
+        })
     ));
 }
 
 #[test]
 fn test_collapse_1g_from_2m_leaves() {
     let t = Stage2Table::new();
-    t.map(Gpa(0), Hva(HUGE_1G), PageSize::Size1G, Perms::R).unwrap();
+    t.map(Gpa(0), Hva(HUGE_1G), PageSize::Size1G, Perms::R)
+        .unwrap();
     t.split(Gpa(0)).unwrap();
     t.collapse(Gpa(0), PageSize::Size1G).unwrap();
     assert_eq!(t.dump().len(), 1);
@@ -371,21 +468,43 @@ fn test_collapse_irregular_tables_fail_and_change_nothing() {
     t.map(Gpa(0), Hva(0), PageSize::Size4K, Perms::R).unwrap();
     // Mixed permissions.
     map_2m_as_4k(&t, HUGE_2M, HUGE_2M, Perms::R);
-    t.protect(range(HUGE_2M + PAGE_SIZE, PAGE_SIZE), Perms::RW).unwrap();
+    t.protect(range(HUGE_2M + PAGE_SIZE, PAGE_SIZE), Perms::RW)
+        .unwrap();
     // Host memory not contiguous: swap two pages.
     map_2m_as_4k(&t, 2 * HUGE_2M, 4 * HUGE_2M, Perms::R);
     t.unmap(range(2 * HUGE_2M, 2 * PAGE_SIZE)).unwrap();
-    t.map(Gpa(2 * HUGE_2M), Hva(4 * HUGE_2M + PAGE_SIZE), PageSize::Size4K, Perms::R).unwrap();
-    t.map(Gpa(2 * HUGE_2M + PAGE_SIZE), Hva(4 * HUGE_2M), PageSize::Size4K, Perms::R).unwrap();
+    t.map(
+        Gpa(2 * HUGE_2M),
+        Hva(4 * HUGE_2M + PAGE_SIZE),
+        PageSize::Size4K,
+        Perms::R,
+    )
+    .unwrap();
+    t.map(
+        Gpa(2 * HUGE_2M + PAGE_SIZE),
+        Hva(4 * HUGE_2M),
+        PageSize::Size4K,
+        Perms::R,
+    )
+    .unwrap();
     // Host memory contiguous but not 2 MiB aligned.
     map_2m_as_4k(&t, 3 * HUGE_2M, 8 * HUGE_2M + PAGE_SIZE, Perms::R);
     let before = t.dump();
     for i in 0..4 {
         let r = t.collapse(Gpa(i * HUGE_2M), PageSize::Size2M);
-        assert!(matches!(r, Err(Stage2Error::NotCollapsible { .. })), "region {i}: {r:?}");
+        assert!(
+            matches!(r, Err(Stage2Error::NotCollapsible { .. })),
+            "region {i}: {r:?}"
+        );
     }
-    assert!(matches!(t.collapse(Gpa(0), PageSize::Size1G), Err(Stage2Error::NotCollapsible { .. })));
-    assert_eq!(t.collapse(Gpa(HUGE_1G), PageSize::Size2M), Err(Stage2Error::NotMapped { gpa: Gpa(HUGE_1G) }));
+    assert!(matches!(
+        t.collapse(Gpa(0), PageSize::Size1G),
+        Err(Stage2Error::NotCollapsible { .. })
+    ));
+    assert_eq!(
+        t.collapse(Gpa(HUGE_1G), PageSize::Size2M),
+        Err(Stage2Error::NotMapped { gpa: Gpa(HUGE_1G) })
+    );
     assert_eq!(t.dump(), before);
     assert_eq!(t.reclaim_stats().retired, 0);
 }
@@ -395,26 +514,77 @@ fn test_collapse_irregular_tables_fail_and_change_nothing() {
 #[test]
 fn test_dump_merges_adjacent_runs_and_separates_sizes_and_perms() {
     let t = Stage2Table::new();
-    t.map(Gpa(0), Hva(HVA_BASE), PageSize::Size2M, Perms::RW).unwrap();
-    t.map(Gpa(HUGE_2M), Hva(HVA_BASE + HUGE_2M), PageSize::Size2M, Perms::RW).unwrap();
-    t.map(Gpa(2 * HUGE_2M), Hva(HVA_BASE + 2 * HUGE_2M), PageSize::Size4K, Perms::RW).unwrap();
-    t.map(Gpa(2 * HUGE_2M + PAGE_SIZE), Hva(0x1000), PageSize::Size4K, Perms::RW).unwrap();
-    t.map(Gpa(2 * HUGE_2M + 2 * PAGE_SIZE), Hva(0x2000), PageSize::Size4K, Perms::R).unwrap();
+    t.map(Gpa(0), Hva(HVA_BASE), PageSize::Size2M, Perms::RW)
+        .unwrap();
+    t.map(
+        Gpa(HUGE_2M),
+        Hva(HVA_BASE + HUGE_2M),
+        PageSize::Size2M,
+        Perms::RW,
+    )
+    .unwrap();
+    t.map(
+        Gpa(2 * HUGE_2M),
+        Hva(HVA_BASE + 2 * HUGE_2M),
+        PageSize::Size4K,
+        Perms::RW,
+    )
+    .unwrap();
+    t.map(
+        Gpa(2 * HUGE_2M + PAGE_SIZE),
+        Hva(0x1000),
+        PageSize::Size4K,
+        Perms::RW,
+    )
+    .unwrap();
+    t.map(
+        Gpa(2 * HUGE_2M + 2 * PAGE_SIZE),
+        Hva(0x2000),
+        PageSize::Size4K,
+        Perms::R,
+    )
+    .unwrap();
     let runs = t.dump();
     let got: Vec<_> = runs
         .iter()
-        .map(|r| (r.range.start().0, r.range.len(), r.hva.0, r.page_size, r.perms))
+        .map(|r| {
+            (
+                r.range.start().0,
+                r.range.len(),
+                r.hva.0,
+                r.page_size,
+                r.perms,
+            )
+        })
         .collect();
     assert_eq!(
         got,
         vec![
             (0, 2 * HUGE_2M, HVA_BASE, PageSize::Size2M, Perms::RW),
-            (2 * HUGE_2M, PAGE_SIZE, HVA_BASE + 2 * HUGE_2M, PageSize::Size4K, Perms::RW),
-            (2 * HUGE_2M + PAGE_SIZE, PAGE_SIZE, 0x1000, PageSize::Size4K, Perms::RW),
-            (2 * HUGE_2M + 2 * PAGE_SIZE, PAGE_SIZE, 0x2000, PageSize::Size4K, Perms::R),
+            (
+                2 * HUGE_2M,
+                PAGE_SIZE,
+                HVA_BASE + 2 * HUGE_2M,
+                PageSize::Size4K,
+                Perms::RW
+            ),
+            (
+                2 * HUGE_2M + PAGE_SIZE,
+                PAGE_SIZE,
+                0x1000,
+                PageSize::Size4K,
+                Perms::RW
+            ),
+            (
+                2 * HUGE_2M + 2 * PAGE_SIZE,
+                PAGE_SIZE,
+                0x2000,
+                PageSize::Size4K,
+                Perms::R
+            ),
         ]
     );
-    let json = serde_json::to_value(&runs[0]).unwrap();
+    let json = serde_json::to_value(runs[0]).unwrap();
     assert_eq!(
         json,
         serde_json::json!({"gpa": "0x0", "len": 2 * HUGE_2M, "hva": "0x7f0000000000",
@@ -436,7 +606,9 @@ fn test_map_racing_installers_share_tables_and_free_losers() {
                 for i in 0..256u64 {
                     // Every thread maps page i (one wins) and its own page.
                     let shared = Gpa(i * PAGE_SIZE);
-                    if t.map(shared, Hva(shared.0), PageSize::Size4K, Perms::R).is_ok() {
+                    if t.map(shared, Hva(shared.0), PageSize::Size4K, Perms::R)
+                        .is_ok()
+                    {
                         wins.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     }
                     let own = Gpa((256 + th * 64 + i % 64) * PAGE_SIZE);
