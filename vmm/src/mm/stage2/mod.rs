@@ -3,7 +3,7 @@
 //! Devices of the VMM (the DMA engine) translate guest-physical addresses
 //! through a [`Stage2Table`], the way an IOMMU walks a second-level table that
 //! shares the EPT format. A leaf maps a page of guest-physical space to the
-//! page-aligned host-virtual address ([`Hva`](crate::mm::addr::Hva)) of guest
+//! page-aligned host-virtual address ([`Hva`]) of guest
 //! memory, stored in the EPT frame field.
 //!
 //! # Parts
@@ -28,6 +28,8 @@
 //!    (freezing each entry of a lower table in turn), then clears it. Only the
 //!    writer that froze an entry changes it; installers fail their CAS on it;
 //!    walkers that meet it restart from the root after a short back-off.
+//!    A leaf has nothing below it to tear down, so it is cleared by one CAS
+//!    from the value read (which fails, and is retried, if a walker set A/D).
 //! 5. Memory that stays mapped never shows a hole: a split publishes a fully
 //!    populated lower table in the CAS that replaces the huge leaf, and a
 //!    collapse freezes the lower leaves (walkers wait) and replaces the table

@@ -268,14 +268,48 @@ fn test_table_concurrent_walkers_see_only_valid_translations() {
                 sc.spawn(move || walker_loop(t, stop, 0x9e37_79b9_7f4a_7c15 ^ (i + 1)))
             })
             .collect();
+        // A faulting device: lock-free maps racing the writer's range
+        // operations (through the writer lock) and the walkers.
+        let faulter = {
+            let (t, stop) = (&t, &stop);
+            sc.spawn(move || {
+                let mut s = 0x1234_5678_9abc_def1;
+                let mut mapped = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    let size = if xorshift(&mut s) % 8 == 0 {
+                        PageSize::Size2M
+                    } else {
+                        PageSize::Size4K
+                    };
+                    let gpa = rand_gpa(&mut s, size.bytes());
+                    let perms = PERMS[(xorshift(&mut s) % 4) as usize];
+                    if t.map(Gpa(gpa), Hva(gpa + HVA_OFFSET), size, perms).is_ok() {
+                        mapped += 1;
+                    }
+                }
+                mapped
+            })
+        };
         let mut s = 0x2545_f491_4f6c_dd1d;
         let start = Instant::now();
         let mut ops = 0;
-        while start.elapsed() < Duration::from_millis(800) && ops < 20_000 {
+        // Run 0.8 s (longer, up to 2.5 s, on a loaded machine until every
+        // kind of operation has succeeded at least once).
+        let busy =
+            |c: &OpCounts| c.splits > 0 && c.collapses > 0 && c.stable_collapses > 0 && c.dirty > 0;
+        while ops < 20_000 {
+            let elapsed = start.elapsed();
+            if elapsed > Duration::from_millis(2500)
+                || (elapsed > Duration::from_millis(800) && busy(&counts))
+            {
+                break;
+            }
             writer_step(&t, &mut s, &mut counts);
             ops += 1;
         }
         stop.store(true, Ordering::Relaxed);
+        let faulted = faulter.join().expect("faulter panicked");
+        assert!(faulted > 0, "the faulter never mapped");
         for w in walkers {
             let (hits, misses) = w.join().expect("walker panicked");
             assert!(

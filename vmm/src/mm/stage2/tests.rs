@@ -595,6 +595,12 @@ fn test_dump_merges_adjacent_runs_and_separates_sizes_and_perms() {
 // ---- concurrent installs (lock-free `map`) ----
 
 #[test]
+fn test_table_is_send_and_sync() {
+    fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<Stage2Table>();
+}
+
+#[test]
 fn test_map_racing_installers_share_tables_and_free_losers() {
     let t = Stage2Table::new();
     let threads = 4u64;
