@@ -304,3 +304,78 @@ fn test_loom_split_by_swap_loses_dirty_bit_is_caught() {
         &["split lost the walker's Dirty bit"],
     );
 }
+
+/// How a collapse takes a lower leaf out of service.
+type TakeLeaf = fn(&AtomicU64, u64) -> Result<(), u64>;
+
+/// A broken collapse: it clears the lower leaves (as a zap would) instead of
+/// freezing them, so a walker can find a hole in memory that stays mapped.
+fn take_leaf_by_clearing(slot: &AtomicU64, expected: u64) -> Result<(), u64> {
+    slot.compare_exchange(expected, 0, Ordering::AcqRel, Ordering::Acquire)
+        .map(drop)
+}
+
+/// Collapse vs a walker writing through lower leaf 1: the walker never finds
+/// a hole (a frozen leaf makes it restart; it then finds the huge leaf), and
+/// its Dirty bit survives into the huge leaf wherever it landed.
+fn collapse_model(take: TakeLeaf, bound: usize) {
+    const HUGE: u64 = Entry::leaf(Hva(0x20_0000), Perms::RW, PageSize::Size2M).0;
+    const L0: u64 = Entry::leaf(Hva(0x20_0000), Perms::RW, PageSize::Size4K).0;
+    const L1: u64 = Entry::leaf(Hva(0x20_1000), Perms::RW, PageSize::Size4K).0;
+    builder(bound).check(move || {
+        let m = Arc::new((AtomicU64::new(Entry::table(T1).0), Mini::new(L0, L1)));
+        let walker = {
+            let m = Arc::clone(&m);
+            thread::spawn(move || loop {
+                // `translate(gpa of lower page 1, Write)`.
+                let p = slot::read(&m.0);
+                let (slot, v) = match Entry(p).decode(2) {
+                    Decoded::Table(addr) => {
+                        assert_eq!(addr, T1);
+                        let v = slot::read(&m.1.entries[1]);
+                        (&m.1.entries[1], v)
+                    }
+                    Decoded::Leaf(_) => (&m.0, p),
+                    other => panic!("walker read parent {other:?}"),
+                };
+                match Entry(v).decode(1) {
+                    Decoded::Frozen => thread::yield_now(),
+                    Decoded::Empty => panic!("walker found a hole during the collapse"),
+                    Decoded::Leaf(_) => {
+                        if slot::update_leaf(slot, v, v | ACCESSED | DIRTY).is_ok() {
+                            return;
+                        }
+                    }
+                    other => panic!("walker read leaf {other:?}"),
+                }
+            })
+        };
+        // `collapse_slot`: take each lower leaf (retrying on A/D changes),
+        // then publish the huge leaf with the OR of their A/D bits.
+        let mut ad = 0;
+        for e in &m.1.entries {
+            let mut v = slot::read(e);
+            while let Err(now) = take(e, v) {
+                v = now;
+            }
+            ad |= v & (ACCESSED | DIRTY);
+        }
+        slot::publish(&m.0, Entry::table(T1).0, HUGE | ad).expect("parent changed");
+        walker.join().expect("walker panicked");
+        let huge = m.0.load(Ordering::Relaxed);
+        assert_ne!(huge & DIRTY, 0, "collapse lost the walker's Dirty bit");
+    });
+}
+
+#[test]
+fn test_loom_collapse_never_shows_a_hole_and_keeps_dirty() {
+    collapse_model(slot::freeze_if, 3);
+}
+
+#[test]
+fn test_loom_collapse_by_clearing_shows_a_hole_is_caught() {
+    expect_caught(
+        || collapse_model(take_leaf_by_clearing, 3),
+        &["walker found a hole during the collapse"],
+    );
+}
