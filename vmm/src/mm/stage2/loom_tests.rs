@@ -2,6 +2,17 @@
 //! parent entry and lower tables of two entries. The protocol functions are
 //! the ones the real table calls; only the broken variants swap one out.
 //!
+//! - publish/zap/walk: an installer (CAS into the linked table, or a new
+//!   table published into the empty parent) races a zapper (freeze parent,
+//!   freeze lower entries, clear) and a walker. Checked: a walker never sees
+//!   an uninitialized table; FROZEN is never overwritten; an install is
+//!   either torn down by the zap or linked after it, never lost. Broken:
+//!   `Relaxed` publish, check-then-store install.
+//! - split vs a writing walker: the Dirty bit lands in the lower leaves.
+//!   Broken: publishing the table by unconditional swap.
+//! - collapse vs a writing walker: no hole, Dirty lands in the huge leaf.
+//!   Broken: clearing lower leaves instead of freezing them.
+//!
 //! Run: `RUSTFLAGS="--cfg vmm_loom" cargo test -p vmm --lib --release mm::stage2`.
 //!
 //! Grace periods are not modelled: every table lives until the model ends

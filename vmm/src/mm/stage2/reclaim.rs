@@ -15,6 +15,13 @@
 //! the epoch back. This is KVM's scheme (tables unlinked under RCU, freed by
 //! `call_rcu`) with crossbeam's global collector standing in for RCU.
 //!
+//! Why crossbeam-epoch rather than an epoch scheme of our own: it is the
+//! standard, widely checked implementation of exactly this contract, pinning
+//! is a thread-local counter bump (cheap enough for every walk), and its
+//! global collector needs no per-thread registration by device threads.
+//! Reclamation is lazy: crossbeam runs deferred frees as threads pin and
+//! flush, so [`ReclaimStats::freed`] lags `retired` until some thread does.
+//!
 //! # Poisoning
 //! In test and debug builds a reclaimed page is overwritten with
 //! [`POISON`](super::entry::POISON) before it goes. Walkers decode every entry

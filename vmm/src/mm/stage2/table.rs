@@ -52,6 +52,11 @@ impl Translation {
 
 /// A 4-level stage-2 table in EPT format.
 ///
+/// Share it by reference (`&Stage2Table` is `Send + Sync`): walkers call
+/// [`translate`](Self::translate) from any thread without a lock while
+/// writers map, unmap, protect, split and collapse (see the module docs for
+/// the writer lock and the guarantees walkers get).
+///
 /// ```
 /// use vmm::mm::addr::{Gpa, Hva};
 /// use vmm::mm::stage2::{Access, PageSize, Perms, Stage2Table};
