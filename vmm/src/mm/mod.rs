@@ -11,6 +11,8 @@
 //! - [`notifier`]: mmu-notifier-style invalidation ranges, KVM's sequence
 //!   protocol for fault paths, and a translation cache built on it.
 //! - [`pin_account`]: lock-free pinned-page and DMA-mapping budgets.
+//! - [`stage2`]: a lockless software stage-2 table in x86 EPT format, with
+//!   epoch-based reclamation of table pages.
 
 pub mod addr;
 pub mod backing;
@@ -18,4 +20,5 @@ pub mod notifier;
 pub mod pin_account;
 pub mod slot_lock;
 pub mod slot_map;
+pub mod stage2;
 pub(crate) mod sync;
