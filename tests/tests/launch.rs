@@ -152,6 +152,26 @@ fn test_bad_insn_guest_reports_ud_and_rip() {
 }
 
 #[test]
+fn test_verify_mismatch_names_address_expected_and_found() {
+    if !kvm_or_skip("verify-mismatch guest") {
+        return;
+    }
+    let (report, _) = run(&config("verify-mismatch", 4 * MIB, 1));
+    let err = report.error.expect("a mismatch fails the run");
+    // The first word of RAM differs: seed vs seed ^ 1.
+    let seed = vmm::run::RunConfig::default_guest().seed;
+    let addr = layout::RAM_BASE;
+    let expected = guest_image::protocol::pattern_word(seed ^ 1, addr);
+    let found = guest_image::protocol::pattern_word(seed, addr);
+    assert_eq!(
+        err,
+        format!(
+            "vCPU 0: verify mismatch at {addr:#x}: expected {expected:#018x}, found {found:#018x}"
+        )
+    );
+}
+
+#[test]
 fn test_spin_guest_past_timeout_is_stopped_with_clear_error() {
     if !kvm_or_skip("spin guest timeout") {
         return;

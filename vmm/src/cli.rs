@@ -152,7 +152,7 @@ pub struct RunArgs {
     /// Host memory behind guest RAM: anon, shared, memfd, thp, hugetlb or file=PATH.
     #[arg(long, value_name = "KIND", default_value = "anon", value_parser = parse_backing)]
     pub backing: BackingKind,
-    /// Guest program: a built-in name (default, hello, page-fault, bad-insn, spin) or an ELF image path.
+    /// Guest program: a built-in name (default, hello, page-fault, bad-insn, spin, verify-mismatch) or an ELF image path.
     #[arg(long, value_name = "NAME|PATH", default_value = "default", value_parser = parse_guest)]
     pub guest: GuestSource,
     /// Stop the guest and fail after this long (e.g. 30s, 500ms, 2m).

@@ -203,16 +203,20 @@ pub enum BuiltinGuest {
     BadInsn,
     /// Spins forever (for `--timeout`).
     Spin,
+    /// Fills its share with one seed and verifies it against another: shows
+    /// how a verify mismatch is reported.
+    VerifyMismatch,
 }
 
 impl BuiltinGuest {
     /// Every built-in, with its name.
-    pub const ALL: [(&'static str, BuiltinGuest); 5] = [
+    pub const ALL: [(&'static str, BuiltinGuest); 6] = [
         ("default", BuiltinGuest::Default),
         ("hello", BuiltinGuest::Hello),
         ("page-fault", BuiltinGuest::PageFault),
         ("bad-insn", BuiltinGuest::BadInsn),
         ("spin", BuiltinGuest::Spin),
+        ("verify-mismatch", BuiltinGuest::VerifyMismatch),
     ];
 
     /// The names, comma separated, for messages.
@@ -254,6 +258,13 @@ impl BuiltinGuest {
             BuiltinGuest::PageFault => vec![Run(Command::read(Self::fault_address(identity_end)))],
             BuiltinGuest::BadInsn => vec![Run(Command::bad_insn())],
             BuiltinGuest::Spin => vec![Run(Command::spin(0))],
+            BuiltinGuest::VerifyMismatch => match ram_share(ram, index, vcpus) {
+                Some(own) => vec![
+                    Run(Command::fill(own, seed)),
+                    Run(Command::verify(own, seed ^ 1)),
+                ],
+                None => vec![],
+            },
         };
         ScriptPlan::new(items, barrier)
     }
