@@ -5,8 +5,8 @@
 //! The loop never reads guest registers: everything the guest reports travels
 //! through its mailbox page (a vCPU ioctl costs ~6 µs on this host).
 //!
-//! Stopping: another thread sets the shared stop flag and sends [`KICK_SIGNAL`]
-//! to the thread until it returns; the signal makes `KVM_RUN` fail with EINTR,
+//! Stopping: another thread sets the shared stop flag and sends
+//! [`kick_signal`] (SIGRTMIN) to the thread until it returns; the signal makes `KVM_RUN` fail with EINTR,
 //! and the loop checks the flag before every entry.
 
 use std::collections::BTreeMap;
@@ -30,9 +30,6 @@ use crate::plan::{Command, Step, VcpuPlan};
 pub fn kick_signal() -> i32 {
     vmm_sys_util::signal::SIGRTMIN()
 }
-
-/// Alias kept for docs: the real number comes from [`kick_signal`].
-pub const KICK_SIGNAL: &str = "SIGRTMIN";
 
 /// Installs the no-op handler for [`kick_signal`] (idempotent).
 pub fn install_kick_handler() -> Result<(), vmm_sys_util::errno::Error> {
