@@ -1,0 +1,352 @@
+//! Loom models of the four properties. Each model has a deliberately
+//! broken variant, and a test asserting the model catches it.
+use super::*;
+use crate::mm::sync::{thread, Arc};
+use loom::cell::UnsafeCell;
+use loom::model::Builder;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+
+/// Effectively unbounded (loom does not model timeouts anyway).
+const LONG: Duration = Duration::from_secs(3600);
+const GPA: Gpa = Gpa(0x18_0000);
+const MAPPED: u64 = 1;
+const DISCARDED: u64 = 2;
+
+fn range_a() -> GpaRange {
+    GpaRange::new(Gpa(0x10_0000), 0x10_0000).unwrap()
+}
+fn range_b() -> GpaRange {
+    GpaRange::new(Gpa(0x18_0000), 0x10_0000).unwrap()
+}
+
+/// A slot cell and the "host memory" behind it. Loom flags any access to
+/// `mem` not ordered by happens-before with the writer's discard.
+struct Shared {
+    cell: SlotCell,
+    mem: UnsafeCell<u64>,
+}
+
+fn shared() -> (Arc<Shared>, SlotIdentity) {
+    let s = Arc::new(Shared {
+        cell: SlotCell::new(1),
+        mem: UnsafeCell::new(MAPPED),
+    });
+    let id = s.cell.attach(range_a()).unwrap();
+    (s, id)
+}
+
+fn read_mem(s: &Shared) -> u64 {
+    // SAFETY: loom's cell checks this read against concurrent writes.
+    s.mem.with(|p| unsafe { *p })
+}
+
+fn discard_mem(s: &Shared, value: u64) {
+    // SAFETY: loom's cell checks this write against concurrent accesses.
+    s.mem.with_mut(|p| unsafe { *p = value })
+}
+
+/// Runs a model with a preemption bound; returns how many executions
+/// loom explored.
+fn check(bound: usize, f: impl Fn() + Sync + Send + 'static) -> usize {
+    let runs = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = runs.clone();
+    let mut b = Builder::new();
+    b.preemption_bound = Some(bound);
+    b.check(move || {
+        counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        f();
+    });
+    runs.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Asserts that a correct model explored more than one interleaving.
+fn check_explores(bound: usize, f: impl Fn() + Sync + Send + 'static) {
+    let runs = check(bound, f);
+    assert!(runs > 1, "loom explored only {runs} execution(s)");
+}
+
+/// Asserts that the model fails, with a panic message containing `why`.
+fn assert_caught(bound: usize, why: &str, f: impl Fn() + Sync + Send + 'static) {
+    let payload = catch_unwind(AssertUnwindSafe(|| check(bound, f)))
+        .expect_err("loom did not catch the broken variant");
+    let msg = payload
+        .downcast_ref::<String>()
+        .map(String::as_str)
+        .or_else(|| payload.downcast_ref::<&str>().copied())
+        .unwrap_or("<non-string panic>");
+    assert!(msg.contains(why), "caught for another reason: {msg}");
+}
+
+type ReadFn = for<'a> fn(&'a SlotCell, u64, Gpa) -> Result<SlotReadGuard<'a>, SlotLockError>;
+type PutFn = fn(SlotReadGuard<'_>);
+
+/// BROKEN: checks EXCLUDE with a load, then increments separately.
+fn read_check_then_inc(
+    cell: &SlotCell,
+    generation: u64,
+    gpa: Gpa,
+) -> Result<SlotReadGuard<'_>, SlotLockError> {
+    let word = cell.refcnt.load(Ordering::Acquire);
+    if word == 0 {
+        return Err(SlotLockError::Detached { slot: cell.id });
+    }
+    if word & EXCLUDE != 0 {
+        return Err(SlotLockError::Excluded { slot: cell.id });
+    }
+    cell.refcnt.fetch_add(1, Ordering::Acquire);
+    let guard = SlotReadGuard {
+        cell,
+        identity: cell.load_identity(),
+    };
+    validate(&guard, generation, gpa)?;
+    Ok(guard)
+}
+
+/// BROKEN: increments without re-validating the identity afterwards.
+fn read_no_revalidate(
+    cell: &SlotCell,
+    _generation: u64,
+    _gpa: Gpa,
+) -> Result<SlotReadGuard<'_>, SlotLockError> {
+    cell.get_ref()?;
+    Ok(SlotReadGuard {
+        cell,
+        identity: cell.load_identity(),
+    })
+}
+
+fn put_correct(guard: SlotReadGuard<'_>) {
+    drop(guard);
+}
+
+/// BROKEN: releases without ever notifying the writer.
+fn put_no_notify(guard: SlotReadGuard<'_>) {
+    let cell = guard.cell;
+    std::mem::forget(guard);
+    cell.refcnt.fetch_sub(1, Ordering::Release);
+}
+
+/// BROKEN: notifies without taking the wait mutex (classic lost wake-up).
+fn put_notify_unlocked(guard: SlotReadGuard<'_>) {
+    let cell = guard.cell;
+    std::mem::forget(guard);
+    if cell.refcnt.fetch_sub(1, Ordering::Release) == EXCLUDE | (MAP_REF + 1) {
+        cell.drained.notify_one();
+    }
+}
+
+/// BROKEN: publishes the count before the identity.
+fn attach_count_first(cell: &SlotCell, range: GpaRange) -> SlotIdentity {
+    cell.refcnt.store(MAP_REF, Ordering::Release);
+    cell.publish_identity(range)
+}
+
+fn attach_correct(cell: &SlotCell, range: GpaRange) -> SlotIdentity {
+    cell.attach(range).unwrap()
+}
+
+/// Spawns `n` reader threads running `body` on the shared state.
+fn spawn_readers(
+    s: &Arc<Shared>,
+    n: usize,
+    body: impl Fn(&Shared) + Send + Sync + Copy + 'static,
+) -> Vec<thread::JoinHandle<()>> {
+    (0..n)
+        .map(|_| {
+            let s = Arc::clone(s);
+            thread::spawn(move || body(&s))
+        })
+        .collect()
+}
+
+fn join(readers: Vec<thread::JoinHandle<()>>) {
+    for r in readers {
+        r.join().unwrap();
+    }
+}
+
+// ---- Model 1: no reader admitted after exclude ------------------------
+// The writer excludes, drains, then discards the memory while it holds
+// the exclusion (and restores it, like a re-protect). A reader that got a
+// guard reads the memory: loom flags the read if it is not ordered with
+// the discard, and the word must show no reader inside the exclusion.
+fn exclude_model(read: ReadFn, n: usize) -> impl Fn() + Sync + Send + 'static {
+    move || {
+        let (s, id) = shared();
+        let readers = spawn_readers(&s, n, move |s| {
+            if let Ok(guard) = read(&s.cell, id.generation, GPA) {
+                assert_eq!(read_mem(s), MAPPED, "reader admitted into discarded memory");
+                drop(guard);
+            }
+        });
+        {
+            let mut ex = s.cell.exclude().unwrap();
+            ex.wait_drained(LONG).unwrap();
+            assert_eq!(
+                s.cell.word(),
+                EXCLUDE | MAP_REF,
+                "reader inside an exclusion"
+            );
+            discard_mem(&s, DISCARDED);
+            discard_mem(&s, MAPPED);
+        }
+        join(readers);
+        assert_eq!(s.cell.word(), MAP_REF);
+    }
+}
+
+#[test]
+fn test_loom_exclude_admits_no_reader() {
+    check_explores(3, exclude_model(SlotCell::read, 2));
+}
+
+#[test]
+fn test_loom_exclude_check_then_inc_reader_caught() {
+    assert_caught(
+        3,
+        "Causality violation",
+        exclude_model(read_check_then_inc, 1),
+    );
+}
+
+// ---- Model 2: no lost wake-up -------------------------------------------
+// The writer parks until the last reader leaves; loom reports a deadlock
+// if the wake-up is lost (loom's wait_timeout never times out).
+fn wakeup_model(put: PutFn, n: usize) -> impl Fn() + Sync + Send + 'static {
+    move || {
+        let (s, id) = shared();
+        // Not dropped while unwinding from loom's deadlock panic: a loom
+        // object touched after the execution aborted panics again.
+        let s = std::mem::ManuallyDrop::new(s);
+        let readers = spawn_readers(&s, n, move |s| {
+            if let Ok(guard) = s.cell.read(id.generation, GPA) {
+                put(guard);
+            }
+        });
+        let mut ex = s.cell.exclude().unwrap();
+        ex.wait_drained(LONG).unwrap();
+        ex.detach().unwrap();
+        drop(ex);
+        join(readers);
+        drop(std::mem::ManuallyDrop::into_inner(s));
+    }
+}
+
+#[test]
+fn test_loom_wait_drained_no_lost_wakeup() {
+    check_explores(3, wakeup_model(put_correct, 2));
+}
+
+#[test]
+fn test_loom_wait_drained_release_without_notify_caught() {
+    assert_caught(3, "deadlock", wakeup_model(put_no_notify, 1));
+}
+
+#[test]
+fn test_loom_wait_drained_notify_without_lock_caught() {
+    assert_caught(3, "deadlock", wakeup_model(put_notify_unlocked, 1));
+}
+
+// ---- Model 3: detach only at zero ---------------------------------------
+// Readers race a writer that detaches and then frees the memory.
+fn detach_model(wait_first: bool, n: usize) -> impl Fn() + Sync + Send + 'static {
+    move || {
+        let (s, id) = shared();
+        let readers = spawn_readers(&s, n, move |s| {
+            if let Ok(guard) = s.cell.read(id.generation, GPA) {
+                assert_eq!(read_mem(s), MAPPED, "reader inside a detached slot");
+                drop(guard);
+            }
+        });
+        let mut ex = s.cell.exclude().unwrap();
+        if wait_first {
+            ex.wait_drained(LONG).unwrap();
+            ex.detach().unwrap();
+        } else {
+            // BROKEN: a detach that does not wait for readers.
+            s.cell.refcnt.store(0, Ordering::Release);
+            ex.detached = true;
+        }
+        drop(ex);
+        discard_mem(&s, DISCARDED);
+        assert_eq!(
+            s.cell.read(id.generation, GPA).unwrap_err(),
+            SlotLockError::Detached { slot: 1 }
+        );
+        join(readers);
+        assert_eq!(s.cell.word(), 0);
+    }
+}
+
+#[test]
+fn test_loom_detach_only_at_zero() {
+    check_explores(3, detach_model(true, 2));
+}
+
+#[test]
+fn test_loom_detach_without_drain_caught() {
+    assert_caught(3, "Causality violation", detach_model(false, 1));
+}
+
+// ---- Model 4: recycle race ----------------------------------------------
+// A reader with a snapshot of attachment A (gen g1) races a writer that
+// detaches the cell, replaces the memory, and reattaches it for an
+// overlapping range B (gen g1 + 1). A guard must match the snapshot the
+// reader asked with, and the memory it sees must be that attachment's.
+// With `with_new_reader`, a second reader asks for B's generation.
+fn recycle_model(
+    read: ReadFn,
+    attach: fn(&SlotCell, GpaRange) -> SlotIdentity,
+    with_new_reader: bool,
+) -> impl Fn() + Sync + Send + 'static {
+    move || {
+        let (s, a) = shared();
+        let mut readers = spawn_readers(&s, 1, move |s| {
+            if let Ok(guard) = read(&s.cell, a.generation, GPA) {
+                assert_eq!(guard.identity(), a, "guard for the wrong identity");
+                assert_eq!(read_mem(s), MAPPED, "guard over another slot's memory");
+                drop(guard);
+            }
+        });
+        if with_new_reader {
+            readers.extend(spawn_readers(&s, 1, move |s| {
+                if let Ok(guard) = read(&s.cell, a.generation + 1, GPA) {
+                    assert_eq!(guard.range(), range_b(), "guard for the wrong identity");
+                    assert_eq!(read_mem(s), DISCARDED, "guard over another slot's memory");
+                    drop(guard);
+                }
+            }));
+        }
+        let mut ex = s.cell.exclude().unwrap();
+        ex.wait_drained(LONG).unwrap();
+        ex.detach().unwrap();
+        drop(ex);
+        discard_mem(&s, DISCARDED); // B's memory replaces A's
+        let b = attach(&s.cell, range_b());
+        assert_eq!(b.generation, a.generation + 1);
+        join(readers);
+    }
+}
+
+#[test]
+fn test_loom_recycle_never_yields_wrong_identity() {
+    check_explores(3, recycle_model(SlotCell::read, attach_correct, true));
+}
+
+#[test]
+fn test_loom_recycle_without_revalidation_caught() {
+    assert_caught(
+        3,
+        "guard for the wrong identity",
+        recycle_model(read_no_revalidate, attach_correct, false),
+    );
+}
+
+#[test]
+fn test_loom_recycle_attach_count_before_identity_caught() {
+    assert_caught(
+        3,
+        "guard over another slot's memory",
+        recycle_model(SlotCell::read, attach_count_first, false),
+    );
+}
