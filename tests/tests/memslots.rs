@@ -27,6 +27,8 @@ const PAGE: u64 = 4096;
 const ARENA: u64 = 64 * MIB;
 /// A slot id the maps never hand out (their `max_slots` is small).
 const PROBE_ID: u32 = 1000;
+/// `KVM_MEM_LOG_DIRTY_PAGES`.
+const LOG_DIRTY: u32 = vmm::mm::slot_map::KVM_MEM_LOG_DIRTY_PAGES;
 
 /// The VM fd, counting `KVM_SET_USER_MEMORY_REGION` calls and failing the
 /// calls whose 0-based numbers are in `fail` with `EIO`, without issuing them.
@@ -449,33 +451,101 @@ fn test_memslots_overlapping_plug_refused_before_ioctl() {
     f.assert_kvm_matches();
 }
 
-#[test]
-fn test_memslots_transition_from_stale_map_refused_before_ioctl() {
-    let Some(f) = fixture("memslots stale transition", 16) else {
-        return;
-    };
-    let a = anon(4 * MIB);
-    let b = anon(4 * MIB);
-    let stale = f.applier.load();
-    f.applier
-        .apply(|m| m.plug(Gpa(0), 4 * MIB, a.clone(), 0, SlotFlags::NONE))
-        .unwrap();
+/// Applies a transition computed from `stale` (an old map) and checks the
+/// applier refused its first change, naming `reason`, without any ioctl.
+fn assert_stale_refused(
+    f: &Fixture,
+    op: impl FnOnce() -> Result<vmm::mm::slot_map::Transition, SlotMapError>,
+    reason: &str,
+) {
     let calls = f.faulty.calls();
-    // A transition computed from the old, empty map creates id 0 again.
-    let err = f
-        .applier
-        .apply(|_| stale.plug(Gpa(2 * MIB), 4 * MIB, b.clone(), 0, SlotFlags::NONE))
-        .unwrap_err();
+    let before = f.applier.load();
+    let err = f.applier.apply(|_| op()).unwrap_err();
     match &err {
         MemslotError::RolledBack {
             index: 0, failure, ..
         } => {
             assert_eq!(failure.op, MemslotOp::Create);
-            assert!(matches!(failure.cause, FailureCause::Refused(_)), "{err}");
+            match &failure.cause {
+                FailureCause::Refused(why) => assert!(why.contains(reason), "{err}"),
+                other => panic!("expected a refusal, got {other}"),
+            }
         }
         other => panic!("expected a refusal, got {other}"),
     }
     assert_eq!(f.faulty.calls(), calls, "no ioctl issued");
+    assert!(Arc::ptr_eq(&before, &f.applier.load()));
+    f.assert_kvm_matches();
+}
+
+#[test]
+fn test_memslots_transition_from_stale_map_refused_before_ioctl() {
+    let Some(f) = fixture("memslots stale transition", 16) else {
+        return;
+    };
+    let (a, c, d, x) = (anon(4 * MIB), anon(4 * MIB), anon(4 * MIB), anon(4 * MIB));
+    let plug = |gpa: u64, mem: &Arc<HostMapping>| {
+        f.applier
+            .apply(|m| m.plug(Gpa(gpa), 4 * MIB, mem.clone(), 0, SlotFlags::NONE))
+            .unwrap()
+    };
+    plug(0, &a); // id 0
+    let stale1 = f.applier.load();
+    plug(16 * MIB, &c); // id 1
+    let stale2 = f.applier.load();
+    f.applier
+        .apply(|m| m.unplug(Gpa(16 * MIB), 4 * MIB))
+        .unwrap();
+    plug(8 * MIB, &d); // id 1 again, at [8, 12) MiB
+                       // From `stale1`, a plug at [32, 36) MiB creates id 1, which is live now
+                       // (KVM would take it as a change of that slot: EINVAL, or a move).
+    assert_stale_refused(
+        &f,
+        || stale1.plug(Gpa(32 * MIB), 4 * MIB, x.clone(), 0, SlotFlags::NONE),
+        "the id is live",
+    );
+    // From `stale2`, a plug at [9, 13) MiB creates id 2, free now, over live slot 1 (KVM: EEXIST).
+    assert_stale_refused(
+        &f,
+        || stale2.plug(Gpa(9 * MIB), 4 * MIB, x.clone(), 0, SlotFlags::NONE),
+        "overlaps live slot 1",
+    );
+}
+
+#[test]
+fn test_memslots_check_consistency_sees_dirty_logging_strays() {
+    let Some(f) = fixture("memslots check strays", 16) else {
+        return;
+    };
+    let a = anon(4 * MIB);
+    f.applier
+        .apply(|m| m.plug(Gpa(0), 4 * MIB, a.clone(), 0, SlotFlags::NONE))
+        .unwrap();
+    f.applier
+        .apply(|m| m.set_dirty_log(Gpa(0), 4 * MIB, true))
+        .unwrap();
+    f.applier.check_consistency().unwrap();
+    let hva = f.probe.hva().0;
+    // A dirty-logging slot behind the applier's back, with an id below max_slots.
+    f.faulty
+        .raw(region(15, 8 * MIB, MIB, hva, LOG_DIRTY))
+        .unwrap();
+    let why = f.applier.check_consistency().unwrap_err();
+    assert!(why.contains("slot 15"), "{why}");
+    f.faulty.raw(region(15, 8 * MIB, 0, hva, 0)).unwrap();
+    f.applier.check_consistency().unwrap();
+    // Logging switched off behind its back on a mirrored slot.
+    let spec = f.applier.registered()[0];
+    f.faulty
+        .raw(region(spec.id.0, spec.gpa.0, spec.size, spec.hva.0, 0))
+        .unwrap();
+    let why = f.applier.check_consistency().unwrap_err();
+    assert!(why.contains("not live"), "{why}");
+    f.faulty
+        .raw(region(
+            spec.id.0, spec.gpa.0, spec.size, spec.hva.0, spec.flags,
+        ))
+        .unwrap();
     f.assert_kvm_matches();
 }
 

@@ -687,6 +687,13 @@ impl<V: MemslotIoctls> MemslotApplier<V> {
     /// Runs `op` on the current map and makes KVM and the published map
     /// agree with its result, or changes nothing.
     ///
+    /// `op` must compute its transition from the map it is given (the
+    /// writer lock guarantees that map is current). A transition computed
+    /// from another map is refused before the ioctl only where one of its
+    /// changes breaks KVM's rules against what is registered (reused live id,
+    /// overlap, a delete of something else); otherwise it is applied and
+    /// [`check_consistency`](Self::check_consistency) reports the divergence.
+    ///
     /// # Errors
     /// [`SlotMap`](MemslotError::SlotMap) if `op` refuses (no ioctl issued);
     /// [`RolledBack`](MemslotError::RolledBack) if a change failed and was
