@@ -625,6 +625,22 @@ const GUEST: [u8; 11] = [
     0xC6, 0x06, 0x00, 0x50, 0x01, 0xC6, 0x06, 0x00, 0x90, 0x01, 0xF4,
 ];
 
+/// Runs [`GUEST`] at 0x1000 in real mode on a new vCPU until it halts.
+fn run_guest(f: &Fixture) {
+    let mut vcpu = f.faulty.vm.create_vcpu(0).expect("KVM_CREATE_VCPU");
+    let mut sregs = vcpu.get_sregs().unwrap();
+    sregs.cs.base = 0;
+    sregs.cs.selector = 0;
+    vcpu.set_sregs(&sregs).unwrap();
+    let mut regs = vcpu.get_regs().unwrap();
+    regs.rip = 0x1000;
+    regs.rflags = 2;
+    vcpu.set_regs(&regs).unwrap();
+    // kvm-ioctls' `VcpuExit` is not re-exported by `vmm`; its Debug names the exit.
+    let exit = format!("{:?}", vcpu.run().expect("KVM_RUN"));
+    assert!(exit.starts_with("Hlt"), "guest exit: {exit}");
+}
+
 #[test]
 fn test_memslots_dirty_pages_survive_split_and_are_reported_once() {
     let Some(f) = fixture("memslots dirty pages", 16) else {
@@ -641,17 +657,7 @@ fn test_memslots_dirty_pages_survive_split_and_are_reported_once() {
     f.applier
         .apply(|m| m.set_dirty_log(Gpa(0), 64 * 1024, true))
         .unwrap();
-    let mut vcpu = f.faulty.vm.create_vcpu(0).expect("KVM_CREATE_VCPU");
-    let mut sregs = vcpu.get_sregs().unwrap();
-    sregs.cs.base = 0;
-    sregs.cs.selector = 0;
-    vcpu.set_sregs(&sregs).unwrap();
-    let mut regs = vcpu.get_regs().unwrap();
-    regs.rip = 0x1000;
-    regs.rflags = 2;
-    vcpu.set_regs(&regs).unwrap();
-    let exit = format!("{:?}", vcpu.run().expect("KVM_RUN"));
-    assert!(exit.starts_with("Hlt"), "guest exit: {exit}");
+    run_guest(&f);
     // SAFETY: in bounds; the guest has halted.
     let written = unsafe { (*mem.as_ptr().add(0x5000), *mem.as_ptr().add(0x9000)) };
     assert_eq!(written, (1, 1), "the guest wrote both pages");
@@ -671,5 +677,135 @@ fn test_memslots_dirty_pages_survive_split_and_are_reported_once() {
         "pages outside the first range stayed pending"
     );
     assert_eq!(f.applier.dirty_pages(Gpa(0), 64 * 1024).unwrap(), vec![]);
-    drop(vcpu);
+}
+
+#[test]
+fn test_memslots_dirty_pages_survive_rollback() {
+    let Some(f) = fixture("memslots dirty pages rollback", 16) else {
+        return;
+    };
+    let mem = anon(64 * 1024);
+    // SAFETY: in bounds; the guest does not run yet.
+    unsafe {
+        std::ptr::copy_nonoverlapping(GUEST.as_ptr(), mem.as_ptr().add(0x1000), GUEST.len());
+    }
+    f.applier
+        .apply(|m| m.plug(Gpa(0), 64 * 1024, mem.clone(), 0, SlotFlags::NONE))
+        .unwrap();
+    f.applier
+        .apply(|m| m.set_dirty_log(Gpa(0), 64 * 1024, true))
+        .unwrap();
+    run_guest(&f);
+    // Change 0 deletes the logging slot (harvesting it), change 1 fails: the
+    // slot is re-created with an empty bitmap, the harvested pages are kept.
+    f.faulty.fail_next(&[1]);
+    let err = f
+        .applier
+        .apply(|m| m.protect(Gpa(0x8000), 0x1000, true))
+        .unwrap_err();
+    assert!(
+        matches!(err, MemslotError::RolledBack { index: 1, .. }),
+        "{err}"
+    );
+    f.assert_kvm_matches();
+    assert_eq!(
+        f.applier.dirty_pages(Gpa(0), 64 * 1024).unwrap(),
+        vec![Gfn(5), Gfn(9)]
+    );
+}
+
+/// A xorshift64 generator: the sequence is reproducible from the seed.
+struct Rng(u64);
+
+impl Rng {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n
+    }
+}
+
+#[test]
+fn test_memslots_random_ops_with_faults_match_kvm() {
+    const U: u64 = 256 * 1024; // the unit of every address and size
+    const SEED: u64 = 0x9E37_79B9_7F4A_7C15;
+    let Some(f) = fixture("memslots random ops", 16) else {
+        return;
+    };
+    let maps: Vec<Arc<HostMapping>> = (0..4).map(|_| anon(32 * U)).collect();
+    let mut rng = Rng(SEED);
+    let mut bump = [0u64; 4];
+    let mut outcomes = [0usize; 4]; // ok, refused by the map, rolled back, other
+    for step in 0..500 {
+        let map = f.applier.load();
+        let slots: Vec<(u64, u64)> = map
+            .iter()
+            .map(|s| (s.range().start().0, s.range().len()))
+            .collect();
+        let kind = rng.below(8);
+        // Ops on plugged memory mostly take a range inside one slot (resize:
+        // its start); plugs and the rest take any range in the arena.
+        let (at, n) = match rng.below(4) {
+            r if r > 0 && kind >= 3 && !slots.is_empty() => {
+                let (start, len) = slots[rng.below(slots.len() as u64) as usize];
+                let first = if kind == 7 { 0 } else { rng.below(len / U) };
+                let n = (1 + rng.below(len / U - first)) * U;
+                (
+                    start + first * U,
+                    if kind == 7 { n + U * rng.below(3) } else { n },
+                )
+            }
+            _ => (rng.below(240) * U, (1 + rng.below(8)) * U),
+        };
+        let dst = rng.below(240) * U;
+        // Plugs take fresh memory from a bump pointer per mapping, so most
+        // are not refused as aliases of plugged memory.
+        let m = rng.below(4) as usize;
+        let mapping = maps[m].clone();
+        if bump[m] + n > 32 * U {
+            bump[m] = 0;
+        }
+        let off = bump[m];
+        let flag = rng.below(2) == 0;
+        let fail: Vec<usize> = match rng.below(24) {
+            0..=5 => vec![rng.below(5) as usize],
+            6 => vec![rng.below(5) as usize, rng.below(5) as usize + 1],
+            _ => vec![],
+        };
+        f.faulty.fail_next(&fail);
+        let result = f.applier.apply(|m| match kind {
+            0..=2 => m.plug(Gpa(at), n, mapping, off, SlotFlags::NONE),
+            3 => m.unplug(Gpa(at), n),
+            4 => m.protect(Gpa(at), n, flag),
+            5 => m.set_dirty_log(Gpa(at), n, flag),
+            6 => m.move_range(Gpa(at), n, Gpa(dst)),
+            _ => m.resize(Gpa(at), n, flag.then_some(mapping)),
+        });
+        f.faulty.fail_next(&[]);
+        let context = format!("seed {SEED:#x} step {step}: kind {kind} at {at:#x} n {n:#x}");
+        match &result {
+            Ok(_) => {
+                outcomes[0] += 1;
+                if kind <= 2 {
+                    bump[m] += n;
+                }
+            }
+            Err(MemslotError::SlotMap(_)) => outcomes[1] += 1,
+            Err(MemslotError::RolledBack { .. }) => {
+                outcomes[2] += 1;
+                assert!(Arc::ptr_eq(&map, &f.applier.load()), "{context}");
+            }
+            Err(MemslotError::RollbackFailed { .. }) => {
+                // The mirror still shows what KVM holds; the map does not.
+                assert!(f.applier.check_consistency().is_err(), "{context}");
+                outcomes[3] += 1;
+                break;
+            }
+            Err(e) => panic!("{context}: {e}"),
+        }
+        f.assert_kvm_matches();
+    }
+    eprintln!("random ops: {outcomes:?} (ok, refused by the map, rolled back, rollback failed)");
+    assert!(outcomes[0] >= 100 && outcomes[2] >= 10, "{outcomes:?}");
 }
