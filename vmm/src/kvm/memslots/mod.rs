@@ -301,9 +301,13 @@ impl<V: MemslotIoctls> MemslotApplier<V> {
         let logging_after =
             step.op != MemslotOp::Delete && step.spec.flags & KVM_MEM_LOG_DIRTY_PAGES != 0;
         if logging_before && !logging_after {
-            let live = MemslotSpec {
-                flags: step.old_flags | KVM_MEM_LOG_DIRTY_PAGES,
-                ..step.spec
+            // The slot as KVM holds it now (a SetFlags step names the new flags).
+            let live = match step.op {
+                MemslotOp::SetFlags => MemslotSpec {
+                    flags: step.old_flags,
+                    ..step.spec
+                },
+                _ => step.spec,
             };
             st.harvest(&self.vm, &live)?;
         }
