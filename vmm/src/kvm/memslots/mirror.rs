@@ -1,0 +1,275 @@
+//! The mirror of what KVM holds, and the checks each memslot call must pass
+//! against it before it is issued (KVM's rules for `__kvm_set_memory_region`).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use kvm_bindings::kvm_userspace_memory_region;
+
+use crate::mm::addr::{Gfn, Gpa, PAGE_SIZE};
+use crate::mm::backing::HostMapping;
+use crate::mm::slot_map::{
+    MemslotChange, MemslotSpec, SlotId, SlotMapConfig, KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY,
+};
+
+use super::error::{FailureCause, MemslotFailure, MemslotOp};
+use super::ioctls::MemslotIoctls;
+
+/// `KVM_MEM_MAX_NR_PAGES` (`include/linux/kvm_host.h`): the most pages a
+/// memslot can have, so KVM never copies more than this many dirty bits.
+const KVM_MEM_MAX_NR_PAGES: u64 = (1 << 31) - 1;
+
+/// Bytes of the dirty-bitmap buffer: enough for the largest bitmap KVM can
+/// copy out (`KVM_MEM_MAX_NR_PAGES` bits rounded up to 64), whatever slot an
+/// id names. It is address space only (`MAP_NORESERVE`, touched as far as the
+/// largest bitmap actually read).
+pub(super) const DIRTY_BITMAP_BYTES: u64 = KVM_MEM_MAX_NR_PAGES.div_ceil(64) * 8;
+
+/// A memslot KVM holds, and the mapping it points into (kept alive here).
+pub(super) struct Registered {
+    pub(super) spec: MemslotSpec,
+    pub(super) mapping: Arc<HostMapping>,
+}
+
+/// One memslot call in the applier's terms (slots are built only by the map).
+#[derive(Clone)]
+pub(super) struct Step {
+    pub(super) op: MemslotOp,
+    pub(super) spec: MemslotSpec,
+    pub(super) mapping: Arc<HostMapping>,
+    /// For `SetFlags`: the flags KVM holds before the call.
+    pub(super) old_flags: u32,
+}
+
+impl Step {
+    pub(super) fn of(change: &MemslotChange) -> Step {
+        let (op, slot, old_flags) = match change {
+            MemslotChange::Create { slot } => (MemslotOp::Create, slot, 0),
+            MemslotChange::Delete { slot } => (MemslotOp::Delete, slot, 0),
+            MemslotChange::SetFlags { slot, old_flags } => {
+                (MemslotOp::SetFlags, slot, old_flags.kvm_flags())
+            }
+        };
+        Step {
+            op,
+            spec: slot.spec(),
+            mapping: Arc::clone(slot.mapping()),
+            old_flags,
+        }
+    }
+
+    /// The call that restores the state before `self`.
+    pub(super) fn inverse(&self) -> Step {
+        let mut inv = self.clone();
+        match self.op {
+            MemslotOp::Create => inv.op = MemslotOp::Delete,
+            MemslotOp::Delete => inv.op = MemslotOp::Create,
+            MemslotOp::SetFlags => {
+                inv.spec.flags = self.old_flags;
+                inv.old_flags = self.spec.flags;
+            }
+            MemslotOp::GetDirtyLog => {}
+        }
+        inv
+    }
+
+    pub(super) fn failure(&self, cause: FailureCause) -> MemslotFailure {
+        MemslotFailure {
+            op: self.op,
+            spec: self.spec,
+            cause,
+        }
+    }
+
+    pub(super) fn region(&self) -> kvm_userspace_memory_region {
+        kvm_userspace_memory_region {
+            slot: self.spec.id.0,
+            flags: self.spec.flags,
+            guest_phys_addr: self.spec.gpa.0,
+            memory_size: if self.op == MemslotOp::Delete {
+                0
+            } else {
+                self.spec.size
+            },
+            userspace_addr: self.spec.hva.0,
+        }
+    }
+}
+
+pub(super) fn end_of(spec: &MemslotSpec) -> u64 {
+    spec.gpa.0.saturating_add(spec.size)
+}
+
+/// Everything guarded by the state mutex.
+pub(super) struct State {
+    pub(super) by_id: BTreeMap<SlotId, Registered>,
+    /// Slot start -> id, to find overlaps in O(log n).
+    pub(super) by_gpa: BTreeMap<Gpa, SlotId>,
+    /// Harvested dirty pages not yet reported.
+    pub(super) pending: BTreeSet<Gfn>,
+    /// `DIRTY_BITMAP_BYTES` of address space for `KVM_GET_DIRTY_LOG`.
+    pub(super) bitmap: HostMapping,
+    pub(super) poisoned: bool,
+}
+
+impl State {
+    /// The live slot overlapping `[gpa, end)`, if any (slots never overlap,
+    /// so the last one starting below `end` is the only candidate).
+    pub(super) fn overlapping(&self, gpa: Gpa, end: u64) -> Option<&MemslotSpec> {
+        let (_, id) = self.by_gpa.range(..Gpa(end)).next_back()?;
+        let spec = &self.by_id.get(id)?.spec;
+        (end_of(spec) > gpa.0).then_some(spec)
+    }
+
+    /// Checks `step` against what KVM holds (KVM's rules for
+    /// `__kvm_set_memory_region`), so the ioctl does exactly what it says.
+    pub(super) fn validate(&self, step: &Step, config: &SlotMapConfig) -> Result<(), String> {
+        let spec = &step.spec;
+        let live = self.by_id.get(&spec.id).map(|r| r.spec);
+        match step.op {
+            MemslotOp::Create => {
+                if spec.id.0 >= config.max_slots {
+                    return Err(format!("id is not below max_slots {}", config.max_slots));
+                }
+                if let Some(l) = live {
+                    return Err(format!("the id is live at {} size {:#x}", l.gpa, l.size));
+                }
+                if spec.size == 0
+                    || spec.gpa.0 % PAGE_SIZE != 0
+                    || spec.size % PAGE_SIZE != 0
+                    || spec.hva.0 % PAGE_SIZE != 0
+                {
+                    return Err("gpa, size and hva must be non-zero multiples of 4 KiB".into());
+                }
+                if spec.flags & !(KVM_MEM_LOG_DIRTY_PAGES | KVM_MEM_READONLY) != 0 {
+                    return Err("unknown flags".into());
+                }
+                if spec.flags & KVM_MEM_READONLY != 0 && !config.read_only_supported {
+                    return Err("KVM_MEM_READONLY is not supported".into());
+                }
+                let base = step.mapping.hva().0;
+                let inside = spec.hva.0 >= base
+                    && spec.hva.0 - base <= step.mapping.len()
+                    && spec.size <= step.mapping.len() - (spec.hva.0 - base);
+                if !inside {
+                    return Err(format!(
+                        "hva range lies outside its {:#x}-byte mapping at {}",
+                        step.mapping.len(),
+                        step.mapping.hva()
+                    ));
+                }
+                if spec.gpa.0.checked_add(spec.size).is_none() {
+                    return Err("range overflows".into());
+                }
+                if let Some(o) = self.overlapping(spec.gpa, end_of(spec)) {
+                    return Err(format!(
+                        "range overlaps live {} at {} size {:#x} (KVM: EEXIST)",
+                        o.id, o.gpa, o.size
+                    ));
+                }
+                Ok(())
+            }
+            MemslotOp::Delete => match live {
+                Some(l) if l == *spec => Ok(()),
+                Some(l) => Err(format!("KVM holds the id as {l:?}")),
+                None => Err("the id is not live".into()),
+            },
+            MemslotOp::SetFlags => {
+                let before = MemslotSpec {
+                    flags: step.old_flags,
+                    ..*spec
+                };
+                if (step.old_flags ^ spec.flags) & !KVM_MEM_LOG_DIRTY_PAGES != 0 {
+                    return Err("only KVM_MEM_LOG_DIRTY_PAGES can change on a live slot".into());
+                }
+                match live {
+                    Some(l) if l == before => Ok(()),
+                    Some(l) => Err(format!("KVM holds the id as {l:?}")),
+                    None => Err("the id is not live".into()),
+                }
+            }
+            MemslotOp::GetDirtyLog => Ok(()),
+        }
+    }
+
+    /// Updates the mirror after `step`'s ioctl succeeded.
+    pub(super) fn record(&mut self, step: &Step) {
+        match step.op {
+            MemslotOp::Create => {
+                self.by_gpa.insert(step.spec.gpa, step.spec.id);
+                self.by_id.insert(
+                    step.spec.id,
+                    Registered {
+                        spec: step.spec,
+                        mapping: Arc::clone(&step.mapping),
+                    },
+                );
+            }
+            MemslotOp::Delete => {
+                self.by_gpa.remove(&step.spec.gpa);
+                // The mapping's Arc drops here: KVM no longer maps it.
+                self.by_id.remove(&step.spec.id);
+            }
+            MemslotOp::SetFlags => {
+                if let Some(r) = self.by_id.get_mut(&step.spec.id) {
+                    r.spec.flags = step.spec.flags;
+                }
+            }
+            MemslotOp::GetDirtyLog => {}
+        }
+    }
+
+    /// `KVM_GET_DIRTY_LOG` of `id` into the buffer; returns the first
+    /// `ceil(pages / 64)` words (a slot of `size` bytes).
+    pub(super) fn read_bitmap<V: MemslotIoctls>(
+        &mut self,
+        vm: &V,
+        id: SlotId,
+        size: u64,
+    ) -> Result<&[u64], kvm_ioctls::Error> {
+        let words = (size / PAGE_SIZE).div_ceil(64) as usize;
+        let buf = self.bitmap.as_ptr().cast::<u64>();
+        // SAFETY: `words * 8 <= DIRTY_BITMAP_BYTES` (a slot has at most
+        // KVM_MEM_MAX_NR_PAGES pages), the buffer is a live, page-aligned
+        // mapping of that many bytes, and only this `&mut State` touches it.
+        unsafe { std::ptr::write_bytes(buf, 0, words) };
+        // SAFETY: the buffer holds DIRTY_BITMAP_BYTES, enough for the bitmap
+        // of any slot KVM can hold under any id, so KVM's copy stays inside it
+        // even if KVM's slot differed from the mirror.
+        unsafe { vm.get_dirty_log_into(id.0, buf) }?;
+        // SAFETY: in bounds as above; KVM finished writing when the ioctl
+        // returned, and the borrow of `self` keeps others away until the
+        // slice is dropped.
+        Ok(unsafe { std::slice::from_raw_parts(buf, words) })
+    }
+
+    /// Reads and clears the dirty log of the live slot `spec` into `pending`.
+    pub(super) fn harvest<V: MemslotIoctls>(
+        &mut self,
+        vm: &V,
+        spec: &MemslotSpec,
+    ) -> Result<(), MemslotFailure> {
+        let pages = spec.size / PAGE_SIZE;
+        let first = spec.gpa.gfn().0;
+        let mut dirty = Vec::new();
+        let words = self
+            .read_bitmap(vm, spec.id, spec.size)
+            .map_err(|e| MemslotFailure {
+                op: MemslotOp::GetDirtyLog,
+                spec: *spec,
+                cause: FailureCause::Errno(e.errno()),
+            })?;
+        for (w, &word) in words.iter().enumerate() {
+            let mut bits = word;
+            while bits != 0 {
+                let page = w as u64 * 64 + u64::from(bits.trailing_zeros());
+                if page < pages {
+                    dirty.push(Gfn(first + page));
+                }
+                bits &= bits - 1;
+            }
+        }
+        self.pending.extend(dirty);
+        Ok(())
+    }
+}

@@ -1,0 +1,400 @@
+//! The applier against an in-memory KVM that enforces KVM's memslot rules:
+//! the pre-ioctl checks, dirty-page bookkeeping, and random op sequences
+//! with failures injected at random calls (forward changes and undos).
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use proptest::prelude::*;
+
+use super::mirror::{State, Step};
+use super::*;
+use crate::mm::addr::Hva;
+use crate::mm::slot_map::{SlotFlags, KVM_MEM_READONLY};
+
+const P: u64 = PAGE_SIZE;
+
+/// `__kvm_set_memory_region`'s rules (`virt/kvm/kvm_main.c`), in memory:
+/// id -> (gpa, size, hva, flags). Calls whose 0-based number is in
+/// `fail` return `EIO` without effect. `dirty` holds the guest frames
+/// "written" since their slot's log was last read.
+#[derive(Default)]
+struct FakeKvm {
+    slots: Mutex<BTreeMap<u32, (u64, u64, u64, u32)>>,
+    calls: AtomicUsize,
+    fail: Mutex<BTreeSet<usize>>,
+    dirty: Mutex<BTreeSet<u64>>,
+}
+
+fn errno(e: i32) -> Result<(), kvm_ioctls::Error> {
+    Err(kvm_ioctls::Error::new(e))
+}
+
+impl FakeKvm {
+    fn specs(&self) -> Vec<MemslotSpec> {
+        let slots = self.slots.lock().unwrap();
+        slots
+            .iter()
+            .map(|(&id, &(gpa, size, hva, flags))| MemslotSpec {
+                id: SlotId(id),
+                gpa: Gpa(gpa),
+                size,
+                hva: Hva(hva),
+                flags,
+            })
+            .collect()
+    }
+    fn fail_next(&self, offsets: &[usize]) {
+        let now = self.calls.load(Ordering::SeqCst);
+        *self.fail.lock().unwrap() = offsets.iter().map(|o| now + o).collect();
+    }
+}
+
+impl MemslotIoctls for FakeKvm {
+    unsafe fn set_user_memory_region(
+        &self,
+        r: kvm_userspace_memory_region,
+    ) -> Result<(), kvm_ioctls::Error> {
+        let n = self.calls.fetch_add(1, Ordering::SeqCst);
+        if self.fail.lock().unwrap().contains(&n) {
+            return errno(libc::EIO);
+        }
+        let mut slots = self.slots.lock().unwrap();
+        if r.guest_phys_addr % P != 0 || r.memory_size % P != 0 || r.userspace_addr % P != 0 {
+            return errno(libc::EINVAL);
+        }
+        if r.memory_size == 0 {
+            return match slots.remove(&r.slot) {
+                Some(_) => Ok(()),
+                None => errno(libc::EINVAL),
+            };
+        }
+        let (gpa, size) = (r.guest_phys_addr, r.memory_size);
+        if let Some(&(ogpa, osize, ohva, oflags)) = slots.get(&r.slot) {
+            if ohva != r.userspace_addr
+                || osize != size
+                || (oflags ^ r.flags) & KVM_MEM_READONLY != 0
+            {
+                return errno(libc::EINVAL);
+            }
+            if ogpa == gpa && oflags == r.flags {
+                return Ok(());
+            }
+        }
+        let overlaps = slots
+            .iter()
+            .any(|(&id, &(g, s, _, _))| id != r.slot && g < gpa + size && gpa < g + s);
+        if overlaps {
+            return errno(libc::EEXIST);
+        }
+        slots.insert(r.slot, (gpa, size, r.userspace_addr, r.flags));
+        Ok(())
+    }
+
+    unsafe fn get_dirty_log_into(
+        &self,
+        slot: u32,
+        bitmap: *mut u64,
+    ) -> Result<(), kvm_ioctls::Error> {
+        let Some(&(gpa, size, _, flags)) = self.slots.lock().unwrap().get(&slot) else {
+            return errno(libc::ENOENT);
+        };
+        if flags & KVM_MEM_LOG_DIRTY_PAGES == 0 {
+            return errno(libc::ENOENT);
+        }
+        let pages = size / P;
+        let words = pages.div_ceil(64) as usize;
+        let (first, end) = (gpa / P, gpa / P + pages);
+        let mut dirty = self.dirty.lock().unwrap();
+        let hits: Vec<u64> = dirty.range(first..end).copied().collect();
+        // SAFETY: the caller guarantees room for this slot's bitmap.
+        let bits = unsafe { std::slice::from_raw_parts_mut(bitmap, words) };
+        bits.fill(0);
+        for g in hits {
+            dirty.remove(&g);
+            let i = (g - first) as usize;
+            bits[i / 64] |= 1 << (i % 64);
+        }
+        Ok(())
+    }
+}
+
+fn config() -> SlotMapConfig {
+    SlotMapConfig {
+        max_slots: 8,
+        max_gpa: Gpa(64 * P),
+        read_only_supported: true,
+    }
+}
+
+fn anon(pages: u64) -> Arc<HostMapping> {
+    Arc::new(HostMapping::new(&BackingKind::Anon, pages * P).unwrap())
+}
+
+fn step(
+    op: MemslotOp,
+    id: u32,
+    gpa: u64,
+    pages: u64,
+    mapping: &Arc<HostMapping>,
+    flags: u32,
+) -> Step {
+    Step {
+        op,
+        spec: MemslotSpec {
+            id: SlotId(id),
+            gpa: Gpa(gpa),
+            size: pages * P,
+            hva: mapping.hva(),
+            flags,
+        },
+        mapping: Arc::clone(mapping),
+        old_flags: 0,
+    }
+}
+
+/// The state after creating 4 pages at 0 with id 0 from `a`.
+fn state_with_one_slot(a: &Arc<HostMapping>) -> State {
+    let mut st = State {
+        by_id: BTreeMap::new(),
+        by_gpa: BTreeMap::new(),
+        pending: BTreeSet::new(),
+        bitmap: HostMapping::new(&BackingKind::Anon, P).unwrap(),
+        poisoned: false,
+    };
+    st.record(&step(MemslotOp::Create, 0, 0, 4, a, 0));
+    st
+}
+
+fn refusal(st: &State, s: &Step) -> String {
+    st.validate(s, &config()).unwrap_err()
+}
+
+#[test]
+fn test_validate_create_over_live_slot_refused() {
+    let (a, b) = (anon(8), anon(8));
+    let st = state_with_one_slot(&a);
+    let why = refusal(&st, &step(MemslotOp::Create, 1, 3 * P, 2, &b, 0));
+    assert!(why.contains("overlaps live slot 0"), "{why}");
+    let adjacent = step(MemslotOp::Create, 1, 4 * P, 2, &b, 0);
+    assert_eq!(st.validate(&adjacent, &config()), Ok(()));
+}
+
+#[test]
+fn test_validate_create_with_live_id_refused() {
+    let (a, b) = (anon(8), anon(8));
+    let st = state_with_one_slot(&a);
+    let why = refusal(&st, &step(MemslotOp::Create, 0, 8 * P, 2, &b, 0));
+    assert!(why.contains("the id is live"), "{why}");
+}
+
+#[test]
+fn test_validate_create_outside_mapping_refused() {
+    let (a, b) = (anon(8), anon(2));
+    let st = state_with_one_slot(&a);
+    let why = refusal(&st, &step(MemslotOp::Create, 1, 8 * P, 3, &b, 0));
+    assert!(why.contains("outside its"), "{why}");
+}
+
+#[test]
+fn test_validate_create_id_at_max_slots_refused() {
+    let (a, b) = (anon(8), anon(2));
+    let st = state_with_one_slot(&a);
+    let why = refusal(&st, &step(MemslotOp::Create, 8, 8 * P, 2, &b, 0));
+    assert!(why.contains("max_slots"), "{why}");
+}
+
+#[test]
+fn test_validate_delete_of_other_spec_refused() {
+    let a = anon(8);
+    let st = state_with_one_slot(&a);
+    let exact = step(MemslotOp::Delete, 0, 0, 4, &a, 0);
+    assert_eq!(st.validate(&exact, &config()), Ok(()));
+    let why = refusal(&st, &step(MemslotOp::Delete, 0, 0, 3, &a, 0));
+    assert!(why.contains("KVM holds the id"), "{why}");
+    let why = refusal(&st, &step(MemslotOp::Delete, 1, 0, 4, &a, 0));
+    assert!(why.contains("not live"), "{why}");
+}
+
+#[test]
+fn test_validate_set_flags_toggling_readonly_refused() {
+    let a = anon(8);
+    let st = state_with_one_slot(&a);
+    let why = refusal(
+        &st,
+        &step(MemslotOp::SetFlags, 0, 0, 4, &a, KVM_MEM_READONLY),
+    );
+    assert!(why.contains("only KVM_MEM_LOG_DIRTY_PAGES"), "{why}");
+    let log = step(MemslotOp::SetFlags, 0, 0, 4, &a, KVM_MEM_LOG_DIRTY_PAGES);
+    assert_eq!(st.validate(&log, &config()), Ok(()));
+}
+
+#[test]
+fn test_step_inverse_twice_is_identity() {
+    let a = anon(8);
+    let s = step(MemslotOp::SetFlags, 0, 0, 4, &a, KVM_MEM_LOG_DIRTY_PAGES);
+    let inv = s.inverse();
+    assert_eq!(
+        (inv.op, inv.spec.flags, inv.old_flags),
+        (MemslotOp::SetFlags, 0, KVM_MEM_LOG_DIRTY_PAGES)
+    );
+    let back = inv.inverse();
+    assert_eq!((back.spec, back.old_flags), (s.spec, s.old_flags));
+    let c = step(MemslotOp::Create, 0, 0, 4, &a, 0);
+    assert_eq!(c.inverse().op, MemslotOp::Delete);
+    assert_eq!(c.inverse().inverse().op, MemslotOp::Create);
+}
+
+#[test]
+fn test_dirty_pages_outside_range_stay_pending() {
+    let kvm = Arc::new(FakeKvm::default());
+    let ap = MemslotApplier::new(Arc::clone(&kvm), config()).unwrap();
+    let a = anon(8);
+    ap.apply(|m| m.plug(Gpa(0), 8 * P, a.clone(), 0, SlotFlags::NONE))
+        .unwrap();
+    ap.apply(|m| m.set_dirty_log(Gpa(0), 8 * P, true)).unwrap();
+    kvm.dirty.lock().unwrap().extend([1, 3, 6]);
+    assert_eq!(ap.dirty_pages(Gpa(2 * P), 2 * P).unwrap(), vec![Gfn(3)]);
+    assert_eq!(ap.dirty_pages(Gpa(0), 8 * P).unwrap(), vec![Gfn(1), Gfn(6)]);
+    assert_eq!(ap.dirty_pages(Gpa(0), 8 * P).unwrap(), vec![]);
+}
+
+#[test]
+fn test_dirty_pages_harvested_before_logging_off() {
+    let kvm = Arc::new(FakeKvm::default());
+    let ap = MemslotApplier::new(Arc::clone(&kvm), config()).unwrap();
+    let a = anon(8);
+    ap.apply(|m| m.plug(Gpa(0), 8 * P, a.clone(), 0, SlotFlags::NONE))
+        .unwrap();
+    ap.apply(|m| m.set_dirty_log(Gpa(0), 8 * P, true)).unwrap();
+    kvm.dirty.lock().unwrap().extend([2, 7]);
+    ap.apply(|m| m.set_dirty_log(Gpa(0), 8 * P, false)).unwrap();
+    assert!(kvm.dirty.lock().unwrap().is_empty(), "harvested");
+    assert_eq!(ap.dirty_pages(Gpa(0), 8 * P).unwrap(), vec![Gfn(2), Gfn(7)]);
+}
+
+#[test]
+fn test_check_consistency_finds_dirty_logging_stray() {
+    let kvm = Arc::new(FakeKvm::default());
+    let ap = MemslotApplier::new(Arc::clone(&kvm), config()).unwrap();
+    ap.check_consistency().unwrap();
+    kvm.slots
+        .lock()
+        .unwrap()
+        .insert(5, (0, P, 0x1000, KVM_MEM_LOG_DIRTY_PAGES));
+    let why = ap.check_consistency().unwrap_err();
+    assert!(why.contains("slot 5"), "{why}");
+}
+
+#[test]
+fn test_drop_deletes_every_registered_slot() {
+    let kvm = Arc::new(FakeKvm::default());
+    let ap = MemslotApplier::new(Arc::clone(&kvm), config()).unwrap();
+    let a = anon(8);
+    ap.apply(|m| m.plug(Gpa(0), 2 * P, a.clone(), 0, SlotFlags::NONE))
+        .unwrap();
+    ap.apply(|m| m.plug(Gpa(4 * P), 2 * P, a.clone(), 4 * P, SlotFlags::NONE))
+        .unwrap();
+    assert_eq!(kvm.specs().len(), 2);
+    drop(ap);
+    assert!(kvm.specs().is_empty());
+    assert_eq!(Arc::strong_count(&a), 1);
+}
+
+#[derive(Clone, Debug)]
+struct RandomOp {
+    kind: u8,
+    at: u64,
+    n: u64,
+    dst: u64,
+    m: usize,
+    flag: bool,
+    /// Call offsets to fail (forward changes or undos).
+    fail: Vec<usize>,
+}
+
+fn random_op() -> impl Strategy<Value = RandomOp> {
+    (
+        0..8u8,
+        0..40u64,
+        1..6u64,
+        0..60u64,
+        0..4usize,
+        any::<bool>(),
+        proptest::collection::vec(0..6usize, 0..3),
+    )
+        .prop_map(|(kind, at, n, dst, m, flag, fail)| RandomOp {
+            kind,
+            at,
+            n,
+            dst,
+            m,
+            flag,
+            fail,
+        })
+}
+
+/// `at >= 32` names the start of slot `at - 32` (mod the count).
+fn resolve(map: &SlotMap, at: u64) -> u64 {
+    let starts: Vec<u64> = map.iter().map(|s| s.range().start().0).collect();
+    match at.checked_sub(32) {
+        Some(k) if !starts.is_empty() => starts[k as usize % starts.len()],
+        _ => at * P,
+    }
+}
+
+fn run(ops: &[RandomOp]) {
+    let kvm = Arc::new(FakeKvm::default());
+    let ap = MemslotApplier::new(Arc::clone(&kvm), config()).unwrap();
+    let maps = [anon(16), anon(16), anon(16), anon(16)];
+    for o in ops {
+        let before = ap.load();
+        let at = resolve(&before, o.at);
+        kvm.fail_next(&o.fail);
+        let mapping = maps[o.m].clone();
+        let result = ap.apply(|m| match o.kind {
+            0..=2 => m.plug(
+                Gpa(o.at * P),
+                o.n * P,
+                mapping,
+                o.dst % 12 * P,
+                SlotFlags::NONE,
+            ),
+            3 => m.unplug(Gpa(at), o.n * P),
+            4 => m.protect(Gpa(at), o.n * P, o.flag),
+            5 => m.set_dirty_log(Gpa(at), o.n * P, o.flag),
+            6 => m.move_range(Gpa(at), o.n * P, Gpa(o.dst * P)),
+            _ => m.resize(Gpa(at), o.n * P, o.flag.then_some(mapping)),
+        });
+        // The fake always equals the mirror: it changes only on success.
+        assert_eq!(kvm.specs(), ap.registered(), "{o:?}: {result:?}");
+        match result {
+            Ok(applied) => {
+                assert!(Arc::ptr_eq(&applied.map, &ap.load()));
+                assert_eq!(kvm.specs(), applied.map.expected_memslots());
+            }
+            Err(MemslotError::SlotMap(_) | MemslotError::RolledBack { .. }) => {
+                assert!(Arc::ptr_eq(&before, &ap.load()), "{o:?}");
+                assert_eq!(kvm.specs(), before.expected_memslots(), "{o:?}");
+            }
+            Err(MemslotError::RollbackFailed { .. }) => {
+                assert!(ap.check_consistency().is_err());
+                let next = ap.apply(|m| m.unplug(Gpa(0), P));
+                assert!(matches!(next, Err(MemslotError::Poisoned)), "{next:?}");
+                return;
+            }
+            Err(e) => panic!("{o:?}: unexpected {e}"),
+        }
+        ap.check_consistency().unwrap();
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 200, ..ProptestConfig::default() })]
+
+    #[test]
+    fn test_applier_random_ops_with_failures_keep_kvm_equal_to_mirror(
+        ops in proptest::collection::vec(random_op(), 1..40)
+    ) {
+        run(&ops);
+    }
+}
