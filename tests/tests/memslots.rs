@@ -12,10 +12,9 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use vmm::kvm::memslots::{
-    kvm_userspace_memory_region, FailureCause, Kvm, KvmError, MemslotApplier, MemslotError,
-    MemslotIoctls, MemslotOp, VmFd,
-};
+use kvm_bindings::kvm_userspace_memory_region;
+use kvm_ioctls::{Error as KvmError, Kvm, VmFd};
+use vmm::kvm::memslots::{FailureCause, MemslotApplier, MemslotError, MemslotIoctls, MemslotOp};
 use vmm::mm::addr::{Gfn, Gpa};
 use vmm::mm::backing::{BackingKind, HostMapping};
 use vmm::mm::slot_map::{MemslotChange, SlotFlags, SlotMapConfig, SlotMapError};

@@ -63,7 +63,8 @@
 //!
 //! ```
 //! use std::sync::Arc;
-//! use vmm::kvm::memslots::{Kvm, MemslotApplier};
+//! use kvm_ioctls::Kvm;
+//! use vmm::kvm::memslots::MemslotApplier;
 //! use vmm::mm::addr::Gpa;
 //! use vmm::mm::backing::{BackingKind, HostMapping};
 //! use vmm::mm::slot_map::{SlotFlags, SlotMapConfig};
@@ -108,10 +109,7 @@ use crate::mm::slot_map::{
 
 pub use error::{FailureCause, MemslotError, MemslotFailure, MemslotOp};
 pub use ioctls::MemslotIoctls;
-/// The kvm-ioctls and kvm-bindings types this module's API uses, re-exported
-/// so users (the integration tests) need not depend on those crates directly.
-pub use kvm_bindings::kvm_userspace_memory_region;
-pub use kvm_ioctls::{Error as KvmError, Kvm, VmFd};
+use kvm_ioctls::VmFd;
 
 use mirror::{end_of, State, Step, DIRTY_BITMAP_BYTES};
 

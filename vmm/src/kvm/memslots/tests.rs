@@ -10,6 +10,7 @@ use super::mirror::{State, Step};
 use super::*;
 use crate::mm::addr::Hva;
 use crate::mm::slot_map::{SlotFlags, KVM_MEM_READONLY};
+use kvm_bindings::kvm_userspace_memory_region;
 
 const P: u64 = PAGE_SIZE;
 
