@@ -98,10 +98,33 @@ pub enum Step {
 #[error("aborted while waiting for the other vCPUs")]
 pub struct Aborted;
 
+/// How a command ended, as told to its plan.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CommandOutcome {
+    /// The guest reported `OK` with these results.
+    Done {
+        /// `Mailbox::results`.
+        results: [u64; 6],
+    },
+    /// The command failed (only reported when the plan is recoverable;
+    /// otherwise the failure ends the vCPU's run).
+    Failed(crate::vcpu::GuestFailure),
+}
+
 /// A source of commands for one vCPU.
 pub trait VcpuPlan: Send {
     /// The next step. May block (for example at a barrier between phases).
     fn next(&mut self) -> Result<Step, Aborted>;
+
+    /// Called when the current command ended.
+    fn completed(&mut self, _outcome: &CommandOutcome) {}
+
+    /// Whether a guest fault (exception, mismatch, access to unplugged or
+    /// read-only memory) ends only the command, with the guest reset to its
+    /// command loop, instead of the whole run.
+    fn recoverable(&self) -> bool {
+        false
+    }
 }
 
 /// A reusable barrier across vCPU threads that a stopping run can abort.

@@ -1,23 +1,31 @@
 //! Creating a test VM: host memory, KVM memslots, the boot region's contents
 //! and each vCPU's starting state (64-bit long mode, CPL3, IOPL=3).
 //!
-//! Drop order matters and is encoded in field order: the VM and vCPU fds go
-//! first (KVM drops its memslots when the VM is destroyed), the host mappings
-//! last, so no memslot ever points at unmapped memory.
+//! All guest memory goes through the slot map and its KVM applier
+//! ([`MemslotApplier`]): the boot region is a `fixed` slot at 0, guest RAM a
+//! normal slot at `RAM_BASE` that ops may reshape while vCPUs run. The
+//! applier owns the mappings it registered until KVM has dropped them.
+//!
+//! vm-memory wraps the boot region (mailboxes, image) for the VMM's own
+//! accesses. Dynamic slots are not a vm-memory `GuestRegionCollection`:
+//! inserting or removing a region there builds a new collection in O(n),
+//! while our slot map is persistent (O(log n) per op).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use guest_image::protocol::layout;
-use kvm_bindings::{kvm_segment, kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES};
-use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use kvm_bindings::{kvm_segment, CpuId, KVM_MAX_CPUID_ENTRIES};
+use kvm_ioctls::{Cap, Kvm, VcpuFd};
 use vm_memory::{GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
 
 use crate::boot::elf::{ElfError, ElfImage};
 use crate::boot::tables::{gdt_size, tss_addr, write_boot_tables, TablesError};
+use crate::kvm::memslots::{MemslotApplier, MemslotError};
 use crate::kvm::stats::{StatsError, StatsReader};
 use crate::mm::addr::{Gpa, GpaRange, HUGE_1G};
 use crate::mm::backing::{BackingError, BackingKind, HostMapping};
+use crate::mm::slot_map::{SlotFlags, SlotMapConfig};
 
 /// KVM statistics by name.
 pub type Counters = BTreeMap<String, u64>;
@@ -61,6 +69,9 @@ pub enum VmError {
     /// KVM statistics unavailable.
     #[error(transparent)]
     Stats(#[from] StatsError),
+    /// Registering guest memory failed.
+    #[error("guest memory: {0}")]
+    Memory(#[from] MemslotError),
 }
 
 fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
@@ -84,15 +95,16 @@ pub struct VmSpec {
 /// [`Vm::take_vcpus`].
 #[derive(Debug)]
 pub struct Vm {
-    /// The VM fd. Declared first: dropped before the mappings below.
-    pub vm_fd: VmFd,
+    /// The guest memory manager: slot map + KVM memslots.
+    pub memory: Arc<MemslotApplier>,
     vcpus: Vec<VcpuFd>,
     /// Stats of the VM and of each vCPU.
     pub vm_stats: StatsReader,
     /// Per-vCPU stats readers, by index.
     pub vcpu_stats: Vec<StatsReader>,
-    /// The VMM's own view of guest memory (boot region and RAM).
-    pub memory: GuestMemoryMmap,
+    /// The VMM's own view of the boot region (mailboxes, image), through
+    /// vm-memory. Declared before `boot_mapping`, which it points into.
+    pub boot: GuestMemoryMmap,
     /// Guest RAM.
     pub ram: GpaRange,
     /// Guest TSC frequency in kHz.
@@ -101,8 +113,9 @@ pub struct Vm {
     pub max_memslots: usize,
     /// End of the guest's identity map.
     pub identity_end: u64,
+    /// The guest program's entry point.
+    pub entry: Gpa,
     boot_mapping: Arc<HostMapping>,
-    ram_mapping: Arc<HostMapping>,
     _kvm: Kvm,
 }
 
@@ -120,20 +133,6 @@ fn guest_region(mapping: &HostMapping, gpa: Gpa) -> Result<GuestRegionMmap, VmEr
     .map_err(|e| VmError::GuestMemory(e.to_string()))?;
     GuestRegionMmap::new(region, GuestAddress(gpa.0))
         .ok_or_else(|| VmError::GuestMemory(format!("region at {gpa} overflows")))
-}
-
-/// Registers `mapping` as KVM memslot `slot` at `gpa`.
-fn set_memslot(vm_fd: &VmFd, slot: u32, gpa: Gpa, mapping: &HostMapping) -> Result<(), VmError> {
-    let region = kvm_userspace_memory_region {
-        slot,
-        flags: 0,
-        guest_phys_addr: gpa.0,
-        memory_size: mapping.len(),
-        userspace_addr: mapping.hva().0,
-    };
-    // SAFETY: the region points at a live mapping of `memory_size` bytes that the
-    // `Vm` owns and keeps until after `vm_fd` (and with it the memslot) is gone.
-    unsafe { vm_fd.set_user_memory_region(region) }.map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))
 }
 
 /// The guest-physical address width KVM supports, from CPUID 0x80000008.
@@ -182,14 +181,23 @@ impl Vm {
         image.load_into(boot, Gpa(0));
         let ram_mapping = Arc::new(HostMapping::new(&spec.backing, spec.mem_size)?);
 
-        let vm_fd = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
-        set_memslot(&vm_fd, 0, Gpa(0), &boot_mapping)?;
-        set_memslot(&vm_fd, 1, ram.start(), &ram_mapping)?;
-        let memory = GuestMemoryMmap::from_regions(vec![
-            guest_region(&boot_mapping, Gpa(0))?,
-            guest_region(&ram_mapping, ram.start())?,
-        ])
-        .map_err(|e| VmError::GuestMemory(e.to_string()))?;
+        let vm_fd = Arc::new(kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?);
+        let config = SlotMapConfig {
+            max_slots: kvm.get_nr_memslots() as u32,
+            max_gpa: Gpa(1u64 << phys_bits(&cpuid)),
+            read_only_supported: kvm.check_extension(Cap::ReadonlyMem),
+        };
+        let memory = Arc::new(MemslotApplier::new(vm_fd.clone(), config)?);
+        let fixed = SlotFlags {
+            fixed: true,
+            ..SlotFlags::NONE
+        };
+        let boot_slot = boot_mapping.clone();
+        memory.apply(|map| map.plug(Gpa(0), layout::BOOT_SIZE, boot_slot, 0, fixed))?;
+        memory
+            .apply(|map| map.plug(ram.start(), spec.mem_size, ram_mapping, 0, SlotFlags::NONE))?;
+        let boot = GuestMemoryMmap::from_regions(vec![guest_region(&boot_mapping, Gpa(0))?])
+            .map_err(|e| VmError::GuestMemory(e.to_string()))?;
 
         let mut vcpus = Vec::new();
         let mut vcpu_stats = Vec::new();
@@ -206,16 +214,16 @@ impl Vm {
         let vm_stats = StatsReader::open(&vm_fd)?;
         Ok(Self {
             max_memslots: kvm.get_nr_memslots(),
-            vm_fd,
+            memory,
             vcpus,
             vm_stats,
             vcpu_stats,
-            memory,
+            boot,
             ram,
             tsc_khz,
             identity_end,
+            entry: image.entry,
             boot_mapping,
-            ram_mapping,
             _kvm: kvm,
         })
     }
@@ -232,11 +240,6 @@ impl Vm {
             crate::kvm::stats::accumulate(&mut vcpu, &r.read()?);
         }
         Ok((self.vm_stats.read()?, vcpu))
-    }
-
-    /// Host mapping behind guest RAM.
-    pub fn ram_mapping(&self) -> &Arc<HostMapping> {
-        &self.ram_mapping
     }
 
     /// Host mapping behind the boot region.

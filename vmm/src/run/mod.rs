@@ -186,6 +186,9 @@ pub fn run(config: &RunConfig, console: Box<dyn Write>) -> Result<RunReport, Run
         let index = index as u64;
         let ctx = VcpuContext {
             index,
+            vcpus: config.vcpus,
+            entry: vm.entry,
+            boot: vm.boot.clone(),
             memory: vm.memory.clone(),
             plan: Box::new(builtin.plan(
                 index,

@@ -193,6 +193,17 @@ impl<V: MemslotIoctls> MemslotApplier<V> {
         self.shared.load()
     }
 
+    /// Runs `f` on the current map while no op can be applied: the memory of
+    /// every slot in it stays mapped and registered until `f` returns. For the
+    /// rare paths that must see the map *after* any in-flight op (a vCPU whose
+    /// access raced a memslot change) and touch the memory it describes.
+    pub fn with_map_locked<R>(&self, f: impl FnOnce(&SlotMap) -> R) -> R {
+        let writer = self.shared.begin_write();
+        let map = writer.map();
+        f(&map)
+        // Dropping the writer without publishing leaves the map unchanged.
+    }
+
     /// What KVM holds according to the mirror, sorted by id.
     pub fn registered(&self) -> Vec<MemslotSpec> {
         self.lock_state().by_id.values().map(|r| r.spec).collect()

@@ -5,6 +5,13 @@
 //! The loop never reads guest registers: everything the guest reports travels
 //! through its mailbox page (a vCPU ioctl costs ~6 µs on this host).
 //!
+//! Guest memory accesses that exit as MMIO are handled in [`mmio`].
+//!
+//! Recovery: a plan can make guest failures recoverable ([`VcpuPlan::recoverable`],
+//! used by scenarios). Then a failure ends only the current command: the
+//! vCPU completes the pending exit (`immediate_exit`), resets the guest to its
+//! command loop (registers as at boot) and reports the failure to the plan.
+//!
 //! Stopping: another thread sets the shared stop flag and sends
 //! [`kick_signal`] (SIGRTMIN) to the thread until it returns; the signal makes `KVM_RUN` fail with EINTR,
 //! and the loop checks the flag before every entry.
@@ -24,7 +31,11 @@ use serde::Serialize;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::plan::{Command, Step, VcpuPlan};
+pub mod mmio;
+
+use crate::kvm::memslots::MemslotApplier;
+use crate::mm::addr::Gpa;
+use crate::plan::{Command, CommandOutcome, Step, VcpuPlan};
 
 /// Signal used to kick a vCPU thread out of `KVM_RUN`.
 pub fn kick_signal() -> i32 {
@@ -94,6 +105,18 @@ pub enum GuestFailure {
         /// Access size.
         size: usize,
     },
+    /// The guest wrote to read-only (protected) memory.
+    #[error(
+        "vCPU {vcpu}: guest write of {size} bytes to read-only guest-physical address {gpa:#x}"
+    )]
+    ReadOnlyWrite {
+        /// vCPU index.
+        vcpu: u64,
+        /// Address.
+        gpa: u64,
+        /// Access size.
+        size: usize,
+    },
     /// Triple fault.
     #[error("vCPU {vcpu}: guest shut down (triple fault)")]
     Shutdown {
@@ -124,6 +147,21 @@ pub enum GuestFailure {
         /// vCPU index.
         vcpu: u64,
     },
+}
+
+impl GuestFailure {
+    /// Whether the guest program caused it (as opposed to KVM, the VMM or a
+    /// stop): only these can end just a command under a recoverable plan.
+    pub fn is_guest_fault(&self) -> bool {
+        matches!(
+            self,
+            GuestFailure::Exception { .. }
+                | GuestFailure::VerifyMismatch { .. }
+                | GuestFailure::CommandFailed { .. }
+                | GuestFailure::UnpluggedAccess { .. }
+                | GuestFailure::ReadOnlyWrite { .. }
+        )
+    }
 }
 
 fn vector_name(v: u64) -> &'static str {
@@ -204,8 +242,14 @@ impl ConsoleSender {
 pub struct VcpuContext {
     /// vCPU index.
     pub index: u64,
-    /// The VMM's view of guest memory (for the mailbox).
-    pub memory: GuestMemoryMmap,
+    /// Number of vCPUs of the VM (for resetting registers).
+    pub vcpus: u64,
+    /// The guest program's entry point (for resetting registers).
+    pub entry: Gpa,
+    /// The VMM's view of the boot region (for the mailbox).
+    pub boot: GuestMemoryMmap,
+    /// The guest memory manager (for accesses that exit as MMIO).
+    pub memory: Arc<MemslotApplier>,
     /// Where commands come from.
     pub plan: Box<dyn VcpuPlan>,
     /// Console output.
@@ -259,9 +303,9 @@ impl Mailbox<'_> {
 /// Runs vCPU `ctx.index` until its plan ends or it fails; never panics on guest behaviour.
 pub fn run_vcpu(mut vcpu: VcpuFd, mut ctx: VcpuContext) -> VcpuReport {
     let index = ctx.index;
-    let memory = ctx.memory.clone();
+    let boot = ctx.boot.clone();
     let mailbox = Mailbox {
-        memory: &memory,
+        memory: &boot,
         base: layout::mailbox(index),
     };
     let mut report = VcpuReport {
@@ -347,24 +391,13 @@ pub fn run_vcpu(mut vcpu: VcpuFd, mut ctx: VcpuContext) -> VcpuReport {
                     })),
                 )
             }
-            VcpuExit::MmioRead(gpa, data) => (
-                "mmio_unplugged",
-                Some(Err(GuestFailure::UnpluggedAccess {
-                    vcpu: index,
-                    gpa,
-                    kind: "read",
-                    size: data.len(),
-                })),
-            ),
-            VcpuExit::MmioWrite(gpa, data) => (
-                "mmio_unplugged",
-                Some(Err(GuestFailure::UnpluggedAccess {
-                    vcpu: index,
-                    gpa,
-                    kind: "write",
-                    size: data.len(),
-                })),
-            ),
+            VcpuExit::MmioRead(gpa, data) => memory_access(&ctx, gpa, data, false),
+            VcpuExit::MmioWrite(gpa, data) => {
+                let mut buf = [0u8; 8];
+                let n = data.len().min(8);
+                buf[..n].copy_from_slice(&data[..n]);
+                memory_access(&ctx, gpa, &mut buf[..n], true)
+            }
             VcpuExit::Intr => ("intr", None),
             VcpuExit::Shutdown => (
                 "shutdown",
@@ -382,6 +415,20 @@ pub fn run_vcpu(mut vcpu: VcpuFd, mut ctx: VcpuContext) -> VcpuReport {
         match outcome {
             None => {}
             Some(Ok(())) => break None,
+            Some(Err(f)) if f.is_guest_fault() && ctx.plan.recoverable() => {
+                if let Some((cmd, started)) = current.take() {
+                    report.commands.push(CommandReport {
+                        command: cmd.describe(),
+                        status: u32::MAX,
+                        results: [0; 6],
+                        micros: started.elapsed().as_micros() as u64,
+                    });
+                }
+                ctx.plan.completed(&CommandOutcome::Failed(f.clone()));
+                if let Err(e) = reset_guest(&mut vcpu, &ctx) {
+                    break Some(e);
+                }
+            }
             Some(Err(f)) => break Some(f),
         }
     };
@@ -390,6 +437,52 @@ pub fn run_vcpu(mut vcpu: VcpuFd, mut ctx: VcpuContext) -> VcpuReport {
     }
     report.failure = failure;
     report
+}
+
+/// Handles a guest access outside the register page (see [`mmio`]).
+fn memory_access(
+    ctx: &VcpuContext,
+    gpa: u64,
+    data: &mut [u8],
+    write: bool,
+) -> (&'static str, Option<Result<(), GuestFailure>>) {
+    let vcpu = ctx.index;
+    let size = data.len();
+    match mmio::emulate(&ctx.memory, gpa, data, write) {
+        mmio::Access::Emulated => ("mmio_emulated", None),
+        mmio::Access::Unplugged => (
+            "mmio_unplugged",
+            Some(Err(GuestFailure::UnpluggedAccess {
+                vcpu,
+                gpa,
+                kind: if write { "write" } else { "read" },
+                size,
+            })),
+        ),
+        mmio::Access::ReadOnly => (
+            "mmio_read_only",
+            Some(Err(GuestFailure::ReadOnlyWrite { vcpu, gpa, size })),
+        ),
+    }
+}
+
+/// Completes the pending exit without running guest code, then puts the
+/// guest back at the start of its command loop.
+fn reset_guest(vcpu: &mut VcpuFd, ctx: &VcpuContext) -> Result<(), GuestFailure> {
+    let kvm_failure = |e: &dyn fmt::Display| GuestFailure::Kvm {
+        vcpu: ctx.index,
+        error: format!("resetting the guest: {e}"),
+        hint: "",
+    };
+    vcpu.set_kvm_immediate_exit(1);
+    let completed = vcpu.run().map(|_| ());
+    vcpu.set_kvm_immediate_exit(0);
+    match completed {
+        Err(e) if e.errno() != libc::EINTR => return Err(kvm_failure(&e)),
+        _ => {}
+    }
+    crate::vm::setup_vcpu_registers(vcpu, ctx.index, ctx.vcpus, ctx.entry)
+        .map_err(|e| kvm_failure(&e))
 }
 
 fn pad4(data: &[u8]) -> [u8; 4] {
@@ -421,20 +514,26 @@ fn on_doorbell(
             results,
             micros: elapsed.as_micros() as u64,
         });
-        if st == status::MISMATCH && cmd.code == command::VERIFY {
-            return Some(Err(GuestFailure::VerifyMismatch {
+        let failure = if st == status::MISMATCH && cmd.code == command::VERIFY {
+            Some(GuestFailure::VerifyMismatch {
                 vcpu: index,
                 gpa: results[0],
                 expected: results[1],
                 actual: results[2],
-            }));
-        }
-        if st != status::OK {
-            return Some(Err(GuestFailure::CommandFailed {
+            })
+        } else if st != status::OK {
+            Some(GuestFailure::CommandFailed {
                 vcpu: index,
                 command: cmd.describe(),
                 status: st,
-            }));
+            })
+        } else {
+            None
+        };
+        match failure {
+            Some(f) if ctx.plan.recoverable() => ctx.plan.completed(&CommandOutcome::Failed(f)),
+            Some(f) => return Some(Err(f)),
+            None => ctx.plan.completed(&CommandOutcome::Done { results }),
         }
         if ctx.progress && cmd.code != command::HELLO {
             ctx.console.send(
