@@ -106,7 +106,17 @@ fn set_results(mb: *mut Mailbox, results: [u64; 6]) {
     unsafe { write_volatile(&mut (*mb).results, results) };
 }
 
-fn fill(start: u64, len: u64, seed: u64) -> u32 {
+/// The address whose pattern word belongs at `a` in a range starting at
+/// `start`, for a pattern laid out from `origin` (0: from `start` itself).
+fn pattern_addr(a: u64, start: u64, origin: u64) -> u64 {
+    if origin == 0 {
+        a
+    } else {
+        a - start + origin
+    }
+}
+
+fn fill(start: u64, len: u64, seed: u64, origin: u64) -> u32 {
     if start % 8 != 0 || len % 8 != 0 {
         return status::BAD_ARGS;
     }
@@ -114,13 +124,13 @@ fn fill(start: u64, len: u64, seed: u64) -> u32 {
     while a < start + len {
         // SAFETY: the VMM asked for this range; it is identity-mapped. A range
         // without memory behind it exits to the VMM, which reports it.
-        unsafe { write_volatile(a as *mut u64, pattern_word(seed, a)) };
+        unsafe { write_volatile(a as *mut u64, pattern_word(seed, pattern_addr(a, start, origin))) };
         a += 8;
     }
     status::OK
 }
 
-fn verify(mb: *mut Mailbox, start: u64, len: u64, seed: u64) -> u32 {
+fn verify(mb: *mut Mailbox, start: u64, len: u64, expect: impl Fn(u64) -> u64) -> u32 {
     if start % 8 != 0 || len % 8 != 0 {
         return status::BAD_ARGS;
     }
@@ -128,7 +138,7 @@ fn verify(mb: *mut Mailbox, start: u64, len: u64, seed: u64) -> u32 {
     while a < start + len {
         // SAFETY: as in `fill`.
         let got = unsafe { read_volatile(a as *const u64) };
-        let want = pattern_word(seed, a);
+        let want = expect(a);
         if got != want {
             set_results(mb, [a, want, got, 0, 0, 0]);
             return status::MISMATCH;
@@ -171,8 +181,11 @@ fn touch(mb: *mut Mailbox, args: [u64; 6], timed: bool) -> u32 {
 
 fn execute(mb: *mut Mailbox, vcpu: u64, cmd: u64, args: [u64; 6]) -> u32 {
     match cmd {
-        command::FILL => fill(args[0], args[1], args[2]),
-        command::VERIFY => verify(mb, args[0], args[1], args[2]),
+        command::FILL => fill(args[0], args[1], args[2], args[3]),
+        command::VERIFY => verify(mb, args[0], args[1], |a| {
+            pattern_word(args[2], pattern_addr(a, args[0], args[3]))
+        }),
+        command::VERIFY_CONST => verify(mb, args[0], args[1], |_| args[2]),
         command::TOUCH => touch(mb, args, false),
         command::TIMED_TOUCH => touch(mb, args, true),
         command::SPIN => {

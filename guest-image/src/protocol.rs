@@ -93,9 +93,13 @@ pub mod command {
     /// never asks again.
     pub const STOP: u64 = 0;
     /// Write the pattern of `args[2]` (seed) over `[args[0], args[0] + args[1])`.
+    /// If `args[3]` (origin) is non-zero, the pattern is the one a FILL at
+    /// `args[3]` would write: word `i` gets `pattern_word(seed, origin + 8 * i)`.
     pub const FILL: u64 = 1;
-    /// Check the pattern of `args[2]` over `[args[0], args[0] + args[1])`;
-    /// on mismatch `results[0..3]` = (address, expected, actual).
+    /// Check the pattern of `args[2]` over `[args[0], args[0] + args[1])`,
+    /// with the same `args[3]` origin rule as FILL (so contents moved from
+    /// `origin` can be checked at their new address); on mismatch
+    /// `results[0..3]` = (address, expected, actual).
     pub const VERIFY: u64 = 2;
     /// Touch one byte every `args[2]` bytes of `[args[0], args[0] + args[1])`,
     /// writing if `args[3] != 0`. `results[0]` = accesses done.
@@ -113,6 +117,9 @@ pub mod command {
     pub const BAD_INSN: u64 = 8;
     /// Print `args[0]` (a small number) in a greeting on the console.
     pub const HELLO: u64 = 9;
+    /// Check every `u64` of `[args[0], args[0] + args[1])` equals `args[2]`;
+    /// on mismatch status MISMATCH with results (address, expected, actual).
+    pub const VERIFY_CONST: u64 = 10;
 }
 
 /// Status codes the guest writes to `PORT_DOORBELL`.

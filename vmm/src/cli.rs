@@ -24,6 +24,7 @@ use crate::mm::addr::{Gpa, GpaRange, PAGE_SIZE};
 use crate::mm::backing::BackingKind;
 use crate::plan::BuiltinGuest;
 use crate::run::{self, GuestSource, RunConfig, Verbosity};
+use crate::scenario::Scenario;
 
 const SIZE_FORM: &str =
     "expected a size like 256M, 2G, 64K or 1048576 (bytes; suffixes K, M, G, T are powers of 1024)";
@@ -119,6 +120,13 @@ pub fn parse_guest(s: &str) -> Result<GuestSource, String> {
     })
 }
 
+/// Parses `--scenario`: a scenario file that loads and validates.
+pub fn parse_scenario(s: &str) -> Result<Arc<Scenario>, String> {
+    Scenario::load(std::path::Path::new(s))
+        .map(Arc::new)
+        .map_err(|e| e.to_string())
+}
+
 fn parse_backing(s: &str) -> Result<BackingKind, String> {
     s.parse()
         .map_err(|e: crate::mm::backing::BackingError| e.to_string())
@@ -161,6 +169,11 @@ pub struct RunArgs {
     /// Seed of the memory pattern the default guest writes and verifies.
     #[arg(long, value_name = "N", default_value_t = 0x005E_ED0F_CAFE)]
     pub seed: u64,
+    /// Run a scenario file (a TOML timeline of memory ops, guest commands and
+    /// expectations; see scenarios/README.md). Its mem, vcpus and backing, if
+    /// set, override the flags.
+    #[arg(long, value_name = "FILE", value_parser = parse_scenario)]
+    pub scenario: Option<Arc<Scenario>>,
     /// Print a JSON report on stdout at the end (console output moves to stderr).
     #[arg(long)]
     pub json: bool,
@@ -175,10 +188,15 @@ pub struct RunArgs {
 impl RunArgs {
     /// The run configuration these flags describe.
     pub fn to_config(&self) -> RunConfig {
+        let scenario = self.scenario.as_deref();
         RunConfig {
-            mem_size: self.mem,
-            vcpus: self.vcpus,
-            backing: self.backing.clone(),
+            mem_size: scenario.and_then(|s| s.mem).map_or(self.mem, |n| n.0),
+            vcpus: scenario.and_then(|s| s.vcpus).unwrap_or(self.vcpus),
+            backing: scenario.and_then(|s| s.backing.as_deref()).map_or_else(
+                || self.backing.clone(),
+                |b| b.parse().expect("validated when the scenario was loaded"),
+            ),
+            scenario: self.scenario.clone(),
             guest: self.guest.clone(),
             timeout: self.timeout,
             seed: self.seed,

@@ -5,7 +5,8 @@
 //! - [`boot`]: guest image loading and boot tables (pure).
 //! - [`kvm`]: KVM helpers kvm-ioctls lacks.
 //! - [`vm`]: building a VM; [`vcpu`]: the vCPU thread loop;
-//!   [`plan`]: what guests are told to do; [`run`]: `vmm run`; [`cli`]: flags.
+//!   [`plan`]: what guests are told to do; [`run`]: `vmm run`; [`cli`]: flags;
+//!   [`scenario`]: scripted memory changes against a running guest.
 
 pub mod boot;
 pub mod cli;
@@ -13,5 +14,6 @@ pub mod kvm;
 pub mod mm;
 pub mod plan;
 pub mod run;
+pub mod scenario;
 pub mod vcpu;
 pub mod vm;

@@ -44,6 +44,32 @@ impl Command {
             [range.start().0, range.len(), seed, 0, 0, 0],
         )
     }
+    /// Check over `range` the pattern a fill of `seed` at `origin` wrote (for
+    /// contents moved from `origin`).
+    pub fn verify_from(range: GpaRange, seed: u64, origin: u64) -> Self {
+        Self::new(
+            command::VERIFY,
+            [range.start().0, range.len(), seed, origin, 0, 0],
+        )
+    }
+    /// Check every word of `range` equals `value`.
+    pub fn verify_const(range: GpaRange, value: u64) -> Self {
+        Self::new(
+            command::VERIFY_CONST,
+            [range.start().0, range.len(), value, 0, 0, 0],
+        )
+    }
+    /// Touch one byte every `stride` bytes of `range`, writing if `write`.
+    pub fn touch(range: GpaRange, stride: u64, write: bool) -> Self {
+        Self::new(
+            command::TOUCH,
+            [range.start().0, range.len(), stride, u64::from(write), 0, 0],
+        )
+    }
+    /// Write `value` as a `u64` at `gpa`.
+    pub fn write(gpa: u64, value: u64) -> Self {
+        Self::new(command::WRITE, [gpa, value, 0, 0, 0, 0])
+    }
     /// Read a `u64` at `gpa` (a probe).
     pub fn read(gpa: u64) -> Self {
         Self::new(command::READ, [gpa, 0, 0, 0, 0, 0])
@@ -70,7 +96,14 @@ impl Command {
         match self.code {
             command::HELLO => "hello".into(),
             command::FILL => format!("fill {} seed {:#x}", range(), self.args[2]),
+            command::VERIFY if self.args[3] != 0 => format!(
+                "verify {} seed {:#x} as filled at {:#x}",
+                range(),
+                self.args[2],
+                self.args[3]
+            ),
             command::VERIFY => format!("verify {} seed {:#x}", range(), self.args[2]),
+            command::VERIFY_CONST => format!("verify {} == {:#x}", range(), self.args[2]),
             command::TOUCH => format!("touch {} stride {:#x}", range(), self.args[2]),
             command::TIMED_TOUCH => format!("timed-touch {} stride {:#x}", range(), self.args[2]),
             command::SPIN if self.args[0] == 0 => "spin forever".into(),

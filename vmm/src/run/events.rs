@@ -49,8 +49,7 @@ impl ConsoleSink {
             if self.quiet {
                 continue;
             }
-            let tag = if line.from_vmm { "vmm" } else { "guest" };
-            let _ = writeln!(self.out, "[vcpu{} {tag}] {}", line.vcpu, line.text);
+            let _ = writeln!(self.out, "[{}] {}", line.source, line.text);
         }
         let _ = self.out.flush();
     }

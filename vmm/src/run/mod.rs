@@ -24,7 +24,9 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::timerfd::TimerFd;
 
 use crate::mm::backing::BackingKind;
-use crate::plan::{BuiltinGuest, PhaseBarrier};
+use crate::plan::{BuiltinGuest, PhaseBarrier, VcpuPlan};
+use crate::scenario::driver::{channel_pair, Driver};
+use crate::scenario::{Scenario, ScenarioReport};
 use crate::vcpu::{self, fmt_duration, ConsoleSender, VcpuContext};
 use crate::vm::{Vm, VmError, VmSpec};
 use events::{Completion, ConsoleSink, LoopState, SignalStop, StopCause, Timeout};
@@ -81,6 +83,8 @@ pub struct RunConfig {
     pub seed: u64,
     /// Console verbosity.
     pub verbosity: Verbosity,
+    /// A scenario to run instead of the guest's built-in plan.
+    pub scenario: Option<Arc<Scenario>>,
 }
 
 impl RunConfig {
@@ -94,6 +98,7 @@ impl RunConfig {
             timeout: Duration::from_secs(60),
             seed: 0x005E_ED0F_CAFE,
             verbosity: Verbosity::Normal,
+            scenario: None,
         }
     }
 }
@@ -182,22 +187,30 @@ pub fn run(config: &RunConfig, console: Box<dyn Write>) -> Result<RunReport, Run
 
     let t_run = Instant::now();
     let mut threads: Vec<Option<JoinHandle<()>>> = Vec::new();
+    let mut links = Vec::new();
     for (index, fd) in vm.take_vcpus().into_iter().enumerate() {
         let index = index as u64;
-        let ctx = VcpuContext {
-            index,
-            vcpus: config.vcpus,
-            entry: vm.entry,
-            boot: vm.boot.clone(),
-            memory: vm.memory.clone(),
-            plan: Box::new(builtin.plan(
+        let plan: Box<dyn VcpuPlan> = if config.scenario.is_some() {
+            let (plan, link) = channel_pair(stop.clone());
+            links.push(link);
+            Box::new(plan)
+        } else {
+            Box::new(builtin.plan(
                 index,
                 config.vcpus,
                 vm.ram,
                 config.seed,
                 vm.identity_end,
                 barrier.clone(),
-            )),
+            ))
+        };
+        let ctx = VcpuContext {
+            index,
+            vcpus: config.vcpus,
+            entry: vm.entry,
+            boot: vm.boot.clone(),
+            memory: vm.memory.clone(),
+            plan,
             console: ConsoleSender::new(
                 console_tx.clone(),
                 console_event
@@ -221,6 +234,30 @@ pub fn run(config: &RunConfig, console: Box<dyn Write>) -> Result<RunReport, Run
             .map_err(setup_err("spawning a vCPU thread"))?;
         threads.push(Some(handle));
     }
+    let driver = match &config.scenario {
+        None => None,
+        Some(scenario) => {
+            let console = ConsoleSender::new(
+                console_tx.clone(),
+                console_event
+                    .try_clone()
+                    .map_err(setup_err("cloning an eventfd"))?,
+            );
+            let driver = Driver {
+                scenario: scenario.clone(),
+                memory: vm.memory.clone(),
+                backing: config.backing.clone(),
+                links: std::mem::take(&mut links),
+                stop: stop.clone(),
+                console: Box::new(move |text| console.line("scenario".into(), text)),
+            };
+            let handle = std::thread::Builder::new()
+                .name("scenario".into())
+                .spawn(move || driver.run())
+                .map_err(setup_err("spawning the scenario thread"))?;
+            Some(handle)
+        }
+    };
     drop(console_tx);
 
     // The loop ends when every vCPU reported. Once a stop is requested, vCPU
@@ -249,6 +286,14 @@ pub fn run(config: &RunConfig, console: Box<dyn Write>) -> Result<RunReport, Run
     for t in threads.iter_mut().filter_map(Option::take) {
         let _ = t.join();
     }
+    let scenario: Option<ScenarioReport> = driver.map(|d| {
+        d.join().unwrap_or_else(|_| ScenarioReport {
+            name: "scenario".into(),
+            passed: false,
+            steps: Vec::new(),
+            not_run: 0,
+        })
+    });
     let run_time = t_run.elapsed();
     console_sink.borrow_mut().drain();
 
@@ -256,7 +301,14 @@ pub fn run(config: &RunConfig, console: Box<dyn Write>) -> Result<RunReport, Run
     let stop_cause = state.borrow_mut().stop.take();
     let mut reports = std::mem::take(&mut state.borrow_mut().reports);
     reports.sort_by_key(|r| r.index);
-    let error = first_error(&reports, stop_cause.as_ref(), config.timeout);
+    let error =
+        first_error(&reports, stop_cause.as_ref(), config.timeout).or_else(|| match &scenario {
+            Some(s) if !s.passed => Some(
+                s.failure()
+                    .unwrap_or_else(|| "the scenario thread panicked".into()),
+            ),
+            _ => None,
+        });
     let mut exits: BTreeMap<&'static str, u64> = BTreeMap::new();
     for r in &reports {
         for (k, v) in &r.exits {
@@ -272,7 +324,11 @@ pub fn run(config: &RunConfig, console: Box<dyn Write>) -> Result<RunReport, Run
 
     let report = RunReport::new(report::Parts {
         config,
-        guest: config.guest.name(),
+        guest: match &config.scenario {
+            Some(s) => format!("scenario {:?}", s.title()),
+            None => config.guest.name(),
+        },
+        scenario,
         error,
         reports,
         exits,

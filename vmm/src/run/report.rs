@@ -6,6 +6,7 @@ use std::time::Duration;
 use serde::Serialize;
 
 use super::RunConfig;
+use crate::scenario::ScenarioReport;
 use crate::vcpu::VcpuReport;
 
 /// Wall time of each phase, in milliseconds.
@@ -53,12 +54,16 @@ pub struct RunReport {
     pub vcpus: Vec<VcpuReport>,
     /// KVM statistics.
     pub kvm_stats: KvmStats,
+    /// Each scenario step's outcome, when a scenario ran.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub scenario: Option<ScenarioReport>,
 }
 
 /// Inputs of [`RunReport::new`].
 pub(super) struct Parts<'a> {
     pub config: &'a RunConfig,
     pub guest: String,
+    pub scenario: Option<ScenarioReport>,
     pub error: Option<String>,
     pub reports: Vec<VcpuReport>,
     pub exits: BTreeMap<&'static str, u64>,
@@ -94,6 +99,7 @@ impl RunReport {
                 vm: p.stats.0,
                 vcpu: p.stats.1,
             },
+            scenario: p.scenario,
         }
     }
 
@@ -105,6 +111,13 @@ impl RunReport {
     /// A one-line human summary.
     pub fn summary_line(&self) -> String {
         let commands: usize = self.vcpus.iter().map(|v| v.commands.len()).sum();
+        if let (Some(s), None) = (&self.scenario, &self.error) {
+            return format!(
+                "{} OK: all {} steps met their expectations",
+                self.guest,
+                s.steps.len()
+            );
+        }
         match &self.error {
             None => format!(
                 "guest {} OK: {} vCPU(s), {} MiB {} RAM, {} commands, {} exits, pf_fixed {}",

@@ -204,15 +204,13 @@ impl Serialize for GuestFailure {
     }
 }
 
-/// A line of console output from a vCPU.
+/// A line of console output.
 #[derive(Debug, Clone)]
 pub struct ConsoleLine {
-    /// vCPU index.
-    pub vcpu: u64,
+    /// Who wrote it: `vcpu0 guest`, `vcpu1 vmm`, `scenario`.
+    pub source: String,
     /// Text (without trailing newline).
     pub text: String,
-    /// Whether the VMM (not the guest) wrote it.
-    pub from_vmm: bool,
 }
 
 /// Sends console lines to the event loop.
@@ -228,13 +226,23 @@ impl ConsoleSender {
         Self { tx, event }
     }
     fn send(&self, vcpu: u64, text: String, from_vmm: bool) {
+        let source = format!("vcpu{vcpu} {}", if from_vmm { "vmm" } else { "guest" });
+        self.line(source, text);
+    }
+
+    /// Sends `text` attributed to `source`.
+    pub fn line(&self, source: String, text: String) {
         // A closed receiver means the run is ending; dropping the line is fine.
-        let _ = self.tx.send(ConsoleLine {
-            vcpu,
-            text,
-            from_vmm,
-        });
+        let _ = self.tx.send(ConsoleLine { source, text });
         let _ = self.event.write(1);
+    }
+
+    /// Another sender to the same console.
+    pub fn try_clone(&self) -> std::io::Result<Self> {
+        Ok(Self {
+            tx: self.tx.clone(),
+            event: self.event.try_clone()?,
+        })
     }
 }
 
@@ -514,7 +522,8 @@ fn on_doorbell(
             results,
             micros: elapsed.as_micros() as u64,
         });
-        let failure = if st == status::MISMATCH && cmd.code == command::VERIFY {
+        let is_verify = cmd.code == command::VERIFY || cmd.code == command::VERIFY_CONST;
+        let failure = if st == status::MISMATCH && is_verify {
             Some(GuestFailure::VerifyMismatch {
                 vcpu: index,
                 gpa: results[0],

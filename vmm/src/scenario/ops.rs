@@ -1,0 +1,225 @@
+//! Memory-op steps: each runs one slot-map op through the KVM applier, then
+//! the consistency check, and names any failure by a stable kind (the string
+//! a scenario's `expect` compares with).
+
+use std::sync::Arc;
+
+use crate::kvm::memslots::{MemslotApplier, MemslotError};
+use crate::mm::addr::{Gpa, PAGE_SIZE};
+use crate::mm::backing::{BackingKind, HostMapping};
+use crate::mm::slot_map::{SlotFlags, SlotMapError};
+
+use super::file::StepSpec;
+
+/// A failed op: a stable kind and the full message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OpFailure {
+    /// e.g. "overlap", "too-many-slots", "hole".
+    pub kind: &'static str,
+    /// The error's own message.
+    pub message: String,
+}
+
+impl OpFailure {
+    fn new(kind: &'static str, message: impl ToString) -> Self {
+        Self {
+            kind,
+            message: message.to_string(),
+        }
+    }
+}
+
+/// The kind name of a slot-map refusal.
+pub fn slot_map_kind(e: &SlotMapError) -> &'static str {
+    match e {
+        SlotMapError::ZeroSize { .. } => "zero-size",
+        SlotMapError::RangeOverflow { .. } => "range-overflow",
+        SlotMapError::Misaligned { .. } => "misaligned",
+        SlotMapError::BeyondMaxGpa { .. } => "beyond-max-gpa",
+        SlotMapError::Overlap { .. } => "overlap",
+        SlotMapError::MappingTooSmall { .. } => "mapping-too-small",
+        SlotMapError::HostAliased { .. } => "host-aliased",
+        SlotMapError::TooManySlots { .. } => "too-many-slots",
+        SlotMapError::ReadOnlyUnsupported { .. } => "read-only-unsupported",
+        SlotMapError::NothingPlugged { .. } => "not-plugged",
+        SlotMapError::Hole { .. } => "hole",
+        SlotMapError::Fixed { .. } => "fixed",
+        SlotMapError::NoSlotAt { .. } => "no-slot-at",
+        SlotMapError::DestinationOverlapsSource { .. } => "destination-overlaps-source",
+        SlotMapError::NoRoomToGrow { .. } => "no-room-to-grow",
+    }
+}
+
+fn memslot_failure(e: MemslotError) -> OpFailure {
+    match &e {
+        MemslotError::SlotMap(inner) => OpFailure::new(slot_map_kind(inner), &e),
+        MemslotError::RolledBack { .. } => OpFailure::new("kvm-rolled-back", &e),
+        _ => OpFailure::new("kvm", &e),
+    }
+}
+
+fn parse_flags(names: &[String]) -> Result<SlotFlags, OpFailure> {
+    let mut flags = SlotFlags::NONE;
+    for n in names {
+        match n.as_str() {
+            "readonly" | "read-only" => flags.read_only = true,
+            "dirty-log" => flags.dirty_log = true,
+            other => {
+                return Err(OpFailure::new(
+                    "invalid-flags",
+                    format!("unknown slot flag {other:?}: expected \"readonly\" or \"dirty-log\""),
+                ))
+            }
+        }
+    }
+    Ok(flags)
+}
+
+fn backing(step: &StepSpec, default: &BackingKind) -> Result<BackingKind, OpFailure> {
+    match &step.backing {
+        None => Ok(default.clone()),
+        Some(b) => b.parse().map_err(|e| OpFailure::new("unknown-backing", e)),
+    }
+}
+
+/// Runs memory-op `step`; `Ok` carries a short detail for the console.
+pub fn run_op(
+    memory: &MemslotApplier,
+    step: &StepSpec,
+    default_backing: &BackingKind,
+) -> Result<String, OpFailure> {
+    let gpa = Gpa(step.gpa.map_or(0, |n| n.0));
+    let size = step.size.map_or(0, |n| n.0);
+    let apply = |op: &dyn Fn(&crate::mm::slot_map::SlotMap) -> Result<_, SlotMapError>| {
+        memory.apply(|m| op(m)).map_err(memslot_failure)
+    };
+    let detail = match step.kind.as_str() {
+        "plug" => {
+            let flags = parse_flags(step.flags.as_deref().unwrap_or_default())?;
+            let kind = backing(step, default_backing)?;
+            let mapping =
+                Arc::new(HostMapping::new(&kind, size).map_err(|e| OpFailure::new("backing", e))?);
+            apply(&|m| m.plug(gpa, size, mapping.clone(), 0, flags))?;
+            format!("{kind} memory plugged")
+        }
+        "unplug" => {
+            let a = apply(&|m| m.unplug(gpa, size))?;
+            format!("{} bytes of host memory released", a.discarded)
+        }
+        "protect" => {
+            let ro = step.access.as_deref() == Some("ro");
+            apply(&|m| m.protect(gpa, size, ro))?;
+            (if ro {
+                "now read-only"
+            } else {
+                "now read-write"
+            })
+            .to_string()
+        }
+        "move" => {
+            let to = Gpa(step.to.map_or(0, |n| n.0));
+            apply(&|m| m.move_range(gpa, size, to))?;
+            format!("now at {to}")
+        }
+        "resize" => resize(memory, gpa, step.new_size.map_or(0, |n| n.0))?,
+        "dirty-log" => {
+            let on = step.on.unwrap_or(false);
+            apply(&|m| m.set_dirty_log(gpa, size, on))?;
+            (if on {
+                "dirty logging on"
+            } else {
+                "dirty logging off"
+            })
+            .to_string()
+        }
+        "dirty-pages" => {
+            let pages = memory.dirty_pages(gpa, size).map_err(memslot_failure)?;
+            if let Some(want) = step.pages {
+                if pages.len() as u64 != want {
+                    return Err(OpFailure::new(
+                        "dirty-count",
+                        format!("{} dirty pages, expected {want}", pages.len()),
+                    ));
+                }
+            }
+            format!("{} dirty pages", pages.len())
+        }
+        "plug-many" => plug_many(memory, gpa, step.count.map(|n| n.0))?,
+        "check" => "consistent".to_string(),
+        other => {
+            return Err(OpFailure::new(
+                "invalid-step",
+                format!("{other} is not a memory op"),
+            ))
+        }
+    };
+    memory.check_consistency().map_err(|e| {
+        OpFailure::new(
+            "inconsistent",
+            format!("KVM memslots and the slot map differ: {e}"),
+        )
+    })?;
+    Ok(detail)
+}
+
+fn resize(memory: &MemslotApplier, gpa: Gpa, new_size: u64) -> Result<String, OpFailure> {
+    let applied = memory.apply(|m| match m.resize(gpa, new_size, None) {
+        Err(SlotMapError::NoRoomToGrow { .. }) => {
+            // The slot's mapping has no room after it: back the added part
+            // with a new mapping of the same kind.
+            let slot = m.slot_at(gpa).expect("resize found the slot");
+            let grow = new_size.saturating_sub(slot.range().len());
+            let mapping = HostMapping::new(slot.mapping().kind(), grow).map_err(|_| {
+                SlotMapError::NoRoomToGrow {
+                    op: "resize",
+                    slot: slot.id(),
+                    grow,
+                    end_offset: slot.offset() + slot.range().len(),
+                    mapping_len: slot.mapping().len(),
+                }
+            })?;
+            m.resize(gpa, new_size, Some(Arc::new(mapping)))
+        }
+        other => other,
+    });
+    applied.map_err(memslot_failure)?;
+    Ok(format!("slot at {gpa} is now {new_size:#x} bytes"))
+}
+
+/// Plugs `count` 4 KiB slots (default: until the slot budget is full) at
+/// `base`, `base + 8 KiB`, ... (a hole between them so they do not merge),
+/// all windows of one host mapping.
+fn plug_many(memory: &MemslotApplier, base: Gpa, count: Option<u64>) -> Result<String, OpFailure> {
+    let map = memory.load();
+    let free = u64::from(map.config().max_slots).saturating_sub(map.len() as u64);
+    let count = count.unwrap_or(free);
+    if count == 0 {
+        return Ok("no slot to plug".into());
+    }
+    let mapping = Arc::new(
+        HostMapping::new(&BackingKind::Anon, count * PAGE_SIZE)
+            .map_err(|e| OpFailure::new("backing", e))?,
+    );
+    for i in 0..count {
+        let gpa = Gpa(base.0 + i * 2 * PAGE_SIZE);
+        memory
+            .apply(|m| {
+                m.plug(
+                    gpa,
+                    PAGE_SIZE,
+                    mapping.clone(),
+                    i * PAGE_SIZE,
+                    SlotFlags::NONE,
+                )
+            })
+            .map_err(|e| {
+                let mut f = memslot_failure(e);
+                f.message = format!("slot {} of {count}: {}", i + 1, f.message);
+                f
+            })?;
+    }
+    Ok(format!(
+        "{count} slots plugged; {} slots in the map",
+        memory.load().len()
+    ))
+}
