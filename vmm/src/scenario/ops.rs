@@ -82,8 +82,25 @@ fn backing(step: &StepSpec, default: &BackingKind) -> Result<BackingKind, OpFail
     }
 }
 
-/// Runs memory-op `step`; `Ok` carries a short detail for the console.
+/// Runs memory-op `step`, then checks KVM's memslots against the map whether
+/// the op succeeded or was refused (a refused op must change nothing). `Ok`
+/// carries a short detail for the console.
 pub fn run_op(
+    memory: &MemslotApplier,
+    step: &StepSpec,
+    default_backing: &BackingKind,
+) -> Result<String, OpFailure> {
+    let outcome = apply_op(memory, step, default_backing);
+    memory.check_consistency().map_err(|e| {
+        OpFailure::new(
+            "inconsistent",
+            format!("KVM memslots and the slot map differ: {e}"),
+        )
+    })?;
+    outcome
+}
+
+fn apply_op(
     memory: &MemslotApplier,
     step: &StepSpec,
     default_backing: &BackingKind,
@@ -97,8 +114,15 @@ pub fn run_op(
         "plug" => {
             let flags = parse_flags(step.flags.as_deref().unwrap_or_default())?;
             let kind = backing(step, default_backing)?;
-            let mapping =
-                Arc::new(HostMapping::new(&kind, size).map_err(|e| OpFailure::new("backing", e))?);
+            // Map whole pages (at least one) so the slot map, not mmap, judges
+            // the requested size and alignment and names the problem.
+            let map_len = size
+                .max(1)
+                .checked_next_multiple_of(kind.page_size())
+                .unwrap_or(size);
+            let mapping = Arc::new(
+                HostMapping::new(&kind, map_len).map_err(|e| OpFailure::new("backing", e))?,
+            );
             apply(&|m| m.plug(gpa, size, mapping.clone(), 0, flags))?;
             format!("{kind} memory plugged")
         }
@@ -153,12 +177,6 @@ pub fn run_op(
             ))
         }
     };
-    memory.check_consistency().map_err(|e| {
-        OpFailure::new(
-            "inconsistent",
-            format!("KVM memslots and the slot map differ: {e}"),
-        )
-    })?;
     Ok(detail)
 }
 
