@@ -22,6 +22,7 @@ use guest_image::protocol::layout;
 use crate::boot::elf::ElfImage;
 use crate::mm::addr::{Gpa, GpaRange, PAGE_SIZE};
 use crate::mm::backing::BackingKind;
+use crate::mm::pin_account::PinLimit;
 use crate::plan::BuiltinGuest;
 use crate::run::{self, GuestSource, RunConfig, Verbosity};
 use crate::scenario::Scenario;
@@ -127,6 +128,11 @@ pub fn parse_scenario(s: &str) -> Result<Arc<Scenario>, String> {
         .map_err(|e| e.to_string())
 }
 
+fn parse_pin_limit(s: &str) -> Result<PinLimit, String> {
+    s.parse()
+        .map_err(|e: crate::mm::pin_account::PinAccountError| e.to_string())
+}
+
 fn parse_backing(s: &str) -> Result<BackingKind, String> {
     s.parse()
         .map_err(|e: crate::mm::backing::BackingError| e.to_string())
@@ -174,6 +180,10 @@ pub struct RunArgs {
     /// set, override the flags.
     #[arg(long, value_name = "FILE", value_parser = parse_scenario)]
     pub scenario: Option<Arc<Scenario>>,
+    /// Limit of pinned guest memory for device DMA: a size (256M), `NNNp`
+    /// pages, or `unlimited` (default: the RLIMIT_MEMLOCK soft limit).
+    #[arg(long, value_name = "SIZE", value_parser = parse_pin_limit)]
+    pub pin_limit: Option<PinLimit>,
     /// Print a JSON report on stdout at the end (console output moves to stderr).
     #[arg(long)]
     pub json: bool,
@@ -197,6 +207,7 @@ impl RunArgs {
                 |b| b.parse().expect("validated when the scenario was loaded"),
             ),
             scenario: self.scenario.clone(),
+            pin_limit: self.pin_limit,
             guest: self.guest.clone(),
             timeout: self.timeout,
             seed: self.seed,

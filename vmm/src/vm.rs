@@ -25,6 +25,7 @@ use crate::kvm::memslots::{MemslotApplier, MemslotError};
 use crate::kvm::stats::{StatsError, StatsReader};
 use crate::mm::addr::{Gpa, GpaRange, HUGE_1G};
 use crate::mm::backing::{BackingError, BackingKind, HostMapping};
+use crate::mm::pin_account::{PinAccount, PinAccountError, PinLimit};
 use crate::mm::slot_map::{SlotFlags, SlotMapConfig};
 
 /// KVM statistics by name.
@@ -69,6 +70,9 @@ pub enum VmError {
     /// KVM statistics unavailable.
     #[error(transparent)]
     Stats(#[from] StatsError),
+    /// The pin limit could not be determined.
+    #[error("pin account: {0}")]
+    Pins(#[from] PinAccountError),
     /// Registering guest memory failed.
     #[error("guest memory: {0}")]
     Memory(#[from] MemslotError),
@@ -89,6 +93,8 @@ pub struct VmSpec {
     pub backing: BackingKind,
     /// The guest program (an ELF image).
     pub image: Arc<[u8]>,
+    /// Limit of pinned guest memory; `None`: the RLIMIT_MEMLOCK soft limit.
+    pub pin_limit: Option<PinLimit>,
 }
 
 /// A built VM, ready to run. vCPU fds are handed to threads with
@@ -97,6 +103,8 @@ pub struct VmSpec {
 pub struct Vm {
     /// The guest memory manager: slot map + KVM memslots.
     pub memory: Arc<MemslotApplier>,
+    /// Pinned-page and DMA-mapping accounting for device passthrough.
+    pub pins: Arc<PinAccount>,
     vcpus: Vec<VcpuFd>,
     /// Stats of the VM and of each vCPU.
     pub vm_stats: StatsReader,
@@ -212,9 +220,14 @@ impl Vm {
         }
         let tsc_khz = vcpus[0].get_tsc_khz().map_err(kvm_err("KVM_GET_TSC_KHZ"))?;
         let vm_stats = StatsReader::open(&vm_fd)?;
+        let pins = Arc::new(match spec.pin_limit {
+            Some(limit) => PinAccount::new(limit),
+            None => PinAccount::from_rlimit()?,
+        });
         Ok(Self {
             max_memslots: kvm.get_nr_memslots(),
             memory,
+            pins,
             vcpus,
             vm_stats,
             vcpu_stats,

@@ -85,6 +85,8 @@ pub struct RunConfig {
     pub verbosity: Verbosity,
     /// A scenario to run instead of the guest's built-in plan.
     pub scenario: Option<Arc<Scenario>>,
+    /// Limit of pinned guest memory; `None`: the RLIMIT_MEMLOCK soft limit.
+    pub pin_limit: Option<crate::mm::pin_account::PinLimit>,
 }
 
 impl RunConfig {
@@ -99,6 +101,7 @@ impl RunConfig {
             seed: 0x005E_ED0F_CAFE,
             verbosity: Verbosity::Normal,
             scenario: None,
+            pin_limit: None,
         }
     }
 }
@@ -138,6 +141,7 @@ pub fn run(config: &RunConfig, console: Box<dyn Write>) -> Result<RunReport, Run
         mem_size: config.mem_size,
         backing: config.backing.clone(),
         image,
+        pin_limit: config.pin_limit,
     })?;
     vcpu::install_kick_handler().map_err(setup_err("installing the vCPU kick handler"))?;
 
@@ -316,6 +320,7 @@ pub fn run(config: &RunConfig, console: Box<dyn Write>) -> Result<RunReport, Run
         }
     }
     let tsc_khz = vm.tsc_khz;
+    let pins = vm.pins.snapshot();
 
     let t_teardown = Instant::now();
     drop(em);
@@ -334,6 +339,7 @@ pub fn run(config: &RunConfig, console: Box<dyn Write>) -> Result<RunReport, Run
         exits,
         stats,
         tsc_khz,
+        pins,
         setup: setup_time,
         run: run_time,
         teardown: teardown_time,

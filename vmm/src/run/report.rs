@@ -6,6 +6,7 @@ use std::time::Duration;
 use serde::Serialize;
 
 use super::RunConfig;
+use crate::mm::pin_account::PinStats;
 use crate::scenario::ScenarioReport;
 use crate::vcpu::VcpuReport;
 
@@ -54,6 +55,8 @@ pub struct RunReport {
     pub vcpus: Vec<VcpuReport>,
     /// KVM statistics.
     pub kvm_stats: KvmStats,
+    /// Pinned pages (now, peak, limit, charge failures) and DMA mappings.
+    pub pins: PinStats,
     /// Each scenario step's outcome, when a scenario ran.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub scenario: Option<ScenarioReport>,
@@ -69,6 +72,7 @@ pub(super) struct Parts<'a> {
     pub exits: BTreeMap<&'static str, u64>,
     pub stats: (BTreeMap<String, u64>, BTreeMap<String, u64>),
     pub tsc_khz: u32,
+    pub pins: PinStats,
     pub setup: Duration,
     pub run: Duration,
     pub teardown: Duration,
@@ -100,6 +104,7 @@ impl RunReport {
                 vcpu: p.stats.1,
             },
             scenario: p.scenario,
+            pins: p.pins,
         }
     }
 
