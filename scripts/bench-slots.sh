@@ -6,7 +6,9 @@
 # and a verdict against the goals (30,000-slot op <= 2x the 10-slot op and
 # <= 1.5x raw). Needs /dev/kvm. Results: docs/bench-slots.md.
 #
-#   scripts/bench-slots.sh [ITERATIONS]      (default 2000 per N)
+#   scripts/bench-slots.sh [ITERATIONS]      (default 2000 warm cycles per N)
+#
+# BENCH_SLOTS_CPU=K pins the benchmark to CPU K (default 0; "none": unpinned).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release -q -p vmm --example bench_slots

@@ -16,6 +16,14 @@
 //! ioctl / the rest. Goals (issue 3): the 30,000-slot op costs at most 2x the
 //! 10-slot op and at most 1.5x the raw op.
 //!
+//! Two modes per N: *warm* (each op repeated back to back; the issue's
+//! measure) and *cold* (a 64 MiB cache thrash before every op, untimed: an
+//! isolated op on a busy host; informational). The time of every populating
+//! create is kept too, to show how KVM's create cost moves with the slot
+//! count. The thread is pinned to `BENCH_SLOTS_CPU` (default 0, `none` to
+//! leave it to the scheduler): on the development host the ioctl cost depends
+//! 4-5x on the CPU, so a migration between two N's would distort the ratios.
+//!
 //! Run by `scripts/bench-slots.sh [ITERATIONS]`; results in
 //! `docs/bench-slots.md`.
 
@@ -36,7 +44,8 @@ const COUNTS: [usize; 3] = [10, 1_000, 30_000];
 const DEFAULT_ITERATIONS: usize = 2_000;
 /// Untimed cycles per N before measuring (page tables, caches, KVM state).
 const WARMUP: usize = 100;
-/// Slices of the largest N whose populate cost is printed separately.
+/// The largest N's populate is reported as the median create of each of this
+/// many successive slices of its slot ids.
 const PROFILE_CHUNKS: usize = 6;
 /// Cold cycles are this fraction of the warm ones (each costs four thrashes).
 const COLD_DIVISOR: usize = 4;
