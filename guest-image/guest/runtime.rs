@@ -3,12 +3,12 @@
 //!
 //! Entry ABI (set by the VMM): RIP = `_start`, RSP = the vCPU's ring-3 stack,
 //! RDI = vCPU index, RSI = guest-physical address of its mailbox. The guest runs
-//! at CPL3 with IOPL=3 over an identity map, so `out` reaches the VMM and a
-//! guest-physical address is also the pointer to use. It talks to the VMM by
-//! storing to the MMIO register page (`REG_*`).
+//! at CPL3 with IOPL=3 over an identity map, so a guest-physical address is
+//! also the pointer to use. It talks to the VMM by storing to the MMIO
+//! register page (`REG_*`): each store exits to the VMM.
 //!
 //! Loop: ring the doorbell with a status, read the command the VMM left in the
-//! mailbox when the `out` returned, execute it, repeat.
+//! mailbox when the store returned, execute it, repeat.
 #![no_std]
 #![no_main]
 

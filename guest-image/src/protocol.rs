@@ -15,7 +15,8 @@ pub const REG_DOORBELL: u64 = MMIO_BASE;
 /// 32-bit store: print `mailbox.console[..value]`.
 pub const REG_CONSOLE: u64 = MMIO_BASE + 0x8;
 /// 32-bit store (value = vector) by the firmware's exception handlers after
-/// filling `mailbox.exception`. The vCPU never resumes after it.
+/// filling `mailbox.exception`. The vCPU is not resumed after it, except
+/// under a scenario, where the VMM resets the guest to its command loop.
 pub const REG_EXCEPTION: u64 = MMIO_BASE + 0x10;
 /// Size of the register page.
 pub const MMIO_SIZE: u64 = 0x1000;
@@ -122,7 +123,7 @@ pub mod command {
     pub const VERIFY_CONST: u64 = 10;
 }
 
-/// Status codes the guest writes to `PORT_DOORBELL`.
+/// Status codes the guest writes to `REG_DOORBELL`.
 pub mod status {
     /// First ring: the guest is ready for its first command.
     pub const READY: u32 = 0x100;
@@ -138,7 +139,7 @@ pub mod status {
     pub const STOPPED: u32 = 0x200;
 }
 
-/// Bytes of console text a mailbox can carry in one `PORT_CONSOLE` write.
+/// Bytes of console text a mailbox can carry in one `REG_CONSOLE` write.
 pub const CONSOLE_BYTES: usize = 3072;
 
 /// What the firmware records about a guest exception.
@@ -169,7 +170,7 @@ pub struct Mailbox {
     pub results: [u64; 6],
     /// Filled by the firmware before an exception report.
     pub exception: ExceptionRecord,
-    /// Console text; the length goes with the `PORT_CONSOLE` write.
+    /// Console text; the length goes with the `REG_CONSOLE` write.
     pub console: [u8; CONSOLE_BYTES],
 }
 

@@ -222,3 +222,24 @@ fn test_hugetlb_without_huge_pages_fails_clearly() {
         }
     }
 }
+
+#[test]
+fn test_regression_boot_memory_view_outlives_vm() {
+    if !kvm_or_skip("boot memory view") {
+        return;
+    }
+    use vm_memory::{Bytes, GuestAddress};
+    let vm = vmm::vm::Vm::new(&vmm::vm::VmSpec {
+        vcpus: 1,
+        mem_size: 2 * MIB,
+        backing: BackingKind::Anon,
+        image: std::sync::Arc::from(guest_image::RUNTIME_ELF),
+        pin_limit: None,
+    })
+    .unwrap();
+    let boot = vm.boot.clone();
+    drop(vm);
+    // The view owns its mapping: reading the GDT after the VM is gone is fine.
+    let null_descriptor: u64 = boot.memory().read_obj(GuestAddress(layout::GDT)).unwrap();
+    assert_eq!(null_descriptor, 0);
+}

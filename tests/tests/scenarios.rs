@@ -153,6 +153,14 @@ fn test_bad_scenario_file_rejected_before_vm() {
         ),
         ("vcpus = 0\n[[step]]\ndo = \"check\"\n", "`vcpus`"),
         ("name = \"empty\"\n", "no [[step]]"),
+        (
+            "[[step]]\ndo = \"read\"\ngpa = 0\nasync = true\n[[step]]\ndo = \"read\"\ngpa = 0\n",
+            "add a `wait` step",
+        ),
+        (
+            "[[step]]\ndo = \"read\"\ngpa = 0\nasync = true\n",
+            "never collected",
+        ),
     ];
     for (i, (text, want)) in cases.iter().enumerate() {
         let path = dir.join(format!("bad{i}.toml"));
@@ -170,4 +178,71 @@ fn test_bad_scenario_file_rejected_before_vm() {
         );
     }
     let _ = std::fs::remove_dir_all(dir);
+}
+
+// Regressions found in review (see the commit that fixed them).
+
+#[test]
+fn test_regression_page_crossing_unplugged_access_resets_cleanly() {
+    if !kvm_or_skip("page-crossing unplugged access") {
+        return;
+    }
+    // An 8-byte read across a page boundary exits in two MMIO fragments; the
+    // reset must complete both, or the guest resumes inside the old command.
+    let report = run_scenario_text(
+        r#"
+        [[step]]
+        do = "read"
+        gpa = "0x2_0000_0ffc"
+        expect = "unplugged"
+        [[step]]
+        do = "write"
+        gpa = "0x2_0000_1ffc"
+        value = 7
+        expect = "unplugged"
+        [[step]]
+        do = "read"
+        gpa = "0x4000_0000"
+        value = 0
+        "#,
+    );
+    assert!(report.succeeded(), "{:?}", report.error);
+}
+
+#[test]
+fn test_regression_register_page_cannot_be_plugged() {
+    if !kvm_or_skip("register page reserved") {
+        return;
+    }
+    let report = run_scenario_text(
+        r#"
+        [[step]]
+        do = "plug"
+        gpa = "0x3000_0000"
+        size = "4K"
+        expect = "reserved"
+        [[step]]
+        do = "read"
+        gpa = "0x4000_0000"
+        "#,
+    );
+    assert!(report.succeeded(), "{:?}", report.error);
+}
+
+#[test]
+fn test_regression_sleep_step_honours_timeout() {
+    if !kvm_or_skip("sleep vs timeout") {
+        return;
+    }
+    let scenario =
+        vmm::scenario::Scenario::parse("[[step]]\ndo = \"sleep\"\nduration = \"60s\"\n").unwrap();
+    let cfg = vmm::run::RunConfig {
+        scenario: Some(std::sync::Arc::new(scenario)),
+        timeout: std::time::Duration::from_millis(300),
+        ..config("default", 16 << 20, 1)
+    };
+    let started = std::time::Instant::now();
+    let (report, _) = run(&cfg);
+    assert!(started.elapsed() < std::time::Duration::from_secs(5));
+    assert!(report.error.unwrap().contains("timeout"));
 }

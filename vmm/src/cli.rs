@@ -58,8 +58,8 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("{s:?} is too large; {SIZE_FORM}"))
 }
 
-/// Parses a guest RAM size: a non-zero multiple of 4 KiB that fits below the
-/// 512 GiB identity window.
+/// Parses a guest RAM size: a non-zero multiple of 4 KiB that fits between
+/// `RAM_BASE` (1 GiB) and the end of the 64 GiB identity window.
 pub fn parse_mem(s: &str) -> Result<u64, String> {
     let n = parse_size(s)?;
     if n % PAGE_SIZE != 0 {
@@ -94,8 +94,8 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         "h" => v * 3600.0,
         _ => return Err(format!("{s:?}: unknown unit {unit:?}; {FORM}")),
     };
-    if !(secs > 0.0 && secs < 1e9) {
-        return Err(format!("{s:?}: must be greater than zero; {FORM}"));
+    if !(0.001..1e9).contains(&secs) {
+        return Err(format!("{s:?}: must be at least 1ms; {FORM}"));
     }
     Ok(Duration::from_secs_f64(secs))
 }
@@ -296,6 +296,8 @@ mod tests {
         assert_eq!(parse_duration("2"), Ok(Duration::from_secs(2)));
         assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
         assert!(parse_duration("0s").is_err());
+        // Regression: would round to zero, which disarms the timerfd.
+        assert!(parse_duration("0.0000000001").is_err());
         assert!(parse_duration("5 parsecs").is_err());
     }
 

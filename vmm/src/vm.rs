@@ -111,8 +111,8 @@ pub struct Vm {
     /// Per-vCPU stats readers, by index.
     pub vcpu_stats: Vec<StatsReader>,
     /// The VMM's own view of the boot region (mailboxes, image), through
-    /// vm-memory. Declared before `boot_mapping`, which it points into.
-    pub boot: GuestMemoryMmap,
+    /// vm-memory.
+    pub boot: BootMemory,
     /// Guest RAM.
     pub ram: GpaRange,
     /// Guest TSC frequency in kHz.
@@ -127,9 +127,35 @@ pub struct Vm {
     _kvm: Kvm,
 }
 
+/// A vm-memory view of the boot region that owns the mapping it points into:
+/// every clone keeps the memory mapped, so no clone can outlive it.
+#[derive(Debug, Clone)]
+pub struct BootMemory {
+    // Declared before `_mapping`: the view is dropped first.
+    memory: GuestMemoryMmap,
+    _mapping: Arc<HostMapping>,
+}
+
+impl BootMemory {
+    fn new(mapping: Arc<HostMapping>) -> Result<Self, VmError> {
+        let memory = GuestMemoryMmap::from_regions(vec![guest_region(&mapping, Gpa(0))?])
+            .map_err(|e| VmError::GuestMemory(e.to_string()))?;
+        Ok(Self {
+            memory,
+            _mapping: mapping,
+        })
+    }
+
+    /// The vm-memory view (guest-physical addresses `[0, BOOT_SIZE)`).
+    pub fn memory(&self) -> &GuestMemoryMmap {
+        &self.memory
+    }
+}
+
 fn guest_region(mapping: &HostMapping, gpa: Gpa) -> Result<GuestRegionMmap, VmError> {
-    // SAFETY: `mapping` is a live mapping of `len()` bytes with these flags; the
-    // `Vm` keeps it alive (field order) for as long as `memory` exists.
+    // SAFETY: `mapping` is a live mapping of `len()` bytes with these flags;
+    // the only caller, `BootMemory::new`, stores the region next to an `Arc`
+    // of the mapping (dropped after it), so the region never outlives it.
     let region = unsafe {
         MmapRegion::build_raw(
             mapping.as_ptr(),
@@ -204,8 +230,7 @@ impl Vm {
         memory.apply(|map| map.plug(Gpa(0), layout::BOOT_SIZE, boot_slot, 0, fixed))?;
         memory
             .apply(|map| map.plug(ram.start(), spec.mem_size, ram_mapping, 0, SlotFlags::NONE))?;
-        let boot = GuestMemoryMmap::from_regions(vec![guest_region(&boot_mapping, Gpa(0))?])
-            .map_err(|e| VmError::GuestMemory(e.to_string()))?;
+        let boot = BootMemory::new(boot_mapping.clone())?;
 
         let mut vcpus = Vec::new();
         let mut vcpu_stats = Vec::new();

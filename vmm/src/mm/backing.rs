@@ -347,8 +347,11 @@ impl HostMapping {
         // replaces its contents with zeros, which every user of guest memory
         // must tolerate (callers invalidate users first).
         let ptr = unsafe { self.addr.add(offset as usize) };
+        // Private mappings drop their pages with MADV_DONTNEED (hugetlb too,
+        // since Linux 5.18); shared ones need MADV_REMOVE to free the backing
+        // pages (MADV_REMOVE on a private mapping fails with EACCES).
         let advice = match self.kind {
-            BackingKind::Anon | BackingKind::Thp => libc::MADV_DONTNEED,
+            BackingKind::Anon | BackingKind::Thp | BackingKind::Hugetlb => libc::MADV_DONTNEED,
             _ => libc::MADV_REMOVE,
         };
         // SAFETY: see above; `ptr..ptr+len` is inside the mapping.

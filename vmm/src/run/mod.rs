@@ -7,16 +7,15 @@
 
 mod events;
 pub mod report;
+mod threads;
 
 use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::io::Write;
-use std::os::unix::thread::JoinHandleExt;
 use std::path::PathBuf;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::{mpsc, Arc};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
@@ -190,7 +189,7 @@ pub fn run(config: &RunConfig, console: Box<dyn Write>) -> Result<RunReport, Run
     let setup_time = t_setup.elapsed();
 
     let t_run = Instant::now();
-    let mut threads: Vec<Option<JoinHandle<()>>> = Vec::new();
+    let mut threads = threads::VcpuThreads::new(stop.clone(), barrier.clone());
     let mut links = Vec::new();
     for (index, fd) in vm.take_vcpus().into_iter().enumerate() {
         let index = index as u64;
@@ -231,12 +230,25 @@ pub fn run(config: &RunConfig, console: Box<dyn Write>) -> Result<RunReport, Run
         let handle = std::thread::Builder::new()
             .name(format!("vcpu{index}"))
             .spawn(move || {
-                let report = vcpu::run_vcpu(fd, ctx);
+                // A panic (a bug, or a plan's) must still produce a report, or
+                // the run would wait for this vCPU forever.
+                let report = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    vcpu::run_vcpu(fd, ctx)
+                }))
+                .unwrap_or_else(|panic| vcpu::VcpuReport {
+                    index,
+                    failure: Some(vcpu::GuestFailure::UnexpectedExit {
+                        vcpu: index,
+                        what: format!("the vCPU thread panicked: {}", panic_message(&panic)),
+                    }),
+                    commands: Vec::new(),
+                    exits: Default::default(),
+                });
                 let _ = tx.send(report);
                 let _ = done.write(1);
             })
             .map_err(setup_err("spawning a vCPU thread"))?;
-        threads.push(Some(handle));
+        threads.push(handle);
     }
     let driver = match &config.scenario {
         None => None,
@@ -274,22 +286,18 @@ pub fn run(config: &RunConfig, console: Box<dyn Write>) -> Result<RunReport, Run
         if state.borrow().stop.is_some() {
             if !stopping {
                 stopping = true;
-                stop.store(true, Ordering::Release);
-                barrier.abort();
+                threads.request_stop();
             }
-            let finished: Vec<u64> = state.borrow().reports.iter().map(|r| r.index).collect();
-            for (i, t) in threads.iter().enumerate() {
-                if let Some(t) = t.as_ref().filter(|_| !finished.contains(&(i as u64))) {
-                    // SAFETY: the thread is alive (not yet reported, not joined);
-                    // the kick signal has a no-op handler installed above.
-                    unsafe { libc::pthread_kill(t.as_pthread_t(), vcpu::kick_signal()) };
-                }
+            threads.kick_running();
+            if threads.all_finished() {
+                // Every thread sent its report before ending: drain them.
+                em.run_with_timeout(0)
+                    .map_err(setup_err("running the event loop"))?;
+                break;
             }
         }
     }
-    for t in threads.iter_mut().filter_map(Option::take) {
-        let _ = t.join();
-    }
+    threads.join();
     let scenario: Option<ScenarioReport> = driver.map(|d| {
         d.join().unwrap_or_else(|_| ScenarioReport {
             name: "scenario".into(),
@@ -385,4 +393,12 @@ fn first_error(
             .find_map(|r| r.failure.as_ref())
             .map(ToString::to_string),
     }
+}
+
+fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".into())
 }

@@ -235,7 +235,17 @@ impl Driver {
         if spec.kind == "sleep" {
             let d = crate::cli::parse_duration(spec.duration.as_deref().unwrap_or("0"))
                 .unwrap_or_default();
-            std::thread::sleep(d);
+            let until = Instant::now() + d;
+            // In slices, so a timeout or signal stops the scenario promptly.
+            while let Some(left) = until
+                .checked_duration_since(Instant::now())
+                .filter(|l| !l.is_zero())
+            {
+                if self.stop.load(Ordering::Acquire) {
+                    return (what, "stopped".into(), false);
+                }
+                std::thread::sleep(left.min(POLL));
+            }
             return (what, "ok".into(), true);
         }
         if !spec.is_guest() {

@@ -208,12 +208,35 @@ impl Scenario {
     /// Parses and validates scenario text.
     pub fn parse(text: &str) -> Result<Self, ScenarioError> {
         let s: Scenario = toml::from_str(text).map_err(|e| ScenarioError::Toml(e.to_string()))?;
+        // Outcomes come back in order on one channel per vCPU, so a vCPU's
+        // async commands must be collected (`wait`) before it runs anything
+        // else, and before the end.
+        let mut pending: std::collections::BTreeMap<u64, usize> = Default::default();
         for (i, step) in s.steps.iter().enumerate() {
-            step.validate().map_err(|problem| ScenarioError::Step {
+            let err = |problem: String| ScenarioError::Step {
                 index: i + 1,
                 kind: step.kind.clone(),
                 problem,
-            })?;
+            };
+            step.validate().map_err(err)?;
+            if !step.is_guest() {
+                continue;
+            }
+            let vcpu = step.vcpu.unwrap_or(0);
+            if step.kind == "wait" {
+                pending.remove(&vcpu);
+            } else if let Some(from) = pending.get(&vcpu) {
+                return Err(err(format!(
+                    "vCPU {vcpu} still has async commands from step {from}; add a `wait` step for it first"
+                )));
+            } else if step.is_async == Some(true) {
+                pending.insert(vcpu, i + 1);
+            }
+        }
+        if let Some((vcpu, from)) = pending.into_iter().next() {
+            return Err(ScenarioError::Toml(format!(
+                "the async commands of step {from} on vCPU {vcpu} are never collected: add a `wait` step"
+            )));
         }
         if s.steps.is_empty() {
             return Err(ScenarioError::Toml("no [[step]] given".into()));

@@ -255,7 +255,7 @@ pub struct VcpuContext {
     /// The guest program's entry point (for resetting registers).
     pub entry: Gpa,
     /// The VMM's view of the boot region (for the mailbox).
-    pub boot: GuestMemoryMmap,
+    pub boot: crate::vm::BootMemory,
     /// The guest memory manager (for accesses that exit as MMIO).
     pub memory: Arc<MemslotApplier>,
     /// Where commands come from.
@@ -313,7 +313,7 @@ pub fn run_vcpu(mut vcpu: VcpuFd, mut ctx: VcpuContext) -> VcpuReport {
     let index = ctx.index;
     let boot = ctx.boot.clone();
     let mailbox = Mailbox {
-        memory: &boot,
+        memory: boot.memory(),
         base: layout::mailbox(index),
     };
     let mut report = VcpuReport {
@@ -323,6 +323,7 @@ pub fn run_vcpu(mut vcpu: VcpuFd, mut ctx: VcpuContext) -> VcpuReport {
         exits: BTreeMap::new(),
     };
     let mut current: Option<(Command, Instant)> = None;
+    let mut stop_posted = false;
     let mut console_pending = String::new();
     let failure = loop {
         if ctx.stop.load(Ordering::Acquire) {
@@ -352,7 +353,14 @@ pub fn run_vcpu(mut vcpu: VcpuFd, mut ctx: VcpuContext) -> VcpuReport {
                 let st = u32::from_le_bytes(pad4(data));
                 (
                     "mmio_doorbell",
-                    on_doorbell(&mut ctx, &mailbox, &mut report, &mut current, st),
+                    on_doorbell(
+                        &mut ctx,
+                        &mailbox,
+                        &mut report,
+                        &mut current,
+                        &mut stop_posted,
+                        st,
+                    ),
                 )
             }
             VcpuExit::MmioWrite(REG_CONSOLE, data) => {
@@ -423,7 +431,10 @@ pub fn run_vcpu(mut vcpu: VcpuFd, mut ctx: VcpuContext) -> VcpuReport {
         match outcome {
             None => {}
             Some(Ok(())) => break None,
-            Some(Err(f)) if f.is_guest_fault() && ctx.plan.recoverable() => {
+            // Recoverable only while a command is in flight: a fault outside
+            // one (before READY, after STOP) has no step to report to and
+            // would otherwise repeat after every reset.
+            Some(Err(f)) if f.is_guest_fault() && ctx.plan.recoverable() && current.is_some() => {
                 if let Some((cmd, started)) = current.take() {
                     report.commands.push(CommandReport {
                         command: cmd.describe(),
@@ -482,13 +493,25 @@ fn reset_guest(vcpu: &mut VcpuFd, ctx: &VcpuContext) -> Result<(), GuestFailure>
         error: format!("resetting the guest: {e}"),
         hint: "",
     };
+    // An access split in fragments (e.g. crossing a page) exits once per
+    // fragment: complete each one (reads get zeros) until KVM reports EINTR,
+    // i.e. nothing is pending; only then may the registers be replaced.
     vcpu.set_kvm_immediate_exit(1);
-    let completed = vcpu.run().map(|_| ());
-    vcpu.set_kvm_immediate_exit(0);
-    match completed {
-        Err(e) if e.errno() != libc::EINTR => return Err(kvm_failure(&e)),
-        _ => {}
+    let mut completed = Ok(());
+    for _ in 0..64 {
+        match vcpu.run() {
+            Ok(VcpuExit::MmioRead(_, data)) => data.fill(0),
+            Ok(VcpuExit::MmioWrite(..)) => {}
+            Ok(_) => break,
+            Err(e) if e.errno() == libc::EINTR => break,
+            Err(e) => {
+                completed = Err(e);
+                break;
+            }
+        }
     }
+    vcpu.set_kvm_immediate_exit(0);
+    completed.map_err(|e| kvm_failure(&e))?;
     crate::vm::setup_vcpu_registers(vcpu, ctx.index, ctx.vcpus, ctx.entry)
         .map_err(|e| kvm_failure(&e))
 }
@@ -507,11 +530,20 @@ fn on_doorbell(
     mailbox: &Mailbox<'_>,
     report: &mut VcpuReport,
     current: &mut Option<(Command, Instant)>,
+    stop_posted: &mut bool,
     st: u32,
 ) -> Option<Result<(), GuestFailure>> {
     let index = ctx.index;
     if st == status::STOPPED {
-        return Some(Ok(()));
+        // Success only in answer to a STOP the VMM posted.
+        return Some(if *stop_posted && current.is_none() {
+            Ok(())
+        } else {
+            Err(GuestFailure::UnexpectedExit {
+                vcpu: index,
+                what: "the guest reported STOPPED without being told to stop".into(),
+            })
+        });
     }
     if let Some((cmd, started)) = current.take() {
         let results: [u64; 6] = mailbox.read(mailbox_offset::RESULTS);
@@ -565,6 +597,7 @@ fn on_doorbell(
         }
         Ok(Step::Stop) => {
             mailbox.post(&Command::new(command::STOP, [0; 6]));
+            *stop_posted = true;
             None
         }
         Err(_) => Some(Err(GuestFailure::Stopped { vcpu: index })),
