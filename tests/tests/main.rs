@@ -3,3 +3,4 @@
 mod cli;
 mod launch;
 mod memslots;
+mod stress;
