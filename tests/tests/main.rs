@@ -4,3 +4,4 @@ mod cli;
 mod launch;
 mod memslots;
 mod scenarios;
+mod stress;

@@ -10,12 +10,15 @@
 //!   readers, writers that exclude and drain.
 //! - [`notifier`]: mmu-notifier-style invalidation ranges, KVM's sequence
 //!   protocol for fault paths, and a translation cache built on it.
+//! - [`guard`]: host-side guest memory access through per-slot guards (the
+//!   slot map wired to the slot lock); writers exclude and drain first.
 //! - [`pin_account`]: lock-free pinned-page and DMA-mapping budgets.
 //! - [`stage2`]: a lockless software stage-2 table in x86 EPT format, with
 //!   epoch-based reclamation of table pages.
 
 pub mod addr;
 pub mod backing;
+pub mod guard;
 pub mod notifier;
 pub mod pin_account;
 pub mod slot_lock;

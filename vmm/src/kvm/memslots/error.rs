@@ -5,6 +5,8 @@ use std::io;
 
 use crate::mm::addr::{Gpa, Hva};
 use crate::mm::backing::BackingError;
+use crate::mm::guard::GuardError;
+use crate::mm::notifier::NotifierError;
 use crate::mm::slot_map::{MemslotSpec, SlotMapError};
 
 /// Which memslot call failed.
@@ -85,6 +87,19 @@ pub enum MemslotError {
     /// The slot map refused the op; no ioctl was issued, nothing changed.
     #[error("refused before any ioctl: {0}")]
     SlotMap(#[from] SlotMapError),
+    /// A subscriber of the invalidation hub vetoed the op; no ioctl was
+    /// issued, nothing changed.
+    #[error("refused before any ioctl: {0}")]
+    Vetoed(#[from] NotifierError),
+    /// Guard holders did not leave a slot the op must change within the
+    /// drain bound (the error names the slot and the readers); no ioctl was
+    /// issued, nothing changed. Or (only for a transition computed from
+    /// another map) the slot cells were out of step with KVM.
+    #[error("{0}")]
+    Guard(GuardError),
+    /// The op was applied, but announcing plugged memory to the hub failed.
+    #[error("op applied, but announcing added memory failed: {0}")]
+    Announce(NotifierError),
     /// Change `index` of `total` failed; the `index` changes before it were
     /// undone, so KVM and the published map are as before the op.
     #[error("change {index} of {total} failed: {failure}; undid the {index} applied change(s), KVM and the map are unchanged")]

@@ -98,10 +98,14 @@ mod tests;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
 use crate::mm::addr::{Gfn, Gpa, GpaRange, PAGE_SIZE};
 use crate::mm::backing::{BackingKind, HostMapping};
+use crate::mm::guard::{GuardError, GuardedMap, GuestReader, SlotRef};
+use crate::mm::notifier::{Invalidation, InvalidationHub, Reason};
 use crate::mm::slot_map::{
     ChangeKind, MemslotChange, MemslotSpec, SharedSlotMap, SlotId, SlotMap, SlotMapConfig,
     SlotMapError, Transition, KVM_MEM_LOG_DIRTY_PAGES,
@@ -126,7 +130,12 @@ pub struct Applied {
     pub added: Vec<GpaRange>,
     /// Bytes of host memory released.
     pub discarded: u64,
+    /// How long the op waited for guard holders to leave the slots it changed.
+    pub waited: Duration,
 }
+
+/// How long [`MemslotApplier::apply`] waits for readers by default.
+pub const DEFAULT_DRAIN_BOUND: Duration = Duration::from_secs(2);
 
 /// Applies slot-map transitions to one VM's KVM memslots; see the module docs.
 ///
@@ -137,7 +146,9 @@ pub struct Applied {
 /// registered, so stop the vCPUs first.
 pub struct MemslotApplier<V: MemslotIoctls = Arc<VmFd>> {
     vm: V,
-    shared: SharedSlotMap,
+    memory: GuardedMap,
+    hub: Arc<InvalidationHub>,
+    drain_bound_ns: AtomicU64,
     state: Mutex<State>,
 }
 
@@ -145,7 +156,7 @@ impl<V: MemslotIoctls> fmt::Debug for MemslotApplier<V> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let st = self.lock_state();
         f.debug_struct("MemslotApplier")
-            .field("map", &self.shared)
+            .field("map", self.memory.shared())
             .field("registered", &st.by_id.len())
             .field("pending_dirty", &st.pending.len())
             .field("poisoned", &st.poisoned)
@@ -166,7 +177,9 @@ impl<V: MemslotIoctls> MemslotApplier<V> {
             .map_err(MemslotError::Buffer)?;
         Ok(Self {
             vm,
-            shared: SharedSlotMap::new(SlotMap::new(config)),
+            memory: GuardedMap::new(SlotMap::new(config)),
+            hub: Arc::new(InvalidationHub::new()),
+            drain_bound_ns: AtomicU64::new(DEFAULT_DRAIN_BOUND.as_nanos() as u64),
             state: Mutex::new(State {
                 by_id: BTreeMap::new(),
                 by_gpa: BTreeMap::new(),
@@ -190,7 +203,52 @@ impl<V: MemslotIoctls> MemslotApplier<V> {
 
     /// A snapshot of the published map. Lock-free.
     pub fn load(&self) -> Arc<SlotMap> {
-        self.shared.load()
+        self.memory.load()
+    }
+
+    /// The published map with its slot cells: guarded host access.
+    pub fn guarded(&self) -> &GuardedMap {
+        &self.memory
+    }
+
+    /// The published map and its writer lock.
+    pub fn shared(&self) -> &SharedSlotMap {
+        self.memory.shared()
+    }
+
+    /// A per-thread reader taking guards on slots (see [`crate::mm::guard`]).
+    pub fn reader(&self) -> GuestReader<'_> {
+        self.memory.reader()
+    }
+
+    /// A guard on the slot holding `gpa`, without waiting (see
+    /// [`GuardedMap::try_acquire`]).
+    ///
+    /// # Errors
+    /// [`GuardError::Unplugged`], [`GuardError::Busy`] while an op changes the slot.
+    pub fn try_acquire(&self, gpa: Gpa) -> Result<SlotRef<'_>, GuardError> {
+        self.memory.try_acquire(gpa)
+    }
+
+    /// The invalidation hub every op reports to: `begin` (vetoes, then
+    /// `invalidate_start`) before the KVM and host teardown of memory taken
+    /// away or write-protected, `end` after it, `added` for memory plugged or
+    /// moved in. Subscribe devices and translation caches here. Callbacks run
+    /// on the op's thread under the slot-map writer lock: they must not call
+    /// [`apply`](Self::apply) or [`with_map_locked`](Self::with_map_locked).
+    pub fn hub(&self) -> &Arc<InvalidationHub> {
+        &self.hub
+    }
+
+    /// How long an op waits for guard holders before it gives up.
+    pub fn drain_bound(&self) -> Duration {
+        Duration::from_nanos(self.drain_bound_ns.load(Ordering::Relaxed))
+    }
+
+    /// Sets [`drain_bound`](Self::drain_bound) (default [`DEFAULT_DRAIN_BOUND`]).
+    pub fn set_drain_bound(&self, bound: Duration) {
+        let ns = u64::try_from(bound.as_nanos()).unwrap_or(u64::MAX);
+        self.drain_bound_ns.store(ns, Ordering::Relaxed);
     }
 
     /// Runs `f` on the current map while no op can be applied: the memory of
@@ -198,7 +256,7 @@ impl<V: MemslotIoctls> MemslotApplier<V> {
     /// rare paths that must see the map *after* any in-flight op (a vCPU whose
     /// access raced a memslot change) and touch the memory it describes.
     pub fn with_map_locked<R>(&self, f: impl FnOnce(&SlotMap) -> R) -> R {
-        let writer = self.shared.begin_write();
+        let writer = self.memory.shared().begin_write();
         let map = writer.map();
         f(&map)
         // Dropping the writer without publishing leaves the map unchanged.
@@ -230,9 +288,8 @@ impl<V: MemslotIoctls> MemslotApplier<V> {
     where
         F: FnOnce(&SlotMap) -> Result<Transition, SlotMapError>,
     {
-        let mut writer = self.shared.begin_write();
-        let mut st = self.lock_state();
-        if st.poisoned {
+        let mut writer = self.memory.shared().begin_write();
+        if self.lock_state().poisoned {
             return Err(MemslotError::Poisoned);
         }
         let base = writer.map();
@@ -243,6 +300,25 @@ impl<V: MemslotIoctls> MemslotApplier<V> {
             removed,
             added,
         } = op(&base)?;
+        // 1. Vetoes, then invalidate_start, before anything is torn down.
+        //    Dropping `invalidations` on any early return ends them.
+        let moved = !added.is_empty();
+        let mut invalidations: Vec<Invalidation<'_>> = Vec::new();
+        for &(range, kind) in &removed {
+            let Some(reason) = invalidation_reason(kind, moved) else {
+                continue;
+            };
+            invalidations.push(self.hub.begin(range, reason)?);
+        }
+        // 2. No new guard on a slot that goes away or changes; wait for the
+        //    guards inside (bounded; on timeout nothing changed).
+        let exclusions = self
+            .memory
+            .exclude(&changes, self.drain_bound())
+            .map_err(MemslotError::Guard)?;
+        let waited = exclusions.waited();
+        // 3. KVM, with rollback.
+        let mut st = self.lock_state();
         let config = *base.config();
         let steps: Vec<Step> = changes.iter().map(Step::of).collect();
         for (index, step) in steps.iter().enumerate() {
@@ -257,6 +333,8 @@ impl<V: MemslotIoctls> MemslotApplier<V> {
                         });
                     }
                 }
+                // KVM is as before: the exclusions are released (dropped) and
+                // the cells keep the slots of the still published map.
                 return Err(MemslotError::RolledBack {
                     index,
                     total: steps.len(),
@@ -264,12 +342,22 @@ impl<V: MemslotIoctls> MemslotApplier<V> {
                 });
             }
         }
+        // 4. Cells follow KVM (detach deleted, re-tag changed, attach created)
+        //    before the map naming the new slots is published.
+        if let Err(e) = exclusions.commit(&changes) {
+            // KVM already holds the new slots; only a transition computed from
+            // another map gets here. Refuse further ops like a failed undo.
+            st.poisoned = true;
+            return Err(MemslotError::Guard(e));
+        }
         writer.publish(map);
         let published = writer.map();
         drop(st);
-        // Still under the writer lock: no op can plug this memory again
-        // before it is discarded. KVM no longer maps it (the deletes above
-        // succeeded) and the new map does not (the map never aliases memory).
+        // 5. Host teardown. Still under the writer lock: no op can plug this
+        // memory again before it is discarded. KVM no longer maps it (the
+        // deletes above succeeded), the new map does not (the map never
+        // aliases memory), and no guard holds it (its slots' cells were
+        // drained and detached).
         let mut discarded = 0;
         for d in &discards {
             d.mapping
@@ -282,12 +370,27 @@ impl<V: MemslotIoctls> MemslotApplier<V> {
                 })?;
             discarded += d.len;
         }
+        // 6. invalidate_end, then announce the memory that appeared.
+        for invalidation in invalidations {
+            invalidation.end();
+        }
+        let reason = if moved && removed.iter().any(|(_, k)| *k == ChangeKind::Unmapped) {
+            Reason::Move
+        } else {
+            Reason::Plug
+        };
+        for &range in &added {
+            self.hub
+                .added(range, reason)
+                .map_err(MemslotError::Announce)?;
+        }
         Ok(Applied {
             map: published,
             changes,
             removed,
             added,
             discarded,
+            waited,
         })
     }
 
@@ -402,7 +505,7 @@ impl<V: MemslotIoctls> MemslotApplier<V> {
         if st.poisoned {
             return Err("poisoned: a rollback failed, KVM differs from the map".into());
         }
-        let map = self.shared.load();
+        let map = self.memory.load();
         let expected = map.expected_memslots();
         let mirror: Vec<MemslotSpec> = st.by_id.values().map(|r| r.spec).collect();
         if expected != mirror {
@@ -447,6 +550,17 @@ impl<V: MemslotIoctls> MemslotApplier<V> {
             }
         }
         Ok(())
+    }
+}
+
+/// The hub reason for a changed range, if the change takes memory away or
+/// reduces access (`None`: nothing to invalidate).
+fn invalidation_reason(kind: ChangeKind, moved: bool) -> Option<Reason> {
+    match kind {
+        ChangeKind::Unmapped if moved => Some(Reason::Move),
+        ChangeKind::Unmapped => Some(Reason::Unplug),
+        ChangeKind::WriteProtected => Some(Reason::Protect),
+        ChangeKind::Unprotected | ChangeKind::DirtyLog { .. } => None,
     }
 }
 

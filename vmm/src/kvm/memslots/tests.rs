@@ -9,6 +9,7 @@ use proptest::prelude::*;
 use super::mirror::{State, Step};
 use super::*;
 use crate::mm::addr::Hva;
+use crate::mm::notifier::{Interest, Replay, Subscriber};
 use crate::mm::slot_map::{SlotFlags, KVM_MEM_READONLY};
 use kvm_bindings::kvm_userspace_memory_region;
 
@@ -386,7 +387,154 @@ fn run(ops: &[RandomOp]) {
             Err(e) => panic!("{o:?}: unexpected {e}"),
         }
         ap.check_consistency().unwrap();
+        assert_cells_match_map(&ap);
     }
+}
+
+/// Every slot of the published map has its cell attached with its range and
+/// generation, free of exclusion; no other cell is attached; a guard on
+/// each slot can be taken.
+fn assert_cells_match_map<V: MemslotIoctls>(ap: &MemslotApplier<V>) {
+    let map = ap.load();
+    let mut attached = ap.guarded().cells().attached();
+    attached.sort_unstable();
+    let mut ids: Vec<u32> = map.iter().map(|s| s.id().0).collect();
+    ids.sort_unstable();
+    assert_eq!(attached, ids);
+    for slot in map.iter() {
+        let cell = ap.guarded().cells().get(slot.id().0).unwrap();
+        let identity = cell.identity().unwrap();
+        assert_eq!((identity.generation, identity.range), (slot.generation(), slot.range()));
+        assert!(!cell.is_excluded());
+        let guard = ap.try_acquire(slot.range().start()).unwrap();
+        assert_eq!(guard.hva(slot.range().start(), 1).unwrap(), slot.hva());
+    }
+}
+
+/// Records what the hub delivers, in order.
+#[derive(Default)]
+struct Events(Mutex<Vec<String>>);
+
+impl Subscriber for Events {
+    fn invalidate_start(&self, range: GpaRange, reason: Reason) {
+        self.0.lock().unwrap().push(format!("start {range} {reason}"));
+    }
+    fn invalidate_end(&self, range: GpaRange) {
+        self.0.lock().unwrap().push(format!("end {range}"));
+    }
+    fn memory_added(&self, range: GpaRange, reason: Reason) {
+        self.0.lock().unwrap().push(format!("added {range} {reason}"));
+    }
+}
+
+fn take(events: &Events) -> Vec<String> {
+    std::mem::take(&mut *events.0.lock().unwrap())
+}
+
+fn r(start: u64, len: u64) -> GpaRange {
+    GpaRange::new(Gpa(start), len).unwrap()
+}
+
+#[test]
+fn test_applier_hub_sees_start_end_around_every_op_that_takes_memory() {
+    let kvm = Arc::new(FakeKvm::default());
+    let ap = MemslotApplier::new(Arc::clone(&kvm), config()).unwrap();
+    let events = Arc::new(Events::default());
+    ap.hub()
+        .subscribe(Interest::All, events.clone(), Replay::Plugged)
+        .unwrap();
+    let a = anon(8);
+    ap.apply(|m| m.plug(Gpa(0), 8 * P, a.clone(), 0, SlotFlags::NONE))
+        .unwrap();
+    assert_eq!(take(&events), [format!("added {} plug", r(0, 8 * P))]);
+    ap.apply(|m| m.protect(Gpa(2 * P), P, true)).unwrap();
+    let protect = r(2 * P, P);
+    assert_eq!(take(&events), [format!("start {protect} protect"), format!("end {protect}")]);
+    ap.apply(|m| m.protect(Gpa(2 * P), P, false)).unwrap();
+    assert!(take(&events).is_empty(), "unprotect takes nothing away");
+    ap.apply(|m| m.move_range(Gpa(6 * P), 2 * P, Gpa(16 * P))).unwrap();
+    let (src, dst) = (r(6 * P, 2 * P), r(16 * P, 2 * P));
+    assert_eq!(
+        take(&events),
+        [format!("start {src} move"), format!("end {src}"), format!("added {dst} move")]
+    );
+    ap.apply(|m| m.unplug(Gpa(0), 4 * P)).unwrap();
+    let gone = r(0, 4 * P);
+    assert_eq!(take(&events), [format!("start {gone} unplug"), format!("end {gone}")]);
+    assert_eq!(ap.hub().plugged(), vec![r(4 * P, 2 * P), dst]);
+}
+
+struct Veto;
+impl Subscriber for Veto {
+    fn invalidate_start(&self, _: GpaRange, _: Reason) {}
+    fn invalidate_end(&self, _: GpaRange) {}
+    fn check(&self, range: GpaRange, _: Reason) -> Result<(), String> {
+        Err(format!("pinned {range}"))
+    }
+}
+
+#[test]
+fn test_applier_vetoed_op_issues_no_ioctl_and_changes_nothing() {
+    let kvm = Arc::new(FakeKvm::default());
+    let ap = MemslotApplier::new(Arc::clone(&kvm), config()).unwrap();
+    let a = anon(8);
+    ap.apply(|m| m.plug(Gpa(0), 8 * P, a.clone(), 0, SlotFlags::NONE))
+        .unwrap();
+    let id = ap
+        .hub()
+        .subscribe(Interest::Range(r(P, P)), Arc::new(Veto), Replay::None)
+        .unwrap();
+    let before = ap.load();
+    let calls = kvm.calls.load(Ordering::SeqCst);
+    let err = ap.apply(|m| m.unplug(Gpa(0), 4 * P)).unwrap_err();
+    assert!(matches!(err, MemslotError::Vetoed(_)), "{err}");
+    assert!(err.to_string().contains("pinned"), "{err}");
+    assert_eq!(kvm.calls.load(Ordering::SeqCst), calls);
+    assert!(Arc::ptr_eq(&before, &ap.load()));
+    assert_eq!(ap.hub().in_progress(), 0);
+    ap.hub().unsubscribe(id).unwrap();
+    ap.apply(|m| m.unplug(Gpa(0), 4 * P)).unwrap();
+    assert_cells_match_map(&ap);
+}
+
+#[test]
+fn test_applier_guard_held_past_bound_refuses_op_naming_slot_and_readers() {
+    let kvm = Arc::new(FakeKvm::default());
+    let ap = MemslotApplier::new(Arc::clone(&kvm), config()).unwrap();
+    ap.set_drain_bound(std::time::Duration::from_millis(20));
+    let a = anon(8);
+    ap.apply(|m| m.plug(Gpa(0), 8 * P, a.clone(), 0, SlotFlags::NONE))
+        .unwrap();
+    let events = Arc::new(Events::default());
+    ap.hub()
+        .subscribe(Interest::All, events.clone(), Replay::None)
+        .unwrap();
+    let guard = ap.try_acquire(Gpa(5 * P)).unwrap();
+    let calls = kvm.calls.load(Ordering::SeqCst);
+    let err = ap.apply(|m| m.unplug(Gpa(0), P)).unwrap_err();
+    let text = err.to_string();
+    assert!(text.contains("slot 0: 1 reader(s) still hold it"), "{text}");
+    assert_eq!(kvm.calls.load(Ordering::SeqCst), calls, "an ioctl was issued");
+    // The invalidation was still ended: subscribers are not left hanging.
+    assert_eq!(take(&events), [format!("start {} unplug", r(0, P)), format!("end {}", r(0, P))]);
+    drop(guard);
+    let applied = ap.apply(|m| m.unplug(Gpa(0), P)).unwrap();
+    assert!(applied.waited < std::time::Duration::from_millis(20));
+    assert_cells_match_map(&ap);
+}
+
+#[test]
+fn test_applier_rolled_back_op_keeps_cells_of_old_map() {
+    let kvm = Arc::new(FakeKvm::default());
+    let ap = MemslotApplier::new(Arc::clone(&kvm), config()).unwrap();
+    let a = anon(8);
+    ap.apply(|m| m.plug(Gpa(0), 8 * P, a.clone(), 0, SlotFlags::NONE))
+        .unwrap();
+    kvm.fail_next(&[2]); // delete 0, create 1, create 2 (fails)
+    let err = ap.apply(|m| m.protect(Gpa(2 * P), P, true)).unwrap_err();
+    assert!(matches!(err, MemslotError::RolledBack { .. }), "{err}");
+    assert_cells_match_map(&ap);
+    ap.check_consistency().unwrap();
 }
 
 proptest! {

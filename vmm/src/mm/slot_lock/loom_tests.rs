@@ -138,7 +138,8 @@ fn put_notify_unlocked(guard: SlotReadGuard<'_>) {
 /// BROKEN: publishes the count before the identity.
 fn attach_count_first(cell: &SlotCell, range: GpaRange) -> SlotIdentity {
     cell.refcnt.store(MAP_REF, Ordering::Release);
-    cell.publish_identity(range)
+    let generation = cell.generation.load(Ordering::Relaxed).wrapping_add(1);
+    cell.publish_identity(range, generation)
 }
 
 fn attach_correct(cell: &SlotCell, range: GpaRange) -> SlotIdentity {

@@ -241,6 +241,10 @@ pub struct SlotIdentity {
 
 /// A reusable slot cell: the count word, the slot's identity, and the place a
 /// draining writer parks.
+///
+/// Aligned to 128 bytes (a cache line plus its prefetch pair on x86) so that
+/// readers of neighbouring cells in a table never share a line.
+#[repr(align(128))]
 pub struct SlotCell {
     id: u32,
     refcnt: AtomicU32,
@@ -285,6 +289,17 @@ impl SlotCell {
     ///
     /// Fails with `AlreadyAttached` unless the cell is detached.
     pub fn attach(&self, range: GpaRange) -> Result<SlotIdentity, SlotLockError> {
+        let generation = self.generation.load(Ordering::Relaxed).wrapping_add(1);
+        self.attach_as(range, generation)
+    }
+
+    /// As [`attach`](Self::attach), with the generation chosen by the caller:
+    /// the slot map's [`Slot::generation`](crate::mm::slot_map::Slot::generation),
+    /// so a reader checks the cell against the slot object of its snapshot.
+    /// The caller must never reuse a generation on this cell while a reader
+    /// may still hold a snapshot with the old slot (the slot map's
+    /// generations are unique per map lineage, which guarantees it).
+    pub fn attach_as(&self, range: GpaRange, generation: u64) -> Result<SlotIdentity, SlotLockError> {
         let word = self.refcnt.load(Ordering::Acquire);
         if word != 0 {
             return Err(SlotLockError::AlreadyAttached {
@@ -294,7 +309,7 @@ impl SlotCell {
         }
         // No reader can be inside or get in (the word is 0 and only a
         // serialized writer makes it non-zero), so nobody reads the identity.
-        let identity = self.publish_identity(range);
+        let identity = self.publish_identity(range, generation);
         // Release: the identity stores above are visible to every reader whose
         // Acquire CAS reads this 1 or a later value (module docs).
         self.refcnt.store(MAP_REF, Ordering::Release);
@@ -436,9 +451,7 @@ impl SlotCell {
 
     /// Stores a new identity with a bumped generation. Callers guarantee that
     /// no reader is inside or can get in (invariant 3).
-    fn publish_identity(&self, range: GpaRange) -> SlotIdentity {
-        // 2^64 attachments cannot happen; wrapping keeps it total anyway.
-        let generation = self.generation.load(Ordering::Relaxed).wrapping_add(1);
+    fn publish_identity(&self, range: GpaRange, generation: u64) -> SlotIdentity {
         self.generation.store(generation, Ordering::Relaxed);
         self.start.store(range.start().0, Ordering::Relaxed);
         self.len.store(range.len(), Ordering::Relaxed);
@@ -627,7 +640,32 @@ impl SlotExclusion<'_> {
         }
         // Drained and excluded: no reader reads the identity until the
         // exclusion's Release fetch_and publishes it.
-        Ok(cell.publish_identity(range))
+        // 2^64 attachments cannot happen; wrapping keeps it total anyway.
+        let generation = cell.generation.load(Ordering::Relaxed).wrapping_add(1);
+        Ok(cell.publish_identity(range, generation))
+    }
+
+    /// As [`reshape`](Self::reshape), with the caller's generation (see
+    /// [`SlotCell::attach_as`]). Also used for a flags-only change, where the
+    /// range stays and only the generation moves.
+    pub fn reshape_as(
+        &mut self,
+        range: GpaRange,
+        generation: u64,
+    ) -> Result<SlotIdentity, SlotLockError> {
+        let cell = self.cell;
+        if self.detached {
+            return Err(SlotLockError::Detached { slot: cell.id });
+        }
+        let word = cell.word();
+        if word != EXCLUDE | MAP_REF {
+            return Err(SlotLockError::NotDrained {
+                slot: cell.id,
+                readers: readers_in(word),
+            });
+        }
+        // As in `reshape`: drained and excluded, nobody reads the identity.
+        Ok(cell.publish_identity(range, generation))
     }
 
     /// Releases the exclusion (same as dropping it).

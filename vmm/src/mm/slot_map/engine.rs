@@ -236,6 +236,7 @@ impl SlotMap {
                 changes.push(MemslotChange::Create { slot });
             }
         }
+        map.rebuild_flat();
         Ok(Transition {
             map,
             changes,

@@ -18,7 +18,8 @@
 use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use arc_swap::ArcSwap;
+use arc_swap::cache::Cache;
+use arc_swap::{ArcSwap, Guard};
 
 use super::error::SlotMapError;
 use super::transition::Transition;
@@ -70,6 +71,25 @@ impl SharedSlotMap {
         self.current.load_full()
     }
 
+    /// A snapshot without touching the map's reference count (arc-swap's
+    /// debt slots): cheaper than [`load`](Self::load) for a short look, and
+    /// no cache line is shared between readers. Hold it briefly; a long-held
+    /// guard is promoted to a full `Arc` by the next writer.
+    #[inline]
+    pub fn load_guard(&self) -> Guard<Arc<SlotMap>> {
+        self.current.load()
+    }
+
+    /// A per-thread snapshot cache: [`SnapshotCache::load`] is one atomic
+    /// load and a compare while the map is unchanged, and reloads when a
+    /// writer published. It keeps the last map it saw alive until the next
+    /// `load` (with its host mappings).
+    pub fn cache(&self) -> SnapshotCache<'_> {
+        SnapshotCache {
+            inner: Cache::new(&self.current),
+        }
+    }
+
     /// Takes the writer lock. Writers are serialized; readers are not affected.
     pub fn begin_write(&self) -> SlotMapWriter<'_> {
         // A poisoned lock only means a writer panicked while holding it; the
@@ -93,6 +113,27 @@ impl SharedSlotMap {
         let t = op(&w.map())?;
         w.publish(t.map.clone());
         Ok(t)
+    }
+}
+
+/// A reader's cached view of a [`SharedSlotMap`] (see
+/// [`SharedSlotMap::cache`]). Not `Sync`: one per reader thread.
+pub struct SnapshotCache<'a> {
+    inner: Cache<&'a ArcSwap<SlotMap>, Arc<SlotMap>>,
+}
+
+impl fmt::Debug for SnapshotCache<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SnapshotCache").finish_non_exhaustive()
+    }
+}
+
+impl SnapshotCache<'_> {
+    /// The current map: the cached one if no writer published since, else
+    /// the new one (which is cached from then on). Lock-free.
+    #[inline]
+    pub fn load(&mut self) -> &Arc<SlotMap> {
+        self.inner.load()
     }
 }
 

@@ -1,0 +1,359 @@
+//! Guarded guest-memory lookup against the usual alternatives, over the same
+//! slots and the same host mappings:
+//!
+//! - `guard`: [`GuestReader::try_acquire`] + `hva` + release (a per-slot
+//!   refcount taken and dropped, the snapshot cached per thread);
+//! - `vm-memory`: `GuestMemoryAtomic::memory()` + `get_host_address` over
+//!   `GuestMemoryMmap` regions built on the same mappings;
+//! - `rwlock`: a `RwLock<BTreeMap>` of the same slots.
+//!
+//! Single-thread, then 1 and 2 reader threads while a writer plugs and
+//! unplugs a slot of its own every ~50 µs (each map's own way). At the end it
+//! prints the ratios of the medians measured in this run.
+//!
+//! Run: `cargo bench -p vmm --bench guards`
+
+use std::collections::BTreeMap;
+use std::hint::black_box;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Barrier, Mutex, RwLock};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use criterion::{criterion_group, Criterion};
+use vm_memory::{
+    GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap,
+    GuestRegionMmap, MmapRegion,
+};
+use vmm::mm::addr::Gpa;
+use vmm::mm::backing::{BackingKind, HostMapping};
+use vmm::mm::guard::GuardedMap;
+use vmm::mm::slot_map::{SlotFlags, SlotMap, SlotMapConfig};
+
+const SLOTS: u64 = 16;
+const SLOT_SIZE: u64 = 1 << 20;
+const STRIDE: u64 = 2 << 20;
+const BASE: u64 = 1 << 32;
+/// The writer's own slot, past the readers' ones.
+const CHURN_GPA: u64 = BASE + SLOTS * STRIDE;
+const BOUND: Duration = Duration::from_secs(5);
+
+/// Per-op medians (ns) by benchmark name, from every sample of this run.
+static SAMPLES: Mutex<BTreeMap<String, Vec<f64>>> = Mutex::new(BTreeMap::new());
+
+fn record(name: &str, ops: u64, elapsed: Duration) -> Duration {
+    let ns = elapsed.as_nanos() as f64 / ops.max(1) as f64;
+    SAMPLES
+        .lock()
+        .unwrap()
+        .entry(name.to_string())
+        .or_default()
+        .push(ns);
+    elapsed
+}
+
+fn median(name: &str) -> Option<f64> {
+    let samples = SAMPLES.lock().unwrap();
+    let mut v = samples.get(name)?.clone();
+    v.sort_by(f64::total_cmp);
+    Some(v[v.len() / 2])
+}
+
+struct Fixture {
+    mappings: Vec<Arc<HostMapping>>,
+    churn_mapping: Arc<HostMapping>,
+    guarded: GuardedMap,
+    atomic: GuestMemoryAtomic<GuestMemoryMmap>,
+    rwlock: RwLock<BTreeMap<u64, (u64, u64)>>,
+    /// Random addresses over all slots.
+    addrs: Vec<u64>,
+    /// Random addresses over the even (`[0]`) and odd (`[1]`) slots.
+    split: [Vec<u64>; 2],
+}
+
+fn region(mapping: &HostMapping, gpa: u64) -> Arc<GuestRegionMmap> {
+    // SAFETY: `mapping` is a live read-write mapping of `len()` bytes; the
+    // fixture owns it (in `mappings`) for longer than any region built here.
+    let raw = unsafe {
+        MmapRegion::build_raw(
+            mapping.as_ptr(),
+            mapping.len() as usize,
+            libc::PROT_READ | libc::PROT_WRITE,
+            mapping.mmap_flags(),
+        )
+    }
+    .unwrap();
+    Arc::new(GuestRegionMmap::new(raw, GuestAddress(gpa)).unwrap())
+}
+
+fn fixture() -> Fixture {
+    let mappings: Vec<Arc<HostMapping>> = (0..SLOTS)
+        .map(|_| Arc::new(HostMapping::new(&BackingKind::Anon, SLOT_SIZE).unwrap()))
+        .collect();
+    let churn_mapping = Arc::new(HostMapping::new(&BackingKind::Anon, SLOT_SIZE).unwrap());
+    let guarded = GuardedMap::new(SlotMap::new(SlotMapConfig::default()));
+    let mut regions = Vec::new();
+    let mut btree = BTreeMap::new();
+    for (i, m) in mappings.iter().enumerate() {
+        let gpa = BASE + i as u64 * STRIDE;
+        let mc = m.clone();
+        guarded
+            .apply(|map| map.plug(Gpa(gpa), SLOT_SIZE, mc, 0, SlotFlags::NONE), BOUND)
+            .unwrap();
+        regions.push(region(m, gpa));
+        btree.insert(gpa, (SLOT_SIZE, m.hva().0));
+    }
+    let mem = GuestMemoryMmap::from_arc_regions(regions).unwrap();
+    let mut x = 0x2545_F491_4F6C_DD1Du64;
+    let addrs: Vec<u64> = (0..4096)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            BASE + (x % SLOTS) * STRIDE + (x >> 20) % SLOT_SIZE
+        })
+        .collect();
+    let half = |parity: u64| {
+        addrs
+            .iter()
+            .copied()
+            .filter(|a| (a - BASE) / STRIDE % 2 == parity)
+            .collect::<Vec<u64>>()
+    };
+    let split = [half(0), half(1)];
+    Fixture {
+        mappings,
+        churn_mapping,
+        guarded,
+        atomic: GuestMemoryAtomic::new(mem),
+        rwlock: RwLock::new(btree),
+        addrs,
+        split,
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Kind {
+    Guard,
+    VmMemory,
+    RwLock,
+}
+
+impl Kind {
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Guard => "guard",
+            Kind::VmMemory => "vm-memory",
+            Kind::RwLock => "rwlock",
+        }
+    }
+}
+
+/// `iters` lookups of `addrs` (cyclic, starting at `offset`) with `kind`.
+fn lookups(f: &Fixture, addrs: &[u64], kind: Kind, iters: u64, offset: usize) {
+    let n = addrs.len();
+    match kind {
+        Kind::Guard => {
+            let mut reader = f.guarded.reader();
+            for i in 0..iters as usize {
+                let gpa = Gpa(addrs[(i + offset) % n]);
+                let slot = reader.try_acquire(gpa).unwrap();
+                black_box(slot.hva(gpa, 8).unwrap());
+            }
+        }
+        Kind::VmMemory => {
+            for i in 0..iters as usize {
+                let gpa = GuestAddress(addrs[(i + offset) % n]);
+                let mem = f.atomic.memory();
+                black_box(mem.get_host_address(gpa).unwrap());
+            }
+        }
+        Kind::RwLock => {
+            for i in 0..iters as usize {
+                let gpa = addrs[(i + offset) % n];
+                let map = f.rwlock.read().unwrap();
+                let (start, (len, hva)) = map.range(..=gpa).next_back().unwrap();
+                assert!(gpa < start + len);
+                black_box(hva + (gpa - start));
+            }
+        }
+    }
+}
+
+/// The writer: plug and unplug its own slot every ~50 µs, the way each map
+/// is changed (slot map op with drain; new vm-memory collection; write lock).
+fn churn(f: &Fixture, kind: Kind, stop: &AtomicBool) {
+    let churn_region = region(&f.churn_mapping, CHURN_GPA);
+    while !stop.load(Ordering::Relaxed) {
+        for plug in [true, false] {
+            match kind {
+                Kind::Guard => {
+                    let m = f.churn_mapping.clone();
+                    f.guarded
+                        .apply(
+                            |map| {
+                                if plug {
+                                    map.plug(Gpa(CHURN_GPA), SLOT_SIZE, m, 0, SlotFlags::NONE)
+                                } else {
+                                    map.unplug(Gpa(CHURN_GPA), SLOT_SIZE)
+                                }
+                            },
+                            BOUND,
+                        )
+                        .unwrap();
+                }
+                Kind::VmMemory => {
+                    let guard = f.atomic.lock().unwrap();
+                    let current = f.atomic.memory();
+                    let next = if plug {
+                        current.insert_region(churn_region.clone()).unwrap()
+                    } else {
+                        current
+                            .remove_region(GuestAddress(CHURN_GPA), SLOT_SIZE)
+                            .unwrap()
+                            .0
+                    };
+                    guard.replace(next);
+                }
+                Kind::RwLock => {
+                    let mut map = f.rwlock.write().unwrap();
+                    if plug {
+                        map.insert(CHURN_GPA, (SLOT_SIZE, f.churn_mapping.hva().0));
+                    } else {
+                        map.remove(&CHURN_GPA);
+                    }
+                }
+            }
+            thread::sleep(Duration::from_micros(50));
+        }
+    }
+}
+
+fn bench_single(c: &mut Criterion) {
+    let f = fixture();
+    let mut g = c.benchmark_group("lookup_1t");
+    for kind in [Kind::Guard, Kind::VmMemory, Kind::RwLock] {
+        g.bench_function(kind.name(), |b| {
+            b.iter_custom(|iters| {
+                let t = Instant::now();
+                lookups(&f, &f.addrs, kind, iters, 0);
+                record(&format!("lookup_1t/{}", kind.name()), iters, t.elapsed())
+            })
+        });
+    }
+    // The parts of the guard's cost: the snapshot lookup alone, and the
+    // lookup plus the refcount without the rest.
+    g.bench_function("map-lookup-only", |b| {
+        b.iter_custom(|iters| {
+            let mut cache = f.guarded.shared().cache();
+            let n = f.addrs.len();
+            let t = Instant::now();
+            for i in 0..iters as usize {
+                let gpa = Gpa(f.addrs[i % n]);
+                black_box(cache.load().translate(gpa).unwrap().0);
+            }
+            record("lookup_1t/map-lookup-only", iters, t.elapsed())
+        })
+    });
+    g.finish();
+    drop(f.mappings);
+}
+
+/// Readers while a writer churns: `shared` (every thread looks up over all
+/// slots, so both hit the same refcounts) or `disjoint` (thread t over the
+/// slots of parity t: a device per thread).
+fn bench_churn(c: &mut Criterion) {
+    let f = fixture();
+    let mut g = c.benchmark_group("lookup_churn");
+    for kind in [Kind::Guard, Kind::VmMemory, Kind::RwLock] {
+        let stop = AtomicBool::new(false);
+        thread::scope(|s| {
+            s.spawn(|| churn(&f, kind, &stop));
+            for (threads, disjoint) in [(1u64, false), (2, false), (1, true), (2, true)] {
+                let pattern = if disjoint { "disjoint" } else { "shared" };
+                let name = format!("{}/{pattern}/{threads}t", kind.name());
+                g.bench_function(&name, |b| {
+                    b.iter_custom(|iters| {
+                        let start = Barrier::new(threads as usize + 1);
+                        let elapsed = thread::scope(|s| {
+                            let handles: Vec<_> = (0..threads)
+                                .map(|t| {
+                                    let (f, start) = (&f, &start);
+                                    let addrs = if disjoint {
+                                        &f.split[t as usize]
+                                    } else {
+                                        &f.addrs
+                                    };
+                                    s.spawn(move || {
+                                        start.wait();
+                                        lookups(f, addrs, kind, iters, t as usize * 997);
+                                    })
+                                })
+                                .collect();
+                            start.wait();
+                            let t0 = Instant::now();
+                            for h in handles {
+                                h.join().unwrap();
+                            }
+                            t0.elapsed()
+                        });
+                        // Per op across all threads (throughput), and the
+                        // wall time criterion sees per iteration.
+                        record(&format!("lookup_churn/{name}"), iters * threads, elapsed);
+                        elapsed
+                    })
+                });
+            }
+            stop.store(true, Ordering::Relaxed);
+        });
+    }
+    g.finish();
+}
+
+fn report() {
+    let m = |n: &str| median(n).unwrap_or(f64::NAN);
+    println!("\n== guards benchmark: medians of this run (ns per lookup) ==");
+    for (name, v) in SAMPLES.lock().unwrap().iter() {
+        let mut v = v.clone();
+        v.sort_by(f64::total_cmp);
+        println!("{name:32} {:8.2} ns", v[v.len() / 2]);
+    }
+    let guard1 = m("lookup_1t/guard");
+    println!(
+        "single thread: guard / vm-memory = {:.2}x (goal <= 1.0x); guard / rwlock = {:.2}x",
+        guard1 / m("lookup_1t/vm-memory"),
+        guard1 / m("lookup_1t/rwlock"),
+    );
+    for pattern in ["shared", "disjoint"] {
+        for kind in ["guard", "vm-memory", "rwlock"] {
+            let one = m(&format!("lookup_churn/{kind}/{pattern}/1t"));
+            let two = m(&format!("lookup_churn/{kind}/{pattern}/2t"));
+            println!(
+                "under churn, {pattern:8} slots: {kind:9} throughput 2 threads / 1 thread = {:.2}x",
+                one / two
+            );
+        }
+        let guard = m(&format!("lookup_churn/guard/{pattern}/2t"));
+        println!(
+            "under churn, {pattern:8} slots, 2 threads: guard is {:.2}x faster than rwlock \
+             (goal >= 3x), {:.2}x vm-memory's speed",
+            m(&format!("lookup_churn/rwlock/{pattern}/2t")) / guard,
+            m(&format!("lookup_churn/vm-memory/{pattern}/2t")) / guard,
+        );
+    }
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default()
+        .sample_size(20)
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(2));
+    targets = bench_single, bench_churn
+}
+
+fn main() {
+    benches();
+    Criterion::default().configure_from_args().final_summary();
+    report();
+}

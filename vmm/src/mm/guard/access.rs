@@ -1,0 +1,158 @@
+//! [`SlotRef`]: a reader's guard on one slot, and the accesses it allows.
+//!
+//! Accesses are volatile: guest memory is shared with vCPUs and other
+//! threads by design. An aligned 8-byte access is one host load or store
+//! (`mov`), so it is never torn; byte copies are done byte by byte.
+
+use std::fmt;
+
+use super::GuardError;
+use crate::mm::addr::{Gpa, GpaRange, Hva};
+use crate::mm::slot_lock::SlotReadGuard;
+use crate::mm::slot_map::{Slot, SlotFlags};
+
+/// A guard on one slot: the host memory behind it stays mapped and is not
+/// discarded while the guard lives. Released on drop (one `fetch_sub`).
+#[must_use = "the slot is released as soon as the guard is dropped"]
+pub struct SlotRef<'a> {
+    guard: SlotReadGuard<'a>,
+    hva: Hva,
+    flags: SlotFlags,
+}
+
+impl fmt::Debug for SlotRef<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SlotRef")
+            .field("slot", &self.guard.slot_id())
+            .field("range", &format_args!("{}", self.guard.range()))
+            .field("hva", &self.hva)
+            .field("flags", &self.flags)
+            .finish()
+    }
+}
+
+impl<'a> SlotRef<'a> {
+    /// Wraps a validated guard on `slot`'s cell (same generation).
+    #[inline]
+    pub(super) fn new(guard: SlotReadGuard<'a>, slot: &Slot) -> Self {
+        debug_assert_eq!(guard.generation(), slot.generation());
+        Self {
+            guard,
+            hva: slot.hva(),
+            flags: slot.flags(),
+        }
+    }
+
+    /// The slot id.
+    pub fn slot_id(&self) -> u32 {
+        self.guard.slot_id()
+    }
+
+    /// The slot's generation (its identity in the slot map).
+    pub fn generation(&self) -> u64 {
+        self.guard.generation()
+    }
+
+    /// The slot's guest-physical range.
+    pub fn range(&self) -> GpaRange {
+        self.guard.range()
+    }
+
+    /// Whether the slot is read-only to the guest (and to [`write_u64`](Self::write_u64)).
+    pub fn read_only(&self) -> bool {
+        self.flags.read_only
+    }
+
+    /// The host address of `[gpa, gpa + len)`, which must lie inside the
+    /// slot. Valid only while the guard lives.
+    ///
+    /// # Errors
+    /// [`GuardError::OutOfSlot`].
+    #[inline]
+    pub fn hva(&self, gpa: Gpa, len: u64) -> Result<Hva, GuardError> {
+        let range = self.guard.range();
+        let out = || GuardError::OutOfSlot {
+            gpa,
+            len,
+            slot: self.slot_id(),
+        };
+        let delta = gpa.offset_from(range.start()).ok_or_else(out)?;
+        let end = delta.checked_add(len).ok_or_else(out)?;
+        if end > range.len() {
+            return Err(out());
+        }
+        Ok(Hva(self.hva.0 + delta))
+    }
+
+    fn word_ptr(&self, gpa: Gpa) -> Result<*mut u64, GuardError> {
+        if !gpa.is_aligned(8) {
+            return Err(GuardError::Unaligned { gpa });
+        }
+        Ok(self.hva(gpa, 8)?.0 as *mut u64)
+    }
+
+    /// Reads the aligned `u64` at `gpa` with one host load.
+    ///
+    /// # Errors
+    /// [`GuardError::Unaligned`], [`GuardError::OutOfSlot`].
+    #[inline]
+    pub fn read_u64(&self, gpa: Gpa) -> Result<u64, GuardError> {
+        let p = self.word_ptr(gpa)?;
+        // SAFETY: `p` is 8-aligned and its 8 bytes lie inside the slot
+        // (`hva` checked the range); the slot's host memory stays mapped while
+        // `self.guard` holds the slot (module docs of `guard`).
+        Ok(unsafe { p.read_volatile() })
+    }
+
+    /// Writes the aligned `u64` at `gpa` with one host store.
+    ///
+    /// # Errors
+    /// [`GuardError::ReadOnly`], [`GuardError::Unaligned`], [`GuardError::OutOfSlot`].
+    #[inline]
+    pub fn write_u64(&self, gpa: Gpa, value: u64) -> Result<(), GuardError> {
+        if self.flags.read_only {
+            return Err(GuardError::ReadOnly {
+                gpa,
+                slot: self.slot_id(),
+            });
+        }
+        let p = self.word_ptr(gpa)?;
+        // SAFETY: as in `read_u64`; the mapping is writable (every backing is
+        // mapped read-write; read-only is a guest-side memslot flag).
+        unsafe { p.write_volatile(value) };
+        Ok(())
+    }
+
+    /// Copies `buf.len()` bytes at `gpa` into `buf`.
+    ///
+    /// # Errors
+    /// [`GuardError::OutOfSlot`].
+    pub fn read(&self, gpa: Gpa, buf: &mut [u8]) -> Result<(), GuardError> {
+        let p = self.hva(gpa, buf.len() as u64)?.0 as *const u8;
+        for (i, b) in buf.iter_mut().enumerate() {
+            // SAFETY: `i < len` and `[p, p + len)` lies inside the slot's
+            // mapped host memory while the guard lives.
+            *b = unsafe { p.add(i).read_volatile() };
+        }
+        Ok(())
+    }
+
+    /// Copies `buf` to `gpa`.
+    ///
+    /// # Errors
+    /// [`GuardError::ReadOnly`], [`GuardError::OutOfSlot`].
+    pub fn write(&self, gpa: Gpa, buf: &[u8]) -> Result<(), GuardError> {
+        if self.flags.read_only {
+            return Err(GuardError::ReadOnly {
+                gpa,
+                slot: self.slot_id(),
+            });
+        }
+        let p = self.hva(gpa, buf.len() as u64)?.0 as *mut u8;
+        for (i, b) in buf.iter().enumerate() {
+            // SAFETY: as in `read`; the mapping is writable.
+            unsafe { p.add(i).write_volatile(*b) };
+        }
+        Ok(())
+    }
+}

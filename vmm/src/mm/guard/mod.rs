@@ -1,0 +1,462 @@
+//! Host-side access to guest memory through per-slot guards: the slot map
+//! wired to the per-slot refcount lock ([`crate::mm::slot_lock`]).
+//!
+//! Every slot of the map has a [`SlotCell`], kept in a table indexed by slot
+//! id ([`SlotCells`]; cells are reused with the ids, like the kernel's
+//! `SLAB_TYPESAFE_BY_RCU` VMA cache). A cell attached for a slot carries that
+//! slot's [`Slot::generation`], which is unique per map lineage, as its
+//! identity.
+//!
+//! # Readers
+//! [`GuardedMap::try_acquire`] (or a per-thread [`GuestReader`]) finds the
+//! slot of a GPA in the published snapshot without a lock, takes a reference
+//! on its cell with increment-if-not-zero-and-not-excluded, then re-validates
+//! that the cell still holds *that* slot object (generation) and that it
+//! covers the GPA. A cell detached and re-attached to another slot between
+//! the lookup and the increment is caught by the generation; the reader then
+//! retries with a fresh snapshot. The result is a [`SlotRef`]: while it
+//! lives, the host memory behind the slot is neither unmapped nor discarded.
+//!
+//! # Writers
+//! A transition that deletes a slot (unplug, shrink, move, split for a
+//! protect) or changes its flags first calls [`GuardedMap::exclude`]: every
+//! such slot's cell gets the exclude flag (no new reader), then the writer
+//! parks until the readers inside have left, at most a bound; past it the
+//! error names the slot and how many readers hold it
+//! ([`GuardError::Drain`]) and every exclusion is released, so nothing
+//! changed. Only after that does the caller delete KVM memslots and discard
+//! host memory; then [`Exclusions::commit`] detaches the cells of deleted
+//! slots, moves the cells of flag-changed slots to their new generation and
+//! attaches the cells of created slots, *before* the new map is published.
+//!
+//! # Why host memory is never released under a reader
+//! A reader holds a reference on a cell whose generation is its slot's. The
+//! cell of slot `S` is attached from before `S` is published until after a
+//! writer excluded it, drained it and detached it; the owner of the memory
+//! (the KVM applier's mirror, or the published map for [`GuardedMap::apply`])
+//! keeps `S`'s host mapping mapped for that whole time, and discards only
+//! memory of slots already detached. So a reference on `S` implies that `S`'s
+//! memory is mapped and not discarded until it is released.
+//!
+//! # Memory ordering
+//! Cells carry the refcount lock's orderings (see [`crate::mm::slot_lock`]):
+//! attach publishes the identity with a release store of the count, a reader's
+//! acquire CAS sees it; a reader's release decrement happens before the
+//! writer's teardown. Cells are attached before the map naming them is
+//! published (arc-swap store is a release, the reader's load an acquire), so
+//! a reader that found a slot in a snapshot finds its cell allocated.
+//!
+//! # Lock order
+//! Slot-map writer lock → cell wait mutex (leaf). A reader holding a
+//! [`SlotRef`] must not block on the writer lock: [`GuestReader::acquire`]
+//! does when the slot is busy, so call it with no other guard held (or use
+//! `try_acquire`); a writer draining a slot held by a blocked reader waits
+//! only until its bound and then gives up with the diagnostic.
+//!
+//! ```
+//! use std::sync::Arc;
+//! use std::time::Duration;
+//! use vmm::mm::addr::Gpa;
+//! use vmm::mm::backing::{BackingKind, HostMapping};
+//! use vmm::mm::guard::{GuardError, GuardedMap};
+//! use vmm::mm::slot_map::{SlotFlags, SlotMap, SlotMapConfig};
+//!
+//! let memory = GuardedMap::new(SlotMap::new(SlotMapConfig::default()));
+//! let mem = Arc::new(HostMapping::new(&BackingKind::Anon, 0x10_0000).unwrap());
+//! let bound = Duration::from_secs(1);
+//! memory
+//!     .apply(|m| m.plug(Gpa(0x10_0000), 0x10_0000, mem.clone(), 0, SlotFlags::NONE), bound)
+//!     .unwrap();
+//!
+//! let mut reader = memory.reader();
+//! {
+//!     let slot = reader.try_acquire(Gpa(0x10_8000)).unwrap();
+//!     slot.write_u64(Gpa(0x10_8000), 42).unwrap();
+//!     assert_eq!(slot.read_u64(Gpa(0x10_8000)).unwrap(), 42);
+//!     // While `slot` lives, an unplug of it cannot drain and gives up.
+//!     let err = memory
+//!         .apply(|m| m.unplug(Gpa(0x10_0000), 0x10_0000), Duration::from_millis(10))
+//!         .unwrap_err();
+//!     assert!(err.to_string().contains("1 reader(s) still hold it"), "{err}");
+//! }
+//! memory.apply(|m| m.unplug(Gpa(0x10_0000), 0x10_0000), bound).unwrap();
+//! assert_eq!(
+//!     reader.try_acquire(Gpa(0x10_8000)).unwrap_err(),
+//!     GuardError::Unplugged { gpa: Gpa(0x10_8000) }
+//! );
+//! ```
+
+mod access;
+mod cells;
+#[cfg(all(test, not(vmm_loom)))]
+mod tests;
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::mm::addr::Gpa;
+use crate::mm::slot_lock::{SlotExclusion, SlotLockError};
+use crate::mm::slot_map::{
+    MemslotChange, SharedSlotMap, SlotMap, SlotMapError, SnapshotCache, Transition,
+};
+
+pub use access::SlotRef;
+pub use cells::SlotCells;
+
+/// How often a reader retries a lookup whose cell changed under it (a writer
+/// between detaching and publishing) before it reports the slot busy.
+const STALE_RETRIES: u32 = 64;
+
+/// Errors of guarded guest-memory access, reader and writer side.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum GuardError {
+    /// No slot covers the address.
+    #[error("guest address {gpa} is not plugged")]
+    Unplugged {
+        /// The address.
+        gpa: Gpa,
+    },
+    /// A writer is changing the slot (excluded, or detached and not yet
+    /// replaced in the published map). Retry, or wait with
+    /// [`GuestReader::acquire`].
+    #[error("slot {slot} holding guest address {gpa} is being changed")]
+    Busy {
+        /// The address.
+        gpa: Gpa,
+        /// The slot id.
+        slot: u32,
+    },
+    /// The access does not fit in the guarded slot.
+    #[error("access of {len} bytes at {gpa} leaves slot {slot}")]
+    OutOfSlot {
+        /// First byte.
+        gpa: Gpa,
+        /// Length.
+        len: u64,
+        /// The slot id.
+        slot: u32,
+    },
+    /// A write to a read-only slot.
+    #[error("guest address {gpa} is in read-only slot {slot}")]
+    ReadOnly {
+        /// The address.
+        gpa: Gpa,
+        /// The slot id.
+        slot: u32,
+    },
+    /// An 8-byte access at an address that is not 8-byte aligned.
+    #[error("u64 access at unaligned guest address {gpa}")]
+    Unaligned {
+        /// The address.
+        gpa: Gpa,
+    },
+    /// The reference count of a slot is saturated.
+    #[error("slot {slot} has too many readers")]
+    TooManyReaders {
+        /// The slot id.
+        slot: u32,
+    },
+    /// Readers did not leave a slot the writer must change within its bound:
+    /// the change was not made.
+    #[error("change refused, nothing changed: {0}")]
+    Drain(SlotLockError),
+    /// A cell was not in the state the transition expects (a writer bug:
+    /// writers not serialized, or a transition from another map).
+    #[error("slot cell out of step with the map: {0}")]
+    Cell(SlotLockError),
+    /// The slot map refused the op (from [`GuardedMap::apply`]).
+    #[error(transparent)]
+    SlotMap(#[from] SlotMapError),
+    /// Releasing host memory failed after the op was published.
+    #[error("op applied, but discarding host memory failed: {0}")]
+    Discard(String),
+}
+
+/// The published slot map plus one refcount lock per slot.
+pub struct GuardedMap {
+    shared: SharedSlotMap,
+    cells: SlotCells,
+}
+
+impl fmt::Debug for GuardedMap {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("GuardedMap")
+            .field("shared", &self.shared)
+            .field("cells", &self.cells)
+            .finish()
+    }
+}
+
+/// What one lookup attempt found.
+enum Attempt<'a> {
+    Got(SlotRef<'a>),
+    /// The cell changed since the snapshot: reload and try again.
+    Again { slot: u32 },
+    Failed(GuardError),
+}
+
+impl GuardedMap {
+    /// Publishes `map` and attaches a cell for each of its slots.
+    pub fn new(map: SlotMap) -> Self {
+        let cells = SlotCells::new(map.config().max_slots);
+        for slot in map.iter() {
+            // A fresh table: every cell is detached, so attach cannot fail.
+            let _ = cells.attach(slot);
+        }
+        Self {
+            shared: SharedSlotMap::new(map),
+            cells,
+        }
+    }
+
+    /// The published map and its writer lock.
+    pub fn shared(&self) -> &SharedSlotMap {
+        &self.shared
+    }
+
+    /// The cells, by slot id.
+    pub fn cells(&self) -> &SlotCells {
+        &self.cells
+    }
+
+    /// A snapshot of the published map. Lock-free.
+    pub fn load(&self) -> Arc<SlotMap> {
+        self.shared.load()
+    }
+
+    /// A per-thread reader with a cached snapshot (the fastest way to take
+    /// guards repeatedly).
+    pub fn reader(&self) -> GuestReader<'_> {
+        GuestReader {
+            map: self,
+            cache: self.shared.cache(),
+        }
+    }
+
+    /// A guard on the slot holding `gpa`, without waiting. Lock-free.
+    ///
+    /// # Errors
+    /// [`Unplugged`](GuardError::Unplugged), or
+    /// [`Busy`](GuardError::Busy) while a writer changes the slot.
+    pub fn try_acquire(&self, gpa: Gpa) -> Result<SlotRef<'_>, GuardError> {
+        let mut last = 0;
+        for _ in 0..STALE_RETRIES {
+            let snapshot = self.shared.load_guard();
+            match self.attempt(&snapshot, gpa) {
+                Attempt::Got(r) => return Ok(r),
+                Attempt::Failed(e) => return Err(e),
+                Attempt::Again { slot } => last = slot,
+            }
+        }
+        Err(GuardError::Busy { gpa, slot: last })
+    }
+
+    #[inline]
+    fn attempt(&self, map: &SlotMap, gpa: Gpa) -> Attempt<'_> {
+        let Some(slot) = map.lookup(gpa) else {
+            return Attempt::Failed(GuardError::Unplugged { gpa });
+        };
+        let id = slot.id().0;
+        let Some(cell) = self.cells.get(id) else {
+            return Attempt::Again { slot: id };
+        };
+        match cell.read(slot.generation(), gpa) {
+            Ok(guard) => Attempt::Got(SlotRef::new(guard, slot)),
+            Err(SlotLockError::Excluded { .. }) => {
+                Attempt::Failed(GuardError::Busy { gpa, slot: id })
+            }
+            Err(SlotLockError::TooManyReaders { .. }) => {
+                Attempt::Failed(GuardError::TooManyReaders { slot: id })
+            }
+            // Detached, recycled or reshaped since the snapshot.
+            Err(_) => Attempt::Again { slot: id },
+        }
+    }
+
+    /// Writer side, under the slot-map writer lock, before any teardown:
+    /// excludes readers from every slot that `changes` deletes or changes,
+    /// and waits (at most `bound` in total) until the readers inside left.
+    ///
+    /// # Errors
+    /// [`GuardError::Drain`] naming the first slot still held and its
+    /// readers; every exclusion taken is released again (nothing changed).
+    /// [`GuardError::Cell`] if a cell is not attached as the map says.
+    pub fn exclude(
+        &self,
+        changes: &[MemslotChange],
+        bound: Duration,
+    ) -> Result<Exclusions<'_>, GuardError> {
+        let started = Instant::now();
+        let mut held: Vec<SlotExclusion<'_>> = Vec::new();
+        for change in changes {
+            let slot = match change {
+                MemslotChange::Delete { slot } => slot,
+                // The live slot keeps its id; its generation moves.
+                MemslotChange::SetFlags { slot, .. } => slot,
+                MemslotChange::Create { .. } => continue,
+            };
+            let cell = self.cells.get(slot.id().0).ok_or(GuardError::Cell(
+                SlotLockError::Detached { slot: slot.id().0 },
+            ))?;
+            held.push(cell.exclude().map_err(GuardError::Cell)?);
+        }
+        for ex in &mut held {
+            let left = bound.saturating_sub(started.elapsed());
+            ex.wait_drained(left).map_err(GuardError::Drain)?;
+        }
+        Ok(Exclusions {
+            map: self,
+            held,
+            waited: started.elapsed(),
+        })
+    }
+
+    /// Applies `op` to the published map with no KVM to keep in sync (pure
+    /// users, tests): exclude and drain, commit the cells, publish, then
+    /// discard host memory the map no longer uses.
+    ///
+    /// # Errors
+    /// The op's [`SlotMapError`], or [`GuardError::Drain`] (nothing changed).
+    pub fn apply<F>(&self, op: F, bound: Duration) -> Result<Transition, GuardError>
+    where
+        F: FnOnce(&SlotMap) -> Result<Transition, SlotMapError>,
+    {
+        let mut writer = self.shared.begin_write();
+        let t = op(&writer.map())?;
+        let exclusions = self.exclude(&t.changes, bound)?;
+        exclusions.commit(&t.changes)?;
+        writer.publish(t.map.clone());
+        // Still under the writer lock (as the KVM applier): the cells of the
+        // slots that used this memory are detached, nobody can hold it.
+        for d in &t.discards {
+            d.mapping
+                .discard(d.offset, d.len)
+                .map_err(|e| GuardError::Discard(e.to_string()))?;
+        }
+        Ok(t)
+    }
+}
+
+/// The exclusions a writer holds for one transition (see
+/// [`GuardedMap::exclude`]). Dropping it without
+/// [`commit`](Self::commit) releases them (the change was abandoned or rolled
+/// back: the cells keep their old slots).
+#[must_use = "dropping the exclusions lets readers in again"]
+pub struct Exclusions<'a> {
+    map: &'a GuardedMap,
+    held: Vec<SlotExclusion<'a>>,
+    waited: Duration,
+}
+
+impl fmt::Debug for Exclusions<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Exclusions")
+            .field("slots", &self.held.len())
+            .field("waited", &self.waited)
+            .finish()
+    }
+}
+
+impl Exclusions<'_> {
+    /// How long the writer waited for readers.
+    pub fn waited(&self) -> Duration {
+        self.waited
+    }
+
+    /// Number of slots excluded.
+    pub fn len(&self) -> usize {
+        self.held.len()
+    }
+
+    /// Whether no slot is excluded.
+    pub fn is_empty(&self) -> bool {
+        self.held.is_empty()
+    }
+
+    /// After the teardown succeeded, before publishing the new map: detaches
+    /// the cells of deleted slots, gives flag-changed slots their new
+    /// generation (and lets readers in again), attaches created slots.
+    ///
+    /// # Errors
+    /// [`GuardError::Cell`]: the cells were not in the state `changes`
+    /// expects (only if `changes` is not the transition that was excluded).
+    pub fn commit(self, changes: &[MemslotChange]) -> Result<(), GuardError> {
+        let Self { map, mut held, .. } = self;
+        for change in changes {
+            let (slot, delete) = match change {
+                MemslotChange::Delete { slot } => (slot, true),
+                MemslotChange::SetFlags { slot, .. } => (slot, false),
+                MemslotChange::Create { .. } => continue,
+            };
+            let pos = held
+                .iter()
+                .position(|ex| ex.slot_id() == slot.id().0)
+                .ok_or(GuardError::Cell(SlotLockError::Detached { slot: slot.id().0 }))?;
+            let mut ex = held.swap_remove(pos);
+            if delete {
+                ex.detach().map_err(GuardError::Cell)?;
+            } else {
+                ex.reshape_as(slot.range(), slot.generation())
+                    .map_err(GuardError::Cell)?;
+                ex.release();
+            }
+        }
+        for change in changes {
+            if let MemslotChange::Create { slot } = change {
+                map.cells.attach(slot).map_err(GuardError::Cell)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A reader with a cached snapshot of the map; one per thread.
+pub struct GuestReader<'a> {
+    map: &'a GuardedMap,
+    cache: SnapshotCache<'a>,
+}
+
+impl fmt::Debug for GuestReader<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("GuestReader").finish_non_exhaustive()
+    }
+}
+
+impl<'a> GuestReader<'a> {
+    /// A guard on the slot holding `gpa`, without waiting. Lock-free: one
+    /// atomic load (the cached snapshot), an O(log n) lookup, one CAS.
+    ///
+    /// # Errors
+    /// As [`GuardedMap::try_acquire`].
+    #[inline]
+    pub fn try_acquire(&mut self, gpa: Gpa) -> Result<SlotRef<'a>, GuardError> {
+        let map = self.map;
+        let mut last = 0;
+        for _ in 0..STALE_RETRIES {
+            match map.attempt(self.cache.load(), gpa) {
+                Attempt::Got(r) => return Ok(r),
+                Attempt::Failed(e) => return Err(e),
+                Attempt::Again { slot } => last = slot,
+            }
+        }
+        Err(GuardError::Busy { gpa, slot: last })
+    }
+
+    /// As [`try_acquire`](Self::try_acquire), but while a writer changes the
+    /// slot, waits for that op to finish (on the writer lock) and looks
+    /// again, so the answer reflects the map after the op. Must not be called
+    /// while holding another [`SlotRef`] (see the module docs).
+    ///
+    /// # Errors
+    /// [`Unplugged`](GuardError::Unplugged) (after any op in flight),
+    /// [`TooManyReaders`](GuardError::TooManyReaders).
+    pub fn acquire(&mut self, gpa: Gpa) -> Result<SlotRef<'a>, GuardError> {
+        loop {
+            match self.try_acquire(gpa) {
+                Err(GuardError::Busy { .. }) => drop(self.map.shared.begin_write()),
+                other => return other,
+            }
+        }
+    }
+}
