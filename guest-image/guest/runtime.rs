@@ -19,7 +19,10 @@ mod protocol {
 
 use core::arch::{asm, global_asm};
 use core::ptr::{read_volatile, write_volatile};
-use protocol::{command, pattern_word, status, Mailbox, CONSOLE_BYTES, REG_CONSOLE, REG_DOORBELL};
+use protocol::{
+    command, dma_status, pattern_word, status, DmaDescriptor, Mailbox, CONSOLE_BYTES, REG_CONSOLE, REG_DMA_SUBMIT,
+    REG_DOORBELL,
+};
 
 global_asm!(
     ".section .text.entry, \"ax\"",
@@ -179,6 +182,37 @@ fn touch(mb: *mut Mailbox, args: [u64; 6], timed: bool) -> u32 {
     status::OK
 }
 
+/// Programs the DMA engine through this vCPU's descriptor and polls (at ring
+/// 3, natively) until the engine reports completion.
+fn dma(mb: *mut Mailbox, args: [u64; 6]) -> u32 {
+    let desc = DmaDescriptor {
+        op: args[0],
+        src: args[1],
+        dst: args[2],
+        len: args[3],
+        value: args[4],
+        result: 0,
+        status: dma_status::PENDING,
+    };
+    // SAFETY: the mailbox is identity-mapped and owned by this vCPU; the engine
+    // reads the descriptor only after the submit store below.
+    let slot = unsafe { &raw mut (*mb).dma };
+    // SAFETY: as above.
+    unsafe { write_volatile(slot, desc) };
+    write_reg(REG_DMA_SUBMIT, slot as u64 as u32);
+    loop {
+        // SAFETY: as above; the engine writes `status` last.
+        let st = unsafe { read_volatile(&raw const (*slot).status) };
+        if st != dma_status::PENDING {
+            // SAFETY: as above.
+            let result = unsafe { read_volatile(&raw const (*slot).result) };
+            set_results(mb, [st, result, 0, 0, 0, 0]);
+            return status::OK;
+        }
+        core::hint::spin_loop();
+    }
+}
+
 fn execute(mb: *mut Mailbox, vcpu: u64, cmd: u64, args: [u64; 6]) -> u32 {
     match cmd {
         command::FILL => fill(args[0], args[1], args[2], args[3]),
@@ -186,6 +220,7 @@ fn execute(mb: *mut Mailbox, vcpu: u64, cmd: u64, args: [u64; 6]) -> u32 {
             pattern_word(args[2], pattern_addr(a, args[0], args[3]))
         }),
         command::VERIFY_CONST => verify(mb, args[0], args[1], |_| args[2]),
+        command::DMA => dma(mb, args),
         command::TOUCH => touch(mb, args, false),
         command::TIMED_TOUCH => touch(mb, args, true),
         command::SPIN => {

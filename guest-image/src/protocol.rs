@@ -18,8 +18,59 @@ pub const REG_CONSOLE: u64 = MMIO_BASE + 0x8;
 /// filling `mailbox.exception`. The vCPU is not resumed after it, except
 /// under a scenario, where the VMM resets the guest to its command loop.
 pub const REG_EXCEPTION: u64 = MMIO_BASE + 0x10;
+/// 32-bit store: submit the DMA descriptor at guest-physical `value` (the
+/// vCPU's `Mailbox::dma`) to the DMA engine. The store returns at once; the
+/// engine works on a host thread and sets `DmaDescriptor::status` when done.
+pub const REG_DMA_SUBMIT: u64 = MMIO_BASE + 0x18;
 /// Size of the register page.
 pub const MMIO_SIZE: u64 = 0x1000;
+
+/// DMA engine operations (`DmaDescriptor::op`).
+pub mod dma_op {
+    /// Copy `len` bytes from `src` to `dst`.
+    pub const COPY: u64 = 1;
+    /// Fill `len` bytes at `dst` with the 8-byte `value`.
+    pub const FILL: u64 = 2;
+    /// Sum the `u64` words of `[src, src + len)` (wrapping) into `result`.
+    pub const CHECKSUM: u64 = 3;
+}
+
+/// DMA completion codes (`DmaDescriptor::status`).
+pub mod dma_status {
+    /// Written by the guest before submitting; the engine has not finished.
+    pub const PENDING: u64 = 0;
+    /// Done.
+    pub const DONE: u64 = 1;
+    /// A range is not (or no longer) plugged, or not writable.
+    pub const FAULT: u64 = 2;
+    /// Pinning was refused: the pin limit would be exceeded.
+    pub const NO_PIN: u64 = 3;
+    /// Memory changed under the transfer (unplug, move, protect) and the
+    /// engine's pin was revoked; the transfer stopped part-way.
+    pub const REVOKED: u64 = 4;
+    /// Bad op, misaligned or overflowing arguments.
+    pub const INVALID: u64 = 5;
+}
+
+/// A DMA request, written by the guest into its mailbox.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct DmaDescriptor {
+    /// A `dma_op` code.
+    pub op: u64,
+    /// Source guest-physical address.
+    pub src: u64,
+    /// Destination guest-physical address.
+    pub dst: u64,
+    /// Bytes (a multiple of 8).
+    pub len: u64,
+    /// FILL's value.
+    pub value: u64,
+    /// CHECKSUM's result.
+    pub result: u64,
+    /// A `dma_status` code; set last by the engine (release), polled by the guest.
+    pub status: u64,
+}
 
 /// Guest-physical layout of the boot region, which is never unplugged.
 pub mod layout {
@@ -121,6 +172,11 @@ pub mod command {
     /// Check every `u64` of `[args[0], args[0] + args[1])` equals `args[2]`;
     /// on mismatch status MISMATCH with results (address, expected, actual).
     pub const VERIFY_CONST: u64 = 10;
+    /// Program the DMA engine: op `args[0]` (a `dma_op`), src `args[1]`, dst
+    /// `args[2]`, len `args[3]`, value `args[4]`; wait for completion.
+    /// `results[0]` = the `dma_status`, `results[1]` = CHECKSUM's result.
+    /// The command's status is OK whatever the DMA's outcome.
+    pub const DMA: u64 = 11;
 }
 
 /// Status codes the guest writes to `REG_DOORBELL`.
@@ -170,6 +226,8 @@ pub struct Mailbox {
     pub results: [u64; 6],
     /// Filled by the firmware before an exception report.
     pub exception: ExceptionRecord,
+    /// The vCPU's DMA descriptor (see `REG_DMA_SUBMIT`).
+    pub dma: DmaDescriptor,
     /// Console text; the length goes with the `REG_CONSOLE` write.
     pub console: [u8; CONSOLE_BYTES],
 }
@@ -184,14 +242,17 @@ pub mod mailbox_offset {
     pub const RESULTS: u64 = 56;
     /// `Mailbox::exception`.
     pub const EXCEPTION: u64 = 104;
+    /// `Mailbox::dma`.
+    pub const DMA: u64 = 144;
     /// `Mailbox::console`.
-    pub const CONSOLE: u64 = 144;
+    pub const CONSOLE: u64 = 200;
 }
 
 const _: () = assert!(core::mem::size_of::<Mailbox>() <= 4096);
 const _: () = assert!(core::mem::offset_of!(Mailbox, args) as u64 == mailbox_offset::ARGS);
 const _: () = assert!(core::mem::offset_of!(Mailbox, results) as u64 == mailbox_offset::RESULTS);
 const _: () = assert!(core::mem::offset_of!(Mailbox, exception) as u64 == mailbox_offset::EXCEPTION);
+const _: () = assert!(core::mem::offset_of!(Mailbox, dma) as u64 == mailbox_offset::DMA);
 const _: () = assert!(core::mem::offset_of!(Mailbox, console) as u64 == mailbox_offset::CONSOLE);
 
 /// The value FILL writes and VERIFY expects at the 8-byte word at `addr`.

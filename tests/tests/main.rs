@@ -1,6 +1,7 @@
 //! Integration tests on real `/dev/kvm`; one binary, shared harness in `vmm_tests`.
 
 mod cli;
+mod dma;
 mod launch;
 mod memslots;
 mod scenarios;

@@ -299,6 +299,7 @@ fn test_stress_guards_vcpus_and_host_threads_survive_continuous_ops() {
         mem_size,
         backing: BackingKind::Anon,
         image: Arc::from(guest_image::RUNTIME_ELF),
+        pin_limit: None,
     })
     .expect("the VM builds");
     let ram = vm.ram;
@@ -316,14 +317,15 @@ fn test_stress_guards_vcpus_and_host_threads_survive_continuous_ops() {
     let mut vcpu_threads = Vec::new();
     for (index, fd) in vm.take_vcpus().into_iter().enumerate() {
         let index = index as u64;
-        let region = GpaRange::new(Gpa(zone_v.start().0 + index * VCPU_REGION), VCPU_REGION)
-            .unwrap();
+        let region =
+            GpaRange::new(Gpa(zone_v.start().0 + index * VCPU_REGION), VCPU_REGION).unwrap();
         let ctx = VcpuContext {
             index,
             vcpus: 2,
             entry: vm.entry,
             boot: vm.boot.clone(),
             memory: vm.memory.clone(),
+            dma: None,
             plan: Box::new(PatternPlan {
                 index,
                 region,
@@ -349,14 +351,7 @@ fn test_stress_guards_vcpus_and_host_threads_survive_continuous_ops() {
             })
             .collect();
         let ops = writer(
-            &vm.memory,
-            &chunks,
-            ram,
-            zone_v,
-            zone_h,
-            &unplugs,
-            &failures,
-            duration,
+            &vm.memory, &chunks, ram, zone_v, zone_h, &unplugs, &failures, duration,
         );
         failures.stop.store(true, Ordering::SeqCst);
         let host: Vec<(u64, u64)> = hosts.into_iter().map(|h| h.join().unwrap()).collect();
@@ -389,12 +384,20 @@ fn test_stress_guards_vcpus_and_host_threads_survive_continuous_ops() {
         );
     }
     let list = failures.list.lock().unwrap();
-    assert!(list.is_empty(), "{} failure(s):\n{}", list.len(), list.join("\n"));
+    assert!(
+        list.is_empty(),
+        "{} failure(s):\n{}",
+        list.len(),
+        list.join("\n")
+    );
     assert!(elapsed >= duration.as_secs_f64());
     assert!(writer_ops > 100, "the writer barely ran: {writer_ops} ops");
     assert!(host_ops > 1000, "host threads barely ran: {host_ops}");
     for c in &counts {
-        assert!(c.verifies.load(Ordering::Relaxed) > 0, "a vCPU never verified");
+        assert!(
+            c.verifies.load(Ordering::Relaxed) > 0,
+            "a vCPU never verified"
+        );
     }
     vm.memory.check_consistency().unwrap();
 }

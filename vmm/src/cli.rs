@@ -184,6 +184,10 @@ pub struct RunArgs {
     /// pages, or `unlimited` (default: the RLIMIT_MEMLOCK soft limit).
     #[arg(long, value_name = "SIZE", value_parser = parse_pin_limit)]
     pub pin_limit: Option<PinLimit>,
+    /// Map device DMA through VFIO (needs a VFIO container and a device bound
+    /// to vfio-pci; fails with the reason where there is none).
+    #[arg(long)]
+    pub vfio: bool,
     /// Print a JSON report on stdout at the end (console output moves to stderr).
     #[arg(long)]
     pub json: bool,
@@ -242,6 +246,12 @@ where
             return 2;
         }
     };
+    if args.vfio {
+        if let Err(e) = crate::devices::vfio::probe(std::path::Path::new("/dev/vfio")) {
+            eprintln!("vmm: {e}");
+            return 2;
+        }
+    }
     let config = args.to_config();
     let console: Box<dyn Write> = if args.json {
         Box::new(std::io::stderr())

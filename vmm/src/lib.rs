@@ -3,13 +3,15 @@
 //!
 //! - [`mm`]: the guest memory manager (no KVM inside).
 //! - [`boot`]: guest image loading and boot tables (pure).
-//! - [`kvm`]: KVM helpers kvm-ioctls lacks.
+//! - [`kvm`]: the KVM memslot applier and KVM helpers kvm-ioctls lacks.
+//! - [`devices`]: the DMA engine and pinning of guest memory for it.
 //! - [`vm`]: building a VM; [`vcpu`]: the vCPU thread loop;
 //!   [`plan`]: what guests are told to do; [`run`]: `vmm run`; [`cli`]: flags;
 //!   [`scenario`]: scripted memory changes against a running guest.
 
 pub mod boot;
 pub mod cli;
+pub mod devices;
 pub mod kvm;
 pub mod mm;
 pub mod plan;

@@ -37,6 +37,13 @@ impl Command {
     pub fn fill(range: GpaRange, seed: u64) -> Self {
         Self::new(command::FILL, [range.start().0, range.len(), seed, 0, 0, 0])
     }
+    /// Write over `range` the pattern a fill of `seed` at `origin` writes.
+    pub fn fill_from(range: GpaRange, seed: u64, origin: u64) -> Self {
+        Self::new(
+            command::FILL,
+            [range.start().0, range.len(), seed, origin, 0, 0],
+        )
+    }
     /// Check the pattern of `seed` over `range`.
     pub fn verify(range: GpaRange, seed: u64) -> Self {
         Self::new(
@@ -70,6 +77,10 @@ impl Command {
     pub fn write(gpa: u64, value: u64) -> Self {
         Self::new(command::WRITE, [gpa, value, 0, 0, 0, 0])
     }
+    /// Program the DMA engine: `op` is a `protocol::dma_op` code.
+    pub fn dma(op: u64, src: u64, dst: u64, len: u64, value: u64) -> Self {
+        Self::new(command::DMA, [op, src, dst, len, value, 0])
+    }
     /// Read a `u64` at `gpa` (a probe).
     pub fn read(gpa: u64) -> Self {
         Self::new(command::READ, [gpa, 0, 0, 0, 0, 0])
@@ -95,6 +106,10 @@ impl Command {
         };
         match self.code {
             command::HELLO => "hello".into(),
+            command::DMA => format!(
+                "dma op {} src {:#x} dst {:#x} len {:#x}",
+                self.args[0], self.args[1], self.args[2], self.args[3]
+            ),
             command::FILL => format!("fill {} seed {:#x}", range(), self.args[2]),
             command::VERIFY if self.args[3] != 0 => format!(
                 "verify {} seed {:#x} as filled at {:#x}",

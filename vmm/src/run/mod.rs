@@ -22,6 +22,8 @@ use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::timerfd::TimerFd;
 
+use crate::devices::dma::DmaEngine;
+use crate::devices::pins::PinManager;
 use crate::mm::backing::BackingKind;
 use crate::plan::{BuiltinGuest, PhaseBarrier, VcpuPlan};
 use crate::scenario::driver::{channel_pair, Driver};
@@ -180,6 +182,11 @@ pub fn run(config: &RunConfig, console: Box<dyn Write>) -> Result<RunReport, Run
         .map_err(setup_err("installing SIGINT/SIGTERM handlers"))?;
     em.add_subscriber(Box::new(signal_stop));
 
+    let pins = Arc::new(PinManager::new(vm.memory.clone(), vm.pins.clone()));
+    let dma = Arc::new(
+        DmaEngine::start(vm.memory.clone(), vm.boot.clone(), pins.clone())
+            .map_err(setup_err("starting the DMA engine"))?,
+    );
     let stop = Arc::new(AtomicBool::new(false));
     let barrier = Arc::new(PhaseBarrier::new(config.vcpus as usize));
     let builtin = match &config.guest {
@@ -213,6 +220,7 @@ pub fn run(config: &RunConfig, console: Box<dyn Write>) -> Result<RunReport, Run
             entry: vm.entry,
             boot: vm.boot.clone(),
             memory: vm.memory.clone(),
+            dma: Some(dma.clone()),
             plan,
             console: ConsoleSender::new(
                 console_tx.clone(),
@@ -264,6 +272,8 @@ pub fn run(config: &RunConfig, console: Box<dyn Write>) -> Result<RunReport, Run
                 memory: vm.memory.clone(),
                 backing: config.backing.clone(),
                 links: std::mem::take(&mut links),
+                pins: pins.clone(),
+                held: Default::default(),
                 stop: stop.clone(),
                 console: Box::new(move |text| console.line("scenario".into(), text)),
             };
@@ -328,6 +338,15 @@ pub fn run(config: &RunConfig, console: Box<dyn Write>) -> Result<RunReport, Run
         }
     }
     let tsc_khz = vm.tsc_khz;
+    // The DMA engine finishes queued requests and unpins before its stats
+    // and the pin account are read; then the pin manager unsubscribes.
+    let dma = Arc::try_unwrap(dma).map_err(|_| RunError::Setup {
+        what: "stopping the DMA engine",
+        detail: "still referenced".into(),
+    })?;
+    let dma_stats = report::DmaReport::from(dma.stats());
+    drop(dma);
+    drop(pins);
     let pins = vm.pins.snapshot();
 
     let t_teardown = Instant::now();
@@ -348,6 +367,7 @@ pub fn run(config: &RunConfig, console: Box<dyn Write>) -> Result<RunReport, Run
         stats,
         tsc_khz,
         pins,
+        dma: dma_stats,
         setup: setup_time,
         run: run_time,
         teardown: teardown_time,

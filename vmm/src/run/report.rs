@@ -57,6 +57,8 @@ pub struct RunReport {
     pub kvm_stats: KvmStats,
     /// Pinned pages (now, peak, limit, charge failures) and DMA mappings.
     pub pins: PinStats,
+    /// What the DMA engine did.
+    pub dma: DmaReport,
     /// Each scenario step's outcome, when a scenario ran.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub scenario: Option<ScenarioReport>,
@@ -73,6 +75,7 @@ pub(super) struct Parts<'a> {
     pub stats: (BTreeMap<String, u64>, BTreeMap<String, u64>),
     pub tsc_khz: u32,
     pub pins: PinStats,
+    pub dma: DmaReport,
     pub setup: Duration,
     pub run: Duration,
     pub teardown: Duration,
@@ -105,6 +108,7 @@ impl RunReport {
             },
             scenario: p.scenario,
             pins: p.pins,
+            dma: p.dma,
         }
     }
 
@@ -135,6 +139,40 @@ impl RunReport {
                 self.kvm_stats.vcpu.get("pf_fixed").copied().unwrap_or(0)
             ),
             Some(e) => format!("guest {} FAILED: {e}", self.guest),
+        }
+    }
+}
+
+/// The DMA engine's counters at the end of the run.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct DmaReport {
+    /// Requests submitted by guests.
+    pub submitted: u64,
+    /// Completed.
+    pub done: u64,
+    /// Failed on unplugged or read-only memory.
+    pub faults: u64,
+    /// Refused by the pin limit.
+    pub no_pin: u64,
+    /// Stopped by a memory change (pin revoked).
+    pub revoked: u64,
+    /// Invalid requests.
+    pub invalid: u64,
+    /// Bytes transferred.
+    pub bytes: u64,
+}
+
+impl From<&crate::devices::dma::DmaStats> for DmaReport {
+    fn from(s: &crate::devices::dma::DmaStats) -> Self {
+        use std::sync::atomic::Ordering::Relaxed;
+        Self {
+            submitted: s.submitted.load(Relaxed),
+            done: s.done.load(Relaxed),
+            faults: s.faults.load(Relaxed),
+            no_pin: s.no_pin.load(Relaxed),
+            revoked: s.revoked.load(Relaxed),
+            invalid: s.invalid.load(Relaxed),
+            bytes: s.bytes.load(Relaxed),
         }
     }
 }

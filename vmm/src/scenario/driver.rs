@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
+use crate::devices::pins::{Pin, PinError, PinManager};
 use crate::kvm::memslots::MemslotApplier;
 use crate::mm::addr::{Gpa, GpaRange, PAGE_SIZE};
 use crate::mm::backing::BackingKind;
@@ -59,8 +60,8 @@ impl VcpuPlan for ChannelPlan {
 pub struct VcpuLink {
     commands: Sender<Command>,
     outcomes: Receiver<CommandOutcome>,
-    /// Async commands not yet collected: (step number, expectation).
-    pending: VecDeque<(usize, String)>,
+    /// Async commands not yet collected: (step number, expectation, kind).
+    pending: VecDeque<(usize, String, String)>,
 }
 
 /// Creates the plan for a vCPU and the driver's link to it.
@@ -144,13 +145,41 @@ pub struct Driver {
     pub links: Vec<VcpuLink>,
     /// Set when the run is stopping.
     pub stop: Arc<AtomicBool>,
+    /// Pins guest memory for `pin` steps.
+    pub pins: Arc<PinManager>,
+    /// Pins held by `pin` steps, by name.
+    pub held: std::collections::BTreeMap<String, Pin>,
     /// Console lines.
     pub console: Box<dyn FnMut(String) + Send>,
 }
 
-fn classify(outcome: &CommandOutcome, read_value: Option<u64>) -> (&'static str, String) {
+fn classify(
+    outcome: &CommandOutcome,
+    kind: &str,
+    expected_value: Option<u64>,
+) -> (&'static str, String) {
+    use guest_image::protocol::dma_status;
     match outcome {
-        CommandOutcome::Done { results } => match read_value {
+        CommandOutcome::Done { results } if kind.starts_with("dma-") => match results[0] {
+            dma_status::DONE => match expected_value.filter(|_| kind == "dma-checksum") {
+                Some(v) if results[1] != v => (
+                    "wrong-value",
+                    format!("checksum {:#x}, expected {v:#x}", results[1]),
+                ),
+                _ => ("ok", format!("DMA done (checksum {:#x})", results[1])),
+            },
+            dma_status::FAULT => (
+                "dma-fault",
+                "DMA fault: memory not plugged or not writable".into(),
+            ),
+            dma_status::NO_PIN => (
+                "dma-no-pin",
+                "DMA refused: the pin limit would be exceeded".into(),
+            ),
+            dma_status::REVOKED => ("dma-revoked", "DMA stopped: memory changed under it".into()),
+            s => ("dma-invalid", format!("DMA invalid (status {s})")),
+        },
+        CommandOutcome::Done { results } => match expected_value {
             Some(v) if results[0] != v => (
                 "wrong-value",
                 format!("read {:#x}, expected {v:#x}", results[0]),
@@ -170,11 +199,24 @@ fn classify(outcome: &CommandOutcome, read_value: Option<u64>) -> (&'static str,
     }
 }
 
+/// Whether outcome `kind` meets `expect`, which may list alternatives
+/// separated by `|` (e.g. `"ok|dma-revoked"`).
 fn meets(expect: &str, kind: &str) -> bool {
-    match expect {
+    expect.split('|').map(str::trim).any(|e| match e {
         "ok-or-unplugged" => kind == "ok" || kind == "unplugged",
         "failed" => kind != "ok",
         e => e == kind,
+    })
+}
+
+fn pin_kind(e: &PinError) -> &'static str {
+    match e {
+        PinError::BadRange { .. } => "bad-range",
+        PinError::NotPlugged { .. } => "not-plugged",
+        PinError::ReadOnly { .. } => "read-only",
+        PinError::Limit { .. } => "pin-limit",
+        PinError::Mlock { .. } => "mlock",
+        PinError::Busy { .. } => "busy",
     }
 }
 
@@ -248,11 +290,33 @@ impl Driver {
             }
             return (what, "ok".into(), true);
         }
+        if spec.kind == "pin" || spec.kind == "unpin" {
+            let (kind, detail) = self.pin_step(spec);
+            let passed = meets(expect, kind) || (expect == "error" && kind != "ok");
+            let actual = if kind == "ok" {
+                format!("ok: {detail}")
+            } else {
+                format!("{kind}: {detail}")
+            };
+            return (what, actual, passed);
+        }
+        if spec.kind == "check" {
+            if let Some(want) = spec.pages {
+                let now = self.pins.account().pinned().charged();
+                if now != want {
+                    return (
+                        what,
+                        format!("pinned-pages: {now} pages pinned, expected {want}"),
+                        false,
+                    );
+                }
+            }
+        }
         if !spec.is_guest() {
             return match run_op(&self.memory, spec, &self.backing) {
-                Ok(detail) => (what, format!("ok: {detail}"), expect == "ok"),
+                Ok(detail) => (what, format!("ok: {detail}"), meets(expect, "ok")),
                 Err(f) => {
-                    let passed = expect == f.kind || expect == "error";
+                    let passed = meets(expect, f.kind) || expect == "error";
                     (what, format!("{}: {}", f.kind, f.message), passed)
                 }
             };
@@ -267,11 +331,11 @@ impl Driver {
         };
         if spec.kind == "wait" {
             let mut results = Vec::new();
-            while let Some((step, expect)) = link.pending.pop_front() {
+            while let Some((step, expect, step_kind)) = link.pending.pop_front() {
                 match recv(link, &self.stop) {
                     None => return (what, "stopped before the guest answered".into(), false),
                     Some(o) => {
-                        let (kind, detail) = classify(&o, None);
+                        let (kind, detail) = classify(&o, &step_kind, None);
                         if !meets(&expect, kind) {
                             return (what, format!("step {step}: {detail}"), false);
                         }
@@ -294,10 +358,10 @@ impl Driver {
         }
         if spec.is_async == Some(true) {
             link.pending
-                .extend((0..repeat).map(|_| (number, expect.to_string())));
+                .extend((0..repeat).map(|_| (number, expect.to_string(), spec.kind.clone())));
             return (what, format!("started {repeat} command(s)"), true);
         }
-        let read_value = (spec.kind == "read")
+        let expected_value = matches!(spec.kind.as_str(), "read" | "dma-checksum")
             .then(|| spec.value.map(|v| v.0))
             .flatten();
         let mut last = String::new();
@@ -305,7 +369,7 @@ impl Driver {
             let Some(o) = recv(link, &self.stop) else {
                 return (what, "stopped before the guest answered".into(), false);
             };
-            let (kind, detail) = classify(&o, read_value);
+            let (kind, detail) = classify(&o, &spec.kind, expected_value);
             if !meets(expect, kind) {
                 return (what, format!("{kind}: {detail}"), false);
             }
@@ -316,6 +380,53 @@ impl Driver {
             };
         }
         (what, last, true)
+    }
+}
+
+impl Driver {
+    /// `pin` / `unpin` steps: the driver holds named pins until `unpin` or
+    /// the end of the scenario.
+    fn pin_step(&mut self, spec: &StepSpec) -> (&'static str, String) {
+        let name = spec.name.clone().unwrap_or_default();
+        if spec.kind == "unpin" {
+            return match self.held.remove(&name) {
+                Some(pin) => {
+                    let revoked = pin.is_revoked();
+                    drop(pin);
+                    let now = self.pins.account().pinned().charged();
+                    let how = if revoked {
+                        "was revoked earlier"
+                    } else {
+                        "unpinned"
+                    };
+                    ("ok", format!("pin {name:?} {how}; {now} pages pinned now"))
+                }
+                None => ("no-such-pin", format!("no pin named {name:?}")),
+            };
+        }
+        let gpa = Gpa(spec.gpa.map_or(0, |n| n.0));
+        let len = spec.size.map_or(0, |n| n.0);
+        let revocable = spec.revocable.unwrap_or(true);
+        match self
+            .pins
+            .pin(gpa, len, spec.write.unwrap_or(true), revocable)
+        {
+            Ok(pin) => {
+                let id = pin.id();
+                self.held.insert(name.clone(), pin);
+                let now = self.pins.account().pinned().charged();
+                let kind = if revocable {
+                    "revocable"
+                } else {
+                    "non-revocable"
+                };
+                (
+                    "ok",
+                    format!("pin {name:?} (#{id}, {kind}); {now} pages pinned now"),
+                )
+            }
+            Err(e) => (pin_kind(&e), e.to_string()),
+        }
     }
 }
 
@@ -337,10 +448,11 @@ fn range(spec: &StepSpec) -> GpaRange {
 }
 
 fn guest_command(spec: &StepSpec) -> Command {
+    use guest_image::protocol::dma_op;
     let r = range(spec);
     let num = |v: Option<super::file::Num>| v.map_or(0, |n| n.0);
     match spec.kind.as_str() {
-        "fill" => Command::fill(r, num(spec.seed)),
+        "fill" => Command::fill_from(r, num(spec.seed), num(spec.origin)),
         "verify" => Command::verify_from(r, num(spec.seed), num(spec.origin)),
         "verify-const" => Command::verify_const(r, num(spec.value)),
         "touch" => Command::touch(
@@ -349,6 +461,9 @@ fn guest_command(spec: &StepSpec) -> Command {
             spec.write.unwrap_or(false),
         ),
         "read" => Command::read(num(spec.gpa)),
+        "dma-copy" => Command::dma(dma_op::COPY, num(spec.gpa), num(spec.to), r.len(), 0),
+        "dma-fill" => Command::dma(dma_op::FILL, 0, num(spec.gpa), r.len(), num(spec.value)),
+        "dma-checksum" => Command::dma(dma_op::CHECKSUM, num(spec.gpa), 0, r.len(), 0),
         "write" => Command::write(num(spec.gpa), num(spec.value)),
         _ => Command::spin(num(spec.iterations).max(1)),
     }
@@ -370,6 +485,20 @@ pub fn describe(spec: &StepSpec) -> String {
     };
     match spec.kind.as_str() {
         "move" => format!("move {r} to {:#x}", spec.to.map_or(0, |n| n.0)),
+        "dma-copy" => format!(
+            "vCPU {vcpu}: DMA copy {r} to {:#x}{repeat}{asynchronous}",
+            spec.to.map_or(0, |n| n.0)
+        ),
+        "pin" => format!(
+            "pin {:?} {r} ({})",
+            spec.name.as_deref().unwrap_or(""),
+            if spec.revocable == Some(false) {
+                "non-revocable"
+            } else {
+                "revocable"
+            }
+        ),
+        "unpin" => format!("unpin {:?}", spec.name.as_deref().unwrap_or("")),
         "resize" => format!(
             "resize slot at {} to {:#x}",
             r.start(),

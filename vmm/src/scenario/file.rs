@@ -124,8 +124,8 @@ pub struct StepSpec {
     pub vcpu: Option<u64>,
     /// fill/verify: pattern seed.
     pub seed: Option<Num>,
-    /// verify: check the pattern as it was filled at this address (contents
-    /// moved from there).
+    /// fill/verify: the pattern as a fill at this address lays it out
+    /// (contents moved or copied from there).
     pub origin: Option<Num>,
     /// verify-const: the value; write: the value; read: the value expected.
     pub value: Option<Num>,
@@ -140,8 +140,14 @@ pub struct StepSpec {
     /// Guest steps: don't wait; a later `wait` step collects the outcomes.
     #[serde(rename = "async")]
     pub is_async: Option<bool>,
-    /// dirty-pages: expected number of dirty pages.
+    /// dirty-pages: expected number of dirty pages; check: expected number
+    /// of pinned pages.
     pub pages: Option<u64>,
+    /// pin: whether a memory change may revoke the pin (default true); a
+    /// non-revocable pin vetoes changes of its range instead.
+    pub revocable: Option<bool>,
+    /// pin/unpin: the pin's name.
+    pub name: Option<String>,
     /// sleep: duration ("10ms").
     pub duration: Option<String>,
     /// What must happen: "ok" (default), an error kind for memory ops, or
@@ -172,7 +178,9 @@ pub struct Scenario {
 }
 
 /// Memory-op kinds.
-pub const OP_KINDS: [&str; 9] = [
+pub const OP_KINDS: [&str; 11] = [
+    "pin",
+    "unpin",
     "plug",
     "unplug",
     "protect",
@@ -184,7 +192,7 @@ pub const OP_KINDS: [&str; 9] = [
     "check",
 ];
 /// Guest-command kinds.
-pub const GUEST_KINDS: [&str; 8] = [
+pub const GUEST_KINDS: [&str; 11] = [
     "fill",
     "verify",
     "verify-const",
@@ -193,6 +201,9 @@ pub const GUEST_KINDS: [&str; 8] = [
     "write",
     "spin",
     "wait",
+    "dma-copy",
+    "dma-fill",
+    "dma-checksum",
 ];
 
 impl Scenario {
@@ -292,10 +303,27 @@ impl StepSpec {
                     _ => return Err("needs `access = \"ro\"` or `\"rw\"`".into()),
                 }
             }
-            "move" => {
+            "move" | "dma-copy" => {
                 self.need(self.gpa, "gpa")?;
                 self.need(self.size, "size")?;
                 self.need(self.to, "to")?;
+            }
+            "dma-fill" => {
+                self.need(self.gpa, "gpa")?;
+                self.need(self.size, "size")?;
+                self.need(self.value, "value")?;
+            }
+            "dma-checksum" => {
+                self.need(self.gpa, "gpa")?;
+                self.need(self.size, "size")?;
+            }
+            "pin" => {
+                self.need(self.gpa, "gpa")?;
+                self.need(self.size, "size")?;
+                self.name.as_ref().ok_or("needs `name`")?;
+            }
+            "unpin" => {
+                self.name.as_ref().ok_or("needs `name`")?;
             }
             "resize" => {
                 self.need(self.gpa, "gpa")?;

@@ -54,6 +54,8 @@ fn memslot_failure(e: MemslotError) -> OpFailure {
     match &e {
         MemslotError::SlotMap(inner) => OpFailure::new(slot_map_kind(inner), &e),
         MemslotError::RolledBack { .. } => OpFailure::new("kvm-rolled-back", &e),
+        MemslotError::Vetoed(_) => OpFailure::new("vetoed", &e),
+        MemslotError::Guard(_) => OpFailure::new("busy", &e),
         _ => OpFailure::new("kvm", &e),
     }
 }

@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use guest_image::protocol::{
     command, layout, mailbox_offset, status, ExceptionRecord, MMIO_BASE, MMIO_SIZE, REG_CONSOLE,
-    REG_DOORBELL, REG_EXCEPTION,
+    REG_DMA_SUBMIT, REG_DOORBELL, REG_EXCEPTION,
 };
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use serde::Serialize;
@@ -258,6 +258,8 @@ pub struct VcpuContext {
     pub boot: crate::vm::BootMemory,
     /// The guest memory manager (for accesses that exit as MMIO).
     pub memory: Arc<MemslotApplier>,
+    /// The DMA engine the guest programs, if the VM has one.
+    pub dma: Option<Arc<crate::devices::dma::DmaEngine>>,
     /// Where commands come from.
     pub plan: Box<dyn VcpuPlan>,
     /// Console output.
@@ -363,6 +365,19 @@ pub fn run_vcpu(mut vcpu: VcpuFd, mut ctx: VcpuContext) -> VcpuReport {
                     ),
                 )
             }
+            VcpuExit::MmioWrite(REG_DMA_SUBMIT, data) => match &ctx.dma {
+                Some(dma) => {
+                    dma.submit(u64::from(u32::from_le_bytes(pad4(data))));
+                    ("mmio_dma", None)
+                }
+                None => (
+                    "mmio_dma",
+                    Some(Err(GuestFailure::UnexpectedExit {
+                        vcpu: index,
+                        what: "DMA submitted but this VM has no DMA engine".into(),
+                    })),
+                ),
+            },
             VcpuExit::MmioWrite(REG_CONSOLE, data) => {
                 console_pending.push_str(&mailbox.console(u32::from_le_bytes(pad4(data)) as usize));
                 while let Some(nl) = console_pending.find('\n') {
