@@ -366,10 +366,23 @@ pub fn run_vcpu(mut vcpu: VcpuFd, mut ctx: VcpuContext) -> VcpuReport {
                 )
             }
             VcpuExit::MmioWrite(REG_DMA_SUBMIT, data) => match &ctx.dma {
-                Some(dma) => {
-                    dma.submit(u64::from(u32::from_le_bytes(pad4(data))));
+                // The descriptor must be this vCPU's own (in its mailbox):
+                // anything else would leave the guest polling forever.
+                Some(dma) if u64::from(u32::from_le_bytes(pad4(data))) == mailbox.base + mailbox_offset::DMA => {
+                    dma.submit(mailbox.base + mailbox_offset::DMA);
                     ("mmio_dma", None)
                 }
+                Some(_) => (
+                    "mmio_dma",
+                    Some(Err(GuestFailure::UnexpectedExit {
+                        vcpu: index,
+                        what: format!(
+                            "DMA descriptor submitted at {:#x}; it must be the vCPU's own, at {:#x}",
+                            u32::from_le_bytes(pad4(data)),
+                            mailbox.base + mailbox_offset::DMA
+                        ),
+                    })),
+                ),
                 None => (
                     "mmio_dma",
                     Some(Err(GuestFailure::UnexpectedExit {
