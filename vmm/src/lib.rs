@@ -6,7 +6,9 @@
 //! - [`kvm`]: KVM helpers kvm-ioctls lacks.
 //! - [`vm`]: building a VM; [`vcpu`]: the vCPU thread loop;
 //!   [`plan`]: what guests are told to do; [`run`]: `vmm run`; [`cli`]: flags.
+//! - [`bench`]: `vmm bench faults`, guest page-fault latency.
 
+pub mod bench;
 pub mod boot;
 pub mod cli;
 pub mod kvm;
