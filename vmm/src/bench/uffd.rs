@@ -11,8 +11,10 @@
 //! `include/uapi/linux/userfaultfd.h` (no bindgen).
 //!
 //! Concurrency: the handler thread owns the fd's reads; the resolved-page
-//! list sits behind a mutex taken once per fault by the handler and by
-//! [`Handler::take_resolved`]. Stopping writes an eventfd the handler polls
+//! list sits behind a mutex that the handler holds across each resolution
+//! (the faulting thread wakes inside the ioctl), so whoever saw a fault
+//! complete and then calls [`Handler::take_resolved`] finds its page listed.
+//! It is the only lock. Stopping writes an eventfd the handler polls
 //! with the uffd, so it never blocks in `read`.
 
 use std::fs::File;
@@ -330,8 +332,11 @@ fn serve(
                 len: uffd.len,
             });
         }
-        let resolved = resolve_page(fd, addr, addr - uffd.start, resolve, &mut page)?;
+        // Hold the lock across the resolution: the faulting thread wakes
+        // inside the ioctl, and a reader that saw it finish must then find
+        // this page in the list.
         let mut st = lock(shared);
+        let resolved = resolve_page(fd, addr, addr - uffd.start, resolve, &mut page)?;
         st.counts.faults += 1;
         if resolved {
             st.counts.resolved += 1;
