@@ -59,7 +59,10 @@ fn test_faults_thp_per_4k_first_touch_is_below_anon_4k() {
     // pages, median over the 2 MiB chunks (robust to one chunk that hit
     // direct compaction on a busy host).
     let per_4k = |samples: &[f64]| {
-        let mut chunks: Vec<f64> = samples.chunks(512).map(|c| c.iter().sum::<f64>() / 512.0).collect();
+        let mut chunks: Vec<f64> = samples
+            .chunks(512)
+            .map(|c| c.iter().sum::<f64>() / 512.0)
+            .collect();
         chunks.sort_by(f64::total_cmp);
         chunks[chunks.len() / 2]
     };
@@ -158,7 +161,10 @@ fn test_faults_uffd_copy_resolves_exactly_touched_pages_and_guest_verifies() {
     let c = &r.configurations[0];
     let p = c.pass("first-touch").unwrap();
     assert_eq!(p.pages, 256);
-    assert_eq!(p.uffd_pages, p.touched_pages, "resolved pages = touched pages");
+    assert_eq!(
+        p.uffd_pages, p.touched_pages,
+        "resolved pages = touched pages"
+    );
     let u = p.uffd.as_ref().unwrap();
     assert_eq!((u.resolved, u.already_present), (256, 0));
     assert_eq!(c.uffd_verified, Some(true), "{:?}", c.notes);
@@ -177,7 +183,10 @@ fn test_faults_refault_after_dontneed_faults_again() {
     };
     let r = bench(&cfg);
     let anon = by_name(&r, "anon");
-    let (first, again) = (anon.pass("first-touch").unwrap(), anon.pass("re-fault").unwrap());
+    let (first, again) = (
+        anon.pass("first-touch").unwrap(),
+        anon.pass("re-fault").unwrap(),
+    );
     assert_pf_fixed_matches_pages(again.kvm("pf_fixed"), again.pages, "anon re-fault");
     // Real faults, not TLB hits: within a factor of the first touch.
     assert!(
@@ -187,7 +196,10 @@ fn test_faults_refault_after_dontneed_faults_again() {
         first.latency_ns.p50
     );
     let uffd = by_name(&r, "uffd-zero").pass("re-fault").unwrap();
-    assert_eq!(uffd.uffd_pages, uffd.touched_pages, "every page resolved again");
+    assert_eq!(
+        uffd.uffd_pages, uffd.touched_pages,
+        "every page resolved again"
+    );
 }
 
 #[test]
@@ -205,7 +217,10 @@ fn test_faults_tool_median_is_close_to_raw_kvm_baseline() {
     // The goal (1.05) is checked by scripts/bench-faults.sh on a quiet
     // machine; here only a gross difference (a broken measurement) fails.
     assert!((0.67..1.5).contains(&ratio), "tool/raw {ratio}");
-    assert!(b.host.p50 < r.configurations[0].passes[0].latency_ns.p50, "host floor is below the guest");
+    assert!(
+        b.host.p50 < r.configurations[0].passes[0].latency_ns.p50,
+        "host floor is below the guest"
+    );
 }
 
 #[test]
@@ -249,14 +264,27 @@ fn test_faults_cli_json_and_plot() {
     }
     let plot = std::env::temp_dir().join(format!("vmm-faults-{}.svg", std::process::id()));
     let out = Command::new(env!("CARGO_BIN_EXE_vmm-cli"))
-        .args(["bench", "faults", "--size", "2M", "--compare", "anon,thp", "--refault", "--json", "-q"])
+        .args([
+            "bench",
+            "faults",
+            "--size",
+            "2M",
+            "--compare",
+            "anon,thp",
+            "--refault",
+            "--json",
+            "-q",
+        ])
         .arg("--plot")
         .arg(&plot)
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(0), "{err}");
-    assert!(err.contains("p99.9") && err.contains("tool/raw"), "tables on stderr: {err}");
+    assert!(
+        err.contains("p99.9") && err.contains("tool/raw"),
+        "tables on stderr: {err}"
+    );
     let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert!(j["host"]["kernel"].is_string() && j["host"]["thp_enabled"].is_string());
     let anon = &j["configurations"][0];

@@ -564,7 +564,10 @@ mod tests {
     fn test_config_thp_size_must_be_2m_multiple() {
         let c = FaultsConfig::small(3 << 20, Backing::Thp);
         let e = c.validate().unwrap_err();
-        assert!(matches!(e, ConfigError::Size { align, .. } if align == HUGE_2M), "{e}");
+        assert!(
+            matches!(e, ConfigError::Size { align, .. } if align == HUGE_2M),
+            "{e}"
+        );
     }
 
     #[test]

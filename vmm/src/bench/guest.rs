@@ -17,7 +17,9 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use guest_image::protocol::{command, layout, mailbox_offset, status, REG_CONSOLE, REG_DOORBELL, REG_EXCEPTION};
+use guest_image::protocol::{
+    command, layout, mailbox_offset, status, REG_CONSOLE, REG_DOORBELL, REG_EXCEPTION,
+};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
@@ -90,7 +92,9 @@ pub struct GuestBench {
 
 impl std::fmt::Debug for GuestBench {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("GuestBench").field("ram", &self.ram).finish()
+        f.debug_struct("GuestBench")
+            .field("ram", &self.ram)
+            .finish()
     }
 }
 
@@ -118,7 +122,9 @@ impl GuestBench {
             .load()
             .translate(Gpa(layout::RAM_BASE))
             .map(|(hva, _)| hva.0)
-            .ok_or(BenchError::Setup("guest RAM is not plugged after Vm::new".into()))?;
+            .ok_or(BenchError::Setup(
+                "guest RAM is not plugged after Vm::new".into(),
+            ))?;
         // SAFETY: the boot mapping is BOOT_SIZE bytes and alive as long as
         // `vm`; no vCPU has run yet, so nothing else reads or writes it now.
         let boot = unsafe {
@@ -210,7 +216,12 @@ impl GuestBench {
                         out.push(r);
                         break;
                     }
-                    Ok(Err(detail)) => return Err(BenchError::Guest { vcpu: i as u64, detail }),
+                    Ok(Err(detail)) => {
+                        return Err(BenchError::Guest {
+                            vcpu: i as u64,
+                            detail,
+                        })
+                    }
                     Err(RecvTimeoutError::Timeout) if !left.is_zero() => {}
                     Err(RecvTimeoutError::Timeout) => {
                         return Err(BenchError::Timeout {
@@ -300,7 +311,9 @@ impl VcpuThread {
         match self.to_doorbell(&mut fd) {
             Ok(status::READY) => {}
             Ok(st) => {
-                let _ = done.send(Err(format!("first doorbell status {st:#x}, expected READY")));
+                let _ = done.send(Err(format!(
+                    "first doorbell status {st:#x}, expected READY"
+                )));
                 return;
             }
             Err(e) => {

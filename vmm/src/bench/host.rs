@@ -47,7 +47,7 @@ fn meminfo(key: &str) -> u64 {
         .and_then(|s| {
             s.lines()
                 .find_map(|l| l.strip_prefix(key))
-                .and_then(|v| v.trim().split_whitespace().next()?.parse().ok())
+                .and_then(|v| v.split_whitespace().next()?.parse().ok())
         })
         .unwrap_or(0)
 }
@@ -111,7 +111,8 @@ pub fn pin_current_thread(cpu: usize) {
 pub fn populate(m: &HostMapping) {
     const MADV_POPULATE_WRITE: i32 = 23;
     // SAFETY: advice on our own live mapping; it only faults pages in.
-    let ok = unsafe { libc::madvise(m.as_ptr().cast(), m.len() as usize, MADV_POPULATE_WRITE) } == 0;
+    let ok =
+        unsafe { libc::madvise(m.as_ptr().cast(), m.len() as usize, MADV_POPULATE_WRITE) } == 0;
     if !ok {
         // Older kernels: touch every page.
         for off in (0..m.len()).step_by(PAGE_SIZE as usize) {

@@ -171,7 +171,10 @@ mod tests {
         }
         // The neighbouring 2 MiB keeps its identity leaf.
         let pde = get(&boot, layout::PDS + 4 * 0x1000 + 2 * 8);
-        assert_eq!(pde, (start + (4 << 20)) | pte::PRESENT | pte::WRITABLE | pte::USER | pte::HUGE);
+        assert_eq!(
+            pde,
+            (start + (4 << 20)) | pte::PRESENT | pte::WRITABLE | pte::USER | pte::HUGE
+        );
     }
 
     #[test]

@@ -22,6 +22,9 @@ use crate::plan::Command;
 /// timed window).
 pub const MAX_CHUNKS: u64 = 32;
 
+/// Fewest accesses per command of an ascending pass.
+pub const MIN_CHUNK: u64 = 256;
+
 /// splitmix64: a small, well-mixed PRNG step (no dependency needed).
 fn splitmix(state: &mut u64) -> u64 {
     *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
@@ -36,7 +39,9 @@ pub fn touched_offsets(cfg: &FaultsConfig, index: u64) -> Vec<u64> {
     let (start, len) = cfg.part(index);
     match cfg.pattern {
         Pattern::Random => {
-            let mut pages: Vec<u64> = (0..len / PAGE_SIZE).map(|p| start + p * PAGE_SIZE).collect();
+            let mut pages: Vec<u64> = (0..len / PAGE_SIZE)
+                .map(|p| start + p * PAGE_SIZE)
+                .collect();
             let mut state = cfg.seed ^ index.wrapping_mul(0xA24B_AED4_963E_E407);
             for i in (1..pages.len()).rev() {
                 let j = (splitmix(&mut state) % (i as u64 + 1)) as usize;
@@ -44,7 +49,9 @@ pub fn touched_offsets(cfg: &FaultsConfig, index: u64) -> Vec<u64> {
             }
             pages
         }
-        p => (0..p.accesses(len)).map(|i| start + i * p.stride()).collect(),
+        p => (0..p.accesses(len))
+            .map(|i| start + i * p.stride())
+            .collect(),
     }
 }
 
@@ -61,14 +68,20 @@ pub fn pass_commands(cfg: &FaultsConfig, index: u64, results_gpa: u64) -> Vec<Co
             .into_iter()
             .enumerate()
             .map(|(i, off)| {
-                timed_touch(TEST_BASE + off, 1, PAGE_SIZE, cfg.access, results_gpa + 8 * i as u64)
+                timed_touch(
+                    TEST_BASE + off,
+                    1,
+                    PAGE_SIZE,
+                    cfg.access,
+                    results_gpa + 8 * i as u64,
+                )
             })
             .collect(),
         p => {
             let (start, len) = cfg.part(index);
             let stride = p.stride();
             let accesses = p.accesses(len);
-            let per_chunk = accesses.div_ceil(MAX_CHUNKS).max(1);
+            let per_chunk = accesses.div_ceil(MAX_CHUNKS).max(MIN_CHUNK);
             (0..accesses)
                 .step_by(per_chunk as usize)
                 .map(|first| {

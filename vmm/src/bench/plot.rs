@@ -78,7 +78,10 @@ pub fn svg(series: &[Series]) -> String {
         .fold(f64::INFINITY, f64::min);
     let hi = stats.iter().map(|s| s[5]).fold(0.0, f64::max);
     let (lo, hi) = if lo.is_finite() && hi > lo {
-        (10f64.powf(lo.log10().floor()), 10f64.powf(hi.log10().ceil()))
+        (
+            10f64.powf(lo.log10().floor()),
+            10f64.powf(hi.log10().ceil()),
+        )
     } else {
         (1.0, 1e6)
     };
@@ -108,7 +111,9 @@ pub fn svg(series: &[Series]) -> String {
         );
         decade *= 10.0;
     }
-    let colors = ["#4878d0", "#ee854a", "#6acc64", "#d65f5f", "#956cb4", "#8c613c", "#dc7ec0", "#797979"];
+    let colors = [
+        "#4878d0", "#ee854a", "#6acc64", "#d65f5f", "#956cb4", "#8c613c", "#dc7ec0", "#797979",
+    ];
     for (i, (series, st)) in series.iter().zip(&stats).enumerate() {
         let cx = LEFT + W_BOX * (i as f64 + 0.5);
         let c = colors[i % colors.len()];
@@ -135,7 +140,11 @@ pub fn svg(series: &[Series]) -> String {
             y(p50),
             y(p50)
         );
-        let _ = writeln!(s, r#"<circle cx="{cx:.1}" cy="{:.1}" r="2.5" fill="{c}"/>"#, y(max));
+        let _ = writeln!(
+            s,
+            r#"<circle cx="{cx:.1}" cy="{:.1}" r="2.5" fill="{c}"/>"#,
+            y(max)
+        );
         let _ = writeln!(
             s,
             r#"<text transform="translate({:.1},{:.1}) rotate(50)">{} ({})</text>"#,
@@ -150,7 +159,9 @@ pub fn svg(series: &[Series]) -> String {
 }
 
 fn xml_escape(t: &str) -> String {
-    t.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+    t.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
 }
 
 #[cfg(test)]
@@ -160,8 +171,14 @@ mod tests {
     #[test]
     fn test_svg_has_one_box_per_series_and_escapes_labels() {
         let s = svg(&[
-            Series { label: "a<b".into(), samples_ns: vec![100.0, 200.0] },
-            Series { label: "c".into(), samples_ns: vec![5000.0] },
+            Series {
+                label: "a<b".into(),
+                samples_ns: vec![100.0, 200.0],
+            },
+            Series {
+                label: "c".into(),
+                samples_ns: vec![5000.0],
+            },
         ]);
         assert_eq!(s.matches("<rect x=").count(), 2);
         assert!(s.contains("a&lt;b"));

@@ -50,7 +50,11 @@ struct Shared {
 }
 
 /// Runs the raw baseline of `cfg` on `backing` (not a uffd kind).
-pub fn run(cfg: &FaultsConfig, backing: &Backing, temp_file: &Path) -> Result<RawResult, BenchError> {
+pub fn run(
+    cfg: &FaultsConfig,
+    backing: &Backing,
+    temp_file: &Path,
+) -> Result<RawResult, BenchError> {
     let kvm = Kvm::new().map_err(kvm_err("open /dev/kvm"))?;
     let cpuid = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
@@ -74,9 +78,15 @@ pub fn run(cfg: &FaultsConfig, backing: &Backing, temp_file: &Path) -> Result<Ra
     let mem = unsafe { std::slice::from_raw_parts_mut(boot.as_ptr(), layout::BOOT_SIZE as usize) };
     write_boot_tables(mem, cfg.vcpus, identity_end)?;
     let window = |a, b| GpaRange::from_bounds(Gpa(a), Gpa(b)).expect("layout is ordered");
-    ElfImage::parse(guest_image::FIRMWARE_ELF, window(layout::FIRMWARE, layout::IMAGE_START))?
-        .load_into(mem, Gpa(0));
-    let image = ElfImage::parse(guest_image::RUNTIME_ELF, window(layout::IMAGE_START, layout::IMAGE_END))?;
+    ElfImage::parse(
+        guest_image::FIRMWARE_ELF,
+        window(layout::FIRMWARE, layout::IMAGE_START),
+    )?
+    .load_into(mem, Gpa(0));
+    let image = ElfImage::parse(
+        guest_image::RUNTIME_ELF,
+        window(layout::IMAGE_START, layout::IMAGE_END),
+    )?;
     image.load_into(mem, Gpa(0));
     match cfg.guest_page {
         GuestPage::Size2M => {}
@@ -87,10 +97,17 @@ pub fn run(cfg: &FaultsConfig, backing: &Backing, temp_file: &Path) -> Result<Ra
             let t = unsafe {
                 std::slice::from_raw_parts_mut(ram_map.as_ptr(), ram.tables_len as usize)
             };
-            apply_patches(mem, &write_4k_tables(t, ram.tables_gpa, TEST_BASE, cfg.size)?);
+            apply_patches(
+                mem,
+                &write_4k_tables(t, ram.tables_gpa, TEST_BASE, cfg.size)?,
+            );
         }
     }
-    for (slot, gpa, m) in [(0, 0, &boot), (1, layout::RAM_BASE, &ram_map), (2, TEST_BASE, &test)] {
+    for (slot, gpa, m) in [
+        (0, 0, &boot),
+        (1, layout::RAM_BASE, &ram_map),
+        (2, TEST_BASE, &test),
+    ] {
         let region = kvm_userspace_memory_region {
             slot,
             flags: 0,
@@ -100,7 +117,8 @@ pub fn run(cfg: &FaultsConfig, backing: &Backing, temp_file: &Path) -> Result<Ra
         };
         // SAFETY: the mappings outlive `vm`: they are dropped after the vCPU
         // threads are joined and `vm` is dropped (end of this function).
-        unsafe { vm.set_user_memory_region(region) }.map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
+        unsafe { vm.set_user_memory_region(region) }
+            .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
     }
     let mut vcpus = Vec::new();
     for i in 0..cfg.vcpus {
@@ -138,7 +156,10 @@ pub fn run(cfg: &FaultsConfig, backing: &Backing, temp_file: &Path) -> Result<Ra
             .collect();
         handles
             .into_iter()
-            .map(|h| h.join().unwrap_or_else(|_| Err("raw vCPU thread panicked".into())))
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err("raw vCPU thread panicked".into()))
+            })
             .collect()
     });
     let mut result = RawResult {

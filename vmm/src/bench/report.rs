@@ -179,7 +179,14 @@ pub fn fmt_ns(ns: f64) -> String {
     }
 }
 
-fn row(out: &mut String, name: &str, accesses: u64, s: &Summary, rate: Option<f64>, pf: Option<i64>) {
+fn row(
+    out: &mut String,
+    name: &str,
+    accesses: u64,
+    s: &Summary,
+    rate: Option<f64>,
+    pf: Option<i64>,
+) {
     let _ = writeln!(
         out,
         "  {name:<14} {accesses:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>10} {:>9}",
@@ -218,7 +225,14 @@ pub fn table(cfg: &FaultsConfig, r: &ConfigResult) -> String {
         "pass", "accesses", "p50", "p90", "p99", "p99.9", "max", "mean", "faults/s", "pf_fixed"
     );
     for p in &r.passes {
-        row(&mut out, p.pass, p.accesses, &p.latency_ns, Some(p.faults_per_sec), Some(p.kvm("pf_fixed")));
+        row(
+            &mut out,
+            p.pass,
+            p.accesses,
+            &p.latency_ns,
+            Some(p.faults_per_sec),
+            Some(p.kvm("pf_fixed")),
+        );
     }
     if let Some(b) = &r.baselines {
         if let Some(raw) = &b.raw {
@@ -287,7 +301,11 @@ pub fn comparison(report: &FaultsReport) -> String {
                     c.backing,
                     fmt_ns(p.latency_ns.p50),
                     fmt_ns(p.latency_ns.p99),
-                    if base > 0.0 { p.latency_ns.p50 / base } else { f64::NAN }
+                    if base > 0.0 {
+                        p.latency_ns.p50 / base
+                    } else {
+                        f64::NAN
+                    }
                 );
             }
             None => {
@@ -296,7 +314,9 @@ pub fn comparison(report: &FaultsReport) -> String {
         }
     }
     if !report.host.kvm_pdpe1gb {
-        out.push_str("  (1 GiB guest pages are unavailable on this host: KVM's CPUID lacks pdpe1gb)\n");
+        out.push_str(
+            "  (1 GiB guest pages are unavailable on this host: KVM's CPUID lacks pdpe1gb)\n",
+        );
     }
     out
 }

@@ -112,8 +112,15 @@ mod tests {
     #[test]
     fn test_counter_delta_keeps_only_changes_signed() {
         let b = BTreeMap::from([("a".to_string(), 5), ("b".to_string(), 9)]);
-        let a = BTreeMap::from([("a".to_string(), 5), ("b".to_string(), 2), ("c".to_string(), 1)]);
+        let a = BTreeMap::from([
+            ("a".to_string(), 5),
+            ("b".to_string(), 2),
+            ("c".to_string(), 1),
+        ]);
         let d = counter_delta(&a, &b);
-        assert_eq!(d, BTreeMap::from([("b".to_string(), -7), ("c".to_string(), 1)]));
+        assert_eq!(
+            d,
+            BTreeMap::from([("b".to_string(), -7), ("c".to_string(), 1)])
+        );
     }
 }

@@ -119,7 +119,9 @@ pub enum UffdError {
         source: io::Error,
     },
     /// A fault outside the registered range.
-    #[error("userfaultfd: fault at {addr:#x} outside the registered range [{start:#x}, +{len:#x})")]
+    #[error(
+        "userfaultfd: fault at {addr:#x} outside the registered range [{start:#x}, +{len:#x})"
+    )]
     OutOfRange {
         /// Faulting address.
         addr: u64,
@@ -148,7 +150,8 @@ impl Userfault {
     pub fn register(start: u64, len: u64) -> Result<Self, UffdError> {
         // SAFETY: the userfaultfd syscall takes only flags and returns a new
         // fd or -1; no memory is passed.
-        let raw = unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | libc::O_NONBLOCK) };
+        let raw =
+            unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | libc::O_NONBLOCK) };
         if raw < 0 {
             return Err(sys("userfaultfd(O_CLOEXEC|O_NONBLOCK)")(
                 io::Error::last_os_error(),
@@ -367,7 +370,10 @@ fn resolve_page(
             };
             // SAFETY: UFFDIO_ZEROPAGE reads and writes a `struct
             // uffdio_zeropage`; the range is a page of the registered range.
-            (unsafe { libc::ioctl(fd, UFFDIO_ZEROPAGE, &mut z) }, "UFFDIO_ZEROPAGE")
+            (
+                unsafe { libc::ioctl(fd, UFFDIO_ZEROPAGE, &mut z) },
+                "UFFDIO_ZEROPAGE",
+            )
         }
         Resolve::CopyFrom(file) => {
             file.read_exact_at(page, offset)
@@ -380,7 +386,10 @@ fn resolve_page(
             };
             // SAFETY: UFFDIO_COPY reads `page` (PAGE_SIZE bytes, alive for the
             // call) into the missing page at `addr` of the registered range.
-            (unsafe { libc::ioctl(fd, UFFDIO_COPY, &mut c) }, "UFFDIO_COPY")
+            (
+                unsafe { libc::ioctl(fd, UFFDIO_COPY, &mut c) },
+                "UFFDIO_COPY",
+            )
         }
     };
     if ret == 0 {
@@ -417,7 +426,10 @@ mod tests {
             assert_eq!(v, 0);
         }
         let (pages, counts) = h.take_resolved().unwrap();
-        let expect: Vec<u64> = [1u64, 5, 9].iter().map(|p| m.hva().0 + p * PAGE_SIZE).collect();
+        let expect: Vec<u64> = [1u64, 5, 9]
+            .iter()
+            .map(|p| m.hva().0 + p * PAGE_SIZE)
+            .collect();
         assert_eq!(pages, expect);
         assert_eq!(counts.resolved, 3);
     }
