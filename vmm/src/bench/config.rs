@@ -349,6 +349,10 @@ pub struct FaultsArgs {
     /// Skip the raw-KVM and host-only baselines.
     #[arg(long)]
     pub no_baselines: bool,
+    /// Repeat each configuration N times, alternating whether the tool or the
+    /// raw baseline goes first; samples are merged.
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub rounds: u32,
     /// Write an SVG plot of the latency distributions here.
     #[arg(long, value_name = "PATH")]
     pub plot: Option<PathBuf>,
@@ -383,6 +387,7 @@ impl FaultsArgs {
             uffd_cpu: self.uffd_cpu,
             seed: self.seed,
             baselines: !self.no_baselines,
+            rounds: self.rounds,
             timeout: self.timeout,
             progress: !self.quiet,
         };
@@ -416,6 +421,8 @@ pub struct FaultsConfig {
     pub seed: u64,
     /// Whether to run the baselines.
     pub baselines: bool,
+    /// Rounds per configuration.
+    pub rounds: u32,
     /// Per-configuration time limit.
     pub timeout: Duration,
     /// Show a progress bar on a terminal.
@@ -438,6 +445,7 @@ impl FaultsConfig {
             uffd_cpu: UffdCpu::Any,
             seed: 0x5EED,
             baselines: false,
+            rounds: 1,
             timeout: Duration::from_secs(60),
             progress: false,
         }

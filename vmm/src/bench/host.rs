@@ -122,6 +122,26 @@ pub fn populate(m: &HostMapping) {
     }
 }
 
+/// Maps `size` bytes of `backing`'s memory. A temporary file (`file`
+/// without a path) starts empty and is unlinked once mapped, so every
+/// configuration and round sees a fresh file; a user's `file=PATH` is used as is.
+pub fn map_fresh(
+    backing: &Backing,
+    size: u64,
+    temp_file: &std::path::Path,
+) -> Result<HostMapping, BackingError> {
+    let temp = *backing == Backing::File(None);
+    if temp {
+        let _ = std::fs::remove_file(temp_file);
+    }
+    let m = HostMapping::new(&backing.mapping_kind(temp_file), size)?;
+    if temp {
+        // The mapping and its fd keep the file alive until dropped.
+        let _ = std::fs::remove_file(temp_file);
+    }
+    Ok(m)
+}
+
 /// The host-only floor: the same offsets touched in the same order on fresh
 /// memory of the same kind (plain anonymous memory for the uffd kinds), each
 /// access timed with `rdtsc` like the guest does. Returns ticks per access.
@@ -132,7 +152,7 @@ pub fn first_touch(
     access: Access,
     temp_file: &std::path::Path,
 ) -> Result<Vec<u64>, BackingError> {
-    let m = HostMapping::new(&backing.mapping_kind(temp_file), size)?;
+    let m = map_fresh(backing, size, temp_file)?;
     if *backing == Backing::Prefault {
         populate(&m);
     }

@@ -70,7 +70,7 @@ pub fn run(
     let ram = RamLayout::new(cfg);
     let boot = HostMapping::new(&crate::mm::backing::BackingKind::Anon, layout::BOOT_SIZE)?;
     let ram_map = HostMapping::new(&crate::mm::backing::BackingKind::Anon, ram.size)?;
-    let test = HostMapping::new(&backing.mapping_kind(temp_file), cfg.size)?;
+    let test = super::host::map_fresh(backing, cfg.size, temp_file)?;
     if *backing == Backing::Prefault {
         super::host::populate(&test);
     }

@@ -44,6 +44,8 @@ pub struct Settings {
     pub uffd_cpu: String,
     /// Seed.
     pub seed: u64,
+    /// Rounds per configuration (tool and raw baseline alternate order).
+    pub rounds: u32,
 }
 
 impl From<&FaultsConfig> for Settings {
@@ -58,6 +60,7 @@ impl From<&FaultsConfig> for Settings {
             refault: c.refault,
             uffd_cpu: format!("{:?}", c.uffd_cpu).to_lowercase(),
             seed: c.seed,
+            rounds: c.rounds,
         }
     }
 }
@@ -79,6 +82,8 @@ pub struct ConfigResult {
     pub notes: Vec<String>,
     /// Guest TSC frequency used for the conversion.
     pub tsc_khz: u32,
+    /// Rounds merged into this result.
+    pub rounds: u32,
 }
 
 impl ConfigResult {
@@ -92,6 +97,74 @@ impl ConfigResult {
             uffd_verified: None,
             notes: Vec::new(),
             tsc_khz: 0,
+            rounds: 0,
+        }
+    }
+
+    /// Adds the samples and counters of another round of the same
+    /// configuration, then recomputes every summary and ratio.
+    pub fn merge(&mut self, other: ConfigResult) {
+        self.rounds += other.rounds;
+        for (a, b) in self.passes.iter_mut().zip(other.passes) {
+            let busy = |p: &PassResult| {
+                if p.faults_per_sec > 0.0 {
+                    p.accesses as f64 / p.faults_per_sec
+                } else {
+                    0.0
+                }
+            };
+            let total_busy = busy(a) + busy(&b);
+            a.accesses += b.accesses;
+            a.faults_per_sec = if total_busy > 0.0 {
+                a.accesses as f64 / total_busy
+            } else {
+                0.0
+            };
+            a.wall_ms += b.wall_ms;
+            for (k, v) in b.kvm {
+                *a.kvm.entry(k).or_default() += v;
+            }
+            if let (Some(x), Some(y)) = (a.uffd.as_mut(), b.uffd) {
+                x.faults += y.faults;
+                x.resolved += y.resolved;
+                x.already_present += y.already_present;
+            }
+            a.samples_ns.extend(b.samples_ns);
+        }
+        if let (Some(a), Some(b)) = (self.baselines.as_mut(), other.baselines) {
+            if let (Some(x), Some(y)) = (a.raw.as_mut(), b.raw) {
+                x.samples_ns.extend(y.samples_ns);
+                x.refault_samples_ns.extend(y.refault_samples_ns);
+            }
+            a.host_samples_ns.extend(b.host_samples_ns);
+        }
+        if let (Some(a), Some(b)) = (self.uffd_verified, other.uffd_verified) {
+            self.uffd_verified = Some(a && b);
+        }
+        for n in other.notes {
+            if !self.notes.contains(&n) {
+                self.notes.push(n);
+            }
+        }
+        self.finish();
+    }
+
+    /// Recomputes every summary and ratio from the samples.
+    pub fn finish(&mut self) {
+        for p in &mut self.passes {
+            p.latency_ns = Summary::from_ns(&p.samples_ns);
+        }
+        let tool = self.passes.first().map(|p| p.latency_ns.clone());
+        if let (Some(b), Some(tool)) = (self.baselines.as_mut(), tool) {
+            if let Some(r) = b.raw.as_mut() {
+                r.first = Summary::from_ns(&r.samples_ns);
+                r.refault = (!r.refault_samples_ns.is_empty())
+                    .then(|| Summary::from_ns(&r.refault_samples_ns));
+            }
+            b.host = Summary::from_ns(&b.host_samples_ns);
+            b.ratio_tool_to_raw = b.raw.as_ref().map(|r| ratio(tool.p50, r.first.p50));
+            b.ratio_tool_to_raw_mean = b.raw.as_ref().map(|r| ratio(tool.mean, r.first.mean));
+            b.ratio_guest_to_host = ratio(tool.p50, b.host.p50);
         }
     }
 
@@ -106,9 +179,9 @@ impl ConfigResult {
 pub struct PassResult {
     /// `first-touch` or `re-fault`.
     pub pass: &'static str,
-    /// Timed accesses (all vCPUs).
+    /// Timed accesses (all vCPUs, all rounds).
     pub accesses: u64,
-    /// Distinct 4 KiB pages touched.
+    /// Distinct 4 KiB pages touched per round.
     pub pages: u64,
     /// Per-access latency.
     pub latency_ns: Summary,
@@ -116,7 +189,8 @@ pub struct PassResult {
     pub faults_per_sec: f64,
     /// Wall time of the phase (including exits between commands).
     pub wall_ms: f64,
-    /// KVM binary-stat deltas (VM and summed vCPU counters) that changed.
+    /// KVM binary-stat deltas (VM and summed vCPU counters) that changed,
+    /// summed over rounds.
     pub kvm: BTreeMap<String, i64>,
     /// What the userfaultfd handler did in this pass.
     pub uffd: Option<UffdCounts>,
@@ -148,6 +222,9 @@ pub struct RawBaseline {
     /// First-pass samples, ns (not serialized).
     #[serde(skip)]
     pub samples_ns: Vec<f64>,
+    /// Re-fault samples, ns (not serialized).
+    #[serde(skip)]
+    pub refault_samples_ns: Vec<f64>,
 }
 
 /// Baselines of one configuration from the same invocation.
@@ -157,6 +234,8 @@ pub struct Baselines {
     pub raw: Option<RawBaseline>,
     /// Tool median / raw median, first touch (goal <= 1.05).
     pub ratio_tool_to_raw: Option<f64>,
+    /// Tool mean / raw mean, first touch.
+    pub ratio_tool_to_raw_mean: Option<f64>,
     /// Host-only first touch, no VM (vCPU 0's accesses, one thread).
     pub host: Summary,
     /// Host memory kind of the floor.
@@ -166,6 +245,14 @@ pub struct Baselines {
     /// Host samples, ns (not serialized).
     #[serde(skip)]
     pub host_samples_ns: Vec<f64>,
+}
+
+fn ratio(a: f64, b: f64) -> f64 {
+    if b > 0.0 {
+        a / b
+    } else {
+        f64::NAN
+    }
 }
 
 /// `850ns`, `5.92us`, `1.20ms`.
@@ -206,7 +293,7 @@ pub fn table(cfg: &FaultsConfig, r: &ConfigResult) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "\n{} — {} {}, {}, {} vCPU(s) {}, guest pages {}",
+        "\n{} — {} {}, {}, {} vCPU(s) {}, guest pages {}, {} round(s)",
         r.backing,
         cfg.pattern,
         format!("{:?}", cfg.access).to_lowercase(),
@@ -214,6 +301,7 @@ pub fn table(cfg: &FaultsConfig, r: &ConfigResult) -> String {
         cfg.vcpus,
         format!("{:?}", cfg.share).to_lowercase(),
         cfg.guest_page,
+        r.rounds,
     );
     if let Some(why) = &r.skipped {
         let _ = writeln!(out, "  skipped: {why}");
@@ -242,8 +330,11 @@ pub fn table(cfg: &FaultsConfig, r: &ConfigResult) -> String {
             }
         }
         row(&mut out, "host only", b.host.count, &b.host, None, None);
-        if let Some(ratio) = b.ratio_tool_to_raw {
-            let _ = writeln!(out, "  tool/raw median ratio {ratio:.3} (goal <= 1.05)");
+        if let (Some(p50), Some(mean)) = (b.ratio_tool_to_raw, b.ratio_tool_to_raw_mean) {
+            let _ = writeln!(
+                out,
+                "  tool/raw ratio: median {p50:.3} (goal <= 1.05), mean {mean:.3}"
+            );
         }
         let _ = writeln!(
             out,
@@ -253,9 +344,10 @@ pub fn table(cfg: &FaultsConfig, r: &ConfigResult) -> String {
     }
     for p in &r.passes {
         let mut line = format!(
-            "  {}: {} pages, KVM pf_fixed {} pf_taken {} pages_4k {:+} pages_2m {:+} pages_1g {:+}",
+            "  {}: {} pages x {} round(s), KVM pf_fixed {} pf_taken {} pages_4k {:+} pages_2m {:+} pages_1g {:+}",
             p.pass,
             p.pages,
+            r.rounds,
             p.kvm("pf_fixed"),
             p.kvm("pf_taken"),
             p.kvm("pages_4k"),

@@ -133,7 +133,13 @@ pub fn run_faults(cfg: &FaultsConfig, out: &mut dyn Write) -> Result<FaultsRepor
     let mut results = Vec::new();
     let mut tsc_khz = 0;
     for backing in &cfg.backings {
-        let r = run_one(cfg, backing, &temp)?;
+        let mut r = run_one(cfg, backing, &temp, false)?;
+        for round in 1..cfg.rounds {
+            if r.skipped.is_some() {
+                break;
+            }
+            r.merge(run_one(cfg, backing, &temp, round % 2 == 1)?);
+        }
         tsc_khz = tsc_khz.max(r.tsc_khz);
         let _ = write!(out, "{}", report::table(cfg, &r));
         let _ = out.flush();
@@ -152,13 +158,22 @@ pub fn run_faults(cfg: &FaultsConfig, out: &mut dyn Write) -> Result<FaultsRepor
 }
 
 /// Runs one configuration: phases, then its baselines.
+/// With `raw_first`, the baselines run before the tool (rounds alternate so
+/// neither side always gets the warmer host).
 fn run_one(
     cfg: &FaultsConfig,
     backing: &Backing,
     temp: &TempFiles,
+    raw_first: bool,
 ) -> Result<ConfigResult, BenchError> {
+    let mut notes = Vec::new();
+    let early = if cfg.baselines && raw_first {
+        Some(baselines(cfg, backing, temp, &mut notes)?)
+    } else {
+        None
+    };
     let file = temp.path("file-backing");
-    let test = match HostMapping::new(&backing.mapping_kind(&file), cfg.size) {
+    let test = match host::map_fresh(backing, cfg.size, &file) {
         Ok(m) => Arc::new(m),
         Err(e @ BackingError::NoHugePages { .. }) => {
             return Ok(ConfigResult::skipped(backing, e.to_string()));
@@ -200,15 +215,15 @@ fn run_one(
     let Measured {
         passes,
         verified: uffd_verified,
-        mut notes,
+        notes: measured_notes,
     } = outcome?;
-
-    let baselines = if cfg.baselines {
-        Some(baselines(cfg, backing, &passes, temp, tsc_khz, &mut notes)?)
-    } else {
-        None
+    notes.extend(measured_notes);
+    let baselines = match early {
+        Some(b) => Some(b),
+        None if cfg.baselines => Some(baselines(cfg, backing, temp, &mut notes)?),
+        None => None,
     };
-    Ok(ConfigResult {
+    let mut result = ConfigResult {
         backing: backing.to_string(),
         skipped: None,
         passes,
@@ -216,7 +231,10 @@ fn run_one(
         uffd_verified,
         notes,
         tsc_khz,
-    })
+        rounds: 1,
+    };
+    result.finish();
+    Ok(result)
 }
 
 /// Pages a uffd handler resolved (host addresses) and its counters.
@@ -285,15 +303,7 @@ fn measure(
         progress.finish();
         let kvm = counter_delta(&bench.counters()?, &before);
         let uffd = take_uffd(handler)?;
-        passes.push(pass_result(
-            cfg,
-            bench,
-            name,
-            wall,
-            kvm,
-            uffd,
-            test.hva().0,
-        ));
+        passes.push(pass_result(cfg, bench, name, wall, kvm, uffd, test.hva().0));
     }
     let mut verified = None;
     let mut notes = Vec::new();
@@ -381,27 +391,28 @@ fn pass_result(
     }
 }
 
+/// The raw-KVM and host-only baselines (samples only; summaries and ratios
+/// are computed by [`ConfigResult::finish`]).
 fn baselines(
     cfg: &FaultsConfig,
     backing: &Backing,
-    passes: &[PassResult],
     temp: &TempFiles,
-    tsc: u32,
     notes: &mut Vec<String>,
 ) -> Result<Baselines, BenchError> {
-    let tool_p50 = passes.first().map_or(0.0, |p| p.latency_ns.p50);
     let raw = if backing.is_uffd() {
         notes.push("raw KVM baseline not run for userfaultfd backings (it would need the same handler); compare with anon".into());
         None
     } else {
         let r = raw::run(cfg, backing, &temp.path("raw-file-backing"))?;
-        let ns = |t: &[u64]| Summary::from_ticks(t, r.tsc_khz);
+        let ns = |t: &[u64]| -> Vec<f64> { t.iter().map(|&t| ticks_to_ns(t, r.tsc_khz)).collect() };
         Some(report::RawBaseline {
-            first: ns(&r.first),
-            refault: (!r.refault.is_empty()).then(|| ns(&r.refault)),
-            samples_ns: r.first.iter().map(|&t| ticks_to_ns(t, r.tsc_khz)).collect(),
+            first: Summary::default(),
+            refault: None,
+            samples_ns: ns(&r.first),
+            refault_samples_ns: ns(&r.refault),
         })
     };
+    let tsc = raw_tsc_khz()?;
     let offsets = plan::touched_offsets(cfg, 0);
     let host_ticks = host::first_touch(
         backing,
@@ -410,25 +421,27 @@ fn baselines(
         cfg.access,
         &temp.path("host-file-backing"),
     )?;
-    let host = Summary::from_ticks(&host_ticks, tsc);
     Ok(Baselines {
-        ratio_tool_to_raw: raw.as_ref().map(|r| ratio(tool_p50, r.first.p50)),
-        ratio_guest_to_host: ratio(tool_p50, host.p50),
         raw,
+        ratio_tool_to_raw: None,
+        ratio_tool_to_raw_mean: None,
+        host: Summary::default(),
         host_kind: if backing.is_uffd() {
             "anon (no userfaultfd)".into()
         } else {
             backing.to_string()
         },
-        host,
+        ratio_guest_to_host: f64::NAN,
         host_samples_ns: host_ticks.iter().map(|&t| ticks_to_ns(t, tsc)).collect(),
     })
 }
 
-fn ratio(a: f64, b: f64) -> f64 {
-    if b > 0.0 {
-        a / b
-    } else {
-        f64::NAN
-    }
+/// The TSC frequency KVM gives a fresh vCPU (guest TSC = host TSC on this
+/// kind of host; used to convert the host floor's `rdtsc` ticks).
+fn raw_tsc_khz() -> Result<u32, BenchError> {
+    let e = |what: &str, err: kvm_ioctls::Error| BenchError::Setup(format!("{what}: {err}"));
+    let kvm = Kvm::new().map_err(|x| e("open /dev/kvm", x))?;
+    let vm = kvm.create_vm().map_err(|x| e("KVM_CREATE_VM", x))?;
+    let vcpu = vm.create_vcpu(0).map_err(|x| e("KVM_CREATE_VCPU", x))?;
+    vcpu.get_tsc_khz().map_err(|x| e("KVM_GET_TSC_KHZ", x))
 }
