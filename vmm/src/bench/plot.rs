@@ -107,7 +107,7 @@ pub fn svg(series: &[Series]) -> String {
             width - 20.0,
             LEFT - 6.0,
             yy + 4.0,
-            fmt_ns(decade)
+            axis_label(decade)
         );
         decade *= 10.0;
     }
@@ -158,6 +158,18 @@ pub fn svg(series: &[Series]) -> String {
     s
 }
 
+/// `10ns`, `1us`, `100ms`: decades without decimals.
+fn axis_label(ns: f64) -> String {
+    let (v, unit) = if ns >= 1e6 {
+        (ns / 1e6, "ms")
+    } else if ns >= 1e3 {
+        (ns / 1e3, "us")
+    } else {
+        (ns, "ns")
+    };
+    format!("{}{unit}", v.round())
+}
+
 fn xml_escape(t: &str) -> String {
     t.replace('&', "&amp;")
         .replace('<', "&lt;")
@@ -183,5 +195,6 @@ mod tests {
         assert_eq!(s.matches("<rect x=").count(), 2);
         assert!(s.contains("a&lt;b"));
         assert!(s.trim_end().ends_with("</svg>"));
+        assert!(s.contains(">1us<") && s.contains(">100ns<"), "{s}");
     }
 }
