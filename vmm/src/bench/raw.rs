@@ -65,8 +65,6 @@ pub fn run(
         .find(|e| e.function == 0x8000_0008)
         .map_or(36, |e| e.eax & 0xFF);
     let identity_end = (1u64 << phys.min(40)).min(layout::IDENTITY_END) & !(HUGE_1G - 1);
-    let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
-
     let ram = RamLayout::new(cfg);
     let boot = HostMapping::new(&crate::mm::backing::BackingKind::Anon, layout::BOOT_SIZE)?;
     let ram_map = HostMapping::new(&crate::mm::backing::BackingKind::Anon, ram.size)?;
@@ -103,10 +101,18 @@ pub fn run(
             );
         }
     }
+    let shared = Arc::new(Shared {
+        boot,
+        test,
+        prefault: *backing == Backing::Prefault,
+    });
+    // Created after the mappings, so it is dropped before them on every
+    // path (locals drop in reverse order): KVM drops its memslots first.
+    let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
     for (slot, gpa, m) in [
-        (0, 0, &boot),
+        (0, 0, &shared.boot),
         (1, layout::RAM_BASE, &ram_map),
-        (2, TEST_BASE, &test),
+        (2, TEST_BASE, &shared.test),
     ] {
         let region = kvm_userspace_memory_region {
             slot,
@@ -115,8 +121,9 @@ pub fn run(
             memory_size: m.len(),
             userspace_addr: m.hva().0,
         };
-        // SAFETY: the mappings outlive `vm`: they are dropped after the vCPU
-        // threads are joined and `vm` is dropped (end of this function).
+        // SAFETY: the mappings outlive `vm`: `vm` was created after them, so
+        // it is dropped first on every path (and explicitly at the end, after
+        // the vCPU threads are joined).
         unsafe { vm.set_user_memory_region(region) }
             .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
     }
@@ -129,11 +136,6 @@ pub fn run(
     }
     let tsc_khz = vcpus[0].get_tsc_khz().map_err(kvm_err("KVM_GET_TSC_KHZ"))?;
 
-    let shared = Arc::new(Shared {
-        boot,
-        test,
-        prefault: *backing == Backing::Prefault,
-    });
     let barrier = Arc::new(Barrier::new(cfg.vcpus as usize));
     let ram_base = ram_map.as_ptr() as u64;
     let outcome: Vec<Result<Passes, String>> = std::thread::scope(|s| {
@@ -174,7 +176,6 @@ pub fn run(
         result.first.extend(first);
         result.refault.extend(refault);
     }
-    // KVM drops the memslots before the mappings (`shared`, `ram_map`) go.
     drop(vm);
     Ok(result)
 }
