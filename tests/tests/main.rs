@@ -2,6 +2,7 @@
 
 mod cli;
 mod dma;
+mod faults;
 mod launch;
 mod memslots;
 mod scenarios;

@@ -152,6 +152,23 @@ pub struct Cli {
 pub enum Cmd {
     /// Launch a test guest and report its result (the exit status is the guest's verdict).
     Run(RunArgs),
+    /// Measure what the guest sees (`vmm bench faults`).
+    Bench(BenchArgs),
+}
+
+/// `vmm bench` subcommands.
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Which benchmark.
+    #[command(subcommand)]
+    pub which: BenchCmd,
+}
+
+/// Benchmarks.
+#[derive(Debug, Subcommand)]
+pub enum BenchCmd {
+    /// Guest page-fault latency per access: percentiles, JSON, a plot, raw-KVM and host baselines.
+    Faults(crate::bench::config::FaultsArgs),
 }
 
 /// `vmm run` flags.
@@ -241,6 +258,9 @@ where
     };
     let args = match cli.command {
         Some(Cmd::Run(a)) => a,
+        Some(Cmd::Bench(BenchArgs {
+            which: BenchCmd::Faults(a),
+        })) => return crate::bench::main_faults(&a),
         None => {
             eprintln!("vmm: no command given; try `vmm run` (a default guest) or `vmm --help`");
             return 2;

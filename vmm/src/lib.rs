@@ -8,7 +8,9 @@
 //! - [`vm`]: building a VM; [`vcpu`]: the vCPU thread loop;
 //!   [`plan`]: what guests are told to do; [`run`]: `vmm run`; [`cli`]: flags;
 //!   [`scenario`]: scripted memory changes against a running guest.
+//! - [`bench`]: `vmm bench faults`, guest page-fault latency.
 
+pub mod bench;
 pub mod boot;
 pub mod cli;
 pub mod devices;

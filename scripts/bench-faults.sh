@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Guest page-fault latency (issue 6): every backing side by side, with a
+# re-fault pass after MADV_DONTNEED, the raw-KVM and host-only baselines,
+# then userfaultfd handler placement and guest page size. Release build.
+# Writes the JSON reports and SVG plots to $OUT (default target/bench-faults).
+#
+#   scripts/bench-faults.sh [SIZE]      (default 64M)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+size=${1:-64M}
+target=${CARGO_TARGET_DIR:-target}
+out=${OUT:-$target/bench-faults}
+mkdir -p "$out"
+cargo build --release -q -p vmm --bins --examples
+vmm=$target/release/vmm
+
+run() { # name, flags...
+    local name=$1
+    shift
+    echo "== vmm bench faults $* --json --plot $out/$name.svg"
+    "$vmm" bench faults "$@" -q --json --plot "$out/$name.svg" >"$out/$name.json"
+}
+
+# 1. Every backing, first touch and re-fault, baselines (writes: reads of
+#    anonymous memory map the shared zero page and measure something else).
+run backings --size "$size" --access write --refault --rounds 3 \
+    --compare anon,shared,memfd,thp,hugetlb,prefault,file,uffd-zero,uffd-copy 2>&1
+# 2. userfaultfd handler on the vCPU's CPU or another one (reads, so
+#    uffd-copy's content is verified by the guest).
+for where in same other; do
+    run "uffd-$where" --size 16M --access read --uffd-cpu "$where" --compare uffd-zero,uffd-copy 2>&1
+done
+# 3. Guest page-table page size over the range (1G is refused on hosts whose
+#    KVM CPUID lacks pdpe1gb, as this one).
+for page in 4K 2M; do
+    run "guest-$page" --size "$size" --guest-page "$page" --compare anon,thp --no-baselines 2>&1
+done
+"$vmm" bench faults --size 2M --guest-page 1G 2>&1 || true
+# 4. Patterns and vCPUs.
+run random --size 16M --pattern random --compare anon,prefault 2>&1
+run two-vcpus-shared --size "$size" --vcpus 2 --share shared --compare anon,thp --no-baselines 2>&1
+echo "JSON and plots in $out"

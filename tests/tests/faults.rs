@@ -1,0 +1,304 @@
+//! `vmm bench faults` on real KVM: tests that would catch a dishonest or
+//! broken measurement (issue 6, "Proof"). Ranges are small (2-8 MiB) so the
+//! whole file runs in seconds; heavy runs live in scripts/bench-faults.sh.
+
+use std::process::Command;
+
+use vmm::bench::config::{Access, Backing, FaultsConfig, GuestPage, Pattern, Share};
+use vmm::bench::report::{ConfigResult, FaultsReport};
+use vmm::bench::{run_faults, BenchError};
+use vmm::mm::backing::{BackingKind, HostMapping};
+use vmm_tests::kvm_or_skip;
+
+const MIB: u64 = 1 << 20;
+
+/// Latency comparisons need the CPUs: the tests of this file run one at a
+/// time (other test files may still run alongside).
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn bench(cfg: &FaultsConfig) -> FaultsReport {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut sink = Vec::new();
+    let report = run_faults(cfg, &mut sink).unwrap_or_else(|e| panic!("bench failed: {e}"));
+    eprintln!("{}", String::from_utf8_lossy(&sink));
+    report
+}
+
+fn config(size: u64, backings: &[Backing]) -> FaultsConfig {
+    FaultsConfig {
+        backings: backings.to_vec(),
+        ..FaultsConfig::small(size, Backing::Anon)
+    }
+}
+
+fn by_name<'a>(r: &'a FaultsReport, backing: &str) -> &'a ConfigResult {
+    r.configurations
+        .iter()
+        .find(|c| c.backing == backing)
+        .unwrap_or_else(|| panic!("no {backing} configuration"))
+}
+
+#[test]
+fn test_faults_thp_per_4k_first_touch_is_below_anon_4k() {
+    if !kvm_or_skip("faults: thp vs anon") {
+        return;
+    }
+    // This host runs inside another VM with free page reporting: a free 2 MiB
+    // block may have been handed back to the outer host, and zeroing it then
+    // costs 512 outer faults (milliseconds). Touch and free THP memory first
+    // so the allocator hands out backed blocks: the test is about KVM mapping
+    // 2 MiB pages, not about the outer host. (`vmm bench faults` itself does
+    // no such warm-up: it reports what the guest sees.)
+    let warm = HostMapping::new(&BackingKind::Thp, 64 * MIB).unwrap();
+    vmm::bench::host::populate(&warm);
+    drop(warm);
+    let r = bench(&config(16 * MIB, &[Backing::Anon, Backing::Thp]));
+    let anon = by_name(&r, "anon").pass("first-touch").unwrap();
+    let thp = by_name(&r, "thp").pass("first-touch").unwrap();
+    // Per 4 KiB: the cost of each 2 MiB of the range spread over its 512
+    // pages, median over the 2 MiB chunks (robust to one chunk that hit
+    // direct compaction on a busy host).
+    let per_4k = |samples: &[f64]| {
+        let mut chunks: Vec<f64> = samples
+            .chunks(512)
+            .map(|c| c.iter().sum::<f64>() / 512.0)
+            .collect();
+        chunks.sort_by(f64::total_cmp);
+        chunks[chunks.len() / 2]
+    };
+    let (t, a) = (per_4k(&thp.samples_ns), per_4k(&anon.samples_ns));
+    assert!(t * 2.0 < a, "thp {t} ns per 4 KiB vs anon {a} ns");
+    assert!(thp.latency_ns.p50 < anon.latency_ns.p50);
+    // And KVM really mapped 2 MiB pages for THP, 4 KiB ones for anon.
+    assert!(thp.kvm("pages_2m") >= 2, "{:?}", thp.kvm);
+    assert_eq!(anon.kvm("pages_2m"), 0, "{:?}", anon.kvm);
+}
+
+#[test]
+fn test_faults_prefaulted_is_below_first_touch() {
+    if !kvm_or_skip("faults: prefault vs anon") {
+        return;
+    }
+    let r = bench(&config(4 * MIB, &[Backing::Anon, Backing::Prefault]));
+    let anon = by_name(&r, "anon").pass("first-touch").unwrap();
+    let pre = by_name(&r, "prefault").pass("first-touch").unwrap();
+    assert!(
+        pre.latency_ns.p50 < anon.latency_ns.p50 && pre.latency_ns.mean < anon.latency_ns.mean,
+        "prefault p50 {} mean {} vs anon p50 {} mean {}",
+        pre.latency_ns.p50,
+        pre.latency_ns.mean,
+        anon.latency_ns.p50,
+        anon.latency_ns.mean
+    );
+}
+
+/// KVM maps at most PTE_PREFETCH_NUM (8) extra sptes per fault.
+fn assert_pf_fixed_matches_pages(pf_fixed: i64, pages: u64, what: &str) {
+    let pages = pages as i64;
+    assert!(
+        pf_fixed >= pages / 8 && pf_fixed <= pages + pages / 20 + 16,
+        "{what}: pf_fixed {pf_fixed} for {pages} touched pages"
+    );
+}
+
+#[test]
+fn test_faults_kvm_counters_match_pages_touched() {
+    if !kvm_or_skip("faults: counters") {
+        return;
+    }
+    for (pattern, guest_page) in [
+        (Pattern::Sequential, GuestPage::Size2M),
+        (Pattern::Stride(16 << 10), GuestPage::Size2M),
+        (Pattern::Random, GuestPage::Size4K),
+    ] {
+        let cfg = FaultsConfig {
+            pattern,
+            guest_page,
+            ..config(4 * MIB, &[Backing::Anon, Backing::Prefault])
+        };
+        let r = bench(&cfg);
+        for c in &r.configurations {
+            let p = c.pass("first-touch").unwrap();
+            let what = format!("{} {pattern} guest {guest_page}", c.backing);
+            assert_eq!(p.pages, pattern.accesses(4 * MIB), "{what}");
+            assert_pf_fixed_matches_pages(p.kvm("pf_fixed"), p.pages, &what);
+            assert_eq!(p.accesses, p.latency_ns.count, "{what}");
+        }
+        // Anonymous first touch faults every page: no prefetch possible.
+        let anon = by_name(&r, "anon").pass("first-touch").unwrap();
+        assert!(anon.kvm("pf_fixed") >= anon.pages as i64, "{:?}", anon.kvm);
+    }
+}
+
+#[test]
+fn test_faults_two_vcpus_disjoint_parts_fault_each_page_once() {
+    if !kvm_or_skip("faults: two vCPUs") {
+        return;
+    }
+    let cfg = FaultsConfig {
+        vcpus: 2,
+        share: Share::Disjoint,
+        ..config(4 * MIB, &[Backing::Anon])
+    };
+    let r = bench(&cfg);
+    let p = r.configurations[0].pass("first-touch").unwrap();
+    assert_eq!((p.accesses, p.pages), (1024, 1024));
+    assert_pf_fixed_matches_pages(p.kvm("pf_fixed"), p.pages, "2 vCPUs");
+}
+
+#[test]
+fn test_faults_uffd_copy_resolves_exactly_touched_pages_and_guest_verifies() {
+    if !kvm_or_skip("faults: uffd-copy") {
+        return;
+    }
+    // Every other page: the handler must resolve those and no neighbour.
+    let cfg = FaultsConfig {
+        pattern: Pattern::Stride(8 << 10),
+        access: Access::Read,
+        ..config(2 * MIB, &[Backing::UffdCopy])
+    };
+    let r = bench(&cfg);
+    let c = &r.configurations[0];
+    let p = c.pass("first-touch").unwrap();
+    assert_eq!(p.pages, 256);
+    assert_eq!(
+        p.uffd_pages, p.touched_pages,
+        "resolved pages = touched pages"
+    );
+    let u = p.uffd.as_ref().unwrap();
+    assert_eq!((u.resolved, u.already_present), (256, 0));
+    assert_eq!(c.uffd_verified, Some(true), "{:?}", c.notes);
+    // A userfaultfd round trip costs more than an in-kernel anonymous fault.
+    assert!(p.latency_ns.p50 > 5_000.0, "{}", p.latency_ns.p50);
+}
+
+#[test]
+fn test_faults_refault_after_dontneed_faults_again() {
+    if !kvm_or_skip("faults: re-fault") {
+        return;
+    }
+    let cfg = FaultsConfig {
+        refault: true,
+        ..config(4 * MIB, &[Backing::Anon, Backing::UffdZero])
+    };
+    let r = bench(&cfg);
+    let anon = by_name(&r, "anon");
+    let (first, again) = (
+        anon.pass("first-touch").unwrap(),
+        anon.pass("re-fault").unwrap(),
+    );
+    assert_pf_fixed_matches_pages(again.kvm("pf_fixed"), again.pages, "anon re-fault");
+    // Real faults, not TLB hits: within a factor of the first touch.
+    assert!(
+        again.latency_ns.p50 > first.latency_ns.p50 / 4.0,
+        "re-fault p50 {} vs first {}",
+        again.latency_ns.p50,
+        first.latency_ns.p50
+    );
+    let uffd = by_name(&r, "uffd-zero").pass("re-fault").unwrap();
+    assert_eq!(
+        uffd.uffd_pages, uffd.touched_pages,
+        "every page resolved again"
+    );
+}
+
+#[test]
+fn test_faults_tool_median_is_close_to_raw_kvm_baseline() {
+    if !kvm_or_skip("faults: raw baseline") {
+        return;
+    }
+    let cfg = FaultsConfig {
+        baselines: true,
+        ..config(8 * MIB, &[Backing::Anon])
+    };
+    let r = bench(&cfg);
+    let b = r.configurations[0].baselines.as_ref().unwrap();
+    let ratio = b.ratio_tool_to_raw.unwrap();
+    // The goal (1.05) is checked by scripts/bench-faults.sh on a quiet
+    // machine; here only a gross difference (a broken measurement) fails.
+    assert!((0.67..1.5).contains(&ratio), "tool/raw {ratio}");
+    assert!(
+        b.host.p50 < r.configurations[0].passes[0].latency_ns.p50,
+        "host floor is below the guest"
+    );
+}
+
+#[test]
+fn test_faults_guest_4k_pages_keep_kvm_from_mapping_2m() {
+    if !kvm_or_skip("faults: 4K guest pages") {
+        return;
+    }
+    // THP host memory: KVM maps 2 MiB only where the guest page is >= 2 MiB.
+    let cfg = FaultsConfig {
+        guest_page: GuestPage::Size4K,
+        ..config(4 * MIB, &[Backing::Thp])
+    };
+    let p4k = bench(&cfg).configurations[0].passes[0].clone();
+    assert_eq!(p4k.kvm("pages_2m"), 0, "{:?}", p4k.kvm);
+    assert_pf_fixed_matches_pages(p4k.kvm("pf_fixed"), p4k.pages, "thp, 4K guest pages");
+}
+
+#[test]
+fn test_faults_1g_guest_pages_refused_without_pdpe1gb() {
+    if !kvm_or_skip("faults: 1G") {
+        return;
+    }
+    let kvm = kvm_ioctls::Kvm::new().unwrap();
+    if vmm::bench::host::kvm_has_pdpe1gb(&kvm) {
+        eprintln!("SKIP: this host's KVM offers pdpe1gb");
+        return;
+    }
+    let cfg = FaultsConfig {
+        guest_page: GuestPage::Size1G,
+        ..config(2 * MIB, &[Backing::Anon])
+    };
+    let e = run_faults(&cfg, &mut Vec::new()).unwrap_err();
+    assert!(matches!(e, BenchError::Config(_)), "{e}");
+    assert!(e.to_string().contains("pdpe1gb"), "{e}");
+}
+
+#[test]
+fn test_faults_cli_json_and_plot() {
+    if !kvm_or_skip("faults: CLI") {
+        return;
+    }
+    let plot = std::env::temp_dir().join(format!("vmm-faults-{}.svg", std::process::id()));
+    let out = Command::new(env!("CARGO_BIN_EXE_vmm-cli"))
+        .args([
+            "bench",
+            "faults",
+            "--size",
+            "2M",
+            "--compare",
+            "anon,thp",
+            "--refault",
+            "--json",
+            "-q",
+        ])
+        .arg("--plot")
+        .arg(&plot)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(
+        err.contains("p99.9") && err.contains("tool/raw"),
+        "tables on stderr: {err}"
+    );
+    let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(j["host"]["kernel"].is_string() && j["host"]["thp_enabled"].is_string());
+    let anon = &j["configurations"][0];
+    assert_eq!(anon["backing"], "anon");
+    assert!(anon["passes"][1]["kvm"]["pf_fixed"].as_i64().unwrap() > 0);
+    assert!(anon["passes"][0]["latency_ns"]["p999"].as_f64().unwrap() > 0.0);
+    let svg = std::fs::read_to_string(&plot).unwrap();
+    assert!(svg.contains("thp re-fault") && svg.contains("anon raw KVM"));
+    let _ = std::fs::remove_file(plot);
+
+    let bad = Command::new(env!("CARGO_BIN_EXE_vmm-cli"))
+        .args(["bench", "faults", "--size", "3M", "--backing", "thp"])
+        .output()
+        .unwrap();
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("--size"));
+}

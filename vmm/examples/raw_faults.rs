@@ -1,0 +1,60 @@
+//! The fault-latency baseline as a standalone program: the fewest KVM calls
+//! that run one timed first-touch pass (`vmm::bench::raw`: plain
+//! KVM_SET_USER_MEMORY_REGION, one loop per vCPU thread, no slot map, no
+//! statistics), printing its percentiles. `vmm bench faults` runs the same
+//! code in-process and prints the ratio; this binary lets you run it alone.
+//!
+//! ```sh
+//! cargo run --release -p vmm --example raw_faults -- 64M anon seq
+//! ```
+
+use vmm::bench::config::{Backing, FaultsConfig, Pattern};
+use vmm::bench::report::fmt_ns;
+use vmm::bench::stats::Summary;
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let size = args
+        .first()
+        .map_or(Ok(64 << 20), |s| vmm::cli::parse_size(s))
+        .unwrap_or_else(|e| fail(&e));
+    let backing: Backing = args
+        .get(1)
+        .map_or(Ok(Backing::Anon), |s| s.parse())
+        .unwrap_or_else(|e| fail(&e.to_string()));
+    let pattern: Pattern = args
+        .get(2)
+        .map_or(Ok(Pattern::Sequential), |s| s.parse())
+        .unwrap_or_else(|e| fail(&e.to_string()));
+    if backing.is_uffd() {
+        fail("the raw baseline has no userfaultfd handler; use anon, shared, memfd, thp, hugetlb, prefault or file");
+    }
+    let cfg = FaultsConfig {
+        pattern,
+        ..FaultsConfig::small(size, backing.clone())
+    };
+    if let Err(e) = cfg.validate() {
+        fail(&e.to_string());
+    }
+    let temp = std::env::temp_dir().join(format!("raw-faults-{}", std::process::id()));
+    let result = vmm::bench::raw::run(&cfg, &backing, &temp);
+    let _ = std::fs::remove_file(&temp);
+    let r = result.unwrap_or_else(|e| fail(&e.to_string()));
+    let s = Summary::from_ticks(&r.first, r.tsc_khz);
+    println!(
+        "raw {backing} {pattern} {}: {} accesses p50 {} p90 {} p99 {} p99.9 {} max {} mean {}",
+        args.first().map_or("64M", String::as_str),
+        s.count,
+        fmt_ns(s.p50),
+        fmt_ns(s.p90),
+        fmt_ns(s.p99),
+        fmt_ns(s.p999),
+        fmt_ns(s.max),
+        fmt_ns(s.mean)
+    );
+}
+
+fn fail(msg: &str) -> ! {
+    eprintln!("raw_faults: {msg}");
+    std::process::exit(2)
+}

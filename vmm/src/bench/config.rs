@@ -1,0 +1,598 @@
+//! What `vmm bench faults` measures: the flags, parsed and validated before
+//! any VM exists, and the per-configuration plan derived from them.
+//!
+//! ```
+//! use vmm::bench::config::{Backing, Pattern};
+//! assert_eq!("uffd-copy".parse::<Backing>().unwrap(), Backing::UffdCopy);
+//! assert_eq!("stride=2M".parse::<Pattern>().unwrap(), Pattern::Stride(2 << 20));
+//! assert!("stride=0".parse::<Pattern>().is_err());
+//! ```
+
+use std::fmt;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+use clap::Args;
+use guest_image::protocol::layout;
+
+use crate::cli::{parse_duration, parse_size};
+use crate::mm::addr::{HUGE_1G, HUGE_2M, PAGE_SIZE};
+use crate::mm::backing::BackingKind;
+
+/// Guest-physical base of the test range: 4 GiB, 1 GiB-aligned so every guest
+/// page size can map it, and far from the boot region and the result buffers.
+pub const TEST_BASE: u64 = 4 << 30;
+
+/// Most accesses one vCPU may time in one pass (8 bytes of result buffer each).
+pub const MAX_ACCESSES_PER_VCPU: u64 = 1 << 22;
+
+/// Errors in the bench configuration.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    /// An unknown backing name.
+    #[error("unknown backing {0:?}: expected anon, shared, memfd, thp, hugetlb, prefault, file, file=PATH, uffd-zero or uffd-copy")]
+    Backing(String),
+    /// An unknown pattern.
+    #[error("unknown pattern {0:?}: expected seq, random or stride=SIZE (e.g. stride=2M)")]
+    Pattern(String),
+    /// An unknown guest page size.
+    #[error("unknown guest page size {0:?}: expected 4K, 2M or 1G")]
+    GuestPage(String),
+    /// The range size is not usable.
+    #[error("--size {size:#x} must be a multiple of {align:#x} (the {what}) and at most {max:#x}")]
+    Size {
+        /// Requested size.
+        size: u64,
+        /// Required alignment.
+        align: u64,
+        /// Which constraint sets the alignment.
+        what: &'static str,
+        /// Largest size.
+        max: u64,
+    },
+    /// Too many accesses per vCPU for the result buffer.
+    #[error("{accesses} accesses per vCPU exceed the limit of {max}: use a larger stride or a smaller --size")]
+    TooManyAccesses {
+        /// Accesses of one vCPU.
+        accesses: u64,
+        /// The limit.
+        max: u64,
+    },
+    /// More vCPUs than pages to split the range into.
+    #[error("--size {size:#x} cannot be split into {vcpus} disjoint parts of whole pages")]
+    Split {
+        /// Range size.
+        size: u64,
+        /// vCPUs.
+        vcpus: u64,
+    },
+    /// The guest page size the host cannot provide.
+    #[error("--guest-page 1G needs CPUID pdpe1gb, which this host's KVM does not offer (shadow paging): use 4K or 2M")]
+    NoGigPages,
+}
+
+/// Host memory behind the test range.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Backing {
+    /// Private anonymous memory, 4 KiB pages (THP off for the range).
+    Anon,
+    /// Shared anonymous memory (shmem).
+    Shared,
+    /// A memfd mapped shared.
+    Memfd,
+    /// Private anonymous memory with `MADV_HUGEPAGE`, 2 MiB aligned.
+    Thp,
+    /// `MAP_HUGETLB` 2 MiB pages (needs pages reserved on the host).
+    Hugetlb,
+    /// Private anonymous memory populated by the host before the guest runs:
+    /// the guest still takes KVM faults, but no host page allocation.
+    Prefault,
+    /// A file mapped shared (a temporary file unless a path is given).
+    File(Option<PathBuf>),
+    /// userfaultfd demand paging, missing pages resolved with UFFDIO_ZEROPAGE.
+    UffdZero,
+    /// userfaultfd demand paging, missing pages copied from a file (UFFDIO_COPY).
+    UffdCopy,
+}
+
+impl Backing {
+    /// The host mapping kind that holds the memory.
+    pub fn mapping_kind(&self, temp_file: &std::path::Path) -> BackingKind {
+        match self {
+            Backing::Anon | Backing::Prefault | Backing::UffdZero | Backing::UffdCopy => {
+                BackingKind::Anon
+            }
+            Backing::Shared => BackingKind::Shared,
+            Backing::Memfd => BackingKind::Memfd,
+            Backing::Thp => BackingKind::Thp,
+            Backing::Hugetlb => BackingKind::Hugetlb,
+            Backing::File(p) => BackingKind::File(p.clone().unwrap_or_else(|| temp_file.into())),
+        }
+    }
+
+    /// Whether faults are resolved by the userfaultfd handler.
+    pub fn is_uffd(&self) -> bool {
+        matches!(self, Backing::UffdZero | Backing::UffdCopy)
+    }
+
+    /// Alignment the range size and vCPU parts must respect.
+    pub fn granule(&self) -> u64 {
+        match self {
+            Backing::Thp | Backing::Hugetlb => HUGE_2M,
+            _ => PAGE_SIZE,
+        }
+    }
+}
+
+impl fmt::Display for Backing {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Backing::Anon => f.write_str("anon"),
+            Backing::Shared => f.write_str("shared"),
+            Backing::Memfd => f.write_str("memfd"),
+            Backing::Thp => f.write_str("thp"),
+            Backing::Hugetlb => f.write_str("hugetlb"),
+            Backing::Prefault => f.write_str("prefault"),
+            Backing::File(None) => f.write_str("file"),
+            Backing::File(Some(p)) => write!(f, "file={}", p.display()),
+            Backing::UffdZero => f.write_str("uffd-zero"),
+            Backing::UffdCopy => f.write_str("uffd-copy"),
+        }
+    }
+}
+
+impl FromStr for Backing {
+    type Err = ConfigError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(match s.trim() {
+            "anon" => Backing::Anon,
+            "shared" => Backing::Shared,
+            "memfd" => Backing::Memfd,
+            "thp" => Backing::Thp,
+            "hugetlb" => Backing::Hugetlb,
+            "prefault" | "prefaulted" => Backing::Prefault,
+            "file" => Backing::File(None),
+            "uffd-zero" => Backing::UffdZero,
+            "uffd-copy" => Backing::UffdCopy,
+            t => match t.strip_prefix("file=") {
+                Some(p) if !p.is_empty() => Backing::File(Some(PathBuf::from(p))),
+                _ => return Err(ConfigError::Backing(s.to_string())),
+            },
+        })
+    }
+}
+
+/// The order in which a vCPU touches its part of the range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pattern {
+    /// One access per 4 KiB page, ascending, in one guest command.
+    Sequential,
+    /// One access per 4 KiB page in a seeded random order, one guest command
+    /// per access (the exit between accesses is outside the timed window).
+    Random,
+    /// One access every `n` bytes, ascending, in one guest command.
+    Stride(u64),
+}
+
+impl fmt::Display for Pattern {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Pattern::Sequential => f.write_str("seq"),
+            Pattern::Random => f.write_str("random"),
+            Pattern::Stride(n) => write!(f, "stride={}", fmt_size(*n)),
+        }
+    }
+}
+
+impl FromStr for Pattern {
+    type Err = ConfigError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim() {
+            "seq" | "sequential" => Ok(Pattern::Sequential),
+            "random" => Ok(Pattern::Random),
+            t => t
+                .strip_prefix("stride=")
+                .and_then(|n| parse_size(n).ok())
+                .map(Pattern::Stride)
+                .ok_or_else(|| ConfigError::Pattern(s.to_string())),
+        }
+    }
+}
+
+impl Pattern {
+    /// Bytes between two accesses of an ascending pattern.
+    pub fn stride(self) -> u64 {
+        match self {
+            Pattern::Sequential | Pattern::Random => PAGE_SIZE,
+            Pattern::Stride(n) => n,
+        }
+    }
+
+    /// Number of accesses over `len` bytes.
+    pub fn accesses(self, len: u64) -> u64 {
+        len.div_ceil(self.stride())
+    }
+}
+
+/// Read or write accesses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Access {
+    /// Read one byte.
+    Read,
+    /// Write one byte.
+    Write,
+}
+
+/// How vCPUs share the range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Share {
+    /// Each vCPU touches its own part.
+    Disjoint,
+    /// Every vCPU touches the whole range (faults race).
+    Shared,
+}
+
+/// Where the userfaultfd handler thread runs relative to the vCPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum UffdCpu {
+    /// Handler and vCPU 0 pinned to the same CPU.
+    Same,
+    /// Handler and vCPU 0 pinned to different CPUs.
+    Other,
+    /// No pinning: the scheduler decides.
+    Any,
+}
+
+/// The page size of the guest's own page tables over the test range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GuestPage {
+    /// 4 KiB PTEs (tables written into guest memory by the bench).
+    Size4K,
+    /// 2 MiB PDEs (the boot identity map).
+    Size2M,
+    /// A 1 GiB PDPTE (needs CPUID pdpe1gb).
+    Size1G,
+}
+
+impl GuestPage {
+    /// Bytes one guest leaf maps.
+    pub fn bytes(self) -> u64 {
+        match self {
+            GuestPage::Size4K => PAGE_SIZE,
+            GuestPage::Size2M => HUGE_2M,
+            GuestPage::Size1G => HUGE_1G,
+        }
+    }
+}
+
+impl fmt::Display for GuestPage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            GuestPage::Size4K => "4K",
+            GuestPage::Size2M => "2M",
+            GuestPage::Size1G => "1G",
+        })
+    }
+}
+
+impl FromStr for GuestPage {
+    type Err = ConfigError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim().to_ascii_uppercase().as_str() {
+            "4K" | "4KIB" => Ok(GuestPage::Size4K),
+            "2M" | "2MIB" => Ok(GuestPage::Size2M),
+            "1G" | "1GIB" => Ok(GuestPage::Size1G),
+            _ => Err(ConfigError::GuestPage(s.to_string())),
+        }
+    }
+}
+
+/// A human size: `64M`, `4K`, `123B`.
+pub fn fmt_size(n: u64) -> String {
+    for (shift, unit) in [(30, "G"), (20, "M"), (10, "K")] {
+        if n >= 1 << shift && n % (1 << shift) == 0 {
+            return format!("{}{unit}", n >> shift);
+        }
+    }
+    format!("{n}B")
+}
+
+fn parse_backing(s: &str) -> Result<Backing, String> {
+    s.parse().map_err(|e: ConfigError| e.to_string())
+}
+
+fn parse_pattern(s: &str) -> Result<Pattern, String> {
+    s.parse().map_err(|e: ConfigError| e.to_string())
+}
+
+fn parse_guest_page(s: &str) -> Result<GuestPage, String> {
+    s.parse().map_err(|e: ConfigError| e.to_string())
+}
+
+/// `vmm bench faults` flags.
+#[derive(Debug, Clone, Args)]
+pub struct FaultsArgs {
+    /// Size of the test range (e.g. 64M); split among vCPUs unless --share shared.
+    #[arg(long, value_name = "SIZE", default_value = "64M", value_parser = parse_size)]
+    pub size: u64,
+    /// Access pattern: seq, random or stride=SIZE.
+    #[arg(long, value_name = "PATTERN", default_value = "seq", value_parser = parse_pattern)]
+    pub pattern: Pattern,
+    /// Read or write each touched byte.
+    #[arg(long, value_enum, default_value = "write")]
+    pub access: Access,
+    /// Number of vCPUs touching the range (1 to 64).
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=layout::MAX_VCPUS))]
+    pub vcpus: u64,
+    /// Disjoint parts per vCPU, or the whole range shared by all.
+    #[arg(long, value_enum, default_value = "disjoint")]
+    pub share: Share,
+    /// Host memory behind the range: anon, shared, memfd, thp, hugetlb, prefault, file[=PATH], uffd-zero, uffd-copy.
+    #[arg(long, value_name = "KIND", default_value = "anon", value_parser = parse_backing, conflicts_with = "compare")]
+    pub backing: Backing,
+    /// Several backings in one run, side by side (comma separated, e.g. anon,thp,prefault,uffd-zero).
+    #[arg(long, value_name = "KIND,KIND,...", value_delimiter = ',', value_parser = parse_backing)]
+    pub compare: Option<Vec<Backing>>,
+    /// Page size of the guest's page tables over the range: 4K, 2M or 1G (1G needs CPUID pdpe1gb).
+    #[arg(long, value_name = "SIZE", default_value = "2M", value_parser = parse_guest_page)]
+    pub guest_page: GuestPage,
+    /// Add a re-fault pass: MADV_DONTNEED the range (KVM's mmu-notifier path), then touch it again.
+    #[arg(long)]
+    pub refault: bool,
+    /// userfaultfd handler placement: same CPU as vCPU 0, another CPU, or unpinned.
+    #[arg(long, value_enum, default_value = "any")]
+    pub uffd_cpu: UffdCpu,
+    /// Seed of the random pattern and of the uffd-copy file contents.
+    #[arg(long, value_name = "N", default_value_t = 0x5EED)]
+    pub seed: u64,
+    /// Skip the raw-KVM and host-only baselines.
+    #[arg(long)]
+    pub no_baselines: bool,
+    /// Repeat each configuration N times, alternating whether the tool or the
+    /// raw baseline goes first; samples are merged.
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub rounds: u32,
+    /// Write an SVG plot of the latency distributions here.
+    #[arg(long, value_name = "PATH")]
+    pub plot: Option<PathBuf>,
+    /// Print a JSON report on stdout (tables move to stderr).
+    #[arg(long)]
+    pub json: bool,
+    /// Give up after this long per configuration (e.g. 60s).
+    #[arg(long, value_name = "DURATION", default_value = "120s", value_parser = parse_duration)]
+    pub timeout: Duration,
+    /// No progress bar.
+    #[arg(short, long)]
+    pub quiet: bool,
+}
+
+impl FaultsArgs {
+    /// The validated bench configuration.
+    pub fn to_config(&self) -> Result<FaultsConfig, ConfigError> {
+        let backings = self
+            .compare
+            .clone()
+            .filter(|c| !c.is_empty())
+            .unwrap_or_else(|| vec![self.backing.clone()]);
+        let cfg = FaultsConfig {
+            size: self.size,
+            pattern: self.pattern,
+            access: self.access,
+            vcpus: self.vcpus,
+            share: self.share,
+            backings,
+            guest_page: self.guest_page,
+            refault: self.refault,
+            uffd_cpu: self.uffd_cpu,
+            seed: self.seed,
+            baselines: !self.no_baselines,
+            rounds: self.rounds,
+            timeout: self.timeout,
+            progress: !self.quiet,
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+}
+
+/// A validated bench: one configuration per backing, everything else shared.
+#[derive(Debug, Clone)]
+pub struct FaultsConfig {
+    /// Test range size in bytes.
+    pub size: u64,
+    /// Access pattern.
+    pub pattern: Pattern,
+    /// Read or write.
+    pub access: Access,
+    /// vCPUs.
+    pub vcpus: u64,
+    /// How vCPUs share the range.
+    pub share: Share,
+    /// One configuration per backing, in this order.
+    pub backings: Vec<Backing>,
+    /// Guest page-table page size over the range.
+    pub guest_page: GuestPage,
+    /// Whether to run the re-fault pass.
+    pub refault: bool,
+    /// userfaultfd handler placement.
+    pub uffd_cpu: UffdCpu,
+    /// Seed of the random order and the uffd-copy contents.
+    pub seed: u64,
+    /// Whether to run the baselines.
+    pub baselines: bool,
+    /// Rounds per configuration.
+    pub rounds: u32,
+    /// Per-configuration time limit.
+    pub timeout: Duration,
+    /// Show a progress bar on a terminal.
+    pub progress: bool,
+}
+
+impl FaultsConfig {
+    /// A small default: `size` bytes, sequential writes, one vCPU, `backing`,
+    /// 2 MiB guest pages, no re-fault pass, no baselines.
+    pub fn small(size: u64, backing: Backing) -> Self {
+        Self {
+            size,
+            pattern: Pattern::Sequential,
+            access: Access::Write,
+            vcpus: 1,
+            share: Share::Disjoint,
+            backings: vec![backing],
+            guest_page: GuestPage::Size2M,
+            refault: false,
+            uffd_cpu: UffdCpu::Any,
+            seed: 0x5EED,
+            baselines: false,
+            rounds: 1,
+            timeout: Duration::from_secs(60),
+            progress: false,
+        }
+    }
+
+    /// Checks sizes against backings, vCPUs and the result-buffer limit.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let granule = self
+            .backings
+            .iter()
+            .map(Backing::granule)
+            .max()
+            .unwrap_or(PAGE_SIZE);
+        let max = layout::IDENTITY_END - TEST_BASE;
+        if self.size == 0 || self.size % granule != 0 || self.size > max {
+            return Err(ConfigError::Size {
+                size: self.size,
+                align: granule,
+                what: if granule == PAGE_SIZE {
+                    "page size"
+                } else {
+                    "2 MiB page size of thp/hugetlb"
+                },
+                max,
+            });
+        }
+        if let Pattern::Stride(0) = self.pattern {
+            return Err(ConfigError::Pattern("stride=0".into()));
+        }
+        if self.share == Share::Disjoint && self.size / granule < self.vcpus {
+            return Err(ConfigError::Split {
+                size: self.size,
+                vcpus: self.vcpus,
+            });
+        }
+        let per_vcpu = match self.share {
+            Share::Disjoint => self.size.div_ceil(self.vcpus),
+            Share::Shared => self.size,
+        };
+        let accesses = self.pattern.accesses(per_vcpu + granule);
+        if accesses > MAX_ACCESSES_PER_VCPU {
+            return Err(ConfigError::TooManyAccesses {
+                accesses,
+                max: MAX_ACCESSES_PER_VCPU,
+            });
+        }
+        Ok(())
+    }
+
+    /// vCPU `index`'s part of the test range as (offset, len) from
+    /// [`TEST_BASE`]: granule-aligned disjoint parts, the last one taking the
+    /// remainder, or the whole range when shared.
+    pub fn part(&self, index: u64) -> (u64, u64) {
+        if self.share == Share::Shared {
+            return (0, self.size);
+        }
+        let granule = self
+            .backings
+            .iter()
+            .map(Backing::granule)
+            .max()
+            .unwrap_or(PAGE_SIZE);
+        let units = self.size / granule;
+        let per = units / self.vcpus;
+        let first = index * per;
+        let count = if index + 1 == self.vcpus {
+            units - first
+        } else {
+            per
+        };
+        (first * granule, count * granule)
+    }
+
+    /// Accesses of vCPU `index` in one pass.
+    pub fn accesses(&self, index: u64) -> u64 {
+        self.pattern.accesses(self.part(index).1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_backing_parse_every_name_roundtrips() {
+        for s in [
+            "anon",
+            "shared",
+            "memfd",
+            "thp",
+            "hugetlb",
+            "prefault",
+            "file",
+            "file=/tmp/x",
+            "uffd-zero",
+            "uffd-copy",
+        ] {
+            assert_eq!(s.parse::<Backing>().unwrap().to_string(), s);
+        }
+        let e = "bogus".parse::<Backing>().unwrap_err().to_string();
+        assert!(e.contains("uffd-copy"), "{e}");
+    }
+
+    #[test]
+    fn test_pattern_parse_and_access_counts() {
+        assert_eq!("seq".parse::<Pattern>(), Ok(Pattern::Sequential));
+        assert_eq!(Pattern::Sequential.accesses(64 << 10), 16);
+        assert_eq!(Pattern::Stride(8192).accesses(64 << 10), 8);
+        assert_eq!(Pattern::Stride(3000).accesses(9000), 3);
+        assert!("zigzag".parse::<Pattern>().is_err());
+    }
+
+    #[test]
+    fn test_config_parts_are_disjoint_and_cover_range() {
+        let mut c = FaultsConfig::small(10 * PAGE_SIZE, Backing::Anon);
+        c.vcpus = 3;
+        let parts: Vec<_> = (0..3).map(|i| c.part(i)).collect();
+        assert_eq!(parts, vec![(0, 12288), (12288, 12288), (24576, 16384)]);
+        c.share = Share::Shared;
+        assert_eq!(c.part(2), (0, 10 * PAGE_SIZE));
+    }
+
+    #[test]
+    fn test_config_thp_size_must_be_2m_multiple() {
+        let c = FaultsConfig::small(3 << 20, Backing::Thp);
+        let e = c.validate().unwrap_err();
+        assert!(
+            matches!(e, ConfigError::Size { align, .. } if align == HUGE_2M),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn test_config_too_many_accesses_is_rejected() {
+        let mut c = FaultsConfig::small(64 << 20, Backing::Anon);
+        c.pattern = Pattern::Stride(8);
+        assert!(matches!(
+            c.validate(),
+            Err(ConfigError::TooManyAccesses { .. })
+        ));
+    }
+
+    #[test]
+    fn test_guest_page_parse() {
+        assert_eq!("4k".parse::<GuestPage>(), Ok(GuestPage::Size4K));
+        assert_eq!("1G".parse::<GuestPage>(), Ok(GuestPage::Size1G));
+        assert!("8K".parse::<GuestPage>().is_err());
+        assert_eq!(fmt_size(64 << 20), "64M");
+    }
+}

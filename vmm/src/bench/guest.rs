@@ -1,0 +1,405 @@
+//! The tool's side of a measurement: a [`Vm`] built by `Vm::new` with a small
+//! RAM (page tables and per-vCPU result buffers), the test range plugged at
+//! [`TEST_BASE`] through the slot map, and one thread per vCPU that runs the
+//! commands of a phase and then parks at the doorbell exit.
+//!
+//! Phases: the main thread hands every vCPU a list of commands, waits until
+//! all have finished, and reads KVM statistics while every vCPU is parked, so
+//! counter deltas belong to exactly one phase.
+//!
+//! Guest RAM layout (at `RAM_BASE`): 4 KiB page tables for the test range
+//! (when `--guest-page 4K`), then vCPU `i`'s result buffer, one `u64` per
+//! access, page-aligned.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use guest_image::protocol::{
+    command, layout, mailbox_offset, status, REG_CONSOLE, REG_DOORBELL, REG_EXCEPTION,
+};
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use vm_memory::{Bytes, GuestAddress};
+
+use super::config::{FaultsConfig, GuestPage, TEST_BASE};
+use super::page_tables::{apply_patches, gig_leaf, tables_len, write_4k_tables};
+use super::BenchError;
+use crate::mm::addr::{Gpa, PAGE_SIZE};
+use crate::mm::backing::HostMapping;
+use crate::mm::slot_map::SlotFlags;
+use crate::plan::Command;
+use crate::vm::{Counters, Vm, VmSpec};
+
+/// Where things live in guest RAM.
+#[derive(Debug, Clone)]
+pub struct RamLayout {
+    /// Guest-physical address of the 4 KiB page tables (if any).
+    pub tables_gpa: u64,
+    /// Bytes of page tables.
+    pub tables_len: u64,
+    /// Per vCPU: (result buffer gpa, bytes).
+    pub results: Vec<(u64, u64)>,
+    /// Total RAM size.
+    pub size: u64,
+}
+
+impl RamLayout {
+    /// The layout for `cfg`.
+    pub fn new(cfg: &FaultsConfig) -> Self {
+        let tables = if cfg.guest_page == GuestPage::Size4K {
+            tables_len(cfg.size)
+        } else {
+            0
+        };
+        let mut at = layout::RAM_BASE + tables;
+        let mut results = Vec::new();
+        for i in 0..cfg.vcpus {
+            let len = (cfg.accesses(i) * 8).div_ceil(PAGE_SIZE).max(1) * PAGE_SIZE;
+            results.push((at, len));
+            at += len;
+        }
+        Self {
+            tables_gpa: layout::RAM_BASE,
+            tables_len: tables,
+            results,
+            size: at - layout::RAM_BASE,
+        }
+    }
+}
+
+/// A phase's outcome for one vCPU: the results of each command.
+type PhaseResult = Result<Vec<[u64; 6]>, String>;
+
+struct Worker {
+    jobs: Option<Sender<Vec<Command>>>,
+    done: Receiver<PhaseResult>,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// A VM ready to run measurement phases.
+pub struct GuestBench {
+    vm: Vm,
+    workers: Vec<Worker>,
+    stop: Arc<AtomicBool>,
+    /// Commands completed by all vCPUs (for the progress bar).
+    pub progress: Arc<AtomicU64>,
+    /// The layout of guest RAM.
+    pub ram: RamLayout,
+    ram_hva: u64,
+}
+
+impl std::fmt::Debug for GuestBench {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GuestBench")
+            .field("ram", &self.ram)
+            .finish()
+    }
+}
+
+impl GuestBench {
+    /// Builds the VM, plugs `test` at [`TEST_BASE`], writes the guest page
+    /// tables for `cfg.guest_page` and starts the vCPU threads (vCPU `i`
+    /// pinned to `cpus[i]` when given).
+    pub fn new(
+        cfg: &FaultsConfig,
+        test: Arc<HostMapping>,
+        cpus: &[Option<usize>],
+    ) -> Result<Self, BenchError> {
+        let ram = RamLayout::new(cfg);
+        let mut vm = Vm::new(&VmSpec {
+            vcpus: cfg.vcpus,
+            mem_size: ram.size,
+            backing: crate::mm::backing::BackingKind::Anon,
+            image: Arc::from(guest_image::RUNTIME_ELF),
+            pin_limit: None,
+        })?;
+        let size = test.len();
+        vm.memory
+            .apply(|m| m.plug(Gpa(TEST_BASE), size, test, 0, SlotFlags::NONE))?;
+        let ram_hva = vm
+            .memory
+            .load()
+            .translate(Gpa(layout::RAM_BASE))
+            .map(|(hva, _)| hva.0)
+            .ok_or(BenchError::Setup(
+                "guest RAM is not plugged after Vm::new".into(),
+            ))?;
+        // SAFETY: the boot mapping is BOOT_SIZE bytes and alive as long as
+        // `vm`; no vCPU has run yet, so nothing else reads or writes it now.
+        let boot = unsafe {
+            std::slice::from_raw_parts_mut(vm.boot_mapping().as_ptr(), layout::BOOT_SIZE as usize)
+        };
+        match cfg.guest_page {
+            GuestPage::Size2M => {}
+            GuestPage::Size1G => apply_patches(boot, &[gig_leaf(TEST_BASE)?]),
+            GuestPage::Size4K => {
+                // SAFETY: the tables lie at the start of guest RAM, a live
+                // mapping of `ram.size` bytes owned by the VM's slot map; no
+                // vCPU runs yet.
+                let tables = unsafe {
+                    std::slice::from_raw_parts_mut(ram_hva as *mut u8, ram.tables_len as usize)
+                };
+                let patches = write_4k_tables(tables, ram.tables_gpa, TEST_BASE, cfg.size)?;
+                apply_patches(boot, &patches);
+            }
+        }
+        crate::vcpu::install_kick_handler()
+            .map_err(|e| BenchError::Setup(format!("installing the kick handler: {e}")))?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let progress = Arc::new(AtomicU64::new(0));
+        let mut workers = Vec::new();
+        for (index, fd) in vm.take_vcpus().into_iter().enumerate() {
+            let (jobs_tx, jobs_rx) = mpsc::channel();
+            let (done_tx, done_rx) = mpsc::channel();
+            let ctx = VcpuThread {
+                index: index as u64,
+                mailbox: vm.boot.clone(),
+                stop: stop.clone(),
+                progress: progress.clone(),
+                cpu: cpus.get(index).copied().flatten(),
+            };
+            let thread = std::thread::Builder::new()
+                .name(format!("bench-vcpu{index}"))
+                .spawn(move || ctx.run(fd, jobs_rx, done_tx))
+                .map_err(|e| BenchError::Setup(format!("spawning a vCPU thread: {e}")))?;
+            workers.push(Worker {
+                jobs: Some(jobs_tx),
+                done: done_rx,
+                thread: Some(thread),
+            });
+        }
+        Ok(Self {
+            vm,
+            workers,
+            stop,
+            progress,
+            ram,
+            ram_hva,
+        })
+    }
+
+    /// Guest TSC frequency.
+    pub fn tsc_khz(&self) -> u32 {
+        self.vm.tsc_khz
+    }
+
+    /// KVM counters now: the VM's, then the vCPUs' summed, merged in one map.
+    pub fn counters(&self) -> Result<Counters, BenchError> {
+        let (mut vm, vcpu) = self.vm.read_stats()?;
+        vm.extend(vcpu);
+        Ok(vm)
+    }
+
+    /// Runs one phase: `commands[i]` on vCPU `i`, all at once; waits for all
+    /// (up to `timeout`, calling `tick` about every 100 ms).
+    pub fn phase(
+        &mut self,
+        commands: Vec<Vec<Command>>,
+        timeout: Duration,
+        mut tick: impl FnMut(u64),
+    ) -> Result<Vec<Vec<[u64; 6]>>, BenchError> {
+        for (w, cmds) in self.workers.iter().zip(commands) {
+            let sent = w.jobs.as_ref().map(|j| j.send(cmds).is_ok());
+            if sent != Some(true) {
+                return Err(BenchError::Setup("a vCPU thread has ended".into()));
+            }
+        }
+        let deadline = Instant::now() + timeout;
+        let mut out = Vec::new();
+        for (i, w) in self.workers.iter().enumerate() {
+            loop {
+                tick(self.progress.load(Ordering::Relaxed));
+                let left = deadline.saturating_duration_since(Instant::now());
+                match w.done.recv_timeout(left.min(Duration::from_millis(100))) {
+                    Ok(Ok(r)) => {
+                        out.push(r);
+                        break;
+                    }
+                    Ok(Err(detail)) => {
+                        return Err(BenchError::Guest {
+                            vcpu: i as u64,
+                            detail,
+                        })
+                    }
+                    Err(RecvTimeoutError::Timeout) if !left.is_zero() => {}
+                    Err(RecvTimeoutError::Timeout) => {
+                        return Err(BenchError::Timeout {
+                            vcpu: i as u64,
+                            after: timeout,
+                        })
+                    }
+                    Err(RecvTimeoutError::Disconnected) => {
+                        return Err(BenchError::Guest {
+                            vcpu: i as u64,
+                            detail: "the vCPU thread ended".into(),
+                        })
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// vCPU `index`'s first `n` result-buffer entries (TSC ticks).
+    pub fn results(&self, index: usize, n: u64) -> Vec<u64> {
+        let (gpa, len) = self.ram.results[index];
+        let n = n.min(len / 8);
+        let base = self.ram_hva + (gpa - layout::RAM_BASE);
+        (0..n)
+            .map(|i| {
+                // SAFETY: inside vCPU `index`'s result buffer, part of guest
+                // RAM, which the VM keeps mapped; every vCPU is parked.
+                unsafe { std::ptr::read_volatile((base + 8 * i) as *const u64) }
+            })
+            .collect()
+    }
+
+    /// Stops every vCPU thread: STOP to each guest if it is parked, or a kick
+    /// out of KVM_RUN after a timeout; threads that do not end within a
+    /// second are left behind (they hold no reference to our memory besides
+    /// the VM fd).
+    pub fn shutdown(mut self) {
+        self.stop.store(true, Ordering::Release);
+        for w in &mut self.workers {
+            w.jobs = None;
+        }
+        let until = Instant::now() + Duration::from_secs(1);
+        for w in &mut self.workers {
+            let Some(t) = w.thread.take() else { continue };
+            while !t.is_finished() && Instant::now() < until {
+                use std::os::unix::thread::JoinHandleExt;
+                // SAFETY: the thread is alive (not finished, not joined); the
+                // kick signal has a no-op handler installed in `new`.
+                unsafe { libc::pthread_kill(t.as_pthread_t(), crate::vcpu::kick_signal()) };
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            if t.is_finished() {
+                let _ = t.join();
+            }
+        }
+        drop(self.vm);
+    }
+}
+
+struct VcpuThread {
+    index: u64,
+    mailbox: crate::vm::BootMemory,
+    stop: Arc<AtomicBool>,
+    progress: Arc<AtomicU64>,
+    cpu: Option<usize>,
+}
+
+impl VcpuThread {
+    fn mb_write<T: vm_memory::ByteValued>(&self, offset: u64, v: T) {
+        // The mailbox is in the boot region, always mapped: failure is a bug.
+        self.mailbox
+            .memory()
+            .write_obj(v, GuestAddress(layout::mailbox(self.index) + offset))
+            .expect("mailbox is inside the boot region");
+    }
+
+    fn mb_read<T: vm_memory::ByteValued>(&self, offset: u64) -> T {
+        self.mailbox
+            .memory()
+            .read_obj(GuestAddress(layout::mailbox(self.index) + offset))
+            .expect("mailbox is inside the boot region")
+    }
+
+    fn run(self, mut fd: VcpuFd, jobs: Receiver<Vec<Command>>, done: Sender<PhaseResult>) {
+        if let Some(cpu) = self.cpu {
+            super::host::pin_current_thread(cpu);
+        }
+        match self.to_doorbell(&mut fd) {
+            Ok(status::READY) => {}
+            Ok(st) => {
+                let _ = done.send(Err(format!(
+                    "first doorbell status {st:#x}, expected READY"
+                )));
+                return;
+            }
+            Err(e) => {
+                let _ = done.send(Err(e));
+                return;
+            }
+        }
+        for cmds in jobs {
+            let mut results = Vec::with_capacity(cmds.len());
+            let mut failed = None;
+            for cmd in cmds {
+                self.mb_write(mailbox_offset::ARGS, cmd.args);
+                self.mb_write(mailbox_offset::COMMAND, cmd.code);
+                match self.to_doorbell(&mut fd) {
+                    Ok(status::OK) => {
+                        results.push(self.mb_read::<[u64; 6]>(mailbox_offset::RESULTS));
+                        self.progress.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Ok(st) => {
+                        let r: [u64; 6] = self.mb_read(mailbox_offset::RESULTS);
+                        failed = Some(format!(
+                            "{} ended with guest status {st:#x} (results {:#x?})",
+                            cmd.describe(),
+                            &r[..3]
+                        ));
+                        break;
+                    }
+                    Err(e) => {
+                        failed = Some(format!("{}: {e}", cmd.describe()));
+                        break;
+                    }
+                }
+            }
+            let end = failed.is_some();
+            let _ = done.send(failed.map_or(Ok(results), Err));
+            if end {
+                return;
+            }
+        }
+        // Jobs closed: the guest is parked at its doorbell; end its program.
+        self.mb_write(mailbox_offset::COMMAND, command::STOP);
+        let _ = self.to_doorbell(&mut fd);
+    }
+
+    /// Runs the guest until it rings the doorbell; returns the status.
+    fn to_doorbell(&self, fd: &mut VcpuFd) -> Result<u32, String> {
+        loop {
+            let exit = match fd.run() {
+                Ok(exit) => exit,
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                    if self.stop.load(Ordering::Acquire) {
+                        return Err("stopped".into());
+                    }
+                    continue;
+                }
+                Err(e) => return Err(format!("KVM_RUN failed: {e}")),
+            };
+            match exit {
+                VcpuExit::MmioWrite(REG_DOORBELL, data) => {
+                    let mut b = [0u8; 4];
+                    let n = data.len().min(4);
+                    b[..n].copy_from_slice(&data[..n]);
+                    return Ok(u32::from_le_bytes(b));
+                }
+                VcpuExit::MmioWrite(REG_CONSOLE, _) => {}
+                VcpuExit::MmioWrite(REG_EXCEPTION, _) => {
+                    let at = mailbox_offset::EXCEPTION;
+                    let (vector, code, rip, cr2): (u64, u64, u64, u64) = (
+                        self.mb_read(at),
+                        self.mb_read(at + 8),
+                        self.mb_read(at + 16),
+                        self.mb_read(at + 24),
+                    );
+                    return Err(format!(
+                        "guest exception vector {vector} (error code {code:#x}) at RIP {rip:#x}, CR2 {cr2:#x}"
+                    ));
+                }
+                VcpuExit::MmioRead(gpa, _) | VcpuExit::MmioWrite(gpa, _) => {
+                    return Err(format!("guest access to unplugged guest-physical {gpa:#x}"))
+                }
+                VcpuExit::Intr => {}
+                other => return Err(format!("unexpected exit {other:?}")),
+            }
+        }
+    }
+}

@@ -1,0 +1,178 @@
+//! The host side of the bench: facts about the host that decide what kind of
+//! faults were measured, thread pinning, and the host-only first-touch floor
+//! (the same access pattern on the same kind of memory, no VM).
+
+use std::arch::x86_64::_rdtsc;
+
+use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
+use kvm_ioctls::Kvm;
+use serde::Serialize;
+
+use super::config::{Access, Backing};
+use crate::mm::addr::PAGE_SIZE;
+use crate::mm::backing::{BackingError, HostMapping};
+
+/// What a reader needs to tell which faults were measured.
+#[derive(Debug, Clone, Serialize)]
+pub struct HostFacts {
+    /// `uname -r`.
+    pub kernel: String,
+    /// `/sys/kernel/mm/transparent_hugepage/enabled`.
+    pub thp_enabled: String,
+    /// `/sys/kernel/mm/transparent_hugepage/defrag`.
+    pub thp_defrag: String,
+    /// `HugePages_Total` of /proc/meminfo.
+    pub hugepages_total: u64,
+    /// `HugePages_Free`.
+    pub hugepages_free: u64,
+    /// CPU model name.
+    pub cpu_model: String,
+    /// Online CPUs.
+    pub cpus: usize,
+    /// Guest TSC frequency (KVM_GET_TSC_KHZ).
+    pub tsc_khz: u32,
+    /// Whether KVM's supported CPUID offers 1 GiB pages (pdpe1gb).
+    pub kvm_pdpe1gb: bool,
+}
+
+fn read_trim(path: &str) -> String {
+    std::fs::read_to_string(path)
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+fn meminfo(key: &str) -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix(key))
+                .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// Whether KVM's supported CPUID has pdpe1gb (leaf 0x80000001, EDX bit 26).
+pub fn kvm_has_pdpe1gb(kvm: &Kvm) -> bool {
+    kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map(|c| {
+            c.as_slice()
+                .iter()
+                .any(|e| e.function == 0x8000_0001 && e.edx & (1 << 26) != 0)
+        })
+        .unwrap_or(false)
+}
+
+/// Online CPUs of this host.
+pub fn online_cpus() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+impl HostFacts {
+    /// Reads the facts now.
+    pub fn collect(tsc_khz: u32, kvm_pdpe1gb: bool) -> Self {
+        let uts = read_trim("/proc/sys/kernel/osrelease");
+        let cpu_model = std::fs::read_to_string("/proc/cpuinfo")
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find(|l| l.starts_with("model name"))
+                    .and_then(|l| l.split(':').nth(1))
+                    .map(|m| m.trim().to_string())
+            })
+            .unwrap_or_else(|| "unknown".into());
+        Self {
+            kernel: uts,
+            thp_enabled: read_trim("/sys/kernel/mm/transparent_hugepage/enabled"),
+            thp_defrag: read_trim("/sys/kernel/mm/transparent_hugepage/defrag"),
+            hugepages_total: meminfo("HugePages_Total:"),
+            hugepages_free: meminfo("HugePages_Free:"),
+            cpu_model,
+            cpus: online_cpus(),
+            tsc_khz,
+            kvm_pdpe1gb,
+        }
+    }
+}
+
+/// Pins the calling thread to `cpu` (best effort: a failure leaves it unpinned).
+pub fn pin_current_thread(cpu: usize) {
+    // SAFETY: `set` is a plain bitmask initialised by CPU_ZERO/CPU_SET and
+    // passed by pointer with its size; pid 0 means the calling thread.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_ZERO(&mut set);
+        libc::CPU_SET(cpu % online_cpus(), &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+    }
+}
+
+/// Populates every page of `m` for writing (the `prefault` backing).
+pub fn populate(m: &HostMapping) {
+    const MADV_POPULATE_WRITE: i32 = 23;
+    // SAFETY: advice on our own live mapping; it only faults pages in.
+    let ok =
+        unsafe { libc::madvise(m.as_ptr().cast(), m.len() as usize, MADV_POPULATE_WRITE) } == 0;
+    if !ok {
+        // Older kernels: touch every page.
+        for off in (0..m.len()).step_by(PAGE_SIZE as usize) {
+            // SAFETY: `off` < len; the mapping is alive and ours.
+            unsafe { std::ptr::write_volatile(m.as_ptr().add(off as usize), 0) };
+        }
+    }
+}
+
+/// Maps `size` bytes of `backing`'s memory. A temporary file (`file`
+/// without a path) starts empty and is unlinked once mapped, so every
+/// configuration and round sees a fresh file; a user's `file=PATH` is used as is.
+pub fn map_fresh(
+    backing: &Backing,
+    size: u64,
+    temp_file: &std::path::Path,
+) -> Result<HostMapping, BackingError> {
+    let temp = *backing == Backing::File(None);
+    if temp {
+        let _ = std::fs::remove_file(temp_file);
+    }
+    let m = HostMapping::new(&backing.mapping_kind(temp_file), size)?;
+    if temp {
+        // The mapping and its fd keep the file alive until dropped.
+        let _ = std::fs::remove_file(temp_file);
+    }
+    Ok(m)
+}
+
+/// The host-only floor: the same offsets touched in the same order on fresh
+/// memory of the same kind (plain anonymous memory for the uffd kinds), each
+/// access timed with `rdtsc` like the guest does. Returns ticks per access.
+pub fn first_touch(
+    backing: &Backing,
+    size: u64,
+    offsets: &[u64],
+    access: Access,
+    temp_file: &std::path::Path,
+) -> Result<Vec<u64>, BackingError> {
+    let m = map_fresh(backing, size, temp_file)?;
+    if *backing == Backing::Prefault {
+        populate(&m);
+    }
+    let mut ticks = Vec::with_capacity(offsets.len());
+    for (n, &off) in offsets.iter().enumerate() {
+        // SAFETY: every offset is below `size` (built from the same plan as
+        // the guest's); the mapping is alive and private to this function.
+        let p = unsafe { m.as_ptr().add(off as usize) };
+        // SAFETY: rdtsc has no memory effects.
+        let t0 = unsafe { _rdtsc() };
+        match access {
+            // SAFETY: `p` is inside the mapping (see above).
+            Access::Write => unsafe { std::ptr::write_volatile(p, n as u8) },
+            // SAFETY: as above.
+            Access::Read => unsafe {
+                std::ptr::read_volatile(p);
+            },
+        }
+        // SAFETY: as above.
+        ticks.push(unsafe { _rdtsc() }.wrapping_sub(t0));
+    }
+    Ok(ticks)
+}

@@ -1,0 +1,414 @@
+//! What `vmm bench faults` reports: the JSON document ([`FaultsReport`]) and
+//! its terminal rendering (one table per configuration, then a comparison
+//! when several backings ran).
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use serde::Serialize;
+
+use super::config::{Backing, FaultsConfig};
+use super::host::HostFacts;
+use super::stats::Summary;
+use super::uffd::UffdCounts;
+
+/// The whole run.
+#[derive(Debug, Clone, Serialize)]
+pub struct FaultsReport {
+    /// Host facts that decide what kind of faults were measured.
+    pub host: HostFacts,
+    /// The settings shared by every configuration.
+    pub settings: Settings,
+    /// One result per backing, in the order given.
+    pub configurations: Vec<ConfigResult>,
+}
+
+/// The settings of a run, echoed.
+#[derive(Debug, Clone, Serialize)]
+pub struct Settings {
+    /// Test range bytes.
+    pub size: u64,
+    /// Access pattern.
+    pub pattern: String,
+    /// read or write.
+    pub access: String,
+    /// vCPUs.
+    pub vcpus: u64,
+    /// disjoint or shared.
+    pub share: String,
+    /// Guest page-table page size over the range.
+    pub guest_page: String,
+    /// Whether the re-fault pass ran.
+    pub refault: bool,
+    /// userfaultfd handler placement.
+    pub uffd_cpu: String,
+    /// Seed.
+    pub seed: u64,
+    /// Rounds per configuration (tool and raw baseline alternate order).
+    pub rounds: u32,
+}
+
+impl From<&FaultsConfig> for Settings {
+    fn from(c: &FaultsConfig) -> Self {
+        Self {
+            size: c.size,
+            pattern: c.pattern.to_string(),
+            access: format!("{:?}", c.access).to_lowercase(),
+            vcpus: c.vcpus,
+            share: format!("{:?}", c.share).to_lowercase(),
+            guest_page: c.guest_page.to_string(),
+            refault: c.refault,
+            uffd_cpu: format!("{:?}", c.uffd_cpu).to_lowercase(),
+            seed: c.seed,
+            rounds: c.rounds,
+        }
+    }
+}
+
+/// One configuration (one backing).
+#[derive(Debug, Clone, Serialize)]
+pub struct ConfigResult {
+    /// The backing.
+    pub backing: String,
+    /// Why it did not run (e.g. hugetlb without reserved pages).
+    pub skipped: Option<String>,
+    /// The timed passes.
+    pub passes: Vec<PassResult>,
+    /// The raw-KVM and host-only baselines.
+    pub baselines: Option<Baselines>,
+    /// uffd-copy with reads: whether the guest's VERIFY of the copied pages passed.
+    pub uffd_verified: Option<bool>,
+    /// Remarks a reader needs.
+    pub notes: Vec<String>,
+    /// Guest TSC frequency used for the conversion.
+    pub tsc_khz: u32,
+    /// Rounds merged into this result.
+    pub rounds: u32,
+}
+
+impl ConfigResult {
+    /// A configuration that could not run on this host.
+    pub fn skipped(backing: &Backing, reason: String) -> Self {
+        Self {
+            backing: backing.to_string(),
+            skipped: Some(reason),
+            passes: Vec::new(),
+            baselines: None,
+            uffd_verified: None,
+            notes: Vec::new(),
+            tsc_khz: 0,
+            rounds: 0,
+        }
+    }
+
+    /// Adds the samples and counters of another round of the same
+    /// configuration, then recomputes every summary and ratio.
+    pub fn merge(&mut self, other: ConfigResult) {
+        self.rounds += other.rounds;
+        for (a, b) in self.passes.iter_mut().zip(other.passes) {
+            let busy = |p: &PassResult| {
+                if p.faults_per_sec > 0.0 {
+                    p.accesses as f64 / p.faults_per_sec
+                } else {
+                    0.0
+                }
+            };
+            let total_busy = busy(a) + busy(&b);
+            a.accesses += b.accesses;
+            a.faults_per_sec = if total_busy > 0.0 {
+                a.accesses as f64 / total_busy
+            } else {
+                0.0
+            };
+            a.wall_ms += b.wall_ms;
+            for (k, v) in b.kvm {
+                *a.kvm.entry(k).or_default() += v;
+            }
+            if let (Some(x), Some(y)) = (a.uffd.as_mut(), b.uffd) {
+                x.faults += y.faults;
+                x.resolved += y.resolved;
+                x.already_present += y.already_present;
+            }
+            a.samples_ns.extend(b.samples_ns);
+        }
+        if let (Some(a), Some(b)) = (self.baselines.as_mut(), other.baselines) {
+            if let (Some(x), Some(y)) = (a.raw.as_mut(), b.raw) {
+                x.samples_ns.extend(y.samples_ns);
+                x.refault_samples_ns.extend(y.refault_samples_ns);
+            }
+            a.host_samples_ns.extend(b.host_samples_ns);
+        }
+        if let (Some(a), Some(b)) = (self.uffd_verified, other.uffd_verified) {
+            self.uffd_verified = Some(a && b);
+        }
+        for n in other.notes {
+            if !self.notes.contains(&n) {
+                self.notes.push(n);
+            }
+        }
+        self.finish();
+    }
+
+    /// Recomputes every summary and ratio from the samples.
+    pub fn finish(&mut self) {
+        for p in &mut self.passes {
+            p.latency_ns = Summary::from_ns(&p.samples_ns);
+        }
+        let tool = self.passes.first().map(|p| p.latency_ns.clone());
+        if let (Some(b), Some(tool)) = (self.baselines.as_mut(), tool) {
+            if let Some(r) = b.raw.as_mut() {
+                r.first = Summary::from_ns(&r.samples_ns);
+                r.refault = (!r.refault_samples_ns.is_empty())
+                    .then(|| Summary::from_ns(&r.refault_samples_ns));
+            }
+            b.host = Summary::from_ns(&b.host_samples_ns);
+            b.ratio_tool_to_raw = b.raw.as_ref().map(|r| ratio(tool.p50, r.first.p50));
+            b.ratio_tool_to_raw_mean = b.raw.as_ref().map(|r| ratio(tool.mean, r.first.mean));
+            b.ratio_guest_to_host = ratio(tool.p50, b.host.p50);
+        }
+    }
+
+    /// The pass named `name`.
+    pub fn pass(&self, name: &str) -> Option<&PassResult> {
+        self.passes.iter().find(|p| p.pass == name)
+    }
+}
+
+/// One timed pass over the range.
+#[derive(Debug, Clone, Serialize)]
+pub struct PassResult {
+    /// `first-touch` or `re-fault`.
+    pub pass: &'static str,
+    /// Timed accesses (all vCPUs, all rounds).
+    pub accesses: u64,
+    /// Distinct 4 KiB pages touched per round.
+    pub pages: u64,
+    /// Per-access latency.
+    pub latency_ns: Summary,
+    /// Accesses per second of guest time on the busiest vCPU.
+    pub faults_per_sec: f64,
+    /// Wall time of the phase (including exits between commands).
+    pub wall_ms: f64,
+    /// KVM binary-stat deltas (VM and summed vCPU counters) that changed,
+    /// summed over rounds.
+    pub kvm: BTreeMap<String, i64>,
+    /// What the userfaultfd handler did in this pass.
+    pub uffd: Option<UffdCounts>,
+    /// Every sample, ns (not serialized).
+    #[serde(skip)]
+    pub samples_ns: Vec<f64>,
+    /// Offsets of the touched pages from the range start, sorted (not serialized).
+    #[serde(skip)]
+    pub touched_pages: Vec<u64>,
+    /// Offsets of the pages the uffd handler resolved, sorted (not serialized).
+    #[serde(skip)]
+    pub uffd_pages: Vec<u64>,
+}
+
+impl PassResult {
+    /// A KVM counter delta, 0 if it did not change.
+    pub fn kvm(&self, name: &str) -> i64 {
+        self.kvm.get(name).copied().unwrap_or(0)
+    }
+}
+
+/// The raw KVM program's result.
+#[derive(Debug, Clone, Serialize)]
+pub struct RawBaseline {
+    /// First-touch pass.
+    pub first: Summary,
+    /// Re-fault pass.
+    pub refault: Option<Summary>,
+    /// First-pass samples, ns (not serialized).
+    #[serde(skip)]
+    pub samples_ns: Vec<f64>,
+    /// Re-fault samples, ns (not serialized).
+    #[serde(skip)]
+    pub refault_samples_ns: Vec<f64>,
+}
+
+/// Baselines of one configuration from the same invocation.
+#[derive(Debug, Clone, Serialize)]
+pub struct Baselines {
+    /// Raw minimal KVM program, identical pattern (not for uffd backings).
+    pub raw: Option<RawBaseline>,
+    /// Tool median / raw median, first touch (goal <= 1.05).
+    pub ratio_tool_to_raw: Option<f64>,
+    /// Tool mean / raw mean, first touch.
+    pub ratio_tool_to_raw_mean: Option<f64>,
+    /// Host-only first touch, no VM (vCPU 0's accesses, one thread).
+    pub host: Summary,
+    /// Host memory kind of the floor.
+    pub host_kind: String,
+    /// Guest median / host median.
+    pub ratio_guest_to_host: f64,
+    /// Host samples, ns (not serialized).
+    #[serde(skip)]
+    pub host_samples_ns: Vec<f64>,
+}
+
+fn ratio(a: f64, b: f64) -> f64 {
+    if b > 0.0 {
+        a / b
+    } else {
+        f64::NAN
+    }
+}
+
+/// `850ns`, `5.92us`, `1.20ms`.
+pub fn fmt_ns(ns: f64) -> String {
+    if ns < 1e3 {
+        format!("{ns:.0}ns")
+    } else if ns < 1e6 {
+        format!("{:.2}us", ns / 1e3)
+    } else {
+        format!("{:.2}ms", ns / 1e6)
+    }
+}
+
+fn row(
+    out: &mut String,
+    name: &str,
+    accesses: u64,
+    s: &Summary,
+    rate: Option<f64>,
+    pf: Option<i64>,
+) {
+    let _ = writeln!(
+        out,
+        "  {name:<14} {accesses:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>10} {:>9}",
+        fmt_ns(s.p50),
+        fmt_ns(s.p90),
+        fmt_ns(s.p99),
+        fmt_ns(s.p999),
+        fmt_ns(s.max),
+        fmt_ns(s.mean),
+        rate.map_or("-".into(), |r| format!("{r:.0}")),
+        pf.map_or("-".into(), |p| p.to_string()),
+    );
+}
+
+/// The terminal table of one configuration.
+pub fn table(cfg: &FaultsConfig, r: &ConfigResult) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "\n{} — {} {}, {}, {} vCPU(s) {}, guest pages {}, {} round(s)",
+        r.backing,
+        cfg.pattern,
+        format!("{:?}", cfg.access).to_lowercase(),
+        super::config::fmt_size(cfg.size),
+        cfg.vcpus,
+        format!("{:?}", cfg.share).to_lowercase(),
+        cfg.guest_page,
+        r.rounds,
+    );
+    if let Some(why) = &r.skipped {
+        let _ = writeln!(out, "  skipped: {why}");
+        return out;
+    }
+    let _ = writeln!(
+        out,
+        "  {:<14} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>10} {:>9}",
+        "pass", "accesses", "p50", "p90", "p99", "p99.9", "max", "mean", "faults/s", "pf_fixed"
+    );
+    for p in &r.passes {
+        row(
+            &mut out,
+            p.pass,
+            p.accesses,
+            &p.latency_ns,
+            Some(p.faults_per_sec),
+            Some(p.kvm("pf_fixed")),
+        );
+    }
+    if let Some(b) = &r.baselines {
+        if let Some(raw) = &b.raw {
+            row(&mut out, "raw KVM", raw.first.count, &raw.first, None, None);
+            if let Some(rf) = &raw.refault {
+                row(&mut out, "raw re-fault", rf.count, rf, None, None);
+            }
+        }
+        row(&mut out, "host only", b.host.count, &b.host, None, None);
+        if let (Some(p50), Some(mean)) = (b.ratio_tool_to_raw, b.ratio_tool_to_raw_mean) {
+            let _ = writeln!(
+                out,
+                "  tool/raw ratio: median {p50:.3} (goal <= 1.05), mean {mean:.3}"
+            );
+        }
+        let _ = writeln!(
+            out,
+            "  guest/host median ratio {:.2} (host floor on {})",
+            b.ratio_guest_to_host, b.host_kind
+        );
+    }
+    for p in &r.passes {
+        let mut line = format!(
+            "  {}: {} pages x {} round(s), KVM pf_fixed {} pf_taken {} pages_4k {:+} pages_2m {:+} pages_1g {:+}",
+            p.pass,
+            p.pages,
+            r.rounds,
+            p.kvm("pf_fixed"),
+            p.kvm("pf_taken"),
+            p.kvm("pages_4k"),
+            p.kvm("pages_2m"),
+            p.kvm("pages_1g"),
+        );
+        if let Some(u) = &p.uffd {
+            let _ = write!(
+                line,
+                "; uffd faults {} resolved {} already present {}",
+                u.faults, u.resolved, u.already_present
+            );
+        }
+        let _ = writeln!(out, "{line}");
+    }
+    if let Some(v) = r.uffd_verified {
+        let _ = writeln!(
+            out,
+            "  guest verified the copied content: {}",
+            if v { "ok" } else { "MISMATCH" }
+        );
+    }
+    for n in &r.notes {
+        let _ = writeln!(out, "  note: {n}");
+    }
+    out
+}
+
+/// Side-by-side medians when several backings ran.
+pub fn comparison(report: &FaultsReport) -> String {
+    let mut out = String::from("\ncomparison (first touch; ratios to the first configuration)\n");
+    let base = report
+        .configurations
+        .iter()
+        .find_map(|c| c.pass("first-touch"))
+        .map_or(0.0, |p| p.latency_ns.p50);
+    for c in &report.configurations {
+        match c.pass("first-touch") {
+            Some(p) => {
+                let _ = writeln!(
+                    out,
+                    "  {:<12} p50 {:>9}  p99 {:>9}  x{:.2}",
+                    c.backing,
+                    fmt_ns(p.latency_ns.p50),
+                    fmt_ns(p.latency_ns.p99),
+                    if base > 0.0 {
+                        p.latency_ns.p50 / base
+                    } else {
+                        f64::NAN
+                    }
+                );
+            }
+            None => {
+                let _ = writeln!(out, "  {:<12} skipped", c.backing);
+            }
+        }
+    }
+    if !report.host.kvm_pdpe1gb {
+        out.push_str(
+            "  (1 GiB guest pages are unavailable on this host: KVM's CPUID lacks pdpe1gb)\n",
+        );
+    }
+    out
+}

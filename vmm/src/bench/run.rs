@@ -1,0 +1,447 @@
+//! The orchestration of `vmm bench faults`: per configuration, the test
+//! memory and its userfaultfd handler, the phases (prefault the result
+//! buffers, timed first touch, DONTNEED + timed re-fault, uffd-copy verify)
+//! with KVM counters read between them, then the baselines.
+
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use guest_image::protocol::pattern_word;
+use kvm_ioctls::Kvm;
+
+use super::config::{Access, Backing, ConfigError, FaultsConfig, GuestPage, UffdCpu, TEST_BASE};
+use super::guest::GuestBench;
+use super::report::{self, Baselines, ConfigResult, FaultsReport, PassResult, Settings};
+use super::stats::{counter_delta, ticks_to_ns, Summary};
+use super::uffd::{self, Handler, Resolve, Userfault};
+use super::{host, plan, raw, BenchError};
+use crate::mm::addr::{Gpa, GpaRange, PAGE_SIZE};
+use crate::mm::backing::{BackingError, HostMapping};
+use crate::plan::Command;
+
+/// Temporary files of one bench run, removed on drop.
+#[derive(Debug)]
+struct TempFiles {
+    dir: PathBuf,
+}
+
+impl TempFiles {
+    fn new() -> Result<Self, BenchError> {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static N: AtomicU64 = AtomicU64::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "vmm-bench-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&dir).map_err(|source| BenchError::Io {
+            what: format!("creating {}", dir.display()),
+            source,
+        })?;
+        Ok(Self { dir })
+    }
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+}
+
+impl Drop for TempFiles {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Writes the uffd-copy source: the FILL pattern of `seed` at the guest
+/// address each word will have, so the guest's VERIFY can check the copies.
+fn write_copy_source(
+    path: &std::path::Path,
+    size: u64,
+    seed: u64,
+) -> Result<std::fs::File, BenchError> {
+    let io = |source| BenchError::Io {
+        what: format!("writing the uffd-copy source {}", path.display()),
+        source,
+    };
+    let mut f = std::fs::File::create(path).map_err(io)?;
+    let mut buf = Vec::with_capacity(1 << 20);
+    for word in 0..size / 8 {
+        buf.extend_from_slice(&pattern_word(seed, TEST_BASE + word * 8).to_le_bytes());
+        if buf.len() == 1 << 20 {
+            f.write_all(&buf).map_err(io)?;
+            buf.clear();
+        }
+    }
+    f.write_all(&buf).map_err(io)?;
+    std::fs::File::open(path).map_err(io)
+}
+
+/// Prints a one-line progress bar on stderr when it is a terminal.
+#[derive(Debug)]
+struct Progress {
+    enabled: bool,
+    label: String,
+    total: u64,
+    base: u64,
+    last: Instant,
+}
+
+impl Progress {
+    fn new(enabled: bool, label: String, total: u64, base: u64) -> Self {
+        Self {
+            enabled: enabled && std::io::stderr().is_terminal(),
+            label,
+            total: total.max(1),
+            base,
+            last: Instant::now(),
+        }
+    }
+    fn tick(&mut self, done: u64) {
+        if !self.enabled || self.last.elapsed() < Duration::from_millis(100) {
+            return;
+        }
+        self.last = Instant::now();
+        let n = done.saturating_sub(self.base).min(self.total);
+        let filled = (n * 30 / self.total) as usize;
+        eprint!(
+            "\r{:<28} [{}{}] {:3}%",
+            self.label,
+            "#".repeat(filled),
+            ".".repeat(30 - filled),
+            n * 100 / self.total
+        );
+    }
+    fn finish(&self) {
+        if self.enabled {
+            eprint!("\r{}\r", " ".repeat(70));
+        }
+    }
+}
+
+/// Runs every configuration of `cfg`, printing a table per configuration to
+/// `out` as it completes; returns the whole report.
+pub fn run_faults(cfg: &FaultsConfig, out: &mut dyn Write) -> Result<FaultsReport, BenchError> {
+    cfg.validate()?;
+    let kvm = Kvm::new().map_err(|e| BenchError::Setup(format!("cannot open /dev/kvm: {e}")))?;
+    let pdpe1gb = host::kvm_has_pdpe1gb(&kvm);
+    if cfg.guest_page == GuestPage::Size1G && !pdpe1gb {
+        return Err(ConfigError::NoGigPages.into());
+    }
+    drop(kvm);
+    let temp = TempFiles::new()?;
+    let mut results = Vec::new();
+    let mut tsc_khz = 0;
+    for backing in &cfg.backings {
+        let mut r = run_one(cfg, backing, &temp, false)?;
+        for round in 1..cfg.rounds {
+            if r.skipped.is_some() {
+                break;
+            }
+            r.merge(run_one(cfg, backing, &temp, round % 2 == 1)?);
+        }
+        tsc_khz = tsc_khz.max(r.tsc_khz);
+        let _ = write!(out, "{}", report::table(cfg, &r));
+        let _ = out.flush();
+        results.push(r);
+    }
+    let host = host::HostFacts::collect(tsc_khz, pdpe1gb);
+    let report = FaultsReport {
+        host,
+        settings: Settings::from(cfg),
+        configurations: results,
+    };
+    if report.configurations.len() > 1 {
+        let _ = write!(out, "{}", report::comparison(&report));
+    }
+    Ok(report)
+}
+
+/// Runs one configuration: phases, then its baselines.
+/// With `raw_first`, the baselines run before the tool (rounds alternate so
+/// neither side always gets the warmer host).
+fn run_one(
+    cfg: &FaultsConfig,
+    backing: &Backing,
+    temp: &TempFiles,
+    raw_first: bool,
+) -> Result<ConfigResult, BenchError> {
+    let mut notes = Vec::new();
+    let early = if cfg.baselines && raw_first {
+        Some(baselines(cfg, backing, temp, &mut notes)?)
+    } else {
+        None
+    };
+    let file = temp.path("file-backing");
+    let test = match host::map_fresh(backing, cfg.size, &file) {
+        Ok(m) => Arc::new(m),
+        Err(e @ BackingError::NoHugePages { .. }) => {
+            return Ok(ConfigResult::skipped(backing, e.to_string()));
+        }
+        Err(e) => return Err(e.into()),
+    };
+    if *backing == Backing::Prefault {
+        host::populate(&test);
+    }
+    let ncpu = host::online_cpus();
+    let pinned = cfg.uffd_cpu != UffdCpu::Any;
+    let cpus: Vec<Option<usize>> = (0..cfg.vcpus as usize)
+        .map(|i| pinned.then_some(i % ncpu))
+        .collect();
+    let handler = if backing.is_uffd() {
+        let uffd = Userfault::register(test.hva().0, test.len())?;
+        let resolve = match backing {
+            Backing::UffdCopy => Resolve::CopyFrom(write_copy_source(
+                &temp.path("uffd-source"),
+                cfg.size,
+                cfg.seed,
+            )?),
+            _ => Resolve::Zero,
+        };
+        let cpu = match cfg.uffd_cpu {
+            UffdCpu::Same => Some(0),
+            UffdCpu::Other => Some(1 % ncpu),
+            UffdCpu::Any => None,
+        };
+        Some(Handler::spawn(uffd, resolve, cpu)?)
+    } else {
+        None
+    };
+    let mut bench = GuestBench::new(cfg, test.clone(), &cpus)?;
+    let tsc_khz = bench.tsc_khz();
+    let outcome = measure(cfg, backing, &mut bench, &test, handler.as_ref());
+    bench.shutdown();
+    drop(handler);
+    let Measured {
+        passes,
+        verified: uffd_verified,
+        notes: measured_notes,
+    } = outcome?;
+    notes.extend(measured_notes);
+    let baselines = match early {
+        Some(b) => Some(b),
+        None if cfg.baselines => Some(baselines(cfg, backing, temp, &mut notes)?),
+        None => None,
+    };
+    let mut result = ConfigResult {
+        backing: backing.to_string(),
+        skipped: None,
+        passes,
+        baselines,
+        uffd_verified,
+        notes,
+        tsc_khz,
+        rounds: 1,
+    };
+    result.finish();
+    Ok(result)
+}
+
+/// Pages a uffd handler resolved (host addresses) and its counters.
+type Resolved = (Vec<u64>, uffd::UffdCounts);
+
+fn take_uffd(h: Option<&Handler>) -> Result<Option<Resolved>, BenchError> {
+    h.map(|h| {
+        h.take_resolved()
+            .map_err(|detail| BenchError::Setup(format!("uffd handler: {detail}")))
+    })
+    .transpose()
+}
+
+/// What the phases of one configuration produced.
+struct Measured {
+    passes: Vec<PassResult>,
+    verified: Option<bool>,
+    notes: Vec<String>,
+}
+
+/// The phases of one configuration on a ready VM.
+fn measure(
+    cfg: &FaultsConfig,
+    backing: &Backing,
+    bench: &mut GuestBench,
+    test: &HostMapping,
+    handler: Option<&Handler>,
+) -> Result<Measured, BenchError> {
+    let prepare = bench
+        .ram
+        .results
+        .iter()
+        .map(|&(gpa, len)| vec![plan::prefault_command(gpa, len)])
+        .collect();
+    bench.phase(prepare, cfg.timeout, |_| {})?;
+    let mut passes = Vec::new();
+    let names: &[&'static str] = if cfg.refault {
+        &["first-touch", "re-fault"]
+    } else {
+        &["first-touch"]
+    };
+    for (k, name) in names.iter().enumerate() {
+        if k > 0 {
+            // The mmu-notifier path: the host drops the pages, KVM zaps
+            // its mappings; the next touch faults again.
+            test.discard(0, test.len())?;
+            if *backing == Backing::Prefault {
+                host::populate(test);
+            }
+        }
+        let _ = take_uffd(handler)?;
+        let before = bench.counters()?;
+        let commands: Vec<Vec<Command>> = (0..cfg.vcpus)
+            .map(|i| plan::pass_commands(cfg, i, bench.ram.results[i as usize].0))
+            .collect();
+        let total = commands.iter().map(|c| c.len() as u64).sum();
+        let mut progress = Progress::new(
+            cfg.progress,
+            format!("{backing} {name}"),
+            total,
+            bench.progress.load(std::sync::atomic::Ordering::Relaxed),
+        );
+        let t = Instant::now();
+        bench.phase(commands, cfg.timeout, |n| progress.tick(n))?;
+        let wall = t.elapsed();
+        progress.finish();
+        let kvm = counter_delta(&bench.counters()?, &before);
+        let uffd = take_uffd(handler)?;
+        passes.push(pass_result(cfg, bench, name, wall, kvm, uffd, test.hva().0));
+    }
+    let mut verified = None;
+    let mut notes = Vec::new();
+    if *backing == Backing::UffdCopy {
+        if cfg.access == Access::Read {
+            let verify = (0..cfg.vcpus)
+                .map(|i| {
+                    let (off, len) = cfg.part(i);
+                    let range =
+                        GpaRange::new(Gpa(TEST_BASE + off), len).expect("inside the test range");
+                    vec![Command::verify(range, cfg.seed)]
+                })
+                .collect();
+            match bench.phase(verify, cfg.timeout, |_| {}) {
+                Ok(_) => verified = Some(true),
+                Err(BenchError::Guest { vcpu, detail }) => {
+                    verified = Some(false);
+                    notes.push(format!(
+                        "guest VERIFY of the copied pages failed on vCPU {vcpu}: {detail}"
+                    ));
+                }
+                Err(e) => return Err(e),
+            }
+        } else {
+            notes.push("copied content not verified: write accesses change the first byte of each touched page (use --access read)".into());
+        }
+    }
+    Ok(Measured {
+        passes,
+        verified,
+        notes,
+    })
+}
+
+fn pass_result(
+    cfg: &FaultsConfig,
+    bench: &GuestBench,
+    name: &'static str,
+    wall: Duration,
+    kvm: std::collections::BTreeMap<String, i64>,
+    uffd: Option<(Vec<u64>, uffd::UffdCounts)>,
+    test_hva: u64,
+) -> PassResult {
+    let tsc = bench.tsc_khz();
+    let mut samples = Vec::new();
+    let mut busiest = 0u64;
+    let mut touched = Vec::new();
+    for i in 0..cfg.vcpus {
+        let ticks = bench.results(i as usize, cfg.accesses(i));
+        busiest = busiest.max(ticks.iter().sum());
+        samples.extend(ticks.iter().map(|&t| ticks_to_ns(t, tsc)));
+        touched.extend(
+            plan::touched_offsets(cfg, i)
+                .into_iter()
+                .map(|o| o & !(PAGE_SIZE - 1)),
+        );
+    }
+    touched.sort_unstable();
+    touched.dedup();
+    let busy_s = ticks_to_ns(busiest, tsc) / 1e9;
+    let (uffd_pages, uffd_counts) = match uffd {
+        Some((pages, counts)) => {
+            let mut p: Vec<u64> = pages.into_iter().map(|a| a - test_hva).collect();
+            p.sort_unstable();
+            (p, Some(counts))
+        }
+        None => (Vec::new(), None),
+    };
+    PassResult {
+        pass: name,
+        accesses: samples.len() as u64,
+        pages: touched.len() as u64,
+        latency_ns: Summary::from_ns(&samples),
+        faults_per_sec: if busy_s > 0.0 {
+            samples.len() as f64 / busy_s
+        } else {
+            0.0
+        },
+        wall_ms: wall.as_secs_f64() * 1e3,
+        kvm,
+        uffd: uffd_counts,
+        samples_ns: samples,
+        touched_pages: touched,
+        uffd_pages,
+    }
+}
+
+/// The raw-KVM and host-only baselines (samples only; summaries and ratios
+/// are computed by [`ConfigResult::finish`]).
+fn baselines(
+    cfg: &FaultsConfig,
+    backing: &Backing,
+    temp: &TempFiles,
+    notes: &mut Vec<String>,
+) -> Result<Baselines, BenchError> {
+    let raw = if backing.is_uffd() {
+        notes.push("raw KVM baseline not run for userfaultfd backings (it would need the same handler); compare with anon".into());
+        None
+    } else {
+        let r = raw::run(cfg, backing, &temp.path("raw-file-backing"))?;
+        let ns = |t: &[u64]| -> Vec<f64> { t.iter().map(|&t| ticks_to_ns(t, r.tsc_khz)).collect() };
+        Some(report::RawBaseline {
+            first: Summary::default(),
+            refault: None,
+            samples_ns: ns(&r.first),
+            refault_samples_ns: ns(&r.refault),
+        })
+    };
+    let tsc = raw_tsc_khz()?;
+    let offsets = plan::touched_offsets(cfg, 0);
+    let host_ticks = host::first_touch(
+        backing,
+        cfg.size,
+        &offsets,
+        cfg.access,
+        &temp.path("host-file-backing"),
+    )?;
+    Ok(Baselines {
+        raw,
+        ratio_tool_to_raw: None,
+        ratio_tool_to_raw_mean: None,
+        host: Summary::default(),
+        host_kind: if backing.is_uffd() {
+            "anon (no userfaultfd)".into()
+        } else {
+            backing.to_string()
+        },
+        ratio_guest_to_host: f64::NAN,
+        host_samples_ns: host_ticks.iter().map(|&t| ticks_to_ns(t, tsc)).collect(),
+    })
+}
+
+/// The TSC frequency KVM gives a fresh vCPU (guest TSC = host TSC on this
+/// kind of host; used to convert the host floor's `rdtsc` ticks).
+fn raw_tsc_khz() -> Result<u32, BenchError> {
+    let e = |what: &str, err: kvm_ioctls::Error| BenchError::Setup(format!("{what}: {err}"));
+    let kvm = Kvm::new().map_err(|x| e("open /dev/kvm", x))?;
+    let vm = kvm.create_vm().map_err(|x| e("KVM_CREATE_VM", x))?;
+    let vcpu = vm.create_vcpu(0).map_err(|x| e("KVM_CREATE_VCPU", x))?;
+    vcpu.get_tsc_khz().map_err(|x| e("KVM_GET_TSC_KHZ", x))
+}
