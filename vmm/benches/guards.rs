@@ -180,27 +180,39 @@ fn lookups(f: &Fixture, addrs: &[u64], kind: Kind, iters: u64, offset: usize) {
     }
 }
 
-/// The writer: plug and unplug its own slot every ~50 µs, the way each map
-/// is changed (slot map op with drain; new vm-memory collection; write lock).
+/// What a memslot update costs the writer while it is exclusive: the KVM
+/// ioctls (10-26 µs measured on this host, see DESIGN.md). `sleep` rounds it
+/// up to the timer slack (~60-80 µs here); the point is that each map's
+/// readers see the writer's exclusive section as they would in the VMM.
+const HOLD: Duration = Duration::from_micros(20);
+/// Pause between two ops.
+const GAP: Duration = Duration::from_micros(50);
+
+/// The writer: plug and unplug its own slot, each map its own way, with the
+/// KVM update (`HOLD`) inside what that map makes exclusive:
+/// - guard: slot-map writer lock + exclusion of the churned slot only
+///   (exactly the applier's sequence), readers of other slots go on;
+/// - vm-memory: its update mutex, then `replace` (readers never wait);
+/// - rwlock: the write lock (every reader waits).
 fn churn(f: &Fixture, kind: Kind, stop: &AtomicBool) {
     let churn_region = region(&f.churn_mapping, CHURN_GPA);
     while !stop.load(Ordering::Relaxed) {
         for plug in [true, false] {
             match kind {
                 Kind::Guard => {
-                    let m = f.churn_mapping.clone();
-                    f.guarded
-                        .apply(
-                            |map| {
-                                if plug {
-                                    map.plug(Gpa(CHURN_GPA), SLOT_SIZE, m, 0, SlotFlags::NONE)
-                                } else {
-                                    map.unplug(Gpa(CHURN_GPA), SLOT_SIZE)
-                                }
-                            },
-                            BOUND,
-                        )
-                        .unwrap();
+                    let mut w = f.guarded.shared().begin_write();
+                    let map = w.map();
+                    let t = if plug {
+                        let m = f.churn_mapping.clone();
+                        map.plug(Gpa(CHURN_GPA), SLOT_SIZE, m, 0, SlotFlags::NONE)
+                    } else {
+                        map.unplug(Gpa(CHURN_GPA), SLOT_SIZE)
+                    }
+                    .unwrap();
+                    let ex = f.guarded.exclude(&t.changes, BOUND).unwrap();
+                    thread::sleep(HOLD);
+                    ex.commit(&t.changes).unwrap();
+                    w.publish(t.map);
                 }
                 Kind::VmMemory => {
                     let guard = f.atomic.lock().unwrap();
@@ -213,10 +225,12 @@ fn churn(f: &Fixture, kind: Kind, stop: &AtomicBool) {
                             .unwrap()
                             .0
                     };
+                    thread::sleep(HOLD);
                     guard.replace(next);
                 }
                 Kind::RwLock => {
                     let mut map = f.rwlock.write().unwrap();
+                    thread::sleep(HOLD);
                     if plug {
                         map.insert(CHURN_GPA, (SLOT_SIZE, f.churn_mapping.hva().0));
                     } else {
@@ -224,7 +238,7 @@ fn churn(f: &Fixture, kind: Kind, stop: &AtomicBool) {
                     }
                 }
             }
-            thread::sleep(Duration::from_micros(50));
+            thread::sleep(GAP);
         }
     }
 }

@@ -564,6 +564,12 @@ fn invalidation_reason(kind: ChangeKind, moved: bool) -> Option<Reason> {
     }
 }
 
+impl<V: MemslotIoctls> AsRef<GuardedMap> for MemslotApplier<V> {
+    fn as_ref(&self) -> &GuardedMap {
+        &self.memory
+    }
+}
+
 impl<V: MemslotIoctls> Drop for MemslotApplier<V> {
     fn drop(&mut self) {
         let st = self.state.get_mut().unwrap_or_else(|e| e.into_inner());

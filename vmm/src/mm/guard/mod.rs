@@ -88,6 +88,7 @@
 
 mod access;
 mod cells;
+mod device;
 #[cfg(all(test, not(vmm_loom)))]
 mod tests;
 
@@ -103,6 +104,7 @@ use crate::mm::slot_map::{
 
 pub use access::SlotRef;
 pub use cells::SlotCells;
+pub use device::{DeviceMemory, SlotPage};
 
 /// How often a reader retries a lookup whose cell changed under it (a writer
 /// between detaching and publishing) before it reports the slot busy.
@@ -168,6 +170,18 @@ pub enum GuardError {
     /// The slot map refused the op (from [`GuardedMap::apply`]).
     #[error(transparent)]
     SlotMap(#[from] SlotMapError),
+    /// A device access crosses a page boundary (device accesses go page by
+    /// page through the translation cache).
+    #[error("device access of {len} bytes at {gpa} crosses a page boundary")]
+    CrossesPage {
+        /// First byte.
+        gpa: Gpa,
+        /// Length.
+        len: u64,
+    },
+    /// The translation cache failed (not an unplugged page).
+    #[error("translation cache: {0}")]
+    Cache(String),
     /// Releasing host memory failed after the op was published.
     #[error("op applied, but discarding host memory failed: {0}")]
     Discard(String),
