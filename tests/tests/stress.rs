@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use vmm::kvm::memslots::MemslotApplier;
 use vmm::mm::addr::{Gpa, GpaRange, PAGE_SIZE};
 use vmm::mm::backing::{BackingKind, HostMapping};
-use vmm::mm::guard::GuardError;
+use vmm::mm::guard::{DeviceMemory, GuardError, SlotRef};
 use vmm::mm::slot_map::SlotFlags;
 use vmm::plan::{Command, CommandOutcome, Step, VcpuPlan};
 use vmm::vcpu::{ConsoleSender, GuestFailure, VcpuContext};
@@ -147,15 +147,19 @@ fn plug_host_zone(memory: &MemslotApplier, zone: GpaRange) -> Vec<Arc<HostMappin
 }
 
 /// One host thread: guarded read-check-write of its own pages of zone H.
-/// `unplugs` counts completed unplugs of zone H (bumped after each one).
+/// Thread 0 takes guards with a [`GuestReader`](vmm::mm::guard::GuestReader)
+/// (slot-map lookup per access); thread 1 through [`DeviceMemory`] (cached
+/// translation on the hub, checked by the guard). `unplugs` counts completed
+/// unplugs of zone H (bumped after each one).
 fn host_thread(
     t: u64,
-    memory: &MemslotApplier,
+    memory: &Arc<MemslotApplier>,
     zone: GpaRange,
     unplugs: &AtomicU64,
     failures: &Failures,
 ) -> (u64, u64) {
     let mut reader = memory.reader();
+    let device = DeviceMemory::new(memory.clone(), memory.hub().clone()).unwrap();
     let pages: Vec<Gpa> = (0..zone.len() / PAGE_SIZE)
         .filter(|i| i % 2 == t)
         .map(|i| Gpa(zone.start().0 + i * PAGE_SIZE))
@@ -166,17 +170,39 @@ fn host_thread(
     let (mut ops, mut misses, mut counter) = (0u64, 0u64, 0u64);
     while !failures.stopped() {
         let page = pages[rng.below(pages.len() as u64) as usize];
-        let slot = match reader.try_acquire(page) {
-            Ok(slot) => slot,
-            Err(GuardError::Unplugged { .. } | GuardError::Busy { .. }) => {
-                misses += 1;
-                continue;
-            }
-            Err(e) => {
-                failures.fail(format!("host thread {t}: acquire {page}: {e}"));
-                break;
-            }
+        let mut check = |slot: &SlotRef<'_>| {
+            check_and_stamp(t, slot, page, unplugs, &mut last, &mut counter, failures)
         };
+        let result = if t == 0 {
+            reader.try_acquire(page).map(|slot| check(&slot))
+        } else {
+            device.access(page, PAGE_SIZE, |slot, _| {
+                check(slot);
+                Ok(())
+            })
+        };
+        match result {
+            Ok(()) => ops += 1,
+            Err(GuardError::Unplugged { .. } | GuardError::Busy { .. }) => misses += 1,
+            Err(e) => failures.fail(format!("host thread {t}: access {page}: {e}")),
+        }
+    }
+    (ops, misses)
+}
+
+/// Under one guard: all words of `page` agree (not torn) and equal what this
+/// thread last wrote, or zero if an unplug finished since (not stale); then
+/// stamps a new value (unless read-only) and reads it back.
+fn check_and_stamp(
+    t: u64,
+    slot: &SlotRef<'_>,
+    page: Gpa,
+    unplugs: &AtomicU64,
+    last: &mut HashMap<Gpa, (u64, u64)>,
+    counter: &mut u64,
+    failures: &Failures,
+) {
+    {
         let unplugged = unplugs.load(Ordering::SeqCst);
         let word = |k: u64| Gpa(page.0 + k * (PAGE_SIZE / WORDS));
         let v0 = slot.read_u64(word(0)).unwrap();
@@ -203,8 +229,8 @@ fn host_thread(
             ));
         }
         if !slot.read_only() {
-            counter += 1;
-            let stamp = (t + 1) << 56 | (page.0 >> 12 & 0xff_ffff) << 32 | (counter & 0xffff_ffff);
+            *counter += 1;
+            let stamp = (t + 1) << 56 | (page.0 >> 12 & 0xff_ffff) << 32 | (*counter & 0xffff_ffff);
             for k in 0..WORDS {
                 slot.write_u64(word(k), stamp).unwrap();
             }
@@ -220,31 +246,35 @@ fn host_thread(
             }
             last.insert(page, (stamp, unplugged));
         }
-        drop(slot);
-        ops += 1;
     }
-    (ops, misses)
 }
 
 /// The writer: one op pair after another on a random chunk of either zone,
 /// until `duration` has passed. Returns the number of ops applied.
+/// Guest-physical layout of the test.
+#[derive(Clone, Copy)]
+struct Zones {
+    /// The vCPUs' pattern regions (the VM's RAM slot).
+    v: GpaRange,
+    /// The host threads' pages, one slot per chunk.
+    h: GpaRange,
+}
+
 fn writer(
     memory: &MemslotApplier,
     chunks: &[Arc<HostMapping>],
-    ram: GpaRange,
-    zone_v: GpaRange,
-    zone_h: GpaRange,
+    zones: Zones,
     unplugs: &AtomicU64,
     failures: &Failures,
     duration: Duration,
 ) -> u64 {
-    let parking = Gpa(ram.end().0.next_multiple_of(1 << 30) + (1 << 30));
+    let parking = Gpa(zones.h.end().0.next_multiple_of(1 << 30) + (1 << 30));
     let mut rng = Rng(0x5eed);
     let mut ops = 0;
     let started = Instant::now();
     while started.elapsed() < duration && !failures.stopped() {
         let host = rng.below(2) == 0;
-        let zone = if host { zone_h } else { zone_v };
+        let zone = if host { zones.h } else { zones.v };
         let chunk = Gpa(zone.start().0 + rng.below(zone.len() / CHUNK) * CHUNK);
         let index = ((chunk.0 - zone.start().0) / CHUNK) as usize;
         let kind = rng.below(3);
@@ -301,8 +331,7 @@ fn test_stress_guards_vcpus_and_host_threads_survive_continuous_ops() {
         image: Arc::from(guest_image::RUNTIME_ELF),
     })
     .expect("the VM builds");
-    let ram = vm.ram;
-    let zone_v = ram;
+    let zone_v = vm.ram;
     let zone_h = GpaRange::new(zone_v.end(), HOST_ZONE).unwrap();
     let chunks = plug_host_zone(&vm.memory, zone_h);
 
@@ -316,8 +345,8 @@ fn test_stress_guards_vcpus_and_host_threads_survive_continuous_ops() {
     let mut vcpu_threads = Vec::new();
     for (index, fd) in vm.take_vcpus().into_iter().enumerate() {
         let index = index as u64;
-        let region = GpaRange::new(Gpa(zone_v.start().0 + index * VCPU_REGION), VCPU_REGION)
-            .unwrap();
+        let region =
+            GpaRange::new(Gpa(zone_v.start().0 + index * VCPU_REGION), VCPU_REGION).unwrap();
         let ctx = VcpuContext {
             index,
             vcpus: 2,
@@ -344,20 +373,15 @@ fn test_stress_guards_vcpus_and_host_threads_survive_continuous_ops() {
     let (writer_ops, host) = std::thread::scope(|s| {
         let hosts: Vec<_> = (0..2)
             .map(|t| {
-                let (memory, unplugs, failures) = (&*vm.memory, &unplugs, &*failures);
+                let (memory, unplugs, failures) = (&vm.memory, &unplugs, &*failures);
                 s.spawn(move || host_thread(t, memory, zone_h, unplugs, failures))
             })
             .collect();
-        let ops = writer(
-            &vm.memory,
-            &chunks,
-            ram,
-            zone_v,
-            zone_h,
-            &unplugs,
-            &failures,
-            duration,
-        );
+        let zones = Zones {
+            v: zone_v,
+            h: zone_h,
+        };
+        let ops = writer(&vm.memory, &chunks, zones, &unplugs, &failures, duration);
         failures.stop.store(true, Ordering::SeqCst);
         let host: Vec<(u64, u64)> = hosts.into_iter().map(|h| h.join().unwrap()).collect();
         (ops, host)
@@ -380,6 +404,11 @@ fn test_stress_guards_vcpus_and_host_threads_survive_continuous_ops() {
         writer_ops as f64 / elapsed,
         host_ops as f64 / elapsed,
     );
+    println!(
+        "host thread 0 (GuestReader): {} ops, {} refused; host thread 1 (DeviceMemory, \
+         cached): {} ops, {} refused",
+        host[0].0, host[0].1, host[1].0, host[1].1
+    );
     for (i, c) in counts.iter().enumerate() {
         println!(
             "vCPU {i}: {} fills, {} verifies, {} commands cut short by ops",
@@ -389,12 +418,20 @@ fn test_stress_guards_vcpus_and_host_threads_survive_continuous_ops() {
         );
     }
     let list = failures.list.lock().unwrap();
-    assert!(list.is_empty(), "{} failure(s):\n{}", list.len(), list.join("\n"));
+    assert!(
+        list.is_empty(),
+        "{} failure(s):\n{}",
+        list.len(),
+        list.join("\n")
+    );
     assert!(elapsed >= duration.as_secs_f64());
     assert!(writer_ops > 100, "the writer barely ran: {writer_ops} ops");
     assert!(host_ops > 1000, "host threads barely ran: {host_ops}");
     for c in &counts {
-        assert!(c.verifies.load(Ordering::Relaxed) > 0, "a vCPU never verified");
+        assert!(
+            c.verifies.load(Ordering::Relaxed) > 0,
+            "a vCPU never verified"
+        );
     }
     vm.memory.check_consistency().unwrap();
 }

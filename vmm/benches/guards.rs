@@ -98,7 +98,10 @@ fn fixture() -> Fixture {
         let gpa = BASE + i as u64 * STRIDE;
         let mc = m.clone();
         guarded
-            .apply(|map| map.plug(Gpa(gpa), SLOT_SIZE, mc, 0, SlotFlags::NONE), BOUND)
+            .apply(
+                |map| map.plug(Gpa(gpa), SLOT_SIZE, mc, 0, SlotFlags::NONE),
+                BOUND,
+            )
             .unwrap();
         regions.push(region(m, gpa));
         btree.insert(gpa, (SLOT_SIZE, m.hva().0));

@@ -404,7 +404,10 @@ fn assert_cells_match_map<V: MemslotIoctls>(ap: &MemslotApplier<V>) {
     for slot in map.iter() {
         let cell = ap.guarded().cells().get(slot.id().0).unwrap();
         let identity = cell.identity().unwrap();
-        assert_eq!((identity.generation, identity.range), (slot.generation(), slot.range()));
+        assert_eq!(
+            (identity.generation, identity.range),
+            (slot.generation(), slot.range())
+        );
         assert!(!cell.is_excluded());
         let guard = ap.try_acquire(slot.range().start()).unwrap();
         assert_eq!(guard.hva(slot.range().start(), 1).unwrap(), slot.hva());
@@ -417,13 +420,19 @@ struct Events(Mutex<Vec<String>>);
 
 impl Subscriber for Events {
     fn invalidate_start(&self, range: GpaRange, reason: Reason) {
-        self.0.lock().unwrap().push(format!("start {range} {reason}"));
+        self.0
+            .lock()
+            .unwrap()
+            .push(format!("start {range} {reason}"));
     }
     fn invalidate_end(&self, range: GpaRange) {
         self.0.lock().unwrap().push(format!("end {range}"));
     }
     fn memory_added(&self, range: GpaRange, reason: Reason) {
-        self.0.lock().unwrap().push(format!("added {range} {reason}"));
+        self.0
+            .lock()
+            .unwrap()
+            .push(format!("added {range} {reason}"));
     }
 }
 
@@ -449,18 +458,29 @@ fn test_applier_hub_sees_start_end_around_every_op_that_takes_memory() {
     assert_eq!(take(&events), [format!("added {} plug", r(0, 8 * P))]);
     ap.apply(|m| m.protect(Gpa(2 * P), P, true)).unwrap();
     let protect = r(2 * P, P);
-    assert_eq!(take(&events), [format!("start {protect} protect"), format!("end {protect}")]);
+    assert_eq!(
+        take(&events),
+        [format!("start {protect} protect"), format!("end {protect}")]
+    );
     ap.apply(|m| m.protect(Gpa(2 * P), P, false)).unwrap();
     assert!(take(&events).is_empty(), "unprotect takes nothing away");
-    ap.apply(|m| m.move_range(Gpa(6 * P), 2 * P, Gpa(16 * P))).unwrap();
+    ap.apply(|m| m.move_range(Gpa(6 * P), 2 * P, Gpa(16 * P)))
+        .unwrap();
     let (src, dst) = (r(6 * P, 2 * P), r(16 * P, 2 * P));
     assert_eq!(
         take(&events),
-        [format!("start {src} move"), format!("end {src}"), format!("added {dst} move")]
+        [
+            format!("start {src} move"),
+            format!("end {src}"),
+            format!("added {dst} move")
+        ]
     );
     ap.apply(|m| m.unplug(Gpa(0), 4 * P)).unwrap();
     let gone = r(0, 4 * P);
-    assert_eq!(take(&events), [format!("start {gone} unplug"), format!("end {gone}")]);
+    assert_eq!(
+        take(&events),
+        [format!("start {gone} unplug"), format!("end {gone}")]
+    );
     assert_eq!(ap.hub().plugged(), vec![r(4 * P, 2 * P), dst]);
 }
 
@@ -514,9 +534,19 @@ fn test_applier_guard_held_past_bound_refuses_op_naming_slot_and_readers() {
     let err = ap.apply(|m| m.unplug(Gpa(0), P)).unwrap_err();
     let text = err.to_string();
     assert!(text.contains("slot 0: 1 reader(s) still hold it"), "{text}");
-    assert_eq!(kvm.calls.load(Ordering::SeqCst), calls, "an ioctl was issued");
+    assert_eq!(
+        kvm.calls.load(Ordering::SeqCst),
+        calls,
+        "an ioctl was issued"
+    );
     // The invalidation was still ended: subscribers are not left hanging.
-    assert_eq!(take(&events), [format!("start {} unplug", r(0, P)), format!("end {}", r(0, P))]);
+    assert_eq!(
+        take(&events),
+        [
+            format!("start {} unplug", r(0, P)),
+            format!("end {}", r(0, P))
+        ]
+    );
     drop(guard);
     let applied = ap.apply(|m| m.unplug(Gpa(0), P)).unwrap();
     assert!(applied.waited < std::time::Duration::from_millis(20));
@@ -553,14 +583,16 @@ fn test_applier_device_memory_never_uses_a_translation_after_unplug() {
         .unwrap();
     // The new memory (zero), not the old mapping's 11.
     assert_eq!(dev.read_u64(Gpa(2 * P)).unwrap(), 0);
-    ap.apply(|m| m.move_range(Gpa(0), 8 * P, Gpa(16 * P))).unwrap();
+    ap.apply(|m| m.move_range(Gpa(0), 8 * P, Gpa(16 * P)))
+        .unwrap();
     assert!(matches!(
         dev.read_u64(Gpa(2 * P)),
         Err(GuardError::Unplugged { .. })
     ));
     dev.write_u64(Gpa(18 * P), 5).unwrap();
     // SAFETY: `b` is alive and 8 pages long; aligned word.
-    assert_eq!(unsafe { (b.as_ptr().add(2 * P as usize) as *const u64).read() }, 5);
+    let at_b = unsafe { (b.as_ptr().add(2 * P as usize) as *const u64).read() };
+    assert_eq!(at_b, 5);
 }
 
 proptest! {

@@ -60,7 +60,8 @@ impl SlotCells {
             .get(id as usize / CHUNK)
             .ok_or(SlotLockError::Detached { slot: id })?;
         let base = (id as usize / CHUNK * CHUNK) as u32;
-        let cells = chunk.get_or_init(|| (0..CHUNK as u32).map(|i| SlotCell::new(base + i)).collect());
+        let cells =
+            chunk.get_or_init(|| (0..CHUNK as u32).map(|i| SlotCell::new(base + i)).collect());
         cells[id as usize % CHUNK].attach_as(slot.range(), slot.generation())
     }
 

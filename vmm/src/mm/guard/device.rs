@@ -120,9 +120,13 @@ impl<M: AsRef<GuardedMap> + Send + Sync + 'static> DeviceMemory<M> {
     }
 
     /// Runs `f` on a guard of the slot holding `[gpa, gpa + len)` and the
-    /// host address of `gpa`. Waits while the slot is being changed (so call
-    /// it holding no other guard).
-    fn with_slot<R>(
+    /// host address of `gpa`: several accesses under one guard. Waits while
+    /// the slot is being changed (so call it holding no other guard).
+    ///
+    /// # Errors
+    /// [`GuardError::Unplugged`], [`GuardError::OutOfSlot`],
+    /// [`GuardError::Busy`] if the cached slot kept changing, or `f`'s error.
+    pub fn access<R>(
         &self,
         gpa: Gpa,
         len: u64,
@@ -175,7 +179,7 @@ impl<M: AsRef<GuardedMap> + Send + Sync + 'static> DeviceMemory<M> {
     /// # Errors
     /// [`GuardError::Unplugged`], [`GuardError::Unaligned`], [`GuardError::Busy`].
     pub fn read_u64(&self, gpa: Gpa) -> Result<u64, GuardError> {
-        self.with_slot(gpa, 8, |slot, _| slot.read_u64(gpa))
+        self.access(gpa, 8, |slot, _| slot.read_u64(gpa))
     }
 
     /// Writes the aligned `u64` at `gpa` (one host store, under the slot's guard).
@@ -183,7 +187,7 @@ impl<M: AsRef<GuardedMap> + Send + Sync + 'static> DeviceMemory<M> {
     /// # Errors
     /// As [`read_u64`](Self::read_u64), and [`GuardError::ReadOnly`].
     pub fn write_u64(&self, gpa: Gpa, value: u64) -> Result<(), GuardError> {
-        self.with_slot(gpa, 8, |slot, _| slot.write_u64(gpa, value))
+        self.access(gpa, 8, |slot, _| slot.write_u64(gpa, value))
     }
 
     /// Copies `buf.len()` bytes at `gpa` (within one page) into `buf`.
@@ -192,7 +196,7 @@ impl<M: AsRef<GuardedMap> + Send + Sync + 'static> DeviceMemory<M> {
     /// As [`read_u64`](Self::read_u64), and [`GuardError::OutOfSlot`].
     pub fn read(&self, gpa: Gpa, buf: &mut [u8]) -> Result<(), GuardError> {
         check_one_page(gpa, buf.len() as u64)?;
-        self.with_slot(gpa, buf.len() as u64, |slot, _| slot.read(gpa, buf))
+        self.access(gpa, buf.len() as u64, |slot, _| slot.read(gpa, buf))
     }
 
     /// Copies `buf` to `gpa` (within one page).
@@ -201,7 +205,7 @@ impl<M: AsRef<GuardedMap> + Send + Sync + 'static> DeviceMemory<M> {
     /// As [`write_u64`](Self::write_u64), and [`GuardError::OutOfSlot`].
     pub fn write(&self, gpa: Gpa, buf: &[u8]) -> Result<(), GuardError> {
         check_one_page(gpa, buf.len() as u64)?;
-        self.with_slot(gpa, buf.len() as u64, |slot, _| slot.write(gpa, buf))
+        self.access(gpa, buf.len() as u64, |slot, _| slot.write(gpa, buf))
     }
 
     /// Pages cached now.

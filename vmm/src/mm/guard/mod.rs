@@ -206,7 +206,9 @@ impl fmt::Debug for GuardedMap {
 enum Attempt<'a> {
     Got(SlotRef<'a>),
     /// The cell changed since the snapshot: reload and try again.
-    Again { slot: u32 },
+    Again {
+        slot: u32,
+    },
     Failed(GuardError),
 }
 
@@ -310,9 +312,12 @@ impl GuardedMap {
                 MemslotChange::SetFlags { slot, .. } => slot,
                 MemslotChange::Create { .. } => continue,
             };
-            let cell = self.cells.get(slot.id().0).ok_or(GuardError::Cell(
-                SlotLockError::Detached { slot: slot.id().0 },
-            ))?;
+            let cell =
+                self.cells
+                    .get(slot.id().0)
+                    .ok_or(GuardError::Cell(SlotLockError::Detached {
+                        slot: slot.id().0,
+                    }))?;
             held.push(cell.exclude().map_err(GuardError::Cell)?);
         }
         for ex in &mut held {
@@ -406,7 +411,9 @@ impl Exclusions<'_> {
             let pos = held
                 .iter()
                 .position(|ex| ex.slot_id() == slot.id().0)
-                .ok_or(GuardError::Cell(SlotLockError::Detached { slot: slot.id().0 }))?;
+                .ok_or(GuardError::Cell(SlotLockError::Detached {
+                    slot: slot.id().0,
+                }))?;
             let mut ex = held.swap_remove(pos);
             if delete {
                 ex.detach().map_err(GuardError::Cell)?;

@@ -40,7 +40,11 @@ fn test_guard_acquire_translates_like_map_and_releases_on_drop() {
     let g = plugged(&mem, 8);
     let gpa = Gpa(BASE + 3 * P + 16);
     let slot = g.try_acquire(gpa).unwrap();
-    let (hva, s) = g.load().translate(gpa).map(|(h, s)| (h, s.clone())).unwrap();
+    let (hva, s) = g
+        .load()
+        .translate(gpa)
+        .map(|(h, s)| (h, s.clone()))
+        .unwrap();
     assert_eq!(slot.hva(gpa, 8).unwrap(), hva);
     assert_eq!(slot.generation(), s.generation());
     let cell = g.cells().get(s.id().0).unwrap();
@@ -110,7 +114,8 @@ fn test_guard_unplug_waits_for_holder_and_discards_after() {
     });
     // Discarded after the holder left: anonymous memory reads zero.
     // SAFETY: `mem` is alive and 4 pages long.
-    assert_eq!(unsafe { (mem.as_ptr().add(P as usize) as *const u64).read_volatile() }, 0);
+    let word = unsafe { (mem.as_ptr().add(P as usize) as *const u64).read_volatile() };
+    assert_eq!(word, 0);
 }
 
 #[test]
@@ -160,14 +165,14 @@ fn test_guard_recycled_cell_is_caught_by_generation() {
     let old_id = old.lookup(Gpa(BASE)).unwrap().id();
     g.apply(|m| m.unplug(Gpa(BASE), 2 * P), BOUND).unwrap();
     // A new slot at BASE with other memory reuses the id, new generation.
-    g.apply(|m| m.plug(Gpa(BASE), 2 * P, b.clone(), 0, SlotFlags::NONE), BOUND)
-        .unwrap();
+    g.apply(
+        |m| m.plug(Gpa(BASE), 2 * P, b.clone(), 0, SlotFlags::NONE),
+        BOUND,
+    )
+    .unwrap();
     assert_eq!(g.load().lookup(Gpa(BASE)).unwrap().id(), old_id);
     // A reader still holding the old snapshot is refused by the cell...
-    assert!(matches!(
-        g.attempt(&old, Gpa(BASE)),
-        Attempt::Again { .. }
-    ));
+    assert!(matches!(g.attempt(&old, Gpa(BASE)), Attempt::Again { .. }));
     // ...and a fresh lookup lands on the new memory.
     let slot = g.try_acquire(Gpa(BASE)).unwrap();
     assert_eq!(slot.hva(Gpa(BASE), 1).unwrap(), b.hva());
@@ -187,7 +192,10 @@ fn test_guard_protect_split_makes_middle_read_only() {
     ));
     let tail = g.try_acquire(Gpa(BASE + 5 * P)).unwrap();
     assert!(!tail.read_only());
-    assert_eq!(tail.range(), GpaRange::new(Gpa(BASE + 3 * P), 5 * P).unwrap());
+    assert_eq!(
+        tail.range(),
+        GpaRange::new(Gpa(BASE + 3 * P), 5 * P).unwrap()
+    );
     let mut attached = g.cells().attached();
     attached.sort_unstable();
     assert_eq!(attached.len(), 3);
@@ -202,7 +210,10 @@ fn test_guard_dirty_log_toggle_retags_cell() {
         .unwrap();
     let after = g.try_acquire(Gpa(BASE)).unwrap();
     assert_ne!(after.generation(), before);
-    assert_eq!(after.generation(), g.load().lookup(Gpa(BASE)).unwrap().generation());
+    assert_eq!(
+        after.generation(),
+        g.load().lookup(Gpa(BASE)).unwrap().generation()
+    );
 }
 
 #[test]
@@ -263,8 +274,11 @@ fn test_guard_stress_memory_never_discarded_under_guard() {
             // Not plugged now: nobody can read it, so the writer may fill it.
             // SAFETY: `mem` is alive and 4 pages long; aligned word.
             unsafe { (mem.as_ptr().add(2 * P as usize) as *mut u64).write_volatile(word(k)) };
-            g.apply(|m| m.plug(Gpa(BASE), 4 * P, mem.clone(), 0, SlotFlags::NONE), BOUND)
-                .unwrap();
+            g.apply(
+                |m| m.plug(Gpa(BASE), 4 * P, mem.clone(), 0, SlotFlags::NONE),
+                BOUND,
+            )
+            .unwrap();
             g.apply(|m| m.unplug(Gpa(BASE), 4 * P), BOUND).unwrap();
             ops.fetch_add(2, Ordering::Relaxed);
         }
@@ -286,9 +300,14 @@ fn test_device_memory_caches_page_and_refetches_after_split() {
     assert_eq!(dev.cache().stats().fills, 1, "the second access is a hit");
     // Protecting another page splits the slot: our page's slot generation
     // changes without an invalidation of our page (no hub here at all).
-    g.apply(|m| m.protect(Gpa(BASE + P), P, true), BOUND).unwrap();
+    g.apply(|m| m.protect(Gpa(BASE + P), P, true), BOUND)
+        .unwrap();
     assert_eq!(dev.read_u64(gpa).unwrap(), 0xabc);
-    assert_eq!(dev.cache().stats().fills, 2, "the stale entry was resolved again");
+    assert_eq!(
+        dev.cache().stats().fills,
+        2,
+        "the stale entry was resolved again"
+    );
     assert!(matches!(
         dev.write_u64(Gpa(BASE + P), 1),
         Err(GuardError::ReadOnly { .. })

@@ -299,7 +299,11 @@ impl SlotCell {
     /// The caller must never reuse a generation on this cell while a reader
     /// may still hold a snapshot with the old slot (the slot map's
     /// generations are unique per map lineage, which guarantees it).
-    pub fn attach_as(&self, range: GpaRange, generation: u64) -> Result<SlotIdentity, SlotLockError> {
+    pub fn attach_as(
+        &self,
+        range: GpaRange,
+        generation: u64,
+    ) -> Result<SlotIdentity, SlotLockError> {
         let word = self.refcnt.load(Ordering::Acquire);
         if word != 0 {
             return Err(SlotLockError::AlreadyAttached {

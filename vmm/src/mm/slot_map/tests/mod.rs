@@ -67,12 +67,21 @@ pub(super) fn check_invariants(map: &SlotMap) {
     let mut gens = HashSet::new();
     let mut prev: Option<&super::Slot> = None;
     if let Some(flat) = map.flat() {
-        let tree: Vec<(Gpa, u64)> = map.iter().map(|s| (s.range.start(), s.generation)).collect();
-        let flat: Vec<(Gpa, u64)> = flat.iter().map(|s| (s.range.start(), s.generation)).collect();
+        let tree: Vec<(Gpa, u64)> = map
+            .iter()
+            .map(|s| (s.range.start(), s.generation))
+            .collect();
+        let flat: Vec<(Gpa, u64)> = flat
+            .iter()
+            .map(|s| (s.range.start(), s.generation))
+            .collect();
         assert_eq!(flat, tree, "the readers' flat array differs from the tree");
     }
     if map.len() <= super::FLAT_MAX && map.next_generation > 0 {
-        assert!(map.flat().is_some(), "a small map edited by an op has no flat array");
+        assert!(
+            map.flat().is_some(),
+            "a small map edited by an op has no flat array"
+        );
     }
     for (key, s) in map.slots.iter() {
         assert_eq!(*key, s.range.start(), "key of {s:?}");
