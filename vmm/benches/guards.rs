@@ -9,13 +9,14 @@
 //!
 //! Single-thread, then 1 and 2 reader threads while a writer plugs and
 //! unplugs a slot of its own every ~50 µs (each map's own way). At the end it
-//! prints the ratios of the medians measured in this run.
+//! measures every case again, interleaved round-robin (robust against load
+//! from other processes), and prints the medians and ratios of those.
 //!
 //! Run: `cargo bench -p vmm --bench guards`
 
 use std::collections::BTreeMap;
 use std::hint::black_box;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Barrier, Mutex, RwLock};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -280,6 +281,33 @@ fn bench_single(c: &mut Criterion) {
     drop(f.mappings);
 }
 
+/// `iters` lookups on each of `threads` threads started together; wall time.
+fn threaded(f: &Fixture, kind: Kind, threads: u64, disjoint: bool, iters: u64) -> Duration {
+    let start = Barrier::new(threads as usize + 1);
+    thread::scope(|s| {
+        let handles: Vec<_> = (0..threads)
+            .map(|t| {
+                let (f, start) = (f, &start);
+                let addrs = if disjoint {
+                    &f.split[t as usize]
+                } else {
+                    &f.addrs
+                };
+                s.spawn(move || {
+                    start.wait();
+                    lookups(f, addrs, kind, iters, t as usize * 997);
+                })
+            })
+            .collect();
+        start.wait();
+        let t0 = Instant::now();
+        for h in handles {
+            h.join().unwrap();
+        }
+        t0.elapsed()
+    })
+}
+
 /// Readers while a writer churns: `shared` (every thread looks up over all
 /// slots, so both hit the same refcounts) or `disjoint` (thread t over the
 /// slots of parity t: a device per thread).
@@ -295,29 +323,7 @@ fn bench_churn(c: &mut Criterion) {
                 let name = format!("{}/{pattern}/{threads}t", kind.name());
                 g.bench_function(&name, |b| {
                     b.iter_custom(|iters| {
-                        let start = Barrier::new(threads as usize + 1);
-                        let elapsed = thread::scope(|s| {
-                            let handles: Vec<_> = (0..threads)
-                                .map(|t| {
-                                    let (f, start) = (&f, &start);
-                                    let addrs = if disjoint {
-                                        &f.split[t as usize]
-                                    } else {
-                                        &f.addrs
-                                    };
-                                    s.spawn(move || {
-                                        start.wait();
-                                        lookups(f, addrs, kind, iters, t as usize * 997);
-                                    })
-                                })
-                                .collect();
-                            start.wait();
-                            let t0 = Instant::now();
-                            for h in handles {
-                                h.join().unwrap();
-                            }
-                            t0.elapsed()
-                        });
+                        let elapsed = threaded(&f, kind, threads, disjoint, iters);
                         // Per op across all threads (throughput), and the
                         // wall time criterion sees per iteration.
                         record(&format!("lookup_churn/{name}"), iters * threads, elapsed);
@@ -331,8 +337,67 @@ fn bench_churn(c: &mut Criterion) {
     g.finish();
 }
 
+/// The same measurements again, interleaved round-robin (each round measures
+/// every case once), so that load from other processes on this shared host
+/// hits all cases alike; each churn case runs with its own map's writer.
+/// Recorded under
+/// `il/...`; the ratios are computed from these.
+fn interleaved() {
+    const ROUNDS: usize = 60;
+    const ITERS: u64 = 50_000;
+    const CHURN_ITERS: u64 = 300_000;
+    let f = fixture();
+    let kinds = [Kind::Guard, Kind::VmMemory, Kind::RwLock];
+    for round in 0..ROUNDS {
+        for kind in kinds {
+            let t = Instant::now();
+            lookups(&f, &f.addrs, kind, ITERS, round * 31);
+            record(&format!("il/lookup_1t/{}", kind.name()), ITERS, t.elapsed());
+        }
+    }
+    // One writer per map, parked except while its own map is measured (so
+    // it is already running, not just spawned, when the readers start).
+    let active = AtomicUsize::new(usize::MAX);
+    let done = AtomicBool::new(false);
+    thread::scope(|s| {
+        for (i, kind) in kinds.into_iter().enumerate() {
+            let (f, active, done) = (&f, &active, &done);
+            s.spawn(move || {
+                while !done.load(Ordering::Relaxed) {
+                    if active.load(Ordering::Relaxed) == i {
+                        let stop = AtomicBool::new(false);
+                        thread::scope(|s2| {
+                            s2.spawn(|| churn(f, kind, &stop));
+                            while active.load(Ordering::Relaxed) == i {
+                                thread::sleep(Duration::from_micros(200));
+                            }
+                            stop.store(true, Ordering::Relaxed);
+                        });
+                    } else {
+                        thread::sleep(Duration::from_micros(200));
+                    }
+                }
+            });
+        }
+        for _ in 0..ROUNDS / 3 {
+            for (i, kind) in kinds.into_iter().enumerate() {
+                active.store(i, Ordering::Relaxed);
+                thread::sleep(Duration::from_millis(2));
+                for (threads, disjoint) in [(1u64, false), (2, false), (1, true), (2, true)] {
+                    let elapsed = threaded(&f, kind, threads, disjoint, CHURN_ITERS);
+                    let pattern = if disjoint { "disjoint" } else { "shared" };
+                    let name = format!("il/lookup_churn/{}/{pattern}/{threads}t", kind.name());
+                    record(&name, CHURN_ITERS * threads, elapsed);
+                }
+                active.store(usize::MAX, Ordering::Relaxed);
+            }
+        }
+        done.store(true, Ordering::Relaxed);
+    });
+}
+
 fn report() {
-    let m = |n: &str| median(n).unwrap_or(f64::NAN);
+    let m = |n: &str| median(&format!("il/{n}")).unwrap_or(f64::NAN);
     println!("\n== guards benchmark: medians of this run (ns per lookup) ==");
     for (name, v) in SAMPLES.lock().unwrap().iter() {
         let mut v = v.clone();
@@ -378,6 +443,7 @@ fn main() {
     Criterion::default().configure_from_args().final_summary();
     // `cargo test` runs each benchmark once to check it works: no ratios then.
     if std::env::args().any(|a| a == "--bench") {
+        interleaved();
         report();
     }
 }
