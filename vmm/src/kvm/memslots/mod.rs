@@ -108,7 +108,7 @@ use crate::mm::guard::{GuardError, GuardedMap, GuestReader, SlotRef};
 use crate::mm::notifier::{Invalidation, InvalidationHub, Reason};
 use crate::mm::slot_map::{
     ChangeKind, MemslotChange, MemslotSpec, SharedSlotMap, SlotId, SlotMap, SlotMapConfig,
-    SlotMapError, Transition, KVM_MEM_LOG_DIRTY_PAGES,
+    SlotMapError, SlotOp, Transition, KVM_MEM_LOG_DIRTY_PAGES,
 };
 
 pub use error::{FailureCause, MemslotError, MemslotFailure, MemslotOp};
@@ -294,6 +294,7 @@ impl<V: MemslotIoctls> MemslotApplier<V> {
         }
         let base = writer.map();
         let Transition {
+            op: slot_op,
             map,
             changes,
             discards,
@@ -302,10 +303,9 @@ impl<V: MemslotIoctls> MemslotApplier<V> {
         } = op(&base)?;
         // 1. Vetoes, then invalidate_start, before anything is torn down.
         //    Dropping `invalidations` on any early return ends them.
-        let moved = !added.is_empty();
         let mut invalidations: Vec<Invalidation<'_>> = Vec::new();
         for &(range, kind) in &removed {
-            let Some(reason) = invalidation_reason(kind, moved) else {
+            let Some(reason) = invalidation_reason(kind, slot_op) else {
                 continue;
             };
             invalidations.push(self.hub.begin(range, reason)?);
@@ -374,10 +374,10 @@ impl<V: MemslotIoctls> MemslotApplier<V> {
         for invalidation in invalidations {
             invalidation.end();
         }
-        let reason = if moved && removed.iter().any(|(_, k)| *k == ChangeKind::Unmapped) {
-            Reason::Move
-        } else {
-            Reason::Plug
+        let reason = match slot_op {
+            SlotOp::Move => Reason::Move,
+            SlotOp::Resize => Reason::Grow,
+            _ => Reason::Plug,
         };
         for &range in &added {
             self.hub
@@ -555,10 +555,13 @@ impl<V: MemslotIoctls> MemslotApplier<V> {
 
 /// The hub reason for a changed range, if the change takes memory away or
 /// reduces access (`None`: nothing to invalidate).
-fn invalidation_reason(kind: ChangeKind, moved: bool) -> Option<Reason> {
+fn invalidation_reason(kind: ChangeKind, op: SlotOp) -> Option<Reason> {
     match kind {
-        ChangeKind::Unmapped if moved => Some(Reason::Move),
-        ChangeKind::Unmapped => Some(Reason::Unplug),
+        ChangeKind::Unmapped => Some(match op {
+            SlotOp::Move => Reason::Move,
+            SlotOp::Resize => Reason::Shrink,
+            _ => Reason::Unplug,
+        }),
         ChangeKind::WriteProtected => Some(Reason::Protect),
         ChangeKind::Unprotected | ChangeKind::DirtyLog { .. } => None,
     }

@@ -482,6 +482,15 @@ fn test_applier_hub_sees_start_end_around_every_op_that_takes_memory() {
         [format!("start {gone} unplug"), format!("end {gone}")]
     );
     assert_eq!(ap.hub().plugged(), vec![r(4 * P, 2 * P), dst]);
+    // Resize: the tail goes as a shrink, comes back as a grow.
+    ap.apply(|m| m.resize(Gpa(16 * P), P, None)).unwrap();
+    let tail = r(17 * P, P);
+    assert_eq!(
+        take(&events),
+        [format!("start {tail} shrink"), format!("end {tail}")]
+    );
+    ap.apply(|m| m.resize(Gpa(16 * P), 2 * P, None)).unwrap();
+    assert_eq!(take(&events), [format!("added {tail} grow")]);
 }
 
 struct Veto;
