@@ -57,6 +57,21 @@
 //! Discards run before the writer lock is released, so no later op can plug
 //! that host memory again before it is discarded.
 //!
+//! # Guards and invalidation ranges
+//! The applier owns a [`GuardedMap`] (the published map plus one refcount
+//! lock per slot, see [`crate::mm::guard`]) and an [`InvalidationHub`].
+//! `apply`, under the writer lock: computes the transition; `hub.begin` for
+//! every range it takes away or write-protects (vetoes first: a refusal
+//! changes nothing); excludes new guards from every slot it deletes or
+//! changes and waits for the guards inside, at most
+//! [`drain_bound`](MemslotApplier::drain_bound) (past it the error names the
+//! slot and its readers and nothing changed); issues the ioctls (with
+//! rollback); detaches, re-tags and attaches cells; publishes; discards host
+//! memory; ends the invalidations; announces added memory. So host memory is
+//! never discarded or unmapped while a guard ([`SlotRef`]) holds it. A reader
+//! that only holds a snapshot (no guard) keeps the mappings alive, but may
+//! read discarded ranges as zeros: use guards for host access.
+//!
 //! While a transition is applied, a range between its cluster's delete and
 //! create has no memslot and a vCPU touching it exits as MMIO (see
 //! [`crate::mm::slot_map::transition`]).

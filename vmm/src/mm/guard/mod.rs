@@ -7,6 +7,9 @@
 //! slot's [`Slot::generation`], which is unique per map lineage, as its
 //! identity.
 //!
+//! [`SlotCell`]: crate::mm::slot_lock::SlotCell
+//! [`Slot::generation`]: crate::mm::slot_map::Slot::generation
+//!
 //! # Readers
 //! [`GuardedMap::try_acquire`] (or a per-thread [`GuestReader`]) finds the
 //! slot of a GPA in the published snapshot without a lock, takes a reference
