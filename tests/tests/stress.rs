@@ -5,7 +5,8 @@
 //! a writer unplugs and replugs, moves away and back, and write-protects and
 //! unprotects ranges of both zones as fast as it can. Zone V never loses
 //! memory (moves and protects keep the bytes), so every verify that runs to
-//! the end must match; zone H is also unplugged, which discards.
+//! the end must match; zone H is also unplugged and replugged with fresh
+//! memory, so the old mapping is unmapped once nothing refers to it.
 //!
 //! What fails the test: a verify mismatch (torn or stale data in the guest),
 //! a host read that disagrees with the last write (stale) or whose words
@@ -262,7 +263,7 @@ struct Zones {
 
 fn writer(
     memory: &MemslotApplier,
-    chunks: &[Arc<HostMapping>],
+    chunks: &mut [Arc<HostMapping>],
     zones: Zones,
     unplugs: &AtomicU64,
     failures: &Failures,
@@ -289,6 +290,13 @@ fn writer(
                 0 if host => {
                     apply("unplug", &|m| m.unplug(chunk, CHUNK))?;
                     unplugs.fetch_add(1, Ordering::SeqCst);
+                    // Fresh memory: the old mapping is unmapped as soon as KVM
+                    // and the last snapshot let go of it, so a guard that
+                    // outlived its slot would fault (SIGSEGV), not just read
+                    // zeros.
+                    let fresh = HostMapping::new(&BackingKind::Anon, CHUNK)
+                        .map_err(|e| format!("mapping a chunk: {e}"))?;
+                    chunks[index] = Arc::new(fresh);
                     let mapping = chunks[index].clone();
                     apply("replug", &move |m| {
                         m.plug(chunk, CHUNK, mapping.clone(), 0, SlotFlags::NONE)
@@ -333,7 +341,7 @@ fn test_stress_guards_vcpus_and_host_threads_survive_continuous_ops() {
     .expect("the VM builds");
     let zone_v = vm.ram;
     let zone_h = GpaRange::new(zone_v.end(), HOST_ZONE).unwrap();
-    let chunks = plug_host_zone(&vm.memory, zone_h);
+    let mut chunks = plug_host_zone(&vm.memory, zone_h);
 
     let failures = Arc::new(Failures::default());
     let stop = Arc::new(AtomicBool::new(false));
@@ -381,7 +389,7 @@ fn test_stress_guards_vcpus_and_host_threads_survive_continuous_ops() {
             v: zone_v,
             h: zone_h,
         };
-        let ops = writer(&vm.memory, &chunks, zones, &unplugs, &failures, duration);
+        let ops = writer(&vm.memory, &mut chunks, zones, &unplugs, &failures, duration);
         failures.stop.store(true, Ordering::SeqCst);
         let host: Vec<(u64, u64)> = hosts.into_iter().map(|h| h.join().unwrap()).collect();
         (ops, host)
