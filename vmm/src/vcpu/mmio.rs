@@ -44,7 +44,7 @@ pub fn emulate(memory: &MemslotApplier, gpa: u64, data: &mut [u8], write: bool) 
         Err(_) => {
             // Being changed, or not (yet) plugged: wait for the op in flight,
             // then decide on the map it left.
-            drop(memory.shared().begin_write());
+            memory.guarded().wait_for_writer();
             match reader.acquire(gpa) {
                 Ok(slot) => slot,
                 Err(_) => return Access::Unplugged,

@@ -1,7 +1,8 @@
 //! The one place that applies slot-map transitions to KVM memslots, with
 //! rollback.
 //!
-//! A [`MemslotApplier`] owns the VM's [`SharedSlotMap`] and a handle to the
+//! A [`MemslotApplier`] owns the VM's published slot map (a [`GuardedMap`]:
+//! a [`SharedSlotMap`] with a refcount lock per slot) and a handle to the
 //! VM fd. [`apply`](MemslotApplier::apply) computes a [`Transition`] from the
 //! current map, issues its [`MemslotChange`]s with
 //! `KVM_SET_USER_MEMORY_REGION` in order, and only when all succeeded
@@ -104,6 +105,9 @@
 //! Files: `ioctls` (the [`MemslotIoctls`] trait over the VM fd), `mirror`
 //! (what KVM holds, and the pre-ioctl checks), `error`, and this file (the
 //! applier: apply with rollback, dirty pages, consistency check).
+//!
+//! [`SharedSlotMap`]: crate::mm::slot_map::SharedSlotMap
+//! [`SharedSlotMap::begin_write`]: crate::mm::slot_map::SharedSlotMap::begin_write
 
 mod error;
 mod ioctls;
@@ -122,8 +126,8 @@ use crate::mm::backing::{BackingKind, HostMapping};
 use crate::mm::guard::{GuardError, GuardedMap, GuestReader, SlotRef};
 use crate::mm::notifier::{Invalidation, InvalidationHub, Reason};
 use crate::mm::slot_map::{
-    ChangeKind, MemslotChange, MemslotSpec, SharedSlotMap, SlotId, SlotMap, SlotMapConfig,
-    SlotMapError, SlotOp, Transition, KVM_MEM_LOG_DIRTY_PAGES,
+    ChangeKind, MemslotChange, MemslotSpec, SlotId, SlotMap, SlotMapConfig, SlotMapError, SlotOp,
+    Transition, KVM_MEM_LOG_DIRTY_PAGES,
 };
 
 pub use error::{FailureCause, MemslotError, MemslotFailure, MemslotOp};
@@ -221,14 +225,11 @@ impl<V: MemslotIoctls> MemslotApplier<V> {
         self.memory.load()
     }
 
-    /// The published map with its slot cells: guarded host access.
+    /// The published map with its slot cells: guarded host access. (Its
+    /// writer API is for maps without KVM; changes to this map go through
+    /// [`apply`](Self::apply).)
     pub fn guarded(&self) -> &GuardedMap {
         &self.memory
-    }
-
-    /// The published map and its writer lock.
-    pub fn shared(&self) -> &SharedSlotMap {
-        self.memory.shared()
     }
 
     /// A per-thread reader taking guards on slots (see [`crate::mm::guard`]).

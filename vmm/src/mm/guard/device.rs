@@ -160,7 +160,7 @@ impl<M: AsRef<GuardedMap> + Send + Sync + 'static> DeviceMemory<M> {
                 Err(SlotLockError::Excluded { .. }) => {
                     // An op is changing the slot: wait for it on the writer
                     // lock (we hold no guard), then look again.
-                    drop(memory.shared().begin_write());
+                    memory.wait_for_writer();
                 }
                 Err(SlotLockError::TooManyReaders { slot, .. }) => {
                     return Err(GuardError::TooManyReaders { slot })

@@ -229,9 +229,19 @@ impl GuardedMap {
         }
     }
 
-    /// The published map and its writer lock.
+    /// The published map and its writer lock: the low-level writer API
+    /// (`begin_write`, then [`exclude`](Self::exclude) and
+    /// [`Exclusions::commit`] before `publish`). Publishing a map without
+    /// committing its cells leaves its new slots unreachable to guards.
     pub fn shared(&self) -> &SharedSlotMap {
         &self.shared
+    }
+
+    /// Blocks until no writer holds the slot-map writer lock (the op in
+    /// flight, if any, is over). Must not be called while holding a
+    /// [`SlotRef`] (see the module docs).
+    pub fn wait_for_writer(&self) {
+        drop(self.shared.begin_write());
     }
 
     /// The cells, by slot id.
@@ -478,7 +488,7 @@ impl<'a> GuestReader<'a> {
     pub fn acquire(&mut self, gpa: Gpa) -> Result<SlotRef<'a>, GuardError> {
         loop {
             match self.try_acquire(gpa) {
-                Err(GuardError::Busy { .. }) => drop(self.map.shared.begin_write()),
+                Err(GuardError::Busy { .. }) => self.map.wait_for_writer(),
                 other => return other,
             }
         }
