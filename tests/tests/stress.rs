@@ -389,13 +389,27 @@ fn test_stress_guards_vcpus_and_host_threads_survive_continuous_ops() {
             v: zone_v,
             h: zone_h,
         };
-        let ops = writer(&vm.memory, &mut chunks, zones, &unplugs, &failures, duration);
+        let ops = writer(
+            &vm.memory,
+            &mut chunks,
+            zones,
+            &unplugs,
+            &failures,
+            duration,
+        );
         failures.stop.store(true, Ordering::SeqCst);
         let host: Vec<(u64, u64)> = hosts.into_iter().map(|h| h.join().unwrap()).collect();
         (ops, host)
     });
     let elapsed = started.elapsed().as_secs_f64();
     stop.store(true, Ordering::SeqCst);
+    // A guest gets `stop` at its next doorbell (commands take milliseconds);
+    // one that never rings again is a failure, not a hang.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while vcpu_threads.iter().any(|t| !t.is_finished()) {
+        assert!(Instant::now() < deadline, "a vCPU did not stop within 30 s");
+        std::thread::sleep(Duration::from_millis(10));
+    }
     for t in vcpu_threads {
         let report = t.join().unwrap();
         if let Some(f) = report.failure {
