@@ -5,7 +5,8 @@
 //! a writer unplugs and replugs, moves away and back, and write-protects and
 //! unprotects ranges of both zones as fast as it can. Zone V never loses
 //! memory (moves and protects keep the bytes), so every verify that runs to
-//! the end must match; zone H is also unplugged, which discards.
+//! the end must match; zone H is also unplugged and replugged with fresh
+//! memory, so the old mapping is unmapped once nothing refers to it.
 //!
 //! What fails the test: a verify mismatch (torn or stale data in the guest),
 //! a host read that disagrees with the last write (stale) or whose words
@@ -24,7 +25,7 @@ use std::time::{Duration, Instant};
 use vmm::kvm::memslots::MemslotApplier;
 use vmm::mm::addr::{Gpa, GpaRange, PAGE_SIZE};
 use vmm::mm::backing::{BackingKind, HostMapping};
-use vmm::mm::guard::GuardError;
+use vmm::mm::guard::{DeviceMemory, GuardError, SlotRef};
 use vmm::mm::slot_map::SlotFlags;
 use vmm::plan::{Command, CommandOutcome, Step, VcpuPlan};
 use vmm::vcpu::{ConsoleSender, GuestFailure, VcpuContext};
@@ -147,15 +148,19 @@ fn plug_host_zone(memory: &MemslotApplier, zone: GpaRange) -> Vec<Arc<HostMappin
 }
 
 /// One host thread: guarded read-check-write of its own pages of zone H.
-/// `unplugs` counts completed unplugs of zone H (bumped after each one).
+/// Thread 0 takes guards with a [`GuestReader`](vmm::mm::guard::GuestReader)
+/// (slot-map lookup per access); thread 1 through [`DeviceMemory`] (cached
+/// translation on the hub, checked by the guard). `unplugs` counts completed
+/// unplugs of zone H (bumped after each one).
 fn host_thread(
     t: u64,
-    memory: &MemslotApplier,
+    memory: &Arc<MemslotApplier>,
     zone: GpaRange,
     unplugs: &AtomicU64,
     failures: &Failures,
 ) -> (u64, u64) {
     let mut reader = memory.reader();
+    let device = DeviceMemory::new(memory.clone(), memory.hub().clone()).unwrap();
     let pages: Vec<Gpa> = (0..zone.len() / PAGE_SIZE)
         .filter(|i| i % 2 == t)
         .map(|i| Gpa(zone.start().0 + i * PAGE_SIZE))
@@ -166,17 +171,39 @@ fn host_thread(
     let (mut ops, mut misses, mut counter) = (0u64, 0u64, 0u64);
     while !failures.stopped() {
         let page = pages[rng.below(pages.len() as u64) as usize];
-        let slot = match reader.try_acquire(page) {
-            Ok(slot) => slot,
-            Err(GuardError::Unplugged { .. } | GuardError::Busy { .. }) => {
-                misses += 1;
-                continue;
-            }
-            Err(e) => {
-                failures.fail(format!("host thread {t}: acquire {page}: {e}"));
-                break;
-            }
+        let mut check = |slot: &SlotRef<'_>| {
+            check_and_stamp(t, slot, page, unplugs, &mut last, &mut counter, failures)
         };
+        let result = if t == 0 {
+            reader.try_acquire(page).map(|slot| check(&slot))
+        } else {
+            device.access(page, PAGE_SIZE, |slot, _| {
+                check(slot);
+                Ok(())
+            })
+        };
+        match result {
+            Ok(()) => ops += 1,
+            Err(GuardError::Unplugged { .. } | GuardError::Busy { .. }) => misses += 1,
+            Err(e) => failures.fail(format!("host thread {t}: access {page}: {e}")),
+        }
+    }
+    (ops, misses)
+}
+
+/// Under one guard: all words of `page` agree (not torn) and equal what this
+/// thread last wrote, or zero if an unplug finished since (not stale); then
+/// stamps a new value (unless read-only) and reads it back.
+fn check_and_stamp(
+    t: u64,
+    slot: &SlotRef<'_>,
+    page: Gpa,
+    unplugs: &AtomicU64,
+    last: &mut HashMap<Gpa, (u64, u64)>,
+    counter: &mut u64,
+    failures: &Failures,
+) {
+    {
         let unplugged = unplugs.load(Ordering::SeqCst);
         let word = |k: u64| Gpa(page.0 + k * (PAGE_SIZE / WORDS));
         let v0 = slot.read_u64(word(0)).unwrap();
@@ -203,8 +230,8 @@ fn host_thread(
             ));
         }
         if !slot.read_only() {
-            counter += 1;
-            let stamp = (t + 1) << 56 | (page.0 >> 12 & 0xff_ffff) << 32 | (counter & 0xffff_ffff);
+            *counter += 1;
+            let stamp = (t + 1) << 56 | (page.0 >> 12 & 0xff_ffff) << 32 | (*counter & 0xffff_ffff);
             for k in 0..WORDS {
                 slot.write_u64(word(k), stamp).unwrap();
             }
@@ -220,31 +247,35 @@ fn host_thread(
             }
             last.insert(page, (stamp, unplugged));
         }
-        drop(slot);
-        ops += 1;
     }
-    (ops, misses)
 }
 
 /// The writer: one op pair after another on a random chunk of either zone,
 /// until `duration` has passed. Returns the number of ops applied.
+/// Guest-physical layout of the test.
+#[derive(Clone, Copy)]
+struct Zones {
+    /// The vCPUs' pattern regions (the VM's RAM slot).
+    v: GpaRange,
+    /// The host threads' pages, one slot per chunk.
+    h: GpaRange,
+}
+
 fn writer(
     memory: &MemslotApplier,
-    chunks: &[Arc<HostMapping>],
-    ram: GpaRange,
-    zone_v: GpaRange,
-    zone_h: GpaRange,
+    chunks: &mut [Arc<HostMapping>],
+    zones: Zones,
     unplugs: &AtomicU64,
     failures: &Failures,
     duration: Duration,
 ) -> u64 {
-    let parking = Gpa(ram.end().0.next_multiple_of(1 << 30) + (1 << 30));
+    let parking = Gpa(zones.h.end().0.next_multiple_of(1 << 30) + (1 << 30));
     let mut rng = Rng(0x5eed);
     let mut ops = 0;
     let started = Instant::now();
     while started.elapsed() < duration && !failures.stopped() {
         let host = rng.below(2) == 0;
-        let zone = if host { zone_h } else { zone_v };
+        let zone = if host { zones.h } else { zones.v };
         let chunk = Gpa(zone.start().0 + rng.below(zone.len() / CHUNK) * CHUNK);
         let index = ((chunk.0 - zone.start().0) / CHUNK) as usize;
         let kind = rng.below(3);
@@ -259,6 +290,13 @@ fn writer(
                 0 if host => {
                     apply("unplug", &|m| m.unplug(chunk, CHUNK))?;
                     unplugs.fetch_add(1, Ordering::SeqCst);
+                    // Fresh memory: the old mapping is unmapped as soon as KVM
+                    // and the last snapshot let go of it, so a guard that
+                    // outlived its slot would fault (SIGSEGV), not just read
+                    // zeros.
+                    let fresh = HostMapping::new(&BackingKind::Anon, CHUNK)
+                        .map_err(|e| format!("mapping a chunk: {e}"))?;
+                    chunks[index] = Arc::new(fresh);
                     let mapping = chunks[index].clone();
                     apply("replug", &move |m| {
                         m.plug(chunk, CHUNK, mapping.clone(), 0, SlotFlags::NONE)
@@ -302,10 +340,9 @@ fn test_stress_guards_vcpus_and_host_threads_survive_continuous_ops() {
         pin_limit: None,
     })
     .expect("the VM builds");
-    let ram = vm.ram;
-    let zone_v = ram;
+    let zone_v = vm.ram;
     let zone_h = GpaRange::new(zone_v.end(), HOST_ZONE).unwrap();
-    let chunks = plug_host_zone(&vm.memory, zone_h);
+    let mut chunks = plug_host_zone(&vm.memory, zone_h);
 
     let failures = Arc::new(Failures::default());
     let stop = Arc::new(AtomicBool::new(false));
@@ -346,12 +383,21 @@ fn test_stress_guards_vcpus_and_host_threads_survive_continuous_ops() {
     let (writer_ops, host) = std::thread::scope(|s| {
         let hosts: Vec<_> = (0..2)
             .map(|t| {
-                let (memory, unplugs, failures) = (&*vm.memory, &unplugs, &*failures);
+                let (memory, unplugs, failures) = (&vm.memory, &unplugs, &*failures);
                 s.spawn(move || host_thread(t, memory, zone_h, unplugs, failures))
             })
             .collect();
+        let zones = Zones {
+            v: zone_v,
+            h: zone_h,
+        };
         let ops = writer(
-            &vm.memory, &chunks, ram, zone_v, zone_h, &unplugs, &failures, duration,
+            &vm.memory,
+            &mut chunks,
+            zones,
+            &unplugs,
+            &failures,
+            duration,
         );
         failures.stop.store(true, Ordering::SeqCst);
         let host: Vec<(u64, u64)> = hosts.into_iter().map(|h| h.join().unwrap()).collect();
@@ -359,6 +405,13 @@ fn test_stress_guards_vcpus_and_host_threads_survive_continuous_ops() {
     });
     let elapsed = started.elapsed().as_secs_f64();
     stop.store(true, Ordering::SeqCst);
+    // A guest gets `stop` at its next doorbell (commands take milliseconds);
+    // one that never rings again is a failure, not a hang.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while vcpu_threads.iter().any(|t| !t.is_finished()) {
+        assert!(Instant::now() < deadline, "a vCPU did not stop within 30 s");
+        std::thread::sleep(Duration::from_millis(10));
+    }
     for t in vcpu_threads {
         let report = t.join().unwrap();
         if let Some(f) = report.failure {
@@ -374,6 +427,11 @@ fn test_stress_guards_vcpus_and_host_threads_survive_continuous_ops() {
          (unplugged or busy)",
         writer_ops as f64 / elapsed,
         host_ops as f64 / elapsed,
+    );
+    println!(
+        "host thread 0 (GuestReader): {} ops, {} refused; host thread 1 (DeviceMemory, \
+         cached): {} ops, {} refused",
+        host[0].0, host[0].1, host[1].0, host[1].1
     );
     for (i, c) in counts.iter().enumerate() {
         println!(

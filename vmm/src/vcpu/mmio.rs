@@ -3,16 +3,22 @@
 //! Such an exit means no memslot covered the address when the vCPU touched
 //! it: the memory is unplugged, or a memory op was between deleting and
 //! re-creating the memslot (KVM cannot change a memslot in place), or the
-//! slot is read-only and this was a write. The vCPU waits until no op is in
-//! flight, then looks at the current map:
+//! slot is read-only and this was a write. The vCPU takes a guard on the slot
+//! holding the address ([`crate::mm::guard`]); if the slot is being changed,
+//! or no slot holds the address, it first waits until the op in flight is
+//! done (on the slot-map writer lock, holding no guard) and looks again, so
+//! it sees the map after the op that caused the exit:
 //!
 //! - the address is plugged (and writable, for a write): the access is
-//!   carried out on the host memory behind it and the guest continues, so a
-//!   guest touching a range being moved or re-protected sees the old or the
-//!   new placement, never a hole; aligned accesses of up to 8 bytes are done
-//!   as one host load or store, so they are never torn;
+//!   carried out on the host memory behind it, under the guard, and the guest
+//!   continues, so a guest touching a range being moved or re-protected sees
+//!   the old or the new placement, never a hole; aligned accesses of up to 8
+//!   bytes are done as one host load or store, so they are never torn;
 //! - otherwise it is an access to unplugged memory, or a write to read-only
 //!   memory, which the vCPU reports.
+//!
+//! The guard, not a lock, keeps the memory mapped during the access: an op
+//! that wants to take the slot away waits for it to be released.
 
 use crate::kvm::memslots::MemslotApplier;
 use crate::mm::addr::Gpa;
@@ -28,31 +34,37 @@ pub enum Access {
     ReadOnly,
 }
 
-/// Carries out a guest access of `data.len()` bytes at `gpa` against the
-/// current slot map, waiting for any in-flight op first.
+/// Carries out a guest access of `data.len()` bytes at `gpa` on the host
+/// memory behind it, after any op in flight on that memory.
 pub fn emulate(memory: &MemslotApplier, gpa: u64, data: &mut [u8], write: bool) -> Access {
-    memory.with_map_locked(|map| {
-        let Some(slot) = map.lookup(Gpa(gpa)) else {
-            return Access::Unplugged;
-        };
-        let last = gpa.checked_add(data.len() as u64 - 1).map(Gpa);
-        if !last.is_some_and(|l| slot.range().contains(l)) {
-            return Access::Unplugged;
+    let gpa = Gpa(gpa);
+    let mut reader = memory.reader();
+    let slot = match reader.try_acquire(gpa) {
+        Ok(slot) => slot,
+        Err(_) => {
+            // Being changed, or not (yet) plugged: wait for the op in flight,
+            // then decide on the map it left.
+            memory.guarded().wait_for_writer();
+            match reader.acquire(gpa) {
+                Ok(slot) => slot,
+                Err(_) => return Access::Unplugged,
+            }
         }
-        if write && slot.flags().read_only {
-            return Access::ReadOnly;
-        }
-        let Some(hva) = slot.translate(Gpa(gpa)) else {
-            return Access::Unplugged;
-        };
-        let ptr = hva.0 as *mut u8;
-        // SAFETY: `ptr..ptr+len` lies inside the slot's live host mapping
-        // (checked above); no op can unmap it while the map lock is held.
-        // Guest memory is shared with the guest by design, so volatile
-        // accesses of the access's own width are the right tool.
-        unsafe { copy(ptr, data, write) };
-        Access::Emulated
-    })
+    };
+    let Ok(hva) = slot.hva(gpa, data.len() as u64) else {
+        return Access::Unplugged;
+    };
+    if write && slot.read_only() {
+        return Access::ReadOnly;
+    }
+    let ptr = hva.0 as *mut u8;
+    // SAFETY: `ptr..ptr+len` lies inside the guarded slot (`hva` checked the
+    // range) and its host memory stays mapped while `slot` lives. Guest
+    // memory is shared with the guest by design, so volatile accesses of the
+    // access's own width are the right tool.
+    unsafe { copy(ptr, data, write) };
+    drop(slot);
+    Access::Emulated
 }
 
 /// # Safety

@@ -1,7 +1,8 @@
 //! The one place that applies slot-map transitions to KVM memslots, with
 //! rollback.
 //!
-//! A [`MemslotApplier`] owns the VM's [`SharedSlotMap`] and a handle to the
+//! A [`MemslotApplier`] owns the VM's published slot map (a [`GuardedMap`]:
+//! a [`SharedSlotMap`] with a refcount lock per slot) and a handle to the
 //! VM fd. [`apply`](MemslotApplier::apply) computes a [`Transition`] from the
 //! current map, issues its [`MemslotChange`]s with
 //! `KVM_SET_USER_MEMORY_REGION` in order, and only when all succeeded
@@ -57,6 +58,21 @@
 //! Discards run before the writer lock is released, so no later op can plug
 //! that host memory again before it is discarded.
 //!
+//! # Guards and invalidation ranges
+//! The applier owns a [`GuardedMap`] (the published map plus one refcount
+//! lock per slot, see [`crate::mm::guard`]) and an [`InvalidationHub`].
+//! `apply`, under the writer lock: computes the transition; `hub.begin` for
+//! every range it takes away or write-protects (vetoes first: a refusal
+//! changes nothing); excludes new guards from every slot it deletes or
+//! changes and waits for the guards inside, at most
+//! [`drain_bound`](MemslotApplier::drain_bound) (past it the error names the
+//! slot and its readers and nothing changed); issues the ioctls (with
+//! rollback); detaches, re-tags and attaches cells; publishes; discards host
+//! memory; ends the invalidations; announces added memory. So host memory is
+//! never discarded or unmapped while a guard ([`SlotRef`]) holds it. A reader
+//! that only holds a snapshot (no guard) keeps the mappings alive, but may
+//! read discarded ranges as zeros: use guards for host access.
+//!
 //! While a transition is applied, a range between its cluster's delete and
 //! create has no memslot and a vCPU touching it exits as MMIO (see
 //! [`crate::mm::slot_map::transition`]).
@@ -89,6 +105,9 @@
 //! Files: `ioctls` (the [`MemslotIoctls`] trait over the VM fd), `mirror`
 //! (what KVM holds, and the pre-ioctl checks), `error`, and this file (the
 //! applier: apply with rollback, dirty pages, consistency check).
+//!
+//! [`SharedSlotMap`]: crate::mm::slot_map::SharedSlotMap
+//! [`SharedSlotMap::begin_write`]: crate::mm::slot_map::SharedSlotMap::begin_write
 
 mod error;
 mod ioctls;
@@ -107,8 +126,8 @@ use crate::mm::backing::{BackingKind, HostMapping};
 use crate::mm::guard::{GuardError, GuardedMap, GuestReader, SlotRef};
 use crate::mm::notifier::{Invalidation, InvalidationHub, Reason};
 use crate::mm::slot_map::{
-    ChangeKind, MemslotChange, MemslotSpec, SharedSlotMap, SlotId, SlotMap, SlotMapConfig,
-    SlotMapError, Transition, KVM_MEM_LOG_DIRTY_PAGES,
+    ChangeKind, MemslotChange, MemslotSpec, SlotId, SlotMap, SlotMapConfig, SlotMapError, SlotOp,
+    Transition, KVM_MEM_LOG_DIRTY_PAGES,
 };
 
 pub use error::{FailureCause, MemslotError, MemslotFailure, MemslotOp};
@@ -206,14 +225,11 @@ impl<V: MemslotIoctls> MemslotApplier<V> {
         self.memory.load()
     }
 
-    /// The published map with its slot cells: guarded host access.
+    /// The published map with its slot cells: guarded host access. (Its
+    /// writer API is for maps without KVM; changes to this map go through
+    /// [`apply`](Self::apply).)
     pub fn guarded(&self) -> &GuardedMap {
         &self.memory
-    }
-
-    /// The published map and its writer lock.
-    pub fn shared(&self) -> &SharedSlotMap {
-        self.memory.shared()
     }
 
     /// A per-thread reader taking guards on slots (see [`crate::mm::guard`]).
@@ -294,6 +310,7 @@ impl<V: MemslotIoctls> MemslotApplier<V> {
         }
         let base = writer.map();
         let Transition {
+            op: slot_op,
             map,
             changes,
             discards,
@@ -302,10 +319,9 @@ impl<V: MemslotIoctls> MemslotApplier<V> {
         } = op(&base)?;
         // 1. Vetoes, then invalidate_start, before anything is torn down.
         //    Dropping `invalidations` on any early return ends them.
-        let moved = !added.is_empty();
         let mut invalidations: Vec<Invalidation<'_>> = Vec::new();
         for &(range, kind) in &removed {
-            let Some(reason) = invalidation_reason(kind, moved) else {
+            let Some(reason) = invalidation_reason(kind, slot_op) else {
                 continue;
             };
             invalidations.push(self.hub.begin(range, reason)?);
@@ -374,10 +390,10 @@ impl<V: MemslotIoctls> MemslotApplier<V> {
         for invalidation in invalidations {
             invalidation.end();
         }
-        let reason = if moved && removed.iter().any(|(_, k)| *k == ChangeKind::Unmapped) {
-            Reason::Move
-        } else {
-            Reason::Plug
+        let reason = match slot_op {
+            SlotOp::Move => Reason::Move,
+            SlotOp::Resize => Reason::Grow,
+            _ => Reason::Plug,
         };
         for &range in &added {
             self.hub
@@ -555,12 +571,21 @@ impl<V: MemslotIoctls> MemslotApplier<V> {
 
 /// The hub reason for a changed range, if the change takes memory away or
 /// reduces access (`None`: nothing to invalidate).
-fn invalidation_reason(kind: ChangeKind, moved: bool) -> Option<Reason> {
+fn invalidation_reason(kind: ChangeKind, op: SlotOp) -> Option<Reason> {
     match kind {
-        ChangeKind::Unmapped if moved => Some(Reason::Move),
-        ChangeKind::Unmapped => Some(Reason::Unplug),
+        ChangeKind::Unmapped => Some(match op {
+            SlotOp::Move => Reason::Move,
+            SlotOp::Resize => Reason::Shrink,
+            _ => Reason::Unplug,
+        }),
         ChangeKind::WriteProtected => Some(Reason::Protect),
         ChangeKind::Unprotected | ChangeKind::DirtyLog { .. } => None,
+    }
+}
+
+impl<V: MemslotIoctls> AsRef<GuardedMap> for MemslotApplier<V> {
+    fn as_ref(&self) -> &GuardedMap {
+        &self.memory
     }
 }
 

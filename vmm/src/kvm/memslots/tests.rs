@@ -482,6 +482,15 @@ fn test_applier_hub_sees_start_end_around_every_op_that_takes_memory() {
         [format!("start {gone} unplug"), format!("end {gone}")]
     );
     assert_eq!(ap.hub().plugged(), vec![r(4 * P, 2 * P), dst]);
+    // Resize: the tail goes as a shrink, comes back as a grow.
+    ap.apply(|m| m.resize(Gpa(16 * P), P, None)).unwrap();
+    let tail = r(17 * P, P);
+    assert_eq!(
+        take(&events),
+        [format!("start {tail} shrink"), format!("end {tail}")]
+    );
+    ap.apply(|m| m.resize(Gpa(16 * P), 2 * P, None)).unwrap();
+    assert_eq!(take(&events), [format!("added {tail} grow")]);
 }
 
 struct Veto;
@@ -565,6 +574,34 @@ fn test_applier_rolled_back_op_keeps_cells_of_old_map() {
     assert!(matches!(err, MemslotError::RolledBack { .. }), "{err}");
     assert_cells_match_map(&ap);
     ap.check_consistency().unwrap();
+}
+
+#[test]
+fn test_applier_device_memory_never_uses_a_translation_after_unplug() {
+    let kvm = Arc::new(FakeKvm::default());
+    let ap = Arc::new(MemslotApplier::new(Arc::clone(&kvm), config()).unwrap());
+    let (a, b) = (anon(8), anon(8));
+    ap.apply(|m| m.plug(Gpa(0), 8 * P, a.clone(), 0, SlotFlags::NONE))
+        .unwrap();
+    let dev = crate::mm::guard::DeviceMemory::new(ap.clone(), ap.hub().clone()).unwrap();
+    dev.write_u64(Gpa(2 * P), 11).unwrap();
+    assert_eq!(dev.cached_pages(), 1);
+    ap.apply(|m| m.unplug(Gpa(0), 8 * P)).unwrap();
+    assert_eq!(dev.cached_pages(), 0, "invalidate_start dropped the page");
+    ap.apply(|m| m.plug(Gpa(0), 8 * P, b.clone(), 0, SlotFlags::NONE))
+        .unwrap();
+    // The new memory (zero), not the old mapping's 11.
+    assert_eq!(dev.read_u64(Gpa(2 * P)).unwrap(), 0);
+    ap.apply(|m| m.move_range(Gpa(0), 8 * P, Gpa(16 * P)))
+        .unwrap();
+    assert!(matches!(
+        dev.read_u64(Gpa(2 * P)),
+        Err(GuardError::Unplugged { .. })
+    ));
+    dev.write_u64(Gpa(18 * P), 5).unwrap();
+    // SAFETY: `b` is alive and 8 pages long; aligned word.
+    let at_b = unsafe { (b.as_ptr().add(2 * P as usize) as *const u64).read() };
+    assert_eq!(at_b, 5);
 }
 
 proptest! {

@@ -43,6 +43,20 @@ impl<'a> SlotRef<'a> {
         }
     }
 
+    /// Wraps a validated guard whose slot starts at host address `hva` (a
+    /// translation cached with the guard's generation).
+    #[inline]
+    pub(super) fn from_parts(guard: SlotReadGuard<'a>, hva: Hva, read_only: bool) -> Self {
+        Self {
+            guard,
+            hva,
+            flags: SlotFlags {
+                read_only,
+                ..SlotFlags::NONE
+            },
+        }
+    }
+
     /// The slot id.
     pub fn slot_id(&self) -> u32 {
         self.guard.slot_id()

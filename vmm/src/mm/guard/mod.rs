@@ -7,6 +7,9 @@
 //! slot's [`Slot::generation`], which is unique per map lineage, as its
 //! identity.
 //!
+//! [`SlotCell`]: crate::mm::slot_lock::SlotCell
+//! [`Slot::generation`]: crate::mm::slot_map::Slot::generation
+//!
 //! # Readers
 //! [`GuardedMap::try_acquire`] (or a per-thread [`GuestReader`]) finds the
 //! slot of a GPA in the published snapshot without a lock, takes a reference
@@ -88,6 +91,7 @@
 
 mod access;
 mod cells;
+mod device;
 #[cfg(all(test, not(vmm_loom)))]
 mod tests;
 
@@ -103,6 +107,7 @@ use crate::mm::slot_map::{
 
 pub use access::SlotRef;
 pub use cells::SlotCells;
+pub use device::{DeviceMemory, SlotPage};
 
 /// How often a reader retries a lookup whose cell changed under it (a writer
 /// between detaching and publishing) before it reports the slot busy.
@@ -168,6 +173,18 @@ pub enum GuardError {
     /// The slot map refused the op (from [`GuardedMap::apply`]).
     #[error(transparent)]
     SlotMap(#[from] SlotMapError),
+    /// A device access crosses a page boundary (device accesses go page by
+    /// page through the translation cache).
+    #[error("device access of {len} bytes at {gpa} crosses a page boundary")]
+    CrossesPage {
+        /// First byte.
+        gpa: Gpa,
+        /// Length.
+        len: u64,
+    },
+    /// The translation cache failed (not an unplugged page).
+    #[error("translation cache: {0}")]
+    Cache(String),
     /// Releasing host memory failed after the op was published.
     #[error("op applied, but discarding host memory failed: {0}")]
     Discard(String),
@@ -212,9 +229,19 @@ impl GuardedMap {
         }
     }
 
-    /// The published map and its writer lock.
+    /// The published map and its writer lock: the low-level writer API
+    /// (`begin_write`, then [`exclude`](Self::exclude) and
+    /// [`Exclusions::commit`] before `publish`). Publishing a map without
+    /// committing its cells leaves its new slots unreachable to guards.
     pub fn shared(&self) -> &SharedSlotMap {
         &self.shared
+    }
+
+    /// Blocks until no writer holds the slot-map writer lock (the op in
+    /// flight, if any, is over). Must not be called while holding a
+    /// [`SlotRef`] (see the module docs).
+    pub fn wait_for_writer(&self) {
+        drop(self.shared.begin_write());
     }
 
     /// The cells, by slot id.
@@ -461,7 +488,7 @@ impl<'a> GuestReader<'a> {
     pub fn acquire(&mut self, gpa: Gpa) -> Result<SlotRef<'a>, GuardError> {
         loop {
             match self.try_acquire(gpa) {
-                Err(GuardError::Busy { .. }) => drop(self.map.shared.begin_write()),
+                Err(GuardError::Busy { .. }) => self.map.wait_for_writer(),
                 other => return other,
             }
         }

@@ -114,10 +114,8 @@ fn test_guard_unplug_waits_for_holder_and_discards_after() {
     });
     // Discarded after the holder left: anonymous memory reads zero.
     // SAFETY: `mem` is alive and 4 pages long.
-    assert_eq!(
-        unsafe { (mem.as_ptr().add(P as usize) as *const u64).read_volatile() },
-        0
-    );
+    let word = unsafe { (mem.as_ptr().add(P as usize) as *const u64).read_volatile() };
+    assert_eq!(word, 0);
 }
 
 #[test]
@@ -288,4 +286,36 @@ fn test_guard_stress_memory_never_discarded_under_guard() {
     });
     assert!(ops.load(Ordering::Relaxed) > 100);
     assert!(acquired.load(Ordering::Relaxed) > 0, "readers never got in");
+}
+
+#[test]
+fn test_device_memory_caches_page_and_refetches_after_split() {
+    let mem = anon(8);
+    let g = Arc::new(plugged(&mem, 8));
+    let hub = Arc::new(crate::mm::notifier::InvalidationHub::new());
+    let dev = DeviceMemory::new(g.clone(), hub).unwrap();
+    let gpa = Gpa(BASE + 5 * P + 8);
+    dev.write_u64(gpa, 0xabc).unwrap();
+    assert_eq!(dev.read_u64(gpa).unwrap(), 0xabc);
+    assert_eq!(dev.cache().stats().fills, 1, "the second access is a hit");
+    // Protecting another page splits the slot: our page's slot generation
+    // changes without an invalidation of our page (no hub here at all).
+    g.apply(|m| m.protect(Gpa(BASE + P), P, true), BOUND)
+        .unwrap();
+    assert_eq!(dev.read_u64(gpa).unwrap(), 0xabc);
+    assert_eq!(
+        dev.cache().stats().fills,
+        2,
+        "the stale entry was resolved again"
+    );
+    assert!(matches!(
+        dev.write_u64(Gpa(BASE + P), 1),
+        Err(GuardError::ReadOnly { .. })
+    ));
+    g.apply(|m| m.unplug(Gpa(BASE), 8 * P), BOUND).unwrap();
+    assert_eq!(dev.read_u64(gpa), Err(GuardError::Unplugged { gpa }));
+    assert!(matches!(
+        dev.read(Gpa(BASE + P - 4), &mut [0; 8]),
+        Err(GuardError::CrossesPage { len: 8, .. })
+    ));
 }

@@ -121,7 +121,9 @@ use crate::mm::addr::GpaRange;
 
 pub use hub::{Interest, Invalidation, InvalidationHub, Replay, SubscriptionId};
 pub use seq::ReadSeq;
-pub use translation_cache::{CacheStats, TranslationCache, TranslationCacheError};
+pub use translation_cache::{
+    CacheStats, PageTranslation, TranslationCache, TranslationCacheError, DEFAULT_SHARDS,
+};
 
 /// Why guest memory changes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

@@ -1,6 +1,11 @@
 //! A guest page → host address cache for device-side guest memory access,
 //! kept coherent by the hub's invalidations and sequence protocol.
 //!
+//! The cached value is a [`PageTranslation`]: a bare [`Hva`], or anything
+//! that carries one (the guarded device access in [`crate::mm::guard`] caches
+//! the slot id and generation with it, so every use is checked against the
+//! slot's refcount lock).
+//!
 //! # Invariants
 //! - An entry for page `p` was resolved after a `read_begin` and installed
 //!   under `p`'s shard lock with `retry` false: no invalidation of `p` was in
@@ -48,13 +53,11 @@ pub enum TranslationCacheError {
         /// The address looked up.
         gpa: Gpa,
     },
-    /// The resolver's page address plus the offset overflows.
-    #[error("host address {page_hva} + offset of {gpa} overflows")]
-    HvaOverflow {
+    /// The resolver's page translation plus the offset overflows.
+    #[error("translation of the page of {gpa} plus its offset overflows")]
+    Overflow {
         /// The address looked up.
         gpa: Gpa,
-        /// What the resolver returned for its page.
-        page_hva: Hva,
     },
     /// Subscribing to the hub failed.
     #[error("cannot subscribe the translation cache: {0}")]
@@ -70,23 +73,36 @@ pub struct CacheStats {
     pub retries: u64,
 }
 
+/// What a [`TranslationCache`] stores per guest page.
+pub trait PageTranslation: Copy + Send + Sync + 'static {
+    /// The translation of the byte `offset` bytes into the page (`None` on
+    /// overflow).
+    fn at_offset(self, offset: u64) -> Option<Self>;
+}
+
+impl PageTranslation for Hva {
+    fn at_offset(self, offset: u64) -> Option<Self> {
+        self.checked_add(offset)
+    }
+}
+
 /// The part the hub holds (no reference back to the hub: no `Arc` cycle).
-struct Shards {
-    shards: Box<[Mutex<HashMap<Gfn, Hva>>]>,
+struct Shards<T> {
+    shards: Box<[Mutex<HashMap<Gfn, T>>]>,
     mask: usize,
     fills: AtomicU64,
     retries: AtomicU64,
 }
 
-impl Shards {
-    fn shard(&self, gfn: Gfn) -> &Mutex<HashMap<Gfn, Hva>> {
+impl<T> Shards<T> {
+    fn shard(&self, gfn: Gfn) -> &Mutex<HashMap<Gfn, T>> {
         // Fibonacci hashing spreads neighbouring pages over shards.
         let h = (gfn.0.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 40) as usize;
         &self.shards[h & self.mask]
     }
 }
 
-impl Subscriber for Shards {
+impl<T: PageTranslation> Subscriber for Shards<T> {
     fn invalidate_start(&self, range: GpaRange, _reason: Reason) {
         let first = range.start().gfn().0;
         // `range` is non-empty, so `end - 1` does not underflow.
@@ -107,7 +123,7 @@ impl Subscriber for Shards {
     fn invalidate_end(&self, _range: GpaRange) {}
 }
 
-type Resolver = dyn Fn(Gpa) -> Option<Hva> + Send + Sync;
+type Resolver<T> = dyn Fn(Gpa) -> Option<T> + Send + Sync;
 
 /// Caches guest page → host address translations for device accesses.
 ///
@@ -133,14 +149,14 @@ type Resolver = dyn Fn(Gpa) -> Option<Hva> + Send + Sync;
 /// hub.end(t);
 /// assert_eq!(cache.lookup(Gpa(0x1234)), Ok(Hva(0x7e00_0000_1234)));
 /// ```
-pub struct TranslationCache {
+pub struct TranslationCache<T: PageTranslation = Hva> {
     hub: Arc<InvalidationHub>,
-    shards: Arc<Shards>,
-    resolver: Box<Resolver>,
+    shards: Arc<Shards<T>>,
+    resolver: Box<Resolver<T>>,
     subscription: SubscriptionId,
 }
 
-impl fmt::Debug for TranslationCache {
+impl<T: PageTranslation> fmt::Debug for TranslationCache<T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("TranslationCache")
             .field("subscription", &self.subscription)
@@ -159,25 +175,28 @@ fn page_range(page: Gpa) -> GpaRange {
     GpaRange::from_bounds(page, end).unwrap_or_else(|| unreachable!("page {page} > end {end}"))
 }
 
-impl TranslationCache {
+/// Default number of shards of a [`TranslationCache`].
+pub const DEFAULT_SHARDS: usize = 16;
+
+impl<T: PageTranslation> TranslationCache<T> {
     /// Default number of shards.
-    pub const DEFAULT_SHARDS: usize = 16;
+    pub const DEFAULT_SHARDS: usize = DEFAULT_SHARDS;
 
     /// A cache with [`DEFAULT_SHARDS`](Self::DEFAULT_SHARDS) shards,
     /// subscribed to every change on `hub`. `resolver` maps a page-aligned
     /// guest address to the host address of that page (`None`: unmapped).
     pub fn new(
         hub: Arc<InvalidationHub>,
-        resolver: impl Fn(Gpa) -> Option<Hva> + Send + Sync + 'static,
+        resolver: impl Fn(Gpa) -> Option<T> + Send + Sync + 'static,
     ) -> Result<Self, TranslationCacheError> {
-        Self::with_shards(hub, resolver, Self::DEFAULT_SHARDS)
+        Self::with_shards(hub, resolver, DEFAULT_SHARDS)
     }
 
     /// As [`new`](Self::new) with `shards` shards (rounded up to a power of
     /// two, at least 1).
     pub fn with_shards(
         hub: Arc<InvalidationHub>,
-        resolver: impl Fn(Gpa) -> Option<Hva> + Send + Sync + 'static,
+        resolver: impl Fn(Gpa) -> Option<T> + Send + Sync + 'static,
         shards: usize,
     ) -> Result<Self, TranslationCacheError> {
         let n = shards.max(1).next_power_of_two();
@@ -201,17 +220,17 @@ impl TranslationCache {
     /// an invalidation of its page is in progress, so the answer reflects the
     /// memory after that change. Must not be called from a callback of an
     /// invalidation of that page (use [`try_lookup`](Self::try_lookup)).
-    pub fn lookup(&self, gpa: Gpa) -> Result<Hva, TranslationCacheError> {
+    pub fn lookup(&self, gpa: Gpa) -> Result<T, TranslationCacheError> {
         self.lookup_inner(gpa, true)
     }
 
     /// As [`lookup`](Self::lookup) but returns
     /// [`TranslationCacheError::Busy`] instead of waiting.
-    pub fn try_lookup(&self, gpa: Gpa) -> Result<Hva, TranslationCacheError> {
+    pub fn try_lookup(&self, gpa: Gpa) -> Result<T, TranslationCacheError> {
         self.lookup_inner(gpa, false)
     }
 
-    fn lookup_inner(&self, gpa: Gpa, wait: bool) -> Result<Hva, TranslationCacheError> {
+    fn lookup_inner(&self, gpa: Gpa, wait: bool) -> Result<T, TranslationCacheError> {
         let page = gpa.align_down(PAGE_SIZE);
         let gfn = gpa.gfn();
         let range = page_range(page);
@@ -248,10 +267,19 @@ impl TranslationCache {
         }
     }
 
-    fn offset(gpa: Gpa, page: Gpa, page_hva: Hva) -> Result<Hva, TranslationCacheError> {
-        page_hva
-            .checked_add(gpa.0 - page.0)
-            .ok_or(TranslationCacheError::HvaOverflow { gpa, page_hva })
+    fn offset(gpa: Gpa, page: Gpa, at_page: T) -> Result<T, TranslationCacheError> {
+        at_page
+            .at_offset(gpa.0 - page.0)
+            .ok_or(TranslationCacheError::Overflow { gpa })
+    }
+
+    /// Drops the cached translation of `gpa`'s page, if any: for a user that
+    /// found it stale by its own check (e.g. a slot generation that moved
+    /// without an invalidation of this page). The next lookup resolves it
+    /// again.
+    pub fn forget(&self, gpa: Gpa) {
+        let gfn = gpa.gfn();
+        lock(self.shards.shard(gfn)).remove(&gfn);
     }
 
     /// Number of cached pages.
@@ -273,7 +301,7 @@ impl TranslationCache {
     }
 }
 
-impl Drop for TranslationCache {
+impl<T: PageTranslation> Drop for TranslationCache<T> {
     fn drop(&mut self) {
         // Cannot fail: the subscription is ours and removed only here.
         let _ = self.hub.unsubscribe(self.subscription);

@@ -462,6 +462,7 @@ impl SlotCell {
         SlotIdentity { generation, range }
     }
 
+    #[inline]
     fn load_identity(&self) -> SlotIdentity {
         let generation = self.generation.load(Ordering::Relaxed);
         let start = Gpa(self.start.load(Ordering::Relaxed));

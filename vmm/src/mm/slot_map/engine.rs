@@ -26,7 +26,7 @@ use crate::mm::backing::HostMapping;
 
 use super::error::SlotMapError;
 use super::slot::{Seg, Slot};
-use super::transition::{ChangeKind, Discard, MemslotChange, Transition};
+use super::transition::{ChangeKind, Discard, MemslotChange, SlotOp, Transition};
 use super::{host_key, SlotMap};
 
 /// What an op does, before splitting and merging.
@@ -238,6 +238,7 @@ impl SlotMap {
         }
         map.rebuild_flat();
         Ok(Transition {
+            op: SlotOp::from_name(op),
             map,
             changes,
             discards: edit.discards,

@@ -446,7 +446,9 @@ impl SlotMap {
             if new_size == len {
                 return self.commit(OP, Edit::default());
             }
-            return self.unplug(Gpa(slot_gpa.0 + new_size), len - new_size);
+            let mut t = self.unplug(Gpa(slot_gpa.0 + new_size), len - new_size)?;
+            t.op = super::SlotOp::Resize;
+            return Ok(t);
         }
         let grow = new_size - len;
         let added = self.check_range(OP, slot.range.end(), grow, PAGE_SIZE)?;

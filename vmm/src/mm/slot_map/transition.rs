@@ -109,10 +109,48 @@ impl fmt::Debug for Discard {
     }
 }
 
+/// Which op produced a [`Transition`] (for the reason given to
+/// invalidation subscribers: an unmapped range is an unplug, a shrink or a
+/// move source; an added range a plug, a grow or a move destination).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum SlotOp {
+    /// [`SlotMap::plug`](super::SlotMap::plug).
+    Plug,
+    /// [`SlotMap::unplug`](super::SlotMap::unplug).
+    Unplug,
+    /// [`SlotMap::protect`](super::SlotMap::protect).
+    Protect,
+    /// [`SlotMap::set_dirty_log`](super::SlotMap::set_dirty_log).
+    SetDirtyLog,
+    /// [`SlotMap::move_range`](super::SlotMap::move_range).
+    Move,
+    /// [`SlotMap::resize`](super::SlotMap::resize) (grow or shrink).
+    Resize,
+}
+
+impl SlotOp {
+    /// The op of the name the slot map's errors use.
+    pub(super) fn from_name(op: &'static str) -> Self {
+        match op {
+            "plug" => Self::Plug,
+            "unplug" => Self::Unplug,
+            "protect" => Self::Protect,
+            "set_dirty_log" => Self::SetDirtyLog,
+            "move_range" => Self::Move,
+            "resize" => Self::Resize,
+            // Every op commits under one of the names above
+            // (`test_transition_op_names_every_op`).
+            other => unreachable!("unknown slot map op {other}"),
+        }
+    }
+}
+
 /// The result of a successful op. The old map is untouched; dropping a
 /// `Transition` abandons the op.
 #[derive(Clone, Debug)]
 pub struct Transition {
+    /// The op.
+    pub op: SlotOp,
     /// The map after the op.
     pub map: SlotMap,
     /// Memslot calls that turn KVM's old state into `map`'s, in a valid order.

@@ -402,3 +402,27 @@ fn test_move_at_slot_limit_deletes_source_before_creating_destination() {
     assert_eq!(kinds(&t), ["delete", "create"]);
     assert_eq!(t.map.lookup(Gpa(50 * P)).unwrap().id(), SlotId(1));
 }
+
+#[test]
+fn test_transition_op_names_every_op() {
+    use crate::mm::slot_map::SlotOp;
+    let m = anon(16);
+    let map = plugged(&SlotMap::new(config(100, 1 << 30)), 0, 8 * P, &m, 0);
+    let t = map
+        .plug(Gpa(8 * P), P, m.clone(), 8 * P, SlotFlags::NONE)
+        .unwrap();
+    assert_eq!(t.op, SlotOp::Plug);
+    assert_eq!(map.unplug(Gpa(0), P).unwrap().op, SlotOp::Unplug);
+    assert_eq!(map.protect(Gpa(0), P, true).unwrap().op, SlotOp::Protect);
+    assert_eq!(
+        map.set_dirty_log(Gpa(0), P, true).unwrap().op,
+        SlotOp::SetDirtyLog
+    );
+    assert_eq!(
+        map.move_range(Gpa(0), P, Gpa(32 * P)).unwrap().op,
+        SlotOp::Move
+    );
+    assert_eq!(map.resize(Gpa(0), 4 * P, None).unwrap().op, SlotOp::Resize);
+    assert_eq!(map.resize(Gpa(0), 12 * P, None).unwrap().op, SlotOp::Resize);
+    assert_eq!(map.resize(Gpa(0), 8 * P, None).unwrap().op, SlotOp::Resize);
+}
