@@ -808,3 +808,41 @@ fn test_memslots_random_ops_with_faults_match_kvm() {
     eprintln!("random ops: {outcomes:?} (ok, refused by the map, rolled back, rollback failed)");
     assert!(outcomes[0] >= 100 && outcomes[2] >= 10, "{outcomes:?}");
 }
+
+/// Regression (review): a write the VMM emulates for a vCPU (one that raced a
+/// memslot change) must show up in the dirty log like a write KVM let through.
+#[test]
+fn test_memslots_emulated_write_is_reported_dirty() {
+    if !kvm_or_skip("emulated write dirty") {
+        return;
+    }
+    use vmm::vcpu::mmio::{emulate, Access};
+    let kvm = Kvm::new().expect("open /dev/kvm");
+    let vm = Arc::new(kvm.create_vm().expect("KVM_CREATE_VM"));
+    let applier = MemslotApplier::new(vm, SlotMapConfig::default()).expect("applier");
+    let base = 0x1_0000_0000u64;
+    let logged = SlotFlags {
+        dirty_log: true,
+        ..SlotFlags::NONE
+    };
+    let mem = anon(2 * MIB);
+    applier
+        .apply(|m| m.plug(Gpa(base), 2 * MIB, mem.clone(), 0, logged))
+        .unwrap();
+    let mut word = 7u64.to_le_bytes();
+    assert_eq!(
+        emulate(&applier, base + 0x3000, &mut word, true),
+        Access::Emulated
+    );
+    let mut read = [0u8; 8];
+    assert_eq!(
+        emulate(&applier, base + 0x5000, &mut read, false),
+        Access::Emulated
+    );
+    assert_eq!(
+        applier.dirty_pages(Gpa(base), 2 * MIB).unwrap(),
+        vec![Gfn((base + 0x3000) >> 12)],
+        "the emulated write is dirty, the read is not"
+    );
+    assert_eq!(byte_at(mem.hva().checked_add(0x3000).unwrap()), 7);
+}

@@ -64,6 +64,10 @@ pub fn emulate(memory: &MemslotApplier, gpa: u64, data: &mut [u8], write: bool) 
     // access's own width are the right tool.
     unsafe { copy(ptr, data, write) };
     drop(slot);
+    if write {
+        // After releasing the guard: see `MemslotApplier::mark_dirty`.
+        memory.mark_dirty(gpa, data.len() as u64);
+    }
     Access::Emulated
 }
 

@@ -491,6 +491,22 @@ impl<V: MemslotIoctls> MemslotApplier<V> {
         Ok(dirty)
     }
 
+    /// Records a write the VMM made on a vCPU's behalf (an emulated access)
+    /// to `[gpa, gpa + len)` as dirty, if dirty logging is on there: KVM's
+    /// log only sees writes KVM itself let through. Call it holding no slot
+    /// guard (a writer may hold the state lock while draining guards).
+    pub fn mark_dirty(&self, gpa: Gpa, len: u64) {
+        let map = self.load();
+        if len == 0 || !map.lookup(gpa).is_some_and(|s| s.flags().dirty_log) {
+            return;
+        }
+        let last = Gfn((gpa.0 + len - 1) >> 12);
+        let mut st = self.lock_state();
+        for g in gpa.gfn().0..=last.0 {
+            st.pending.insert(Gfn(g));
+        }
+    }
+
     /// Checks that the published map, the mirror and KVM agree.
     ///
     /// What it sees:
