@@ -24,7 +24,10 @@
 //! 3. **Permissions follow the slot.** A read-only slot is mapped without
 //!    write permission, so a device write to it fails
 //!    ([`IommuError::Denied`]); a protect to read-only is an invalidation, so
-//!    writable leaves of the range are zapped and refilled read-only.
+//!    writable leaves of the range are zapped and refilled read-only. A
+//!    protect back to read-write takes nothing away and is not announced, so
+//!    a write that meets a read-only leaf of a slot that is writable now zaps
+//!    the leaf and refills it (KVM's spurious-fault fix-up).
 //! 4. **Leaf size follows the backing.** A 2 MiB leaf is used where the
 //!    slot's backing is THP or hugetlb, the 2 MiB-aligned range around the
 //!    address lies inside the slot, and its host address is 2 MiB aligned;
@@ -297,14 +300,23 @@ impl Iommu {
                 return Ok(t);
             }
             if let Some(t) = table.lookup(gpa) {
-                if !t.perms.allows(access) {
-                    return Err(IommuError::Denied {
-                        gpa,
-                        access,
-                        perms: t.perms,
-                    });
+                if t.perms.allows(access) {
+                    continue; // the leaf changed between the two walks
                 }
-                continue; // the leaf changed between the two walks
+                if access == Access::Write && self.slot_writable(gpa) {
+                    // Unprotecting is not an invalidation (nothing is taken
+                    // away), so a read-only leaf can outlive its reason, like
+                    // a spurious EPT violation in KVM: zap it and refill.
+                    let leaf = GpaRange::new(t.page_gpa, t.page_size.bytes())
+                        .ok_or(IommuError::Unplugged { gpa, access })?;
+                    self.state.zap(leaf)?;
+                    continue;
+                }
+                return Err(IommuError::Denied {
+                    gpa,
+                    access,
+                    perms: t.perms,
+                });
             }
             match self.fill(gpa, access)? {
                 Fill::Mapped => {}
@@ -315,6 +327,11 @@ impl Iommu {
             gpa,
             attempts: FAULT_ATTEMPTS,
         })
+    }
+
+    /// Whether the slot holding `gpa` is plugged and writable now.
+    fn slot_writable(&self, gpa: Gpa) -> bool {
+        self.memory.try_acquire(gpa).is_ok_and(|g| !g.read_only())
     }
 
     /// One attempt of the fault path for `gpa` (invariant 2).
@@ -593,6 +610,19 @@ mod tests {
             vec![BASE.gfn()]
         );
         assert!(iommu.take_dirty(range(BASE, 0x10_0000)).unwrap().is_empty());
+    }
+
+    #[test]
+    fn test_write_after_unprotect_refills_writable_leaf() {
+        let Some((a, _m, iommu)) = setup(BackingKind::Anon, 0x10_0000, SlotFlags::NONE) else {
+            return;
+        };
+        a.apply(|m| m.protect(BASE, 0x10_0000, true)).unwrap();
+        iommu.translate(BASE, Access::Read).unwrap();
+        a.apply(|m| m.protect(BASE, 0x10_0000, false)).unwrap();
+        let t = iommu.translate(BASE, Access::Write).unwrap();
+        assert_eq!(t.perms, Perms::RW);
+        assert!(t.dirty);
     }
 
     #[test]
