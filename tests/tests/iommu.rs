@@ -162,11 +162,10 @@ fn test_iommu_protect_ro_refuses_device_write_serves_reads() {
     ));
     let read = iommu.translate(Gpa(base.0 + 8), Access::Read).unwrap();
     assert_eq!(read.page_size, PageSize::Size2M);
-    // SAFETY: the slot is plugged and nothing changes it during this read.
-    assert_eq!(
-        unsafe { (read.hva.0 as *const u64).read_volatile() },
-        read.hva.0
-    );
+    // SAFETY: the slot is plugged, 8-byte aligned, and nothing changes it
+    // during this read.
+    let word = unsafe { (read.hva.0 as *const u64).read_volatile() };
+    assert_eq!(word, read.hva.0);
     applier.apply(|m| m.protect(base, 2 << 20, false)).unwrap();
     assert!(iommu.translate(base, Access::Write).is_ok());
     // The write before the protect was harvested by the zap, not lost.
