@@ -303,20 +303,32 @@ impl Iommu {
                 if t.perms.allows(access) {
                     continue; // the leaf changed between the two walks
                 }
-                if access == Access::Write && self.slot_writable(gpa) {
-                    // Unprotecting is not an invalidation (nothing is taken
-                    // away), so a read-only leaf can outlive its reason, like
-                    // a spurious EPT violation in KVM: zap it and refill.
-                    let leaf = GpaRange::new(t.page_gpa, t.page_size.bytes())
-                        .ok_or(IommuError::Unplugged { gpa, access })?;
-                    self.state.zap(leaf)?;
-                    continue;
-                }
-                return Err(IommuError::Denied {
+                let denied = IommuError::Denied {
                     gpa,
                     access,
                     perms: t.perms,
-                });
+                };
+                if access != Access::Write {
+                    return Err(denied);
+                }
+                match self.memory.try_acquire(gpa) {
+                    Ok(g) if g.read_only() => return Err(denied),
+                    Ok(_) => {
+                        // Unprotecting is not an invalidation (nothing is
+                        // taken away), so a read-only leaf can outlive its
+                        // reason, like a spurious EPT violation in KVM: zap
+                        // it and refill from the slot.
+                        let leaf = GpaRange::new(t.page_gpa, t.page_size.bytes())
+                            .ok_or(IommuError::Unplugged { gpa, access })?;
+                        self.state.zap(leaf)?;
+                    }
+                    Err(GuardError::Unplugged { .. }) => {
+                        return Err(IommuError::Unplugged { gpa, access })
+                    }
+                    // A writer is changing the slot: ask again.
+                    Err(_) => std::thread::yield_now(),
+                }
+                continue;
             }
             match self.fill(gpa, access)? {
                 Fill::Mapped => {}
@@ -327,11 +339,6 @@ impl Iommu {
             gpa,
             attempts: FAULT_ATTEMPTS,
         })
-    }
-
-    /// Whether the slot holding `gpa` is plugged and writable now.
-    fn slot_writable(&self, gpa: Gpa) -> bool {
-        self.memory.try_acquire(gpa).is_ok_and(|g| !g.read_only())
     }
 
     /// One attempt of the fault path for `gpa` (invariant 2).
@@ -371,11 +378,13 @@ impl Iommu {
             }
             Err(e) => return Err(e.into()),
         };
-        drop(guard);
         if !installed {
             return Ok(Fill::Mapped);
         }
-        self.settle(seq, page, size == PageSize::Size2M)
+        // `guard` lives until `settle` returned: see invariant 2.
+        let fill = self.settle(seq, page, size == PageSize::Size2M);
+        drop(guard);
+        fill
     }
 
     /// The `retry` half of the fault path for a leaf just installed.
