@@ -268,3 +268,48 @@ fn test_iommu_device_threads_never_see_stale_translation_under_memory_ops() {
     let s = iommu.stats();
     assert!(s.zaps >= 100 && s.fills > 0, "{s:?}");
 }
+
+#[test]
+fn test_stage2_dump_step_gpa_without_size_is_rejected() {
+    let err = vmm::scenario::Scenario::parse("[[step]]\ndo = \"stage2-dump\"\ngpa = \"1G\"\n")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("`gpa` and `size` go together"), "{err}");
+}
+
+#[test]
+fn test_stage2_dump_step_wrong_expectation_fails_naming_runs() {
+    if !kvm_or_skip("stage2-dump mismatch") {
+        return;
+    }
+    let text = r#"
+        [[step]]
+        do = "plug"
+        gpa = "0x1_0000_0000"
+        size = "1M"
+        [[step]]
+        do = "dma-fill"
+        gpa = "0x1_0000_0000"
+        size = "4K"
+        value = 1
+        [[step]]
+        do = "stage2-dump"
+        runs = 2
+    "#;
+    let scenario = vmm::scenario::Scenario::parse(text).expect("valid scenario");
+    let cfg = vmm::run::RunConfig {
+        scenario: Some(Arc::new(scenario)),
+        ..config("default", 16 << 20, 1)
+    };
+    let (report, _) = run(&cfg);
+    let s = report.scenario.unwrap();
+    assert!(!s.passed);
+    let last = s.steps.last().unwrap();
+    assert!(
+        last.actual
+            .starts_with("stage2-mismatch: 1 runs, 0x1000 bytes mapped")
+            && last.actual.contains("expected 2 runs"),
+        "{}",
+        last.actual
+    );
+}
