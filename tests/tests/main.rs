@@ -3,6 +3,7 @@
 mod cli;
 mod dma;
 mod faults;
+mod iommu;
 mod launch;
 mod memslots;
 mod scenarios;

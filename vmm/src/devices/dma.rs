@@ -12,6 +12,13 @@
 //!    (so the host memory cannot go away mid-chunk); before each chunk it
 //!    checks its pins: a memory change that revoked them stops the transfer
 //!    with REVOKED, and memory that vanished between chunks gives FAULT;
+//!    every piece's address is translated through the [`Iommu`]'s stage-2
+//!    table (a miss faults it in; the walk sets Accessed, and Dirty for the
+//!    destination): a write the table does not allow (read-only memory) is a
+//!    FAULT, a translation an invalidation kept racing is REVOKED. The
+//!    table's host address must equal the slot guard's (asserted in debug
+//!    builds, a FAULT otherwise): the guard keeps the memory alive, the table
+//!    says where it is;
 //! 4. unpin, write the checksum, and write the status last.
 //!
 //! So a transfer racing an unplug either completes before the unplug takes
@@ -26,9 +33,11 @@ use guest_image::protocol::{dma_op, dma_status, DmaDescriptor};
 use serde::Serialize;
 use vm_memory::{Bytes, GuestAddress};
 
+use super::iommu::{Iommu, IommuError};
 use super::pins::{Pin, PinError, PinManager};
 use crate::kvm::memslots::MemslotApplier;
 use crate::mm::addr::{Gpa, GpaRange, PAGE_SIZE};
+use crate::mm::stage2::Access;
 use crate::vm::BootMemory;
 
 /// Largest piece transferred under one set of guards.
@@ -62,11 +71,12 @@ pub struct DmaEngine {
 }
 
 impl DmaEngine {
-    /// Starts the engine's thread.
+    /// Starts the engine's thread; it translates through `iommu`.
     pub fn start(
         memory: Arc<MemslotApplier>,
         boot: BootMemory,
         pins: Arc<PinManager>,
+        iommu: Arc<Iommu>,
     ) -> std::io::Result<Self> {
         let (tx, rx) = mpsc::channel();
         let stats = Arc::new(DmaStats::default());
@@ -74,6 +84,7 @@ impl DmaEngine {
             memory,
             boot,
             pins,
+            iommu,
             stats: stats.clone(),
         };
         let thread = std::thread::Builder::new()
@@ -114,6 +125,7 @@ struct Worker {
     memory: Arc<MemslotApplier>,
     boot: BootMemory,
     pins: Arc<PinManager>,
+    iommu: Arc<Iommu>,
     stats: Arc<DmaStats>,
 }
 
@@ -206,8 +218,9 @@ impl Worker {
             })
     }
 
-    /// Runs `f` on the host address of `[gpa, gpa + n)` split at slot
-    /// boundaries, each piece under a slot guard.
+    /// Runs `f` on the host address of `[gpa, gpa + n)` split at slot and
+    /// stage-2 leaf boundaries, each piece under a slot guard and translated
+    /// through the IOMMU.
     fn each_piece(
         &self,
         gpa: Gpa,
@@ -216,16 +229,34 @@ impl Worker {
         mut f: impl FnMut(u64, *mut u8, u64),
     ) -> Result<(), u64> {
         let fault = || dma_status::FAULT;
+        let access = if write { Access::Write } else { Access::Read };
         let mut off = 0;
         while off < n {
             let at = Gpa(gpa.0 + off);
             let guard = self.memory.try_acquire(at).map_err(|_| fault())?;
-            if write && guard.read_only() {
+            let tr = self.iommu.translate(at, access).map_err(|e| match e {
+                IommuError::Busy { .. } => dma_status::REVOKED,
+                _ => fault(),
+            })?;
+            debug_assert!(
+                !(write && guard.read_only()),
+                "the IOMMU let a write through to read-only {at}"
+            );
+            let leaf_end = tr.page_gpa.0 + tr.page_size.bytes();
+            let len = (guard.range().end().0.min(leaf_end) - at.0).min(n - off);
+            let hva = guard.hva(at, len).map_err(|_| fault())?;
+            debug_assert_eq!(tr.hva, hva, "stage-2 and the slot map disagree on {at}");
+            if tr.hva != hva {
                 return Err(fault());
             }
-            let len = (guard.range().end().0 - at.0).min(n - off);
-            let hva = guard.hva(at, len).map_err(|_| fault())?;
-            f(off, hva.0 as *mut u8, len);
+            f(off, tr.hva.0 as *mut u8, len);
+            if write {
+                // Dirty was set before the write; a report taken in between
+                // cleared it. Mark again after the write, so every write is
+                // reported at least once. A table walk only: a leaf zapped
+                // meanwhile had its Dirty bit harvested by the zap.
+                let _ = self.iommu.table().translate(at, access);
+            }
             off += len;
         }
         Ok(())

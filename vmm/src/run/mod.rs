@@ -23,6 +23,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::timerfd::TimerFd;
 
 use crate::devices::dma::DmaEngine;
+use crate::devices::iommu::Iommu;
 use crate::devices::pins::PinManager;
 use crate::mm::backing::BackingKind;
 use crate::plan::{BuiltinGuest, PhaseBarrier, VcpuPlan};
@@ -183,9 +184,15 @@ pub fn run(config: &RunConfig, console: Box<dyn Write>) -> Result<RunReport, Run
     em.add_subscriber(Box::new(signal_stop));
 
     let pins = Arc::new(PinManager::new(vm.memory.clone(), vm.pins.clone()));
+    let iommu = Arc::new(Iommu::new(vm.memory.clone()));
     let dma = Arc::new(
-        DmaEngine::start(vm.memory.clone(), vm.boot.clone(), pins.clone())
-            .map_err(setup_err("starting the DMA engine"))?,
+        DmaEngine::start(
+            vm.memory.clone(),
+            vm.boot.clone(),
+            pins.clone(),
+            iommu.clone(),
+        )
+        .map_err(setup_err("starting the DMA engine"))?,
     );
     let stop = Arc::new(AtomicBool::new(false));
     let barrier = Arc::new(PhaseBarrier::new(config.vcpus as usize));
@@ -273,6 +280,7 @@ pub fn run(config: &RunConfig, console: Box<dyn Write>) -> Result<RunReport, Run
                 backing: config.backing.clone(),
                 links: std::mem::take(&mut links),
                 pins: pins.clone(),
+                iommu: iommu.clone(),
                 held: Default::default(),
                 stop: stop.clone(),
                 console: Box::new(move |text| console.line("scenario".into(), text)),
@@ -346,6 +354,9 @@ pub fn run(config: &RunConfig, console: Box<dyn Write>) -> Result<RunReport, Run
     })?;
     let dma_stats = report::DmaReport::from(dma.stats());
     drop(dma);
+    // The table as the run left it; then the IOMMU unsubscribes.
+    let stage2 = iommu.report();
+    drop(iommu);
     drop(pins);
     let pins = vm.pins.snapshot();
 
@@ -368,6 +379,7 @@ pub fn run(config: &RunConfig, console: Box<dyn Write>) -> Result<RunReport, Run
         tsc_khz,
         pins,
         dma: dma_stats,
+        stage2,
         setup: setup_time,
         run: run_time,
         teardown: teardown_time,

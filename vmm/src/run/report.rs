@@ -6,6 +6,7 @@ use std::time::Duration;
 use serde::Serialize;
 
 use super::RunConfig;
+use crate::devices::iommu::Stage2Report;
 use crate::mm::pin_account::PinStats;
 use crate::scenario::ScenarioReport;
 use crate::vcpu::VcpuReport;
@@ -59,6 +60,8 @@ pub struct RunReport {
     pub pins: PinStats,
     /// What the DMA engine did.
     pub dma: DmaReport,
+    /// The IOMMU's stage-2 table at the end (runs mapped, counters).
+    pub stage2: Stage2Report,
     /// Each scenario step's outcome, when a scenario ran.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub scenario: Option<ScenarioReport>,
@@ -76,6 +79,7 @@ pub(super) struct Parts<'a> {
     pub tsc_khz: u32,
     pub pins: PinStats,
     pub dma: DmaReport,
+    pub stage2: Stage2Report,
     pub setup: Duration,
     pub run: Duration,
     pub teardown: Duration,
@@ -109,6 +113,7 @@ impl RunReport {
             scenario: p.scenario,
             pins: p.pins,
             dma: p.dma,
+            stage2: p.stage2,
         }
     }
 

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
+use crate::devices::iommu::Iommu;
 use crate::devices::pins::{Pin, PinError, PinManager};
 use crate::kvm::memslots::MemslotApplier;
 use crate::mm::addr::{Gpa, GpaRange, PAGE_SIZE};
@@ -147,6 +148,9 @@ pub struct Driver {
     pub stop: Arc<AtomicBool>,
     /// Pins guest memory for `pin` steps.
     pub pins: Arc<PinManager>,
+    /// The DMA engine's IOMMU (`dirty-pages` reads its dirty bits,
+    /// `stage2-dump` its table).
+    pub iommu: Arc<Iommu>,
     /// Pins held by `pin` steps, by name.
     pub held: std::collections::BTreeMap<String, Pin>,
     /// Console lines.
@@ -313,7 +317,7 @@ impl Driver {
             }
         }
         if !spec.is_guest() {
-            return match run_op(&self.memory, spec, &self.backing) {
+            return match run_op(&self.memory, &self.iommu, spec, &self.backing) {
                 Ok(detail) => (what, format!("ok: {detail}"), meets(expect, "ok")),
                 Err(f) => {
                     let passed = meets(expect, f.kind) || expect == "error";
@@ -514,6 +518,8 @@ pub fn describe(spec: &StepSpec) -> String {
             None => format!("plug slots from {} until the budget is full", r.start()),
         },
         "check" => "check KVM memslots against the map".into(),
+        "stage2-dump" if spec.gpa.is_none() => "dump the IOMMU's stage-2 table".into(),
+        "stage2-dump" => format!("dump the IOMMU's stage-2 table in {r}"),
         "sleep" => format!("sleep {}", spec.duration.as_deref().unwrap_or("?")),
         "wait" => format!("vCPU {vcpu}: wait for its async commands"),
         "read" | "write" => format!(

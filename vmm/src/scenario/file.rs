@@ -98,7 +98,7 @@ pub fn parse_num(s: &str) -> Result<u64, String> {
 #[serde(deny_unknown_fields)]
 pub struct StepSpec {
     /// Kind: plug, unplug, protect, move, resize, dirty-log, dirty-pages,
-    /// plug-many, check, fill, verify, verify-const, touch, read, write, spin,
+    /// plug-many, check, stage2-dump, fill, verify, verify-const, touch, read, write, spin,
     /// wait, sleep.
     #[serde(rename = "do")]
     pub kind: String,
@@ -143,6 +143,10 @@ pub struct StepSpec {
     /// dirty-pages: expected number of dirty pages; check: expected number
     /// of pinned pages.
     pub pages: Option<u64>,
+    /// stage2-dump: expected number of runs (adjacent equal leaves merged).
+    pub runs: Option<u64>,
+    /// stage2-dump: expected bytes mapped (in `gpa`/`size` if given).
+    pub mapped: Option<Num>,
     /// pin: whether a memory change may revoke the pin (default true); a
     /// non-revocable pin vetoes changes of its range instead.
     pub revocable: Option<bool>,
@@ -178,7 +182,7 @@ pub struct Scenario {
 }
 
 /// Memory-op kinds.
-pub const OP_KINDS: [&str; 11] = [
+pub const OP_KINDS: [&str; 12] = [
     "pin",
     "unpin",
     "plug",
@@ -190,6 +194,7 @@ pub const OP_KINDS: [&str; 11] = [
     "dirty-pages",
     "plug-many",
     "check",
+    "stage2-dump",
 ];
 /// Guest-command kinds.
 pub const GUEST_KINDS: [&str; 11] = [
@@ -333,6 +338,9 @@ impl StepSpec {
                 self.need(self.gpa, "gpa")?;
                 self.need(self.size, "size")?;
                 self.need(self.on, "on")?;
+            }
+            "stage2-dump" if self.gpa.is_some() != self.size.is_some() => {
+                return Err("`gpa` and `size` go together (the window to list)".into());
             }
             "plug-many" | "read" => {
                 self.need(self.gpa, "gpa")?;

@@ -4,10 +4,14 @@
 
 use std::sync::Arc;
 
+use std::collections::BTreeSet;
+
+use crate::devices::iommu::Iommu;
 use crate::kvm::memslots::{MemslotApplier, MemslotError};
-use crate::mm::addr::{Gpa, PAGE_SIZE};
+use crate::mm::addr::{Gfn, Gpa, GpaRange, Hva, PAGE_SIZE};
 use crate::mm::backing::{BackingKind, HostMapping};
 use crate::mm::slot_map::{SlotFlags, SlotMapError};
+use crate::mm::stage2::MappedRun;
 
 use super::file::StepSpec;
 
@@ -89,10 +93,11 @@ fn backing(step: &StepSpec, default: &BackingKind) -> Result<BackingKind, OpFail
 /// carries a short detail for the console.
 pub fn run_op(
     memory: &MemslotApplier,
+    iommu: &Iommu,
     step: &StepSpec,
     default_backing: &BackingKind,
 ) -> Result<String, OpFailure> {
-    let outcome = apply_op(memory, step, default_backing);
+    let outcome = apply_op(memory, iommu, step, default_backing);
     memory.check_consistency().map_err(|e| {
         OpFailure::new(
             "inconsistent",
@@ -129,6 +134,7 @@ fn reserved_overlap(step: &StepSpec) -> Option<OpFailure> {
 
 fn apply_op(
     memory: &MemslotApplier,
+    iommu: &Iommu,
     step: &StepSpec,
     default_backing: &BackingKind,
 ) -> Result<String, OpFailure> {
@@ -186,18 +192,8 @@ fn apply_op(
             })
             .to_string()
         }
-        "dirty-pages" => {
-            let pages = memory.dirty_pages(gpa, size).map_err(memslot_failure)?;
-            if let Some(want) = step.pages {
-                if pages.len() as u64 != want {
-                    return Err(OpFailure::new(
-                        "dirty-count",
-                        format!("{} dirty pages, expected {want}", pages.len()),
-                    ));
-                }
-            }
-            format!("{} dirty pages", pages.len())
-        }
+        "dirty-pages" => dirty_pages(memory, iommu, gpa, size, step.pages)?,
+        "stage2-dump" => stage2_dump(iommu, step)?,
         "plug-many" => plug_many(memory, gpa, step.count.map(|n| n.0))?,
         "check" => "consistent".to_string(),
         other => {
@@ -208,6 +204,90 @@ fn apply_op(
         }
     };
     Ok(detail)
+}
+
+/// KVM's dirty log (vCPU writes) united with the IOMMU's dirty bits (device
+/// writes) of `[gpa, gpa + size)`; both are read and cleared.
+fn dirty_pages(
+    memory: &MemslotApplier,
+    iommu: &Iommu,
+    gpa: Gpa,
+    size: u64,
+    want: Option<u64>,
+) -> Result<String, OpFailure> {
+    let kvm = memory.dirty_pages(gpa, size).map_err(memslot_failure)?;
+    let range = GpaRange::new(gpa, size)
+        .ok_or_else(|| OpFailure::new("range-overflow", format!("{gpa} + {size:#x} overflows")))?;
+    let device = iommu
+        .take_dirty(range)
+        .map_err(|e| OpFailure::new("stage2", e))?;
+    let pages: BTreeSet<Gfn> = kvm.iter().chain(device.iter()).copied().collect();
+    let detail = format!(
+        "{} dirty pages ({} in KVM's log, {} written by devices)",
+        pages.len(),
+        kvm.len(),
+        device.len()
+    );
+    match want {
+        Some(want) if pages.len() as u64 != want => Err(OpFailure::new(
+            "dirty-count",
+            format!("{detail}, expected {want}"),
+        )),
+        _ => Ok(detail),
+    }
+}
+
+/// Most runs a `stage2-dump` step lists in its detail.
+const DUMP_LINES: usize = 8;
+
+/// The IOMMU table's runs (those overlapping `gpa`/`size` if given, clipped
+/// to it), checked against `runs` and `mapped` (bytes) if given.
+fn stage2_dump(iommu: &Iommu, step: &StepSpec) -> Result<String, OpFailure> {
+    let window = match (step.gpa, step.size) {
+        (Some(g), Some(s)) => Some(GpaRange::new(Gpa(g.0), s.0).ok_or_else(|| {
+            OpFailure::new(
+                "range-overflow",
+                format!("{:#x} + {:#x} overflows", g.0, s.0),
+            )
+        })?),
+        _ => None,
+    };
+    let runs: Vec<MappedRun> = iommu
+        .dump()
+        .into_iter()
+        .filter_map(|r| match window {
+            None => Some(r),
+            Some(w) => r.range.intersect(&w).map(|range| MappedRun {
+                range,
+                hva: Hva(r.hva.0 + (range.start().0 - r.range.start().0)),
+                ..r
+            }),
+        })
+        .collect();
+    let mapped: u64 = runs.iter().map(|r| r.range.len()).sum();
+    let mut detail = format!("{} runs, {mapped:#x} bytes mapped", runs.len());
+    for r in runs.iter().take(DUMP_LINES) {
+        detail.push_str(&format!("; {} {} {}", r.range, r.page_size.name(), r.perms));
+    }
+    if runs.len() > DUMP_LINES {
+        detail.push_str(&format!("; ... {} more", runs.len() - DUMP_LINES));
+    }
+    let runs_ok = step.runs.is_none_or(|n| n == runs.len() as u64);
+    let mapped_ok = step.mapped.is_none_or(|n| n.0 == mapped);
+    if runs_ok && mapped_ok {
+        return Ok(detail);
+    }
+    let mut want = Vec::new();
+    if let Some(n) = step.runs {
+        want.push(format!("{n} runs"));
+    }
+    if let Some(n) = step.mapped {
+        want.push(format!("{:#x} bytes mapped", n.0));
+    }
+    Err(OpFailure::new(
+        "stage2-mismatch",
+        format!("{detail}; expected {}", want.join(", ")),
+    ))
 }
 
 fn resize(memory: &MemslotApplier, gpa: Gpa, new_size: u64) -> Result<String, OpFailure> {

@@ -1,0 +1,669 @@
+//! The IOMMU: device-side accesses translate guest-physical addresses through
+//! a [`Stage2Table`] (EPT format, walked without locks) that is filled on
+//! demand from the slot map and kept coherent by invalidation ranges, the way
+//! KVM's TDP MMU fills its tables from memslots and zaps them from mmu
+//! notifiers.
+//!
+//! # Invariants
+//! 1. **No stale leaf survives an invalidation's start.** The IOMMU
+//!    subscribes to the applier's [`InvalidationHub`]; the hub delivers
+//!    `invalidate_start` before KVM and the host tear anything down, and
+//!    [`Subscriber::invalidate_start`] zaps every leaf the range covers (see
+//!    "Zap" below). Huge leaves the range covers in part are split first, so
+//!    memory outside it never shows a hole.
+//! 2. **A fill never installs what a racing change took away.** The fault
+//!    path ([`Iommu::translate`] on a miss) follows KVM's sequence protocol:
+//!    `seq = hub.read_begin()`, look the page up through a slot guard
+//!    ([`MemslotApplier::try_acquire`]), install the leaf, then
+//!    `hub.retry(seq, page)`. If an overlapping invalidation is in progress or
+//!    any ended since `read_begin`, the leaf may have been resolved from
+//!    memory on its way out (the zap may have run before the install), so the
+//!    fault zaps what it installed and starts again. Either the zap of the
+//!    change runs after the install (and removes it), or the change was
+//!    recorded before `retry` (and `retry` sees it).
+//! 3. **Permissions follow the slot.** A read-only slot is mapped without
+//!    write permission, so a device write to it fails
+//!    ([`IommuError::Denied`]); a protect to read-only is an invalidation, so
+//!    writable leaves of the range are zapped and refilled read-only. A
+//!    protect back to read-write takes nothing away and is not announced, so
+//!    a write that meets a read-only leaf of a slot that is writable now zaps
+//!    the leaf and refills it (KVM's spurious-fault fix-up).
+//! 4. **Leaf size follows the backing.** A 2 MiB leaf is used where the
+//!    slot's backing is THP or hugetlb, the 2 MiB-aligned range around the
+//!    address lies inside the slot, and its host address is 2 MiB aligned;
+//!    otherwise 4 KiB.
+//! 5. **Dirty bits are never lost.** Device writes set the leaf's Dirty bit
+//!    (the walk does it by CAS). A zap first write-protects the range (after
+//!    which no walker can set Dirty in it), then harvests Dirty into a pending
+//!    set, then unmaps; [`Iommu::take_dirty`] reports pending and live dirty
+//!    frames of a range once each, like KVM's dirty log.
+//!
+//! # Memory safety
+//! The table only *translates*; it does not keep host memory alive. A device
+//! holds a slot guard on the memory it touches for as long as it touches it
+//! (as [`crate::devices::dma`] does), and the applier excludes guards before
+//! tearing a slot down, after the zap. So a translation obtained while a
+//! guard is held stays valid until the guard is dropped.
+//!
+//! # Lock order
+//! The table's writer lock is the innermost lock; the pending-dirty mutex is
+//! taken alone (never while calling into the table). `invalidate_start` runs
+//! on the applier's thread with the slot-map writer lock held and takes the
+//! table's lock exclusive; the fault path holds at most a slot guard (not a
+//! lock: guards are only waited for after every `invalidate_start` returned)
+//! while it takes the table's lock shared. The fault path is bounded
+//! ([`FAULT_ATTEMPTS`]), so a device holding a guard while an invalidation of
+//! that memory is in progress gives up ([`IommuError::Busy`]) instead of
+//! delaying the writer.
+//!
+//! ```
+//! use std::sync::Arc;
+//! use kvm_ioctls::Kvm;
+//! use vmm::devices::iommu::Iommu;
+//! use vmm::kvm::memslots::MemslotApplier;
+//! use vmm::mm::addr::{Gpa, GpaRange};
+//! use vmm::mm::backing::{BackingKind, HostMapping};
+//! use vmm::mm::slot_map::{SlotFlags, SlotMapConfig};
+//! use vmm::mm::stage2::{Access, PageSize};
+//!
+//! let Ok(kvm) = Kvm::new() else { return }; // no /dev/kvm here
+//! let vm = Arc::new(kvm.create_vm().unwrap());
+//! let applier = Arc::new(MemslotApplier::new(vm, SlotMapConfig::default()).unwrap());
+//! let mem = Arc::new(HostMapping::new(&BackingKind::Anon, 0x10_0000).unwrap());
+//! applier
+//!     .apply(|m| m.plug(Gpa(0x10_0000), 0x10_0000, mem.clone(), 0, SlotFlags::NONE))
+//!     .unwrap();
+//! let iommu = Iommu::new(applier.clone());
+//! let t = iommu.translate(Gpa(0x10_2008), Access::Write).unwrap(); // a fault fills it
+//! assert_eq!(t.hva.0, mem.hva().0 + 0x2008);
+//! assert_eq!(t.page_size, PageSize::Size4K);
+//! let all = GpaRange::new(Gpa(0x10_0000), 0x10_0000).unwrap();
+//! assert_eq!(iommu.take_dirty(all).unwrap().len(), 1);
+//! applier.apply(|m| m.unplug(Gpa(0x10_0000), 0x10_0000)).unwrap();
+//! assert!(iommu.dump().is_empty()); // zapped in invalidate_start
+//! assert!(iommu.translate(Gpa(0x10_2008), Access::Read).is_err());
+//! ```
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use serde::Serialize;
+
+use crate::kvm::memslots::MemslotApplier;
+use crate::mm::addr::{Gfn, Gpa, GpaRange, Hva, HUGE_2M, PAGE_SIZE};
+use crate::mm::backing::BackingKind;
+use crate::mm::guard::{GuardError, SlotRef};
+use crate::mm::notifier::{Interest, InvalidationHub, Reason, Replay, Subscriber, SubscriptionId};
+use crate::mm::stage2::{
+    Access, MappedRun, PageSize, Perms, ReclaimStats, Stage2Error, Stage2Table, Translation,
+};
+
+/// How many times a translation may miss (a fill lost to a racing
+/// invalidation, or a slot busy under a writer) before it fails as
+/// [`IommuError::Busy`].
+pub const FAULT_ATTEMPTS: u32 = 16;
+
+/// Why a device-side access cannot be translated.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum IommuError {
+    /// No memory is plugged at the address.
+    #[error("device access to {gpa} ({access:?}): no memory is plugged there")]
+    Unplugged {
+        /// The address.
+        gpa: Gpa,
+        /// The access.
+        access: Access,
+    },
+    /// The mapping does not allow the access (a write to read-only memory).
+    #[error("device {access:?} access to {gpa} denied: the stage-2 leaf allows {perms}")]
+    Denied {
+        /// The address.
+        gpa: Gpa,
+        /// The access.
+        access: Access,
+        /// What the leaf allows.
+        perms: Perms,
+    },
+    /// The memory kept changing under the fault path.
+    #[error("device access to {gpa}: memory kept changing under it ({attempts} attempts)")]
+    Busy {
+        /// The address.
+        gpa: Gpa,
+        /// Attempts made.
+        attempts: u32,
+    },
+    /// The table refused an operation.
+    #[error("stage-2 table: {0}")]
+    Table(#[from] Stage2Error),
+}
+
+/// Counters of the IOMMU (relaxed; for reports and tests).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct IommuStats {
+    /// Translations served by the table without a fault.
+    pub hits: u64,
+    /// Leaves installed by the fault path (and kept).
+    pub fills: u64,
+    /// Of `fills`, the 2 MiB leaves.
+    pub huge_fills: u64,
+    /// Fills thrown away because an invalidation raced them.
+    pub retries: u64,
+    /// Invalidation ranges zapped.
+    pub zaps: u64,
+    /// 4 KiB pages unmapped by zaps.
+    pub zapped_pages: u64,
+    /// Translations refused (unplugged, denied, busy).
+    pub failures: u64,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    hits: AtomicU64,
+    fills: AtomicU64,
+    huge_fills: AtomicU64,
+    retries: AtomicU64,
+    zaps: AtomicU64,
+    zapped_pages: AtomicU64,
+    failures: AtomicU64,
+}
+
+fn bump(c: &AtomicU64, n: u64) {
+    c.fetch_add(n, Ordering::Relaxed);
+}
+
+/// The part the hub holds: the table, dirty frames harvested by zaps, counters.
+#[derive(Debug, Default)]
+struct State {
+    table: Stage2Table,
+    /// Dirty frames of leaves zapped since they were last reported.
+    pending_dirty: Mutex<BTreeSet<Gfn>>,
+    counters: Counters,
+}
+
+/// The smallest 4 KiB-aligned range covering `range`, clipped to the table's
+/// reach by the table's own checks.
+fn page_cover(range: GpaRange) -> Option<GpaRange> {
+    let start = range.start().align_down(PAGE_SIZE);
+    let end = range.end().0.checked_next_multiple_of(PAGE_SIZE)?;
+    GpaRange::from_bounds(start, Gpa(end))
+}
+
+impl State {
+    fn pending(&self) -> MutexGuard<'_, BTreeSet<Gfn>> {
+        // Plain inserts and removes: a panic elsewhere leaves the set whole.
+        self.pending_dirty.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Write-protects, harvests Dirty, then unmaps `range` (invariant 5).
+    fn zap(&self, range: GpaRange) -> Result<u64, Stage2Error> {
+        let Some(range) = page_cover(range) else {
+            return Err(Stage2Error::BadRange { range });
+        };
+        // After this no walker can set Dirty in the range: a walker's A/D CAS
+        // either landed before the protect's CAS (which then keeps it) or
+        // fails and re-reads a leaf that denies writes.
+        self.table.protect(range, Perms::R)?;
+        let dirty = self.table.take_dirty(range)?;
+        if !dirty.is_empty() {
+            self.pending().extend(dirty);
+        }
+        self.table.unmap(range)
+    }
+}
+
+impl Subscriber for State {
+    fn invalidate_start(&self, range: GpaRange, _reason: Reason) {
+        bump(&self.counters.zaps, 1);
+        match self.zap(range) {
+            Ok(pages) => bump(&self.counters.zapped_pages, pages),
+            // Hub ranges are page-granular slot ranges inside the 48-bit space;
+            // a failure here would leave stale leaves, so it must be loud.
+            Err(e) => panic!("IOMMU zap of {range} failed: {e}"),
+        }
+    }
+
+    fn invalidate_end(&self, _range: GpaRange) {}
+}
+
+/// A software IOMMU over the VM's guest memory; see the module docs.
+pub struct Iommu {
+    memory: Arc<MemslotApplier>,
+    hub: Arc<InvalidationHub>,
+    state: Arc<State>,
+    subscription: SubscriptionId,
+}
+
+impl fmt::Debug for Iommu {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Iommu")
+            .field("subscription", &self.subscription)
+            .field("stats", &self.stats())
+            .finish()
+    }
+}
+
+/// What one fault attempt did.
+enum Fill {
+    /// A leaf is (now) in the table: walk again.
+    Mapped,
+    /// A racing change: try again.
+    Again,
+}
+
+impl Iommu {
+    /// An empty table over `memory`, subscribed to its hub.
+    pub fn new(memory: Arc<MemslotApplier>) -> Self {
+        let hub = memory.hub().clone();
+        let state = Arc::new(State::default());
+        let subscription = hub
+            .subscribe(Interest::All, state.clone(), Replay::None)
+            // `Interest::All` has no range that could be empty.
+            .expect("Interest::All is a valid interest");
+        Self {
+            memory,
+            hub,
+            state,
+            subscription,
+        }
+    }
+
+    /// The table (for benchmarks and tests).
+    pub fn table(&self) -> &Stage2Table {
+        &self.state.table
+    }
+
+    /// Translates a device-side `access` to `gpa`: a lock-free table walk
+    /// that sets Accessed (and Dirty for a write); on a miss, the fault path
+    /// fills the table from the slot map (see the module docs).
+    ///
+    /// # Errors
+    /// [`IommuError::Unplugged`], [`IommuError::Denied`] (a write to
+    /// read-only memory, or execute), [`IommuError::Busy`] (an invalidation of
+    /// the page kept racing the fill), [`IommuError::Table`].
+    pub fn translate(&self, gpa: Gpa, access: Access) -> Result<Translation, IommuError> {
+        let result = self.try_translate(gpa, access);
+        if result.is_err() {
+            bump(&self.state.counters.failures, 1);
+        }
+        result
+    }
+
+    fn try_translate(&self, gpa: Gpa, access: Access) -> Result<Translation, IommuError> {
+        let table = &self.state.table;
+        for attempt in 0..FAULT_ATTEMPTS {
+            if let Some(t) = table.translate(gpa, access) {
+                if attempt == 0 {
+                    bump(&self.state.counters.hits, 1);
+                }
+                return Ok(t);
+            }
+            if let Some(t) = table.lookup(gpa) {
+                if t.perms.allows(access) {
+                    continue; // the leaf changed between the two walks
+                }
+                let denied = IommuError::Denied {
+                    gpa,
+                    access,
+                    perms: t.perms,
+                };
+                if access != Access::Write {
+                    return Err(denied);
+                }
+                match self.memory.try_acquire(gpa) {
+                    Ok(g) if g.read_only() => return Err(denied),
+                    Ok(_) => {
+                        // Unprotecting is not an invalidation (nothing is
+                        // taken away), so a read-only leaf can outlive its
+                        // reason, like a spurious EPT violation in KVM: zap
+                        // it and refill from the slot.
+                        let leaf = GpaRange::new(t.page_gpa, t.page_size.bytes())
+                            .ok_or(IommuError::Unplugged { gpa, access })?;
+                        self.state.zap(leaf)?;
+                    }
+                    Err(GuardError::Unplugged { .. }) => {
+                        return Err(IommuError::Unplugged { gpa, access })
+                    }
+                    // A writer is changing the slot: ask again.
+                    Err(_) => std::thread::yield_now(),
+                }
+                continue;
+            }
+            match self.fill(gpa, access)? {
+                Fill::Mapped => {}
+                Fill::Again => std::thread::yield_now(),
+            }
+        }
+        Err(IommuError::Busy {
+            gpa,
+            attempts: FAULT_ATTEMPTS,
+        })
+    }
+
+    /// One attempt of the fault path for `gpa` (invariant 2).
+    fn fill(&self, gpa: Gpa, access: Access) -> Result<Fill, IommuError> {
+        let seq = self.hub.read_begin();
+        let guard = match self.memory.try_acquire(gpa) {
+            Ok(g) => g,
+            Err(GuardError::Unplugged { .. }) => return Err(IommuError::Unplugged { gpa, access }),
+            Err(_) => return Ok(Fill::Again), // a writer holds the slot
+        };
+        let perms = if guard.read_only() {
+            Perms::R
+        } else {
+            Perms::RW
+        };
+        let (page, hva, size) = self.leaf_for(&guard, gpa)?;
+        let installed = match self.state.table.map(page.start(), hva, size, perms) {
+            Ok(()) => true,
+            // Another fault mapped it, or (for a 2 MiB leaf) 4 KiB leaves
+            // remain in the region after a partial zap: fall back to 4 KiB.
+            Err(Stage2Error::AlreadyMapped { .. }) if size == PageSize::Size4K => false,
+            Err(Stage2Error::AlreadyMapped { .. }) => {
+                let page4 = GpaRange::new(gpa.align_down(PAGE_SIZE), PAGE_SIZE)
+                    .ok_or(IommuError::Unplugged { gpa, access })?;
+                let hva4 = guard
+                    .hva(page4.start(), PAGE_SIZE)
+                    .map_err(|_| IommuError::Unplugged { gpa, access })?;
+                match self
+                    .state
+                    .table
+                    .map(page4.start(), hva4, PageSize::Size4K, perms)
+                {
+                    Ok(()) => return self.settle(seq, page4, false),
+                    Err(Stage2Error::AlreadyMapped { .. }) => false,
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            Err(e) => return Err(e.into()),
+        };
+        if !installed {
+            return Ok(Fill::Mapped);
+        }
+        // `guard` lives until `settle` returned: see invariant 2.
+        let fill = self.settle(seq, page, size == PageSize::Size2M);
+        drop(guard);
+        fill
+    }
+
+    /// The `retry` half of the fault path for a leaf just installed.
+    fn settle(
+        &self,
+        seq: crate::mm::notifier::ReadSeq,
+        page: GpaRange,
+        huge: bool,
+    ) -> Result<Fill, IommuError> {
+        let c = &self.state.counters;
+        if self.hub.retry(seq, page) {
+            bump(&c.retries, 1);
+            self.state.zap(page)?;
+            return Ok(Fill::Again);
+        }
+        bump(&c.fills, 1);
+        if huge {
+            bump(&c.huge_fills, 1);
+        }
+        Ok(Fill::Mapped)
+    }
+
+    /// The leaf to install for `gpa` in the guarded slot (invariant 4).
+    fn leaf_for(
+        &self,
+        guard: &SlotRef<'_>,
+        gpa: Gpa,
+    ) -> Result<(GpaRange, Hva, PageSize), IommuError> {
+        let unplugged = || IommuError::Unplugged {
+            gpa,
+            access: Access::Read,
+        };
+        let slot = guard.range();
+        let base = gpa.align_down(HUGE_2M);
+        if let Some(region) = GpaRange::new(base, HUGE_2M) {
+            let inside = slot.start() <= region.start() && region.end() <= slot.end();
+            if inside && self.huge_backed(guard, gpa) {
+                let hva = guard.hva(base, HUGE_2M).map_err(|_| unplugged())?;
+                if hva.is_aligned(HUGE_2M) {
+                    return Ok((region, hva, PageSize::Size2M));
+                }
+            }
+        }
+        let page = GpaRange::new(gpa.align_down(PAGE_SIZE), PAGE_SIZE).ok_or_else(unplugged)?;
+        let hva = guard
+            .hva(page.start(), PAGE_SIZE)
+            .map_err(|_| unplugged())?;
+        Ok((page, hva, PageSize::Size4K))
+    }
+
+    /// Whether the guarded slot's backing is THP or hugetlb. The guard does
+    /// not carry the backing; the published map's slot of the same generation
+    /// does (a snapshot without it means the slot changed: use 4 KiB).
+    fn huge_backed(&self, guard: &SlotRef<'_>, gpa: Gpa) -> bool {
+        let map = self.memory.load();
+        map.lookup(gpa)
+            .filter(|s| s.generation() == guard.generation())
+            .is_some_and(|s| matches!(s.mapping().kind(), BackingKind::Thp | BackingKind::Hugetlb))
+    }
+
+    /// The guest frames in `range` written by devices since they were last
+    /// reported, ascending: Dirty bits of live leaves (cleared) and frames
+    /// harvested when leaves were zapped.
+    ///
+    /// # Errors
+    /// [`IommuError::Table`] if the range reaches past the 48-bit space.
+    pub fn take_dirty(&self, range: GpaRange) -> Result<Vec<Gfn>, IommuError> {
+        let Some(cover) = page_cover(range) else {
+            return Err(Stage2Error::BadRange { range }.into());
+        };
+        let live = self.state.table.take_dirty(cover)?;
+        let mut pending = self.state.pending();
+        let first = cover.start().gfn();
+        let last = cover.end().gfn();
+        let mut out: BTreeSet<Gfn> = pending.range(first..last).copied().collect();
+        for g in &out {
+            pending.remove(g);
+        }
+        drop(pending);
+        out.extend(live);
+        Ok(out.into_iter().collect())
+    }
+
+    /// Every mapping, ascending, adjacent leaves merged into runs.
+    pub fn dump(&self) -> Vec<MappedRun> {
+        self.state.table.dump()
+    }
+
+    /// The counters.
+    pub fn stats(&self) -> IommuStats {
+        let c = &self.state.counters;
+        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        IommuStats {
+            hits: l(&c.hits),
+            fills: l(&c.fills),
+            huge_fills: l(&c.huge_fills),
+            retries: l(&c.retries),
+            zaps: l(&c.zaps),
+            zapped_pages: l(&c.zapped_pages),
+            failures: l(&c.failures),
+        }
+    }
+
+    /// Table pages linked, retired and reclaimed.
+    pub fn reclaim_stats(&self) -> ReclaimStats {
+        self.state.table.reclaim_stats()
+    }
+
+    /// The report: runs, bytes mapped, counters.
+    pub fn report(&self) -> Stage2Report {
+        let runs = self.dump();
+        Stage2Report {
+            mapped_bytes: runs.iter().map(|r| r.range.len()).sum(),
+            runs,
+            stats: self.stats(),
+        }
+    }
+}
+
+impl Drop for Iommu {
+    fn drop(&mut self) {
+        let _ = self.hub.unsubscribe(self.subscription);
+    }
+}
+
+/// The stage-2 table at the end of a run (`stage2` in the JSON report).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Stage2Report {
+    /// What is mapped, as runs of equal leaves.
+    pub runs: Vec<MappedRun>,
+    /// Total bytes mapped.
+    pub mapped_bytes: u64,
+    /// The IOMMU's counters.
+    pub stats: IommuStats,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mm::backing::HostMapping;
+    use crate::mm::slot_map::{SlotFlags, SlotMapConfig};
+    use kvm_ioctls::Kvm;
+
+    const BASE: Gpa = Gpa(0x4000_0000);
+
+    fn setup(
+        kind: BackingKind,
+        len: u64,
+        flags: SlotFlags,
+    ) -> Option<(Arc<MemslotApplier>, Arc<HostMapping>, Iommu)> {
+        let kvm = Kvm::new().ok()?; // no /dev/kvm: the caller skips
+        let vm = Arc::new(kvm.create_vm().unwrap());
+        let applier = Arc::new(MemslotApplier::new(vm, SlotMapConfig::default()).unwrap());
+        let mem = Arc::new(HostMapping::new(&kind, len).unwrap());
+        let m = mem.clone();
+        applier
+            .apply(|map| map.plug(BASE, len, m.clone(), 0, flags))
+            .unwrap();
+        let iommu = Iommu::new(applier.clone());
+        Some((applier, mem, iommu))
+    }
+
+    fn range(gpa: Gpa, len: u64) -> GpaRange {
+        GpaRange::new(gpa, len).unwrap()
+    }
+
+    #[test]
+    fn test_translate_miss_fills_4k_leaf_then_hits() {
+        let Some((_a, mem, iommu)) = setup(BackingKind::Anon, 0x40_0000, SlotFlags::NONE) else {
+            return;
+        };
+        let t = iommu
+            .translate(Gpa(BASE.0 + 0x1_2340), Access::Read)
+            .unwrap();
+        assert_eq!(t.hva.0, mem.hva().0 + 0x1_2340);
+        assert_eq!(t.page_size, PageSize::Size4K);
+        iommu
+            .translate(Gpa(BASE.0 + 0x1_2000), Access::Write)
+            .unwrap();
+        let s = iommu.stats();
+        assert_eq!((s.fills, s.hits), (1, 1));
+        assert_eq!(iommu.dump().len(), 1);
+    }
+
+    #[test]
+    fn test_translate_thp_slot_fills_2m_leaf() {
+        let Some((_a, mem, iommu)) = setup(BackingKind::Thp, 0x40_0000, SlotFlags::NONE) else {
+            return;
+        };
+        let t = iommu
+            .translate(Gpa(BASE.0 + 0x20_1008), Access::Read)
+            .unwrap();
+        assert_eq!(t.page_size, PageSize::Size2M);
+        assert_eq!(t.hva.0, mem.hva().0 + 0x20_1008);
+        assert_eq!(iommu.stats().huge_fills, 1);
+    }
+
+    #[test]
+    fn test_translate_write_to_readonly_slot_is_denied() {
+        let ro = SlotFlags {
+            read_only: true,
+            ..SlotFlags::NONE
+        };
+        let Some((_a, _m, iommu)) = setup(BackingKind::Anon, 0x10_0000, ro) else {
+            return;
+        };
+        assert!(iommu.translate(BASE, Access::Read).is_ok());
+        assert!(matches!(
+            iommu.translate(BASE, Access::Write),
+            Err(IommuError::Denied {
+                perms: Perms::R,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn test_protect_zaps_and_refills_readonly_keeping_dirty() {
+        let Some((a, _m, iommu)) = setup(BackingKind::Anon, 0x10_0000, SlotFlags::NONE) else {
+            return;
+        };
+        iommu.translate(BASE, Access::Write).unwrap();
+        a.apply(|m| m.protect(BASE, 0x1000, true)).unwrap();
+        assert!(iommu.dump().is_empty());
+        assert!(matches!(
+            iommu.translate(BASE, Access::Write),
+            Err(IommuError::Denied { .. })
+        ));
+        assert!(iommu.translate(BASE, Access::Read).is_ok());
+        assert_eq!(
+            iommu.take_dirty(range(BASE, 0x10_0000)).unwrap(),
+            vec![BASE.gfn()]
+        );
+        assert!(iommu.take_dirty(range(BASE, 0x10_0000)).unwrap().is_empty());
+    }
+
+    #[test]
+    fn test_write_after_unprotect_refills_writable_leaf() {
+        let Some((a, _m, iommu)) = setup(BackingKind::Anon, 0x10_0000, SlotFlags::NONE) else {
+            return;
+        };
+        a.apply(|m| m.protect(BASE, 0x10_0000, true)).unwrap();
+        iommu.translate(BASE, Access::Read).unwrap();
+        a.apply(|m| m.protect(BASE, 0x10_0000, false)).unwrap();
+        let t = iommu.translate(BASE, Access::Write).unwrap();
+        assert_eq!(t.perms, Perms::RW);
+        assert!(t.dirty);
+    }
+
+    #[test]
+    fn test_unplug_part_of_huge_leaf_splits_keeping_rest_mapped() {
+        let Some((a, _m, iommu)) = setup(BackingKind::Thp, 0x40_0000, SlotFlags::NONE) else {
+            return;
+        };
+        iommu.translate(BASE, Access::Read).unwrap();
+        a.apply(|m| m.unplug(BASE, HUGE_2M)).unwrap();
+        assert!(matches!(
+            iommu.translate(BASE, Access::Read),
+            Err(IommuError::Unplugged { .. })
+        ));
+        let t = iommu
+            .translate(Gpa(BASE.0 + HUGE_2M), Access::Read)
+            .unwrap();
+        assert_eq!(t.page_size, PageSize::Size2M);
+        let runs = iommu.dump();
+        assert_eq!(runs.len(), 1);
+        assert_eq!(runs[0].range, range(Gpa(BASE.0 + HUGE_2M), HUGE_2M));
+    }
+
+    #[test]
+    fn test_move_zaps_old_range_and_new_range_faults_in() {
+        let Some((a, mem, iommu)) = setup(BackingKind::Anon, 0x10_0000, SlotFlags::NONE) else {
+            return;
+        };
+        iommu.translate(BASE, Access::Read).unwrap();
+        let to = Gpa(0x1_0000_0000);
+        a.apply(|m| m.move_range(BASE, 0x10_0000, to)).unwrap();
+        assert!(iommu.translate(BASE, Access::Read).is_err());
+        assert_eq!(iommu.translate(to, Access::Read).unwrap().hva, mem.hva());
+        assert_eq!(iommu.dump()[0].range.start(), to);
+    }
+}
