@@ -49,6 +49,20 @@ fn test_faults_thp_per_4k_first_touch_is_below_anon_4k() {
     // so the allocator hands out backed blocks: the test is about KVM mapping
     // 2 MiB pages, not about the outer host. (`vmm bench faults` itself does
     // no such warm-up: it reports what the guest sees.)
+    // Up to 3 measurements: one outer-host event (a multi-millisecond THP
+    // zeroing) must not fail CI on a shared 2-core machine; a real
+    // regression fails all three.
+    let mut last = String::new();
+    for _attempt in 0..3 {
+        match thp_vs_anon_once() {
+            Ok(()) => return,
+            Err(e) => last = e,
+        }
+    }
+    panic!("THP was not cheaper than anon per 4 KiB in 3 measurements; last: {last}");
+}
+
+fn thp_vs_anon_once() -> Result<(), String> {
     let warm = HostMapping::new(&BackingKind::Thp, 64 * MIB).unwrap();
     vmm::bench::host::populate(&warm);
     drop(warm);
@@ -67,11 +81,18 @@ fn test_faults_thp_per_4k_first_touch_is_below_anon_4k() {
         chunks[chunks.len() / 2]
     };
     let (t, a) = (per_4k(&thp.samples_ns), per_4k(&anon.samples_ns));
-    assert!(t * 2.0 < a, "thp {t} ns per 4 KiB vs anon {a} ns");
-    assert!(thp.latency_ns.p50 < anon.latency_ns.p50);
-    // And KVM really mapped 2 MiB pages for THP, 4 KiB ones for anon.
+    // KVM really maps 2 MiB pages for THP and 4 KiB ones for anon: counters,
+    // not timing, so no retry can hide a regression here.
     assert!(thp.kvm("pages_2m") >= 2, "{:?}", thp.kvm);
     assert_eq!(anon.kvm("pages_2m"), 0, "{:?}", anon.kvm);
+    if t * 2.0 < a && thp.latency_ns.p50 < anon.latency_ns.p50 {
+        Ok(())
+    } else {
+        Err(format!(
+            "thp {t} ns per 4 KiB (p50 {}) vs anon {a} ns (p50 {})",
+            thp.latency_ns.p50, anon.latency_ns.p50
+        ))
+    }
 }
 
 #[test]
