@@ -203,8 +203,18 @@ fn hold() -> Duration {
         Duration::from_micros(us)
     })
 }
-/// Pause between two ops.
-const GAP: Duration = Duration::from_micros(50);
+/// Pause between two ops: 50 µs, or `GUARDS_BENCH_GAP_US` (0 = a writer
+/// that churns continuously, as in the stress test).
+fn gap() -> Duration {
+    static GAP: std::sync::OnceLock<Duration> = std::sync::OnceLock::new();
+    *GAP.get_or_init(|| {
+        let us = std::env::var("GUARDS_BENCH_GAP_US")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(50);
+        Duration::from_micros(us)
+    })
+}
 
 /// The writer: plug and unplug its own slot, each map its own way, with the
 /// KVM update (`HOLD`) inside what that map makes exclusive:
@@ -256,7 +266,9 @@ fn churn(f: &Fixture, kind: Kind, stop: &AtomicBool) {
                     }
                 }
             }
-            thread::sleep(GAP);
+            if !gap().is_zero() {
+                thread::sleep(gap());
+            }
         }
     }
 }
@@ -409,8 +421,9 @@ fn interleaved() {
 fn report() {
     let m = |n: &str| median(&format!("il/{n}")).unwrap_or(f64::NAN);
     println!(
-        "\n== guards benchmark: medians of this run (ns per lookup); churn: write hold {:?}, gap {GAP:?} ==",
-        hold()
+        "\n== guards benchmark: medians of this run (ns per lookup); churn: write hold {:?}, gap {:?} ==",
+        hold(),
+        gap()
     );
     for (name, v) in SAMPLES.lock().unwrap().iter() {
         let mut v = v.clone();
