@@ -20,6 +20,8 @@ use vmm::mm::backing::{BackingKind, HostMapping};
 use vmm::mm::slot_map::{MemslotChange, SlotFlags, SlotMapConfig, SlotMapError};
 use vmm_tests::kvm_or_skip;
 
+mod dirty;
+
 const MIB: u64 = 1 << 20;
 const PAGE: u64 = 4096;
 /// Guest-physical window the tests use; probes cover all of it.
@@ -619,100 +621,6 @@ fn test_memslots_drop_deletes_registered_slots() {
         .unwrap();
 }
 
-/// Real-mode guest code at 0x1000: `mov byte [0x5000], 1; mov byte [0x9000], 1; hlt`.
-const GUEST: [u8; 11] = [
-    0xC6, 0x06, 0x00, 0x50, 0x01, 0xC6, 0x06, 0x00, 0x90, 0x01, 0xF4,
-];
-
-/// Runs [`GUEST`] at 0x1000 in real mode on a new vCPU until it halts.
-fn run_guest(f: &Fixture) {
-    let mut vcpu = f.faulty.vm.create_vcpu(0).expect("KVM_CREATE_VCPU");
-    let mut sregs = vcpu.get_sregs().unwrap();
-    sregs.cs.base = 0;
-    sregs.cs.selector = 0;
-    vcpu.set_sregs(&sregs).unwrap();
-    let mut regs = vcpu.get_regs().unwrap();
-    regs.rip = 0x1000;
-    regs.rflags = 2;
-    vcpu.set_regs(&regs).unwrap();
-    // kvm-ioctls' `VcpuExit` is not re-exported by `vmm`; its Debug names the exit.
-    let exit = format!("{:?}", vcpu.run().expect("KVM_RUN"));
-    assert!(exit.starts_with("Hlt"), "guest exit: {exit}");
-}
-
-#[test]
-fn test_memslots_dirty_pages_survive_split_and_are_reported_once() {
-    let Some(f) = fixture("memslots dirty pages", 16) else {
-        return;
-    };
-    let mem = anon(64 * 1024);
-    // SAFETY: in bounds; the guest does not run yet.
-    unsafe {
-        std::ptr::copy_nonoverlapping(GUEST.as_ptr(), mem.as_ptr().add(0x1000), GUEST.len());
-    }
-    f.applier
-        .apply(|m| m.plug(Gpa(0), 64 * 1024, mem.clone(), 0, SlotFlags::NONE))
-        .unwrap();
-    f.applier
-        .apply(|m| m.set_dirty_log(Gpa(0), 64 * 1024, true))
-        .unwrap();
-    run_guest(&f);
-    // SAFETY: in bounds; the guest has halted.
-    let written = unsafe { (*mem.as_ptr().add(0x5000), *mem.as_ptr().add(0x9000)) };
-    assert_eq!(written, (1, 1), "the guest wrote both pages");
-
-    // Splitting deletes the logging slot: its log is harvested first.
-    f.applier
-        .apply(|m| m.protect(Gpa(0x8000), 0x1000, true))
-        .unwrap();
-    f.assert_kvm_matches();
-    assert_eq!(
-        f.applier.dirty_pages(Gpa(0x5000), 0x1000).unwrap(),
-        vec![Gfn(5)]
-    );
-    assert_eq!(
-        f.applier.dirty_pages(Gpa(0), 64 * 1024).unwrap(),
-        vec![Gfn(9)],
-        "pages outside the first range stayed pending"
-    );
-    assert_eq!(f.applier.dirty_pages(Gpa(0), 64 * 1024).unwrap(), vec![]);
-}
-
-#[test]
-fn test_memslots_dirty_pages_survive_rollback() {
-    let Some(f) = fixture("memslots dirty pages rollback", 16) else {
-        return;
-    };
-    let mem = anon(64 * 1024);
-    // SAFETY: in bounds; the guest does not run yet.
-    unsafe {
-        std::ptr::copy_nonoverlapping(GUEST.as_ptr(), mem.as_ptr().add(0x1000), GUEST.len());
-    }
-    f.applier
-        .apply(|m| m.plug(Gpa(0), 64 * 1024, mem.clone(), 0, SlotFlags::NONE))
-        .unwrap();
-    f.applier
-        .apply(|m| m.set_dirty_log(Gpa(0), 64 * 1024, true))
-        .unwrap();
-    run_guest(&f);
-    // Change 0 deletes the logging slot (harvesting it), change 1 fails: the
-    // slot is re-created with an empty bitmap, the harvested pages are kept.
-    f.faulty.fail_next(&[1]);
-    let err = f
-        .applier
-        .apply(|m| m.protect(Gpa(0x8000), 0x1000, true))
-        .unwrap_err();
-    assert!(
-        matches!(err, MemslotError::RolledBack { index: 1, .. }),
-        "{err}"
-    );
-    f.assert_kvm_matches();
-    assert_eq!(
-        f.applier.dirty_pages(Gpa(0), 64 * 1024).unwrap(),
-        vec![Gfn(5), Gfn(9)]
-    );
-}
-
 /// A xorshift64 generator: the sequence is reproducible from the seed.
 struct Rng(u64);
 
@@ -807,42 +715,4 @@ fn test_memslots_random_ops_with_faults_match_kvm() {
     }
     eprintln!("random ops: {outcomes:?} (ok, refused by the map, rolled back, rollback failed)");
     assert!(outcomes[0] >= 100 && outcomes[2] >= 10, "{outcomes:?}");
-}
-
-/// Regression (review): a write the VMM emulates for a vCPU (one that raced a
-/// memslot change) must show up in the dirty log like a write KVM let through.
-#[test]
-fn test_memslots_emulated_write_is_reported_dirty() {
-    if !kvm_or_skip("emulated write dirty") {
-        return;
-    }
-    use vmm::vcpu::mmio::{emulate, Access};
-    let kvm = Kvm::new().expect("open /dev/kvm");
-    let vm = Arc::new(kvm.create_vm().expect("KVM_CREATE_VM"));
-    let applier = MemslotApplier::new(vm, SlotMapConfig::default()).expect("applier");
-    let base = 0x1_0000_0000u64;
-    let logged = SlotFlags {
-        dirty_log: true,
-        ..SlotFlags::NONE
-    };
-    let mem = anon(2 * MIB);
-    applier
-        .apply(|m| m.plug(Gpa(base), 2 * MIB, mem.clone(), 0, logged))
-        .unwrap();
-    let mut word = 7u64.to_le_bytes();
-    assert_eq!(
-        emulate(&applier, base + 0x3000, &mut word, true),
-        Access::Emulated
-    );
-    let mut read = [0u8; 8];
-    assert_eq!(
-        emulate(&applier, base + 0x5000, &mut read, false),
-        Access::Emulated
-    );
-    assert_eq!(
-        applier.dirty_pages(Gpa(base), 2 * MIB).unwrap(),
-        vec![Gfn((base + 0x3000) >> 12)],
-        "the emulated write is dirty, the read is not"
-    );
-    assert_eq!(byte_at(mem.hva().checked_add(0x3000).unwrap()), 7);
 }
