@@ -15,7 +15,7 @@ use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 
-use guest_image::protocol::{command, layout};
+use guest_image::protocol::command;
 
 use crate::mm::addr::{GpaRange, PAGE_SIZE};
 
@@ -384,17 +384,15 @@ impl fmt::Display for BuiltinGuest {
     }
 }
 
-/// Guest RAM is placed here; re-exported for plans built by callers.
-pub const RAM_BASE: u64 = layout::RAM_BASE;
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::mm::addr::Gpa;
+    use guest_image::protocol::layout;
 
     #[test]
     fn test_ram_share_covers_ram_exactly_once() {
-        let ram = GpaRange::new(Gpa(RAM_BASE), 10 * PAGE_SIZE).unwrap();
+        let ram = GpaRange::new(Gpa(layout::RAM_BASE), 10 * PAGE_SIZE).unwrap();
         let shares: Vec<_> = (0..3).map(|i| ram_share(ram, i, 3).unwrap()).collect();
         assert_eq!(shares[0].start(), ram.start());
         assert_eq!(shares[0].end(), shares[1].start());
@@ -404,7 +402,7 @@ mod tests {
 
     #[test]
     fn test_ram_share_more_vcpus_than_pages_leaves_some_empty() {
-        let ram = GpaRange::new(Gpa(RAM_BASE), PAGE_SIZE).unwrap();
+        let ram = GpaRange::new(Gpa(layout::RAM_BASE), PAGE_SIZE).unwrap();
         assert_eq!(ram_share(ram, 0, 2), None);
         assert_eq!(ram_share(ram, 1, 2), Some(ram));
     }
@@ -421,7 +419,7 @@ mod tests {
 
     #[test]
     fn test_default_plan_fills_own_share_then_verifies_neighbour() {
-        let ram = GpaRange::new(Gpa(RAM_BASE), 8 * PAGE_SIZE).unwrap();
+        let ram = GpaRange::new(Gpa(layout::RAM_BASE), 8 * PAGE_SIZE).unwrap();
         let barrier = Arc::new(PhaseBarrier::new(1));
         let mut p = BuiltinGuest::Default.plan(0, 1, ram, 7, 4 << 30, barrier);
         assert_eq!(p.next(), Ok(Step::Run(Command::hello())));

@@ -228,16 +228,6 @@ impl PinManager {
         &self.state.account
     }
 
-    /// Number of live (not revoked, not dropped) pins.
-    pub fn live(&self) -> usize {
-        self.state
-            .table()
-            .pins
-            .values()
-            .filter(|p| p.pages > 0)
-            .count()
-    }
-
     /// Pins `[gpa, gpa + len)`: every byte must be plugged (and writable if
     /// `write`). Charges the pin account and `mlock`s the host memory.
     pub fn pin(&self, gpa: Gpa, len: u64, write: bool, revocable: bool) -> Result<Pin, PinError> {

@@ -236,14 +236,6 @@ impl ConsoleSender {
         let _ = self.tx.send(ConsoleLine { source, text });
         let _ = self.event.write(1);
     }
-
-    /// Another sender to the same console.
-    pub fn try_clone(&self) -> std::io::Result<Self> {
-        Ok(Self {
-            tx: self.tx.clone(),
-            event: self.event.try_clone()?,
-        })
-    }
 }
 
 /// Everything a vCPU thread needs besides its fd.

@@ -251,7 +251,7 @@ impl<V: MemslotIoctls> MemslotApplier<V> {
     /// away or write-protected, `end` after it, `added` for memory plugged or
     /// moved in. Subscribe devices and translation caches here. Callbacks run
     /// on the op's thread under the slot-map writer lock: they must not call
-    /// [`apply`](Self::apply) or [`with_map_locked`](Self::with_map_locked).
+    /// [`apply`](Self::apply).
     pub fn hub(&self) -> &Arc<InvalidationHub> {
         &self.hub
     }
@@ -265,17 +265,6 @@ impl<V: MemslotIoctls> MemslotApplier<V> {
     pub fn set_drain_bound(&self, bound: Duration) {
         let ns = u64::try_from(bound.as_nanos()).unwrap_or(u64::MAX);
         self.drain_bound_ns.store(ns, Ordering::Relaxed);
-    }
-
-    /// Runs `f` on the current map while no op can be applied: the memory of
-    /// every slot in it stays mapped and registered until `f` returns. For the
-    /// rare paths that must see the map *after* any in-flight op (a vCPU whose
-    /// access raced a memslot change) and touch the memory it describes.
-    pub fn with_map_locked<R>(&self, f: impl FnOnce(&SlotMap) -> R) -> R {
-        let writer = self.memory.shared().begin_write();
-        let map = writer.map();
-        f(&map)
-        // Dropping the writer without publishing leaves the map unchanged.
     }
 
     /// What KVM holds according to the mirror, sorted by id.

@@ -149,26 +149,17 @@ impl Stage2Table {
         }
         let _excl = self.lock_exclusive();
         self.with_root(|root, guard| {
-            let mut table = root;
-            let mut level = ROOT_LEVEL;
-            loop {
-                let slot = table.slot(super::entry::level_index(gpa.0, level));
-                let raw = slot::read(slot);
-                match Entry(raw).decode(level) {
-                    Decoded::Empty => return Err(Stage2Error::NotMapped { gpa }),
-                    Decoded::Table(addr) => {
-                        // SAFETY: a table pointer read while pinned.
-                        table = unsafe { reclaim::page_at(addr, guard) };
-                        level -= 1;
-                    }
-                    Decoded::Leaf(_) if level == 1 => return Err(Stage2Error::NotHuge { gpa }),
-                    Decoded::Leaf(_) => {
-                        self.split_slot(slot, raw, level)?;
-                        return Ok(PageSize::from_level(level - 1).unwrap_or(PageSize::Size4K));
-                    }
-                    Decoded::Frozen => stale_frozen(gpa.0, level),
-                    Decoded::Corrupt => corrupt(raw, gpa.0, level),
+            let (slot, raw, level) = descend(root, gpa, 0, guard);
+            match Entry(raw).decode(level) {
+                Decoded::Empty => Err(Stage2Error::NotMapped { gpa }),
+                Decoded::Leaf(_) if level == 1 => Err(Stage2Error::NotHuge { gpa }),
+                Decoded::Leaf(_) => {
+                    self.split_slot(slot, raw, level)?;
+                    Ok(PageSize::from_level(level - 1).unwrap_or(PageSize::Size4K))
                 }
+                Decoded::Table(_) => unreachable!("descend passes through every table"),
+                Decoded::Frozen => stale_frozen(gpa.0, level),
+                Decoded::Corrupt => corrupt(raw, gpa.0, level),
             }
         })
     }
@@ -203,28 +194,18 @@ impl Stage2Table {
         let target = size.level();
         let _excl = self.lock_exclusive();
         self.with_root(|root, guard| {
-            let mut table = root;
-            let mut level = ROOT_LEVEL;
-            loop {
-                let slot = table.slot(super::entry::level_index(gpa.0, level));
-                let raw = slot::read(slot);
-                match Entry(raw).decode(level) {
-                    Decoded::Empty => return Err(Stage2Error::NotMapped { gpa }),
-                    Decoded::Table(addr) if level == target => {
-                        // SAFETY: a table pointer read while pinned.
-                        let child = unsafe { reclaim::page_at(addr, guard) };
-                        return self.collapse_slot(gpa, size, slot, raw, child, guard);
-                    }
-                    Decoded::Table(addr) => {
-                        // SAFETY: a table pointer read while pinned.
-                        table = unsafe { reclaim::page_at(addr, guard) };
-                        level -= 1;
-                    }
-                    Decoded::Leaf(_) if level == target => return not("already a leaf"),
-                    Decoded::Leaf(_) => return not("inside a larger leaf"),
-                    Decoded::Frozen => stale_frozen(gpa.0, level),
-                    Decoded::Corrupt => corrupt(raw, gpa.0, level),
+            let (slot, raw, level) = descend(root, gpa, target, guard);
+            match Entry(raw).decode(level) {
+                Decoded::Empty => Err(Stage2Error::NotMapped { gpa }),
+                Decoded::Table(addr) => {
+                    // SAFETY: a table pointer read while pinned.
+                    let child = unsafe { reclaim::page_at(addr, guard) };
+                    self.collapse_slot(gpa, size, slot, raw, child, guard)
                 }
+                Decoded::Leaf(_) if level == target => not("already a leaf"),
+                Decoded::Leaf(_) => not("inside a larger leaf"),
+                Decoded::Frozen => stale_frozen(gpa.0, level),
+                Decoded::Corrupt => corrupt(raw, gpa.0, level),
             }
         })
     }
@@ -464,4 +445,29 @@ fn teardown(addr: u64, level: u8, guard: &Guard, pages: &mut Vec<u64>) -> u64 {
     }
     pages.push(addr);
     mapped
+}
+
+/// Walks from `root` toward `gpa`, passing through table entries above level
+/// `stop`, and returns the first entry it does not pass through: its slot,
+/// raw value and level. At level `stop` a table entry is returned too.
+fn descend<'g>(
+    root: &'g TablePage,
+    gpa: Gpa,
+    stop: u8,
+    guard: &'g Guard,
+) -> (&'g AtomicU64, u64, u8) {
+    let (mut table, mut level) = (root, ROOT_LEVEL);
+    loop {
+        let slot = table.slot(super::entry::level_index(gpa.0, level));
+        let raw = slot::read(slot);
+        match Entry(raw).decode(level) {
+            Decoded::Table(addr) if level > stop => {
+                // SAFETY: a table pointer read (one atomic load) while `guard`
+                // is pinned: `page_at`'s contract.
+                table = unsafe { reclaim::page_at(addr, guard) };
+                level -= 1;
+            }
+            _ => return (slot, raw, level),
+        }
+    }
 }
