@@ -220,6 +220,11 @@ impl Vm {
             max_slots: kvm.get_nr_memslots() as u32,
             max_gpa: Gpa(1u64 << phys_bits(&cpuid)),
             read_only_supported: kvm.check_extension(Cap::ReadonlyMem),
+            // Guest stores to the register page must exit: no memory there.
+            reserved: GpaRange::new(
+                Gpa(guest_image::protocol::MMIO_BASE),
+                guest_image::protocol::MMIO_SIZE,
+            ),
         };
         let memory = Arc::new(MemslotApplier::new(vm_fd.clone(), config)?);
         let fixed = SlotFlags {

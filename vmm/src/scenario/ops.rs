@@ -44,6 +44,7 @@ pub fn slot_map_kind(e: &SlotMapError) -> &'static str {
         SlotMapError::MappingTooSmall { .. } => "mapping-too-small",
         SlotMapError::HostAliased { .. } => "host-aliased",
         SlotMapError::TooManySlots { .. } => "too-many-slots",
+        SlotMapError::Reserved { .. } => "reserved",
         SlotMapError::ReadOnlyUnsupported { .. } => "read-only-unsupported",
         SlotMapError::NothingPlugged { .. } => "not-plugged",
         SlotMapError::Hole { .. } => "hole",
@@ -107,40 +108,12 @@ pub fn run_op(
     outcome
 }
 
-/// The VMM's MMIO register page: guest stores there must exit, so no memory
-/// may be placed over it.
-fn reserved_overlap(step: &StepSpec) -> Option<OpFailure> {
-    use guest_image::protocol::{MMIO_BASE, MMIO_SIZE};
-    let gpa = step.gpa.map_or(0, |n| n.0);
-    let (start, len) = match step.kind.as_str() {
-        "plug" => (gpa, step.size.map_or(0, |n| n.0)),
-        "move" => (step.to.map_or(0, |n| n.0), step.size.map_or(0, |n| n.0)),
-        "resize" => (gpa, step.new_size.map_or(0, |n| n.0)),
-        "plug-many" => (
-            gpa,
-            step.count
-                .map_or(u64::MAX, |n| n.0.saturating_mul(2 * PAGE_SIZE)),
-        ),
-        _ => return None,
-    };
-    let end = start.saturating_add(len);
-    (start < MMIO_BASE + MMIO_SIZE && MMIO_BASE < end).then(|| {
-        OpFailure::new(
-            "reserved",
-            format!("[{start:#x}, {end:#x}) overlaps the VMM register page at {MMIO_BASE:#x}"),
-        )
-    })
-}
-
 fn apply_op(
     memory: &MemslotApplier,
     iommu: &Iommu,
     step: &StepSpec,
     default_backing: &BackingKind,
 ) -> Result<String, OpFailure> {
-    if let Some(refusal) = reserved_overlap(step) {
-        return Err(refusal);
-    }
     let gpa = Gpa(step.gpa.map_or(0, |n| n.0));
     let size = step.size.map_or(0, |n| n.0);
     let apply = |op: &dyn Fn(&crate::mm::slot_map::SlotMap) -> Result<_, SlotMapError>| {

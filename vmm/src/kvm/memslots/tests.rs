@@ -125,6 +125,7 @@ fn config() -> SlotMapConfig {
         max_slots: 8,
         max_gpa: Gpa(64 * P),
         read_only_supported: true,
+        reserved: None,
     }
 }
 

@@ -86,6 +86,16 @@ pub enum SlotMapError {
         slot_range: GpaRange,
     },
     /// The op would need more slots than KVM allows.
+    /// The range covers the reserved range (the VMM's register page).
+    #[error("{op}: range {range} overlaps the reserved range {reserved}")]
+    Reserved {
+        /// The operation.
+        op: &'static str,
+        /// The requested range.
+        range: GpaRange,
+        /// The reserved range.
+        reserved: GpaRange,
+    },
     #[error("{op}: needs {needed} slots but at most {max} are allowed")]
     TooManySlots {
         /// The op.

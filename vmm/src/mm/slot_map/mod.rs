@@ -70,7 +70,7 @@ use std::sync::Arc;
 
 use imbl::OrdMap;
 
-use crate::mm::addr::{Gpa, Hva};
+use crate::mm::addr::{Gpa, GpaRange, Hva};
 use crate::mm::backing::HostMapping;
 
 pub use error::SlotMapError;
@@ -92,6 +92,9 @@ pub struct SlotMapConfig {
     pub max_gpa: Gpa,
     /// `KVM_CAP_READONLY_MEM`.
     pub read_only_supported: bool,
+    /// A guest-physical range no slot may cover (the VMM's MMIO register
+    /// page: guest stores there must exit to the VMM).
+    pub reserved: Option<GpaRange>,
 }
 
 impl Default for SlotMapConfig {
@@ -101,6 +104,7 @@ impl Default for SlotMapConfig {
             max_slots: DEFAULT_MAX_SLOTS,
             max_gpa: Gpa(1 << 48),
             read_only_supported: true,
+            reserved: None,
         }
     }
 }

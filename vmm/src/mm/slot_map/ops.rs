@@ -56,8 +56,15 @@ impl SlotMap {
         Ok(range)
     }
 
-    /// Refuses `range` if any slot overlaps it.
+    /// Refuses `range` if it overlaps the reserved range or any slot.
     fn check_free(&self, op: &'static str, range: GpaRange) -> Result<(), SlotMapError> {
+        if let Some(reserved) = self.config.reserved.filter(|r| r.overlaps(&range)) {
+            return Err(SlotMapError::Reserved {
+                op,
+                range,
+                reserved,
+            });
+        }
         match self.overlapping(range).next() {
             Some(s) => Err(SlotMapError::Overlap {
                 op,

@@ -35,6 +35,7 @@ pub(super) fn config(max_slots: u32, max_gpa: u64) -> SlotMapConfig {
         max_slots,
         max_gpa: Gpa(max_gpa),
         read_only_supported: true,
+        reserved: None,
     }
 }
 

@@ -426,3 +426,26 @@ fn test_transition_op_names_every_op() {
     assert_eq!(map.resize(Gpa(0), 12 * P, None).unwrap().op, SlotOp::Resize);
     assert_eq!(map.resize(Gpa(0), 8 * P, None).unwrap().op, SlotOp::Resize);
 }
+
+#[test]
+fn test_reserved_range_refuses_plug_move_and_grow_unchanged() {
+    let reserved = range(8 * P, P);
+    let map = SlotMap::new(SlotMapConfig {
+        reserved: Some(reserved),
+        ..config(16, 1 << 30)
+    });
+    let m = anon(16);
+    let map = plugged(&map, 0, 4 * P, &m, 0);
+    let before = snapshot(&map);
+    let is_reserved =
+        |e: SlotMapError| matches!(e, SlotMapError::Reserved { reserved: r, .. } if r == reserved);
+    let plug = map.plug(Gpa(6 * P), 4 * P, anon(4), 0, SlotFlags::NONE);
+    assert!(is_reserved(plug.unwrap_err()));
+    let mv = map.move_range(Gpa(0), 4 * P, Gpa(7 * P));
+    assert!(is_reserved(mv.unwrap_err()));
+    let grow = map.resize(Gpa(0), 12 * P, None);
+    assert!(is_reserved(grow.unwrap_err()));
+    assert_eq!(snapshot(&map), before);
+    // Next to it is fine.
+    plugged(&map, 9 * P, P, &m, 9 * P);
+}
