@@ -117,8 +117,6 @@ pub struct Vm {
     pub ram: GpaRange,
     /// Guest TSC frequency in kHz.
     pub tsc_khz: u32,
-    /// The value of KVM_CAP_NR_MEMSLOTS.
-    pub max_memslots: usize,
     /// End of the guest's identity map.
     pub identity_end: u64,
     /// The guest program's entry point.
@@ -255,7 +253,6 @@ impl Vm {
             None => PinAccount::from_rlimit()?,
         });
         Ok(Self {
-            max_memslots: kvm.get_nr_memslots(),
             memory,
             pins,
             vcpus,
