@@ -47,6 +47,13 @@ impl SlotCells {
         self.chunks.get(id / CHUNK)?.get().map(|c| &c[id % CHUNK])
     }
 
+    /// The cells of ids `0..64`, if allocated; never moved or freed while
+    /// the table lives, so a reader may keep the slice.
+    #[inline]
+    pub fn first_chunk(&self) -> Option<&[SlotCell]> {
+        self.chunks.first()?.get().map(|c| &c[..])
+    }
+
     /// Writer side, under the slot-map writer lock: attaches the cell of
     /// `slot`'s id with `slot`'s range and generation (allocating its chunk).
     ///

@@ -100,7 +100,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::mm::addr::Gpa;
-use crate::mm::slot_lock::{SlotExclusion, SlotLockError};
+use crate::mm::slot_lock::{current_shard, SlotCell, SlotExclusion, SlotLockError};
 use crate::mm::slot_map::{
     MemslotChange, SharedSlotMap, SlotMap, SlotMapError, SnapshotCache, Transition,
 };
@@ -260,6 +260,8 @@ impl GuardedMap {
         GuestReader {
             map: self,
             cache: self.shared.cache(),
+            shard: current_shard(),
+            first_cells: None,
         }
     }
 
@@ -270,9 +272,10 @@ impl GuardedMap {
     /// [`Busy`](GuardError::Busy) while a writer changes the slot.
     pub fn try_acquire(&self, gpa: Gpa) -> Result<SlotRef<'_>, GuardError> {
         let mut last = 0;
+        let shard = current_shard();
         for _ in 0..STALE_RETRIES {
             let snapshot = self.shared.load_guard();
-            match self.attempt(&snapshot, gpa) {
+            match self.attempt(&snapshot, gpa, shard, None) {
                 Attempt::Got(r) => return Ok(r),
                 Attempt::Failed(e) => return Err(e),
                 Attempt::Again { slot } => last = slot,
@@ -281,16 +284,25 @@ impl GuardedMap {
         Err(GuardError::Busy { gpa, slot: last })
     }
 
+    /// One try on `map`, on count-word `shard`; `first_cells` is the reader's
+    /// copy of [`SlotCells::first_chunk`], if it has one.
     #[inline]
-    fn attempt(&self, map: &SlotMap, gpa: Gpa) -> Attempt<'_> {
+    fn attempt<'a>(
+        &'a self,
+        map: &SlotMap,
+        gpa: Gpa,
+        shard: usize,
+        first_cells: Option<&'a [SlotCell]>,
+    ) -> Attempt<'a> {
         let Some(slot) = map.lookup(gpa) else {
             return Attempt::Failed(GuardError::Unplugged { gpa });
         };
         let id = slot.id().0;
-        let Some(cell) = self.cells.get(id) else {
+        let cell = first_cells.and_then(|cells| cells.get(id as usize));
+        let Some(cell) = cell.or_else(|| self.cells.get(id)) else {
             return Attempt::Again { slot: id };
         };
-        match cell.read(slot.generation(), gpa) {
+        match cell.read_on(shard, slot.generation(), gpa) {
             Ok(guard) => Attempt::Got(SlotRef::new(guard, slot)),
             Err(SlotLockError::Excluded { .. }) => {
                 Attempt::Failed(GuardError::Busy { gpa, slot: id })
@@ -449,6 +461,11 @@ impl Exclusions<'_> {
 pub struct GuestReader<'a> {
     map: &'a GuardedMap,
     cache: SnapshotCache<'a>,
+    /// This thread's count-word shard, looked up once.
+    shard: usize,
+    /// The cells of the lowest slot ids, once allocated (they never move):
+    /// most lookups find their cell here without going through the table.
+    first_cells: Option<&'a [SlotCell]>,
 }
 
 impl fmt::Debug for GuestReader<'_> {
@@ -468,7 +485,10 @@ impl<'a> GuestReader<'a> {
         let map = self.map;
         let mut last = 0;
         for _ in 0..STALE_RETRIES {
-            match map.attempt(self.cache.load(), gpa) {
+            if self.first_cells.is_none() {
+                self.first_cells = map.cells.first_chunk();
+            }
+            match map.attempt(self.cache.load(), gpa, self.shard, self.first_cells) {
                 Attempt::Got(r) => return Ok(r),
                 Attempt::Failed(e) => return Err(e),
                 Attempt::Again { slot } => last = slot,

@@ -172,7 +172,10 @@ fn test_guard_recycled_cell_is_caught_by_generation() {
     .unwrap();
     assert_eq!(g.load().lookup(Gpa(BASE)).unwrap().id(), old_id);
     // A reader still holding the old snapshot is refused by the cell...
-    assert!(matches!(g.attempt(&old, Gpa(BASE)), Attempt::Again { .. }));
+    assert!(matches!(
+        g.attempt(&old, Gpa(BASE), 0, None),
+        Attempt::Again { .. }
+    ));
     // ...and a fresh lookup lands on the new memory.
     let slot = g.try_acquire(Gpa(BASE)).unwrap();
     assert_eq!(slot.hva(Gpa(BASE), 1).unwrap(), b.hva());

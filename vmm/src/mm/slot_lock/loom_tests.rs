@@ -67,6 +67,13 @@ fn check_explores(bound: usize, f: impl Fn() + Sync + Send + 'static) {
 
 /// Asserts that the model fails, with a panic message containing `why`.
 fn assert_caught(bound: usize, why: &str, f: impl Fn() + Sync + Send + 'static) {
+    assert_caught_any(bound, &[why], f);
+}
+
+/// Asserts that the model fails, with a panic message containing one of
+/// `whys` (a race loom may report as a data race or as a failed assertion,
+/// depending on which interleaving it explores first).
+fn assert_caught_any(bound: usize, whys: &[&str], f: impl Fn() + Sync + Send + 'static) {
     let payload = catch_unwind(AssertUnwindSafe(|| check(bound, f)))
         .expect_err("loom did not catch the broken variant");
     let msg = payload
@@ -74,29 +81,38 @@ fn assert_caught(bound: usize, why: &str, f: impl Fn() + Sync + Send + 'static) 
         .map(String::as_str)
         .or_else(|| payload.downcast_ref::<&str>().copied())
         .unwrap_or("<non-string panic>");
-    assert!(msg.contains(why), "caught for another reason: {msg}");
+    assert!(
+        whys.iter().any(|why| msg.contains(why)),
+        "caught for another reason: {msg}"
+    );
 }
 
-type ReadFn = for<'a> fn(&'a SlotCell, u64, Gpa) -> Result<SlotReadGuard<'a>, SlotLockError>;
+/// A reader's way in: cell, shard, generation, address.
+type ReadFn = for<'a> fn(&'a SlotCell, usize, u64, Gpa) -> Result<SlotReadGuard<'a>, SlotLockError>;
+/// A writer's exclusion, returned once the readers inside drained.
+type ExcludeFn = for<'a> fn(&'a SlotCell) -> SlotExclusion<'a>;
 type PutFn = fn(SlotReadGuard<'_>);
 
 /// BROKEN: checks EXCLUDE with a load, then increments separately.
 fn read_check_then_inc(
     cell: &SlotCell,
+    shard: usize,
     generation: u64,
     gpa: Gpa,
 ) -> Result<SlotReadGuard<'_>, SlotLockError> {
-    let word = cell.refcnt.load(Ordering::Acquire);
+    let refcnt = &cell.shards[shard].refcnt;
+    let word = refcnt.load(Ordering::Acquire);
     if word == 0 {
         return Err(SlotLockError::Detached { slot: cell.id });
     }
     if word & EXCLUDE != 0 {
         return Err(SlotLockError::Excluded { slot: cell.id });
     }
-    cell.refcnt.fetch_add(1, Ordering::Acquire);
+    refcnt.fetch_add(1, Ordering::Acquire);
     let guard = SlotReadGuard {
         cell,
-        identity: cell.load_identity(),
+        shard,
+        identity: cell.load_identity(shard),
     };
     validate(&guard, generation, gpa)?;
     Ok(guard)
@@ -105,14 +121,35 @@ fn read_check_then_inc(
 /// BROKEN: increments without re-validating the identity afterwards.
 fn read_no_revalidate(
     cell: &SlotCell,
+    shard: usize,
     _generation: u64,
     _gpa: Gpa,
 ) -> Result<SlotReadGuard<'_>, SlotLockError> {
-    cell.get_ref()?;
+    cell.get_ref(shard)?;
     Ok(SlotReadGuard {
         cell,
-        identity: cell.load_identity(),
+        shard,
+        identity: cell.load_identity(shard),
     })
+}
+
+fn exclude_and_drain(cell: &SlotCell) -> SlotExclusion<'_> {
+    let mut ex = cell.exclude().unwrap();
+    ex.wait_drained(LONG).unwrap();
+    ex
+}
+
+/// BROKEN: excludes and drains shard 0 only, as if the cell still had one
+/// count word.
+fn exclude_and_drain_first_shard_only(cell: &SlotCell) -> SlotExclusion<'_> {
+    cell.exclude_shard(&cell.shards[0]).unwrap();
+    while cell.shards[0].refcnt.load(Ordering::Acquire) != EXCLUDE | MAP_REF {
+        thread::yield_now();
+    }
+    SlotExclusion {
+        cell,
+        detached: false,
+    }
 }
 
 fn put_correct(guard: SlotReadGuard<'_>) {
@@ -121,24 +158,26 @@ fn put_correct(guard: SlotReadGuard<'_>) {
 
 /// BROKEN: releases without ever notifying the writer.
 fn put_no_notify(guard: SlotReadGuard<'_>) {
-    let cell = guard.cell;
+    let (cell, shard) = (guard.cell, guard.shard);
     std::mem::forget(guard);
-    cell.refcnt.fetch_sub(1, Ordering::Release);
+    cell.shards[shard].refcnt.fetch_sub(1, Ordering::Release);
 }
 
 /// BROKEN: notifies without taking the wait mutex (classic lost wake-up).
 fn put_notify_unlocked(guard: SlotReadGuard<'_>) {
-    let cell = guard.cell;
+    let (cell, shard) = (guard.cell, guard.shard);
     std::mem::forget(guard);
-    if cell.refcnt.fetch_sub(1, Ordering::Release) == EXCLUDE | (MAP_REF + 1) {
+    if cell.shards[shard].refcnt.fetch_sub(1, Ordering::Release) == EXCLUDE | (MAP_REF + 1) {
         cell.drained.notify_one();
     }
 }
 
 /// BROKEN: publishes the count before the identity.
 fn attach_count_first(cell: &SlotCell, range: GpaRange) -> SlotIdentity {
-    cell.refcnt.store(MAP_REF, Ordering::Release);
-    let generation = cell.generation.load(Ordering::Relaxed).wrapping_add(1);
+    for shard in &cell.shards {
+        shard.refcnt.store(MAP_REF, Ordering::Release);
+    }
+    let generation = cell.generation().wrapping_add(1);
     cell.publish_identity(range, generation)
 }
 
@@ -146,16 +185,19 @@ fn attach_correct(cell: &SlotCell, range: GpaRange) -> SlotIdentity {
     cell.attach(range).unwrap()
 }
 
-/// Spawns `n` reader threads running `body` on the shared state.
+/// Spawns one reader thread per entry of `shards`, running `body` on the
+/// shared state with that count-word shard (`0..n`: readers on different
+/// shards, `SHARDS` being 2 under loom).
 fn spawn_readers(
     s: &Arc<Shared>,
-    n: usize,
-    body: impl Fn(&Shared) + Send + Sync + Copy + 'static,
+    shards: impl IntoIterator<Item = usize>,
+    body: impl Fn(&Shared, usize) + Send + Sync + Copy + 'static,
 ) -> Vec<thread::JoinHandle<()>> {
-    (0..n)
-        .map(|_| {
+    shards
+        .into_iter()
+        .map(|shard| {
             let s = Arc::clone(s);
-            thread::spawn(move || body(&s))
+            thread::spawn(move || body(&s, shard % SHARDS))
         })
         .collect()
 }
@@ -171,34 +213,33 @@ fn join(readers: Vec<thread::JoinHandle<()>>) {
 // the exclusion (and restores it, like a re-protect). A reader that got a
 // guard reads the memory: loom flags the read if it is not ordered with
 // the discard, and the word must show no reader inside the exclusion.
-fn exclude_model(read: ReadFn, n: usize) -> impl Fn() + Sync + Send + 'static {
+// Readers on both shards.
+fn exclude_model(read: ReadFn, exclude: ExcludeFn, n: usize) -> impl Fn() + Sync + Send + 'static {
     move || {
         let (s, id) = shared();
-        let readers = spawn_readers(&s, n, move |s| {
-            if let Ok(guard) = read(&s.cell, id.generation, GPA) {
+        // Not dropped while unwinding from a caught failure (see model 2).
+        let s = std::mem::ManuallyDrop::new(s);
+        let readers = spawn_readers(&s, 0..n, move |s, shard| {
+            if let Ok(guard) = read(&s.cell, shard, id.generation, GPA) {
                 assert_eq!(read_mem(s), MAPPED, "reader admitted into discarded memory");
                 drop(guard);
             }
         });
         {
-            let mut ex = s.cell.exclude().unwrap();
-            ex.wait_drained(LONG).unwrap();
-            assert_eq!(
-                s.cell.word(),
-                EXCLUDE | MAP_REF,
-                "reader inside an exclusion"
-            );
+            let _ex = exclude(&s.cell);
             discard_mem(&s, DISCARDED);
             discard_mem(&s, MAPPED);
+            assert_eq!(s.cell.readers(), 0, "reader inside an exclusion");
         }
         join(readers);
         assert_eq!(s.cell.word(), MAP_REF);
+        drop(std::mem::ManuallyDrop::into_inner(s));
     }
 }
 
 #[test]
 fn test_loom_exclude_admits_no_reader() {
-    check_explores(3, exclude_model(SlotCell::read, 2));
+    check_explores(3, exclude_model(SlotCell::read_on, exclude_and_drain, 2));
 }
 
 #[test]
@@ -206,7 +247,17 @@ fn test_loom_exclude_check_then_inc_reader_caught() {
     assert_caught(
         3,
         "Causality violation",
-        exclude_model(read_check_then_inc, 1),
+        exclude_model(read_check_then_inc, exclude_and_drain, 1),
+    );
+}
+
+#[test]
+fn test_loom_exclude_of_one_shard_caught() {
+    // Reader 1 is on shard 1, which this writer neither closes nor drains.
+    assert_caught_any(
+        3,
+        &["Causality violation", "reader inside an exclusion"],
+        exclude_model(SlotCell::read_on, exclude_and_drain_first_shard_only, 2),
     );
 }
 
@@ -219,8 +270,8 @@ fn wakeup_model(put: PutFn, n: usize) -> impl Fn() + Sync + Send + 'static {
         // Not dropped while unwinding from loom's deadlock panic: a loom
         // object touched after the execution aborted panics again.
         let s = std::mem::ManuallyDrop::new(s);
-        let readers = spawn_readers(&s, n, move |s| {
-            if let Ok(guard) = s.cell.read(id.generation, GPA) {
+        let readers = spawn_readers(&s, 0..n, move |s, shard| {
+            if let Ok(guard) = s.cell.read_on(shard, id.generation, GPA) {
                 put(guard);
             }
         });
@@ -253,8 +304,8 @@ fn test_loom_wait_drained_notify_without_lock_caught() {
 fn detach_model(wait_first: bool, n: usize) -> impl Fn() + Sync + Send + 'static {
     move || {
         let (s, id) = shared();
-        let readers = spawn_readers(&s, n, move |s| {
-            if let Ok(guard) = s.cell.read(id.generation, GPA) {
+        let readers = spawn_readers(&s, 0..n, move |s, shard| {
+            if let Ok(guard) = s.cell.read_on(shard, id.generation, GPA) {
                 assert_eq!(read_mem(s), MAPPED, "reader inside a detached slot");
                 drop(guard);
             }
@@ -265,7 +316,9 @@ fn detach_model(wait_first: bool, n: usize) -> impl Fn() + Sync + Send + 'static
             ex.detach().unwrap();
         } else {
             // BROKEN: a detach that does not wait for readers.
-            s.cell.refcnt.store(0, Ordering::Release);
+            for shard in &s.cell.shards {
+                shard.refcnt.store(0, Ordering::Release);
+            }
             ex.detached = true;
         }
         drop(ex);
@@ -302,16 +355,16 @@ fn recycle_model(
 ) -> impl Fn() + Sync + Send + 'static {
     move || {
         let (s, a) = shared();
-        let mut readers = spawn_readers(&s, 1, move |s| {
-            if let Ok(guard) = read(&s.cell, a.generation, GPA) {
+        let mut readers = spawn_readers(&s, [0], move |s, shard| {
+            if let Ok(guard) = read(&s.cell, shard, a.generation, GPA) {
                 assert_eq!(guard.identity(), a, "guard for the wrong identity");
                 assert_eq!(read_mem(s), MAPPED, "guard over another slot's memory");
                 drop(guard);
             }
         });
         if with_new_reader {
-            readers.extend(spawn_readers(&s, 1, move |s| {
-                if let Ok(guard) = read(&s.cell, a.generation + 1, GPA) {
+            readers.extend(spawn_readers(&s, [1], move |s, shard| {
+                if let Ok(guard) = read(&s.cell, shard, a.generation + 1, GPA) {
                     assert_eq!(guard.range(), range_b(), "guard for the wrong identity");
                     assert_eq!(read_mem(s), DISCARDED, "guard over another slot's memory");
                     drop(guard);
@@ -331,7 +384,7 @@ fn recycle_model(
 
 #[test]
 fn test_loom_recycle_never_yields_wrong_identity() {
-    check_explores(3, recycle_model(SlotCell::read, attach_correct, true));
+    check_explores(3, recycle_model(SlotCell::read_on, attach_correct, true));
 }
 
 #[test]
@@ -348,6 +401,6 @@ fn test_loom_recycle_attach_count_before_identity_caught() {
     assert_caught(
         3,
         "guard over another slot's memory",
-        recycle_model(SlotCell::read, attach_count_first, false),
+        recycle_model(SlotCell::read_on, attach_count_first, false),
     );
 }

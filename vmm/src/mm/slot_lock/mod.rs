@@ -9,8 +9,23 @@
 //! `vma_start_read`, `__vma_enter_locked`, `vma_mark_detached`), with the
 //! exclude flag at bit 30 like `VMA_LOCK_OFFSET`.
 //!
-//! # The count word
-//! One `AtomicU32` per [`SlotCell`]:
+//! # The count words
+//! Each [`SlotCell`] has [`SHARDS`] count words (*shards*), each on its own
+//! cache line; a reader uses one shard, chosen per thread
+//! ([`current_shard`]), and every shard follows the table below. A writer
+//! acts on all shards: attach and detach set every shard, exclude sets
+//! [`EXCLUDE`] in every shard, and the slot is drained when every shard is
+//! `EXCLUDE | 1`. Sharding is our addition to the kernel's design: the kernel
+//! has one `vm_refcnt` per VMA and accepts that threads faulting on one VMA
+//! bounce its cache line; a VMM has few slots (usually one RAM slot) and
+//! every vCPU and device thread reads the same ones, so a single word would
+//! move between cores on every access (docs/guards.md measures it). Each
+//! shard on its own is exactly the kernel's protocol, so every argument below
+//! holds per shard; the writer's conditions are the conjunction over shards.
+//! Loom runs the models with two shards and readers on both, and catches a
+//! writer that excludes and drains one shard only.
+//!
+//! One shard word:
 //!
 //! | value                 | meaning                                                  |
 //! |-----------------------|----------------------------------------------------------|
@@ -32,16 +47,19 @@
 //!    also sound, but lets refused readers bump the count transiently, so
 //!    they too would have to wake the writer; the kernel moved to the folded
 //!    form, `__refcount_inc_not_zero_limited_acquire`, and so do we.)
-//! 2. Only an excluded slot with no reader (`EXCLUDE | 1`) can be detached, by
-//!    a compare-exchange to `0`: detach happens only at zero readers.
+//! 2. Only an excluded slot with no reader (every shard `EXCLUDE | 1`) can be
+//!    detached, by a compare-exchange of each shard to `0`: detach happens
+//!    only at zero readers. (Once every shard is excluded and drained, no
+//!    reader can change any of them, so the compare-exchanges cannot fail.)
 //! 3. The identity (generation, range) of a cell changes only while no reader
 //!    is inside and none can get in: detached (`attach`) or excluded and
 //!    drained ([`SlotExclusion::reshape`]).
 //!
 //! # Memory ordering
 //! - **attach publishes identity before the count becomes non-zero.** The
-//!   writer stores generation and range (relaxed), then stores `1` with
-//!   `Release`. A reader's successful CAS is `Acquire`; the value it read is the
+//!   writer stores generation and range (relaxed) into every shard's copy
+//!   of the identity, then stores `1` with `Release` in each shard. A reader
+//!   reads its own shard's copy, so its line is the only one it touches. A reader's successful CAS is `Acquire`; the value it read is the
 //!   `1` or a later read-modify-write in that store's release sequence, so it
 //!   synchronizes with the attach, and the identity loads it makes *after* the
 //!   increment see this attach's identity (or a later one, which invariant 3
@@ -50,29 +68,33 @@
 //!   why the reader re-validates after the increment (loom model 4 checks it,
 //!   with a broken attach that publishes the count first).
 //! - **reader accesses happen before the writer's teardown.** A reader drops
-//!   its reference with a `Release` `fetch_sub`; the writer observes the
-//!   drained value with an `Acquire` load (or the `AcqRel` detach CAS). All
-//!   readers' decrements are in one release sequence, so the writer
-//!   synchronizes with every reader that was inside, and whatever it unmaps
-//!   afterwards cannot be under a reader.
+//!   its reference with a `Release` `fetch_sub`; the writer observes each
+//!   shard's drained value with an `Acquire` load (or the `AcqRel` detach
+//!   CAS). All decrements of one shard are in one release sequence, so the
+//!   writer synchronizes with every reader that was inside, and whatever it
+//!   unmaps afterwards cannot be under a reader.
 //! - **writer changes are visible to later readers.** Releasing exclusion is a
-//!   `Release` `fetch_and`; a reader admitted afterwards acquires it.
+//!   `Release` `fetch_and` on each shard; a reader admitted afterwards on that
+//!   shard acquires it.
 //!
 //! # Waiting, and why no wake-up is lost
-//! The writer parks on a per-cell `Mutex<()>` + `Condvar`. It re-reads the word
-//! *while holding the mutex* and only then waits (which atomically unlocks).
-//! The reader whose `fetch_sub` takes the word to `EXCLUDE | 1` then locks the
-//! same mutex and notifies. Either the writer's load (under the mutex) already
+//! The writer parks on a per-cell `Mutex<()>` + `Condvar`. It re-reads the
+//! shards *while holding the mutex* and only then waits (which atomically
+//! unlocks). The reader whose `fetch_sub` takes its shard to `EXCLUDE | 1`
+//! then locks the same mutex and notifies; the writer wakes, re-reads every
+//! shard and parks again if another shard still has readers. Per shard: Either the writer's load (under the mutex) already
 //! sees that decrement, and it does not wait; or it does not see it, and then
 //! the writer held the mutex from that load until it was parked, so the
 //! reader's lock (which follows its decrement) can only succeed once the writer
 //! is parked, and the notify reaches it. The reader cannot have locked,
 //! notified and unlocked *before* the writer locked: the unlock would then
 //! happen before the writer's load, which would have to see the decrement.
-//! Exactly one decrement produces `EXCLUDE | 1` per exclusion (RMWs on one
-//! word are totally ordered); if no reader was inside at exclude time, the
-//! writer sees `EXCLUDE | 1` at once and never parks. Loom model 2 checks this
-//! and catches a release that notifies without taking the mutex.
+//! At most one decrement per shard produces `EXCLUDE | 1` per exclusion (RMWs
+//! on one word are totally ordered), and it is the last one of that shard; if
+//! no reader was inside at exclude time, the writer sees every shard at
+//! `EXCLUDE | 1` at once and never parks. Loom model 2 checks this with
+//! readers on different shards and catches a release that notifies without
+//! taking the mutex.
 //!
 //! # Bounded waits
 //! [`SlotExclusion::wait_drained`] takes a bound. Past it, it returns
@@ -143,6 +165,47 @@ pub const EXCLUDE: u32 = 1 << 30;
 const MAP_REF: u32 = 1;
 /// The reference-count bits below [`EXCLUDE`].
 const COUNT_MASK: u32 = EXCLUDE - 1;
+
+/// Count words per cell (a power of two). Threads are spread over them round
+/// robin, so up to this many threads read one slot without sharing a cache
+/// line. Two under loom, which keeps the models small and still crosses
+/// shards.
+#[cfg(not(vmm_loom))]
+pub const SHARDS: usize = 4;
+/// Count words per cell (two under loom).
+#[cfg(vmm_loom)]
+pub const SHARDS: usize = 2;
+
+/// The shard this thread's readers use: threads get shards round robin, on
+/// first use. Any shard is correct for any thread; this only keeps threads
+/// apart. Under loom every model thread would share one OS thread-local, so
+/// the models pass shards explicitly ([`SlotCell::read_on`]) instead.
+#[cfg(not(vmm_loom))]
+#[inline]
+pub fn current_shard() -> usize {
+    use std::sync::atomic::AtomicUsize as StdAtomicUsize;
+    static NEXT: StdAtomicUsize = StdAtomicUsize::new(0);
+    std::thread_local! {
+        static SHARD: usize = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % SHARDS;
+    }
+    SHARD.with(|s| *s)
+}
+
+/// The shard this thread's readers use (always 0 under loom).
+#[cfg(vmm_loom)]
+pub fn current_shard() -> usize {
+    0
+}
+
+/// One count word and a copy of the slot's identity, on its own cache line
+/// pair (see [`SlotCell`]): a reader touches only its shard's line.
+#[repr(align(128))]
+struct Shard {
+    refcnt: AtomicU32,
+    generation: AtomicU64,
+    start: AtomicU64,
+    len: AtomicU64,
+}
 
 /// Errors of the slot lock. Reader-side refusals (`Detached`, `Excluded`,
 /// `Stale`, `NotCovered`, `TooManyReaders`) are normal outcomes: the reader
@@ -239,18 +302,18 @@ pub struct SlotIdentity {
     pub range: GpaRange,
 }
 
-/// A reusable slot cell: the count word, the slot's identity, and the place a
+/// A reusable slot cell: the count words, the slot's identity, and the place a
 /// draining writer parks.
 ///
-/// Aligned to 128 bytes (a cache line plus its prefetch pair on x86) so that
-/// readers of neighbouring cells in a table never share a line.
+/// Each shard holds its own copy of the identity next to its count word, so
+/// an uncontended read touches one line. Each shard, and the rest of the
+/// cell, is aligned to 128 bytes (a cache line plus its prefetch pair on
+/// x86): readers on different shards, and readers of neighbouring cells in a
+/// table, never share a line.
 #[repr(align(128))]
 pub struct SlotCell {
+    shards: [Shard; SHARDS],
     id: u32,
-    refcnt: AtomicU32,
-    generation: AtomicU64,
-    start: AtomicU64,
-    len: AtomicU64,
     wait_lock: Mutex<()>,
     drained: Condvar,
 }
@@ -259,8 +322,8 @@ impl fmt::Debug for SlotCell {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("SlotCell")
             .field("id", &self.id)
-            .field("word", &format_args!("{:#x}", self.word()))
-            .field("generation", &self.generation.load(Ordering::Relaxed))
+            .field("words", &format_args!("{:x?}", self.words()))
+            .field("generation", &self.generation())
             .finish_non_exhaustive()
     }
 }
@@ -269,11 +332,13 @@ impl SlotCell {
     /// A detached cell for slot id `id`.
     pub fn new(id: u32) -> Self {
         Self {
+            shards: std::array::from_fn(|_| Shard {
+                refcnt: AtomicU32::new(0),
+                generation: AtomicU64::new(0),
+                start: AtomicU64::new(0),
+                len: AtomicU64::new(0),
+            }),
             id,
-            refcnt: AtomicU32::new(0),
-            generation: AtomicU64::new(0),
-            start: AtomicU64::new(0),
-            len: AtomicU64::new(0),
             wait_lock: Mutex::new(()),
             drained: Condvar::new(),
         }
@@ -289,7 +354,7 @@ impl SlotCell {
     ///
     /// Fails with `AlreadyAttached` unless the cell is detached.
     pub fn attach(&self, range: GpaRange) -> Result<SlotIdentity, SlotLockError> {
-        let generation = self.generation.load(Ordering::Relaxed).wrapping_add(1);
+        let generation = self.generation().wrapping_add(1);
         self.attach_as(range, generation)
     }
 
@@ -304,24 +369,26 @@ impl SlotCell {
         range: GpaRange,
         generation: u64,
     ) -> Result<SlotIdentity, SlotLockError> {
-        let word = self.refcnt.load(Ordering::Acquire);
-        if word != 0 {
+        if let Some(&word) = self.words().iter().find(|&&w| w != 0) {
             return Err(SlotLockError::AlreadyAttached {
                 slot: self.id,
                 word,
             });
         }
-        // No reader can be inside or get in (the word is 0 and only a
+        // No reader can be inside or get in (every shard is 0 and only a
         // serialized writer makes it non-zero), so nobody reads the identity.
         let identity = self.publish_identity(range, generation);
-        // Release: the identity stores above are visible to every reader whose
-        // Acquire CAS reads this 1 or a later value (module docs).
-        self.refcnt.store(MAP_REF, Ordering::Release);
+        for shard in &self.shards {
+            // Release: the identity stores above are visible to every reader
+            // whose Acquire CAS reads this 1 or a later value (module docs).
+            shard.refcnt.store(MAP_REF, Ordering::Release);
+        }
         Ok(identity)
     }
 
     /// Takes a reader reference on the slot the reader found in its snapshot
-    /// (`generation`) for address `gpa`.
+    /// (`generation`) for address `gpa`, on this thread's shard
+    /// ([`current_shard`]).
     ///
     /// Fails if the cell is detached or excluded, or if, after the reference
     /// was taken, the cell turns out to hold another generation (recycled) or
@@ -330,11 +397,25 @@ impl SlotCell {
     /// `fetch_sub`.
     #[inline]
     pub fn read(&self, generation: u64, gpa: Gpa) -> Result<SlotReadGuard<'_>, SlotLockError> {
-        self.get_ref()?;
+        self.read_on(current_shard(), generation, gpa)
+    }
+
+    /// As [`read`](Self::read), on shard `shard` (taken modulo [`SHARDS`]): for
+    /// a reader that looked its shard up once ([`current_shard`]) and reuses it.
+    #[inline]
+    pub fn read_on(
+        &self,
+        shard: usize,
+        generation: u64,
+        gpa: Gpa,
+    ) -> Result<SlotReadGuard<'_>, SlotLockError> {
+        let shard = shard % SHARDS;
+        self.get_ref(shard)?;
         // From here we own a reference; the identity cannot change under it.
         let guard = SlotReadGuard {
             cell: self,
-            identity: self.load_identity(),
+            shard,
+            identity: self.load_identity(shard),
         };
         validate(&guard, generation, gpa)?;
         Ok(guard)
@@ -345,7 +426,23 @@ impl SlotCell {
     /// [`SlotExclusion::wait_drained`]. Writer side: call under the slot-map
     /// writer lock. Dropping the returned guard releases the exclusion.
     pub fn exclude(&self) -> Result<SlotExclusion<'_>, SlotLockError> {
-        let mut word = self.refcnt.load(Ordering::Relaxed);
+        for (i, shard) in self.shards.iter().enumerate() {
+            if let Err(e) = self.exclude_shard(shard) {
+                // Only misuse gets here (writers not serialized): undo.
+                for done in &self.shards[..i] {
+                    done.refcnt.fetch_and(!EXCLUDE, Ordering::Release);
+                }
+                return Err(e);
+            }
+        }
+        Ok(SlotExclusion {
+            cell: self,
+            detached: false,
+        })
+    }
+
+    fn exclude_shard(&self, shard: &Shard) -> Result<(), SlotLockError> {
+        let mut word = shard.refcnt.load(Ordering::Relaxed);
         loop {
             if word == 0 {
                 return Err(SlotLockError::Detached { slot: self.id });
@@ -353,52 +450,56 @@ impl SlotCell {
             if word & EXCLUDE != 0 {
                 return Err(SlotLockError::AlreadyExcluded { slot: self.id });
             }
-            match self.refcnt.compare_exchange_weak(
+            match shard.refcnt.compare_exchange_weak(
                 word,
                 word | EXCLUDE,
                 Ordering::AcqRel,
                 Ordering::Relaxed,
             ) {
-                Ok(_) => {
-                    return Ok(SlotExclusion {
-                        cell: self,
-                        detached: false,
-                    })
-                }
+                Ok(_) => return Ok(()),
                 Err(actual) => word = actual,
             }
         }
     }
 
-    /// Whether the cell holds a slot (the count word is non-zero).
+    /// Whether the cell holds a slot (its count words are non-zero).
     pub fn is_attached(&self) -> bool {
-        self.word() != 0
+        self.words()[0] != 0
     }
 
     /// Whether a writer currently excludes new readers.
     pub fn is_excluded(&self) -> bool {
-        self.word() & EXCLUDE != 0
+        self.words()[0] & EXCLUDE != 0
     }
 
-    /// Readers inside right now (a racy snapshot, for diagnostics).
+    /// Readers inside right now, over all shards (a racy snapshot, for
+    /// diagnostics).
     pub fn readers(&self) -> u32 {
-        readers_in(self.word())
+        total_readers(&self.words())
     }
 
     /// The current identity, if attached. Writer side (stable only under the
     /// slot-map writer lock); readers get theirs from [`SlotReadGuard`].
     pub fn identity(&self) -> Option<SlotIdentity> {
-        self.is_attached().then(|| self.load_identity())
+        self.is_attached().then(|| self.load_identity(0))
     }
 
-    fn word(&self) -> u32 {
-        self.refcnt.load(Ordering::Acquire)
+    /// Every shard's count word (Acquire loads).
+    fn words(&self) -> [u32; SHARDS] {
+        std::array::from_fn(|i| self.shards[i].refcnt.load(Ordering::Acquire))
     }
 
-    /// `inc_not_zero` that also refuses an excluded word, in one CAS.
+    /// Whether every shard is excluded with no reader inside.
+    fn drained(&self) -> bool {
+        self.words().iter().all(|&w| w == EXCLUDE | MAP_REF)
+    }
+
+    /// `inc_not_zero` on one shard that also refuses an excluded word, in one
+    /// CAS.
     #[inline]
-    fn get_ref(&self) -> Result<(), SlotLockError> {
-        let mut word = self.refcnt.load(Ordering::Relaxed);
+    fn get_ref(&self, shard: usize) -> Result<(), SlotLockError> {
+        let refcnt = &self.shards[shard].refcnt;
+        let mut word = refcnt.load(Ordering::Relaxed);
         loop {
             if word == 0 {
                 return Err(SlotLockError::Detached { slot: self.id });
@@ -414,36 +515,41 @@ impl SlotCell {
             }
             // Acquire on success: pairs with attach's Release store (identity)
             // and with the Release that ended a previous exclusion.
-            match self.refcnt.compare_exchange_weak(
-                word,
-                word + 1,
-                Ordering::Acquire,
-                Ordering::Relaxed,
-            ) {
+            match refcnt.compare_exchange_weak(word, word + 1, Ordering::Acquire, Ordering::Relaxed)
+            {
                 Ok(_) => return Ok(()),
                 Err(actual) => word = actual,
             }
         }
     }
 
-    /// Drops one reader reference and wakes a draining writer if this was the
-    /// last reader.
-    #[inline]
-    fn put_ref(&self) {
+    /// Drops one reader reference on `shard` and wakes a draining writer if
+    /// this was the shard's last reader.
+    #[inline(always)]
+    fn put_ref(&self, shard: usize) {
         // Release: this reader's accesses happen before the writer's teardown.
-        let old = self.refcnt.fetch_sub(1, Ordering::Release);
+        let old = self.shards[shard].refcnt.fetch_sub(1, Ordering::Release);
         debug_assert!(
             old & COUNT_MASK > MAP_REF,
-            "slot {}: reader release without a reference (word {old:#x})",
+            "slot {}: reader release without a reference (shard {shard}, word {old:#x})",
             self.id
         );
         if old == EXCLUDE | (MAP_REF + 1) {
-            // The word is now EXCLUDE | 1: we were the last reader and a
-            // writer may be parked. Taking the mutex is what makes the wake-up
-            // impossible to lose (module docs).
-            let _lock = self.lock_wait();
-            self.drained.notify_one();
+            // The shard is now EXCLUDE | 1: we were its last reader and a
+            // writer may be parked (waiting for this shard or another).
+            self.wake_writer();
         }
+    }
+
+    /// The release's slow path, out of line so that the fast path (one
+    /// `fetch_sub` and a compare) inlines into every guard's drop.
+    #[cold]
+    #[inline(never)]
+    fn wake_writer(&self) {
+        // Taking the mutex is what makes the wake-up impossible to lose
+        // (module docs).
+        let _lock = self.lock_wait();
+        self.drained.notify_one();
     }
 
     fn lock_wait(&self) -> MutexGuard<'_, ()> {
@@ -455,23 +561,48 @@ impl SlotCell {
 
     /// Stores a new identity with a bumped generation. Callers guarantee that
     /// no reader is inside or can get in (invariant 3).
+    /// Every shard's copy is written before any count word is published.
     fn publish_identity(&self, range: GpaRange, generation: u64) -> SlotIdentity {
-        self.generation.store(generation, Ordering::Relaxed);
-        self.start.store(range.start().0, Ordering::Relaxed);
-        self.len.store(range.len(), Ordering::Relaxed);
+        for shard in &self.shards {
+            shard.generation.store(generation, Ordering::Relaxed);
+            shard.start.store(range.start().0, Ordering::Relaxed);
+            shard.len.store(range.len(), Ordering::Relaxed);
+        }
         SlotIdentity { generation, range }
     }
 
+    /// The generation of the current (or last) attachment. Writer side.
+    fn generation(&self) -> u64 {
+        self.shards[0].generation.load(Ordering::Relaxed)
+    }
+
+    /// `shard`'s copy of the identity.
     #[inline]
-    fn load_identity(&self) -> SlotIdentity {
-        let generation = self.generation.load(Ordering::Relaxed);
-        let start = Gpa(self.start.load(Ordering::Relaxed));
-        let len = self.len.load(Ordering::Relaxed);
+    fn load_identity(&self, shard: usize) -> SlotIdentity {
+        let shard = &self.shards[shard];
+        let generation = shard.generation.load(Ordering::Relaxed);
+        let start = Gpa(shard.start.load(Ordering::Relaxed));
+        let len = shard.len.load(Ordering::Relaxed);
         // Identity stores come from a valid `GpaRange`, and a reader sees one
         // attach's complete identity (module docs), so this cannot fail.
         let range = GpaRange::new(start, len)
             .unwrap_or_else(|| unreachable!("slot {}: torn identity {start}+{len:#x}", self.id));
         SlotIdentity { generation, range }
+    }
+}
+
+#[cfg(test)]
+impl SlotCell {
+    /// The count word all shards agree on (tests check writer-visible states,
+    /// where they always agree); panics if they differ.
+    fn word(&self) -> u32 {
+        let words = self.words();
+        assert!(
+            words.iter().all(|&w| w == words[0]),
+            "slot {}: shards disagree: {words:x?}",
+            self.id
+        );
+        words[0]
     }
 }
 
@@ -501,12 +632,17 @@ fn readers_in(word: u32) -> u32 {
     (word & COUNT_MASK).saturating_sub(MAP_REF)
 }
 
+fn total_readers(words: &[u32]) -> u32 {
+    words.iter().map(|&w| readers_in(w)).sum()
+}
+
 /// A reader's reference on a slot; the host memory behind the slot stays
 /// mapped while it lives. Released on drop.
 #[must_use = "the slot is released as soon as the guard is dropped"]
 #[derive(Debug)]
 pub struct SlotReadGuard<'a> {
     cell: &'a SlotCell,
+    shard: usize,
     identity: SlotIdentity,
 }
 
@@ -530,9 +666,9 @@ impl SlotReadGuard<'_> {
 }
 
 impl Drop for SlotReadGuard<'_> {
-    #[inline]
+    #[inline(always)]
     fn drop(&mut self) {
-        self.cell.put_ref();
+        self.cell.put_ref(self.shard);
     }
 }
 
@@ -563,16 +699,19 @@ impl SlotExclusion<'_> {
         }
         let started = Instant::now();
         // Fast path: nobody inside, no lock taken.
-        if cell.word() == EXCLUDE | MAP_REF {
+        if cell.drained() {
             return Ok(Duration::ZERO);
         }
         let deadline = started.checked_add(bound);
         let mut lock = cell.lock_wait();
         loop {
-            // Acquire (in `word`), and read under the mutex: see module docs.
-            let word = cell.word();
-            debug_assert!(word & EXCLUDE != 0, "exclusion lost: {word:#x}");
-            if word == EXCLUDE | MAP_REF {
+            // Acquire (in `words`), and read under the mutex: see module docs.
+            let words = cell.words();
+            debug_assert!(
+                words.iter().all(|w| w & EXCLUDE != 0),
+                "exclusion lost: {words:#x?}"
+            );
+            if words.iter().all(|&w| w == EXCLUDE | MAP_REF) {
                 return Ok(started.elapsed());
             }
             let now = Instant::now();
@@ -580,7 +719,7 @@ impl SlotExclusion<'_> {
                 Some(deadline) if now >= deadline => {
                     return Err(SlotLockError::DrainTimeout {
                         slot: cell.id,
-                        readers: readers_in(word),
+                        readers: total_readers(&words),
                         waited: now.duration_since(started),
                         bound,
                     });
@@ -609,23 +748,33 @@ impl SlotExclusion<'_> {
         if self.detached {
             return Err(SlotLockError::Detached { slot: cell.id });
         }
-        // Acquire: synchronizes with every reader's release. Release: orders
-        // the writer's prior work before a later attach's readers.
-        match cell.refcnt.compare_exchange(
-            EXCLUDE | MAP_REF,
-            0,
-            Ordering::AcqRel,
-            Ordering::Acquire,
-        ) {
-            Ok(_) => {
-                self.detached = true;
-                Ok(())
+        for (i, shard) in cell.shards.iter().enumerate() {
+            // Acquire: synchronizes with every reader's release. Release:
+            // orders the writer's prior work before a later attach's readers.
+            if let Err(word) = shard.refcnt.compare_exchange(
+                EXCLUDE | MAP_REF,
+                0,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                // Not drained (so not yet at zero readers): put back the
+                // shards already detached, which had no reader and, being
+                // excluded, admitted none.
+                for done in &cell.shards[..i] {
+                    done.refcnt.store(EXCLUDE | MAP_REF, Ordering::Release);
+                }
+                let others: u32 = cell.shards[i + 1..]
+                    .iter()
+                    .map(|s| readers_in(s.refcnt.load(Ordering::Relaxed)))
+                    .sum();
+                return Err(SlotLockError::NotDrained {
+                    slot: cell.id,
+                    readers: readers_in(word) + others,
+                });
             }
-            Err(word) => Err(SlotLockError::NotDrained {
-                slot: cell.id,
-                readers: readers_in(word),
-            }),
         }
+        self.detached = true;
+        Ok(())
     }
 
     /// Gives the drained, still attached slot a new range and generation (a
@@ -636,17 +785,16 @@ impl SlotExclusion<'_> {
         if self.detached {
             return Err(SlotLockError::Detached { slot: cell.id });
         }
-        let word = cell.word();
-        if word != EXCLUDE | MAP_REF {
+        if !cell.drained() {
             return Err(SlotLockError::NotDrained {
                 slot: cell.id,
-                readers: readers_in(word),
+                readers: cell.readers(),
             });
         }
         // Drained and excluded: no reader reads the identity until the
         // exclusion's Release fetch_and publishes it.
         // 2^64 attachments cannot happen; wrapping keeps it total anyway.
-        let generation = cell.generation.load(Ordering::Relaxed).wrapping_add(1);
+        let generation = cell.generation().wrapping_add(1);
         Ok(cell.publish_identity(range, generation))
     }
 
@@ -662,11 +810,10 @@ impl SlotExclusion<'_> {
         if self.detached {
             return Err(SlotLockError::Detached { slot: cell.id });
         }
-        let word = cell.word();
-        if word != EXCLUDE | MAP_REF {
+        if !cell.drained() {
             return Err(SlotLockError::NotDrained {
                 slot: cell.id,
-                readers: readers_in(word),
+                readers: cell.readers(),
             });
         }
         // As in `reshape`: drained and excluded, nobody reads the identity.
@@ -683,9 +830,11 @@ impl Drop for SlotExclusion<'_> {
         // poisoned lock: readers are refused rather than let into memory that
         // a half-done teardown may have unmapped.
         if !self.detached && !std::thread::panicking() {
-            // Release: the writer's changes happen before readers admitted
-            // afterwards.
-            self.cell.refcnt.fetch_and(!EXCLUDE, Ordering::Release);
+            for shard in &self.cell.shards {
+                // Release: the writer's changes happen before readers admitted
+                // afterwards on this shard.
+                shard.refcnt.fetch_and(!EXCLUDE, Ordering::Release);
+            }
         }
     }
 }

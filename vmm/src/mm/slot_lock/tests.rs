@@ -256,7 +256,9 @@ fn test_reshape_with_reader_inside_not_drained() {
 #[test]
 fn test_read_count_saturated_too_many_readers() {
     let (cell, id) = attached(14);
-    cell.refcnt.store(COUNT_MASK, Ordering::Relaxed);
+    for shard in &cell.shards {
+        shard.refcnt.store(COUNT_MASK, Ordering::Relaxed);
+    }
     assert_eq!(
         cell.read(id.generation, Gpa(0x10_0000)).unwrap_err(),
         SlotLockError::TooManyReaders {
@@ -354,7 +356,7 @@ fn test_read_racing_recycles_guard_matches_requested_identity() {
         ex.wait_drained(Duration::from_secs(5)).unwrap();
         ex.detach().unwrap();
         drop(ex);
-        let next = cell.generation.load(Ordering::Relaxed) + 1;
+        let next = cell.generation() + 1;
         let id = cell.attach(range_for(next)).unwrap();
         assert_eq!(id.generation, next);
         // Publish late: readers meanwhile try the stale generation.
@@ -372,4 +374,113 @@ fn test_read_racing_recycles_guard_matches_requested_identity() {
         "no reader ever got in"
     );
     assert_eq!(cell.word(), MAP_REF);
+}
+
+// ---- Shards -------------------------------------------------------------
+
+#[test]
+fn test_current_shard_stable_per_thread_and_spread_over_threads() {
+    assert_eq!(current_shard(), current_shard(), "stable per thread");
+    // Round robin over threads (other tests start threads concurrently, so
+    // consecutive threads here need not be neighbours, but cannot all share
+    // one shard).
+    let seen: std::collections::BTreeSet<usize> = (0..2 * SHARDS)
+        .map(|_| thread::spawn(current_shard).join().unwrap())
+        .collect();
+    assert!(seen.iter().all(|&s| s < SHARDS), "{seen:?}");
+    assert!(seen.len() > 1, "every thread on one shard: {seen:?}");
+}
+
+#[test]
+fn test_readers_on_every_shard_all_counted_excluded_and_drained() {
+    let (cell, id) = attached(20);
+    let guards: Vec<_> = (0..SHARDS)
+        .map(|s| cell.read_on(s, id.generation, Gpa(0x10_0000)).unwrap())
+        .collect();
+    assert_eq!(cell.readers(), SHARDS as u32);
+    for (s, shard) in cell.shards.iter().enumerate() {
+        assert_eq!(
+            shard.refcnt.load(Ordering::Relaxed),
+            MAP_REF + 1,
+            "shard {s}"
+        );
+    }
+    let mut ex = cell.exclude().unwrap();
+    for s in 0..SHARDS {
+        assert_eq!(
+            cell.read_on(s, id.generation, Gpa(0x10_0000)).unwrap_err(),
+            SlotLockError::Excluded { slot: 20 },
+            "shard {s} admitted a reader after exclude"
+        );
+    }
+    match ex.wait_drained(Duration::from_millis(10)).unwrap_err() {
+        SlotLockError::DrainTimeout { readers, .. } => assert_eq!(readers, SHARDS as u32),
+        other => panic!("unexpected {other:?}"),
+    }
+    assert_eq!(
+        ex.detach().unwrap_err(),
+        SlotLockError::NotDrained {
+            slot: 20,
+            readers: SHARDS as u32
+        }
+    );
+    // All but the last shard drained: still not drained, and a detach that
+    // fails on the last shard puts the others back.
+    let mut guards = guards;
+    let last = guards.pop().unwrap();
+    drop(guards);
+    assert_eq!(
+        ex.detach().unwrap_err(),
+        SlotLockError::NotDrained {
+            slot: 20,
+            readers: 1
+        }
+    );
+    assert!(cell.is_attached() && cell.is_excluded());
+    assert_eq!(cell.readers(), 1);
+    drop(last);
+    assert_eq!(cell.word(), EXCLUDE | MAP_REF);
+    ex.detach().unwrap();
+    assert_eq!(cell.word(), 0);
+}
+
+#[test]
+fn test_wait_drained_waits_for_the_last_shard_to_drain() {
+    // Two readers on different shards leave one after the other; the writer
+    // must wake for the first, see the second still inside, and park again.
+    let cell = std::sync::Arc::new(attached(21).0);
+    let generation = cell.identity().unwrap().generation;
+    let (held_tx, held_rx) = mpsc::channel();
+    let (go_tx, go_rx) = mpsc::channel::<()>();
+    let go_rx = std::sync::Arc::new(std::sync::Mutex::new(go_rx));
+    let readers: Vec<_> = (0..2)
+        .map(|s| {
+            let (cell, held_tx, go_rx) = (cell.clone(), held_tx.clone(), go_rx.clone());
+            thread::spawn(move || {
+                let guard = cell.read_on(s, generation, Gpa(0x10_0000)).unwrap();
+                held_tx.send(()).unwrap();
+                go_rx.lock().unwrap().recv().unwrap();
+                drop(guard);
+            })
+        })
+        .collect();
+    held_rx.recv().unwrap();
+    held_rx.recv().unwrap();
+    let mut ex = cell.exclude().unwrap();
+    let releaser = thread::spawn(move || {
+        go_tx.send(()).unwrap();
+        thread::sleep(Duration::from_millis(30));
+        go_tx.send(()).unwrap();
+    });
+    let waited = ex.wait_drained(Duration::from_secs(5)).unwrap();
+    assert!(
+        waited >= Duration::from_millis(25),
+        "woke before the last shard drained: {waited:?}"
+    );
+    assert_eq!(cell.readers(), 0);
+    ex.detach().unwrap();
+    releaser.join().unwrap();
+    for r in readers {
+        r.join().unwrap();
+    }
 }

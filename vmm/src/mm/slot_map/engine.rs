@@ -21,7 +21,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use crate::mm::addr::{Gpa, GpaRange};
+use crate::mm::addr::{Gpa, GpaRange, Hva};
 use crate::mm::backing::HostMapping;
 
 use super::error::SlotMapError;
@@ -226,6 +226,7 @@ impl SlotMap {
                     id: map.ids.alloc(),
                     range: p.range,
                     offset: p.offset,
+                    hva: Hva(p.mapping.hva().0 + p.offset),
                     flags: p.flags,
                     generation: map.bump_generation(),
                     mapping: p.mapping,

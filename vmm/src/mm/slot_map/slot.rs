@@ -65,6 +65,9 @@ pub struct Slot {
     pub(super) range: GpaRange,
     pub(super) mapping: Arc<HostMapping>,
     pub(super) offset: u64,
+    /// `mapping.hva() + offset`, kept so that readers translate without
+    /// dereferencing the mapping (one cache line less per lookup).
+    pub(super) hva: Hva,
     pub(super) flags: SlotFlags,
     pub(super) generation: u64,
 }
@@ -99,10 +102,12 @@ impl Slot {
         self.generation
     }
     /// Host address of the slot's first byte (`userspace_addr`).
+    #[inline]
     pub fn hva(&self) -> Hva {
-        Hva(self.mapping.hva().0 + self.offset)
+        self.hva
     }
     /// Host address of `gpa`, if it lies inside the slot.
+    #[inline]
     pub fn translate(&self, gpa: Gpa) -> Option<Hva> {
         let delta = gpa.offset_from(self.range.start())?;
         (delta < self.range.len()).then(|| Hva(self.hva().0 + delta))

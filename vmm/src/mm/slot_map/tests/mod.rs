@@ -76,12 +76,12 @@ pub(super) fn check_invariants(map: &SlotMap) {
             .iter()
             .map(|s| (s.range.start(), s.generation))
             .collect();
-        assert_eq!(flat, tree, "the readers' flat array differs from the tree");
+        assert_eq!(flat, tree, "the readers' flat index differs from the tree");
     }
     if map.len() <= super::FLAT_MAX && map.next_generation > 0 {
         assert!(
             map.flat().is_some(),
-            "a small map edited by an op has no flat array"
+            "a small map edited by an op has no flat index"
         );
     }
     for (key, s) in map.slots.iter() {
@@ -95,6 +95,11 @@ pub(super) fn check_invariants(map: &SlotMap) {
         assert!(
             s.offset + s.range.len() <= s.mapping.len(),
             "{s:?} outside mapping"
+        );
+        assert_eq!(
+            s.hva().0,
+            s.mapping.hva().0 + s.offset,
+            "{s:?}: cached host address out of step with mapping + offset"
         );
         let ps = s.mapping.page_size();
         assert!(s.range.start().is_aligned(ps) && s.range.len() % ps == 0 && s.offset % ps == 0);

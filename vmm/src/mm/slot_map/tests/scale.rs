@@ -4,12 +4,13 @@
 use std::time::{Duration, Instant};
 
 use super::*;
+use crate::mm::addr::Hva;
 use crate::mm::slot_map::Slot;
 
 /// A map with `n` one-page slots on one mapping, at even pages (a gap between
 /// any two, so they never merge). Built by inserting directly, which is what
 /// `n` plugs would produce (checked below) at a tenth of the time, then
-/// rebuilding the readers' flat array as every op does.
+/// rebuilding the readers' flat index as every op does.
 fn map_with(n: u64, m: &Arc<HostMapping>) -> SlotMap {
     let mut map = SlotMap::new(SlotMapConfig::default());
     for i in 0..n {
@@ -18,6 +19,7 @@ fn map_with(n: u64, m: &Arc<HostMapping>) -> SlotMap {
             range: range(2 * i * P, P),
             mapping: m.clone(),
             offset: i * P,
+            hva: Hva(m.hva().0 + i * P),
             flags: SlotFlags::NONE,
             generation: map.bump_generation(),
         };
