@@ -365,7 +365,10 @@ fn bench_churn(c: &mut Criterion) {
 /// Recorded under
 /// `il/...`; the ratios are computed from these.
 fn interleaved() {
-    const ROUNDS: usize = 60;
+    /// Single-thread rounds (each ~1 ms per case: cheap, so many).
+    const ROUNDS: usize = 300;
+    /// Churn rounds (each ~10 ms per case).
+    const CHURN_ROUNDS: usize = 20;
     const ITERS: u64 = 50_000;
     const CHURN_ITERS: u64 = 300_000;
     let f = fixture();
@@ -381,7 +384,7 @@ fn interleaved() {
     // readers (so it is already churning, not just spawned) and stopped after.
     // No other thread runs meanwhile: idle helper threads polling a flag
     // would steal CPU from the readers on this 2-core host.
-    for _ in 0..ROUNDS / 3 {
+    for _ in 0..CHURN_ROUNDS {
         for kind in kinds {
             let stop = AtomicBool::new(false);
             thread::scope(|s| {

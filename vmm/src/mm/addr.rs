@@ -125,6 +125,14 @@ impl GpaRange {
         start.0.checked_add(len)?;
         Some(Self { start, len })
     }
+    /// A range known to be valid because it was copied from a `GpaRange`
+    /// (checked in debug builds only): for hot paths that store a range's
+    /// parts in atomics and load them back.
+    #[inline]
+    pub(crate) fn from_valid_parts(start: Gpa, len: u64) -> Self {
+        debug_assert!(start.0.checked_add(len).is_some(), "{start}+{len:#x}");
+        Self { start, len }
+    }
     /// The range `[start, end)`; `None` if `end < start`.
     pub fn from_bounds(start: Gpa, end: Gpa) -> Option<Self> {
         Some(Self {

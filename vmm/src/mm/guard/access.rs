@@ -90,9 +90,10 @@ impl<'a> SlotRef<'a> {
             len,
             slot: self.slot_id(),
         };
-        let delta = gpa.offset_from(range.start()).ok_or_else(out)?;
-        let end = delta.checked_add(len).ok_or_else(out)?;
-        if end > range.len() {
+        // Below the start, `delta` wraps to a huge value and fails the first
+        // test; past it, the second test cannot overflow.
+        let delta = gpa.0.wrapping_sub(range.start().0);
+        if delta > range.len() || len > range.len() - delta {
             return Err(out());
         }
         Ok(Hva(self.hva.0 + delta))

@@ -70,6 +70,22 @@ fn test_guard_access_outside_slot_or_unaligned_is_refused() {
         slot.hva(Gpa(BASE - 8), 8),
         Err(GuardError::OutOfSlot { .. })
     ));
+    assert!(matches!(
+        slot.hva(Gpa(BASE + 8), u64::MAX),
+        Err(GuardError::OutOfSlot { .. })
+    ));
+    assert!(matches!(
+        slot.hva(Gpa(BASE + 2 * P + 8), 0),
+        Err(GuardError::OutOfSlot { .. })
+    ));
+    // The last word, and an empty access at the very end, are inside.
+    let last = slot.hva(Gpa(BASE + 2 * P - 8), 8).unwrap();
+    assert_eq!(last.0, mem.hva().0 + 2 * P - 8);
+    assert_eq!(
+        slot.hva(Gpa(BASE + 2 * P), 0).unwrap().0,
+        mem.hva().0 + 2 * P
+    );
+    assert_eq!(slot.hva(Gpa(BASE), 2 * P).unwrap(), mem.hva());
     let mut buf = [0u8; 3];
     slot.write(Gpa(BASE + 5), &[1, 2, 3]).unwrap();
     slot.read(Gpa(BASE + 5), &mut buf).unwrap();

@@ -584,9 +584,8 @@ impl SlotCell {
         let start = Gpa(shard.start.load(Ordering::Relaxed));
         let len = shard.len.load(Ordering::Relaxed);
         // Identity stores come from a valid `GpaRange`, and a reader sees one
-        // attach's complete identity (module docs), so this cannot fail.
-        let range = GpaRange::new(start, len)
-            .unwrap_or_else(|| unreachable!("slot {}: torn identity {start}+{len:#x}", self.id));
+        // attach's complete identity (module docs), so the parts are valid.
+        let range = GpaRange::from_valid_parts(start, len);
         SlotIdentity { generation, range }
     }
 }
