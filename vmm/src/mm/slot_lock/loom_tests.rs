@@ -404,3 +404,71 @@ fn test_loom_recycle_attach_count_before_identity_caught() {
         recycle_model(SlotCell::read_on, attach_count_first, false),
     );
 }
+
+// ---- Model 5: detach without a prior drain --------------------------------
+// Readers on both shards race a writer that excludes and detaches at once:
+// detach must refuse while any shard has a reader (putting back the shards
+// it already zeroed), and succeed only after the drain. The memory is
+// discarded right after the successful detach.
+type DetachFn = fn(&mut SlotExclusion<'_>) -> Result<(), SlotLockError>;
+
+fn detach_correct(ex: &mut SlotExclusion<'_>) -> Result<(), SlotLockError> {
+    ex.detach()
+}
+
+/// BROKEN: checks shard 0 only, then zeroes the others.
+fn detach_checking_first_shard_only(ex: &mut SlotExclusion<'_>) -> Result<(), SlotLockError> {
+    let cell = ex.cell;
+    cell.shards[0]
+        .refcnt
+        .compare_exchange(EXCLUDE | MAP_REF, 0, Ordering::AcqRel, Ordering::Acquire)
+        .map_err(|word| SlotLockError::NotDrained {
+            slot: cell.id,
+            readers: readers_in(word),
+        })?;
+    for shard in &cell.shards[1..] {
+        shard.refcnt.store(0, Ordering::Release);
+    }
+    ex.detached = true;
+    Ok(())
+}
+
+fn early_detach_model(detach: DetachFn) -> impl Fn() + Sync + Send + 'static {
+    move || {
+        let (s, id) = shared();
+        // Not dropped while unwinding from a caught failure (see model 2).
+        let s = std::mem::ManuallyDrop::new(s);
+        let readers = spawn_readers(&s, 0..2, move |s, shard| {
+            if let Ok(guard) = s.cell.read_on(shard, id.generation, GPA) {
+                assert_eq!(read_mem(s), MAPPED, "reader inside a detached slot");
+                drop(guard);
+            }
+        });
+        let mut ex = s.cell.exclude().unwrap();
+        if let Err(e) = detach(&mut ex) {
+            assert!(matches!(e, SlotLockError::NotDrained { .. }), "{e:?}");
+            assert!(s.cell.is_excluded(), "a refused detach lost the exclusion");
+            ex.wait_drained(LONG).unwrap();
+            detach(&mut ex).unwrap();
+        }
+        drop(ex);
+        discard_mem(&s, DISCARDED);
+        join(readers);
+        assert_eq!(s.cell.word(), 0);
+        drop(std::mem::ManuallyDrop::into_inner(s));
+    }
+}
+
+#[test]
+fn test_loom_detach_before_drain_refused_until_every_shard_drained() {
+    check_explores(3, early_detach_model(detach_correct));
+}
+
+#[test]
+fn test_loom_detach_checking_one_shard_caught() {
+    assert_caught(
+        3,
+        "Causality violation",
+        early_detach_model(detach_checking_first_shard_only),
+    );
+}

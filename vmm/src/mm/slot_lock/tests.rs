@@ -232,10 +232,48 @@ fn test_reshape_drained_slot_bumps_generation() {
         cell.read(new.generation, Gpa(0x10_8000)),
         Err(SlotLockError::NotCovered { .. })
     ));
-    assert_eq!(
-        cell.read(new.generation, Gpa(0x10_7fff)).unwrap().range(),
-        new.range
-    );
+    // Every shard's copy of the identity moved, not only this thread's.
+    for s in 0..SHARDS {
+        assert!(
+            matches!(
+                cell.read_on(s, old.generation, Gpa(0x10_0000)),
+                Err(SlotLockError::Stale { .. })
+            ),
+            "shard {s} kept the old identity"
+        );
+        assert_eq!(
+            cell.read_on(s, new.generation, Gpa(0x10_7fff))
+                .unwrap()
+                .identity(),
+            new,
+            "shard {s}"
+        );
+    }
+}
+
+#[test]
+fn test_attach_and_reattach_publish_identity_on_every_shard() {
+    let (cell, first) = attached(22);
+    for s in 0..SHARDS {
+        let guard = cell.read_on(s, first.generation, Gpa(0x10_0000)).unwrap();
+        assert_eq!(guard.identity(), first, "shard {s}");
+    }
+    let mut ex = cell.exclude().unwrap();
+    ex.wait_drained(Duration::from_secs(1)).unwrap();
+    ex.detach().unwrap();
+    drop(ex);
+    let second = cell.attach(range(0x40_0000, 0x1000)).unwrap();
+    for s in 0..SHARDS {
+        assert!(
+            matches!(
+                cell.read_on(s, first.generation, Gpa(0x10_0000)),
+                Err(SlotLockError::Stale { .. })
+            ),
+            "shard {s} kept the old identity"
+        );
+        let guard = cell.read_on(s, second.generation, Gpa(0x40_0000)).unwrap();
+        assert_eq!(guard.identity(), second, "shard {s}");
+    }
 }
 
 #[test]

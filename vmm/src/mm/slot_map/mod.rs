@@ -130,7 +130,8 @@ pub struct SlotMap {
     /// [`FLAT_MAX`]: readers use it instead of walking the tree
     /// (`OrdMap::get_prev` builds a range iterator, ~35 ns; this is a few
     /// ns). Rebuilt by every op, O(`FLAT_MAX`) at most; `None` above it.
-    /// Held inline, not behind an `Arc`: one dependent load less per lookup.
+    /// Held inline, not behind an `Arc`: one dependent load less per lookup;
+    /// the price is that `SlotMap::clone` (writer side) copies it.
     flat: Option<FlatIndex>,
 }
 
