@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole test suite: unit, property, doc and integration tests (real KVM),
-# then the loom model checks of the lock-free parts of `mm`.
+# then the loom and shuttle model checks of the lock-free parts of `mm`.
 #
 # KVM tests skip with a printed reason when /dev/kvm is missing, unless
 # VMM_REQUIRE_KVM=1 (CI sets it), which turns a missing /dev/kvm into a failure.
@@ -14,3 +14,7 @@ cargo test --workspace --doc
 echo "== loom models (RUSTFLAGS=--cfg vmm_loom, release)"
 RUSTFLAGS="--cfg vmm_loom" CARGO_TARGET_DIR=target/loom \
   cargo test -p vmm --lib --release -- loom
+
+echo "== shuttle models (RUSTFLAGS=--cfg vmm_shuttle, release; fixed PCT seed)"
+RUSTFLAGS="--cfg vmm_shuttle" CARGO_TARGET_DIR=target/shuttle \
+  cargo test -p vmm --lib --release -- shuttle

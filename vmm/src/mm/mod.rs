@@ -19,6 +19,8 @@
 pub mod addr;
 pub mod backing;
 pub mod guard;
+#[cfg(all(test, any(vmm_loom, vmm_shuttle)))]
+mod model_support;
 pub mod notifier;
 pub mod pin_account;
 pub mod slot_lock;

@@ -92,7 +92,7 @@
 mod access;
 mod cells;
 mod device;
-#[cfg(all(test, not(vmm_loom)))]
+#[cfg(all(test, not(vmm_loom), not(vmm_shuttle)))]
 mod tests;
 
 use std::fmt;

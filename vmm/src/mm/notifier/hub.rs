@@ -559,5 +559,5 @@ impl InvalidationHub {
     }
 }
 
-#[cfg(all(test, not(vmm_loom)))]
+#[cfg(all(test, not(vmm_loom), not(vmm_shuttle)))]
 mod tests;

@@ -28,16 +28,13 @@ use std::sync::Arc;
 
 use loom::model::Builder;
 
-use super::seq::{lock, ReadSeq, SeqState};
+use super::model_protocols::{BumpsAtStartOnly, IgnoresInProgress, Protocol, ProtocolState, Real};
+use super::seq::{lock, SeqState};
 use super::{Interest, InvalidationHub, Reason, Replay, Subscriber, TranslationCache};
 use crate::mm::addr::{Gpa, GpaRange, Hva};
 use crate::mm::sync::{thread, AtomicBool, AtomicU64, AtomicUsize, Mutex, Ordering};
 
-const PAGE: Gpa = Gpa(0x1000);
-
-fn page_range() -> GpaRange {
-    GpaRange::new(PAGE, 0x1000).unwrap()
-}
+use super::model_protocols::{page_range, PAGE};
 
 fn builder(preemptions: usize) -> Builder {
     let mut b = Builder::new();
@@ -45,96 +42,18 @@ fn builder(preemptions: usize) -> Builder {
     b
 }
 
-/// A writer/reader sequence protocol for one page.
-trait Protocol: Send + Sync + 'static {
-    fn start(&self);
-    fn end(&self);
-    fn read_begin(&self) -> u64;
-    fn retry(&self, seq: u64) -> bool;
-}
-
-/// The real protocol.
-struct Real(SeqState);
-
-impl Protocol for Real {
-    fn start(&self) {
-        self.0.start(1, page_range());
-    }
-    fn end(&self) {
-        assert!(self.0.end(1));
-    }
-    fn read_begin(&self) -> u64 {
-        self.0.read_begin().0
-    }
-    fn retry(&self, seq: u64) -> bool {
-        self.0.retry(ReadSeq(seq), page_range())
-    }
-}
-
-/// Broken: `retry` looks only at the sequence count, not at invalidations in
-/// progress.
-struct IgnoresInProgress {
-    seq: AtomicU64,
-}
-
-impl Protocol for IgnoresInProgress {
-    fn start(&self) {}
-    fn end(&self) {
-        self.seq.fetch_add(1, Ordering::Release);
-    }
-    fn read_begin(&self) -> u64 {
-        self.seq.load(Ordering::Acquire)
-    }
-    fn retry(&self, seq: u64) -> bool {
-        self.seq.load(Ordering::Acquire) != seq
-    }
-}
-
-/// Broken: the sequence count moves at `start` instead of at `end`.
-struct BumpsAtStartOnly {
-    seq: AtomicU64,
-    in_progress: AtomicUsize,
-}
-
-impl Protocol for BumpsAtStartOnly {
-    fn start(&self) {
-        self.seq.fetch_add(1, Ordering::Release);
-        self.in_progress.fetch_add(1, Ordering::Release);
-    }
-    fn end(&self) {
-        self.in_progress.fetch_sub(1, Ordering::Release);
-    }
-    fn read_begin(&self) -> u64 {
-        self.seq.load(Ordering::Acquire)
-    }
-    fn retry(&self, seq: u64) -> bool {
-        self.in_progress.load(Ordering::Acquire) != 0 || self.seq.load(Ordering::Acquire) != seq
-    }
-}
-
 /// One invalidation racing one fault path; the fault path's translation is
 /// the resolver's generation (1 before the change, 2 after).
 fn protocol_model<P: Protocol>(make: fn() -> P) {
     builder(3).check(move || {
-        let proto = Arc::new(make());
-        let generation = Arc::new(AtomicU64::new(1));
-        let slot = Arc::new(Mutex::new(None::<u64>));
-
-        let writer = {
-            let (proto, generation, slot) = (proto.clone(), generation.clone(), slot.clone());
-            thread::spawn(move || {
-                proto.start();
-                *lock(&slot) = None; // invalidate_start: drop the translation
-                generation.store(2, Ordering::Release); // teardown: new answer
-                proto.end();
-            })
-        };
+        let s = ProtocolState::new(make());
+        let writer = s.spawn_invalidator(2);
 
         for _ in 0..2 {
-            let seq = proto.read_begin();
-            let resolved = generation.load(Ordering::Acquire);
-            let mut installed = lock(&slot);
-            if !proto.retry(seq) {
+            let seq = s.proto.read_begin();
+            let resolved = s.generation.load(Ordering::Acquire);
+            let mut installed = lock(&s.slot);
+            if !s.proto.retry(seq) {
                 *installed = Some(resolved);
                 break;
             }
@@ -143,7 +62,7 @@ fn protocol_model<P: Protocol>(make: fn() -> P) {
         }
 
         writer.join().unwrap();
-        let kept = *lock(&slot);
+        let kept = *lock(&s.slot);
         assert!(
             kept.is_none() || kept == Some(2),
             "stale translation kept: {kept:?}"

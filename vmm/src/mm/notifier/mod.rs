@@ -114,6 +114,10 @@ mod translation_cache;
 
 #[cfg(all(test, vmm_loom))]
 mod loom_tests;
+#[cfg(all(test, any(vmm_loom, vmm_shuttle)))]
+mod model_protocols;
+#[cfg(all(test, vmm_shuttle, not(vmm_loom)))]
+mod shuttle_tests;
 
 use std::fmt;
 

@@ -78,7 +78,7 @@ impl RangeSet {
     }
 }
 
-#[cfg(all(test, not(vmm_loom)))]
+#[cfg(all(test, not(vmm_loom), not(vmm_shuttle)))]
 mod tests {
     use super::*;
 

@@ -155,7 +155,7 @@ impl SeqState {
     }
 }
 
-#[cfg(all(test, not(vmm_loom)))]
+#[cfg(all(test, not(vmm_loom), not(vmm_shuttle)))]
 mod tests {
     use super::*;
     use crate::mm::addr::Gpa;

@@ -308,7 +308,7 @@ impl<T: PageTranslation> Drop for TranslationCache<T> {
     }
 }
 
-#[cfg(all(test, not(vmm_loom)))]
+#[cfg(all(test, not(vmm_loom), not(vmm_shuttle)))]
 mod tests {
     use std::sync::atomic::{AtomicBool, AtomicU64 as StdAtomicU64, AtomicUsize, Ordering as O};
     use std::time::{Duration, Instant};

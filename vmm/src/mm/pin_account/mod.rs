@@ -502,10 +502,10 @@ impl PinAccount {
 
 /// The broken pattern this module avoids, kept only so the tests can show they
 /// tell the two apart: speculatively add, check, subtract again on failure.
-#[cfg(test)]
+#[cfg(all(test, not(vmm_shuttle)))]
 mod rollback;
 
-#[cfg(all(test, not(vmm_loom)))]
+#[cfg(all(test, not(vmm_loom), not(vmm_shuttle)))]
 mod tests;
 
 #[cfg(all(test, vmm_loom))]

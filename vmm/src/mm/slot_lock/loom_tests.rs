@@ -1,6 +1,8 @@
 //! Loom models of the four properties. Each model has a deliberately
 //! broken variant, and a test asserting the model catches it.
+use super::model_variants::{put_no_notify, read_check_then_inc};
 use super::*;
+use crate::mm::model_support::panic_message;
 use crate::mm::sync::{thread, Arc};
 use loom::cell::UnsafeCell;
 use loom::model::Builder;
@@ -76,11 +78,7 @@ fn assert_caught(bound: usize, why: &str, f: impl Fn() + Sync + Send + 'static) 
 fn assert_caught_any(bound: usize, whys: &[&str], f: impl Fn() + Sync + Send + 'static) {
     let payload = catch_unwind(AssertUnwindSafe(|| check(bound, f)))
         .expect_err("loom did not catch the broken variant");
-    let msg = payload
-        .downcast_ref::<String>()
-        .map(String::as_str)
-        .or_else(|| payload.downcast_ref::<&str>().copied())
-        .unwrap_or("<non-string panic>");
+    let msg = panic_message(&*payload);
     assert!(
         whys.iter().any(|why| msg.contains(why)),
         "caught for another reason: {msg}"
@@ -92,31 +90,6 @@ type ReadFn = for<'a> fn(&'a SlotCell, usize, u64, Gpa) -> Result<SlotReadGuard<
 /// A writer's exclusion, returned once the readers inside drained.
 type ExcludeFn = for<'a> fn(&'a SlotCell) -> SlotExclusion<'a>;
 type PutFn = fn(SlotReadGuard<'_>);
-
-/// BROKEN: checks EXCLUDE with a load, then increments separately.
-fn read_check_then_inc(
-    cell: &SlotCell,
-    shard: usize,
-    generation: u64,
-    gpa: Gpa,
-) -> Result<SlotReadGuard<'_>, SlotLockError> {
-    let refcnt = &cell.shards[shard].refcnt;
-    let word = refcnt.load(Ordering::Acquire);
-    if word == 0 {
-        return Err(SlotLockError::Detached { slot: cell.id });
-    }
-    if word & EXCLUDE != 0 {
-        return Err(SlotLockError::Excluded { slot: cell.id });
-    }
-    refcnt.fetch_add(1, Ordering::Acquire);
-    let guard = SlotReadGuard {
-        cell,
-        shard,
-        identity: cell.load_identity(shard),
-    };
-    validate(&guard, generation, gpa)?;
-    Ok(guard)
-}
 
 /// BROKEN: increments without re-validating the identity afterwards.
 fn read_no_revalidate(
@@ -154,13 +127,6 @@ fn exclude_and_drain_first_shard_only(cell: &SlotCell) -> SlotExclusion<'_> {
 
 fn put_correct(guard: SlotReadGuard<'_>) {
     drop(guard);
-}
-
-/// BROKEN: releases without ever notifying the writer.
-fn put_no_notify(guard: SlotReadGuard<'_>) {
-    let (cell, shard) = (guard.cell, guard.shard);
-    std::mem::forget(guard);
-    cell.shards[shard].refcnt.fetch_sub(1, Ordering::Release);
 }
 
 /// BROKEN: notifies without taking the wait mutex (classic lost wake-up).

@@ -181,9 +181,10 @@ pub const SHARDS: usize = 2;
 
 /// The shard this thread's readers use: threads get shards round robin, on
 /// first use. Any shard is correct for any thread; this only keeps threads
-/// apart. Under loom every model thread would share one OS thread-local, so
-/// the models pass shards explicitly ([`SlotCell::read_on`]) instead.
-#[cfg(not(all(test, vmm_loom)))]
+/// apart. Under loom and shuttle every model thread would share one OS
+/// thread-local, so the models pass shards explicitly
+/// ([`SlotCell::read_on`]) instead.
+#[cfg(not(all(test, any(vmm_loom, vmm_shuttle))))]
 #[inline]
 pub fn current_shard() -> usize {
     use std::sync::atomic::AtomicUsize as StdAtomicUsize;
@@ -194,8 +195,8 @@ pub fn current_shard() -> usize {
     SHARD.with(|s| *s)
 }
 
-/// The shard this thread's readers use (always 0 under loom).
-#[cfg(all(test, vmm_loom))]
+/// The shard this thread's readers use (always 0 under loom and shuttle).
+#[cfg(all(test, any(vmm_loom, vmm_shuttle)))]
 pub fn current_shard() -> usize {
     0
 }
@@ -841,8 +842,14 @@ impl Drop for SlotExclusion<'_> {
     }
 }
 
-#[cfg(all(test, not(vmm_loom)))]
+#[cfg(all(test, not(vmm_loom), not(vmm_shuttle)))]
 mod tests;
 
 #[cfg(all(test, vmm_loom))]
 mod loom_tests;
+
+#[cfg(all(test, vmm_shuttle, not(vmm_loom)))]
+mod shuttle_tests;
+
+#[cfg(all(test, any(vmm_loom, vmm_shuttle)))]
+mod model_variants;

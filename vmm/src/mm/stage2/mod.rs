@@ -59,11 +59,11 @@ mod table;
 
 #[cfg(all(test, vmm_loom))]
 mod loom_tests;
-#[cfg(all(test, not(vmm_loom)))]
+#[cfg(all(test, not(vmm_loom), not(vmm_shuttle)))]
 mod proptests;
-#[cfg(all(test, not(vmm_loom)))]
+#[cfg(all(test, not(vmm_loom), not(vmm_shuttle)))]
 mod stress_tests;
-#[cfg(all(test, not(vmm_loom)))]
+#[cfg(all(test, not(vmm_loom), not(vmm_shuttle)))]
 mod tests;
 
 use crate::mm::addr::{Gpa, GpaRange, Hva};

@@ -204,7 +204,7 @@ fn quarantine(page: Box<TablePage>) {
 
 /// Runs `f` on the freed page at `addr` if it is still in the quarantine
 /// (which cannot evict it meanwhile); `None` if it is not there.
-#[cfg(all(test, not(vmm_loom)))]
+#[cfg(all(test, not(vmm_loom), not(vmm_shuttle)))]
 pub(crate) fn with_quarantined<R>(addr: u64, f: impl FnOnce(&TablePage) -> R) -> Option<R> {
     let q = QUARANTINE
         .lock()
