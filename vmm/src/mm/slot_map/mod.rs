@@ -142,7 +142,7 @@ pub const FLAT_MAX: usize = 64;
 /// array, and the slots in the same order. A lookup binary-searches the
 /// packed starts (`partition_point`, compiled branch-free): 8 bytes per step
 /// instead of a whole `Slot`, so 64 starts fit in 8 cache lines. Measured:
-/// stage-2 bench (64 slots) 10.0 -> 8.1 ns per held-snapshot lookup against
+/// stage-2 bench (64 slots) 10.0 -> 7.2-8.1 ns per held-snapshot lookup against
 /// a search over the `Slot`s; a branch-free linear count was cheaper alone at
 /// 16 slots (4.8 ns against 5.4) but not inside the guard (guards bench:
 /// 13.95 ns against 13.59) and much dearer at 64 (14 ns), so it was dropped.
