@@ -61,9 +61,9 @@
 //! # Guards and invalidation ranges
 //! The applier owns a [`GuardedMap`] (the published map plus one refcount
 //! lock per slot, see [`crate::mm::guard`]) and an [`InvalidationHub`].
-//! `apply`, under the writer lock: computes the transition; `hub.begin` for
-//! every range it takes away or write-protects (vetoes first: a refusal
-//! changes nothing); excludes new guards from every slot it deletes or
+//! `apply`, under the writer lock: computes the transition; `hub.begin_all`
+//! for the ranges it takes away or write-protects (the vetoes of all of them
+//! first: a refusal changes nothing and announces nothing); excludes new guards from every slot it deletes or
 //! changes and waits for the guards inside, at most
 //! [`drain_bound`](MemslotApplier::drain_bound) (past it the error names the
 //! slot and its readers and nothing changed); issues the ioctls (with
@@ -306,15 +306,14 @@ impl<V: MemslotIoctls> MemslotApplier<V> {
             removed,
             added,
         } = op(&base)?;
-        // 1. Vetoes, then invalidate_start, before anything is torn down.
-        //    Dropping `invalidations` on any early return ends them.
-        let mut invalidations: Vec<Invalidation<'_>> = Vec::new();
-        for &(range, kind) in &removed {
-            let Some(reason) = invalidation_reason(kind, slot_op) else {
-                continue;
-            };
-            invalidations.push(self.hub.begin(range, reason)?);
-        }
+        // 1. Vetoes (of every range first), then invalidate_start, before
+        //    anything is torn down. Dropping `invalidations` on any early
+        //    return ends them.
+        let announced: Vec<(GpaRange, Reason)> = removed
+            .iter()
+            .filter_map(|&(range, kind)| Some((range, invalidation_reason(kind, slot_op)?)))
+            .collect();
+        let invalidations: Vec<Invalidation<'_>> = self.hub.begin_all(&announced)?;
         // 2. No new guard on a slot that goes away or changes; wait for the
         //    guards inside (bounded; on timeout nothing changed).
         let exclusions = self

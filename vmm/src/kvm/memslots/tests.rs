@@ -528,6 +528,47 @@ fn test_applier_vetoed_op_issues_no_ioctl_and_changes_nothing() {
 }
 
 #[test]
+fn test_applier_veto_of_a_later_range_delivers_nothing_for_the_earlier_ones() {
+    // Two slots with a hole between them: an unplug over both is announced
+    // as two ranges; a pin on the second refuses the op before the first
+    // range's subscribers hear anything.
+    let kvm = Arc::new(FakeKvm::default());
+    let ap = MemslotApplier::new(Arc::clone(&kvm), config()).unwrap();
+    let (a, b) = (anon(4), anon(4));
+    ap.apply(|m| m.plug(Gpa(0), 4 * P, a.clone(), 0, SlotFlags::NONE))
+        .unwrap();
+    ap.apply(|m| m.plug(Gpa(6 * P), 4 * P, b.clone(), 0, SlotFlags::NONE))
+        .unwrap();
+    let events = Arc::new(Events::default());
+    ap.hub()
+        .subscribe(Interest::All, events.clone(), Replay::None)
+        .unwrap();
+    let veto = ap
+        .hub()
+        .subscribe(Interest::Range(r(7 * P, P)), Arc::new(Veto), Replay::None)
+        .unwrap();
+    let err = ap.apply(|m| m.unplug(Gpa(0), 10 * P)).unwrap_err();
+    assert!(matches!(err, MemslotError::Vetoed(_)), "{err}");
+    assert!(
+        take(&events).is_empty(),
+        "a refused op announced part of its change"
+    );
+    assert_eq!(ap.hub().in_progress(), 0);
+    ap.hub().unsubscribe(veto).unwrap();
+    ap.apply(|m| m.unplug(Gpa(0), 10 * P)).unwrap();
+    assert_eq!(
+        take(&events),
+        [
+            format!("start {} unplug", r(0, 4 * P)),
+            format!("start {} unplug", r(6 * P, 4 * P)),
+            format!("end {}", r(0, 4 * P)),
+            format!("end {}", r(6 * P, 4 * P)),
+        ]
+    );
+    assert_cells_match_map(&ap);
+}
+
+#[test]
 fn test_applier_guard_held_past_bound_refuses_op_naming_slot_and_readers() {
     let kvm = Arc::new(FakeKvm::default());
     let ap = MemslotApplier::new(Arc::clone(&kvm), config()).unwrap();

@@ -404,58 +404,92 @@ impl InvalidationHub {
         range: GpaRange,
         reason: Reason,
     ) -> Result<Invalidation<'_>, NotifierError> {
-        if range.is_empty() {
-            return Err(NotifierError::EmptyRange {
-                range,
-                what: reason.to_string(),
-            });
-        }
-        if !reason.invalidates() {
-            return Err(NotifierError::NotAnInvalidation { range, reason });
+        let mut started = self.begin_all(&[(range, reason)])?;
+        Ok(started.remove(0))
+    }
+
+    /// Starts invalidating several ranges as one change (an op that takes
+    /// memory away in more than one place): the vetoes of *every* range run
+    /// before any `invalidate_start`, so a refusal of one range delivers
+    /// nothing for the others. On success the invalidations are returned in
+    /// the order given, their starts delivered in that order.
+    ///
+    /// Errors: as [`begin`](Self::begin), for the first range at fault;
+    /// nothing was delivered or recorded for any range.
+    pub fn begin_all(
+        &self,
+        changes: &[(GpaRange, Reason)],
+    ) -> Result<Vec<Invalidation<'_>>, NotifierError> {
+        for &(range, reason) in changes {
+            if range.is_empty() {
+                return Err(NotifierError::EmptyRange {
+                    range,
+                    what: reason.to_string(),
+                });
+            }
+            if !reason.invalidates() {
+                return Err(NotifierError::NotAnInvalidation { range, reason });
+            }
         }
         loop {
             let (generation, candidates) = {
                 let st = lock(&self.state);
-                (st.generation, st.recipients(range))
+                let candidates: Vec<_> = changes
+                    .iter()
+                    .map(|&(range, reason)| (reason, st.recipients(range)))
+                    .collect();
+                (st.generation, candidates)
             };
-            for (entry, clipped) in &candidates {
-                if let Some(Err(message)) = entry.deliver(|s| s.check(*clipped, reason)) {
-                    return Err(NotifierError::Vetoed {
-                        subscription: entry.id,
-                        range: *clipped,
-                        reason,
-                        message,
-                    });
+            for (reason, recipients) in &candidates {
+                for (entry, clipped) in recipients {
+                    if let Some(Err(message)) = entry.deliver(|s| s.check(*clipped, *reason)) {
+                        return Err(NotifierError::Vetoed {
+                            subscription: entry.id,
+                            range: *clipped,
+                            reason: *reason,
+                            message,
+                        });
+                    }
                 }
             }
             let mut st = lock(&self.state);
             if st.generation != generation {
                 continue; // someone subscribed meanwhile: check again
             }
-            let id = st.next_invalidation;
-            st.next_invalidation += 1;
-            let recipients = st.recipients(range);
-            st.active.push(Active {
-                id,
-                range,
-                reason,
-                recipients: recipients.clone(),
-            });
-            self.seq.start(id, range);
-            drop(st);
-            // Made before delivering, so that a panicking callback still
-            // ends the invalidation (through `Drop`) instead of wedging it.
-            let invalidation = Invalidation {
-                hub: self,
-                id,
-                range,
-                reason,
-                ended: false,
-            };
-            for (entry, clipped) in &recipients {
-                entry.deliver(|s| s.invalidate_start(*clipped, reason));
+            let mut started = Vec::with_capacity(changes.len());
+            for &(range, reason) in changes {
+                let id = st.next_invalidation;
+                st.next_invalidation += 1;
+                let recipients = st.recipients(range);
+                st.active.push(Active {
+                    id,
+                    range,
+                    reason,
+                    recipients: recipients.clone(),
+                });
+                self.seq.start(id, range);
+                // Made before delivering, so that a panicking callback still
+                // ends the invalidation (through `Drop`) instead of wedging it.
+                started.push((
+                    Invalidation {
+                        hub: self,
+                        id,
+                        range,
+                        reason,
+                        ended: false,
+                    },
+                    recipients,
+                ));
             }
-            return Ok(invalidation);
+            drop(st);
+            let mut invalidations = Vec::with_capacity(started.len());
+            for (invalidation, recipients) in started {
+                for (entry, clipped) in &recipients {
+                    entry.deliver(|s| s.invalidate_start(*clipped, invalidation.reason));
+                }
+                invalidations.push(invalidation);
+            }
+            return Ok(invalidations);
         }
     }
 

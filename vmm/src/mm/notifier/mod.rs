@@ -23,6 +23,9 @@
 //!    invalidation is recorded as in progress (readers' `retry` sees it) and
 //!    `invalidate_start` is delivered to each overlapping subscriber, clipped to
 //!    its registered range. All starts are delivered before `begin` returns.
+//!    A change in several places uses `hub.begin_all(&[(range, reason), ...])`:
+//!    the checks of every range run before any start, so one refusal delivers
+//!    nothing for the others.
 //! 2. The caller tears down (KVM memslot, host mapping, ...).
 //! 3. `hub.end(t)` — `invalidate_end` goes to the subscribers that got the
 //!    start (and are still subscribed), then the sequence count is bumped and

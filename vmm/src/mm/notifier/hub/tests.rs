@@ -116,8 +116,9 @@ fn test_hub_disjoint_interest_hears_nothing() {
     assert!(log.lock().unwrap().is_empty());
 }
 
-#[test]
-fn test_hub_veto_refuses_and_nothing_is_delivered() {
+/// A hub with a recording subscriber on everything ("dev") and a vetoing one
+/// on `pinned` ("pin"); returns the pin's subscription id.
+fn hub_with_dev_and_pin(pinned: GpaRange) -> (InvalidationHub, Log, SubscriptionId) {
     let hub = InvalidationHub::new();
     let log = Log::default();
     hub.subscribe(Interest::All, Rec::new("dev", &log), Replay::None)
@@ -128,8 +129,14 @@ fn test_hub_veto_refuses_and_nothing_is_delivered() {
         veto: Some("DMA buffer pinned"),
     });
     let pin_id = hub
-        .subscribe(Interest::Range(r(0x2000, 0x1000)), pin, Replay::None)
+        .subscribe(Interest::Range(pinned), pin, Replay::None)
         .unwrap();
+    (hub, log, pin_id)
+}
+
+#[test]
+fn test_hub_veto_refuses_and_nothing_is_delivered() {
+    let (hub, log, pin_id) = hub_with_dev_and_pin(r(0x2000, 0x1000));
     let seq = hub.read_begin();
 
     let err = hub.begin(r(0x0, 0x10000), Reason::Unplug).unwrap_err();
@@ -150,6 +157,61 @@ fn test_hub_veto_refuses_and_nothing_is_delivered() {
     // Outside the pinned range the change goes through.
     hub.begin(r(0x4000, 0x1000), Reason::Unplug).unwrap().end();
     assert_eq!(starts_and_ends(&log).len(), 2);
+}
+
+#[test]
+fn test_hub_begin_all_checks_every_range_before_any_start() {
+    let (hub, log, pin_id) = hub_with_dev_and_pin(r(0x8000, 0x1000));
+    let changes = [
+        (r(0x0, 0x2000), Reason::Unplug),
+        (r(0x8000, 0x2000), Reason::Protect),
+    ];
+
+    // The second range is refused: nothing at all is started.
+    let err = hub.begin_all(&changes).unwrap_err();
+    assert!(
+        matches!(err, NotifierError::Vetoed { subscription, .. } if subscription == pin_id),
+        "{err}"
+    );
+    assert!(
+        starts_and_ends(&log).is_empty(),
+        "{:?}",
+        starts_and_ends(&log)
+    );
+    assert_eq!(hub.in_progress(), 0);
+
+    // A bad range anywhere refuses the whole call before any veto runs.
+    log.lock().unwrap().clear();
+    let bad = [
+        (r(0x0, 0x1000), Reason::Unplug),
+        (r(0x4000, 0), Reason::Unplug),
+    ];
+    assert!(matches!(
+        hub.begin_all(&bad),
+        Err(NotifierError::EmptyRange { .. })
+    ));
+    assert!(log.lock().unwrap().is_empty());
+
+    // Without the pin: started in order, each ended on its own.
+    hub.unsubscribe(pin_id).unwrap();
+    let seq = hub.read_begin();
+    let started = hub.begin_all(&changes).unwrap();
+    assert_eq!(started.len(), 2);
+    assert_eq!(hub.in_progress(), 2);
+    assert!(hub.retry(seq, r(0x9000, 0x1000)));
+    for invalidation in started {
+        invalidation.end();
+    }
+    assert_eq!(
+        starts_and_ends(&log),
+        [
+            Ev::Start("dev", r(0x0, 0x2000), Reason::Unplug),
+            Ev::Start("dev", r(0x8000, 0x2000), Reason::Protect),
+            Ev::End("dev", r(0x0, 0x2000)),
+            Ev::End("dev", r(0x8000, 0x2000)),
+        ]
+    );
+    assert_eq!(hub.in_progress(), 0);
 }
 
 #[test]
