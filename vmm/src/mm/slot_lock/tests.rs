@@ -522,3 +522,11 @@ fn test_wait_drained_waits_for_the_last_shard_to_drain() {
         r.join().unwrap();
     }
 }
+
+#[test]
+fn test_cell_layout_one_line_pair_per_shard_plus_one() {
+    // Each shard (count word + identity copy) on its own 128-byte block, and
+    // the rest (id, wait mutex, condvar) on one more: docs/guards.md's cost.
+    assert_eq!(std::mem::align_of::<SlotCell>(), 128);
+    assert_eq!(std::mem::size_of::<SlotCell>(), (SHARDS + 1) * 128);
+}
