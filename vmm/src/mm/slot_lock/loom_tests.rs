@@ -1,4 +1,4 @@
-//! Loom models of the four properties. Each model has a deliberately
+//! Loom models of the slot lock's properties. Each model has a deliberately
 //! broken variant, and a test asserting the model catches it.
 use super::model_variants::{put_no_notify, read_check_then_inc};
 use super::*;
@@ -7,6 +7,7 @@ use crate::mm::sync::{thread, Arc};
 use loom::cell::UnsafeCell;
 use loom::model::Builder;
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::time::Duration;
 
 /// Effectively unbounded (loom does not model timeouts anyway).
 const LONG: Duration = Duration::from_secs(3600);

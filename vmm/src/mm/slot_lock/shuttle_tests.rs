@@ -14,6 +14,7 @@ use super::model_variants::{put_no_notify, read_check_then_inc};
 use super::*;
 use crate::mm::model_support::{self, pct};
 use crate::mm::sync::{thread, Arc};
+use std::time::Duration;
 
 const GPA: Gpa = Gpa(0x18_0000);
 const DISCARDED: u64 = u64::MAX;

@@ -1,6 +1,8 @@
-use super::*;
 use std::sync::mpsc;
 use std::thread;
+use std::time::{Duration, Instant};
+
+use super::*;
 
 fn range(start: u64, len: u64) -> GpaRange {
     GpaRange::new(Gpa(start), len).unwrap()
