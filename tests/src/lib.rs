@@ -77,3 +77,18 @@ pub fn run(config: &RunConfig) -> (RunReport, String) {
 pub fn builtin(name: &str) -> GuestSource {
     vmm::cli::parse_guest(name).expect("a built-in")
 }
+
+/// A xorshift64 generator: the sequence is reproducible from the seed (which
+/// must not be 0), and it needs no dependency.
+#[derive(Debug)]
+pub struct Rng(pub u64);
+
+impl Rng {
+    /// The next number, reduced to `0..n`.
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n
+    }
+}

@@ -31,7 +31,7 @@ use vmm::plan::{Command, CommandOutcome, Step, VcpuPlan};
 use vmm::vcpu::{ConsoleSender, GuestFailure, VcpuContext};
 use vmm::vm::{Vm, VmSpec};
 use vmm_sys_util::eventfd::EventFd;
-use vmm_tests::kvm_or_skip;
+use vmm_tests::{kvm_or_skip, Rng};
 
 const MIB: u64 = 1 << 20;
 /// Per-vCPU pattern region.
@@ -116,18 +116,6 @@ impl VcpuPlan for PatternPlan {
 
     fn recoverable(&self) -> bool {
         true
-    }
-}
-
-/// A small xorshift generator: deterministic per seed, no dependency.
-struct Rng(u64);
-
-impl Rng {
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0 % n
     }
 }
 

@@ -32,9 +32,7 @@ fn logged_guest_memory(f: &Fixture) -> Arc<HostMapping> {
     unsafe {
         std::ptr::copy_nonoverlapping(GUEST.as_ptr(), mem.as_ptr().add(0x1000), GUEST.len());
     }
-    f.applier
-        .apply(|m| m.plug(Gpa(0), 64 * 1024, mem.clone(), 0, SlotFlags::NONE))
-        .unwrap();
+    f.plug(0, 64 * 1024, &mem);
     f.applier
         .apply(|m| m.set_dirty_log(Gpa(0), 64 * 1024, true))
         .unwrap();

@@ -14,11 +14,13 @@ use std::sync::{Arc, Mutex};
 
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::{Error as KvmError, Kvm, VmFd};
-use vmm::kvm::memslots::{FailureCause, MemslotApplier, MemslotError, MemslotIoctls, MemslotOp};
+use vmm::kvm::memslots::{
+    Applied, FailureCause, MemslotApplier, MemslotError, MemslotIoctls, MemslotOp,
+};
 use vmm::mm::addr::{Gfn, Gpa};
 use vmm::mm::backing::{BackingKind, HostMapping};
 use vmm::mm::slot_map::{MemslotChange, SlotFlags, SlotMapConfig, SlotMapError};
-use vmm_tests::kvm_or_skip;
+use vmm_tests::{kvm_or_skip, Rng};
 
 mod dirty;
 
@@ -119,6 +121,13 @@ fn region(id: u32, gpa: u64, size: u64, hva: u64, flags: u32) -> kvm_userspace_m
 }
 
 impl Fixture {
+    /// Plugs `[gpa, +len)` backed by `mem` from its start, unflagged.
+    fn plug(&self, gpa: u64, len: u64, mem: &Arc<HostMapping>) -> Applied {
+        self.applier
+            .apply(|m| m.plug(Gpa(gpa), len, mem.clone(), 0, SlotFlags::NONE))
+            .unwrap()
+    }
+
     /// Creates a probe slot over `[gpa, +size)`: `Ok` (then deleted again) or the errno.
     fn probe_create(&self, gpa: u64, size: u64) -> Result<(), i32> {
         let hva = self.probe.hva().0;
@@ -189,15 +198,10 @@ fn test_memslots_plug_and_unplug_across_edges_match_kvm() {
     };
     let a = anon(4 * MIB);
     let b = anon(4 * MIB);
-    let t = f
-        .applier
-        .apply(|m| m.plug(Gpa(4 * MIB), 4 * MIB, a.clone(), 0, SlotFlags::NONE))
-        .unwrap();
+    let t = f.plug(4 * MIB, 4 * MIB, &a);
     assert_eq!(t.changes.len(), 1);
     f.assert_kvm_matches();
-    f.applier
-        .apply(|m| m.plug(Gpa(8 * MIB), 4 * MIB, b.clone(), 0, SlotFlags::NONE))
-        .unwrap();
+    f.plug(8 * MIB, 4 * MIB, &b);
     f.assert_kvm_matches();
 
     // Unplug across the edge between the two slots: both are cut.
@@ -225,9 +229,7 @@ fn test_memslots_protect_ro_then_rw_matches_kvm() {
         return;
     };
     let a = anon(4 * MIB);
-    f.applier
-        .apply(|m| m.plug(Gpa(0), 4 * MIB, a.clone(), 0, SlotFlags::NONE))
-        .unwrap();
+    f.plug(0, 4 * MIB, &a);
     let t = f.applier.apply(|m| m.protect(Gpa(MIB), MIB, true)).unwrap();
     assert_eq!(t.map.len(), 3);
     assert!(t.map.lookup(Gpa(MIB)).unwrap().flags().read_only);
@@ -247,9 +249,7 @@ fn test_memslots_move_keeps_host_bytes_at_new_gpa() {
     };
     let a = anon(4 * MIB);
     fill(&a, MIB, MIB, 0x5A);
-    f.applier
-        .apply(|m| m.plug(Gpa(0), 4 * MIB, a.clone(), 0, SlotFlags::NONE))
-        .unwrap();
+    f.plug(0, 4 * MIB, &a);
     let hva = f.applier.load().translate(Gpa(MIB + 0x123)).unwrap().0;
     f.applier
         .apply(|m| m.move_range(Gpa(MIB), MIB, Gpa(32 * MIB)))
@@ -268,9 +268,7 @@ fn test_memslots_resize_grow_and_shrink_match_kvm() {
         return;
     };
     let a = anon(8 * MIB);
-    f.applier
-        .apply(|m| m.plug(Gpa(MIB), 2 * MIB, a.clone(), 0, SlotFlags::NONE))
-        .unwrap();
+    f.plug(MIB, 2 * MIB, &a);
     f.applier
         .apply(|m| m.resize(Gpa(MIB), 8 * MIB, None))
         .unwrap();
@@ -299,9 +297,7 @@ fn test_memslots_dirty_log_on_and_off_matches_kvm() {
         return;
     };
     let a = anon(4 * MIB);
-    f.applier
-        .apply(|m| m.plug(Gpa(0), 4 * MIB, a.clone(), 0, SlotFlags::NONE))
-        .unwrap();
+    f.plug(0, 4 * MIB, &a);
     let t = f
         .applier
         .apply(|m| m.set_dirty_log(Gpa(0), 4 * MIB, true))
@@ -366,9 +362,7 @@ fn test_memslots_split_failing_at_each_change_rolls_back() {
         return;
     };
     let a = anon(4 * MIB);
-    f.applier
-        .apply(|m| m.plug(Gpa(0), 4 * MIB, a.clone(), 0, SlotFlags::NONE))
-        .unwrap();
+    f.plug(0, 4 * MIB, &a);
     // Write-protecting the middle: delete 1, create 3.
     let n = assert_rollback_at_each_position(&f, |m| m.protect(Gpa(MIB), MIB, true));
     assert_eq!(n, 4);
@@ -382,12 +376,8 @@ fn test_memslots_flags_and_split_failing_at_each_change_rolls_back() {
     };
     let a = anon(2 * MIB);
     let b = anon(2 * MIB);
-    f.applier
-        .apply(|m| m.plug(Gpa(0), 2 * MIB, a.clone(), 0, SlotFlags::NONE))
-        .unwrap();
-    f.applier
-        .apply(|m| m.plug(Gpa(2 * MIB), 2 * MIB, b.clone(), 0, SlotFlags::NONE))
-        .unwrap();
+    f.plug(0, 2 * MIB, &a);
+    f.plug(2 * MIB, 2 * MIB, &b);
     // Dirty log over all of the first slot (SetFlags) and half of the second
     // (delete 1, create 2).
     let op = |m: &vmm::mm::slot_map::SlotMap| m.set_dirty_log(Gpa(0), 3 * MIB, true);
@@ -402,9 +392,7 @@ fn test_memslots_failed_undo_poisons_applier() {
         return;
     };
     let a = anon(4 * MIB);
-    f.applier
-        .apply(|m| m.plug(Gpa(0), 4 * MIB, a.clone(), 0, SlotFlags::NONE))
-        .unwrap();
+    f.plug(0, 4 * MIB, &a);
     // Fail change 2 (a create), then the undo of change 1 (call 3).
     f.faulty.fail_next(&[2, 3]);
     let err = f
@@ -433,9 +421,7 @@ fn test_memslots_overlapping_plug_refused_before_ioctl() {
     };
     let a = anon(4 * MIB);
     let b = anon(4 * MIB);
-    f.applier
-        .apply(|m| m.plug(Gpa(4 * MIB), 4 * MIB, a.clone(), 0, SlotFlags::NONE))
-        .unwrap();
+    f.plug(4 * MIB, 4 * MIB, &a);
     let calls = f.faulty.calls();
     let err = f
         .applier
@@ -485,11 +471,7 @@ fn test_memslots_transition_from_stale_map_refused_before_ioctl() {
         return;
     };
     let (a, c, d, x) = (anon(4 * MIB), anon(4 * MIB), anon(4 * MIB), anon(4 * MIB));
-    let plug = |gpa: u64, mem: &Arc<HostMapping>| {
-        f.applier
-            .apply(|m| m.plug(Gpa(gpa), 4 * MIB, mem.clone(), 0, SlotFlags::NONE))
-            .unwrap()
-    };
+    let plug = |gpa: u64, mem: &Arc<HostMapping>| f.plug(gpa, 4 * MIB, mem);
     plug(0, &a); // id 0
     let stale1 = f.applier.load();
     plug(16 * MIB, &c); // id 1
@@ -498,8 +480,9 @@ fn test_memslots_transition_from_stale_map_refused_before_ioctl() {
         .apply(|m| m.unplug(Gpa(16 * MIB), 4 * MIB))
         .unwrap();
     plug(8 * MIB, &d); // id 1 again, at [8, 12) MiB
-                       // From `stale1`, a plug at [32, 36) MiB creates id 1, which is live now
-                       // (KVM would take it as a change of that slot: EINVAL, or a move).
+
+    // From `stale1`, a plug at [32, 36) MiB creates id 1, which is live now
+    // (KVM would take it as a change of that slot: EINVAL, or a move).
     assert_stale_refused(
         &f,
         || stale1.plug(Gpa(32 * MIB), 4 * MIB, x.clone(), 0, SlotFlags::NONE),
@@ -519,9 +502,7 @@ fn test_memslots_check_consistency_sees_dirty_logging_strays() {
         return;
     };
     let a = anon(4 * MIB);
-    f.applier
-        .apply(|m| m.plug(Gpa(0), 4 * MIB, a.clone(), 0, SlotFlags::NONE))
-        .unwrap();
+    f.plug(0, 4 * MIB, &a);
     f.applier
         .apply(|m| m.set_dirty_log(Gpa(0), 4 * MIB, true))
         .unwrap();
@@ -603,9 +584,7 @@ fn test_memslots_drop_deletes_registered_slots() {
         return;
     };
     let a = anon(4 * MIB);
-    f.applier
-        .apply(|m| m.plug(Gpa(0), 4 * MIB, a.clone(), 0, SlotFlags::NONE))
-        .unwrap();
+    f.plug(0, 4 * MIB, &a);
     let Fixture {
         applier,
         faulty,
@@ -619,18 +598,6 @@ fn test_memslots_drop_deletes_registered_slots() {
     faulty
         .raw(region(PROBE_ID, 0, 0, probe.hva().0, 0))
         .unwrap();
-}
-
-/// A xorshift64 generator: the sequence is reproducible from the seed.
-struct Rng(u64);
-
-impl Rng {
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0 % n
-    }
 }
 
 #[test]
