@@ -451,14 +451,19 @@ impl FaultsConfig {
         }
     }
 
-    /// Checks sizes against backings, vCPUs and the result-buffer limit.
-    pub fn validate(&self) -> Result<(), ConfigError> {
-        let granule = self
-            .backings
+    /// The largest page size among the backings: sizes and vCPU parts are
+    /// multiples of it.
+    fn granule(&self) -> u64 {
+        self.backings
             .iter()
             .map(Backing::granule)
             .max()
-            .unwrap_or(PAGE_SIZE);
+            .unwrap_or(PAGE_SIZE)
+    }
+
+    /// Checks sizes against backings, vCPUs and the result-buffer limit.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let granule = self.granule();
         let max = layout::IDENTITY_END - TEST_BASE;
         if self.size == 0 || self.size % granule != 0 || self.size > max {
             return Err(ConfigError::Size {
@@ -502,12 +507,7 @@ impl FaultsConfig {
         if self.share == Share::Shared {
             return (0, self.size);
         }
-        let granule = self
-            .backings
-            .iter()
-            .map(Backing::granule)
-            .max()
-            .unwrap_or(PAGE_SIZE);
+        let granule = self.granule();
         let units = self.size / granule;
         let per = units / self.vcpus;
         let first = index * per;

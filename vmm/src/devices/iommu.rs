@@ -95,7 +95,7 @@ use crate::kvm::memslots::MemslotApplier;
 use crate::mm::addr::{Gfn, Gpa, GpaRange, Hva, HUGE_2M, PAGE_SIZE};
 use crate::mm::backing::BackingKind;
 use crate::mm::guard::{GuardError, SlotRef};
-use crate::mm::notifier::{Interest, InvalidationHub, Reason, Replay, Subscriber, SubscriptionId};
+use crate::mm::notifier::{InvalidationHub, Reason, Subscriber, SubscriptionId};
 use crate::mm::stage2::{
     Access, MappedRun, PageSize, Perms, ReclaimStats, Stage2Error, Stage2Table, Translation,
 };
@@ -257,10 +257,7 @@ impl Iommu {
     pub fn new(memory: Arc<MemslotApplier>) -> Self {
         let hub = memory.hub().clone();
         let state = Arc::new(State::default());
-        let subscription = hub
-            .subscribe(Interest::All, state.clone(), Replay::None)
-            // `Interest::All` has no range that could be empty.
-            .expect("Interest::All is a valid interest");
+        let subscription = hub.subscribe_all(state.clone());
         Self {
             memory,
             hub,

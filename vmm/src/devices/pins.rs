@@ -30,7 +30,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::kvm::memslots::MemslotApplier;
 use crate::mm::addr::{Gpa, GpaRange, Hva, PAGE_SIZE};
-use crate::mm::notifier::{Interest, InvalidationHub, Reason, Replay, Subscriber, SubscriptionId};
+use crate::mm::notifier::{InvalidationHub, Reason, Subscriber, SubscriptionId};
 use crate::mm::pin_account::{PinAccount, PinAccountError};
 
 /// Why a range cannot be pinned.
@@ -212,9 +212,7 @@ impl PinManager {
             account,
             table: Mutex::new(Table::default()),
         });
-        let subscription = hub
-            .subscribe(Interest::All, state.clone(), Replay::None)
-            .expect("Interest::All is a valid interest");
+        let subscription = hub.subscribe_all(state.clone());
         Self {
             memory,
             hub,

@@ -370,6 +370,14 @@ impl InvalidationHub {
         Ok(entry.id)
     }
 
+    /// Subscribes `subscriber` to every change, without replay: the way a
+    /// device that may touch any guest memory registers. Cannot fail (only a
+    /// ranged interest can be refused, for being empty).
+    pub fn subscribe_all(&self, subscriber: Arc<dyn Subscriber>) -> SubscriptionId {
+        self.subscribe(Interest::All, subscriber, Replay::None)
+            .unwrap_or_else(|e| unreachable!("Interest::All refused: {e}"))
+    }
+
     /// Removes a subscription. When this returns, no callback of it runs on
     /// another thread and none will start. From inside its own callback it
     /// does not wait for that callback (no deadlock).
