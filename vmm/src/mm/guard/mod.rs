@@ -100,7 +100,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::mm::addr::Gpa;
-use crate::mm::slot_lock::{current_shard, SlotCell, SlotExclusion, SlotLockError};
+use crate::mm::slot_lock::{current_shard, SlotExclusion, SlotLockError};
 use crate::mm::slot_map::{
     MemslotChange, SharedSlotMap, SlotMap, SlotMapError, SnapshotCache, Transition,
 };
@@ -261,7 +261,6 @@ impl GuardedMap {
             map: self,
             cache: self.shared.cache(),
             shard: current_shard(),
-            first_cells: None,
         }
     }
 
@@ -275,7 +274,7 @@ impl GuardedMap {
         let shard = current_shard();
         for _ in 0..STALE_RETRIES {
             let snapshot = self.shared.load_guard();
-            match self.attempt(&snapshot, gpa, shard, None) {
+            match self.attempt(&snapshot, gpa, shard) {
                 Attempt::Got(r) => return Ok(r),
                 Attempt::Failed(e) => return Err(e),
                 Attempt::Again { slot } => last = slot,
@@ -284,22 +283,14 @@ impl GuardedMap {
         Err(GuardError::Busy { gpa, slot: last })
     }
 
-    /// One try on `map`, on count-word `shard`; `first_cells` is the reader's
-    /// copy of [`SlotCells::first_chunk`], if it has one.
+    /// One try on `map`, on count-word `shard`.
     #[inline]
-    fn attempt<'a>(
-        &'a self,
-        map: &SlotMap,
-        gpa: Gpa,
-        shard: usize,
-        first_cells: Option<&'a [SlotCell]>,
-    ) -> Attempt<'a> {
+    fn attempt(&self, map: &SlotMap, gpa: Gpa, shard: usize) -> Attempt<'_> {
         let Some(slot) = map.lookup(gpa) else {
             return Attempt::Failed(GuardError::Unplugged { gpa });
         };
         let id = slot.id().0;
-        let cell = first_cells.and_then(|cells| cells.get(id as usize));
-        let Some(cell) = cell.or_else(|| self.cells.get(id)) else {
+        let Some(cell) = self.cells.get(id) else {
             return Attempt::Again { slot: id };
         };
         match cell.read_on(shard, slot.generation(), gpa) {
@@ -463,9 +454,6 @@ pub struct GuestReader<'a> {
     cache: SnapshotCache<'a>,
     /// This thread's count-word shard, looked up once.
     shard: usize,
-    /// The cells of the lowest slot ids, once allocated (they never move):
-    /// most lookups find their cell here without going through the table.
-    first_cells: Option<&'a [SlotCell]>,
 }
 
 impl fmt::Debug for GuestReader<'_> {
@@ -485,10 +473,7 @@ impl<'a> GuestReader<'a> {
         let map = self.map;
         let mut last = 0;
         for _ in 0..STALE_RETRIES {
-            if self.first_cells.is_none() {
-                self.first_cells = map.cells.first_chunk();
-            }
-            match map.attempt(self.cache.load(), gpa, self.shard, self.first_cells) {
+            match map.attempt(self.cache.load(), gpa, self.shard) {
                 Attempt::Got(r) => return Ok(r),
                 Attempt::Failed(e) => return Err(e),
                 Attempt::Again { slot } => last = slot,

@@ -189,7 +189,7 @@ fn test_guard_recycled_cell_is_caught_by_generation() {
     assert_eq!(g.load().lookup(Gpa(BASE)).unwrap().id(), old_id);
     // A reader still holding the old snapshot is refused by the cell...
     assert!(matches!(
-        g.attempt(&old, Gpa(BASE), 0, None),
+        g.attempt(&old, Gpa(BASE), 0),
         Attempt::Again { .. }
     ));
     // ...and a fresh lookup lands on the new memory.
