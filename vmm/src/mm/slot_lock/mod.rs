@@ -383,14 +383,16 @@ impl SlotCell {
         }
     }
 
-    /// Whether the cell holds a slot (its count words are non-zero).
+    /// Whether the cell holds a slot (its count words are non-zero). Writers
+    /// attach, detach and exclude every shard together, so shard 0 answers
+    /// for all of them (writer side and diagnostics).
     pub fn is_attached(&self) -> bool {
-        self.words()[0] != 0
+        self.shards[0].refcnt.load(Ordering::Acquire) != 0
     }
 
     /// Whether a writer currently excludes new readers.
     pub fn is_excluded(&self) -> bool {
-        self.words()[0] & EXCLUDE != 0
+        self.shards[0].refcnt.load(Ordering::Acquire) & EXCLUDE != 0
     }
 
     /// Readers inside right now, over all shards (a racy snapshot, for
