@@ -16,7 +16,7 @@ fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let size = args
         .first()
-        .map_or(Ok(64 << 20), |s| vmm::cli::parse_size(s))
+        .map_or(Ok(64 << 20), |s| vmm::units::parse_size(s))
         .unwrap_or_else(|e| fail(&e));
     let backing: Backing = args
         .get(1)

@@ -2,13 +2,8 @@
 //! exists; a bad value is rejected with a message naming the flag and the
 //! accepted form (clap exits with status 2).
 //!
-//! ```
-//! use vmm::cli::{parse_size, parse_duration};
-//! assert_eq!(parse_size("256M"), Ok(256 << 20));
-//! assert_eq!(parse_size("2G"), Ok(2 << 30));
-//! assert!(parse_size("3x").unwrap_err().contains("256M"));
-//! assert_eq!(parse_duration("1500ms"), Ok(std::time::Duration::from_millis(1500)));
-//! ```
+//! Sizes and durations are parsed by [`crate::units`], shared with scenario
+//! files and `vmm bench`.
 
 use std::ffi::OsString;
 use std::io::Write;
@@ -20,85 +15,13 @@ use clap::{Args, Parser, Subcommand};
 use guest_image::protocol::layout;
 
 use crate::boot::elf::ElfImage;
-use crate::mm::addr::{Gpa, GpaRange, PAGE_SIZE};
+use crate::mm::addr::{Gpa, GpaRange};
 use crate::mm::backing::BackingKind;
 use crate::mm::pin_account::PinLimit;
 use crate::plan::BuiltinGuest;
 use crate::run::{self, GuestSource, RunConfig, Verbosity};
 use crate::scenario::Scenario;
-
-const SIZE_FORM: &str =
-    "expected a size like 256M, 2G, 64K or 1048576 (bytes; suffixes K, M, G, T are powers of 1024)";
-
-/// Parses `256M`-style sizes. Zero is refused.
-pub fn parse_size(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let (digits, shift) = match t.char_indices().last() {
-        Some((i, c)) if c.is_ascii_alphabetic() => {
-            let shift = match c.to_ascii_uppercase() {
-                'K' => 10,
-                'M' => 20,
-                'G' => 30,
-                'T' => 40,
-                _ => return Err(format!("{s:?}: unknown suffix {c:?}; {SIZE_FORM}")),
-            };
-            (&t[..i], shift)
-        }
-        _ => (t, 0),
-    };
-    let n: u64 = digits
-        .parse()
-        .map_err(|_| format!("{s:?} is not a size; {SIZE_FORM}"))?;
-    if n == 0 {
-        return Err(format!(
-            "{s:?}: size must be greater than zero; {SIZE_FORM}"
-        ));
-    }
-    n.checked_mul(1 << shift)
-        .ok_or_else(|| format!("{s:?} is too large; {SIZE_FORM}"))
-}
-
-/// Parses a guest RAM size: a non-zero multiple of 4 KiB that fits between
-/// `RAM_BASE` (1 GiB) and the end of the 64 GiB identity window.
-pub fn parse_mem(s: &str) -> Result<u64, String> {
-    let n = parse_size(s)?;
-    if n % PAGE_SIZE != 0 {
-        return Err(format!("{s:?} is not a multiple of 4 KiB; {SIZE_FORM}"));
-    }
-    let max = layout::IDENTITY_END - layout::RAM_BASE;
-    if n > max {
-        return Err(format!(
-            "{s:?} is larger than the {} GiB guest RAM maximum",
-            max >> 30
-        ));
-    }
-    Ok(n)
-}
-
-/// Parses `10s`, `500ms`, `2m`, `1h` or a plain number of seconds.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    const FORM: &str = "expected a duration like 30s, 500ms, 2m or 1h";
-    let t = s.trim();
-    let split = t
-        .find(|c: char| !c.is_ascii_digit() && c != '.')
-        .unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let v: f64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration; {FORM}"))?;
-    let secs = match unit {
-        "" | "s" => v,
-        "ms" => v / 1e3,
-        "us" | "µs" => v / 1e6,
-        "m" | "min" => v * 60.0,
-        "h" => v * 3600.0,
-        _ => return Err(format!("{s:?}: unknown unit {unit:?}; {FORM}")),
-    };
-    if !(0.001..1e9).contains(&secs) {
-        return Err(format!("{s:?}: must be at least 1ms; {FORM}"));
-    }
-    Ok(Duration::from_secs_f64(secs))
-}
+use crate::units::{parse_duration, parse_mem};
 
 /// Parses `--guest`: a built-in name, or the path of an ELF image that loads.
 pub fn parse_guest(s: &str) -> Result<GuestSource, String> {
@@ -304,32 +227,6 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn test_parse_size_rejects_zero_and_garbage_naming_the_form() {
-        for bad in ["0", "3x", "", "M", "-1", "99999999999T"] {
-            let e = parse_size(bad).unwrap_err();
-            assert!(e.contains("256M"), "{bad}: {e}");
-        }
-        assert_eq!(parse_size("64k"), Ok(64 << 10));
-    }
-
-    #[test]
-    fn test_parse_mem_requires_page_multiple_and_fits_window() {
-        assert!(parse_mem("1000").unwrap_err().contains("4 KiB"));
-        assert!(parse_mem("64G").unwrap_err().contains("maximum"));
-        assert_eq!(parse_mem("2G"), Ok(2 << 30));
-    }
-
-    #[test]
-    fn test_parse_duration_units() {
-        assert_eq!(parse_duration("2"), Ok(Duration::from_secs(2)));
-        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
-        assert!(parse_duration("0s").is_err());
-        // Regression: would round to zero, which disarms the timerfd.
-        assert!(parse_duration("0.0000000001").is_err());
-        assert!(parse_duration("5 parsecs").is_err());
-    }
 
     #[test]
     fn test_parse_guest_missing_path_names_builtins() {

@@ -8,6 +8,7 @@
 //! - [`vm`]: building a VM; [`vcpu`]: the vCPU thread loop;
 //!   [`plan`]: what guests are told to do; [`run`]: `vmm run`; [`cli`]: flags;
 //!   [`scenario`]: scripted memory changes against a running guest.
+//! - [`units`]: sizes and durations as typed on the command line and in files.
 //! - [`bench`]: `vmm bench faults`, guest page-fault latency.
 
 pub mod bench;
@@ -19,5 +20,6 @@ pub mod mm;
 pub mod plan;
 pub mod run;
 pub mod scenario;
+pub mod units;
 pub mod vcpu;
 pub mod vm;

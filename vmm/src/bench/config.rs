@@ -16,9 +16,9 @@ use std::time::Duration;
 use clap::Args;
 use guest_image::protocol::layout;
 
-use crate::cli::{parse_duration, parse_size};
 use crate::mm::addr::{HUGE_1G, HUGE_2M, PAGE_SIZE};
 use crate::mm::backing::BackingKind;
+use crate::units::{parse_duration, parse_size};
 
 /// Guest-physical base of the test range: 4 GiB, 1 GiB-aligned so every guest
 /// page size can map it, and far from the boot region and the result buffers.

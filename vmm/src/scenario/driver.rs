@@ -279,7 +279,7 @@ impl Driver {
     fn step(&mut self, number: usize, spec: &StepSpec, expect: &str) -> (String, String, bool) {
         let what = describe(spec);
         if spec.kind == "sleep" {
-            let d = crate::cli::parse_duration(spec.duration.as_deref().unwrap_or("0"))
+            let d = crate::units::parse_duration(spec.duration.as_deref().unwrap_or("0"))
                 .unwrap_or_default();
             let until = Instant::now() + d;
             // In slices, so a timeout or signal stops the scenario promptly.

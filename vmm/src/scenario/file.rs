@@ -89,7 +89,7 @@ pub fn parse_num(s: &str) -> Result<u64, String> {
     if t == "0" {
         return Ok(0);
     }
-    crate::cli::parse_size(&t)
+    crate::units::parse_size(&t)
 }
 
 /// One step as written in the file (`[[step]]`). `do` selects the kind; the
@@ -260,7 +260,7 @@ impl Scenario {
         let bad =
             |field: &str, problem: String| ScenarioError::Toml(format!("`{field}`: {problem}"));
         if let Some(mem) = s.mem {
-            crate::cli::parse_mem(&mem.0.to_string()).map_err(|e| bad("mem", e))?;
+            crate::units::parse_mem(&mem.0.to_string()).map_err(|e| bad("mem", e))?;
         }
         if let Some(v) = s.vcpus {
             let max = guest_image::protocol::layout::MAX_VCPUS;
@@ -354,7 +354,7 @@ impl StepSpec {
             }
             "sleep" => {
                 let d = self.duration.as_deref().ok_or("needs `duration`")?;
-                crate::cli::parse_duration(d)?;
+                crate::units::parse_duration(d)?;
             }
             _ => {}
         }
