@@ -12,9 +12,9 @@ use std::sync::Arc;
 
 use kvm_ioctls::Kvm;
 use vmm::devices::iommu::{Iommu, IommuError};
-use vmm::kvm::memslots::MemslotApplier;
 use vmm::mm::addr::{Gpa, GpaRange};
 use vmm::mm::backing::{BackingKind, HostMapping};
+use vmm::mm::manager::MemoryManager;
 use vmm::mm::slot_map::{SlotFlags, SlotMapConfig};
 use vmm::mm::stage2::{Access, PageSize};
 use vmm_tests::{config, kvm_or_skip, run};
@@ -121,10 +121,10 @@ fn test_iommu_dma_only_write_appears_in_dirty_pages() {
 
 /// An applier over a real VM with `len` bytes of `kind` plugged at `gpa`,
 /// every 8-byte word of the host memory holding its own host address.
-fn vm_with(kind: &BackingKind, gpa: Gpa, len: u64) -> (Arc<MemslotApplier>, Arc<HostMapping>) {
+fn vm_with(kind: &BackingKind, gpa: Gpa, len: u64) -> (Arc<MemoryManager>, Arc<HostMapping>) {
     let kvm = Kvm::new().unwrap();
     let vm = Arc::new(kvm.create_vm().unwrap());
-    let applier = Arc::new(MemslotApplier::new(vm, SlotMapConfig::default()).unwrap());
+    let applier = Arc::new(MemoryManager::new(vm, SlotMapConfig::default()).unwrap());
     let mem = self_addressed(kind, len);
     applier
         .apply(|m| m.plug(gpa, len, mem.clone(), 0, SlotFlags::NONE))

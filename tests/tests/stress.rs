@@ -22,10 +22,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use vmm::kvm::memslots::MemslotApplier;
 use vmm::mm::addr::{Gpa, GpaRange, PAGE_SIZE};
 use vmm::mm::backing::{BackingKind, HostMapping};
 use vmm::mm::guard::{DeviceMemory, GuardError, SlotRef};
+use vmm::mm::manager::MemoryManager;
 use vmm::mm::slot_map::SlotFlags;
 use vmm::plan::{Command, CommandOutcome, Step, VcpuPlan};
 use vmm::vcpu::{ConsoleSender, GuestFailure, VcpuContext};
@@ -121,7 +121,7 @@ impl VcpuPlan for PatternPlan {
 
 /// Zone H: one slot per chunk, each with its own host mapping (like DIMMs),
 /// so an op on one chunk excludes readers from that chunk only.
-fn plug_host_zone(memory: &MemslotApplier, zone: GpaRange) -> Vec<Arc<HostMapping>> {
+fn plug_host_zone(memory: &MemoryManager, zone: GpaRange) -> Vec<Arc<HostMapping>> {
     (0..zone.len() / CHUNK)
         .map(|i| {
             let mapping = Arc::new(HostMapping::new(&BackingKind::Anon, CHUNK).unwrap());
@@ -142,7 +142,7 @@ fn plug_host_zone(memory: &MemslotApplier, zone: GpaRange) -> Vec<Arc<HostMappin
 /// unplugs of zone H (bumped after each one).
 fn host_thread(
     t: u64,
-    memory: &Arc<MemslotApplier>,
+    memory: &Arc<MemoryManager>,
     zone: GpaRange,
     unplugs: &AtomicU64,
     failures: &Failures,
@@ -250,7 +250,7 @@ struct Zones {
 }
 
 fn writer(
-    memory: &MemslotApplier,
+    memory: &MemoryManager,
     chunks: &mut [Arc<HostMapping>],
     zones: Zones,
     unplugs: &AtomicU64,

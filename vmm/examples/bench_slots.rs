@@ -1,5 +1,5 @@
 //! Slot-op latency (issue 3): plug and unplug of a 2 MiB anonymous range
-//! through [`MemslotApplier`] with 10, 1,000 and 30,000 slots already
+//! through [`MemoryManager`] with 10, 1,000 and 30,000 slots already
 //! registered, beside the raw cost of the same host and KVM work measured in
 //! the same run, on a second VM holding as many raw slots:
 //!
@@ -27,17 +27,18 @@
 //! Run by `scripts/bench-slots.sh [ITERATIONS]`; results in
 //! `docs/bench-slots.md`.
 
-use std::cell::Cell;
 use std::error::Error;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::{Cap, Kvm, VmFd};
-use vmm::kvm::memslots::{MemslotApplier, MemslotIoctls};
 use vmm::mm::addr::{Gpa, HUGE_2M, PAGE_SIZE};
 use vmm::mm::backing::{BackingKind, HostMapping};
-use vmm::mm::slot_map::{SlotFlags, SlotMapConfig};
+use vmm::mm::manager::{MemoryManager, MemslotBackend, MemslotRegion};
+use vmm::mm::slot_map::{SlotFlags, SlotId, SlotMapConfig};
+use vmm_sys_util::errno::Error as Errno;
 
 /// Slots registered before the timed ops; the first is the reference.
 const COUNTS: [usize; 3] = [10, 1_000, 30_000];
@@ -69,35 +70,29 @@ fn nanos(d: Duration) -> u64 {
 /// The applier's VM fd, adding up the time spent in memslot ioctls.
 struct TimedVm {
     vm: Arc<VmFd>,
-    ioctl_ns: Cell<u64>,
+    ioctl_ns: AtomicU64,
 }
 
 impl TimedVm {
     /// Nanoseconds spent in `KVM_SET_USER_MEMORY_REGION` since the last call.
     fn take(&self) -> u64 {
-        self.ioctl_ns.replace(0)
+        self.ioctl_ns.swap(0, Ordering::Relaxed)
     }
 }
 
-impl MemslotIoctls for TimedVm {
-    unsafe fn set_user_memory_region(
-        &self,
-        region: kvm_userspace_memory_region,
-    ) -> Result<(), kvm_ioctls::Error> {
+impl MemslotBackend for TimedVm {
+    unsafe fn set_memslot(&self, region: &MemslotRegion) -> Result<(), Errno> {
         let t = Instant::now();
-        // SAFETY: forwarded; our caller (the applier) upholds the same contract.
-        let r = unsafe { VmFd::set_user_memory_region(&self.vm, region) };
-        self.ioctl_ns.set(self.ioctl_ns.get() + nanos(t.elapsed()));
+        // SAFETY: forwarded; our caller (the manager) upholds the same contract.
+        let r = unsafe { self.vm.set_memslot(region) };
+        self.ioctl_ns
+            .fetch_add(nanos(t.elapsed()), Ordering::Relaxed);
         r
     }
 
-    unsafe fn get_dirty_log_into(
-        &self,
-        slot: u32,
-        bitmap: *mut u64,
-    ) -> Result<(), kvm_ioctls::Error> {
+    unsafe fn get_dirty_log_into(&self, slot: SlotId, bitmap: *mut u64) -> Result<(), Errno> {
         // SAFETY: forwarded; our caller upholds the same contract.
-        unsafe { MemslotIoctls::get_dirty_log_into(&*self.vm, slot, bitmap) }
+        unsafe { self.vm.get_dirty_log_into(slot, bitmap) }
     }
 }
 
@@ -168,13 +163,13 @@ fn settle(thrash: &mut Option<Thrash>) {
 /// when `record`. Checks each op did exactly one ioctl and that the mapping
 /// was unmapped by the end of the timed unplug.
 fn applier_cycle(
-    applier: &MemslotApplier<TimedVm>,
+    (applier, timed): (&MemoryManager, &TimedVm),
     s: &mut Samples,
     record: bool,
     thrash: &mut Option<Thrash>,
 ) -> Res<()> {
     settle(thrash);
-    applier.vm().take();
+    timed.take();
     let t0 = Instant::now();
     let mem = Arc::new(HostMapping::new(&BackingKind::Anon, OP_SIZE)?);
     let t1 = Instant::now();
@@ -189,7 +184,7 @@ fn applier_cycle(
     let plug_changes = plugged.changes.len();
     drop(plugged);
     let t2 = Instant::now();
-    let plug_ioctl = applier.vm().take();
+    let plug_ioctl = timed.take();
 
     settle(thrash);
     let mut unmap_ns = 0;
@@ -205,7 +200,7 @@ fn applier_cycle(
     let t5 = Instant::now();
     drop(unplugged);
     let t6 = Instant::now();
-    let unplug_ioctl = applier.vm().take();
+    let unplug_ioctl = timed.take();
 
     if plug_changes != 1 || unplug_changes != 1 || discarded != OP_SIZE {
         return Err(format!(
@@ -356,7 +351,7 @@ struct Row {
 
 /// Interleaved applier and raw cycles (alternating which goes first).
 fn measure(
-    applier: &MemslotApplier<TimedVm>,
+    applier: (&MemoryManager, &TimedVm),
     raw: &RawVm,
     raw_slot: u32,
     (warmup, iterations): (usize, usize),
@@ -378,13 +373,11 @@ fn measure(
 
 fn run_n(kvm: &Kvm, config: SlotMapConfig, n: usize, iterations: usize) -> Res<Row> {
     let vm = Arc::new(kvm.create_vm()?);
-    let applier = MemslotApplier::new(
-        TimedVm {
-            vm,
-            ioctl_ns: Cell::new(0),
-        },
-        config,
-    )?;
+    let timed = Arc::new(TimedVm {
+        vm,
+        ioctl_ns: AtomicU64::new(0),
+    });
+    let applier = MemoryManager::new(Arc::clone(&timed), config)?;
     let backing = Arc::new(HostMapping::new(&BackingKind::Anon, n as u64 * PAGE_SIZE)?);
     let mut populate_each = Vec::with_capacity(n);
     let t = Instant::now();
@@ -403,7 +396,7 @@ fn run_n(kvm: &Kvm, config: SlotMapConfig, n: usize, iterations: usize) -> Res<R
         populate_each.push(nanos(ti.elapsed()));
     }
     let populate_applier = t.elapsed();
-    let populate_applier_ioctl = Duration::from_nanos(applier.vm().take());
+    let populate_applier_ioctl = Duration::from_nanos(timed.take());
     let registered = applier.registered();
     if applier.load().len() != n
         || registered.len() != n
@@ -422,10 +415,16 @@ fn run_n(kvm: &Kvm, config: SlotMapConfig, n: usize, iterations: usize) -> Res<R
     let populate_raw = t.elapsed();
     let raw_slot = u32::try_from(n)?;
 
-    let warm = measure(&applier, &raw, raw_slot, (WARMUP, iterations), None)?;
+    let warm = measure(
+        (&applier, &timed),
+        &raw,
+        raw_slot,
+        (WARMUP, iterations),
+        None,
+    )?;
     let cold_iterations = (iterations / COLD_DIVISOR).max(1);
     let cold = measure(
-        &applier,
+        (&applier, &timed),
         &raw,
         raw_slot,
         (COLD_WARMUP, cold_iterations),
@@ -660,7 +659,7 @@ fn main() -> Res<()> {
         ..SlotMapConfig::default()
     };
     println!(
-        "bench-slots: plug/unplug of a 2 MiB anonymous range via MemslotApplier \
+        "bench-slots: plug/unplug of a 2 MiB anonymous range via MemoryManager \
          vs raw mmap + KVM_SET_USER_MEMORY_REGION"
     );
     println!("{facts}; {pinned}");

@@ -25,9 +25,9 @@ use std::time::Instant;
 
 use kvm_ioctls::Kvm;
 use vmm::devices::iommu::Iommu;
-use vmm::kvm::memslots::MemslotApplier;
 use vmm::mm::addr::{Gpa, GpaRange, Hva, HUGE_1G, HUGE_2M, PAGE_SIZE};
 use vmm::mm::backing::{BackingKind, HostMapping};
+use vmm::mm::manager::MemoryManager;
 use vmm::mm::slot_map::{SlotFlags, SlotMapConfig};
 use vmm::mm::stage2::{Access, PageSize, Perms, Stage2Table};
 
@@ -67,9 +67,9 @@ fn per_lookup(addrs: &[Gpa], mut f: impl FnMut(Gpa) -> u64) -> f64 {
 
 /// A VM with `SLOTS` 2 MiB slots of `kind`, every page faulted into `iommu`,
 /// and the pseudo-random addresses to look up.
-fn lookup_setup(kind: &BackingKind) -> Res<(Arc<MemslotApplier>, Iommu, Vec<Gpa>)> {
+fn lookup_setup(kind: &BackingKind) -> Res<(Arc<MemoryManager>, Iommu, Vec<Gpa>)> {
     let vm = Arc::new(Kvm::new()?.create_vm()?);
-    let applier = Arc::new(MemslotApplier::new(vm, SlotMapConfig::default())?);
+    let applier = Arc::new(MemoryManager::new(vm, SlotMapConfig::default())?);
     let stride = HUGE_2M * 2;
     for i in 0..SLOTS {
         let mem = Arc::new(HostMapping::new(kind, HUGE_2M)?);

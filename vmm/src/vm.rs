@@ -2,7 +2,7 @@
 //! and each vCPU's starting state (64-bit long mode, CPL3, IOPL=3).
 //!
 //! All guest memory goes through the slot map and its KVM applier
-//! ([`MemslotApplier`]): the boot region is a `fixed` slot at 0, guest RAM a
+//! ([`MemoryManager`]): the boot region is a `fixed` slot at 0, guest RAM a
 //! normal slot at `RAM_BASE` that ops may reshape while vCPUs run. The
 //! applier owns the mappings it registered until KVM has dropped them.
 //!
@@ -21,10 +21,10 @@ use vm_memory::{GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
 
 use crate::boot::elf::{ElfError, ElfImage};
 use crate::boot::tables::{gdt_size, tss_addr, write_boot_tables, TablesError};
-use crate::kvm::memslots::{MemslotApplier, MemslotError};
 use crate::kvm::stats::{StatsError, StatsReader};
 use crate::mm::addr::{Gpa, GpaRange, HUGE_1G};
 use crate::mm::backing::{BackingError, BackingKind, HostMapping};
+use crate::mm::manager::{MemoryManager, MemslotError};
 use crate::mm::pin_account::{PinAccount, PinAccountError, PinLimit};
 use crate::mm::slot_map::{SlotFlags, SlotMapConfig};
 
@@ -102,7 +102,7 @@ pub struct VmSpec {
 #[derive(Debug)]
 pub struct Vm {
     /// The guest memory manager: slot map + KVM memslots.
-    pub memory: Arc<MemslotApplier>,
+    pub memory: Arc<MemoryManager>,
     /// Pinned-page and DMA-mapping accounting for device passthrough.
     pub pins: Arc<PinAccount>,
     vcpus: Vec<VcpuFd>,
@@ -224,7 +224,7 @@ impl Vm {
                 guest_image::protocol::MMIO_SIZE,
             ),
         };
-        let memory = Arc::new(MemslotApplier::new(vm_fd.clone(), config)?);
+        let memory = Arc::new(MemoryManager::new(vm_fd.clone(), config)?);
         let fixed = SlotFlags {
             fixed: true,
             ..SlotFlags::NONE

@@ -101,7 +101,7 @@ fn test_memslots_emulated_write_is_reported_dirty() {
     use vmm::vcpu::mmio::{emulate, Access};
     let kvm = Kvm::new().expect("open /dev/kvm");
     let vm = Arc::new(kvm.create_vm().expect("KVM_CREATE_VM"));
-    let applier = MemslotApplier::new(vm, SlotMapConfig::default()).expect("applier");
+    let applier = MemoryManager::new(vm, SlotMapConfig::default()).expect("applier");
     let base = 0x1_0000_0000u64;
     let logged = SlotFlags {
         dirty_log: true,

@@ -1,4 +1,4 @@
-//! KVM memslots kept equal to the slot map by `vmm::kvm::memslots` on real
+//! KVM memslots kept equal to the slot map by the memory manager on real
 //! `/dev/kvm`: every op, rollback at each position of a multi-change
 //! transition, refusal before the ioctl, the slot budget, dirty pages.
 //!
@@ -12,14 +12,16 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use kvm_bindings::kvm_userspace_memory_region;
-use kvm_ioctls::{Error as KvmError, Kvm, VmFd};
-use vmm::kvm::memslots::{
-    Applied, FailureCause, MemslotApplier, MemslotError, MemslotIoctls, MemslotOp,
-};
-use vmm::mm::addr::{Gfn, Gpa};
+use kvm_ioctls::{Kvm, VmFd};
+use vmm::mm::addr::{Gfn, Gpa, Hva};
 use vmm::mm::backing::{BackingKind, HostMapping};
-use vmm::mm::slot_map::{MemslotChange, SlotFlags, SlotMapConfig, SlotMapError};
+use vmm::mm::manager::{
+    Applied, FailureCause, MemoryManager, MemslotBackend, MemslotError, MemslotOp, MemslotRegion,
+};
+use vmm::mm::slot_map::{
+    MemslotChange, MemslotFlags, SlotFlags, SlotId, SlotMapConfig, SlotMapError,
+};
+use vmm_sys_util::errno::Error as Errno;
 use vmm_tests::{kvm_or_skip, Rng};
 
 mod dirty;
@@ -31,7 +33,7 @@ const ARENA: u64 = 64 * MIB;
 /// A slot id the maps never hand out (their `max_slots` is small).
 const PROBE_ID: u32 = 1000;
 /// `KVM_MEM_LOG_DIRTY_PAGES`.
-const LOG_DIRTY: u32 = vmm::mm::slot_map::KVM_MEM_LOG_DIRTY_PAGES;
+const LOG_DIRTY: u32 = MemslotFlags::LOG_DIRTY_PAGES.bits();
 
 /// The VM fd, counting `KVM_SET_USER_MEMORY_REGION` calls and failing the
 /// calls whose 0-based numbers are in `fail` with `EIO`, without issuing them.
@@ -51,33 +53,30 @@ impl Faulty {
         *self.fail.lock().unwrap() = offsets.iter().map(|o| now + o).collect();
     }
     /// Issues `region` straight to KVM (not counted); returns the errno.
-    fn raw(&self, region: kvm_userspace_memory_region) -> Result<(), i32> {
+    fn raw(&self, region: MemslotRegion) -> Result<(), i32> {
         // SAFETY: probe regions point into the fixture's probe mapping, which
         // outlives the VM fd's use in each test, and are deleted right after.
-        unsafe { MemslotIoctls::set_user_memory_region(&self.vm, region) }.map_err(|e| e.errno())
+        unsafe { self.vm.set_memslot(&region) }.map_err(|e| e.errno())
     }
 }
 
-impl MemslotIoctls for Faulty {
-    unsafe fn set_user_memory_region(
-        &self,
-        region: kvm_userspace_memory_region,
-    ) -> Result<(), KvmError> {
+impl MemslotBackend for Faulty {
+    unsafe fn set_memslot(&self, region: &MemslotRegion) -> Result<(), Errno> {
         let n = self.calls.fetch_add(1, Ordering::SeqCst);
         if self.fail.lock().unwrap().contains(&n) {
-            return Err(KvmError::new(libc::EIO));
+            return Err(Errno::new(libc::EIO));
         }
         // SAFETY: our caller upholds the same contract.
-        unsafe { MemslotIoctls::set_user_memory_region(&self.vm, region) }
+        unsafe { self.vm.set_memslot(region) }
     }
-    unsafe fn get_dirty_log_into(&self, slot: u32, bitmap: *mut u64) -> Result<(), KvmError> {
+    unsafe fn get_dirty_log_into(&self, slot: SlotId, bitmap: *mut u64) -> Result<(), Errno> {
         // SAFETY: our caller upholds the same contract.
         unsafe { self.vm.get_dirty_log_into(slot, bitmap) }
     }
 }
 
 struct Fixture {
-    applier: MemslotApplier<Arc<Faulty>>,
+    applier: MemoryManager,
     faulty: Arc<Faulty>,
     /// ARENA bytes of host memory for probe slots (never touched).
     probe: HostMapping,
@@ -99,7 +98,7 @@ fn fixture(test: &str, max_slots: u32) -> Option<Fixture> {
         ..SlotMapConfig::default()
     };
     Some(Fixture {
-        applier: MemslotApplier::new(Arc::clone(&faulty), config).expect("applier"),
+        applier: MemoryManager::new(Arc::clone(&faulty), config).expect("applier"),
         faulty,
         probe: HostMapping::new(&BackingKind::Anon, ARENA).expect("probe mapping"),
         _kvm: kvm,
@@ -110,13 +109,13 @@ fn anon(len: u64) -> Arc<HostMapping> {
     Arc::new(HostMapping::new(&BackingKind::Anon, len).expect("anon mapping"))
 }
 
-fn region(id: u32, gpa: u64, size: u64, hva: u64, flags: u32) -> kvm_userspace_memory_region {
-    kvm_userspace_memory_region {
-        slot: id,
-        flags,
-        guest_phys_addr: gpa,
-        memory_size: size,
-        userspace_addr: hva,
+fn region(id: u32, gpa: u64, size: u64, hva: u64, flags: u32) -> MemslotRegion {
+    MemslotRegion {
+        slot: SlotId(id),
+        flags: MemslotFlags::from_bits_retain(flags),
+        gpa: Gpa(gpa),
+        size,
+        hva: Hva(hva),
     }
 }
 
@@ -161,7 +160,11 @@ impl Fixture {
             );
             assert_eq!(
                 self.faulty.raw(region(
-                    spec.id.0, spec.gpa.0, spec.size, spec.hva.0, spec.flags
+                    spec.id.0,
+                    spec.gpa.0,
+                    spec.size,
+                    spec.hva.0,
+                    spec.flags.bits()
                 )),
                 Ok(()),
                 "KVM does not hold {spec:?} as specified"
@@ -525,7 +528,11 @@ fn test_memslots_check_consistency_sees_dirty_logging_strays() {
     assert!(why.contains("not live"), "{why}");
     f.faulty
         .raw(region(
-            spec.id.0, spec.gpa.0, spec.size, spec.hva.0, spec.flags,
+            spec.id.0,
+            spec.gpa.0,
+            spec.size,
+            spec.hva.0,
+            spec.flags.bits(),
         ))
         .unwrap();
     f.assert_kvm_matches();

@@ -57,7 +57,7 @@ pub enum BenchError {
     Backing(#[from] BackingError),
     /// Plugging the test range failed.
     #[error("plugging the test range: {0}")]
-    Memory(#[from] crate::kvm::memslots::MemslotError),
+    Memory(#[from] crate::mm::manager::MemslotError),
     /// Guest page tables could not be built.
     #[error(transparent)]
     PageTables(#[from] page_tables::PageTableError),

@@ -35,8 +35,8 @@ use vm_memory::{Bytes, GuestAddress};
 
 use super::iommu::{Iommu, IommuError};
 use super::pins::{Pin, PinError, PinManager};
-use crate::kvm::memslots::MemslotApplier;
 use crate::mm::addr::{Gpa, GpaRange, PAGE_SIZE};
+use crate::mm::manager::MemoryManager;
 use crate::mm::stage2::Access;
 use crate::vm::BootMemory;
 
@@ -73,7 +73,7 @@ pub struct DmaEngine {
 impl DmaEngine {
     /// Starts the engine's thread; it translates through `iommu`.
     pub fn start(
-        memory: Arc<MemslotApplier>,
+        memory: Arc<MemoryManager>,
         boot: BootMemory,
         pins: Arc<PinManager>,
         iommu: Arc<Iommu>,
@@ -122,7 +122,7 @@ impl Drop for DmaEngine {
 }
 
 struct Worker {
-    memory: Arc<MemslotApplier>,
+    memory: Arc<MemoryManager>,
     boot: BootMemory,
     pins: Arc<PinManager>,
     iommu: Arc<Iommu>,

@@ -14,7 +14,7 @@
 //! 2. **A fill never installs what a racing change took away.** The fault
 //!    path ([`Iommu::translate`] on a miss) follows KVM's sequence protocol:
 //!    `seq = hub.read_begin()`, look the page up through a slot guard
-//!    ([`MemslotApplier::try_acquire`]), install the leaf, then
+//!    ([`MemoryManager::try_acquire`]), install the leaf, then
 //!    `hub.retry(seq, page)`. If an overlapping invalidation is in progress or
 //!    any ended since `read_begin`, the leaf may have been resolved from
 //!    memory on its way out (the zap may have run before the install), so the
@@ -60,7 +60,7 @@
 //! use std::sync::Arc;
 //! use kvm_ioctls::Kvm;
 //! use vmm::devices::iommu::Iommu;
-//! use vmm::kvm::memslots::MemslotApplier;
+//! use vmm::mm::manager::MemoryManager;
 //! use vmm::mm::addr::{Gpa, GpaRange};
 //! use vmm::mm::backing::{BackingKind, HostMapping};
 //! use vmm::mm::slot_map::{SlotFlags, SlotMapConfig};
@@ -68,7 +68,7 @@
 //!
 //! let Ok(kvm) = Kvm::new() else { return }; // no /dev/kvm here
 //! let vm = Arc::new(kvm.create_vm().unwrap());
-//! let applier = Arc::new(MemslotApplier::new(vm, SlotMapConfig::default()).unwrap());
+//! let applier = Arc::new(MemoryManager::new(vm, SlotMapConfig::default()).unwrap());
 //! let mem = Arc::new(HostMapping::new(&BackingKind::Anon, 0x10_0000).unwrap());
 //! applier
 //!     .apply(|m| m.plug(Gpa(0x10_0000), 0x10_0000, mem.clone(), 0, SlotFlags::NONE))
@@ -91,10 +91,10 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use serde::Serialize;
 
-use crate::kvm::memslots::MemslotApplier;
 use crate::mm::addr::{Gfn, Gpa, GpaRange, Hva, HUGE_2M, PAGE_SIZE};
 use crate::mm::backing::BackingKind;
 use crate::mm::guard::{GuardError, SlotRef};
+use crate::mm::manager::MemoryManager;
 use crate::mm::notifier::{InvalidationHub, Reason, Subscriber, SubscriptionId};
 use crate::mm::stage2::{
     Access, MappedRun, PageSize, Perms, ReclaimStats, Stage2Error, Stage2Table, Translation,
@@ -229,7 +229,7 @@ impl Subscriber for State {
 
 /// A software IOMMU over the VM's guest memory; see the module docs.
 pub struct Iommu {
-    memory: Arc<MemslotApplier>,
+    memory: Arc<MemoryManager>,
     hub: Arc<InvalidationHub>,
     state: Arc<State>,
     subscription: SubscriptionId,
@@ -254,7 +254,7 @@ enum Fill {
 
 impl Iommu {
     /// An empty table over `memory`, subscribed to its hub.
-    pub fn new(memory: Arc<MemslotApplier>) -> Self {
+    pub fn new(memory: Arc<MemoryManager>) -> Self {
         let hub = memory.hub().clone();
         let state = Arc::new(State::default());
         let subscription = hub.subscribe_all(state.clone());
@@ -531,10 +531,10 @@ mod tests {
         kind: BackingKind,
         len: u64,
         flags: SlotFlags,
-    ) -> Option<(Arc<MemslotApplier>, Arc<HostMapping>, Iommu)> {
+    ) -> Option<(Arc<MemoryManager>, Arc<HostMapping>, Iommu)> {
         let kvm = Kvm::new().ok()?; // no /dev/kvm: the caller skips
         let vm = Arc::new(kvm.create_vm().unwrap());
-        let applier = Arc::new(MemslotApplier::new(vm, SlotMapConfig::default()).unwrap());
+        let applier = Arc::new(MemoryManager::new(vm, SlotMapConfig::default()).unwrap());
         let mem = Arc::new(HostMapping::new(&kind, len).unwrap());
         let m = mem.clone();
         applier

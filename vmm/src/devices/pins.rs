@@ -28,8 +28,8 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use crate::kvm::memslots::MemslotApplier;
 use crate::mm::addr::{Gpa, GpaRange, Hva, PAGE_SIZE};
+use crate::mm::manager::MemoryManager;
 use crate::mm::notifier::{InvalidationHub, Reason, Subscriber, SubscriptionId};
 use crate::mm::pin_account::{PinAccount, PinAccountError};
 
@@ -163,7 +163,7 @@ impl Subscriber for PinState {
 /// Pins guest memory for devices; see the module docs.
 #[derive(Debug)]
 pub struct PinManager {
-    memory: Arc<MemslotApplier>,
+    memory: Arc<MemoryManager>,
     hub: Arc<InvalidationHub>,
     state: Arc<PinState>,
     subscription: SubscriptionId,
@@ -206,7 +206,7 @@ const ATTEMPTS: u32 = 16;
 
 impl PinManager {
     /// A manager charging `account`, subscribed to `memory`'s hub.
-    pub fn new(memory: Arc<MemslotApplier>, account: Arc<PinAccount>) -> Self {
+    pub fn new(memory: Arc<MemoryManager>, account: Arc<PinAccount>) -> Self {
         let hub = memory.hub().clone();
         let state = Arc::new(PinState {
             account,

@@ -1,7 +1,7 @@
 //! KVM-facing helpers that kvm-ioctls does not provide.
 //!
-//! - [`memslots`]: the one caller of `KVM_SET_USER_MEMORY_REGION`: applies
-//!   slot-map transitions to KVM with rollback, and reads dirty logs.
+//! - [`memslots`]: the memory manager's backend on real KVM (memslot and
+//!   dirty-log ioctls on a VM fd).
 //! - [`stats`]: binary statistics through `KVM_GET_STATS_FD`.
 
 pub mod memslots;

@@ -1,6 +1,12 @@
-//! The guest memory manager. Nothing in `mm` calls KVM: it is a pure core that
-//! unit, property and model tests exercise without `/dev/kvm`.
+//! The guest memory manager. Nothing in `mm` calls KVM or names a KVM type:
+//! it is a core that unit, property and model tests exercise without
+//! `/dev/kvm`, and [`manager::MemoryManager`] runs on any
+//! [`manager::MemslotBackend`] (real KVM in `crate::kvm`, or the simulated
+//! [`manager::SimKvm`]).
 //!
+//! - [`manager`]: the memory manager, the one writer of guest memory: slot-map
+//!   ops applied to the backend's memslots with rollback, bracketed by
+//!   invalidations and guard drains; dirty pages; consistency checks.
 //! - [`addr`]: typed guest-physical and host-virtual addresses.
 //! - [`backing`]: host mappings (anon, shared, memfd, THP, hugetlb, file) that back guest memory.
 //! - [`slot_map`]: guest memory slots managed like VMAs (split, merge, protect,
@@ -19,6 +25,7 @@
 pub mod addr;
 pub mod backing;
 pub mod guard;
+pub mod manager;
 #[cfg(all(test, any(vmm_loom, vmm_shuttle)))]
 mod model_support;
 pub mod notifier;

@@ -15,9 +15,9 @@ use serde::Serialize;
 
 use crate::devices::iommu::Iommu;
 use crate::devices::pins::{Pin, PinError, PinManager};
-use crate::kvm::memslots::MemslotApplier;
 use crate::mm::addr::{Gpa, GpaRange, PAGE_SIZE};
 use crate::mm::backing::BackingKind;
+use crate::mm::manager::MemoryManager;
 use crate::plan::{Aborted, Command, CommandOutcome, Step, VcpuPlan};
 use crate::vcpu::{fmt_duration, GuestFailure};
 
@@ -139,7 +139,7 @@ pub struct Driver {
     /// The timeline.
     pub scenario: Arc<Scenario>,
     /// Guest memory.
-    pub memory: Arc<MemslotApplier>,
+    pub memory: Arc<MemoryManager>,
     /// Backing for plugs that name none.
     pub backing: BackingKind,
     /// One link per vCPU.

@@ -7,9 +7,9 @@ use std::sync::Arc;
 use std::collections::BTreeSet;
 
 use crate::devices::iommu::Iommu;
-use crate::kvm::memslots::{MemslotApplier, MemslotError};
 use crate::mm::addr::{Gfn, Gpa, GpaRange, Hva, PAGE_SIZE};
 use crate::mm::backing::{BackingKind, HostMapping};
+use crate::mm::manager::{MemoryManager, MemslotError};
 use crate::mm::slot_map::{SlotFlags, SlotMapError};
 use crate::mm::stage2::MappedRun;
 
@@ -93,7 +93,7 @@ fn backing(step: &StepSpec, default: &BackingKind) -> Result<BackingKind, OpFail
 /// the op succeeded or was refused (a refused op must change nothing). `Ok`
 /// carries a short detail for the console.
 pub fn run_op(
-    memory: &MemslotApplier,
+    memory: &MemoryManager,
     iommu: &Iommu,
     step: &StepSpec,
     default_backing: &BackingKind,
@@ -109,7 +109,7 @@ pub fn run_op(
 }
 
 fn apply_op(
-    memory: &MemslotApplier,
+    memory: &MemoryManager,
     iommu: &Iommu,
     step: &StepSpec,
     default_backing: &BackingKind,
@@ -182,7 +182,7 @@ fn apply_op(
 /// KVM's dirty log (vCPU writes) united with the IOMMU's dirty bits (device
 /// writes) of `[gpa, gpa + size)`; both are read and cleared.
 fn dirty_pages(
-    memory: &MemslotApplier,
+    memory: &MemoryManager,
     iommu: &Iommu,
     gpa: Gpa,
     size: u64,
@@ -263,7 +263,7 @@ fn stage2_dump(iommu: &Iommu, step: &StepSpec) -> Result<String, OpFailure> {
     ))
 }
 
-fn resize(memory: &MemslotApplier, gpa: Gpa, new_size: u64) -> Result<String, OpFailure> {
+fn resize(memory: &MemoryManager, gpa: Gpa, new_size: u64) -> Result<String, OpFailure> {
     let applied = memory.apply(|m| match m.resize(gpa, new_size, None) {
         Err(SlotMapError::NoRoomToGrow { .. }) => {
             // The slot's mapping has no room after it: back the added part
@@ -290,7 +290,7 @@ fn resize(memory: &MemslotApplier, gpa: Gpa, new_size: u64) -> Result<String, Op
 /// Plugs `count` 4 KiB slots (default: until the slot budget is full) at
 /// `base`, `base + 8 KiB`, ... (a hole between them so they do not merge),
 /// all windows of one host mapping.
-fn plug_many(memory: &MemslotApplier, base: Gpa, count: Option<u64>) -> Result<String, OpFailure> {
+fn plug_many(memory: &MemoryManager, base: Gpa, count: Option<u64>) -> Result<String, OpFailure> {
     let map = memory.load();
     let free = u64::from(map.config().max_slots).saturating_sub(map.len() as u64);
     let count = count.unwrap_or(free);

@@ -20,8 +20,8 @@
 //! The guard, not a lock, keeps the memory mapped during the access: an op
 //! that wants to take the slot away waits for it to be released.
 
-use crate::kvm::memslots::MemslotApplier;
 use crate::mm::addr::Gpa;
+use crate::mm::manager::MemoryManager;
 
 /// What became of an access.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,7 +36,7 @@ pub enum Access {
 
 /// Carries out a guest access of `data.len()` bytes at `gpa` on the host
 /// memory behind it, after any op in flight on that memory.
-pub fn emulate(memory: &MemslotApplier, gpa: u64, data: &mut [u8], write: bool) -> Access {
+pub fn emulate(memory: &MemoryManager, gpa: u64, data: &mut [u8], write: bool) -> Access {
     let gpa = Gpa(gpa);
     let mut reader = memory.reader();
     let slot = match reader.try_acquire(gpa) {
@@ -65,7 +65,7 @@ pub fn emulate(memory: &MemslotApplier, gpa: u64, data: &mut [u8], write: bool) 
     unsafe { copy(ptr, data, write) };
     drop(slot);
     if write {
-        // After releasing the guard: see `MemslotApplier::mark_dirty`.
+        // After releasing the guard: see `MemoryManager::mark_dirty`.
         memory.mark_dirty(gpa, data.len() as u64);
     }
     Access::Emulated

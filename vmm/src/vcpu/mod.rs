@@ -33,8 +33,8 @@ use vmm_sys_util::eventfd::EventFd;
 
 pub mod mmio;
 
-use crate::kvm::memslots::MemslotApplier;
 use crate::mm::addr::Gpa;
+use crate::mm::manager::MemoryManager;
 use crate::plan::{Command, CommandOutcome, Step, VcpuPlan};
 
 /// Signal used to kick a vCPU thread out of `KVM_RUN`.
@@ -249,7 +249,7 @@ pub struct VcpuContext {
     /// The VMM's view of the boot region (for the mailbox).
     pub boot: crate::vm::BootMemory,
     /// The guest memory manager (for accesses that exit as MMIO).
-    pub memory: Arc<MemslotApplier>,
+    pub memory: Arc<MemoryManager>,
     /// The DMA engine the guest programs, if the VM has one.
     pub dma: Option<Arc<crate::devices::dma::DmaEngine>>,
     /// Where commands come from.

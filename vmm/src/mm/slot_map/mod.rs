@@ -75,7 +75,7 @@ use crate::mm::backing::HostMapping;
 
 pub use error::SlotMapError;
 pub use shared::{SharedSlotMap, SlotMapWriter, SnapshotCache};
-pub use slot::{MemslotSpec, Slot, SlotFlags, SlotId, KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY};
+pub use slot::{MemslotFlags, MemslotSpec, Slot, SlotFlags, SlotId};
 pub use transition::{ChangeKind, Discard, MemslotChange, SlotOp, Transition};
 
 use ids::IdAlloc;

@@ -7,10 +7,18 @@ use std::sync::Arc;
 use crate::mm::addr::{Gpa, GpaRange, Hva};
 use crate::mm::backing::HostMapping;
 
-/// KVM's `KVM_MEM_LOG_DIRTY_PAGES` memslot flag (`include/uapi/linux/kvm.h`).
-pub const KVM_MEM_LOG_DIRTY_PAGES: u32 = 1 << 0;
-/// KVM's `KVM_MEM_READONLY` memslot flag (`include/uapi/linux/kvm.h`).
-pub const KVM_MEM_READONLY: u32 = 1 << 1;
+bitflags::bitflags! {
+    /// The flags of a memslot as the backend holds it. The bits are KVM's
+    /// uapi values (`include/uapi/linux/kvm.h`); `crate::kvm::memslots`
+    /// checks them against kvm-bindings when it builds.
+    #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, Default)]
+    pub struct MemslotFlags: u32 {
+        /// `KVM_MEM_LOG_DIRTY_PAGES`: the backend logs guest writes.
+        const LOG_DIRTY_PAGES = 1 << 0;
+        /// `KVM_MEM_READONLY`: guest writes exit to the VMM as MMIO.
+        const READONLY = 1 << 1;
+    }
+}
 
 /// A KVM memslot id (the low 16 bits of `kvm_userspace_memory_region::slot`).
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug)]
@@ -44,15 +52,11 @@ impl SlotFlags {
         fixed: false,
     };
 
-    /// The `flags` field of `kvm_userspace_memory_region`.
-    pub fn kvm_flags(self) -> u32 {
-        let mut f = 0;
-        if self.dirty_log {
-            f |= KVM_MEM_LOG_DIRTY_PAGES;
-        }
-        if self.read_only {
-            f |= KVM_MEM_READONLY;
-        }
+    /// The memslot flags the backend holds for a slot with these flags.
+    pub fn memslot_flags(self) -> MemslotFlags {
+        let mut f = MemslotFlags::empty();
+        f.set(MemslotFlags::LOG_DIRTY_PAGES, self.dirty_log);
+        f.set(MemslotFlags::READONLY, self.read_only);
         f
     }
 }
@@ -119,7 +123,7 @@ impl Slot {
             gpa: self.range.start(),
             size: self.range.len(),
             hva: self.hva(),
-            flags: self.flags.kvm_flags(),
+            flags: self.flags.memslot_flags(),
         }
     }
 }
@@ -137,7 +141,7 @@ impl fmt::Debug for Slot {
     }
 }
 
-/// One KVM memslot as `KVM_SET_USER_MEMORY_REGION` takes it.
+/// One memslot as the backend (`KVM_SET_USER_MEMORY_REGION`) takes it.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub struct MemslotSpec {
     /// Slot id.
@@ -148,8 +152,8 @@ pub struct MemslotSpec {
     pub size: u64,
     /// `userspace_addr`.
     pub hva: Hva,
-    /// `flags` ([`KVM_MEM_READONLY`], [`KVM_MEM_LOG_DIRTY_PAGES`]).
-    pub flags: u32,
+    /// `flags`.
+    pub flags: MemslotFlags,
 }
 
 /// A piece of guest memory being laid out by an op, before it gets an id.

@@ -16,8 +16,8 @@ use crate::mm::backing::{BackingKind, HostMapping};
 
 use super::slot::Seg;
 use super::{
-    host_key, MemslotChange, MemslotSpec, SlotFlags, SlotMap, SlotMapConfig, Transition,
-    KVM_MEM_READONLY,
+    host_key, MemslotChange, MemslotFlags, MemslotSpec, SlotFlags, SlotMap, SlotMapConfig,
+    Transition,
 };
 
 pub(super) const P: u64 = PAGE_SIZE;
@@ -188,15 +188,15 @@ impl KvmSim {
         }
     }
 
-    fn set_flags(&mut self, s: MemslotSpec, old: u32) -> Result<(), String> {
+    fn set_flags(&mut self, s: MemslotSpec, old: MemslotFlags) -> Result<(), String> {
         let live = self
             .slots
             .get_mut(&s.id.0)
             .ok_or(format!("SetFlags of dead {s:?}"))?;
         if (live.gpa, live.size, live.hva, live.flags) != (s.gpa, s.size, s.hva, old) {
-            return Err(format!("SetFlags {s:?} (old {old:#x}) on {live:?}"));
+            return Err(format!("SetFlags {s:?} (old {old:?}) on {live:?}"));
         }
-        if (live.flags ^ s.flags) & KVM_MEM_READONLY != 0 {
+        if (live.flags ^ s.flags).contains(MemslotFlags::READONLY) {
             return Err(format!("EINVAL: READONLY toggled on live {live:?}"));
         }
         live.flags = s.flags;
@@ -208,7 +208,7 @@ impl KvmSim {
             MemslotChange::Delete { slot } => self.delete(slot.spec()),
             MemslotChange::Create { slot } => self.create(slot.spec()),
             MemslotChange::SetFlags { slot, old_flags } => {
-                self.set_flags(slot.spec(), old_flags.kvm_flags())
+                self.set_flags(slot.spec(), old_flags.memslot_flags())
             }
         }
     }
@@ -219,8 +219,8 @@ impl KvmSim {
             MemslotChange::Create { slot } => self.delete(slot.spec()),
             MemslotChange::SetFlags { slot, old_flags } => {
                 let mut old = slot.spec();
-                old.flags = old_flags.kvm_flags();
-                self.set_flags(old, slot.flags().kvm_flags())
+                old.flags = old_flags.memslot_flags();
+                self.set_flags(old, slot.flags().memslot_flags())
             }
         }
     }

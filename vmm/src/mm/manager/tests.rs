@@ -1,8 +1,6 @@
-//! The applier against an in-memory KVM that enforces KVM's memslot rules:
+//! The manager on the simulated KVM, which enforces KVM's memslot rules:
 //! the pre-ioctl checks, dirty-page bookkeeping, and random op sequences
 //! with failures injected at random calls (forward changes and undos).
-
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use proptest::prelude::*;
 
@@ -10,115 +8,9 @@ use super::mirror::{State, Step};
 use super::*;
 use crate::mm::addr::Hva;
 use crate::mm::notifier::{Interest, Replay, Subscriber};
-use crate::mm::slot_map::{SlotFlags, KVM_MEM_READONLY};
-use kvm_bindings::kvm_userspace_memory_region;
+use crate::mm::slot_map::SlotFlags;
 
 const P: u64 = PAGE_SIZE;
-
-/// `__kvm_set_memory_region`'s rules (`virt/kvm/kvm_main.c`), in memory:
-/// id -> (gpa, size, hva, flags). Calls whose 0-based number is in
-/// `fail` return `EIO` without effect. `dirty` holds the guest frames
-/// "written" since their slot's log was last read.
-#[derive(Default)]
-struct FakeKvm {
-    slots: Mutex<BTreeMap<u32, (u64, u64, u64, u32)>>,
-    calls: AtomicUsize,
-    fail: Mutex<BTreeSet<usize>>,
-    dirty: Mutex<BTreeSet<u64>>,
-}
-
-fn errno(e: i32) -> Result<(), kvm_ioctls::Error> {
-    Err(kvm_ioctls::Error::new(e))
-}
-
-impl FakeKvm {
-    fn specs(&self) -> Vec<MemslotSpec> {
-        let slots = self.slots.lock().unwrap();
-        slots
-            .iter()
-            .map(|(&id, &(gpa, size, hva, flags))| MemslotSpec {
-                id: SlotId(id),
-                gpa: Gpa(gpa),
-                size,
-                hva: Hva(hva),
-                flags,
-            })
-            .collect()
-    }
-    fn fail_next(&self, offsets: &[usize]) {
-        let now = self.calls.load(Ordering::SeqCst);
-        *self.fail.lock().unwrap() = offsets.iter().map(|o| now + o).collect();
-    }
-}
-
-impl MemslotIoctls for FakeKvm {
-    unsafe fn set_user_memory_region(
-        &self,
-        r: kvm_userspace_memory_region,
-    ) -> Result<(), kvm_ioctls::Error> {
-        let n = self.calls.fetch_add(1, Ordering::SeqCst);
-        if self.fail.lock().unwrap().contains(&n) {
-            return errno(libc::EIO);
-        }
-        let mut slots = self.slots.lock().unwrap();
-        if r.guest_phys_addr % P != 0 || r.memory_size % P != 0 || r.userspace_addr % P != 0 {
-            return errno(libc::EINVAL);
-        }
-        if r.memory_size == 0 {
-            return match slots.remove(&r.slot) {
-                Some(_) => Ok(()),
-                None => errno(libc::EINVAL),
-            };
-        }
-        let (gpa, size) = (r.guest_phys_addr, r.memory_size);
-        if let Some(&(ogpa, osize, ohva, oflags)) = slots.get(&r.slot) {
-            if ohva != r.userspace_addr
-                || osize != size
-                || (oflags ^ r.flags) & KVM_MEM_READONLY != 0
-            {
-                return errno(libc::EINVAL);
-            }
-            if ogpa == gpa && oflags == r.flags {
-                return Ok(());
-            }
-        }
-        let overlaps = slots
-            .iter()
-            .any(|(&id, &(g, s, _, _))| id != r.slot && g < gpa + size && gpa < g + s);
-        if overlaps {
-            return errno(libc::EEXIST);
-        }
-        slots.insert(r.slot, (gpa, size, r.userspace_addr, r.flags));
-        Ok(())
-    }
-
-    unsafe fn get_dirty_log_into(
-        &self,
-        slot: u32,
-        bitmap: *mut u64,
-    ) -> Result<(), kvm_ioctls::Error> {
-        let Some(&(gpa, size, _, flags)) = self.slots.lock().unwrap().get(&slot) else {
-            return errno(libc::ENOENT);
-        };
-        if flags & KVM_MEM_LOG_DIRTY_PAGES == 0 {
-            return errno(libc::ENOENT);
-        }
-        let pages = size / P;
-        let words = pages.div_ceil(64) as usize;
-        let (first, end) = (gpa / P, gpa / P + pages);
-        let mut dirty = self.dirty.lock().unwrap();
-        let hits: Vec<u64> = dirty.range(first..end).copied().collect();
-        // SAFETY: the caller guarantees room for this slot's bitmap.
-        let bits = unsafe { std::slice::from_raw_parts_mut(bitmap, words) };
-        bits.fill(0);
-        for g in hits {
-            dirty.remove(&g);
-            let i = (g - first) as usize;
-            bits[i / 64] |= 1 << (i % 64);
-        }
-        Ok(())
-    }
-}
 
 fn config() -> SlotMapConfig {
     SlotMapConfig {
@@ -139,7 +31,7 @@ fn step(
     gpa: u64,
     pages: u64,
     mapping: &Arc<HostMapping>,
-    flags: u32,
+    flags: MemslotFlags,
 ) -> Step {
     Step {
         op,
@@ -151,7 +43,7 @@ fn step(
             flags,
         },
         mapping: Arc::clone(mapping),
-        old_flags: 0,
+        old_flags: MemslotFlags::empty(),
     }
 }
 
@@ -164,7 +56,7 @@ fn state_with_one_slot(a: &Arc<HostMapping>) -> State {
         bitmap: HostMapping::new(&BackingKind::Anon, P).unwrap(),
         poisoned: false,
     };
-    st.record(&step(MemslotOp::Create, 0, 0, 4, a, 0));
+    st.record(&step(MemslotOp::Create, 0, 0, 4, a, MemslotFlags::empty()));
     st
 }
 
@@ -176,9 +68,12 @@ fn refusal(st: &State, s: &Step) -> String {
 fn test_validate_create_over_live_slot_refused() {
     let (a, b) = (anon(8), anon(8));
     let st = state_with_one_slot(&a);
-    let why = refusal(&st, &step(MemslotOp::Create, 1, 3 * P, 2, &b, 0));
+    let why = refusal(
+        &st,
+        &step(MemslotOp::Create, 1, 3 * P, 2, &b, MemslotFlags::empty()),
+    );
     assert!(why.contains("overlaps live slot 0"), "{why}");
-    let adjacent = step(MemslotOp::Create, 1, 4 * P, 2, &b, 0);
+    let adjacent = step(MemslotOp::Create, 1, 4 * P, 2, &b, MemslotFlags::empty());
     assert_eq!(st.validate(&adjacent, &config()), Ok(()));
 }
 
@@ -186,7 +81,10 @@ fn test_validate_create_over_live_slot_refused() {
 fn test_validate_create_with_live_id_refused() {
     let (a, b) = (anon(8), anon(8));
     let st = state_with_one_slot(&a);
-    let why = refusal(&st, &step(MemslotOp::Create, 0, 8 * P, 2, &b, 0));
+    let why = refusal(
+        &st,
+        &step(MemslotOp::Create, 0, 8 * P, 2, &b, MemslotFlags::empty()),
+    );
     assert!(why.contains("the id is live"), "{why}");
 }
 
@@ -194,7 +92,10 @@ fn test_validate_create_with_live_id_refused() {
 fn test_validate_create_outside_mapping_refused() {
     let (a, b) = (anon(8), anon(2));
     let st = state_with_one_slot(&a);
-    let why = refusal(&st, &step(MemslotOp::Create, 1, 8 * P, 3, &b, 0));
+    let why = refusal(
+        &st,
+        &step(MemslotOp::Create, 1, 8 * P, 3, &b, MemslotFlags::empty()),
+    );
     assert!(why.contains("outside its"), "{why}");
 }
 
@@ -202,7 +103,10 @@ fn test_validate_create_outside_mapping_refused() {
 fn test_validate_create_id_at_max_slots_refused() {
     let (a, b) = (anon(8), anon(2));
     let st = state_with_one_slot(&a);
-    let why = refusal(&st, &step(MemslotOp::Create, 8, 8 * P, 2, &b, 0));
+    let why = refusal(
+        &st,
+        &step(MemslotOp::Create, 8, 8 * P, 2, &b, MemslotFlags::empty()),
+    );
     assert!(why.contains("max_slots"), "{why}");
 }
 
@@ -210,11 +114,17 @@ fn test_validate_create_id_at_max_slots_refused() {
 fn test_validate_delete_of_other_spec_refused() {
     let a = anon(8);
     let st = state_with_one_slot(&a);
-    let exact = step(MemslotOp::Delete, 0, 0, 4, &a, 0);
+    let exact = step(MemslotOp::Delete, 0, 0, 4, &a, MemslotFlags::empty());
     assert_eq!(st.validate(&exact, &config()), Ok(()));
-    let why = refusal(&st, &step(MemslotOp::Delete, 0, 0, 3, &a, 0));
+    let why = refusal(
+        &st,
+        &step(MemslotOp::Delete, 0, 0, 3, &a, MemslotFlags::empty()),
+    );
     assert!(why.contains("KVM holds the id"), "{why}");
-    let why = refusal(&st, &step(MemslotOp::Delete, 1, 0, 4, &a, 0));
+    let why = refusal(
+        &st,
+        &step(MemslotOp::Delete, 1, 0, 4, &a, MemslotFlags::empty()),
+    );
     assert!(why.contains("not live"), "{why}");
 }
 
@@ -224,38 +134,58 @@ fn test_validate_set_flags_toggling_readonly_refused() {
     let st = state_with_one_slot(&a);
     let why = refusal(
         &st,
-        &step(MemslotOp::SetFlags, 0, 0, 4, &a, KVM_MEM_READONLY),
+        &step(MemslotOp::SetFlags, 0, 0, 4, &a, MemslotFlags::READONLY),
     );
     assert!(why.contains("only KVM_MEM_LOG_DIRTY_PAGES"), "{why}");
-    let log = step(MemslotOp::SetFlags, 0, 0, 4, &a, KVM_MEM_LOG_DIRTY_PAGES);
+    let log = step(
+        MemslotOp::SetFlags,
+        0,
+        0,
+        4,
+        &a,
+        MemslotFlags::LOG_DIRTY_PAGES,
+    );
     assert_eq!(st.validate(&log, &config()), Ok(()));
 }
 
 #[test]
 fn test_step_inverse_twice_is_identity() {
     let a = anon(8);
-    let s = step(MemslotOp::SetFlags, 0, 0, 4, &a, KVM_MEM_LOG_DIRTY_PAGES);
+    let s = step(
+        MemslotOp::SetFlags,
+        0,
+        0,
+        4,
+        &a,
+        MemslotFlags::LOG_DIRTY_PAGES,
+    );
     let inv = s.inverse();
     assert_eq!(
         (inv.op, inv.spec.flags, inv.old_flags),
-        (MemslotOp::SetFlags, 0, KVM_MEM_LOG_DIRTY_PAGES)
+        (
+            MemslotOp::SetFlags,
+            MemslotFlags::empty(),
+            MemslotFlags::LOG_DIRTY_PAGES
+        )
     );
     let back = inv.inverse();
     assert_eq!((back.spec, back.old_flags), (s.spec, s.old_flags));
-    let c = step(MemslotOp::Create, 0, 0, 4, &a, 0);
+    let c = step(MemslotOp::Create, 0, 0, 4, &a, MemslotFlags::empty());
     assert_eq!(c.inverse().op, MemslotOp::Delete);
     assert_eq!(c.inverse().inverse().op, MemslotOp::Create);
 }
 
 #[test]
 fn test_dirty_pages_outside_range_stay_pending() {
-    let kvm = Arc::new(FakeKvm::default());
-    let ap = MemslotApplier::new(Arc::clone(&kvm), config()).unwrap();
+    let kvm = Arc::new(SimKvm::new());
+    let ap = MemoryManager::new(Arc::clone(&kvm), config()).unwrap();
     let a = anon(8);
     ap.apply(|m| m.plug(Gpa(0), 8 * P, a.clone(), 0, SlotFlags::NONE))
         .unwrap();
     ap.apply(|m| m.set_dirty_log(Gpa(0), 8 * P, true)).unwrap();
-    kvm.dirty.lock().unwrap().extend([1, 3, 6]);
+    for g in [1, 3, 6] {
+        assert!(kvm.guest_write(Gpa(g * P)));
+    }
     assert_eq!(ap.dirty_pages(Gpa(2 * P), 2 * P).unwrap(), vec![Gfn(3)]);
     assert_eq!(ap.dirty_pages(Gpa(0), 8 * P).unwrap(), vec![Gfn(1), Gfn(6)]);
     assert_eq!(ap.dirty_pages(Gpa(0), 8 * P).unwrap(), vec![]);
@@ -263,43 +193,50 @@ fn test_dirty_pages_outside_range_stay_pending() {
 
 #[test]
 fn test_dirty_pages_harvested_before_logging_off() {
-    let kvm = Arc::new(FakeKvm::default());
-    let ap = MemslotApplier::new(Arc::clone(&kvm), config()).unwrap();
+    let kvm = Arc::new(SimKvm::new());
+    let ap = MemoryManager::new(Arc::clone(&kvm), config()).unwrap();
     let a = anon(8);
     ap.apply(|m| m.plug(Gpa(0), 8 * P, a.clone(), 0, SlotFlags::NONE))
         .unwrap();
     ap.apply(|m| m.set_dirty_log(Gpa(0), 8 * P, true)).unwrap();
-    kvm.dirty.lock().unwrap().extend([2, 7]);
+    for g in [2, 7] {
+        assert!(kvm.guest_write(Gpa(g * P)));
+    }
+    // Logging off frees KVM's log: the pages survive only if harvested first.
     ap.apply(|m| m.set_dirty_log(Gpa(0), 8 * P, false)).unwrap();
-    assert!(kvm.dirty.lock().unwrap().is_empty(), "harvested");
     assert_eq!(ap.dirty_pages(Gpa(0), 8 * P).unwrap(), vec![Gfn(2), Gfn(7)]);
 }
 
 #[test]
 fn test_check_consistency_finds_dirty_logging_stray() {
-    let kvm = Arc::new(FakeKvm::default());
-    let ap = MemslotApplier::new(Arc::clone(&kvm), config()).unwrap();
+    let kvm = Arc::new(SimKvm::new());
+    let ap = MemoryManager::new(Arc::clone(&kvm), config()).unwrap();
     ap.check_consistency().unwrap();
-    kvm.slots
-        .lock()
-        .unwrap()
-        .insert(5, (0, P, 0x1000, KVM_MEM_LOG_DIRTY_PAGES));
+    let stray = MemslotRegion {
+        slot: SlotId(5),
+        flags: MemslotFlags::LOG_DIRTY_PAGES,
+        gpa: Gpa(0),
+        size: P,
+        hva: Hva(0x1000),
+    };
+    // SAFETY: the simulated KVM never touches host memory.
+    unsafe { kvm.set_memslot(&stray) }.unwrap();
     let why = ap.check_consistency().unwrap_err();
     assert!(why.contains("slot 5"), "{why}");
 }
 
 #[test]
 fn test_drop_deletes_every_registered_slot() {
-    let kvm = Arc::new(FakeKvm::default());
-    let ap = MemslotApplier::new(Arc::clone(&kvm), config()).unwrap();
+    let kvm = Arc::new(SimKvm::new());
+    let ap = MemoryManager::new(Arc::clone(&kvm), config()).unwrap();
     let a = anon(8);
     ap.apply(|m| m.plug(Gpa(0), 2 * P, a.clone(), 0, SlotFlags::NONE))
         .unwrap();
     ap.apply(|m| m.plug(Gpa(4 * P), 2 * P, a.clone(), 4 * P, SlotFlags::NONE))
         .unwrap();
-    assert_eq!(kvm.specs().len(), 2);
+    assert_eq!(kvm.memslots().len(), 2);
     drop(ap);
-    assert!(kvm.specs().is_empty());
+    assert!(kvm.memslots().is_empty());
     assert_eq!(Arc::strong_count(&a), 1);
 }
 
@@ -346,13 +283,13 @@ fn resolve(map: &SlotMap, at: u64) -> u64 {
 }
 
 fn run(ops: &[RandomOp]) {
-    let kvm = Arc::new(FakeKvm::default());
-    let ap = MemslotApplier::new(Arc::clone(&kvm), config()).unwrap();
+    let kvm = Arc::new(SimKvm::new());
+    let ap = MemoryManager::new(Arc::clone(&kvm), config()).unwrap();
     let maps = [anon(16), anon(16), anon(16), anon(16)];
     for o in ops {
         let before = ap.load();
         let at = resolve(&before, o.at);
-        kvm.fail_next(&o.fail);
+        kvm.fail_calls(&o.fail, libc::EIO);
         let mapping = maps[o.m].clone();
         let result = ap.apply(|m| match o.kind {
             0..=2 => m.plug(
@@ -369,15 +306,15 @@ fn run(ops: &[RandomOp]) {
             _ => m.resize(Gpa(at), o.n * P, o.flag.then_some(mapping)),
         });
         // The fake always equals the mirror: it changes only on success.
-        assert_eq!(kvm.specs(), ap.registered(), "{o:?}: {result:?}");
+        assert_eq!(kvm.memslots(), ap.registered(), "{o:?}: {result:?}");
         match result {
             Ok(applied) => {
                 assert!(Arc::ptr_eq(&applied.map, &ap.load()));
-                assert_eq!(kvm.specs(), applied.map.expected_memslots());
+                assert_eq!(kvm.memslots(), applied.map.expected_memslots());
             }
             Err(MemslotError::SlotMap(_) | MemslotError::RolledBack { .. }) => {
                 assert!(Arc::ptr_eq(&before, &ap.load()), "{o:?}");
-                assert_eq!(kvm.specs(), before.expected_memslots(), "{o:?}");
+                assert_eq!(kvm.memslots(), before.expected_memslots(), "{o:?}");
             }
             Err(MemslotError::RollbackFailed { .. }) => {
                 assert!(ap.check_consistency().is_err());
@@ -395,7 +332,7 @@ fn run(ops: &[RandomOp]) {
 /// Every slot of the published map has its cell attached with its range and
 /// generation, free of exclusion; no other cell is attached; a guard on
 /// each slot can be taken.
-fn assert_cells_match_map<V: MemslotIoctls>(ap: &MemslotApplier<V>) {
+fn assert_cells_match_map(ap: &MemoryManager) {
     let map = ap.load();
     let mut attached = ap.guarded().cells().attached();
     attached.sort_unstable();
@@ -446,9 +383,9 @@ fn r(start: u64, len: u64) -> GpaRange {
 }
 
 #[test]
-fn test_applier_hub_sees_start_end_around_every_op_that_takes_memory() {
-    let kvm = Arc::new(FakeKvm::default());
-    let ap = MemslotApplier::new(Arc::clone(&kvm), config()).unwrap();
+fn test_manager_hub_sees_start_end_around_every_op_that_takes_memory() {
+    let kvm = Arc::new(SimKvm::new());
+    let ap = MemoryManager::new(Arc::clone(&kvm), config()).unwrap();
     let events = Arc::new(Events::default());
     ap.hub()
         .subscribe(Interest::All, events.clone(), Replay::Plugged)
@@ -504,9 +441,9 @@ impl Subscriber for Veto {
 }
 
 #[test]
-fn test_applier_vetoed_op_issues_no_ioctl_and_changes_nothing() {
-    let kvm = Arc::new(FakeKvm::default());
-    let ap = MemslotApplier::new(Arc::clone(&kvm), config()).unwrap();
+fn test_manager_vetoed_op_issues_no_ioctl_and_changes_nothing() {
+    let kvm = Arc::new(SimKvm::new());
+    let ap = MemoryManager::new(Arc::clone(&kvm), config()).unwrap();
     let a = anon(8);
     ap.apply(|m| m.plug(Gpa(0), 8 * P, a.clone(), 0, SlotFlags::NONE))
         .unwrap();
@@ -515,11 +452,11 @@ fn test_applier_vetoed_op_issues_no_ioctl_and_changes_nothing() {
         .subscribe(Interest::Range(r(P, P)), Arc::new(Veto), Replay::None)
         .unwrap();
     let before = ap.load();
-    let calls = kvm.calls.load(Ordering::SeqCst);
+    let calls = kvm.calls();
     let err = ap.apply(|m| m.unplug(Gpa(0), 4 * P)).unwrap_err();
     assert!(matches!(err, MemslotError::Vetoed(_)), "{err}");
     assert!(err.to_string().contains("pinned"), "{err}");
-    assert_eq!(kvm.calls.load(Ordering::SeqCst), calls);
+    assert_eq!(kvm.calls(), calls);
     assert!(Arc::ptr_eq(&before, &ap.load()));
     assert_eq!(ap.hub().in_progress(), 0);
     ap.hub().unsubscribe(id).unwrap();
@@ -528,12 +465,12 @@ fn test_applier_vetoed_op_issues_no_ioctl_and_changes_nothing() {
 }
 
 #[test]
-fn test_applier_veto_of_a_later_range_delivers_nothing_for_the_earlier_ones() {
+fn test_manager_veto_of_a_later_range_delivers_nothing_for_the_earlier_ones() {
     // Two slots with a hole between them: an unplug over both is announced
     // as two ranges; a pin on the second refuses the op before the first
     // range's subscribers hear anything.
-    let kvm = Arc::new(FakeKvm::default());
-    let ap = MemslotApplier::new(Arc::clone(&kvm), config()).unwrap();
+    let kvm = Arc::new(SimKvm::new());
+    let ap = MemoryManager::new(Arc::clone(&kvm), config()).unwrap();
     let (a, b) = (anon(4), anon(4));
     ap.apply(|m| m.plug(Gpa(0), 4 * P, a.clone(), 0, SlotFlags::NONE))
         .unwrap();
@@ -569,9 +506,9 @@ fn test_applier_veto_of_a_later_range_delivers_nothing_for_the_earlier_ones() {
 }
 
 #[test]
-fn test_applier_guard_held_past_bound_refuses_op_naming_slot_and_readers() {
-    let kvm = Arc::new(FakeKvm::default());
-    let ap = MemslotApplier::new(Arc::clone(&kvm), config()).unwrap();
+fn test_manager_guard_held_past_bound_refuses_op_naming_slot_and_readers() {
+    let kvm = Arc::new(SimKvm::new());
+    let ap = MemoryManager::new(Arc::clone(&kvm), config()).unwrap();
     ap.set_drain_bound(std::time::Duration::from_millis(20));
     let a = anon(8);
     ap.apply(|m| m.plug(Gpa(0), 8 * P, a.clone(), 0, SlotFlags::NONE))
@@ -581,15 +518,11 @@ fn test_applier_guard_held_past_bound_refuses_op_naming_slot_and_readers() {
         .subscribe(Interest::All, events.clone(), Replay::None)
         .unwrap();
     let guard = ap.try_acquire(Gpa(5 * P)).unwrap();
-    let calls = kvm.calls.load(Ordering::SeqCst);
+    let calls = kvm.calls();
     let err = ap.apply(|m| m.unplug(Gpa(0), P)).unwrap_err();
     let text = err.to_string();
     assert!(text.contains("slot 0: 1 reader(s) still hold it"), "{text}");
-    assert_eq!(
-        kvm.calls.load(Ordering::SeqCst),
-        calls,
-        "an ioctl was issued"
-    );
+    assert_eq!(kvm.calls(), calls, "an ioctl was issued");
     // The invalidation was still ended: subscribers are not left hanging.
     assert_eq!(
         take(&events),
@@ -605,13 +538,13 @@ fn test_applier_guard_held_past_bound_refuses_op_naming_slot_and_readers() {
 }
 
 #[test]
-fn test_applier_rolled_back_op_keeps_cells_of_old_map() {
-    let kvm = Arc::new(FakeKvm::default());
-    let ap = MemslotApplier::new(Arc::clone(&kvm), config()).unwrap();
+fn test_manager_rolled_back_op_keeps_cells_of_old_map() {
+    let kvm = Arc::new(SimKvm::new());
+    let ap = MemoryManager::new(Arc::clone(&kvm), config()).unwrap();
     let a = anon(8);
     ap.apply(|m| m.plug(Gpa(0), 8 * P, a.clone(), 0, SlotFlags::NONE))
         .unwrap();
-    kvm.fail_next(&[2]); // delete 0, create 1, create 2 (fails)
+    kvm.fail_calls(&[2], libc::EIO); // delete 0, create 1, create 2 (fails)
     let err = ap.apply(|m| m.protect(Gpa(2 * P), P, true)).unwrap_err();
     assert!(matches!(err, MemslotError::RolledBack { .. }), "{err}");
     assert_cells_match_map(&ap);
@@ -619,9 +552,9 @@ fn test_applier_rolled_back_op_keeps_cells_of_old_map() {
 }
 
 #[test]
-fn test_applier_device_memory_never_uses_a_translation_after_unplug() {
-    let kvm = Arc::new(FakeKvm::default());
-    let ap = Arc::new(MemslotApplier::new(Arc::clone(&kvm), config()).unwrap());
+fn test_manager_device_memory_never_uses_a_translation_after_unplug() {
+    let kvm = Arc::new(SimKvm::new());
+    let ap = Arc::new(MemoryManager::new(Arc::clone(&kvm), config()).unwrap());
     let (a, b) = (anon(8), anon(8));
     ap.apply(|m| m.plug(Gpa(0), 8 * P, a.clone(), 0, SlotFlags::NONE))
         .unwrap();
@@ -650,7 +583,7 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: 200, ..ProptestConfig::default() })]
 
     #[test]
-    fn test_applier_random_ops_with_failures_keep_kvm_equal_to_mirror(
+    fn test_manager_random_ops_with_failures_keep_kvm_equal_to_mirror(
         ops in proptest::collection::vec(random_op(), 1..40)
     ) {
         run(&ops);

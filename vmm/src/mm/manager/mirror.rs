@@ -4,16 +4,14 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
-use kvm_bindings::kvm_userspace_memory_region;
+use vmm_sys_util::errno;
 
 use crate::mm::addr::{Gfn, Gpa, PAGE_SIZE};
 use crate::mm::backing::HostMapping;
-use crate::mm::slot_map::{
-    MemslotChange, MemslotSpec, SlotId, SlotMapConfig, KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY,
-};
+use crate::mm::slot_map::{MemslotChange, MemslotFlags, MemslotSpec, SlotId, SlotMapConfig};
 
+use super::backend::{MemslotBackend, MemslotRegion};
 use super::error::{FailureCause, MemslotFailure, MemslotOp};
-use super::ioctls::MemslotIoctls;
 
 /// `KVM_MEM_MAX_NR_PAGES` (`include/linux/kvm_host.h`): the most pages a
 /// memslot can have, so KVM never copies more than this many dirty bits.
@@ -31,23 +29,23 @@ pub(super) struct Registered {
     pub(super) mapping: Arc<HostMapping>,
 }
 
-/// One memslot call in the applier's terms (slots are built only by the map).
+/// One memslot call in the manager's terms (slots are built only by the map).
 #[derive(Clone)]
 pub(super) struct Step {
     pub(super) op: MemslotOp,
     pub(super) spec: MemslotSpec,
     pub(super) mapping: Arc<HostMapping>,
     /// For `SetFlags`: the flags KVM holds before the call.
-    pub(super) old_flags: u32,
+    pub(super) old_flags: MemslotFlags,
 }
 
 impl Step {
     pub(super) fn of(change: &MemslotChange) -> Step {
         let (op, slot, old_flags) = match change {
-            MemslotChange::Create { slot } => (MemslotOp::Create, slot, 0),
-            MemslotChange::Delete { slot } => (MemslotOp::Delete, slot, 0),
+            MemslotChange::Create { slot } => (MemslotOp::Create, slot, MemslotFlags::empty()),
+            MemslotChange::Delete { slot } => (MemslotOp::Delete, slot, MemslotFlags::empty()),
             MemslotChange::SetFlags { slot, old_flags } => {
-                (MemslotOp::SetFlags, slot, old_flags.kvm_flags())
+                (MemslotOp::SetFlags, slot, old_flags.memslot_flags())
             }
         };
         Step {
@@ -81,17 +79,11 @@ impl Step {
         }
     }
 
-    pub(super) fn region(&self) -> kvm_userspace_memory_region {
-        kvm_userspace_memory_region {
-            slot: self.spec.id.0,
-            flags: self.spec.flags,
-            guest_phys_addr: self.spec.gpa.0,
-            memory_size: if self.op == MemslotOp::Delete {
-                0
-            } else {
-                self.spec.size
-            },
-            userspace_addr: self.spec.hva.0,
+    pub(super) fn region(&self) -> MemslotRegion {
+        if self.op == MemslotOp::Delete {
+            MemslotRegion::delete(&self.spec)
+        } else {
+            MemslotRegion::set(&self.spec)
         }
     }
 }
@@ -141,10 +133,7 @@ impl State {
                 {
                     return Err("gpa, size and hva must be non-zero multiples of 4 KiB".into());
                 }
-                if spec.flags & !(KVM_MEM_LOG_DIRTY_PAGES | KVM_MEM_READONLY) != 0 {
-                    return Err("unknown flags".into());
-                }
-                if spec.flags & KVM_MEM_READONLY != 0 && !config.read_only_supported {
+                if spec.flags.contains(MemslotFlags::READONLY) && !config.read_only_supported {
                     return Err("KVM_MEM_READONLY is not supported".into());
                 }
                 let base = step.mapping.hva().0;
@@ -179,7 +168,7 @@ impl State {
                     flags: step.old_flags,
                     ..*spec
                 };
-                if (step.old_flags ^ spec.flags) & !KVM_MEM_LOG_DIRTY_PAGES != 0 {
+                if (step.old_flags ^ spec.flags).contains(MemslotFlags::READONLY) {
                     return Err("only KVM_MEM_LOG_DIRTY_PAGES can change on a live slot".into());
                 }
                 match live {
@@ -221,12 +210,12 @@ impl State {
 
     /// `KVM_GET_DIRTY_LOG` of `id` into the buffer; returns the first
     /// `ceil(pages / 64)` words (a slot of `size` bytes).
-    pub(super) fn read_bitmap<V: MemslotIoctls>(
+    pub(super) fn read_bitmap(
         &mut self,
-        vm: &V,
+        vm: &dyn MemslotBackend,
         id: SlotId,
         size: u64,
-    ) -> Result<&[u64], kvm_ioctls::Error> {
+    ) -> Result<&[u64], errno::Error> {
         let words = (size / PAGE_SIZE).div_ceil(64) as usize;
         let buf = self.bitmap.as_ptr().cast::<u64>();
         // SAFETY: `words * 8 <= DIRTY_BITMAP_BYTES` (a slot has at most
@@ -236,7 +225,7 @@ impl State {
         // SAFETY: the buffer holds DIRTY_BITMAP_BYTES, enough for the bitmap
         // of any slot KVM can hold under any id, so KVM's copy stays inside it
         // even if KVM's slot differed from the mirror.
-        unsafe { vm.get_dirty_log_into(id.0, buf) }?;
+        unsafe { vm.get_dirty_log_into(id, buf) }?;
         // SAFETY: in bounds as above; KVM finished writing when the ioctl
         // returned, and the borrow of `self` keeps others away until the
         // slice is dropped.
@@ -244,9 +233,9 @@ impl State {
     }
 
     /// Reads and clears the dirty log of the live slot `spec` into `pending`.
-    pub(super) fn harvest<V: MemslotIoctls>(
+    pub(super) fn harvest(
         &mut self,
-        vm: &V,
+        vm: &dyn MemslotBackend,
         spec: &MemslotSpec,
     ) -> Result<(), MemslotFailure> {
         let pages = spec.size / PAGE_SIZE;

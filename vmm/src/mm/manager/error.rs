@@ -1,4 +1,4 @@
-//! The errors of the memslot applier: which call failed, on which slot, why.
+//! The errors of the memory manager: which call failed, on which slot, why.
 
 use std::fmt;
 use std::io;
@@ -19,7 +19,7 @@ pub enum MemslotOp {
     /// `KVM_SET_USER_MEMORY_REGION` changing only `KVM_MEM_LOG_DIRTY_PAGES`.
     SetFlags,
     /// `KVM_GET_DIRTY_LOG` (harvesting before a delete or logging-off, or for
-    /// [`MemslotApplier::dirty_pages`](super::MemslotApplier::dirty_pages)).
+    /// [`MemoryManager::dirty_pages`](super::MemoryManager::dirty_pages)).
     GetDirtyLog,
 }
 
@@ -39,7 +39,7 @@ impl fmt::Display for MemslotOp {
 pub enum FailureCause {
     /// KVM returned this errno.
     Errno(i32),
-    /// The applier refused the call before issuing it: given what KVM holds
+    /// The manager refused the call before issuing it: given what KVM holds
     /// (the mirror), KVM would reject it or it would do something else than
     /// the change says.
     Refused(String),
@@ -60,7 +60,7 @@ impl fmt::Display for FailureCause {
 #[derive(Clone, PartialEq, Eq, Debug, thiserror::Error)]
 #[error(
     "{op} of {} at {} size {:#x} (hva {}, flags {:#x}): {cause}",
-    spec.id, spec.gpa, spec.size, spec.hva, spec.flags
+    spec.id, spec.gpa, spec.size, spec.hva, spec.flags.bits()
 )]
 pub struct MemslotFailure {
     /// The call.
@@ -81,7 +81,7 @@ impl MemslotFailure {
     }
 }
 
-/// Why [`MemslotApplier`](super::MemslotApplier) could not do what was asked.
+/// Why [`MemoryManager`](super::MemoryManager) could not do what was asked.
 #[derive(Debug, thiserror::Error)]
 pub enum MemslotError {
     /// The slot map refused the op; no ioctl was issued, nothing changed.
@@ -113,7 +113,7 @@ pub enum MemslotError {
     },
     /// A change failed and undoing an earlier one failed too: KVM now differs
     /// from the published map (the mirror still shows what KVM holds) and
-    /// the applier refuses further ops.
+    /// the manager refuses further ops.
     #[error("change {index} failed: {failure}; undoing failed too: {undo}; KVM no longer matches the map")]
     RollbackFailed {
         /// Position of the failed change.

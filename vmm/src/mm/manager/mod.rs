@@ -1,27 +1,32 @@
-//! The one place that applies slot-map transitions to KVM memslots, with
-//! rollback.
+//! The guest memory manager: one type that composes the slot map, the slot
+//! locks, the invalidation hub, the mirror of the backend's memslots and the
+//! dirty log, and the one writer of guest memory.
 //!
-//! A [`MemslotApplier`] owns the VM's published slot map (a [`GuardedMap`]:
-//! a [`SharedSlotMap`] with a refcount lock per slot) and a handle to the
-//! VM fd. [`apply`](MemslotApplier::apply) computes a [`Transition`] from the
-//! current map, issues its [`MemslotChange`]s with
-//! `KVM_SET_USER_MEMORY_REGION` in order, and only when all succeeded
-//! publishes the new map and releases the host memory it no longer maps
-//! ([`Transition::discards`]). If a change fails midway, the changes already
-//! applied are undone in reverse order (a `Create` by deleting its slot, a
-//! `Delete` by re-creating the old slot, a `SetFlags` by restoring
-//! `old_flags`), so KVM holds exactly what it held before, the map is not
-//! published, and the error names the change, slot, range and errno.
+//! A [`MemoryManager`] owns the VM's published slot map (a [`GuardedMap`]:
+//! a [`SharedSlotMap`] with a refcount lock per slot), an
+//! [`InvalidationHub`], and a [`MemslotBackend`]: real KVM (a VM fd, see
+//! `crate::kvm::memslots`) or [`SimKvm`], a simulated KVM that enforces
+//! KVM's memslot rules in memory and injects failures at chosen calls, so
+//! the whole manager (and the devices on it) runs without `/dev/kvm`.
+//! [`apply`](MemoryManager::apply) computes a [`Transition`] from the
+//! current map, issues its [`MemslotChange`]s to the backend in order, and
+//! only when all succeeded publishes the new map and releases the host
+//! memory it no longer maps ([`Transition::discards`]). If a change fails
+//! midway, the changes already applied are undone in reverse order (a
+//! `Create` by deleting its slot, a `Delete` by re-creating the old slot, a
+//! `SetFlags` by restoring `old_flags`), so the backend holds exactly what it
+//! held before, the map is not published, and the error names the change,
+//! slot, range and errno.
 //!
 //! # The mirror, and who owns registered memory
-//! The applier keeps a *mirror* of what KVM holds: slot id -> the
+//! The manager keeps a *mirror* of what KVM holds: slot id -> the
 //! [`MemslotSpec`] KVM accepted, plus an `Arc` of the [`HostMapping`] behind
 //! it. The mirror changes only after an ioctl succeeded, so it always equals
 //! KVM's memslots (given that nothing else calls `KVM_SET_USER_MEMORY_REGION`
 //! on this VM). Holding the `Arc` there is what makes registering host memory
 //! sound: a `HostMapping` is unmapped only when its last `Arc` drops, and the
 //! mirror drops its `Arc` only after KVM confirmed deleting the slot (or, when
-//! the applier is dropped, after deleting the slot; a mapping whose delete
+//! the manager is dropped, after deleting the slot; a mapping whose delete
 //! fails is leaked, never unmapped under KVM). The old map's `Arc`s are not
 //! relied upon: readers may drop old snapshots at any time.
 //!
@@ -37,16 +42,16 @@
 //! # Dirty logging
 //! KVM frees a slot's dirty bitmap when the slot is deleted or its logging is
 //! switched off, and `KVM_GET_DIRTY_LOG` returns and clears a whole slot's
-//! bitmap. So the applier harvests a dirty-logging slot's bitmap before either
+//! bitmap. So the manager harvests a dirty-logging slot's bitmap before either
 //! change and keeps harvested pages in a pending set until
-//! [`dirty_pages`](MemslotApplier::dirty_pages) reports them: no guest write
+//! [`dirty_pages`](MemoryManager::dirty_pages) reports them: no guest write
 //! logged by KVM is lost, across splits, moves and rollbacks. A page is reported
 //! at least once per write; pages harvested from a slot that is gone are still
 //! reported by GPA (a conservative over-report).
 //!
 //! # Concurrency, lock order, memory ordering
 //! Lock order: the slot map's writer lock ([`SharedSlotMap::begin_write`]),
-//! then the applier's state mutex (mirror, pending dirty pages, bitmap
+//! then the manager's state mutex (mirror, pending dirty pages, bitmap
 //! buffer). `apply` takes both; `dirty_pages` and `check_consistency` take
 //! only the state mutex. Every memslot ioctl and every publish happens with
 //! the state mutex held, so under it the published map and the mirror are
@@ -59,13 +64,13 @@
 //! that host memory again before it is discarded.
 //!
 //! # Guards and invalidation ranges
-//! The applier owns a [`GuardedMap`] (the published map plus one refcount
+//! The manager owns a [`GuardedMap`] (the published map plus one refcount
 //! lock per slot, see [`crate::mm::guard`]) and an [`InvalidationHub`].
 //! `apply`, under the writer lock: computes the transition; `hub.begin_all`
 //! for the ranges it takes away or write-protects (the vetoes of all of them
 //! first: a refusal changes nothing and announces nothing); excludes new guards from every slot it deletes or
 //! changes and waits for the guards inside, at most
-//! [`drain_bound`](MemslotApplier::drain_bound) (past it the error names the
+//! [`drain_bound`](MemoryManager::drain_bound) (past it the error names the
 //! slot and its readers and nothing changed); issues the ioctls (with
 //! rollback); detaches, re-tags and attaches cells; publishes; discards host
 //! memory; ends the invalidations; announces added memory. So host memory is
@@ -79,39 +84,43 @@
 //!
 //! ```
 //! use std::sync::Arc;
-//! use kvm_ioctls::Kvm;
-//! use vmm::kvm::memslots::MemslotApplier;
 //! use vmm::mm::addr::Gpa;
 //! use vmm::mm::backing::{BackingKind, HostMapping};
+//! use vmm::mm::manager::{MemoryManager, SimKvm};
 //! use vmm::mm::slot_map::{SlotFlags, SlotMapConfig};
 //!
-//! let Ok(kvm) = Kvm::new() else { return }; // no /dev/kvm here
-//! let vm = Arc::new(kvm.create_vm().unwrap());
-//! let applier = MemslotApplier::new(vm, SlotMapConfig::default()).unwrap();
+//! let kvm = Arc::new(SimKvm::new());
+//! let memory = MemoryManager::new(kvm.clone(), SlotMapConfig::default()).unwrap();
 //! let mem = Arc::new(HostMapping::new(&BackingKind::Anon, 0x10_0000).unwrap());
-//! applier
+//! memory
 //!     .apply(|map| map.plug(Gpa(0x10_0000), 0x10_0000, mem.clone(), 0, SlotFlags::NONE))
 //!     .unwrap();
-//! // Write-protect the middle page: KVM gets delete 1, create 3.
-//! let applied = applier.apply(|map| map.protect(Gpa(0x18_0000), 0x1000, true)).unwrap();
+//! // Write-protect the middle page: the backend gets delete 1, create 3.
+//! let applied = memory.apply(|map| map.protect(Gpa(0x18_0000), 0x1000, true)).unwrap();
 //! assert_eq!(applied.changes.len(), 4);
-//! assert_eq!(applier.registered().len(), 3);
-//! applier.apply(|map| map.set_dirty_log(Gpa(0x10_0000), 0x10_0000, true)).unwrap();
-//! // ... run the guest; no vCPU ran, so nothing is dirty ...
-//! assert!(applier.dirty_pages(Gpa(0x10_0000), 0x10_0000).unwrap().is_empty());
-//! applier.check_consistency().unwrap();
+//! assert_eq!(memory.registered().len(), 3);
+//! assert_eq!(kvm.memslots(), memory.registered());
+//! memory.apply(|map| map.set_dirty_log(Gpa(0x10_0000), 0x10_0000, true)).unwrap();
+//! kvm.guest_write(Gpa(0x10_2000));
+//! assert_eq!(memory.dirty_pages(Gpa(0x10_0000), 0x10_0000).unwrap().len(), 1);
+//! // A failure injected at the next call is rolled back: nothing changed.
+//! kvm.fail_calls(&[0], libc::EIO);
+//! assert!(memory.apply(|map| map.unplug(Gpa(0x10_0000), 0x1000)).is_err());
+//! memory.check_consistency().unwrap();
 //! ```
 //!
-//! Files: `ioctls` (the [`MemslotIoctls`] trait over the VM fd), `mirror`
-//! (what KVM holds, and the pre-ioctl checks), `error`, and this file (the
-//! applier: apply with rollback, dirty pages, consistency check).
+//! Files: `backend` (the [`MemslotBackend`] trait), `sim` (the simulated
+//! KVM), `mirror` (what the backend holds, and the pre-call checks),
+//! `error`, and this file (apply with rollback, dirty pages, consistency
+//! check).
 //!
 //! [`SharedSlotMap`]: crate::mm::slot_map::SharedSlotMap
 //! [`SharedSlotMap::begin_write`]: crate::mm::slot_map::SharedSlotMap::begin_write
 
+mod backend;
 mod error;
-mod ioctls;
 mod mirror;
+mod sim;
 #[cfg(test)]
 mod tests;
 
@@ -126,17 +135,17 @@ use crate::mm::backing::{BackingKind, HostMapping};
 use crate::mm::guard::{GuardError, GuardedMap, GuestReader, SlotRef};
 use crate::mm::notifier::{Invalidation, InvalidationHub, Reason};
 use crate::mm::slot_map::{
-    ChangeKind, MemslotChange, MemslotSpec, SlotId, SlotMap, SlotMapConfig, SlotMapError, SlotOp,
-    Transition, KVM_MEM_LOG_DIRTY_PAGES,
+    ChangeKind, MemslotChange, MemslotFlags, MemslotSpec, SlotId, SlotMap, SlotMapConfig,
+    SlotMapError, SlotOp, Transition,
 };
 
+pub use backend::{MemslotBackend, MemslotRegion};
 pub use error::{FailureCause, MemslotError, MemslotFailure, MemslotOp};
-pub use ioctls::MemslotIoctls;
-use kvm_ioctls::VmFd;
+pub use sim::SimKvm;
 
 use mirror::{end_of, State, Step, DIRTY_BITMAP_BYTES};
 
-/// What a successful [`MemslotApplier::apply`] did.
+/// What a successful [`MemoryManager::apply`] did.
 #[derive(Debug)]
 pub struct Applied {
     /// The map now published.
@@ -153,28 +162,29 @@ pub struct Applied {
     pub waited: Duration,
 }
 
-/// How long [`MemslotApplier::apply`] waits for readers by default.
+/// How long [`MemoryManager::apply`] waits for readers by default.
 pub const DEFAULT_DRAIN_BOUND: Duration = Duration::from_secs(2);
 
-/// Applies slot-map transitions to one VM's KVM memslots; see the module docs.
+/// One VM's guest memory: the slot map, its locks and invalidations, kept
+/// in step with the backend's memslots; see the module docs.
 ///
-/// The VM must hold no memslot with an id below `max_slots` when the
-/// applier is created, and nothing else may call `KVM_SET_USER_MEMORY_REGION`
-/// on it afterwards (the mirror would no longer match KVM; memory safety
-/// does not depend on it). Dropping the applier deletes every slot it
-/// registered, so stop the vCPUs first.
-pub struct MemslotApplier<V: MemslotIoctls = Arc<VmFd>> {
-    vm: V,
+/// The backend must hold no memslot with an id below `max_slots` when the
+/// manager is created, and nothing else may change its memslots afterwards
+/// (the mirror would no longer match; memory safety does not depend on it).
+/// Dropping the manager deletes every slot it registered, so stop the vCPUs
+/// first.
+pub struct MemoryManager {
+    backend: Box<dyn MemslotBackend>,
     memory: GuardedMap,
     hub: Arc<InvalidationHub>,
     drain_bound_ns: AtomicU64,
     state: Mutex<State>,
 }
 
-impl<V: MemslotIoctls> fmt::Debug for MemslotApplier<V> {
+impl fmt::Debug for MemoryManager {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let st = self.lock_state();
-        f.debug_struct("MemslotApplier")
+        f.debug_struct("MemoryManager")
             .field("map", self.memory.shared())
             .field("registered", &st.by_id.len())
             .field("pending_dirty", &st.pending.len())
@@ -183,19 +193,22 @@ impl<V: MemslotIoctls> fmt::Debug for MemslotApplier<V> {
     }
 }
 
-impl<V: MemslotIoctls> MemslotApplier<V> {
-    /// An applier with an empty slot map limited by `config` (read
-    /// `max_slots` from `KVM_CAP_NR_MEMSLOTS`, `read_only_supported` from
-    /// `KVM_CAP_READONLY_MEM`).
+impl MemoryManager {
+    /// A manager of guest memory on `backend`, with an empty slot map limited
+    /// by `config` (on KVM read `max_slots` from `KVM_CAP_NR_MEMSLOTS`,
+    /// `read_only_supported` from `KVM_CAP_READONLY_MEM`).
     ///
     /// # Errors
     /// [`MemslotError::Buffer`] if the dirty-bitmap buffer (256 MiB of
     /// address space, no memory) cannot be mapped.
-    pub fn new(vm: V, config: SlotMapConfig) -> Result<Self, MemslotError> {
+    pub fn new(
+        backend: impl MemslotBackend + 'static,
+        config: SlotMapConfig,
+    ) -> Result<Self, MemslotError> {
         let bitmap = HostMapping::new(&BackingKind::Anon, DIRTY_BITMAP_BYTES)
             .map_err(MemslotError::Buffer)?;
         Ok(Self {
-            vm,
+            backend: Box::new(backend),
             memory: GuardedMap::new(SlotMap::new(config)),
             hub: Arc::new(InvalidationHub::new()),
             drain_bound_ns: AtomicU64::new(DEFAULT_DRAIN_BOUND.as_nanos() as u64),
@@ -213,11 +226,6 @@ impl<V: MemslotIoctls> MemslotApplier<V> {
         // A panic while holding the lock happens only between an ioctl and
         // its `record`, which do not panic; the state is still what KVM holds.
         self.state.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// The VM handle.
-    pub fn vm(&self) -> &V {
-        &self.vm
     }
 
     /// A snapshot of the published map. Lock-free.
@@ -411,11 +419,11 @@ impl<V: MemslotIoctls> MemslotApplier<V> {
         let logging_before = match step.op {
             MemslotOp::Delete => step.spec.flags,
             MemslotOp::SetFlags => step.old_flags,
-            _ => 0,
-        } & KVM_MEM_LOG_DIRTY_PAGES
-            != 0;
+            _ => MemslotFlags::empty(),
+        }
+        .contains(MemslotFlags::LOG_DIRTY_PAGES);
         let logging_after =
-            step.op != MemslotOp::Delete && step.spec.flags & KVM_MEM_LOG_DIRTY_PAGES != 0;
+            step.op != MemslotOp::Delete && step.spec.flags.contains(MemslotFlags::LOG_DIRTY_PAGES);
         if logging_before && !logging_after {
             // The slot as KVM holds it now (a SetFlags step names the new flags).
             let live = match step.op {
@@ -425,7 +433,7 @@ impl<V: MemslotIoctls> MemslotApplier<V> {
                 },
                 _ => step.spec,
             };
-            st.harvest(&self.vm, &live)?;
+            st.harvest(&*self.backend, &live)?;
         }
         // SAFETY: a delete (`memory_size` 0) registers no memory. A create or
         // flags change registers `[hva, hva + size)`, which `validate` checked
@@ -438,7 +446,7 @@ impl<V: MemslotIoctls> MemslotApplier<V> {
         // registered slot before releasing its `Arc` (leaking it if the
         // delete fails). So the range stays mapped, and guest-only, for as
         // long as KVM may use it.
-        let result = unsafe { self.vm.set_user_memory_region(step.region()) };
+        let result = unsafe { self.backend.set_memslot(&step.region()) };
         result.map_err(|e| step.failure(FailureCause::Errno(e.errno())))?;
         st.record(step);
         Ok(())
@@ -463,12 +471,13 @@ impl<V: MemslotIoctls> MemslotApplier<V> {
             if end_of(&r.spec) <= range.start().0 {
                 break; // slots do not overlap: all earlier ones end before too
             }
-            if r.spec.flags & KVM_MEM_LOG_DIRTY_PAGES != 0 {
+            if r.spec.flags.contains(MemslotFlags::LOG_DIRTY_PAGES) {
                 logging.push(r.spec);
             }
         }
         for spec in &logging {
-            st.harvest(&self.vm, spec).map_err(MemslotError::DirtyLog)?;
+            st.harvest(&*self.backend, spec)
+                .map_err(MemslotError::DirtyLog)?;
         }
         let first = range.start().gfn();
         let last = Gfn(range.end().0.div_ceil(PAGE_SIZE));
@@ -553,12 +562,12 @@ impl<V: MemslotIoctls> MemslotApplier<V> {
                 .by_id
                 .get(&id)
                 .map(|r| r.spec)
-                .filter(|s| s.flags & KVM_MEM_LOG_DIRTY_PAGES != 0);
+                .filter(|s| s.flags.contains(MemslotFlags::LOG_DIRTY_PAGES));
             match logged {
                 Some(spec) => st
-                    .harvest(&self.vm, &spec)
+                    .harvest(&*self.backend, &spec)
                     .map_err(|f| format!("mirrored dirty-logging slot not live in KVM: {f}"))?,
-                None => match st.read_bitmap(&self.vm, id, PAGE_SIZE) {
+                None => match st.read_bitmap(&*self.backend, id, PAGE_SIZE) {
                     Ok(_) => {
                         return Err(format!(
                             "KVM has a dirty-logging {id} the mirror does not (or not logging)"
@@ -587,13 +596,13 @@ fn invalidation_reason(kind: ChangeKind, op: SlotOp) -> Option<Reason> {
     }
 }
 
-impl<V: MemslotIoctls> AsRef<GuardedMap> for MemslotApplier<V> {
+impl AsRef<GuardedMap> for MemoryManager {
     fn as_ref(&self) -> &GuardedMap {
         &self.memory
     }
 }
 
-impl<V: MemslotIoctls> Drop for MemslotApplier<V> {
+impl Drop for MemoryManager {
     fn drop(&mut self) {
         let st = self.state.get_mut().unwrap_or_else(|e| e.into_inner());
         st.by_gpa.clear();
@@ -602,10 +611,10 @@ impl<V: MemslotIoctls> Drop for MemslotApplier<V> {
                 op: MemslotOp::Delete,
                 spec: reg.spec,
                 mapping: Arc::clone(&reg.mapping),
-                old_flags: 0,
+                old_flags: MemslotFlags::empty(),
             };
-            // SAFETY: a delete (`memory_size` 0) registers no memory.
-            if unsafe { self.vm.set_user_memory_region(step.region()) }.is_err() {
+            // SAFETY: a delete (`size` 0) registers no memory.
+            if unsafe { self.backend.set_memslot(&step.region()) }.is_err() {
                 // KVM may still map it: never unmap memory under KVM.
                 std::mem::forget(reg.mapping);
             }

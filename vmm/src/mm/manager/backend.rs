@@ -1,0 +1,102 @@
+//! The two memslot calls the memory manager makes, behind a trait, so the
+//! whole manager runs on real KVM (`crate::kvm::memslots` implements it for
+//! a VM fd) or on [`SimKvm`](super::SimKvm), a simulated KVM that enforces
+//! KVM's memslot rules in memory and injects failures at chosen calls.
+//!
+//! The trait speaks `mm`'s types ([`MemslotRegion`], [`MemslotFlags`],
+//! [`SlotId`]): no KVM type crosses into `mm`.
+
+use std::sync::Arc;
+
+use vmm_sys_util::errno;
+
+use crate::mm::addr::{Gpa, Hva};
+use crate::mm::slot_map::{MemslotFlags, MemslotSpec, SlotId};
+
+/// One `KVM_SET_USER_MEMORY_REGION` call: `size == 0` deletes slot `slot`.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct MemslotRegion {
+    /// Slot id.
+    pub slot: SlotId,
+    /// Memslot flags.
+    pub flags: MemslotFlags,
+    /// First guest-physical address.
+    pub gpa: Gpa,
+    /// Bytes; 0 deletes the slot.
+    pub size: u64,
+    /// Host address of the first byte.
+    pub hva: Hva,
+}
+
+impl MemslotRegion {
+    /// The call that creates (or changes the flags of) `spec`.
+    pub fn set(spec: &MemslotSpec) -> Self {
+        Self {
+            slot: spec.id,
+            flags: spec.flags,
+            gpa: spec.gpa,
+            size: spec.size,
+            hva: spec.hva,
+        }
+    }
+
+    /// The call that deletes `spec`'s slot.
+    pub fn delete(spec: &MemslotSpec) -> Self {
+        Self {
+            size: 0,
+            ..Self::set(spec)
+        }
+    }
+}
+
+/// The memslot calls the memory manager needs. Implemented for KVM's VM fd
+/// in `crate::kvm::memslots`, for [`SimKvm`](super::SimKvm), and for `&T`
+/// and `Arc<T>`; tests wrap either to count calls or inject failures.
+pub trait MemslotBackend: Send + Sync {
+    /// `KVM_SET_USER_MEMORY_REGION`.
+    ///
+    /// # Safety
+    /// Unless `region.size` is 0 (a delete), the host range
+    /// `[region.hva, +region.size)` must stay mapped, and serve as nothing but
+    /// this guest's memory, until the backend has dropped the slot (a
+    /// successful delete or move, or the VM's destruction).
+    unsafe fn set_memslot(&self, region: &MemslotRegion) -> Result<(), errno::Error>;
+
+    /// `KVM_GET_DIRTY_LOG` of slot `slot` into `bitmap` (read and clear).
+    ///
+    /// # Safety
+    /// `bitmap` must be valid for writes of the slot's bitmap as the backend
+    /// holds it (`ceil(pages / 64) * 8` bytes), whatever the slot's size there is.
+    unsafe fn get_dirty_log_into(&self, slot: SlotId, bitmap: *mut u64)
+        -> Result<(), errno::Error>;
+}
+
+impl<T: MemslotBackend + ?Sized> MemslotBackend for &T {
+    unsafe fn set_memslot(&self, region: &MemslotRegion) -> Result<(), errno::Error> {
+        // SAFETY: forwarded; our caller upholds the same contract.
+        unsafe { (**self).set_memslot(region) }
+    }
+    unsafe fn get_dirty_log_into(
+        &self,
+        slot: SlotId,
+        bitmap: *mut u64,
+    ) -> Result<(), errno::Error> {
+        // SAFETY: forwarded; our caller upholds the same contract.
+        unsafe { (**self).get_dirty_log_into(slot, bitmap) }
+    }
+}
+
+impl<T: MemslotBackend + ?Sized> MemslotBackend for Arc<T> {
+    unsafe fn set_memslot(&self, region: &MemslotRegion) -> Result<(), errno::Error> {
+        // SAFETY: forwarded; our caller upholds the same contract.
+        unsafe { (**self).set_memslot(region) }
+    }
+    unsafe fn get_dirty_log_into(
+        &self,
+        slot: SlotId,
+        bitmap: *mut u64,
+    ) -> Result<(), errno::Error> {
+        // SAFETY: forwarded; our caller upholds the same contract.
+        unsafe { (**self).get_dirty_log_into(slot, bitmap) }
+    }
+}
