@@ -31,7 +31,7 @@ use std::thread::JoinHandle;
 
 use guest_image::protocol::{dma_op, dma_status, DmaDescriptor};
 use serde::Serialize;
-use vm_memory::{Bytes, GuestAddress};
+use vm_memory::{Bytes, GuestAddress, VolatileMemory, VolatileSlice};
 
 use super::iommu::{Iommu, IommuError};
 use super::pins::{Pin, PinError, PinManager};
@@ -42,6 +42,37 @@ use crate::vm::BootMemory;
 
 /// Largest piece transferred under one set of guards.
 pub const CHUNK: u64 = 64 << 10;
+
+/// Why a transfer did not complete; each maps to one protocol status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum DmaError {
+    /// A bad descriptor: unknown op, zero or unaligned length, unaligned or
+    /// overflowing range (`INVALID`).
+    #[error("invalid request")]
+    Invalid,
+    /// Memory not plugged, or not writable for a destination (`FAULT`).
+    #[error("memory not plugged or not writable")]
+    Fault,
+    /// The pin account refused the charge (`NO_PIN`).
+    #[error("pin limit reached")]
+    NoPin,
+    /// A memory change revoked the transfer's pins, or kept racing its
+    /// translations (`REVOKED`).
+    #[error("stopped by a memory change")]
+    Revoked,
+}
+
+impl DmaError {
+    /// The descriptor status the guest sees.
+    pub fn status(self) -> u64 {
+        match self {
+            DmaError::Invalid => dma_status::INVALID,
+            DmaError::Fault => dma_status::FAULT,
+            DmaError::NoPin => dma_status::NO_PIN,
+            DmaError::Revoked => dma_status::REVOKED,
+        }
+    }
+}
 
 /// Counters of the engine, for the report.
 #[derive(Debug, Default, Serialize)]
@@ -81,11 +112,13 @@ impl DmaEngine {
         let (tx, rx) = mpsc::channel();
         let stats = Arc::new(DmaStats::default());
         let worker = Worker {
-            memory,
+            transfers: Transfers {
+                memory,
+                pins,
+                iommu,
+                stats: stats.clone(),
+            },
             boot,
-            pins,
-            iommu,
-            stats: stats.clone(),
         };
         let thread = std::thread::Builder::new()
             .name("dma".into())
@@ -121,9 +154,16 @@ impl Drop for DmaEngine {
     }
 }
 
+/// The engine's thread: reads descriptors from the boot region, runs them,
+/// writes the result and then the status back.
 struct Worker {
-    memory: Arc<MemoryManager>,
+    transfers: Transfers,
     boot: BootMemory,
+}
+
+/// What a transfer needs: guarded memory, pins, the IOMMU and the counters.
+struct Transfers {
+    memory: Arc<MemoryManager>,
     pins: Arc<PinManager>,
     iommu: Arc<Iommu>,
     stats: Arc<DmaStats>,
@@ -131,6 +171,7 @@ struct Worker {
 
 impl Worker {
     fn serve(self, rx: Receiver<u64>) {
+        let stats = &self.transfers.stats;
         for descriptor in rx {
             let mem = self.boot.memory();
             let Ok(words) = mem.read_obj::<[u64; 7]>(GuestAddress(descriptor)) else {
@@ -146,16 +187,17 @@ impl Worker {
                 result,
                 status,
             };
-            let (status, result) = match self.execute(&desc) {
+            let outcome = self.transfers.execute(&desc);
+            let (status, result) = match outcome {
                 Ok(result) => (dma_status::DONE, result),
-                Err(s) => (s, 0),
+                Err(e) => (e.status(), 0),
             };
-            let counter = match status {
-                dma_status::DONE => &self.stats.done,
-                dma_status::FAULT => &self.stats.faults,
-                dma_status::NO_PIN => &self.stats.no_pin,
-                dma_status::REVOKED => &self.stats.revoked,
-                _ => &self.stats.invalid,
+            let counter = match outcome {
+                Ok(_) => &stats.done,
+                Err(DmaError::Fault) => &stats.faults,
+                Err(DmaError::NoPin) => &stats.no_pin,
+                Err(DmaError::Revoked) => &stats.revoked,
+                Err(DmaError::Invalid) => &stats.invalid,
             };
             counter.fetch_add(1, Ordering::Relaxed);
             let at = |field: u64| GuestAddress(descriptor + field);
@@ -165,21 +207,23 @@ impl Worker {
             let _ = mem.write_obj(status, at(48));
         }
     }
+}
 
-    fn execute(&self, d: &DmaDescriptor) -> Result<u64, u64> {
-        let invalid = dma_status::INVALID;
+impl Transfers {
+    fn execute(&self, d: &DmaDescriptor) -> Result<u64, DmaError> {
         if d.len == 0 || d.len % 8 != 0 {
-            return Err(invalid);
+            return Err(DmaError::Invalid);
         }
-        let range = |gpa: u64| GpaRange::new(Gpa(gpa), d.len).filter(|r| r.start().is_aligned(8));
+        let range = |gpa: u64| {
+            GpaRange::new(Gpa(gpa), d.len)
+                .filter(|r| r.start().is_aligned(8))
+                .ok_or(DmaError::Invalid)
+        };
         let (src, dst) = match d.op {
-            dma_op::COPY => (
-                Some(range(d.src).ok_or(invalid)?),
-                Some(range(d.dst).ok_or(dma_status::INVALID)?),
-            ),
-            dma_op::FILL => (None, Some(range(d.dst).ok_or(invalid)?)),
-            dma_op::CHECKSUM => (Some(range(d.src).ok_or(invalid)?), None),
-            _ => return Err(invalid),
+            dma_op::COPY => (Some(range(d.src)?), Some(range(d.dst)?)),
+            dma_op::FILL => (None, Some(range(d.dst)?)),
+            dma_op::CHECKSUM => (Some(range(d.src)?), None),
+            _ => return Err(DmaError::Invalid),
         };
         let src_pin = src.map(|r| self.pin(r, false)).transpose()?;
         let dst_pin = dst.map(|r| self.pin(r, true)).transpose()?;
@@ -188,7 +232,7 @@ impl Worker {
         let mut done = 0u64;
         while done < d.len {
             if pins.iter().any(|p| p.is_revoked()) {
-                return Err(dma_status::REVOKED);
+                return Err(DmaError::Revoked);
             }
             let n = CHUNK.min(d.len - done);
             let chunk = |base: u64| Gpa(base + done);
@@ -204,39 +248,38 @@ impl Worker {
         // The pins drop here: unlocked and uncharged.
     }
 
-    fn pin(&self, r: GpaRange, write: bool) -> Result<Pin, u64> {
+    fn pin(&self, r: GpaRange, write: bool) -> Result<Pin, DmaError> {
         // Pins are page-granular: cover the pages the transfer touches.
         let start = r.start().align_down(PAGE_SIZE);
         let end = r.end().0.div_ceil(PAGE_SIZE) * PAGE_SIZE;
         self.pins
             .pin(start, end - start.0, write, true)
             .map_err(|e| match e {
-                PinError::Limit { .. } => dma_status::NO_PIN,
-                PinError::Busy { .. } => dma_status::REVOKED,
-                PinError::BadRange { .. } => dma_status::INVALID,
-                _ => dma_status::FAULT,
+                PinError::Limit { .. } => DmaError::NoPin,
+                PinError::Busy { .. } => DmaError::Revoked,
+                PinError::BadRange { .. } => DmaError::Invalid,
+                _ => DmaError::Fault,
             })
     }
 
-    /// Runs `f` on the host address of `[gpa, gpa + n)` split at slot and
-    /// stage-2 leaf boundaries, each piece under a slot guard and translated
-    /// through the IOMMU.
+    /// Runs `f` on `[gpa, gpa + n)` split at slot and stage-2 leaf
+    /// boundaries: each piece (its offset from `gpa`, and its memory as a
+    /// [`VolatileSlice`]) under a slot guard and translated through the IOMMU.
     fn each_piece(
         &self,
         gpa: Gpa,
         n: u64,
         write: bool,
-        mut f: impl FnMut(u64, *mut u8, u64),
-    ) -> Result<(), u64> {
-        let fault = || dma_status::FAULT;
+        mut f: impl FnMut(u64, VolatileSlice<'_>) -> Result<(), DmaError>,
+    ) -> Result<(), DmaError> {
         let access = if write { Access::Write } else { Access::Read };
         let mut off = 0;
         while off < n {
             let at = Gpa(gpa.0 + off);
-            let guard = self.memory.try_acquire(at).map_err(|_| fault())?;
+            let guard = self.memory.try_acquire(at).map_err(|_| DmaError::Fault)?;
             let tr = self.iommu.translate(at, access).map_err(|e| match e {
-                IommuError::Busy { .. } => dma_status::REVOKED,
-                _ => fault(),
+                IommuError::Busy { .. } => DmaError::Revoked,
+                _ => DmaError::Fault,
             })?;
             debug_assert!(
                 !(write && guard.read_only()),
@@ -244,12 +287,18 @@ impl Worker {
             );
             let leaf_end = tr.page_gpa.0 + tr.page_size.bytes();
             let len = (guard.range().end().0.min(leaf_end) - at.0).min(n - off);
-            let hva = guard.hva(at, len).map_err(|_| fault())?;
-            debug_assert_eq!(tr.hva, hva, "stage-2 and the slot map disagree on {at}");
-            if tr.hva != hva {
-                return Err(fault());
+            let piece = if write {
+                guard.slice_for_write(at, len)
+            } else {
+                guard.slice(at, len)
             }
-            f(off, tr.hva.0 as *mut u8, len);
+            .map_err(|_| DmaError::Fault)?;
+            let hva = piece.ptr_guard().as_ptr() as u64;
+            debug_assert_eq!(tr.hva.0, hva, "stage-2 and the slot map disagree on {at}");
+            if tr.hva.0 != hva {
+                return Err(DmaError::Fault);
+            }
+            f(off, piece)?;
             if write {
                 // Dirty was set before the write; a report taken in between
                 // cleared it. Mark again after the write, so every write is
@@ -262,43 +311,161 @@ impl Worker {
         Ok(())
     }
 
-    fn copy_chunk(&self, src: Gpa, dst: Gpa, n: u64) -> Result<(), u64> {
+    fn copy_chunk(&self, src: Gpa, dst: Gpa, n: u64) -> Result<(), DmaError> {
         // Bounce through a buffer: source and destination may overlap, or sit
         // in different slots with different piece boundaries.
         let mut buf = vec![0u8; n as usize];
-        self.each_piece(src, n, false, |off, p, len| {
-            // SAFETY: `p..p+len` is mapped guest memory held by a slot guard
-            // for the duration of this call; `buf` has room at `off..off+len`.
-            unsafe { std::ptr::copy(p, buf.as_mut_ptr().add(off as usize), len as usize) }
+        self.each_piece(src, n, false, |off, piece| {
+            let at = off as usize;
+            piece.copy_to(&mut buf[at..at + piece.len()]);
+            Ok(())
         })?;
-        self.each_piece(dst, n, true, |off, p, len| {
-            // SAFETY: as above, for the destination.
-            unsafe { std::ptr::copy(buf.as_ptr().add(off as usize), p, len as usize) }
+        self.each_piece(dst, n, true, |off, piece| {
+            let at = off as usize;
+            piece.copy_from(&buf[at..at + piece.len()]);
+            Ok(())
         })
     }
 
-    fn fill_chunk(&self, dst: Gpa, n: u64, value: u64) -> Result<(), u64> {
-        self.each_piece(dst, n, true, |_, p, len| {
-            for i in 0..len / 8 {
-                // SAFETY: inside the guarded piece; 8-byte aligned because the
-                // range start is (checked) and pieces split at page bounds.
-                unsafe { p.cast::<u64>().add(i as usize).write_volatile(value) };
-            }
+    fn fill_chunk(&self, dst: Gpa, n: u64, value: u64) -> Result<(), DmaError> {
+        self.each_piece(dst, n, true, |_, piece| {
+            // 8-byte aligned: the range start is (checked) and pieces split at
+            // page bounds; each element is one aligned store.
+            let words = words_of(&piece)?;
+            (0..words.len()).for_each(|i| words.store(i, value));
+            Ok(())
         })
     }
 
-    fn sum_chunk(&self, src: Gpa, n: u64) -> Result<u64, u64> {
+    fn sum_chunk(&self, src: Gpa, n: u64) -> Result<u64, DmaError> {
         let mut sum = 0u64;
-        self.each_piece(src, n, false, |_, p, len| {
-            for i in 0..len / 8 {
-                // SAFETY: as in `fill_chunk`, reading.
-                sum = sum.wrapping_add(unsafe { p.cast::<u64>().add(i as usize).read_volatile() });
-            }
+        self.each_piece(src, n, false, |_, piece| {
+            let words = words_of(&piece)?;
+            sum = (0..words.len()).fold(sum, |s, i| s.wrapping_add(words.load(i)));
+            Ok(())
         })?;
         Ok(sum)
     }
 }
 
+/// A piece as an array of `u64`s (pieces of a transfer are 8-byte aligned
+/// and a multiple of 8 bytes long).
+fn words_of<'a>(
+    piece: &'a VolatileSlice<'_>,
+) -> Result<vm_memory::volatile_memory::VolatileArrayRef<'a, u64>, DmaError> {
+    piece
+        .get_array_ref::<u64>(0, piece.len() / 8)
+        .map_err(|_| DmaError::Fault)
+}
+
 /// Offsets used by `serve` must match the protocol's layout.
 const _: () = assert!(core::mem::offset_of!(DmaDescriptor, result) == 40);
 const _: () = assert!(core::mem::offset_of!(DmaDescriptor, status) == 48);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mm::backing::{BackingKind, HostMapping};
+    use crate::mm::manager::SimKvm;
+    use crate::mm::pin_account::{PinAccount, PinLimit};
+    use crate::mm::slot_map::{SlotFlags, SlotMapConfig};
+
+    const BASE: u64 = 0x4000_0000;
+    const MIB: u64 = 1 << 20;
+
+    /// The engine's transfers over a manager on the simulated KVM, with two
+    /// 1 MiB slots at `BASE` (the second read-only) and a hole after them.
+    fn transfers(pin_limit: PinLimit) -> Transfers {
+        let memory = Arc::new(MemoryManager::new(SimKvm::new(), SlotMapConfig::default()).unwrap());
+        for (i, flags) in [
+            SlotFlags::NONE,
+            SlotFlags {
+                read_only: true,
+                ..SlotFlags::NONE
+            },
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let mem = Arc::new(HostMapping::new(&BackingKind::Anon, MIB).unwrap());
+            memory
+                .apply(|m| m.plug(Gpa(BASE + i as u64 * MIB), MIB, mem, 0, flags))
+                .unwrap();
+        }
+        let account = Arc::new(PinAccount::new(pin_limit));
+        Transfers {
+            pins: Arc::new(PinManager::new(memory.clone(), account)),
+            iommu: Arc::new(Iommu::new(memory.clone())),
+            memory,
+            stats: Arc::new(DmaStats::default()),
+        }
+    }
+
+    fn desc(op: u64, src: u64, dst: u64, len: u64, value: u64) -> DmaDescriptor {
+        DmaDescriptor {
+            op,
+            src,
+            dst,
+            len,
+            value,
+            result: 0,
+            status: 0,
+        }
+    }
+
+    fn word(t: &Transfers, gpa: u64) -> u64 {
+        t.memory
+            .try_acquire(Gpa(gpa))
+            .unwrap()
+            .read_u64(Gpa(gpa))
+            .unwrap()
+    }
+
+    #[test]
+    fn test_fill_copy_checksum_move_the_bytes_across_chunks() {
+        let t = transfers(PinLimit::Unlimited);
+        let len = 3 * CHUNK + 64; // several chunks and a tail
+        t.execute(&desc(dma_op::FILL, 0, BASE, len, 0x1234))
+            .unwrap();
+        assert_eq!(word(&t, BASE + len - 8), 0x1234);
+        assert_eq!(word(&t, BASE + len), 0, "past the range untouched");
+        t.execute(&desc(dma_op::COPY, BASE, BASE + MIB / 2, len, 0))
+            .unwrap();
+        assert_eq!(word(&t, BASE + MIB / 2 + 2 * CHUNK), 0x1234);
+        let sum = t.execute(&desc(dma_op::CHECKSUM, BASE + MIB / 2, 0, len, 0));
+        assert_eq!(sum, Ok((len / 8).wrapping_mul(0x1234)));
+        assert_eq!(t.pins.account().pinned().charged(), 0, "every pin released");
+    }
+
+    #[test]
+    fn test_copy_from_a_read_only_slot_works_and_into_it_faults() {
+        let t = transfers(PinLimit::Unlimited);
+        let ro = BASE + MIB;
+        assert_eq!(t.execute(&desc(dma_op::COPY, ro, BASE, 4096, 0)), Ok(0));
+        let into = t.execute(&desc(dma_op::FILL, 0, ro, 4096, 7));
+        assert_eq!(into, Err(DmaError::Fault));
+        assert_eq!(word(&t, ro), 0);
+    }
+
+    #[test]
+    fn test_unplugged_invalid_and_over_limit_requests_give_their_status() {
+        let t = transfers(PinLimit::Pages(4));
+        let hole = BASE + 2 * MIB;
+        assert_eq!(
+            t.execute(&desc(dma_op::FILL, 0, hole, 8, 1)),
+            Err(DmaError::Fault)
+        );
+        for bad in [
+            desc(dma_op::FILL, 0, BASE, 0, 1),
+            desc(dma_op::FILL, 0, BASE, 12, 1),
+            desc(dma_op::FILL, 0, BASE + 4, 8, 1),
+            desc(dma_op::FILL, 0, u64::MAX - 7, 16, 1),
+            desc(99, BASE, BASE, 8, 1),
+        ] {
+            assert_eq!(t.execute(&bad), Err(DmaError::Invalid), "{bad:?}");
+        }
+        let big = t.execute(&desc(dma_op::FILL, 0, BASE, 5 * 4096, 1));
+        assert_eq!(big, Err(DmaError::NoPin));
+        assert_eq!(DmaError::NoPin.status(), dma_status::NO_PIN);
+    }
+}

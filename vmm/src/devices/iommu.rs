@@ -58,17 +58,16 @@
 //!
 //! ```
 //! use std::sync::Arc;
-//! use kvm_ioctls::Kvm;
 //! use vmm::devices::iommu::Iommu;
-//! use vmm::mm::manager::MemoryManager;
+//! use vmm::mm::manager::{MemoryManager, SimKvm};
 //! use vmm::mm::addr::{Gpa, GpaRange};
 //! use vmm::mm::backing::{BackingKind, HostMapping};
 //! use vmm::mm::slot_map::{SlotFlags, SlotMapConfig};
 //! use vmm::mm::stage2::{Access, PageSize};
 //!
-//! let Ok(kvm) = Kvm::new() else { return }; // no /dev/kvm here
-//! let vm = Arc::new(kvm.create_vm().unwrap());
-//! let applier = Arc::new(MemoryManager::new(vm, SlotMapConfig::default()).unwrap());
+//! // The simulated KVM backend: the same manager runs on a VM fd.
+//! let memory = MemoryManager::new(SimKvm::new(), SlotMapConfig::default()).unwrap();
+//! let applier = Arc::new(memory);
 //! let mem = Arc::new(HostMapping::new(&BackingKind::Anon, 0x10_0000).unwrap());
 //! applier
 //!     .apply(|m| m.plug(Gpa(0x10_0000), 0x10_0000, mem.clone(), 0, SlotFlags::NONE))
@@ -522,8 +521,8 @@ pub struct Stage2Report {
 mod tests {
     use super::*;
     use crate::mm::backing::HostMapping;
+    use crate::mm::manager::SimKvm;
     use crate::mm::slot_map::{SlotFlags, SlotMapConfig};
-    use kvm_ioctls::Kvm;
 
     const BASE: Gpa = Gpa(0x4000_0000);
 
@@ -531,17 +530,16 @@ mod tests {
         kind: BackingKind,
         len: u64,
         flags: SlotFlags,
-    ) -> Option<(Arc<MemoryManager>, Arc<HostMapping>, Iommu)> {
-        let kvm = Kvm::new().ok()?; // no /dev/kvm: the caller skips
-        let vm = Arc::new(kvm.create_vm().unwrap());
-        let applier = Arc::new(MemoryManager::new(vm, SlotMapConfig::default()).unwrap());
+    ) -> (Arc<MemoryManager>, Arc<HostMapping>, Iommu) {
+        let memory = MemoryManager::new(SimKvm::new(), SlotMapConfig::default()).unwrap();
+        let applier = Arc::new(memory);
         let mem = Arc::new(HostMapping::new(&kind, len).unwrap());
         let m = mem.clone();
         applier
             .apply(|map| map.plug(BASE, len, m.clone(), 0, flags))
             .unwrap();
         let iommu = Iommu::new(applier.clone());
-        Some((applier, mem, iommu))
+        (applier, mem, iommu)
     }
 
     fn range(gpa: Gpa, len: u64) -> GpaRange {
@@ -550,9 +548,7 @@ mod tests {
 
     #[test]
     fn test_translate_miss_fills_4k_leaf_then_hits() {
-        let Some((_a, mem, iommu)) = setup(BackingKind::Anon, 0x40_0000, SlotFlags::NONE) else {
-            return;
-        };
+        let (_a, mem, iommu) = setup(BackingKind::Anon, 0x40_0000, SlotFlags::NONE);
         let t = iommu
             .translate(Gpa(BASE.0 + 0x1_2340), Access::Read)
             .unwrap();
@@ -568,9 +564,7 @@ mod tests {
 
     #[test]
     fn test_translate_thp_slot_fills_2m_leaf() {
-        let Some((_a, mem, iommu)) = setup(BackingKind::Thp, 0x40_0000, SlotFlags::NONE) else {
-            return;
-        };
+        let (_a, mem, iommu) = setup(BackingKind::Thp, 0x40_0000, SlotFlags::NONE);
         let t = iommu
             .translate(Gpa(BASE.0 + 0x20_1008), Access::Read)
             .unwrap();
@@ -585,9 +579,7 @@ mod tests {
             read_only: true,
             ..SlotFlags::NONE
         };
-        let Some((_a, _m, iommu)) = setup(BackingKind::Anon, 0x10_0000, ro) else {
-            return;
-        };
+        let (_a, _m, iommu) = setup(BackingKind::Anon, 0x10_0000, ro);
         assert!(iommu.translate(BASE, Access::Read).is_ok());
         assert!(matches!(
             iommu.translate(BASE, Access::Write),
@@ -600,9 +592,7 @@ mod tests {
 
     #[test]
     fn test_protect_zaps_and_refills_readonly_keeping_dirty() {
-        let Some((a, _m, iommu)) = setup(BackingKind::Anon, 0x10_0000, SlotFlags::NONE) else {
-            return;
-        };
+        let (a, _m, iommu) = setup(BackingKind::Anon, 0x10_0000, SlotFlags::NONE);
         iommu.translate(BASE, Access::Write).unwrap();
         a.apply(|m| m.protect(BASE, 0x1000, true)).unwrap();
         assert!(iommu.dump().is_empty());
@@ -620,9 +610,7 @@ mod tests {
 
     #[test]
     fn test_write_after_unprotect_refills_writable_leaf() {
-        let Some((a, _m, iommu)) = setup(BackingKind::Anon, 0x10_0000, SlotFlags::NONE) else {
-            return;
-        };
+        let (a, _m, iommu) = setup(BackingKind::Anon, 0x10_0000, SlotFlags::NONE);
         a.apply(|m| m.protect(BASE, 0x10_0000, true)).unwrap();
         iommu.translate(BASE, Access::Read).unwrap();
         a.apply(|m| m.protect(BASE, 0x10_0000, false)).unwrap();
@@ -633,9 +621,7 @@ mod tests {
 
     #[test]
     fn test_unplug_part_of_huge_leaf_splits_keeping_rest_mapped() {
-        let Some((a, _m, iommu)) = setup(BackingKind::Thp, 0x40_0000, SlotFlags::NONE) else {
-            return;
-        };
+        let (a, _m, iommu) = setup(BackingKind::Thp, 0x40_0000, SlotFlags::NONE);
         iommu.translate(BASE, Access::Read).unwrap();
         a.apply(|m| m.unplug(BASE, HUGE_2M)).unwrap();
         assert!(matches!(
@@ -653,9 +639,7 @@ mod tests {
 
     #[test]
     fn test_move_zaps_old_range_and_new_range_faults_in() {
-        let Some((a, mem, iommu)) = setup(BackingKind::Anon, 0x10_0000, SlotFlags::NONE) else {
-            return;
-        };
+        let (a, mem, iommu) = setup(BackingKind::Anon, 0x10_0000, SlotFlags::NONE);
         iommu.translate(BASE, Access::Read).unwrap();
         let to = Gpa(0x1_0000_0000);
         a.apply(|m| m.move_range(BASE, 0x10_0000, to)).unwrap();

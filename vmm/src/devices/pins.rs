@@ -330,3 +330,87 @@ impl Drop for PinManager {
         let _ = self.hub.unsubscribe(self.subscription);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mm::backing::{BackingKind, HostMapping};
+    use crate::mm::manager::{MemslotError, SimKvm};
+    use crate::mm::pin_account::PinLimit;
+    use crate::mm::slot_map::{SlotFlags, SlotMapConfig};
+
+    const BASE: Gpa = Gpa(0x4000_0000);
+    const P: u64 = PAGE_SIZE;
+
+    /// A pin manager over 16 plugged pages at `BASE` on the simulated KVM.
+    fn pins(limit: PinLimit) -> (Arc<MemoryManager>, PinManager) {
+        let memory = Arc::new(MemoryManager::new(SimKvm::new(), SlotMapConfig::default()).unwrap());
+        let mem = Arc::new(HostMapping::new(&BackingKind::Anon, 16 * P).unwrap());
+        memory
+            .apply(|m| m.plug(BASE, 16 * P, mem, 0, SlotFlags::NONE))
+            .unwrap();
+        let manager = PinManager::new(memory.clone(), Arc::new(PinAccount::new(limit)));
+        (memory, manager)
+    }
+
+    #[test]
+    fn test_non_revocable_pin_vetoes_unplug_and_nothing_changes() {
+        let (memory, pins) = pins(PinLimit::Unlimited);
+        let pin = pins.pin(Gpa(BASE.0 + 4 * P), 2 * P, true, false).unwrap();
+        let before = memory.registered();
+        let err = memory.apply(|m| m.unplug(BASE, 8 * P)).unwrap_err();
+        assert!(matches!(err, MemslotError::Vetoed(_)), "{err}");
+        assert!(
+            err.to_string().contains(&format!("pin #{}", pin.id())),
+            "{err}"
+        );
+        assert_eq!(memory.registered(), before);
+        assert!(!pin.is_revoked());
+        drop(pin);
+        memory.apply(|m| m.unplug(BASE, 8 * P)).unwrap();
+    }
+
+    #[test]
+    fn test_revocable_pin_is_revoked_and_uncharged_by_unplug() {
+        let (memory, pins) = pins(PinLimit::Unlimited);
+        let pin = pins.pin(BASE, 4 * P, false, true).unwrap();
+        assert_eq!(pins.account().pinned().charged(), 4);
+        memory.apply(|m| m.unplug(Gpa(BASE.0 + 2 * P), P)).unwrap();
+        assert!(pin.is_revoked());
+        assert_eq!(pins.account().pinned().charged(), 0);
+        drop(pin);
+        assert_eq!(pins.account().pinned().charged(), 0, "not uncharged twice");
+    }
+
+    #[test]
+    fn test_pin_refuses_holes_read_only_bad_ranges_and_the_limit() {
+        let (memory, pins) = pins(PinLimit::Pages(8));
+        memory
+            .apply(|m| m.protect(Gpa(BASE.0 + 8 * P), 8 * P, true))
+            .unwrap();
+        let hole = pins.pin(Gpa(BASE.0 + 15 * P), 2 * P, false, true);
+        assert!(matches!(hole, Err(PinError::NotPlugged { gpa, .. }) if gpa == BASE.0 + 16 * P));
+        let ro = pins.pin(Gpa(BASE.0 + 6 * P), 4 * P, true, true);
+        assert!(matches!(ro, Err(PinError::ReadOnly { gpa, .. }) if gpa == BASE.0 + 8 * P));
+        assert!(pins.pin(Gpa(BASE.0 + 6 * P), 4 * P, false, true).is_ok());
+        for (gpa, len) in [
+            (BASE.0 + 1, P),
+            (BASE.0, 0),
+            (BASE.0, P + 1),
+            (u64::MAX & !(P - 1), 2 * P),
+        ] {
+            let bad = pins.pin(Gpa(gpa), len, false, true);
+            assert!(
+                matches!(bad, Err(PinError::BadRange { .. })),
+                "{gpa:#x}+{len:#x}: {bad:?}"
+            );
+        }
+        let over = pins.pin(BASE, 9 * P, false, true);
+        assert!(matches!(over, Err(PinError::Limit { .. })), "{over:?}");
+        assert_eq!(
+            pins.account().pinned().charged(),
+            0,
+            "refusals leave no charge"
+        );
+    }
+}

@@ -3,8 +3,14 @@
 //! Accesses are volatile: guest memory is shared with vCPUs and other
 //! threads by design. An aligned 8-byte access is one host load or store
 //! (`mov`), so it is never torn; byte copies are done byte by byte.
+//! Devices that move blocks take a vm-memory [`VolatileSlice`] of the piece
+//! they need ([`SlotRef::slice`], [`SlotRef::slice_for_write`]) and use its
+//! safe copy and `Bytes` methods; the slice borrows the guard, so it cannot
+//! outlive it.
 
 use std::fmt;
+
+use vm_memory::VolatileSlice;
 
 use super::GuardError;
 use crate::mm::addr::{Gpa, GpaRange, Hva};
@@ -169,5 +175,39 @@ impl<'a> SlotRef<'a> {
             unsafe { p.add(i).write_volatile(*b) };
         }
         Ok(())
+    }
+
+    /// `[gpa, gpa + len)` as a vm-memory [`VolatileSlice`] for reading. The
+    /// slice borrows the guard: the memory stays mapped for its lifetime.
+    ///
+    /// # Errors
+    /// [`GuardError::OutOfSlot`].
+    pub fn slice(&self, gpa: Gpa, len: u64) -> Result<VolatileSlice<'_>, GuardError> {
+        let hva = self.hva(gpa, len)?;
+        let len = usize::try_from(len).map_err(|_| GuardError::OutOfSlot {
+            gpa,
+            len,
+            slot: self.slot_id(),
+        })?;
+        // SAFETY: `[hva, hva + len)` lies inside the slot (checked by `hva`),
+        // whose host memory stays mapped and is not discarded while the guard
+        // lives (module docs of `guard`); the slice borrows `self`, so it
+        // cannot outlive the guard. Guest memory is shared by design, and
+        // `VolatileSlice` only does volatile accesses to it.
+        Ok(unsafe { VolatileSlice::new(hva.0 as *mut u8, len) })
+    }
+
+    /// As [`slice`](Self::slice), for writing: refuses a read-only slot.
+    ///
+    /// # Errors
+    /// [`GuardError::ReadOnly`], [`GuardError::OutOfSlot`].
+    pub fn slice_for_write(&self, gpa: Gpa, len: u64) -> Result<VolatileSlice<'_>, GuardError> {
+        if self.flags.read_only {
+            return Err(GuardError::ReadOnly {
+                gpa,
+                slot: self.slot_id(),
+            });
+        }
+        self.slice(gpa, len)
     }
 }
