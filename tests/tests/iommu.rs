@@ -1,4 +1,4 @@
-//! The IOMMU (issue 7) on real KVM: the DMA engine copies through the stage-2
+//! The IOMMU on real KVM: the DMA engine copies through the stage-2
 //! table while ranges are protected, moved and unplugged, with contents
 //! matching a model; the table holds nothing for unplugged memory; read-only
 //! memory refuses device writes but serves reads; device-only writes appear

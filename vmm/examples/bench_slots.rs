@@ -1,4 +1,4 @@
-//! Slot-op latency (issue 3): plug and unplug of a 2 MiB anonymous range
+//! Slot-op latency: plug and unplug of a 2 MiB anonymous range
 //! through [`MemoryManager`] with 10, 1,000 and 30,000 slots already
 //! registered, beside the raw cost of the same host and KVM work measured in
 //! the same run, on a second VM holding as many raw slots:
@@ -13,10 +13,10 @@
 //! host noise hits both alike. The applier's VM fd is wrapped in [`TimedVm`],
 //! which times every memslot ioctl (two clock reads, tens of nanoseconds
 //! against 10-30 us ioctls), so each op is also split into mmap / map op /
-//! ioctl / the rest. Goals (issue 3): the 30,000-slot op costs at most 2x the
+//! ioctl / the rest. Goals: the 30,000-slot op costs at most 2x the
 //! 10-slot op and at most 1.5x the raw op.
 //!
-//! Two modes per N: *warm* (each op repeated back to back; the issue's
+//! Two modes per N: *warm* (each op repeated back to back; the goal's
 //! measure) and *cold* (a 64 MiB cache thrash before every op, untimed: an
 //! isolated op on a busy host; informational). The time of every populating
 //! create is kept too, to show how KVM's create cost moves with the slot

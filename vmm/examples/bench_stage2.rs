@@ -1,4 +1,4 @@
-//! Stage-2 table costs (issue 7), ratios in one run:
+//! Stage-2 table costs, ratios in one run:
 //!
 //! 1. **Walk vs slot-map lookup.** A translate of a mapped address through
 //!    the IOMMU's table (the lock-free 4-level walk of 4 KiB leaves; 3 levels

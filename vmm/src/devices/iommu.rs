@@ -6,7 +6,7 @@
 //!
 //! # Invariants
 //! 1. **No stale leaf survives an invalidation's start.** The IOMMU
-//!    subscribes to the applier's [`InvalidationHub`]; the hub delivers
+//!    subscribes to the memory manager's [`InvalidationHub`]; the hub delivers
 //!    `invalidate_start` before KVM and the host tear anything down, and
 //!    [`Subscriber::invalidate_start`] zaps every leaf the range covers (see
 //!    "Zap" below). Huge leaves the range covers in part are split first, so
@@ -41,14 +41,14 @@
 //! # Memory safety
 //! The table only *translates*; it does not keep host memory alive. A device
 //! holds a slot guard on the memory it touches for as long as it touches it
-//! (as [`crate::devices::dma`] does), and the applier excludes guards before
+//! (as [`crate::devices::dma`] does), and the memory manager excludes guards before
 //! tearing a slot down, after the zap. So a translation obtained while a
 //! guard is held stays valid until the guard is dropped.
 //!
 //! # Lock order
 //! The table's writer lock is the innermost lock; the pending-dirty mutex is
 //! taken alone (never while calling into the table). `invalidate_start` runs
-//! on the applier's thread with the slot-map writer lock held and takes the
+//! on the memory manager's writer thread with the slot-map writer lock held and takes the
 //! table's lock exclusive; the fault path holds at most a slot guard (not a
 //! lock: guards are only waited for after every `invalidate_start` returned)
 //! while it takes the table's lock shared. The fault path is bounded
@@ -66,19 +66,18 @@
 //! use vmm::mm::stage2::{Access, PageSize};
 //!
 //! // The simulated KVM backend: the same manager runs on a VM fd.
-//! let memory = MemoryManager::new(SimKvm::new(), SlotMapConfig::default()).unwrap();
-//! let applier = Arc::new(memory);
+//! let memory = Arc::new(MemoryManager::new(SimKvm::new(), SlotMapConfig::default()).unwrap());
 //! let mem = Arc::new(HostMapping::new(&BackingKind::Anon, 0x10_0000).unwrap());
-//! applier
+//! memory
 //!     .apply(|m| m.plug(Gpa(0x10_0000), 0x10_0000, mem.clone(), 0, SlotFlags::NONE))
 //!     .unwrap();
-//! let iommu = Iommu::new(applier.clone());
+//! let iommu = Iommu::new(memory.clone());
 //! let t = iommu.translate(Gpa(0x10_2008), Access::Write).unwrap(); // a fault fills it
 //! assert_eq!(t.hva.0, mem.hva().0 + 0x2008);
 //! assert_eq!(t.page_size, PageSize::Size4K);
 //! let all = GpaRange::new(Gpa(0x10_0000), 0x10_0000).unwrap();
 //! assert_eq!(iommu.take_dirty(all).unwrap().len(), 1);
-//! applier.apply(|m| m.unplug(Gpa(0x10_0000), 0x10_0000)).unwrap();
+//! memory.apply(|m| m.unplug(Gpa(0x10_0000), 0x10_0000)).unwrap();
 //! assert!(iommu.dump().is_empty()); // zapped in invalidate_start
 //! assert!(iommu.translate(Gpa(0x10_2008), Access::Read).is_err());
 //! ```
@@ -531,15 +530,14 @@ mod tests {
         len: u64,
         flags: SlotFlags,
     ) -> (Arc<MemoryManager>, Arc<HostMapping>, Iommu) {
-        let memory = MemoryManager::new(SimKvm::new(), SlotMapConfig::default()).unwrap();
-        let applier = Arc::new(memory);
+        let memory = Arc::new(MemoryManager::new(SimKvm::new(), SlotMapConfig::default()).unwrap());
         let mem = Arc::new(HostMapping::new(&kind, len).unwrap());
         let m = mem.clone();
-        applier
+        memory
             .apply(|map| map.plug(BASE, len, m.clone(), 0, flags))
             .unwrap();
-        let iommu = Iommu::new(applier.clone());
-        (applier, mem, iommu)
+        let iommu = Iommu::new(memory.clone());
+        (memory, mem, iommu)
     }
 
     fn range(gpa: Gpa, len: u64) -> GpaRange {

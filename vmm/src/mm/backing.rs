@@ -371,7 +371,14 @@ impl Drop for HostMapping {
     fn drop(&mut self) {
         // SAFETY: we own this mapping; by the ownership rule above nobody can
         // still hold a registration that points into it.
-        unsafe { libc::munmap(self.addr.cast(), self.len as usize) };
+        let ret = unsafe { libc::munmap(self.addr.cast(), self.len as usize) };
+        if ret != 0 {
+            // munmap fails only on arguments that were never a mapping of
+            // ours (EINVAL): a bug, loud in debug builds, reported otherwise.
+            let e = std::io::Error::last_os_error();
+            debug_assert!(false, "munmap of {} +{:#x}: {e}", self.hva(), self.len);
+            eprintln!("vmm: munmap of {} +{:#x} failed: {e}", self.hva(), self.len);
+        }
     }
 }
 

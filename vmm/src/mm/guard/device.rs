@@ -56,7 +56,7 @@ impl PageTranslation for SlotPage {
 
 /// Cached, guarded guest memory access for device emulation.
 ///
-/// `M` is whatever owns the [`GuardedMap`] (the KVM applier, or a
+/// `M` is whatever owns the [`GuardedMap`] (the memory manager, or a
 /// `GuardedMap` itself).
 ///
 /// ```
@@ -72,7 +72,7 @@ impl PageTranslation for SlotPage {
 /// let mem = Arc::new(HostMapping::new(&BackingKind::Anon, 0x10000).unwrap());
 /// let b = Duration::from_secs(1);
 /// map.apply(|m| m.plug(Gpa(0x10000), 0x10000, mem.clone(), 0, SlotFlags::NONE), b).unwrap();
-/// // The hub is the one the map's writer reports to (the KVM applier's).
+/// // The hub is the one the map's writer reports to (the memory manager's).
 /// let hub = Arc::new(InvalidationHub::new());
 /// let dev = DeviceMemory::new(map.clone(), hub).unwrap();
 /// dev.write_u64(Gpa(0x10008), 7).unwrap();

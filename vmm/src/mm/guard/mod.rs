@@ -36,7 +36,7 @@
 //! A reader holds a reference on a cell whose generation is its slot's. The
 //! cell of slot `S` is attached from before `S` is published until after a
 //! writer excluded it, drained it and detached it; the owner of the memory
-//! (the KVM applier's mirror, or the published map for [`GuardedMap::apply`])
+//! (the memory manager's mirror, or the published map for [`GuardedMap::apply`])
 //! keeps `S`'s host mapping mapped for that whole time, and discards only
 //! memory of slots already detached. So a reference on `S` implies that `S`'s
 //! memory is mapped and not discarded until it is released.
@@ -362,7 +362,7 @@ impl GuardedMap {
         let exclusions = self.exclude(&t.changes, bound)?;
         exclusions.commit(&t.changes)?;
         writer.publish(t.map.clone());
-        // Still under the writer lock (as the KVM applier): the cells of the
+        // Still under the writer lock (as the memory manager): the cells of the
         // slots that used this memory are detached, nobody can hold it.
         for d in &t.discards {
             d.mapping

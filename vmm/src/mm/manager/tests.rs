@@ -178,40 +178,54 @@ fn test_step_inverse_twice_is_identity() {
 #[test]
 fn test_dirty_pages_outside_range_stay_pending() {
     let kvm = Arc::new(SimKvm::new());
-    let ap = MemoryManager::new(Arc::clone(&kvm), config()).unwrap();
+    let memory = MemoryManager::new(Arc::clone(&kvm), config()).unwrap();
     let a = anon(8);
-    ap.apply(|m| m.plug(Gpa(0), 8 * P, a.clone(), 0, SlotFlags::NONE))
+    memory
+        .apply(|m| m.plug(Gpa(0), 8 * P, a.clone(), 0, SlotFlags::NONE))
         .unwrap();
-    ap.apply(|m| m.set_dirty_log(Gpa(0), 8 * P, true)).unwrap();
+    memory
+        .apply(|m| m.set_dirty_log(Gpa(0), 8 * P, true))
+        .unwrap();
     for g in [1, 3, 6] {
         assert!(kvm.guest_write(Gpa(g * P)));
     }
-    assert_eq!(ap.dirty_pages(Gpa(2 * P), 2 * P).unwrap(), vec![Gfn(3)]);
-    assert_eq!(ap.dirty_pages(Gpa(0), 8 * P).unwrap(), vec![Gfn(1), Gfn(6)]);
-    assert_eq!(ap.dirty_pages(Gpa(0), 8 * P).unwrap(), vec![]);
+    assert_eq!(memory.dirty_pages(Gpa(2 * P), 2 * P).unwrap(), vec![Gfn(3)]);
+    assert_eq!(
+        memory.dirty_pages(Gpa(0), 8 * P).unwrap(),
+        vec![Gfn(1), Gfn(6)]
+    );
+    assert_eq!(memory.dirty_pages(Gpa(0), 8 * P).unwrap(), vec![]);
 }
 
 #[test]
 fn test_dirty_pages_harvested_before_logging_off() {
     let kvm = Arc::new(SimKvm::new());
-    let ap = MemoryManager::new(Arc::clone(&kvm), config()).unwrap();
+    let memory = MemoryManager::new(Arc::clone(&kvm), config()).unwrap();
     let a = anon(8);
-    ap.apply(|m| m.plug(Gpa(0), 8 * P, a.clone(), 0, SlotFlags::NONE))
+    memory
+        .apply(|m| m.plug(Gpa(0), 8 * P, a.clone(), 0, SlotFlags::NONE))
         .unwrap();
-    ap.apply(|m| m.set_dirty_log(Gpa(0), 8 * P, true)).unwrap();
+    memory
+        .apply(|m| m.set_dirty_log(Gpa(0), 8 * P, true))
+        .unwrap();
     for g in [2, 7] {
         assert!(kvm.guest_write(Gpa(g * P)));
     }
     // Logging off frees KVM's log: the pages survive only if harvested first.
-    ap.apply(|m| m.set_dirty_log(Gpa(0), 8 * P, false)).unwrap();
-    assert_eq!(ap.dirty_pages(Gpa(0), 8 * P).unwrap(), vec![Gfn(2), Gfn(7)]);
+    memory
+        .apply(|m| m.set_dirty_log(Gpa(0), 8 * P, false))
+        .unwrap();
+    assert_eq!(
+        memory.dirty_pages(Gpa(0), 8 * P).unwrap(),
+        vec![Gfn(2), Gfn(7)]
+    );
 }
 
 #[test]
 fn test_check_consistency_finds_dirty_logging_stray() {
     let kvm = Arc::new(SimKvm::new());
-    let ap = MemoryManager::new(Arc::clone(&kvm), config()).unwrap();
-    ap.check_consistency().unwrap();
+    let memory = MemoryManager::new(Arc::clone(&kvm), config()).unwrap();
+    memory.check_consistency().unwrap();
     let stray = MemslotRegion {
         slot: SlotId(5),
         flags: MemslotFlags::LOG_DIRTY_PAGES,
@@ -221,21 +235,23 @@ fn test_check_consistency_finds_dirty_logging_stray() {
     };
     // SAFETY: the simulated KVM never touches host memory.
     unsafe { kvm.set_memslot(&stray) }.unwrap();
-    let why = ap.check_consistency().unwrap_err();
+    let why = memory.check_consistency().unwrap_err();
     assert!(why.contains("slot 5"), "{why}");
 }
 
 #[test]
 fn test_drop_deletes_every_registered_slot() {
     let kvm = Arc::new(SimKvm::new());
-    let ap = MemoryManager::new(Arc::clone(&kvm), config()).unwrap();
+    let memory = MemoryManager::new(Arc::clone(&kvm), config()).unwrap();
     let a = anon(8);
-    ap.apply(|m| m.plug(Gpa(0), 2 * P, a.clone(), 0, SlotFlags::NONE))
+    memory
+        .apply(|m| m.plug(Gpa(0), 2 * P, a.clone(), 0, SlotFlags::NONE))
         .unwrap();
-    ap.apply(|m| m.plug(Gpa(4 * P), 2 * P, a.clone(), 4 * P, SlotFlags::NONE))
+    memory
+        .apply(|m| m.plug(Gpa(4 * P), 2 * P, a.clone(), 4 * P, SlotFlags::NONE))
         .unwrap();
     assert_eq!(kvm.memslots().len(), 2);
-    drop(ap);
+    drop(memory);
     assert!(kvm.memslots().is_empty());
     assert_eq!(Arc::strong_count(&a), 1);
 }
@@ -284,14 +300,14 @@ fn resolve(map: &SlotMap, at: u64) -> u64 {
 
 fn run(ops: &[RandomOp]) {
     let kvm = Arc::new(SimKvm::new());
-    let ap = MemoryManager::new(Arc::clone(&kvm), config()).unwrap();
+    let memory = MemoryManager::new(Arc::clone(&kvm), config()).unwrap();
     let maps = [anon(16), anon(16), anon(16), anon(16)];
     for o in ops {
-        let before = ap.load();
+        let before = memory.load();
         let at = resolve(&before, o.at);
         kvm.fail_calls(&o.fail, libc::EIO);
         let mapping = maps[o.m].clone();
-        let result = ap.apply(|m| match o.kind {
+        let result = memory.apply(|m| match o.kind {
             0..=2 => m.plug(
                 Gpa(o.at * P),
                 o.n * P,
@@ -306,48 +322,48 @@ fn run(ops: &[RandomOp]) {
             _ => m.resize(Gpa(at), o.n * P, o.flag.then_some(mapping)),
         });
         // The fake always equals the mirror: it changes only on success.
-        assert_eq!(kvm.memslots(), ap.registered(), "{o:?}: {result:?}");
+        assert_eq!(kvm.memslots(), memory.registered(), "{o:?}: {result:?}");
         match result {
             Ok(applied) => {
-                assert!(Arc::ptr_eq(&applied.map, &ap.load()));
+                assert!(Arc::ptr_eq(&applied.map, &memory.load()));
                 assert_eq!(kvm.memslots(), applied.map.expected_memslots());
             }
             Err(MemslotError::SlotMap(_) | MemslotError::RolledBack { .. }) => {
-                assert!(Arc::ptr_eq(&before, &ap.load()), "{o:?}");
+                assert!(Arc::ptr_eq(&before, &memory.load()), "{o:?}");
                 assert_eq!(kvm.memslots(), before.expected_memslots(), "{o:?}");
             }
             Err(MemslotError::RollbackFailed { .. }) => {
-                assert!(ap.check_consistency().is_err());
-                let next = ap.apply(|m| m.unplug(Gpa(0), P));
+                assert!(memory.check_consistency().is_err());
+                let next = memory.apply(|m| m.unplug(Gpa(0), P));
                 assert!(matches!(next, Err(MemslotError::Poisoned)), "{next:?}");
                 return;
             }
             Err(e) => panic!("{o:?}: unexpected {e}"),
         }
-        ap.check_consistency().unwrap();
-        assert_cells_match_map(&ap);
+        memory.check_consistency().unwrap();
+        assert_cells_match_map(&memory);
     }
 }
 
 /// Every slot of the published map has its cell attached with its range and
 /// generation, free of exclusion; no other cell is attached; a guard on
 /// each slot can be taken.
-fn assert_cells_match_map(ap: &MemoryManager) {
-    let map = ap.load();
-    let mut attached = ap.guarded().cells().attached();
+fn assert_cells_match_map(memory: &MemoryManager) {
+    let map = memory.load();
+    let mut attached = memory.guarded().cells().attached();
     attached.sort_unstable();
     let mut ids: Vec<u32> = map.iter().map(|s| s.id().0).collect();
     ids.sort_unstable();
     assert_eq!(attached, ids);
     for slot in map.iter() {
-        let cell = ap.guarded().cells().get(slot.id().0).unwrap();
+        let cell = memory.guarded().cells().get(slot.id().0).unwrap();
         let identity = cell.identity().unwrap();
         assert_eq!(
             (identity.generation, identity.range),
             (slot.generation(), slot.range())
         );
         assert!(!cell.is_excluded());
-        let guard = ap.try_acquire(slot.range().start()).unwrap();
+        let guard = memory.try_acquire(slot.range().start()).unwrap();
         assert_eq!(guard.hva(slot.range().start(), 1).unwrap(), slot.hva());
     }
 }
@@ -385,24 +401,27 @@ fn r(start: u64, len: u64) -> GpaRange {
 #[test]
 fn test_manager_hub_sees_start_end_around_every_op_that_takes_memory() {
     let kvm = Arc::new(SimKvm::new());
-    let ap = MemoryManager::new(Arc::clone(&kvm), config()).unwrap();
+    let memory = MemoryManager::new(Arc::clone(&kvm), config()).unwrap();
     let events = Arc::new(Events::default());
-    ap.hub()
+    memory
+        .hub()
         .subscribe(Interest::All, events.clone(), Replay::Plugged)
         .unwrap();
     let a = anon(8);
-    ap.apply(|m| m.plug(Gpa(0), 8 * P, a.clone(), 0, SlotFlags::NONE))
+    memory
+        .apply(|m| m.plug(Gpa(0), 8 * P, a.clone(), 0, SlotFlags::NONE))
         .unwrap();
     assert_eq!(take(&events), [format!("added {} plug", r(0, 8 * P))]);
-    ap.apply(|m| m.protect(Gpa(2 * P), P, true)).unwrap();
+    memory.apply(|m| m.protect(Gpa(2 * P), P, true)).unwrap();
     let protect = r(2 * P, P);
     assert_eq!(
         take(&events),
         [format!("start {protect} protect"), format!("end {protect}")]
     );
-    ap.apply(|m| m.protect(Gpa(2 * P), P, false)).unwrap();
+    memory.apply(|m| m.protect(Gpa(2 * P), P, false)).unwrap();
     assert!(take(&events).is_empty(), "unprotect takes nothing away");
-    ap.apply(|m| m.move_range(Gpa(6 * P), 2 * P, Gpa(16 * P)))
+    memory
+        .apply(|m| m.move_range(Gpa(6 * P), 2 * P, Gpa(16 * P)))
         .unwrap();
     let (src, dst) = (r(6 * P, 2 * P), r(16 * P, 2 * P));
     assert_eq!(
@@ -413,21 +432,23 @@ fn test_manager_hub_sees_start_end_around_every_op_that_takes_memory() {
             format!("added {dst} move")
         ]
     );
-    ap.apply(|m| m.unplug(Gpa(0), 4 * P)).unwrap();
+    memory.apply(|m| m.unplug(Gpa(0), 4 * P)).unwrap();
     let gone = r(0, 4 * P);
     assert_eq!(
         take(&events),
         [format!("start {gone} unplug"), format!("end {gone}")]
     );
-    assert_eq!(ap.hub().plugged(), vec![r(4 * P, 2 * P), dst]);
+    assert_eq!(memory.hub().plugged(), vec![r(4 * P, 2 * P), dst]);
     // Resize: the tail goes as a shrink, comes back as a grow.
-    ap.apply(|m| m.resize(Gpa(16 * P), P, None)).unwrap();
+    memory.apply(|m| m.resize(Gpa(16 * P), P, None)).unwrap();
     let tail = r(17 * P, P);
     assert_eq!(
         take(&events),
         [format!("start {tail} shrink"), format!("end {tail}")]
     );
-    ap.apply(|m| m.resize(Gpa(16 * P), 2 * P, None)).unwrap();
+    memory
+        .apply(|m| m.resize(Gpa(16 * P), 2 * P, None))
+        .unwrap();
     assert_eq!(take(&events), [format!("added {tail} grow")]);
 }
 
@@ -443,25 +464,26 @@ impl Subscriber for Veto {
 #[test]
 fn test_manager_vetoed_op_issues_no_ioctl_and_changes_nothing() {
     let kvm = Arc::new(SimKvm::new());
-    let ap = MemoryManager::new(Arc::clone(&kvm), config()).unwrap();
+    let memory = MemoryManager::new(Arc::clone(&kvm), config()).unwrap();
     let a = anon(8);
-    ap.apply(|m| m.plug(Gpa(0), 8 * P, a.clone(), 0, SlotFlags::NONE))
+    memory
+        .apply(|m| m.plug(Gpa(0), 8 * P, a.clone(), 0, SlotFlags::NONE))
         .unwrap();
-    let id = ap
+    let id = memory
         .hub()
         .subscribe(Interest::Range(r(P, P)), Arc::new(Veto), Replay::None)
         .unwrap();
-    let before = ap.load();
+    let before = memory.load();
     let calls = kvm.calls();
-    let err = ap.apply(|m| m.unplug(Gpa(0), 4 * P)).unwrap_err();
+    let err = memory.apply(|m| m.unplug(Gpa(0), 4 * P)).unwrap_err();
     assert!(matches!(err, MemslotError::Vetoed(_)), "{err}");
     assert!(err.to_string().contains("pinned"), "{err}");
     assert_eq!(kvm.calls(), calls);
-    assert!(Arc::ptr_eq(&before, &ap.load()));
-    assert_eq!(ap.hub().in_progress(), 0);
-    ap.hub().unsubscribe(id).unwrap();
-    ap.apply(|m| m.unplug(Gpa(0), 4 * P)).unwrap();
-    assert_cells_match_map(&ap);
+    assert!(Arc::ptr_eq(&before, &memory.load()));
+    assert_eq!(memory.hub().in_progress(), 0);
+    memory.hub().unsubscribe(id).unwrap();
+    memory.apply(|m| m.unplug(Gpa(0), 4 * P)).unwrap();
+    assert_cells_match_map(&memory);
 }
 
 #[test]
@@ -470,29 +492,32 @@ fn test_manager_veto_of_a_later_range_delivers_nothing_for_the_earlier_ones() {
     // as two ranges; a pin on the second refuses the op before the first
     // range's subscribers hear anything.
     let kvm = Arc::new(SimKvm::new());
-    let ap = MemoryManager::new(Arc::clone(&kvm), config()).unwrap();
+    let memory = MemoryManager::new(Arc::clone(&kvm), config()).unwrap();
     let (a, b) = (anon(4), anon(4));
-    ap.apply(|m| m.plug(Gpa(0), 4 * P, a.clone(), 0, SlotFlags::NONE))
+    memory
+        .apply(|m| m.plug(Gpa(0), 4 * P, a.clone(), 0, SlotFlags::NONE))
         .unwrap();
-    ap.apply(|m| m.plug(Gpa(6 * P), 4 * P, b.clone(), 0, SlotFlags::NONE))
+    memory
+        .apply(|m| m.plug(Gpa(6 * P), 4 * P, b.clone(), 0, SlotFlags::NONE))
         .unwrap();
     let events = Arc::new(Events::default());
-    ap.hub()
+    memory
+        .hub()
         .subscribe(Interest::All, events.clone(), Replay::None)
         .unwrap();
-    let veto = ap
+    let veto = memory
         .hub()
         .subscribe(Interest::Range(r(7 * P, P)), Arc::new(Veto), Replay::None)
         .unwrap();
-    let err = ap.apply(|m| m.unplug(Gpa(0), 10 * P)).unwrap_err();
+    let err = memory.apply(|m| m.unplug(Gpa(0), 10 * P)).unwrap_err();
     assert!(matches!(err, MemslotError::Vetoed(_)), "{err}");
     assert!(
         take(&events).is_empty(),
         "a refused op announced part of its change"
     );
-    assert_eq!(ap.hub().in_progress(), 0);
-    ap.hub().unsubscribe(veto).unwrap();
-    ap.apply(|m| m.unplug(Gpa(0), 10 * P)).unwrap();
+    assert_eq!(memory.hub().in_progress(), 0);
+    memory.hub().unsubscribe(veto).unwrap();
+    memory.apply(|m| m.unplug(Gpa(0), 10 * P)).unwrap();
     assert_eq!(
         take(&events),
         [
@@ -502,24 +527,26 @@ fn test_manager_veto_of_a_later_range_delivers_nothing_for_the_earlier_ones() {
             format!("end {}", r(6 * P, 4 * P)),
         ]
     );
-    assert_cells_match_map(&ap);
+    assert_cells_match_map(&memory);
 }
 
 #[test]
 fn test_manager_guard_held_past_bound_refuses_op_naming_slot_and_readers() {
     let kvm = Arc::new(SimKvm::new());
-    let ap = MemoryManager::new(Arc::clone(&kvm), config()).unwrap();
-    ap.set_drain_bound(std::time::Duration::from_millis(20));
+    let memory = MemoryManager::new(Arc::clone(&kvm), config()).unwrap();
+    memory.set_drain_bound(std::time::Duration::from_millis(20));
     let a = anon(8);
-    ap.apply(|m| m.plug(Gpa(0), 8 * P, a.clone(), 0, SlotFlags::NONE))
+    memory
+        .apply(|m| m.plug(Gpa(0), 8 * P, a.clone(), 0, SlotFlags::NONE))
         .unwrap();
     let events = Arc::new(Events::default());
-    ap.hub()
+    memory
+        .hub()
         .subscribe(Interest::All, events.clone(), Replay::None)
         .unwrap();
-    let guard = ap.try_acquire(Gpa(5 * P)).unwrap();
+    let guard = memory.try_acquire(Gpa(5 * P)).unwrap();
     let calls = kvm.calls();
-    let err = ap.apply(|m| m.unplug(Gpa(0), P)).unwrap_err();
+    let err = memory.apply(|m| m.unplug(Gpa(0), P)).unwrap_err();
     let text = err.to_string();
     assert!(text.contains("slot 0: 1 reader(s) still hold it"), "{text}");
     assert_eq!(kvm.calls(), calls, "an ioctl was issued");
@@ -532,42 +559,48 @@ fn test_manager_guard_held_past_bound_refuses_op_naming_slot_and_readers() {
         ]
     );
     drop(guard);
-    let applied = ap.apply(|m| m.unplug(Gpa(0), P)).unwrap();
+    let applied = memory.apply(|m| m.unplug(Gpa(0), P)).unwrap();
     assert!(applied.waited < std::time::Duration::from_millis(20));
-    assert_cells_match_map(&ap);
+    assert_cells_match_map(&memory);
 }
 
 #[test]
 fn test_manager_rolled_back_op_keeps_cells_of_old_map() {
     let kvm = Arc::new(SimKvm::new());
-    let ap = MemoryManager::new(Arc::clone(&kvm), config()).unwrap();
+    let memory = MemoryManager::new(Arc::clone(&kvm), config()).unwrap();
     let a = anon(8);
-    ap.apply(|m| m.plug(Gpa(0), 8 * P, a.clone(), 0, SlotFlags::NONE))
+    memory
+        .apply(|m| m.plug(Gpa(0), 8 * P, a.clone(), 0, SlotFlags::NONE))
         .unwrap();
     kvm.fail_calls(&[2], libc::EIO); // delete 0, create 1, create 2 (fails)
-    let err = ap.apply(|m| m.protect(Gpa(2 * P), P, true)).unwrap_err();
+    let err = memory
+        .apply(|m| m.protect(Gpa(2 * P), P, true))
+        .unwrap_err();
     assert!(matches!(err, MemslotError::RolledBack { .. }), "{err}");
-    assert_cells_match_map(&ap);
-    ap.check_consistency().unwrap();
+    assert_cells_match_map(&memory);
+    memory.check_consistency().unwrap();
 }
 
 #[test]
 fn test_manager_device_memory_never_uses_a_translation_after_unplug() {
     let kvm = Arc::new(SimKvm::new());
-    let ap = Arc::new(MemoryManager::new(Arc::clone(&kvm), config()).unwrap());
+    let memory = Arc::new(MemoryManager::new(Arc::clone(&kvm), config()).unwrap());
     let (a, b) = (anon(8), anon(8));
-    ap.apply(|m| m.plug(Gpa(0), 8 * P, a.clone(), 0, SlotFlags::NONE))
+    memory
+        .apply(|m| m.plug(Gpa(0), 8 * P, a.clone(), 0, SlotFlags::NONE))
         .unwrap();
-    let dev = crate::mm::guard::DeviceMemory::new(ap.clone(), ap.hub().clone()).unwrap();
+    let dev = crate::mm::guard::DeviceMemory::new(memory.clone(), memory.hub().clone()).unwrap();
     dev.write_u64(Gpa(2 * P), 11).unwrap();
     assert_eq!(dev.cached_pages(), 1);
-    ap.apply(|m| m.unplug(Gpa(0), 8 * P)).unwrap();
+    memory.apply(|m| m.unplug(Gpa(0), 8 * P)).unwrap();
     assert_eq!(dev.cached_pages(), 0, "invalidate_start dropped the page");
-    ap.apply(|m| m.plug(Gpa(0), 8 * P, b.clone(), 0, SlotFlags::NONE))
+    memory
+        .apply(|m| m.plug(Gpa(0), 8 * P, b.clone(), 0, SlotFlags::NONE))
         .unwrap();
     // The new memory (zero), not the old mapping's 11.
     assert_eq!(dev.read_u64(Gpa(2 * P)).unwrap(), 0);
-    ap.apply(|m| m.move_range(Gpa(0), 8 * P, Gpa(16 * P)))
+    memory
+        .apply(|m| m.move_range(Gpa(0), 8 * P, Gpa(16 * P)))
         .unwrap();
     assert!(matches!(
         dev.read_u64(Gpa(2 * P)),

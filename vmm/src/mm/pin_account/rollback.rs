@@ -1,7 +1,7 @@
 use super::{Budget, PinAccountError};
 use crate::mm::sync::Ordering;
 
-/// Add-then-rollback charge (seed 000's `atomic_add_return` version, and
+/// Add-then-rollback charge (the `atomic_add_return` then undo version of the pinned-page patch, and
 /// memcg's `page_counter_try_charge`). Test loads stay far from `u64::MAX`.
 pub(super) fn try_charge(budget: &Budget, n: u64) -> Result<u64, PinAccountError> {
     let old = budget.charged.fetch_add(n, Ordering::AcqRel);
