@@ -14,6 +14,9 @@
 //!
 //! Run: `cargo bench -p vmm --bench guards`
 
+// criterion_group! defines an undocumented function.
+#![allow(missing_docs)]
+
 use std::collections::BTreeMap;
 use std::hint::black_box;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -9,7 +9,7 @@
 //!   [`plan`]: what guests are told to do; [`run`]: `vmm run`; [`cli`]: flags;
 //!   [`scenario`]: scripted memory changes against a running guest.
 //! - [`units`]: sizes and durations as typed on the command line and in files.
-//! - [`bench`]: `vmm bench faults`, guest page-fault latency.
+//! - [`bench`](mod@bench): `vmm bench faults`, guest page-fault latency.
 
 pub mod bench;
 pub mod boot;

@@ -141,7 +141,7 @@ use crate::mm::slot_map::{
 
 pub use backend::{MemslotBackend, MemslotRegion};
 pub use error::{FailureCause, MemslotError, MemslotFailure, MemslotOp};
-pub use sim::SimKvm;
+pub use sim::{SimKvm, SIM_MAX_SLOTS};
 
 use mirror::{end_of, State, Step, DIRTY_BITMAP_BYTES};
 

@@ -96,6 +96,7 @@ pub enum SlotMapError {
         /// The reserved range.
         reserved: GpaRange,
     },
+    /// The op would need more slots than the map allows (`max_slots`).
     #[error("{op}: needs {needed} slots but at most {max} are allowed")]
     TooManySlots {
         /// The op.
