@@ -1,7 +1,7 @@
 //! The guest memory manager. Nothing in `mm` calls KVM or names a KVM type:
 //! it is a core that unit, property and model tests exercise without
 //! `/dev/kvm`, and [`manager::MemoryManager`] runs on any
-//! [`manager::MemslotBackend`] (real KVM in `crate::kvm`, or the simulated
+//! [`manager::MemslotBackend`] (real KVM in `vmm::kvm`, or the simulated
 //! [`manager::SimKvm`]).
 //!
 //! - [`manager`]: the memory manager, the one writer of guest memory: slot-map

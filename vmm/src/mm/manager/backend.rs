@@ -1,5 +1,5 @@
 //! The two memslot calls the memory manager makes, behind a trait, so the
-//! whole manager runs on real KVM (`crate::kvm::memslots` implements it for
+//! whole manager runs on real KVM (`vmm::kvm::memslots` implements it for
 //! a VM fd) or on [`SimKvm`](super::SimKvm), a simulated KVM that enforces
 //! KVM's memslot rules in memory and injects failures at chosen calls.
 //!
@@ -50,7 +50,7 @@ impl MemslotRegion {
 }
 
 /// The memslot calls the memory manager needs. Implemented for KVM's VM fd
-/// in `crate::kvm::memslots`, for [`SimKvm`](super::SimKvm), and for `&T`
+/// in `vmm::kvm::memslots`, for [`SimKvm`](super::SimKvm), and for `&T`
 /// and `Arc<T>`; tests wrap either to count calls or inject failures.
 pub trait MemslotBackend: Send + Sync {
     /// `KVM_SET_USER_MEMORY_REGION`.

@@ -5,7 +5,7 @@
 //! A [`MemoryManager`] owns the VM's published slot map (a [`GuardedMap`]:
 //! a [`SharedSlotMap`] with a refcount lock per slot), an
 //! [`InvalidationHub`], and a [`MemslotBackend`]: real KVM (a VM fd, see
-//! `crate::kvm::memslots`) or [`SimKvm`], a simulated KVM that enforces
+//! `vmm::kvm::memslots`) or [`SimKvm`], a simulated KVM that enforces
 //! KVM's memslot rules in memory and injects failures at chosen calls, so
 //! the whole manager (and the devices on it) runs without `/dev/kvm`.
 //! [`apply`](MemoryManager::apply) computes a [`Transition`] from the

@@ -9,7 +9,7 @@ use crate::mm::backing::HostMapping;
 
 bitflags::bitflags! {
     /// The flags of a memslot as the backend holds it. The bits are KVM's
-    /// uapi values (`include/uapi/linux/kvm.h`); `crate::kvm::memslots`
+    /// uapi values (`include/uapi/linux/kvm.h`); `vmm::kvm::memslots`
     /// checks them against kvm-bindings when it builds.
     #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, Default)]
     pub struct MemslotFlags: u32 {
