@@ -28,14 +28,16 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::Instant;
 
 use guest_image::protocol::{dma_op, dma_status, DmaDescriptor};
 use serde::Serialize;
 use vm_memory::{Bytes, GuestAddress, VolatileMemory, VolatileSlice};
 
 use super::iommu::{Iommu, IommuError};
-use super::pins::{Pin, PinError, PinManager};
+use super::pins::{Pin, PinError, PinManager, DEFAULT_PIN_WAIT};
 use crate::mm::addr::{Gpa, GpaRange, PAGE_SIZE};
+use crate::mm::guard::{GuardError, SlotRef};
 use crate::mm::manager::MemoryManager;
 use crate::mm::stage2::Access;
 use crate::vm::BootMemory;
@@ -237,9 +239,9 @@ impl Transfers {
             let n = CHUNK.min(d.len - done);
             let chunk = |base: u64| Gpa(base + done);
             match d.op {
-                dma_op::COPY => self.copy_chunk(chunk(d.src), chunk(d.dst), n)?,
-                dma_op::FILL => self.fill_chunk(chunk(d.dst), n, d.value)?,
-                _ => sum = sum.wrapping_add(self.sum_chunk(chunk(d.src), n)?),
+                dma_op::COPY => self.copy_chunk(&pins, chunk(d.src), chunk(d.dst), n)?,
+                dma_op::FILL => self.fill_chunk(&pins, chunk(d.dst), n, d.value)?,
+                _ => sum = sum.wrapping_add(self.sum_chunk(&pins, chunk(d.src), n)?),
             }
             done += n;
             self.stats.bytes.fetch_add(n, Ordering::Relaxed);
@@ -262,11 +264,40 @@ impl Transfers {
             })
     }
 
+    /// A guard on the slot holding `at`, for a transfer holding `pins`.
+    ///
+    /// While an op changes the slot, waits for it (at most
+    /// [`DEFAULT_PIN_WAIT`]): memory that stays plugged never fails a
+    /// transfer. Checks the pins *after* the guard is taken: a pin is revoked
+    /// in the invalidation's start, before the new memory can be published,
+    /// so a transfer never writes into memory plugged after its pins were
+    /// revoked.
+    fn acquire(&self, at: Gpa, pins: &[&Pin]) -> Result<SlotRef<'_>, DmaError> {
+        let revoked = || pins.iter().any(|p| p.is_revoked());
+        let started = Instant::now();
+        loop {
+            let attempt = self.memory.try_acquire(at);
+            if revoked() {
+                return Err(DmaError::Revoked);
+            }
+            match attempt {
+                Ok(guard) => return Ok(guard),
+                Err(GuardError::Busy { .. }) if started.elapsed() < DEFAULT_PIN_WAIT => {
+                    // No guard is held here: wait for the op on the writer lock.
+                    self.memory.guarded().wait_for_writer();
+                }
+                Err(GuardError::Busy { .. }) => return Err(DmaError::Revoked),
+                Err(_) => return Err(DmaError::Fault),
+            }
+        }
+    }
+
     /// Runs `f` on `[gpa, gpa + n)` split at slot and stage-2 leaf
     /// boundaries: each piece (its offset from `gpa`, and its memory as a
     /// [`VolatileSlice`]) under a slot guard and translated through the IOMMU.
     fn each_piece(
         &self,
+        pins: &[&Pin],
         gpa: Gpa,
         n: u64,
         write: bool,
@@ -276,7 +307,7 @@ impl Transfers {
         let mut off = 0;
         while off < n {
             let at = Gpa(gpa.0 + off);
-            let guard = self.memory.try_acquire(at).map_err(|_| DmaError::Fault)?;
+            let guard = self.acquire(at, pins)?;
             let tr = self.iommu.translate(at, access).map_err(|e| match e {
                 IommuError::Busy { .. } => DmaError::Revoked,
                 _ => DmaError::Fault,
@@ -311,24 +342,24 @@ impl Transfers {
         Ok(())
     }
 
-    fn copy_chunk(&self, src: Gpa, dst: Gpa, n: u64) -> Result<(), DmaError> {
+    fn copy_chunk(&self, pins: &[&Pin], src: Gpa, dst: Gpa, n: u64) -> Result<(), DmaError> {
         // Bounce through a buffer: source and destination may overlap, or sit
         // in different slots with different piece boundaries.
         let mut buf = vec![0u8; n as usize];
-        self.each_piece(src, n, false, |off, piece| {
+        self.each_piece(pins, src, n, false, |off, piece| {
             let at = off as usize;
             piece.copy_to(&mut buf[at..at + piece.len()]);
             Ok(())
         })?;
-        self.each_piece(dst, n, true, |off, piece| {
+        self.each_piece(pins, dst, n, true, |off, piece| {
             let at = off as usize;
             piece.copy_from(&buf[at..at + piece.len()]);
             Ok(())
         })
     }
 
-    fn fill_chunk(&self, dst: Gpa, n: u64, value: u64) -> Result<(), DmaError> {
-        self.each_piece(dst, n, true, |_, piece| {
+    fn fill_chunk(&self, pins: &[&Pin], dst: Gpa, n: u64, value: u64) -> Result<(), DmaError> {
+        self.each_piece(pins, dst, n, true, |_, piece| {
             // 8-byte aligned: the range start is (checked) and pieces split at
             // page bounds; each element is one aligned store.
             let words = words_of(&piece)?;
@@ -337,9 +368,9 @@ impl Transfers {
         })
     }
 
-    fn sum_chunk(&self, src: Gpa, n: u64) -> Result<u64, DmaError> {
+    fn sum_chunk(&self, pins: &[&Pin], src: Gpa, n: u64) -> Result<u64, DmaError> {
         let mut sum = 0u64;
-        self.each_piece(src, n, false, |_, piece| {
+        self.each_piece(pins, src, n, false, |_, piece| {
             let words = words_of(&piece)?;
             sum = (0..words.len()).fold(sum, |s, i| s.wrapping_add(words.load(i)));
             Ok(())

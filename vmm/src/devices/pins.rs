@@ -1,34 +1,56 @@
 //! Pinning guest memory for device DMA: charged to the pin account, locked in
-//! host RAM (`mlock`), and kept safe by invalidation ranges, as the kernel's
-//! mmu notifiers keep a device's view of a process's memory safe.
+//! host RAM (`mlock`), and kept safe by the memory manager's invalidations.
 //!
-//! A pin holds no slot guard: what protects it is its subscription to the
-//! memory manager's [`InvalidationHub`]:
+//! The kernel's long-term pins (VFIO, iommufd) hold page references, and its
+//! mmu notifiers have no veto. Ours hold neither a page reference nor a slot
+//! guard once pinned; what keeps them safe is a subscription to the memory
+//! manager's [`InvalidationHub`] with a veto:
 //!
-//! - a **non-revocable** pin (a long-term mapping, like VFIO's) vetoes every
-//!   change that would take its memory away or reduce its access: unplug,
-//!   shrink, move, protect and discard of an overlapping range are refused
-//!   with an error naming the pin, and nothing changes;
+//! - a **non-revocable** pin (a long-term mapping, like VFIO's) vetoes, in
+//!   the hub's `check`, every change that would take its memory away or
+//!   reduce its access: unplug, shrink, move, protect and discard of an
+//!   overlapping range are refused with an error naming the pin, and nothing
+//!   changes. It is never revoked;
 //! - a **revocable** pin (a transfer in flight, like the DMA engine's) is
 //!   revoked in `invalidate_start`, before KVM and the host tear anything
 //!   down: it is unlocked and uncharged there, and its user sees
 //!   [`Pin::is_revoked`] and stops (the DMA engine then reports REVOKED).
 //!
+//! # Why a veto cannot be slipped past
+//! A pin is registered (inserted in the table `check` reads) while the pinner
+//! still holds slot guards on every piece of its range. The memory manager
+//! excludes and drains a slot's guards *before* it runs the vetoes and
+//! starts an invalidation (the kernel's `vma_start_write` before
+//! `mmu_notifier_invalidate_range_start`). So for any op over the range,
+//! either the pinner got its guards first, and the op's drain waits until
+//! the pin is in the table, where the veto (or revocation) finds it; or the
+//! op excluded the slot first, and the pinner's guard fails: it waits for
+//! the op to finish (bounded) and looks at the memory that is there then.
+//! That makes KVM's sequence-count retry unnecessary here.
+//!
+//! # mlock, counted
+//! `mlock` does not nest: one `munlock` undoes any number of `mlock`s of a
+//! page. Pins may overlap (a transfer over a long-term pin, two transfers),
+//! so the pin state counts, per host page, the live pins covering it, and
+//! locks a page on its first pin and unlocks it on its last. The host memory
+//! locked is always the union of live pins.
+//!
+//! # Lifetime
+//! The subscription lives as long as the manager or any [`Pin`] (both hold
+//! the registration), so a pin never outlives the veto and revocation that
+//! keep its memory mapped while it is locked.
+//!
 //! Who gets which: the DMA engine pins revocably for the duration of each
 //! transfer (hotplug must win over a transfer); scenario `pin` steps choose
 //! (`revocable = false` models a passthrough mapping that must not move).
-//!
-//! Pinning itself races memory ops: it uses KVM's sequence protocol
-//! (`read_begin` → check the range is plugged and lock it → register →
-//! `retry`), undoing and retrying if an overlapping invalidation started or
-//! finished in between, so no pin is ever registered over memory that an op
-//! already began to take away.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use crate::mm::addr::{Gpa, GpaRange, Hva, PAGE_SIZE};
+use crate::mm::guard::{GuardError, SlotRef};
 use crate::mm::manager::MemoryManager;
 use crate::mm::notifier::{InvalidationHub, Reason, Subscriber, SubscriptionId};
 use crate::mm::pin_account::{PinAccount, PinAccountError};
@@ -76,13 +98,15 @@ pub enum PinError {
         /// The OS error text.
         errno: String,
     },
-    /// Memory kept changing under the pin attempt.
-    #[error("cannot pin {range}: memory kept changing under it ({attempts} attempts)")]
+    /// Memory ops kept changing the range for longer than the wait bound.
+    #[error("cannot pin {range}: memory ops kept changing it for {waited:?} (bound {bound:?})")]
     Busy {
         /// The range.
         range: GpaRange,
-        /// Attempts made.
-        attempts: u32,
+        /// How long the pin waited.
+        waited: Duration,
+        /// The bound.
+        bound: Duration,
     },
 }
 
@@ -91,15 +115,71 @@ struct PinRecord {
     range: GpaRange,
     revocable: bool,
     revoked: Arc<AtomicBool>,
-    /// Host ranges locked (released on revoke or unpin).
+    /// Host ranges counted in [`LockCounts`] (released on revoke or unpin).
     locked: Vec<(Hva, u64)>,
     pages: u64,
+}
+
+/// Live pins covering each locked host page (see the module docs).
+#[derive(Debug, Default)]
+struct LockCounts(BTreeMap<u64, u32>);
+
+/// Host page runs `[start, end)` whose count crossed zero.
+type Runs = Vec<(u64, u64)>;
+
+fn push_page(runs: &mut Runs, page: u64) {
+    match runs.last_mut() {
+        Some((_, end)) if *end == page => *end += PAGE_SIZE,
+        _ => runs.push((page, page + PAGE_SIZE)),
+    }
+}
+
+impl LockCounts {
+    /// Counts `[hva, +len)` once more; returns the runs to `mlock` (0 -> 1).
+    fn add(&mut self, hva: Hva, len: u64) -> Runs {
+        let mut runs = Runs::new();
+        for page in (hva.0..hva.0 + len).step_by(PAGE_SIZE as usize) {
+            let n = self.0.entry(page).or_insert(0);
+            *n += 1;
+            if *n == 1 {
+                push_page(&mut runs, page);
+            }
+        }
+        runs
+    }
+
+    /// Counts `[hva, +len)` once less; returns the runs to `munlock` (1 -> 0).
+    fn remove(&mut self, hva: Hva, len: u64) -> Runs {
+        let mut runs = Runs::new();
+        for page in (hva.0..hva.0 + len).step_by(PAGE_SIZE as usize) {
+            if let Some(n) = self.0.get_mut(&page) {
+                *n -= 1;
+                if *n == 0 {
+                    self.0.remove(&page);
+                    push_page(&mut runs, page);
+                }
+            }
+        }
+        runs
+    }
+}
+
+fn munlock(runs: Runs) {
+    for (start, end) in runs {
+        // SAFETY: munlock only changes residency of our own mapping's pages;
+        // each run was locked by a pin that is still registered, so its slot
+        // cannot have been torn down (a registered pin vetoes the teardown or
+        // is released in its invalidation's start, which is where a
+        // revocation calls this).
+        unsafe { libc::munlock(start as *const libc::c_void, (end - start) as usize) };
+    }
 }
 
 #[derive(Debug, Default)]
 struct Table {
     next_id: u64,
     pins: BTreeMap<u64, PinRecord>,
+    locks: LockCounts,
 }
 
 /// The shared state, subscribed to the hub.
@@ -116,31 +196,30 @@ impl PinState {
         self.table.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Unlocks and uncharges a record (once: `locked` is emptied).
-    fn release(&self, rec: &mut PinRecord) {
-        for (hva, len) in rec.locked.drain(..) {
-            // SAFETY: munlock only changes residency of our own mapping's
-            // pages; `hva..hva+len` was locked by this record and is still
-            // mapped (the slot cannot be torn down before its invalidation
-            // start, which is where a revocation calls this).
-            unsafe { libc::munlock(hva.0 as *const libc::c_void, len as usize) };
+    /// Unlocks (counted) and uncharges a record, once: `locked` is emptied.
+    fn release(&self, table: &mut Table, id: u64) {
+        let Some(rec) = table.pins.get_mut(&id) else {
+            return;
+        };
+        let locked = std::mem::take(&mut rec.locked);
+        let pages = std::mem::take(&mut rec.pages);
+        for (hva, len) in locked {
+            munlock(table.locks.remove(hva, len));
         }
-        if rec.pages > 0 {
-            let _ = self.account.pinned().uncharge(rec.pages);
+        if pages > 0 {
+            let _ = self.account.pinned().uncharge(pages);
             let _ = self.account.dma_mappings().uncharge(1);
-            rec.pages = 0;
         }
     }
 }
 
 impl Subscriber for PinState {
     fn check(&self, range: GpaRange, reason: Reason) -> Result<(), String> {
-        match self
-            .table()
-            .pins
-            .iter()
-            .find(|(_, p)| !p.revocable && p.range.overlaps(&range))
-        {
+        let table = self.table();
+        let blocking = table.pins.iter().find(|(_, p)| {
+            !p.revocable && !p.revoked.load(Ordering::Relaxed) && p.range.overlaps(&range)
+        });
+        match blocking {
             Some((id, p)) => Err(format!(
                 "{reason} of {range} refused: {} is pinned for device DMA by non-revocable pin #{id}",
                 p.range
@@ -151,22 +230,44 @@ impl Subscriber for PinState {
 
     fn invalidate_start(&self, range: GpaRange, _reason: Reason) {
         let mut table = self.table();
-        for rec in table.pins.values_mut().filter(|p| p.range.overlaps(&range)) {
-            rec.revoked.store(true, Ordering::Release);
-            self.release(rec);
+        let revoke: Vec<u64> = table
+            .pins
+            .iter()
+            .filter(|(_, p)| p.revocable && p.range.overlaps(&range))
+            .map(|(&id, _)| id)
+            .collect();
+        for id in revoke {
+            if let Some(rec) = table.pins.get(&id) {
+                rec.revoked.store(true, Ordering::Release);
+            }
+            self.release(&mut table, id);
         }
     }
 
     fn invalidate_end(&self, _range: GpaRange) {}
 }
 
+/// The pin state's subscription to the hub: unsubscribed when the manager
+/// and every pin are gone.
+#[derive(Debug)]
+struct Registration {
+    hub: Arc<InvalidationHub>,
+    subscription: SubscriptionId,
+    state: Arc<PinState>,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        let _ = self.hub.unsubscribe(self.subscription);
+    }
+}
+
 /// Pins guest memory for devices; see the module docs.
 #[derive(Debug)]
 pub struct PinManager {
     memory: Arc<MemoryManager>,
-    hub: Arc<InvalidationHub>,
-    state: Arc<PinState>,
-    subscription: SubscriptionId,
+    registration: Arc<Registration>,
+    wait_bound: Duration,
 }
 
 /// A live pin. Dropping it unpins (unlock, uncharge) unless it was revoked.
@@ -175,7 +276,7 @@ pub struct Pin {
     id: u64,
     range: GpaRange,
     revoked: Arc<AtomicBool>,
-    state: Arc<PinState>,
+    registration: Arc<Registration>,
 }
 
 impl Pin {
@@ -195,14 +296,23 @@ impl Pin {
 
 impl Drop for Pin {
     fn drop(&mut self) {
-        let mut table = self.state.table();
-        if let Some(mut rec) = table.pins.remove(&self.id) {
-            self.state.release(&mut rec);
-        }
+        let state = &self.registration.state;
+        let mut table = state.table();
+        state.release(&mut table, self.id);
+        table.pins.remove(&self.id);
     }
 }
 
-const ATTEMPTS: u32 = 16;
+/// How long a pin waits, by default, for memory ops on its range to finish.
+pub const DEFAULT_PIN_WAIT: Duration = Duration::from_secs(2);
+
+/// One attempt to pin.
+enum Attempt {
+    Pinned(Pin),
+    /// A slot of the range is being changed: wait for the op, try again.
+    Busy,
+    Failed(PinError),
+}
 
 impl PinManager {
     /// A manager charging `account`, subscribed to `memory`'s hub.
@@ -215,119 +325,133 @@ impl PinManager {
         let subscription = hub.subscribe_all(state.clone());
         Self {
             memory,
-            hub,
-            state,
-            subscription,
+            registration: Arc::new(Registration {
+                hub,
+                subscription,
+                state,
+            }),
+            wait_bound: DEFAULT_PIN_WAIT,
         }
+    }
+
+    /// Sets how long [`pin`](Self::pin) waits for memory ops changing its
+    /// range (default [`DEFAULT_PIN_WAIT`]).
+    pub fn set_wait_bound(&mut self, bound: Duration) {
+        self.wait_bound = bound;
     }
 
     /// The account pins are charged to.
     pub fn account(&self) -> &Arc<PinAccount> {
-        &self.state.account
+        &self.registration.state.account
     }
 
     /// Pins `[gpa, gpa + len)`: every byte must be plugged (and writable if
-    /// `write`). Charges the pin account and `mlock`s the host memory.
+    /// `write`). Charges the pin account and `mlock`s the host memory. While
+    /// a memory op changes a slot of the range, waits for it (at most the
+    /// wait bound) and then pins the memory that is there.
+    ///
+    /// # Errors
+    /// [`PinError`]; nothing is charged or locked on error.
     pub fn pin(&self, gpa: Gpa, len: u64, write: bool, revocable: bool) -> Result<Pin, PinError> {
         let range = GpaRange::new(gpa, len)
             .filter(|r| !r.is_empty() && gpa.is_aligned(PAGE_SIZE) && len % PAGE_SIZE == 0)
             .ok_or(PinError::BadRange { gpa: gpa.0, len })?;
-        for _ in 0..ATTEMPTS {
-            let seq = self.hub.read_begin();
-            if self.hub.retry(seq, range) {
-                std::thread::yield_now();
-                continue;
+        let started = Instant::now();
+        loop {
+            match self.try_pin(range, write, revocable) {
+                Attempt::Pinned(pin) => return Ok(pin),
+                Attempt::Failed(e) => return Err(e),
+                Attempt::Busy if started.elapsed() >= self.wait_bound => {
+                    return Err(PinError::Busy {
+                        range,
+                        waited: started.elapsed(),
+                        bound: self.wait_bound,
+                    })
+                }
+                // We hold no guard here: wait for the op on the writer lock.
+                Attempt::Busy => self.memory.guarded().wait_for_writer(),
             }
-            let pin = self.try_pin(range, write, revocable)?;
-            if !self.hub.retry(seq, range) {
-                return Ok(pin);
-            }
-            // An overlapping change started or finished while we pinned: the
-            // memory we locked may be on its way out. Undo and look again.
-            drop(pin);
         }
-        Err(PinError::Busy {
-            range,
-            attempts: ATTEMPTS,
-        })
     }
 
-    fn try_pin(&self, range: GpaRange, write: bool, revocable: bool) -> Result<Pin, PinError> {
+    /// Takes guards on every piece of `range`, then, holding them, locks
+    /// the pieces and registers the pin (see the module docs).
+    fn try_pin(&self, range: GpaRange, write: bool, revocable: bool) -> Attempt {
         let pages = range.len() / PAGE_SIZE;
-        let account = &self.state.account;
-        account
-            .pinned()
-            .try_charge(pages)
-            .map_err(|source| PinError::Limit { range, source })?;
-        if let Err(source) = account.dma_mappings().try_charge(1) {
-            let _ = account.pinned().uncharge(pages);
-            return Err(PinError::Limit { range, source });
-        }
-        let mut rec = PinRecord {
-            range,
-            revocable,
-            revoked: Arc::new(AtomicBool::new(false)),
-            locked: Vec::new(),
-            pages,
-        };
-        if let Err(e) = self.lock_range(range, write, &mut rec) {
-            self.state.release(&mut rec);
-            return Err(e);
-        }
-        let mut table = self.state.table();
-        table.next_id += 1;
-        let id = table.next_id;
-        let revoked = rec.revoked.clone();
-        table.pins.insert(id, rec);
-        Ok(Pin {
-            id,
-            range,
-            revoked,
-            state: self.state.clone(),
-        })
-    }
-
-    /// Locks the host memory of every slot piece of `range`, each under a slot
-    /// guard so it cannot be unmapped during the `mlock`.
-    fn lock_range(
-        &self,
-        range: GpaRange,
-        write: bool,
-        rec: &mut PinRecord,
-    ) -> Result<(), PinError> {
+        let mut guards: Vec<SlotRef<'_>> = Vec::new();
+        let mut pieces: Vec<(Hva, u64)> = Vec::new();
         let mut gpa = range.start();
         while gpa < range.end() {
-            let guard = self
-                .memory
-                .try_acquire(gpa)
-                .map_err(|_| PinError::NotPlugged { range, gpa: gpa.0 })?;
+            let guard = match self.memory.try_acquire(gpa) {
+                Ok(guard) => guard,
+                Err(GuardError::Busy { .. }) => return Attempt::Busy,
+                Err(_) => return Attempt::Failed(PinError::NotPlugged { range, gpa: gpa.0 }),
+            };
             if write && guard.read_only() {
-                return Err(PinError::ReadOnly { range, gpa: gpa.0 });
+                return Attempt::Failed(PinError::ReadOnly { range, gpa: gpa.0 });
             }
             let piece_end = guard.range().end().min(range.end());
             let len = piece_end.0 - gpa.0;
-            let hva = guard
-                .hva(gpa, len)
-                .map_err(|_| PinError::NotPlugged { range, gpa: gpa.0 })?;
-            // SAFETY: `hva..hva+len` is host memory of a slot we hold a guard
-            // on, so it is mapped for the whole call; mlock changes only
-            // residency, not contents.
-            if unsafe { libc::mlock(hva.0 as *const libc::c_void, len as usize) } != 0 {
-                return Err(PinError::Mlock {
-                    range,
-                    errno: std::io::Error::last_os_error().to_string(),
-                });
+            match guard.hva(gpa, len) {
+                Ok(hva) => pieces.push((hva, len)),
+                Err(_) => return Attempt::Failed(PinError::NotPlugged { range, gpa: gpa.0 }),
             }
-            rec.locked.push((hva, len));
+            guards.push(guard);
             gpa = piece_end;
         }
-        Ok(())
-    }
-}
-
-impl Drop for PinManager {
-    fn drop(&mut self) {
-        let _ = self.hub.unsubscribe(self.subscription);
+        let state = &self.registration.state;
+        let account = &state.account;
+        if let Err(source) = account.pinned().try_charge(pages) {
+            return Attempt::Failed(PinError::Limit { range, source });
+        }
+        if let Err(source) = account.dma_mappings().try_charge(1) {
+            let _ = account.pinned().uncharge(pages);
+            return Attempt::Failed(PinError::Limit { range, source });
+        }
+        let mut table = state.table();
+        table.next_id += 1;
+        let id = table.next_id;
+        let revoked = Arc::new(AtomicBool::new(false));
+        table.pins.insert(
+            id,
+            PinRecord {
+                range,
+                revocable,
+                revoked: revoked.clone(),
+                locked: Vec::new(),
+                pages,
+            },
+        );
+        for &(hva, len) in &pieces {
+            let runs = table.locks.add(hva, len);
+            if let Some(rec) = table.pins.get_mut(&id) {
+                rec.locked.push((hva, len));
+            }
+            for (start, end) in runs {
+                // SAFETY: `[start, end)` lies in host memory of a slot we hold
+                // a guard on, so it is mapped for the whole call; mlock
+                // changes only residency, not contents.
+                let ret =
+                    unsafe { libc::mlock(start as *const libc::c_void, (end - start) as usize) };
+                if ret != 0 {
+                    let errno = std::io::Error::last_os_error().to_string();
+                    // Counted pages whose mlock failed are unlocked by the
+                    // release anyway (munlock of an unlocked page is a no-op).
+                    state.release(&mut table, id);
+                    table.pins.remove(&id);
+                    return Attempt::Failed(PinError::Mlock { range, errno });
+                }
+            }
+        }
+        drop(table);
+        // The pin is registered: only now may an op over the range drain.
+        drop(guards);
+        Attempt::Pinned(Pin {
+            id,
+            range,
+            revoked,
+            registration: self.registration.clone(),
+        })
     }
 }
 
@@ -397,7 +521,7 @@ mod tests {
             (BASE.0 + 1, P),
             (BASE.0, 0),
             (BASE.0, P + 1),
-            (u64::MAX & !(P - 1), 2 * P),
+            (!(P - 1), 2 * P),
         ] {
             let bad = pins.pin(Gpa(gpa), len, false, true);
             assert!(
@@ -412,5 +536,116 @@ mod tests {
             0,
             "refusals leave no charge"
         );
+    }
+
+    /// Bytes of `mem` the kernel reports locked (`Locked:` of its VMAs in
+    /// `/proc/self/smaps`): other tests' locks in this process do not count.
+    fn locked_bytes(mem: &HostMapping) -> u64 {
+        let (start, end) = (mem.hva().0, mem.hva().0 + mem.len());
+        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+        let mut inside = false;
+        let mut kib = 0;
+        for line in smaps.lines() {
+            if let Some((range, _)) = line.split_once(' ') {
+                if let Some((a, b)) = range.split_once('-') {
+                    if let (Ok(a), Ok(b)) = (u64::from_str_radix(a, 16), u64::from_str_radix(b, 16))
+                    {
+                        inside = a >= start && b <= end;
+                        continue;
+                    }
+                }
+            }
+            if let Some(v) = line.strip_prefix("Locked:") {
+                if inside {
+                    kib += v
+                        .trim()
+                        .trim_end_matches("kB")
+                        .trim()
+                        .parse::<u64>()
+                        .unwrap();
+                }
+            }
+        }
+        kib * 1024
+    }
+
+    #[test]
+    fn test_overlapping_pins_keep_the_union_locked() {
+        let memory = Arc::new(MemoryManager::new(SimKvm::new(), SlotMapConfig::default()).unwrap());
+        let mem = Arc::new(HostMapping::new(&BackingKind::Anon, 16 * P).unwrap());
+        memory
+            .apply(|m| m.plug(BASE, 16 * P, mem.clone(), 0, SlotFlags::NONE))
+            .unwrap();
+        let pins = PinManager::new(memory, Arc::new(PinAccount::new(PinLimit::Unlimited)));
+        let a = pins.pin(BASE, 3 * P, false, true).unwrap();
+        let b = pins.pin(Gpa(BASE.0 + P), 2 * P, false, true).unwrap();
+        assert_eq!(locked_bytes(&mem), 3 * P);
+        // munlock does not nest: releasing `a` must keep `b`'s pages locked.
+        drop(a);
+        assert_eq!(locked_bytes(&mem), 2 * P);
+        drop(b);
+        assert_eq!(locked_bytes(&mem), 0);
+    }
+
+    #[test]
+    fn test_a_pin_outliving_its_manager_still_vetoes() {
+        let (memory, pins) = pins(PinLimit::Unlimited);
+        let pin = pins.pin(BASE, P, false, false).unwrap();
+        drop(pins);
+        let err = memory.apply(|m| m.unplug(BASE, P)).unwrap_err();
+        assert!(matches!(err, MemslotError::Vetoed(_)), "{err}");
+        drop(pin);
+        assert_eq!(
+            memory.hub().subscriber_count(),
+            0,
+            "unsubscribed with the last pin"
+        );
+        memory.apply(|m| m.unplug(BASE, P)).unwrap();
+    }
+
+    /// Tries, from the writer's veto phase (after the pin manager's own
+    /// check ran), to slip a non-revocable pin in on another thread.
+    struct Racer {
+        pins: std::sync::Weak<PinManager>,
+        pinner: Mutex<Option<std::thread::JoinHandle<Result<Pin, PinError>>>>,
+    }
+
+    impl Subscriber for Racer {
+        fn check(&self, _range: GpaRange, _reason: Reason) -> Result<(), String> {
+            let mut pinner = self.pinner.lock().unwrap();
+            if pinner.is_none() {
+                let pins = self.pins.upgrade().unwrap();
+                *pinner = Some(std::thread::spawn(move || pins.pin(BASE, P, false, false)));
+                // Long enough for the pin to go through if nothing stops it.
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Ok(())
+        }
+        fn invalidate_start(&self, _: GpaRange, _: Reason) {}
+        fn invalidate_end(&self, _: GpaRange) {}
+    }
+
+    #[test]
+    fn test_a_non_revocable_pin_cannot_slip_in_between_veto_and_start() {
+        let (memory, pins) = pins(PinLimit::Unlimited);
+        let pins = Arc::new(pins);
+        let racer = Arc::new(Racer {
+            pins: Arc::downgrade(&pins),
+            pinner: Mutex::new(None),
+        });
+        let id = memory.hub().subscribe_all(racer.clone());
+        let unplug = memory.apply(|m| m.unplug(BASE, 2 * P));
+        let pin = racer.pinner.lock().unwrap().take().unwrap().join().unwrap();
+        match (&unplug, &pin) {
+            // The pin waited for the unplug, then found no memory.
+            (Ok(_), Err(PinError::NotPlugged { .. })) => {}
+            // Or the pin got in first and vetoed the unplug, unrevoked.
+            (Err(MemslotError::Vetoed(_)), Ok(p)) => assert!(!p.is_revoked()),
+            other => panic!("both went through, or neither: {other:?}"),
+        }
+        if let Ok(p) = &pin {
+            assert!(!p.is_revoked(), "a non-revocable pin was revoked");
+        }
+        memory.hub().unsubscribe(id).unwrap();
     }
 }

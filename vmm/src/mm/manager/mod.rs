@@ -314,21 +314,26 @@ impl MemoryManager {
             removed,
             added,
         } = op(&base)?;
-        // 1. Vetoes (of every range first), then invalidate_start, before
-        //    anything is torn down. Dropping `invalidations` on any early
-        //    return ends them.
-        let announced: Vec<(GpaRange, Reason)> = removed
-            .iter()
-            .filter_map(|&(range, kind)| Some((range, invalidation_reason(kind, slot_op)?)))
-            .collect();
-        let invalidations: Vec<Invalidation<'_>> = self.hub.begin_all(&announced)?;
-        // 2. No new guard on a slot that goes away or changes; wait for the
-        //    guards inside (bounded; on timeout nothing changed).
+        // 1. No new guard on a slot that goes away or changes; wait for the
+        //    guards inside (bounded; on timeout nothing changed and nothing
+        //    was announced). First, as the kernel takes `vma_start_write`
+        //    before `mmu_notifier_invalidate_range_start`: a pinner registers
+        //    its pin while it still holds guards on the range, so once the
+        //    drain is done every pin over the range is in the table for the
+        //    vetoes below to see, and none can be added until the op is over.
         let exclusions = self
             .memory
             .exclude(&changes, self.drain_bound())
             .map_err(MemslotError::Guard)?;
         let waited = exclusions.waited();
+        // 2. Vetoes (of every range first), then invalidate_start, before
+        //    anything is torn down. Dropping `invalidations` on any early
+        //    return ends them as changes that did not happen.
+        let announced: Vec<(GpaRange, Reason)> = removed
+            .iter()
+            .filter_map(|&(range, kind)| Some((range, invalidation_reason(kind, slot_op)?)))
+            .collect();
+        let invalidations: Vec<Invalidation<'_>> = self.hub.begin_all(&announced)?;
         // 3. KVM, with rollback.
         let mut st = self.lock_state();
         let config = *base.config();
@@ -369,18 +374,22 @@ impl MemoryManager {
         // memory again before it is discarded. KVM no longer maps it (the
         // deletes above succeeded), the new map does not (the map never
         // aliases memory), and no guard holds it (its slots' cells were
-        // drained and detached).
+        // drained and detached). The op has taken effect whatever a discard
+        // says, so a failure is reported only after the hub heard the rest.
         let mut discarded = 0;
+        let mut discard_error = None;
         for d in &discards {
-            d.mapping
-                .discard(d.offset, d.len)
-                .map_err(|source| MemslotError::Discard {
-                    hva: d.mapping.hva(),
-                    offset: d.offset,
-                    len: d.len,
-                    source,
-                })?;
-            discarded += d.len;
+            match d.mapping.discard(d.offset, d.len) {
+                Ok(()) => discarded += d.len,
+                Err(source) => {
+                    discard_error.get_or_insert(MemslotError::Discard {
+                        hva: d.mapping.hva(),
+                        offset: d.offset,
+                        len: d.len,
+                        source,
+                    });
+                }
+            }
         }
         // 6. invalidate_end, then announce the memory that appeared.
         for invalidation in invalidations {
@@ -395,6 +404,9 @@ impl MemoryManager {
             self.hub
                 .added(range, reason)
                 .map_err(MemslotError::Announce)?;
+        }
+        if let Some(e) = discard_error {
+            return Err(e);
         }
         Ok(Applied {
             map: published,

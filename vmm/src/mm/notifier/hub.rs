@@ -234,9 +234,11 @@ impl Default for InvalidationHub {
 }
 
 /// An invalidation in progress, returned by [`InvalidationHub::begin`]. End it
-/// with [`InvalidationHub::end`] (or [`Invalidation::end`]) after tearing down;
-/// dropping it ends it as well (so a panicking teardown does not leave the
-/// range blocked forever).
+/// with [`InvalidationHub::end`] (or [`Invalidation::end`]) after the change
+/// took effect. Dropping it instead ends it as a change that did not happen
+/// (a refused or rolled-back op, a panicking teardown): subscribers still get
+/// their `invalidate_end` and the range is no longer blocked, but the hub's
+/// plugged set is left as it was.
 #[derive(Debug)]
 #[must_use = "an invalidation must be ended after the teardown"]
 pub struct Invalidation<'a> {
@@ -258,23 +260,25 @@ impl Invalidation<'_> {
         self.reason
     }
 
-    /// Delivers `invalidate_end`, then bumps the sequence count and clears
-    /// the in-progress record.
+    /// The change took effect: delivers `invalidate_end`, then bumps the
+    /// sequence count and clears the in-progress record; an unplug, shrink
+    /// or move range leaves the plugged set.
     pub fn end(mut self) {
-        self.finish();
+        self.finish(true);
     }
 
-    fn finish(&mut self) {
+    fn finish(&mut self, took_effect: bool) {
         if std::mem::replace(&mut self.ended, true) {
             return;
         }
-        self.hub.finish(self.id);
+        self.hub.finish(self.id, took_effect);
     }
 }
 
 impl Drop for Invalidation<'_> {
+    /// Ends the invalidation as a change that did not happen.
     fn drop(&mut self) {
-        self.finish();
+        self.finish(false);
     }
 }
 
@@ -507,14 +511,14 @@ impl InvalidationHub {
         invalidation.end();
     }
 
-    fn finish(&self, id: u64) {
+    fn finish(&self, id: u64, took_effect: bool) {
         let active = {
             let mut st = lock(&self.state);
             let Some(pos) = st.active.iter().position(|a| a.id == id) else {
                 return;
             };
             let active = st.active.swap_remove(pos);
-            if active.reason.unplugs() {
+            if took_effect && active.reason.unplugs() {
                 st.plugged.remove(active.range);
             }
             active

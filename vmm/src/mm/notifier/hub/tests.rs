@@ -507,6 +507,17 @@ fn test_hub_retry_after_seq_change_is_true() {
 }
 
 #[test]
+fn test_hub_dropped_invalidation_keeps_the_range_plugged_ended_one_removes_it() {
+    let hub = InvalidationHub::new();
+    hub.added(r(0, 0x4000), Reason::Plug).unwrap();
+    // A refused or rolled-back op: nothing was unplugged.
+    drop(hub.begin(r(0, 0x1000), Reason::Unplug).unwrap());
+    assert_eq!(hub.plugged(), vec![r(0, 0x4000)]);
+    hub.begin(r(0, 0x1000), Reason::Unplug).unwrap().end();
+    assert_eq!(hub.plugged(), vec![r(0x1000, 0x3000)]);
+}
+
+#[test]
 fn test_hub_dropped_invalidation_is_ended() {
     let hub = InvalidationHub::new();
     let log = Log::default();
