@@ -1,5 +1,5 @@
 //! `vmm bench faults` on real KVM: tests that would catch a dishonest or
-//! broken measurement (issue 6, "Proof"). Ranges are small (2-8 MiB) so the
+//! broken measurement. Ranges are small (2-8 MiB) so the
 //! whole file runs in seconds; heavy runs live in scripts/bench-faults.sh.
 
 use std::process::Command;

@@ -508,6 +508,56 @@ mod tests {
         assert!(e.contains("uffd-copy"), "{e}");
     }
 
+    #[derive(Debug, clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        faults: FaultsArgs,
+    }
+
+    fn args(flags: &[&str]) -> FaultsArgs {
+        use clap::Parser;
+        let argv = std::iter::once("bench").chain(flags.iter().copied());
+        Cli::try_parse_from(argv).unwrap().faults
+    }
+
+    #[test]
+    fn test_args_fill_every_config_field() {
+        let cfg = args(&[]).to_config().unwrap();
+        assert_eq!(cfg.backings, vec![Backing::ANON]);
+        assert!(cfg.baselines && cfg.progress);
+        assert_eq!((cfg.size, cfg.rounds, cfg.seed), (64 << 20, 1, 0x5EED));
+        let cfg = args(&[
+            "--size",
+            "4M",
+            "--compare",
+            "thp,uffd-copy",
+            "--no-baselines",
+            "-q",
+            "--guest-page",
+            "4k",
+            "--access",
+            "read",
+            "--uffd-cpu",
+            "other",
+            "--vcpus",
+            "2",
+        ])
+        .to_config()
+        .unwrap();
+        assert_eq!(cfg.backings, vec![Backing::THP, Backing::UffdCopy]);
+        assert!(!cfg.baselines && !cfg.progress);
+        assert_eq!((cfg.size, cfg.vcpus), (4 << 20, 2));
+        assert_eq!(cfg.guest_page, GuestPage::Size4K);
+        assert_eq!(
+            (
+                cfg.access.to_string(),
+                cfg.uffd_cpu.to_string(),
+                cfg.share.to_string()
+            ),
+            ("read".into(), "other".into(), "disjoint".into())
+        );
+    }
+
     #[test]
     fn test_pattern_parse_and_access_counts() {
         assert_eq!("seq".parse::<Pattern>(), Ok(Pattern::Sequential));
