@@ -30,6 +30,8 @@ const HEIGHT: u32 = 360;
 const LABELS: u32 = 190;
 /// Room for the latency axis labels, pixels.
 const AXIS: u32 = 60;
+/// Fewest columns (boxes or room for them) of a plot.
+const MIN_COLUMNS: usize = 8;
 
 const COLORS: [RGBColor; 8] = [
     RGBColor(0x48, 0x78, 0xd0),
@@ -86,7 +88,9 @@ fn draw<'a>(series: &[Series], out: &'a mut String) -> Result<(), Box<dyn std::e
     let n = series.len().max(1);
     let stats: Vec<[f64; 6]> = series.iter().map(|s| box_stats(&s.samples_ns)).collect();
     let (lo, hi) = decades(&stats);
-    let size = (AXIS + COLUMN * n as u32 + 20, HEIGHT + LABELS + 40);
+    // Wide enough for the caption: at least MIN_COLUMNS columns.
+    let columns = n.max(MIN_COLUMNS);
+    let size = (AXIS + COLUMN * columns as u32 + 20, HEIGHT + LABELS + 40);
     let root = SVGBackend::with_string(out, size).into_drawing_area();
     root.fill(&WHITE)?;
     let mut chart = ChartBuilder::on(&root)
@@ -97,13 +101,12 @@ fn draw<'a>(series: &[Series], out: &'a mut String) -> Result<(), Box<dyn std::e
         .margin(10)
         .x_label_area_size(LABELS)
         .y_label_area_size(AXIS)
-        .build_cartesian_2d(-0.5..n as f64 - 0.5, (lo..hi).log_scale())?;
+        .build_cartesian_2d(-0.5..columns as f64 - 0.5, (lo..hi).log_scale())?;
     chart
         .configure_mesh()
         .disable_x_mesh()
         .y_max_light_lines(1)
-        .x_labels(n + 1)
-        .x_label_formatter(&|_| String::new())
+        .x_labels(0)
         .y_label_formatter(&|ns| axis_label(*ns))
         .y_desc("latency")
         .bold_line_style(RGBColor(0xdd, 0xdd, 0xdd))
