@@ -92,8 +92,8 @@ pub enum ConfigError {
 /// manager, or one of the bench's own ways to fill it.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Backing {
-    /// Host memory of this kind, first touched by the guest (`anon` has THP
-    /// off for the range; `file=PATH` uses the user's file as is).
+    /// Host memory of this kind, first touched by the guest (`file=PATH`
+    /// uses the user's file as is).
     Host(BackingKind),
     /// A shared file without a name (`file`): fresh for every configuration
     /// and round, nothing left behind.

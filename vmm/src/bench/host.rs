@@ -1,6 +1,7 @@
 //! The host side of the bench: facts about the host that decide what kind of
-//! faults were measured, thread pinning, and the host-only first-touch floor
-//! (the same access pattern on the same kind of memory, no VM).
+//! faults were measured, thread pinning, fresh memory of a [`Backing`], and
+//! the host-only first-touch floor (the same access pattern on the same kind
+//! of memory, no VM).
 
 use std::arch::x86_64::_rdtsc;
 
