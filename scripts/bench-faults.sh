@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Guest page-fault latency (issue 6): every backing side by side, with a
+# Guest page-fault latency: every backing side by side, with a
 # re-fault pass after MADV_DONTNEED, the raw-KVM and host-only baselines,
 # then userfaultfd handler placement and guest page size. Release build.
 # Writes the JSON reports and SVG plots to $OUT (default target/bench-faults).

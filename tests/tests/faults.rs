@@ -1,12 +1,13 @@
 //! `vmm bench faults` on real KVM: tests that would catch a dishonest or
-//! broken measurement (issue 6, "Proof"). Ranges are small (2-8 MiB) so the
+//! broken measurement. Ranges are small (2-8 MiB) so the
 //! whole file runs in seconds; heavy runs live in scripts/bench-faults.sh.
 
 use std::process::Command;
 
-use vmm::bench::config::{Access, Backing, FaultsConfig, GuestPage, Pattern, Share};
-use vmm::bench::report::{ConfigResult, FaultsReport};
-use vmm::bench::{run_faults, BenchError};
+use vmm::bench::{
+    run_faults, Access, Backing, BenchError, ConfigResult, FaultsConfig, FaultsReport, GuestPage,
+    Pattern, Share,
+};
 use vmm::mm::backing::{BackingKind, HostMapping};
 use vmm_tests::kvm_or_skip;
 
@@ -27,7 +28,7 @@ fn bench(cfg: &FaultsConfig) -> FaultsReport {
 fn config(size: u64, backings: &[Backing]) -> FaultsConfig {
     FaultsConfig {
         backings: backings.to_vec(),
-        ..FaultsConfig::small(size, Backing::Anon)
+        ..FaultsConfig::small(size, Backing::ANON)
     }
 }
 
@@ -64,9 +65,9 @@ fn test_faults_thp_per_4k_first_touch_is_below_anon_4k() {
 
 fn thp_vs_anon_once() -> Result<(), String> {
     let warm = HostMapping::new(&BackingKind::Thp, 64 * MIB).unwrap();
-    vmm::bench::host::populate(&warm);
+    warm.populate();
     drop(warm);
-    let r = bench(&config(16 * MIB, &[Backing::Anon, Backing::Thp]));
+    let r = bench(&config(16 * MIB, &[Backing::ANON, Backing::THP]));
     let anon = by_name(&r, "anon").pass("first-touch").unwrap();
     let thp = by_name(&r, "thp").pass("first-touch").unwrap();
     // Per 4 KiB: the cost of each 2 MiB of the range spread over its 512
@@ -100,7 +101,7 @@ fn test_faults_prefaulted_is_below_first_touch() {
     if !kvm_or_skip("faults: prefault vs anon") {
         return;
     }
-    let r = bench(&config(4 * MIB, &[Backing::Anon, Backing::Prefault]));
+    let r = bench(&config(4 * MIB, &[Backing::ANON, Backing::Prefault]));
     let anon = by_name(&r, "anon").pass("first-touch").unwrap();
     let pre = by_name(&r, "prefault").pass("first-touch").unwrap();
     assert!(
@@ -135,7 +136,7 @@ fn test_faults_kvm_counters_match_pages_touched() {
         let cfg = FaultsConfig {
             pattern,
             guest_page,
-            ..config(4 * MIB, &[Backing::Anon, Backing::Prefault])
+            ..config(4 * MIB, &[Backing::ANON, Backing::Prefault])
         };
         let r = bench(&cfg);
         for c in &r.configurations {
@@ -159,7 +160,7 @@ fn test_faults_two_vcpus_disjoint_parts_fault_each_page_once() {
     let cfg = FaultsConfig {
         vcpus: 2,
         share: Share::Disjoint,
-        ..config(4 * MIB, &[Backing::Anon])
+        ..config(4 * MIB, &[Backing::ANON])
     };
     let r = bench(&cfg);
     let p = r.configurations[0].pass("first-touch").unwrap();
@@ -200,7 +201,7 @@ fn test_faults_refault_after_dontneed_faults_again() {
     }
     let cfg = FaultsConfig {
         refault: true,
-        ..config(4 * MIB, &[Backing::Anon, Backing::UffdZero])
+        ..config(4 * MIB, &[Backing::ANON, Backing::UffdZero])
     };
     let r = bench(&cfg);
     let anon = by_name(&r, "anon");
@@ -230,7 +231,7 @@ fn test_faults_tool_median_is_close_to_raw_kvm_baseline() {
     }
     let cfg = FaultsConfig {
         baselines: true,
-        ..config(8 * MIB, &[Backing::Anon])
+        ..config(8 * MIB, &[Backing::ANON])
     };
     let r = bench(&cfg);
     let b = r.configurations[0].baselines.as_ref().unwrap();
@@ -252,7 +253,7 @@ fn test_faults_guest_4k_pages_keep_kvm_from_mapping_2m() {
     // THP host memory: KVM maps 2 MiB only where the guest page is >= 2 MiB.
     let cfg = FaultsConfig {
         guest_page: GuestPage::Size4K,
-        ..config(4 * MIB, &[Backing::Thp])
+        ..config(4 * MIB, &[Backing::THP])
     };
     let p4k = bench(&cfg).configurations[0].passes[0].clone();
     assert_eq!(p4k.kvm("pages_2m"), 0, "{:?}", p4k.kvm);
@@ -265,13 +266,13 @@ fn test_faults_1g_guest_pages_refused_without_pdpe1gb() {
         return;
     }
     let kvm = kvm_ioctls::Kvm::new().unwrap();
-    if vmm::bench::host::kvm_has_pdpe1gb(&kvm) {
+    if vmm::bench::kvm_has_pdpe1gb(&kvm) {
         eprintln!("SKIP: this host's KVM offers pdpe1gb");
         return;
     }
     let cfg = FaultsConfig {
         guest_page: GuestPage::Size1G,
-        ..config(2 * MIB, &[Backing::Anon])
+        ..config(2 * MIB, &[Backing::ANON])
     };
     let e = run_faults(&cfg, &mut Vec::new()).unwrap_err();
     assert!(matches!(e, BenchError::Config(_)), "{e}");
@@ -322,4 +323,94 @@ fn test_faults_cli_json_and_plot() {
         .unwrap();
     assert_eq!(bad.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&bad.stderr).contains("--size"));
+}
+
+/// A fresh, empty directory for a child's TMPDIR.
+fn empty_tmpdir(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("vmm-faults-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn entries(dir: &std::path::Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect()
+}
+
+#[test]
+fn test_faults_leave_nothing_in_tmpdir_even_when_killed() {
+    if !kvm_or_skip("faults: temporary files") {
+        return;
+    }
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let tmp = empty_tmpdir("killed");
+    // A run that completes: the unnamed file and the copy source included.
+    let done = Command::new(env!("CARGO_BIN_EXE_vmm-cli"))
+        .env("TMPDIR", &tmp)
+        .args([
+            "bench",
+            "faults",
+            "--size",
+            "2M",
+            "--compare",
+            "file,uffd-copy",
+            "-q",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(
+        done.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&done.stderr)
+    );
+    assert_eq!(entries(&tmp), Vec::<String>::new(), "after a complete run");
+    // A run killed while it measures (SIGKILL: no destructor runs).
+    let mut child = Command::new(env!("CARGO_BIN_EXE_vmm-cli"))
+        .env("TMPDIR", &tmp)
+        .args([
+            "bench",
+            "faults",
+            "--size",
+            "512M",
+            "--compare",
+            "file,uffd-copy",
+            "-q",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(700));
+    let still_running = child.try_wait().unwrap().is_none();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(still_running, "the run ended before it could be killed");
+    assert_eq!(entries(&tmp), Vec::<String>::new(), "after SIGKILL");
+    std::fs::remove_dir(&tmp).unwrap();
+}
+
+#[test]
+fn test_faults_bad_plot_path_is_refused_before_measuring() {
+    let t = std::time::Instant::now();
+    let out = Command::new(env!("CARGO_BIN_EXE_vmm-cli"))
+        .args(["bench", "faults", "--size", "64M", "--rounds", "3"])
+        .args(["--plot", "/nonexistent/dir/x.svg"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("/nonexistent/dir/x.svg"), "{err}");
+    assert!(
+        !String::from_utf8_lossy(&out.stdout).contains("first-touch"),
+        "nothing measured"
+    );
+    assert!(
+        t.elapsed() < std::time::Duration::from_secs(5),
+        "{:?}",
+        t.elapsed()
+    );
 }

@@ -1,5 +1,5 @@
 //! The fault-latency baseline as a standalone program: the fewest KVM calls
-//! that run one timed first-touch pass (`vmm::bench::raw`: plain
+//! that run one timed first-touch pass (`vmm::bench::raw_baseline`: plain
 //! KVM_SET_USER_MEMORY_REGION, one loop per vCPU thread, no slot map, no
 //! statistics), printing its percentiles. `vmm bench faults` runs the same
 //! code in-process and prints the ratio; this binary lets you run it alone.
@@ -8,9 +8,7 @@
 //! cargo run --release -p vmm --example raw_faults -- 64M anon seq
 //! ```
 
-use vmm::bench::config::{Backing, FaultsConfig, Pattern};
-use vmm::bench::report::fmt_ns;
-use vmm::bench::stats::Summary;
+use vmm::bench::{fmt_ns, raw_baseline, Backing, FaultsConfig, Pattern, Summary};
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -20,7 +18,7 @@ fn main() {
         .unwrap_or_else(|e| fail(&e));
     let backing: Backing = args
         .get(1)
-        .map_or(Ok(Backing::Anon), |s| s.parse())
+        .map_or(Ok(Backing::ANON), |s| s.parse())
         .unwrap_or_else(|e| fail(&e.to_string()));
     let pattern: Pattern = args
         .get(2)
@@ -36,10 +34,7 @@ fn main() {
     if let Err(e) = cfg.validate() {
         fail(&e.to_string());
     }
-    let temp = std::env::temp_dir().join(format!("raw-faults-{}", std::process::id()));
-    let result = vmm::bench::raw::run(&cfg, &backing, &temp);
-    let _ = std::fs::remove_file(&temp);
-    let r = result.unwrap_or_else(|e| fail(&e.to_string()));
+    let r = raw_baseline(&cfg, &backing).unwrap_or_else(|e| fail(&e.to_string()));
     let s = Summary::from_ticks(&r.first, r.tsc_khz);
     println!(
         "raw {backing} {pattern} {}: {} accesses p50 {} p90 {} p99 {} p99.9 {} max {} mean {}",

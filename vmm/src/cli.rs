@@ -91,7 +91,7 @@ pub struct BenchArgs {
 #[derive(Debug, Subcommand)]
 pub enum BenchCmd {
     /// Guest page-fault latency per access: percentiles, JSON, a plot, raw-KVM and host baselines.
-    Faults(crate::bench::config::FaultsArgs),
+    Faults(crate::bench::FaultsArgs),
 }
 
 /// `vmm run` flags.
@@ -183,7 +183,7 @@ where
         Some(Cmd::Run(a)) => a,
         Some(Cmd::Bench(BenchArgs {
             which: BenchCmd::Faults(a),
-        })) => return crate::bench::main_faults(&a),
+        })) => return crate::bench::faults(&a),
         None => {
             eprintln!("vmm: no command given; try `vmm run` (a default guest) or `vmm --help`");
             return 2;

@@ -1,9 +1,15 @@
 //! What `vmm bench faults` measures: the flags, parsed and validated before
 //! any VM exists, and the per-configuration plan derived from them.
 //!
+//! Text forms: the flag-only enums derive `clap::ValueEnum` and `strum`'s
+//! `Display`/`EnumString`; [`Backing`] and [`Pattern`] parse by hand because
+//! they carry data (a [`BackingKind`], a stride size) that no derive parses.
+//!
 //! ```
-//! use vmm::bench::config::{Backing, Pattern};
+//! use vmm::bench::{Backing, Pattern};
+//! use vmm::mm::backing::BackingKind;
 //! assert_eq!("uffd-copy".parse::<Backing>().unwrap(), Backing::UffdCopy);
+//! assert_eq!("thp".parse::<Backing>().unwrap(), Backing::Host(BackingKind::Thp));
 //! assert_eq!("stride=2M".parse::<Pattern>().unwrap(), Pattern::Stride(2 << 20));
 //! assert!("stride=0".parse::<Pattern>().is_err());
 //! ```
@@ -70,44 +76,50 @@ pub enum ConfigError {
     /// The guest page size the host cannot provide.
     #[error("--guest-page 1G needs CPUID pdpe1gb, which this host's KVM does not offer (shadow paging): use 4K or 2M")]
     NoGigPages,
+    /// An output file cannot be written.
+    #[error("cannot write {what} {path}: {reason}")]
+    Output {
+        /// Which output.
+        what: &'static str,
+        /// The path given.
+        path: PathBuf,
+        /// The OS error, as text.
+        reason: String,
+    },
 }
 
-/// Host memory behind the test range.
+/// Host memory behind the test range: a [`BackingKind`] of the memory
+/// manager, or one of the bench's own ways to fill it.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Backing {
-    /// Private anonymous memory, 4 KiB pages (THP off for the range).
-    Anon,
-    /// Shared anonymous memory (shmem).
-    Shared,
-    /// A memfd mapped shared.
-    Memfd,
-    /// Private anonymous memory with `MADV_HUGEPAGE`, 2 MiB aligned.
-    Thp,
-    /// `MAP_HUGETLB` 2 MiB pages (needs pages reserved on the host).
-    Hugetlb,
+    /// Host memory of this kind, first touched by the guest (`file=PATH`
+    /// uses the user's file as is).
+    Host(BackingKind),
+    /// A shared file without a name (`file`): fresh for every configuration
+    /// and round, nothing left behind.
+    UnnamedFile,
     /// Private anonymous memory populated by the host before the guest runs:
     /// the guest still takes KVM faults, but no host page allocation.
     Prefault,
-    /// A file mapped shared (a temporary file unless a path is given).
-    File(Option<PathBuf>),
     /// userfaultfd demand paging, missing pages resolved with UFFDIO_ZEROPAGE.
     UffdZero,
-    /// userfaultfd demand paging, missing pages copied from a file (UFFDIO_COPY).
+    /// userfaultfd demand paging, missing pages copied from a source (UFFDIO_COPY).
     UffdCopy,
 }
 
 impl Backing {
-    /// The host mapping kind that holds the memory.
-    pub fn mapping_kind(&self, temp_file: &std::path::Path) -> BackingKind {
+    /// Private anonymous memory, 4 KiB pages.
+    pub const ANON: Backing = Backing::Host(BackingKind::Anon);
+    /// Private anonymous memory with `MADV_HUGEPAGE`.
+    pub const THP: Backing = Backing::Host(BackingKind::Thp);
+
+    /// The host mapping kind that holds the memory ([`BackingKind::Anon`]
+    /// for the bench's own kinds; `None` for the unnamed file).
+    pub fn host_kind(&self) -> Option<&BackingKind> {
         match self {
-            Backing::Anon | Backing::Prefault | Backing::UffdZero | Backing::UffdCopy => {
-                BackingKind::Anon
-            }
-            Backing::Shared => BackingKind::Shared,
-            Backing::Memfd => BackingKind::Memfd,
-            Backing::Thp => BackingKind::Thp,
-            Backing::Hugetlb => BackingKind::Hugetlb,
-            Backing::File(p) => BackingKind::File(p.clone().unwrap_or_else(|| temp_file.into())),
+            Backing::Host(k) => Some(k),
+            Backing::UnnamedFile => None,
+            Backing::Prefault | Backing::UffdZero | Backing::UffdCopy => Some(&BackingKind::Anon),
         }
     }
 
@@ -118,24 +130,16 @@ impl Backing {
 
     /// Alignment the range size and vCPU parts must respect.
     pub fn granule(&self) -> u64 {
-        match self {
-            Backing::Thp | Backing::Hugetlb => HUGE_2M,
-            _ => PAGE_SIZE,
-        }
+        self.host_kind().map_or(PAGE_SIZE, BackingKind::page_size)
     }
 }
 
 impl fmt::Display for Backing {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Backing::Anon => f.write_str("anon"),
-            Backing::Shared => f.write_str("shared"),
-            Backing::Memfd => f.write_str("memfd"),
-            Backing::Thp => f.write_str("thp"),
-            Backing::Hugetlb => f.write_str("hugetlb"),
+            Backing::Host(k) => k.fmt(f),
+            Backing::UnnamedFile => f.write_str("file"),
             Backing::Prefault => f.write_str("prefault"),
-            Backing::File(None) => f.write_str("file"),
-            Backing::File(Some(p)) => write!(f, "file={}", p.display()),
             Backing::UffdZero => f.write_str("uffd-zero"),
             Backing::UffdCopy => f.write_str("uffd-copy"),
         }
@@ -146,19 +150,11 @@ impl FromStr for Backing {
     type Err = ConfigError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         Ok(match s.trim() {
-            "anon" => Backing::Anon,
-            "shared" => Backing::Shared,
-            "memfd" => Backing::Memfd,
-            "thp" => Backing::Thp,
-            "hugetlb" => Backing::Hugetlb,
             "prefault" | "prefaulted" => Backing::Prefault,
-            "file" => Backing::File(None),
+            "file" => Backing::UnnamedFile,
             "uffd-zero" => Backing::UffdZero,
             "uffd-copy" => Backing::UffdCopy,
-            t => match t.strip_prefix("file=") {
-                Some(p) if !p.is_empty() => Backing::File(Some(PathBuf::from(p))),
-                _ => return Err(ConfigError::Backing(s.to_string())),
-            },
+            t => Backing::Host(t.parse().map_err(|_| ConfigError::Backing(s.to_string()))?),
         })
     }
 }
@@ -216,7 +212,8 @@ impl Pattern {
 }
 
 /// Read or write accesses.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, strum::Display)]
+#[strum(serialize_all = "lowercase")]
 pub enum Access {
     /// Read one byte.
     Read,
@@ -225,7 +222,8 @@ pub enum Access {
 }
 
 /// How vCPUs share the range.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, strum::Display)]
+#[strum(serialize_all = "lowercase")]
 pub enum Share {
     /// Each vCPU touches its own part.
     Disjoint,
@@ -234,7 +232,8 @@ pub enum Share {
 }
 
 /// Where the userfaultfd handler thread runs relative to the vCPU.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, strum::Display)]
+#[strum(serialize_all = "lowercase")]
 pub enum UffdCpu {
     /// Handler and vCPU 0 pinned to the same CPU.
     Same,
@@ -245,13 +244,17 @@ pub enum UffdCpu {
 }
 
 /// The page size of the guest's own page tables over the test range.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, strum::Display, strum::EnumString)]
+#[strum(ascii_case_insensitive)]
 pub enum GuestPage {
     /// 4 KiB PTEs (tables written into guest memory by the bench).
+    #[strum(to_string = "4K", serialize = "4KiB")]
     Size4K,
     /// 2 MiB PDEs (the boot identity map).
+    #[strum(to_string = "2M", serialize = "2MiB")]
     Size2M,
     /// A 1 GiB PDPTE (needs CPUID pdpe1gb).
+    #[strum(to_string = "1G", serialize = "1GiB")]
     Size1G,
 }
 
@@ -262,28 +265,6 @@ impl GuestPage {
             GuestPage::Size4K => PAGE_SIZE,
             GuestPage::Size2M => HUGE_2M,
             GuestPage::Size1G => HUGE_1G,
-        }
-    }
-}
-
-impl fmt::Display for GuestPage {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            GuestPage::Size4K => "4K",
-            GuestPage::Size2M => "2M",
-            GuestPage::Size1G => "1G",
-        })
-    }
-}
-
-impl FromStr for GuestPage {
-    type Err = ConfigError;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s.trim().to_ascii_uppercase().as_str() {
-            "4K" | "4KIB" => Ok(GuestPage::Size4K),
-            "2M" | "2MIB" => Ok(GuestPage::Size2M),
-            "1G" | "1GIB" => Ok(GuestPage::Size1G),
-            _ => Err(ConfigError::GuestPage(s.to_string())),
         }
     }
 }
@@ -307,12 +288,61 @@ fn parse_pattern(s: &str) -> Result<Pattern, String> {
 }
 
 fn parse_guest_page(s: &str) -> Result<GuestPage, String> {
-    s.parse().map_err(|e: ConfigError| e.to_string())
+    s.trim()
+        .parse()
+        .map_err(|_| ConfigError::GuestPage(s.to_string()).to_string())
 }
 
-/// `vmm bench faults` flags.
+/// `vmm bench faults` flags: what to measure ([`FaultsConfig`]), which
+/// backings, and where the results go.
 #[derive(Debug, Clone, Args)]
 pub struct FaultsArgs {
+    /// What to measure.
+    #[command(flatten)]
+    pub measure: FaultsConfig,
+    /// Host memory behind the range: anon, shared, memfd, thp, hugetlb, prefault, file[=PATH], uffd-zero, uffd-copy.
+    #[arg(long, value_name = "KIND", default_value = "anon", value_parser = parse_backing, conflicts_with = "compare")]
+    pub backing: Backing,
+    /// Several backings in one run, side by side (comma separated, e.g. anon,thp,prefault,uffd-zero).
+    #[arg(long, value_name = "KIND,KIND,...", value_delimiter = ',', value_parser = parse_backing)]
+    pub compare: Option<Vec<Backing>>,
+    /// Skip the raw-KVM and host-only baselines.
+    #[arg(long)]
+    pub no_baselines: bool,
+    /// Write an SVG plot of the latency distributions here.
+    #[arg(long, value_name = "PATH")]
+    pub plot: Option<PathBuf>,
+    /// Print a JSON report on stdout (tables move to stderr).
+    #[arg(long)]
+    pub json: bool,
+    /// No progress bar.
+    #[arg(short, long)]
+    pub quiet: bool,
+}
+
+impl FaultsArgs {
+    /// The validated bench configuration.
+    pub fn to_config(&self) -> Result<FaultsConfig, ConfigError> {
+        let cfg = FaultsConfig {
+            backings: self
+                .compare
+                .clone()
+                .filter(|c| !c.is_empty())
+                .unwrap_or_else(|| vec![self.backing.clone()]),
+            baselines: !self.no_baselines,
+            progress: !self.quiet,
+            ..self.measure.clone()
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+}
+
+/// A validated bench: one configuration per backing, everything else shared.
+/// Its flags are part of [`FaultsArgs`]; the backings, baselines and progress
+/// come from that struct's own flags.
+#[derive(Debug, Clone, Args)]
+pub struct FaultsConfig {
     /// Size of the test range (e.g. 64M); split among vCPUs unless --share shared.
     #[arg(long, value_name = "SIZE", default_value = "64M", value_parser = parse_size)]
     pub size: u64,
@@ -328,12 +358,9 @@ pub struct FaultsArgs {
     /// Disjoint parts per vCPU, or the whole range shared by all.
     #[arg(long, value_enum, default_value = "disjoint")]
     pub share: Share,
-    /// Host memory behind the range: anon, shared, memfd, thp, hugetlb, prefault, file[=PATH], uffd-zero, uffd-copy.
-    #[arg(long, value_name = "KIND", default_value = "anon", value_parser = parse_backing, conflicts_with = "compare")]
-    pub backing: Backing,
-    /// Several backings in one run, side by side (comma separated, e.g. anon,thp,prefault,uffd-zero).
-    #[arg(long, value_name = "KIND,KIND,...", value_delimiter = ',', value_parser = parse_backing)]
-    pub compare: Option<Vec<Backing>>,
+    /// One configuration per backing, in this order (from --backing or --compare).
+    #[arg(skip)]
+    pub backings: Vec<Backing>,
     /// Page size of the guest's page tables over the range: 4K, 2M or 1G (1G needs CPUID pdpe1gb).
     #[arg(long, value_name = "SIZE", default_value = "2M", value_parser = parse_guest_page)]
     pub guest_page: GuestPage,
@@ -343,89 +370,21 @@ pub struct FaultsArgs {
     /// userfaultfd handler placement: same CPU as vCPU 0, another CPU, or unpinned.
     #[arg(long, value_enum, default_value = "any")]
     pub uffd_cpu: UffdCpu,
-    /// Seed of the random pattern and of the uffd-copy file contents.
+    /// Seed of the random pattern and of the uffd-copy contents.
     #[arg(long, value_name = "N", default_value_t = 0x5EED)]
     pub seed: u64,
-    /// Skip the raw-KVM and host-only baselines.
-    #[arg(long)]
-    pub no_baselines: bool,
+    /// Whether to run the raw-KVM and host-only baselines (from --no-baselines).
+    #[arg(skip)]
+    pub baselines: bool,
     /// Repeat each configuration N times, alternating whether the tool or the
     /// raw baseline goes first; samples are merged.
     #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=100))]
     pub rounds: u32,
-    /// Write an SVG plot of the latency distributions here.
-    #[arg(long, value_name = "PATH")]
-    pub plot: Option<PathBuf>,
-    /// Print a JSON report on stdout (tables move to stderr).
-    #[arg(long)]
-    pub json: bool,
     /// Give up after this long per configuration (e.g. 60s).
     #[arg(long, value_name = "DURATION", default_value = "120s", value_parser = parse_duration)]
     pub timeout: Duration,
-    /// No progress bar.
-    #[arg(short, long)]
-    pub quiet: bool,
-}
-
-impl FaultsArgs {
-    /// The validated bench configuration.
-    pub fn to_config(&self) -> Result<FaultsConfig, ConfigError> {
-        let backings = self
-            .compare
-            .clone()
-            .filter(|c| !c.is_empty())
-            .unwrap_or_else(|| vec![self.backing.clone()]);
-        let cfg = FaultsConfig {
-            size: self.size,
-            pattern: self.pattern,
-            access: self.access,
-            vcpus: self.vcpus,
-            share: self.share,
-            backings,
-            guest_page: self.guest_page,
-            refault: self.refault,
-            uffd_cpu: self.uffd_cpu,
-            seed: self.seed,
-            baselines: !self.no_baselines,
-            rounds: self.rounds,
-            timeout: self.timeout,
-            progress: !self.quiet,
-        };
-        cfg.validate()?;
-        Ok(cfg)
-    }
-}
-
-/// A validated bench: one configuration per backing, everything else shared.
-#[derive(Debug, Clone)]
-pub struct FaultsConfig {
-    /// Test range size in bytes.
-    pub size: u64,
-    /// Access pattern.
-    pub pattern: Pattern,
-    /// Read or write.
-    pub access: Access,
-    /// vCPUs.
-    pub vcpus: u64,
-    /// How vCPUs share the range.
-    pub share: Share,
-    /// One configuration per backing, in this order.
-    pub backings: Vec<Backing>,
-    /// Guest page-table page size over the range.
-    pub guest_page: GuestPage,
-    /// Whether to run the re-fault pass.
-    pub refault: bool,
-    /// userfaultfd handler placement.
-    pub uffd_cpu: UffdCpu,
-    /// Seed of the random order and the uffd-copy contents.
-    pub seed: u64,
-    /// Whether to run the baselines.
-    pub baselines: bool,
-    /// Rounds per configuration.
-    pub rounds: u32,
-    /// Per-configuration time limit.
-    pub timeout: Duration,
-    /// Show a progress bar on a terminal.
+    /// Show a progress bar on a terminal (from --quiet).
+    #[arg(skip)]
     pub progress: bool,
 }
 
@@ -549,6 +508,56 @@ mod tests {
         assert!(e.contains("uffd-copy"), "{e}");
     }
 
+    #[derive(Debug, clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        faults: FaultsArgs,
+    }
+
+    fn args(flags: &[&str]) -> FaultsArgs {
+        use clap::Parser;
+        let argv = std::iter::once("bench").chain(flags.iter().copied());
+        Cli::try_parse_from(argv).unwrap().faults
+    }
+
+    #[test]
+    fn test_args_fill_every_config_field() {
+        let cfg = args(&[]).to_config().unwrap();
+        assert_eq!(cfg.backings, vec![Backing::ANON]);
+        assert!(cfg.baselines && cfg.progress);
+        assert_eq!((cfg.size, cfg.rounds, cfg.seed), (64 << 20, 1, 0x5EED));
+        let cfg = args(&[
+            "--size",
+            "4M",
+            "--compare",
+            "thp,uffd-copy",
+            "--no-baselines",
+            "-q",
+            "--guest-page",
+            "4k",
+            "--access",
+            "read",
+            "--uffd-cpu",
+            "other",
+            "--vcpus",
+            "2",
+        ])
+        .to_config()
+        .unwrap();
+        assert_eq!(cfg.backings, vec![Backing::THP, Backing::UffdCopy]);
+        assert!(!cfg.baselines && !cfg.progress);
+        assert_eq!((cfg.size, cfg.vcpus), (4 << 20, 2));
+        assert_eq!(cfg.guest_page, GuestPage::Size4K);
+        assert_eq!(
+            (
+                cfg.access.to_string(),
+                cfg.uffd_cpu.to_string(),
+                cfg.share.to_string()
+            ),
+            ("read".into(), "other".into(), "disjoint".into())
+        );
+    }
+
     #[test]
     fn test_pattern_parse_and_access_counts() {
         assert_eq!("seq".parse::<Pattern>(), Ok(Pattern::Sequential));
@@ -560,7 +569,7 @@ mod tests {
 
     #[test]
     fn test_config_parts_are_disjoint_and_cover_range() {
-        let mut c = FaultsConfig::small(10 * PAGE_SIZE, Backing::Anon);
+        let mut c = FaultsConfig::small(10 * PAGE_SIZE, Backing::ANON);
         c.vcpus = 3;
         let parts: Vec<_> = (0..3).map(|i| c.part(i)).collect();
         assert_eq!(parts, vec![(0, 12288), (12288, 12288), (24576, 16384)]);
@@ -570,7 +579,7 @@ mod tests {
 
     #[test]
     fn test_config_thp_size_must_be_2m_multiple() {
-        let c = FaultsConfig::small(3 << 20, Backing::Thp);
+        let c = FaultsConfig::small(3 << 20, Backing::THP);
         let e = c.validate().unwrap_err();
         assert!(
             matches!(e, ConfigError::Size { align, .. } if align == HUGE_2M),
@@ -580,7 +589,7 @@ mod tests {
 
     #[test]
     fn test_config_too_many_accesses_is_rejected() {
-        let mut c = FaultsConfig::small(64 << 20, Backing::Anon);
+        let mut c = FaultsConfig::small(64 << 20, Backing::ANON);
         c.pattern = Pattern::Stride(8);
         assert!(matches!(
             c.validate(),

@@ -24,8 +24,8 @@ use kvm_ioctls::{VcpuExit, VcpuFd};
 use vm_memory::{Bytes, GuestAddress};
 
 use super::config::{FaultsConfig, GuestPage, TEST_BASE};
-use super::page_tables::{apply_patches, gig_leaf, tables_len, write_4k_tables};
-use super::BenchError;
+use super::error::BenchError;
+use crate::boot::paging::{apply_patches, gig_leaf, tables_len, write_4k_tables};
 use crate::mm::addr::{Gpa, PAGE_SIZE};
 use crate::mm::backing::HostMapping;
 use crate::mm::slot_map::SlotFlags;

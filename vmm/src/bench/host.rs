@@ -1,6 +1,7 @@
 //! The host side of the bench: facts about the host that decide what kind of
-//! faults were measured, thread pinning, and the host-only first-touch floor
-//! (the same access pattern on the same kind of memory, no VM).
+//! faults were measured, thread pinning, fresh memory of a [`Backing`], and
+//! the host-only first-touch floor (the same access pattern on the same kind
+//! of memory, no VM).
 
 use std::arch::x86_64::_rdtsc;
 
@@ -9,8 +10,7 @@ use kvm_ioctls::Kvm;
 use serde::Serialize;
 
 use super::config::{Access, Backing};
-use crate::mm::addr::PAGE_SIZE;
-use crate::mm::backing::{BackingError, HostMapping};
+use crate::mm::backing::{meminfo, BackingError, HostMapping};
 
 /// What a reader needs to tell which faults were measured.
 #[derive(Debug, Clone, Serialize)]
@@ -39,17 +39,6 @@ fn read_trim(path: &str) -> String {
     std::fs::read_to_string(path)
         .map(|s| s.trim().to_string())
         .unwrap_or_else(|_| "unknown".into())
-}
-
-fn meminfo(key: &str) -> u64 {
-    std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix(key))
-                .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        })
-        .unwrap_or(0)
 }
 
 /// Whether KVM's supported CPUID has pdpe1gb (leaf 0x80000001, EDX bit 26).
@@ -85,8 +74,8 @@ impl HostFacts {
             kernel: uts,
             thp_enabled: read_trim("/sys/kernel/mm/transparent_hugepage/enabled"),
             thp_defrag: read_trim("/sys/kernel/mm/transparent_hugepage/defrag"),
-            hugepages_total: meminfo("HugePages_Total:"),
-            hugepages_free: meminfo("HugePages_Free:"),
+            hugepages_total: meminfo("HugePages_Total").unwrap_or(0),
+            hugepages_free: meminfo("HugePages_Free").unwrap_or(0),
             cpu_model,
             cpus: online_cpus(),
             tsc_khz,
@@ -107,37 +96,16 @@ pub fn pin_current_thread(cpu: usize) {
     }
 }
 
-/// Populates every page of `m` for writing (the `prefault` backing).
-pub fn populate(m: &HostMapping) {
-    const MADV_POPULATE_WRITE: i32 = 23;
-    // SAFETY: advice on our own live mapping; it only faults pages in.
-    let ok =
-        unsafe { libc::madvise(m.as_ptr().cast(), m.len() as usize, MADV_POPULATE_WRITE) } == 0;
-    if !ok {
-        // Older kernels: touch every page.
-        for off in (0..m.len()).step_by(PAGE_SIZE as usize) {
-            // SAFETY: `off` < len; the mapping is alive and ours.
-            unsafe { std::ptr::write_volatile(m.as_ptr().add(off as usize), 0) };
-        }
-    }
-}
-
-/// Maps `size` bytes of `backing`'s memory. A temporary file (`file`
-/// without a path) starts empty and is unlinked once mapped, so every
-/// configuration and round sees a fresh file; a user's `file=PATH` is used as is.
-pub fn map_fresh(
-    backing: &Backing,
-    size: u64,
-    temp_file: &std::path::Path,
-) -> Result<HostMapping, BackingError> {
-    let temp = *backing == Backing::File(None);
-    if temp {
-        let _ = std::fs::remove_file(temp_file);
-    }
-    let m = HostMapping::new(&backing.mapping_kind(temp_file), size)?;
-    if temp {
-        // The mapping and its fd keep the file alive until dropped.
-        let _ = std::fs::remove_file(temp_file);
+/// Maps `size` bytes of `backing`'s memory, fresh: `file` is an unnamed
+/// file (nothing to clean up, even after a crash), `prefault` is populated,
+/// a user's `file=PATH` is used as is.
+pub fn map_fresh(backing: &Backing, size: u64) -> Result<HostMapping, BackingError> {
+    let m = match backing.host_kind() {
+        Some(kind) => HostMapping::new(kind, size)?,
+        None => HostMapping::new_unnamed_file(&std::env::temp_dir(), size)?,
+    };
+    if *backing == Backing::Prefault {
+        m.populate();
     }
     Ok(m)
 }
@@ -150,12 +118,8 @@ pub fn first_touch(
     size: u64,
     offsets: &[u64],
     access: Access,
-    temp_file: &std::path::Path,
 ) -> Result<Vec<u64>, BackingError> {
-    let m = map_fresh(backing, size, temp_file)?;
-    if *backing == Backing::Prefault {
-        populate(&m);
-    }
+    let m = map_fresh(backing, size)?;
     let mut ticks = Vec::with_capacity(offsets.len());
     for (n, &off) in offsets.iter().enumerate() {
         // SAFETY: every offset is below `size` (built from the same plan as

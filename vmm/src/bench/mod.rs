@@ -3,133 +3,119 @@
 //!
 //! For each configuration (one per backing), a guest at CPL3 — where faults
 //! are real under this host's shadow MMU — touches the pages of a test range
-//! plugged at [`config::TEST_BASE`], times each access with `rdtsc` (the
-//! protocol's TIMED_TOUCH) and stores the deltas in a result buffer that was
-//! faulted in beforehand. The VMM converts ticks with `KVM_GET_TSC_KHZ`,
-//! reads KVM's binary statistics between phases (every vCPU parked, so each
-//! delta belongs to one phase), and reports percentiles, a JSON document and
-//! an SVG plot. Baselines from the same invocation: [`raw`] (minimal KVM,
-//! identical pattern) and [`host::first_touch`] (no VM).
+//! plugged at [`TEST_BASE`], times each access with `rdtsc` (the protocol's
+//! TIMED_TOUCH) and stores the deltas in a result buffer that was faulted in
+//! beforehand. The VMM converts ticks with `KVM_GET_TSC_KHZ`, reads KVM's
+//! binary statistics between phases (every vCPU parked, so each delta
+//! belongs to one phase), and reports percentiles, a JSON document and an
+//! SVG plot. Baselines from the same invocation: a raw minimal KVM program
+//! with the identical pattern ([`raw_baseline`]) and a host-only first
+//! touch (no VM).
 //!
-//! Modules: [`config`] (flags), [`plan`] (the accesses), [`guest`] (the VM
-//! and vCPU threads), [`page_tables`] (4K/1G guest page tables), [`uffd`]
-//! (userfaultfd handler), [`host`] (host facts, floor), [`raw`] (baseline),
-//! [`stats`] (percentiles), [`report`] (tables, JSON), [`plot`] (SVG); the
-//! orchestration of phases and baselines is [`run_faults`].
+//! The public face is [`faults`] (the command), [`run_faults`] (the
+//! measurement as a library call) and the types they take and return; the
+//! modules behind them are private. Modules, each importing only those
+//! listed before it: `config` (flags), `stats` (percentiles, units),
+//! `plot` (SVG), `host` (host facts, memory, floor), `uffd` (userfaultfd
+//! handler), `plan` (the accesses), `error`, `report` (tables, JSON),
+//! `progress` (bar), `guest` (the VM and vCPU threads), `raw` (baseline),
+//! `run` (phases and baselines); page tables come from
+//! [`crate::boot::paging`], host memory from [`crate::mm::backing`].
 //!
 //! Threads: the main thread orchestrates phases; one thread per vCPU; one
 //! userfaultfd handler thread for the uffd backings. No lock is held across
 //! a phase; the only shared state is the uffd handler's page list (a mutex)
 //! and the progress counter (a relaxed atomic, read for display only).
 
-pub mod config;
-pub mod guest;
-pub mod host;
-pub mod page_tables;
-pub mod plan;
-pub mod plot;
-pub mod raw;
-pub mod report;
-pub mod stats;
-pub mod uffd;
-
+mod config;
+mod error;
+mod guest;
+mod host;
+mod plan;
+mod plot;
+mod progress;
+mod raw;
+mod report;
 mod run;
+mod stats;
+mod uffd;
 
+use std::fs::File;
 use std::io::Write;
-use std::time::Duration;
+use std::path::Path;
 
-use config::ConfigError;
+pub use config::{
+    fmt_size, Access, Backing, ConfigError, FaultsArgs, FaultsConfig, GuestPage, Pattern, Share,
+    UffdCpu, MAX_ACCESSES_PER_VCPU, TEST_BASE,
+};
+pub use error::BenchError;
+pub use host::{kvm_has_pdpe1gb, HostFacts};
+pub use raw::{run as raw_baseline, RawResult};
+pub use report::{Baselines, ConfigResult, FaultsReport, PassResult, RawBaseline, Settings};
 pub use run::run_faults;
+pub use stats::{fmt_ns, ticks_to_ns, Summary};
+pub use uffd::UffdCounts;
 
-use crate::mm::backing::BackingError;
-
-/// Errors of a bench run.
-#[derive(Debug, thiserror::Error)]
-pub enum BenchError {
-    /// The configuration is invalid.
-    #[error(transparent)]
-    Config(#[from] ConfigError),
-    /// The VM could not be built.
-    #[error(transparent)]
-    Vm(#[from] crate::vm::VmError),
-    /// Host memory could not be set up.
-    #[error(transparent)]
-    Backing(#[from] BackingError),
-    /// Plugging the test range failed.
-    #[error("plugging the test range: {0}")]
-    Memory(#[from] crate::mm::manager::MemslotError),
-    /// Guest page tables could not be built.
-    #[error(transparent)]
-    PageTables(#[from] page_tables::PageTableError),
-    /// Boot tables could not be written (raw baseline).
-    #[error(transparent)]
-    Tables(#[from] crate::boot::tables::TablesError),
-    /// The guest image could not be loaded (raw baseline).
-    #[error(transparent)]
-    Image(#[from] crate::boot::elf::ElfError),
-    /// userfaultfd failed.
-    #[error(transparent)]
-    Uffd(#[from] uffd::UffdError),
-    /// KVM statistics unavailable.
-    #[error(transparent)]
-    Stats(#[from] crate::kvm::stats::StatsError),
-    /// A setup step failed.
-    #[error("bench setup: {0}")]
-    Setup(String),
-    /// A guest command failed.
-    #[error("vCPU {vcpu}: {detail}")]
-    Guest {
-        /// vCPU index.
-        vcpu: u64,
-        /// What happened.
-        detail: String,
-    },
-    /// A phase did not finish in time.
-    #[error("vCPU {vcpu} did not finish its phase within {after:?} (--timeout)")]
-    Timeout {
-        /// vCPU index.
-        vcpu: u64,
-        /// The limit.
-        after: Duration,
-    },
-    /// Writing the plot or a temporary file failed.
-    #[error("{what}: {source}")]
-    Io {
-        /// What was written.
-        what: String,
-        /// The error.
-        source: std::io::Error,
-    },
+/// Opens the plot file before anything is measured, so a bad path fails in
+/// milliseconds rather than after the whole bench.
+fn create_output(what: &'static str, path: &Path) -> Result<File, ConfigError> {
+    File::create(path).map_err(|e| ConfigError::Output {
+        what,
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })
 }
 
 /// `vmm bench faults` with parsed flags: runs, prints, writes the plot;
-/// returns the exit status (0 ok, 1 failure, 2 invalid configuration).
-pub fn main_faults(args: &config::FaultsArgs) -> i32 {
-    let cfg = match args.to_config() {
+/// returns the exit status (0 ok, 1 failure, 2 invalid configuration or
+/// output path).
+pub fn faults(args: &FaultsArgs) -> i32 {
+    let checked = args.to_config().and_then(|cfg| {
+        let plot = args
+            .plot
+            .as_deref()
+            .map(|p| create_output("the plot", p).map(|f| (f, p)))
+            .transpose()?;
+        Ok((cfg, plot))
+    });
+    let (cfg, plot) = match checked {
         Ok(c) => c,
         Err(e) => {
             eprintln!("vmm: {e}");
             return 2;
         }
     };
+    let status = measure_and_report(args, &cfg, plot);
+    if status != 0 {
+        if let Some(p) = &args.plot {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+    status
+}
+
+fn measure_and_report(args: &FaultsArgs, cfg: &FaultsConfig, plot: Option<(File, &Path)>) -> i32 {
     let mut out: Box<dyn Write> = if args.json {
         Box::new(std::io::stderr())
     } else {
         Box::new(std::io::stdout())
     };
-    let report = match run_faults(&cfg, &mut *out) {
+    let report = match run_faults(cfg, &mut *out) {
         Ok(r) => r,
-        Err(BenchError::Config(e)) => {
-            eprintln!("vmm: {e}");
-            return 2;
-        }
         Err(e) => {
             eprintln!("vmm: {e}");
-            return 1;
+            return if matches!(e, BenchError::Config(_)) {
+                2
+            } else {
+                1
+            };
         }
     };
-    if let Some(path) = &args.plot {
-        if let Err(e) = std::fs::write(path, plot::svg(&plot::series(&report))) {
+    if let Some((mut file, path)) = plot {
+        let written = plot::svg(&report.plot_series())
+            .map_err(|e| e.to_string())
+            .and_then(|svg| file.write_all(svg.as_bytes()).map_err(|e| e.to_string()));
+        if let Err(e) = written {
             eprintln!("vmm: writing the plot {}: {e}", path.display());
             return 1;
         }

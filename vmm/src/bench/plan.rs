@@ -1,15 +1,6 @@
 //! The commands a vCPU runs in one timed pass, and the offsets they touch, in
 //! order. The tool, the raw baseline and the host floor all derive their
 //! accesses from here, so the three measure the identical pattern.
-//!
-//! ```
-//! use vmm::bench::config::{Backing, FaultsConfig, Pattern};
-//! use vmm::bench::plan::{pass_commands, touched_offsets};
-//! let cfg = FaultsConfig::small(16 << 10, Backing::Anon);
-//! assert_eq!(touched_offsets(&cfg, 0), vec![0, 4096, 8192, 12288]);
-//! let cmds = pass_commands(&cfg, 0, 0x4000_0000);
-//! assert_eq!(cmds.len(), 1);
-//! ```
 
 use guest_image::protocol::command;
 
@@ -113,8 +104,15 @@ mod tests {
     use crate::bench::config::Backing;
 
     #[test]
+    fn test_small_sequential_pass_is_one_command_over_each_page() {
+        let cfg = FaultsConfig::small(16 << 10, Backing::ANON);
+        assert_eq!(touched_offsets(&cfg, 0), vec![0, 4096, 8192, 12288]);
+        assert_eq!(pass_commands(&cfg, 0, 0x4000_0000).len(), 1);
+    }
+
+    #[test]
     fn test_random_offsets_are_a_permutation_of_the_pages() {
-        let mut cfg = FaultsConfig::small(64 * PAGE_SIZE, Backing::Anon);
+        let mut cfg = FaultsConfig::small(64 * PAGE_SIZE, Backing::ANON);
         cfg.pattern = Pattern::Random;
         let offs = touched_offsets(&cfg, 0);
         let mut sorted = offs.clone();
@@ -125,7 +123,7 @@ mod tests {
 
     #[test]
     fn test_chunked_commands_cover_every_access_once() {
-        let mut cfg = FaultsConfig::small(1000 * PAGE_SIZE, Backing::Anon);
+        let mut cfg = FaultsConfig::small(1000 * PAGE_SIZE, Backing::ANON);
         cfg.pattern = Pattern::Stride(3 * PAGE_SIZE);
         let cmds = pass_commands(&cfg, 0, 0x1000);
         assert!(cmds.len() as u64 <= MAX_CHUNKS);

@@ -10,7 +10,6 @@
 //! It shares only pure code with the tool (boot tables, ELF loading, register
 //! values, page-table writers, the command plan) and `HostMapping`.
 
-use std::path::Path;
 use std::sync::{Arc, Barrier};
 
 use guest_image::protocol::{command, layout, mailbox_offset, status, REG_DOORBELL, REG_EXCEPTION};
@@ -19,13 +18,14 @@ use kvm_ioctls::{Kvm, VcpuExit, VcpuFd};
 
 use super::config::{Backing, FaultsConfig, GuestPage, TEST_BASE};
 use super::guest::RamLayout;
-use super::page_tables::{apply_patches, gig_leaf, write_4k_tables};
+
+use super::error::BenchError;
 use super::plan::{pass_commands, prefault_command};
-use super::BenchError;
 use crate::boot::elf::ElfImage;
+use crate::boot::paging::{apply_patches, gig_leaf, write_4k_tables};
 use crate::boot::tables::write_boot_tables;
 use crate::mm::addr::{Gpa, GpaRange, HUGE_1G};
-use crate::mm::backing::HostMapping;
+use crate::mm::backing::{BackingKind, HostMapping};
 use crate::plan::Command;
 
 /// Per-access TSC ticks of every vCPU, concatenated, per pass.
@@ -50,11 +50,7 @@ struct Shared {
 }
 
 /// Runs the raw baseline of `cfg` on `backing` (not a uffd kind).
-pub fn run(
-    cfg: &FaultsConfig,
-    backing: &Backing,
-    temp_file: &Path,
-) -> Result<RawResult, BenchError> {
+pub fn run(cfg: &FaultsConfig, backing: &Backing) -> Result<RawResult, BenchError> {
     let kvm = Kvm::new().map_err(kvm_err("open /dev/kvm"))?;
     let cpuid = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
@@ -66,12 +62,9 @@ pub fn run(
         .map_or(36, |e| e.eax & 0xFF);
     let identity_end = (1u64 << phys.min(40)).min(layout::IDENTITY_END) & !(HUGE_1G - 1);
     let ram = RamLayout::new(cfg);
-    let boot = HostMapping::new(&crate::mm::backing::BackingKind::Anon, layout::BOOT_SIZE)?;
-    let ram_map = HostMapping::new(&crate::mm::backing::BackingKind::Anon, ram.size)?;
-    let test = super::host::map_fresh(backing, cfg.size, temp_file)?;
-    if *backing == Backing::Prefault {
-        super::host::populate(&test);
-    }
+    let boot = HostMapping::new(&BackingKind::Anon, layout::BOOT_SIZE)?;
+    let ram_map = HostMapping::new(&BackingKind::Anon, ram.size)?;
+    let test = super::host::map_fresh(backing, cfg.size)?;
     // SAFETY: `boot` is BOOT_SIZE bytes, mapped, not yet shared with KVM.
     let mem = unsafe { std::slice::from_raw_parts_mut(boot.as_ptr(), layout::BOOT_SIZE as usize) };
     write_boot_tables(mem, cfg.vcpus, identity_end)?;
@@ -237,7 +230,7 @@ impl Job {
             if barrier.wait().is_leader() {
                 discarded = shared.test.discard(0, shared.test.len());
                 if shared.prefault {
-                    super::host::populate(&shared.test);
+                    shared.test.populate();
                 }
             }
             barrier.wait();

@@ -7,9 +7,10 @@ use std::fmt::Write as _;
 
 use serde::Serialize;
 
-use super::config::{Backing, FaultsConfig};
+use super::config::{fmt_size, Backing, FaultsConfig};
 use super::host::HostFacts;
-use super::stats::Summary;
+use super::plot::Series;
+use super::stats::{fmt_ns, Summary};
 use super::uffd::UffdCounts;
 
 /// The whole run.
@@ -21,6 +22,35 @@ pub struct FaultsReport {
     pub settings: Settings,
     /// One result per backing, in the order given.
     pub configurations: Vec<ConfigResult>,
+}
+
+impl FaultsReport {
+    /// The boxes of the plot: each pass of each configuration, then its raw
+    /// and host baselines.
+    pub fn plot_series(&self) -> Vec<Series> {
+        let mut out = Vec::new();
+        for c in &self.configurations {
+            for p in &c.passes {
+                out.push(Series {
+                    label: format!("{} {}", c.backing, p.pass),
+                    samples_ns: p.samples_ns.clone(),
+                });
+            }
+            if let Some(b) = &c.baselines {
+                if let Some(r) = &b.raw {
+                    out.push(Series {
+                        label: format!("{} raw KVM", c.backing),
+                        samples_ns: r.samples_ns.clone(),
+                    });
+                }
+                out.push(Series {
+                    label: format!("{} host only", b.host_kind),
+                    samples_ns: b.host_samples_ns.clone(),
+                });
+            }
+        }
+        out
+    }
 }
 
 /// The settings of a run, echoed.
@@ -53,12 +83,12 @@ impl From<&FaultsConfig> for Settings {
         Self {
             size: c.size,
             pattern: c.pattern.to_string(),
-            access: format!("{:?}", c.access).to_lowercase(),
+            access: c.access.to_string(),
             vcpus: c.vcpus,
-            share: format!("{:?}", c.share).to_lowercase(),
+            share: c.share.to_string(),
             guest_page: c.guest_page.to_string(),
             refault: c.refault,
-            uffd_cpu: format!("{:?}", c.uffd_cpu).to_lowercase(),
+            uffd_cpu: c.uffd_cpu.to_string(),
             seed: c.seed,
             rounds: c.rounds,
         }
@@ -255,17 +285,6 @@ fn ratio(a: f64, b: f64) -> f64 {
     }
 }
 
-/// `850ns`, `5.92us`, `1.20ms`.
-pub fn fmt_ns(ns: f64) -> String {
-    if ns < 1e3 {
-        format!("{ns:.0}ns")
-    } else if ns < 1e6 {
-        format!("{:.2}us", ns / 1e3)
-    } else {
-        format!("{:.2}ms", ns / 1e6)
-    }
-}
-
 fn row(
     out: &mut String,
     name: &str,
@@ -296,10 +315,10 @@ pub fn table(cfg: &FaultsConfig, r: &ConfigResult) -> String {
         "\n{} — {} {}, {}, {} vCPU(s) {}, guest pages {}, {} round(s)",
         r.backing,
         cfg.pattern,
-        format!("{:?}", cfg.access).to_lowercase(),
-        super::config::fmt_size(cfg.size),
+        cfg.access,
+        fmt_size(cfg.size),
         cfg.vcpus,
-        format!("{:?}", cfg.share).to_lowercase(),
+        cfg.share,
         cfg.guest_page,
         r.rounds,
     );

@@ -3,8 +3,8 @@
 //! buffers, timed first touch, DONTNEED + timed re-fault, uffd-copy verify)
 //! with KVM counters read between them, then the baselines.
 
-use std::io::{IsTerminal, Write};
-use std::path::PathBuf;
+use std::fs::File;
+use std::io::Write;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -12,59 +12,28 @@ use guest_image::protocol::pattern_word;
 use kvm_ioctls::Kvm;
 
 use super::config::{Access, Backing, ConfigError, FaultsConfig, GuestPage, UffdCpu, TEST_BASE};
+use super::error::BenchError;
 use super::guest::GuestBench;
+use super::progress::Progress;
 use super::report::{self, Baselines, ConfigResult, FaultsReport, PassResult, Settings};
 use super::stats::{counter_delta, ticks_to_ns, Summary};
 use super::uffd::{self, Handler, Resolve, Userfault};
-use super::{host, plan, raw, BenchError};
+use super::{host, plan, raw};
 use crate::mm::addr::{Gpa, GpaRange, PAGE_SIZE};
-use crate::mm::backing::{BackingError, HostMapping};
+use crate::mm::backing::{BackingError, BackingKind, HostMapping};
 use crate::plan::Command;
 
-/// Temporary files of one bench run, removed on drop.
-#[derive(Debug)]
-struct TempFiles {
-    dir: PathBuf,
-}
-
-impl TempFiles {
-    fn new() -> Result<Self, BenchError> {
-        use std::sync::atomic::{AtomicU64, Ordering};
-        static N: AtomicU64 = AtomicU64::new(0);
-        let dir = std::env::temp_dir().join(format!(
-            "vmm-bench-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::create_dir_all(&dir).map_err(|source| BenchError::Io {
-            what: format!("creating {}", dir.display()),
-            source,
-        })?;
-        Ok(Self { dir })
-    }
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.join(name)
-    }
-}
-
-impl Drop for TempFiles {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-/// Writes the uffd-copy source: the FILL pattern of `seed` at the guest
-/// address each word will have, so the guest's VERIFY can check the copies.
-fn write_copy_source(
-    path: &std::path::Path,
-    size: u64,
-    seed: u64,
-) -> Result<std::fs::File, BenchError> {
+/// The uffd-copy source: the FILL pattern of `seed` at the guest address
+/// each word will have, so the guest's VERIFY can check the copies. It lives
+/// in a memfd, which leaves nothing behind however the process ends.
+fn copy_source(size: u64, seed: u64) -> Result<File, BenchError> {
     let io = |source| BenchError::Io {
-        what: format!("writing the uffd-copy source {}", path.display()),
+        what: "writing the uffd-copy source (a memfd)".into(),
         source,
     };
-    let mut f = std::fs::File::create(path).map_err(io)?;
+    let memfd = HostMapping::new(&BackingKind::Memfd, size)?;
+    let fd = memfd.fd().expect("a memfd mapping keeps its descriptor");
+    let mut f = File::from(fd.try_clone().map_err(io)?);
     let mut buf = Vec::with_capacity(1 << 20);
     for word in 0..size / 8 {
         buf.extend_from_slice(&pattern_word(seed, TEST_BASE + word * 8).to_le_bytes());
@@ -74,49 +43,7 @@ fn write_copy_source(
         }
     }
     f.write_all(&buf).map_err(io)?;
-    std::fs::File::open(path).map_err(io)
-}
-
-/// Prints a one-line progress bar on stderr when it is a terminal.
-#[derive(Debug)]
-struct Progress {
-    enabled: bool,
-    label: String,
-    total: u64,
-    base: u64,
-    last: Instant,
-}
-
-impl Progress {
-    fn new(enabled: bool, label: String, total: u64, base: u64) -> Self {
-        Self {
-            enabled: enabled && std::io::stderr().is_terminal(),
-            label,
-            total: total.max(1),
-            base,
-            last: Instant::now(),
-        }
-    }
-    fn tick(&mut self, done: u64) {
-        if !self.enabled || self.last.elapsed() < Duration::from_millis(100) {
-            return;
-        }
-        self.last = Instant::now();
-        let n = done.saturating_sub(self.base).min(self.total);
-        let filled = (n * 30 / self.total) as usize;
-        eprint!(
-            "\r{:<28} [{}{}] {:3}%",
-            self.label,
-            "#".repeat(filled),
-            ".".repeat(30 - filled),
-            n * 100 / self.total
-        );
-    }
-    fn finish(&self) {
-        if self.enabled {
-            eprint!("\r{}\r", " ".repeat(70));
-        }
-    }
+    Ok(f)
 }
 
 /// Runs every configuration of `cfg`, printing a table per configuration to
@@ -129,16 +56,15 @@ pub fn run_faults(cfg: &FaultsConfig, out: &mut dyn Write) -> Result<FaultsRepor
         return Err(ConfigError::NoGigPages.into());
     }
     drop(kvm);
-    let temp = TempFiles::new()?;
     let mut results = Vec::new();
     let mut tsc_khz = 0;
     for backing in &cfg.backings {
-        let mut r = run_one(cfg, backing, &temp, false)?;
+        let mut r = run_one(cfg, backing, false)?;
         for round in 1..cfg.rounds {
             if r.skipped.is_some() {
                 break;
             }
-            r.merge(run_one(cfg, backing, &temp, round % 2 == 1)?);
+            r.merge(run_one(cfg, backing, round % 2 == 1)?);
         }
         tsc_khz = tsc_khz.max(r.tsc_khz);
         let _ = write!(out, "{}", report::table(cfg, &r));
@@ -163,26 +89,21 @@ pub fn run_faults(cfg: &FaultsConfig, out: &mut dyn Write) -> Result<FaultsRepor
 fn run_one(
     cfg: &FaultsConfig,
     backing: &Backing,
-    temp: &TempFiles,
     raw_first: bool,
 ) -> Result<ConfigResult, BenchError> {
     let mut notes = Vec::new();
     let early = if cfg.baselines && raw_first {
-        Some(baselines(cfg, backing, temp, &mut notes)?)
+        Some(baselines(cfg, backing, &mut notes)?)
     } else {
         None
     };
-    let file = temp.path("file-backing");
-    let test = match host::map_fresh(backing, cfg.size, &file) {
+    let test = match host::map_fresh(backing, cfg.size) {
         Ok(m) => Arc::new(m),
         Err(e @ BackingError::NoHugePages { .. }) => {
             return Ok(ConfigResult::skipped(backing, e.to_string()));
         }
         Err(e) => return Err(e.into()),
     };
-    if *backing == Backing::Prefault {
-        host::populate(&test);
-    }
     let ncpu = host::online_cpus();
     let pinned = cfg.uffd_cpu != UffdCpu::Any;
     let cpus: Vec<Option<usize>> = (0..cfg.vcpus as usize)
@@ -191,11 +112,7 @@ fn run_one(
     let handler = if backing.is_uffd() {
         let uffd = Userfault::register(test.hva().0, test.len())?;
         let resolve = match backing {
-            Backing::UffdCopy => Resolve::CopyFrom(write_copy_source(
-                &temp.path("uffd-source"),
-                cfg.size,
-                cfg.seed,
-            )?),
+            Backing::UffdCopy => Resolve::CopyFrom(copy_source(cfg.size, cfg.seed)?),
             _ => Resolve::Zero,
         };
         let cpu = match cfg.uffd_cpu {
@@ -220,7 +137,7 @@ fn run_one(
     notes.extend(measured_notes);
     let baselines = match early {
         Some(b) => Some(b),
-        None if cfg.baselines => Some(baselines(cfg, backing, temp, &mut notes)?),
+        None if cfg.baselines => Some(baselines(cfg, backing, &mut notes)?),
         None => None,
     };
     let mut result = ConfigResult {
@@ -282,7 +199,7 @@ fn measure(
             // its mappings; the next touch faults again.
             test.discard(0, test.len())?;
             if *backing == Backing::Prefault {
-                host::populate(test);
+                test.populate();
             }
         }
         let _ = take_uffd(handler)?;
@@ -291,7 +208,7 @@ fn measure(
             .map(|i| plan::pass_commands(cfg, i, bench.ram.results[i as usize].0))
             .collect();
         let total = commands.iter().map(|c| c.len() as u64).sum();
-        let mut progress = Progress::new(
+        let progress = Progress::new(
             cfg.progress,
             format!("{backing} {name}"),
             total,
@@ -396,14 +313,13 @@ fn pass_result(
 fn baselines(
     cfg: &FaultsConfig,
     backing: &Backing,
-    temp: &TempFiles,
     notes: &mut Vec<String>,
 ) -> Result<Baselines, BenchError> {
     let raw = if backing.is_uffd() {
         notes.push("raw KVM baseline not run for userfaultfd backings (it would need the same handler); compare with anon".into());
         None
     } else {
-        let r = raw::run(cfg, backing, &temp.path("raw-file-backing"))?;
+        let r = raw::run(cfg, backing)?;
         let ns = |t: &[u64]| -> Vec<f64> { t.iter().map(|&t| ticks_to_ns(t, r.tsc_khz)).collect() };
         Some(report::RawBaseline {
             first: Summary::default(),
@@ -414,13 +330,7 @@ fn baselines(
     };
     let tsc = raw_tsc_khz()?;
     let offsets = plan::touched_offsets(cfg, 0);
-    let host_ticks = host::first_touch(
-        backing,
-        cfg.size,
-        &offsets,
-        cfg.access,
-        &temp.path("host-file-backing"),
-    )?;
+    let host_ticks = host::first_touch(backing, cfg.size, &offsets, cfg.access)?;
     Ok(Baselines {
         raw,
         ratio_tool_to_raw: None,

@@ -32,6 +32,25 @@ pub mod pte {
     pub const USER: u64 = 1 << 2;
     /// Large page (PS) in a PDPTE or PDE.
     pub const HUGE: u64 = 1 << 7;
+    /// The bits of every entry the identity map writes: present, writable,
+    /// user-accessible.
+    pub const USER_RW: u64 = PRESENT | WRITABLE | USER;
+}
+
+/// Guest-physical address of the identity map's PDPT entry for `gpa`'s GiB.
+pub fn pdpt_entry_gpa(gpa: u64) -> u64 {
+    layout::PDPT + (gpa / HUGE_1G) * 8
+}
+
+/// Guest-physical address of the identity map's page-directory entry (a
+/// 2 MiB leaf) for `gpa`.
+pub fn pd_entry_gpa(gpa: u64) -> u64 {
+    pd_gpa(gpa) + ((gpa >> 21) & 511) * 8
+}
+
+/// Guest-physical address of the page directory of `gpa`'s GiB.
+fn pd_gpa(gpa: u64) -> u64 {
+    layout::PDS + (gpa / HUGE_1G) * 0x1000
 }
 
 /// Why the tables cannot be written.
@@ -98,14 +117,12 @@ pub fn write_boot_tables(
     {
         return Err(TablesError::Window(identity_end));
     }
-    let table = pte::PRESENT | pte::WRITABLE | pte::USER;
-    put_u64(boot, layout::PML4, layout::PDPT | table);
+    put_u64(boot, layout::PML4, layout::PDPT | pte::USER_RW);
     for gib in 0..identity_end / HUGE_1G {
-        let pd = layout::PDS + gib * 0x1000;
-        put_u64(boot, layout::PDPT + gib * 8, pd | table);
-        for i in 0..512 {
-            let gpa = gib * HUGE_1G + i * HUGE_2M;
-            put_u64(boot, pd + i * 8, gpa | table | pte::HUGE);
+        let base = gib * HUGE_1G;
+        put_u64(boot, pdpt_entry_gpa(base), pd_gpa(base) | pte::USER_RW);
+        for gpa in (base..base + HUGE_1G).step_by(HUGE_2M as usize) {
+            put_u64(boot, pd_entry_gpa(gpa), gpa | pte::USER_RW | pte::HUGE);
         }
     }
 

@@ -20,7 +20,7 @@ use std::fmt;
 use std::fs::OpenOptions;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 use super::addr::{Hva, HUGE_2M, PAGE_SIZE};
@@ -158,15 +158,21 @@ impl fmt::Debug for HostMapping {
     }
 }
 
+/// The number of a `/proc/meminfo` line (`key` without the colon, e.g.
+/// `HugePages_Free`), in the file's own unit; `None` if absent.
+pub fn meminfo(key: &str) -> Option<u64> {
+    parse_meminfo(&std::fs::read_to_string("/proc/meminfo").ok()?, key)
+}
+
+fn parse_meminfo(text: &str, key: &str) -> Option<u64> {
+    text.lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        (k == key).then(|| v.split_whitespace().next()?.parse().ok())?
+    })
+}
+
 fn free_huge_pages() -> u64 {
-    std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("HugePages_Free:"))
-                .and_then(|v| v.trim().parse().ok())
-        })
-        .unwrap_or(0)
+    meminfo("HugePages_Free").unwrap_or(0)
 }
 
 impl HostMapping {
@@ -282,6 +288,39 @@ impl HostMapping {
         })
     }
 
+    /// Maps `len` bytes of a shared file that has no name: created in `dir`
+    /// with `O_TMPFILE` (or, where the file system lacks it, unlinked right
+    /// after creation), so nothing is left in `dir`, even after `SIGKILL`.
+    pub fn new_unnamed_file(dir: &Path, len: u64) -> Result<Self, BackingError> {
+        let kind = BackingKind::File(dir.join("(unnamed)"));
+        let file = unnamed_file(dir).map_err(|source| BackingError::Sys {
+            what: "open(O_TMPFILE)",
+            kind: kind.clone(),
+            size: len,
+            source,
+        })?;
+        // The mapping opens its own descriptor of the same unnamed file.
+        let by_fd = PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()));
+        let mut m = Self::new(&BackingKind::File(by_fd), len)?;
+        m.kind = kind;
+        Ok(m)
+    }
+
+    /// Populates every page for writing (`MADV_POPULATE_WRITE`, or a write to
+    /// each page on kernels without it), so later accesses find them present.
+    pub fn populate(&self) {
+        const MADV_POPULATE_WRITE: i32 = 23;
+        // SAFETY: advice on our own live mapping; it only faults pages in.
+        let ok =
+            unsafe { libc::madvise(self.addr.cast(), self.len as usize, MADV_POPULATE_WRITE) } == 0;
+        if !ok {
+            for off in (0..self.len).step_by(PAGE_SIZE as usize) {
+                // SAFETY: `off` < len; the mapping is alive and ours.
+                unsafe { std::ptr::write_volatile(self.addr.add(off as usize), 0) };
+            }
+        }
+    }
+
     /// Host address of the first byte.
     pub fn hva(&self) -> Hva {
         Hva(self.addr as u64)
@@ -364,6 +403,31 @@ impl HostMapping {
     /// The descriptor of a memfd or file backing.
     pub fn fd(&self) -> Option<&OwnedFd> {
         self.fd.as_ref()
+    }
+}
+
+/// A file in `dir` without a name: `O_TMPFILE`, else created and unlinked.
+fn unnamed_file(dir: &Path) -> io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmpfile = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_TMPFILE)
+        .mode(0o600)
+        .open(dir);
+    match tmpfile {
+        Err(e) if matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP | libc::EISDIR)) => {
+            let path = dir.join(format!(".vmm-unnamed-{}", std::process::id()));
+            let file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&path)?;
+            std::fs::remove_file(&path)?;
+            Ok(file)
+        }
+        r => r,
     }
 }
 
@@ -454,5 +518,27 @@ mod tests {
         }
         let err = HostMapping::new(&BackingKind::Hugetlb, 2 << 20).unwrap_err();
         assert!(err.to_string().contains("nr_hugepages"), "{err}");
+    }
+
+    #[test]
+    fn test_meminfo_reads_the_named_line_only() {
+        let text = "MemTotal:       24000 kB\nHugePages_Total:       4\nHugePages_Free:        3\n";
+        assert_eq!(parse_meminfo(text, "HugePages_Free"), Some(3));
+        assert_eq!(parse_meminfo(text, "MemTotal"), Some(24000));
+        assert_eq!(parse_meminfo(text, "HugePages"), None);
+        assert!(meminfo("MemTotal").is_some());
+    }
+
+    #[test]
+    fn test_unnamed_file_leaves_nothing_in_its_directory() {
+        let dir = std::env::temp_dir().join(format!("vmm-unnamed-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let m = HostMapping::new_unnamed_file(&dir, 2 * PAGE_SIZE).unwrap();
+        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0);
+        assert_eq!(write_read(&m, PAGE_SIZE, 7), 7);
+        m.discard(0, 2 * PAGE_SIZE).unwrap();
+        drop(m);
+        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0);
+        std::fs::remove_dir(&dir).unwrap();
     }
 }

@@ -1,8 +1,9 @@
-//! Guest page tables over the test range for guest page sizes other than the
-//! boot identity map's 2 MiB (pure: writes into byte slices).
+//! Guest page sizes other than the boot identity map's 2 MiB over one range
+//! of it (pure: writes into byte slices); the entries' places come from
+//! [`super::tables`].
 //!
 //! - 4 KiB: one page table per 2 MiB of the range, identity-mapping it with
-//!   4 KiB PTEs, written into guest memory the bench plugs; the boot region's
+//!   4 KiB PTEs, written into guest memory the caller plugs; the boot region's
 //!   page-directory entries for those 2 MiB are then pointed at them
 //!   ([`PdPatch`]). The guest walks them like any page table.
 //! - 1 GiB: the PDPT entry of the range's GiB becomes a 1 GiB leaf. Only valid
@@ -11,7 +12,7 @@
 //! Both must be written before the vCPUs first run (no TLB shootdown exists).
 //!
 //! ```
-//! use vmm::bench::page_tables::{tables_len, write_4k_tables};
+//! use vmm::boot::paging::{tables_len, write_4k_tables};
 //! let mut tables = vec![0u8; tables_len(4 << 20) as usize];
 //! let patches = write_4k_tables(&mut tables, 0x4000_0000, 4 << 30, 4 << 20).unwrap();
 //! assert_eq!(patches.len(), 2);
@@ -20,7 +21,7 @@
 
 use guest_image::protocol::layout;
 
-use crate::boot::tables::pte;
+use super::tables::{pd_entry_gpa, pdpt_entry_gpa, pte};
 use crate::mm::addr::{HUGE_1G, HUGE_2M, PAGE_SIZE};
 
 /// Errors building page tables.
@@ -100,7 +101,7 @@ pub fn write_4k_tables(
             end: layout::IDENTITY_END,
         });
     }
-    let flags = pte::PRESENT | pte::WRITABLE | pte::USER;
+    let flags = pte::USER_RW;
     let mut patches = Vec::new();
     for chunk in 0..len.div_ceil(HUGE_2M) {
         let base = start + chunk * HUGE_2M;
@@ -110,9 +111,8 @@ pub fn write_4k_tables(
             let value = (base + i * PAGE_SIZE) | flags;
             tables[at..at + 8].copy_from_slice(&value.to_le_bytes());
         }
-        let gib = base / HUGE_1G;
         patches.push(PdPatch {
-            entry_gpa: layout::PDS + gib * 0x1000 + ((base >> 21) & 511) * 8,
+            entry_gpa: pd_entry_gpa(base),
             value: (tables_gpa + table) | flags,
         });
     }
@@ -128,8 +128,8 @@ pub fn gig_leaf(start: u64) -> Result<PdPatch, PageTableError> {
         });
     }
     Ok(PdPatch {
-        entry_gpa: layout::PDPT + (start / HUGE_1G) * 8,
-        value: start | pte::PRESENT | pte::WRITABLE | pte::USER | pte::HUGE,
+        entry_gpa: pdpt_entry_gpa(start),
+        value: start | pte::USER_RW | pte::HUGE,
     })
 }
 
