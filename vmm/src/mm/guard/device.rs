@@ -20,9 +20,10 @@
 
 use std::fmt;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use super::access::SlotRef;
-use super::{GuardError, GuardedMap};
+use super::{wait_for_op, GuardError, GuardedMap, READER_WAIT_BOUND};
 use crate::mm::addr::{Gpa, Hva, PAGE_SIZE};
 use crate::mm::notifier::{
     InvalidationHub, PageTranslation, TranslationCache, TranslationCacheError,
@@ -82,6 +83,7 @@ impl PageTranslation for SlotPage {
 pub struct DeviceMemory<M: AsRef<GuardedMap> + Send + Sync + 'static> {
     memory: Arc<M>,
     cache: TranslationCache<SlotPage>,
+    wait_bound: Duration,
 }
 
 impl<M: AsRef<GuardedMap> + Send + Sync + 'static> fmt::Debug for DeviceMemory<M> {
@@ -116,16 +118,28 @@ impl<M: AsRef<GuardedMap> + Send + Sync + 'static> DeviceMemory<M> {
                 read_only: slot.flags().read_only,
             })
         })?;
-        Ok(Self { memory, cache })
+        Ok(Self {
+            memory,
+            cache,
+            wait_bound: READER_WAIT_BOUND,
+        })
+    }
+
+    /// Sets how long an access waits for ops changing its slot before
+    /// [`GuardError::Stuck`] (default [`READER_WAIT_BOUND`]).
+    pub fn set_wait_bound(&mut self, bound: Duration) {
+        self.wait_bound = bound;
     }
 
     /// Runs `f` on a guard of the slot holding `[gpa, gpa + len)` and the
     /// host address of `gpa`: several accesses under one guard. Waits while
-    /// the slot is being changed (so call it holding no other guard).
+    /// the slot is being changed (so call it holding no other guard), at
+    /// most the wait bound.
     ///
     /// # Errors
     /// [`GuardError::Unplugged`], [`GuardError::OutOfSlot`],
-    /// [`GuardError::Busy`] if the cached slot kept changing, or `f`'s error.
+    /// [`GuardError::Busy`] if the cached slot kept changing,
+    /// [`GuardError::Stuck`] past the wait bound, or `f`'s error.
     pub fn access<R>(
         &self,
         gpa: Gpa,
@@ -135,6 +149,7 @@ impl<M: AsRef<GuardedMap> + Send + Sync + 'static> DeviceMemory<M> {
         let memory = (*self.memory).as_ref();
         let mut last = 0;
         let mut tries = 0;
+        let started = Instant::now();
         while tries < STALE_RETRIES {
             let page = match self.cache.lookup(gpa) {
                 Ok(page) => page,
@@ -157,10 +172,18 @@ impl<M: AsRef<GuardedMap> + Send + Sync + 'static> DeviceMemory<M> {
                     slot.hva(gpa, len)?;
                     return f(&slot, page.hva);
                 }
+                Err(SlotLockError::Excluded { .. }) if started.elapsed() >= self.wait_bound => {
+                    return Err(GuardError::Stuck {
+                        gpa,
+                        slot: page.slot,
+                        waited: started.elapsed(),
+                        bound: self.wait_bound,
+                    })
+                }
                 Err(SlotLockError::Excluded { .. }) => {
                     // An op is changing the slot: wait for it on the writer
                     // lock (we hold no guard), then look again.
-                    memory.wait_for_writer();
+                    wait_for_op(memory, started);
                 }
                 Err(SlotLockError::TooManyReaders { slot, .. }) => {
                     return Err(GuardError::TooManyReaders { slot })

@@ -113,6 +113,23 @@ pub use device::{DeviceMemory, SlotPage};
 /// between detaching and publishing) before it reports the slot busy.
 const STALE_RETRIES: u32 = 64;
 
+/// How long a waiting reader ([`GuestReader::acquire`],
+/// [`DeviceMemory::access`]) waits for ops changing its slot before it gives
+/// up with [`GuardError::Stuck`]: longer than any op's drain bound, so it
+/// fires only on a slot left excluded (a writer that panicked mid-op) or on
+/// ops that never pause.
+pub const READER_WAIT_BOUND: Duration = Duration::from_secs(10);
+
+/// Waits for the op changing a slot a reader wants: on the writer lock, and
+/// if no writer holds it (a slot left excluded), a short sleep, so a stuck
+/// slot costs its waiter little CPU until the bound.
+fn wait_for_op(map: &GuardedMap, started: Instant) {
+    map.wait_for_writer();
+    if started.elapsed() > Duration::from_millis(1) {
+        std::thread::sleep(Duration::from_micros(200));
+    }
+}
+
 /// Errors of guarded guest-memory access, reader and writer side.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum GuardError {
@@ -181,6 +198,20 @@ pub enum GuardError {
         gpa: Gpa,
         /// Length.
         len: u64,
+    },
+    /// A slot stayed excluded past a waiting reader's bound
+    /// ([`READER_WAIT_BOUND`]): a writer left it excluded, or ops on it never
+    /// paused.
+    #[error("slot {slot} holding guest address {gpa} stayed excluded for {waited:?} (reader bound {bound:?}): a writer left it excluded or never paused")]
+    Stuck {
+        /// The address.
+        gpa: Gpa,
+        /// The slot id.
+        slot: u32,
+        /// How long the reader waited.
+        waited: Duration,
+        /// The bound.
+        bound: Duration,
     },
     /// The translation cache failed (not an unplugged page).
     #[error("translation cache: {0}")]
@@ -489,11 +520,30 @@ impl<'a> GuestReader<'a> {
     ///
     /// # Errors
     /// [`Unplugged`](GuardError::Unplugged) (after any op in flight),
-    /// [`TooManyReaders`](GuardError::TooManyReaders).
+    /// [`TooManyReaders`](GuardError::TooManyReaders),
+    /// [`Stuck`](GuardError::Stuck) after [`READER_WAIT_BOUND`].
     pub fn acquire(&mut self, gpa: Gpa) -> Result<SlotRef<'a>, GuardError> {
+        self.acquire_within(gpa, READER_WAIT_BOUND)
+    }
+
+    /// As [`acquire`](Self::acquire), giving up after `bound`.
+    ///
+    /// # Errors
+    /// As [`acquire`](Self::acquire), and [`Stuck`](GuardError::Stuck) past
+    /// the bound.
+    pub fn acquire_within(&mut self, gpa: Gpa, bound: Duration) -> Result<SlotRef<'a>, GuardError> {
+        let started = Instant::now();
         loop {
             match self.try_acquire(gpa) {
-                Err(GuardError::Busy { .. }) => self.map.wait_for_writer(),
+                Err(GuardError::Busy { slot, .. }) if started.elapsed() >= bound => {
+                    return Err(GuardError::Stuck {
+                        gpa,
+                        slot,
+                        waited: started.elapsed(),
+                        bound,
+                    })
+                }
+                Err(GuardError::Busy { .. }) => wait_for_op(self.map, started),
                 other => return other,
             }
         }

@@ -338,3 +338,32 @@ fn test_device_memory_caches_page_and_refetches_after_split() {
         Err(GuardError::CrossesPage { len: 8, .. })
     ));
 }
+
+#[test]
+fn test_readers_give_up_on_a_slot_left_excluded_naming_it() {
+    let mem = anon(4);
+    let g = Arc::new(plugged(&mem, 4));
+    let hub = Arc::new(crate::mm::notifier::InvalidationHub::new());
+    let mut dev = DeviceMemory::new(g.clone(), hub).unwrap();
+    dev.read_u64(Gpa(BASE)).unwrap(); // cached before the writer vanishes
+    dev.set_wait_bound(Duration::from_millis(50));
+    // A writer that excluded the slot and never came back (it panicked
+    // holding the exclusion, which here is simply never released).
+    let t = g.load().unplug(Gpa(BASE), 4 * P).unwrap();
+    std::mem::forget(g.exclude(&t.changes, BOUND).unwrap());
+    let started = Instant::now();
+    let reader = g
+        .reader()
+        .acquire_within(Gpa(BASE), Duration::from_millis(50));
+    assert!(
+        matches!(reader, Err(GuardError::Stuck { slot: 0, .. })),
+        "{reader:?}"
+    );
+    let device = dev.read_u64(Gpa(BASE + 8));
+    assert!(
+        matches!(device, Err(GuardError::Stuck { slot: 0, .. })),
+        "{device:?}"
+    );
+    assert!(device.unwrap_err().to_string().contains("stayed excluded"));
+    assert!(started.elapsed() < Duration::from_secs(2), "bounded");
+}
