@@ -514,8 +514,19 @@ fn typed<T: DeserializeOwned>(table: DeTable<'_>, span: Range<usize>) -> Result<
                 Some(tail.split_once('`')?.0.to_string())
             });
         let problem = if message.starts_with("unknown field") {
-            let (head, tail) = message.split_once(", expected").unwrap_or((&message, ""));
-            format!("{head}: not a field of this step kind (its fields:{tail}, expect, note)")
+            let (head, tail) = message
+                .split_once(", expected ")
+                .unwrap_or((message.split(',').next().unwrap_or_default(), ""));
+            let mut fields: Vec<&str> = tail
+                .trim_start_matches("one of ")
+                .split([',', ' '])
+                .filter(|w| w.starts_with('`'))
+                .collect();
+            fields.extend(["`expect`", "`note`"]);
+            format!(
+                "{head}: not a field of this step kind (its fields: {})",
+                fields.join(", ")
+            )
         } else if message.starts_with("missing field") {
             message.replacen("missing field", "needs", 1)
         } else {
@@ -545,7 +556,13 @@ fn guest<C: DeserializeOwned>(
         vcpu: o.vcpu,
         repeat: o.repeat,
         is_async: o.is_async,
-        command: typed(table, span)?,
+        command: typed(table, span).map_err(|mut e: StepError| {
+            e.problem = e.problem.replace(
+                "`expect`, `note`)",
+                "`vcpu`, `repeat`, `async`, `expect`, `note`)",
+            );
+            e
+        })?,
     })
 }
 
