@@ -633,3 +633,65 @@ pub fn describe(action: &Action) -> String {
     };
     format!("{who}{body}{how}")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn batch(count: u64, expect: &str) -> Batch {
+        Batch {
+            command: Command::read(0x4000_0000),
+            count,
+            judge: Judge::Plain(Some(7)),
+            expect: expect.parse().unwrap(),
+        }
+    }
+
+    fn read(value: u64) -> CommandOutcome {
+        CommandOutcome::Done {
+            results: [value, 0, 0, 0, 0, 0],
+        }
+    }
+
+    #[test]
+    fn test_a_huge_repeat_is_one_message_not_a_queue() {
+        let (mut plan, link) = channel_pair(Arc::new(AtomicBool::new(false)));
+        link.batches.send(batch(1_000_000_000_000, "ok")).unwrap();
+        for _ in 0..10_000 {
+            assert_eq!(plan.next(), Ok(Step::Run(Command::read(0x4000_0000))));
+            plan.completed(&read(7));
+        }
+        // Nothing else was queued: the plan repeats the one command itself.
+        assert!(link.outcomes.try_recv().is_err());
+        assert!(plan.batches.try_recv().is_err());
+    }
+
+    #[test]
+    fn test_a_batch_reports_once_and_stops_at_the_first_unmet_outcome() {
+        let (mut plan, link) = channel_pair(Arc::new(AtomicBool::new(false)));
+        link.batches.send(batch(3, "ok")).unwrap();
+        for _ in 0..3 {
+            assert!(matches!(plan.next(), Ok(Step::Run(_))));
+            plan.completed(&read(7));
+        }
+        let o = link.outcomes.try_recv().unwrap();
+        assert_eq!((o.ran, o.met, o.last.0), (3, true, Outcome::Ok));
+
+        link.batches.send(batch(100, "ok")).unwrap();
+        assert!(matches!(plan.next(), Ok(Step::Run(_))));
+        plan.completed(&read(7));
+        assert!(matches!(plan.next(), Ok(Step::Run(_))));
+        plan.completed(&read(8));
+        let o = link.outcomes.try_recv().unwrap();
+        assert_eq!((o.ran, o.met, o.last.0), (2, false, Outcome::Mismatch));
+        assert!(o.last.1.contains("read 0x8, expected 0x7"), "{}", o.last.1);
+
+        // A read of another value is what `expect = "mismatch"` accepts.
+        link.batches.send(batch(1, "mismatch")).unwrap();
+        assert!(matches!(plan.next(), Ok(Step::Run(_))));
+        plan.completed(&read(9));
+        assert!(link.outcomes.try_recv().unwrap().met);
+        drop(link);
+        assert_eq!(plan.next(), Ok(Step::Stop));
+    }
+}
