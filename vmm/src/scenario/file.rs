@@ -64,23 +64,45 @@ pub enum ScenarioError {
         size: u64,
     },
     /// Invalid content, at a place in the text.
-    #[error("{file}:{line}:{column}: {}{}{problem}", step_prefix(*.step, kind.as_deref()), field.as_ref().map(|f| format!("`{f}`: ")).unwrap_or_default())]
-    Invalid {
-        /// The file's name.
-        file: String,
-        /// 1-based line.
-        line: usize,
-        /// 1-based column (in characters).
-        column: usize,
-        /// 1-based step number, if a step is at fault.
-        step: Option<usize>,
-        /// Its `do`, if known.
-        kind: Option<String>,
-        /// The field at fault, if one is.
-        field: Option<String>,
-        /// What is wrong.
-        problem: String,
-    },
+    #[error("{0}")]
+    Invalid(Box<Invalid>),
+}
+
+/// Where a scenario's text is invalid, and why. Shown as
+/// `file:line:column: step N (kind): `field`: problem`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Invalid {
+    /// The file's name.
+    pub file: String,
+    /// 1-based line.
+    pub line: usize,
+    /// 1-based column (in characters).
+    pub column: usize,
+    /// 1-based step number, if a step is at fault.
+    pub step: Option<usize>,
+    /// Its `do`, if known.
+    pub kind: Option<String>,
+    /// The field at fault, if one is.
+    pub field: Option<String>,
+    /// What is wrong.
+    pub problem: String,
+}
+
+impl std::fmt::Display for Invalid {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}:{}:{}: {}",
+            self.file,
+            self.line,
+            self.column,
+            step_prefix(self.step, self.kind.as_deref())
+        )?;
+        if let Some(field) = &self.field {
+            write!(f, "`{field}`: ")?;
+        }
+        f.write_str(&self.problem)
+    }
 }
 
 fn step_prefix(step: Option<usize>, kind: Option<&str>) -> String {
@@ -149,7 +171,7 @@ impl Source<'_> {
         let before = &self.text[..end];
         let line_start = before.rfind('\n').map_or(0, |i| i + 1);
         let (step, kind) = step.map_or((None, None), |(n, k)| (Some(n), k));
-        ScenarioError::Invalid {
+        ScenarioError::Invalid(Box::new(Invalid {
             file: self.file.to_string(),
             line: before.matches('\n').count() + 1,
             column: before[line_start..].chars().count() + 1,
@@ -157,7 +179,7 @@ impl Source<'_> {
             kind,
             field: field.map(str::to_string),
             problem: problem.to_string().replace('\n', " "),
-        }
+        }))
     }
 }
 
