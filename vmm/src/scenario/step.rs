@@ -16,15 +16,12 @@
 //! assert_eq!(e.field.as_deref(), Some("access"));
 //! ```
 
-use std::ops::Range;
-
-use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
-use toml::de::{DeTable, DeValue, ValueDeserializer};
-use toml::Spanned;
 
 use super::expect::Expect;
 use super::num::{DurationText, Num};
+
+pub use super::read::StepError;
 
 /// Most times a guest step may repeat its command (`repeat`).
 pub const MAX_REPEAT: u64 = 1_000_000;
@@ -372,48 +369,10 @@ fn is_false(v: &bool) -> bool {
     !*v
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct GuestOpts {
-    #[serde(default)]
-    vcpu: u64,
-    #[serde(default = "one")]
-    repeat: u64,
-    #[serde(default, rename = "async")]
-    is_async: bool,
-}
-
-fn one() -> u64 {
-    1
-}
-
-/// Why a step cannot be read.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{}{problem}", field.as_ref().map(|f| format!("`{f}`: ")).unwrap_or_default())]
-pub struct StepError {
-    /// The field at fault, if one is.
-    pub field: Option<String>,
-    /// Byte offsets in the text read (the field's, else the step's).
-    pub span: Option<Range<usize>>,
-    /// What is wrong.
-    pub problem: String,
-}
-
 impl Step {
     /// The `do = ...` name of the step.
     pub fn kind(&self) -> &'static str {
         self.action.kind()
-    }
-
-    /// Reads one step written as a TOML table's body (`do = "plug"` ...).
-    pub fn parse_toml(text: &str) -> Result<Step, StepError> {
-        let table = DeTable::parse(text).map_err(|e| StepError {
-            field: None,
-            span: e.span(),
-            problem: e.message().to_string(),
-        })?;
-        let span = table.span();
-        Step::from_table(table.get_ref(), span)
     }
 
     /// The step as a TOML table's body; [`Step::parse_toml`] reads it back
@@ -421,149 +380,6 @@ impl Step {
     pub fn to_toml(&self) -> String {
         toml::to_string(self).unwrap_or_else(|e| format!("# cannot write step: {e}"))
     }
-
-    /// Reads a step from a parsed TOML table whose text spans `span`.
-    pub fn from_table(table: &DeTable<'_>, span: Range<usize>) -> Result<Step, StepError> {
-        let at = |key: &str| {
-            table
-                .iter()
-                .find(|(k, _)| k.get_ref() == key)
-                .map(|(k, v)| (k.span(), v))
-        };
-        let kind = match at("do") {
-            None => {
-                return Err(StepError {
-                    field: Some("do".into()),
-                    span: Some(span),
-                    problem: "every step needs `do` (the step kind)".into(),
-                })
-            }
-            Some((_, v)) => match v.get_ref().as_str() {
-                Some(s) => (s.to_string(), v.span()),
-                None => return Err(field_error("do", v.span(), "must be a string")),
-            },
-        };
-        let expect = match at("expect") {
-            None => Expect::default(),
-            Some((_, v)) => {
-                let s = v
-                    .get_ref()
-                    .as_str()
-                    .ok_or_else(|| field_error("expect", v.span(), "must be a string"))?;
-                s.parse()
-                    .map_err(|e: super::expect::ExpectError| field_error("expect", v.span(), e))?
-            }
-        };
-        let note = match at("note") {
-            None => None,
-            Some((_, v)) => Some(
-                v.get_ref()
-                    .as_str()
-                    .ok_or_else(|| field_error("note", v.span(), "must be a string"))?
-                    .to_string(),
-            ),
-        };
-        let rest: DeTable<'_> = table
-            .iter()
-            .filter(|(k, _)| !matches!(k.get_ref().as_ref(), "do" | "expect" | "note"))
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
-        let action = Action::from_fields(&kind.0, kind.1, rest, span.clone())?;
-        let step = Step {
-            action,
-            expect,
-            note,
-        };
-        step.action.check().map_err(|(field, problem)| StepError {
-            field: Some(field.into()),
-            span: at(field).map(|(k, _)| k).or(Some(span)),
-            problem,
-        })?;
-        Ok(step)
-    }
-}
-
-fn field_error(field: &str, span: Range<usize>, problem: impl ToString) -> StepError {
-    StepError {
-        field: Some(field.into()),
-        span: Some(span),
-        problem: problem.to_string(),
-    }
-}
-
-/// Deserializes `T` from `table`, naming the field of any error by its span.
-fn typed<T: DeserializeOwned>(table: DeTable<'_>, span: Range<usize>) -> Result<T, StepError> {
-    let keys: Vec<(String, Range<usize>, Range<usize>)> = table
-        .iter()
-        .map(|(k, v)| (k.get_ref().to_string(), k.span(), v.span()))
-        .collect();
-    T::deserialize(ValueDeserializer::from(Spanned::new(
-        span.clone(),
-        DeValue::Table(table),
-    )))
-    .map_err(|e| {
-        let message = e.message().to_string();
-        let err = e.span().unwrap_or(span.clone());
-        let field = keys
-            .iter()
-            .find(|(_, k, v)| k.contains(&err.start) || v.contains(&err.start))
-            .map(|(name, _, _)| name.clone())
-            .or_else(|| {
-                // "missing field `size`": the field is named, not present.
-                let (_, tail) = message.split_once('`')?;
-                Some(tail.split_once('`')?.0.to_string())
-            });
-        let problem = if message.starts_with("unknown field") {
-            let (head, tail) = message
-                .split_once(", expected ")
-                .unwrap_or((message.split(',').next().unwrap_or_default(), ""));
-            let mut fields: Vec<&str> = tail
-                .trim_start_matches("one of ")
-                .split([',', ' '])
-                .filter(|w| w.starts_with('`'))
-                .collect();
-            fields.extend(["`expect`", "`note`"]);
-            format!(
-                "{head}: not a field of this step kind (its fields: {})",
-                fields.join(", ")
-            )
-        } else if message.starts_with("missing field") {
-            message.replacen("missing field", "needs", 1)
-        } else {
-            message
-        };
-        StepError {
-            field,
-            span: Some(err),
-            problem,
-        }
-    })
-}
-
-/// Splits the guest fields off `table` and reads the command from the rest.
-fn guest<C: DeserializeOwned>(
-    mut table: DeTable<'_>,
-    span: Range<usize>,
-) -> Result<Guest<C>, StepError> {
-    let mut opts = DeTable::new();
-    for key in ["vcpu", "repeat", "async"] {
-        if let Some((k, v)) = table.remove_entry(key) {
-            opts.insert(k, v);
-        }
-    }
-    let o: GuestOpts = typed(opts, span.clone())?;
-    Ok(Guest {
-        vcpu: o.vcpu,
-        repeat: o.repeat,
-        is_async: o.is_async,
-        command: typed(table, span).map_err(|mut e: StepError| {
-            e.problem = e.problem.replace(
-                "`expect`, `note`)",
-                "`vcpu`, `repeat`, `async`, `expect`, `note`)",
-            );
-            e
-        })?,
-    })
 }
 
 /// The `do` names, in the README's order.
@@ -595,50 +411,6 @@ pub const KINDS: [&str; 24] = [
 ];
 
 impl Action {
-    fn from_fields(
-        kind: &str,
-        kind_span: Range<usize>,
-        t: DeTable<'_>,
-        s: Range<usize>,
-    ) -> Result<Action, StepError> {
-        Ok(match kind {
-            "plug" => Action::Plug(typed(t, s)?),
-            "unplug" => Action::Unplug(typed(t, s)?),
-            "protect" => Action::Protect(typed(t, s)?),
-            "move" => Action::Move(typed(t, s)?),
-            "resize" => Action::Resize(typed(t, s)?),
-            "dirty-log" => Action::DirtyLog(typed(t, s)?),
-            "dirty-pages" => Action::DirtyPages(typed(t, s)?),
-            "stage2-dump" => Action::Stage2Dump(typed(t, s)?),
-            "plug-many" => Action::PlugMany(typed(t, s)?),
-            "check" => Action::Check(typed(t, s)?),
-            "pin" => Action::Pin(typed(t, s)?),
-            "unpin" => Action::Unpin(typed(t, s)?),
-            "fill" => Action::Fill(guest(t, s)?),
-            "verify" => Action::Verify(guest(t, s)?),
-            "verify-const" => Action::VerifyConst(guest(t, s)?),
-            "touch" => Action::Touch(guest(t, s)?),
-            "read" => Action::Read(guest(t, s)?),
-            "write" => Action::Write(guest(t, s)?),
-            "spin" => Action::Spin(guest(t, s)?),
-            "dma-copy" => Action::DmaCopy(guest(t, s)?),
-            "dma-fill" => Action::DmaFill(guest(t, s)?),
-            "dma-checksum" => Action::DmaChecksum(guest(t, s)?),
-            "wait" => Action::Wait(typed(t, s)?),
-            "sleep" => Action::Sleep(typed(t, s)?),
-            other => {
-                return Err(field_error(
-                    "do",
-                    kind_span,
-                    format!(
-                        "unknown step kind {other:?}; expected one of {}",
-                        KINDS.join(", ")
-                    ),
-                ))
-            }
-        })
-    }
-
     /// The `do = ...` name.
     pub fn kind(&self) -> &'static str {
         match self {
