@@ -11,7 +11,7 @@ use toml::de::{DeTable, DeValue, ValueDeserializer};
 use toml::Spanned;
 
 use super::expect::Expect;
-use super::step::{Action, Guest, Step, KINDS};
+use super::step::{Action, Guest, Step, StepError, KINDS};
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -26,18 +26,6 @@ struct GuestOpts {
 
 fn one() -> u64 {
     1
-}
-
-/// Why a step cannot be read.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{}{problem}", field.as_ref().map(|f| format!("`{f}`: ")).unwrap_or_default())]
-pub struct StepError {
-    /// The field at fault, if one is.
-    pub field: Option<String>,
-    /// Byte offsets in the text read (the field's, else the step's).
-    pub span: Option<Range<usize>>,
-    /// What is wrong.
-    pub problem: String,
 }
 
 impl Step {
@@ -104,10 +92,14 @@ impl Step {
             expect,
             note,
         };
-        step.action.check().map_err(|(field, problem)| StepError {
-            field: Some(field.into()),
-            span: at(field).map(|(k, _)| k).or(Some(span)),
-            problem,
+        step.action.check().map_err(|mut e| {
+            e.span = e
+                .field
+                .as_deref()
+                .and_then(at)
+                .map(|(k, _)| k)
+                .or(Some(span));
+            e
         })?;
         Ok(step)
     }

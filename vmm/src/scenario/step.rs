@@ -16,12 +16,12 @@
 //! assert_eq!(e.field.as_deref(), Some("access"));
 //! ```
 
+use std::ops::Range;
+
 use serde::{Deserialize, Serialize};
 
 use super::expect::Expect;
 use super::num::{DurationText, Num};
-
-pub use super::read::StepError;
 
 /// Most times a guest step may repeat its command (`repeat`).
 pub const MAX_REPEAT: u64 = 1_000_000;
@@ -369,6 +369,18 @@ fn is_false(v: &bool) -> bool {
     !*v
 }
 
+/// Why a step cannot be read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}{problem}", field.as_ref().map(|f| format!("`{f}`: ")).unwrap_or_default())]
+pub struct StepError {
+    /// The field at fault, if one is.
+    pub field: Option<String>,
+    /// Byte offsets in the text read (the field's, else the step's).
+    pub span: Option<Range<usize>>,
+    /// What is wrong.
+    pub problem: String,
+}
+
 impl Step {
     /// The `do = ...` name of the step.
     pub fn kind(&self) -> &'static str {
@@ -470,14 +482,15 @@ impl Action {
     }
 
     /// Checks the values that need no VM: guest ranges (aligned, non-empty,
-    /// not wrapping), `stride`, `repeat`, `count`. Returns the field at fault.
-    pub fn check(&self) -> Result<(), (&'static str, String)> {
+    /// not wrapping), `stride`, `repeat`, `count`. The error names the field
+    /// at fault (its span is left to the reader of the text).
+    pub fn check(&self) -> Result<(), StepError> {
         if let Some((_, repeat, _)) = self.guest() {
             if repeat == 0 {
-                return Err(("repeat", "must be at least 1".into()));
+                return Err(bad("repeat", "must be at least 1"));
             }
             if repeat > MAX_REPEAT {
-                return Err((
+                return Err(bad(
                     "repeat",
                     format!("{repeat} is above the maximum of {MAX_REPEAT}"),
                 ));
@@ -498,7 +511,7 @@ impl Action {
             }) => words(*gpa, *size),
             Action::Touch(Guest { command: t, .. }) => {
                 if t.stride == Some(Num(0)) {
-                    return Err(("stride", "must be at least 1".into()));
+                    return Err(bad("stride", "must be at least 1"));
                 }
                 span("size", t.gpa, t.size)
             }
@@ -513,13 +526,13 @@ impl Action {
             Action::PlugMany(PlugMany {
                 count: Some(Num(n)),
                 ..
-            }) if *n > MAX_SLOTS => Err((
+            }) if *n > MAX_SLOTS => Err(bad(
                 "count",
                 format!("{n} is above the slot budget of {MAX_SLOTS}"),
             )),
             Action::Stage2Dump(d) => match (d.gpa, d.size) {
-                (Some(_), None) => Err(("gpa", TOGETHER.into())),
-                (None, Some(_)) => Err(("size", TOGETHER.into())),
+                (Some(_), None) => Err(bad("gpa", TOGETHER)),
+                (None, Some(_)) => Err(bad("size", TOGETHER)),
                 _ => Ok(()),
             },
             _ => Ok(()),
@@ -529,24 +542,35 @@ impl Action {
 
 const TOGETHER: &str = "`gpa` and `size` go together (the window to list)";
 
+fn bad(field: &str, problem: impl ToString) -> StepError {
+    StepError {
+        field: Some(field.into()),
+        span: None,
+        problem: problem.to_string(),
+    }
+}
+
 /// A guest range of whole 8-byte words.
-fn words(gpa: Num, size: Num) -> Result<(), (&'static str, String)> {
+fn words(gpa: Num, size: Num) -> Result<(), StepError> {
     if gpa.0 % 8 != 0 {
-        return Err(("gpa", format!("{gpa} is not 8-byte aligned")));
+        return Err(bad("gpa", format!("{gpa} is not 8-byte aligned")));
     }
     if size.0 == 0 || size.0 % 8 != 0 {
-        return Err(("size", format!("{size} is not a non-zero multiple of 8")));
+        return Err(bad(
+            "size",
+            format!("{size} is not a non-zero multiple of 8"),
+        ));
     }
     span("size", gpa, size)
 }
 
 /// A non-empty range that does not wrap past the end of the address space.
-fn span(field: &'static str, gpa: Num, size: Num) -> Result<(), (&'static str, String)> {
+fn span(field: &'static str, gpa: Num, size: Num) -> Result<(), StepError> {
     if size.0 == 0 {
-        return Err((field, "the range is empty".into()));
+        return Err(bad(field, "the range is empty"));
     }
     if gpa.0.checked_add(size.0).is_none() {
-        return Err((
+        return Err(bad(
             field,
             format!("{gpa} + {size} wraps past the end of the address space"),
         ));
