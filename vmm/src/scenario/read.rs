@@ -10,7 +10,7 @@ use serde::Deserialize;
 use toml::de::{DeTable, DeValue, ValueDeserializer};
 use toml::Spanned;
 
-use super::expect::Expect;
+use super::expect::{Expect, Outcome};
 use super::step::{Action, Guest, Step, StepError, KINDS};
 
 #[derive(Deserialize)]
@@ -61,15 +61,17 @@ impl Step {
                 None => return Err(field_error("do", v.span(), "must be a string")),
             },
         };
-        let expect = match at("expect") {
-            None => Expect::default(),
+        let (expect, expect_span) = match at("expect") {
+            None => (Expect::default(), span.clone()),
             Some((_, v)) => {
                 let s = v
                     .get_ref()
                     .as_str()
                     .ok_or_else(|| field_error("expect", v.span(), "must be a string"))?;
-                s.parse()
-                    .map_err(|e: super::expect::ExpectError| field_error("expect", v.span(), e))?
+                let e = s
+                    .parse()
+                    .map_err(|e: super::expect::ExpectError| field_error("expect", v.span(), e))?;
+                (e, v.span())
             }
         };
         let note = match at("note") {
@@ -101,6 +103,24 @@ impl Step {
                 .or(Some(span));
             e
         })?;
+        if let Expect::AnyOf(list) = &step.expect {
+            if let Some(o) = list.iter().find(|o| !step.action.can_end_with(**o)) {
+                let can: Vec<&str> = Outcome::ALL
+                    .iter()
+                    .filter(|o| step.action.can_end_with(**o))
+                    .map(|o| o.name())
+                    .collect();
+                return Err(field_error(
+                    "expect",
+                    expect_span,
+                    format!(
+                        "a `{}` step never ends with `{o}`; it can end with {} (or \"error\": any but ok)",
+                        step.kind(),
+                        can.join(", ")
+                    ),
+                ));
+            }
+        }
         Ok(step)
     }
 }

@@ -20,7 +20,7 @@ use std::ops::Range;
 
 use serde::{Deserialize, Serialize};
 
-use super::expect::Expect;
+use super::expect::{Expect, Outcome};
 use super::num::{DurationText, Num};
 
 /// Most times a guest step may repeat its command (`repeat`).
@@ -479,6 +479,76 @@ impl Action {
             Action::Wait(w) => Some(w.vcpu),
             a => a.guest().map(|(vcpu, _, _)| vcpu),
         }
+    }
+
+    /// Whether a step of this kind can end with `outcome` (the README's
+    /// table of outcomes). Every step can end `ok` or `stopped`.
+    pub fn can_end_with(&self, outcome: Outcome) -> bool {
+        use Outcome as O;
+        let slot_map = matches!(
+            outcome,
+            O::Overlap
+                | O::Misaligned
+                | O::ZeroSize
+                | O::BeyondMaxGpa
+                | O::RangeOverflow
+                | O::TooManySlots
+                | O::NotPlugged
+                | O::Hole
+                | O::Fixed
+                | O::NoSlotAt
+                | O::DestinationOverlapsSource
+                | O::NoRoomToGrow
+                | O::MappingTooSmall
+                | O::HostAliased
+                | O::ReadOnlyUnsupported
+                | O::Reserved
+                | O::Kvm
+                | O::KvmRolledBack
+                | O::Vetoed
+                | O::Busy
+                | O::Inconsistent
+        );
+        let guest = matches!(
+            outcome,
+            O::Mismatch | O::Unplugged | O::ReadOnly | O::Exception | O::CommandFailed
+        );
+        let dma = matches!(
+            outcome,
+            O::DmaFault | O::DmaNoPin | O::DmaRevoked | O::DmaInvalid
+        );
+        matches!(outcome, O::Ok | O::Stopped)
+            || match self {
+                Action::Plug(_) => {
+                    slot_map || matches!(outcome, O::InvalidFlags | O::UnknownBacking | O::Backing)
+                }
+                Action::PlugMany(_) => slot_map || outcome == O::Backing,
+                Action::DirtyPages(_) => slot_map || matches!(outcome, O::DirtyCount | O::Stage2),
+                Action::Unplug(_)
+                | Action::Protect(_)
+                | Action::Move(_)
+                | Action::Resize(_)
+                | Action::DirtyLog(_) => slot_map,
+                Action::Stage2Dump(_) => matches!(
+                    outcome,
+                    O::RangeOverflow | O::Stage2Mismatch | O::Inconsistent
+                ),
+                Action::Check(_) => matches!(outcome, O::PinnedPages | O::Inconsistent),
+                Action::Pin(_) => matches!(
+                    outcome,
+                    O::NotPlugged | O::ReadOnly | O::PinLimit | O::BadRange | O::Mlock | O::Busy
+                ),
+                Action::Unpin(_) => outcome == O::NoSuchPin,
+                Action::DmaCopy(_) | Action::DmaFill(_) | Action::DmaChecksum(_) => dma || guest,
+                Action::Fill(_)
+                | Action::Verify(_)
+                | Action::VerifyConst(_)
+                | Action::Touch(_)
+                | Action::Read(_)
+                | Action::Write(_)
+                | Action::Spin(_) => guest,
+                Action::Wait(_) | Action::Sleep(_) => false,
+            }
     }
 
     /// Checks the values that need no VM: guest ranges (aligned, non-empty,

@@ -116,6 +116,41 @@ fn test_unknown_expectation_is_refused() {
 }
 
 #[test]
+fn test_expectation_a_step_cannot_meet_is_refused() {
+    assert_refused(
+        &format!("{PLUG}expect = \"mismatch\"\n"),
+        "5:10",
+        1,
+        "expect",
+    );
+    let first = refusal(&format!("{PLUG}expect = \"ok|dma-revoked\"\n"));
+    assert!(
+        first.contains("never ends with `dma-revoked`") && first.contains("overlap"),
+        "{first}"
+    );
+    assert_refused(
+        "[[step]]\ndo = \"wait\"\nexpect = \"unplugged\"\n",
+        "3:10",
+        1,
+        "expect",
+    );
+    assert_refused(
+        "[[step]]\ndo = \"unpin\"\nname = \"x\"\nexpect = \"overlap\"\n",
+        "4:10",
+        1,
+        "expect",
+    );
+    for ok in [
+        "[[step]]\ndo = \"unpin\"\nname = \"x\"\nexpect = \"no-such-pin\"\n",
+        "[[step]]\ndo = \"dma-copy\"\ngpa = 0\nto = 4096\nsize = 8\nexpect = \"ok|dma-revoked\"\n",
+        "[[step]]\ndo = \"check\"\npages = 1\nexpect = \"pinned-pages\"\n",
+        "[[step]]\ndo = \"sleep\"\nduration = \"1ms\"\nexpect = \"error\"\n",
+    ] {
+        assert!(Scenario::parse(ok).is_ok(), "{ok}");
+    }
+}
+
+#[test]
 fn test_vcpu_beyond_the_scenarios_vcpus_is_refused() {
     assert_refused(
         "vcpus = 2\n[[step]]\ndo = \"read\"\ngpa = 0\nvcpu = 2\n",
