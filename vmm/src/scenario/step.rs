@@ -15,6 +15,29 @@
 //! let e = Step::parse_toml("do = \"unplug\"\ngpa = 0\nsize = 4096\naccess = \"ro\"").unwrap_err();
 //! assert_eq!(e.field.as_deref(), Some("access"));
 //! ```
+//!
+//! Steps built in code (a library user, a generator) write the same TOML:
+//!
+//! ```
+//! use vmm::scenario::num::Num;
+//! use vmm::scenario::step::{Action, Guest, Read, Step};
+//! use vmm::scenario::{Expect, Outcome};
+//! let step = Step {
+//!     action: Action::Read(Guest {
+//!         vcpu: 1,
+//!         repeat: 1,
+//!         is_async: false,
+//!         command: Read { gpa: Num(0x2_0000_0000), value: None },
+//!     }),
+//!     expect: Expect::AnyOf(vec![Outcome::Unplugged]),
+//!     note: None,
+//! };
+//! assert_eq!(
+//!     step.to_toml(),
+//!     "do = \"read\"\nvcpu = 1\ngpa = \"0x200000000\"\nexpect = \"unplugged\"\n"
+//! );
+//! assert_eq!(Step::parse_toml(&step.to_toml()), Ok(step));
+//! ```
 
 use std::ops::Range;
 
