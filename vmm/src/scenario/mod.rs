@@ -6,7 +6,7 @@
 //! - [`read`]: steps from TOML tables, refusals with the field's position.
 //! - [`expect`]: outcomes and expectations, one name per meaning.
 //! - [`num`]: numbers and durations as written in files.
-//! - [`file`]: the file format and its validation (a bad file is rejected
+//! - [`file`](mod@file): the file format and its validation (a bad file is rejected
 //!   before any VM exists, naming `file:line:column`, step and field).
 //! - [`ops`]: memory-op steps through the KVM applier, with the consistency
 //!   check after every op.
