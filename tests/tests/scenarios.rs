@@ -246,3 +246,107 @@ fn test_regression_sleep_step_honours_timeout() {
     assert!(started.elapsed() < std::time::Duration::from_secs(5));
     assert!(report.error.unwrap().contains("timeout"));
 }
+
+#[test]
+fn test_bad_scenario_files_exit_2_naming_place_step_and_field() {
+    let dir = std::env::temp_dir().join(format!("vmm-bad-scenario-at-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let plug = "[[step]]\ndo = \"plug\"\ngpa = \"0x1_0000_0000\"\nsize = \"2M\"\n";
+    let cases = [
+        (
+            format!("{plug}[[step]]\ndo = \"unplug\"\ngpa = 0\nsize = 4096\naccess = \"ro\"\n"),
+            ":9:1: step 2 (unplug): `access`",
+        ),
+        (
+            format!("{plug}repeat = 2\n"),
+            ":5:1: step 1 (plug): `repeat`",
+        ),
+        (
+            format!("{plug}expect = \"sideways\"\n"),
+            ":5:10: step 1 (plug): `expect`",
+        ),
+        (
+            "vcpus = 1\n[[step]]\ndo = \"read\"\ngpa = 0\nvcpu = 1\n".to_string(),
+            ":5:1: step 1 (read): `vcpu`",
+        ),
+        (
+            "[[step]]\ndo = \"verify\"\ngpa = \"0xffff_ffff_ffff_fff8\"\nsize = 16\nseed = 1\n"
+                .to_string(),
+            ":4:1: step 1 (verify): `size`",
+        ),
+        (
+            "[[step]]\ndo = \"spin\"\niterations = 1\nrepeat = 1000000000000\n".to_string(),
+            ":4:1: step 1 (spin): `repeat`",
+        ),
+        (
+            "timeout = \"soon\"\n[[step]]\ndo = \"check\"\n".to_string(),
+            ":1:11: `timeout`",
+        ),
+    ];
+    for (i, (text, want)) in cases.iter().enumerate() {
+        let path = dir.join(format!("bad{i}.toml"));
+        std::fs::write(&path, text).unwrap();
+        let started = std::time::Instant::now();
+        let out = Command::new(env!("CARGO_BIN_EXE_vmm-cli"))
+            .args(["run", "--scenario"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        let first = err.lines().next().unwrap_or_default();
+        assert_eq!(out.status.code(), Some(2), "{text}: {err}");
+        assert!(
+            first.contains(&format!("{}{want}", path.display())),
+            "{text}: {first}"
+        );
+        assert!(started.elapsed() < std::time::Duration::from_secs(5));
+    }
+    // Not regular files: refused without reading them.
+    let fifo = dir.join("fifo.toml");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: mkfifo on a NUL-terminated path we own.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    for path in [PathBuf::from("/dev/zero"), fifo] {
+        let started = std::time::Instant::now();
+        let out = Command::new(env!("CARGO_BIN_EXE_vmm-cli"))
+            .args(["run", "--scenario"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        let first = err.lines().next().unwrap_or_default();
+        assert_eq!(out.status.code(), Some(2), "{}: {err}", path.display());
+        assert!(
+            first.contains("not a regular file") && first.contains("1048576 bytes"),
+            "{first}"
+        );
+        assert!(started.elapsed() < std::time::Duration::from_secs(5));
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn test_scenario_header_timeout_applies_without_the_flag() {
+    if !kvm_or_skip("scenario header timeout") {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("vmm-scenario-timeout-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("sleepy.toml");
+    std::fs::write(
+        &path,
+        "timeout = \"300ms\"\nmem = \"16M\"\nvcpus = 1\n[[step]]\ndo = \"sleep\"\nduration = \"60s\"\n",
+    )
+    .unwrap();
+    let started = std::time::Instant::now();
+    let out = Command::new(env!("CARGO_BIN_EXE_vmm-cli"))
+        .args(["run", "-q", "--scenario"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("timeout"), "{err}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(10));
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -23,6 +23,9 @@ use crate::run::{self, GuestSource, RunConfig, Verbosity};
 use crate::scenario::Scenario;
 use crate::units::{parse_duration, parse_mem};
 
+/// The run's timeout when neither `--timeout` nor the scenario sets one.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// Parses `--guest`: a built-in name, or the path of an ELF image that loads.
 pub fn parse_guest(s: &str) -> Result<GuestSource, String> {
     if let Ok(b) = s.parse::<BuiltinGuest>() {
@@ -109,9 +112,10 @@ pub struct RunArgs {
     /// Guest program: a built-in name (default, hello, page-fault, bad-insn, spin, verify-mismatch) or an ELF image path.
     #[arg(long, value_name = "NAME|PATH", default_value = "default", value_parser = parse_guest)]
     pub guest: GuestSource,
-    /// Stop the guest and fail after this long (e.g. 30s, 500ms, 2m).
-    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_duration)]
-    pub timeout: Duration,
+    /// Stop the guest and fail after this long (e.g. 30s, 500ms, 2m; default:
+    /// the scenario's `timeout`, else 60s).
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub timeout: Option<Duration>,
     /// Seed of the memory pattern the default guest writes and verifies.
     #[arg(long, value_name = "N", default_value_t = 0x005E_ED0F_CAFE)]
     pub seed: u64,
@@ -153,7 +157,14 @@ impl RunArgs {
             scenario: self.scenario.clone(),
             pin_limit: self.pin_limit,
             guest: self.guest.clone(),
-            timeout: self.timeout,
+            timeout: self
+                .timeout
+                .or_else(|| {
+                    scenario
+                        .and_then(|s| s.timeout.as_ref())
+                        .map(|t| t.duration())
+                })
+                .unwrap_or(DEFAULT_TIMEOUT),
             seed: self.seed,
             verbosity: if self.quiet {
                 Verbosity::Quiet

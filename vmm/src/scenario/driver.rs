@@ -1,87 +1,30 @@
 //! Runs a scenario's timeline on its own thread while the vCPUs run: memory
-//! ops go to the KVM applier, guest steps go to the vCPUs' [`ChannelPlan`]s,
-//! and every step's outcome is checked against its expectation.
+//! ops go to the KVM applier, guest steps go to the vCPUs' plans (see
+//! [`super::guest`]), and every step's outcome is checked against its
+//! expectation.
 //!
 //! The first step whose expectation fails ends the scenario: later steps are
 //! not run. Closing the command channels then ends the guests.
 
-use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use serde::Serialize;
 
 use crate::devices::iommu::Iommu;
 use crate::devices::pins::{Pin, PinError, PinManager};
-use crate::mm::addr::{Gpa, GpaRange, PAGE_SIZE};
-use crate::mm::backing::BackingKind;
 use crate::mm::manager::MemoryManager;
-use crate::plan::{Aborted, Command, CommandOutcome, Step, VcpuPlan};
-use crate::vcpu::{fmt_duration, GuestFailure};
+use crate::mm::addr::Gpa;
+use crate::mm::backing::BackingKind;
+use crate::vcpu::fmt_duration;
 
-use super::file::{Scenario, StepSpec};
-use super::ops::run_op;
+use super::expect::Outcome;
+use super::file::Scenario;
+use super::guest::{guest_command, range, recv, Batch, POLL};
+use super::step::{self, Action, Guest};
 
-const POLL: Duration = Duration::from_millis(20);
-
-/// A vCPU's plan under a scenario: commands arrive on a channel, outcomes go
-/// back on another, and guest faults end only the command.
-#[derive(Debug)]
-pub struct ChannelPlan {
-    commands: Receiver<Command>,
-    outcomes: Sender<CommandOutcome>,
-    stop: Arc<AtomicBool>,
-}
-
-impl VcpuPlan for ChannelPlan {
-    fn next(&mut self) -> Result<Step, Aborted> {
-        loop {
-            match self.commands.recv_timeout(POLL) {
-                Ok(c) => return Ok(Step::Run(c)),
-                Err(RecvTimeoutError::Disconnected) => return Ok(Step::Stop),
-                Err(RecvTimeoutError::Timeout) if self.stop.load(Ordering::Acquire) => {
-                    return Err(Aborted)
-                }
-                Err(RecvTimeoutError::Timeout) => {}
-            }
-        }
-    }
-    fn completed(&mut self, outcome: &CommandOutcome) {
-        let _ = self.outcomes.send(outcome.clone());
-    }
-    fn recoverable(&self) -> bool {
-        true
-    }
-}
-
-/// The driver's end of one vCPU's channels.
-#[derive(Debug)]
-pub struct VcpuLink {
-    commands: Sender<Command>,
-    outcomes: Receiver<CommandOutcome>,
-    /// Async commands not yet collected: (step number, expectation, kind).
-    pending: VecDeque<(usize, String, String)>,
-}
-
-/// Creates the plan for a vCPU and the driver's link to it.
-pub fn channel_pair(stop: Arc<AtomicBool>) -> (ChannelPlan, VcpuLink) {
-    let (ctx, crx) = mpsc::channel();
-    let (otx, orx) = mpsc::channel();
-    (
-        ChannelPlan {
-            commands: crx,
-            outcomes: otx,
-            stop,
-        },
-        VcpuLink {
-            commands: ctx,
-            outcomes: orx,
-            pending: VecDeque::new(),
-        },
-    )
-}
+pub use super::guest::{channel_pair, ChannelPlan, VcpuLink};
 
 /// One step's result, for the console and the JSON report.
 #[derive(Debug, Clone, Serialize)]
@@ -94,7 +37,7 @@ pub struct StepReport {
     pub what: String,
     /// The expectation.
     pub expect: String,
-    /// What happened ("ok", an error kind, "unplugged"...), with detail.
+    /// What happened ("ok", an outcome name...), with detail.
     pub actual: String,
     /// Whether the expectation held.
     pub passed: bool,
@@ -157,70 +100,36 @@ pub struct Driver {
     pub console: Box<dyn FnMut(String) + Send>,
 }
 
-fn classify(
-    outcome: &CommandOutcome,
-    kind: &str,
-    expected_value: Option<u64>,
-) -> (&'static str, String) {
-    use guest_image::protocol::dma_status;
-    match outcome {
-        CommandOutcome::Done { results } if kind.starts_with("dma-") => match results[0] {
-            dma_status::DONE => match expected_value.filter(|_| kind == "dma-checksum") {
-                Some(v) if results[1] != v => (
-                    "wrong-value",
-                    format!("checksum {:#x}, expected {v:#x}", results[1]),
-                ),
-                _ => ("ok", format!("DMA done (checksum {:#x})", results[1])),
-            },
-            dma_status::FAULT => (
-                "dma-fault",
-                "DMA fault: memory not plugged or not writable".into(),
-            ),
-            dma_status::NO_PIN => (
-                "dma-no-pin",
-                "DMA refused: the pin limit would be exceeded".into(),
-            ),
-            dma_status::REVOKED => ("dma-revoked", "DMA stopped: memory changed under it".into()),
-            s => ("dma-invalid", format!("DMA invalid (status {s})")),
-        },
-        CommandOutcome::Done { results } => match expected_value {
-            Some(v) if results[0] != v => (
-                "wrong-value",
-                format!("read {:#x}, expected {v:#x}", results[0]),
-            ),
-            _ => ("ok", "ok".into()),
-        },
-        CommandOutcome::Failed(f) => {
-            let kind = match f {
-                GuestFailure::VerifyMismatch { .. } => "mismatch",
-                GuestFailure::UnpluggedAccess { .. } => "unplugged",
-                GuestFailure::ReadOnlyWrite { .. } => "read-only",
-                GuestFailure::Exception { .. } => "exception",
-                _ => "failed",
-            };
-            (kind, f.to_string())
-        }
+fn pin_kind(e: &PinError) -> Outcome {
+    match e {
+        PinError::BadRange { .. } => Outcome::BadRange,
+        PinError::NotPlugged { .. } => Outcome::NotPlugged,
+        PinError::ReadOnly { .. } => Outcome::ReadOnly,
+        PinError::Limit { .. } => Outcome::PinLimit,
+        PinError::Mlock { .. } => Outcome::Mlock,
+        PinError::Busy { .. } => Outcome::Busy,
     }
 }
 
-/// Whether outcome `kind` meets `expect`, which may list alternatives
-/// separated by `|` (e.g. `"ok|dma-revoked"`).
-fn meets(expect: &str, kind: &str) -> bool {
-    expect.split('|').map(str::trim).any(|e| match e {
-        "ok-or-unplugged" => kind == "ok" || kind == "unplugged",
-        "failed" => kind != "ok",
-        e => e == kind,
-    })
+/// `text` with control characters escaped (`\n`, `\u{1b}`), for the terminal.
+pub fn escape_control(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
-fn pin_kind(e: &PinError) -> &'static str {
-    match e {
-        PinError::BadRange { .. } => "bad-range",
-        PinError::NotPlugged { .. } => "not-plugged",
-        PinError::ReadOnly { .. } => "read-only",
-        PinError::Limit { .. } => "pin-limit",
-        PinError::Mlock { .. } => "mlock",
-        PinError::Busy { .. } => "busy",
+/// "outcome: detail", or "ok" alone.
+fn actual(kind: Outcome, detail: &str) -> String {
+    if kind == Outcome::Ok && (detail.is_empty() || detail == "ok") {
+        "ok".into()
+    } else {
+        format!("{kind}: {detail}")
     }
 }
 
@@ -234,13 +143,12 @@ impl Driver {
                 break;
             }
             let started = Instant::now();
-            let expect = spec.expect.clone().unwrap_or_else(|| "ok".into());
-            let (what, actual, passed) = self.step(i + 1, spec, &expect);
+            let (what, actual, passed) = self.step(i + 1, spec);
             let report = StepReport {
                 step: i + 1,
-                kind: spec.kind.clone(),
+                kind: spec.kind().to_string(),
                 what,
-                expect,
+                expect: spec.expect.to_string(),
                 actual,
                 passed,
                 micros: started.elapsed().as_micros() as u64,
@@ -258,7 +166,7 @@ impl Driver {
                 fmt_duration(started.elapsed()),
                 spec.note
                     .as_deref()
-                    .map(|n| format!("  # {n}"))
+                    .map(|n| format!("  # {}", escape_control(n)))
                     .unwrap_or_default()
             ));
             steps.push(report);
@@ -276,148 +184,104 @@ impl Driver {
         // Dropping `self.links` closes the command channels: the guests stop.
     }
 
-    fn step(&mut self, number: usize, spec: &StepSpec, expect: &str) -> (String, String, bool) {
-        let what = describe(spec);
-        if spec.kind == "sleep" {
-            let d = crate::units::parse_duration(spec.duration.as_deref().unwrap_or("0"))
-                .unwrap_or_default();
-            let until = Instant::now() + d;
-            // In slices, so a timeout or signal stops the scenario promptly.
-            while let Some(left) = until
-                .checked_duration_since(Instant::now())
-                .filter(|l| !l.is_zero())
-            {
-                if self.stop.load(Ordering::Acquire) {
-                    return (what, "stopped".into(), false);
+    fn step(&mut self, number: usize, spec: &step::Step) -> (String, String, bool) {
+        let what = describe(&spec.action);
+        let expect = &spec.expect;
+        match &spec.action {
+            Action::Sleep(s) => {
+                let until = Instant::now() + s.duration.duration();
+                // In slices, so a timeout or signal stops the scenario promptly.
+                while let Some(left) = until
+                    .checked_duration_since(Instant::now())
+                    .filter(|l| !l.is_zero())
+                {
+                    if self.stop.load(Ordering::Acquire) {
+                        return (what, Outcome::Stopped.to_string(), false);
+                    }
+                    std::thread::sleep(left.min(POLL));
                 }
-                std::thread::sleep(left.min(POLL));
+                return (what, "ok".into(), true);
             }
-            return (what, "ok".into(), true);
-        }
-        if spec.kind == "pin" || spec.kind == "unpin" {
-            let (kind, detail) = self.pin_step(spec);
-            let passed = meets(expect, kind) || (expect == "error" && kind != "ok");
-            let actual = if kind == "ok" {
-                format!("ok: {detail}")
-            } else {
-                format!("{kind}: {detail}")
-            };
-            return (what, actual, passed);
-        }
-        if spec.kind == "check" {
-            if let Some(want) = spec.pages {
+            Action::Pin(p) => {
+                let (kind, detail) = self.pin(p);
+                return (what, format!("{kind}: {detail}"), expect.accepts(kind));
+            }
+            Action::Unpin(u) => {
+                let (kind, detail) = self.unpin(&u.name);
+                return (what, format!("{kind}: {detail}"), expect.accepts(kind));
+            }
+            Action::Check(step::Check { pages: Some(want) }) => {
                 let now = self.pins.account().pinned().charged();
-                if now != want {
-                    return (
-                        what,
-                        format!("pinned-pages: {now} pages pinned, expected {want}"),
-                        false,
-                    );
+                if now != *want {
+                    let kind = Outcome::PinnedPages;
+                    let detail = format!("{now} pages pinned, expected {want}");
+                    return (what, format!("{kind}: {detail}"), expect.accepts(kind));
                 }
             }
+            Action::Wait(w) => return self.wait(what, w.vcpu),
+            _ => {}
         }
-        if !spec.is_guest() {
-            return match run_op(&self.memory, &self.iommu, spec, &self.backing) {
-                Ok(detail) => (what, format!("ok: {detail}"), meets(expect, "ok")),
+        let Some((command, judge)) = guest_command(&spec.action) else {
+            return match super::ops::run_op(&self.memory, &self.iommu, &spec.action, &self.backing)
+            {
+                Ok(detail) => (what, format!("ok: {detail}"), expect.accepts(Outcome::Ok)),
                 Err(f) => {
-                    let passed = meets(expect, f.kind) || expect == "error";
+                    let passed = expect.accepts(f.kind);
                     (what, format!("{}: {}", f.kind, f.message), passed)
                 }
             };
-        }
-        let vcpu = spec.vcpu.unwrap_or(0) as usize;
-        let Some(link) = self.links.get_mut(vcpu) else {
-            return (
-                what,
-                format!("no vCPU {vcpu} (the VM has {})", self.links.len()),
-                false,
-            );
         };
-        if spec.kind == "wait" {
-            let mut results = Vec::new();
-            while let Some((step, expect, step_kind)) = link.pending.pop_front() {
-                match recv(link, &self.stop) {
-                    None => return (what, "stopped before the guest answered".into(), false),
-                    Some(o) => {
-                        let (kind, detail) = classify(&o, &step_kind, None);
-                        if !meets(&expect, kind) {
-                            return (what, format!("step {step}: {detail}"), false);
-                        }
-                        results.push(kind);
-                    }
-                }
-            }
-            return (
-                what,
-                format!("{} outcome(s) as expected", results.len()),
-                true,
-            );
+        let (vcpu, repeat, is_async) = spec.action.guest().unwrap_or((0, 1, false));
+        let vcpus = self.links.len();
+        let Some(link) = self.links.get_mut(vcpu as usize) else {
+            return (what, format!("no vCPU {vcpu} (the VM has {vcpus})"), false);
+        };
+        let batch = Batch {
+            command,
+            count: repeat,
+            judge,
+            expect: expect.clone(),
+        };
+        if link.batches.send(batch).is_err() {
+            return (what, "the vCPU is gone".into(), false);
         }
-        let command = guest_command(spec);
-        let repeat = spec.repeat.unwrap_or(1);
-        for _ in 0..repeat {
-            if link.commands.send(command).is_err() {
-                return (what, "the vCPU is gone".into(), false);
-            }
-        }
-        if spec.is_async == Some(true) {
-            link.pending
-                .extend((0..repeat).map(|_| (number, expect.to_string(), spec.kind.clone())));
+        if is_async {
+            link.pending = Some(number);
             return (what, format!("started {repeat} command(s)"), true);
         }
-        let expected_value = matches!(spec.kind.as_str(), "read" | "dma-checksum")
-            .then(|| spec.value.map(|v| v.0))
-            .flatten();
-        let mut last = String::new();
-        for _ in 0..repeat {
-            let Some(o) = recv(link, &self.stop) else {
-                return (what, "stopped before the guest answered".into(), false);
-            };
-            let (kind, detail) = classify(&o, &spec.kind, expected_value);
-            if !meets(expect, kind) {
-                return (what, format!("{kind}: {detail}"), false);
-            }
-            last = if kind == "ok" {
-                "ok".into()
-            } else {
-                format!("{kind}: {detail}")
-            };
+        match recv(link, &self.stop) {
+            None => (what, "stopped before the guest answered".into(), false),
+            Some(o) => (what, actual(o.last.0, &o.last.1), o.met),
         }
-        (what, last, true)
     }
-}
 
-impl Driver {
-    /// `pin` / `unpin` steps: the driver holds named pins until `unpin` or
-    /// the end of the scenario.
-    fn pin_step(&mut self, spec: &StepSpec) -> (&'static str, String) {
-        let name = spec.name.clone().unwrap_or_default();
-        if spec.kind == "unpin" {
-            return match self.held.remove(&name) {
-                Some(pin) => {
-                    let revoked = pin.is_revoked();
-                    drop(pin);
-                    let now = self.pins.account().pinned().charged();
-                    let how = if revoked {
-                        "was revoked earlier"
-                    } else {
-                        "unpinned"
-                    };
-                    ("ok", format!("pin {name:?} {how}; {now} pages pinned now"))
-                }
-                None => ("no-such-pin", format!("no pin named {name:?}")),
-            };
+    /// `wait`: collects the vCPU's async batch, if it has one.
+    fn wait(&mut self, what: String, vcpu: u64) -> (String, String, bool) {
+        let vcpus = self.links.len();
+        let Some(link) = self.links.get_mut(vcpu as usize) else {
+            return (what, format!("no vCPU {vcpu} (the VM has {vcpus})"), false);
+        };
+        let Some(step) = link.pending.take() else {
+            return (what, "0 outcome(s) as expected".into(), true);
+        };
+        match recv(link, &self.stop) {
+            None => (what, "stopped before the guest answered".into(), false),
+            Some(o) if !o.met => (what, format!("step {step}: {}", o.last.1), false),
+            Some(o) => (what, format!("{} outcome(s) as expected", o.ran), true),
         }
-        let gpa = Gpa(spec.gpa.map_or(0, |n| n.0));
-        let len = spec.size.map_or(0, |n| n.0);
-        let revocable = spec.revocable.unwrap_or(true);
+    }
+
+    /// `pin`: the driver holds named pins until `unpin` or the end of the
+    /// scenario.
+    fn pin(&mut self, p: &step::Pin) -> (Outcome, String) {
+        let revocable = p.revocable.unwrap_or(true);
         match self
             .pins
-            .pin(gpa, len, spec.write.unwrap_or(true), revocable)
+            .pin(Gpa(p.gpa.0), p.size.0, p.write.unwrap_or(true), revocable)
         {
             Ok(pin) => {
                 let id = pin.id();
-                self.held.insert(name.clone(), pin);
+                self.held.insert(p.name.clone(), pin);
                 let now = self.pins.account().pinned().charged();
                 let kind = if revocable {
                     "revocable"
@@ -425,113 +289,107 @@ impl Driver {
                     "non-revocable"
                 };
                 (
-                    "ok",
-                    format!("pin {name:?} (#{id}, {kind}); {now} pages pinned now"),
+                    Outcome::Ok,
+                    format!("pin {:?} (#{id}, {kind}); {now} pages pinned now", p.name),
                 )
             }
             Err(e) => (pin_kind(&e), e.to_string()),
         }
     }
-}
 
-fn recv(link: &VcpuLink, stop: &AtomicBool) -> Option<CommandOutcome> {
-    loop {
-        match link.outcomes.recv_timeout(POLL) {
-            Ok(o) => return Some(o),
-            Err(RecvTimeoutError::Disconnected) => return None,
-            Err(RecvTimeoutError::Timeout) if stop.load(Ordering::Acquire) => return None,
-            Err(RecvTimeoutError::Timeout) => {}
+    fn unpin(&mut self, name: &str) -> (Outcome, String) {
+        match self.held.remove(name) {
+            Some(pin) => {
+                let revoked = pin.is_revoked();
+                drop(pin);
+                let now = self.pins.account().pinned().charged();
+                let how = if revoked {
+                    "was revoked earlier"
+                } else {
+                    "unpinned"
+                };
+                (
+                    Outcome::Ok,
+                    format!("pin {name:?} {how}; {now} pages pinned now"),
+                )
+            }
+            None => (Outcome::NoSuchPin, format!("no pin named {name:?}")),
         }
     }
 }
 
-fn range(spec: &StepSpec) -> GpaRange {
-    let gpa = Gpa(spec.gpa.map_or(0, |n| n.0));
-    GpaRange::new(gpa, spec.size.map_or(0, |n| n.0))
-        .unwrap_or_else(|| GpaRange::new(gpa, 0).expect("empty range"))
-}
-
-fn guest_command(spec: &StepSpec) -> Command {
-    use guest_image::protocol::dma_op;
-    let r = range(spec);
-    let num = |v: Option<super::file::Num>| v.map_or(0, |n| n.0);
-    match spec.kind.as_str() {
-        "fill" => Command::fill_from(r, num(spec.seed), num(spec.origin)),
-        "verify" => Command::verify_from(r, num(spec.seed), num(spec.origin)),
-        "verify-const" => Command::verify_const(r, num(spec.value)),
-        "touch" => Command::touch(
-            r,
-            spec.stride.map_or(PAGE_SIZE, |n| n.0),
-            spec.write.unwrap_or(false),
-        ),
-        "read" => Command::read(num(spec.gpa)),
-        "dma-copy" => Command::dma(dma_op::COPY, num(spec.gpa), num(spec.to), r.len(), 0),
-        "dma-fill" => Command::dma(dma_op::FILL, 0, num(spec.gpa), r.len(), num(spec.value)),
-        "dma-checksum" => Command::dma(dma_op::CHECKSUM, num(spec.gpa), 0, r.len(), 0),
-        "write" => Command::write(num(spec.gpa), num(spec.value)),
-        _ => Command::spin(num(spec.iterations).max(1)),
-    }
-}
-
 /// A step in words, e.g. `unplug [0x100000000, 0x100200000)`.
-pub fn describe(spec: &StepSpec) -> String {
-    let r = range(spec);
-    let vcpu = spec.vcpu.unwrap_or(0);
-    let repeat = spec
-        .repeat
-        .filter(|&n| n > 1)
-        .map(|n| format!(" x{n}"))
-        .unwrap_or_default();
-    let asynchronous = if spec.is_async == Some(true) {
-        " (async)"
-    } else {
-        ""
-    };
-    match spec.kind.as_str() {
-        "move" => format!("move {r} to {:#x}", spec.to.map_or(0, |n| n.0)),
-        "dma-copy" => format!(
-            "vCPU {vcpu}: DMA copy {r} to {:#x}{repeat}{asynchronous}",
-            spec.to.map_or(0, |n| n.0)
+pub fn describe(action: &Action) -> String {
+    let guest = action.guest().map(|(vcpu, repeat, is_async)| {
+        let repeat = if repeat > 1 {
+            format!(" x{repeat}")
+        } else {
+            String::new()
+        };
+        let asynchronous = if is_async { " (async)" } else { "" };
+        (format!("vCPU {vcpu}: "), format!("{repeat}{asynchronous}"))
+    });
+    let (who, how) = guest.unwrap_or_default();
+    let kind = action.kind();
+    let body = match action {
+        Action::Plug(p) => format!("plug {}", range(p.gpa.0, p.size.0)),
+        Action::Unplug(u) => format!("unplug {}", range(u.gpa.0, u.size.0)),
+        Action::Protect(p) => format!(
+            "protect {} {}",
+            range(p.gpa.0, p.size.0),
+            match p.access {
+                step::Access::Ro => "ro",
+                step::Access::Rw => "rw",
+            }
         ),
-        "pin" => format!(
-            "pin {:?} {r} ({})",
-            spec.name.as_deref().unwrap_or(""),
-            if spec.revocable == Some(false) {
+        Action::Move(m) => format!("move {} to {}", range(m.gpa.0, m.size.0), m.to),
+        Action::Resize(r) => format!("resize slot at {} to {}", Gpa(r.gpa.0), r.new_size),
+        Action::DirtyLog(d) => format!(
+            "dirty-log {} {}",
+            range(d.gpa.0, d.size.0),
+            if d.on { "on" } else { "off" }
+        ),
+        Action::DirtyPages(d) => format!("dirty-pages {}", range(d.gpa.0, d.size.0)),
+        Action::Stage2Dump(d) => match (d.gpa, d.size) {
+            (Some(g), Some(s)) => format!("dump the IOMMU's stage-2 table in {}", range(g.0, s.0)),
+            _ => "dump the IOMMU's stage-2 table".into(),
+        },
+        Action::PlugMany(p) => match p.count {
+            Some(n) => format!("plug {} slots from {}", n.0, Gpa(p.gpa.0)),
+            None => format!("plug slots from {} until the budget is full", Gpa(p.gpa.0)),
+        },
+        Action::Check(_) => "check KVM memslots against the map".into(),
+        Action::Pin(p) => format!(
+            "pin {:?} {} ({})",
+            p.name,
+            range(p.gpa.0, p.size.0),
+            if p.revocable == Some(false) {
                 "non-revocable"
             } else {
                 "revocable"
             }
         ),
-        "unpin" => format!("unpin {:?}", spec.name.as_deref().unwrap_or("")),
-        "resize" => format!(
-            "resize slot at {} to {:#x}",
-            r.start(),
-            spec.new_size.map_or(0, |n| n.0)
-        ),
-        "protect" => format!("protect {r} {}", spec.access.as_deref().unwrap_or("?")),
-        "dirty-log" => format!(
-            "dirty-log {r} {}",
-            if spec.on == Some(true) { "on" } else { "off" }
-        ),
-        "plug-many" => match spec.count {
-            Some(n) => format!("plug {} slots from {}", n.0, r.start()),
-            None => format!("plug slots from {} until the budget is full", r.start()),
-        },
-        "check" => "check KVM memslots against the map".into(),
-        "stage2-dump" if spec.gpa.is_none() => "dump the IOMMU's stage-2 table".into(),
-        "stage2-dump" => format!("dump the IOMMU's stage-2 table in {r}"),
-        "sleep" => format!("sleep {}", spec.duration.as_deref().unwrap_or("?")),
-        "wait" => format!("vCPU {vcpu}: wait for its async commands"),
-        "read" | "write" => format!(
-            "vCPU {vcpu}: {} {}{repeat}{asynchronous}",
-            spec.kind,
-            r.start()
-        ),
-        "spin" => format!(
-            "vCPU {vcpu}: spin {}{repeat}{asynchronous}",
-            spec.iterations.map_or(0, |n| n.0)
-        ),
-        k if spec.is_guest() => format!("vCPU {vcpu}: {k} {r}{repeat}{asynchronous}"),
-        k => format!("{k} {r}"),
-    }
+        Action::Unpin(u) => format!("unpin {:?}", u.name),
+        Action::Sleep(s) => format!("sleep {}", escape_control(&s.duration.to_string())),
+        Action::Wait(w) => format!("vCPU {}: wait for its async commands", w.vcpu),
+        Action::DmaCopy(Guest { command: c, .. }) => {
+            format!("DMA copy {} to {}", range(c.gpa.0, c.size.0), c.to)
+        }
+        Action::Read(Guest { command: c, .. }) => format!("read {}", Gpa(c.gpa.0)),
+        Action::Write(Guest { command: c, .. }) => format!("write {}", Gpa(c.gpa.0)),
+        Action::Spin(Guest { command: c, .. }) => format!("spin {}", c.iterations.0),
+        Action::Fill(Guest { command: c, .. }) => format!("{kind} {}", range(c.gpa.0, c.size.0)),
+        Action::Verify(Guest { command: c, .. }) => format!("{kind} {}", range(c.gpa.0, c.size.0)),
+        Action::VerifyConst(Guest { command: c, .. }) => {
+            format!("{kind} {}", range(c.gpa.0, c.size.0))
+        }
+        Action::Touch(Guest { command: c, .. }) => format!("{kind} {}", range(c.gpa.0, c.size.0)),
+        Action::DmaFill(Guest { command: c, .. }) => {
+            format!("{kind} {}", range(c.gpa.0, c.size.0))
+        }
+        Action::DmaChecksum(Guest { command: c, .. }) => {
+            format!("{kind} {}", range(c.gpa.0, c.size.0))
+        }
+    };
+    format!("{who}{body}{how}")
 }

@@ -1,5 +1,7 @@
-//! The scenario file format (TOML) and its validation. See `scenarios/README.md`
-//! for the user's guide; every field is listed on [`StepSpec`].
+//! The scenario file format (TOML) and its validation: a header and a
+//! timeline of [`Step`]s. See `scenarios/README.md` for the user's guide.
+//! Everything that can be checked without a VM is checked here, and a
+//! refusal names the place (`file:line:column`), the step and the field.
 //!
 //! ```
 //! use vmm::scenario::Scenario;
@@ -16,14 +18,23 @@
 //!     seed = 7
 //! "#).unwrap();
 //! assert_eq!(s.steps.len(), 2);
-//! assert!(Scenario::parse("[[step]]\ndo = \"dance\"").unwrap_err().to_string().contains("dance"));
+//! let e = Scenario::parse("[[step]]\ndo = \"dance\"").unwrap_err().to_string();
+//! assert!(e.starts_with("scenario:2:6: step 1") && e.contains("dance"), "{e}");
 //! ```
 
-use std::fmt;
+use std::io::Read;
+use std::ops::Range;
 use std::path::Path;
 
-use serde::de::{self, Deserializer};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
+use toml::de::{DeTable, DeValue, ValueDeserializer};
+use toml::Spanned;
+
+use super::num::{DurationText, Num};
+use super::step::Step;
+
+/// The largest scenario file read: 1 MiB.
+pub const MAX_FILE_SIZE: u64 = 1 << 20;
 
 /// Why a scenario file cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -36,342 +47,351 @@ pub enum ScenarioError {
         /// The OS error.
         source: std::io::Error,
     },
-    /// Not valid TOML, or a field of the wrong type or unknown.
-    #[error("scenario is not valid: {0}")]
-    Toml(String),
-    /// A step is missing a field its kind needs, or has a value out of range.
-    #[error("step {index} ({kind}): {problem}")]
-    Step {
-        /// 1-based step number.
-        index: usize,
-        /// Its `do`.
-        kind: String,
-        /// What is wrong.
-        problem: String,
+    /// Not a regular file (a device, a FIFO, a directory).
+    #[error("scenario {path} is not a regular file but {what}; scenario files are regular files of at most {MAX_FILE_SIZE} bytes (1 MiB)")]
+    NotAFile {
+        /// The path.
+        path: String,
+        /// What it is.
+        what: &'static str,
     },
+    /// Larger than [`MAX_FILE_SIZE`].
+    #[error("scenario {path} is too large: {size} bytes or more, the size limit is {MAX_FILE_SIZE} bytes (1 MiB)")]
+    TooLarge {
+        /// The path.
+        path: String,
+        /// Its size (at least).
+        size: u64,
+    },
+    /// Invalid content, at a place in the text.
+    #[error("{0}")]
+    Invalid(Box<Invalid>),
 }
 
-/// A number written as a TOML integer or a string: `4096`, `"0x1_0000_0000"`,
-/// `"2M"`, `"1G"`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Num(pub u64);
+/// Where a scenario's text is invalid, and why. Shown as
+/// `file:line:column: step N (kind): `field`: problem`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Invalid {
+    /// The file's name.
+    pub file: String,
+    /// 1-based line.
+    pub line: usize,
+    /// 1-based column (in characters).
+    pub column: usize,
+    /// 1-based step number, if a step is at fault.
+    pub step: Option<usize>,
+    /// Its `do`, if known.
+    pub kind: Option<String>,
+    /// The field at fault, if one is.
+    pub field: Option<String>,
+    /// What is wrong.
+    pub problem: String,
+}
 
-impl<'de> Deserialize<'de> for Num {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl de::Visitor<'_> for V {
-            type Value = Num;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a number: 4096, \"0x1000\" or \"2M\"")
-            }
-            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Num, E> {
-                u64::try_from(v)
-                    .map(Num)
-                    .map_err(|_| E::custom("must not be negative"))
-            }
-            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Num, E> {
-                Ok(Num(v))
-            }
-            fn visit_str<E: de::Error>(self, s: &str) -> Result<Num, E> {
-                parse_num(s).map(Num).map_err(E::custom)
-            }
+impl std::fmt::Display for Invalid {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}:{}:{}: {}",
+            self.file,
+            self.line,
+            self.column,
+            step_prefix(self.step, self.kind.as_deref())
+        )?;
+        if let Some(field) = &self.field {
+            write!(f, "`{field}`: ")?;
         }
-        d.deserialize_any(V)
+        f.write_str(&self.problem)
     }
 }
 
-/// Parses `0x…` (underscores allowed), or a decimal with an optional K/M/G/T suffix.
-pub fn parse_num(s: &str) -> Result<u64, String> {
-    let t = s.trim().replace('_', "");
-    if let Some(hex) = t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
-        return u64::from_str_radix(hex, 16).map_err(|_| format!("{s:?} is not a hex number"));
+fn step_prefix(step: Option<usize>, kind: Option<&str>) -> String {
+    match (step, kind) {
+        (Some(n), Some(k)) => format!("step {n} ({k}): "),
+        (Some(n), None) => format!("step {n}: "),
+        _ => String::new(),
     }
-    if t == "0" {
-        return Ok(0);
-    }
-    crate::units::parse_size(&t)
-}
-
-/// One step as written in the file (`[[step]]`). `do` selects the kind; the
-/// other fields are used by the kinds that need them.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct StepSpec {
-    /// Kind: plug, unplug, protect, move, resize, dirty-log, dirty-pages,
-    /// plug-many, check, stage2-dump, fill, verify, verify-const, touch, read, write, spin,
-    /// wait, sleep.
-    #[serde(rename = "do")]
-    pub kind: String,
-    /// Guest-physical address of the range.
-    pub gpa: Option<Num>,
-    /// Size of the range in bytes.
-    pub size: Option<Num>,
-    /// move: destination address.
-    pub to: Option<Num>,
-    /// resize: new size of the slot starting at `gpa`.
-    pub new_size: Option<Num>,
-    /// protect: "ro" or "rw".
-    pub access: Option<String>,
-    /// dirty-log: on or off.
-    pub on: Option<bool>,
-    /// plug: backing kind (default: the scenario's).
-    pub backing: Option<String>,
-    /// plug: slot flags ("readonly", "dirty-log").
-    pub flags: Option<Vec<String>>,
-    /// plug-many: how many 4 KiB slots, or omitted to fill the budget.
-    pub count: Option<Num>,
-    /// Guest steps: which vCPU (default 0).
-    pub vcpu: Option<u64>,
-    /// fill/verify: pattern seed.
-    pub seed: Option<Num>,
-    /// fill/verify: the pattern as a fill at this address lays it out
-    /// (contents moved or copied from there).
-    pub origin: Option<Num>,
-    /// verify-const: the value; write: the value; read: the value expected.
-    pub value: Option<Num>,
-    /// touch: stride in bytes (default 4096).
-    pub stride: Option<Num>,
-    /// touch: write instead of read.
-    pub write: Option<bool>,
-    /// spin: iterations.
-    pub iterations: Option<Num>,
-    /// Guest steps: run the command this many times (default 1).
-    pub repeat: Option<u64>,
-    /// Guest steps: don't wait; a later `wait` step collects the outcomes.
-    #[serde(rename = "async")]
-    pub is_async: Option<bool>,
-    /// dirty-pages: expected number of dirty pages; check: expected number
-    /// of pinned pages.
-    pub pages: Option<u64>,
-    /// stage2-dump: expected number of runs (adjacent equal leaves merged).
-    pub runs: Option<u64>,
-    /// stage2-dump: expected bytes mapped (in `gpa`/`size` if given).
-    pub mapped: Option<Num>,
-    /// pin: whether a memory change may revoke the pin (default true); a
-    /// non-revocable pin vetoes changes of its range instead.
-    pub revocable: Option<bool>,
-    /// pin/unpin: the pin's name.
-    pub name: Option<String>,
-    /// sleep: duration ("10ms").
-    pub duration: Option<String>,
-    /// What must happen: "ok" (default), an error kind for memory ops, or
-    /// for guest steps "mismatch", "unplugged", "read-only", "exception",
-    /// "failed", "ok-or-unplugged".
-    pub expect: Option<String>,
-    /// Free text shown with the step.
-    pub note: Option<String>,
 }
 
 /// A scenario: optional VM settings and a timeline of steps.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Scenario {
     /// Title.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
     /// What it shows.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub description: Option<String>,
     /// Guest RAM (overrides `--mem`).
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub mem: Option<Num>,
     /// vCPUs (overrides `--vcpus`).
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub vcpus: Option<u64>,
     /// Backing of guest RAM and of plugs without their own (overrides `--backing`).
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub backing: Option<String>,
+    /// The run's timeout when `--timeout` is not given.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<DurationText>,
     /// The timeline.
-    #[serde(rename = "step", default)]
-    pub steps: Vec<StepSpec>,
+    #[serde(rename = "step")]
+    pub steps: Vec<Step>,
 }
 
-/// Memory-op kinds.
-pub const OP_KINDS: [&str; 12] = [
-    "pin",
-    "unpin",
-    "plug",
-    "unplug",
-    "protect",
-    "move",
-    "resize",
-    "dirty-log",
-    "dirty-pages",
-    "plug-many",
-    "check",
-    "stage2-dump",
-];
-/// Guest-command kinds.
-pub const GUEST_KINDS: [&str; 11] = [
-    "fill",
-    "verify",
-    "verify-const",
-    "touch",
-    "read",
-    "write",
-    "spin",
-    "wait",
-    "dma-copy",
-    "dma-fill",
-    "dma-checksum",
-];
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Header {
+    name: Option<String>,
+    description: Option<String>,
+    mem: Option<Num>,
+    vcpus: Option<u64>,
+    backing: Option<String>,
+    timeout: Option<DurationText>,
+}
+
+/// Positions in the text being parsed.
+struct Source<'a> {
+    file: &'a str,
+    text: &'a str,
+}
+
+impl Source<'_> {
+    fn error(
+        &self,
+        offset: usize,
+        step: Option<(usize, Option<String>)>,
+        field: Option<&str>,
+        problem: impl ToString,
+    ) -> ScenarioError {
+        let mut end = offset.min(self.text.len());
+        while !self.text.is_char_boundary(end) {
+            end -= 1;
+        }
+        let before = &self.text[..end];
+        let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+        let (step, kind) = step.map_or((None, None), |(n, k)| (Some(n), k));
+        ScenarioError::Invalid(Box::new(Invalid {
+            file: self.file.to_string(),
+            line: before.matches('\n').count() + 1,
+            column: before[line_start..].chars().count() + 1,
+            step,
+            kind,
+            field: field.map(str::to_string),
+            problem: problem.to_string().replace('\n', " "),
+        }))
+    }
+}
+
+fn key_span(table: &DeTable<'_>, key: &str) -> Option<Range<usize>> {
+    table
+        .iter()
+        .find(|(k, _)| k.get_ref() == key)
+        .map(|(k, _)| k.span())
+}
 
 impl Scenario {
-    /// Reads and validates a scenario file.
+    /// Reads and validates a scenario file: a regular file of at most
+    /// [`MAX_FILE_SIZE`] bytes (a device or FIFO is refused without reading it).
     pub fn load(path: &Path) -> Result<Self, ScenarioError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ScenarioError::Read {
-            path: path.display().to_string(),
+        let name = path.display().to_string();
+        let read_err = |source| ScenarioError::Read {
+            path: name.clone(),
             source,
+        };
+        let meta = std::fs::metadata(path).map_err(read_err)?;
+        let ft = meta.file_type();
+        if !ft.is_file() {
+            use std::os::unix::fs::FileTypeExt;
+            let what = if ft.is_dir() {
+                "a directory"
+            } else if ft.is_fifo() {
+                "a FIFO"
+            } else if ft.is_char_device() {
+                "a character device"
+            } else if ft.is_block_device() {
+                "a block device"
+            } else if ft.is_socket() {
+                "a socket"
+            } else {
+                "not a file"
+            };
+            return Err(ScenarioError::NotAFile { path: name, what });
+        }
+        if meta.len() > MAX_FILE_SIZE {
+            return Err(ScenarioError::TooLarge {
+                path: name,
+                size: meta.len(),
+            });
+        }
+        let mut bytes = Vec::new();
+        std::fs::File::open(path)
+            .and_then(|f| f.take(MAX_FILE_SIZE + 1).read_to_end(&mut bytes))
+            .map_err(read_err)?;
+        if bytes.len() as u64 > MAX_FILE_SIZE {
+            return Err(ScenarioError::TooLarge {
+                path: name,
+                size: bytes.len() as u64,
+            });
+        }
+        let text = String::from_utf8(bytes).map_err(|e| {
+            read_err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("not UTF-8: {e}"),
+            ))
         })?;
-        Self::parse(&text)
+        Self::parse_named(&text, &name)
     }
 
-    /// Parses and validates scenario text.
+    /// Parses and validates scenario text; errors name the file `scenario`.
     pub fn parse(text: &str) -> Result<Self, ScenarioError> {
-        let s: Scenario = toml::from_str(text).map_err(|e| ScenarioError::Toml(e.to_string()))?;
+        Self::parse_named(text, "scenario")
+    }
+
+    /// Parses and validates scenario text read from `file` (named in errors).
+    pub fn parse_named(text: &str, file: &str) -> Result<Self, ScenarioError> {
+        let src = Source { file, text };
+        let doc = DeTable::parse(text)
+            .map_err(|e| src.error(e.span().map_or(0, |s| s.start), None, None, e.message()))?;
+        let doc_span = doc.span();
+        let mut header = doc.into_inner();
+        let step_entry = header.remove_entry("step");
+        let table = header.clone();
+        let h: Header = Header::deserialize(ValueDeserializer::from(Spanned::new(
+            doc_span,
+            DeValue::Table(header),
+        )))
+        .map_err(|e| {
+            let at = e.span().map_or(0, |s| s.start);
+            let field = table
+                .iter()
+                .find(|(k, v)| k.span().contains(&at) || v.span().contains(&at))
+                .map(|(k, _)| k.get_ref().to_string());
+            src.error(at, None, field.as_deref(), e.message())
+        })?;
+        let header_err = |field: &str, problem: String| {
+            src.error(
+                key_span(&table, field).map_or(0, |s| s.start),
+                None,
+                Some(field),
+                problem,
+            )
+        };
+        let max_vcpus = guest_image::protocol::layout::MAX_VCPUS;
+        if let Some(mem) = h.mem {
+            crate::units::parse_mem(&mem.0.to_string()).map_err(|e| header_err("mem", e))?;
+        }
+        if let Some(v) = h.vcpus {
+            if !(1..=max_vcpus).contains(&v) {
+                return Err(header_err(
+                    "vcpus",
+                    format!("{v} is not in 1..={max_vcpus}"),
+                ));
+            }
+        }
+        if let Some(b) = &h.backing {
+            b.parse::<crate::mm::backing::BackingKind>()
+                .map_err(|e| header_err("backing", e.to_string()))?;
+        }
+        let raw = match step_entry {
+            None => Vec::new(),
+            Some((key, value)) => match value.into_inner() {
+                DeValue::Array(a) => a.into_iter().collect(),
+                _ => {
+                    return Err(src.error(
+                        key.span().start,
+                        None,
+                        Some("step"),
+                        "steps are written as [[step]] tables",
+                    ))
+                }
+            },
+        };
+        if raw.is_empty() {
+            return Err(src.error(text.len(), None, None, "no [[step]] given"));
+        }
+        let vcpus = h.vcpus.unwrap_or(max_vcpus);
+        let mut steps = Vec::with_capacity(raw.len());
         // Outcomes come back in order on one channel per vCPU, so a vCPU's
         // async commands must be collected (`wait`) before it runs anything
         // else, and before the end.
-        let mut pending: std::collections::BTreeMap<u64, usize> = Default::default();
-        for (i, step) in s.steps.iter().enumerate() {
-            let err = |problem: String| ScenarioError::Step {
-                index: i + 1,
-                kind: step.kind.clone(),
-                problem,
+        let mut pending: std::collections::BTreeMap<u64, (usize, usize)> = Default::default();
+        for (i, value) in raw.iter().enumerate() {
+            let number = i + 1;
+            let span = value.span();
+            let DeValue::Table(t) = value.get_ref() else {
+                return Err(src.error(span.start, Some((number, None)), None, "not a table"));
             };
-            step.validate().map_err(err)?;
-            if !step.is_guest() {
-                continue;
+            let kind = t
+                .iter()
+                .find(|(k, _)| k.get_ref() == "do")
+                .and_then(|(_, v)| v.get_ref().as_str().map(str::to_string));
+            let at = |field: &str, problem: String| {
+                src.error(
+                    key_span(t, field).map_or(span.start, |s| s.start),
+                    Some((number, kind.clone())),
+                    Some(field),
+                    problem,
+                )
+            };
+            let step = Step::from_table(t, span.clone()).map_err(|e| {
+                src.error(
+                    e.span.map_or(span.start, |s| s.start),
+                    Some((number, kind.clone())),
+                    e.field.as_deref(),
+                    e.problem,
+                )
+            })?;
+            if let Some(vcpu) = step.action.vcpu() {
+                if vcpu >= vcpus {
+                    let why = match h.vcpus {
+                        Some(n) => format!(
+                            "vCPU {vcpu} does not exist: the scenario has {n} (vcpus = {n})"
+                        ),
+                        None => format!("vCPU {vcpu} does not exist: at most {max_vcpus}"),
+                    };
+                    return Err(at("vcpu", why));
+                }
+                let is_wait = matches!(step.action, super::step::Action::Wait(_));
+                if is_wait {
+                    pending.remove(&vcpu);
+                } else if let Some((from, _)) = pending.get(&vcpu) {
+                    return Err(at(
+                        "vcpu",
+                        format!("vCPU {vcpu} still has async commands from step {from}; add a `wait` step for it first"),
+                    ));
+                } else if step.action.guest().is_some_and(|(_, _, a)| a) {
+                    pending.insert(vcpu, (number, span.start));
+                }
             }
-            let vcpu = step.vcpu.unwrap_or(0);
-            if step.kind == "wait" {
-                pending.remove(&vcpu);
-            } else if let Some(from) = pending.get(&vcpu) {
-                return Err(err(format!(
-                    "vCPU {vcpu} still has async commands from step {from}; add a `wait` step for it first"
-                )));
-            } else if step.is_async == Some(true) {
-                pending.insert(vcpu, i + 1);
-            }
+            steps.push(step);
         }
-        if let Some((vcpu, from)) = pending.into_iter().next() {
-            return Err(ScenarioError::Toml(format!(
-                "the async commands of step {from} on vCPU {vcpu} are never collected: add a `wait` step"
-            )));
+        if let Some((vcpu, (from, offset))) = pending.into_iter().next() {
+            return Err(src.error(
+                offset,
+                Some((from, None)),
+                Some("async"),
+                format!("the async commands on vCPU {vcpu} are never collected: add a `wait` step"),
+            ));
         }
-        if s.steps.is_empty() {
-            return Err(ScenarioError::Toml("no [[step]] given".into()));
-        }
-        let bad =
-            |field: &str, problem: String| ScenarioError::Toml(format!("`{field}`: {problem}"));
-        if let Some(mem) = s.mem {
-            crate::units::parse_mem(&mem.0.to_string()).map_err(|e| bad("mem", e))?;
-        }
-        if let Some(v) = s.vcpus {
-            let max = guest_image::protocol::layout::MAX_VCPUS;
-            if !(1..=max).contains(&v) {
-                return Err(bad("vcpus", format!("{v} is not in 1..={max}")));
-            }
-        }
-        if let Some(b) = &s.backing {
-            b.parse::<crate::mm::backing::BackingKind>()
-                .map_err(|e| bad("backing", e.to_string()))?;
-        }
-        Ok(s)
+        Ok(Scenario {
+            name: h.name,
+            description: h.description,
+            mem: h.mem,
+            vcpus: h.vcpus,
+            backing: h.backing,
+            timeout: h.timeout,
+            steps,
+        })
     }
 
     /// The title to show.
     pub fn title(&self) -> &str {
         self.name.as_deref().unwrap_or("scenario")
     }
-}
 
-impl StepSpec {
-    fn need<T: Copy>(&self, v: Option<T>, field: &str) -> Result<T, String> {
-        v.ok_or_else(|| format!("needs `{field}`"))
-    }
-
-    fn validate(&self) -> Result<(), String> {
-        let k = self.kind.as_str();
-        if !OP_KINDS.contains(&k) && !GUEST_KINDS.contains(&k) && k != "sleep" {
-            return Err(format!(
-                "unknown step kind {k:?}; expected one of {}, {}, sleep",
-                OP_KINDS.join(", "),
-                GUEST_KINDS.join(", ")
-            ));
-        }
-        match k {
-            "plug" | "unplug" | "dirty-pages" | "fill" | "verify" | "verify-const" | "touch" => {
-                self.need(self.gpa, "gpa")?;
-                self.need(self.size, "size")?;
-            }
-            "protect" => {
-                self.need(self.gpa, "gpa")?;
-                self.need(self.size, "size")?;
-                match self.access.as_deref() {
-                    Some("ro" | "rw") => {}
-                    _ => return Err("needs `access = \"ro\"` or `\"rw\"`".into()),
-                }
-            }
-            "move" | "dma-copy" => {
-                self.need(self.gpa, "gpa")?;
-                self.need(self.size, "size")?;
-                self.need(self.to, "to")?;
-            }
-            "dma-fill" => {
-                self.need(self.gpa, "gpa")?;
-                self.need(self.size, "size")?;
-                self.need(self.value, "value")?;
-            }
-            "dma-checksum" => {
-                self.need(self.gpa, "gpa")?;
-                self.need(self.size, "size")?;
-            }
-            "pin" => {
-                self.need(self.gpa, "gpa")?;
-                self.need(self.size, "size")?;
-                self.name.as_ref().ok_or("needs `name`")?;
-            }
-            "unpin" => {
-                self.name.as_ref().ok_or("needs `name`")?;
-            }
-            "resize" => {
-                self.need(self.gpa, "gpa")?;
-                self.need(self.new_size, "new_size")?;
-            }
-            "dirty-log" => {
-                self.need(self.gpa, "gpa")?;
-                self.need(self.size, "size")?;
-                self.need(self.on, "on")?;
-            }
-            "stage2-dump" if self.gpa.is_some() != self.size.is_some() => {
-                return Err("`gpa` and `size` go together (the window to list)".into());
-            }
-            "plug-many" | "read" => {
-                self.need(self.gpa, "gpa")?;
-            }
-            "write" => {
-                self.need(self.gpa, "gpa")?;
-                self.need(self.value, "value")?;
-            }
-            "spin" => {
-                self.need(self.iterations, "iterations")?;
-            }
-            "sleep" => {
-                let d = self.duration.as_deref().ok_or("needs `duration`")?;
-                crate::units::parse_duration(d)?;
-            }
-            _ => {}
-        }
-        if matches!(k, "fill" | "verify") {
-            self.need(self.seed, "seed")?;
-        }
-        if k == "verify-const" {
-            self.need(self.value, "value")?;
-        }
-        if self.repeat == Some(0) {
-            return Err("`repeat` must be at least 1".into());
-        }
-        Ok(())
-    }
-
-    /// Whether this step drives a vCPU.
-    pub fn is_guest(&self) -> bool {
-        GUEST_KINDS.contains(&self.kind.as_str())
+    /// The scenario as TOML; [`Scenario::parse`] reads it back as the same.
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).unwrap_or_else(|e| format!("# cannot write scenario: {e}"))
     }
 }

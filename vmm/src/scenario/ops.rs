@@ -1,10 +1,9 @@
 //! Memory-op steps: each runs one slot-map op through the KVM applier, then
-//! the consistency check, and names any failure by a stable kind (the string
-//! a scenario's `expect` compares with).
-
-use std::sync::Arc;
+//! the consistency check, and names any failure by its [`Outcome`] (what a
+//! scenario's `expect` compares with).
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
 
 use crate::devices::iommu::Iommu;
 use crate::mm::addr::{Gfn, Gpa, GpaRange, Hva, PAGE_SIZE};
@@ -13,19 +12,20 @@ use crate::mm::manager::{MemoryManager, MemslotError};
 use crate::mm::slot_map::{SlotFlags, SlotMapError};
 use crate::mm::stage2::MappedRun;
 
-use super::file::StepSpec;
+use super::expect::Outcome;
+use super::step::{Access, Action, Stage2Dump};
 
-/// A failed op: a stable kind and the full message.
+/// A failed op: its outcome and the full message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OpFailure {
-    /// e.g. "overlap", "too-many-slots", "hole".
-    pub kind: &'static str,
+    /// e.g. overlap, too-many-slots, hole.
+    pub kind: Outcome,
     /// The error's own message.
     pub message: String,
 }
 
 impl OpFailure {
-    fn new(kind: &'static str, message: impl ToString) -> Self {
+    fn new(kind: Outcome, message: impl ToString) -> Self {
         Self {
             kind,
             message: message.to_string(),
@@ -33,35 +33,35 @@ impl OpFailure {
     }
 }
 
-/// The kind name of a slot-map refusal.
-pub fn slot_map_kind(e: &SlotMapError) -> &'static str {
+/// The outcome of a slot-map refusal.
+pub fn slot_map_kind(e: &SlotMapError) -> Outcome {
     match e {
-        SlotMapError::ZeroSize { .. } => "zero-size",
-        SlotMapError::RangeOverflow { .. } => "range-overflow",
-        SlotMapError::Misaligned { .. } => "misaligned",
-        SlotMapError::BeyondMaxGpa { .. } => "beyond-max-gpa",
-        SlotMapError::Overlap { .. } => "overlap",
-        SlotMapError::MappingTooSmall { .. } => "mapping-too-small",
-        SlotMapError::HostAliased { .. } => "host-aliased",
-        SlotMapError::TooManySlots { .. } => "too-many-slots",
-        SlotMapError::Reserved { .. } => "reserved",
-        SlotMapError::ReadOnlyUnsupported { .. } => "read-only-unsupported",
-        SlotMapError::NothingPlugged { .. } => "not-plugged",
-        SlotMapError::Hole { .. } => "hole",
-        SlotMapError::Fixed { .. } => "fixed",
-        SlotMapError::NoSlotAt { .. } => "no-slot-at",
-        SlotMapError::DestinationOverlapsSource { .. } => "destination-overlaps-source",
-        SlotMapError::NoRoomToGrow { .. } => "no-room-to-grow",
+        SlotMapError::ZeroSize { .. } => Outcome::ZeroSize,
+        SlotMapError::RangeOverflow { .. } => Outcome::RangeOverflow,
+        SlotMapError::Misaligned { .. } => Outcome::Misaligned,
+        SlotMapError::BeyondMaxGpa { .. } => Outcome::BeyondMaxGpa,
+        SlotMapError::Overlap { .. } => Outcome::Overlap,
+        SlotMapError::MappingTooSmall { .. } => Outcome::MappingTooSmall,
+        SlotMapError::HostAliased { .. } => Outcome::HostAliased,
+        SlotMapError::TooManySlots { .. } => Outcome::TooManySlots,
+        SlotMapError::Reserved { .. } => Outcome::Reserved,
+        SlotMapError::ReadOnlyUnsupported { .. } => Outcome::ReadOnlyUnsupported,
+        SlotMapError::NothingPlugged { .. } => Outcome::NotPlugged,
+        SlotMapError::Hole { .. } => Outcome::Hole,
+        SlotMapError::Fixed { .. } => Outcome::Fixed,
+        SlotMapError::NoSlotAt { .. } => Outcome::NoSlotAt,
+        SlotMapError::DestinationOverlapsSource { .. } => Outcome::DestinationOverlapsSource,
+        SlotMapError::NoRoomToGrow { .. } => Outcome::NoRoomToGrow,
     }
 }
 
 fn memslot_failure(e: MemslotError) -> OpFailure {
     match &e {
         MemslotError::SlotMap(inner) => OpFailure::new(slot_map_kind(inner), &e),
-        MemslotError::RolledBack { .. } => OpFailure::new("kvm-rolled-back", &e),
-        MemslotError::Vetoed(_) => OpFailure::new("vetoed", &e),
-        MemslotError::Guard(_) => OpFailure::new("busy", &e),
-        _ => OpFailure::new("kvm", &e),
+        MemslotError::RolledBack { .. } => OpFailure::new(Outcome::KvmRolledBack, &e),
+        MemslotError::Vetoed(_) => OpFailure::new(Outcome::Vetoed, &e),
+        MemslotError::Guard(_) => OpFailure::new(Outcome::Busy, &e),
+        _ => OpFailure::new(Outcome::Kvm, &e),
     }
 }
 
@@ -73,7 +73,7 @@ fn parse_flags(names: &[String]) -> Result<SlotFlags, OpFailure> {
             "dirty-log" => flags.dirty_log = true,
             other => {
                 return Err(OpFailure::new(
-                    "invalid-flags",
+                    Outcome::InvalidFlags,
                     format!("unknown slot flag {other:?}: expected \"readonly\" or \"dirty-log\""),
                 ))
             }
@@ -82,26 +82,28 @@ fn parse_flags(names: &[String]) -> Result<SlotFlags, OpFailure> {
     Ok(flags)
 }
 
-fn backing(step: &StepSpec, default: &BackingKind) -> Result<BackingKind, OpFailure> {
-    match &step.backing {
+fn backing(name: Option<&str>, default: &BackingKind) -> Result<BackingKind, OpFailure> {
+    match name {
         None => Ok(default.clone()),
-        Some(b) => b.parse().map_err(|e| OpFailure::new("unknown-backing", e)),
+        Some(b) => b
+            .parse()
+            .map_err(|e| OpFailure::new(Outcome::UnknownBacking, e)),
     }
 }
 
-/// Runs memory-op `step`, then checks KVM's memslots against the map whether
-/// the op succeeded or was refused (a refused op must change nothing). `Ok`
-/// carries a short detail for the console.
+/// Runs memory op `action`, then checks KVM's memslots against the map
+/// whether the op succeeded or was refused (a refused op must change
+/// nothing). `Ok` carries a short detail for the console.
 pub fn run_op(
     memory: &MemoryManager,
     iommu: &Iommu,
-    step: &StepSpec,
+    action: &Action,
     default_backing: &BackingKind,
 ) -> Result<String, OpFailure> {
-    let outcome = apply_op(memory, iommu, step, default_backing);
+    let outcome = apply_op(memory, iommu, action, default_backing);
     memory.check_consistency().map_err(|e| {
         OpFailure::new(
-            "inconsistent",
+            Outcome::Inconsistent,
             format!("KVM memslots and the slot map differ: {e}"),
         )
     })?;
@@ -111,18 +113,17 @@ pub fn run_op(
 fn apply_op(
     memory: &MemoryManager,
     iommu: &Iommu,
-    step: &StepSpec,
+    action: &Action,
     default_backing: &BackingKind,
 ) -> Result<String, OpFailure> {
-    let gpa = Gpa(step.gpa.map_or(0, |n| n.0));
-    let size = step.size.map_or(0, |n| n.0);
     let apply = |op: &dyn Fn(&crate::mm::slot_map::SlotMap) -> Result<_, SlotMapError>| {
         memory.apply(|m| op(m)).map_err(memslot_failure)
     };
-    let detail = match step.kind.as_str() {
-        "plug" => {
-            let flags = parse_flags(step.flags.as_deref().unwrap_or_default())?;
-            let kind = backing(step, default_backing)?;
+    let detail = match action {
+        Action::Plug(p) => {
+            let (gpa, size) = (Gpa(p.gpa.0), p.size.0);
+            let flags = parse_flags(p.flags.as_deref().unwrap_or_default())?;
+            let kind = backing(p.backing.as_deref(), default_backing)?;
             // Map whole pages (at least one) so the slot map, not mmap, judges
             // the requested size and alignment and names the problem.
             let map_len = size
@@ -130,18 +131,19 @@ fn apply_op(
                 .checked_next_multiple_of(kind.page_size())
                 .unwrap_or(size);
             let mapping = Arc::new(
-                HostMapping::new(&kind, map_len).map_err(|e| OpFailure::new("backing", e))?,
+                HostMapping::new(&kind, map_len)
+                    .map_err(|e| OpFailure::new(Outcome::Backing, e))?,
             );
             apply(&|m| m.plug(gpa, size, mapping.clone(), 0, flags))?;
             format!("{kind} memory plugged")
         }
-        "unplug" => {
-            let a = apply(&|m| m.unplug(gpa, size))?;
+        Action::Unplug(u) => {
+            let a = apply(&|m| m.unplug(Gpa(u.gpa.0), u.size.0))?;
             format!("{} bytes of host memory released", a.discarded)
         }
-        "protect" => {
-            let ro = step.access.as_deref() == Some("ro");
-            apply(&|m| m.protect(gpa, size, ro))?;
+        Action::Protect(p) => {
+            let ro = p.access == Access::Ro;
+            apply(&|m| m.protect(Gpa(p.gpa.0), p.size.0, ro))?;
             (if ro {
                 "now read-only"
             } else {
@@ -149,30 +151,29 @@ fn apply_op(
             })
             .to_string()
         }
-        "move" => {
-            let to = Gpa(step.to.map_or(0, |n| n.0));
-            apply(&|m| m.move_range(gpa, size, to))?;
+        Action::Move(mv) => {
+            let to = Gpa(mv.to.0);
+            apply(&|m| m.move_range(Gpa(mv.gpa.0), mv.size.0, to))?;
             format!("now at {to}")
         }
-        "resize" => resize(memory, gpa, step.new_size.map_or(0, |n| n.0))?,
-        "dirty-log" => {
-            let on = step.on.unwrap_or(false);
-            apply(&|m| m.set_dirty_log(gpa, size, on))?;
-            (if on {
+        Action::Resize(r) => resize(memory, Gpa(r.gpa.0), r.new_size.0)?,
+        Action::DirtyLog(d) => {
+            apply(&|m| m.set_dirty_log(Gpa(d.gpa.0), d.size.0, d.on))?;
+            (if d.on {
                 "dirty logging on"
             } else {
                 "dirty logging off"
             })
             .to_string()
         }
-        "dirty-pages" => dirty_pages(memory, iommu, gpa, size, step.pages)?,
-        "stage2-dump" => stage2_dump(iommu, step)?,
-        "plug-many" => plug_many(memory, gpa, step.count.map(|n| n.0))?,
-        "check" => "consistent".to_string(),
+        Action::DirtyPages(d) => dirty_pages(memory, iommu, Gpa(d.gpa.0), d.size.0, d.pages)?,
+        Action::Stage2Dump(d) => stage2_dump(iommu, d)?,
+        Action::PlugMany(p) => plug_many(memory, Gpa(p.gpa.0), p.count.map(|n| n.0))?,
+        Action::Check(_) => "consistent".to_string(),
         other => {
             return Err(OpFailure::new(
-                "invalid-step",
-                format!("{other} is not a memory op"),
+                Outcome::Stopped,
+                format!("{} is not a memory op", other.kind()),
             ))
         }
     };
@@ -189,11 +190,15 @@ fn dirty_pages(
     want: Option<u64>,
 ) -> Result<String, OpFailure> {
     let kvm = memory.dirty_pages(gpa, size).map_err(memslot_failure)?;
-    let range = GpaRange::new(gpa, size)
-        .ok_or_else(|| OpFailure::new("range-overflow", format!("{gpa} + {size:#x} overflows")))?;
+    let range = GpaRange::new(gpa, size).ok_or_else(|| {
+        OpFailure::new(
+            Outcome::RangeOverflow,
+            format!("{gpa} + {size:#x} overflows"),
+        )
+    })?;
     let device = iommu
         .take_dirty(range)
-        .map_err(|e| OpFailure::new("stage2", e))?;
+        .map_err(|e| OpFailure::new(Outcome::Stage2, e))?;
     let pages: BTreeSet<Gfn> = kvm.iter().chain(device.iter()).copied().collect();
     let detail = format!(
         "{} dirty pages ({} in KVM's log, {} written by devices)",
@@ -203,7 +208,7 @@ fn dirty_pages(
     );
     match want {
         Some(want) if pages.len() as u64 != want => Err(OpFailure::new(
-            "dirty-count",
+            Outcome::DirtyCount,
             format!("{detail}, expected {want}"),
         )),
         _ => Ok(detail),
@@ -215,11 +220,11 @@ const DUMP_LINES: usize = 8;
 
 /// The IOMMU table's runs (those overlapping `gpa`/`size` if given, clipped
 /// to it), checked against `runs` and `mapped` (bytes) if given.
-fn stage2_dump(iommu: &Iommu, step: &StepSpec) -> Result<String, OpFailure> {
+fn stage2_dump(iommu: &Iommu, step: &Stage2Dump) -> Result<String, OpFailure> {
     let window = match (step.gpa, step.size) {
         (Some(g), Some(s)) => Some(GpaRange::new(Gpa(g.0), s.0).ok_or_else(|| {
             OpFailure::new(
-                "range-overflow",
+                Outcome::RangeOverflow,
                 format!("{:#x} + {:#x} overflows", g.0, s.0),
             )
         })?),
@@ -258,7 +263,7 @@ fn stage2_dump(iommu: &Iommu, step: &StepSpec) -> Result<String, OpFailure> {
         want.push(format!("{:#x} bytes mapped", n.0));
     }
     Err(OpFailure::new(
-        "stage2-mismatch",
+        Outcome::Stage2Mismatch,
         format!("{detail}; expected {}", want.join(", ")),
     ))
 }
@@ -289,17 +294,25 @@ fn resize(memory: &MemoryManager, gpa: Gpa, new_size: u64) -> Result<String, OpF
 
 /// Plugs `count` 4 KiB slots (default: until the slot budget is full) at
 /// `base`, `base + 8 KiB`, ... (a hole between them so they do not merge),
-/// all windows of one host mapping.
+/// all windows of one host mapping. A count above the free slots is refused
+/// before any memory is allocated.
 fn plug_many(memory: &MemoryManager, base: Gpa, count: Option<u64>) -> Result<String, OpFailure> {
     let map = memory.load();
-    let free = u64::from(map.config().max_slots).saturating_sub(map.len() as u64);
+    let max = u64::from(map.config().max_slots);
+    let free = max.saturating_sub(map.len() as u64);
     let count = count.unwrap_or(free);
     if count == 0 {
         return Ok("no slot to plug".into());
     }
+    if count > free {
+        return Err(OpFailure::new(
+            Outcome::TooManySlots,
+            format!("{count} slots asked, {free} of the VM's {max} slots are free"),
+        ));
+    }
     let mapping = Arc::new(
         HostMapping::new(&BackingKind::Anon, count * PAGE_SIZE)
-            .map_err(|e| OpFailure::new("backing", e))?,
+            .map_err(|e| OpFailure::new(Outcome::Backing, e))?,
     );
     for i in 0..count {
         let gpa = Gpa(base.0 + i * 2 * PAGE_SIZE);

@@ -1,0 +1,327 @@
+//! The file format's refusals (each names `file:line:column`, the step and
+//! the field), the shipped examples, and the TOML round trip.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use super::step::{Action, Step, MAX_REPEAT};
+use super::{Scenario, ScenarioError};
+
+fn examples() -> Vec<PathBuf> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scenarios");
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "toml"))
+        .collect();
+    files.sort();
+    assert!(files.len() >= 8, "{files:?}");
+    files
+}
+
+/// The first line of the refusal of `text`.
+fn refusal(text: &str) -> String {
+    let e = Scenario::parse(text).expect_err(text).to_string();
+    e.lines().next().unwrap_or_default().to_string()
+}
+
+/// Asserts the refusal of `text` starts with `scenario:line:column: step N`
+/// and names `field`.
+fn assert_refused(text: &str, at: &str, step: usize, field: &str) {
+    let first = refusal(text);
+    assert!(
+        first.starts_with(&format!("scenario:{at}: step {step} ")),
+        "{text}\n=> {first}"
+    );
+    assert!(first.contains(&format!("`{field}`")), "{text}\n=> {first}");
+}
+
+const PLUG: &str = "[[step]]\ndo = \"plug\"\ngpa = \"0x1_0000_0000\"\nsize = \"2M\"\n";
+
+#[test]
+fn test_every_example_parses_and_round_trips() {
+    for path in examples() {
+        let s = Scenario::load(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        for (i, step) in s.steps.iter().enumerate() {
+            let text = step.to_toml();
+            let again = Step::parse_toml(&text)
+                .unwrap_or_else(|e| panic!("{} step {}: {e}\n{text}", path.display(), i + 1));
+            assert_eq!(&again, step, "{} step {}:\n{text}", path.display(), i + 1);
+        }
+        let whole = s.to_toml();
+        assert_eq!(Scenario::parse(&whole).unwrap(), s, "{}", path.display());
+    }
+}
+
+#[test]
+fn test_field_of_another_kind_is_refused_at_its_place() {
+    // `access` belongs to protect, `repeat` and `async` to guest commands.
+    assert_refused(
+        &format!("{PLUG}[[step]]\ndo = \"unplug\"\ngpa = 0\nsize = 4096\naccess = \"ro\"\n"),
+        "9:1",
+        2,
+        "access",
+    );
+    assert_refused(&format!("{PLUG}repeat = 2\n"), "5:1", 1, "repeat");
+    assert_refused(
+        "[[step]]\ndo = \"move\"\ngpa = 0\nsize = 4096\nto = 8192\nasync = true\n",
+        "6:1",
+        1,
+        "async",
+    );
+    assert_refused(
+        "[[step]]\ndo = \"wait\"\nvcpu = 0\nrepeat = 3\n",
+        "4:1",
+        1,
+        "repeat",
+    );
+    let first = refusal(&format!("{PLUG}colour = 1\n"));
+    assert!(first.contains("unknown field `colour`"), "{first}");
+}
+
+#[test]
+fn test_missing_field_and_unknown_kind_are_named() {
+    assert_refused("[[step]]\ndo = \"plug\"\ngpa = 4096\n", "1:1", 1, "size");
+    assert!(refusal("[[step]]\ndo = \"plug\"\ngpa = 4096\n").contains("needs `size`"));
+    let first = refusal("\n[[step]]\ndo = \"teleport\"\n");
+    assert!(
+        first.starts_with("scenario:3:6: step 1 (teleport): `do`: unknown step kind \"teleport\""),
+        "{first}"
+    );
+    assert_refused(
+        "[[step]]\ndo = \"plug\"\ngpa = true\nsize = 1\n",
+        "3:7",
+        1,
+        "gpa",
+    );
+}
+
+#[test]
+fn test_unknown_expectation_is_refused() {
+    assert_refused(
+        &format!("{PLUG}expect = \"sideways\"\n"),
+        "5:10",
+        1,
+        "expect",
+    );
+    // A read of another value is a `mismatch`; the old name is gone.
+    assert_refused(
+        "[[step]]\ndo = \"read\"\ngpa = 0\nvalue = 1\nexpect = \"wrong-value\"\n",
+        "5:10",
+        1,
+        "expect",
+    );
+    let s = Scenario::parse("[[step]]\ndo = \"read\"\ngpa = 0\nvalue = 1\nexpect = \"mismatch\"\n");
+    assert!(s.is_ok(), "{s:?}");
+}
+
+#[test]
+fn test_expectation_a_step_cannot_meet_is_refused() {
+    assert_refused(
+        &format!("{PLUG}expect = \"mismatch\"\n"),
+        "5:10",
+        1,
+        "expect",
+    );
+    let first = refusal(&format!("{PLUG}expect = \"ok|dma-revoked\"\n"));
+    assert!(
+        first.contains("never ends with `dma-revoked`") && first.contains("overlap"),
+        "{first}"
+    );
+    assert_refused(
+        "[[step]]\ndo = \"wait\"\nexpect = \"unplugged\"\n",
+        "3:10",
+        1,
+        "expect",
+    );
+    assert_refused(
+        "[[step]]\ndo = \"unpin\"\nname = \"x\"\nexpect = \"overlap\"\n",
+        "4:10",
+        1,
+        "expect",
+    );
+    for ok in [
+        "[[step]]\ndo = \"unpin\"\nname = \"x\"\nexpect = \"no-such-pin\"\n",
+        "[[step]]\ndo = \"dma-copy\"\ngpa = 0\nto = 4096\nsize = 8\nexpect = \"ok|dma-revoked\"\n",
+        "[[step]]\ndo = \"check\"\npages = 1\nexpect = \"pinned-pages\"\n",
+        "[[step]]\ndo = \"sleep\"\nduration = \"1ms\"\nexpect = \"error\"\n",
+    ] {
+        assert!(Scenario::parse(ok).is_ok(), "{ok}");
+    }
+}
+
+#[test]
+fn test_vcpu_beyond_the_scenarios_vcpus_is_refused() {
+    assert_refused(
+        "vcpus = 2\n[[step]]\ndo = \"read\"\ngpa = 0\nvcpu = 2\n",
+        "5:1",
+        1,
+        "vcpu",
+    );
+    assert_refused(
+        "vcpus = 1\n[[step]]\ndo = \"wait\"\nvcpu = 1\n",
+        "4:1",
+        1,
+        "vcpu",
+    );
+    assert_refused(
+        "[[step]]\ndo = \"read\"\ngpa = 0\nvcpu = 64\n",
+        "4:1",
+        1,
+        "vcpu",
+    );
+    assert!(Scenario::parse("vcpus = 2\n[[step]]\ndo = \"read\"\ngpa = 0\nvcpu = 1\n").is_ok());
+}
+
+#[test]
+fn test_bad_guest_ranges_are_refused() {
+    assert_refused(
+        "[[step]]\ndo = \"touch\"\ngpa = 0\nsize = 4096\nstride = 0\n",
+        "5:1",
+        1,
+        "stride",
+    );
+    assert_refused(
+        "[[step]]\ndo = \"verify\"\ngpa = \"0xffff_ffff_ffff_fff8\"\nsize = 16\nseed = 1\n",
+        "4:1",
+        1,
+        "size",
+    );
+    assert_refused(
+        "[[step]]\ndo = \"fill\"\ngpa = \"0x1004\"\nsize = 16\nseed = 1\n",
+        "3:1",
+        1,
+        "gpa",
+    );
+    assert_refused(
+        "[[step]]\ndo = \"verify-const\"\ngpa = \"0x1000\"\nsize = 12\nvalue = 0\n",
+        "4:1",
+        1,
+        "size",
+    );
+    assert_refused(
+        "[[step]]\ndo = \"dma-copy\"\ngpa = 0\nto = \"0xffff_ffff_ffff_f000\"\nsize = \"8K\"\n",
+        "4:1",
+        1,
+        "to",
+    );
+    assert_refused(
+        "[[step]]\ndo = \"read\"\ngpa = \"0xffff_ffff_ffff_fffc\"\n",
+        "3:1",
+        1,
+        "gpa",
+    );
+}
+
+#[test]
+fn test_repeat_and_count_caps() {
+    let over = MAX_REPEAT + 1;
+    assert_refused(
+        &format!("[[step]]\ndo = \"spin\"\niterations = 1\nrepeat = {over}\n"),
+        "4:1",
+        1,
+        "repeat",
+    );
+    assert!(refusal(&format!(
+        "[[step]]\ndo = \"spin\"\niterations = 1\nrepeat = {over}\n"
+    ))
+    .contains("1000000"));
+    assert_refused(
+        "[[step]]\ndo = \"spin\"\niterations = 1\nrepeat = 0\n",
+        "4:1",
+        1,
+        "repeat",
+    );
+    assert_refused(
+        "[[step]]\ndo = \"plug-many\"\ngpa = \"64G\"\ncount = 32765\n",
+        "4:1",
+        1,
+        "count",
+    );
+    assert!(Scenario::parse(&format!(
+        "[[step]]\ndo = \"spin\"\niterations = 1\nrepeat = {MAX_REPEAT}\n"
+    ))
+    .is_ok());
+}
+
+#[test]
+fn test_header_timeout_is_read_and_checked() {
+    let s = Scenario::parse(&format!("timeout = \"90s\"\n{PLUG}")).unwrap();
+    assert_eq!(
+        s.timeout.map(|t| t.duration()),
+        Some(Duration::from_secs(90))
+    );
+    let first = refusal(&format!("timeout = \"soon\"\n{PLUG}"));
+    assert!(
+        first.starts_with("scenario:1:11: `timeout`:") && first.contains("soon"),
+        "{first}"
+    );
+    let first = refusal(&format!("colour = 1\n{PLUG}"));
+    assert!(
+        first.starts_with("scenario:1:1: `colour`: unknown field"),
+        "{first}"
+    );
+}
+
+#[test]
+fn test_async_without_wait_is_refused_naming_the_step() {
+    let text = "[[step]]\ndo = \"read\"\ngpa = 0\nasync = true\n[[step]]\ndo = \"read\"\ngpa = 0\n";
+    assert_refused(text, "5:1", 2, "vcpu");
+    assert!(refusal(text).contains("add a `wait` step"));
+    let first = refusal("[[step]]\ndo = \"read\"\ngpa = 0\nasync = true\n");
+    assert!(
+        first.starts_with("scenario:1:1: step 1: `async`:") && first.contains("never collected"),
+        "{first}"
+    );
+}
+
+#[test]
+fn test_files_that_are_not_small_regular_files_fail_fast() {
+    let started = Instant::now();
+    let e = Scenario::load(Path::new("/dev/zero")).unwrap_err();
+    assert!(matches!(e, ScenarioError::NotAFile { .. }), "{e}");
+    assert!(e.to_string().contains("1048576 bytes"), "{e}");
+
+    let dir = std::env::temp_dir().join(format!("vmm-scenario-unit-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let fifo = dir.join("fifo.toml");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: mkfifo on a NUL-terminated path we own.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let e = Scenario::load(&fifo).unwrap_err().to_string();
+    assert!(e.contains("a FIFO") && e.contains("regular file"), "{e}");
+
+    let big = dir.join("big.toml");
+    std::fs::write(&big, vec![b'#'; (super::file::MAX_FILE_SIZE + 1) as usize]).unwrap();
+    let e = Scenario::load(&big).unwrap_err().to_string();
+    assert!(e.contains("too large") && e.contains("limit"), "{e}");
+    let e = Scenario::load(&dir).unwrap_err().to_string();
+    assert!(e.contains("a directory"), "{e}");
+    assert!(started.elapsed() < Duration::from_secs(2));
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn test_line_and_column_count_characters() {
+    // A multi-byte character before the field on its line.
+    let first = refusal("name = \"é\"\n[[step]]\ndo = \"read\"\ngpa = 0\n  stride = 4\n");
+    assert!(
+        first.starts_with("scenario:5:3: step 1 (read): `stride`"),
+        "{first}"
+    );
+}
+
+#[test]
+fn test_typed_steps_compare_by_meaning() {
+    let a = Step::parse_toml("do = \"read\"\ngpa = 4096\nexpect = \"ok-or-unplugged\"").unwrap();
+    let b = Step::parse_toml("do = \"read\"\ngpa = \"4K\"\nexpect = \"ok|unplugged\"").unwrap();
+    assert_eq!(a, b);
+    assert!(matches!(a.action, Action::Read(_)));
+    assert_eq!(a.action.vcpu(), Some(0));
+}
+
+#[test]
+fn test_note_control_characters_are_escaped() {
+    let s = super::driver::escape_control("done\u{1b}[2J\nnext\ttab é");
+    assert_eq!(s, "done\\u{1b}[2J\\nnext\\ttab é");
+}
