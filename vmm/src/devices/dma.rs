@@ -119,6 +119,8 @@ impl DmaEngine {
                 pins,
                 iommu,
                 stats: stats.clone(),
+                #[cfg(test)]
+                between: None,
             },
             boot,
         };
@@ -169,6 +171,10 @@ struct Transfers {
     pins: Arc<PinManager>,
     iommu: Arc<Iommu>,
     stats: Arc<DmaStats>,
+    /// Tests: runs between a piece's translation and its access, with the
+    /// slot guard held, to force interleavings.
+    #[cfg(test)]
+    between: Option<Box<dyn Fn(Gpa) + Send + Sync>>,
 }
 
 impl Worker {
@@ -329,6 +335,10 @@ impl Transfers {
             if tr.hva.0 != hva {
                 return Err(DmaError::Fault);
             }
+            #[cfg(test)]
+            if let Some(between) = &self.between {
+                between(at);
+            }
             f(off, piece)?;
             if write {
                 // Dirty was set before the write; a report taken in between
@@ -429,6 +439,7 @@ mod tests {
             iommu: Arc::new(Iommu::new(memory.clone())),
             memory,
             stats: Arc::new(DmaStats::default()),
+            between: None,
         }
     }
 
@@ -498,5 +509,163 @@ mod tests {
         let big = t.execute(&desc(dma_op::FILL, 0, BASE, 5 * 4096, 1));
         assert_eq!(big, Err(DmaError::NoPin));
         assert_eq!(DmaError::NoPin.status(), dma_status::NO_PIN);
+    }
+
+    /// Device threads fill pages through the IOMMU while a reporter takes
+    /// dirty pages and a writer write-protects and unprotects the range (each
+    /// protect zaps the IOMMU). Every write must be in a report that ended
+    /// after the write began: a report that ended before it cannot have seen
+    /// it, and no later report may miss it.
+    #[test]
+    fn test_every_device_write_completed_before_a_report_is_in_it_or_a_later_one() {
+        use std::collections::BTreeSet;
+        use std::sync::atomic::AtomicBool;
+        use std::sync::Mutex;
+        use std::time::{Duration, Instant};
+
+        const PAGES: u64 = 32;
+        let t = transfers(PinLimit::Unlimited);
+        let clock = AtomicU64::new(0);
+        let stop = AtomicBool::new(false);
+        let writes: Mutex<Vec<(u64, u64)>> = Mutex::new(Vec::new());
+        let reports: Mutex<Vec<(u64, BTreeSet<u64>)>> = Mutex::new(Vec::new());
+        let tick = |clock: &AtomicU64| clock.fetch_add(1, Ordering::SeqCst) + 1;
+        let all = GpaRange::new(Gpa(BASE), MIB).unwrap();
+        let report = || {
+            let pages = t.iommu.take_dirty(all).unwrap();
+            let ended = tick(&clock);
+            let set = pages.into_iter().map(|g| g.0).collect();
+            reports.lock().unwrap().push((ended, set));
+        };
+        std::thread::scope(|s| {
+            for seed in 1..=2u64 {
+                let (t, clock, stop, writes) = (&t, &clock, &stop, &writes);
+                s.spawn(move || {
+                    let mut x = seed;
+                    while !stop.load(Ordering::Relaxed) {
+                        x ^= x << 13;
+                        x ^= x >> 7;
+                        x ^= x << 17;
+                        let gpa = BASE + x % PAGES * 4096;
+                        let fill = desc(dma_op::FILL, 0, gpa, 4096, x);
+                        let began = tick(clock);
+                        if t.execute(&fill).is_ok() {
+                            writes.lock().unwrap().push((gpa >> 12, began));
+                        }
+                    }
+                });
+            }
+            s.spawn(|| {
+                while !stop.load(Ordering::Relaxed) {
+                    report();
+                }
+            });
+            let until = Instant::now() + Duration::from_millis(400);
+            while Instant::now() < until {
+                for read_only in [true, false] {
+                    t.memory
+                        .apply(|m| m.protect(Gpa(BASE), PAGES * 4096, read_only))
+                        .unwrap();
+                }
+            }
+            stop.store(true, Ordering::Relaxed);
+        });
+        report();
+        let reports = reports.into_inner().unwrap();
+        let writes = writes.into_inner().unwrap();
+        assert!(
+            writes.len() > 100,
+            "too few writes to mean anything: {}",
+            writes.len()
+        );
+        for &(gfn, began) in &writes {
+            let seen = reports
+                .iter()
+                .any(|(ended, pages)| *ended > began && pages.contains(&gfn));
+            assert!(
+                seen,
+                "the write to frame {gfn:#x} begun at tick {began} was never reported"
+            );
+        }
+    }
+
+    /// The interleaving that lost a device write: the walk marks the page
+    /// dirty, a report takes it, a protect starts while the transfer still
+    /// holds its guard, then the write lands. The protect's zap must come
+    /// after the write and its re-mark (the drain precedes the zap), so a
+    /// later report has the page.
+    #[test]
+    fn test_a_write_racing_a_report_and_a_protect_is_still_reported() {
+        use std::sync::Mutex;
+        use std::time::Duration;
+
+        let mut t = transfers(PinLimit::Unlimited);
+        let page = GpaRange::new(Gpa(BASE), 4096).unwrap();
+        let (memory, iommu) = (t.memory.clone(), t.iommu.clone());
+        let protect = Arc::new(Mutex::new(None));
+        let spawned = protect.clone();
+        t.between = Some(Box::new(move |_| {
+            if spawned.lock().unwrap().is_some() {
+                return;
+            }
+            // The report between the walk (Dirty set) and the write.
+            assert_eq!(iommu.take_dirty(page).unwrap(), vec![page.start().gfn()]);
+            let memory = memory.clone();
+            *spawned.lock().unwrap() = Some(std::thread::spawn(move || {
+                memory
+                    .apply(|m| m.protect(Gpa(BASE), 4096, true))
+                    .map(|_| ())
+            }));
+            // Give the protect time to get as far as it can.
+            std::thread::sleep(Duration::from_millis(50));
+        }));
+        t.execute(&desc(dma_op::FILL, 0, BASE, 4096, 9)).unwrap();
+        let protect = protect.lock().unwrap().take().unwrap();
+        protect.join().unwrap().unwrap();
+        assert_eq!(t.iommu.take_dirty(page).unwrap(), vec![page.start().gfn()]);
+        assert_eq!(word(&t, BASE), 9);
+    }
+
+    /// An unplug and a replug of the destination between two pieces of one
+    /// chunk: the transfer must not write into the memory plugged after its
+    /// pin was revoked, so it ends REVOKED and the new memory stays zero.
+    #[test]
+    fn test_a_transfer_never_writes_into_memory_replugged_after_its_pin_was_revoked() {
+        use std::sync::Mutex;
+        use std::time::Duration;
+
+        let mut t = transfers(PinLimit::Unlimited);
+        let second = BASE + 4096;
+        let memory = t.memory.clone();
+        let replug = Arc::new(Mutex::new(None));
+        let spawned = replug.clone();
+        t.between = Some(Box::new(move |at| {
+            if at.0 != BASE || spawned.lock().unwrap().is_some() {
+                return;
+            }
+            let memory = memory.clone();
+            *spawned.lock().unwrap() = Some(std::thread::spawn(move || {
+                memory.apply(|m| m.unplug(Gpa(second), 4096)).unwrap();
+                let fresh = Arc::new(HostMapping::new(&BackingKind::Anon, 4096).unwrap());
+                memory
+                    .apply(|m| m.plug(Gpa(second), 4096, fresh, 0, SlotFlags::NONE))
+                    .unwrap();
+            }));
+            std::thread::sleep(Duration::from_millis(50));
+        }));
+        let result = t.execute(&desc(dma_op::FILL, 0, BASE, 2 * 4096, 5));
+        replug.lock().unwrap().take().unwrap().join().unwrap();
+        assert_eq!(result, Err(DmaError::Revoked));
+        assert_eq!(
+            word(&t, BASE),
+            5,
+            "the first piece landed before the unplug"
+        );
+        assert_eq!(
+            word(&t, second),
+            0,
+            "nothing written into the replugged page"
+        );
+        assert_eq!(t.pins.account().pinned().charged(), 0);
     }
 }

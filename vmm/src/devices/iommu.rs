@@ -33,28 +33,34 @@
 //!    address lies inside the slot, and its host address is 2 MiB aligned;
 //!    otherwise 4 KiB.
 //! 5. **Dirty bits are never lost.** Device writes set the leaf's Dirty bit
-//!    (the walk does it by CAS). A zap first write-protects the range (after
-//!    which no walker can set Dirty in it), then harvests Dirty into a pending
-//!    set, then unmaps; [`Iommu::take_dirty`] reports pending and live dirty
-//!    frames of a range once each, like KVM's dirty log.
+//!    (the walk does it by CAS). A zap unmaps the range in one exclusive pass
+//!    and harvests Dirty from the values it cleared (a walker's Dirty CAS
+//!    either landed before the clearing CAS or freeze, and is harvested, or
+//!    failed), into a pending set; [`Iommu::take_dirty`] reports pending and
+//!    live dirty frames of a range once each, like KVM's dirty log. And since
+//!    the memory manager drains a slot's guards before the invalidation
+//!    starts, a device write under a guard (with its re-mark after the
+//!    write) is complete before the zap runs.
 //!
 //! # Memory safety
 //! The table only *translates*; it does not keep host memory alive. A device
 //! holds a slot guard on the memory it touches for as long as it touches it
-//! (as [`crate::devices::dma`] does), and the memory manager excludes guards before
-//! tearing a slot down, after the zap. So a translation obtained while a
-//! guard is held stays valid until the guard is dropped.
+//! (as [`crate::devices::dma`] does). The memory manager excludes and drains
+//! a slot's guards before the invalidation starts (so before the zap) and
+//! before tearing the slot down. So a translation obtained while a guard is
+//! held stays valid until the guard is dropped, and no fill of that slot can
+//! run between the zap and the teardown (a fill needs a guard).
 //!
 //! # Lock order
 //! The table's writer lock is the innermost lock; the pending-dirty mutex is
 //! taken alone (never while calling into the table). `invalidate_start` runs
-//! on the memory manager's writer thread with the slot-map writer lock held and takes the
-//! table's lock exclusive; the fault path holds at most a slot guard (not a
-//! lock: guards are only waited for after every `invalidate_start` returned)
-//! while it takes the table's lock shared. The fault path is bounded
-//! ([`FAULT_ATTEMPTS`]), so a device holding a guard while an invalidation of
-//! that memory is in progress gives up ([`IommuError::Busy`]) instead of
-//! delaying the writer.
+//! on the memory manager's writer thread with the slot-map writer lock held,
+//! after the drain, and takes the table's lock exclusive; the fault path
+//! holds at most a slot guard while it takes the table's lock shared (the
+//! writer holds no table lock while it drains). The fault path is bounded
+//! ([`FAULT_ATTEMPTS`]), so a device whose fills keep racing invalidations
+//! elsewhere (each ended invalidation forces a retry) eventually gives up
+//! ([`IommuError::Busy`]) instead of spinning.
 //!
 //! ```
 //! use std::sync::Arc;
@@ -194,20 +200,19 @@ impl State {
         self.pending_dirty.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Write-protects, harvests Dirty, then unmaps `range` (invariant 5).
+    /// Unmaps `range`, harvesting Dirty from the values the unmap cleared
+    /// (one exclusive pass, as KVM takes the dirty state from the old SPTE
+    /// its atomic zap returns), so no device write marked before the leaf
+    /// went away is lost (invariant 5).
     fn zap(&self, range: GpaRange) -> Result<u64, Stage2Error> {
         let Some(range) = page_cover(range) else {
             return Err(Stage2Error::BadRange { range });
         };
-        // After this no walker can set Dirty in the range: a walker's A/D CAS
-        // either landed before the protect's CAS (which then keeps it) or
-        // fails and re-reads a leaf that denies writes.
-        self.table.protect(range, Perms::R)?;
-        let dirty = self.table.take_dirty(range)?;
+        let (pages, dirty) = self.table.unmap_harvest(range)?;
         if !dirty.is_empty() {
             self.pending().extend(dirty);
         }
-        self.table.unmap(range)
+        Ok(pages)
     }
 }
 

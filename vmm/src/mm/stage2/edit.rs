@@ -22,8 +22,12 @@ use crate::mm::sync::AtomicU64;
 
 /// What a range walk does to the leaves it covers.
 enum RangeOp<'a> {
-    /// Clear them; count the 4 KiB pages unmapped.
-    Unmap { pages: u64 },
+    /// Clear them; count the 4 KiB pages unmapped, and collect the frames of
+    /// the leaves whose cleared value had Dirty set (when asked to).
+    Unmap {
+        pages: u64,
+        dirty: Option<&'a mut Vec<Gfn>>,
+    },
     /// Give them these permissions.
     Protect(Perms),
     /// Clear Dirty; collect the frames that had it.
@@ -49,7 +53,7 @@ impl Stage2Table {
     /// covers only in part, and unlinking lower tables it empties (their pages
     /// are reclaimed after the epoch grace period). Returns the number of
     /// 4 KiB pages that were mapped. Dirty bits of unmapped leaves are dropped:
-    /// call [`Stage2Table::take_dirty`] first to keep them.
+    /// use [`Stage2Table::unmap_harvest`] to keep them.
     ///
     /// ```
     /// use vmm::mm::addr::{Gpa, GpaRange, Hva};
@@ -62,8 +66,40 @@ impl Stage2Table {
     /// assert_eq!(t.translate(Gpa(0x2000), Access::Read).unwrap().hva, Hva(0x4000_2000));
     /// ```
     pub fn unmap(&self, range: GpaRange) -> Result<u64, Stage2Error> {
+        self.unmap_range(range, None)
+    }
+
+    /// As [`unmap`](Self::unmap), harvesting Dirty in the same pass: the
+    /// frames of every leaf whose *cleared* value had Dirty set (the value the
+    /// clearing CAS or freeze replaced, as KVM takes the dirty state from the
+    /// old SPTE its atomic zap returns), so no walker's Dirty bit set before
+    /// the leaf went away is lost. Returns the pages unmapped and the dirty
+    /// frames, ascending.
+    ///
+    /// ```
+    /// use vmm::mm::addr::{Gfn, Gpa, GpaRange, Hva};
+    /// use vmm::mm::stage2::{Access, PageSize, Perms, Stage2Table};
+    /// let t = Stage2Table::new();
+    /// t.map(Gpa(0x5000), Hva(0x1000), PageSize::Size4K, Perms::RW).unwrap();
+    /// t.map(Gpa(0x6000), Hva(0x2000), PageSize::Size4K, Perms::RW).unwrap();
+    /// t.translate(Gpa(0x6008), Access::Write).unwrap();
+    /// let all = GpaRange::new(Gpa(0), 1 << 30).unwrap();
+    /// assert_eq!(t.unmap_harvest(all).unwrap(), (2, vec![Gfn(6)]));
+    /// ```
+    pub fn unmap_harvest(&self, range: GpaRange) -> Result<(u64, Vec<Gfn>), Stage2Error> {
+        let mut dirty = Vec::new();
+        let pages = self.unmap_range(range, Some(&mut dirty))?;
+        dirty.sort_unstable();
+        Ok((pages, dirty))
+    }
+
+    fn unmap_range(
+        &self,
+        range: GpaRange,
+        dirty: Option<&mut Vec<Gfn>>,
+    ) -> Result<u64, Stage2Error> {
         let (start, end) = check_range(range)?;
-        let mut op = RangeOp::Unmap { pages: 0 };
+        let mut op = RangeOp::Unmap { pages: 0, dirty };
         if start < end {
             let _excl = self.lock_exclusive();
             self.with_root(|root, guard| {
@@ -71,7 +107,7 @@ impl Stage2Table {
             })?;
         }
         match op {
-            RangeOp::Unmap { pages } => Ok(pages),
+            RangeOp::Unmap { pages, .. } => Ok(pages),
             _ => unreachable!("the op is built above as Unmap"),
         }
     }
@@ -323,10 +359,21 @@ impl Stage2Table {
     /// Freezes the lower table linked by `raw` in `slot` (at `level`), tears
     /// it down, clears the slot, and retires its pages. Returns the number of
     /// 4 KiB pages it mapped, or the slot's new value if it changed.
-    fn zap_table(&self, slot: &AtomicU64, raw: u64, level: u8, guard: &Guard) -> Result<u64, u64> {
+    fn zap_table(
+        &self,
+        slot: &AtomicU64,
+        raw: u64,
+        (level, base): (u8, u64),
+        dirty: Option<&mut Vec<Gfn>>,
+        guard: &Guard,
+    ) -> Result<u64, u64> {
         slot::freeze_if(slot, raw)?;
         let mut pages = Vec::new();
-        let mapped = teardown(Entry(raw).frame_addr(), level - 1, guard, &mut pages);
+        let mut torn = Torn {
+            pages: &mut pages,
+            dirty,
+        };
+        let mapped = teardown(Entry(raw).frame_addr(), level - 1, base, guard, &mut torn);
         slot::unfreeze(slot, 0);
         for page in pages {
             // SAFETY: `teardown` collected each page of the unlinked subtree
@@ -365,8 +412,9 @@ impl Stage2Table {
                     Decoded::Corrupt => corrupt(raw, e_start, level),
                     Decoded::Table(addr) => {
                         if covered {
-                            if let RangeOp::Unmap { pages } = op {
-                                match self.zap_table(slot, raw, level, guard) {
+                            if let RangeOp::Unmap { pages, dirty } = op {
+                                let at = (level, e_start);
+                                match self.zap_table(slot, raw, at, dirty.as_deref_mut(), guard) {
                                     Ok(n) => *pages += n,
                                     Err(_) => continue,
                                 }
@@ -377,9 +425,12 @@ impl Stage2Table {
                         let child = unsafe { reclaim::page_at(addr, guard) };
                         let (s, e) = (start.max(e_start), end.min(e_end));
                         self.edit_range(child, level - 1, e_start, s, e, op, guard)?;
+                        // An emptied table maps nothing: no Dirty to harvest.
                         if matches!(op, RangeOp::Unmap { .. })
                             && child.is_empty()
-                            && self.zap_table(slot, raw, level, guard).is_err()
+                            && self
+                                .zap_table(slot, raw, (level, e_start), None, guard)
+                                .is_err()
                         {
                             continue;
                         }
@@ -411,7 +462,16 @@ impl Stage2Table {
                             continue; // a walker set A/D: redo from the new value
                         }
                         match op {
-                            RangeOp::Unmap { pages } => *pages += size / PAGE_SIZE,
+                            RangeOp::Unmap { pages, dirty } => {
+                                *pages += size / PAGE_SIZE;
+                                if let Some(out) = dirty {
+                                    if leaf.dirty {
+                                        out.extend(
+                                            (e_start / PAGE_SIZE..e_end / PAGE_SIZE).map(Gfn),
+                                        );
+                                    }
+                                }
+                            }
                             RangeOp::Protect(_) => {}
                             RangeOp::TakeDirty(out) => {
                                 out.extend((e_start / PAGE_SIZE..e_end / PAGE_SIZE).map(Gfn))
@@ -426,24 +486,41 @@ impl Stage2Table {
     }
 }
 
-/// Freezes every entry of the unlinked page at `addr` (a table at `level`)
-/// and of the tables below it, collecting the pages into `pages`. Returns the
-/// number of 4 KiB pages the subtree mapped.
-fn teardown(addr: u64, level: u8, guard: &Guard, pages: &mut Vec<u64>) -> u64 {
+/// What a teardown collects: the table pages to retire, and (when asked) the
+/// frames of dirty leaves it froze.
+struct Torn<'a, 'b> {
+    pages: &'a mut Vec<u64>,
+    dirty: Option<&'b mut Vec<Gfn>>,
+}
+
+/// Freezes every entry of the unlinked page at `addr` (a table at `level`
+/// whose entry 0 maps `base`) and of the tables below it, collecting the
+/// pages and dirty frames into `torn`. Returns the number of 4 KiB pages the
+/// subtree mapped.
+fn teardown(addr: u64, level: u8, base: u64, guard: &Guard, torn: &mut Torn<'_, '_>) -> u64 {
     // SAFETY: `addr` was a table pointer read while `guard` is pinned, and
     // its pages are retired only after this returns.
     let page = unsafe { reclaim::page_at(addr, guard) };
+    let size = level_size(level);
     let mut mapped = 0;
-    for s in page.slots() {
+    for (i, s) in page.slots().iter().enumerate() {
+        let e_start = base + i as u64 * size;
+        // The freeze returns the entry's last value: a walker's Dirty CAS
+        // either landed before it (and is seen here) or failed.
         let old = slot::freeze(s);
         match Entry(old).decode(level) {
-            Decoded::Table(a) => mapped += teardown(a, level - 1, guard, pages),
-            Decoded::Leaf(_) => mapped += level_size(level) / PAGE_SIZE,
+            Decoded::Table(a) => mapped += teardown(a, level - 1, e_start, guard, torn),
+            Decoded::Leaf(leaf) => {
+                mapped += size / PAGE_SIZE;
+                if let (true, Some(out)) = (leaf.dirty, torn.dirty.as_deref_mut()) {
+                    out.extend((e_start / PAGE_SIZE..(e_start + size) / PAGE_SIZE).map(Gfn));
+                }
+            }
             Decoded::Empty | Decoded::Frozen => {}
             Decoded::Corrupt => corrupt(old, 0, level),
         }
     }
-    pages.push(addr);
+    torn.pages.push(addr);
     mapped
 }
 

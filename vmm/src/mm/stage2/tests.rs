@@ -629,3 +629,50 @@ fn test_map_racing_installers_share_tables_and_free_losers() {
     assert_eq!(t.dump().len(), 1);
     assert_eq!(t.dump()[0].range.len(), 512 * PAGE_SIZE);
 }
+
+// ---- unmap with the dirty harvest in the same pass ----
+
+#[test]
+fn test_unmap_harvest_takes_dirty_from_cleared_leaves_tables_and_split_huge_leaves() {
+    let t = Stage2Table::new();
+    // A lower table of 4K leaves under [0, 2M), two of them dirty.
+    for i in 0..512u64 {
+        let gpa = Gpa(i * PAGE_SIZE);
+        t.map(
+            gpa,
+            Hva(HVA_BASE + i * PAGE_SIZE),
+            PageSize::Size4K,
+            Perms::RW,
+        )
+        .unwrap();
+    }
+    t.translate(Gpa(3 * PAGE_SIZE), Access::Write).unwrap();
+    t.translate(Gpa(511 * PAGE_SIZE + 8), Access::Write)
+        .unwrap();
+    // A dirty 2M leaf at [2M, 4M).
+    t.map(
+        Gpa(HUGE_2M),
+        Hva(HVA_BASE + HUGE_2M),
+        PageSize::Size2M,
+        Perms::RW,
+    )
+    .unwrap();
+    t.translate(Gpa(HUGE_2M + 0x10), Access::Write).unwrap();
+    // The whole lower table is covered (torn down); the huge leaf only in
+    // part (split, and only the covered frames reported).
+    let (pages, dirty) = t.unmap_harvest(range(0, HUGE_2M + 2 * PAGE_SIZE)).unwrap();
+    assert_eq!(pages, 514);
+    let first_huge = HUGE_2M / PAGE_SIZE;
+    assert_eq!(
+        dirty,
+        vec![Gfn(3), Gfn(511), Gfn(first_huge), Gfn(first_huge + 1)]
+    );
+    // The rest of the huge region keeps its Dirty (split copies A/D).
+    assert!(t
+        .translate(Gpa(HUGE_2M + 2 * PAGE_SIZE), Access::Read)
+        .is_some());
+    let rest = t.take_dirty(range(HUGE_2M, HUGE_2M)).unwrap();
+    assert_eq!(rest.len(), 510);
+    // Nothing left to harvest where the unmap ran.
+    assert_eq!(t.unmap_harvest(range(0, HUGE_2M)).unwrap(), (0, vec![]));
+}
