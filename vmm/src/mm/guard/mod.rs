@@ -22,15 +22,17 @@
 //!
 //! # Writers
 //! A transition that deletes a slot (unplug, shrink, move, split for a
-//! protect) or changes its flags first calls [`GuardedMap::exclude`]: every
+//! protect) first calls [`GuardedMap::exclude`]: every
 //! such slot's cell gets the exclude flag (no new reader), then the writer
 //! parks until the readers inside have left, at most a bound; past it the
 //! error names the slot and how many readers hold it
 //! ([`GuardError::Drain`]) and every exclusion is released, so nothing
 //! changed. Only after that does the caller delete KVM memslots and discard
 //! host memory; then [`Exclusions::commit`] detaches the cells of deleted
-//! slots, moves the cells of flag-changed slots to their new generation and
-//! attaches the cells of created slots, *before* the new map is published.
+//! slots and attaches the cells of created slots, *before* the new map is
+//! published. Turning dirty logging on or off changes a slot in place and
+//! keeps its identity (generation): it takes no memory away, so its readers
+//! neither drain nor notice.
 //!
 //! # Why host memory is never released under a reader
 //! A reader holds a reference on a cell whose generation is its slot's. The
@@ -355,9 +357,9 @@ impl GuardedMap {
         for change in changes {
             let slot = match change {
                 MemslotChange::Delete { slot } => slot,
-                // The live slot keeps its id; its generation moves.
-                MemslotChange::SetFlags { slot, .. } => slot,
-                MemslotChange::Create { .. } => continue,
+                // Dirty logging on or off: same memory, same identity; no
+                // reader needs to leave.
+                MemslotChange::SetFlags { .. } | MemslotChange::Create { .. } => continue,
             };
             let cell =
                 self.cells
@@ -441,8 +443,8 @@ impl Exclusions<'_> {
     }
 
     /// After the teardown succeeded, before publishing the new map: detaches
-    /// the cells of deleted slots, gives flag-changed slots their new
-    /// generation (and lets readers in again), attaches created slots.
+    /// the cells of deleted slots and attaches created slots (a dirty-log
+    /// change keeps its slot's identity, so its cell is untouched).
     ///
     /// # Errors
     /// [`GuardError::Cell`]: the cells were not in the state `changes`
@@ -450,10 +452,8 @@ impl Exclusions<'_> {
     pub fn commit(self, changes: &[MemslotChange]) -> Result<(), GuardError> {
         let Self { map, mut held, .. } = self;
         for change in changes {
-            let (slot, delete) = match change {
-                MemslotChange::Delete { slot } => (slot, true),
-                MemslotChange::SetFlags { slot, .. } => (slot, false),
-                MemslotChange::Create { .. } => continue,
+            let MemslotChange::Delete { slot } = change else {
+                continue; // creates below; flag changes keep their cell
             };
             let pos = held
                 .iter()
@@ -461,14 +461,7 @@ impl Exclusions<'_> {
                 .ok_or(GuardError::Cell(SlotLockError::Detached {
                     slot: slot.id().0,
                 }))?;
-            let mut ex = held.swap_remove(pos);
-            if delete {
-                ex.detach().map_err(GuardError::Cell)?;
-            } else {
-                ex.reshape_as(slot.range(), slot.generation())
-                    .map_err(GuardError::Cell)?;
-                ex.release();
-            }
+            held.swap_remove(pos).detach().map_err(GuardError::Cell)?;
         }
         for change in changes {
             if let MemslotChange::Create { slot } = change {

@@ -66,17 +66,33 @@
 //! # Guards and invalidation ranges
 //! The manager owns a [`GuardedMap`] (the published map plus one refcount
 //! lock per slot, see [`crate::mm::guard`]) and an [`InvalidationHub`].
-//! `apply`, under the writer lock: computes the transition; `hub.begin_all`
-//! for the ranges it takes away or write-protects (the vetoes of all of them
-//! first: a refusal changes nothing and announces nothing); excludes new guards from every slot it deletes or
-//! changes and waits for the guards inside, at most
-//! [`drain_bound`](MemoryManager::drain_bound) (past it the error names the
-//! slot and its readers and nothing changed); issues the ioctls (with
-//! rollback); detaches, re-tags and attaches cells; publishes; discards host
-//! memory; ends the invalidations; announces added memory. So host memory is
-//! never discarded or unmapped while a guard ([`SlotRef`]) holds it. A reader
-//! that only holds a snapshot (no guard) keeps the mappings alive, but may
-//! read discarded ranges as zeros: use guards for host access.
+//! `apply`, under the writer lock:
+//! 1. computes the transition;
+//! 2. excludes new guards from every slot it deletes and waits for the
+//!    guards inside, at most [`drain_bound`](MemoryManager::drain_bound)
+//!    (past it the error names the slot and its readers; nothing changed and
+//!    nothing was announced);
+//! 3. `hub.begin_all` for the ranges it takes away or write-protects: the
+//!    vetoes of all of them first (a refusal changes nothing), then
+//!    `invalidate_start`;
+//! 4. issues the memslot calls (with rollback);
+//! 5. detaches and attaches cells; publishes; discards host memory;
+//! 6. ends the invalidations (a refused or rolled-back op drops them: they
+//!    end as changes that did not happen, and the hub's plugged set stays);
+//!    announces added memory.
+//!
+//! The drain comes before the invalidation, as the kernel takes
+//! `vma_start_write` (exclude and drain the VMA's readers) before
+//! `mmu_notifier_invalidate_range_start`: a drain timeout then announces
+//! nothing, and a device that registers state while holding guards (a pin,
+//! an IOMMU fill) has registered it before the vetoes and the zap run, so
+//! they see it; no fill of a draining slot can start. Dirty logging on or
+//! off changes a slot in place with the same identity: it drains nothing.
+//!
+//! So host memory is never discarded or unmapped while a guard
+//! ([`SlotRef`]) holds it. A reader that only holds a snapshot (no guard)
+//! keeps the mappings alive, but may read discarded ranges as zeros: use
+//! guards for host access.
 //!
 //! While a transition is applied, a range between its cluster's delete and
 //! create has no memslot and a vCPU touching it exits as MMIO (see
@@ -359,7 +375,7 @@ impl MemoryManager {
                 });
             }
         }
-        // 4. Cells follow KVM (detach deleted, re-tag changed, attach created)
+        // 4. Cells follow KVM (detach deleted, attach created)
         //    before the map naming the new slots is published.
         if let Err(e) = exclusions.commit(&changes) {
             // KVM already holds the new slots; only a transition computed from

@@ -203,9 +203,12 @@ impl SlotMap {
         let mut map = self.clone();
         let mut changes = Vec::with_capacity(deletes.len() + set_flags.len() + creates.len());
         for (old_slot, p) in set_flags {
+            // Only dirty logging changes in place (KVM cannot toggle
+            // read-only on a live slot): the same memory, range and access,
+            // so the same identity. Guards on the slot stay valid and the
+            // writer need not drain them.
             let slot = Slot {
                 flags: p.flags,
-                generation: map.bump_generation(),
                 ..old_slot.clone()
             };
             map.slots.insert(slot.range.start(), slot.clone());

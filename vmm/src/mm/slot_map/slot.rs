@@ -97,11 +97,13 @@ impl Slot {
     pub fn flags(&self) -> SlotFlags {
         self.flags
     }
-    /// Unique among the slot objects of one lineage of maps: two slots with
-    /// the same generation are the same slot object (same id, range, hva,
-    /// flags); any change, a flags-only one included, makes a new slot object
-    /// with a new generation. Lets a reader holding an old snapshot check its slot is still
-    /// the current one.
+    /// The slot's identity, unique among the slot objects of one lineage of
+    /// maps: two slots with the same generation have the same id, range,
+    /// host memory and access. Any change of those makes a new slot object
+    /// with a new generation; turning dirty logging on or off does not (it
+    /// takes no memory away and changes no access), so readers' guards
+    /// survive it. Lets a reader holding an old snapshot check its slot is
+    /// still the current one.
     pub fn generation(&self) -> u64 {
         self.generation
     }

@@ -128,7 +128,8 @@ fn test_set_dirty_log_whole_slot_is_flags_only_change() {
     let after = t.map.lookup(Gpa(0)).unwrap();
     assert_eq!((after.id(), after.range()), (before.id(), before.range()));
     assert!(after.flags().dirty_log);
-    assert_ne!(after.generation(), before.generation());
+    // Same memory, same access: the same identity, so guards survive it.
+    assert_eq!(after.generation(), before.generation());
     assert_eq!(
         t.removed,
         [(range(0, 8 * P), ChangeKind::DirtyLog { on: true })]
