@@ -9,6 +9,10 @@
 //!   protocol, and asserts the installed translation is never the old one. It
 //!   is run on the real [`SeqState`] (must pass) and on two deliberately
 //!   broken protocols (must be caught).
+//! - `install_then_retry_model` is the IOMMU fill's shape: install first
+//!   (a CAS into the empty leaf), then `retry`, and zap its own install when
+//!   `retry` says so. Run on the real [`SeqState`] (must pass), and caught
+//!   when the fault path skips the retry or checks before installing.
 //! - `test_loom_hub_cache_*` runs the real hub and [`TranslationCache`]: a
 //!   lookup racing an invalidation never returns or keeps the old translation.
 //! - `test_loom_hub_subscribe_*`: registering during an invalidation yields a
@@ -99,6 +103,88 @@ fn test_loom_seq_bump_at_start_only_is_caught() {
     assert!(
         caught.is_err(),
         "the model missed a protocol that bumps at start only"
+    );
+}
+
+/// How an install-then-retry fault path orders its steps.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum FillShape {
+    /// Install, then retry; zap the own install if the retry fails (the
+    /// IOMMU's fill).
+    InstallThenRetry,
+    /// Broken: install and keep it, no retry.
+    NoRetry,
+    /// Broken: retry first, then install without a lock (the check can pass
+    /// just before an invalidation zaps an empty leaf and ends).
+    RetryThenInstall,
+}
+
+/// One invalidation (start → zap the leaf → new answer → end) racing a fault
+/// path that installs lock-free into the leaf (0 = empty, else the answer's
+/// generation). After both, the leaf must be empty or the new answer.
+fn install_then_retry_model(shape: FillShape) {
+    builder(3).check(move || {
+        let s = Arc::new((SeqState::new(), AtomicU64::new(1), AtomicU64::new(0)));
+        let w = s.clone();
+        let writer = thread::spawn(move || {
+            let (seq, generation, leaf) = &*w;
+            seq.start(1, page_range());
+            leaf.swap(0, Ordering::AcqRel); // invalidate_start: zap
+            generation.store(2, Ordering::Release); // teardown: new answer
+            assert!(seq.end(1));
+        });
+        let (seq, generation, leaf) = &*s;
+        for _ in 0..2 {
+            let begin = seq.read_begin();
+            let resolved = generation.load(Ordering::Acquire);
+            if shape == FillShape::RetryThenInstall {
+                if seq.retry(begin, page_range()) {
+                    thread::yield_now();
+                    continue;
+                }
+                let _ = leaf.compare_exchange(0, resolved, Ordering::AcqRel, Ordering::Acquire);
+                break;
+            }
+            // The table's install: a CAS on the empty leaf.
+            let installed = leaf
+                .compare_exchange(0, resolved, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok();
+            if shape == FillShape::NoRetry || !seq.retry(begin, page_range()) {
+                break;
+            }
+            if installed {
+                // Zap our own install (only if it is still ours).
+                let _ = leaf.compare_exchange(resolved, 0, Ordering::AcqRel, Ordering::Acquire);
+            }
+            thread::yield_now();
+        }
+        writer.join().unwrap();
+        let kept = leaf.load(Ordering::Acquire);
+        assert!(kept == 0 || kept == 2, "stale leaf kept: {kept}");
+    });
+}
+
+#[test]
+fn test_loom_install_then_retry_never_keeps_stale() {
+    install_then_retry_model(FillShape::InstallThenRetry);
+}
+
+#[test]
+fn test_loom_install_without_retry_is_caught() {
+    let caught = catch_unwind(AssertUnwindSafe(|| {
+        install_then_retry_model(FillShape::NoRetry)
+    }));
+    assert!(caught.is_err(), "the model missed a fill without retry");
+}
+
+#[test]
+fn test_loom_retry_then_lock_free_install_is_caught() {
+    let caught = catch_unwind(AssertUnwindSafe(|| {
+        install_then_retry_model(FillShape::RetryThenInstall)
+    }));
+    assert!(
+        caught.is_err(),
+        "the model missed a check-then-install without a lock"
     );
 }
 
