@@ -17,9 +17,9 @@ use std::sync::Arc;
 use guest_image::protocol::layout;
 use kvm_bindings::{kvm_segment, CpuId, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Cap, Kvm, VcpuFd};
-use vm_memory::{GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
 
 use crate::boot::elf::{ElfError, ElfImage};
+use crate::boot::memory::{BootMemory, BootMemoryError};
 use crate::boot::tables::{gdt_size, tss_addr, write_boot_tables, TablesError};
 use crate::kvm::memslots::{MemslotApplier, MemslotError};
 use crate::kvm::stats::{StatsError, StatsReader};
@@ -64,9 +64,9 @@ pub enum VmError {
         /// Window end.
         limit: u64,
     },
-    /// vm-memory refused the regions.
-    #[error("vm-memory: {0}")]
-    GuestMemory(String),
+    /// vm-memory refused the boot region.
+    #[error(transparent)]
+    GuestMemory(#[from] BootMemoryError),
     /// KVM statistics unavailable.
     #[error(transparent)]
     Stats(#[from] StatsError),
@@ -123,48 +123,6 @@ pub struct Vm {
     pub entry: Gpa,
     boot_mapping: Arc<HostMapping>,
     _kvm: Kvm,
-}
-
-/// A vm-memory view of the boot region that owns the mapping it points into:
-/// every clone keeps the memory mapped, so no clone can outlive it.
-#[derive(Debug, Clone)]
-pub struct BootMemory {
-    // Declared before `_mapping`: the view is dropped first.
-    memory: GuestMemoryMmap,
-    _mapping: Arc<HostMapping>,
-}
-
-impl BootMemory {
-    fn new(mapping: Arc<HostMapping>) -> Result<Self, VmError> {
-        let memory = GuestMemoryMmap::from_regions(vec![guest_region(&mapping, Gpa(0))?])
-            .map_err(|e| VmError::GuestMemory(e.to_string()))?;
-        Ok(Self {
-            memory,
-            _mapping: mapping,
-        })
-    }
-
-    /// The vm-memory view (guest-physical addresses `[0, BOOT_SIZE)`).
-    pub fn memory(&self) -> &GuestMemoryMmap {
-        &self.memory
-    }
-}
-
-fn guest_region(mapping: &HostMapping, gpa: Gpa) -> Result<GuestRegionMmap, VmError> {
-    // SAFETY: `mapping` is a live mapping of `len()` bytes with these flags;
-    // the only caller, `BootMemory::new`, stores the region next to an `Arc`
-    // of the mapping (dropped after it), so the region never outlives it.
-    let region = unsafe {
-        MmapRegion::build_raw(
-            mapping.as_ptr(),
-            mapping.len() as usize,
-            libc::PROT_READ | libc::PROT_WRITE,
-            mapping.mmap_flags(),
-        )
-    }
-    .map_err(|e| VmError::GuestMemory(e.to_string()))?;
-    GuestRegionMmap::new(region, GuestAddress(gpa.0))
-        .ok_or_else(|| VmError::GuestMemory(format!("region at {gpa} overflows")))
 }
 
 /// The guest-physical address width KVM supports, from CPUID 0x80000008.

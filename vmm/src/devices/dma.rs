@@ -35,10 +35,10 @@ use vm_memory::{Bytes, GuestAddress};
 
 use super::iommu::{Iommu, IommuError};
 use super::pins::{Pin, PinError, PinManager};
+use crate::boot::memory::BootMemory;
 use crate::kvm::memslots::MemslotApplier;
 use crate::mm::addr::{Gpa, GpaRange, PAGE_SIZE};
 use crate::mm::stage2::Access;
-use crate::vm::BootMemory;
 
 /// Largest piece transferred under one set of guards.
 pub const CHUNK: u64 = 64 << 10;

@@ -2,17 +2,19 @@
 //! loop's [`LoopState`] through `Rc<RefCell<_>>` (the loop is single-threaded).
 
 use std::cell::RefCell;
-use std::io::Write;
-use std::os::fd::AsRawFd;
+use std::io::{self, Read, Write};
+use std::os::unix::net::UnixStream;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicI32, Ordering};
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc};
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
+use signal_hook::SigId;
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::timerfd::TimerFd;
 
-use crate::vcpu::{ConsoleLine, GuestFailure, VcpuReport};
+use crate::failure::GuestFailure;
+use crate::vcpu::{ConsoleLine, VcpuReport};
 
 /// Why the loop asked the vCPUs to stop, other than a guest failure.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -113,67 +115,100 @@ impl MutEventSubscriber for Timeout {
     }
 }
 
-/// The eventfd the SIGINT/SIGTERM handler writes to (async-signal-safe).
-static SIGNAL_EVENT_FD: AtomicI32 = AtomicI32::new(-1);
-/// The last signal received.
-static LAST_SIGNAL: AtomicI32 = AtomicI32::new(0);
+/// The signals that stop a run, with their names.
+const STOP_SIGNALS: [(libc::c_int, &str); 2] =
+    [(libc::SIGINT, "SIGINT"), (libc::SIGTERM, "SIGTERM")];
 
-extern "C" fn on_terminate(num: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
-    LAST_SIGNAL.store(num, Ordering::Relaxed);
-    let fd = SIGNAL_EVENT_FD.load(Ordering::Relaxed);
-    if fd >= 0 {
-        let one = 1u64;
-        // SAFETY: write(2) is async-signal-safe; `one` is 8 readable bytes and
-        // `fd` is an eventfd kept open while the handler can point at it.
-        unsafe { libc::write(fd, (&one as *const u64).cast(), 8) };
-    }
-}
-
-/// Turns SIGINT/SIGTERM into a clean stop of the run.
+/// Turns SIGINT/SIGTERM into a clean stop of the run, through `signal-hook`:
+/// one action records the first signal (an atomic compare-and-swap, which is
+/// async-signal-safe), another wakes the loop through a socket pair (the
+/// self-pipe pattern). Dropping it unregisters both.
 pub struct SignalStop {
-    pub(super) event: EventFd,
+    wake: UnixStream,
+    first: Arc<AtomicI32>,
+    ids: Vec<SigId>,
     pub(super) state: Rc<RefCell<LoopState>>,
 }
 
 impl SignalStop {
-    /// Routes SIGINT and SIGTERM to `event` for the life of the returned value.
-    pub fn install(
-        event: EventFd,
-        state: Rc<RefCell<LoopState>>,
-    ) -> Result<Self, vmm_sys_util::errno::Error> {
-        SIGNAL_EVENT_FD.store(event.as_raw_fd(), Ordering::Relaxed);
-        vmm_sys_util::signal::register_signal_handler(libc::SIGINT, on_terminate)?;
-        vmm_sys_util::signal::register_signal_handler(libc::SIGTERM, on_terminate)?;
-        Ok(Self { event, state })
+    /// Routes SIGINT and SIGTERM to the loop for the life of the returned value.
+    pub fn install(state: Rc<RefCell<LoopState>>) -> io::Result<Self> {
+        let (wake, writer) = UnixStream::pair()?;
+        wake.set_nonblocking(true)?;
+        writer.set_nonblocking(true)?;
+        let mut stop = Self {
+            wake,
+            first: Arc::new(AtomicI32::new(0)),
+            ids: Vec::new(),
+            state,
+        };
+        for (signal, _) in STOP_SIGNALS {
+            let first = stop.first.clone();
+            let record = move || {
+                let _ = first.compare_exchange(0, signal, Ordering::Relaxed, Ordering::Relaxed);
+            };
+            // SAFETY: the action only does a compare-and-swap on an atomic,
+            // which is async-signal-safe; it allocates and locks nothing.
+            stop.ids
+                .push(unsafe { signal_hook::low_level::register(signal, record) }?);
+            stop.ids.push(signal_hook::low_level::pipe::register(
+                signal,
+                writer.try_clone()?,
+            )?);
+        }
+        Ok(stop)
+    }
+
+    /// The name of the first stop signal received, if any.
+    pub fn first_signal(&self) -> Option<&'static str> {
+        let first = self.first.load(Ordering::Relaxed);
+        STOP_SIGNALS
+            .iter()
+            .find(|(s, _)| *s == first)
+            .map(|(_, name)| *name)
     }
 }
 
 impl Drop for SignalStop {
     fn drop(&mut self) {
-        let _ = SIGNAL_EVENT_FD.compare_exchange(
-            self.event.as_raw_fd(),
-            -1,
-            Ordering::Relaxed,
-            Ordering::Relaxed,
-        );
+        for id in self.ids.drain(..) {
+            signal_hook::low_level::unregister(id);
+        }
     }
 }
 
 impl MutEventSubscriber for SignalStop {
     fn process(&mut self, _: Events, _: &mut EventOps) {
-        let _ = self.event.read();
-        let name = if LAST_SIGNAL.load(Ordering::Relaxed) == libc::SIGTERM {
-            "SIGTERM"
-        } else {
-            "SIGINT"
-        };
-        self.state
-            .borrow_mut()
-            .stop
-            .get_or_insert(StopCause::Signal(name));
+        let mut buf = [0u8; 16];
+        while matches!((&self.wake).read(&mut buf), Ok(n) if n > 0) {}
+        if let Some(name) = self.first_signal() {
+            self.state
+                .borrow_mut()
+                .stop
+                .get_or_insert(StopCause::Signal(name));
+        }
     }
     fn init(&mut self, ops: &mut EventOps) {
-        ops.add(Events::new(&self.event, EventSet::IN))
-            .expect("a fresh eventfd registers with epoll");
+        ops.add(Events::new(&self.wake, EventSet::IN))
+            .expect("a fresh socket registers with epoll");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_first_of_two_stop_signals_is_reported() {
+        let state = Rc::new(RefCell::new(LoopState::default()));
+        let stop = SignalStop::install(state).expect("handlers install");
+        assert_eq!(stop.first_signal(), None);
+        // SAFETY: raise(2) runs the handlers registered above on this thread
+        // before it returns; they only touch atomics and a socket.
+        unsafe {
+            libc::raise(libc::SIGINT);
+            libc::raise(libc::SIGTERM);
+        }
+        assert_eq!(stop.first_signal(), Some("SIGINT"));
     }
 }

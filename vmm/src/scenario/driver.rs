@@ -15,11 +15,12 @@ use serde::Serialize;
 
 use crate::devices::iommu::Iommu;
 use crate::devices::pins::{Pin, PinError, PinManager};
+use crate::failure::GuestFailure;
 use crate::kvm::memslots::MemslotApplier;
 use crate::mm::addr::{Gpa, GpaRange, PAGE_SIZE};
 use crate::mm::backing::BackingKind;
 use crate::plan::{Aborted, Command, CommandOutcome, Step, VcpuPlan};
-use crate::vcpu::{fmt_duration, GuestFailure};
+use crate::units::fmt_duration;
 
 use super::file::{Scenario, StepSpec};
 use super::ops::run_op;
