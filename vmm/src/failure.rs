@@ -1,6 +1,6 @@
 //! Why a vCPU's guest program did not succeed: [`GuestFailure`], reported by
-//! the vCPU loop ([`crate::vcpu`]), told to plans ([`crate::plan`]) and
-//! summarised by runs and scenarios.
+//! the vCPU loop, told to command plans and summarised by runs and scenarios.
+//! A leaf module, so that all of them can name it.
 
 use guest_image::protocol::ExceptionRecord;
 use serde::Serialize;

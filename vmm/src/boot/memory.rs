@@ -1,6 +1,6 @@
 //! The VMM's own view of the boot region (mailboxes, image) through
 //! vm-memory: [`BootMemory`]. Below both the vCPU loop and the devices, which
-//! read and write mailboxes through it; [`crate::vm`] creates it.
+//! read and write mailboxes through it; the VM builder creates it.
 
 use std::sync::Arc;
 

@@ -1,7 +1,7 @@
 //! Building what a test guest boots with, as pure functions over byte buffers:
 //! [`elf`] loads guest images, [`tables`] writes page tables, GDT, IDT and TSSes;
 //! [`memory`] is the VMM's vm-memory view of the boot region.
-//! No KVM here; `crate::vm` writes the results into guest memory and registers.
+//! No KVM here; the VM builder writes the results into guest memory and registers.
 
 pub mod elf;
 pub mod memory;

@@ -12,7 +12,9 @@ use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::timerfd::TimerFd;
 
-use super::events::{Completion, ConsoleSink, LoopState, SignalStop, StopCause, Timeout};
+use super::events::{
+    Completion, ConsoleSink, LoopState, ReportSender, SignalStop, StopCause, Timeout,
+};
 use super::threads::VcpuThreads;
 use super::{setup_err, RunConfig, RunError, Verbosity};
 use crate::vcpu::{ConsoleLine, ConsoleSender, VcpuReport};
@@ -20,22 +22,6 @@ use crate::vcpu::{ConsoleLine, ConsoleSender, VcpuReport};
 /// How often vCPU threads are kicked while a stop is pending: a kick that
 /// lands just before a thread enters `KVM_RUN` is lost, so it is re-sent.
 const KICK_INTERVAL_MS: i32 = 5;
-
-/// Where a vCPU thread sends its report when it ends.
-#[derive(Debug)]
-pub(super) struct ReportSender {
-    tx: mpsc::Sender<VcpuReport>,
-    event: EventFd,
-}
-
-impl ReportSender {
-    /// Sends `report` and wakes the loop.
-    pub(super) fn send(&self, report: VcpuReport) {
-        // A closed receiver means the run is ending; nothing to do.
-        let _ = self.tx.send(report);
-        let _ = self.event.write(1);
-    }
-}
 
 /// How the loop ended.
 #[derive(Debug)]
@@ -108,8 +94,12 @@ impl EventLoop {
         })
     }
 
-    /// A sender of console lines to this loop.
+    /// A sender of console lines to this loop (one that drops them if the
+    /// run is quiet).
     pub(super) fn console_sender(&self) -> Result<ConsoleSender, RunError> {
+        if self.console.borrow().quiet {
+            return Ok(ConsoleSender::discard());
+        }
         Ok(ConsoleSender::new(
             self.console_tx.clone(),
             clone_event(&self.console_event)?,
@@ -118,10 +108,10 @@ impl EventLoop {
 
     /// A sender of one vCPU's report to this loop.
     pub(super) fn report_sender(&self) -> Result<ReportSender, RunError> {
-        Ok(ReportSender {
-            tx: self.done_tx.clone(),
-            event: clone_event(&self.done_event)?,
-        })
+        Ok(ReportSender::new(
+            self.done_tx.clone(),
+            clone_event(&self.done_event)?,
+        ))
     }
 
     /// Runs until every thread of `threads` has reported.

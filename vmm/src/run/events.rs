@@ -2,14 +2,14 @@
 //! loop's [`LoopState`] through `Rc<RefCell<_>>` (the loop is single-threaded).
 
 use std::cell::RefCell;
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::os::unix::net::UnixStream;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicI32, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::mpsc;
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
-use signal_hook::SigId;
+use signal_hook::iterator::backend::SignalDelivery;
+use signal_hook::iterator::exfiltrator::SignalOnly;
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::timerfd::TimerFd;
 
@@ -68,6 +68,27 @@ impl MutEventSubscriber for ConsoleSink {
     }
 }
 
+/// Where a vCPU thread sends its report when it ends.
+#[derive(Debug)]
+pub struct ReportSender {
+    tx: mpsc::Sender<VcpuReport>,
+    event: EventFd,
+}
+
+impl ReportSender {
+    /// A sender that signals `event` after sending.
+    pub fn new(tx: mpsc::Sender<VcpuReport>, event: EventFd) -> Self {
+        Self { tx, event }
+    }
+
+    /// Sends `report` and wakes the loop.
+    pub fn send(&self, report: VcpuReport) {
+        // A closed receiver means the run is ending; nothing to do.
+        let _ = self.tx.send(report);
+        let _ = self.event.write(1);
+    }
+}
+
 /// Collects vCPU reports; the first real failure stops the others.
 pub struct Completion {
     pub(super) event: EventFd,
@@ -115,72 +136,45 @@ impl MutEventSubscriber for Timeout {
     }
 }
 
-/// The signals that stop a run, with their names.
+/// The signals that stop a run, with their names, lowest number first.
 const STOP_SIGNALS: [(libc::c_int, &str); 2] =
     [(libc::SIGINT, "SIGINT"), (libc::SIGTERM, "SIGTERM")];
 
-/// Turns SIGINT/SIGTERM into a clean stop of the run, through `signal-hook`:
-/// one action records the first signal (an atomic compare-and-swap, which is
-/// async-signal-safe), another wakes the loop through a socket pair (the
-/// self-pipe pattern). Dropping it unregisters both.
+/// Turns SIGINT/SIGTERM into a clean stop of the run, with `signal-hook`'s
+/// self-pipe delivery: its handler marks the signal and writes to a socket
+/// pair whose read end the loop watches. The first signal the loop sees is
+/// the one reported; of two that arrived together, the lower-numbered one
+/// (the order in which the kernel itself delivers pending signals), so
+/// SIGINT then SIGTERM reports SIGINT. Dropping it unregisters the
+/// handlers' actions.
 pub struct SignalStop {
-    wake: UnixStream,
-    first: Arc<AtomicI32>,
-    ids: Vec<SigId>,
+    delivery: SignalDelivery<UnixStream, SignalOnly>,
     pub(super) state: Rc<RefCell<LoopState>>,
 }
 
 impl SignalStop {
     /// Routes SIGINT and SIGTERM to the loop for the life of the returned value.
     pub fn install(state: Rc<RefCell<LoopState>>) -> io::Result<Self> {
-        let (wake, writer) = UnixStream::pair()?;
-        wake.set_nonblocking(true)?;
-        writer.set_nonblocking(true)?;
-        let mut stop = Self {
-            wake,
-            first: Arc::new(AtomicI32::new(0)),
-            ids: Vec::new(),
-            state,
-        };
-        for (signal, _) in STOP_SIGNALS {
-            let first = stop.first.clone();
-            let record = move || {
-                let _ = first.compare_exchange(0, signal, Ordering::Relaxed, Ordering::Relaxed);
-            };
-            // SAFETY: the action only does a compare-and-swap on an atomic,
-            // which is async-signal-safe; it allocates and locks nothing.
-            stop.ids
-                .push(unsafe { signal_hook::low_level::register(signal, record) }?);
-            stop.ids.push(signal_hook::low_level::pipe::register(
-                signal,
-                writer.try_clone()?,
-            )?);
-        }
-        Ok(stop)
+        let (read, write) = UnixStream::pair()?;
+        read.set_nonblocking(true)?;
+        write.set_nonblocking(true)?;
+        let signals = STOP_SIGNALS.map(|(signal, _)| signal);
+        let delivery = SignalDelivery::with_pipe(read, write, SignalOnly, signals)?;
+        Ok(Self { delivery, state })
     }
 
-    /// The name of the first stop signal received, if any.
-    pub fn first_signal(&self) -> Option<&'static str> {
-        let first = self.first.load(Ordering::Relaxed);
+    /// The name of the first stop signal received since the last call, if any.
+    pub fn first_signal(&mut self) -> Option<&'static str> {
+        let pending: Vec<libc::c_int> = self.delivery.pending().collect();
         STOP_SIGNALS
             .iter()
-            .find(|(s, _)| *s == first)
+            .find(|(signal, _)| pending.contains(signal))
             .map(|(_, name)| *name)
-    }
-}
-
-impl Drop for SignalStop {
-    fn drop(&mut self) {
-        for id in self.ids.drain(..) {
-            signal_hook::low_level::unregister(id);
-        }
     }
 }
 
 impl MutEventSubscriber for SignalStop {
     fn process(&mut self, _: Events, _: &mut EventOps) {
-        let mut buf = [0u8; 16];
-        while matches!((&self.wake).read(&mut buf), Ok(n) if n > 0) {}
         if let Some(name) = self.first_signal() {
             self.state
                 .borrow_mut()
@@ -189,7 +183,7 @@ impl MutEventSubscriber for SignalStop {
         }
     }
     fn init(&mut self, ops: &mut EventOps) {
-        ops.add(Events::new(&self.wake, EventSet::IN))
+        ops.add(Events::new(self.delivery.get_read(), EventSet::IN))
             .expect("a fresh socket registers with epoll");
     }
 }
@@ -201,10 +195,10 @@ mod tests {
     #[test]
     fn the_first_of_two_stop_signals_is_reported() {
         let state = Rc::new(RefCell::new(LoopState::default()));
-        let stop = SignalStop::install(state).expect("handlers install");
+        let mut stop = SignalStop::install(state).expect("handlers install");
         assert_eq!(stop.first_signal(), None);
         // SAFETY: raise(2) runs the handlers registered above on this thread
-        // before it returns; they only touch atomics and a socket.
+        // before it returns; they only set flags and write to a socket.
         unsafe {
             libc::raise(libc::SIGINT);
             libc::raise(libc::SIGTERM);

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use kvm_ioctls::VcpuFd;
 
-use super::event_loop::ReportSender;
+use super::events::ReportSender;
 use crate::failure::GuestFailure;
 use crate::plan::PhaseBarrier;
 use crate::scenario::driver::Driver;

@@ -14,17 +14,24 @@ pub struct ConsoleLine {
     pub text: String,
 }
 
-/// Sends console lines to the event loop.
+/// Sends console lines to the event loop, or drops them.
 #[derive(Debug)]
 pub struct ConsoleSender {
-    tx: mpsc::Sender<ConsoleLine>,
-    event: EventFd,
+    to: Option<(mpsc::Sender<ConsoleLine>, EventFd)>,
 }
 
 impl ConsoleSender {
     /// A sender that signals `event` after each line.
     pub fn new(tx: mpsc::Sender<ConsoleLine>, event: EventFd) -> Self {
-        Self { tx, event }
+        Self {
+            to: Some((tx, event)),
+        }
+    }
+
+    /// A sender that drops every line (for a quiet run: no thread is woken
+    /// for text nobody prints).
+    pub fn discard() -> Self {
+        Self { to: None }
     }
 
     /// Sends `text` attributed to vCPU `vcpu`'s guest, or to the VMM's
@@ -36,9 +43,12 @@ impl ConsoleSender {
 
     /// Sends `text` attributed to `source`.
     pub fn line(&self, source: String, text: String) {
+        let Some((tx, event)) = &self.to else {
+            return;
+        };
         // A closed receiver means the run is ending; dropping the line is fine.
-        let _ = self.tx.send(ConsoleLine { source, text });
-        let _ = self.event.write(1);
+        let _ = tx.send(ConsoleLine { source, text });
+        let _ = event.write(1);
     }
 }
 
