@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 use guest_image::protocol::layout;
 use kvm_bindings::{kvm_segment, CpuId, KVM_MAX_CPUID_ENTRIES};
-use kvm_ioctls::{Cap, Kvm, VcpuFd};
+use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 
 use crate::boot::elf::{ElfError, ElfImage};
 use crate::boot::memory::{BootMemory, BootMemoryError};
@@ -125,24 +125,50 @@ pub struct Vm {
     _kvm: Kvm,
 }
 
-/// Faults in, in one call, the boot-region pages the boot tables take (one
-/// page directory per GiB of the identity map): writing them would
-/// otherwise take a page fault each, the largest cost of writing the tables.
-fn prefault_tables(boot: &HostMapping, identity_end: u64) {
-    let len = (layout::PDS + identity_end / HUGE_1G * 0x1000).min(boot.len());
-    // SAFETY: `[as_ptr, as_ptr + len)` lies inside the live boot mapping;
-    // MADV_POPULATE_WRITE only faults its pages in (zeroed, as they would be
-    // by the first write) and changes no contents.
-    let rc = unsafe {
-        libc::madvise(
-            boot.as_ptr().cast(),
-            len as usize,
-            libc::MADV_POPULATE_WRITE,
-        )
-    };
-    // Best effort: without it (kernels before 5.14) the writes fault the
-    // pages in one by one.
-    let _ = rc;
+/// The boot region: boot tables for `spec.vcpus` vCPUs and an identity map
+/// up to `identity_end`, the firmware and the guest image. Returns it with
+/// the image's entry point.
+fn boot_region(spec: &VmSpec, identity_end: u64) -> Result<(Arc<HostMapping>, Gpa), VmError> {
+    let image_window = GpaRange::from_bounds(Gpa(layout::IMAGE_START), Gpa(layout::IMAGE_END))
+        .expect("layout constants are ordered");
+    let image = ElfImage::parse(&spec.image, image_window)?;
+    let firmware_window = GpaRange::new(
+        Gpa(layout::FIRMWARE),
+        layout::IMAGE_START - layout::FIRMWARE,
+    )
+    .expect("layout constants are ordered");
+    let firmware = ElfImage::parse(guest_image::FIRMWARE_ELF, firmware_window)?;
+
+    let mapping = Arc::new(HostMapping::new(&BackingKind::Anon, layout::BOOT_SIZE)?);
+    // SAFETY: the boot mapping is BOOT_SIZE bytes, freshly mapped and not
+    // yet visible to the guest or any other thread.
+    let boot =
+        unsafe { std::slice::from_raw_parts_mut(mapping.as_ptr(), layout::BOOT_SIZE as usize) };
+    write_boot_tables(boot, spec.vcpus, identity_end)?;
+    firmware.load_into(boot, Gpa(0));
+    image.load_into(boot, Gpa(0));
+    Ok((mapping, image.entry))
+}
+
+/// Creates `count` vCPUs starting at `entry`, with their stats readers.
+fn create_vcpus(
+    vm_fd: &VmFd,
+    cpuid: &CpuId,
+    count: u64,
+    entry: Gpa,
+) -> Result<(Vec<VcpuFd>, Vec<StatsReader>), VmError> {
+    let mut vcpus = Vec::new();
+    let mut stats = Vec::new();
+    for index in 0..count {
+        let vcpu = vm_fd
+            .create_vcpu(index)
+            .map_err(kvm_err("KVM_CREATE_VCPU"))?;
+        vcpu.set_cpuid2(cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
+        setup_vcpu_registers(&vcpu, index, count, entry)?;
+        stats.push(StatsReader::open(&vcpu)?);
+        vcpus.push(vcpu);
+    }
+    Ok((vcpus, stats))
 }
 
 /// The guest-physical address width KVM supports, from CPUID 0x80000008.
@@ -170,26 +196,7 @@ impl Vm {
                 base: layout::RAM_BASE,
                 limit: identity_end,
             })?;
-        let image_window = GpaRange::from_bounds(Gpa(layout::IMAGE_START), Gpa(layout::IMAGE_END))
-            .expect("layout constants are ordered");
-        let image = ElfImage::parse(&spec.image, image_window)?;
-        let firmware_window = GpaRange::new(
-            Gpa(layout::FIRMWARE),
-            layout::IMAGE_START - layout::FIRMWARE,
-        )
-        .expect("layout constants are ordered");
-        let firmware = ElfImage::parse(guest_image::FIRMWARE_ELF, firmware_window)?;
-
-        let boot_mapping = Arc::new(HostMapping::new(&BackingKind::Anon, layout::BOOT_SIZE)?);
-        prefault_tables(&boot_mapping, identity_end);
-        // SAFETY: the boot mapping is BOOT_SIZE bytes, freshly mapped and not
-        // yet visible to the guest or any other thread.
-        let boot = unsafe {
-            std::slice::from_raw_parts_mut(boot_mapping.as_ptr(), layout::BOOT_SIZE as usize)
-        };
-        write_boot_tables(boot, spec.vcpus, identity_end)?;
-        firmware.load_into(boot, Gpa(0));
-        image.load_into(boot, Gpa(0));
+        let (boot_mapping, entry) = boot_region(spec, identity_end)?;
         let ram_mapping = Arc::new(HostMapping::new(&spec.backing, spec.mem_size)?);
 
         let vm_fd = Arc::new(kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?);
@@ -214,17 +221,7 @@ impl Vm {
             .apply(|map| map.plug(ram.start(), spec.mem_size, ram_mapping, 0, SlotFlags::NONE))?;
         let boot = BootMemory::new(boot_mapping.clone())?;
 
-        let mut vcpus = Vec::new();
-        let mut vcpu_stats = Vec::new();
-        for index in 0..spec.vcpus {
-            let vcpu = vm_fd
-                .create_vcpu(index)
-                .map_err(kvm_err("KVM_CREATE_VCPU"))?;
-            vcpu.set_cpuid2(&cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
-            setup_vcpu_registers(&vcpu, index, spec.vcpus, image.entry)?;
-            vcpu_stats.push(StatsReader::open(&vcpu)?);
-            vcpus.push(vcpu);
-        }
+        let (vcpus, vcpu_stats) = create_vcpus(&vm_fd, &cpuid, spec.vcpus, entry)?;
         let tsc_khz = vcpus[0].get_tsc_khz().map_err(kvm_err("KVM_GET_TSC_KHZ"))?;
         let vm_stats = StatsReader::open(&vm_fd)?;
         let pins = Arc::new(match spec.pin_limit {
@@ -241,7 +238,7 @@ impl Vm {
             ram,
             tsc_khz,
             identity_end,
-            entry: image.entry,
+            entry,
             boot_mapping,
             _kvm: kvm,
         })
