@@ -148,3 +148,34 @@ fn vector_name(v: u64) -> &'static str {
     ];
     NAMES.get(v as usize).copied().unwrap_or("exception")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_exception_is_named_by_its_vector() {
+        let record = ExceptionRecord {
+            vector: 14,
+            error_code: 4,
+            rip: 0x10_0000,
+            cr2: 0xdead_0000,
+            rsp: 0,
+        };
+        let failure = GuestFailure::exception(2, &record);
+        assert!(failure.is_guest_fault());
+        assert_eq!(
+            failure.to_string(),
+            "vCPU 2: guest exception #PF (vector 14, error code 0x4) at RIP 0x100000, CR2 0xdead0000"
+        );
+        let unknown = ExceptionRecord {
+            vector: 40,
+            ..record
+        };
+        let text = GuestFailure::exception(0, &unknown).to_string();
+        assert!(
+            text.contains("guest exception exception (vector 40"),
+            "{text}"
+        );
+    }
+}

@@ -75,3 +75,37 @@ impl LineBuffer {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vmm_sys_util::eventfd::EFD_NONBLOCK;
+
+    #[test]
+    fn line_buffer_sends_whole_lines_and_flushes_the_rest() {
+        let (tx, rx) = mpsc::channel();
+        let console = ConsoleSender::new(tx, EventFd::new(EFD_NONBLOCK).unwrap());
+        let mut buffer = LineBuffer::default();
+        buffer.push("hello\nwor", 3, &console);
+        buffer.push("ld\npartial", 3, &console);
+        buffer.flush(3, &console);
+        let lines: Vec<(String, String)> = rx.try_iter().map(|l| (l.source, l.text)).collect();
+        let expected = [
+            ("vcpu3 guest", "hello"),
+            ("vcpu3 guest", "world"),
+            ("vcpu3 guest", "partial"),
+        ];
+        let expected: Vec<(String, String)> = expected
+            .iter()
+            .map(|(s, t)| (s.to_string(), t.to_string()))
+            .collect();
+        assert_eq!(lines, expected);
+    }
+
+    #[test]
+    fn a_discarding_sender_sends_nothing() {
+        let mut buffer = LineBuffer::default();
+        buffer.push("dropped\n", 0, &ConsoleSender::discard());
+        buffer.flush(0, &ConsoleSender::discard());
+    }
+}

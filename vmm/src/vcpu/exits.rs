@@ -319,3 +319,15 @@ fn word(data: &[u8]) -> u32 {
     b[..n].copy_from_slice(&data[..n]);
     u32::from_le_bytes(b)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn word_pads_short_stores_with_zeros() {
+        assert_eq!(word(&[0x34, 0x12]), 0x1234);
+        assert_eq!(word(&[1, 0, 0, 0, 0xFF, 0xFF]), 1);
+        assert_eq!(word(&[]), 0);
+    }
+}

@@ -2,6 +2,11 @@
 //! command of its plan, forwards console text, and turns every other exit into
 //! a clear [`GuestFailure`].
 //!
+//! The loop ([`run_vcpu`]) keeps its state between exits in an exit handler
+//! (`exits.rs`) that maps each exit to a `VcpuEmulation`: handled, finished
+//! (the guest stopped as told) or failed. The mailbox and the console have
+//! their own modules.
+//!
 //! The loop never reads guest registers: everything the guest reports travels
 //! through its mailbox page (a vCPU ioctl costs ~6 µs on this host).
 //!
@@ -13,8 +18,11 @@
 //! command loop (registers as at boot) and reports the failure to the plan.
 //!
 //! Stopping: another thread sets the shared stop flag and sends
-//! [`kick_signal`] (SIGRTMIN) to the thread until it returns; the signal makes `KVM_RUN` fail with EINTR,
-//! and the loop checks the flag before every entry.
+//! [`kick_signal`] (SIGRTMIN) to the thread until it returns; the signal makes
+//! `KVM_RUN` fail with EINTR, and the loop checks the flag before every entry.
+//! Its no-op handler is registered with vmm-sys-util, as rust-vmm VMMs do: it
+//! must only interrupt, and signal-hook (used for SIGINT/SIGTERM in `run`)
+//! adds nothing to a handler that does nothing.
 
 use std::collections::BTreeMap;
 use std::fmt;
