@@ -4,8 +4,8 @@
 
 use std::sync::Arc;
 
+use super::error::{setup_err, RunError};
 use super::report::DmaReport;
-use super::{setup_err, RunError};
 use crate::devices::dma::{DmaEngine, DmaStats};
 use crate::devices::iommu::{Iommu, Stage2Report};
 use crate::devices::pins::PinManager;

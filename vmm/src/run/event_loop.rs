@@ -12,11 +12,12 @@ use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::timerfd::TimerFd;
 
+use super::config::{RunConfig, Verbosity};
+use super::error::{setup_err, RunError};
 use super::events::{
     Completion, ConsoleSink, LoopState, ReportSender, SignalStop, StopCause, Timeout,
 };
 use super::threads::VcpuThreads;
-use super::{setup_err, RunConfig, RunError, Verbosity};
 use crate::vcpu::{ConsoleLine, ConsoleSender, VcpuReport};
 
 /// How often vCPU threads are kicked while a stop is pending: a kick that

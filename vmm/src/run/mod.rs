@@ -10,7 +10,9 @@
 //! the DMA engine, so their VMs get none (its thread would be most of the
 //! setup cost of a trivial guest after KVM's own).
 
+mod config;
 mod devices;
+mod error;
 mod event_loop;
 mod events;
 pub mod report;
@@ -18,122 +20,26 @@ mod threads;
 
 use std::collections::BTreeMap;
 use std::io::Write;
-use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::failure::GuestFailure;
-use crate::mm::backing::BackingKind;
 use crate::mm::pin_account::PinStats;
-use crate::plan::{BuiltinGuest, PhaseBarrier, VcpuPlan};
+use crate::plan::{PhaseBarrier, VcpuPlan};
 use crate::scenario::driver::{channel_pair, Driver, VcpuLink};
 use crate::scenario::{Scenario, ScenarioReport};
 use crate::units::fmt_duration;
 use crate::vcpu::{self, VcpuContext, VcpuReport};
-use crate::vm::{Counters, Vm, VmError, VmSpec};
+use crate::vm::{Counters, Vm, VmSpec};
+pub use config::{GuestSource, RunConfig, Verbosity};
 use devices::{DeviceReport, Devices};
+use error::setup_err;
+pub use error::RunError;
 use event_loop::{EventLoop, LoopOutcome};
 use events::StopCause;
 pub use report::RunReport;
 use threads::{DriverThread, VcpuThreads};
-
-/// Which guest program to run.
-#[derive(Debug, Clone)]
-pub enum GuestSource {
-    /// A built-in program over the built-in runtime.
-    Builtin(BuiltinGuest),
-    /// An ELF image file speaking the mailbox protocol; driven by the default plan.
-    Image {
-        /// Where it came from.
-        path: PathBuf,
-        /// Its bytes.
-        bytes: Arc<[u8]>,
-    },
-}
-
-impl GuestSource {
-    fn name(&self) -> String {
-        match self {
-            GuestSource::Builtin(b) => b.to_string(),
-            GuestSource::Image { path, .. } => path.display().to_string(),
-        }
-    }
-}
-
-/// How much the run prints on the console.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Verbosity {
-    /// Only errors.
-    Quiet,
-    /// Guest console and a summary.
-    Normal,
-    /// Also per-command progress.
-    Verbose,
-}
-
-/// Everything `vmm run` needs, validated.
-#[derive(Debug, Clone)]
-pub struct RunConfig {
-    /// Guest RAM in bytes.
-    pub mem_size: u64,
-    /// vCPU count.
-    pub vcpus: u64,
-    /// Backing of guest RAM.
-    pub backing: BackingKind,
-    /// The guest.
-    pub guest: GuestSource,
-    /// Stop the guest after this long.
-    pub timeout: Duration,
-    /// Seed of the memory pattern.
-    pub seed: u64,
-    /// Console verbosity.
-    pub verbosity: Verbosity,
-    /// A scenario to run instead of the guest's built-in plan.
-    pub scenario: Option<Arc<Scenario>>,
-    /// Limit of pinned guest memory; `None`: the RLIMIT_MEMLOCK soft limit.
-    pub pin_limit: Option<crate::mm::pin_account::PinLimit>,
-}
-
-impl RunConfig {
-    /// The default run: 256 MiB anonymous RAM, 2 vCPUs, the default guest, 60 s.
-    pub fn default_guest() -> Self {
-        Self {
-            mem_size: 256 << 20,
-            vcpus: 2,
-            backing: BackingKind::Anon,
-            guest: GuestSource::Builtin(BuiltinGuest::Default),
-            timeout: Duration::from_secs(60),
-            seed: 0x005E_ED0F_CAFE,
-            verbosity: Verbosity::Normal,
-            scenario: None,
-            pin_limit: None,
-        }
-    }
-}
-
-/// Errors that prevent a run from starting.
-#[derive(Debug, thiserror::Error)]
-pub enum RunError {
-    /// The VM could not be built.
-    #[error(transparent)]
-    Vm(#[from] VmError),
-    /// The event loop or a thread could not be set up.
-    #[error("{what}: {detail}")]
-    Setup {
-        /// The step.
-        what: &'static str,
-        /// The error.
-        detail: String,
-    },
-}
-
-fn setup_err<E: std::fmt::Display>(what: &'static str) -> impl FnOnce(E) -> RunError {
-    move |e| RunError::Setup {
-        what,
-        detail: e.to_string(),
-    }
-}
 
 /// Runs the guest described by `config`, printing console output to `console`.
 pub fn run(config: &RunConfig, console: Box<dyn Write>) -> Result<RunReport, RunError> {
@@ -167,22 +73,6 @@ pub fn run(config: &RunConfig, console: Box<dyn Write>) -> Result<RunReport, Run
         print_summary(&mut console.borrow_mut().out, &report, &timings);
     }
     Ok(report)
-}
-
-impl RunConfig {
-    /// Whether the guest may program the DMA engine: scenarios do, and an
-    /// image file may; the built-in programs never do.
-    fn may_use_dma(&self) -> bool {
-        self.scenario.is_some() || matches!(self.guest, GuestSource::Image { .. })
-    }
-
-    /// The built-in program whose plan drives the guest.
-    fn builtin(&self) -> BuiltinGuest {
-        match &self.guest {
-            GuestSource::Builtin(b) => *b,
-            GuestSource::Image { .. } => BuiltinGuest::Default,
-        }
-    }
 }
 
 /// Builds the VM and readies its vCPUs to be kicked.

@@ -11,8 +11,10 @@ use guest_image::protocol::{
 use kvm_ioctls::VcpuExit;
 
 use super::console::LineBuffer;
+use super::context::VcpuContext;
 use super::mailbox::Mailbox;
-use super::{mmio, CommandReport, VcpuContext, VcpuReport};
+use super::mmio;
+use super::report::{CommandReport, VcpuReport};
 use crate::failure::GuestFailure;
 use crate::plan::{Command, CommandOutcome, Step};
 use crate::units::fmt_duration;

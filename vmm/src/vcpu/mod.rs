@@ -24,28 +24,24 @@
 //! must only interrupt, and signal-hook (used for SIGINT/SIGTERM in `run`)
 //! adds nothing to a handler that does nothing.
 
-use std::collections::BTreeMap;
 use std::fmt;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use kvm_ioctls::VcpuFd;
-use serde::Serialize;
 
 mod console;
+mod context;
 mod exits;
 mod mailbox;
 pub mod mmio;
+mod report;
 
 pub use console::{ConsoleLine, ConsoleSender};
+pub use context::VcpuContext;
 use exits::{ExitHandler, VcpuEmulation};
+pub use report::{CommandReport, VcpuReport};
 
-use crate::boot::memory::BootMemory;
-use crate::devices::dma::DmaEngine;
 use crate::failure::GuestFailure;
-use crate::kvm::memslots::MemslotApplier;
-use crate::mm::addr::Gpa;
-use crate::plan::VcpuPlan;
 
 /// Signal used to kick a vCPU thread out of `KVM_RUN`.
 pub fn kick_signal() -> i32 {
@@ -56,64 +52,6 @@ pub fn kick_signal() -> i32 {
 pub fn install_kick_handler() -> Result<(), vmm_sys_util::errno::Error> {
     extern "C" fn noop(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
     vmm_sys_util::signal::register_signal_handler(kick_signal(), noop)
-}
-
-/// What one completed command reported.
-#[derive(Debug, Clone, Serialize)]
-pub struct CommandReport {
-    /// Human description.
-    pub command: String,
-    /// Guest status.
-    pub status: u32,
-    /// Guest results.
-    pub results: [u64; 6],
-    /// Wall time from resuming the guest with it to its doorbell.
-    pub micros: u64,
-}
-
-/// Everything a vCPU thread reports when it ends.
-#[derive(Debug, Serialize)]
-pub struct VcpuReport {
-    /// vCPU index.
-    pub index: u64,
-    /// `None` on success.
-    pub failure: Option<GuestFailure>,
-    /// Completed commands, in order.
-    pub commands: Vec<CommandReport>,
-    /// Exits counted by reason.
-    pub exits: BTreeMap<&'static str, u64>,
-}
-
-/// Everything a vCPU thread needs besides its fd.
-pub struct VcpuContext {
-    /// vCPU index.
-    pub index: u64,
-    /// Number of vCPUs of the VM (for resetting registers).
-    pub vcpus: u64,
-    /// The guest program's entry point (for resetting registers).
-    pub entry: Gpa,
-    /// The VMM's view of the boot region (for the mailbox).
-    pub boot: BootMemory,
-    /// The guest memory manager (for accesses that exit as MMIO).
-    pub memory: Arc<MemslotApplier>,
-    /// The DMA engine the guest programs, if the VM has one.
-    pub dma: Option<Arc<DmaEngine>>,
-    /// Where commands come from.
-    pub plan: Box<dyn VcpuPlan>,
-    /// Console output.
-    pub console: ConsoleSender,
-    /// Set to stop the run.
-    pub stop: Arc<AtomicBool>,
-    /// Print per-command progress lines.
-    pub progress: bool,
-}
-
-impl fmt::Debug for VcpuContext {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("VcpuContext")
-            .field("index", &self.index)
-            .finish()
-    }
 }
 
 /// Runs vCPU `ctx.index` until its plan ends or it fails; never panics on guest behaviour.
