@@ -2,7 +2,7 @@
 # Launch cost: `vmm run --guest hello` against the raw minimal launcher
 # (vmm/examples/raw_launch.rs) running the same trivial guest, both as fresh
 # processes, interleaved, RUNS times each. Prints the medians and the ratio
-# vmm/raw (goal: <= 1.5).
+# vmm/raw (goal: <= 1.25).
 #
 #   scripts/bench-launch.sh [RUNS]      (default 15)
 set -euo pipefail
@@ -31,5 +31,5 @@ med = {k: statistics.median(v) for k, v in times.items()}
 for k, v in times.items():
     print(f"{k:8s} median {med[k]:7.2f} ms  min {min(v):7.2f}  max {max(v):7.2f}  ({len(v)} runs)")
 ratio = med["vmm run"] / med["raw"]
-print(f"ratio vmm/raw (medians): {ratio:.2f}  (goal <= 1.5)")
+print(f"ratio vmm/raw (medians): {ratio:.2f}  (goal <= 1.25)")
 PY

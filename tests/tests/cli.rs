@@ -142,3 +142,28 @@ fn test_cli_sigint_stops_guest_cleanly_with_report() {
         serde_json::from_slice(&out.stdout).expect("a report after SIGINT");
     assert_eq!(report["outcome"], "failed");
 }
+
+#[test]
+fn test_cli_sigint_then_sigterm_reports_the_first_signal() {
+    if !kvm_or_skip("cli sigint then sigterm") {
+        return;
+    }
+    let child = Command::new(env!("CARGO_BIN_EXE_vmm-cli"))
+        .args(["run", "--guest", "spin", "--mem", "2M", "--timeout", "60s"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    for signal in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: kill(2) on our own live child; no memory is involved.
+        unsafe { libc::kill(child.id() as i32, signal) };
+    }
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("interrupted by SIGINT"),
+        "{}",
+        stderr(&out)
+    );
+}

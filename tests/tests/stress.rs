@@ -22,13 +22,14 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use vmm::failure::GuestFailure;
 use vmm::mm::addr::{Gpa, GpaRange, PAGE_SIZE};
 use vmm::mm::backing::{BackingKind, HostMapping};
 use vmm::mm::guard::{DeviceMemory, GuardError, SlotRef};
 use vmm::mm::manager::MemoryManager;
 use vmm::mm::slot_map::SlotFlags;
 use vmm::plan::{Command, CommandOutcome, Step, VcpuPlan};
-use vmm::vcpu::{ConsoleSender, GuestFailure, VcpuContext};
+use vmm::vcpu::{ConsoleSender, VcpuContext};
 use vmm::vm::{Vm, VmSpec};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_tests::{kvm_or_skip, Rng};

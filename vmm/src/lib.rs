@@ -6,15 +6,18 @@
 //! - [`kvm`]: the KVM memslot applier and KVM helpers kvm-ioctls lacks.
 //! - [`devices`]: the DMA engine and pinning of guest memory for it.
 //! - [`vm`]: building a VM; [`vcpu`]: the vCPU thread loop;
-//!   [`plan`]: what guests are told to do; [`run`]: `vmm run`; [`cli`]: flags;
+//!   [`plan`]: what guests are told to do; [`failure`]: why a guest failed;
+//!   [`run`]: `vmm run`; [`cli`]: flags;
 //!   [`scenario`]: scripted memory changes against a running guest.
-//! - [`units`]: sizes and durations as typed on the command line and in files.
+//! - [`units`]: sizes and durations as typed on the command line and in
+//!   files, and as printed.
 //! - [`bench`](mod@bench): `vmm bench faults`, guest page-fault latency.
 
 pub mod bench;
 pub mod boot;
 pub mod cli;
 pub mod devices;
+pub mod failure;
 pub mod kvm;
 pub mod mm;
 pub mod plan;

@@ -156,7 +156,7 @@ pub enum CommandOutcome {
     },
     /// The command failed (only reported when the plan is recoverable;
     /// otherwise the failure ends the vCPU's run).
-    Failed(crate::vcpu::GuestFailure),
+    Failed(crate::failure::GuestFailure),
 }
 
 /// A source of commands for one vCPU.

@@ -16,10 +16,10 @@ use std::sync::Arc;
 
 use guest_image::protocol::layout;
 use kvm_bindings::{kvm_segment, CpuId, KVM_MAX_CPUID_ENTRIES};
-use kvm_ioctls::{Cap, Kvm, VcpuFd};
-use vm_memory::{GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
+use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 
 use crate::boot::elf::{ElfError, ElfImage};
+use crate::boot::memory::{BootMemory, BootMemoryError};
 use crate::boot::tables::{gdt_size, tss_addr, write_boot_tables, TablesError};
 use crate::kvm::stats::{StatsError, StatsReader};
 use crate::mm::addr::{Gpa, GpaRange, HUGE_1G};
@@ -64,9 +64,9 @@ pub enum VmError {
         /// Window end.
         limit: u64,
     },
-    /// vm-memory refused the regions.
-    #[error("vm-memory: {0}")]
-    GuestMemory(String),
+    /// vm-memory refused the boot region.
+    #[error(transparent)]
+    GuestMemory(#[from] BootMemoryError),
     /// KVM statistics unavailable.
     #[error(transparent)]
     Stats(#[from] StatsError),
@@ -125,46 +125,50 @@ pub struct Vm {
     _kvm: Kvm,
 }
 
-/// A vm-memory view of the boot region that owns the mapping it points into:
-/// every clone keeps the memory mapped, so no clone can outlive it.
-#[derive(Debug, Clone)]
-pub struct BootMemory {
-    // Declared before `_mapping`: the view is dropped first.
-    memory: GuestMemoryMmap,
-    _mapping: Arc<HostMapping>,
+/// The boot region: boot tables for `spec.vcpus` vCPUs and an identity map
+/// up to `identity_end`, the firmware and the guest image. Returns it with
+/// the image's entry point.
+fn boot_region(spec: &VmSpec, identity_end: u64) -> Result<(Arc<HostMapping>, Gpa), VmError> {
+    let image_window = GpaRange::from_bounds(Gpa(layout::IMAGE_START), Gpa(layout::IMAGE_END))
+        .expect("layout constants are ordered");
+    let image = ElfImage::parse(&spec.image, image_window)?;
+    let firmware_window = GpaRange::new(
+        Gpa(layout::FIRMWARE),
+        layout::IMAGE_START - layout::FIRMWARE,
+    )
+    .expect("layout constants are ordered");
+    let firmware = ElfImage::parse(guest_image::FIRMWARE_ELF, firmware_window)?;
+
+    let mapping = Arc::new(HostMapping::new(&BackingKind::Anon, layout::BOOT_SIZE)?);
+    // SAFETY: the boot mapping is BOOT_SIZE bytes, freshly mapped and not
+    // yet visible to the guest or any other thread.
+    let boot =
+        unsafe { std::slice::from_raw_parts_mut(mapping.as_ptr(), layout::BOOT_SIZE as usize) };
+    write_boot_tables(boot, spec.vcpus, identity_end)?;
+    firmware.load_into(boot, Gpa(0));
+    image.load_into(boot, Gpa(0));
+    Ok((mapping, image.entry))
 }
 
-impl BootMemory {
-    fn new(mapping: Arc<HostMapping>) -> Result<Self, VmError> {
-        let memory = GuestMemoryMmap::from_regions(vec![guest_region(&mapping, Gpa(0))?])
-            .map_err(|e| VmError::GuestMemory(e.to_string()))?;
-        Ok(Self {
-            memory,
-            _mapping: mapping,
-        })
+/// Creates `count` vCPUs starting at `entry`, with their stats readers.
+fn create_vcpus(
+    vm_fd: &VmFd,
+    cpuid: &CpuId,
+    count: u64,
+    entry: Gpa,
+) -> Result<(Vec<VcpuFd>, Vec<StatsReader>), VmError> {
+    let mut vcpus = Vec::new();
+    let mut stats = Vec::new();
+    for index in 0..count {
+        let vcpu = vm_fd
+            .create_vcpu(index)
+            .map_err(kvm_err("KVM_CREATE_VCPU"))?;
+        vcpu.set_cpuid2(cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
+        setup_vcpu_registers(&vcpu, index, count, entry)?;
+        stats.push(StatsReader::open(&vcpu)?);
+        vcpus.push(vcpu);
     }
-
-    /// The vm-memory view (guest-physical addresses `[0, BOOT_SIZE)`).
-    pub fn memory(&self) -> &GuestMemoryMmap {
-        &self.memory
-    }
-}
-
-fn guest_region(mapping: &HostMapping, gpa: Gpa) -> Result<GuestRegionMmap, VmError> {
-    // SAFETY: `mapping` is a live mapping of `len()` bytes with these flags;
-    // the only caller, `BootMemory::new`, stores the region next to an `Arc`
-    // of the mapping (dropped after it), so the region never outlives it.
-    let region = unsafe {
-        MmapRegion::build_raw(
-            mapping.as_ptr(),
-            mapping.len() as usize,
-            libc::PROT_READ | libc::PROT_WRITE,
-            mapping.mmap_flags(),
-        )
-    }
-    .map_err(|e| VmError::GuestMemory(e.to_string()))?;
-    GuestRegionMmap::new(region, GuestAddress(gpa.0))
-        .ok_or_else(|| VmError::GuestMemory(format!("region at {gpa} overflows")))
+    Ok((vcpus, stats))
 }
 
 /// The guest-physical address width KVM supports, from CPUID 0x80000008.
@@ -192,25 +196,7 @@ impl Vm {
                 base: layout::RAM_BASE,
                 limit: identity_end,
             })?;
-        let image_window = GpaRange::from_bounds(Gpa(layout::IMAGE_START), Gpa(layout::IMAGE_END))
-            .expect("layout constants are ordered");
-        let image = ElfImage::parse(&spec.image, image_window)?;
-        let firmware_window = GpaRange::new(
-            Gpa(layout::FIRMWARE),
-            layout::IMAGE_START - layout::FIRMWARE,
-        )
-        .expect("layout constants are ordered");
-        let firmware = ElfImage::parse(guest_image::FIRMWARE_ELF, firmware_window)?;
-
-        let boot_mapping = Arc::new(HostMapping::new(&BackingKind::Anon, layout::BOOT_SIZE)?);
-        // SAFETY: the boot mapping is BOOT_SIZE bytes, freshly mapped and not
-        // yet visible to the guest or any other thread.
-        let boot = unsafe {
-            std::slice::from_raw_parts_mut(boot_mapping.as_ptr(), layout::BOOT_SIZE as usize)
-        };
-        write_boot_tables(boot, spec.vcpus, identity_end)?;
-        firmware.load_into(boot, Gpa(0));
-        image.load_into(boot, Gpa(0));
+        let (boot_mapping, entry) = boot_region(spec, identity_end)?;
         let ram_mapping = Arc::new(HostMapping::new(&spec.backing, spec.mem_size)?);
 
         let vm_fd = Arc::new(kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?);
@@ -235,17 +221,7 @@ impl Vm {
             .apply(|map| map.plug(ram.start(), spec.mem_size, ram_mapping, 0, SlotFlags::NONE))?;
         let boot = BootMemory::new(boot_mapping.clone())?;
 
-        let mut vcpus = Vec::new();
-        let mut vcpu_stats = Vec::new();
-        for index in 0..spec.vcpus {
-            let vcpu = vm_fd
-                .create_vcpu(index)
-                .map_err(kvm_err("KVM_CREATE_VCPU"))?;
-            vcpu.set_cpuid2(&cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
-            setup_vcpu_registers(&vcpu, index, spec.vcpus, image.entry)?;
-            vcpu_stats.push(StatsReader::open(&vcpu)?);
-            vcpus.push(vcpu);
-        }
+        let (vcpus, vcpu_stats) = create_vcpus(&vm_fd, &cpuid, spec.vcpus, entry)?;
         let tsc_khz = vcpus[0].get_tsc_khz().map_err(kvm_err("KVM_GET_TSC_KHZ"))?;
         let vm_stats = StatsReader::open(&vm_fd)?;
         let pins = Arc::new(match spec.pin_limit {
@@ -262,7 +238,7 @@ impl Vm {
             ram,
             tsc_khz,
             identity_end,
-            entry: image.entry,
+            entry,
             boot_mapping,
             _kvm: kvm,
         })

@@ -285,7 +285,7 @@ impl GuestBench {
 
 struct VcpuThread {
     index: u64,
-    mailbox: crate::vm::BootMemory,
+    mailbox: crate::boot::memory::BootMemory,
     stop: Arc<AtomicBool>,
     progress: Arc<AtomicU64>,
     cpu: Option<usize>,

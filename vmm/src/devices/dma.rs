@@ -36,11 +36,11 @@ use vm_memory::{Bytes, GuestAddress, VolatileMemory, VolatileSlice};
 
 use super::iommu::{Iommu, IommuError};
 use super::pins::{Pin, PinError, PinManager, DEFAULT_PIN_WAIT};
+use crate::boot::memory::BootMemory;
 use crate::mm::addr::{Gpa, GpaRange, PAGE_SIZE};
 use crate::mm::guard::{GuardError, SlotRef};
 use crate::mm::manager::MemoryManager;
 use crate::mm::stage2::Access;
-use crate::vm::BootMemory;
 
 /// Largest piece transferred under one set of guards.
 pub const CHUNK: u64 = 64 << 10;

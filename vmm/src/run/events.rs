@@ -2,17 +2,19 @@
 //! loop's [`LoopState`] through `Rc<RefCell<_>>` (the loop is single-threaded).
 
 use std::cell::RefCell;
-use std::io::Write;
-use std::os::fd::AsRawFd;
+use std::io::{self, Write};
+use std::os::unix::net::UnixStream;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::mpsc;
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
+use signal_hook::iterator::backend::SignalDelivery;
+use signal_hook::iterator::exfiltrator::SignalOnly;
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::timerfd::TimerFd;
 
-use crate::vcpu::{ConsoleLine, GuestFailure, VcpuReport};
+use crate::failure::GuestFailure;
+use crate::vcpu::{ConsoleLine, VcpuReport};
 
 /// Why the loop asked the vCPUs to stop, other than a guest failure.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -66,6 +68,27 @@ impl MutEventSubscriber for ConsoleSink {
     }
 }
 
+/// Where a vCPU thread sends its report when it ends.
+#[derive(Debug)]
+pub struct ReportSender {
+    tx: mpsc::Sender<VcpuReport>,
+    event: EventFd,
+}
+
+impl ReportSender {
+    /// A sender that signals `event` after sending.
+    pub fn new(tx: mpsc::Sender<VcpuReport>, event: EventFd) -> Self {
+        Self { tx, event }
+    }
+
+    /// Sends `report` and wakes the loop.
+    pub fn send(&self, report: VcpuReport) {
+        // A closed receiver means the run is ending; nothing to do.
+        let _ = self.tx.send(report);
+        let _ = self.event.write(1);
+    }
+}
+
 /// Collects vCPU reports; the first real failure stops the others.
 pub struct Completion {
     pub(super) event: EventFd,
@@ -113,67 +136,73 @@ impl MutEventSubscriber for Timeout {
     }
 }
 
-/// The eventfd the SIGINT/SIGTERM handler writes to (async-signal-safe).
-static SIGNAL_EVENT_FD: AtomicI32 = AtomicI32::new(-1);
-/// The last signal received.
-static LAST_SIGNAL: AtomicI32 = AtomicI32::new(0);
+/// The signals that stop a run, with their names, lowest number first.
+const STOP_SIGNALS: [(libc::c_int, &str); 2] =
+    [(libc::SIGINT, "SIGINT"), (libc::SIGTERM, "SIGTERM")];
 
-extern "C" fn on_terminate(num: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
-    LAST_SIGNAL.store(num, Ordering::Relaxed);
-    let fd = SIGNAL_EVENT_FD.load(Ordering::Relaxed);
-    if fd >= 0 {
-        let one = 1u64;
-        // SAFETY: write(2) is async-signal-safe; `one` is 8 readable bytes and
-        // `fd` is an eventfd kept open while the handler can point at it.
-        unsafe { libc::write(fd, (&one as *const u64).cast(), 8) };
-    }
-}
-
-/// Turns SIGINT/SIGTERM into a clean stop of the run.
+/// Turns SIGINT/SIGTERM into a clean stop of the run, with `signal-hook`'s
+/// self-pipe delivery: its handler marks the signal and writes to a socket
+/// pair whose read end the loop watches. The first signal the loop sees is
+/// the one reported; of two that arrived together, the lower-numbered one
+/// (the order in which the kernel itself delivers pending signals), so
+/// SIGINT then SIGTERM reports SIGINT. Dropping it unregisters the
+/// handlers' actions.
 pub struct SignalStop {
-    pub(super) event: EventFd,
+    delivery: SignalDelivery<UnixStream, SignalOnly>,
     pub(super) state: Rc<RefCell<LoopState>>,
 }
 
 impl SignalStop {
-    /// Routes SIGINT and SIGTERM to `event` for the life of the returned value.
-    pub fn install(
-        event: EventFd,
-        state: Rc<RefCell<LoopState>>,
-    ) -> Result<Self, vmm_sys_util::errno::Error> {
-        SIGNAL_EVENT_FD.store(event.as_raw_fd(), Ordering::Relaxed);
-        vmm_sys_util::signal::register_signal_handler(libc::SIGINT, on_terminate)?;
-        vmm_sys_util::signal::register_signal_handler(libc::SIGTERM, on_terminate)?;
-        Ok(Self { event, state })
+    /// Routes SIGINT and SIGTERM to the loop for the life of the returned value.
+    pub fn install(state: Rc<RefCell<LoopState>>) -> io::Result<Self> {
+        let (read, write) = UnixStream::pair()?;
+        read.set_nonblocking(true)?;
+        write.set_nonblocking(true)?;
+        let signals = STOP_SIGNALS.map(|(signal, _)| signal);
+        let delivery = SignalDelivery::with_pipe(read, write, SignalOnly, signals)?;
+        Ok(Self { delivery, state })
     }
-}
 
-impl Drop for SignalStop {
-    fn drop(&mut self) {
-        let _ = SIGNAL_EVENT_FD.compare_exchange(
-            self.event.as_raw_fd(),
-            -1,
-            Ordering::Relaxed,
-            Ordering::Relaxed,
-        );
+    /// The name of the first stop signal received since the last call, if any.
+    pub fn first_signal(&mut self) -> Option<&'static str> {
+        let pending: Vec<libc::c_int> = self.delivery.pending().collect();
+        STOP_SIGNALS
+            .iter()
+            .find(|(signal, _)| pending.contains(signal))
+            .map(|(_, name)| *name)
     }
 }
 
 impl MutEventSubscriber for SignalStop {
     fn process(&mut self, _: Events, _: &mut EventOps) {
-        let _ = self.event.read();
-        let name = if LAST_SIGNAL.load(Ordering::Relaxed) == libc::SIGTERM {
-            "SIGTERM"
-        } else {
-            "SIGINT"
-        };
-        self.state
-            .borrow_mut()
-            .stop
-            .get_or_insert(StopCause::Signal(name));
+        if let Some(name) = self.first_signal() {
+            self.state
+                .borrow_mut()
+                .stop
+                .get_or_insert(StopCause::Signal(name));
+        }
     }
     fn init(&mut self, ops: &mut EventOps) {
-        ops.add(Events::new(&self.event, EventSet::IN))
-            .expect("a fresh eventfd registers with epoll");
+        ops.add(Events::new(self.delivery.get_read(), EventSet::IN))
+            .expect("a fresh socket registers with epoll");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_first_of_two_stop_signals_is_reported() {
+        let state = Rc::new(RefCell::new(LoopState::default()));
+        let mut stop = SignalStop::install(state).expect("handlers install");
+        assert_eq!(stop.first_signal(), None);
+        // SAFETY: raise(2) runs the handlers registered above on this thread
+        // before it returns; they only set flags and write to a socket.
+        unsafe {
+            libc::raise(libc::SIGINT);
+            libc::raise(libc::SIGTERM);
+        }
+        assert_eq!(stop.first_signal(), Some("SIGINT"));
     }
 }

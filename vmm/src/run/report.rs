@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use super::RunConfig;
+use super::config::RunConfig;
 use crate::devices::iommu::Stage2Report;
 use crate::mm::pin_account::PinStats;
 use crate::scenario::ScenarioReport;

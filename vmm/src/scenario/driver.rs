@@ -17,7 +17,7 @@ use crate::devices::pins::{Pin, PinError, PinManager};
 use crate::mm::addr::Gpa;
 use crate::mm::backing::BackingKind;
 use crate::mm::manager::MemoryManager;
-use crate::vcpu::fmt_duration;
+use crate::units::fmt_duration;
 
 use super::expect::Outcome;
 use super::file::Scenario;

@@ -9,9 +9,9 @@ use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::failure::GuestFailure;
 use crate::mm::addr::{Gpa, GpaRange, PAGE_SIZE};
 use crate::plan::{Aborted, Command, CommandOutcome, Step, VcpuPlan};
-use crate::vcpu::GuestFailure;
 
 use super::expect::{Expect, Outcome};
 use super::step::{Action, Guest};
