@@ -125,7 +125,7 @@ fn test_page_fault_guest_reports_vector_and_address() {
     }
     let (report, _) = run(&config("page-fault", 2 * MIB, 1));
     let err = report.error.expect("a #PF fails the run");
-    let cr2 = BuiltinGuest::fault_address(layout::IDENTITY_END);
+    let cr2 = BuiltinGuest::fault_address();
     assert!(err.contains("#PF (vector 14"), "{err}");
     assert!(err.contains(&format!("CR2 {cr2:#x}")), "{err}");
     assert!(err.contains("at RIP 0x1"), "{err}");
@@ -235,6 +235,7 @@ fn test_regression_boot_memory_view_outlives_vm() {
         backing: BackingKind::Anon,
         image: std::sync::Arc::from(guest_image::RUNTIME_ELF),
         pin_limit: None,
+        hotplug: false,
     })
     .unwrap();
     let boot = vm.boot.clone();

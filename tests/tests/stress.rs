@@ -327,6 +327,7 @@ fn test_stress_guards_vcpus_and_host_threads_survive_continuous_ops() {
         backing: BackingKind::Anon,
         image: Arc::from(guest_image::RUNTIME_ELF),
         pin_limit: None,
+        hotplug: true,
     })
     .expect("the VM builds");
     let zone_v = vm.ram;

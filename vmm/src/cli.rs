@@ -212,7 +212,7 @@ where
     } else {
         Box::new(std::io::stdout())
     };
-    match run::run(&config, console) {
+    match run::run_with(&config, console, run::Teardown::ProcessExits) {
         Ok(report) => {
             if args.json {
                 match serde_json::to_string_pretty(&report) {

@@ -295,10 +295,11 @@ impl BuiltinGuest {
         Self::ALL.map(|(n, _)| n).join(", ")
     }
 
-    /// The address the page-fault program reads: the first page past the
-    /// identity map of a guest whose map ends at `identity_end`.
-    pub fn fault_address(identity_end: u64) -> u64 {
-        identity_end + 0x1000
+    /// The address the page-fault program reads: the second page past the
+    /// largest identity map a guest can have (`layout::IDENTITY_END`), so it
+    /// is never mapped, whatever the VM's map covers.
+    pub fn fault_address() -> u64 {
+        guest_image::protocol::layout::IDENTITY_END + 0x1000
     }
 
     /// The plan of vCPU `index` of `vcpus` over guest RAM `ram`.
@@ -308,7 +309,6 @@ impl BuiltinGuest {
         vcpus: u64,
         ram: GpaRange,
         seed: u64,
-        identity_end: u64,
         barrier: Arc<PhaseBarrier>,
     ) -> ScriptPlan {
         use ScriptItem::{Barrier, Run};
@@ -326,7 +326,7 @@ impl BuiltinGuest {
                 v
             }
             BuiltinGuest::Hello => vec![Run(Command::hello())],
-            BuiltinGuest::PageFault => vec![Run(Command::read(Self::fault_address(identity_end)))],
+            BuiltinGuest::PageFault => vec![Run(Command::read(Self::fault_address()))],
             BuiltinGuest::BadInsn => vec![Run(Command::bad_insn())],
             BuiltinGuest::Spin => vec![Run(Command::spin(0))],
             BuiltinGuest::VerifyMismatch => match ram_share(ram, index, vcpus) {
@@ -421,7 +421,7 @@ mod tests {
     fn test_default_plan_fills_own_share_then_verifies_neighbour() {
         let ram = GpaRange::new(Gpa(layout::RAM_BASE), 8 * PAGE_SIZE).unwrap();
         let barrier = Arc::new(PhaseBarrier::new(1));
-        let mut p = BuiltinGuest::Default.plan(0, 1, ram, 7, 4 << 30, barrier);
+        let mut p = BuiltinGuest::Default.plan(0, 1, ram, 7, barrier);
         assert_eq!(p.next(), Ok(Step::Run(Command::hello())));
         assert_eq!(p.next(), Ok(Step::Run(Command::fill(ram, 7))));
         assert_eq!(p.next(), Ok(Step::Run(Command::verify(ram, 7))));

@@ -95,6 +95,12 @@ pub struct VmSpec {
     pub image: Arc<[u8]>,
     /// Limit of pinned guest memory; `None`: the RLIMIT_MEMLOCK soft limit.
     pub pin_limit: Option<PinLimit>,
+    /// Whether memory may be plugged outside guest RAM while the guest runs
+    /// (a scenario, a benchmark's test range). The guest's identity map then
+    /// covers the whole guest-physical window (up to 64 GiB, 64 page
+    /// directories); otherwise only guest RAM, rounded up to a GiB and at
+    /// least 2 GiB, which is cheaper to build at launch.
+    pub hotplug: bool,
 }
 
 /// A built VM, ready to run. vCPU fds are handed to threads with
@@ -188,14 +194,19 @@ impl Vm {
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
         let window = 1u64 << phys_bits(&cpuid).min(40);
-        let identity_end = window.min(layout::IDENTITY_END) & !(HUGE_1G - 1);
+        let window_end = window.min(layout::IDENTITY_END) & !(HUGE_1G - 1);
         let ram = GpaRange::new(Gpa(layout::RAM_BASE), spec.mem_size)
-            .filter(|r| r.end().0 <= identity_end)
+            .filter(|r| r.end().0 <= window_end)
             .ok_or(VmError::RamTooLarge {
                 mem: spec.mem_size,
                 base: layout::RAM_BASE,
-                limit: identity_end,
+                limit: window_end,
             })?;
+        let identity_end = if spec.hotplug {
+            window_end
+        } else {
+            ram.end().0.next_multiple_of(HUGE_1G).max(2 * HUGE_1G)
+        };
         let (boot_mapping, entry) = boot_region(spec, identity_end)?;
         let ram_mapping = Arc::new(HostMapping::new(&spec.backing, spec.mem_size)?);
 

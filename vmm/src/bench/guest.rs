@@ -114,6 +114,7 @@ impl GuestBench {
             backing: crate::mm::backing::BackingKind::Anon,
             image: Arc::from(guest_image::RUNTIME_ELF),
             pin_limit: None,
+            hotplug: true,
         })?;
         let size = test.len();
         vm.memory

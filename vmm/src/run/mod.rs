@@ -41,8 +41,30 @@ use events::StopCause;
 pub use report::RunReport;
 use threads::{DriverThread, VcpuThreads};
 
-/// Runs the guest described by `config`, printing console output to `console`.
+/// How a run ends its VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Teardown {
+    /// Delete every memslot and unmap guest memory: the process goes on.
+    Full,
+    /// The process exits right after the run (the `vmm` command): leave the
+    /// memslots and guest memory to the kernel, which tears the VM and the
+    /// mappings down together at exit, instead of deleting slots one by one
+    /// (an SRCU grace period each).
+    ProcessExits,
+}
+
+/// Runs the guest described by `config`, printing console output to
+/// `console`, with a [`Teardown::Full`].
 pub fn run(config: &RunConfig, console: Box<dyn Write>) -> Result<RunReport, RunError> {
+    run_with(config, console, Teardown::Full)
+}
+
+/// As [`run`], ending the VM as `teardown` says.
+pub fn run_with(
+    config: &RunConfig,
+    console: Box<dyn Write>,
+    teardown: Teardown,
+) -> Result<RunReport, RunError> {
     let t_setup = Instant::now();
     let mut vm = build_vm(config)?;
     let mut events = EventLoop::new(config, console)?;
@@ -62,6 +84,9 @@ pub fn run(config: &RunConfig, console: Box<dyn Write>) -> Result<RunReport, Run
 
     let t_teardown = Instant::now();
     let console = events.close();
+    if teardown == Teardown::ProcessExits {
+        vm.memory.keep_memory_at_drop();
+    }
     drop(vm);
     let timings = PhaseTimes {
         setup,
@@ -87,6 +112,7 @@ fn build_vm(config: &RunConfig) -> Result<Vm, RunError> {
         backing: config.backing.clone(),
         image,
         pin_limit: config.pin_limit,
+        hotplug: config.scenario.is_some(),
     })?;
     vcpu::install_kick_handler().map_err(setup_err("installing the vCPU kick handler"))?;
     Ok(vm)
@@ -156,14 +182,11 @@ fn vcpu_plan(
         links.push(link);
         return Box::new(plan);
     }
-    Box::new(config.builtin().plan(
-        index,
-        config.vcpus,
-        vm.ram,
-        config.seed,
-        vm.identity_end,
-        barrier.clone(),
-    ))
+    Box::new(
+        config
+            .builtin()
+            .plan(index, config.vcpus, vm.ram, config.seed, barrier.clone()),
+    )
 }
 
 fn scenario_driver(

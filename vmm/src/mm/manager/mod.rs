@@ -142,7 +142,7 @@ mod tests;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -194,6 +194,8 @@ pub struct MemoryManager {
     memory: GuardedMap,
     hub: Arc<InvalidationHub>,
     drain_bound_ns: AtomicU64,
+    /// Set by [`keep_memory_at_drop`](MemoryManager::keep_memory_at_drop).
+    keep_at_drop: AtomicBool,
     state: Mutex<State>,
 }
 
@@ -228,6 +230,7 @@ impl MemoryManager {
             memory: GuardedMap::new(SlotMap::new(config)),
             hub: Arc::new(InvalidationHub::new()),
             drain_bound_ns: AtomicU64::new(DEFAULT_DRAIN_BOUND.as_nanos() as u64),
+            keep_at_drop: AtomicBool::new(false),
             state: Mutex::new(State {
                 by_id: BTreeMap::new(),
                 by_gpa: BTreeMap::new(),
@@ -289,6 +292,16 @@ impl MemoryManager {
     pub fn set_drain_bound(&self, bound: Duration) {
         let ns = u64::try_from(bound.as_nanos()).unwrap_or(u64::MAX);
         self.drain_bound_ns.store(ns, Ordering::Relaxed);
+    }
+
+    /// Makes dropping the manager leave every registered memslot in place
+    /// and its host memory mapped for good (leaked), instead of deleting the
+    /// slots one by one: for a process that exits right after, where the
+    /// kernel tears the VM and the mappings down together and each delete
+    /// would only cost an SRCU grace period. Always sound (memory the backend
+    /// may use is never unmapped); a long-lived process must not use it.
+    pub fn keep_memory_at_drop(&self) {
+        self.keep_at_drop.store(true, Ordering::Relaxed);
     }
 
     /// What KVM holds according to the mirror, sorted by id.
@@ -632,9 +645,15 @@ impl AsRef<GuardedMap> for MemoryManager {
 
 impl Drop for MemoryManager {
     fn drop(&mut self) {
+        let keep = *self.keep_at_drop.get_mut();
         let st = self.state.get_mut().unwrap_or_else(|e| e.into_inner());
         st.by_gpa.clear();
         for (_, reg) in std::mem::take(&mut st.by_id) {
+            if keep {
+                // Never unmapped: the backend may go on using it.
+                std::mem::forget(reg.mapping);
+                continue;
+            }
             let step = Step {
                 op: MemslotOp::Delete,
                 spec: reg.spec,

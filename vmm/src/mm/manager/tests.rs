@@ -650,3 +650,35 @@ proptest! {
         run(&ops);
     }
 }
+
+#[test]
+fn test_manager_kept_at_drop_leaves_slots_and_memory_in_place() {
+    let kvm = Arc::new(SimKvm::new());
+    let memory = MemoryManager::new(Arc::clone(&kvm), config()).unwrap();
+    let a = anon(4);
+    let weak = Arc::downgrade(&a);
+    memory
+        .apply(|m| m.plug(Gpa(0), 4 * P, a, 0, SlotFlags::NONE))
+        .unwrap();
+    memory.keep_memory_at_drop();
+    drop(memory);
+    assert_eq!(kvm.memslots().len(), 1, "no delete was issued");
+    assert!(
+        weak.upgrade().is_some(),
+        "the memory the slot names is still mapped"
+    );
+}
+
+#[test]
+fn test_manager_drop_deletes_slots_then_unmaps() {
+    let kvm = Arc::new(SimKvm::new());
+    let memory = MemoryManager::new(Arc::clone(&kvm), config()).unwrap();
+    let a = anon(4);
+    let weak = Arc::downgrade(&a);
+    memory
+        .apply(|m| m.plug(Gpa(0), 4 * P, a, 0, SlotFlags::NONE))
+        .unwrap();
+    drop(memory);
+    assert!(kvm.memslots().is_empty());
+    assert!(weak.upgrade().is_none(), "unmapped after the delete");
+}
