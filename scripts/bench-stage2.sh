@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Stage-2 table costs (issue 7), ratios in one run (vmm/examples/bench_stage2.rs):
 # a table walk of a mapped address against the slot-map lookup of the same
-# address (applier.load().translate), with 4 KiB and 2 MiB leaves; and the
+# address (memory.load().translate), with 4 KiB and 2 MiB leaves; and the
 # unmap of 1 GiB mapped with 2 MiB leaves against 4 KiB leaves. Release build;
 # needs /dev/kvm and THP. Results: docs/bench-stage2.md.
 #

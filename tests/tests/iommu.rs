@@ -119,17 +119,17 @@ fn test_iommu_dma_only_write_appears_in_dirty_pages() {
     );
 }
 
-/// An applier over a real VM with `len` bytes of `kind` plugged at `gpa`,
+/// An memory over a real VM with `len` bytes of `kind` plugged at `gpa`,
 /// every 8-byte word of the host memory holding its own host address.
 fn vm_with(kind: &BackingKind, gpa: Gpa, len: u64) -> (Arc<MemoryManager>, Arc<HostMapping>) {
     let kvm = Kvm::new().unwrap();
     let vm = Arc::new(kvm.create_vm().unwrap());
-    let applier = Arc::new(MemoryManager::new(vm, SlotMapConfig::default()).unwrap());
+    let memory = Arc::new(MemoryManager::new(vm, SlotMapConfig::default()).unwrap());
     let mem = self_addressed(kind, len);
-    applier
+    memory
         .apply(|m| m.plug(gpa, len, mem.clone(), 0, SlotFlags::NONE))
         .unwrap();
-    (applier, mem)
+    (memory, mem)
 }
 
 fn self_addressed(kind: &BackingKind, len: u64) -> Arc<HostMapping> {
@@ -149,13 +149,13 @@ fn test_iommu_protect_ro_refuses_device_write_serves_reads() {
         return;
     }
     let base = Gpa(0x1_0000_0000);
-    let (applier, _mem) = vm_with(&BackingKind::Thp, base, 4 << 20);
-    let iommu = Iommu::new(applier.clone());
+    let (memory, _mem) = vm_with(&BackingKind::Thp, base, 4 << 20);
+    let iommu = Iommu::new(memory.clone());
     assert_eq!(
         iommu.translate(base, Access::Write).unwrap().page_size,
         PageSize::Size2M
     );
-    applier.apply(|m| m.protect(base, 2 << 20, true)).unwrap();
+    memory.apply(|m| m.protect(base, 2 << 20, true)).unwrap();
     assert!(matches!(
         iommu.translate(Gpa(base.0 + 8), Access::Write),
         Err(IommuError::Denied { .. })
@@ -166,7 +166,7 @@ fn test_iommu_protect_ro_refuses_device_write_serves_reads() {
     // during this read.
     let word = unsafe { (read.hva.0 as *const u64).read_volatile() };
     assert_eq!(word, read.hva.0);
-    applier.apply(|m| m.protect(base, 2 << 20, false)).unwrap();
+    memory.apply(|m| m.protect(base, 2 << 20, false)).unwrap();
     assert!(iommu.translate(base, Access::Write).is_ok());
     // The write before the protect was harvested by the zap, not lost.
     let all = GpaRange::new(base, 4 << 20).unwrap();
@@ -187,14 +187,14 @@ fn test_iommu_device_threads_never_see_stale_translation_under_memory_ops() {
     const A: Gpa = Gpa(0x1_0000_0000);
     const B: Gpa = Gpa(0x2_0000_0000);
     const LEN: u64 = 4 << 20;
-    let (applier, _mem) = vm_with(&BackingKind::Thp, A, LEN);
-    let iommu = Arc::new(Iommu::new(applier.clone()));
+    let (memory, _mem) = vm_with(&BackingKind::Thp, A, LEN);
+    let iommu = Arc::new(Iommu::new(memory.clone()));
     let stop = Arc::new(AtomicBool::new(false));
     let checked = Arc::new(AtomicU64::new(0));
     let threads: Vec<_> = (0..2u64)
         .map(|t| {
-            let (applier, iommu, stop, checked) = (
-                applier.clone(),
+            let (memory, iommu, stop, checked) = (
+                memory.clone(),
                 iommu.clone(),
                 stop.clone(),
                 checked.clone(),
@@ -207,7 +207,7 @@ fn test_iommu_device_threads_never_see_stale_translation_under_memory_ops() {
                     x ^= x << 17;
                     let base = if x & 1 == 0 { A } else { B };
                     let gpa = Gpa(base.0 + (x >> 8) % LEN / 8 * 8);
-                    let Ok(guard) = applier.try_acquire(gpa) else {
+                    let Ok(guard) = memory.try_acquire(gpa) else {
                         continue;
                     };
                     let write = x & 2 != 0;
@@ -234,20 +234,20 @@ fn test_iommu_device_threads_never_see_stale_translation_under_memory_ops() {
     for round in 0..20u64 {
         let at = if round % 2 == 0 { A } else { B };
         let other = if round % 2 == 0 { B } else { A };
-        applier.apply(|m| m.protect(at, two_m, true)).unwrap();
-        applier.apply(|m| m.protect(at, two_m, false)).unwrap();
+        memory.apply(|m| m.protect(at, two_m, true)).unwrap();
+        memory.apply(|m| m.protect(at, two_m, false)).unwrap();
         // Unplug the upper half and plug fresh self-addressed memory there.
         let upper = Gpa(at.0 + two_m);
-        applier.apply(|m| m.unplug(upper, two_m)).unwrap();
+        memory.apply(|m| m.unplug(upper, two_m)).unwrap();
         let fresh = self_addressed(&BackingKind::Thp, two_m);
-        applier
+        memory
             .apply(|m| m.plug(upper, two_m, fresh.clone(), 0, SlotFlags::NONE))
             .unwrap();
         // Move the lower half away and back: same memory, other address.
-        applier.apply(|m| m.move_range(at, two_m, other)).unwrap();
-        applier.apply(|m| m.move_range(other, two_m, at)).unwrap();
+        memory.apply(|m| m.move_range(at, two_m, other)).unwrap();
+        memory.apply(|m| m.move_range(other, two_m, at)).unwrap();
         // Move the whole region to the other base for the next round.
-        applier.apply(|m| m.move_range(at, LEN, other)).unwrap();
+        memory.apply(|m| m.move_range(at, LEN, other)).unwrap();
     }
     stop.store(true, Ordering::Relaxed);
     for t in threads {

@@ -222,7 +222,7 @@ fn gap() -> Duration {
 /// The writer: plug and unplug its own slot, each map its own way, with the
 /// KVM update (`HOLD`) inside what that map makes exclusive:
 /// - guard: slot-map writer lock + exclusion of the churned slot only
-///   (exactly the applier's sequence), readers of other slots go on;
+///   (exactly the manager's sequence), readers of other slots go on;
 /// - vm-memory: its update mutex, then `replace` (readers never wait);
 /// - rwlock: the write lock (every reader waits).
 fn churn(f: &Fixture, kind: Kind, stop: &AtomicBool) {

@@ -3,14 +3,14 @@
 //! registered, beside the raw cost of the same host and KVM work measured in
 //! the same run, on a second VM holding as many raw slots:
 //!
-//! - applier plug: `HostMapping::new` (the mmap) + `apply(plug)` + dropping
-//!   its result; applier unplug: `apply(unplug)` (KVM delete, discard) +
+//! - memory plug: `HostMapping::new` (the mmap) + `apply(plug)` + dropping
+//!   its result; memory unplug: `apply(unplug)` (KVM delete, discard) +
 //!   dropping its result, which drops the last `Arc` of the mapping (munmap);
 //! - raw create: `mmap` + `KVM_SET_USER_MEMORY_REGION`; raw delete: the
 //!   delete ioctl + `munmap`.
 //!
-//! Applier and raw cycles are interleaved (alternating which goes first) so
-//! host noise hits both alike. The applier's VM fd is wrapped in [`TimedVm`],
+//! Manager and raw cycles are interleaved (alternating which goes first) so
+//! host noise hits both alike. The memory's VM fd is wrapped in [`TimedVm`],
 //! which times every memslot ioctl (two clock reads, tens of nanoseconds
 //! against 10-30 us ioctls), so each op is also split into mmap / map op /
 //! ioctl / the rest. Goals: the 30,000-slot op costs at most 2x the
@@ -67,7 +67,7 @@ fn nanos(d: Duration) -> u64 {
     u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
 
-/// The applier's VM fd, adding up the time spent in memslot ioctls.
+/// The memory's VM fd, adding up the time spent in memslot ioctls.
 struct TimedVm {
     vm: Arc<VmFd>,
     ioctl_ns: AtomicU64,
@@ -159,11 +159,11 @@ fn settle(thrash: &mut Option<Thrash>) {
     }
 }
 
-/// One applier plug + unplug of `OP_SIZE` at `OP_GPA`; records into `s`
+/// One memory plug + unplug of `OP_SIZE` at `OP_GPA`; records into `s`
 /// when `record`. Checks each op did exactly one ioctl and that the mapping
 /// was unmapped by the end of the timed unplug.
-fn applier_cycle(
-    (applier, timed): (&MemoryManager, &TimedVm),
+fn manager_cycle(
+    (memory, timed): (&MemoryManager, &TimedVm),
     s: &mut Samples,
     record: bool,
     thrash: &mut Option<Thrash>,
@@ -175,7 +175,7 @@ fn applier_cycle(
     let t1 = Instant::now();
     let weak = Arc::downgrade(&mem);
     let mut map_ns = 0;
-    let plugged = applier.apply(|m| {
+    let plugged = memory.apply(|m| {
         let t = Instant::now();
         let r = m.plug(OP_GPA, OP_SIZE, mem, 0, SlotFlags::NONE);
         map_ns = nanos(t.elapsed());
@@ -189,7 +189,7 @@ fn applier_cycle(
     settle(thrash);
     let mut unmap_ns = 0;
     let t3 = Instant::now();
-    let unplugged = applier.apply(|m| {
+    let unplugged = memory.apply(|m| {
         let t = Instant::now();
         let r = m.unplug(OP_GPA, OP_SIZE);
         unmap_ns = nanos(t.elapsed());
@@ -231,7 +231,7 @@ fn applier_cycle(
     Ok(())
 }
 
-/// A VM holding `n` raw 4 KiB slots (ids `0..n`) at the applier's GPAs.
+/// A VM holding `n` raw 4 KiB slots (ids `0..n`) at the manager's GPAs.
 struct RawVm {
     // Fields drop in order: the VM, and with it every slot, goes before the
     // memory its slots map.
@@ -310,7 +310,7 @@ impl RawVm {
         // SAFETY: a delete registers no memory.
         unsafe { self.vm.set_user_memory_region(region) }?;
         let t4 = Instant::now();
-        // Not part of the raw op: what the applier's discard costs.
+        // Not part of the raw op: what the manager's discard costs.
         // SAFETY: our own mapping, no longer registered with KVM.
         let rc = unsafe { libc::madvise(addr, len, libc::MADV_DONTNEED) };
         let t5 = Instant::now();
@@ -349,9 +349,9 @@ struct Row {
     teardown_applier: Duration,
 }
 
-/// Interleaved applier and raw cycles (alternating which goes first).
+/// Interleaved memory and raw cycles (alternating which goes first).
 fn measure(
-    applier: (&MemoryManager, &TimedVm),
+    memory: (&MemoryManager, &TimedVm),
     raw: &RawVm,
     raw_slot: u32,
     (warmup, iterations): (usize, usize),
@@ -361,11 +361,11 @@ fn measure(
     for i in 0..warmup + iterations {
         let record = i >= warmup;
         if i % 2 == 0 {
-            applier_cycle(applier, &mut s, record, &mut thrash)?;
+            manager_cycle(memory, &mut s, record, &mut thrash)?;
             raw.cycle(raw_slot, &mut s, record, &mut thrash)?;
         } else {
             raw.cycle(raw_slot, &mut s, record, &mut thrash)?;
-            applier_cycle(applier, &mut s, record, &mut thrash)?;
+            manager_cycle(memory, &mut s, record, &mut thrash)?;
         }
     }
     Ok(s)
@@ -377,14 +377,14 @@ fn run_n(kvm: &Kvm, config: SlotMapConfig, n: usize, iterations: usize) -> Res<R
         vm,
         ioctl_ns: AtomicU64::new(0),
     });
-    let applier = MemoryManager::new(Arc::clone(&timed), config)?;
+    let memory = MemoryManager::new(Arc::clone(&timed), config)?;
     let backing = Arc::new(HostMapping::new(&BackingKind::Anon, n as u64 * PAGE_SIZE)?);
     let mut populate_each = Vec::with_capacity(n);
     let t = Instant::now();
     for i in 0..n as u64 {
         let mem = Arc::clone(&backing);
         let ti = Instant::now();
-        applier.apply(|m| {
+        memory.apply(|m| {
             m.plug(
                 Gpa(i * POP_STRIDE),
                 PAGE_SIZE,
@@ -397,14 +397,14 @@ fn run_n(kvm: &Kvm, config: SlotMapConfig, n: usize, iterations: usize) -> Res<R
     }
     let populate_applier = t.elapsed();
     let populate_applier_ioctl = Duration::from_nanos(timed.take());
-    let registered = applier.registered();
-    if applier.load().len() != n
+    let registered = memory.registered();
+    if memory.load().len() != n
         || registered.len() != n
         || registered.iter().any(|r| r.size != PAGE_SIZE)
     {
         return Err(format!(
             "populate: map has {} slots, KVM {}; expected {n} of 4 KiB",
-            applier.load().len(),
+            memory.load().len(),
             registered.len()
         )
         .into());
@@ -416,7 +416,7 @@ fn run_n(kvm: &Kvm, config: SlotMapConfig, n: usize, iterations: usize) -> Res<R
     let raw_slot = u32::try_from(n)?;
 
     let warm = measure(
-        (&applier, &timed),
+        (&memory, &timed),
         &raw,
         raw_slot,
         (WARMUP, iterations),
@@ -424,7 +424,7 @@ fn run_n(kvm: &Kvm, config: SlotMapConfig, n: usize, iterations: usize) -> Res<R
     )?;
     let cold_iterations = (iterations / COLD_DIVISOR).max(1);
     let cold = measure(
-        (&applier, &timed),
+        (&memory, &timed),
         &raw,
         raw_slot,
         (COLD_WARMUP, cold_iterations),
@@ -432,7 +432,7 @@ fn run_n(kvm: &Kvm, config: SlotMapConfig, n: usize, iterations: usize) -> Res<R
     )?;
     drop(raw);
     let t = Instant::now();
-    drop(applier);
+    drop(memory);
     let teardown_applier = t.elapsed();
     Ok(Row {
         n,
@@ -511,10 +511,10 @@ fn ms(d: Duration) -> f64 {
 }
 
 fn print_populate(rows: &[Row]) {
-    println!("\npopulate (N existing 4 KiB slots, one apply/ioctl each) and applier teardown:");
+    println!("\npopulate (N existing 4 KiB slots, one apply/ioctl each) and memory teardown:");
     println!(
         "{:>7}  {:>12} {:>9} {:>11}  {:>10} {:>9}  {:>12}",
-        "N", "applier ms", "us/slot", "of it ioctl", "raw ms", "us/slot", "teardown ms"
+        "N", "memory ms", "us/slot", "of it ioctl", "raw ms", "us/slot", "teardown ms"
     );
     for r in rows {
         let per = |d: Duration| d.as_secs_f64() * 1e6 / r.n as f64;
@@ -541,7 +541,7 @@ fn print_populate(rows: &[Row]) {
         "  populate profile at N={}: median us per create, slots in successive sixths of 0..N",
         top.n
     );
-    println!("    applier: {}", profile(&top.populate_each));
+    println!("    memory: {}", profile(&top.populate_each));
     println!("    raw:     {}", profile(&top.raw_populate_each));
 }
 
@@ -665,7 +665,7 @@ fn main() -> Res<()> {
     println!("{facts}; {pinned}");
     println!(
         "kvm: KVM_CAP_NR_MEMSLOTS {}; per N: warm {iterations} cycles after {WARMUP} warm-up, \
-         cold {} cycles ({} MiB cache thrash before each op); applier and raw interleaved",
+         cold {} cycles ({} MiB cache thrash before each op); memory and raw interleaved",
         config.max_slots,
         (iterations / COLD_DIVISOR).max(1),
         THRASH_BYTES >> 20
@@ -689,7 +689,7 @@ fn main() -> Res<()> {
         let met = if ratio <= goal { "met" } else { "MISSED" };
         println!("goal: {label:34} = {ratio:5.2} (<= {goal}) {met}");
     }
-    // The issue's measure is the warm one (each op repeated); cold shows
+    // The goal's measure is the warm one (each op repeated); cold shows
     // what an isolated op costs when KVM's and our data left the caches.
     for mode in ["warm", "cold"] {
         let lines: Vec<_> = goals
@@ -702,7 +702,7 @@ fn main() -> Res<()> {
             .map(|(l, r, g)| format!("{} {r:.2} > {g}", &l[mode.len() + 1..]))
             .collect();
         let what = if mode == "warm" {
-            "warm (the issue's measure)"
+            "warm (the goal's measure)"
         } else {
             "cold (informational)"
         };

@@ -3,7 +3,7 @@
 //! 1. **Walk vs slot-map lookup.** A translate of a mapped address through
 //!    the IOMMU's table (the lock-free 4-level walk of 4 KiB leaves; 3 levels
 //!    for 2 MiB leaves), against the slot-map lookup of the same address as
-//!    a device without a table would do it, `applier.load().translate(gpa)`
+//!    a device without a table would do it, `memory.load().translate(gpa)`
 //!    (an arc-swap load plus a binary search), and against the search alone
 //!    on a snapshot held across the loop. The VM has `SLOTS` slots of 2 MiB
 //!    (a 4 KiB hole between neighbours so they do not merge), every page
@@ -69,11 +69,11 @@ fn per_lookup(addrs: &[Gpa], mut f: impl FnMut(Gpa) -> u64) -> f64 {
 /// and the pseudo-random addresses to look up.
 fn lookup_setup(kind: &BackingKind) -> Res<(Arc<MemoryManager>, Iommu, Vec<Gpa>)> {
     let vm = Arc::new(Kvm::new()?.create_vm()?);
-    let applier = Arc::new(MemoryManager::new(vm, SlotMapConfig::default())?);
+    let memory = Arc::new(MemoryManager::new(vm, SlotMapConfig::default())?);
     let stride = HUGE_2M * 2;
     for i in 0..SLOTS {
         let mem = Arc::new(HostMapping::new(kind, HUGE_2M)?);
-        applier.apply(|m| {
+        memory.apply(|m| {
             m.plug(
                 Gpa(BASE + i * stride),
                 HUGE_2M,
@@ -83,7 +83,7 @@ fn lookup_setup(kind: &BackingKind) -> Res<(Arc<MemoryManager>, Iommu, Vec<Gpa>)
             )
         })?;
     }
-    let iommu = Iommu::new(applier.clone());
+    let iommu = Iommu::new(memory.clone());
     for i in 0..SLOTS {
         for p in (0..HUGE_2M).step_by(PAGE_SIZE as usize) {
             iommu.translate(Gpa(BASE + i * stride + p), Access::Read)?;
@@ -100,7 +100,7 @@ fn lookup_setup(kind: &BackingKind) -> Res<(Arc<MemoryManager>, Iommu, Vec<Gpa>)
             Gpa(BASE + slot * stride + off)
         })
         .collect();
-    Ok((applier, iommu, addrs))
+    Ok((memory, iommu, addrs))
 }
 
 struct Lookup {
@@ -111,7 +111,7 @@ struct Lookup {
 }
 
 fn bench_lookup(kind: &BackingKind, leaf: PageSize) -> Res<Lookup> {
-    let (applier, iommu, addrs) = lookup_setup(kind)?;
+    let (memory, iommu, addrs) = lookup_setup(kind)?;
     let table = iommu.table();
     let sizes = iommu.dump();
     if sizes.iter().any(|r| r.page_size != leaf) {
@@ -122,7 +122,7 @@ fn bench_lookup(kind: &BackingKind, leaf: PageSize) -> Res<Lookup> {
         let t = table
             .translate(a, Access::Read)
             .ok_or("a mapped address missed")?;
-        let (h, _) = applier
+        let (h, _) = memory
             .load()
             .translate(a)
             .ok_or("a plugged address has no slot")?;
@@ -137,9 +137,9 @@ fn bench_lookup(kind: &BackingKind, leaf: PageSize) -> Res<Lookup> {
         iommu.translate(a, Access::Read).map_or(0, |t| t.hva.0)
     });
     let load_translate = per_lookup(&addrs, |a| {
-        applier.load().translate(a).map_or(0, |(h, _)| h.0)
+        memory.load().translate(a).map_or(0, |(h, _)| h.0)
     });
-    let snap = applier.load();
+    let snap = memory.load();
     let snapshot_translate = per_lookup(&addrs, |a| snap.translate(a).map_or(0, |(h, _)| h.0));
     Ok(Lookup {
         walk,
@@ -190,7 +190,7 @@ fn main() -> Res<()> {
     );
     row("Iommu::translate (walk + hit counter)", l4.iommu, l2.iommu);
     row(
-        "slot map: applier.load().translate(gpa)",
+        "slot map: memory.load().translate(gpa)",
         l4.load_translate,
         l2.load_translate,
     );

@@ -3,7 +3,7 @@
 //!
 //! - [`mm`]: the guest memory manager (no KVM inside).
 //! - [`boot`]: guest image loading and boot tables (pure).
-//! - [`kvm`]: the KVM memslot applier and KVM helpers kvm-ioctls lacks.
+//! - [`kvm`]: the KVM memory manager and KVM helpers kvm-ioctls lacks.
 //! - [`devices`]: the DMA engine and pinning of guest memory for it.
 //! - [`vm`]: building a VM; [`vcpu`]: the vCPU thread loop;
 //!   [`plan`]: what guests are told to do; [`failure`]: why a guest failed;

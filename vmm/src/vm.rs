@@ -1,10 +1,10 @@
 //! Creating a test VM: host memory, KVM memslots, the boot region's contents
 //! and each vCPU's starting state (64-bit long mode, CPL3, IOPL=3).
 //!
-//! All guest memory goes through the slot map and its KVM applier
+//! All guest memory goes through the slot map and its memory manager
 //! ([`MemoryManager`]): the boot region is a `fixed` slot at 0, guest RAM a
 //! normal slot at `RAM_BASE` that ops may reshape while vCPUs run. The
-//! applier owns the mappings it registered until KVM has dropped them.
+//! memory owns the mappings it registered until KVM has dropped them.
 //!
 //! vm-memory wraps the boot region (mailboxes, image) for the VMM's own
 //! accesses. Dynamic slots are not a vm-memory `GuestRegionCollection`:

@@ -1,4 +1,4 @@
-//! Dirty logging through the applier: guest writes survive splits and
+//! Dirty logging through the memory: guest writes survive splits and
 //! rollbacks, and writes the VMM emulates for a vCPU are logged too.
 
 use super::*;
@@ -33,7 +33,7 @@ fn logged_guest_memory(f: &Fixture) -> Arc<HostMapping> {
         std::ptr::copy_nonoverlapping(GUEST.as_ptr(), mem.as_ptr().add(0x1000), GUEST.len());
     }
     f.plug(0, 64 * 1024, &mem);
-    f.applier
+    f.memory
         .apply(|m| m.set_dirty_log(Gpa(0), 64 * 1024, true))
         .unwrap();
     run_guest(f);
@@ -51,20 +51,20 @@ fn test_memslots_dirty_pages_survive_split_and_are_reported_once() {
     assert_eq!(written, (1, 1), "the guest wrote both pages");
 
     // Splitting deletes the logging slot: its log is harvested first.
-    f.applier
+    f.memory
         .apply(|m| m.protect(Gpa(0x8000), 0x1000, true))
         .unwrap();
     f.assert_kvm_matches();
     assert_eq!(
-        f.applier.dirty_pages(Gpa(0x5000), 0x1000).unwrap(),
+        f.memory.dirty_pages(Gpa(0x5000), 0x1000).unwrap(),
         vec![Gfn(5)]
     );
     assert_eq!(
-        f.applier.dirty_pages(Gpa(0), 64 * 1024).unwrap(),
+        f.memory.dirty_pages(Gpa(0), 64 * 1024).unwrap(),
         vec![Gfn(9)],
         "pages outside the first range stayed pending"
     );
-    assert_eq!(f.applier.dirty_pages(Gpa(0), 64 * 1024).unwrap(), vec![]);
+    assert_eq!(f.memory.dirty_pages(Gpa(0), 64 * 1024).unwrap(), vec![]);
 }
 
 #[test]
@@ -77,7 +77,7 @@ fn test_memslots_dirty_pages_survive_rollback() {
     // slot is re-created with an empty bitmap, the harvested pages are kept.
     f.faulty.fail_next(&[1]);
     let err = f
-        .applier
+        .memory
         .apply(|m| m.protect(Gpa(0x8000), 0x1000, true))
         .unwrap_err();
     assert!(
@@ -86,7 +86,7 @@ fn test_memslots_dirty_pages_survive_rollback() {
     );
     f.assert_kvm_matches();
     assert_eq!(
-        f.applier.dirty_pages(Gpa(0), 64 * 1024).unwrap(),
+        f.memory.dirty_pages(Gpa(0), 64 * 1024).unwrap(),
         vec![Gfn(5), Gfn(9)]
     );
 }
@@ -101,28 +101,28 @@ fn test_memslots_emulated_write_is_reported_dirty() {
     use vmm::vcpu::mmio::{emulate, Access};
     let kvm = Kvm::new().expect("open /dev/kvm");
     let vm = Arc::new(kvm.create_vm().expect("KVM_CREATE_VM"));
-    let applier = MemoryManager::new(vm, SlotMapConfig::default()).expect("applier");
+    let memory = MemoryManager::new(vm, SlotMapConfig::default()).expect("memory");
     let base = 0x1_0000_0000u64;
     let logged = SlotFlags {
         dirty_log: true,
         ..SlotFlags::NONE
     };
     let mem = anon(2 * MIB);
-    applier
+    memory
         .apply(|m| m.plug(Gpa(base), 2 * MIB, mem.clone(), 0, logged))
         .unwrap();
     let mut word = 7u64.to_le_bytes();
     assert_eq!(
-        emulate(&applier, base + 0x3000, &mut word, true),
+        emulate(&memory, base + 0x3000, &mut word, true),
         Access::Emulated
     );
     let mut read = [0u8; 8];
     assert_eq!(
-        emulate(&applier, base + 0x5000, &mut read, false),
+        emulate(&memory, base + 0x5000, &mut read, false),
         Access::Emulated
     );
     assert_eq!(
-        applier.dirty_pages(Gpa(base), 2 * MIB).unwrap(),
+        memory.dirty_pages(Gpa(base), 2 * MIB).unwrap(),
         vec![Gfn((base + 0x3000) >> 12)],
         "the emulated write is dirty, the read is not"
     );

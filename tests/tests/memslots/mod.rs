@@ -3,7 +3,7 @@
 //! transition, refusal before the ioctl, the slot budget, dirty pages.
 //!
 //! After each step [`Fixture::assert_kvm_matches`] checks KVM itself, not
-//! only the applier's mirror: `check_consistency`, then destructive probes
+//! only the manager's mirror: `check_consistency`, then destructive probes
 //! with a spare slot id (creating a slot over each mapped range must fail
 //! with `EEXIST`, over each gap must succeed) and re-issuing each slot's
 //! exact spec (a no-op only if the id is live as specified; if it were not
@@ -76,7 +76,7 @@ impl MemslotBackend for Faulty {
 }
 
 struct Fixture {
-    applier: MemoryManager,
+    memory: MemoryManager,
     faulty: Arc<Faulty>,
     /// ARENA bytes of host memory for probe slots (never touched).
     probe: HostMapping,
@@ -98,7 +98,7 @@ fn fixture(test: &str, max_slots: u32) -> Option<Fixture> {
         ..SlotMapConfig::default()
     };
     Some(Fixture {
-        applier: MemoryManager::new(Arc::clone(&faulty), config).expect("applier"),
+        memory: MemoryManager::new(Arc::clone(&faulty), config).expect("memory"),
         faulty,
         probe: HostMapping::new(&BackingKind::Anon, ARENA).expect("probe mapping"),
         _kvm: kvm,
@@ -122,7 +122,7 @@ fn region(id: u32, gpa: u64, size: u64, hva: u64, flags: u32) -> MemslotRegion {
 impl Fixture {
     /// Plugs `[gpa, +len)` backed by `mem` from its start, unflagged.
     fn plug(&self, gpa: u64, len: u64, mem: &Arc<HostMapping>) -> Applied {
-        self.applier
+        self.memory
             .apply(|m| m.plug(Gpa(gpa), len, mem.clone(), 0, SlotFlags::NONE))
             .unwrap()
     }
@@ -139,8 +139,8 @@ impl Fixture {
 
     /// KVM's memslots in the arena are exactly the published map's.
     fn assert_kvm_matches(&self) {
-        self.applier.check_consistency().expect("consistent");
-        let map = self.applier.load();
+        self.memory.check_consistency().expect("consistent");
+        let map = self.memory.load();
         let mut at = 0;
         for s in map.iter() {
             let spec = s.spec();
@@ -190,7 +190,7 @@ fn fill(mem: &HostMapping, offset: u64, len: u64, byte: u8) {
 
 fn byte_at(hva: vmm::mm::addr::Hva) -> u8 {
     // SAFETY: `hva` comes from translating a plugged GPA of the current map,
-    // whose mapping the applier and the map keep alive.
+    // whose mapping the memory and the map keep alive.
     unsafe { std::ptr::read_volatile(hva.0 as *const u8) }
 }
 
@@ -210,7 +210,7 @@ fn test_memslots_plug_and_unplug_across_edges_match_kvm() {
     // Unplug across the edge between the two slots: both are cut.
     fill(&a, 3 * MIB, MIB, 0xAA);
     let t = f
-        .applier
+        .memory
         .apply(|m| m.unplug(Gpa(7 * MIB), 2 * MIB))
         .unwrap();
     assert_eq!(t.discarded, 2 * MIB);
@@ -221,8 +221,8 @@ fn test_memslots_plug_and_unplug_across_edges_match_kvm() {
     assert_eq!(discarded, 0, "unplugged host memory was released");
 
     // Unplug a hole inside a slot: split in two.
-    f.applier.apply(|m| m.unplug(Gpa(5 * MIB), PAGE)).unwrap();
-    assert_eq!(f.applier.load().len(), 3);
+    f.memory.apply(|m| m.unplug(Gpa(5 * MIB), PAGE)).unwrap();
+    assert_eq!(f.memory.load().len(), 3);
     f.assert_kvm_matches();
 }
 
@@ -233,12 +233,12 @@ fn test_memslots_protect_ro_then_rw_matches_kvm() {
     };
     let a = anon(4 * MIB);
     f.plug(0, 4 * MIB, &a);
-    let t = f.applier.apply(|m| m.protect(Gpa(MIB), MIB, true)).unwrap();
+    let t = f.memory.apply(|m| m.protect(Gpa(MIB), MIB, true)).unwrap();
     assert_eq!(t.map.len(), 3);
     assert!(t.map.lookup(Gpa(MIB)).unwrap().flags().read_only);
     f.assert_kvm_matches();
     let t = f
-        .applier
+        .memory
         .apply(|m| m.protect(Gpa(0), 4 * MIB, false))
         .unwrap();
     assert_eq!(t.map.len(), 1, "merged back");
@@ -253,12 +253,12 @@ fn test_memslots_move_keeps_host_bytes_at_new_gpa() {
     let a = anon(4 * MIB);
     fill(&a, MIB, MIB, 0x5A);
     f.plug(0, 4 * MIB, &a);
-    let hva = f.applier.load().translate(Gpa(MIB + 0x123)).unwrap().0;
-    f.applier
+    let hva = f.memory.load().translate(Gpa(MIB + 0x123)).unwrap().0;
+    f.memory
         .apply(|m| m.move_range(Gpa(MIB), MIB, Gpa(32 * MIB)))
         .unwrap();
     f.assert_kvm_matches();
-    let map = f.applier.load();
+    let map = f.memory.load();
     let (moved, _) = map.translate(Gpa(32 * MIB + 0x123)).unwrap();
     assert_eq!(moved, hva, "same host byte at the new GPA");
     assert_eq!(byte_at(moved), 0x5A, "its contents survived the move");
@@ -272,22 +272,22 @@ fn test_memslots_resize_grow_and_shrink_match_kvm() {
     };
     let a = anon(8 * MIB);
     f.plug(MIB, 2 * MIB, &a);
-    f.applier
+    f.memory
         .apply(|m| m.resize(Gpa(MIB), 8 * MIB, None))
         .unwrap();
     assert_eq!(
-        f.applier.load().slot_at(Gpa(MIB)).unwrap().range().len(),
+        f.memory.load().slot_at(Gpa(MIB)).unwrap().range().len(),
         8 * MIB
     );
     f.assert_kvm_matches();
     // Grow past the mapping's end with a second mapping.
     let b = anon(2 * MIB);
-    f.applier
+    f.memory
         .apply(|m| m.resize(Gpa(MIB), 10 * MIB, Some(b.clone())))
         .unwrap();
-    assert!(f.applier.load().lookup(Gpa(10 * MIB)).is_some());
+    assert!(f.memory.load().lookup(Gpa(10 * MIB)).is_some());
     f.assert_kvm_matches();
-    let t = f.applier.apply(|m| m.resize(Gpa(MIB), MIB, None)).unwrap();
+    let t = f.memory.apply(|m| m.resize(Gpa(MIB), MIB, None)).unwrap();
     // Resize acts on one slot: the grown part backed by `b` is a slot of its own.
     assert_eq!(t.discarded, 7 * MIB);
     assert_eq!(t.map.len(), 2);
@@ -302,22 +302,22 @@ fn test_memslots_dirty_log_on_and_off_matches_kvm() {
     let a = anon(4 * MIB);
     f.plug(0, 4 * MIB, &a);
     let t = f
-        .applier
+        .memory
         .apply(|m| m.set_dirty_log(Gpa(0), 4 * MIB, true))
         .unwrap();
     assert!(matches!(&t.changes[..], [MemslotChange::SetFlags { .. }]));
     f.assert_kvm_matches();
-    assert_eq!(f.applier.dirty_pages(Gpa(0), 4 * MIB).unwrap(), vec![]);
+    assert_eq!(f.memory.dirty_pages(Gpa(0), 4 * MIB).unwrap(), vec![]);
     // Part of the slot: split, the middle stops logging.
-    f.applier
+    f.memory
         .apply(|m| m.set_dirty_log(Gpa(MIB), MIB, false))
         .unwrap();
-    assert_eq!(f.applier.load().len(), 3);
+    assert_eq!(f.memory.load().len(), 3);
     f.assert_kvm_matches();
-    f.applier
+    f.memory
         .apply(|m| m.set_dirty_log(Gpa(0), 4 * MIB, false))
         .unwrap();
-    assert_eq!(f.applier.load().len(), 1);
+    assert_eq!(f.memory.load().len(), 1);
     f.assert_kvm_matches();
 }
 
@@ -328,14 +328,14 @@ fn assert_rollback_at_each_position(
     f: &Fixture,
     op: impl Fn(&vmm::mm::slot_map::SlotMap) -> Result<vmm::mm::slot_map::Transition, SlotMapError>,
 ) -> usize {
-    let total = op(&f.applier.load()).unwrap().changes.len();
+    let total = op(&f.memory.load()).unwrap().changes.len();
     assert!(total >= 3, "a multi-change transition");
     for at in 0..total {
-        let before = f.applier.load();
-        let registered = f.applier.registered();
+        let before = f.memory.load();
+        let registered = f.memory.registered();
         f.faulty.fail_next(&[at]);
         let calls = f.faulty.calls();
-        let err = f.applier.apply(&op).unwrap_err();
+        let err = f.memory.apply(&op).unwrap_err();
         match &err {
             MemslotError::RolledBack {
                 index,
@@ -349,12 +349,12 @@ fn assert_rollback_at_each_position(
         }
         // `at` forward calls, the failed one, `at` undos.
         assert_eq!(f.faulty.calls() - calls, 2 * at + 1);
-        assert!(Arc::ptr_eq(&before, &f.applier.load()), "map not published");
-        assert_eq!(f.applier.registered(), registered);
+        assert!(Arc::ptr_eq(&before, &f.memory.load()), "map not published");
+        assert_eq!(f.memory.registered(), registered);
         f.assert_kvm_matches();
     }
     f.faulty.fail_next(&[]);
-    f.applier.apply(&op).unwrap();
+    f.memory.apply(&op).unwrap();
     f.assert_kvm_matches();
     total
 }
@@ -369,7 +369,7 @@ fn test_memslots_split_failing_at_each_change_rolls_back() {
     // Write-protecting the middle: delete 1, create 3.
     let n = assert_rollback_at_each_position(&f, |m| m.protect(Gpa(MIB), MIB, true));
     assert_eq!(n, 4);
-    assert_eq!(f.applier.load().len(), 3);
+    assert_eq!(f.memory.load().len(), 3);
 }
 
 #[test]
@@ -384,7 +384,7 @@ fn test_memslots_flags_and_split_failing_at_each_change_rolls_back() {
     // Dirty log over all of the first slot (SetFlags) and half of the second
     // (delete 1, create 2).
     let op = |m: &vmm::mm::slot_map::SlotMap| m.set_dirty_log(Gpa(0), 3 * MIB, true);
-    let changes = op(&f.applier.load()).unwrap().changes;
+    let changes = op(&f.memory.load()).unwrap().changes;
     assert!(matches!(changes[0], MemslotChange::SetFlags { .. }));
     assert_eq!(assert_rollback_at_each_position(&f, op), 4);
 }
@@ -399,7 +399,7 @@ fn test_memslots_failed_undo_poisons_applier() {
     // Fail change 2 (a create), then the undo of change 1 (call 3).
     f.faulty.fail_next(&[2, 3]);
     let err = f
-        .applier
+        .memory
         .apply(|m| m.protect(Gpa(MIB), MIB, true))
         .unwrap_err();
     match &err {
@@ -409,10 +409,10 @@ fn test_memslots_failed_undo_poisons_applier() {
         }
         other => panic!("expected RollbackFailed, got {other}"),
     }
-    assert!(f.applier.check_consistency().is_err());
+    assert!(f.memory.check_consistency().is_err());
     f.faulty.fail_next(&[]);
     assert!(matches!(
-        f.applier.apply(|m| m.unplug(Gpa(0), MIB)),
+        f.memory.apply(|m| m.unplug(Gpa(0), MIB)),
         Err(MemslotError::Poisoned)
     ));
 }
@@ -427,7 +427,7 @@ fn test_memslots_overlapping_plug_refused_before_ioctl() {
     f.plug(4 * MIB, 4 * MIB, &a);
     let calls = f.faulty.calls();
     let err = f
-        .applier
+        .memory
         .apply(|m| m.plug(Gpa(6 * MIB), 4 * MIB, b.clone(), 0, SlotFlags::NONE))
         .unwrap_err();
     assert!(
@@ -442,15 +442,15 @@ fn test_memslots_overlapping_plug_refused_before_ioctl() {
 }
 
 /// Applies a transition computed from `stale` (an old map) and checks the
-/// applier refused its first change, naming `reason`, without any ioctl.
+/// memory refused its first change, naming `reason`, without any ioctl.
 fn assert_stale_refused(
     f: &Fixture,
     op: impl FnOnce() -> Result<vmm::mm::slot_map::Transition, SlotMapError>,
     reason: &str,
 ) {
     let calls = f.faulty.calls();
-    let before = f.applier.load();
-    let err = f.applier.apply(|_| op()).unwrap_err();
+    let before = f.memory.load();
+    let err = f.memory.apply(|_| op()).unwrap_err();
     match &err {
         MemslotError::RolledBack {
             index: 0, failure, ..
@@ -464,7 +464,7 @@ fn assert_stale_refused(
         other => panic!("expected a refusal, got {other}"),
     }
     assert_eq!(f.faulty.calls(), calls, "no ioctl issued");
-    assert!(Arc::ptr_eq(&before, &f.applier.load()));
+    assert!(Arc::ptr_eq(&before, &f.memory.load()));
     f.assert_kvm_matches();
 }
 
@@ -476,10 +476,10 @@ fn test_memslots_transition_from_stale_map_refused_before_ioctl() {
     let (a, c, d, x) = (anon(4 * MIB), anon(4 * MIB), anon(4 * MIB), anon(4 * MIB));
     let plug = |gpa: u64, mem: &Arc<HostMapping>| f.plug(gpa, 4 * MIB, mem);
     plug(0, &a); // id 0
-    let stale1 = f.applier.load();
+    let stale1 = f.memory.load();
     plug(16 * MIB, &c); // id 1
-    let stale2 = f.applier.load();
-    f.applier
+    let stale2 = f.memory.load();
+    f.memory
         .apply(|m| m.unplug(Gpa(16 * MIB), 4 * MIB))
         .unwrap();
     plug(8 * MIB, &d); // id 1 again, at [8, 12) MiB
@@ -506,25 +506,25 @@ fn test_memslots_check_consistency_sees_dirty_logging_strays() {
     };
     let a = anon(4 * MIB);
     f.plug(0, 4 * MIB, &a);
-    f.applier
+    f.memory
         .apply(|m| m.set_dirty_log(Gpa(0), 4 * MIB, true))
         .unwrap();
-    f.applier.check_consistency().unwrap();
+    f.memory.check_consistency().unwrap();
     let hva = f.probe.hva().0;
-    // A dirty-logging slot behind the applier's back, with an id below max_slots.
+    // A dirty-logging slot behind the manager's back, with an id below max_slots.
     f.faulty
         .raw(region(15, 8 * MIB, MIB, hva, LOG_DIRTY))
         .unwrap();
-    let why = f.applier.check_consistency().unwrap_err();
+    let why = f.memory.check_consistency().unwrap_err();
     assert!(why.contains("slot 15"), "{why}");
     f.faulty.raw(region(15, 8 * MIB, 0, hva, 0)).unwrap();
-    f.applier.check_consistency().unwrap();
+    f.memory.check_consistency().unwrap();
     // Logging switched off behind its back on a mirrored slot.
-    let spec = f.applier.registered()[0];
+    let spec = f.memory.registered()[0];
     f.faulty
         .raw(region(spec.id.0, spec.gpa.0, spec.size, spec.hva.0, 0))
         .unwrap();
-    let why = f.applier.check_consistency().unwrap_err();
+    let why = f.memory.check_consistency().unwrap_err();
     assert!(why.contains("not live"), "{why}");
     f.faulty
         .raw(region(
@@ -547,7 +547,7 @@ fn test_memslots_slot_budget_full_refuses_next_plug() {
     let mem = anon(u64::from(MAX + 1) * MIB);
     // One-page slots with gaps between them (no merging).
     for i in 0..u64::from(MAX) {
-        f.applier
+        f.memory
             .apply(|m| {
                 m.plug(
                     Gpa(2 * i * MIB),
@@ -559,11 +559,11 @@ fn test_memslots_slot_budget_full_refuses_next_plug() {
             })
             .unwrap();
     }
-    assert_eq!(f.applier.registered().len(), MAX as usize);
+    assert_eq!(f.memory.registered().len(), MAX as usize);
     let calls = f.faulty.calls();
     let i = u64::from(MAX);
     let err = f
-        .applier
+        .memory
         .apply(|m| {
             m.plug(
                 Gpa(2 * i * MIB),
@@ -593,13 +593,13 @@ fn test_memslots_drop_deletes_registered_slots() {
     let a = anon(4 * MIB);
     f.plug(0, 4 * MIB, &a);
     let Fixture {
-        applier,
+        memory,
         faulty,
         probe,
         _kvm,
     } = f;
-    drop(applier);
-    assert_eq!(Arc::strong_count(&a), 1, "the applier released the mapping");
+    drop(memory);
+    assert_eq!(Arc::strong_count(&a), 1, "the memory released the mapping");
     let raw = region(PROBE_ID, 0, 4 * MIB, probe.hva().0, 0);
     assert_eq!(faulty.raw(raw), Ok(()), "KVM holds no slot over the range");
     faulty
@@ -619,7 +619,7 @@ fn test_memslots_random_ops_with_faults_match_kvm() {
     let mut bump = [0u64; 4];
     let mut outcomes = [0usize; 4]; // ok, refused by the map, rolled back, other
     for step in 0..500 {
-        let map = f.applier.load();
+        let map = f.memory.load();
         let slots: Vec<(u64, u64)> = map
             .iter()
             .map(|s| (s.range().start().0, s.range().len()))
@@ -655,7 +655,7 @@ fn test_memslots_random_ops_with_faults_match_kvm() {
             _ => vec![],
         };
         f.faulty.fail_next(&fail);
-        let result = f.applier.apply(|m| match kind {
+        let result = f.memory.apply(|m| match kind {
             0..=2 => m.plug(Gpa(at), n, mapping, off, SlotFlags::NONE),
             3 => m.unplug(Gpa(at), n),
             4 => m.protect(Gpa(at), n, flag),
@@ -675,11 +675,11 @@ fn test_memslots_random_ops_with_faults_match_kvm() {
             Err(MemslotError::SlotMap(_)) => outcomes[1] += 1,
             Err(MemslotError::RolledBack { .. }) => {
                 outcomes[2] += 1;
-                assert!(Arc::ptr_eq(&map, &f.applier.load()), "{context}");
+                assert!(Arc::ptr_eq(&map, &f.memory.load()), "{context}");
             }
             Err(MemslotError::RollbackFailed { .. }) => {
                 // The mirror still shows what KVM holds; the map does not.
-                assert!(f.applier.check_consistency().is_err(), "{context}");
+                assert!(f.memory.check_consistency().is_err(), "{context}");
                 outcomes[3] += 1;
                 break;
             }

@@ -1,7 +1,7 @@
 //! The raw baseline: the fewest KVM calls that run the identical access
 //! pattern (same guest runtime, same commands from [`super::plan`], same
 //! memory kinds and guest page tables), with no slot map, no memslot
-//! applier, no statistics and no phase channels: plain
+//! memory, no statistics and no phase channels: plain
 //! `KVM_SET_USER_MEMORY_REGION`, one loop per vCPU thread, a `Barrier`
 //! between passes. `vmm bench faults` runs it in the same invocation and
 //! prints the ratio of its own median to this one (the tool should add
