@@ -193,12 +193,8 @@ fn test_iommu_device_threads_never_see_stale_translation_under_memory_ops() {
     let checked = Arc::new(AtomicU64::new(0));
     let threads: Vec<_> = (0..2u64)
         .map(|t| {
-            let (memory, iommu, stop, checked) = (
-                memory.clone(),
-                iommu.clone(),
-                stop.clone(),
-                checked.clone(),
-            );
+            let (memory, iommu, stop, checked) =
+                (memory.clone(), iommu.clone(), stop.clone(), checked.clone());
             std::thread::spawn(move || {
                 let mut x = 0x9e37_79b9_7f4a_7c15u64 ^ (t + 1);
                 while !stop.load(Ordering::Relaxed) {

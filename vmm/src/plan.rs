@@ -10,8 +10,6 @@
 //! ```
 
 use std::collections::VecDeque;
-use std::fmt;
-use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 
@@ -260,8 +258,11 @@ impl VcpuPlan for ScriptPlan {
     }
 }
 
-/// The built-in guest programs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// The built-in guest programs, named in kebab case (`page-fault`).
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, strum::Display, strum::EnumString, strum::VariantNames,
+)]
+#[strum(serialize_all = "kebab-case")]
 pub enum BuiltinGuest {
     /// Every vCPU fills its share of RAM with a per-page pattern, then verifies
     /// its neighbour's share, then ends.
@@ -280,19 +281,9 @@ pub enum BuiltinGuest {
 }
 
 impl BuiltinGuest {
-    /// Every built-in, with its name.
-    pub const ALL: [(&'static str, BuiltinGuest); 6] = [
-        ("default", BuiltinGuest::Default),
-        ("hello", BuiltinGuest::Hello),
-        ("page-fault", BuiltinGuest::PageFault),
-        ("bad-insn", BuiltinGuest::BadInsn),
-        ("spin", BuiltinGuest::Spin),
-        ("verify-mismatch", BuiltinGuest::VerifyMismatch),
-    ];
-
     /// The names, comma separated, for messages.
     pub fn names() -> String {
-        Self::ALL.map(|(n, _)| n).join(", ")
+        <Self as strum::VariantNames>::VARIANTS.join(", ")
     }
 
     /// The address the page-fault program reads: the second page past the
@@ -361,27 +352,6 @@ pub fn ram_share(ram: GpaRange, index: u64, vcpus: u64) -> Option<GpaRange> {
         )
         .expect("inside ram")
     })
-}
-
-impl FromStr for BuiltinGuest {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Self::ALL
-            .iter()
-            .find(|(n, _)| *n == s)
-            .map(|(_, g)| *g)
-            .ok_or_else(|| format!("not a built-in guest ({})", Self::names()))
-    }
-}
-
-impl fmt::Display for BuiltinGuest {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let name = Self::ALL
-            .iter()
-            .find(|(_, g)| g == self)
-            .map_or("?", |(n, _)| n);
-        f.write_str(name)
-    }
 }
 
 #[cfg(test)]

@@ -209,10 +209,7 @@ fn test_memslots_plug_and_unplug_across_edges_match_kvm() {
 
     // Unplug across the edge between the two slots: both are cut.
     fill(&a, 3 * MIB, MIB, 0xAA);
-    let t = f
-        .memory
-        .apply(|m| m.unplug(Gpa(7 * MIB), 2 * MIB))
-        .unwrap();
+    let t = f.memory.apply(|m| m.unplug(Gpa(7 * MIB), 2 * MIB)).unwrap();
     assert_eq!(t.discarded, 2 * MIB);
     assert_eq!(t.map.len(), 2);
     f.assert_kvm_matches();

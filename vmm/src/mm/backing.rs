@@ -5,6 +5,9 @@
 //! hands out pointers into it) keeps an `Arc<HostMapping>` until that table has
 //! dropped the registration, so the memory cannot be unmapped under a user.
 //!
+//! [`BackingKind`] parses by hand (not with a strum derive): `file=PATH`
+//! carries data.
+//!
 //! ```
 //! use vmm::mm::backing::{BackingKind, HostMapping};
 //! let m = HostMapping::new(&BackingKind::Anon, 2 << 20).unwrap();

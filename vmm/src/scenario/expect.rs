@@ -15,116 +15,160 @@ use std::str::FromStr;
 
 use serde::{Serialize, Serializer};
 
-macro_rules! outcomes {
-    ($($(#[$doc:meta])* $variant:ident = $name:literal,)*) => {
-        /// What happened in a step, by one stable name.
-        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-        pub enum Outcome {
-            $($(#[$doc])* $variant,)*
-        }
-
-        impl Outcome {
-            /// Every outcome, in the README's order.
-            pub const ALL: &'static [Outcome] = &[$(Outcome::$variant,)*];
-
-            /// Its name in scenario files and reports.
-            pub fn name(self) -> &'static str {
-                match self {
-                    $(Outcome::$variant => $name,)*
-                }
-            }
-        }
-    };
-}
-
-outcomes! {
+/// What happened in a step, by one stable name.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    strum::IntoStaticStr,
+    strum::VariantArray,
+)]
+pub enum Outcome {
     /// The step did what it said.
-    Ok = "ok",
+    #[strum(serialize = "ok")]
+    Ok,
     /// Memory op: the range overlaps a slot (or the boot region).
-    Overlap = "overlap",
+    #[strum(serialize = "overlap")]
+    Overlap,
     /// Memory op: an address or size is not page-aligned.
-    Misaligned = "misaligned",
+    #[strum(serialize = "misaligned")]
+    Misaligned,
     /// Memory op: the size is zero.
-    ZeroSize = "zero-size",
+    #[strum(serialize = "zero-size")]
+    ZeroSize,
     /// Memory op: beyond the guest-physical address width.
-    BeyondMaxGpa = "beyond-max-gpa",
+    #[strum(serialize = "beyond-max-gpa")]
+    BeyondMaxGpa,
     /// Memory op: the range wraps around the address space.
-    RangeOverflow = "range-overflow",
+    #[strum(serialize = "range-overflow")]
+    RangeOverflow,
     /// Memory op: the slot budget is full.
-    TooManySlots = "too-many-slots",
+    #[strum(serialize = "too-many-slots")]
+    TooManySlots,
     /// Memory op or pin: nothing is plugged there.
-    NotPlugged = "not-plugged",
+    #[strum(serialize = "not-plugged")]
+    NotPlugged,
     /// Memory op: part of the range is not plugged.
-    Hole = "hole",
+    #[strum(serialize = "hole")]
+    Hole,
     /// Memory op: the range is fixed (the boot region).
-    Fixed = "fixed",
+    #[strum(serialize = "fixed")]
+    Fixed,
     /// Memory op: no slot starts at the address.
-    NoSlotAt = "no-slot-at",
+    #[strum(serialize = "no-slot-at")]
+    NoSlotAt,
     /// move: the destination overlaps the source.
-    DestinationOverlapsSource = "destination-overlaps-source",
+    #[strum(serialize = "destination-overlaps-source")]
+    DestinationOverlapsSource,
     /// resize: no room to grow.
-    NoRoomToGrow = "no-room-to-grow",
+    #[strum(serialize = "no-room-to-grow")]
+    NoRoomToGrow,
     /// plug: the host mapping is smaller than the slot.
-    MappingTooSmall = "mapping-too-small",
+    #[strum(serialize = "mapping-too-small")]
+    MappingTooSmall,
     /// plug: the host memory is already mapped elsewhere.
-    HostAliased = "host-aliased",
+    #[strum(serialize = "host-aliased")]
+    HostAliased,
     /// plug: KVM does not support read-only slots.
-    ReadOnlyUnsupported = "read-only-unsupported",
+    #[strum(serialize = "read-only-unsupported")]
+    ReadOnlyUnsupported,
     /// plug: an unknown slot flag.
-    InvalidFlags = "invalid-flags",
+    #[strum(serialize = "invalid-flags")]
+    InvalidFlags,
     /// plug: an unknown backing kind.
-    UnknownBacking = "unknown-backing",
+    #[strum(serialize = "unknown-backing")]
+    UnknownBacking,
     /// plug: the host memory could not be allocated.
-    Backing = "backing",
+    #[strum(serialize = "backing")]
+    Backing,
     /// Memory op over the VMM register page.
-    Reserved = "reserved",
+    #[strum(serialize = "reserved")]
+    Reserved,
     /// Memory op: KVM refused the change.
-    Kvm = "kvm",
+    #[strum(serialize = "kvm")]
+    Kvm,
     /// Memory op: KVM refused and the change was rolled back.
-    KvmRolledBack = "kvm-rolled-back",
+    #[strum(serialize = "kvm-rolled-back")]
+    KvmRolledBack,
     /// KVM's memslots and the slot map differ after the op.
-    Inconsistent = "inconsistent",
+    #[strum(serialize = "inconsistent")]
+    Inconsistent,
     /// Memory op: a non-revocable pin refused the change.
-    Vetoed = "vetoed",
+    #[strum(serialize = "vetoed")]
+    Vetoed,
     /// Memory op or pin: readers did not drain in time.
-    Busy = "busy",
+    #[strum(serialize = "busy")]
+    Busy,
     /// dirty-pages: a different number of dirty pages.
-    DirtyCount = "dirty-count",
+    #[strum(serialize = "dirty-count")]
+    DirtyCount,
     /// dirty-pages: the IOMMU's dirty bits could not be read.
-    Stage2 = "stage2",
+    #[strum(serialize = "stage2")]
+    Stage2,
     /// stage2-dump: different runs or bytes mapped.
-    Stage2Mismatch = "stage2-mismatch",
+    #[strum(serialize = "stage2-mismatch")]
+    Stage2Mismatch,
     /// check with `pages`: a different number of pinned pages.
-    PinnedPages = "pinned-pages",
+    #[strum(serialize = "pinned-pages")]
+    PinnedPages,
     /// pin: the pin limit would be exceeded.
-    PinLimit = "pin-limit",
+    #[strum(serialize = "pin-limit")]
+    PinLimit,
     /// pin: the range is empty, unaligned or wraps.
-    BadRange = "bad-range",
+    #[strum(serialize = "bad-range")]
+    BadRange,
     /// pin: mlock failed.
-    Mlock = "mlock",
+    #[strum(serialize = "mlock")]
+    Mlock,
     /// unpin: no pin of that name is held.
-    NoSuchPin = "no-such-pin",
+    #[strum(serialize = "no-such-pin")]
+    NoSuchPin,
     /// Guest command: the guest saw a value other than the expected one
     /// (verify, verify-const, read with `value`, dma-checksum with `value`).
-    Mismatch = "mismatch",
+    #[strum(serialize = "mismatch")]
+    Mismatch,
     /// Guest command: an access exited to the VMM on unplugged memory.
-    Unplugged = "unplugged",
+    #[strum(serialize = "unplugged")]
+    Unplugged,
     /// Guest command: a write to read-only memory (also pin: the range is read-only).
-    ReadOnly = "read-only",
+    #[strum(serialize = "read-only")]
+    ReadOnly,
     /// Guest command: the guest took an exception.
-    Exception = "exception",
+    #[strum(serialize = "exception")]
+    Exception,
     /// Guest command: the guest refused the command or failed otherwise.
-    CommandFailed = "command-failed",
+    #[strum(serialize = "command-failed")]
+    CommandFailed,
     /// DMA step: the engine faulted (memory not plugged or not writable).
-    DmaFault = "dma-fault",
+    #[strum(serialize = "dma-fault")]
+    DmaFault,
     /// DMA step: the pin limit refused the transfer.
-    DmaNoPin = "dma-no-pin",
+    #[strum(serialize = "dma-no-pin")]
+    DmaNoPin,
     /// DMA step: the memory changed under the transfer (its pin was revoked).
-    DmaRevoked = "dma-revoked",
+    #[strum(serialize = "dma-revoked")]
+    DmaRevoked,
     /// DMA step: the engine found the request invalid.
-    DmaInvalid = "dma-invalid",
+    #[strum(serialize = "dma-invalid")]
+    DmaInvalid,
     /// The run stopped (timeout, signal, a vCPU gone) before the step finished.
-    Stopped = "stopped",
+    #[strum(serialize = "stopped")]
+    Stopped,
+}
+
+impl Outcome {
+    /// Every outcome, in the README's order.
+    pub const ALL: &'static [Outcome] = <Outcome as strum::VariantArray>::VARIANTS;
+
+    /// Its name in scenario files and reports.
+    pub fn name(self) -> &'static str {
+        self.into()
+    }
 }
 
 impl fmt::Display for Outcome {

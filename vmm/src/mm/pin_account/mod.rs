@@ -64,6 +64,9 @@
 //! assert_eq!(account.pinned().charged(), 0);
 //! assert_eq!(account.snapshot().pinned_pages.peak, 512);
 //! ```
+//!
+//! [`PinLimit`] parses by hand (not with a strum derive): it carries a size or
+//! a page count (`256M`, `4096p`, `unlimited`).
 
 use std::str::FromStr;
 
