@@ -13,6 +13,26 @@ fn vmm(args: &[&str]) -> Output {
         .expect("the vmm binary runs")
 }
 
+/// Runs `vmm`, killing it (and failing) if it runs past `limit`.
+fn vmm_within(args: &[&str], limit: Duration) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_vmm-cli"))
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("the vmm binary runs");
+    let started = Instant::now();
+    while child.try_wait().expect("wait").is_none() {
+        if started.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{args:?} still running after {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    child.wait_with_output().expect("output")
+}
+
 fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
@@ -44,6 +64,53 @@ fn test_cli_bad_input_is_rejected_naming_flag_and_form() {
         assert!(err.contains(flag) && err.contains(form), "{args:?}: {err}");
         assert!(out.stdout.is_empty(), "{args:?}: nothing on stdout");
     }
+}
+
+#[test]
+fn test_cli_bad_files_and_huge_values_are_refused_fast_and_leave_nothing() {
+    let dir = std::env::temp_dir().join(format!("vmm-cli-bad-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let sparse = dir.join("sparse.elf");
+    std::fs::File::create(&sparse)
+        .unwrap()
+        .set_len(20 << 30)
+        .unwrap();
+    let fifo = dir.join("fifo");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let missing = dir.join("missing.img");
+    let (sparse, fifo) = (sparse.to_str().unwrap(), fifo.to_str().unwrap());
+    let backing = format!("file={}", missing.display());
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["run", "--guest", "/dev/zero"], "not a regular file"),
+        (vec!["run", "--guest", fifo], "not a regular file"),
+        (
+            vec!["run", "--guest", sparse],
+            "larger than the 4194304-byte limit",
+        ),
+        (vec!["run", "--backing", &backing], "cannot be used"),
+        (
+            vec!["run", "--backing", "file=/dev/null"],
+            "not a regular file",
+        ),
+        (vec!["run", "--pin-limit", "16777216T"], "too large"),
+        (vec!["run", "--timeout", "1000000000s"], "too large"),
+        (vec!["run", "--mem", "18446744073709551615"], "too large"),
+    ];
+    for (args, problem) in cases {
+        let out = vmm_within(&args, Duration::from_secs(5));
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        let first = err.lines().find(|l| !l.trim().is_empty()).unwrap_or("");
+        assert!(err.contains(problem), "{args:?}: {err}");
+        assert!(
+            first.contains("error") || first.starts_with("vmm:"),
+            "{args:?}: {first}"
+        );
+    }
+    assert!(!missing.exists(), "--backing created the file");
+    std::fs::remove_dir_all(dir).unwrap();
 }
 
 #[test]

@@ -76,6 +76,10 @@ fn test_default_guest_two_vcpus_shared_succeeds() {
 fn test_default_guest_file_backing_succeeds() {
     if kvm_or_skip("default guest, file backing") {
         let path = std::env::temp_dir().join(format!("vmm-test-guest-{}.img", std::process::id()));
+        std::fs::File::create(&path)
+            .unwrap()
+            .set_len(16 * MIB)
+            .unwrap();
         assert_default_guest_ok(BackingKind::File(path.clone()), 2, 16 * MIB);
         let _ = std::fs::remove_file(path);
     }

@@ -32,9 +32,9 @@ pub fn parse_guest(s: &str) -> Result<GuestSource, String> {
         return Ok(GuestSource::Builtin(b));
     }
     let path = PathBuf::from(s);
-    let bytes = std::fs::read(&path).map_err(|e| {
+    let bytes = read_image(&path).map_err(|e| {
         format!(
-            "{s:?} is not a built-in guest ({}) and cannot be read as an image file: {e}",
+            "{s:?} is not a built-in guest ({}) and cannot be used as an image file: {e}",
             BuiltinGuest::names()
         )
     })?;
@@ -45,6 +45,43 @@ pub fn parse_guest(s: &str) -> Result<GuestSource, String> {
         path,
         bytes: Arc::from(bytes),
     })
+}
+
+/// The largest guest image file accepted: an ELF whose segments fit the
+/// image window (3 MiB) cannot need more than the window plus its headers;
+/// 4 MiB leaves room for section tables and symbols.
+pub const MAX_IMAGE_FILE: u64 = 4 << 20;
+
+/// Reads an image file: a regular file of at most [`MAX_IMAGE_FILE`] bytes,
+/// checked before reading and bounded while reading (a file that grows
+/// meanwhile is cut at the limit and then refused), so `/dev/zero`, a FIFO or
+/// a huge sparse file fail at once with bounded memory.
+fn read_image(path: &std::path::Path) -> Result<Vec<u8>, String> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    // O_NONBLOCK: opening a FIFO must not wait for a writer.
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| e.to_string())?;
+    let meta = file.metadata().map_err(|e| e.to_string())?;
+    if !meta.is_file() {
+        return Err("not a regular file".into());
+    }
+    let too_large =
+        |n: u64| format!("{n} bytes, larger than the {MAX_IMAGE_FILE}-byte limit for guest images");
+    if meta.len() > MAX_IMAGE_FILE {
+        return Err(too_large(meta.len()));
+    }
+    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    file.take(MAX_IMAGE_FILE + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| e.to_string())?;
+    if bytes.len() as u64 > MAX_IMAGE_FILE {
+        return Err(too_large(bytes.len() as u64));
+    }
+    Ok(bytes)
 }
 
 /// Parses `--scenario`: a scenario file that loads and validates.
@@ -207,6 +244,13 @@ where
         }
     }
     let config = args.to_config();
+    if let BackingKind::File(path) = &config.backing {
+        // Bad file arguments are bad flags: refused before any VM exists.
+        if let Err(e) = crate::mm::backing::open_backing_file(path, config.mem_size) {
+            eprintln!("vmm: --backing: {e}");
+            return 2;
+        }
+    }
     let console: Box<dyn Write> = if args.json {
         Box::new(std::io::stderr())
     } else {

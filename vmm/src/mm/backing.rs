@@ -52,6 +52,19 @@ pub enum BackingError {
         /// Huge pages free.
         free: u64,
     },
+    /// A `file=PATH` backing that is not an existing regular file large
+    /// enough: nothing is created or extended behind the user's back.
+    #[error(
+        "backing file {path:?} {problem} (create it first, e.g. `truncate -s {size} {path:?}`)"
+    )]
+    BadFile {
+        /// The path given.
+        path: PathBuf,
+        /// What is wrong with it.
+        problem: String,
+        /// Bytes the guest memory needs.
+        size: u64,
+    },
     /// A system call failed.
     #[error("{what} failed for {kind} backing of {size:#x} bytes: {source}")]
     Sys {
@@ -215,20 +228,7 @@ impl HostMapping {
                 file.set_len(len).map_err(|e| sys("ftruncate", e))?;
                 Some(OwnedFd::from(file))
             }
-            BackingKind::File(path) => {
-                let file = OpenOptions::new()
-                    .read(true)
-                    .write(true)
-                    .create(true)
-                    .truncate(false)
-                    .open(path)
-                    .map_err(|e| sys("open", e))?;
-                let cur = file.metadata().map_err(|e| sys("stat", e))?.len();
-                if cur < len {
-                    file.set_len(len).map_err(|e| sys("ftruncate", e))?;
-                }
-                Some(OwnedFd::from(file))
-            }
+            BackingKind::File(path) => Some(OwnedFd::from(open_backing_file(path, len)?)),
             _ => None,
         };
         let (flags, map_len) = match kind {
@@ -298,6 +298,12 @@ impl HostMapping {
         let kind = BackingKind::File(dir.join("(unnamed)"));
         let file = unnamed_file(dir).map_err(|source| BackingError::Sys {
             what: "open(O_TMPFILE)",
+            kind: kind.clone(),
+            size: len,
+            source,
+        })?;
+        file.set_len(len).map_err(|source| BackingError::Sys {
+            what: "ftruncate",
             kind: kind.clone(),
             size: len,
             source,
@@ -410,6 +416,35 @@ impl HostMapping {
 }
 
 /// A file in `dir` without a name: `O_TMPFILE`, else created and unlinked.
+/// Opens `path` read-write for a `file=PATH` backing of `len` bytes: it must
+/// be an existing regular file of at least `len` bytes. Nothing is created or
+/// extended: a file the user did not ask for is never left behind.
+///
+/// # Errors
+/// [`BackingError::BadFile`] naming what is wrong.
+pub fn open_backing_file(path: &Path, len: u64) -> Result<std::fs::File, BackingError> {
+    let bad = |problem: String| BackingError::BadFile {
+        path: path.to_path_buf(),
+        problem,
+        size: len,
+    };
+    let meta = std::fs::metadata(path).map_err(|e| bad(format!("cannot be used: {e}")))?;
+    if !meta.is_file() {
+        return Err(bad("is not a regular file".into()));
+    }
+    if meta.len() < len {
+        return Err(bad(format!(
+            "holds {:#x} bytes, less than the {len:#x} bytes of guest memory",
+            meta.len()
+        )));
+    }
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .map_err(|e| bad(format!("cannot be opened for reading and writing: {e}")))
+}
+
 fn unnamed_file(dir: &Path) -> io::Result<std::fs::File> {
     use std::os::unix::fs::OpenOptionsExt;
     let tmpfile = OpenOptions::new()
@@ -473,6 +508,10 @@ mod tests {
     #[test]
     fn test_mapping_each_kind_is_usable_and_discard_zeroes() {
         let dir = std::env::temp_dir().join(format!("vmm-backing-{}", std::process::id()));
+        std::fs::File::create(&dir)
+            .unwrap()
+            .set_len(4 << 20)
+            .unwrap();
         for kind in [
             BackingKind::Anon,
             BackingKind::Shared,
@@ -543,5 +582,38 @@ mod tests {
         drop(m);
         assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0);
         std::fs::remove_dir(&dir).unwrap();
+    }
+
+    #[test]
+    fn test_file_backing_creates_and_extends_nothing_and_names_the_problem() {
+        let dir = std::env::temp_dir().join(format!("vmm-backing-bad-{}", std::process::id()));
+        let missing = dir.join("missing.img");
+        std::fs::create_dir_all(&dir).unwrap();
+        let small = dir.join("small.img");
+        std::fs::File::create(&small)
+            .unwrap()
+            .set_len(4096)
+            .unwrap();
+        let cases = [
+            (missing.clone(), "cannot be used"),
+            (dir.clone(), "not a regular file"),
+            (PathBuf::from("/dev/null"), "not a regular file"),
+            (small.clone(), "less than the 0x200000 bytes"),
+        ];
+        for (path, problem) in cases {
+            let err = HostMapping::new(&BackingKind::File(path.clone()), 2 << 20).unwrap_err();
+            let text = err.to_string();
+            assert!(
+                text.contains(problem) && text.contains("truncate -s"),
+                "{path:?}: {text}"
+            );
+        }
+        assert!(!missing.exists(), "a file was created");
+        assert_eq!(
+            std::fs::metadata(&small).unwrap().len(),
+            4096,
+            "the file was extended"
+        );
+        std::fs::remove_dir_all(dir).unwrap();
     }
 }

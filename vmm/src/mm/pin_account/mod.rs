@@ -130,6 +130,16 @@ pub enum PinAccountError {
         /// The text given.
         input: String,
     },
+    /// A pin limit past `u64::MAX` bytes (or pages).
+    #[error(
+        "pin limit {input:?} is too large: the maximum is {max} bytes (16 EiB - 1) or {max}p; \
+         use 'unlimited' for no limit",
+        max = u64::MAX
+    )]
+    LimitTooLarge {
+        /// The text given.
+        input: String,
+    },
 }
 
 /// One bounded, lock-free counter: pinned pages, DMA mappings, ...
@@ -414,7 +424,15 @@ impl FromStr for PinLimit {
             .find(|c: char| !c.is_ascii_digit())
             .unwrap_or(text.len());
         let (digits, suffix) = text.split_at(digits_end);
-        let value: u64 = digits.parse().map_err(|_| invalid())?;
+        let value: u64 = match digits.parse() {
+            Ok(v) => v,
+            Err(e) if *e.kind() == std::num::IntErrorKind::PosOverflow => {
+                return Err(PinAccountError::LimitTooLarge {
+                    input: input.to_owned(),
+                })
+            }
+            Err(_) => return Err(invalid()),
+        };
         let shift = match suffix.to_ascii_lowercase().as_str() {
             "p" => return Ok(Self::Pages(value)),
             "" | "b" => 0,
@@ -424,7 +442,12 @@ impl FromStr for PinLimit {
             "t" | "tb" | "tib" => 40,
             _ => return Err(invalid()),
         };
-        let bytes = value.checked_mul(1u64 << shift).ok_or_else(invalid)?;
+        let bytes =
+            value
+                .checked_mul(1u64 << shift)
+                .ok_or_else(|| PinAccountError::LimitTooLarge {
+                    input: input.to_owned(),
+                })?;
         Ok(Self::Bytes(bytes))
     }
 }
