@@ -414,3 +414,65 @@ fn test_faults_bad_plot_path_is_refused_before_measuring() {
         t.elapsed()
     );
 }
+
+#[test]
+fn test_faults_sigint_stops_reports_what_was_measured_and_exits_1() {
+    use std::io::{BufRead, BufReader};
+    use std::time::{Duration, Instant};
+    if !kvm_or_skip("faults: SIGINT") {
+        return;
+    }
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let tmp = empty_tmpdir("sigint");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_vmm-cli"))
+        .env("TMPDIR", &tmp)
+        .args(["bench", "faults", "--size", "16M", "--rounds", "3"])
+        .args(["--compare", "anon,memfd,shared,uffd-copy,thp"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait for the first configuration's table, then interrupt.
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut seen = String::new();
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        seen.push_str(&line);
+        seen.push('\n');
+        if line.contains("first-touch") {
+            break;
+        }
+    }
+    assert!(
+        seen.contains("first-touch"),
+        "no table before the end: {seen}"
+    );
+    // SAFETY: signalling our own child process.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGINT) }, 0);
+    let rest: Vec<String> = lines.map(|l| l.unwrap()).collect();
+    let started = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if started.elapsed() > Duration::from_secs(20) {
+            let _ = child.kill();
+            panic!("still running 20 s after SIGINT");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(err.contains("interrupted by SIGINT"), "{err}");
+    // It stopped: not every configuration got its table, and no comparison.
+    let tables = seen.lines().chain(rest.iter().map(String::as_str));
+    let headers = tables.filter(|l| l.contains(" — seq write,")).count();
+    assert!(headers < 5, "it went on measuring: {rest:?}");
+    assert!(
+        !rest.iter().any(|l| l.starts_with("comparison")),
+        "{rest:?}"
+    );
+    assert_eq!(entries(&tmp), Vec::<String>::new(), "after SIGINT");
+    std::fs::remove_dir(&tmp).unwrap();
+}

@@ -44,6 +44,9 @@ pub enum BenchError {
         /// What happened.
         detail: String,
     },
+    /// SIGINT or SIGTERM asked the bench to stop.
+    #[error("interrupted by {0}")]
+    Interrupted(&'static str),
     /// A phase did not finish in time.
     #[error("vCPU {vcpu} did not finish its phase within {after:?} (--timeout)")]
     Timeout {

@@ -211,6 +211,9 @@ impl GuestBench {
         let mut out = Vec::new();
         for (i, w) in self.workers.iter().enumerate() {
             loop {
+                if let Some(signal) = super::interrupt::caught() {
+                    return Err(BenchError::Interrupted(signal));
+                }
                 tick(self.progress.load(Ordering::Relaxed));
                 let left = deadline.saturating_duration_since(Instant::now());
                 match w.done.recv_timeout(left.min(Duration::from_millis(100))) {

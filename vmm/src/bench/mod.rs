@@ -31,6 +31,7 @@ mod config;
 mod error;
 mod guest;
 mod host;
+mod interrupt;
 mod plan;
 mod plot;
 mod progress;
@@ -70,6 +71,10 @@ fn create_output(what: &'static str, path: &Path) -> Result<File, ConfigError> {
 /// returns the exit status (0 ok, 1 failure, 2 invalid configuration or
 /// output path).
 pub fn faults(args: &FaultsArgs) -> i32 {
+    if let Err(e) = interrupt::install() {
+        eprintln!("vmm: cannot catch SIGINT/SIGTERM: {e}");
+        return 1;
+    }
     let checked = args.to_config().and_then(|cfg| {
         let plot = args
             .plot
@@ -129,6 +134,25 @@ fn measure_and_report(args: &FaultsArgs, cfg: &FaultsConfig, plot: Option<(File,
                 return 1;
             }
         }
+    }
+    // One rule with `vmm run`: what was asked for and could not be measured
+    // is a failure, with the reason; the rest is still reported.
+    if let Some(signal) = &report.interrupted {
+        eprintln!("vmm: interrupted by {signal}: reported the configurations measured before it");
+        return 1;
+    }
+    let skipped: Vec<String> = report
+        .configurations
+        .iter()
+        .filter_map(|c| {
+            c.skipped
+                .as_ref()
+                .map(|why| format!("{}: {why}", c.backing))
+        })
+        .collect();
+    if !skipped.is_empty() {
+        eprintln!("vmm: could not measure {}", skipped.join("; "));
+        return 1;
     }
     0
 }

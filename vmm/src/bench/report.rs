@@ -20,8 +20,12 @@ pub struct FaultsReport {
     pub host: HostFacts,
     /// The settings shared by every configuration.
     pub settings: Settings,
-    /// One result per backing, in the order given.
+    /// One result per backing, in the order given (those measured before
+    /// an interruption).
     pub configurations: Vec<ConfigResult>,
+    /// The signal that stopped the bench early, if one did.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub interrupted: Option<&'static str>,
 }
 
 impl FaultsReport {

@@ -58,13 +58,31 @@ pub fn run_faults(cfg: &FaultsConfig, out: &mut dyn Write) -> Result<FaultsRepor
     drop(kvm);
     let mut results = Vec::new();
     let mut tsc_khz = 0;
-    for backing in &cfg.backings {
-        let mut r = run_one(cfg, backing, false)?;
+    let mut interrupted = None;
+    'configs: for backing in &cfg.backings {
+        if let Some(signal) = super::interrupt::caught() {
+            interrupted = Some(signal);
+            break;
+        }
+        let first = match run_one(cfg, backing, false) {
+            Err(BenchError::Interrupted(signal)) => {
+                interrupted = Some(signal);
+                break;
+            }
+            other => other?,
+        };
+        let mut r = first;
         for round in 1..cfg.rounds {
             if r.skipped.is_some() {
                 break;
             }
-            r.merge(run_one(cfg, backing, round % 2 == 1)?);
+            match run_one(cfg, backing, round % 2 == 1) {
+                Err(BenchError::Interrupted(signal)) => {
+                    interrupted = Some(signal);
+                    break 'configs;
+                }
+                other => r.merge(other?),
+            }
         }
         tsc_khz = tsc_khz.max(r.tsc_khz);
         let _ = write!(out, "{}", report::table(cfg, &r));
@@ -76,6 +94,7 @@ pub fn run_faults(cfg: &FaultsConfig, out: &mut dyn Write) -> Result<FaultsRepor
         host,
         settings: Settings::from(cfg),
         configurations: results,
+        interrupted,
     };
     if report.configurations.len() > 1 {
         let _ = write!(out, "{}", report::comparison(&report));
