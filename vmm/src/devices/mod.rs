@@ -7,3 +7,6 @@ pub mod dma;
 pub mod iommu;
 pub mod pins;
 pub mod vfio;
+
+#[cfg(all(test, vmm_shuttle))]
+mod shuttle_tests;

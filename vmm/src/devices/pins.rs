@@ -46,8 +46,12 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+// The table lock is a model checker's under `--cfg vmm_shuttle`, so the pin
+// manager runs under its scheduler with the memory manager.
+use crate::mm::sync::{Mutex, MutexGuard};
 
 use crate::mm::addr::{Gpa, GpaRange, Hva, PAGE_SIZE};
 use crate::mm::guard::{GuardError, SlotRef};

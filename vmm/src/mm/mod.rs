@@ -27,7 +27,7 @@ pub mod backing;
 pub mod guard;
 pub mod manager;
 #[cfg(all(test, any(vmm_loom, vmm_shuttle)))]
-mod model_support;
+pub(crate) mod model_support;
 pub mod notifier;
 pub mod pin_account;
 pub mod slot_lock;

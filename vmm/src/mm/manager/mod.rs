@@ -148,11 +148,11 @@ use std::time::Duration;
 
 use crate::mm::addr::{Gfn, Gpa, GpaRange, PAGE_SIZE};
 use crate::mm::backing::{BackingKind, HostMapping};
-use crate::mm::guard::{GuardError, GuardedMap, GuestReader, SlotRef};
+use crate::mm::guard::{Exclusions, GuardError, GuardedMap, GuestReader, SlotRef};
 use crate::mm::notifier::{Invalidation, InvalidationHub, Reason};
 use crate::mm::slot_map::{
     ChangeKind, MemslotChange, MemslotFlags, MemslotSpec, SlotId, SlotMap, SlotMapConfig,
-    SlotMapError, SlotOp, Transition,
+    SlotMapError, SlotMapWriter, SlotOp, Transition,
 };
 
 pub use backend::{MemslotBackend, MemslotRegion};
@@ -178,6 +178,15 @@ pub struct Applied {
     pub waited: Duration,
 }
 
+/// Deliberately broken behaviour, for the model checks to show they catch it.
+#[cfg(test)]
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct ModelKnobs {
+    /// Run the vetoes and `invalidate_start` before the drain (the order
+    /// that let a non-revocable pin slip in between veto and start).
+    pub(crate) invalidate_before_drain: bool,
+}
+
 /// How long [`MemoryManager::apply`] waits for readers by default.
 pub const DEFAULT_DRAIN_BOUND: Duration = Duration::from_secs(2);
 
@@ -196,6 +205,9 @@ pub struct MemoryManager {
     drain_bound_ns: AtomicU64,
     /// Set by [`keep_memory_at_drop`](MemoryManager::keep_memory_at_drop).
     keep_at_drop: AtomicBool,
+    /// Deliberately broken behaviour for the models to catch.
+    #[cfg(test)]
+    model: ModelKnobs,
     state: Mutex<State>,
 }
 
@@ -231,6 +243,8 @@ impl MemoryManager {
             hub: Arc::new(InvalidationHub::new()),
             drain_bound_ns: AtomicU64::new(DEFAULT_DRAIN_BOUND.as_nanos() as u64),
             keep_at_drop: AtomicBool::new(false),
+            #[cfg(test)]
+            model: ModelKnobs::default(),
             state: Mutex::new(State {
                 by_id: BTreeMap::new(),
                 by_gpa: BTreeMap::new(),
@@ -294,6 +308,12 @@ impl MemoryManager {
         self.drain_bound_ns.store(ns, Ordering::Relaxed);
     }
 
+    /// The deliberately broken behaviour to switch on (models only).
+    #[cfg(test)]
+    pub(crate) fn model_knobs_mut(&mut self) -> &mut ModelKnobs {
+        &mut self.model
+    }
+
     /// Makes dropping the manager leave every registered memslot in place
     /// and its host memory mapped for good (leaked), instead of deleting the
     /// slots one by one: for a process that exits right after, where the
@@ -330,11 +350,56 @@ impl MemoryManager {
     where
         F: FnOnce(&SlotMap) -> Result<Transition, SlotMapError>,
     {
-        let mut writer = self.memory.shared().begin_write();
+        let writer = self.memory.shared().begin_write();
         if self.lock_state().poisoned {
             return Err(MemslotError::Poisoned);
         }
         let base = writer.map();
+        let transition = op(&base)?;
+        // The ranges it takes away or write-protects, for the hub.
+        let announced: Vec<(GpaRange, Reason)> = transition
+            .removed
+            .iter()
+            .filter_map(|&(range, kind)| Some((range, invalidation_reason(kind, transition.op)?)))
+            .collect();
+        #[cfg(test)]
+        if self.model.invalidate_before_drain {
+            // The broken order the models must catch: announce, then drain.
+            let invalidations = self.hub.begin_all(&announced)?;
+            let exclusions = self
+                .memory
+                .exclude(&transition.changes, self.drain_bound())
+                .map_err(MemslotError::Guard)?;
+            return self.commit(writer, &base, transition, exclusions, invalidations);
+        }
+        // 1. No new guard on a slot that goes away; wait for the guards
+        //    inside (bounded; on timeout nothing changed and nothing was
+        //    announced). First, as the kernel takes `vma_start_write` before
+        //    `mmu_notifier_invalidate_range_start`: a pinner registers its
+        //    pin while it still holds guards on the range, so once the drain
+        //    is done every pin over the range is in the table for the vetoes
+        //    below to see, and none can be added until the op is over.
+        let exclusions = self
+            .memory
+            .exclude(&transition.changes, self.drain_bound())
+            .map_err(MemslotError::Guard)?;
+        // 2. Vetoes (of every range first), then invalidate_start, before
+        //    anything is torn down. Dropping the invalidations on any early
+        //    return ends them as changes that did not happen.
+        let invalidations = self.hub.begin_all(&announced)?;
+        self.commit(writer, &base, transition, exclusions, invalidations)
+    }
+
+    /// Steps 3-6 of [`apply`](Self::apply), once drained and announced: the
+    /// backend with rollback, cells, publish, discards, ends, additions.
+    fn commit(
+        &self,
+        mut writer: SlotMapWriter<'_>,
+        base: &SlotMap,
+        transition: Transition,
+        exclusions: Exclusions<'_>,
+        invalidations: Vec<Invalidation<'_>>,
+    ) -> Result<Applied, MemslotError> {
         let Transition {
             op: slot_op,
             map,
@@ -342,27 +407,8 @@ impl MemoryManager {
             discards,
             removed,
             added,
-        } = op(&base)?;
-        // 1. No new guard on a slot that goes away or changes; wait for the
-        //    guards inside (bounded; on timeout nothing changed and nothing
-        //    was announced). First, as the kernel takes `vma_start_write`
-        //    before `mmu_notifier_invalidate_range_start`: a pinner registers
-        //    its pin while it still holds guards on the range, so once the
-        //    drain is done every pin over the range is in the table for the
-        //    vetoes below to see, and none can be added until the op is over.
-        let exclusions = self
-            .memory
-            .exclude(&changes, self.drain_bound())
-            .map_err(MemslotError::Guard)?;
+        } = transition;
         let waited = exclusions.waited();
-        // 2. Vetoes (of every range first), then invalidate_start, before
-        //    anything is torn down. Dropping `invalidations` on any early
-        //    return ends them as changes that did not happen.
-        let announced: Vec<(GpaRange, Reason)> = removed
-            .iter()
-            .filter_map(|&(range, kind)| Some((range, invalidation_reason(kind, slot_op)?)))
-            .collect();
-        let invalidations: Vec<Invalidation<'_>> = self.hub.begin_all(&announced)?;
         // 3. KVM, with rollback.
         let mut st = self.lock_state();
         let config = *base.config();

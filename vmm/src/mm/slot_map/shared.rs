@@ -16,7 +16,11 @@
 //! mutex is the outermost lock of the slot map; it is never taken by readers.
 
 use std::fmt;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
+
+// The writer lock is a model checker's under `--cfg vmm_shuttle`, so the
+// whole manager (writers parking readers on it) runs under its scheduler.
+use crate::mm::sync::{Mutex, MutexGuard};
 
 use arc_swap::cache::Cache;
 use arc_swap::{ArcSwap, Guard};
