@@ -273,7 +273,19 @@ impl Driver {
 
     /// `pin`: the driver holds named pins until `unpin` or the end of the
     /// scenario.
+    /// A name already held is refused before anything is pinned: the held
+    /// pin stays as it was.
     fn pin(&mut self, p: &step::Pin) -> (Outcome, String) {
+        if let Some(held) = self.held.get(&p.name) {
+            return (
+                Outcome::DuplicatePin,
+                format!(
+                    "a pin named {:?} (#{}) is already held; unpin it first",
+                    p.name,
+                    held.id()
+                ),
+            );
+        }
         let revocable = p.revocable.unwrap_or(true);
         match self
             .pins

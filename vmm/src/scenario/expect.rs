@@ -90,6 +90,8 @@ outcomes! {
     Busy = "busy",
     /// dirty-pages: a different number of dirty pages.
     DirtyCount = "dirty-count",
+    /// dirty-pages: no slot in the range logs dirty pages.
+    NotLogging = "not-logging",
     /// dirty-pages: the IOMMU's dirty bits could not be read.
     Stage2 = "stage2",
     /// stage2-dump: different runs or bytes mapped.
@@ -102,6 +104,8 @@ outcomes! {
     BadRange = "bad-range",
     /// pin: mlock failed.
     Mlock = "mlock",
+    /// pin: a pin of that name is already held.
+    DuplicatePin = "duplicate-pin",
     /// unpin: no pin of that name is held.
     NoSuchPin = "no-such-pin",
     /// Guest command: the guest saw a value other than the expected one

@@ -9,7 +9,7 @@ use crate::devices::iommu::Iommu;
 use crate::mm::addr::{Gfn, Gpa, GpaRange, Hva, PAGE_SIZE};
 use crate::mm::backing::{BackingKind, HostMapping};
 use crate::mm::manager::{MemoryManager, MemslotError};
-use crate::mm::slot_map::{SlotFlags, SlotMapError};
+use crate::mm::slot_map::{PlugSpec, SlotFlags, SlotMapError};
 use crate::mm::stage2::MappedRun;
 
 use super::expect::Outcome;
@@ -52,6 +52,7 @@ pub fn slot_map_kind(e: &SlotMapError) -> Outcome {
         SlotMapError::NoSlotAt { .. } => Outcome::NoSlotAt,
         SlotMapError::DestinationOverlapsSource { .. } => Outcome::DestinationOverlapsSource,
         SlotMapError::NoRoomToGrow { .. } => Outcome::NoRoomToGrow,
+        SlotMapError::BatchOverlap { .. } => Outcome::Overlap,
     }
 }
 
@@ -61,6 +62,8 @@ fn memslot_failure(e: MemslotError) -> OpFailure {
         MemslotError::RolledBack { .. } => OpFailure::new(Outcome::KvmRolledBack, &e),
         MemslotError::Vetoed(_) => OpFailure::new(Outcome::Vetoed, &e),
         MemslotError::Guard(_) => OpFailure::new(Outcome::Busy, &e),
+        MemslotError::NotLogging { .. } => OpFailure::new(Outcome::NotLogging, &e),
+        MemslotError::RangeOverflow { .. } => OpFailure::new(Outcome::RangeOverflow, &e),
         _ => OpFailure::new(Outcome::Kvm, &e),
     }
 }
@@ -124,6 +127,11 @@ fn apply_op(
             let (gpa, size) = (Gpa(p.gpa.0), p.size.0);
             let flags = parse_flags(p.flags.as_deref().unwrap_or_default())?;
             let kind = backing(p.backing.as_deref(), default_backing)?;
+            // Judge the range before any host memory exists.
+            memory
+                .load()
+                .check_plug(gpa, size, kind.granule(), flags)
+                .map_err(|e| OpFailure::new(slot_map_kind(&e), MemslotError::SlotMap(e)))?;
             // Map whole pages (at least one) so the slot map, not mmap, judges
             // the requested size and alignment and names the problem.
             let map_len = size
@@ -270,31 +278,31 @@ fn stage2_dump(iommu: &Iommu, step: &Stage2Dump) -> Result<String, OpFailure> {
 
 fn resize(memory: &MemoryManager, gpa: Gpa, new_size: u64) -> Result<String, OpFailure> {
     let applied = memory.apply(|m| match m.resize(gpa, new_size, None) {
-        Err(SlotMapError::NoRoomToGrow { .. }) => {
-            // The slot's mapping has no room after it: back the added part
-            // with a new mapping of the same kind.
-            let slot = m.slot_at(gpa).expect("resize found the slot");
-            let grow = new_size.saturating_sub(slot.range().len());
-            let mapping = HostMapping::new(slot.mapping().kind(), grow).map_err(|_| {
-                SlotMapError::NoRoomToGrow {
-                    op: "resize",
-                    slot: slot.id(),
-                    grow,
-                    end_offset: slot.offset() + slot.range().len(),
-                    mapping_len: slot.mapping().len(),
-                }
-            })?;
+        Err(e @ SlotMapError::NoRoomToGrow { grow, .. }) => {
+            // The mapping's last slot has no room after it in its host
+            // mapping: back the added part with a new mapping of that kind
+            // (whole host pages; the slot uses its first `grow` bytes).
+            let Some(last) = m.mapping_at(gpa).last().copied() else {
+                return Err(e);
+            };
+            let kind = last.mapping().kind();
+            let len = grow.checked_next_multiple_of(kind.page_size());
+            let mapping = len
+                .and_then(|len| HostMapping::new(kind, len).ok())
+                .ok_or(e)?;
             m.resize(gpa, new_size, Some(Arc::new(mapping)))
         }
         other => other,
     });
     applied.map_err(memslot_failure)?;
-    Ok(format!("slot at {gpa} is now {new_size:#x} bytes"))
+    let bytes = memory.load().mapping_at(gpa).iter().map(|s| s.range().len()).sum::<u64>();
+    Ok(format!("mapping at {gpa} is now {bytes:#x} bytes"))
 }
 
 /// Plugs `count` 4 KiB slots (default: until the slot budget is full) at
 /// `base`, `base + 8 KiB`, ... (a hole between them so they do not merge),
-/// all windows of one host mapping. A count above the free slots is refused
+/// all windows of one host mapping, in one transition: all or nothing. A
+/// count above the free slots, or a range the slot map refuses, is refused
 /// before any memory is allocated.
 fn plug_many(memory: &MemoryManager, base: Gpa, count: Option<u64>) -> Result<String, OpFailure> {
     let map = memory.load();
@@ -310,28 +318,48 @@ fn plug_many(memory: &MemoryManager, base: Gpa, count: Option<u64>) -> Result<St
             format!("{count} slots asked, {free} of the VM's {max} slots are free"),
         ));
     }
+    let at = |i: u64| {
+        i.checked_mul(2 * PAGE_SIZE)
+            .and_then(|d| base.0.checked_add(d))
+            .map(Gpa)
+    };
+    let mut gpas = Vec::with_capacity(count as usize);
+    for i in 0..count {
+        let refused = |e: SlotMapError| {
+            OpFailure::new(
+                slot_map_kind(&e),
+                format!("slot {} of {count}: {}", i + 1, MemslotError::SlotMap(e)),
+            )
+        };
+        let gpa = at(i).ok_or_else(|| {
+            refused(SlotMapError::RangeOverflow {
+                op: "plug",
+                gpa: base,
+                size: (i + 1) * 2 * PAGE_SIZE,
+            })
+        })?;
+        map.check_plug(gpa, PAGE_SIZE, PAGE_SIZE, SlotFlags::NONE)
+            .map_err(refused)?;
+        gpas.push(gpa);
+    }
     let mapping = Arc::new(
         HostMapping::new(&BackingKind::Anon, count * PAGE_SIZE)
             .map_err(|e| OpFailure::new(Outcome::Backing, e))?,
     );
-    for i in 0..count {
-        let gpa = Gpa(base.0 + i * 2 * PAGE_SIZE);
-        memory
-            .apply(|m| {
-                m.plug(
-                    gpa,
-                    PAGE_SIZE,
-                    mapping.clone(),
-                    i * PAGE_SIZE,
-                    SlotFlags::NONE,
-                )
-            })
-            .map_err(|e| {
-                let mut f = memslot_failure(e);
-                f.message = format!("slot {} of {count}: {}", i + 1, f.message);
-                f
-            })?;
-    }
+    let plugs: Vec<PlugSpec> = gpas
+        .iter()
+        .zip(0..)
+        .map(|(&gpa, i)| PlugSpec {
+            gpa,
+            size: PAGE_SIZE,
+            mapping: mapping.clone(),
+            offset: i * PAGE_SIZE,
+            flags: SlotFlags::NONE,
+        })
+        .collect();
+    memory
+        .apply(move |m| m.plug_many(plugs))
+        .map_err(memslot_failure)?;
     Ok(format!(
         "{count} slots plugged; {} slots in the map",
         memory.load().len()

@@ -472,7 +472,10 @@ impl MemoryManager {
     ///
     /// # Errors
     /// [`RangeOverflow`](MemslotError::RangeOverflow);
-    /// [`DirtyLog`](MemslotError::DirtyLog) if `KVM_GET_DIRTY_LOG` fails
+    /// [`NotLogging`](MemslotError::NotLogging) if no slot overlapping the
+    /// range logs dirty pages and no harvested page of the range is pending
+    /// (KVM's `KVM_GET_DIRTY_LOG` says `ENOENT` there: "0 pages" would be a
+    /// lie); [`DirtyLog`](MemslotError::DirtyLog) if `KVM_GET_DIRTY_LOG` fails
     /// (pages read before the failure stay pending).
     pub fn dirty_pages(&self, gpa: Gpa, size: u64) -> Result<Vec<Gfn>, MemslotError> {
         let range = GpaRange::new(gpa, size).ok_or(MemslotError::RangeOverflow { gpa, size })?;
@@ -487,12 +490,15 @@ impl MemoryManager {
                 logging.push(r.spec);
             }
         }
+        let first = range.start().gfn();
+        let last = Gfn(range.end().0.div_ceil(PAGE_SIZE));
+        if logging.is_empty() && st.pending.range(first..last).next().is_none() {
+            return Err(MemslotError::NotLogging { range });
+        }
         for spec in &logging {
             st.harvest(&*self.backend, spec)
                 .map_err(MemslotError::DirtyLog)?;
         }
-        let first = range.start().gfn();
-        let last = Gfn(range.end().0.div_ceil(PAGE_SIZE));
         let dirty: Vec<Gfn> = st.pending.range(first..last).copied().collect();
         for g in &dirty {
             st.pending.remove(g);

@@ -222,6 +222,28 @@ fn test_dirty_pages_harvested_before_logging_off() {
 }
 
 #[test]
+fn test_dirty_pages_without_logging_is_not_logging_not_zero_pages() {
+    let kvm = Arc::new(SimKvm::new());
+    let memory = MemoryManager::new(Arc::clone(&kvm), config()).unwrap();
+    let a = anon(8);
+    memory
+        .apply(|m| m.plug(Gpa(0), 8 * P, a.clone(), 0, SlotFlags::NONE))
+        .unwrap();
+    for (gpa, size) in [(0, 8 * P), (16 * P, 4 * P)] {
+        let err = memory.dirty_pages(Gpa(gpa), size).unwrap_err();
+        assert!(matches!(err, MemslotError::NotLogging { .. }), "{err}");
+    }
+    // Logging on part of the range is enough; the rest reads as clean.
+    memory
+        .apply(|m| m.set_dirty_log(Gpa(4 * P), 4 * P, true))
+        .unwrap();
+    assert!(kvm.guest_write(Gpa(5 * P)));
+    assert_eq!(memory.dirty_pages(Gpa(0), 8 * P).unwrap(), vec![Gfn(5)]);
+    assert_eq!(memory.dirty_pages(Gpa(0), 8 * P).unwrap(), vec![]);
+    memory.check_consistency().unwrap();
+}
+
+#[test]
 fn test_check_consistency_finds_dirty_logging_stray() {
     let kvm = Arc::new(SimKvm::new());
     let memory = MemoryManager::new(Arc::clone(&kvm), config()).unwrap();
