@@ -8,8 +8,8 @@ use std::sync::Arc;
 use crate::devices::iommu::Iommu;
 use crate::mm::addr::{Gfn, Gpa, GpaRange, Hva, PAGE_SIZE};
 use crate::mm::backing::{BackingKind, HostMapping};
-use crate::mm::manager::{MemoryManager, MemslotError};
-use crate::mm::slot_map::{PlugSpec, SlotFlags, SlotMapError};
+use crate::mm::manager::{Applied, Checker, MemoryManager, MemslotError};
+use crate::mm::slot_map::{MemslotChange, PlugSpec, SlotFlags, SlotMapError};
 use crate::mm::stage2::MappedRun;
 
 use super::expect::Outcome;
@@ -96,15 +96,35 @@ fn backing(name: Option<&str>, default: &BackingKind) -> Result<BackingKind, OpF
 
 /// Runs memory op `action`, then checks KVM's memslots against the map
 /// whether the op succeeded or was refused (a refused op must change
-/// nothing). `Ok` carries a short detail for the console.
+/// nothing), with the full check. `Ok` carries a short detail for the console.
 pub fn run_op(
     memory: &MemoryManager,
     iommu: &Iommu,
     action: &Action,
     default_backing: &BackingKind,
 ) -> Result<String, OpFailure> {
-    let outcome = apply_op(memory, iommu, action, default_backing);
-    memory.check_consistency().map_err(|e| {
+    run_op_checked(memory, iommu, action, default_backing, &mut Checker::new(1))
+}
+
+/// [`run_op`] with the check `checker` chooses: incremental (what the op
+/// changed, see [`Checker`]) or, periodically, full; a `check` step is
+/// always a full check.
+pub fn run_op_checked(
+    memory: &MemoryManager,
+    iommu: &Iommu,
+    action: &Action,
+    default_backing: &BackingKind,
+    checker: &mut Checker,
+) -> Result<String, OpFailure> {
+    let mut changes = Changes::default();
+    let outcome = apply_op(memory, iommu, action, default_backing, &mut changes);
+    let checked = match action {
+        Action::Check(_) => checker.full(memory),
+        _ => checker
+            .after_op(memory, (!changes.unknown).then_some(&changes.made[..]))
+            .map(|_| ()),
+    };
+    checked.map_err(|e| {
         OpFailure::new(
             Outcome::Inconsistent,
             format!("KVM memslots and the slot map differ: {e}"),
@@ -113,14 +133,34 @@ pub fn run_op(
     outcome
 }
 
+/// The memslot changes an op made, for the incremental check.
+#[derive(Default)]
+struct Changes {
+    made: Vec<MemslotChange>,
+    /// An op failed after issuing changes (rolled back, or worse).
+    unknown: bool,
+}
+
 fn apply_op(
     memory: &MemoryManager,
     iommu: &Iommu,
     action: &Action,
     default_backing: &BackingKind,
+    changes: &mut Changes,
 ) -> Result<String, OpFailure> {
+    let changes = std::cell::RefCell::new(changes);
+    let track = |result: Result<Applied, MemslotError>| {
+        let mut c = changes.borrow_mut();
+        match &result {
+            Ok(applied) => c.made.extend(applied.changes.iter().cloned()),
+            Err(MemslotError::SlotMap(_) | MemslotError::Vetoed(_) | MemslotError::Guard(_))
+            | Err(MemslotError::NotLogging { .. } | MemslotError::RangeOverflow { .. }) => {}
+            Err(_) => c.unknown = true,
+        }
+        result.map_err(memslot_failure)
+    };
     let apply = |op: &dyn Fn(&crate::mm::slot_map::SlotMap) -> Result<_, SlotMapError>| {
-        memory.apply(|m| op(m)).map_err(memslot_failure)
+        track(memory.apply(|m| op(m)))
     };
     let detail = match action {
         Action::Plug(p) => {
@@ -164,7 +204,7 @@ fn apply_op(
             apply(&|m| m.move_range(Gpa(mv.gpa.0), mv.size.0, to))?;
             format!("now at {to}")
         }
-        Action::Resize(r) => resize(memory, Gpa(r.gpa.0), r.new_size.0)?,
+        Action::Resize(r) => resize(memory, Gpa(r.gpa.0), r.new_size.0, &track)?,
         Action::DirtyLog(d) => {
             apply(&|m| m.set_dirty_log(Gpa(d.gpa.0), d.size.0, d.on))?;
             (if d.on {
@@ -176,7 +216,7 @@ fn apply_op(
         }
         Action::DirtyPages(d) => dirty_pages(memory, iommu, Gpa(d.gpa.0), d.size.0, d.pages)?,
         Action::Stage2Dump(d) => stage2_dump(iommu, d)?,
-        Action::PlugMany(p) => plug_many(memory, Gpa(p.gpa.0), p.count.map(|n| n.0))?,
+        Action::PlugMany(p) => plug_many(memory, Gpa(p.gpa.0), p.count.map(|n| n.0), &track)?,
         Action::Check(_) => "consistent".to_string(),
         other => {
             return Err(OpFailure::new(
@@ -276,7 +316,15 @@ fn stage2_dump(iommu: &Iommu, step: &Stage2Dump) -> Result<String, OpFailure> {
     ))
 }
 
-fn resize(memory: &MemoryManager, gpa: Gpa, new_size: u64) -> Result<String, OpFailure> {
+/// What an op's result goes through: records its changes, names its failure.
+type Track<'a> = dyn Fn(Result<Applied, MemslotError>) -> Result<Applied, OpFailure> + 'a;
+
+fn resize(
+    memory: &MemoryManager,
+    gpa: Gpa,
+    new_size: u64,
+    track: &Track<'_>,
+) -> Result<String, OpFailure> {
     let applied = memory.apply(|m| match m.resize(gpa, new_size, None) {
         Err(e @ SlotMapError::NoRoomToGrow { grow, .. }) => {
             // The mapping's last slot has no room after it in its host
@@ -294,7 +342,7 @@ fn resize(memory: &MemoryManager, gpa: Gpa, new_size: u64) -> Result<String, OpF
         }
         other => other,
     });
-    applied.map_err(memslot_failure)?;
+    track(applied)?;
     let bytes = memory.load().mapping_at(gpa).iter().map(|s| s.range().len()).sum::<u64>();
     Ok(format!("mapping at {gpa} is now {bytes:#x} bytes"))
 }
@@ -304,7 +352,12 @@ fn resize(memory: &MemoryManager, gpa: Gpa, new_size: u64) -> Result<String, OpF
 /// all windows of one host mapping, in one transition: all or nothing. A
 /// count above the free slots, or a range the slot map refuses, is refused
 /// before any memory is allocated.
-fn plug_many(memory: &MemoryManager, base: Gpa, count: Option<u64>) -> Result<String, OpFailure> {
+fn plug_many(
+    memory: &MemoryManager,
+    base: Gpa,
+    count: Option<u64>,
+    track: &Track<'_>,
+) -> Result<String, OpFailure> {
     let map = memory.load();
     let max = u64::from(map.config().max_slots);
     let free = max.saturating_sub(map.len() as u64);
@@ -357,9 +410,7 @@ fn plug_many(memory: &MemoryManager, base: Gpa, count: Option<u64>) -> Result<St
             flags: SlotFlags::NONE,
         })
         .collect();
-    memory
-        .apply(move |m| m.plug_many(plugs))
-        .map_err(memslot_failure)?;
+    track(memory.apply(move |m| m.plug_many(plugs)))?;
     Ok(format!(
         "{count} slots plugged; {} slots in the map",
         memory.load().len()

@@ -118,6 +118,7 @@
 //! [`SharedSlotMap::begin_write`]: crate::mm::slot_map::SharedSlotMap::begin_write
 
 mod backend;
+mod check;
 mod error;
 mod mirror;
 mod sim;
@@ -140,6 +141,7 @@ use crate::mm::slot_map::{
 };
 
 pub use backend::{MemslotBackend, MemslotRegion};
+pub use check::{CheckKind, Checker, DEFAULT_FULL_EVERY, DEFAULT_SWEEP};
 pub use error::{FailureCause, MemslotError, MemslotFailure, MemslotOp};
 pub use sim::{SimKvm, SIM_MAX_SLOTS};
 

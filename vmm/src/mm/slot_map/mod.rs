@@ -268,6 +268,11 @@ impl SlotMap {
         self.slots.get(&gpa)
     }
 
+    /// The slots overlapping `range`, by ascending GPA, in O(log n + k).
+    pub fn slots_in(&self, range: GpaRange) -> impl Iterator<Item = &Slot> + '_ {
+        self.overlapping(range)
+    }
+
     /// All slots by ascending GPA.
     pub fn iter(&self) -> impl Iterator<Item = &Slot> + '_ {
         self.slots.values()
