@@ -14,9 +14,9 @@ use serde::Serialize;
 
 use crate::devices::iommu::Iommu;
 use crate::devices::pins::{Pin, PinError, PinManager};
-use crate::mm::manager::{Checker, MemoryManager, DEFAULT_FULL_EVERY};
 use crate::mm::addr::Gpa;
 use crate::mm::backing::BackingKind;
+use crate::mm::manager::{Checker, MemoryManager, DEFAULT_FULL_EVERY};
 use crate::vcpu::fmt_duration;
 
 use super::expect::Outcome;

@@ -343,7 +343,12 @@ fn resize(
         other => other,
     });
     track(applied)?;
-    let bytes = memory.load().mapping_at(gpa).iter().map(|s| s.range().len()).sum::<u64>();
+    let bytes = memory
+        .load()
+        .mapping_at(gpa)
+        .iter()
+        .map(|s| s.range().len())
+        .sum::<u64>();
     Ok(format!("mapping at {gpa} is now {bytes:#x} bytes"))
 }
 

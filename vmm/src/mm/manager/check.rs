@@ -9,11 +9,17 @@
 //! - every id the op touched is, in KVM, what the mirror says: a
 //!   dirty-logging slot answers `KVM_GET_DIRTY_LOG` (its pages are kept for
 //!   [`MemoryManager::dirty_pages`]), any other id answers `ENOENT`;
-//! - the same probe for a caller-chosen window of further ids, so a
-//!   [`Checker`] sweeping a window per check covers every id in
-//!   `max_slots / window` checks (strays the op did not touch).
 //!
-//! Cost: O(k log n) for k changes plus one ioctl per probed id.
+//! [`MemoryManager::probe_ids`] runs the same probe over further ids, within
+//! a time budget: a [`Checker`] sweeps a rotating window after each op, so
+//! strays among ids no op touched are found too, without a full check.
+//!
+//! Cost: O(k log n) for k changes plus one ioctl per probed id. The ioctl's
+//! cost grows with the number of memslots KVM holds (KVM looks ids up in a
+//! 128-bucket hash): about 0.4 us at 10 slots, 5-6 us at 30,000 on the
+//! development host (`docs/benchmarks.md`); so the full check, which probes
+//! every id below `max_slots`, costs about 185 ms at 30,000 slots, and the
+//! sweep is bounded by time, not by a count of ids.
 //!
 //! A [`Checker`] runs the incremental check after each op and the full one
 //! every [`full_every`](Checker::full_every) ops, after an op whose changes
@@ -22,6 +28,7 @@
 
 use std::collections::BTreeSet;
 use std::ops::Range;
+use std::time::{Duration, Instant};
 
 use crate::mm::addr::{GpaRange, PAGE_SIZE};
 use crate::mm::slot_map::{MemslotChange, MemslotFlags, MemslotSpec, SlotId, SlotMap};
@@ -30,26 +37,25 @@ use super::backend::MemslotBackend;
 use super::mirror::{end_of, State};
 use super::MemoryManager;
 
-/// Full checks every this many incremental ones, by default.
-pub const DEFAULT_FULL_EVERY: u32 = 64;
+/// Ops between two full checks, by default: a full check probes all
+/// `max_slots` ids (185-640 ms at 30,000 slots in a release build on the
+/// development host, depending on its load), so this keeps its share of a
+/// step's cost at or below about 0.6 ms there.
+pub const DEFAULT_FULL_EVERY: u32 = 1024;
 
-/// Ids probed per incremental check beyond those the op touched, by default
-/// (at about 0.5 us per probe, ~0.1 ms; all 32,764 ids in 128 checks).
-pub const DEFAULT_SWEEP: u32 = 256;
+/// Time an incremental check spends, by default, probing ids beyond those
+/// the op touched (at least one id per check).
+pub const DEFAULT_SWEEP: Duration = Duration::from_micros(50);
 
 impl MemoryManager {
-    /// Checks what `changes` (an op's [`Applied::changes`]) did, and probes
-    /// the ids in `sweep` too; see the [module docs](self).
+    /// Checks what `changes` (an op's [`Applied::changes`]) did; see the
+    /// [module docs](self).
     ///
     /// [`Applied::changes`]: super::Applied::changes
     ///
     /// # Errors
     /// A description of the first disagreement.
-    pub fn check_changes(
-        &self,
-        changes: &[MemslotChange],
-        sweep: Range<u32>,
-    ) -> Result<(), String> {
+    pub fn check_changes(&self, changes: &[MemslotChange]) -> Result<(), String> {
         let mut st = self.lock_state();
         if st.poisoned {
             return Err("poisoned: a rollback failed, KVM differs from the map".into());
@@ -65,12 +71,32 @@ impl MemoryManager {
             ids.insert(slot.id());
             compare_range(&map, &st, slot.range())?;
         }
-        let max = map.config().max_slots;
-        let sweep = sweep.start.min(max)..sweep.end.min(max);
-        for id in ids.into_iter().chain(sweep.map(SlotId)) {
+        for id in ids {
             probe(&mut st, &*self.backend, id)?;
         }
         Ok(())
+    }
+
+    /// Probes the ids of `ids` (clipped to `max_slots`) as
+    /// [`check_changes`](Self::check_changes) probes touched ones, in order,
+    /// until `budget` is spent (at least one id). Returns the first id not
+    /// probed (`ids.end` clipped when all were).
+    ///
+    /// # Errors
+    /// A description of the first disagreement.
+    pub fn probe_ids(&self, ids: Range<u32>, budget: Duration) -> Result<u32, String> {
+        let mut st = self.lock_state();
+        let max = self.memory.load().config().max_slots;
+        let (mut id, end) = (ids.start.min(max), ids.end.min(max));
+        let started = Instant::now();
+        while id < end {
+            probe(&mut st, &*self.backend, SlotId(id))?;
+            id += 1;
+            if started.elapsed() >= budget {
+                break;
+            }
+        }
+        Ok(id)
     }
 }
 
@@ -82,11 +108,10 @@ fn compare_range(map: &SlotMap, st: &State, range: GpaRange) -> Result<(), Strin
         mirrored.push(*spec);
     }
     for (_, id) in st.by_gpa.range(range.start()..range.end()) {
-        let spec = st
-            .by_id
-            .get(id)
-            .map(|r| r.spec)
-            .ok_or_else(|| format!("the mirror's GPA index names {id}, its id index lacks it"))?;
+        let spec =
+            st.by_id.get(id).map(|r| r.spec).ok_or_else(|| {
+                format!("the mirror's GPA index names {id}, its id index lacks it")
+            })?;
         if mirrored.last() != Some(&spec) {
             mirrored.push(spec);
         }
@@ -137,7 +162,7 @@ pub enum CheckKind {
 #[derive(Clone, Debug)]
 pub struct Checker {
     full_every: u32,
-    sweep: u32,
+    sweep: Duration,
     since_full: u32,
     cursor: u32,
 }
@@ -150,7 +175,7 @@ impl Default for Checker {
 
 impl Checker {
     /// A checker running a full check every `full_every` ops (0 or 1: after
-    /// every op) and sweeping [`DEFAULT_SWEEP`] ids per incremental check.
+    /// every op) and sweeping ids for [`DEFAULT_SWEEP`] per incremental check.
     pub fn new(full_every: u32) -> Self {
         Self {
             full_every: full_every.max(1),
@@ -160,9 +185,10 @@ impl Checker {
         }
     }
 
-    /// Sets the ids probed per incremental check beyond the touched ones.
-    pub fn with_sweep(mut self, ids: u32) -> Self {
-        self.sweep = ids;
+    /// Sets the time each incremental check spends probing ids beyond the
+    /// touched ones (`Duration::ZERO`: no sweep).
+    pub fn with_sweep(mut self, budget: Duration) -> Self {
+        self.sweep = budget;
         self
     }
 
@@ -185,11 +211,12 @@ impl Checker {
         self.since_full += 1;
         match changes {
             Some(changes) if self.since_full < self.full_every => {
-                let max = memory.load().config().max_slots.max(1);
-                let start = self.cursor % max;
-                let end = start.saturating_add(self.sweep).min(max);
-                self.cursor = if end >= max { 0 } else { end };
-                memory.check_changes(changes, start..end)?;
+                memory.check_changes(changes)?;
+                if !self.sweep.is_zero() {
+                    let max = memory.load().config().max_slots;
+                    let next = memory.probe_ids(self.cursor..max, self.sweep)?;
+                    self.cursor = if next >= max { 0 } else { next };
+                }
                 Ok(CheckKind::Incremental)
             }
             _ => self.full(memory).map(|()| CheckKind::Full),

@@ -9,8 +9,8 @@ use crate::mm::backing::HostMapping;
 use super::engine::Edit;
 use super::error::SlotMapError;
 use super::slot::{Seg, Slot, SlotFlags};
-use super::PlugSpec;
 use super::transition::{ChangeKind, Transition};
+use super::PlugSpec;
 use super::SlotMap;
 
 fn check_aligned(
@@ -280,7 +280,11 @@ impl SlotMap {
             first: a.range,
             second: b.range,
         };
-        if let Some(w) = edit.inserts.windows(2).find(|w| w[0].range.overlaps(&w[1].range)) {
+        if let Some(w) = edit
+            .inserts
+            .windows(2)
+            .find(|w| w[0].range.overlaps(&w[1].range))
+        {
             return Err(conflict(&w[0], &w[1], "range"));
         }
         let mut host: Vec<&Seg> = edit.inserts.iter().collect();

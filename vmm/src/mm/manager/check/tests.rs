@@ -3,11 +3,12 @@
 //! check or, at the latest, by the periodic full one.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use crate::mm::addr::{Gpa, Hva, PAGE_SIZE};
 use crate::mm::backing::{BackingKind, HostMapping};
 use crate::mm::manager::{
-    CheckKind, Checker, MemoryManager, MemslotBackend, MemslotRegion, SimKvm,
+    Applied, CheckKind, Checker, MemoryManager, MemslotBackend, MemslotError, MemslotRegion, SimKvm,
 };
 use crate::mm::slot_map::{MemslotFlags, SlotFlags, SlotId, SlotMapConfig};
 
@@ -46,7 +47,8 @@ fn test_check_changes_passes_after_every_kind_of_op() {
     let (_kvm, memory) = manager(64);
     let mut checker = Checker::new(1000);
     let a = anon(16);
-    let ops: Vec<Box<dyn Fn(&MemoryManager) -> _>> = vec![
+    type Op<'a> = Box<dyn Fn(&MemoryManager) -> Result<Applied, MemslotError> + 'a>;
+    let ops: Vec<Op<'_>> = vec![
         Box::new(|m: &MemoryManager| {
             m.apply(|map| map.plug(Gpa(0x10_0000), 16 * P, a.clone(), 0, SlotFlags::NONE))
         }),
@@ -80,14 +82,15 @@ fn test_check_changes_catches_a_touched_slot_deleted_behind_the_manager() {
     let spec = memory.registered()[0];
     // SAFETY: a delete registers no memory.
     unsafe { kvm.set_memslot(&MemslotRegion::delete(&spec)) }.unwrap();
-    let why = memory.check_changes(&applied.changes, 0..0).unwrap_err();
+    let why = memory.check_changes(&applied.changes).unwrap_err();
     assert!(why.contains("not live in KVM"), "{why}");
 }
 
 #[test]
 fn test_stray_dirty_logging_slot_in_the_op_range_is_caught_by_the_sweep() {
     let (kvm, memory) = manager(64);
-    let mut checker = Checker::new(1000); // sweeps 256 ids: all 64
+    // A sweep budget that probes all 64 ids in one check.
+    let mut checker = Checker::new(1000).with_sweep(Duration::from_secs(10));
     let a = anon(4);
     let applied = memory
         .apply(|map| map.plug(Gpa(0x10_0000), 4 * P, a.clone(), 0, SlotFlags::NONE))
@@ -106,7 +109,7 @@ fn test_stray_dirty_logging_slot_in_the_op_range_is_caught_by_the_sweep() {
 #[test]
 fn test_stray_missed_by_incremental_checks_is_caught_by_the_periodic_full_check() {
     let (kvm, memory) = manager(64);
-    let mut checker = Checker::new(4).with_sweep(0);
+    let mut checker = Checker::new(4).with_sweep(Duration::ZERO);
     let a = anon(64);
     stray(&kvm, 50, 0x100_0000, MemslotFlags::LOG_DIRTY_PAGES);
     let mut results = Vec::new();
@@ -116,9 +119,32 @@ fn test_stray_missed_by_incremental_checks_is_caught_by_the_periodic_full_check(
             .unwrap();
         results.push(checker.after_op(&memory, Some(&applied.changes)));
     }
-    assert!(results[..3].iter().all(|r| *r == Ok(CheckKind::Incremental)));
+    assert!(results[..3]
+        .iter()
+        .all(|r| *r == Ok(CheckKind::Incremental)));
     let why = results[3].clone().unwrap_err();
     assert!(why.contains("slot 50"), "{why}");
+}
+
+#[test]
+fn test_sweep_probes_at_least_one_id_per_check_and_wraps() {
+    let (kvm, memory) = manager(4);
+    let mut checker = Checker::new(1000).with_sweep(Duration::ZERO);
+    checker = checker.with_sweep(Duration::from_nanos(1));
+    stray(&kvm, 2, 0x10_0000, MemslotFlags::LOG_DIRTY_PAGES);
+    // One id per check (the budget is spent at once): ids 0 and 1 are fine,
+    // id 2 is the stray.
+    assert_eq!(
+        checker.after_op(&memory, Some(&[])),
+        Ok(CheckKind::Incremental)
+    );
+    assert_eq!(
+        checker.after_op(&memory, Some(&[])),
+        Ok(CheckKind::Incremental)
+    );
+    let why = checker.after_op(&memory, Some(&[])).unwrap_err();
+    assert!(why.contains("slot 2"), "{why}");
+    assert_eq!(memory.probe_ids(3..100, Duration::from_secs(1)), Ok(4));
 }
 
 #[test]

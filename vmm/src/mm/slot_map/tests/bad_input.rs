@@ -201,7 +201,13 @@ fn test_bad_input_table_each_gives_its_error_and_map_unchanged() {
         // THP is 4 KiB-granular like anon memory: only the 4 KiB rule applies.
         table.push((
             "THP gpa not 4 KiB aligned",
-            map.plug(Gpa(free + 0x800), 2 * MIB, Arc::new(thp), 0, SlotFlags::NONE),
+            map.plug(
+                Gpa(free + 0x800),
+                2 * MIB,
+                Arc::new(thp),
+                0,
+                SlotFlags::NONE,
+            ),
             misaligned("plug", "gpa", free + 0x800, P),
         ));
     }

@@ -314,7 +314,10 @@ fn test_thp_slot_cuts_unplugs_protects_and_moves_at_4k() {
     assert_eq!(t.map.len(), 3);
     let t = map.move_range(Gpa(0x20_3000), P, Gpa(0x80_5000)).unwrap();
     check_transition(&map, &t);
-    assert_eq!(hva_of(&t.map, 0x80_5000), Some(Hva(thp.hva().0 + 0x20_3000)));
+    assert_eq!(
+        hva_of(&t.map, 0x80_5000),
+        Some(Hva(thp.hva().0 + 0x20_3000))
+    );
     let t = map.resize(Gpa(0), 0x30_3000, None).unwrap();
     check_transition(&map, &t);
     assert!(t.map.lookup(Gpa(0x30_3000)).is_none());
@@ -338,7 +341,10 @@ fn test_resize_acts_on_the_whole_mapping_after_a_grow() {
     check_transition(&grown, &t);
     assert_eq!(t.map.len(), 1);
     assert!(t.map.lookup(Gpa(0x40_0000)).is_none());
-    assert_eq!(t.removed, [(range(0x10_0000, 0x50_0000), ChangeKind::Unmapped)]);
+    assert_eq!(
+        t.removed,
+        [(range(0x10_0000, 0x50_0000), ChangeKind::Unmapped)]
+    );
 
     // Shrinking into the grown part keeps its head.
     let t = grown.resize(Gpa(0), 0x30_3000, None).unwrap();
@@ -352,7 +358,12 @@ fn test_resize_acts_on_the_whole_mapping_after_a_grow() {
     assert_eq!(t.added, [range(0x60_0000, 0x40_0000)]);
     assert_eq!(t.map.mapping_at(Gpa(0)).len(), 3);
     // Equal size: nothing to do.
-    assert!(t.map.resize(Gpa(0), 0xa0_0000, None).unwrap().changes.is_empty());
+    assert!(t
+        .map
+        .resize(Gpa(0), 0xa0_0000, None)
+        .unwrap()
+        .changes
+        .is_empty());
 }
 
 /// An adjacent plug of other memory is another mapping: a resize of the
