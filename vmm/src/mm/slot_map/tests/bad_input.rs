@@ -211,6 +211,31 @@ fn test_bad_input_table_each_gives_its_error_and_map_unchanged() {
             misaligned("plug", "gpa", free + 0x800, P),
         ));
     }
+    let check_plug = |gpa: u64, size: u64| {
+        map.check_plug(Gpa(gpa), size, P, SlotFlags::NONE).map(|_| {
+            map.plug(Gpa(gpa), size, fresh.clone(), 0, SlotFlags::NONE)
+                .unwrap()
+        })
+    };
+    table.push((
+        "check_plug: a wrapping size, with no host memory",
+        check_plug(free, u64::MAX - 0xfff),
+        SlotMapError::RangeOverflow {
+            op: "plug",
+            gpa: Gpa(free),
+            size: u64::MAX - 0xfff,
+        },
+    ));
+    table.push((
+        "check_plug: over a slot",
+        check_plug(0, P),
+        SlotMapError::Overlap {
+            op: "plug",
+            range: range(0, P),
+            slot: SlotId(0),
+            slot_range: range(0, K64),
+        },
+    ));
     let batch = |gpas: &[u64]| {
         let plugs = gpas
             .iter()
