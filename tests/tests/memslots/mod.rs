@@ -25,6 +25,7 @@ use vmm_sys_util::errno::Error as Errno;
 use vmm_tests::{kvm_or_skip, Rng};
 
 mod dirty;
+mod incremental;
 
 const MIB: u64 = 1 << 20;
 const PAGE: u64 = 4096;
