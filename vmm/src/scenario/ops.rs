@@ -1,6 +1,8 @@
 //! Memory-op steps: each runs one slot-map op through the KVM applier, then
-//! the consistency check, and names any failure by its [`Outcome`] (what a
-//! scenario's `expect` compares with).
+//! the consistency check (incremental, over what the op changed, or
+//! periodically full: [`Checker`]), and names any failure by its [`Outcome`]
+//! (what a scenario's `expect` compares with). A plug's range is judged
+//! before host memory is mapped; `plug-many` is one all-or-nothing op.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;

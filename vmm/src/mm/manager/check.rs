@@ -48,8 +48,13 @@ pub const DEFAULT_FULL_EVERY: u32 = 1024;
 pub const DEFAULT_SWEEP: Duration = Duration::from_micros(50);
 
 impl MemoryManager {
-    /// Checks what `changes` (an op's [`Applied::changes`]) did; see the
-    /// [module docs](self).
+    /// Checks what `changes` (an op's [`Applied::changes`]) did, where
+    /// [`check_consistency`](Self::check_consistency) checks everything:
+    /// the published map and the mirror agree on every slot overlapping a
+    /// range the changes name, and every id they name is, in KVM, what the
+    /// mirror says (a dirty-logging slot answers `KVM_GET_DIRTY_LOG`, its
+    /// pages kept for [`dirty_pages`](Self::dirty_pages); any other id
+    /// answers `ENOENT`). O(k log n) for k changes, one ioctl per id.
     ///
     /// [`Applied::changes`]: super::Applied::changes
     ///
@@ -158,7 +163,15 @@ pub enum CheckKind {
 }
 
 /// Runs the consistency check after each op: incremental, with a full one
-/// every [`full_every`](Self::full_every) ops; see the [module docs](self).
+/// every [`full_every`](Self::full_every) ops.
+///
+/// The incremental check is [`MemoryManager::check_changes`], then
+/// [`MemoryManager::probe_ids`] from a rotating cursor for the sweep budget,
+/// so strays among ids no op touched are found too. The full check is
+/// [`MemoryManager::check_consistency`]: every [`full_every`](Self::full_every)
+/// ops, after an op whose changes are unknown (it failed after issuing some),
+/// and when asked ([`full`](Self::full), e.g. at the end of a run). Costs:
+/// `docs/benchmarks.md`.
 #[derive(Clone, Debug)]
 pub struct Checker {
     full_every: u32,

@@ -2,7 +2,8 @@
 //!
 //! A [`SlotMap`] maps the guest-physical address space to windows of host
 //! mappings, the way `mm/vma.c` maps a process's address space. Ops
-//! ([`plug`](SlotMap::plug), [`unplug`](SlotMap::unplug),
+//! ([`plug`](SlotMap::plug) and [`plug_many`](SlotMap::plug_many) (a batch,
+//! all or nothing), [`unplug`](SlotMap::unplug),
 //! [`protect`](SlotMap::protect), [`set_dirty_log`](SlotMap::set_dirty_log),
 //! [`move_range`](SlotMap::move_range), [`resize`](SlotMap::resize)) behave like
 //! `mmap`/`munmap`/`mprotect`/`mremap`: they split slots at the range's edges
