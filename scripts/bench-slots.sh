@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Slot-op latency (issue 3): plug and unplug of a 2 MiB range through the
+# Slot-op latency: plug and unplug of a 2 MiB range through the
 # memory manager with 10, 1,000 and 30,000 slots already registered, beside
 # the raw mmap + KVM_SET_USER_MEMORY_REGION cost measured in the same run
 # (vmm/examples/bench_slots.rs). Prints medians, p90s, a breakdown, the ratios

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Stage-2 table costs (issue 7), ratios in one run (vmm/examples/bench_stage2.rs):
+# Stage-2 table costs, ratios in one run (vmm/examples/bench_stage2.rs):
 # a table walk of a mapped address against the slot-map lookup of the same
 # address (memory.load().translate), with 4 KiB and 2 MiB leaves; and the
 # unmap of 1 GiB mapped with 2 MiB leaves against 4 KiB leaves. Release build;

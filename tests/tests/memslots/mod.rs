@@ -25,6 +25,7 @@ use vmm_sys_util::errno::Error as Errno;
 use vmm_tests::{kvm_or_skip, Rng};
 
 mod dirty;
+mod incremental;
 
 const MIB: u64 = 1 << 20;
 const PAGE: u64 = 4096;
@@ -285,9 +286,11 @@ fn test_memslots_resize_grow_and_shrink_match_kvm() {
     assert!(f.memory.load().lookup(Gpa(10 * MIB)).is_some());
     f.assert_kvm_matches();
     let t = f.memory.apply(|m| m.resize(Gpa(MIB), MIB, None)).unwrap();
-    // Resize acts on one slot: the grown part backed by `b` is a slot of its own.
-    assert_eq!(t.discarded, 7 * MIB);
-    assert_eq!(t.map.len(), 2);
+    // Resize acts on the whole mapping, like mremap: the grown part backed
+    // by `b` (a slot of its own) goes too.
+    assert_eq!(t.discarded, 9 * MIB);
+    assert_eq!(t.map.len(), 1);
+    assert!(t.map.lookup(Gpa(10 * MIB)).is_none());
     f.assert_kvm_matches();
 }
 

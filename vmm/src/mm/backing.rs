@@ -116,6 +116,15 @@ impl BackingKind {
             _ => PAGE_SIZE,
         }
     }
+
+    /// The granule guest ranges on this backing are cut, placed and released
+    /// at (see [`HostMapping::granule`]).
+    pub fn granule(&self) -> u64 {
+        match self {
+            BackingKind::Hugetlb => HUGE_2M,
+            _ => PAGE_SIZE,
+        }
+    }
 }
 
 impl fmt::Display for BackingKind {
@@ -355,9 +364,19 @@ impl HostMapping {
         &self.kind
     }
 
-    /// Alignment granule for guest ranges on this mapping.
+    /// The size of the pages the host maps it with (2 MiB for THP and
+    /// hugetlb): its length is a multiple of it.
     pub fn page_size(&self) -> u64 {
         self.kind.page_size()
+    }
+
+    /// The granule guest ranges on this mapping are cut, placed and released
+    /// at: 2 MiB for hugetlb (the kernel cannot split a hugetlb page), 4 KiB
+    /// for everything else, THP included (Linux splits a transparent huge
+    /// page at 4 KiB, and KVM and the IOMMU then map that 2 MiB region with
+    /// 4 KiB pages by themselves).
+    pub fn granule(&self) -> u64 {
+        self.kind.granule()
     }
 
     /// The `mmap` flags, for wrappers (vm-memory) that need them.
@@ -373,7 +392,7 @@ impl HostMapping {
     /// Releases the host memory of `[offset, offset + len)`: the next access
     /// reads zeros (files: the file's contents are punched out too).
     pub fn discard(&self, offset: u64, len: u64) -> Result<(), BackingError> {
-        let ps = self.page_size();
+        let ps = self.granule();
         let end = offset.checked_add(len);
         if end.is_none_or(|e| e > self.len) || offset % ps != 0 || len % ps != 0 {
             return Err(BackingError::BadRange {

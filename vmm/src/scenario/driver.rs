@@ -1,5 +1,5 @@
 //! Runs a scenario's timeline on its own thread while the vCPUs run: memory
-//! ops go to the KVM applier, guest steps go to the vCPUs' plans (see
+//! ops go to the memory manager, guest steps go to the vCPUs' plans (see
 //! [`super::guest`]), and every step's outcome is checked against its
 //! expectation.
 //!
@@ -16,7 +16,7 @@ use crate::devices::iommu::Iommu;
 use crate::devices::pins::{Pin, PinError, PinManager};
 use crate::mm::addr::Gpa;
 use crate::mm::backing::BackingKind;
-use crate::mm::manager::MemoryManager;
+use crate::mm::manager::{Checker, MemoryManager, DEFAULT_FULL_EVERY};
 use crate::units::fmt_duration;
 
 use super::expect::Outcome;
@@ -137,13 +137,14 @@ impl Driver {
     /// Runs every step; returns the report.
     pub fn run(mut self) -> ScenarioReport {
         let scenario = self.scenario.clone();
+        let mut checker = Checker::new(scenario.full_check_every.unwrap_or(DEFAULT_FULL_EVERY));
         let mut steps = Vec::new();
         for (i, spec) in scenario.steps.iter().enumerate() {
             if self.stop.load(Ordering::Acquire) {
                 break;
             }
             let started = Instant::now();
-            let (what, actual, passed) = self.step(i + 1, spec);
+            let (what, actual, passed) = self.step(i + 1, spec, &mut checker);
             let report = StepReport {
                 step: i + 1,
                 kind: spec.kind().to_string(),
@@ -175,6 +176,25 @@ impl Driver {
             }
         }
         let not_run = scenario.steps.len() - steps.len();
+        // The incremental checks look at what each op changed; one full
+        // check at the end sees everything.
+        let started = Instant::now();
+        if let Err(e) = checker.full(&self.memory) {
+            let report = StepReport {
+                step: steps.len() + 1,
+                kind: "check".into(),
+                what: "final consistency check of KVM memslots against the map".into(),
+                expect: "ok".into(),
+                actual: format!("{}: {e}", Outcome::Inconsistent),
+                passed: false,
+                micros: started.elapsed().as_micros() as u64,
+            };
+            (self.console)(format!(
+                "{}: {} -> {} (FAILED)",
+                report.what, report.expect, report.actual
+            ));
+            steps.push(report);
+        }
         ScenarioReport {
             name: scenario.title().to_string(),
             passed: not_run == 0 && steps.iter().all(|s| s.passed),
@@ -184,7 +204,12 @@ impl Driver {
         // Dropping `self.links` closes the command channels: the guests stop.
     }
 
-    fn step(&mut self, number: usize, spec: &step::Step) -> (String, String, bool) {
+    fn step(
+        &mut self,
+        number: usize,
+        spec: &step::Step,
+        checker: &mut Checker,
+    ) -> (String, String, bool) {
         let what = describe(&spec.action);
         let expect = &spec.expect;
         match &spec.action {
@@ -222,8 +247,14 @@ impl Driver {
             _ => {}
         }
         let Some((command, judge)) = guest_command(&spec.action) else {
-            return match super::ops::run_op(&self.memory, &self.iommu, &spec.action, &self.backing)
-            {
+            let ran = super::ops::run_op_checked(
+                &self.memory,
+                &self.iommu,
+                &spec.action,
+                &self.backing,
+                checker,
+            );
+            return match ran {
                 Ok(detail) => (what, format!("ok: {detail}"), expect.accepts(Outcome::Ok)),
                 Err(f) => {
                     let passed = expect.accepts(f.kind);
@@ -273,7 +304,19 @@ impl Driver {
 
     /// `pin`: the driver holds named pins until `unpin` or the end of the
     /// scenario.
+    /// A name already held is refused before anything is pinned: the held
+    /// pin stays as it was.
     fn pin(&mut self, p: &step::Pin) -> (Outcome, String) {
+        if let Some(held) = self.held.get(&p.name) {
+            return (
+                Outcome::DuplicatePin,
+                format!(
+                    "a pin named {:?} (#{}) is already held; unpin it first",
+                    p.name,
+                    held.id()
+                ),
+            );
+        }
         let revocable = p.revocable.unwrap_or(true);
         match self
             .pins

@@ -107,6 +107,9 @@ pub enum Outcome {
     /// dirty-pages: a different number of dirty pages.
     #[strum(serialize = "dirty-count")]
     DirtyCount,
+    /// dirty-pages: no slot in the range logs dirty pages.
+    #[strum(serialize = "not-logging")]
+    NotLogging,
     /// dirty-pages: the IOMMU's dirty bits could not be read.
     #[strum(serialize = "stage2")]
     Stage2,
@@ -125,6 +128,9 @@ pub enum Outcome {
     /// pin: mlock failed.
     #[strum(serialize = "mlock")]
     Mlock,
+    /// pin: a pin of that name is already held.
+    #[strum(serialize = "duplicate-pin")]
+    DuplicatePin,
     /// unpin: no pin of that name is held.
     #[strum(serialize = "no-such-pin")]
     NoSuchPin,

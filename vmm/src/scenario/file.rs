@@ -134,6 +134,12 @@ pub struct Scenario {
     /// The run's timeout when `--timeout` is not given.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub timeout: Option<DurationText>,
+    /// Memory ops between two full consistency checks (the others get the
+    /// incremental check; see [`crate::mm::manager::Checker`]). Default
+    /// [`DEFAULT_FULL_EVERY`](crate::mm::manager::DEFAULT_FULL_EVERY); 1:
+    /// a full check after every op.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub full_check_every: Option<u32>,
     /// The timeline.
     #[serde(rename = "step")]
     pub steps: Vec<Step>,
@@ -148,6 +154,7 @@ struct Header {
     vcpus: Option<u64>,
     backing: Option<String>,
     timeout: Option<DurationText>,
+    full_check_every: Option<u32>,
 }
 
 /// Positions in the text being parsed.
@@ -381,6 +388,7 @@ impl Scenario {
             vcpus: h.vcpus,
             backing: h.backing,
             timeout: h.timeout,
+            full_check_every: h.full_check_every,
             steps,
         })
     }

@@ -8,7 +8,7 @@
 //! - [`num`]: numbers and durations as written in files.
 //! - [`file`](mod@file): the file format and its validation (a bad file is rejected
 //!   before any VM exists, naming `file:line:column`, step and field).
-//! - [`ops`]: memory-op steps through the KVM applier, with the consistency
+//! - [`ops`]: memory-op steps through the memory manager, with the consistency
 //!   check after every op.
 //! - [`guest`]: the vCPU side: one batch per guest step, repeated and judged there.
 //! - [`driver`]: the timeline thread, the vCPUs' channel plans, the report.

@@ -1,6 +1,8 @@
-//! Memory-op steps: each runs one slot-map op through the KVM applier, then
-//! the consistency check, and names any failure by its [`Outcome`] (what a
-//! scenario's `expect` compares with).
+//! Memory-op steps: each runs one slot-map op through the memory manager, then
+//! the consistency check (incremental, over what the op changed, or
+//! periodically full: [`Checker`]), and names any failure by its [`Outcome`]
+//! (what a scenario's `expect` compares with). A plug's range is judged
+//! before host memory is mapped; `plug-many` is one all-or-nothing op.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -8,8 +10,8 @@ use std::sync::Arc;
 use crate::devices::iommu::Iommu;
 use crate::mm::addr::{Gfn, Gpa, GpaRange, Hva, PAGE_SIZE};
 use crate::mm::backing::{BackingKind, HostMapping};
-use crate::mm::manager::{MemoryManager, MemslotError};
-use crate::mm::slot_map::{SlotFlags, SlotMapError};
+use crate::mm::manager::{Applied, Checker, MemoryManager, MemslotError};
+use crate::mm::slot_map::{MemslotChange, PlugSpec, SlotFlags, SlotMapError};
 use crate::mm::stage2::MappedRun;
 
 use super::expect::Outcome;
@@ -52,6 +54,7 @@ pub fn slot_map_kind(e: &SlotMapError) -> Outcome {
         SlotMapError::NoSlotAt { .. } => Outcome::NoSlotAt,
         SlotMapError::DestinationOverlapsSource { .. } => Outcome::DestinationOverlapsSource,
         SlotMapError::NoRoomToGrow { .. } => Outcome::NoRoomToGrow,
+        SlotMapError::BatchOverlap { .. } => Outcome::Overlap,
     }
 }
 
@@ -61,6 +64,8 @@ fn memslot_failure(e: MemslotError) -> OpFailure {
         MemslotError::RolledBack { .. } => OpFailure::new(Outcome::KvmRolledBack, &e),
         MemslotError::Vetoed(_) => OpFailure::new(Outcome::Vetoed, &e),
         MemslotError::Guard(_) => OpFailure::new(Outcome::Busy, &e),
+        MemslotError::NotLogging { .. } => OpFailure::new(Outcome::NotLogging, &e),
+        MemslotError::RangeOverflow { .. } => OpFailure::new(Outcome::RangeOverflow, &e),
         _ => OpFailure::new(Outcome::Kvm, &e),
     }
 }
@@ -93,15 +98,35 @@ fn backing(name: Option<&str>, default: &BackingKind) -> Result<BackingKind, OpF
 
 /// Runs memory op `action`, then checks KVM's memslots against the map
 /// whether the op succeeded or was refused (a refused op must change
-/// nothing). `Ok` carries a short detail for the console.
+/// nothing), with the full check. `Ok` carries a short detail for the console.
 pub fn run_op(
     memory: &MemoryManager,
     iommu: &Iommu,
     action: &Action,
     default_backing: &BackingKind,
 ) -> Result<String, OpFailure> {
-    let outcome = apply_op(memory, iommu, action, default_backing);
-    memory.check_consistency().map_err(|e| {
+    run_op_checked(memory, iommu, action, default_backing, &mut Checker::new(1))
+}
+
+/// [`run_op`] with the check `checker` chooses: incremental (what the op
+/// changed, see [`Checker`]) or, periodically, full; a `check` step is
+/// always a full check.
+pub fn run_op_checked(
+    memory: &MemoryManager,
+    iommu: &Iommu,
+    action: &Action,
+    default_backing: &BackingKind,
+    checker: &mut Checker,
+) -> Result<String, OpFailure> {
+    let mut changes = Changes::default();
+    let outcome = apply_op(memory, iommu, action, default_backing, &mut changes);
+    let checked = match action {
+        Action::Check(_) => checker.full(memory),
+        _ => checker
+            .after_op(memory, (!changes.unknown).then_some(&changes.made[..]))
+            .map(|_| ()),
+    };
+    checked.map_err(|e| {
         OpFailure::new(
             Outcome::Inconsistent,
             format!("KVM memslots and the slot map differ: {e}"),
@@ -110,20 +135,45 @@ pub fn run_op(
     outcome
 }
 
+/// The memslot changes an op made, for the incremental check.
+#[derive(Default)]
+struct Changes {
+    made: Vec<MemslotChange>,
+    /// An op failed after issuing changes (rolled back, or worse).
+    unknown: bool,
+}
+
 fn apply_op(
     memory: &MemoryManager,
     iommu: &Iommu,
     action: &Action,
     default_backing: &BackingKind,
+    changes: &mut Changes,
 ) -> Result<String, OpFailure> {
+    let changes = std::cell::RefCell::new(changes);
+    let track = |result: Result<Applied, MemslotError>| {
+        let mut c = changes.borrow_mut();
+        match &result {
+            Ok(applied) => c.made.extend(applied.changes.iter().cloned()),
+            Err(MemslotError::SlotMap(_) | MemslotError::Vetoed(_) | MemslotError::Guard(_))
+            | Err(MemslotError::NotLogging { .. } | MemslotError::RangeOverflow { .. }) => {}
+            Err(_) => c.unknown = true,
+        }
+        result.map_err(memslot_failure)
+    };
     let apply = |op: &dyn Fn(&crate::mm::slot_map::SlotMap) -> Result<_, SlotMapError>| {
-        memory.apply(|m| op(m)).map_err(memslot_failure)
+        track(memory.apply(|m| op(m)))
     };
     let detail = match action {
         Action::Plug(p) => {
             let (gpa, size) = (Gpa(p.gpa.0), p.size.0);
             let flags = parse_flags(p.flags.as_deref().unwrap_or_default())?;
             let kind = backing(p.backing.as_deref(), default_backing)?;
+            // Judge the range before any host memory exists.
+            memory
+                .load()
+                .check_plug(gpa, size, kind.granule(), flags)
+                .map_err(|e| OpFailure::new(slot_map_kind(&e), MemslotError::SlotMap(e)))?;
             // Map whole pages (at least one) so the slot map, not mmap, judges
             // the requested size and alignment and names the problem.
             let map_len = size
@@ -156,7 +206,7 @@ fn apply_op(
             apply(&|m| m.move_range(Gpa(mv.gpa.0), mv.size.0, to))?;
             format!("now at {to}")
         }
-        Action::Resize(r) => resize(memory, Gpa(r.gpa.0), r.new_size.0)?,
+        Action::Resize(r) => resize(memory, Gpa(r.gpa.0), r.new_size.0, &track)?,
         Action::DirtyLog(d) => {
             apply(&|m| m.set_dirty_log(Gpa(d.gpa.0), d.size.0, d.on))?;
             (if d.on {
@@ -168,7 +218,7 @@ fn apply_op(
         }
         Action::DirtyPages(d) => dirty_pages(memory, iommu, Gpa(d.gpa.0), d.size.0, d.pages)?,
         Action::Stage2Dump(d) => stage2_dump(iommu, d)?,
-        Action::PlugMany(p) => plug_many(memory, Gpa(p.gpa.0), p.count.map(|n| n.0))?,
+        Action::PlugMany(p) => plug_many(memory, Gpa(p.gpa.0), p.count.map(|n| n.0), &track)?,
         Action::Check(_) => "consistent".to_string(),
         other => {
             return Err(OpFailure::new(
@@ -268,35 +318,53 @@ fn stage2_dump(iommu: &Iommu, step: &Stage2Dump) -> Result<String, OpFailure> {
     ))
 }
 
-fn resize(memory: &MemoryManager, gpa: Gpa, new_size: u64) -> Result<String, OpFailure> {
+/// What an op's result goes through: records its changes, names its failure.
+type Track<'a> = dyn Fn(Result<Applied, MemslotError>) -> Result<Applied, OpFailure> + 'a;
+
+fn resize(
+    memory: &MemoryManager,
+    gpa: Gpa,
+    new_size: u64,
+    track: &Track<'_>,
+) -> Result<String, OpFailure> {
     let applied = memory.apply(|m| match m.resize(gpa, new_size, None) {
-        Err(SlotMapError::NoRoomToGrow { .. }) => {
-            // The slot's mapping has no room after it: back the added part
-            // with a new mapping of the same kind.
-            let slot = m.slot_at(gpa).expect("resize found the slot");
-            let grow = new_size.saturating_sub(slot.range().len());
-            let mapping = HostMapping::new(slot.mapping().kind(), grow).map_err(|_| {
-                SlotMapError::NoRoomToGrow {
-                    op: "resize",
-                    slot: slot.id(),
-                    grow,
-                    end_offset: slot.offset() + slot.range().len(),
-                    mapping_len: slot.mapping().len(),
-                }
-            })?;
+        Err(e @ SlotMapError::NoRoomToGrow { grow, .. }) => {
+            // The mapping's last slot has no room after it in its host
+            // mapping: back the added part with a new mapping of that kind
+            // (whole host pages; the slot uses its first `grow` bytes).
+            let Some(last) = m.mapping_at(gpa).last().copied() else {
+                return Err(e);
+            };
+            let kind = last.mapping().kind();
+            let len = grow.checked_next_multiple_of(kind.page_size());
+            let mapping = len
+                .and_then(|len| HostMapping::new(kind, len).ok())
+                .ok_or(e)?;
             m.resize(gpa, new_size, Some(Arc::new(mapping)))
         }
         other => other,
     });
-    applied.map_err(memslot_failure)?;
-    Ok(format!("slot at {gpa} is now {new_size:#x} bytes"))
+    track(applied)?;
+    let bytes = memory
+        .load()
+        .mapping_at(gpa)
+        .iter()
+        .map(|s| s.range().len())
+        .sum::<u64>();
+    Ok(format!("mapping at {gpa} is now {bytes:#x} bytes"))
 }
 
 /// Plugs `count` 4 KiB slots (default: until the slot budget is full) at
 /// `base`, `base + 8 KiB`, ... (a hole between them so they do not merge),
-/// all windows of one host mapping. A count above the free slots is refused
+/// all windows of one host mapping, in one transition: all or nothing. A
+/// count above the free slots, or a range the slot map refuses, is refused
 /// before any memory is allocated.
-fn plug_many(memory: &MemoryManager, base: Gpa, count: Option<u64>) -> Result<String, OpFailure> {
+fn plug_many(
+    memory: &MemoryManager,
+    base: Gpa,
+    count: Option<u64>,
+    track: &Track<'_>,
+) -> Result<String, OpFailure> {
     let map = memory.load();
     let max = u64::from(map.config().max_slots);
     let free = max.saturating_sub(map.len() as u64);
@@ -310,28 +378,46 @@ fn plug_many(memory: &MemoryManager, base: Gpa, count: Option<u64>) -> Result<St
             format!("{count} slots asked, {free} of the VM's {max} slots are free"),
         ));
     }
+    let at = |i: u64| {
+        i.checked_mul(2 * PAGE_SIZE)
+            .and_then(|d| base.0.checked_add(d))
+            .map(Gpa)
+    };
+    let mut gpas = Vec::with_capacity(count as usize);
+    for i in 0..count {
+        let refused = |e: SlotMapError| {
+            OpFailure::new(
+                slot_map_kind(&e),
+                format!("slot {} of {count}: {}", i + 1, MemslotError::SlotMap(e)),
+            )
+        };
+        let gpa = at(i).ok_or_else(|| {
+            refused(SlotMapError::RangeOverflow {
+                op: "plug",
+                gpa: base,
+                size: (i + 1) * 2 * PAGE_SIZE,
+            })
+        })?;
+        map.check_plug(gpa, PAGE_SIZE, PAGE_SIZE, SlotFlags::NONE)
+            .map_err(refused)?;
+        gpas.push(gpa);
+    }
     let mapping = Arc::new(
         HostMapping::new(&BackingKind::Anon, count * PAGE_SIZE)
             .map_err(|e| OpFailure::new(Outcome::Backing, e))?,
     );
-    for i in 0..count {
-        let gpa = Gpa(base.0 + i * 2 * PAGE_SIZE);
-        memory
-            .apply(|m| {
-                m.plug(
-                    gpa,
-                    PAGE_SIZE,
-                    mapping.clone(),
-                    i * PAGE_SIZE,
-                    SlotFlags::NONE,
-                )
-            })
-            .map_err(|e| {
-                let mut f = memslot_failure(e);
-                f.message = format!("slot {} of {count}: {}", i + 1, f.message);
-                f
-            })?;
-    }
+    let plugs: Vec<PlugSpec> = gpas
+        .iter()
+        .zip(0..)
+        .map(|(&gpa, i)| PlugSpec {
+            gpa,
+            size: PAGE_SIZE,
+            mapping: mapping.clone(),
+            offset: i * PAGE_SIZE,
+            flags: SlotFlags::NONE,
+        })
+        .collect();
+    track(memory.apply(move |m| m.plug_many(plugs)))?;
     Ok(format!(
         "{count} slots plugged; {} slots in the map",
         memory.load().len()

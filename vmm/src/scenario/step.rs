@@ -546,7 +546,9 @@ impl Action {
                     slot_map || matches!(outcome, O::InvalidFlags | O::UnknownBacking | O::Backing)
                 }
                 Action::PlugMany(_) => slot_map || outcome == O::Backing,
-                Action::DirtyPages(_) => slot_map || matches!(outcome, O::DirtyCount | O::Stage2),
+                Action::DirtyPages(_) => {
+                    slot_map || matches!(outcome, O::DirtyCount | O::Stage2 | O::NotLogging)
+                }
                 Action::Unplug(_)
                 | Action::Protect(_)
                 | Action::Move(_)
@@ -559,7 +561,13 @@ impl Action {
                 Action::Check(_) => matches!(outcome, O::PinnedPages | O::Inconsistent),
                 Action::Pin(_) => matches!(
                     outcome,
-                    O::NotPlugged | O::ReadOnly | O::PinLimit | O::BadRange | O::Mlock | O::Busy
+                    O::NotPlugged
+                        | O::ReadOnly
+                        | O::PinLimit
+                        | O::BadRange
+                        | O::Mlock
+                        | O::Busy
+                        | O::DuplicatePin
                 ),
                 Action::Unpin(_) => outcome == O::NoSuchPin,
                 Action::DmaCopy(_) | Action::DmaFill(_) | Action::DmaChecksum(_) => dma || guest,

@@ -325,3 +325,99 @@ fn test_note_control_characters_are_escaped() {
     let s = super::driver::escape_control("done\u{1b}[2J\nnext\ttab é");
     assert_eq!(s, "done\\u{1b}[2J\\nnext\\ttab é");
 }
+
+/// Runs memory and pin steps (no guest) on the simulated KVM.
+fn run_on_sim(text: &str) -> super::ScenarioReport {
+    use std::sync::atomic::AtomicBool;
+    use std::sync::Arc;
+
+    use crate::devices::iommu::Iommu;
+    use crate::devices::pins::PinManager;
+    use crate::mm::backing::BackingKind;
+    use crate::mm::manager::{MemoryManager, SimKvm};
+    use crate::mm::pin_account::{PinAccount, PinLimit};
+    use crate::mm::slot_map::SlotMapConfig;
+
+    let memory = Arc::new(MemoryManager::new(SimKvm::new(), SlotMapConfig::default()).unwrap());
+    let account = Arc::new(PinAccount::new(PinLimit::Unlimited));
+    super::driver::Driver {
+        scenario: Arc::new(Scenario::parse(text).unwrap()),
+        memory: memory.clone(),
+        backing: BackingKind::Anon,
+        links: Vec::new(),
+        stop: Arc::new(AtomicBool::new(false)),
+        pins: Arc::new(PinManager::new(memory.clone(), account)),
+        iommu: Arc::new(Iommu::new(memory)),
+        held: Default::default(),
+        console: Box::new(|_| {}),
+    }
+    .run()
+}
+
+#[test]
+fn test_second_pin_under_a_held_name_is_refused_and_changes_nothing() {
+    let report = run_on_sim(&format!(
+        "{PLUG}
+        [[step]]
+        do = \"pin\"
+        name = \"a\"
+        gpa = \"0x1_0000_0000\"
+        size = \"1M\"
+        revocable = false
+        [[step]]
+        do = \"pin\"
+        name = \"a\"
+        gpa = \"0x1_0010_0000\"
+        size = \"4K\"
+        expect = \"duplicate-pin\"
+        [[step]]
+        do = \"check\"
+        pages = 256
+        [[step]]
+        do = \"unplug\"
+        gpa = \"0x1_0000_0000\"
+        size = \"4K\"
+        expect = \"vetoed\"
+        [[step]]
+        do = \"unpin\"
+        name = \"a\"
+        [[step]]
+        do = \"check\"
+        pages = 0
+        "
+    ));
+    assert!(report.passed, "{:?}", report.failure());
+}
+
+#[test]
+fn test_memory_steps_on_sim_kvm_end_with_a_passing_full_check() {
+    let report = run_on_sim(&format!(
+        "full_check_every = 2
+        {PLUG}
+        [[step]]
+        do = \"dirty-pages\"
+        gpa = \"0x1_0000_0000\"
+        size = \"2M\"
+        expect = \"not-logging\"
+        [[step]]
+        do = \"resize\"
+        gpa = \"0x1_0000_0000\"
+        new_size = \"6M\"
+        [[step]]
+        do = \"resize\"
+        gpa = \"0x1_0000_0000\"
+        new_size = \"1M\"
+        [[step]]
+        do = \"plug-many\"
+        gpa = \"0xffff_ffff_f000\"
+        count = 2
+        expect = \"beyond-max-gpa\"
+        [[step]]
+        do = \"plug\"
+        gpa = \"0xffff_ffff_f000\"
+        size = \"4K\"
+        "
+    ));
+    assert!(report.passed, "{:?}", report.failure());
+    assert_eq!(report.steps.len(), 6);
+}

@@ -3,7 +3,7 @@
 use std::fmt;
 use std::io;
 
-use crate::mm::addr::{Gpa, Hva};
+use crate::mm::addr::{Gpa, GpaRange, Hva};
 use crate::mm::backing::BackingError;
 use crate::mm::guard::GuardError;
 use crate::mm::notifier::NotifierError;
@@ -145,6 +145,13 @@ pub enum MemslotError {
         gpa: Gpa,
         /// Size.
         size: u64,
+    },
+    /// No slot overlapping the range logs dirty pages, and no page harvested
+    /// from one that did is pending: there is no dirty log to read.
+    #[error("no slot in {range} logs dirty pages (switch dirty logging on first)")]
+    NotLogging {
+        /// The range asked for.
+        range: GpaRange,
     },
     /// Reading a dirty log failed.
     #[error("reading dirty pages: {0}")]

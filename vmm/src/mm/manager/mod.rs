@@ -134,6 +134,7 @@
 //! [`SharedSlotMap::begin_write`]: crate::mm::slot_map::SharedSlotMap::begin_write
 
 mod backend;
+mod check;
 mod error;
 mod mirror;
 mod sim;
@@ -156,6 +157,7 @@ use crate::mm::slot_map::{
 };
 
 pub use backend::{MemslotBackend, MemslotRegion};
+pub use check::{CheckKind, Checker, DEFAULT_FULL_EVERY, DEFAULT_SWEEP};
 pub use error::{FailureCause, MemslotError, MemslotFailure, MemslotOp};
 pub use sim::{SimKvm, SIM_MAX_SLOTS};
 
@@ -547,7 +549,10 @@ impl MemoryManager {
     ///
     /// # Errors
     /// [`RangeOverflow`](MemslotError::RangeOverflow);
-    /// [`DirtyLog`](MemslotError::DirtyLog) if `KVM_GET_DIRTY_LOG` fails
+    /// [`NotLogging`](MemslotError::NotLogging) if no slot overlapping the
+    /// range logs dirty pages and no harvested page of the range is pending
+    /// (KVM's `KVM_GET_DIRTY_LOG` says `ENOENT` there: "0 pages" would be a
+    /// lie); [`DirtyLog`](MemslotError::DirtyLog) if `KVM_GET_DIRTY_LOG` fails
     /// (pages read before the failure stay pending).
     pub fn dirty_pages(&self, gpa: Gpa, size: u64) -> Result<Vec<Gfn>, MemslotError> {
         let range = GpaRange::new(gpa, size).ok_or(MemslotError::RangeOverflow { gpa, size })?;
@@ -562,12 +567,15 @@ impl MemoryManager {
                 logging.push(r.spec);
             }
         }
+        let first = range.start().gfn();
+        let last = Gfn(range.end().0.div_ceil(PAGE_SIZE));
+        if logging.is_empty() && st.pending.range(first..last).next().is_none() {
+            return Err(MemslotError::NotLogging { range });
+        }
         for spec in &logging {
             st.harvest(&*self.backend, spec)
                 .map_err(MemslotError::DirtyLog)?;
         }
-        let first = range.start().gfn();
-        let last = Gfn(range.end().0.div_ceil(PAGE_SIZE));
         let dirty: Vec<Gfn> = st.pending.range(first..last).copied().collect();
         for g in &dirty {
             st.pending.remove(g);

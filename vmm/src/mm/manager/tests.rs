@@ -222,6 +222,28 @@ fn test_dirty_pages_harvested_before_logging_off() {
 }
 
 #[test]
+fn test_dirty_pages_without_logging_is_not_logging_not_zero_pages() {
+    let kvm = Arc::new(SimKvm::new());
+    let memory = MemoryManager::new(Arc::clone(&kvm), config()).unwrap();
+    let a = anon(8);
+    memory
+        .apply(|m| m.plug(Gpa(0), 8 * P, a.clone(), 0, SlotFlags::NONE))
+        .unwrap();
+    for (gpa, size) in [(0, 8 * P), (16 * P, 4 * P)] {
+        let err = memory.dirty_pages(Gpa(gpa), size).unwrap_err();
+        assert!(matches!(err, MemslotError::NotLogging { .. }), "{err}");
+    }
+    // Logging on part of the range is enough; the rest reads as clean.
+    memory
+        .apply(|m| m.set_dirty_log(Gpa(4 * P), 4 * P, true))
+        .unwrap();
+    assert!(kvm.guest_write(Gpa(5 * P)));
+    assert_eq!(memory.dirty_pages(Gpa(0), 8 * P).unwrap(), vec![Gfn(5)]);
+    assert_eq!(memory.dirty_pages(Gpa(0), 8 * P).unwrap(), vec![]);
+    memory.check_consistency().unwrap();
+}
+
+#[test]
 fn test_check_consistency_finds_dirty_logging_stray() {
     let kvm = Arc::new(SimKvm::new());
     let memory = MemoryManager::new(Arc::clone(&kvm), config()).unwrap();
@@ -681,4 +703,30 @@ fn test_manager_drop_deletes_slots_then_unmaps() {
     drop(memory);
     assert!(kvm.memslots().is_empty());
     assert!(weak.upgrade().is_none(), "unmapped after the delete");
+}
+
+/// The announce-before-drain order (a model knob) delivers start/end for a
+/// change a drain timeout then refuses; the real order announces nothing.
+#[test]
+fn test_manager_drain_timeout_announces_nothing_only_in_the_real_order() {
+    for broken in [false, true] {
+        let kvm = Arc::new(SimKvm::new());
+        let mut memory = MemoryManager::new(Arc::clone(&kvm), config()).unwrap();
+        memory.model_knobs_mut().invalidate_before_drain = broken;
+        memory.set_drain_bound(std::time::Duration::from_millis(10));
+        memory
+            .apply(|m| m.plug(Gpa(0), 4 * P, anon(4), 0, SlotFlags::NONE))
+            .unwrap();
+        let events = Arc::new(Events::default());
+        memory
+            .hub()
+            .subscribe(Interest::All, events.clone(), Replay::None)
+            .unwrap();
+        let guard = memory.try_acquire(Gpa(0)).unwrap();
+        assert!(memory.apply(|m| m.unplug(Gpa(0), P)).is_err());
+        drop(guard);
+        let seen = take(&events);
+        assert_eq!(seen.is_empty(), !broken, "broken={broken}: {seen:?}");
+        assert_eq!(memory.hub().plugged(), vec![r(0, 4 * P)]);
+    }
 }

@@ -39,6 +39,8 @@ pub(super) struct Edit {
     pub(super) discards: Vec<Discard>,
     pub(super) removed: Vec<(GpaRange, ChangeKind)>,
     pub(super) added: Vec<GpaRange>,
+    /// Chains the inserts start (plugs): numbered from the map's next chain.
+    pub(super) new_chains: u64,
 }
 
 impl Edit {
@@ -201,6 +203,7 @@ impl SlotMap {
         }
 
         let mut map = self.clone();
+        map.next_chain += edit.new_chains;
         let mut changes = Vec::with_capacity(deletes.len() + set_flags.len() + creates.len());
         for (old_slot, p) in set_flags {
             // Only dirty logging changes in place (KVM cannot toggle
@@ -232,6 +235,7 @@ impl SlotMap {
                     hva: Hva(p.mapping.hva().0 + p.offset),
                     flags: p.flags,
                     generation: map.bump_generation(),
+                    chain: p.chain,
                     mapping: p.mapping,
                 };
                 map.host

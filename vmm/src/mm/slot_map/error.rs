@@ -85,7 +85,21 @@ pub enum SlotMapError {
         /// Its range.
         slot_range: GpaRange,
     },
-    /// The op would need more slots than KVM allows.
+    /// Two plugs of one batch ([`SlotMap::plug_many`]) share guest range or
+    /// host memory.
+    ///
+    /// [`SlotMap::plug_many`]: super::SlotMap::plug_many
+    #[error("{op}: two plugs of the batch share {what}: {first} and {second}")]
+    BatchOverlap {
+        /// The op.
+        op: &'static str,
+        /// "range" or "host memory".
+        what: &'static str,
+        /// The earlier plug's range.
+        first: GpaRange,
+        /// The later plug's range.
+        second: GpaRange,
+    },
     /// The range covers the reserved range (the VMM's register page).
     #[error("{op}: range {range} overlaps the reserved range {reserved}")]
     Reserved {

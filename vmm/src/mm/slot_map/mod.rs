@@ -2,7 +2,8 @@
 //!
 //! A [`SlotMap`] maps the guest-physical address space to windows of host
 //! mappings, the way `mm/vma.c` maps a process's address space. Ops
-//! ([`plug`](SlotMap::plug), [`unplug`](SlotMap::unplug),
+//! ([`plug`](SlotMap::plug) and [`plug_many`](SlotMap::plug_many) (a batch,
+//! all or nothing), [`unplug`](SlotMap::unplug),
 //! [`protect`](SlotMap::protect), [`set_dirty_log`](SlotMap::set_dirty_log),
 //! [`move_range`](SlotMap::move_range), [`resize`](SlotMap::resize)) behave like
 //! `mmap`/`munmap`/`mprotect`/`mremap`: they split slots at the range's edges
@@ -19,7 +20,23 @@
 //! - No two slots back the same host memory (so a discard never zeroes memory
 //!   still mapped elsewhere).
 //! - `[offset, offset + len)` of every slot lies inside its mapping; GPA, size
-//!   and offset are aligned to the mapping's page size.
+//!   and offset are aligned to the mapping's
+//!   [granule](crate::mm::backing::HostMapping::granule): 2 MiB for hugetlb
+//!   (a hugetlb page cannot be split), 4 KiB for all other memory, THP
+//!   included (Linux splits a transparent huge page at 4 KiB; KVM and the
+//!   IOMMU then map that 2 MiB region with 4 KiB pages by themselves).
+//!
+//! # Mappings (what `resize` acts on)
+//! Like `mremap`, [`resize`](SlotMap::resize) acts on a whole *mapping*,
+//! whatever slots it has been split into. Each slot carries a
+//! [chain](Slot::chain): a plug starts a new one; every piece of a slot
+//! (after an unplug, protect, dirty-log change or move) keeps it; the memory
+//! a grow adds after a mapping joins its chain, even when a new host mapping
+//! backs it; two slots that merge become one slot of the left one's chain
+//! (as merged VMAs are one VMA). The mapping starting at a GPA
+//! ([`mapping_at`](SlotMap::mapping_at)) is the maximal run of GPA-adjacent
+//! slots, starting with the slot that starts at that GPA, that share its
+//! chain. A hole (an unplug in the middle) or a moved-away piece ends it.
 //!
 //! # Persistence and cost
 //! The map is an [`imbl::OrdMap`] keyed by slot start (plus a host-side index
@@ -109,6 +126,22 @@ impl Default for SlotMapConfig {
     }
 }
 
+/// One plug of a batch for [`SlotMap::plug_many`]: the arguments of
+/// [`SlotMap::plug`].
+#[derive(Clone, Debug)]
+pub struct PlugSpec {
+    /// First guest-physical address.
+    pub gpa: Gpa,
+    /// Bytes.
+    pub size: u64,
+    /// The host memory.
+    pub mapping: Arc<HostMapping>,
+    /// Byte offset of the slot's first byte in `mapping`.
+    pub offset: u64,
+    /// The slot's flags.
+    pub flags: SlotFlags,
+}
+
 /// Key of the host-side index: (mapping identity, offset of a slot's first byte).
 type HostKey = (usize, u64);
 
@@ -126,6 +159,8 @@ pub struct SlotMap {
     host: OrdMap<HostKey, Gpa>,
     ids: IdAlloc,
     next_generation: u64,
+    /// The chain the next plug starts (see [`Slot::chain`]).
+    next_chain: u64,
     /// The slots by GPA as a flat index, when there are at most
     /// [`FLAT_MAX`]: readers use it instead of walking the tree
     /// (`OrdMap::get_prev` builds a range iterator, ~35 ns; this is a few
@@ -188,6 +223,7 @@ impl SlotMap {
             host: OrdMap::new(),
             ids: IdAlloc::default(),
             next_generation: 0,
+            next_chain: 0,
             flat: None,
         }
     }
@@ -231,6 +267,11 @@ impl SlotMap {
     /// The slot starting exactly at `gpa`.
     pub fn slot_at(&self, gpa: Gpa) -> Option<&Slot> {
         self.slots.get(&gpa)
+    }
+
+    /// The slots overlapping `range`, by ascending GPA, in O(log n + k).
+    pub fn slots_in(&self, range: GpaRange) -> impl Iterator<Item = &Slot> + '_ {
+        self.overlapping(range)
     }
 
     /// All slots by ascending GPA.

@@ -10,6 +10,7 @@ use super::engine::Edit;
 use super::error::SlotMapError;
 use super::slot::{Seg, Slot, SlotFlags};
 use super::transition::{ChangeKind, Transition};
+use super::PlugSpec;
 use super::SlotMap;
 
 fn check_aligned(
@@ -115,7 +116,8 @@ impl SlotMap {
     }
 
     /// Refuses fixed slots and cuts inside a slot that are not aligned to the
-    /// slot's mapping page size (a THP/hugetlb slot splits at 2 MiB only).
+    /// slot's mapping [granule](HostMapping::granule) (a hugetlb slot splits
+    /// at 2 MiB only; THP, like all other memory, at 4 KiB).
     fn check_cuts(
         &self,
         op: &'static str,
@@ -128,18 +130,54 @@ impl SlotMap {
                 .iter()
                 .find(|s| s.range.start() < edge && edge < s.range.end())
             {
-                check_aligned(op, "cut at", edge.0, s.mapping.page_size())?;
+                check_aligned(op, "cut at", edge.0, s.mapping.granule())?;
             }
         }
         Ok(())
     }
 
+    /// The checks of [`plug`](SlotMap::plug) that need no host memory: the
+    /// range is non-empty, does not wrap, is aligned to `granule` (the
+    /// backing's [`granule`](crate::mm::backing::BackingKind::granule)), lies
+    /// below the limit and is free; read-only slots are supported if asked
+    /// for. Run it before allocating host memory for a plug, so a bad range
+    /// is refused for what it is and nothing is allocated.
+    ///
+    /// # Errors
+    /// As for [`plug`](SlotMap::plug), but for the host window.
+    pub fn check_plug(
+        &self,
+        gpa: Gpa,
+        size: u64,
+        granule: u64,
+        flags: SlotFlags,
+    ) -> Result<GpaRange, SlotMapError> {
+        self.check_plug_range("plug", gpa, size, granule, flags)
+    }
+
+    fn check_plug_range(
+        &self,
+        op: &'static str,
+        gpa: Gpa,
+        size: u64,
+        granule: u64,
+        flags: SlotFlags,
+    ) -> Result<GpaRange, SlotMapError> {
+        let range = self.check_range(op, gpa, size, granule.max(PAGE_SIZE))?;
+        if flags.read_only && !self.config.read_only_supported {
+            return Err(SlotMapError::ReadOnlyUnsupported { op });
+        }
+        self.check_free(op, range)?;
+        Ok(range)
+    }
+
     /// Hotplugs `size` bytes at `gpa` backed by `mapping` from `offset`.
     ///
-    /// `gpa`, `size` and `offset` must be aligned to the mapping's page size
-    /// (at least 4 KiB); the range must be free and below the limit; the host
-    /// window must lie inside the mapping and back no other slot. The new slot
-    /// merges with neighbours that continue it.
+    /// `gpa`, `size` and `offset` must be aligned to the mapping's
+    /// [granule](HostMapping::granule) (4 KiB; 2 MiB for hugetlb); the range
+    /// must be free and below the limit; the host window must lie inside the
+    /// mapping and back no other slot. The new slot starts a new
+    /// [chain](Slot::chain) and merges with neighbours that continue it.
     ///
     /// # Errors
     /// [`ZeroSize`](SlotMapError::ZeroSize), [`RangeOverflow`](SlotMapError::RangeOverflow),
@@ -155,38 +193,111 @@ impl SlotMap {
         offset: u64,
         flags: SlotFlags,
     ) -> Result<Transition, SlotMapError> {
-        const OP: &str = "plug";
-        let align = mapping.page_size().max(PAGE_SIZE);
-        let range = self.check_range(OP, gpa, size, align)?;
-        check_aligned(OP, "offset", offset, align)?;
-        if flags.read_only && !self.config.read_only_supported {
-            return Err(SlotMapError::ReadOnlyUnsupported { op: OP });
-        }
-        if offset
-            .checked_add(size)
-            .is_none_or(|end| end > mapping.len())
-        {
-            return Err(SlotMapError::MappingTooSmall {
-                op: OP,
-                offset,
+        self.plug_all(
+            "plug",
+            vec![PlugSpec {
+                gpa,
                 size,
-                mapping_len: mapping.len(),
-            });
-        }
-        self.check_free(OP, range)?;
-        self.check_host_unused(OP, &mapping, offset, size)?;
-        let edit = Edit {
-            windows: vec![range],
-            inserts: vec![Seg {
-                range,
                 mapping,
                 offset,
                 flags,
             }],
-            added: vec![range],
-            ..Edit::default()
+        )
+    }
+
+    /// Plugs every one of `plugs` in one transition, or none: each is
+    /// checked as by [`plug`](SlotMap::plug), against the map and against
+    /// the others (their ranges and host windows must not overlap), and the
+    /// slot budget is checked for the whole batch. Each starts its own chain.
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use vmm::mm::addr::Gpa;
+    /// use vmm::mm::backing::{BackingKind, HostMapping};
+    /// use vmm::mm::slot_map::{PlugSpec, SlotFlags, SlotMap, SlotMapConfig};
+    ///
+    /// let mem = Arc::new(HostMapping::new(&BackingKind::Anon, 0x2000).unwrap());
+    /// let map = SlotMap::new(SlotMapConfig::default());
+    /// let plug = |gpa, offset| PlugSpec {
+    ///     gpa: Gpa(gpa),
+    ///     size: 0x1000,
+    ///     mapping: mem.clone(),
+    ///     offset,
+    ///     flags: SlotFlags::NONE,
+    /// };
+    /// let t = map.plug_many(vec![plug(0x10_0000, 0), plug(0x10_2000, 0x1000)]).unwrap();
+    /// assert_eq!(t.map.len(), 2);
+    /// // The second is beyond the limit: neither is plugged.
+    /// assert!(map.plug_many(vec![plug(0x10_0000, 0), plug(1 << 48, 0x1000)]).is_err());
+    /// ```
+    ///
+    /// # Errors
+    /// As for [`plug`](SlotMap::plug), for the first plug refused (an empty
+    /// batch is a [`ZeroSize`](SlotMapError::ZeroSize)), and
+    /// [`BatchOverlap`](SlotMapError::BatchOverlap) when two plugs of the
+    /// batch share guest range or host memory.
+    pub fn plug_many(&self, plugs: Vec<PlugSpec>) -> Result<Transition, SlotMapError> {
+        self.plug_all("plug", plugs)
+    }
+
+    fn plug_all(&self, op: &'static str, plugs: Vec<PlugSpec>) -> Result<Transition, SlotMapError> {
+        if plugs.is_empty() {
+            return Err(SlotMapError::ZeroSize { op });
+        }
+        let mut edit = Edit::default();
+        for (i, p) in plugs.into_iter().enumerate() {
+            // Each plug starts its own chain, numbered in batch order.
+            let align = p.mapping.granule();
+            let range = self.check_plug_range(op, p.gpa, p.size, align, p.flags)?;
+            check_aligned(op, "offset", p.offset, align)?;
+            if p.offset
+                .checked_add(p.size)
+                .is_none_or(|end| end > p.mapping.len())
+            {
+                return Err(SlotMapError::MappingTooSmall {
+                    op,
+                    offset: p.offset,
+                    size: p.size,
+                    mapping_len: p.mapping.len(),
+                });
+            }
+            self.check_host_unused(op, &p.mapping, p.offset, p.size)?;
+            edit.inserts.push(Seg {
+                range,
+                mapping: p.mapping,
+                offset: p.offset,
+                flags: p.flags,
+                chain: self.next_chain + i as u64,
+            });
+            edit.new_chains += 1;
+        }
+        // The batch against itself, in O(k log k): neighbours by GPA, then by
+        // host memory.
+        edit.inserts.sort_by_key(|s| s.range.start());
+        let conflict = |a: &Seg, b: &Seg, what| SlotMapError::BatchOverlap {
+            op,
+            what,
+            first: a.range,
+            second: b.range,
         };
-        self.commit(OP, edit)
+        if let Some(w) = edit
+            .inserts
+            .windows(2)
+            .find(|w| w[0].range.overlaps(&w[1].range))
+        {
+            return Err(conflict(&w[0], &w[1], "range"));
+        }
+        let mut host: Vec<&Seg> = edit.inserts.iter().collect();
+        host.sort_by_key(|s| (Arc::as_ptr(&s.mapping) as usize, s.offset));
+        if let Some(w) = host.windows(2).find(|w| {
+            Arc::ptr_eq(&w[0].mapping, &w[1].mapping)
+                && w[0].offset + w[0].range.len() > w[1].offset
+        }) {
+            return Err(conflict(w[0], w[1], "host memory"));
+        }
+        edit.windows = edit.inserts.iter().map(|s| s.range).collect();
+        edit.added = edit.windows.clone();
+        self.commit(op, edit)
     }
 
     /// Unplugs `[gpa, gpa + size)` like `munmap`: slots across the edges are
@@ -325,7 +436,8 @@ impl SlotMap {
     /// memory (same mapping and offsets, so the same hva) appears at the new
     /// place and the old range becomes unplugged. The source must be fully
     /// plugged; the destination must be free and not overlap the source;
-    /// `new_gpa` must be aligned to the page size of every moved mapping.
+    /// `new_gpa` must be aligned to the granule of every moved mapping (2 MiB
+    /// for hugetlb, else 4 KiB).
     ///
     /// ```
     /// use std::sync::Arc;
@@ -366,7 +478,7 @@ impl SlotMap {
         let slots = self.covered(OP, src)?;
         let align = slots
             .iter()
-            .map(|s| s.mapping.page_size())
+            .map(|s| s.mapping.granule())
             .fold(PAGE_SIZE, u64::max);
         check_aligned(OP, "new_gpa", new_gpa.0, align)?;
         if dst.end() > self.config.max_gpa {
@@ -397,12 +509,37 @@ impl SlotMap {
         self.commit(OP, edit)
     }
 
-    /// Resizes the slot starting at `slot_gpa` to `new_size` bytes.
+    /// The mapping starting at `gpa`, as [`resize`](SlotMap::resize) acts
+    /// on it: the slot starting there and the GPA-adjacent slots after it of
+    /// the same [chain](Slot::chain), in order.
+    pub fn mapping_at(&self, gpa: Gpa) -> Vec<&Slot> {
+        let mut run: Vec<&Slot> = Vec::new();
+        let mut next = self.slot_at(gpa);
+        while let Some(s) = next {
+            if run.last().is_some_and(|first| first.chain != s.chain) {
+                break;
+            }
+            run.push(s);
+            next = self.slot_at(s.range.end());
+        }
+        run
+    }
+
+    /// Resizes the mapping starting at `slot_gpa` to `new_size` bytes, like
+    /// `mremap` without `MREMAP_MAYMOVE`.
     ///
-    /// Shrinking unplugs the tail (listed in `discards`). Growing needs the
-    /// added range free and below the limit; it extends the slot in place when
-    /// its mapping has unused room after it, else it backs the added part with
-    /// `grow_mapping` from offset 0 (a new slot with the same flags).
+    /// The *mapping* is the slot starting at `slot_gpa` and the GPA-adjacent
+    /// slots after it of the same [chain](Slot::chain) ([`mapping_at`]):
+    /// what one plug made, with what earlier grows added after it, however
+    /// protects and dirty-log changes split it since. Shrinking unplugs the
+    /// mapping's tail past `new_size` (listed in `discards`), whichever of
+    /// its slots that covers. Growing needs the added range after the
+    /// mapping's end free and below the limit; it continues the last slot in
+    /// place when that slot's host mapping has unused room after it, else it
+    /// backs the added part with `grow_mapping` from offset 0 (a new slot of
+    /// the same chain, with the last slot's flags).
+    ///
+    /// [`mapping_at`]: SlotMap::mapping_at
     ///
     /// ```
     /// use std::sync::Arc;
@@ -417,6 +554,12 @@ impl SlotMap {
     /// assert_eq!(grown.lookup(Gpa(0x7000)).unwrap().range().len(), 0x8000);
     /// let t = grown.resize(Gpa(0), 0x1000, None).unwrap();
     /// assert_eq!(t.discards[0].len, 0x7000);
+    /// // A grow backed by another mapping is a second slot of the same mapping:
+    /// let other = Arc::new(HostMapping::new(&BackingKind::Anon, 0x2000).unwrap());
+    /// let two = grown.resize(Gpa(0), 0xa000, Some(other)).unwrap().map;
+    /// assert_eq!(two.mapping_at(Gpa(0)).len(), 2);
+    /// let t = two.resize(Gpa(0), 0x1000, None).unwrap(); // shrinks both
+    /// assert!(t.map.lookup(Gpa(0x9000)).is_none());
     /// ```
     ///
     /// # Errors
@@ -434,21 +577,23 @@ impl SlotMap {
         grow_mapping: Option<Arc<HostMapping>>,
     ) -> Result<Transition, SlotMapError> {
         const OP: &str = "resize";
-        let slot = self.slot_at(slot_gpa).ok_or(SlotMapError::NoSlotAt {
-            op: OP,
-            gpa: slot_gpa,
-        })?;
-        Self::check_not_fixed(OP, [slot])?;
+        let run = self.mapping_at(slot_gpa);
+        let (Some(first), Some(last)) = (run.first(), run.last()) else {
+            return Err(SlotMapError::NoSlotAt {
+                op: OP,
+                gpa: slot_gpa,
+            });
+        };
+        Self::check_not_fixed(OP, run.iter().copied())?;
         if new_size == 0 {
             return Err(SlotMapError::ZeroSize { op: OP });
         }
-        check_aligned(
-            OP,
-            "new_size",
-            new_size,
-            slot.mapping.page_size().max(PAGE_SIZE),
-        )?;
-        let len = slot.range.len();
+        let granule = run
+            .iter()
+            .map(|s| s.mapping.granule())
+            .fold(PAGE_SIZE, u64::max);
+        check_aligned(OP, "new_size", new_size, granule)?;
+        let len = last.range.end().0 - first.range.start().0;
         if new_size <= len {
             if new_size == len {
                 return self.commit(OP, Edit::default());
@@ -458,31 +603,32 @@ impl SlotMap {
             return Ok(t);
         }
         let grow = new_size - len;
-        let added = self.check_range(OP, slot.range.end(), grow, PAGE_SIZE)?;
+        let added = self.check_range(OP, last.range.end(), grow, PAGE_SIZE)?;
         self.check_free(OP, added)?;
-        let end_offset = slot.offset + len;
+        let end_offset = last.offset + last.range.len();
         let in_place = end_offset
             .checked_add(grow)
-            .is_some_and(|e| e <= slot.mapping.len())
-            && self.host_user(&slot.mapping, end_offset, grow).is_none();
+            .is_some_and(|e| e <= last.mapping.len())
+            && self.host_user(&last.mapping, end_offset, grow).is_none();
         let piece = if in_place {
             Seg {
                 range: added,
-                mapping: Arc::clone(&slot.mapping),
+                mapping: Arc::clone(&last.mapping),
                 offset: end_offset,
-                flags: slot.flags,
+                flags: last.flags,
+                chain: last.chain,
             }
         } else {
             let Some(mapping) = grow_mapping else {
                 return Err(SlotMapError::NoRoomToGrow {
                     op: OP,
-                    slot: slot.id,
+                    slot: last.id,
                     grow,
                     end_offset,
-                    mapping_len: slot.mapping.len(),
+                    mapping_len: last.mapping.len(),
                 });
             };
-            let align = mapping.page_size().max(PAGE_SIZE);
+            let align = mapping.granule();
             check_aligned(OP, "gpa", added.start().0, align)?;
             check_aligned(OP, "size", grow, align)?;
             if grow > mapping.len() {
@@ -498,7 +644,8 @@ impl SlotMap {
                 range: added,
                 mapping,
                 offset: 0,
-                flags: slot.flags,
+                flags: last.flags,
+                chain: last.chain,
             }
         };
         let edit = Edit {

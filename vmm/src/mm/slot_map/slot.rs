@@ -74,6 +74,7 @@ pub struct Slot {
     pub(super) hva: Hva,
     pub(super) flags: SlotFlags,
     pub(super) generation: u64,
+    pub(super) chain: u64,
 }
 
 impl Slot {
@@ -107,6 +108,16 @@ impl Slot {
     pub fn generation(&self) -> u64 {
         self.generation
     }
+    /// The mapping this slot is part of, as [`SlotMap::resize`] sees it: a
+    /// plug starts a new chain; the pieces it is split into, the memory a
+    /// grow adds after it, and slots it merges with (the left one's chain
+    /// wins, as merged VMAs become one) keep it. See the module docs of
+    /// [`slot_map`](super).
+    ///
+    /// [`SlotMap::resize`]: super::SlotMap::resize
+    pub fn chain(&self) -> u64 {
+        self.chain
+    }
     /// Host address of the slot's first byte (`userspace_addr`).
     #[inline]
     pub fn hva(&self) -> Hva {
@@ -139,6 +150,7 @@ impl fmt::Debug for Slot {
             .field("offset", &format_args!("{:#x}", self.offset))
             .field("flags", &self.flags)
             .field("generation", &self.generation)
+            .field("chain", &self.chain)
             .finish()
     }
 }
@@ -165,6 +177,7 @@ pub(super) struct Seg {
     pub(super) mapping: Arc<HostMapping>,
     pub(super) offset: u64,
     pub(super) flags: SlotFlags,
+    pub(super) chain: u64,
 }
 
 impl Seg {
@@ -174,6 +187,7 @@ impl Seg {
             mapping: Arc::clone(&slot.mapping),
             offset: slot.offset,
             flags: slot.flags,
+            chain: slot.chain,
         }
     }
 
@@ -185,6 +199,7 @@ impl Seg {
             mapping: Arc::clone(&slot.mapping),
             offset: slot.offset + (part.start().0 - slot.range.start().0),
             flags: slot.flags,
+            chain: slot.chain,
         }
     }
 

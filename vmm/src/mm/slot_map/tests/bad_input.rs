@@ -1,7 +1,7 @@
 //! Bad inputs: each gives its exact error, and the map is unchanged.
 
 use super::*;
-use crate::mm::slot_map::{SlotId, SlotMapError};
+use crate::mm::slot_map::{PlugSpec, SlotId, SlotMapError};
 
 const K64: u64 = 0x1_0000;
 const MIB: u64 = 0x10_0000;
@@ -198,12 +198,86 @@ fn test_bad_input_table_each_gives_its_error_and_map_unchanged() {
         ),
     ];
     if let Ok(thp) = HostMapping::new(&BackingKind::Thp, 4 * MIB) {
+        // THP is 4 KiB-granular like anon memory: only the 4 KiB rule applies.
         table.push((
-            "THP gpa not 2 MiB aligned",
-            map.plug(Gpa(free + P), 2 * MIB, Arc::new(thp), 0, SlotFlags::NONE),
-            misaligned("plug", "gpa", free + P, 2 * MIB),
+            "THP gpa not 4 KiB aligned",
+            map.plug(
+                Gpa(free + 0x800),
+                2 * MIB,
+                Arc::new(thp),
+                0,
+                SlotFlags::NONE,
+            ),
+            misaligned("plug", "gpa", free + 0x800, P),
         ));
     }
+    let check_plug = |gpa: u64, size: u64| {
+        map.check_plug(Gpa(gpa), size, P, SlotFlags::NONE).map(|_| {
+            map.plug(Gpa(gpa), size, fresh.clone(), 0, SlotFlags::NONE)
+                .unwrap()
+        })
+    };
+    table.push((
+        "check_plug: a wrapping size, with no host memory",
+        check_plug(free, u64::MAX - 0xfff),
+        SlotMapError::RangeOverflow {
+            op: "plug",
+            gpa: Gpa(free),
+            size: u64::MAX - 0xfff,
+        },
+    ));
+    table.push((
+        "check_plug: over a slot",
+        check_plug(0, P),
+        SlotMapError::Overlap {
+            op: "plug",
+            range: range(0, P),
+            slot: SlotId(0),
+            slot_range: range(0, K64),
+        },
+    ));
+    let batch = |gpas: &[u64]| {
+        let plugs = gpas
+            .iter()
+            .zip(0..)
+            .map(|(&gpa, i)| PlugSpec {
+                gpa: Gpa(gpa),
+                size: P,
+                mapping: fresh.clone(),
+                offset: i * P,
+                flags: SlotFlags::NONE,
+            })
+            .collect();
+        map.plug_many(plugs)
+    };
+    table.push((
+        "batch: the last plug beyond the limit",
+        batch(&[free, 64 * MIB - P, 64 * MIB]),
+        SlotMapError::BeyondMaxGpa {
+            op: "plug",
+            range: range(64 * MIB, P),
+            max_gpa: Gpa(64 * MIB),
+        },
+    ));
+    table.push((
+        "batch: two plugs of one range",
+        batch(&[free, free]),
+        SlotMapError::BatchOverlap {
+            op: "plug",
+            what: "range",
+            first: range(free, P),
+            second: range(free, P),
+        },
+    ));
+    table.push((
+        "batch: more slots than allowed",
+        batch(&[free, free + 2 * P]),
+        SlotMapError::TooManySlots {
+            op: "plug",
+            needed: 5,
+            max: 3,
+        },
+    ));
     for (name, got, want) in table {
         match got {
             Ok(t) => panic!("{name}: expected {want}, got Ok with {:?}", t.changes),

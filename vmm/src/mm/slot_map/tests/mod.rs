@@ -101,7 +101,7 @@ pub(super) fn check_invariants(map: &SlotMap) {
             s.mapping.hva().0 + s.offset,
             "{s:?}: cached host address out of step with mapping + offset"
         );
-        let ps = s.mapping.page_size();
+        let ps = s.mapping.granule();
         assert!(s.range.start().is_aligned(ps) && s.range.len() % ps == 0 && s.offset % ps == 0);
         assert!(s.id.0 < cfg.max_slots, "{s:?} id beyond {}", cfg.max_slots);
         assert!(ids.insert(s.id), "duplicate id {s:?}");

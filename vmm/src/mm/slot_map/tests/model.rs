@@ -30,6 +30,9 @@ struct Page {
     ro: bool,
     dl: bool,
     fixed: bool,
+    /// The page's mapping chain (see `Slot::chain`); not compared with the
+    /// map's numbers, only used to decide what a resize covers.
+    chain: u64,
 }
 
 #[derive(Clone, Debug)]
@@ -156,8 +159,21 @@ fn span(gpa: u64, n: u64) -> std::ops::Range<usize> {
     gpa as usize..(gpa + n) as usize
 }
 
+/// Slots that merge become one mapping: every page of a (maximally merged)
+/// slot takes the chain of the slot's first page.
+fn merge_chains(pages: &mut Model) {
+    for i in 1..pages.len() {
+        if continues(pages[i - 1], pages[i]) {
+            if let (Some(prev), Some(p)) = (pages[i - 1], pages[i].as_mut()) {
+                p.chain = prev.chain;
+            }
+        }
+    }
+}
+
 /// The model's verdict: the pages after the op, or `None` if it must fail.
-fn model_apply(pages: &Model, op: &Op) -> Option<Model> {
+/// A plug starts chain `fresh`.
+fn model_apply(pages: &Model, op: &Op, fresh: u64) -> Option<Model> {
     let mut new = pages.clone();
     let in_window = |gpa: u64, n: u64| n > 0 && gpa + n <= PAGES;
     let all = |r: std::ops::Range<usize>, f: &dyn Fn(Option<Page>) -> bool| {
@@ -185,6 +201,7 @@ fn model_apply(pages: &Model, op: &Op) -> Option<Model> {
                     ro,
                     dl,
                     fixed: false,
+                    chain: fresh,
                 });
             }
         }
@@ -230,8 +247,9 @@ fn model_apply(pages: &Model, op: &Op) -> Option<Model> {
                 return None; // No slot starts here.
             }
             let first = first?;
+            // The mapping: the pages of first's chain from here, up to a hole.
             let len = (start..pages.len())
-                .take_while(|&i| i == start || continues(pages[i - 1], pages[i]))
+                .take_while(|&i| pages[i].is_some_and(|p| p.chain == first.chain))
                 .count() as u64;
             if first.fixed || n == 0 {
                 return None;
@@ -256,11 +274,12 @@ fn model_apply(pages: &Model, op: &Op) -> Option<Model> {
                     (m, 0)
                 };
                 for (i, o) in span(gpa + len, g).zip(off0..) {
-                    new[i] = Some(Page { m, off: o, ..first });
+                    new[i] = Some(Page { m, off: o, ..last });
                 }
             }
         }
     }
+    merge_chains(&mut new);
     (slot_count(&new) <= MAX_SLOTS as usize).then_some(new)
 }
 
@@ -309,6 +328,7 @@ fn real_page(map: &SlotMap, maps: &[Arc<HostMapping>], page: u64) -> Option<Page
         ro: f.read_only,
         dl: f.dirty_log,
         fixed: f.fixed,
+        chain: 0,
     })
 }
 
@@ -373,12 +393,13 @@ fn run(ops: &[Op]) {
             ro: false,
             dl: false,
             fixed: true,
+            chain: u64::MAX,
         });
     }
     for (step, op) in ops.iter().enumerate() {
         let op = &resolve(&model, op);
         let before = snapshot(&map);
-        let want = model_apply(&model, op);
+        let want = model_apply(&model, op, step as u64);
         match (real_apply(&map, &maps, op), want) {
             (Ok(t), Some(new)) => {
                 check_transition(&map, &t);
@@ -398,7 +419,11 @@ fn run(ops: &[Op]) {
             (Err(e), Some(_)) => panic!("step {step} {op:?}: model accepts, map refuses: {e}"),
         }
         for page in 0..PAGES + 2 {
-            let want = model.get(page as usize).copied().flatten();
+            let want = model
+                .get(page as usize)
+                .copied()
+                .flatten()
+                .map(|p| Page { chain: 0, ..p });
             assert_eq!(
                 real_page(&map, &maps, page),
                 want,

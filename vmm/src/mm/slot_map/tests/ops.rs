@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use super::*;
 use crate::mm::addr::{Gpa, Hva};
-use crate::mm::slot_map::{ChangeKind, MemslotChange, SlotId, SlotMapError};
+use crate::mm::slot_map::{ChangeKind, MemslotChange, PlugSpec, SlotId, SlotMapError};
 
 fn empty() -> SlotMap {
     SlotMap::new(config(100, 1 << 30))
@@ -297,27 +297,111 @@ fn test_fixed_slot_refused_by_every_op() {
 }
 
 #[test]
-fn test_thp_slot_splits_only_at_2m() {
+fn test_thp_slot_cuts_unplugs_protects_and_moves_at_4k() {
     let Ok(thp) = HostMapping::new(&BackingKind::Thp, 4 << 20) else {
         eprintln!("skipped: THP mapping unavailable on this host");
         return;
     };
+    let thp = Arc::new(thp);
     let map = empty()
-        .plug(Gpa(0), 4 << 20, Arc::new(thp), 0, SlotFlags::NONE)
+        .plug(Gpa(0), 4 << 20, thp.clone(), 0, SlotFlags::NONE)
         .unwrap()
         .map;
-    let err = map.unplug(Gpa(P), P).unwrap_err();
-    assert_eq!(
-        err,
-        SlotMapError::Misaligned {
-            op: "unplug",
-            what: "cut at",
-            value: P,
-            align: 2 << 20
-        }
-    );
-    let t = map.unplug(Gpa(2 << 20), 2 << 20).unwrap();
+    let t = map.unplug(Gpa(0x30_1000), P).unwrap();
     check_transition(&map, &t);
+    assert_eq!((t.discards[0].offset, t.discards[0].len), (0x30_1000, P));
+    let t = map.protect(Gpa(0x10_1000), 2 * P, true).unwrap();
+    check_transition(&map, &t);
+    assert_eq!(t.map.len(), 3);
+    let t = map.move_range(Gpa(0x20_3000), P, Gpa(0x80_5000)).unwrap();
+    check_transition(&map, &t);
+    assert_eq!(
+        hva_of(&t.map, 0x80_5000),
+        Some(Hva(thp.hva().0 + 0x20_3000))
+    );
+    let t = map.resize(Gpa(0), 0x30_3000, None).unwrap();
+    check_transition(&map, &t);
+    assert!(t.map.lookup(Gpa(0x30_3000)).is_none());
+}
+
+/// A grow backed by another mapping adds a slot to the mapping; a later
+/// resize acts on all of it, like `mremap` on the whole VMA.
+#[test]
+fn test_resize_acts_on_the_whole_mapping_after_a_grow() {
+    let (m, g1, g2) = (anon(512), anon(1024), anon(1024));
+    // 2 MiB at 0, then grown to 6 MiB: the added 4 MiB is a second slot.
+    let map = plugged(&empty(), 0, 0x20_0000, &m, 0);
+    let t = map.resize(Gpa(0), 0x60_0000, Some(g1)).unwrap();
+    check_transition(&map, &t);
+    let grown = t.map;
+    assert_eq!(grown.len(), 2);
+    assert_eq!(grown.mapping_at(Gpa(0)).len(), 2);
+
+    // Shrinking to 1 MiB takes the grown part too.
+    let t = grown.resize(Gpa(0), 0x10_0000, None).unwrap();
+    check_transition(&grown, &t);
+    assert_eq!(t.map.len(), 1);
+    assert!(t.map.lookup(Gpa(0x40_0000)).is_none());
+    assert_eq!(
+        t.removed,
+        [(range(0x10_0000, 0x50_0000), ChangeKind::Unmapped)]
+    );
+
+    // Shrinking into the grown part keeps its head.
+    let t = grown.resize(Gpa(0), 0x30_3000, None).unwrap();
+    check_transition(&grown, &t);
+    assert!(t.map.lookup(Gpa(0x30_2000)).is_some());
+    assert!(t.map.lookup(Gpa(0x30_3000)).is_none());
+
+    // A second grow extends the end of the whole mapping.
+    let t = grown.resize(Gpa(0), 0xa0_0000, Some(g2)).unwrap();
+    check_transition(&grown, &t);
+    assert_eq!(t.added, [range(0x60_0000, 0x40_0000)]);
+    assert_eq!(t.map.mapping_at(Gpa(0)).len(), 3);
+    // Equal size: nothing to do.
+    assert!(t
+        .map
+        .resize(Gpa(0), 0xa0_0000, None)
+        .unwrap()
+        .changes
+        .is_empty());
+}
+
+/// An adjacent plug of other memory is another mapping: a resize of the
+/// first stops at it (and a grow is refused as overlapping it).
+#[test]
+fn test_resize_stops_at_an_adjacent_plug() {
+    let (a, b) = (anon(4), anon(4));
+    let map = plugged(&empty(), 0, 4 * P, &a, 0);
+    let map = plugged(&map, 4 * P, 4 * P, &b, 0);
+    assert_eq!(map.mapping_at(Gpa(0)).len(), 1);
+    let t = map.resize(Gpa(0), 2 * P, None).unwrap();
+    assert!(t.map.lookup(Gpa(4 * P)).is_some());
+    let err = map.resize(Gpa(0), 6 * P, Some(anon(4))).unwrap_err();
+    assert!(matches!(err, SlotMapError::Overlap { .. }), "{err}");
+}
+
+#[test]
+fn test_plug_many_is_one_transition_or_nothing() {
+    let m = anon(4);
+    let plugs: Vec<PlugSpec> = (0..4)
+        .map(|i| PlugSpec {
+            gpa: Gpa(2 * i * P),
+            size: P,
+            mapping: m.clone(),
+            offset: i * P,
+            flags: SlotFlags::NONE,
+        })
+        .collect();
+    let map = empty();
+    let t = map.plug_many(plugs.clone()).unwrap();
+    check_transition(&map, &t);
+    assert_eq!((t.map.len(), t.changes.len(), t.added.len()), (4, 4, 4));
+    // Each plug is its own mapping.
+    assert_eq!(t.map.mapping_at(Gpa(0)).len(), 1);
+    let mut bad = plugs;
+    bad[3].gpa = Gpa((1 << 30) - P / 2);
+    assert!(map.plug_many(bad).is_err());
 }
 
 #[test]

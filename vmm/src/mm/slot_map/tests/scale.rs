@@ -22,11 +22,13 @@ fn map_with(n: u64, m: &Arc<HostMapping>) -> SlotMap {
             hva: Hva(m.hva().0 + i * P),
             flags: SlotFlags::NONE,
             generation: map.bump_generation(),
+            chain: i,
         };
         map.host
             .insert(host_key(m, slot.offset), slot.range.start());
         map.slots.insert(slot.range.start(), slot);
     }
+    map.next_chain = n;
     map.rebuild_flat();
     check_invariants(&map);
     map
