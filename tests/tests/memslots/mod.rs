@@ -42,6 +42,9 @@ struct Faulty {
     vm: VmFd,
     calls: AtomicUsize,
     fail: Mutex<Vec<usize>>,
+    /// Runs once, just before the next memslot delete is issued (after the
+    /// manager harvested the slot's dirty log): a window a test can fill.
+    before_delete: Mutex<Option<Box<dyn FnOnce() + Send>>>,
 }
 
 impl Faulty {
@@ -66,6 +69,11 @@ impl MemslotBackend for Faulty {
         let n = self.calls.fetch_add(1, Ordering::SeqCst);
         if self.fail.lock().unwrap().contains(&n) {
             return Err(Errno::new(libc::EIO));
+        }
+        if region.size == 0 {
+            if let Some(hook) = self.before_delete.lock().unwrap().take() {
+                hook();
+            }
         }
         // SAFETY: our caller upholds the same contract.
         unsafe { self.vm.set_memslot(region) }
@@ -93,6 +101,7 @@ fn fixture(test: &str, max_slots: u32) -> Option<Fixture> {
         vm: kvm.create_vm().expect("KVM_CREATE_VM"),
         calls: AtomicUsize::new(0),
         fail: Mutex::new(Vec::new()),
+        before_delete: Mutex::new(None),
     });
     let config = SlotMapConfig {
         max_slots,

@@ -12,7 +12,7 @@
 //!
 //! Guest memory accesses that exit as MMIO are handled in [`mmio`].
 //!
-//! Recovery: a plan can make guest failures recoverable ([`VcpuPlan::recoverable`],
+//! Recovery: a plan can make guest failures recoverable ([`VcpuPlan::recoverable`](crate::plan::VcpuPlan::recoverable),
 //! used by scenarios). Then a failure ends only the current command: the
 //! vCPU completes the pending exit (`immediate_exit`), resets the guest to its
 //! command loop (registers as at boot) and reports the failure to the plan.
