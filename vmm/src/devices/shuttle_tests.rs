@@ -19,32 +19,18 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::pins::{PinError, PinManager};
-use crate::mm::addr::{Gpa, GpaRange, PAGE_SIZE};
+use crate::mm::addr::{Gpa, PAGE_SIZE};
 use crate::mm::backing::{BackingKind, HostMapping};
 use crate::mm::guard::GuardError;
 use crate::mm::manager::{MemoryManager, MemslotError, SimKvm};
 use crate::mm::model_support::{assert_caught, pct};
 use crate::mm::pin_account::{PinAccount, PinLimit};
-use crate::mm::slot_map::{SlotFlags, SlotMap, SlotMapConfig};
+use crate::mm::slot_map::{SlotFlags, SlotMapConfig};
 use crate::mm::sync::thread;
 
 const BASE: u64 = 0x4000_0000;
 const P: u64 = PAGE_SIZE;
 const ITERATIONS: usize = 2_000;
-
-/// The map's slots merged, in the hub's form.
-fn plugged_of(map: &SlotMap) -> Vec<GpaRange> {
-    let mut out: Vec<GpaRange> = Vec::new();
-    for s in map.iter() {
-        match out.last_mut() {
-            Some(last) if last.end() == s.range().start() => {
-                *last = GpaRange::from_bounds(last.start(), s.range().end()).unwrap();
-            }
-            _ => out.push(s.range()),
-        }
-    }
-    out
-}
 
 fn model(invalidate_before_drain: bool) -> impl Fn() + Send + Sync + 'static {
     move || {
@@ -81,7 +67,7 @@ fn model(invalidate_before_drain: bool) -> impl Fn() + Send + Sync + 'static {
         let unplug = memory.apply(|m| m.unplug(Gpa(BASE), 2 * P));
         assert_eq!(
             memory.hub().plugged(),
-            plugged_of(&memory.load()),
+            memory.load().plugged_ranges(),
             "after unplug"
         );
         memory
@@ -89,7 +75,7 @@ fn model(invalidate_before_drain: bool) -> impl Fn() + Send + Sync + 'static {
             .unwrap();
         assert_eq!(
             memory.hub().plugged(),
-            plugged_of(&memory.load()),
+            memory.load().plugged_ranges(),
             "after toggle"
         );
 

@@ -133,7 +133,11 @@ fn compare_range(map: &SlotMap, st: &State, range: GpaRange) -> Result<(), Strin
 /// Whether KVM agrees with the mirror about `id`: a mirrored dirty-logging
 /// slot answers `KVM_GET_DIRTY_LOG` (pages kept as pending), any other id
 /// `ENOENT`.
-fn probe(st: &mut State, backend: &dyn MemslotBackend, id: SlotId) -> Result<(), String> {
+pub(super) fn probe(
+    st: &mut State,
+    backend: &dyn MemslotBackend,
+    id: SlotId,
+) -> Result<(), String> {
     let logged = st
         .by_id
         .get(&id)

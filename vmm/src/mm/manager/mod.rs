@@ -653,25 +653,7 @@ impl MemoryManager {
             return Err("the mirror's GPA index disagrees with its id index".into());
         }
         for id in (0..map.config().max_slots).map(SlotId) {
-            let logged = st
-                .by_id
-                .get(&id)
-                .map(|r| r.spec)
-                .filter(|s| s.flags.contains(MemslotFlags::LOG_DIRTY_PAGES));
-            match logged {
-                Some(spec) => st
-                    .harvest(&*self.backend, &spec)
-                    .map_err(|f| format!("mirrored dirty-logging slot not live in KVM: {f}"))?,
-                None => match st.read_bitmap(&*self.backend, id, PAGE_SIZE) {
-                    Ok(_) => {
-                        return Err(format!(
-                            "KVM has a dirty-logging {id} the mirror does not (or not logging)"
-                        ))
-                    }
-                    Err(e) if e.errno() == libc::ENOENT => {}
-                    Err(e) => return Err(format!("KVM_GET_DIRTY_LOG probe of {id}: {e}")),
-                },
-            }
+            check::probe(&mut st, &*self.backend, id)?;
         }
         Ok(())
     }

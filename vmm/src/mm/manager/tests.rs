@@ -364,22 +364,12 @@ fn run(ops: &[RandomOp]) {
         }
         memory.check_consistency().unwrap();
         assert_cells_match_map(&memory);
-        assert_eq!(memory.hub().plugged(), plugged_of(&memory.load()), "{o:?}");
+        assert_eq!(
+            memory.hub().plugged(),
+            memory.load().plugged_ranges(),
+            "{o:?}"
+        );
     }
-}
-
-/// The map's plugged ranges, adjacent slots merged (the hub's form).
-fn plugged_of(map: &SlotMap) -> Vec<GpaRange> {
-    let mut out: Vec<GpaRange> = Vec::new();
-    for s in map.iter() {
-        match out.last_mut() {
-            Some(last) if last.end() == s.range().start() => {
-                *last = GpaRange::from_bounds(last.start(), s.range().end()).unwrap();
-            }
-            _ => out.push(s.range()),
-        }
-    }
-    out
 }
 
 /// Every slot of the published map has its cell attached with its range and

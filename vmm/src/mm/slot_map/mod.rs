@@ -279,6 +279,21 @@ impl SlotMap {
         self.slots.values()
     }
 
+    /// The plugged guest ranges, adjacent slots merged, by ascending GPA
+    /// (the form of the invalidation hub's plugged set).
+    pub fn plugged_ranges(&self) -> Vec<GpaRange> {
+        let mut out: Vec<GpaRange> = Vec::new();
+        for s in self.iter() {
+            match out.last_mut() {
+                Some(last) if last.end() == s.range.start() => {
+                    *last = GpaRange::from_bounds(last.start(), s.range.end()).unwrap_or(*last);
+                }
+                _ => out.push(s.range),
+            }
+        }
+        out
+    }
+
     /// Number of slots.
     pub fn len(&self) -> usize {
         self.slots.len()
