@@ -50,8 +50,9 @@ impl MemslotRegion {
 }
 
 /// The memslot calls the memory manager needs. Implemented for KVM's VM fd
-/// in `vmm::kvm::memslots`, for [`SimKvm`](super::SimKvm), and for `&T`
-/// and `Arc<T>`; tests wrap either to count calls or inject failures.
+/// in `vmm::kvm::memslots`, for [`SimKvm`](super::SimKvm), and for `Arc<T>`
+/// (so a test keeps its own handle); tests wrap either to count calls or
+/// inject failures.
 pub trait MemslotBackend: Send + Sync {
     /// `KVM_SET_USER_MEMORY_REGION`.
     ///
@@ -69,21 +70,6 @@ pub trait MemslotBackend: Send + Sync {
     /// holds it (`ceil(pages / 64) * 8` bytes), whatever the slot's size there is.
     unsafe fn get_dirty_log_into(&self, slot: SlotId, bitmap: *mut u64)
         -> Result<(), errno::Error>;
-}
-
-impl<T: MemslotBackend + ?Sized> MemslotBackend for &T {
-    unsafe fn set_memslot(&self, region: &MemslotRegion) -> Result<(), errno::Error> {
-        // SAFETY: forwarded; our caller upholds the same contract.
-        unsafe { (**self).set_memslot(region) }
-    }
-    unsafe fn get_dirty_log_into(
-        &self,
-        slot: SlotId,
-        bitmap: *mut u64,
-    ) -> Result<(), errno::Error> {
-        // SAFETY: forwarded; our caller upholds the same contract.
-        unsafe { (**self).get_dirty_log_into(slot, bitmap) }
-    }
 }
 
 impl<T: MemslotBackend + ?Sized> MemslotBackend for Arc<T> {
