@@ -11,7 +11,7 @@
 //! 3. transfer in chunks of at most [`CHUNK`] bytes, each under slot guards
 //!    (so the host memory cannot go away mid-chunk); before each chunk it
 //!    checks its pins: a memory change that revoked them stops the transfer
-//!    with REVOKED, and memory that vanished between chunks gives FAULT;
+//!    with REVOKED (memory that vanishes always revokes the pins first);
 //!    every piece's address is translated through the [`Iommu`]'s stage-2
 //!    table (a miss faults it in; the walk sets Accessed, and Dirty for the
 //!    destination): a write the table does not allow (read-only memory) is a
@@ -120,7 +120,7 @@ impl DmaEngine {
                 iommu,
                 stats: stats.clone(),
                 #[cfg(test)]
-                between: None,
+                hook: None,
             },
             boot,
         };
@@ -171,10 +171,10 @@ struct Transfers {
     pins: Arc<PinManager>,
     iommu: Arc<Iommu>,
     stats: Arc<DmaStats>,
-    /// Tests: runs between a piece's translation and its access, with the
-    /// slot guard held, to force interleavings.
+    /// Tests: runs at each [`Stage`] of a piece, with the slot guard held,
+    /// to force interleavings.
     #[cfg(test)]
-    between: Option<Box<dyn Fn(Gpa) + Send + Sync>>,
+    hook: Option<Box<dyn Fn(Stage, Gpa) + Send + Sync>>,
 }
 
 impl Worker {
@@ -259,7 +259,11 @@ impl Transfers {
     fn pin(&self, r: GpaRange, write: bool) -> Result<Pin, DmaError> {
         // Pins are page-granular: cover the pages the transfer touches.
         let start = r.start().align_down(PAGE_SIZE);
-        let end = r.end().0.div_ceil(PAGE_SIZE) * PAGE_SIZE;
+        let end = r
+            .end()
+            .0
+            .checked_next_multiple_of(PAGE_SIZE)
+            .ok_or(DmaError::Invalid)?;
         self.pins
             .pin(start, end - start.0, write, true)
             .map_err(|e| match e {
@@ -289,8 +293,8 @@ impl Transfers {
             match attempt {
                 Ok(guard) => return Ok(guard),
                 Err(GuardError::Busy { .. }) if started.elapsed() < DEFAULT_PIN_WAIT => {
-                    // No guard is held here: wait for the op on the writer lock.
-                    self.memory.guarded().wait_for_writer();
+                    // No guard is held here: wait for the op.
+                    self.memory.guarded().wait_for_op(started);
                 }
                 Err(GuardError::Busy { .. }) => return Err(DmaError::Revoked),
                 Err(_) => return Err(DmaError::Fault),
@@ -314,10 +318,17 @@ impl Transfers {
         while off < n {
             let at = Gpa(gpa.0 + off);
             let guard = self.acquire(at, pins)?;
-            let tr = self.iommu.translate(at, access).map_err(|e| match e {
-                IommuError::Busy { .. } => DmaError::Revoked,
-                _ => DmaError::Fault,
-            })?;
+            #[cfg(test)]
+            if let Some(hook) = &self.hook {
+                hook(Stage::Guarded, at);
+            }
+            let tr = self
+                .iommu
+                .translate_in(at, access, &guard)
+                .map_err(|e| match e {
+                    IommuError::Busy { .. } => DmaError::Revoked,
+                    _ => DmaError::Fault,
+                })?;
             debug_assert!(
                 !(write && guard.read_only()),
                 "the IOMMU let a write through to read-only {at}"
@@ -336,16 +347,17 @@ impl Transfers {
                 return Err(DmaError::Fault);
             }
             #[cfg(test)]
-            if let Some(between) = &self.between {
-                between(at);
+            if let Some(hook) = &self.hook {
+                hook(Stage::Translated, at);
             }
             f(off, piece)?;
             if write {
-                // Dirty was set before the write; a report taken in between
-                // cleared it. Mark again after the write, so every write is
-                // reported at least once. A table walk only: a leaf zapped
-                // meanwhile had its Dirty bit harvested by the zap.
-                let _ = self.iommu.table().translate(at, access);
+                // The walk set Dirty before the write, and a report taken in
+                // between may have cleared it: note the write after it
+                // landed, so it is in a later report.
+                if let Some(written) = GpaRange::new(at, len) {
+                    self.iommu.note_write(written);
+                }
             }
             off += len;
         }
@@ -387,6 +399,16 @@ impl Transfers {
         })?;
         Ok(sum)
     }
+}
+
+/// Where in a piece a test hook runs.
+#[cfg(test)]
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Stage {
+    /// The slot guard is taken; the piece is not translated yet.
+    Guarded,
+    /// Translated; the data is not moved yet.
+    Translated,
 }
 
 /// A piece as an array of `u64`s (pieces of a transfer are 8-byte aligned
@@ -439,7 +461,7 @@ mod tests {
             iommu: Arc::new(Iommu::new(memory.clone())),
             memory,
             stats: Arc::new(DmaStats::default()),
-            between: None,
+            hook: None,
         }
     }
 
@@ -502,6 +524,8 @@ mod tests {
             desc(dma_op::FILL, 0, BASE, 12, 1),
             desc(dma_op::FILL, 0, BASE + 4, 8, 1),
             desc(dma_op::FILL, 0, u64::MAX - 7, 16, 1),
+            // Fits below 2^64, but its page cover does not.
+            desc(dma_op::FILL, 0, 0xFFFF_FFFF_FFFF_F000, 8, 1),
             desc(99, BASE, BASE, 8, 1),
         ] {
             assert_eq!(t.execute(&bad), Err(DmaError::Invalid), "{bad:?}");
@@ -604,8 +628,8 @@ mod tests {
         let (memory, iommu) = (t.memory.clone(), t.iommu.clone());
         let protect = Arc::new(Mutex::new(None));
         let spawned = protect.clone();
-        t.between = Some(Box::new(move |_| {
-            if spawned.lock().unwrap().is_some() {
+        t.hook = Some(Box::new(move |stage, _| {
+            if stage != Stage::Translated || spawned.lock().unwrap().is_some() {
                 return;
             }
             // The report between the walk (Dirty set) and the write.
@@ -639,8 +663,8 @@ mod tests {
         let memory = t.memory.clone();
         let replug = Arc::new(Mutex::new(None));
         let spawned = replug.clone();
-        t.between = Some(Box::new(move |at| {
-            if at.0 != BASE || spawned.lock().unwrap().is_some() {
+        t.hook = Some(Box::new(move |stage, at| {
+            if stage != Stage::Translated || at.0 != BASE || spawned.lock().unwrap().is_some() {
                 return;
             }
             let memory = memory.clone();
@@ -667,5 +691,45 @@ mod tests {
             "nothing written into the replugged page"
         );
         assert_eq!(t.pins.account().pinned().charged(), 0);
+    }
+
+    /// A protect of another page of the destination's slot starts while the
+    /// transfer holds the slot's guard and before the piece is translated:
+    /// the writer excludes the slot and waits for the guard. The fill of the
+    /// untouched page must use the guard the transfer holds (a second guard
+    /// would be refused while the slot is excluded), so the transfer, on
+    /// memory that stays plugged, completes.
+    #[test]
+    fn test_a_fill_under_a_held_guard_survives_a_writer_waiting_on_the_slot() {
+        use std::sync::Mutex;
+        use std::time::Duration;
+
+        let mut t = transfers(PinLimit::Unlimited);
+        let memory = t.memory.clone();
+        let protect = Arc::new(Mutex::new(None));
+        let spawned = protect.clone();
+        t.hook = Some(Box::new(move |stage, _| {
+            if stage != Stage::Guarded || spawned.lock().unwrap().is_some() {
+                return;
+            }
+            let memory = memory.clone();
+            *spawned.lock().unwrap() = Some(std::thread::spawn(move || {
+                memory
+                    .apply(|m| m.protect(Gpa(BASE + 8 * 4096), 4096, true))
+                    .map(|_| ())
+            }));
+            // Let the writer exclude the slot and start waiting for us.
+            std::thread::sleep(Duration::from_millis(50));
+        }));
+        assert_eq!(t.execute(&desc(dma_op::FILL, 0, BASE, 4096, 3)), Ok(0));
+        protect
+            .lock()
+            .unwrap()
+            .take()
+            .unwrap()
+            .join()
+            .unwrap()
+            .unwrap();
+        assert_eq!(word(&t, BASE), 3);
     }
 }

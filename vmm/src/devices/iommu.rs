@@ -283,14 +283,40 @@ impl Iommu {
     /// read-only memory, or execute), [`IommuError::Busy`] (an invalidation of
     /// the page kept racing the fill), [`IommuError::Table`].
     pub fn translate(&self, gpa: Gpa, access: Access) -> Result<Translation, IommuError> {
-        let result = self.try_translate(gpa, access);
+        self.counted(self.try_translate(gpa, access, None))
+    }
+
+    /// As [`translate`](Self::translate), for a device that already holds a
+    /// guard on the slot of `gpa`: a fill uses that guard instead of taking
+    /// another. (Taking a second guard could meet a writer that excluded the
+    /// slot and waits for the first one to drain: the fill would then fail
+    /// for memory that stays plugged.)
+    ///
+    /// # Errors
+    /// As [`translate`](Self::translate).
+    pub fn translate_in(
+        &self,
+        gpa: Gpa,
+        access: Access,
+        guard: &SlotRef<'_>,
+    ) -> Result<Translation, IommuError> {
+        self.counted(self.try_translate(gpa, access, Some(guard)))
+    }
+
+    fn counted(&self, result: Result<Translation, IommuError>) -> Result<Translation, IommuError> {
         if result.is_err() {
             bump(&self.state.counters.failures, 1);
         }
         result
     }
 
-    fn try_translate(&self, gpa: Gpa, access: Access) -> Result<Translation, IommuError> {
+    fn try_translate(
+        &self,
+        gpa: Gpa,
+        access: Access,
+        held: Option<&SlotRef<'_>>,
+    ) -> Result<Translation, IommuError> {
+        let held = held.filter(|g| g.range().contains(gpa));
         let table = &self.state.table;
         for attempt in 0..FAULT_ATTEMPTS {
             if let Some(t) = table.translate(gpa, access) {
@@ -311,9 +337,13 @@ impl Iommu {
                 if access != Access::Write {
                     return Err(denied);
                 }
-                match self.memory.try_acquire(gpa) {
-                    Ok(g) if g.read_only() => return Err(denied),
-                    Ok(_) => {
+                let read_only = match held {
+                    Some(g) => Ok(g.read_only()),
+                    None => self.memory.try_acquire(gpa).map(|g| g.read_only()),
+                };
+                match read_only {
+                    Ok(true) => return Err(denied),
+                    Ok(false) => {
                         // Unprotecting is not an invalidation (nothing is
                         // taken away), so a read-only leaf can outlive its
                         // reason, like a spurious EPT violation in KVM: zap
@@ -330,7 +360,7 @@ impl Iommu {
                 }
                 continue;
             }
-            match self.fill(gpa, access)? {
+            match self.fill(gpa, access, held)? {
                 Fill::Mapped => {}
                 Fill::Again => std::thread::yield_now(),
             }
@@ -342,19 +372,33 @@ impl Iommu {
     }
 
     /// One attempt of the fault path for `gpa` (invariant 2).
-    fn fill(&self, gpa: Gpa, access: Access) -> Result<Fill, IommuError> {
+    fn fill(
+        &self,
+        gpa: Gpa,
+        access: Access,
+        held: Option<&SlotRef<'_>>,
+    ) -> Result<Fill, IommuError> {
         let seq = self.hub.read_begin();
-        let guard = match self.memory.try_acquire(gpa) {
-            Ok(g) => g,
-            Err(GuardError::Unplugged { .. }) => return Err(IommuError::Unplugged { gpa, access }),
-            Err(_) => return Ok(Fill::Again), // a writer holds the slot
+        let own;
+        let guard = match held {
+            Some(g) => g,
+            None => {
+                own = match self.memory.try_acquire(gpa) {
+                    Ok(g) => g,
+                    Err(GuardError::Unplugged { .. }) => {
+                        return Err(IommuError::Unplugged { gpa, access })
+                    }
+                    Err(_) => return Ok(Fill::Again), // a writer holds the slot
+                };
+                &own
+            }
         };
         let perms = if guard.read_only() {
             Perms::R
         } else {
             Perms::RW
         };
-        let (page, hva, size) = self.leaf_for(&guard, gpa)?;
+        let (page, hva, size) = self.leaf_for(guard, gpa)?;
         let installed = match self.state.table.map(page.start(), hva, size, perms) {
             Ok(()) => true,
             // Another fault mapped it, or (for a 2 MiB leaf) 4 KiB leaves
@@ -382,9 +426,7 @@ impl Iommu {
             return Ok(Fill::Mapped);
         }
         // `guard` lives until `settle` returned: see invariant 2.
-        let fill = self.settle(seq, page, size == PageSize::Size2M);
-        drop(guard);
-        fill
+        self.settle(seq, page, size == PageSize::Size2M)
     }
 
     /// The `retry` half of the fault path for a leaf just installed.
@@ -466,6 +508,19 @@ impl Iommu {
         drop(pending);
         out.extend(live);
         Ok(out.into_iter().collect())
+    }
+
+    /// Records a device write to `range` as dirty, after the data landed:
+    /// the next [`take_dirty`](Self::take_dirty) of it reports the frames,
+    /// whatever happened to the leaf meanwhile (a report that cleared the
+    /// walk's Dirty bit before the store, a leaf zapped by a racing fill).
+    /// KVM's `mark_page_dirty` does the same for writes the host makes.
+    pub fn note_write(&self, range: GpaRange) {
+        let Some(cover) = page_cover(range) else {
+            return;
+        };
+        let frames = (cover.start().gfn().0..cover.end().gfn().0).map(Gfn);
+        self.state.pending().extend(frames);
     }
 
     /// Every mapping, ascending, adjacent leaves merged into runs.

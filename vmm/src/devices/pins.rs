@@ -36,9 +36,9 @@
 //! locked is always the union of live pins.
 //!
 //! # Lifetime
-//! The subscription lives as long as the manager or any [`Pin`] (both hold
-//! the registration), so a pin never outlives the veto and revocation that
-//! keep its memory mapped while it is locked.
+//! The subscription and the memory manager live as long as the pin manager
+//! or any [`Pin`] (both hold the registration), so a pin never outlives the
+//! memory it locks, nor the veto and revocation that keep it mapped.
 //!
 //! Who gets which: the DMA engine pins revocably for the duration of each
 //! transfer (hotplug must win over a transfer); scenario `pin` steps choose
@@ -255,6 +255,9 @@ impl Subscriber for PinState {
 /// and every pin are gone.
 #[derive(Debug)]
 struct Registration {
+    /// The memory the pins lock: it outlives every pin, so no pin's memory
+    /// is torn down without its veto or revocation.
+    memory: Arc<MemoryManager>,
     hub: Arc<InvalidationHub>,
     subscription: SubscriptionId,
     state: Arc<PinState>,
@@ -269,7 +272,6 @@ impl Drop for Registration {
 /// Pins guest memory for devices; see the module docs.
 #[derive(Debug)]
 pub struct PinManager {
-    memory: Arc<MemoryManager>,
     registration: Arc<Registration>,
     wait_bound: Duration,
 }
@@ -328,8 +330,8 @@ impl PinManager {
         });
         let subscription = hub.subscribe_all(state.clone());
         Self {
-            memory,
             registration: Arc::new(Registration {
+                memory,
                 hub,
                 subscription,
                 state,
@@ -372,8 +374,8 @@ impl PinManager {
                         bound: self.wait_bound,
                     })
                 }
-                // We hold no guard here: wait for the op on the writer lock.
-                Attempt::Busy => self.memory.guarded().wait_for_writer(),
+                // We hold no guard here: wait for the op.
+                Attempt::Busy => self.registration.memory.guarded().wait_for_op(started),
             }
         }
     }
@@ -386,7 +388,7 @@ impl PinManager {
         let mut pieces: Vec<(Hva, u64)> = Vec::new();
         let mut gpa = range.start();
         while gpa < range.end() {
-            let guard = match self.memory.try_acquire(gpa) {
+            let guard = match self.registration.memory.try_acquire(gpa) {
                 Ok(guard) => guard,
                 Err(GuardError::Busy { .. }) => return Attempt::Busy,
                 Err(_) => return Attempt::Failed(PinError::NotPlugged { range, gpa: gpa.0 }),
@@ -605,6 +607,25 @@ mod tests {
             "unsubscribed with the last pin"
         );
         memory.apply(|m| m.unplug(BASE, P)).unwrap();
+    }
+
+    #[test]
+    fn test_a_pin_keeps_its_memory_mapped_after_every_other_owner_is_gone() {
+        let memory = Arc::new(MemoryManager::new(SimKvm::new(), SlotMapConfig::default()).unwrap());
+        let mem = Arc::new(HostMapping::new(&BackingKind::Anon, 4 * P).unwrap());
+        let weak = Arc::downgrade(&mem);
+        memory
+            .apply(|m| m.plug(BASE, 4 * P, mem, 0, SlotFlags::NONE))
+            .unwrap();
+        let pins = PinManager::new(memory, Arc::new(PinAccount::new(PinLimit::Unlimited)));
+        let pin = pins.pin(BASE, 2 * P, true, false).unwrap();
+        drop(pins);
+        assert!(
+            weak.upgrade().is_some(),
+            "the pinned memory was unmapped under the pin"
+        );
+        drop(pin);
+        assert!(weak.upgrade().is_none(), "released with the last pin");
     }
 
     /// Tries, from the writer's veto phase (after the pin manager's own

@@ -179,6 +179,9 @@ impl<'a> SlotRef<'a> {
 
     /// `[gpa, gpa + len)` as a vm-memory [`VolatileSlice`] for reading. The
     /// slice borrows the guard: the memory stays mapped for its lifetime.
+    /// The slice type can write too: writers take
+    /// [`slice_for_write`](Self::slice_for_write), which refuses read-only
+    /// slots.
     ///
     /// # Errors
     /// [`GuardError::OutOfSlot`].

@@ -15,8 +15,9 @@
 //! invalidated page is dropped at `invalidate_start` and never returned after
 //! `invalidate_end` (see [`TranslationCache`]). A page whose slot changed
 //! without an invalidation of that page (its slot was split by a protect of
-//! another page, or its dirty-log flag changed) is caught by the generation,
-//! forgotten, and resolved again.
+//! another page) is caught by the generation, forgotten, and resolved again.
+//! A dirty-log toggle keeps the slot's generation; a cached page holds
+//! nothing it changes.
 
 use std::fmt;
 use std::sync::Arc;

@@ -122,14 +122,8 @@ const STALE_RETRIES: u32 = 64;
 /// ops that never pause.
 pub const READER_WAIT_BOUND: Duration = Duration::from_secs(10);
 
-/// Waits for the op changing a slot a reader wants: on the writer lock, and
-/// if no writer holds it (a slot left excluded), a short sleep, so a stuck
-/// slot costs its waiter little CPU until the bound.
 fn wait_for_op(map: &GuardedMap, started: Instant) {
-    map.wait_for_writer();
-    if started.elapsed() > Duration::from_millis(1) {
-        std::thread::sleep(Duration::from_micros(200));
-    }
+    map.wait_for_op(started);
 }
 
 /// Errors of guarded guest-memory access, reader and writer side.
@@ -275,6 +269,18 @@ impl GuardedMap {
     /// [`SlotRef`] (see the module docs).
     pub fn wait_for_writer(&self) {
         drop(self.shared.begin_write());
+    }
+
+    /// Waits for the op changing a slot a caller (waiting since
+    /// `waiting_since`) wants: on the writer lock, and, once the wait has
+    /// lasted a millisecond, a short sleep too, so a slot left excluded (a
+    /// writer that panicked) costs its waiter little CPU until the caller's
+    /// bound. Must not be called while holding a [`SlotRef`].
+    pub fn wait_for_op(&self, waiting_since: Instant) {
+        self.wait_for_writer();
+        if waiting_since.elapsed() > Duration::from_millis(1) {
+            std::thread::sleep(Duration::from_micros(200));
+        }
     }
 
     /// The cells, by slot id.

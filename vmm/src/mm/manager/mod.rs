@@ -585,8 +585,9 @@ impl MemoryManager {
 
     /// Records a write the VMM made on a vCPU's behalf (an emulated access)
     /// to `[gpa, gpa + len)` as dirty, if dirty logging is on there: KVM's
-    /// log only sees writes KVM itself let through. Call it holding no slot
-    /// guard (a writer may hold the state lock while draining guards).
+    /// log only sees writes KVM itself let through. It takes the manager's
+    /// state lock briefly (a writer drains guards before it takes that lock,
+    /// so a caller may hold a guard).
     pub fn mark_dirty(&self, gpa: Gpa, len: u64) {
         let map = self.load();
         if len == 0 || !map.lookup(gpa).is_some_and(|s| s.flags().dirty_log) {

@@ -123,8 +123,7 @@ impl SlotExclusion<'_> {
     }
 
     /// As [`reshape`](Self::reshape), with the caller's generation (see
-    /// [`SlotCell::attach_as`]). Also used for a flags-only change, where the
-    /// range stays and only the generation moves.
+    /// [`SlotCell::attach_as`]).
     pub fn reshape_as(
         &mut self,
         range: GpaRange,
