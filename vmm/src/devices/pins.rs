@@ -269,7 +269,9 @@ impl Drop for Registration {
     }
 }
 
-/// Pins guest memory for devices; see the module docs.
+/// Pins guest memory for devices; see the module docs. Use one per memory
+/// manager: the per-page mlock counts are the manager's own, so two pin
+/// managers over the same memory would unlock each other's pages.
 #[derive(Debug)]
 pub struct PinManager {
     registration: Arc<Registration>,

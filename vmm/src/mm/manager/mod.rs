@@ -477,12 +477,15 @@ impl MemoryManager {
             SlotOp::Resize => Reason::Grow,
             _ => Reason::Plug,
         };
+        // Every range is announced even if one is refused; the first error
+        // (a discard's before an announcement's) is reported.
+        let mut announce_error = None;
         for &range in &added {
-            self.hub
-                .added(range, reason)
-                .map_err(MemslotError::Announce)?;
+            if let Err(e) = self.hub.added(range, reason) {
+                announce_error.get_or_insert(MemslotError::Announce(e));
+            }
         }
-        if let Some(e) = discard_error {
+        if let Some(e) = discard_error.or(announce_error) {
             return Err(e);
         }
         Ok(Applied {
