@@ -32,8 +32,12 @@ impl fmt::Display for SlotId {
 
 /// The flags of a slot.
 ///
-/// `read_only` and `dirty_log` map to KVM memslot flags; `fixed` is the map's
-/// own: a fixed slot (the boot region) is refused by every op and never merges.
+/// `read_only` and `dirty_log` map to KVM memslot flags
+/// ([`SlotFlags::memslot_flags`]); `fixed` is the map's own: a fixed slot
+/// (the boot region) is refused by every op and never merges. Named booleans
+/// rather than a bitflags set: they are read one at a time far more often
+/// than combined, and `fixed` never reaches the backend; the set that does
+/// is the bitflags [`MemslotFlags`].
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, Default)]
 pub struct SlotFlags {
     /// Guest writes exit to the VMM as MMIO (`KVM_MEM_READONLY`).
