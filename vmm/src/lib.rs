@@ -15,6 +15,7 @@ pub mod bench;
 pub mod boot;
 pub mod cli;
 pub mod devices;
+pub mod fuzz;
 pub mod kvm;
 pub mod mm;
 pub mod plan;
