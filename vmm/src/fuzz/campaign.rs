@@ -200,7 +200,10 @@ impl Campaign {
         let (a, s) = (args.arena_base, args.arena_size);
         let ram_end = layout.ram.0 + layout.ram.1;
         if a % (2 << 20) != 0 || s < (2 << 20) || s % (2 << 20) != 0 {
-            return Err(FuzzError::Flags("--arena-base and --arena-size must be multiples of 2 MiB (size at least 2M)".into()));
+            return Err(FuzzError::Flags(
+                "--arena-base and --arena-size must be multiples of 2 MiB (size at least 2M)"
+                    .into(),
+            ));
         }
         let end = a.checked_add(s).unwrap_or(u64::MAX);
         if a < ram_end || end > layout.guest_end {
@@ -220,7 +223,12 @@ impl Campaign {
 
     fn scenario(&self, actions: &[Action], title: &str) -> Scenario {
         let steps = expectations(&self.layout, actions);
-        real::scenario(title, &format!("written by vmm fuzz --backend {:?}", self.args.backend).to_lowercase(), &self.layout, steps)
+        real::scenario(
+            title,
+            &format!("written by vmm fuzz --backend {:?}", self.args.backend).to_lowercase(),
+            &self.layout,
+            steps,
+        )
     }
 
     /// Runs `actions` on the backend.
@@ -232,7 +240,15 @@ impl Campaign {
                 let steps = expectations(&self.layout, &actions[..n]);
                 let outcomes = steps
                     .iter()
-                    .map(|s| (s.kind().to_string(), super::timeline::allowed(s).first().map_or("ok", |o| o.name()).to_string()))
+                    .map(|s| {
+                        (
+                            s.kind().to_string(),
+                            super::timeline::allowed(s)
+                                .first()
+                                .map_or("ok", |o| o.name())
+                                .to_string(),
+                        )
+                    })
                     .collect();
                 Ok(Ran { finding, outcomes })
             }
@@ -240,7 +256,9 @@ impl Campaign {
                 let sc = self.scenario(actions, "fuzz");
                 // A timeline the file reader would refuse is no reproducer.
                 if let Err(e) = Scenario::parse(&sc.to_toml()) {
-                    return Err(FuzzError::File(format!("generated an invalid scenario: {e}")));
+                    return Err(FuzzError::File(format!(
+                        "generated an invalid scenario: {e}"
+                    )));
                 }
                 let timeout = Duration::from_secs(60);
                 let (finding, report) = real::run_with_report(sc, &self.layout, timeout)?;
@@ -270,13 +288,21 @@ impl Campaign {
         }
     }
 
-    fn write(&self, actions: &[Action], finding: &Finding, name: &str) -> Result<PathBuf, FuzzError> {
+    fn write(
+        &self,
+        actions: &[Action],
+        finding: &Finding,
+        name: &str,
+    ) -> Result<PathBuf, FuzzError> {
         std::fs::create_dir_all(&self.args.out)
             .map_err(|e| FuzzError::File(format!("creating {}: {e}", self.args.out.display())))?;
         let path = self.args.out.join(format!("{name}.toml"));
         let mut sc = self.scenario(actions, name);
         if let Some(s) = sc.steps.get_mut(finding.step.saturating_sub(1)) {
-            s.note = Some(format!("the finding: got {}", finding.actual.chars().take(200).collect::<String>()));
+            s.note = Some(format!(
+                "the finding: got {}",
+                finding.actual.chars().take(200).collect::<String>()
+            ));
         }
         std::fs::write(&path, sc.to_toml())
             .map_err(|e| FuzzError::File(format!("writing {}: {e}", path.display())))?;
@@ -284,22 +310,51 @@ impl Campaign {
     }
 
     /// Writes, shrinks and reruns a finding.
-    fn report_finding(&self, seed: u64, actions: &[Action], finding: Finding, say: &mut dyn FnMut(String)) -> Result<FindingReport, FuzzError> {
-        let base = format!("{}-seed{seed}", self.args.backend.to_possible_value().map_or("fuzz".into(), |v| v.get_name().to_string()));
+    fn report_finding(
+        &self,
+        seed: u64,
+        actions: &[Action],
+        finding: Finding,
+        say: &mut dyn FnMut(String),
+    ) -> Result<FindingReport, FuzzError> {
+        let base = format!(
+            "{}-seed{seed}",
+            self.args
+                .backend
+                .to_possible_value()
+                .map_or("fuzz".into(), |v| v.get_name().to_string())
+        );
         let cut = &actions[..finding.step.min(actions.len())];
         let full = self.write(cut, &finding, &base)?;
-        say(format!("reproducer ({} steps): {}", cut.len(), full.display()));
-        let s = shrink::shrink(cut.to_vec(), finding.clone(), self.args.shrink_runs, |c| self.try_run(c));
+        say(format!(
+            "reproducer ({} steps): {}",
+            cut.len(),
+            full.display()
+        ));
+        let s = shrink::shrink(cut.to_vec(), finding.clone(), self.args.shrink_runs, |c| {
+            self.try_run(c)
+        });
         let shrunk = self.write(&s.actions, &s.finding, &format!("{base}-min"))?;
-        say(format!("shrunk to {} steps in {} runs: {}", s.actions.len(), s.runs, shrunk.display()));
+        say(format!(
+            "shrunk to {} steps in {} runs: {}",
+            s.actions.len(),
+            s.runs,
+            shrunk.display()
+        ));
         let mut k = 0;
         for _ in 0..self.args.reruns {
-            if self.try_run(&s.actions).is_some_and(|f| f.signature == s.finding.signature) {
+            if self
+                .try_run(&s.actions)
+                .is_some_and(|f| f.signature == s.finding.signature)
+            {
                 k += 1;
             }
         }
         let replay = self.replay_command(&shrunk);
-        say(format!("reproduced {k} of {} reruns; replay: {replay}", self.args.reruns));
+        say(format!(
+            "reproduced {k} of {} reruns; replay: {replay}",
+            self.args.reruns
+        ));
         Ok(FindingReport {
             seed,
             finding: s.finding,
@@ -355,7 +410,9 @@ pub fn main(args: &FuzzArgs) -> i32 {
         args.arena_base + args.arena_size
     ));
     let started = Instant::now();
-    let total = args.steps.unwrap_or(if args.time.is_some() { u64::MAX } else { 1000 });
+    let total = args
+        .steps
+        .unwrap_or(if args.time.is_some() { u64::MAX } else { 1000 });
     let mut report = FuzzReport {
         seed,
         backend: args.backend,
@@ -386,16 +443,29 @@ pub fn main(args: &FuzzArgs) -> i32 {
         report.steps += ran.outcomes.len() as u64;
         for (kind, outcome) in &ran.outcomes {
             *report.ops.entry(kind.clone()).or_default() += 1;
-            *report.outcomes.entry(kind.clone()).or_default().entry(outcome.clone()).or_default() += 1;
+            *report
+                .outcomes
+                .entry(kind.clone())
+                .or_default()
+                .entry(outcome.clone())
+                .or_default() += 1;
         }
         let rate = report.steps as f64 / started.elapsed().as_secs_f64().max(1e-9);
         if tty {
             let top: Vec<String> = report.ops.iter().map(|(k, v)| format!("{k} {v}")).collect();
-            eprint!("\r[fuzz] {} steps, {rate:.0} steps/s, {} finding(s); {}\x1b[K", report.steps, report.findings.len(), top.join(", "));
+            eprint!(
+                "\r[fuzz] {} steps, {rate:.0} steps/s, {} finding(s); {}\x1b[K",
+                report.steps,
+                report.findings.len(),
+                top.join(", ")
+            );
             let _ = std::io::stderr().flush();
         }
         if args.verbose {
-            say(format!("chunk {k} (seed {cs}): {} steps, {rate:.0} steps/s", ran.outcomes.len()));
+            say(format!(
+                "chunk {k} (seed {cs}): {} steps, {rate:.0} steps/s",
+                ran.outcomes.len()
+            ));
         }
         if let Some(f) = ran.finding {
             if tty {
@@ -459,7 +529,14 @@ fn replay(campaign: &Campaign, path: &Path, say: &mut dyn FnMut(String)) -> i32 
             0
         }
         Ok(Some(f)) => {
-            say(format!("{}: step {} ({}): expected {}, got {}", path.display(), f.step, f.what, f.expected, f.actual));
+            say(format!(
+                "{}: step {} ({}): expected {}, got {}",
+                path.display(),
+                f.step,
+                f.what,
+                f.expected,
+                f.actual
+            ));
             1
         }
         Err(e) => {

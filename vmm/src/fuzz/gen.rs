@@ -191,12 +191,23 @@ impl Generator {
             0 => self.plug(model),
             1 => {
                 let (gpa, size) = self.range(model);
-                Action::Unplug(step::Unplug { gpa: n(gpa), size: n(size) })
+                Action::Unplug(step::Unplug {
+                    gpa: n(gpa),
+                    size: n(size),
+                })
             }
             2 => {
                 let (gpa, size) = self.range(model);
-                let access = if self.rng.chance(60) { Access::Ro } else { Access::Rw };
-                Action::Protect(step::Protect { gpa: n(gpa), size: n(size), access })
+                let access = if self.rng.chance(60) {
+                    Access::Ro
+                } else {
+                    Access::Rw
+                };
+                Action::Protect(step::Protect {
+                    gpa: n(gpa),
+                    size: n(size),
+                    access,
+                })
             }
             3 => {
                 let (gpa, size) = self.range(model);
@@ -205,16 +216,28 @@ impl Generator {
                 } else {
                     self.addr(model)
                 };
-                Action::Move(step::Move { gpa: n(gpa), size: n(size), to: n(to) })
+                Action::Move(step::Move {
+                    gpa: n(gpa),
+                    size: n(size),
+                    to: n(to),
+                })
             }
             4 => self.resize(model),
             5 => {
                 let (gpa, size) = self.range(model);
                 if self.rng.chance(50) {
                     let on = self.rng.chance(65);
-                    Action::DirtyLog(step::DirtyLog { gpa: n(gpa), size: n(size), on })
+                    Action::DirtyLog(step::DirtyLog {
+                        gpa: n(gpa),
+                        size: n(size),
+                        on,
+                    })
                 } else {
-                    Action::DirtyPages(step::DirtyPages { gpa: n(gpa), size: n(size), pages: None })
+                    Action::DirtyPages(step::DirtyPages {
+                        gpa: n(gpa),
+                        size: n(size),
+                        pages: None,
+                    })
                 }
             }
             6 => self.plug_many(model),
@@ -226,7 +249,10 @@ impl Generator {
 
     /// The arena's slots, as (start, end).
     fn arena_slots(&self, model: &Model) -> Vec<(u64, u64)> {
-        let (a, b) = (self.cfg.arena_base, self.cfg.arena_base + self.cfg.arena_size);
+        let (a, b) = (
+            self.cfg.arena_base,
+            self.cfg.arena_base + self.cfg.arena_size,
+        );
         model
             .slots
             .slots
@@ -378,11 +404,18 @@ impl Generator {
             5 => len,
             _ => len + PAGE * (1 + self.rng.below(4)),
         };
-        Action::Resize(step::Resize { gpa: n(gpa), new_size: n(new) })
+        Action::Resize(step::Resize {
+            gpa: n(gpa),
+            new_size: n(new),
+        })
     }
 
     fn plug_many(&mut self, model: &Model) -> Action {
-        let free = model.layout.limits.max_slots.saturating_sub(model.slots.slots.len()) as u64;
+        let free = model
+            .layout
+            .limits
+            .max_slots
+            .saturating_sub(model.slots.slots.len()) as u64;
         let count = match self.rng.below(10) {
             0 => free + 1,
             1 if free <= 4096 => free,
@@ -398,7 +431,10 @@ impl Generator {
         if self.rng.chance(10) {
             gpa += 8;
         }
-        Action::PlugMany(step::PlugMany { gpa: n(gpa), count: Some(n(count)) })
+        Action::PlugMany(step::PlugMany {
+            gpa: n(gpa),
+            count: Some(n(count)),
+        })
     }
 
     fn pin(&mut self, model: &Model) -> Action {
@@ -408,8 +444,12 @@ impl Generator {
                 let name = names[self.rng.below(names.len() as u64) as usize].clone();
                 Action::Unpin(step::Unpin { name })
             }
-            3 => Action::Unpin(step::Unpin { name: "nobody".into() }),
-            4 => Action::Check(step::Check { pages: Some(model.pinned_pages()) }),
+            3 => Action::Unpin(step::Unpin {
+                name: "nobody".into(),
+            }),
+            4 => Action::Check(step::Check {
+                pages: Some(model.pinned_pages()),
+            }),
             _ => {
                 let (gpa, mut size) = self.range(model);
                 if self.rng.chance(5) {
@@ -436,7 +476,10 @@ impl Generator {
     /// guest's reach and off the boot region and RAM), mostly over slots.
     fn guest_range(&mut self, model: &Model) -> (u64, u64) {
         let slots = self.arena_slots(model);
-        let (a, b) = (self.cfg.arena_base, self.cfg.arena_base + self.cfg.arena_size);
+        let (a, b) = (
+            self.cfg.arena_base,
+            self.cfg.arena_base + self.cfg.arena_size,
+        );
         let (gpa, size) = if slots.is_empty() || self.rng.chance(15) {
             (a + self.rng.below(self.cfg.arena_size / PAGE) * PAGE, PAGE)
         } else {
@@ -465,34 +508,97 @@ impl Generator {
         let is_async = self.rng.chance(15);
         let (v, repeat) = (vcpu, 1 + u64::from(self.rng.chance(10)));
         match self.rng.below(10) {
-            0..=2 => Action::Fill(gc(v, repeat, false, step::Fill { gpa: n(gpa), size: n(size), seed: n(seed), origin: None })),
+            0..=2 => Action::Fill(gc(
+                v,
+                repeat,
+                false,
+                step::Fill {
+                    gpa: n(gpa),
+                    size: n(size),
+                    seed: n(seed),
+                    origin: None,
+                },
+            )),
             3 | 4 => self.verify_known(model, v, is_async).unwrap_or_else(|| {
-                Action::VerifyConst(gc(v, repeat, is_async, step::VerifyConst { gpa: n(gpa), size: n(size), value: n(0) }))
+                Action::VerifyConst(gc(
+                    v,
+                    repeat,
+                    is_async,
+                    step::VerifyConst {
+                        gpa: n(gpa),
+                        size: n(size),
+                        value: n(0),
+                    },
+                ))
             }),
-            5 => Action::Touch(gc(v, repeat, is_async, step::Touch {
-                gpa: n(gpa),
-                size: n(size),
-                stride: self.rng.chance(30).then_some(n(self.rng.pick(&[8, 512, 8192]))),
-                write: Some(false),
-            })),
-            6 => Action::Touch(gc(v, repeat, false, step::Touch { gpa: n(gpa), size: n(size), stride: None, write: Some(true) })),
+            5 => Action::Touch(gc(
+                v,
+                repeat,
+                is_async,
+                step::Touch {
+                    gpa: n(gpa),
+                    size: n(size),
+                    stride: self
+                        .rng
+                        .chance(30)
+                        .then_some(n(self.rng.pick(&[8, 512, 8192]))),
+                    write: Some(false),
+                },
+            )),
+            6 => Action::Touch(gc(
+                v,
+                repeat,
+                false,
+                step::Touch {
+                    gpa: n(gpa),
+                    size: n(size),
+                    stride: None,
+                    write: Some(true),
+                },
+            )),
             7 => {
                 let off = self.rng.below(PAGE / 8) * 8;
                 let at = gpa + off.min(size - 8);
                 let value = model
                     .content_at(at - at % PAGE)
                     .and_then(|(c, _, _)| c.word(at % PAGE));
-                Action::Read(gc(v, repeat, false, step::Read { gpa: n(at), value: value.map(n) }))
+                Action::Read(gc(
+                    v,
+                    repeat,
+                    false,
+                    step::Read {
+                        gpa: n(at),
+                        value: value.map(n),
+                    },
+                ))
             }
-            8 => Action::Write(gc(v, repeat, false, step::Write { gpa: n(gpa + 8 * self.rng.below(PAGE / 8).min(size / 8 - 1)), value: n(seed) })),
-            _ => Action::Spin(gc(v, repeat, false, step::Spin { iterations: n(1 + self.rng.below(1000)) })),
+            8 => Action::Write(gc(
+                v,
+                repeat,
+                false,
+                step::Write {
+                    gpa: n(gpa + 8 * self.rng.below(PAGE / 8).min(size / 8 - 1)),
+                    value: n(seed),
+                },
+            )),
+            _ => Action::Spin(gc(
+                v,
+                repeat,
+                false,
+                step::Spin {
+                    iterations: n(1 + self.rng.below(1000)),
+                },
+            )),
         }
     }
 
     /// A verify of a run of pages whose content the model knows.
     pub fn verify_known(&mut self, model: &Model, vcpu: u64, is_async: bool) -> Option<Action> {
         use super::model::guest::Content;
-        let (a, b) = (self.cfg.arena_base, self.cfg.arena_base + self.cfg.arena_size);
+        let (a, b) = (
+            self.cfg.arena_base,
+            self.cfg.arena_base + self.cfg.arena_size,
+        );
         let known: Vec<u64> = model
             .slots
             .slots
@@ -504,9 +610,8 @@ impl Generator {
             return None;
         }
         let start = known[self.rng.below(known.len() as u64) as usize];
-        verify_run(model, start, 16, vcpu, is_async).filter(|_| {
-            !matches!(model.content_at(start), Some((Content::Unknown, _, _)))
-        })
+        verify_run(model, start, 16, vcpu, is_async)
+            .filter(|_| !matches!(model.content_at(start), Some((Content::Unknown, _, _))))
     }
 
     fn dma(&mut self, model: &Model) -> Action {
@@ -516,15 +621,42 @@ impl Generator {
         }
         let (gpa, size) = self.guest_range(model);
         match self.rng.below(3) {
-            0 => Action::DmaFill(gc(vcpu, 1, false, step::DmaFill { gpa: n(gpa), size: n(size), value: n(self.rng.next_u64()) })),
+            0 => Action::DmaFill(gc(
+                vcpu,
+                1,
+                false,
+                step::DmaFill {
+                    gpa: n(gpa),
+                    size: n(size),
+                    value: n(self.rng.next_u64()),
+                },
+            )),
             1 => {
                 let sum = model.checksum(gpa, gpa + size);
-                Action::DmaChecksum(gc(vcpu, 1, false, step::DmaChecksum { gpa: n(gpa), size: n(size), value: sum.map(n) }))
+                Action::DmaChecksum(gc(
+                    vcpu,
+                    1,
+                    false,
+                    step::DmaChecksum {
+                        gpa: n(gpa),
+                        size: n(size),
+                        value: sum.map(n),
+                    },
+                ))
             }
             _ => {
                 let (to, _) = self.guest_range(model);
                 let to = to.min(self.cfg.arena_base + self.cfg.arena_size - size);
-                Action::DmaCopy(gc(vcpu, 1, false, step::DmaCopy { gpa: n(gpa), to: n(to), size: n(size) }))
+                Action::DmaCopy(gc(
+                    vcpu,
+                    1,
+                    false,
+                    step::DmaCopy {
+                        gpa: n(gpa),
+                        to: n(to),
+                        size: n(size),
+                    },
+                ))
             }
         }
     }
@@ -533,17 +665,26 @@ impl Generator {
 /// A `verify` (or `verify-const`) of the run of pages from `start` (at most
 /// `max` pages) whose contents continue one pattern or value, as the model
 /// knows them; `None` if the page is unplugged or unknown.
-pub fn verify_run(model: &Model, start: u64, max: u64, vcpu: u64, is_async: bool) -> Option<Action> {
+pub fn verify_run(
+    model: &Model,
+    start: u64,
+    max: u64,
+    vcpu: u64,
+    is_async: bool,
+) -> Option<Action> {
     use super::model::guest::Content;
     let (first, _, _) = model.content_at(start)?;
     let mut len = 1;
     while len < max {
         let next = start + len * PAGE;
         let same = match (first, model.content_at(next)) {
-            (Content::Pattern { seed, base }, Some((Content::Pattern { seed: s, base: b }, _, _))) => {
-                s == seed && b == base.wrapping_add(len * PAGE)
+            (
+                Content::Pattern { seed, base },
+                Some((Content::Pattern { seed: s, base: b }, _, _)),
+            ) => s == seed && b == base.wrapping_add(len * PAGE),
+            (c, Some((d, _, _))) => {
+                c == d && c != Content::Unknown && !matches!(c, Content::Pattern { .. })
             }
-            (c, Some((d, _, _))) => c == d && c != Content::Unknown && !matches!(c, Content::Pattern { .. }),
             _ => false,
         };
         if !same {
@@ -553,14 +694,37 @@ pub fn verify_run(model: &Model, start: u64, max: u64, vcpu: u64, is_async: bool
     }
     let (gpa, size) = (n(start), n(len * PAGE));
     match first {
-        Content::Pattern { seed, base } => Some(Action::Verify(gc(vcpu, 1, is_async, step::Verify {
-            gpa,
-            size,
-            seed: n(seed),
-            origin: (base != start).then_some(n(base)),
-        }))),
-        Content::Zero => Some(Action::VerifyConst(gc(vcpu, 1, is_async, step::VerifyConst { gpa, size, value: n(0) }))),
-        Content::Word(v) => Some(Action::VerifyConst(gc(vcpu, 1, is_async, step::VerifyConst { gpa, size, value: n(v) }))),
+        Content::Pattern { seed, base } => Some(Action::Verify(gc(
+            vcpu,
+            1,
+            is_async,
+            step::Verify {
+                gpa,
+                size,
+                seed: n(seed),
+                origin: (base != start).then_some(n(base)),
+            },
+        ))),
+        Content::Zero => Some(Action::VerifyConst(gc(
+            vcpu,
+            1,
+            is_async,
+            step::VerifyConst {
+                gpa,
+                size,
+                value: n(0),
+            },
+        ))),
+        Content::Word(v) => Some(Action::VerifyConst(gc(
+            vcpu,
+            1,
+            is_async,
+            step::VerifyConst {
+                gpa,
+                size,
+                value: n(v),
+            },
+        ))),
         Content::Unknown => None,
     }
 }

@@ -23,6 +23,9 @@ pub mod shrink;
 pub mod sim;
 pub mod timeline;
 
+#[cfg(test)]
+mod tests;
+
 use serde::Serialize;
 
 pub use campaign::{main, FuzzArgs};

@@ -76,7 +76,11 @@ pub fn scenario(name: &str, description: &str, layout: &Layout, steps: Vec<Step>
 
 /// Runs `scenario` on a real VM; the first step that missed its expectation
 /// (or the run's error).
-pub fn run(scenario: Scenario, layout: &Layout, timeout: Duration) -> Result<Option<Finding>, RealError> {
+pub fn run(
+    scenario: Scenario,
+    layout: &Layout,
+    timeout: Duration,
+) -> Result<Option<Finding>, RealError> {
     run_with_report(scenario, layout, timeout).map(|r| r.0)
 }
 
@@ -98,11 +102,17 @@ pub fn run_with_report(
         scenario: Some(Arc::new(scenario)),
         pin_limit: Some(PinLimit::Pages(layout.pin_limit)),
     };
-    let report = run::run(&config, Box::new(std::io::sink())).map_err(|e| RealError::Run(e.to_string()))?;
+    let report =
+        run::run(&config, Box::new(std::io::sink())).map_err(|e| RealError::Run(e.to_string()))?;
     let ran: Vec<(String, String)> = report
         .scenario
         .as_ref()
-        .map(|s| s.steps.iter().map(|s| (s.kind.clone(), s.actual.clone())).collect())
+        .map(|s| {
+            s.steps
+                .iter()
+                .map(|s| (s.kind.clone(), s.actual.clone()))
+                .collect()
+        })
         .unwrap_or_default();
     let Some(error) = report.error else {
         return Ok((None, ran));
@@ -127,7 +137,10 @@ pub fn run_with_report(
             let at = report.scenario.as_ref().map_or(0, |s| s.steps.len());
             Finding {
                 step: at,
-                kind: steps.get(at.saturating_sub(1)).map_or("run", |s| s.kind()).to_string(),
+                kind: steps
+                    .get(at.saturating_sub(1))
+                    .map_or("run", |s| s.kind())
+                    .to_string(),
                 what: "the run".into(),
                 expected: "a clean run".into(),
                 actual: error.clone(),

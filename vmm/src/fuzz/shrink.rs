@@ -33,7 +33,10 @@ pub fn shrink(
         finding,
         runs: 0,
     };
-    let cut = |s: &mut Shrunk| s.actions.truncate(s.finding.step.max(1).min(s.actions.len()));
+    let cut = |s: &mut Shrunk| {
+        s.actions
+            .truncate(s.finding.step.max(1).min(s.actions.len()))
+    };
     cut(&mut best);
     let mut try_candidate = |best: &mut Shrunk, cand: Vec<Action>| -> bool {
         if best.runs >= max_runs {
@@ -156,7 +159,18 @@ pub fn simplify(action: &Action) -> Vec<Action> {
                 }
             };
         }
-        plain!(Fill, Verify, VerifyConst, Touch, Read, Write, Spin, DmaCopy, DmaFill, DmaChecksum);
+        plain!(
+            Fill,
+            Verify,
+            VerifyConst,
+            Touch,
+            Read,
+            Write,
+            Spin,
+            DmaCopy,
+            DmaFill,
+            DmaChecksum
+        );
         changed
     });
     out
@@ -165,7 +179,7 @@ pub fn simplify(action: &Action) -> Vec<Action> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::scenario::step::{Unplug, Unpin};
+    use crate::scenario::step::{Unpin, Unplug};
 
     fn unplug(i: u64) -> Action {
         Action::Unplug(Unplug {
@@ -199,7 +213,11 @@ mod tests {
         let s = shrink(actions, finding, 10_000, planted);
         assert_eq!(
             s.actions,
-            vec![unplug(7), unplug(31), Action::Unpin(Unpin { name: "x".into() })]
+            vec![
+                unplug(7),
+                unplug(31),
+                Action::Unpin(Unpin { name: "x".into() })
+            ]
         );
         assert!(s.runs < 500, "{} runs", s.runs);
     }
@@ -211,7 +229,9 @@ mod tests {
             size: Num(8 * PAGE),
         });
         let s = simplify(&a);
-        assert!(s.iter().any(|x| matches!(x, Action::Unplug(u) if u.size.0 == 4 * PAGE)));
+        assert!(s
+            .iter()
+            .any(|x| matches!(x, Action::Unplug(u) if u.size.0 == 4 * PAGE)));
         assert!(s.iter().all(|x| x.check().is_ok()));
     }
 }

@@ -55,9 +55,15 @@ impl SimVm {
             reserved: GpaRange::new(Gpa(l.reserved.0), l.reserved.1 - l.reserved.0),
         };
         let memory = Arc::new(MemoryManager::new(kvm.clone(), config).map_err(|e| err(&e))?);
-        for (start, len, fixed) in [(0, layout.boot_end, true), (layout.ram.0, layout.ram.1, false)] {
+        for (start, len, fixed) in [
+            (0, layout.boot_end, true),
+            (layout.ram.0, layout.ram.1, false),
+        ] {
             let mapping = Arc::new(HostMapping::new(&BackingKind::Anon, len).map_err(|e| err(&e))?);
-            let flags = SlotFlags { fixed, ..SlotFlags::NONE };
+            let flags = SlotFlags {
+                fixed,
+                ..SlotFlags::NONE
+            };
             memory
                 .apply(|m| m.plug(Gpa(start), len, mapping.clone(), 0, flags))
                 .map_err(|e| err(&e))?;
@@ -77,7 +83,10 @@ impl SimVm {
         match action {
             Action::Pin(p) => {
                 let revocable = p.revocable.unwrap_or(true);
-                match self.pins.pin(Gpa(p.gpa.0), p.size.0, p.write.unwrap_or(true), revocable) {
+                match self
+                    .pins
+                    .pin(Gpa(p.gpa.0), p.size.0, p.write.unwrap_or(true), revocable)
+                {
                     Ok(pin) => {
                         self.held.insert(p.name.clone(), pin);
                         (Outcome::Ok, "pinned".into())
@@ -92,9 +101,10 @@ impl SimVm {
             Action::Check(c) => {
                 let now = self.pins.account().pinned().charged();
                 match c.pages {
-                    Some(want) if want != now => {
-                        (Outcome::PinnedPages, format!("{now} pages pinned, expected {want}"))
-                    }
+                    Some(want) if want != now => (
+                        Outcome::PinnedPages,
+                        format!("{now} pages pinned, expected {want}"),
+                    ),
                     _ => (Outcome::Ok, "consistent".into()),
                 }
             }
@@ -115,11 +125,25 @@ impl SimVm {
             .map_err(|e| ("consistency", e))?;
         let registered = self.memory.registered();
         if self.kvm.memslots() != registered {
-            return Err(("memslots", format!("KVM holds {:?}, the mirror {:?}", self.kvm.memslots(), registered)));
+            return Err((
+                "memslots",
+                format!(
+                    "KVM holds {:?}, the mirror {:?}",
+                    self.kvm.memslots(),
+                    registered
+                ),
+            ));
         }
         let map = self.memory.load();
         if registered.len() != map.len() {
-            return Err(("slot-ids", format!("{} memslots registered for {} slots", registered.len(), map.len())));
+            return Err((
+                "slot-ids",
+                format!(
+                    "{} memslots registered for {} slots",
+                    registered.len(),
+                    map.len()
+                ),
+            ));
         }
         let mut merged: Vec<GpaRange> = Vec::new();
         for s in map.iter() {
@@ -137,14 +161,31 @@ impl SimVm {
         }
         let charged = self.pins.account().pinned().charged();
         if charged != model.pinned_pages() {
-            return Err(("pin-account", format!("{charged} pages charged, {} live in the model", model.pinned_pages())));
+            return Err((
+                "pin-account",
+                format!(
+                    "{charged} pages charged, {} live in the model",
+                    model.pinned_pages()
+                ),
+            ));
         }
         let real: Vec<(u64, u64, bool, bool)> = map
             .iter()
-            .map(|s| (s.range().start().0, s.range().len(), s.flags().read_only, s.flags().dirty_log))
+            .map(|s| {
+                (
+                    s.range().start().0,
+                    s.range().len(),
+                    s.flags().read_only,
+                    s.flags().dirty_log,
+                )
+            })
             .collect();
-        let want: Vec<(u64, u64, bool, bool)> =
-            model.slots.slots.values().map(|s| (s.start, s.len, s.ro, s.log)).collect();
+        let want: Vec<(u64, u64, bool, bool)> = model
+            .slots
+            .slots
+            .values()
+            .map(|s| (s.start, s.len, s.ro, s.log))
+            .collect();
         if real != want {
             return Err(("slots", format!("map {real:x?}, model {want:x?}")));
         }
@@ -177,7 +218,11 @@ pub fn run(layout: &Layout, actions: &[Action]) -> Result<Option<Finding>, SimEr
                 step: i + 1,
                 kind: action.kind().to_string(),
                 what: crate::scenario::driver::describe(action),
-                expected: allowed.iter().map(|o| o.name()).collect::<Vec<_>>().join("|"),
+                expected: allowed
+                    .iter()
+                    .map(|o| o.name())
+                    .collect::<Vec<_>>()
+                    .join("|"),
                 actual: "the step panicked".into(),
                 signature: format!("panic:{}", action.kind()),
             }));
@@ -186,7 +231,11 @@ pub fn run(layout: &Layout, actions: &[Action]) -> Result<Option<Finding>, SimEr
             step: i + 1,
             kind: action.kind().to_string(),
             what: crate::scenario::driver::describe(action),
-            expected: allowed.iter().map(|o| o.name()).collect::<Vec<_>>().join("|"),
+            expected: allowed
+                .iter()
+                .map(|o| o.name())
+                .collect::<Vec<_>>()
+                .join("|"),
             actual,
             signature,
         };

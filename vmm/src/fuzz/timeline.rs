@@ -113,6 +113,10 @@ pub fn expectations(layout: &Layout, actions: &[Action]) -> Vec<Step> {
 pub fn allowed(step: &Step) -> Vec<Outcome> {
     match &step.expect {
         Expect::AnyOf(l) => l.clone(),
-        Expect::Error => Outcome::ALL.iter().copied().filter(|o| *o != Outcome::Ok).collect(),
+        Expect::Error => Outcome::ALL
+            .iter()
+            .copied()
+            .filter(|o| *o != Outcome::Ok)
+            .collect(),
     }
 }

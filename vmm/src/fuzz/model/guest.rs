@@ -96,12 +96,7 @@ impl Model {
 
     /// Guest writes over `[a, b)` in order: pages before the first failing
     /// one get `content(page, whole)`; the failure ends the command.
-    fn guest_write(
-        &mut self,
-        a: u64,
-        b: u64,
-        content: impl Fn(u64, bool) -> Content,
-    ) -> Outcome {
+    fn guest_write(&mut self, a: u64, b: u64, content: impl Fn(u64, bool) -> Content) -> Outcome {
         for (page, whole) in pages(a, b) {
             match self.content_at(page) {
                 None => return Outcome::Unplugged,
@@ -114,7 +109,12 @@ impl Model {
 
     /// Guest reads over `[a, b)` in order, `check(content, page)` saying
     /// whether the page matches (`None`: maybe).
-    fn guest_read(&self, a: u64, b: u64, check: impl Fn(Content, u64) -> Option<bool>) -> Vec<Outcome> {
+    fn guest_read(
+        &self,
+        a: u64,
+        b: u64,
+        check: impl Fn(Content, u64) -> Option<bool>,
+    ) -> Vec<Outcome> {
         let mut set = Vec::new();
         for (page, _) in pages(a, b) {
             match self.content_at(page) {

@@ -323,7 +323,14 @@ impl Slots {
     /// `plug` of fresh memory (page size `psize`, the mapping exactly `size`
     /// rounded up to it) with `ro`/`log` flags. Returns the change and the
     /// index the new mapping will have.
-    pub fn plug(&self, gpa: u64, size: u64, psize: u64, ro: bool, log: bool) -> Result<Change, Outcome> {
+    pub fn plug(
+        &self,
+        gpa: u64,
+        size: u64,
+        psize: u64,
+        ro: bool,
+        log: bool,
+    ) -> Result<Change, Outcome> {
         let r = self.check_range(gpa, size, psize.max(PAGE))?;
         if ro && !self.limits.read_only {
             return Err(Outcome::ReadOnlyUnsupported);
@@ -365,7 +372,13 @@ impl Slots {
     }
 
     /// `protect` (`ro`) or `dirty-log` (`log`): the flag set on the range.
-    pub fn reflag(&self, gpa: u64, size: u64, ro: Option<bool>, log: Option<bool>) -> Result<Change, Outcome> {
+    pub fn reflag(
+        &self,
+        gpa: u64,
+        size: u64,
+        ro: Option<bool>,
+        log: Option<bool>,
+    ) -> Result<Change, Outcome> {
         if ro == Some(true) && !self.limits.read_only {
             return Err(Outcome::ReadOnlyUnsupported);
         }
@@ -477,6 +490,7 @@ impl Slots {
     /// The host page behind guest page `gpa`: (mapping, offset), and whether
     /// it is read-only.
     pub fn host(&self, gpa: u64) -> Option<(usize, u64, bool)> {
-        self.lookup(gpa).map(|s| (s.map, s.off + (gpa - s.start), s.ro))
+        self.lookup(gpa)
+            .map(|s| (s.map, s.off + (gpa - s.start), s.ro))
     }
 }
