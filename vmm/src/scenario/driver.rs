@@ -14,9 +14,9 @@ use serde::Serialize;
 
 use crate::devices::iommu::Iommu;
 use crate::devices::pins::{Pin, PinError, PinManager};
-use crate::mm::manager::MemoryManager;
 use crate::mm::addr::Gpa;
 use crate::mm::backing::BackingKind;
+use crate::mm::manager::MemoryManager;
 use crate::vcpu::fmt_duration;
 
 use super::expect::Outcome;
