@@ -205,7 +205,7 @@ impl Campaign {
                     .into(),
             ));
         }
-        let end = a.checked_add(s).unwrap_or(u64::MAX);
+        let end = a.saturating_add(s);
         if a < ram_end || end > layout.guest_end {
             return Err(FuzzError::Flags(format!(
                 "the arena [{a:#x}, {end:#x}) must lie above guest RAM (ends {ram_end:#x}) and below {:#x}",

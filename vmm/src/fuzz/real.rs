@@ -84,12 +84,15 @@ pub fn run(
     run_with_report(scenario, layout, timeout).map(|r| r.0)
 }
 
-/// As [`run`], with each step that ran: its kind and what happened.
+/// Each step that ran: its kind and what happened.
+pub type StepsRan = Vec<(String, String)>;
+
+/// As [`run`], with each step that ran.
 pub fn run_with_report(
     scenario: Scenario,
     layout: &Layout,
     timeout: Duration,
-) -> Result<(Option<Finding>, Vec<(String, String)>), RealError> {
+) -> Result<(Option<Finding>, StepsRan), RealError> {
     let steps = scenario.steps.clone();
     let config = RunConfig {
         mem_size: layout.ram.1,

@@ -59,7 +59,8 @@ pub fn shrink(
         let len = best.actions.len();
         let chunk = len.div_ceil(n);
         let mut reduced = false;
-        for i in 0..n {
+        let parts = n;
+        for i in 0..parts {
             let (a, b) = (i * chunk, ((i + 1) * chunk).min(len));
             if a >= b {
                 continue;
