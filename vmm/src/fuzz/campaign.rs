@@ -15,11 +15,12 @@ use crate::scenario::step::Action;
 use crate::scenario::{Outcome, Scenario};
 use crate::units::{parse_duration, parse_mem};
 
+use super::finding::Finding;
 use super::gen::{GenConfig, Weights};
 use super::model::slots::Limits;
 use super::model::Layout;
 use super::timeline::{expectations, generate};
-use super::{real, shrink, sim, Finding};
+use super::{real, shrink, sim};
 
 /// Which VM the timeline runs on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]

@@ -16,6 +16,7 @@
 //! is `docs/fuzzing.md`.
 
 pub mod campaign;
+pub mod finding;
 pub mod gen;
 pub mod model;
 pub mod real;
@@ -26,25 +27,4 @@ pub mod timeline;
 #[cfg(test)]
 mod tests;
 
-use serde::Serialize;
-
-pub use campaign::{main, FuzzArgs};
-
-/// A step that did not do what the model predicted, or an invariant that
-/// broke after it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct Finding {
-    /// 1-based step number.
-    pub step: usize,
-    /// Its `do`.
-    pub kind: String,
-    /// The step in words.
-    pub what: String,
-    /// The outcomes the model allowed.
-    pub expected: String,
-    /// What happened.
-    pub actual: String,
-    /// What must stay the same while shrinking: kind and outcome, or the
-    /// invariant's name.
-    pub signature: String,
-}
+pub use finding::Finding;

@@ -17,9 +17,9 @@ use crate::run::{self, GuestSource, RunConfig, Verbosity};
 use crate::scenario::num::Num;
 use crate::scenario::{Scenario, Step};
 
+use super::finding::Finding;
 use super::model::slots::Limits;
 use super::model::Layout;
-use super::Finding;
 
 /// Why the real tier cannot run.
 #[derive(Debug, thiserror::Error)]

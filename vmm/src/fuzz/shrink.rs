@@ -5,8 +5,8 @@
 use crate::scenario::num::Num;
 use crate::scenario::step::Action;
 
+use super::finding::Finding;
 use super::model::slots::PAGE;
-use super::Finding;
 
 /// What the shrinker did.
 #[derive(Debug, Clone)]

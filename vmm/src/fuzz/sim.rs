@@ -20,8 +20,8 @@ use crate::scenario::ops::run_op;
 use crate::scenario::step::Action;
 use crate::scenario::Outcome;
 
+use super::finding::Finding;
 use super::model::{Layout, Model};
-use super::Finding;
 
 /// Why the simulated VM could not be built.
 #[derive(Debug, thiserror::Error)]
