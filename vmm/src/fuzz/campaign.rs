@@ -81,6 +81,10 @@ pub struct FuzzArgs {
     /// Reruns of the shrunk reproducer (reported as k of N).
     #[arg(long, value_name = "N", default_value_t = 5)]
     pub reruns: usize,
+    /// Also generate steps that hit the known bugs listed in docs/fuzzing.md
+    /// (to check a fix).
+    #[arg(long)]
+    pub known_bugs: bool,
     /// Replay a reproducer instead of generating.
     #[arg(long, value_name = "FILE")]
     pub replay: Option<PathBuf>,
@@ -218,6 +222,7 @@ impl Campaign {
             arena_size: s,
             guest: args.backend == Backend::Real,
             weights: args.weights,
+            known_bugs: args.known_bugs,
         };
         Ok(Self { args, layout, cfg })
     }

@@ -128,6 +128,8 @@ pub struct GenConfig {
     pub guest: bool,
     /// Weights.
     pub weights: Weights,
+    /// Also generate steps that hit known bugs (see `docs/fuzzing.md`).
+    pub known_bugs: bool,
 }
 
 /// The generator; see the module docs.
@@ -375,7 +377,7 @@ impl Generator {
         // A THP mapping of a size near 2^64 overflows in the backing (a
         // known bug with a pending reproducer): not generated, so campaigns
         // go on to find others.
-        if backing == Some("thp") && size > super::model::HUGE_PLUG {
+        if !self.cfg.known_bugs && backing == Some("thp") && size > super::model::HUGE_PLUG {
             size = HUGE;
         }
         Action::Plug(step::Plug {
@@ -430,6 +432,17 @@ impl Generator {
         let mut gpa = top + PAGE * (1 + self.rng.below(4));
         if self.rng.chance(10) {
             gpa += 8;
+        }
+        let slots = self.arena_slots(model);
+        if self.cfg.known_bugs && !slots.is_empty() && self.rng.chance(30) {
+            // Slot k of the batch lands on an existing slot: the whole
+            // plug-many must be refused and change nothing.
+            let (start, _) = slots[self.rng.below(slots.len() as u64) as usize];
+            let k = 1 + self.rng.below(3);
+            return Action::PlugMany(step::PlugMany {
+                gpa: n(start.saturating_sub(2 * PAGE * k)),
+                count: Some(n(k + 2)),
+            });
         }
         Action::PlugMany(step::PlugMany {
             gpa: n(gpa),

@@ -187,7 +187,21 @@ impl SimVm {
             .map(|s| (s.start, s.len, s.ro, s.log))
             .collect();
         if real != want {
-            return Err(("slots", format!("map {real:x?}, model {want:x?}")));
+            let at = real
+                .iter()
+                .zip(&want)
+                .position(|(a, b)| a != b)
+                .unwrap_or(real.len().min(want.len()));
+            return Err((
+                "slots",
+                format!(
+                    "{} slots in the map, {} in the model; first difference (start, len, ro, log): map {:x?}, model {:x?}",
+                    real.len(),
+                    want.len(),
+                    real.get(at),
+                    want.get(at)
+                ),
+            ));
         }
         Ok(())
     }

@@ -306,14 +306,16 @@ impl Model {
         if count > free {
             return Outcome::TooManySlots;
         }
-        let map = self.slots.mappings.len();
-        self.slots.mappings.push(slots::MMapping {
+        // All or nothing: a refusal of any slot changes nothing.
+        let mut next = self.slots.clone();
+        let map = next.mappings.len();
+        next.mappings.push(slots::MMapping {
             page_size: PAGE,
             len: count * PAGE,
         });
         for i in 0..count {
             let at = gpa.wrapping_add(i * 2 * PAGE);
-            match self.slots.plug(at, PAGE, PAGE, false, false) {
+            match next.plug(at, PAGE, PAGE, false, false) {
                 Ok(mut c) => {
                     // One mapping for all: window i of it.
                     if let Some(slot) = c.slots.get_mut(&at) {
@@ -321,11 +323,12 @@ impl Model {
                         slot.off = i * PAGE;
                     }
                     c.new_mapping = None;
-                    self.slots.adopt(&c);
+                    next.adopt(&c);
                 }
                 Err(o) => return o,
             }
         }
+        self.slots = next;
         Outcome::Ok
     }
 
