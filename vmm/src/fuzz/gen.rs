@@ -424,11 +424,16 @@ impl Generator {
             2 => 0,
             _ => 1 + self.rng.below(8),
         };
-        // A free stretch: past the arena's last slot, or misaligned on purpose.
-        let top = self
-            .arena_slots(model)
-            .last()
-            .map_or(self.cfg.arena_base, |s| s.1);
+        // A free stretch: past the last slot of the arena and the gigabyte
+        // above it (no plug lands further up but at the special addresses),
+        // or misaligned on purpose.
+        let top = model
+            .slots
+            .slots
+            .range(self.cfg.arena_base..self.cfg.arena_base + self.cfg.arena_size + (1 << 30))
+            .map(|(_, s)| s.end())
+            .max()
+            .unwrap_or(self.cfg.arena_base);
         let mut gpa = top + PAGE * (1 + self.rng.below(4));
         if self.rng.chance(10) {
             gpa += 8;
