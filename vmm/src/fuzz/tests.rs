@@ -118,3 +118,18 @@ fn test_sim_tier_agrees_with_the_model() {
         assert_eq!(finding, None, "seed {seed}");
     }
 }
+
+#[test]
+fn test_sim_tier_with_failed_ioctls_rolls_back_like_the_model() {
+    for seed in 0..4 {
+        // Without plug-many: timelines generated without failures may run a
+        // batch into a slot here (the known partial-refusal bug).
+        let mut c = cfg(false);
+        c.weights.plug_many = 0;
+        let actions = generate(seed, &c, &layout(), 300);
+        let faults: Vec<(usize, usize)> =
+            (0..actions.len()).step_by(3).map(|i| (i, i % 4)).collect();
+        let finding = super::sim::run_with_faults(&layout(), &actions, &faults).unwrap();
+        assert_eq!(finding, None, "seed {seed}");
+    }
+}
