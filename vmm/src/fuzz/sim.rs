@@ -251,7 +251,7 @@ pub fn run_with_faults(
             .iter()
             .find(|f| f.0 == i && !matches!(action, Action::PlugMany(_)))
             .map(|f| f.1);
-        let before = fault.map(|_| model.clone());
+        let before = model.clone();
         let mut allowed = model.predict(action);
         if let Some(offset) = fault {
             vm.inject_failure(offset, libc::EIO);
@@ -288,10 +288,14 @@ pub fn run_with_faults(
             )));
         }
         if outcome == Outcome::KvmRolledBack {
-            if let Some(mut back) = before {
-                back.pins = model.pins.clone();
-                model = back;
-            }
+            // Revocable pins were revoked before the failing call.
+            let pins = std::mem::take(&mut model.pins);
+            model = before;
+            model.pins = pins;
+        } else if outcome != Outcome::Ok && allowed.contains(&Outcome::Ok) {
+            // An allowed refusal where the model predicted success (host
+            // memory that could not be allocated): nothing changed.
+            model = before;
         }
         if let Err((name, detail)) = vm.check(&model) {
             return Ok(Some(finding(

@@ -156,12 +156,19 @@ impl Model {
             | Action::Move(_)
             | Action::Resize(_)
             | Action::DirtyLog(_) => {
+                // Host memory for a huge plug or a huge grow with a new
+                // mapping may not be allocated: the plug fails with
+                // `backing` before the slot map judges it, the grow with
+                // `no-room-to-grow`; either changes nothing.
+                let big_grow = matches!(action, Action::Resize(_))
+                    && self
+                        .plan(action)
+                        .is_ok_and(|(c, _)| c.new_mapping.is_some_and(|m| m.len > HUGE_PLUG));
                 let o = self.mem_op(action);
                 match action {
-                    // Host memory for a huge plug may not be allocated: the
-                    // backing fails before the slot map judges the range.
-                    Action::Plug(p) if p.size.0 > HUGE_PLUG && o != Outcome::Ok => {
-                        vec![o, Outcome::Backing]
+                    Action::Plug(p) if p.size.0 > HUGE_PLUG => vec![o, Outcome::Backing],
+                    Action::Resize(_) if big_grow && o == Outcome::Ok => {
+                        vec![o, Outcome::NoRoomToGrow]
                     }
                     _ => vec![o],
                 }
