@@ -35,15 +35,49 @@ enum Size {
 
 #[derive(Debug, Arbitrary)]
 enum Op {
-    Plug { at: Addr, size: Size, backing: u8, flags: u8 },
-    Unplug { at: Addr, size: Size },
-    Protect { at: Addr, size: Size, ro: bool },
-    Move { at: Addr, size: Size, to: Addr },
-    Resize { at: Addr, size: Size },
-    DirtyLog { at: Addr, size: Size, on: bool },
-    DirtyPages { at: Addr, size: Size },
-    Pin { name: u8, at: Addr, size: Size, revocable: bool, write: bool },
-    Unpin { name: u8 },
+    Plug {
+        at: Addr,
+        size: Size,
+        backing: u8,
+        flags: u8,
+    },
+    Unplug {
+        at: Addr,
+        size: Size,
+    },
+    Protect {
+        at: Addr,
+        size: Size,
+        ro: bool,
+    },
+    Move {
+        at: Addr,
+        size: Size,
+        to: Addr,
+    },
+    Resize {
+        at: Addr,
+        size: Size,
+    },
+    DirtyLog {
+        at: Addr,
+        size: Size,
+        on: bool,
+    },
+    DirtyPages {
+        at: Addr,
+        size: Size,
+    },
+    Pin {
+        name: u8,
+        at: Addr,
+        size: Size,
+        revocable: bool,
+        write: bool,
+    },
+    Unpin {
+        name: u8,
+    },
     Check,
 }
 
@@ -84,7 +118,12 @@ fn size(s: &Size) -> u64 {
 fn action(op: &Op) -> Action {
     let n = Num;
     match op {
-        Op::Plug { at, size: s, backing, flags } => {
+        Op::Plug {
+            at,
+            size: s,
+            backing,
+            flags,
+        } => {
             let mut b = ["anon", "shared", "memfd", "thp"][usize::from(*backing) % 4];
             // A THP plug near 2^64 bytes hits a known overflow (see docs/fuzzing.md).
             if b == "thp" && size(s) > 1 << 40 {
@@ -96,26 +135,57 @@ fn action(op: &Op) -> Action {
                 2 => Some(vec!["dirty-log".to_string()]),
                 _ => Some(vec!["readonly".to_string(), "dirty-log".to_string()]),
             };
-            Action::Plug(step::Plug { gpa: n(addr(at)), size: n(size(s)), backing: Some(b.into()), flags })
+            Action::Plug(step::Plug {
+                gpa: n(addr(at)),
+                size: n(size(s)),
+                backing: Some(b.into()),
+                flags,
+            })
         }
-        Op::Unplug { at, size: s } => Action::Unplug(step::Unplug { gpa: n(addr(at)), size: n(size(s)) }),
+        Op::Unplug { at, size: s } => Action::Unplug(step::Unplug {
+            gpa: n(addr(at)),
+            size: n(size(s)),
+        }),
         Op::Protect { at, size: s, ro } => Action::Protect(step::Protect {
             gpa: n(addr(at)),
             size: n(size(s)),
             access: if *ro { Access::Ro } else { Access::Rw },
         }),
-        Op::Move { at, size: s, to } => Action::Move(step::Move { gpa: n(addr(at)), size: n(size(s)), to: n(addr(to)) }),
-        Op::Resize { at, size: s } => Action::Resize(step::Resize { gpa: n(addr(at)), new_size: n(size(s)) }),
-        Op::DirtyLog { at, size: s, on } => Action::DirtyLog(step::DirtyLog { gpa: n(addr(at)), size: n(size(s)), on: *on }),
-        Op::DirtyPages { at, size: s } => Action::DirtyPages(step::DirtyPages { gpa: n(addr(at)), size: n(size(s)), pages: None }),
-        Op::Pin { name, at, size: s, revocable, write } => Action::Pin(step::Pin {
+        Op::Move { at, size: s, to } => Action::Move(step::Move {
+            gpa: n(addr(at)),
+            size: n(size(s)),
+            to: n(addr(to)),
+        }),
+        Op::Resize { at, size: s } => Action::Resize(step::Resize {
+            gpa: n(addr(at)),
+            new_size: n(size(s)),
+        }),
+        Op::DirtyLog { at, size: s, on } => Action::DirtyLog(step::DirtyLog {
+            gpa: n(addr(at)),
+            size: n(size(s)),
+            on: *on,
+        }),
+        Op::DirtyPages { at, size: s } => Action::DirtyPages(step::DirtyPages {
+            gpa: n(addr(at)),
+            size: n(size(s)),
+            pages: None,
+        }),
+        Op::Pin {
+            name,
+            at,
+            size: s,
+            revocable,
+            write,
+        } => Action::Pin(step::Pin {
             name: format!("p{}", name % 8),
             gpa: n(addr(at)),
             size: n(size(s).min(1 << 30)),
             revocable: Some(*revocable),
             write: Some(*write),
         }),
-        Op::Unpin { name } => Action::Unpin(step::Unpin { name: format!("p{}", name % 8) }),
+        Op::Unpin { name } => Action::Unpin(step::Unpin {
+            name: format!("p{}", name % 8),
+        }),
         Op::Check => Action::Check(step::Check { pages: None }),
     }
 }
@@ -137,8 +207,18 @@ fn layout() -> Layout {
 }
 
 fuzz_target!(|input: Input| {
-    let actions: Vec<Action> = input.ops.iter().take(64).map(action).filter(|a| a.check().is_ok()).collect();
-    let faults: Vec<(usize, usize)> = input.faults.iter().map(|&(s, o)| (usize::from(s), usize::from(o % 8))).collect();
+    let actions: Vec<Action> = input
+        .ops
+        .iter()
+        .take(64)
+        .map(action)
+        .filter(|a| a.check().is_ok())
+        .collect();
+    let faults: Vec<(usize, usize)> = input
+        .faults
+        .iter()
+        .map(|&(s, o)| (usize::from(s), usize::from(o % 8)))
+        .collect();
     let layout = layout();
     match vmm::fuzz::sim::run_with_faults(&layout, &actions, &faults) {
         Ok(None) => {}
