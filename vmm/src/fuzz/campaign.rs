@@ -32,6 +32,13 @@ pub enum Backend {
     Sim,
 }
 
+fn backend_name(b: Backend) -> &'static str {
+    match b {
+        Backend::Real => "real",
+        Backend::Sim => "sim",
+    }
+}
+
 /// `vmm fuzz` flags.
 #[derive(Debug, Clone, Args)]
 pub struct FuzzArgs {
@@ -409,8 +416,8 @@ pub fn main(args: &FuzzArgs) -> i32 {
             .map_or(1, |d| d.as_nanos() as u64)
     });
     say(format!(
-        "seed {seed}, backend {:?}, {} vCPU(s), arena [{:#x}, {:#x})",
-        args.backend,
+        "seed {seed}, backend {}, {} vCPU(s), arena [{:#x}, {:#x})",
+        backend_name(args.backend),
         args.vcpus,
         args.arena_base,
         args.arena_base + args.arena_size

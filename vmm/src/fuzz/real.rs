@@ -87,7 +87,7 @@ pub fn run(
 /// Each step that ran: its kind and what happened.
 pub type StepsRan = Vec<(String, String)>;
 
-/// As [`run`], with each step that ran.
+/// As [`run()`], with each step that ran.
 pub fn run_with_report(
     scenario: Scenario,
     layout: &Layout,
