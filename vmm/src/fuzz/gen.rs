@@ -456,6 +456,15 @@ impl Generator {
     }
 
     fn pin(&mut self, model: &Model) -> Action {
+        // An async DMA holds pins: collect it first so pin counts and the
+        // pin limit are known.
+        if let Some(vcpu) = model
+            .dma_in_flight()
+            .then(|| model.pending_vcpus())
+            .and_then(|v| v.first().copied())
+        {
+            return Action::Wait(step::Wait { vcpu });
+        }
         let names: Vec<String> = model.pins.keys().cloned().collect();
         match self.rng.below(10) {
             0..=2 if !names.is_empty() => {
@@ -651,10 +660,11 @@ impl Generator {
             )),
             1 => {
                 let sum = model.checksum(gpa, gpa + size);
+                // Async: memory ops race the transfer until its `wait`.
                 Action::DmaChecksum(gc(
                     vcpu,
                     1,
-                    false,
+                    self.rng.chance(30),
                     step::DmaChecksum {
                         gpa: n(gpa),
                         size: n(size),

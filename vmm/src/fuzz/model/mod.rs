@@ -77,6 +77,8 @@ impl MPin {
 struct Pending {
     step: usize,
     range: (u64, u64),
+    /// A DMA transfer (its pins are revoked by any change of its range).
+    dma: bool,
 }
 
 /// The reference model; see the module docs.
@@ -97,6 +99,20 @@ pub struct Model {
 
 fn overlaps(a: (u64, u64), b: (u64, u64)) -> bool {
     a.0 < b.1 && b.0 < a.1
+}
+
+/// The guest-physical ranges a memory op may change (a resize: everything
+/// from the slot's start).
+fn touched(action: &Action) -> Vec<(u64, u64)> {
+    let r = |gpa: u64, size: u64| (gpa, gpa.saturating_add(size));
+    match action {
+        Action::Plug(p) => vec![r(p.gpa.0, p.size.0)],
+        Action::Unplug(u) => vec![r(u.gpa.0, u.size.0)],
+        Action::Protect(p) => vec![r(p.gpa.0, p.size.0)],
+        Action::Move(m) => vec![r(m.gpa.0, m.size.0), r(m.to.0, m.size.0)],
+        Action::Resize(z) => vec![(z.gpa.0, u64::MAX)],
+        _ => Vec::new(),
+    }
 }
 
 /// The page size of a backing name, or `None` if it is not one the model knows.
@@ -133,6 +149,12 @@ impl Model {
     /// Whether vCPU `v` has an async command in flight.
     pub fn has_pending(&self, v: u64) -> bool {
         self.pending.contains_key(&v)
+    }
+
+    /// Whether a DMA transfer is in flight (its pins are charged: the
+    /// pinned-page count is not known).
+    pub fn dma_in_flight(&self) -> bool {
+        self.pending.values().any(|p| p.dma)
     }
 
     /// The vCPUs with async commands in flight.
@@ -209,7 +231,18 @@ impl Model {
                 let set = self.guest(action);
                 if let Some((vcpu, _, true)) = action.guest() {
                     if let Some(range) = guest::range_of(action) {
-                        self.pending.insert(vcpu, Pending { step: n, range });
+                        let dma = matches!(
+                            action,
+                            Action::DmaChecksum(_) | Action::DmaCopy(_) | Action::DmaFill(_)
+                        );
+                        self.pending.insert(
+                            vcpu,
+                            Pending {
+                                step: n,
+                                range,
+                                dma,
+                            },
+                        );
                     }
                 }
                 set
@@ -218,7 +251,7 @@ impl Model {
     }
 
     fn mem_op(&mut self, action: &Action) -> Outcome {
-        let (change, unmaps) = match self.plan(action) {
+        let (change, _) = match self.plan(action) {
             Ok(c) => c,
             Err(o) => return o,
         };
@@ -231,7 +264,7 @@ impl Model {
                 return Outcome::Vetoed;
             }
         }
-        self.commit(change, unmaps);
+        self.commit(change, &touched(action));
         Outcome::Ok
     }
 
@@ -272,21 +305,15 @@ impl Model {
         self.clone().mem_op(action) == Outcome::Ok
     }
 
-    fn commit(&mut self, change: Change, unmaps: bool) {
+    fn commit(&mut self, change: Change, touched: &[(u64, u64)]) {
         for r in &change.removed {
             for p in self.pins.values_mut() {
                 if p.revocable && overlaps(p.range, *r) {
                     p.revoked = true;
                 }
             }
-            if unmaps {
-                for p in self.pending.values() {
-                    if overlaps(p.range, *r) {
-                        self.widen.push((p.step, Outcome::Unplugged));
-                    }
-                }
-            }
         }
+        self.widen_pending(touched);
         for (map, off, len) in &change.discards {
             let keys: Vec<_> = self
                 .contents
@@ -298,6 +325,27 @@ impl Model {
             }
         }
         self.slots.adopt(&change);
+    }
+
+    /// An async command over a range an op changed may have run before or
+    /// after it (or across it): every outcome of either is allowed.
+    fn widen_pending(&mut self, touched: &[(u64, u64)]) {
+        for p in self.pending.values() {
+            if !touched.iter().any(|t| overlaps(p.range, *t)) {
+                continue;
+            }
+            let set: &[Outcome] = if p.dma {
+                &[
+                    Outcome::Ok,
+                    Outcome::DmaRevoked,
+                    Outcome::DmaFault,
+                    Outcome::Mismatch,
+                ]
+            } else {
+                &[Outcome::Ok, Outcome::Unplugged, Outcome::Mismatch]
+            };
+            self.widen.extend(set.iter().map(|o| (p.step, *o)));
+        }
     }
 
     fn plug_many(&mut self, gpa: u64, count: Option<u64>) -> Outcome {
@@ -336,6 +384,7 @@ impl Model {
             }
         }
         self.slots = next;
+        self.widen_pending(&[(gpa, gpa.saturating_add(count * 2 * PAGE))]);
         Outcome::Ok
     }
 
