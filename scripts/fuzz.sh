@@ -41,6 +41,6 @@ export -f run_seed
 export out bin
 status=0
 seq "$first" "$last" | xargs -P "$jobs" -I{} bash -c 'run_seed "$@"' _ {} "$@" || status=1
-found=$(grep -l '"findings": \[$' "$out"/seed-*/report.json 2>/dev/null | wc -l)
+found=$( (grep -l '"findings": \[$' "$out"/seed-*/report.json 2>/dev/null || true) | wc -l)
 echo "seeds $first..$last: $found with findings; reports under $out/"
 exit "$status"
