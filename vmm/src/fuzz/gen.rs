@@ -176,7 +176,7 @@ impl Generator {
             (w.dirty, 5),
             (w.plug_many, 6),
             (w.pins, 7),
-            (if guest { w.guest } else { 0 }, 8),
+            (w.guest, 8),
             (if guest { w.dma } else { 0 }, 9),
         ];
         let total: u64 = table.iter().map(|t| t.0).sum();
@@ -235,16 +235,24 @@ impl Generator {
                         on,
                     })
                 } else {
+                    // Without vCPUs (the sim tier) the count is exact: only
+                    // the simulated guest writes dirty pages.
+                    let pages = if guest {
+                        None
+                    } else {
+                        model.dirty_count(gpa, size)
+                    };
                     Action::DirtyPages(step::DirtyPages {
                         gpa: n(gpa),
                         size: n(size),
-                        pages: None,
+                        pages,
                     })
                 }
             }
             6 => self.plug_many(model),
             7 => self.pin(model),
-            8 => self.guest_command(model),
+            8 if guest => self.guest_command(model),
+            8 => self.guest_write(model),
             _ => self.dma(model),
         }
     }
@@ -614,6 +622,46 @@ impl Generator {
                 false,
                 step::Spin {
                     iterations: n(1 + self.rng.below(1000)),
+                },
+            )),
+        }
+    }
+
+    /// Without vCPUs: a guest write the sim tier simulates (fill, write,
+    /// touch for writing), so the dirty log has something to report.
+    fn guest_write(&mut self, model: &Model) -> Action {
+        let (gpa, size) = self.guest_range(model);
+        let seed = self.rng.below(1 << 32);
+        match self.rng.below(3) {
+            0 => Action::Fill(gc(
+                0,
+                1,
+                false,
+                step::Fill {
+                    gpa: n(gpa),
+                    size: n(size),
+                    seed: n(seed),
+                    origin: None,
+                },
+            )),
+            1 => Action::Write(gc(
+                0,
+                1,
+                false,
+                step::Write {
+                    gpa: n(gpa + 8 * self.rng.below(size / 8)),
+                    value: n(seed),
+                },
+            )),
+            _ => Action::Touch(gc(
+                0,
+                1,
+                false,
+                step::Touch {
+                    gpa: n(gpa),
+                    size: n(size),
+                    stride: Some(n(self.rng.pick(&[8, PAGE, 2 * PAGE]))),
+                    write: Some(true),
                 },
             )),
         }

@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use crate::devices::iommu::Iommu;
 use crate::devices::pins::{Pin, PinError, PinManager};
-use crate::mm::addr::{Gpa, GpaRange};
+use crate::mm::addr::{Gpa, GpaRange, PAGE_SIZE as PAGE};
 use crate::mm::backing::{BackingKind, HostMapping};
 use crate::mm::manager::{MemoryManager, SimKvm};
 use crate::mm::pin_account::{PinAccount, PinLimit};
@@ -114,6 +114,12 @@ impl SimVm {
                     _ => (Outcome::Ok, "consistent".into()),
                 }
             }
+            Action::Fill(g) => self.guest_writes(g.command.gpa.0, g.command.size.0, PAGE),
+            Action::Write(g) => self.guest_writes(g.command.gpa.0, 8, PAGE),
+            Action::Touch(g) if g.command.write == Some(true) => {
+                let stride = g.command.stride.map_or(PAGE, |s| s.0);
+                self.guest_writes(g.command.gpa.0, g.command.size.0, stride)
+            }
             a if a.guest().is_some() || matches!(a, Action::Wait(_) | Action::Sleep(_)) => {
                 (Outcome::Ok, "skipped: no vCPUs in the sim tier".into())
             }
@@ -122,6 +128,36 @@ impl SimVm {
                 Err(f) => (f.kind, f.message),
             },
         }
+    }
+
+    /// Guest writes at `gpa`, `gpa + stride`, ... below `gpa + size`, as
+    /// KVM's fault path sees them ([`SimKvm::guest_write`]: logged if the
+    /// slot logs); the first that would exit ends the command.
+    fn guest_writes(&self, gpa: u64, size: u64, stride: u64) -> (Outcome, String) {
+        let end = gpa.saturating_add(size);
+        let mut at = gpa;
+        let mut last_page = None;
+        while at < end {
+            let page = at - at % PAGE;
+            if last_page != Some(page) && !self.kvm.guest_write(Gpa(page)) {
+                return match self.memory.load().lookup(Gpa(page)) {
+                    None => (Outcome::Unplugged, format!("write to unplugged {page:#x}")),
+                    Some(s) if s.flags().read_only => {
+                        (Outcome::ReadOnly, format!("write to read-only {page:#x}"))
+                    }
+                    Some(_) => (
+                        Outcome::CommandFailed,
+                        format!("KVM has no writable memslot at {page:#x} but the map has a slot"),
+                    ),
+                };
+            }
+            last_page = Some(page);
+            at = match at.checked_add(stride.max(1)) {
+                Some(n) => n,
+                None => break,
+            };
+        }
+        (Outcome::Ok, "written".into())
     }
 
     /// The invariants, against `model`; the first that does not hold.

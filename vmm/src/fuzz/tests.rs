@@ -133,3 +133,14 @@ fn test_sim_tier_with_failed_ioctls_rolls_back_like_the_model() {
         assert_eq!(finding, None, "seed {seed}");
     }
 }
+
+#[test]
+fn test_sim_tier_predicts_nonzero_dirty_page_counts() {
+    let actions = generate(3, &cfg(false), &layout(), 3000);
+    let counted = actions
+        .iter()
+        .filter(|a| matches!(a, Action::DirtyPages(d) if d.pages.is_some_and(|n| n > 0)))
+        .count();
+    assert!(counted >= 5, "{counted} dirty-pages steps expect pages");
+    assert_eq!(super::sim::run(&layout(), &actions).unwrap(), None);
+}

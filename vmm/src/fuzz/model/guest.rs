@@ -101,10 +101,20 @@ impl Model {
             match self.content_at(page) {
                 None => return Outcome::Unplugged,
                 Some((_, _, true)) => return Outcome::ReadOnly,
-                Some((_, key, false)) => self.set(key, content(page, whole)),
+                Some((_, key, false)) => {
+                    self.set(key, content(page, whole));
+                    self.log_write(page);
+                }
             }
         }
         Outcome::Ok
+    }
+
+    /// A guest write to `page` is logged if its slot logs (KVM's fault path).
+    fn log_write(&mut self, page: u64) {
+        if self.slots.lookup(page).is_some_and(|s| s.log && !s.ro) {
+            self.dirty.insert(page / PAGE);
+        }
     }
 
     /// Guest reads over `[a, b)` in order, `check(content, page)` saying
@@ -166,7 +176,10 @@ impl Model {
                     match self.content_at(page) {
                         None => return vec![Outcome::Unplugged],
                         Some((_, _, true)) if write => return vec![Outcome::ReadOnly],
-                        Some((_, key, _)) if write => self.set(key, Content::Unknown),
+                        Some((_, key, _)) if write => {
+                            self.set(key, Content::Unknown);
+                            self.log_write(page);
+                        }
                         _ => {}
                     }
                     match at.checked_add(stride) {

@@ -295,3 +295,38 @@ fn test_async_read_racing_an_unplug_widens_to_unplugged() {
     run(&mut m, &[(Action::Wait(step::Wait { vcpu: 1 }), &[O::Ok])]);
     assert!(!m.has_pending(1));
 }
+
+#[test]
+fn test_dirty_pages_count_logged_guest_writes_once() {
+    let mut m = Model::new(layout(64));
+    let dirty = |gpa: u64, size: u64, pages: u64| {
+        Action::DirtyPages(step::DirtyPages {
+            gpa: Num(gpa),
+            size: Num(size),
+            pages: Some(pages),
+        })
+    };
+    let log = Action::DirtyLog(step::DirtyLog {
+        gpa: Num(A),
+        size: Num(8 * PAGE),
+        on: true,
+    });
+    run(
+        &mut m,
+        &[
+            (plug(A, 8 * PAGE), &[O::Ok]),
+            (fill(A, 2 * PAGE, 1), &[O::Ok]),
+            (dirty(A, 8 * PAGE, 0), &[O::Ok]),
+            (log, &[O::Ok]),
+            (fill(A, 3 * PAGE, 1), &[O::Ok]),
+            (dirty(A, PAGE, 1), &[O::Ok]),
+            (dirty(A, 8 * PAGE, 3), &[O::DirtyCount]),
+            (dirty(A, 8 * PAGE, 0), &[O::Ok]),
+            (fill(A + 4 * PAGE, PAGE, 2), &[O::Ok]),
+            // Reported by the address it was written at, after a move too.
+            (mv(A + 4 * PAGE, PAGE, A + 64 * PAGE), &[O::Ok]),
+            (dirty(A + 64 * PAGE, PAGE, 0), &[O::Ok]),
+            (dirty(A + 4 * PAGE, PAGE, 1), &[O::Ok]),
+        ],
+    );
+}
