@@ -1,7 +1,8 @@
 //! `vmm fuzz`: a memory-hotplug fuzzer with a model oracle and replayable,
 //! shrunk reproducers.
 //!
-//! - [`gen`]: seeded, biased generation of typed scenario actions;
+//! - [`gen`]: seeded, biased generation of typed scenario actions
+//!   ([`weights`]: how often each family);
 //! - [`model`]: the reference model predicting every step's outcome and the
 //!   state after it (slots, access, contents, pins, dirty logging);
 //! - [`timeline`]: actions + predictions = scenario steps; the final sweep;
@@ -23,6 +24,7 @@ pub mod real;
 pub mod shrink;
 pub mod sim;
 pub mod timeline;
+pub mod weights;
 
 #[cfg(test)]
 mod tests;
