@@ -100,9 +100,8 @@ fn test_fuzz_replay_of_a_failing_timeline_exits_1() {
     let dir = out_dir("replay");
     std::fs::create_dir_all(&dir).unwrap();
     let file = format!("{dir}/wrong.toml");
-    // The model predicts `overlap` for the second plug; `ok` is a planted
-    // wrong expectation, which the sim replay ignores (it judges by the
-    // model) but the second step then truly overlaps: the replay is clean.
+    // Plugging the same range twice: the second is refused (`overlap`). The
+    // sim replay judges by the model, which predicts that: clean (0).
     std::fs::write(
         &file,
         "[[step]]\ndo = \"plug\"\ngpa = \"4G\"\nsize = \"2M\"\n\n[[step]]\ndo = \"plug\"\ngpa = \"4G\"\nsize = \"2M\"\nexpect = \"overlap\"\n",
@@ -115,6 +114,8 @@ fn test_fuzz_replay_of_a_failing_timeline_exits_1() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // The real replay judges by the file: without `expect`, the second plug
+    // must be ok, and it is not (1).
     if kvm_or_skip("test_fuzz_replay_of_a_failing_timeline_exits_1") {
         std::fs::write(
             &file,
