@@ -28,7 +28,7 @@ use super::{real, shrink, sim};
 pub enum Backend {
     /// A real KVM VM with vCPUs running guest commands.
     Real,
-    /// The memory manager on the simulated KVM: no vCPUs, no guest commands.
+    /// The memory manager on the simulated KVM: no vCPUs; guest writes simulated.
     Sim,
 }
 

@@ -7,7 +7,8 @@
 //!   state after it (slots, access, contents, pins, dirty logging);
 //! - [`timeline`]: actions + predictions = scenario steps; the final sweep;
 //! - [`real`]: the timeline as a scenario on a real KVM VM with vCPUs;
-//! - [`sim`]: the pure tier on [`SimKvm`](crate::mm::manager::SimKvm) with
+//! - [`sim`]: the pure tier on [`SimKvm`](crate::mm::manager::SimKvm) (guest
+//!   writes simulated, exact dirty-page counts, injected memslot failures) with
 //!   per-step invariants;
 //! - [`shrink`]: delta debugging and argument simplification;
 //! - [`campaign`]: the command: chunks, findings, reproducers, the report.
