@@ -11,7 +11,8 @@
 //!   writes simulated, exact dirty-page counts, injected memslot failures) with
 //!   per-step invariants;
 //! - [`shrink`]: delta debugging and argument simplification;
-//! - [`campaign`]: the command: chunks, findings, reproducers, the report.
+//! - [`campaign`]: the command: chunks, findings, reproducers, the report;
+//! - [`finding`]: what a finding says.
 //!
 //! A finding is written as a scenario file that `vmm run --scenario FILE`
 //! (real tier) or `vmm fuzz --replay FILE --backend sim` replays; the guide
