@@ -3,6 +3,7 @@
 mod cli;
 mod dma;
 mod faults;
+mod fuzz;
 mod iommu;
 mod launch;
 mod memslots;

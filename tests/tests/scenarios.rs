@@ -26,8 +26,10 @@ fn test_every_shipped_scenario_passes() {
     if !kvm_or_skip("shipped scenarios") {
         return;
     }
-    let mut files: Vec<_> = std::fs::read_dir(scenario_dir())
-        .unwrap()
+    // The examples, and the fuzzer's shrunk reproducers of fixed bugs.
+    let mut files: Vec<_> = [scenario_dir(), scenario_dir().join("regressions")]
+        .iter()
+        .flat_map(|dir| std::fs::read_dir(dir).unwrap())
         .map(|e| e.unwrap().path())
         .filter(|p| p.extension().is_some_and(|e| e == "toml"))
         .collect();

@@ -117,6 +117,8 @@ pub enum Cmd {
     Run(RunArgs),
     /// Measure what the guest sees (`vmm bench faults`).
     Bench(BenchArgs),
+    /// Fuzz memory hotplug against a model; findings become shrunk scenario files.
+    Fuzz(crate::fuzz::campaign::FuzzArgs),
 }
 
 /// `vmm bench` subcommands.
@@ -232,6 +234,7 @@ where
         Some(Cmd::Bench(BenchArgs {
             which: BenchCmd::Faults(a),
         })) => return crate::bench::faults(&a),
+        Some(Cmd::Fuzz(a)) => return crate::fuzz::campaign::main(&a),
         None => {
             eprintln!("vmm: no command given; try `vmm run` (a default guest) or `vmm --help`");
             return 2;

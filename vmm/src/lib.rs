@@ -18,6 +18,7 @@ pub mod boot;
 pub mod cli;
 pub mod devices;
 pub mod failure;
+pub mod fuzz;
 pub mod kvm;
 pub mod mm;
 pub mod plan;

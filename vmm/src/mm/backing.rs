@@ -245,7 +245,14 @@ impl HostMapping {
             BackingKind::Shared => (libc::MAP_SHARED | libc::MAP_ANONYMOUS, len),
             BackingKind::Memfd | BackingKind::File(_) => (libc::MAP_SHARED, len),
             // Over-allocate so a 2 MiB-aligned window fits; the slop is unmapped.
-            BackingKind::Thp => (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, len + HUGE_2M),
+            BackingKind::Thp => (
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                len.checked_add(HUGE_2M).ok_or(BackingError::BadSize {
+                    size: len,
+                    kind: kind.clone(),
+                    page_size: HUGE_2M,
+                })?,
+            ),
             BackingKind::Hugetlb => (
                 libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_HUGETLB,
                 len,
@@ -634,5 +641,13 @@ mod tests {
             "the file was extended"
         );
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// Regression: the THP over-allocation (`len + 2 MiB`) overflowed for a
+    /// size near 2^64 (a debug-build panic, found by `vmm fuzz`).
+    #[test]
+    fn test_thp_mapping_of_a_size_near_2_64_is_refused_not_overflowed() {
+        let err = HostMapping::new(&BackingKind::Thp, u64::MAX - (HUGE_2M - 1)).unwrap_err();
+        assert!(matches!(err, BackingError::BadSize { .. }), "{err}");
     }
 }

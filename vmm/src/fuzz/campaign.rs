@@ -1,0 +1,555 @@
+//! The `vmm fuzz` command: flags, the campaign loop (one VM per chunk of
+//! steps), findings written as scenario files and shrunk, the progress line
+//! and the JSON report.
+
+use std::collections::BTreeMap;
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use clap::{Args, ValueEnum};
+use guest_image::protocol::{layout, MMIO_BASE, MMIO_SIZE};
+use serde::Serialize;
+
+use crate::scenario::step::Action;
+use crate::scenario::{Outcome, Scenario};
+use crate::units::{parse_duration, parse_mem};
+
+use super::finding::Finding;
+use super::gen::{GenConfig, Weights};
+use super::model::slots::Limits;
+use super::model::Layout;
+use super::timeline::{expectations, generate};
+use super::{real, shrink, sim};
+
+/// Which VM the timeline runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    /// A real KVM VM with vCPUs running guest commands.
+    Real,
+    /// The memory manager on the simulated KVM: no vCPUs; guest writes simulated.
+    Sim,
+}
+
+fn backend_name(b: Backend) -> &'static str {
+    match b {
+        Backend::Real => "real",
+        Backend::Sim => "sim",
+    }
+}
+
+/// `vmm fuzz` flags.
+#[derive(Debug, Clone, Args)]
+pub struct FuzzArgs {
+    /// Seed of the campaign (default: from the clock; printed at start).
+    #[arg(long, value_name = "N")]
+    pub seed: Option<u64>,
+    /// Run this long (e.g. 60s, 5m).
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration, conflicts_with = "steps")]
+    pub time: Option<Duration>,
+    /// Run this many steps (default 1000).
+    #[arg(long, value_name = "N")]
+    pub steps: Option<u64>,
+    /// vCPUs of the real tier's VM.
+    #[arg(long, value_name = "N", default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..=8))]
+    pub vcpus: u64,
+    /// Guest RAM of the VM (the arena is separate).
+    #[arg(long, value_name = "SIZE", default_value = "64M", value_parser = parse_mem)]
+    pub mem: u64,
+    /// real (KVM with vCPUs) or sim (the memory manager on SimKvm).
+    #[arg(long, value_enum, default_value_t = Backend::Real)]
+    pub backend: Backend,
+    /// First byte of the hotplug arena where most ops land.
+    #[arg(long, value_name = "GPA", default_value = "4G", value_parser = parse_mem)]
+    pub arena_base: u64,
+    /// Length of the arena.
+    #[arg(long, value_name = "SIZE", default_value = "64M", value_parser = parse_mem)]
+    pub arena_size: u64,
+    /// Slot budget of the sim tier (the real tier uses KVM's).
+    #[arg(long, value_name = "N", default_value_t = 64, value_parser = clap::value_parser!(u64).range(4..=32764))]
+    pub max_slots: u64,
+    /// Pin limit in 4 KiB pages.
+    #[arg(long, value_name = "PAGES", default_value_t = 4096)]
+    pub pin_limit: u64,
+    /// Weights of the step families: plug=14,unplug=8,protect=8,move=6,
+    /// resize=6,dirty=5,plug-many=2,pins=8,guest=20,dma=6 (named ones replace these).
+    #[arg(long, value_name = "LIST", default_value = "", value_parser = |s: &str| s.parse::<Weights>())]
+    pub weights: Weights,
+    /// Steps per VM (a fresh VM for each chunk).
+    #[arg(long, value_name = "N", default_value_t = 200, value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    pub chunk: u64,
+    /// Where reproducers are written.
+    #[arg(long, value_name = "DIR", default_value = "fuzz-findings")]
+    pub out: PathBuf,
+    /// Candidate runs the shrinker may try.
+    #[arg(long, value_name = "N", default_value_t = 200)]
+    pub shrink_runs: usize,
+    /// Reruns of the shrunk reproducer (reported as k of N).
+    #[arg(long, value_name = "N", default_value_t = 5)]
+    pub reruns: usize,
+    /// Replay a reproducer instead of generating.
+    #[arg(long, value_name = "FILE")]
+    pub replay: Option<PathBuf>,
+    /// Print a JSON report on stdout.
+    #[arg(long)]
+    pub json: bool,
+    /// One line per chunk.
+    #[arg(short, long)]
+    pub verbose: bool,
+}
+
+/// Why the campaign could not go on (not a finding).
+#[derive(Debug, thiserror::Error)]
+pub enum FuzzError {
+    /// The real tier.
+    #[error(transparent)]
+    Real(#[from] real::RealError),
+    /// The sim tier.
+    #[error(transparent)]
+    Sim(#[from] sim::SimError),
+    /// A reproducer could not be read or written.
+    #[error("{0}")]
+    File(String),
+    /// A flag value that cannot work.
+    #[error("{0}")]
+    Flags(String),
+}
+
+/// A finding as reported.
+#[derive(Debug, Clone, Serialize)]
+pub struct FindingReport {
+    /// The chunk's seed (the generator's).
+    pub seed: u64,
+    /// What failed.
+    #[serde(flatten)]
+    pub finding: Finding,
+    /// The timeline up to the failing step.
+    pub reproducer: String,
+    /// Its steps.
+    pub steps: usize,
+    /// The shrunk timeline.
+    pub shrunk: String,
+    /// Its steps.
+    pub shrunk_steps: usize,
+    /// Reruns of the shrunk timeline that failed the same way, "k/N".
+    pub reproduced: String,
+    /// The command that replays it.
+    pub replay: String,
+}
+
+/// The JSON report.
+#[derive(Debug, Clone, Serialize)]
+pub struct FuzzReport {
+    /// Campaign seed.
+    pub seed: u64,
+    /// Backend.
+    pub backend: Backend,
+    /// Steps run.
+    pub steps: u64,
+    /// VMs built (chunks).
+    pub runs: u64,
+    /// Wall time.
+    pub seconds: f64,
+    /// Steps per second, VM setup included.
+    pub steps_per_sec: f64,
+    /// Steps by kind.
+    pub ops: BTreeMap<String, u64>,
+    /// Outcomes by kind.
+    pub outcomes: BTreeMap<String, BTreeMap<String, u64>>,
+    /// Findings (the campaign stops at the first).
+    pub findings: Vec<FindingReport>,
+}
+
+/// What one run of a timeline gave.
+struct Ran {
+    finding: Option<Finding>,
+    outcomes: Vec<(String, String)>,
+}
+
+struct Campaign {
+    args: FuzzArgs,
+    layout: Layout,
+    cfg: GenConfig,
+}
+
+/// The model's layout for the sim tier.
+fn sim_layout(args: &FuzzArgs) -> Layout {
+    Layout {
+        boot_end: layout::BOOT_SIZE,
+        ram: (layout::RAM_BASE, args.mem),
+        limits: Limits {
+            max_gpa: 1 << 48,
+            max_slots: args.max_slots as usize,
+            reserved: (MMIO_BASE, MMIO_BASE + MMIO_SIZE),
+            read_only: true,
+        },
+        pin_limit: args.pin_limit,
+        vcpus: args.vcpus,
+        guest_end: layout::IDENTITY_END,
+    }
+}
+
+fn outcome_name(actual: &str) -> String {
+    let head = actual.split(':').next().unwrap_or("").trim();
+    match head.parse::<Outcome>() {
+        Ok(o) => o.name().to_string(),
+        Err(_) if actual.starts_with("started") => "started".into(),
+        Err(_) => "ok".into(),
+    }
+}
+
+impl Campaign {
+    fn new(args: FuzzArgs) -> Result<Self, FuzzError> {
+        let layout = match args.backend {
+            Backend::Real => real::layout(args.mem, args.vcpus, args.pin_limit)?,
+            Backend::Sim => sim_layout(&args),
+        };
+        let (a, s) = (args.arena_base, args.arena_size);
+        let ram_end = layout.ram.0 + layout.ram.1;
+        if a % (2 << 20) != 0 || s < (2 << 20) || s % (2 << 20) != 0 {
+            return Err(FuzzError::Flags(
+                "--arena-base and --arena-size must be multiples of 2 MiB (size at least 2M)"
+                    .into(),
+            ));
+        }
+        let end = a.saturating_add(s);
+        if a < ram_end || end > layout.guest_end {
+            return Err(FuzzError::Flags(format!(
+                "the arena [{a:#x}, {end:#x}) must lie above guest RAM (ends {ram_end:#x}) and below {:#x}",
+                layout.guest_end
+            )));
+        }
+        let cfg = GenConfig {
+            arena_base: a,
+            arena_size: s,
+            guest: args.backend == Backend::Real,
+            weights: args.weights,
+        };
+        Ok(Self { args, layout, cfg })
+    }
+
+    fn scenario(&self, actions: &[Action], title: &str) -> Scenario {
+        let steps = expectations(&self.layout, actions);
+        real::scenario(
+            title,
+            &format!("written by vmm fuzz --backend {:?}", self.args.backend).to_lowercase(),
+            &self.layout,
+            steps,
+        )
+    }
+
+    /// Runs `actions` on the backend.
+    fn run(&self, actions: &[Action]) -> Result<Ran, FuzzError> {
+        match self.args.backend {
+            Backend::Sim => {
+                let finding = sim::run(&self.layout, actions)?;
+                let n = finding.as_ref().map_or(actions.len(), |f| f.step);
+                let steps = expectations(&self.layout, &actions[..n]);
+                let outcomes = steps
+                    .iter()
+                    .map(|s| {
+                        (
+                            s.kind().to_string(),
+                            super::timeline::allowed(s)
+                                .first()
+                                .map_or("ok", |o| o.name())
+                                .to_string(),
+                        )
+                    })
+                    .collect();
+                Ok(Ran { finding, outcomes })
+            }
+            Backend::Real => {
+                let sc = self.scenario(actions, "fuzz");
+                // A timeline the file reader would refuse is no reproducer.
+                if let Err(e) = Scenario::parse(&sc.to_toml()) {
+                    return Err(FuzzError::File(format!(
+                        "generated an invalid scenario: {e}"
+                    )));
+                }
+                let timeout = Duration::from_secs(60);
+                let (finding, report) = real::run_with_report(sc, &self.layout, timeout)?;
+                let outcomes = report
+                    .into_iter()
+                    .map(|(k, a)| (k, outcome_name(&a)))
+                    .collect();
+                Ok(Ran { finding, outcomes })
+            }
+        }
+    }
+
+    /// Runs a candidate for the shrinker: an invalid one does not fail.
+    fn try_run(&self, actions: &[Action]) -> Option<Finding> {
+        self.run(actions).ok().and_then(|r| r.finding)
+    }
+
+    fn replay_command(&self, path: &Path) -> String {
+        match self.args.backend {
+            Backend::Real => format!("vmm run --scenario {}", path.display()),
+            Backend::Sim => format!(
+                "vmm fuzz --replay {} --backend sim --max-slots {} --pin-limit {}",
+                path.display(),
+                self.args.max_slots,
+                self.args.pin_limit
+            ),
+        }
+    }
+
+    fn write(
+        &self,
+        actions: &[Action],
+        finding: &Finding,
+        name: &str,
+    ) -> Result<PathBuf, FuzzError> {
+        std::fs::create_dir_all(&self.args.out)
+            .map_err(|e| FuzzError::File(format!("creating {}: {e}", self.args.out.display())))?;
+        let path = self.args.out.join(format!("{name}.toml"));
+        let mut sc = self.scenario(actions, name);
+        if let Some(s) = sc.steps.get_mut(finding.step.saturating_sub(1)) {
+            s.note = Some(format!(
+                "the finding: got {}",
+                finding.actual.chars().take(200).collect::<String>()
+            ));
+        }
+        std::fs::write(&path, sc.to_toml())
+            .map_err(|e| FuzzError::File(format!("writing {}: {e}", path.display())))?;
+        Ok(path)
+    }
+
+    /// Writes, shrinks and reruns a finding.
+    fn report_finding(
+        &self,
+        seed: u64,
+        actions: &[Action],
+        finding: Finding,
+        say: &mut dyn FnMut(String),
+    ) -> Result<FindingReport, FuzzError> {
+        let base = format!(
+            "{}-seed{seed}",
+            self.args
+                .backend
+                .to_possible_value()
+                .map_or("fuzz".into(), |v| v.get_name().to_string())
+        );
+        let cut = &actions[..finding.step.min(actions.len())];
+        let full = self.write(cut, &finding, &base)?;
+        say(format!(
+            "reproducer ({} steps): {}",
+            cut.len(),
+            full.display()
+        ));
+        let s = shrink::shrink(cut.to_vec(), finding.clone(), self.args.shrink_runs, |c| {
+            self.try_run(c)
+        });
+        let shrunk = self.write(&s.actions, &s.finding, &format!("{base}-min"))?;
+        say(format!(
+            "shrunk to {} steps in {} runs: {}",
+            s.actions.len(),
+            s.runs,
+            shrunk.display()
+        ));
+        let mut k = 0;
+        for _ in 0..self.args.reruns {
+            if self
+                .try_run(&s.actions)
+                .is_some_and(|f| f.signature == s.finding.signature)
+            {
+                k += 1;
+            }
+        }
+        let replay = self.replay_command(&shrunk);
+        say(format!(
+            "reproduced {k} of {} reruns; replay: {replay}",
+            self.args.reruns
+        ));
+        Ok(FindingReport {
+            seed,
+            finding: s.finding,
+            reproducer: full.display().to_string(),
+            steps: cut.len(),
+            shrunk: shrunk.display().to_string(),
+            shrunk_steps: s.actions.len(),
+            reproduced: format!("{k}/{}", self.args.reruns),
+            replay,
+        })
+    }
+}
+
+/// The seed of chunk `k` of a campaign.
+pub fn chunk_seed(seed: u64, k: u64) -> u64 {
+    seed.wrapping_add(k.wrapping_mul(0x9E37_79B9_7F4A_7C15))
+}
+
+/// Runs `vmm fuzz`; returns the exit status (0 clean, 1 finding or error).
+pub fn main(args: &FuzzArgs) -> i32 {
+    let json = args.json;
+    let mut say = |line: String| {
+        if json {
+            eprintln!("[fuzz] {line}");
+        } else {
+            println!("[fuzz] {line}");
+        }
+    };
+    let campaign = match Campaign::new(args.clone()) {
+        Ok(c) => c,
+        Err(e @ FuzzError::Flags(_)) => {
+            eprintln!("vmm fuzz: {e}");
+            return 2;
+        }
+        Err(e) => {
+            eprintln!("vmm fuzz: {e}");
+            return 1;
+        }
+    };
+    if let Some(path) = &args.replay {
+        return replay(&campaign, path, &mut say);
+    }
+    let seed = args.seed.unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_nanos() as u64)
+    });
+    say(format!(
+        "seed {seed}, backend {}, {} vCPU(s), arena [{:#x}, {:#x})",
+        backend_name(args.backend),
+        args.vcpus,
+        args.arena_base,
+        args.arena_base + args.arena_size
+    ));
+    let started = Instant::now();
+    let total = args
+        .steps
+        .unwrap_or(if args.time.is_some() { u64::MAX } else { 1000 });
+    let mut report = FuzzReport {
+        seed,
+        backend: args.backend,
+        steps: 0,
+        runs: 0,
+        seconds: 0.0,
+        steps_per_sec: 0.0,
+        ops: BTreeMap::new(),
+        outcomes: BTreeMap::new(),
+        findings: Vec::new(),
+    };
+    let tty = !json && std::io::stderr().is_terminal();
+    let mut status = 0;
+    let mut k = 0;
+    while report.steps < total && args.time.is_none_or(|t| started.elapsed() < t) {
+        let cs = chunk_seed(seed, k);
+        let n = args.chunk.min(total - report.steps) as usize;
+        let actions = generate(cs, &campaign.cfg, &campaign.layout, n);
+        let ran = match campaign.run(&actions) {
+            Ok(r) => r,
+            Err(e) => {
+                eprintln!("vmm fuzz: seed {seed} chunk {k} (seed {cs}): {e}");
+                status = 1;
+                break;
+            }
+        };
+        report.runs += 1;
+        report.steps += ran.outcomes.len() as u64;
+        for (kind, outcome) in &ran.outcomes {
+            *report.ops.entry(kind.clone()).or_default() += 1;
+            *report
+                .outcomes
+                .entry(kind.clone())
+                .or_default()
+                .entry(outcome.clone())
+                .or_default() += 1;
+        }
+        let rate = report.steps as f64 / started.elapsed().as_secs_f64().max(1e-9);
+        if tty {
+            let top: Vec<String> = report.ops.iter().map(|(k, v)| format!("{k} {v}")).collect();
+            eprint!(
+                "\r[fuzz] {} steps, {rate:.0} steps/s, {} finding(s); {}\x1b[K",
+                report.steps,
+                report.findings.len(),
+                top.join(", ")
+            );
+            let _ = std::io::stderr().flush();
+        }
+        if args.verbose {
+            say(format!(
+                "chunk {k} (seed {cs}): {} steps, {rate:.0} steps/s",
+                ran.outcomes.len()
+            ));
+        }
+        if let Some(f) = ran.finding {
+            if tty {
+                eprintln!();
+            }
+            say(format!("FINDING (seed {seed}, chunk {k}, chunk seed {cs}) at step {} ({}): expected {}, got {}", f.step, f.what, f.expected, f.actual));
+            match campaign.report_finding(cs, &actions, f, &mut say) {
+                Ok(r) => report.findings.push(r),
+                Err(e) => eprintln!("vmm fuzz: {e}"),
+            }
+            status = 1;
+            break;
+        }
+        k += 1;
+    }
+    if tty {
+        eprintln!();
+    }
+    report.seconds = started.elapsed().as_secs_f64();
+    report.steps_per_sec = report.steps as f64 / report.seconds.max(1e-9);
+    say(format!(
+        "seed {seed}: {} steps in {} VM(s), {:.1} s, {:.0} steps/s, {} finding(s)",
+        report.steps,
+        report.runs,
+        report.seconds,
+        report.steps_per_sec,
+        report.findings.len()
+    ));
+    if json {
+        match serde_json::to_string_pretty(&report) {
+            Ok(j) => println!("{j}"),
+            Err(e) => eprintln!("vmm fuzz: cannot encode the report: {e}"),
+        }
+    }
+    status
+}
+
+fn replay(campaign: &Campaign, path: &Path, say: &mut dyn FnMut(String)) -> i32 {
+    let sc = match Scenario::load(path) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("vmm fuzz: {e}");
+            return 2;
+        }
+    };
+    let result = match campaign.args.backend {
+        Backend::Sim => {
+            let actions: Vec<Action> = sc.steps.iter().map(|s| s.action.clone()).collect();
+            sim::run(&campaign.layout, &actions).map_err(FuzzError::from)
+        }
+        Backend::Real => {
+            let mut layout = campaign.layout.clone();
+            layout.ram.1 = sc.mem.map_or(layout.ram.1, |m| m.0);
+            layout.vcpus = sc.vcpus.unwrap_or(layout.vcpus);
+            real::run(sc, &layout, Duration::from_secs(60)).map_err(FuzzError::from)
+        }
+    };
+    match result {
+        Ok(None) => {
+            say(format!("{}: every step as predicted", path.display()));
+            0
+        }
+        Ok(Some(f)) => {
+            say(format!(
+                "{}: step {} ({}): expected {}, got {}",
+                path.display(),
+                f.step,
+                f.what,
+                f.expected,
+                f.actual
+            ));
+            1
+        }
+        Err(e) => {
+            eprintln!("vmm fuzz: {e}");
+            1
+        }
+    }
+}

@@ -1,0 +1,34 @@
+//! `vmm fuzz`: a memory-hotplug fuzzer with a model oracle and replayable,
+//! shrunk reproducers.
+//!
+//! - [`gen`]: seeded, biased generation of typed scenario actions
+//!   ([`weights`]: how often each family);
+//! - [`model`]: the reference model predicting every step's outcome and the
+//!   state after it (slots, access, contents, pins, dirty logging);
+//! - [`timeline`]: actions + predictions = scenario steps; the final sweep;
+//! - [`real`]: the timeline as a scenario on a real KVM VM with vCPUs;
+//! - [`sim`]: the pure tier on [`SimKvm`](crate::mm::manager::SimKvm) (guest
+//!   writes simulated, exact dirty-page counts, injected memslot failures) with
+//!   per-step invariants;
+//! - [`shrink`]: delta debugging and argument simplification;
+//! - [`campaign`]: the command: chunks, findings, reproducers, the report;
+//! - [`finding`]: what a finding says.
+//!
+//! A finding is written as a scenario file that `vmm run --scenario FILE`
+//! (real tier) or `vmm fuzz --replay FILE --backend sim` replays; the guide
+//! is `docs/fuzzing.md`.
+
+pub mod campaign;
+pub mod finding;
+pub mod gen;
+pub mod model;
+pub mod real;
+pub mod shrink;
+pub mod sim;
+pub mod timeline;
+pub mod weights;
+
+#[cfg(test)]
+mod tests;
+
+pub use finding::Finding;

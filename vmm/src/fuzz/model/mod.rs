@@ -1,0 +1,470 @@
+//! The reference model: page by page, what every step must do.
+//!
+//! [`Model::predict`] takes a step, returns the outcomes it may end with (one
+//! outcome for a deterministic step, a set where an interleaving decides) and
+//! moves the model to the state after it:
+//!
+//! - the slot map ([`slots`]): plugged or not, access, dirty logging, slot
+//!   starts and count, refusals in the slot map's own order;
+//! - pins: named pins, charged pages, vetoes of non-revocable pins and
+//!   revocation of revocable ones;
+//! - contents ([`guest`]): per host page, zero after a plug or a discard, the
+//!   pattern a guest fill wrote, the value a DMA fill wrote, or unknown; kept
+//!   across move, protect and refused ops because they are keyed by host page;
+//! - async guest commands in flight: a memory op that takes their range away
+//!   before their `wait` widens their expectation to include `unplugged`.
+
+pub mod guest;
+pub mod slots;
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use crate::scenario::step::{Access, Action};
+use crate::scenario::Outcome;
+
+use guest::Content;
+use slots::{Change, Limits, Slots, PAGE};
+
+/// 2 MiB.
+pub const HUGE: u64 = 2 << 20;
+
+/// The end of the IOMMU stage-2 table's guest-physical space.
+pub const STAGE2_LIMIT: u64 = 1 << 48;
+
+/// Plugs larger than this may fail to allocate host memory (`backing`).
+pub const HUGE_PLUG: u64 = 1 << 40;
+
+/// The shape of the VM the model describes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Layout {
+    /// The fixed boot region `[0, boot_end)`.
+    pub boot_end: u64,
+    /// Guest RAM: start, length.
+    pub ram: (u64, u64),
+    /// Slot-map limits.
+    pub limits: Limits,
+    /// Pin limit in pages.
+    pub pin_limit: u64,
+    /// vCPUs.
+    pub vcpus: u64,
+    /// Guest commands must stay below this (the guest's identity map).
+    pub guest_end: u64,
+}
+
+/// A held pin.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MPin {
+    /// Range.
+    pub range: (u64, u64),
+    /// Revocable.
+    pub revocable: bool,
+    /// Revoked by a memory change.
+    pub revoked: bool,
+}
+
+impl MPin {
+    fn pages(&self) -> u64 {
+        if self.revoked {
+            0
+        } else {
+            (self.range.1 - self.range.0) / PAGE
+        }
+    }
+}
+
+/// An async guest command not yet collected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Pending {
+    step: usize,
+    range: (u64, u64),
+    /// A DMA transfer (its pins are revoked by any change of its range).
+    dma: bool,
+}
+
+/// The reference model; see the module docs.
+#[derive(Debug, Clone)]
+pub struct Model {
+    /// The slot map.
+    pub slots: Slots,
+    /// Pins by name.
+    pub pins: BTreeMap<String, MPin>,
+    /// Host page (mapping, offset) -> contents; absent is zero.
+    pub contents: BTreeMap<(usize, u64), Content>,
+    /// Frames written by vCPUs while logged, not yet reported (see
+    /// [`dirty_count`](Self::dirty_count)).
+    pub dirty: BTreeSet<u64>,
+    /// The VM.
+    pub layout: Layout,
+    pending: BTreeMap<u64, Pending>,
+    steps: usize,
+    widen: Vec<(usize, Outcome)>,
+}
+
+fn overlaps(a: (u64, u64), b: (u64, u64)) -> bool {
+    a.0 < b.1 && b.0 < a.1
+}
+
+/// The guest-physical ranges a memory op may change (a resize: everything
+/// from the slot's start).
+fn touched(action: &Action) -> Vec<(u64, u64)> {
+    let r = |gpa: u64, size: u64| (gpa, gpa.saturating_add(size));
+    match action {
+        Action::Plug(p) => vec![r(p.gpa.0, p.size.0)],
+        Action::Unplug(u) => vec![r(u.gpa.0, u.size.0)],
+        Action::Protect(p) => vec![r(p.gpa.0, p.size.0)],
+        Action::Move(m) => vec![r(m.gpa.0, m.size.0), r(m.to.0, m.size.0)],
+        Action::Resize(z) => vec![(z.gpa.0, u64::MAX)],
+        _ => Vec::new(),
+    }
+}
+
+/// The host page size of a backing name (a plug's mapping is its size
+/// rounded up to it), or `None` if it is not one the model knows. Slots of
+/// every backing the model plugs are cut at 4 KiB (THP included: Linux
+/// splits it; only hugetlb cuts at 2 MiB, and it is not generated).
+pub fn backing_page_size(name: &str) -> Option<u64> {
+    match name {
+        "anon" | "shared" | "memfd" => Some(PAGE),
+        "thp" => Some(HUGE),
+        _ => None,
+    }
+}
+
+impl Model {
+    /// The VM as it starts: the boot region (fixed) and guest RAM plugged.
+    pub fn new(layout: Layout) -> Self {
+        let mut slots = Slots::new(layout.limits);
+        slots.seed_slot(0, layout.boot_end, true);
+        slots.seed_slot(layout.ram.0, layout.ram.1, false);
+        Self {
+            slots,
+            pins: BTreeMap::new(),
+            contents: BTreeMap::new(),
+            dirty: BTreeSet::new(),
+            layout,
+            pending: BTreeMap::new(),
+            steps: 0,
+            widen: Vec::new(),
+        }
+    }
+
+    /// Guest pages (frame numbers) written by vCPUs while their slot logged,
+    /// not yet reported by a `dirty-pages` over them.
+    pub fn dirty_count(&self, gpa: u64, size: u64) -> Option<u64> {
+        let end = gpa.checked_add(size)?;
+        Some(self.dirty.range(gpa / PAGE..end.div_ceil(PAGE)).count() as u64)
+    }
+
+    /// `dirty-pages`: KVM's log is read and cleared over the range's pages
+    /// before the IOMMU's table (whole pages of a 48-bit space) is read.
+    fn dirty_pages(&mut self, gpa: u64, size: u64, want: Option<u64>) -> Outcome {
+        let Some(end) = gpa.checked_add(size) else {
+            return Outcome::RangeOverflow;
+        };
+        let frames: Vec<u64> = self
+            .dirty
+            .range(gpa / PAGE..end.div_ceil(PAGE))
+            .copied()
+            .collect();
+        // KVM's log exists only for logging slots: with none in the range and
+        // nothing harvested from one, the read is refused (before the IOMMU
+        // is read, so device dirty bits stay).
+        let logging = self.slots.overlapping((gpa, end)).iter().any(|s| s.log);
+        if !logging && frames.is_empty() {
+            return Outcome::NotLogging;
+        }
+        for f in &frames {
+            self.dirty.remove(f);
+        }
+        if end
+            .checked_next_multiple_of(PAGE)
+            .is_none_or(|e| e > STAGE2_LIMIT)
+        {
+            return Outcome::Stage2;
+        }
+        match want {
+            Some(n) if n != frames.len() as u64 => Outcome::DirtyCount,
+            _ => Outcome::Ok,
+        }
+    }
+
+    /// Pages pinned now (what the pin account must hold).
+    pub fn pinned_pages(&self) -> u64 {
+        self.pins.values().map(MPin::pages).sum()
+    }
+
+    /// Whether vCPU `v` has an async command in flight.
+    pub fn has_pending(&self, v: u64) -> bool {
+        self.pending.contains_key(&v)
+    }
+
+    /// Whether a DMA transfer is in flight (its pins are charged: the
+    /// pinned-page count is not known).
+    pub fn dma_in_flight(&self) -> bool {
+        self.pending.values().any(|p| p.dma)
+    }
+
+    /// The vCPUs with async commands in flight.
+    pub fn pending_vcpus(&self) -> Vec<u64> {
+        self.pending.keys().copied().collect()
+    }
+
+    /// Expectations of earlier (async) steps to widen: (0-based step, outcome).
+    pub fn take_widenings(&mut self) -> Vec<(usize, Outcome)> {
+        std::mem::take(&mut self.widen)
+    }
+
+    /// The outcomes `action` may end with, and the state after it.
+    pub fn predict(&mut self, action: &Action) -> Vec<Outcome> {
+        let n = self.steps;
+        self.steps += 1;
+        match action {
+            Action::Plug(_)
+            | Action::Unplug(_)
+            | Action::Protect(_)
+            | Action::Move(_)
+            | Action::Resize(_)
+            | Action::DirtyLog(_) => {
+                // Host memory for a huge plug or a huge grow with a new
+                // mapping may not be allocated: the plug fails with
+                // `backing` before the slot map judges it, the grow with
+                // `no-room-to-grow`; either changes nothing.
+                let big_grow = matches!(action, Action::Resize(_))
+                    && self
+                        .plan(action)
+                        .is_ok_and(|(c, _)| c.new_mapping.is_some_and(|m| m.len > HUGE_PLUG));
+                let o = self.mem_op(action);
+                match action {
+                    Action::Plug(p) if p.size.0 > HUGE_PLUG => vec![o, Outcome::Backing],
+                    Action::Resize(_) if big_grow && o == Outcome::Ok => {
+                        vec![o, Outcome::NoRoomToGrow]
+                    }
+                    _ => vec![o],
+                }
+            }
+            Action::DirtyPages(d) => vec![self.dirty_pages(d.gpa.0, d.size.0, d.pages)],
+            Action::PlugMany(p) => vec![self.plug_many(p.gpa.0, p.count.map(|c| c.0))],
+            Action::Check(c) => match c.pages {
+                Some(p) if p != self.pinned_pages() => vec![Outcome::PinnedPages],
+                _ => vec![Outcome::Ok],
+            },
+            Action::Pin(p) => vec![self.pin(
+                &p.name,
+                p.gpa.0,
+                p.size.0,
+                p.write.unwrap_or(true),
+                p.revocable.unwrap_or(true),
+            )],
+            Action::Unpin(u) => match self.pins.remove(&u.name) {
+                Some(_) => vec![Outcome::Ok],
+                None => vec![Outcome::NoSuchPin],
+            },
+            Action::Wait(w) => {
+                self.pending.remove(&w.vcpu);
+                vec![Outcome::Ok]
+            }
+            Action::Sleep(_) | Action::Stage2Dump(_) => vec![Outcome::Ok],
+            _ => {
+                let set = self.guest(action);
+                if let Some((vcpu, _, true)) = action.guest() {
+                    if let Some(range) = guest::range_of(action) {
+                        let dma = matches!(
+                            action,
+                            Action::DmaChecksum(_) | Action::DmaCopy(_) | Action::DmaFill(_)
+                        );
+                        self.pending.insert(
+                            vcpu,
+                            Pending {
+                                step: n,
+                                range,
+                                dma,
+                            },
+                        );
+                    }
+                }
+                set
+            }
+        }
+    }
+
+    fn mem_op(&mut self, action: &Action) -> Outcome {
+        let (change, _) = match self.plan(action) {
+            Ok(c) => c,
+            Err(o) => return o,
+        };
+        for r in &change.removed {
+            if self
+                .pins
+                .values()
+                .any(|p| !p.revocable && !p.revoked && overlaps(p.range, *r))
+            {
+                return Outcome::Vetoed;
+            }
+        }
+        self.commit(change, &touched(action));
+        Outcome::Ok
+    }
+
+    /// The change `action` makes, or its refusal; and whether its removed
+    /// ranges are unmapped (vs write-protected).
+    fn plan(&self, action: &Action) -> Result<(Change, bool), Outcome> {
+        let s = &self.slots;
+        match action {
+            Action::Plug(p) => {
+                let (mut ro, mut log) = (false, false);
+                for f in p.flags.iter().flatten() {
+                    match f.as_str() {
+                        "readonly" | "read-only" => ro = true,
+                        "dirty-log" => log = true,
+                        _ => return Err(Outcome::InvalidFlags),
+                    }
+                }
+                let psize = match p.backing.as_deref() {
+                    None => PAGE,
+                    Some(b) => backing_page_size(b).ok_or(Outcome::UnknownBacking)?,
+                };
+                Ok((s.plug(p.gpa.0, p.size.0, psize, ro, log)?, false))
+            }
+            Action::Unplug(u) => Ok((s.unplug(u.gpa.0, u.size.0)?, true)),
+            Action::Protect(p) => {
+                let ro = p.access == Access::Ro;
+                Ok((s.reflag(p.gpa.0, p.size.0, Some(ro), None)?, false))
+            }
+            Action::DirtyLog(d) => Ok((s.reflag(d.gpa.0, d.size.0, None, Some(d.on))?, false)),
+            Action::Move(m) => Ok((s.move_range(m.gpa.0, m.size.0, m.to.0)?, true)),
+            Action::Resize(r) => Ok((s.resize(r.gpa.0, r.new_size.0)?, true)),
+            _ => Err(Outcome::Stopped),
+        }
+    }
+
+    /// Whether `action` (a memory op) would succeed, without changing the model.
+    pub fn would_succeed(&self, action: &Action) -> bool {
+        self.clone().mem_op(action) == Outcome::Ok
+    }
+
+    fn commit(&mut self, change: Change, touched: &[(u64, u64)]) {
+        for r in &change.removed {
+            for p in self.pins.values_mut() {
+                if p.revocable && overlaps(p.range, *r) {
+                    p.revoked = true;
+                }
+            }
+        }
+        self.widen_pending(touched);
+        for (map, off, len) in &change.discards {
+            let keys: Vec<_> = self
+                .contents
+                .range((*map, *off)..(*map, off + len))
+                .map(|(k, _)| *k)
+                .collect();
+            for k in keys {
+                self.contents.remove(&k);
+            }
+        }
+        self.slots.adopt(&change);
+    }
+
+    /// An async command over a range an op changed may have run before or
+    /// after it (or across it): every outcome of either is allowed.
+    fn widen_pending(&mut self, touched: &[(u64, u64)]) {
+        for p in self.pending.values() {
+            if !touched.iter().any(|t| overlaps(p.range, *t)) {
+                continue;
+            }
+            let set: &[Outcome] = if p.dma {
+                &[
+                    Outcome::Ok,
+                    Outcome::DmaRevoked,
+                    Outcome::DmaFault,
+                    Outcome::Mismatch,
+                ]
+            } else {
+                &[Outcome::Ok, Outcome::Unplugged, Outcome::Mismatch]
+            };
+            self.widen.extend(set.iter().map(|o| (p.step, *o)));
+        }
+    }
+
+    fn plug_many(&mut self, gpa: u64, count: Option<u64>) -> Outcome {
+        let free = self
+            .layout
+            .limits
+            .max_slots
+            .saturating_sub(self.slots.slots.len()) as u64;
+        let count = count.unwrap_or(free);
+        if count == 0 {
+            return Outcome::Ok;
+        }
+        if count > free {
+            return Outcome::TooManySlots;
+        }
+        // All or nothing: a refusal of any slot changes nothing.
+        let mut next = self.slots.clone();
+        let map = next.mappings.len();
+        next.mappings.push(slots::MMapping {
+            page_size: PAGE,
+            len: count * PAGE,
+        });
+        for i in 0..count {
+            let at = gpa.wrapping_add(i * 2 * PAGE);
+            match next.plug(at, PAGE, PAGE, false, false) {
+                Ok(mut c) => {
+                    // One mapping for all: window i of it.
+                    if let Some(slot) = c.slots.get_mut(&at) {
+                        slot.map = map;
+                        slot.off = i * PAGE;
+                    }
+                    c.new_mapping = None;
+                    next.adopt(&c);
+                }
+                Err(o) => return o,
+            }
+        }
+        self.slots = next;
+        self.widen_pending(&[(gpa, gpa.saturating_add(count * 2 * PAGE))]);
+        Outcome::Ok
+    }
+
+    fn pin(&mut self, name: &str, gpa: u64, size: u64, write: bool, revocable: bool) -> Outcome {
+        let Some(end) = gpa.checked_add(size) else {
+            return Outcome::BadRange;
+        };
+        if size == 0 || gpa % PAGE != 0 || size % PAGE != 0 {
+            return Outcome::BadRange;
+        }
+        if let Err(o) = self.walk(gpa, end, write) {
+            return o;
+        }
+        if self.pinned_pages() + size / PAGE > self.layout.pin_limit {
+            return Outcome::PinLimit;
+        }
+        self.pins.insert(
+            name.to_string(),
+            MPin {
+                range: (gpa, end),
+                revocable,
+                revoked: false,
+            },
+        );
+        Outcome::Ok
+    }
+
+    /// Walks the pages of `[a, b)` in order as a pin or guest access does:
+    /// the first unplugged page is `not-plugged`, the first read-only one
+    /// (when writing) `read-only`.
+    fn walk(&self, a: u64, b: u64, write: bool) -> Result<(), Outcome> {
+        let mut page = a - a % PAGE;
+        while page < b {
+            match self.slots.host(page) {
+                None => return Err(Outcome::NotPlugged),
+                Some((_, _, true)) if write => return Err(Outcome::ReadOnly),
+                _ => {}
+            }
+            page += PAGE;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests;

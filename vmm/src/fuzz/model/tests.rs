@@ -1,0 +1,332 @@
+//! Hand-written timelines with known outcomes.
+
+use super::slots::{Limits, PAGE};
+use super::*;
+use crate::scenario::num::Num;
+use crate::scenario::step::{self, Guest};
+use crate::scenario::Outcome as O;
+
+const A: u64 = 0x1_0000_0000;
+
+fn layout(max_slots: usize) -> Layout {
+    Layout {
+        boot_end: 0x60_0000,
+        ram: (0x4000_0000, 64 << 20),
+        limits: Limits {
+            max_gpa: 1 << 48,
+            max_slots,
+            reserved: (0x3000_0000, 0x3000_1000),
+            read_only: true,
+        },
+        pin_limit: 64,
+        vcpus: 2,
+        guest_end: 64 << 30,
+    }
+}
+
+fn plug(gpa: u64, size: u64) -> Action {
+    Action::Plug(step::Plug {
+        gpa: Num(gpa),
+        size: Num(size),
+        backing: None,
+        flags: None,
+    })
+}
+fn thp(gpa: u64, size: u64) -> Action {
+    Action::Plug(step::Plug {
+        gpa: Num(gpa),
+        size: Num(size),
+        backing: Some("thp".into()),
+        flags: None,
+    })
+}
+fn unplug(gpa: u64, size: u64) -> Action {
+    Action::Unplug(step::Unplug {
+        gpa: Num(gpa),
+        size: Num(size),
+    })
+}
+fn protect(gpa: u64, size: u64, access: Access) -> Action {
+    Action::Protect(step::Protect {
+        gpa: Num(gpa),
+        size: Num(size),
+        access,
+    })
+}
+fn mv(gpa: u64, size: u64, to: u64) -> Action {
+    Action::Move(step::Move {
+        gpa: Num(gpa),
+        size: Num(size),
+        to: Num(to),
+    })
+}
+fn resize(gpa: u64, new_size: u64) -> Action {
+    Action::Resize(step::Resize {
+        gpa: Num(gpa),
+        new_size: Num(new_size),
+    })
+}
+fn g<C>(command: C) -> Guest<C> {
+    Guest {
+        vcpu: 0,
+        repeat: 1,
+        is_async: false,
+        command,
+    }
+}
+fn fill(gpa: u64, size: u64, seed: u64) -> Action {
+    Action::Fill(g(step::Fill {
+        gpa: Num(gpa),
+        size: Num(size),
+        seed: Num(seed),
+        origin: None,
+    }))
+}
+fn verify(gpa: u64, size: u64, seed: u64, origin: Option<u64>) -> Action {
+    Action::Verify(g(step::Verify {
+        gpa: Num(gpa),
+        size: Num(size),
+        seed: Num(seed),
+        origin: origin.map(Num),
+    }))
+}
+fn zeros(gpa: u64, size: u64) -> Action {
+    Action::VerifyConst(g(step::VerifyConst {
+        gpa: Num(gpa),
+        size: Num(size),
+        value: Num(0),
+    }))
+}
+fn pin(name: &str, gpa: u64, size: u64, revocable: bool) -> Action {
+    Action::Pin(step::Pin {
+        name: name.into(),
+        gpa: Num(gpa),
+        size: Num(size),
+        revocable: Some(revocable),
+        write: None,
+    })
+}
+
+fn run(model: &mut Model, steps: &[(Action, &[O])]) {
+    for (i, (a, want)) in steps.iter().enumerate() {
+        assert_eq!(model.predict(a), *want, "step {} ({})", i + 1, a.kind());
+    }
+}
+
+#[test]
+fn test_slot_ops_split_merge_and_refuse_in_order() {
+    let mut m = Model::new(layout(64));
+    run(
+        &mut m,
+        &[
+            (plug(A, 16 * PAGE), &[O::Ok]),
+            (plug(A + PAGE, PAGE), &[O::Overlap]),
+            (plug(A + 16 * PAGE, 0), &[O::ZeroSize]),
+            (plug(A + 16 * PAGE + 8, PAGE), &[O::Misaligned]),
+            (plug(0x3000_0000, PAGE), &[O::Reserved]),
+            (plug(u64::MAX - PAGE + 1, 2 * PAGE), &[O::RangeOverflow]),
+            (plug((1 << 48) - PAGE, 2 * PAGE), &[O::BeyondMaxGpa]),
+            (unplug(A + 4 * PAGE, 4 * PAGE), &[O::Ok]),
+            (resize(A + 8 * PAGE, 4 * PAGE), &[O::Ok]),
+            (resize(A + 5 * PAGE, PAGE), &[O::NoSlotAt]),
+            (protect(A, 16 * PAGE, Access::Ro), &[O::Hole]),
+            (unplug(0, PAGE), &[O::Fixed]),
+            (unplug(A + 64 * PAGE, PAGE), &[O::NotPlugged]),
+            (
+                mv(A, 4 * PAGE, A + 2 * PAGE),
+                &[O::DestinationOverlapsSource],
+            ),
+        ],
+    );
+    // [A, A+4p) and [A+8p, A+12p): the shrink kept the slot start.
+    let starts: Vec<u64> = m.slots.slots.keys().copied().filter(|s| *s >= A).collect();
+    assert_eq!(starts, vec![A, A + 8 * PAGE]);
+    // Protect splits, unprotect merges back.
+    run(&mut m, &[(protect(A + PAGE, PAGE, Access::Ro), &[O::Ok])]);
+    assert_eq!(m.slots.slots.len(), 2 + 4);
+    run(&mut m, &[(protect(A, 4 * PAGE, Access::Rw), &[O::Ok])]);
+    assert_eq!(m.slots.slots.len(), 2 + 2);
+}
+
+#[test]
+fn test_thp_cuts_at_4k_like_anonymous_memory() {
+    let mut m = Model::new(layout(64));
+    run(
+        &mut m,
+        &[
+            (thp(A + PAGE, HUGE), &[O::Ok]),
+            (unplug(A + PAGE, HUGE), &[O::Ok]),
+            (thp(A, 2 * HUGE), &[O::Ok]),
+            (unplug(A + PAGE, PAGE), &[O::Ok]),
+            (unplug(A + HUGE, HUGE), &[O::Ok]),
+            (mv(A + 2 * PAGE, PAGE, A + 8 * HUGE + PAGE), &[O::Ok]),
+        ],
+    );
+}
+
+#[test]
+fn test_contents_follow_the_memory() {
+    let mut m = Model::new(layout(64));
+    run(
+        &mut m,
+        &[
+            (plug(A, 8 * PAGE), &[O::Ok]),
+            (zeros(A, 8 * PAGE), &[O::Ok]),
+            (fill(A, 4 * PAGE, 7), &[O::Ok]),
+            (verify(A, 4 * PAGE, 7, None), &[O::Ok]),
+            (verify(A, 4 * PAGE, 8, None), &[O::Mismatch]),
+            // Moved memory keeps the pattern of where it was filled.
+            (mv(A, 4 * PAGE, A + 64 * PAGE), &[O::Ok]),
+            (verify(A + 64 * PAGE, 4 * PAGE, 7, Some(A)), &[O::Ok]),
+            (verify(A, PAGE, 7, None), &[O::Unplugged]),
+            // Protected: writes refused, contents kept.
+            (protect(A + 64 * PAGE, 4 * PAGE, Access::Ro), &[O::Ok]),
+            (fill(A + 64 * PAGE, PAGE, 9), &[O::ReadOnly]),
+            (verify(A + 64 * PAGE, 4 * PAGE, 7, Some(A)), &[O::Ok]),
+            // Unplug and replug: zeros.
+            (unplug(A + 64 * PAGE, 4 * PAGE), &[O::Ok]),
+            (plug(A + 64 * PAGE, 4 * PAGE), &[O::Ok]),
+            (zeros(A + 64 * PAGE, 4 * PAGE), &[O::Ok]),
+        ],
+    );
+    // A fill stops at the first unplugged page: pages before it are written.
+    run(
+        &mut m,
+        &[
+            (fill(A + 6 * PAGE, 4 * PAGE, 3), &[O::Unplugged]),
+            (verify(A + 6 * PAGE, 2 * PAGE, 3, None), &[O::Ok]),
+        ],
+    );
+}
+
+#[test]
+fn test_pins_veto_revoke_and_count() {
+    let mut m = Model::new(layout(64));
+    run(
+        &mut m,
+        &[
+            (plug(A, 16 * PAGE), &[O::Ok]),
+            (pin("hard", A, 4 * PAGE, false), &[O::Ok]),
+            (pin("soft", A + 8 * PAGE, 4 * PAGE, true), &[O::Ok]),
+            (pin("big", A, 16 * PAGE * 8, true), &[O::NotPlugged]),
+            (pin("odd", A + 8, PAGE, true), &[O::BadRange]),
+        ],
+    );
+    assert_eq!(m.pinned_pages(), 8);
+    run(
+        &mut m,
+        &[
+            (unplug(A, PAGE), &[O::Vetoed]),
+            (protect(A, PAGE, Access::Ro), &[O::Vetoed]),
+            (protect(A, PAGE, Access::Rw), &[O::Ok]),
+            (unplug(A + 8 * PAGE, PAGE), &[O::Ok]),
+        ],
+    );
+    assert_eq!(m.pinned_pages(), 4, "the revocable pin was revoked");
+    run(
+        &mut m,
+        &[(pin("many", A + 12 * PAGE, 4 * PAGE, true), &[O::Ok])],
+    );
+    // 8 pinned + 64 more is past the limit of 64.
+    run(
+        &mut m,
+        &[
+            (plug(A + 32 * PAGE, 64 * PAGE), &[O::Ok]),
+            (pin("limit", A + 32 * PAGE, 64 * PAGE, true), &[O::PinLimit]),
+            (
+                Action::Unpin(step::Unpin {
+                    name: "soft".into(),
+                }),
+                &[O::Ok],
+            ),
+            (
+                Action::Unpin(step::Unpin {
+                    name: "soft".into(),
+                }),
+                &[O::NoSuchPin],
+            ),
+        ],
+    );
+}
+
+#[test]
+fn test_slot_budget_and_plug_many() {
+    // Boot region and RAM take 2 of 6.
+    let mut m = Model::new(layout(6));
+    let many = |count| {
+        Action::PlugMany(step::PlugMany {
+            gpa: Num(A),
+            count: Some(Num(count)),
+        })
+    };
+    run(
+        &mut m,
+        &[
+            (many(5), &[O::TooManySlots]),
+            (many(3), &[O::Ok]),
+            (plug(A + 64 * PAGE, PAGE), &[O::Ok]),
+            (plug(A + 128 * PAGE, PAGE), &[O::TooManySlots]),
+            // Splitting a slot in two needs one more.
+            (plug(A + 256 * PAGE, PAGE), &[O::TooManySlots]),
+        ],
+    );
+    assert_eq!(m.slots.slots.len(), 6);
+}
+
+#[test]
+fn test_async_read_racing_an_unplug_widens_to_unplugged() {
+    // (The step numbers count from 0: the touch is step 1.)
+    let mut m = Model::new(layout(64));
+    let read = Action::Touch(Guest {
+        vcpu: 1,
+        repeat: 1,
+        is_async: true,
+        command: step::Touch {
+            gpa: Num(A),
+            size: Num(4 * PAGE),
+            stride: None,
+            write: None,
+        },
+    });
+    run(&mut m, &[(plug(A, 4 * PAGE), &[O::Ok]), (read, &[O::Ok])]);
+    assert!(m.has_pending(1));
+    run(&mut m, &[(unplug(A, PAGE), &[O::Ok])]);
+    assert!(m.take_widenings().contains(&(1, O::Unplugged)));
+    run(&mut m, &[(Action::Wait(step::Wait { vcpu: 1 }), &[O::Ok])]);
+    assert!(!m.has_pending(1));
+}
+
+#[test]
+fn test_dirty_pages_count_logged_guest_writes_once() {
+    let mut m = Model::new(layout(64));
+    let dirty = |gpa: u64, size: u64, pages: u64| {
+        Action::DirtyPages(step::DirtyPages {
+            gpa: Num(gpa),
+            size: Num(size),
+            pages: Some(pages),
+        })
+    };
+    let log = Action::DirtyLog(step::DirtyLog {
+        gpa: Num(A),
+        size: Num(8 * PAGE),
+        on: true,
+    });
+    run(
+        &mut m,
+        &[
+            (plug(A, 8 * PAGE), &[O::Ok]),
+            (fill(A, 2 * PAGE, 1), &[O::Ok]),
+            (dirty(A, 8 * PAGE, 0), &[O::NotLogging]),
+            (log, &[O::Ok]),
+            (fill(A, 3 * PAGE, 1), &[O::Ok]),
+            (dirty(A, PAGE, 1), &[O::Ok]),
+            (dirty(A, 8 * PAGE, 3), &[O::DirtyCount]),
+            (dirty(A, 8 * PAGE, 0), &[O::Ok]),
+            (fill(A + 4 * PAGE, PAGE, 2), &[O::Ok]),
+            // Reported by the address it was written at, after a move too.
+            (mv(A + 4 * PAGE, PAGE, A + 64 * PAGE), &[O::Ok]),
+            (dirty(A + 64 * PAGE, PAGE, 0), &[O::Ok]),
+            (dirty(A + 4 * PAGE, PAGE, 1), &[O::Ok]),
+        ],
+    );
+}

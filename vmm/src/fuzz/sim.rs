@@ -1,0 +1,379 @@
+//! The pure tier: a timeline's memory ops and pins on the memory manager
+//! over [`SimKvm`] (no vCPUs, no `/dev/kvm`), each outcome compared with the
+//! model's, and after every step the invariants the library exposes:
+//! the consistency check, the simulated memslots equal the manager's mirror
+//! (no leaked slot id), the hub's plugged set equals the map's slots merged,
+//! the pin account equals the model's live pins, and the map's slots equal
+//! the model's (range, access, dirty logging).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use crate::devices::iommu::Iommu;
+use crate::devices::pins::{Pin, PinError, PinManager};
+use crate::mm::addr::{Gpa, GpaRange, PAGE_SIZE as PAGE};
+use crate::mm::backing::{BackingKind, HostMapping};
+use crate::mm::manager::{MemoryManager, SimKvm};
+use crate::mm::pin_account::{PinAccount, PinLimit};
+use crate::mm::slot_map::{SlotFlags, SlotMapConfig};
+use crate::scenario::ops::run_op;
+use crate::scenario::step::Action;
+use crate::scenario::Outcome;
+
+use super::finding::Finding;
+use super::model::{Layout, Model};
+
+/// Why the simulated VM could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum SimError {
+    /// The manager or its first slots.
+    #[error("building the simulated VM: {0}")]
+    Setup(String),
+}
+
+/// A memory manager on [`SimKvm`] shaped like `layout`, with its IOMMU,
+/// pin manager and held pins.
+#[allow(missing_debug_implementations)]
+pub struct SimVm {
+    kvm: Arc<SimKvm>,
+    memory: Arc<MemoryManager>,
+    iommu: Iommu,
+    pins: PinManager,
+    held: BTreeMap<String, Pin>,
+}
+
+impl SimVm {
+    /// The VM as the model starts it: the fixed boot region and guest RAM.
+    pub fn new(layout: &Layout) -> Result<Self, SimError> {
+        let err = |e: &dyn std::fmt::Display| SimError::Setup(e.to_string());
+        let l = &layout.limits;
+        let kvm = Arc::new(SimKvm::with_max_slots(l.max_slots as u32));
+        let config = SlotMapConfig {
+            max_slots: l.max_slots as u32,
+            max_gpa: Gpa(l.max_gpa),
+            read_only_supported: l.read_only,
+            reserved: GpaRange::new(Gpa(l.reserved.0), l.reserved.1 - l.reserved.0),
+        };
+        let memory = Arc::new(MemoryManager::new(kvm.clone(), config).map_err(|e| err(&e))?);
+        for (start, len, fixed) in [
+            (0, layout.boot_end, true),
+            (layout.ram.0, layout.ram.1, false),
+        ] {
+            let mapping = Arc::new(HostMapping::new(&BackingKind::Anon, len).map_err(|e| err(&e))?);
+            let flags = SlotFlags {
+                fixed,
+                ..SlotFlags::NONE
+            };
+            memory
+                .apply(|m| m.plug(Gpa(start), len, mapping.clone(), 0, flags))
+                .map_err(|e| err(&e))?;
+        }
+        let account = Arc::new(PinAccount::new(PinLimit::Pages(layout.pin_limit)));
+        Ok(Self {
+            iommu: Iommu::new(memory.clone()),
+            pins: PinManager::new(memory.clone(), account),
+            kvm,
+            memory,
+            held: BTreeMap::new(),
+        })
+    }
+
+    /// Makes the memslot change `offset` calls from now fail with `errno`
+    /// (see [`SimKvm::fail_calls`]).
+    pub fn inject_failure(&self, offset: usize, errno: i32) {
+        self.kvm.fail_calls(&[offset], errno);
+    }
+
+    /// Runs one step; its outcome and detail.
+    pub fn step(&mut self, action: &Action) -> (Outcome, String) {
+        match action {
+            Action::Pin(p) => {
+                let revocable = p.revocable.unwrap_or(true);
+                match self
+                    .pins
+                    .pin(Gpa(p.gpa.0), p.size.0, p.write.unwrap_or(true), revocable)
+                {
+                    Ok(pin) => {
+                        self.held.insert(p.name.clone(), pin);
+                        (Outcome::Ok, "pinned".into())
+                    }
+                    Err(e) => (pin_kind(&e), e.to_string()),
+                }
+            }
+            Action::Unpin(u) => match self.held.remove(&u.name) {
+                Some(_) => (Outcome::Ok, "unpinned".into()),
+                None => (Outcome::NoSuchPin, format!("no pin named {:?}", u.name)),
+            },
+            Action::Check(c) => {
+                let now = self.pins.account().pinned().charged();
+                match c.pages {
+                    Some(want) if want != now => (
+                        Outcome::PinnedPages,
+                        format!("{now} pages pinned, expected {want}"),
+                    ),
+                    _ => (Outcome::Ok, "consistent".into()),
+                }
+            }
+            Action::Fill(g) => self.guest_writes(g.command.gpa.0, g.command.size.0, PAGE),
+            Action::Write(g) => self.guest_writes(g.command.gpa.0, 8, PAGE),
+            Action::Touch(g) if g.command.write == Some(true) => {
+                let stride = g.command.stride.map_or(PAGE, |s| s.0);
+                self.guest_writes(g.command.gpa.0, g.command.size.0, stride)
+            }
+            a if a.guest().is_some() || matches!(a, Action::Wait(_) | Action::Sleep(_)) => {
+                (Outcome::Ok, "skipped: no vCPUs in the sim tier".into())
+            }
+            a => match run_op(&self.memory, &self.iommu, a, &BackingKind::Anon) {
+                Ok(d) => (Outcome::Ok, d),
+                Err(f) => (f.kind, f.message),
+            },
+        }
+    }
+
+    /// Guest writes at `gpa`, `gpa + stride`, ... below `gpa + size`, as
+    /// KVM's fault path sees them ([`SimKvm::guest_write`]: logged if the
+    /// slot logs); the first that would exit ends the command.
+    fn guest_writes(&self, gpa: u64, size: u64, stride: u64) -> (Outcome, String) {
+        let end = gpa.saturating_add(size);
+        let mut at = gpa;
+        let mut last_page = None;
+        while at < end {
+            let page = at - at % PAGE;
+            if last_page != Some(page) && !self.kvm.guest_write(Gpa(page)) {
+                return match self.memory.load().lookup(Gpa(page)) {
+                    None => (Outcome::Unplugged, format!("write to unplugged {page:#x}")),
+                    Some(s) if s.flags().read_only => {
+                        (Outcome::ReadOnly, format!("write to read-only {page:#x}"))
+                    }
+                    Some(_) => (
+                        Outcome::CommandFailed,
+                        format!("KVM has no writable memslot at {page:#x} but the map has a slot"),
+                    ),
+                };
+            }
+            last_page = Some(page);
+            at = match at.checked_add(stride.max(1)) {
+                Some(n) => n,
+                None => break,
+            };
+        }
+        (Outcome::Ok, "written".into())
+    }
+
+    /// The invariants, against `model`; the first that does not hold.
+    pub fn check(&self, model: &Model) -> Result<(), (&'static str, String)> {
+        self.memory
+            .check_consistency()
+            .map_err(|e| ("consistency", e))?;
+        let registered = self.memory.registered();
+        if self.kvm.memslots() != registered {
+            return Err((
+                "memslots",
+                format!(
+                    "KVM holds {:?}, the mirror {:?}",
+                    self.kvm.memslots(),
+                    registered
+                ),
+            ));
+        }
+        let map = self.memory.load();
+        if registered.len() != map.len() {
+            return Err((
+                "slot-ids",
+                format!(
+                    "{} memslots registered for {} slots",
+                    registered.len(),
+                    map.len()
+                ),
+            ));
+        }
+        let mut merged: Vec<GpaRange> = Vec::new();
+        for s in map.iter() {
+            let r = s.range();
+            match merged.last_mut() {
+                Some(last) if last.end() == r.start() => {
+                    *last = GpaRange::from_bounds(last.start(), r.end()).unwrap_or(*last)
+                }
+                _ => merged.push(r),
+            }
+        }
+        let plugged = self.memory.hub().plugged();
+        if plugged != merged {
+            return Err(("hub-plugged", format!("hub {plugged:?}, map {merged:?}")));
+        }
+        let charged = self.pins.account().pinned().charged();
+        if charged != model.pinned_pages() {
+            return Err((
+                "pin-account",
+                format!(
+                    "{charged} pages charged, {} live in the model",
+                    model.pinned_pages()
+                ),
+            ));
+        }
+        let real: Vec<(u64, u64, bool, bool)> = map
+            .iter()
+            .map(|s| {
+                (
+                    s.range().start().0,
+                    s.range().len(),
+                    s.flags().read_only,
+                    s.flags().dirty_log,
+                )
+            })
+            .collect();
+        let want: Vec<(u64, u64, bool, bool)> = model
+            .slots
+            .slots
+            .values()
+            .map(|s| (s.start, s.len, s.ro, s.log))
+            .collect();
+        if real != want {
+            let at = real
+                .iter()
+                .zip(&want)
+                .position(|(a, b)| a != b)
+                .unwrap_or(real.len().min(want.len()));
+            return Err((
+                "slots",
+                format!(
+                    "{} slots in the map, {} in the model; first difference (start, len, ro, log): map {:x?}, model {:x?}",
+                    real.len(),
+                    want.len(),
+                    real.get(at),
+                    want.get(at)
+                ),
+            ));
+        }
+        // The mappings a resize acts on: which adjacent slots continue the
+        // same plug (chain). Chain numbers differ between map and model;
+        // whether neighbours share one must not.
+        let joined = |chains: Vec<(u64, u64, u64)>| -> Vec<(u64, bool)> {
+            chains
+                .windows(2)
+                .map(|w| (w[1].0, w[0].1 == w[1].0 && w[0].2 == w[1].2))
+                .collect()
+        };
+        let real_chains = joined(
+            map.iter()
+                .map(|s| (s.range().start().0, s.range().end().0, s.chain()))
+                .collect(),
+        );
+        let want_chains = joined(
+            model
+                .slots
+                .slots
+                .values()
+                .map(|s| (s.start, s.end(), s.chain as u64))
+                .collect(),
+        );
+        if real_chains != want_chains {
+            let at = real_chains
+                .iter()
+                .zip(&want_chains)
+                .find(|(a, b)| a != b)
+                .map(|(a, _)| a.0);
+            return Err((
+                "chains",
+                format!(
+                    "the map and the model disagree on which adjacent slots continue one mapping, first at {at:x?}"
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn pin_kind(e: &PinError) -> Outcome {
+    match e {
+        PinError::BadRange { .. } => Outcome::BadRange,
+        PinError::NotPlugged { .. } => Outcome::NotPlugged,
+        PinError::ReadOnly { .. } => Outcome::ReadOnly,
+        PinError::Limit { .. } => Outcome::PinLimit,
+        PinError::Mlock { .. } => Outcome::Mlock,
+        PinError::Busy { .. } => Outcome::Busy,
+    }
+}
+
+/// Runs `actions` on a fresh simulated VM in lockstep with the model; the
+/// first step whose outcome the model did not allow, or after which an
+/// invariant broke.
+pub fn run(layout: &Layout, actions: &[Action]) -> Result<Option<Finding>, SimError> {
+    run_with_faults(layout, actions, &[])
+}
+
+/// As [`run`], with a memslot change failing (`EIO`) at the given (0-based
+/// step, call offset within the step) points. A step that then ends
+/// `kvm-rolled-back` where the model predicted `ok` must have changed
+/// nothing but the revocable pins it revoked before the failing call: the
+/// model is rolled back likewise and the invariants must still hold.
+pub fn run_with_faults(
+    layout: &Layout,
+    actions: &[Action],
+    faults: &[(usize, usize)],
+) -> Result<Option<Finding>, SimError> {
+    let mut vm = SimVm::new(layout)?;
+    let mut model = Model::new(layout.clone());
+    for (i, action) in actions.iter().enumerate() {
+        // Not in plug-many: its slots are plugged one op each, and a failure
+        // after the first leaves the earlier ones (a known bug, see
+        // docs/fuzzing.md).
+        let fault = faults
+            .iter()
+            .find(|f| f.0 == i && !matches!(action, Action::PlugMany(_)))
+            .map(|f| f.1);
+        let before = model.clone();
+        let mut allowed = model.predict(action);
+        if let Some(offset) = fault {
+            vm.inject_failure(offset, libc::EIO);
+            if allowed.contains(&Outcome::Ok) {
+                allowed.push(Outcome::KvmRolledBack);
+            }
+        }
+        let stepped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| vm.step(action)));
+        if fault.is_some() {
+            vm.kvm.fail_calls(&[], libc::EIO); // clear what the step did not reach
+        }
+        let finding = |signature: String, actual: String| Finding {
+            step: i + 1,
+            kind: action.kind().to_string(),
+            what: crate::scenario::driver::describe(action),
+            expected: allowed
+                .iter()
+                .map(|o| o.name())
+                .collect::<Vec<_>>()
+                .join("|"),
+            actual,
+            signature,
+        };
+        let Ok((outcome, detail)) = stepped else {
+            return Ok(Some(finding(
+                format!("panic:{}", action.kind()),
+                "the step panicked".into(),
+            )));
+        };
+        if !allowed.contains(&outcome) {
+            return Ok(Some(finding(
+                format!("{}:{}", action.kind(), outcome),
+                format!("{outcome}: {detail}"),
+            )));
+        }
+        if outcome == Outcome::KvmRolledBack {
+            // Revocable pins were revoked before the failing call.
+            let pins = std::mem::take(&mut model.pins);
+            model = before;
+            model.pins = pins;
+        } else if outcome != Outcome::Ok && allowed.contains(&Outcome::Ok) {
+            // An allowed refusal where the model predicted success (host
+            // memory that could not be allocated): nothing changed.
+            model = before;
+        }
+        if let Err((name, detail)) = vm.check(&model) {
+            return Ok(Some(finding(
+                format!("invariant:{name}"),
+                format!("invariant {name} broken: {detail}"),
+            )));
+        }
+    }
+    Ok(None)
+}
