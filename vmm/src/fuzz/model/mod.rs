@@ -265,6 +265,11 @@ impl Model {
             }
             Action::Sleep(_) | Action::Stage2Dump(_) => vec![Outcome::Ok],
             _ => {
+                // A guest command over the range of another vCPU's async
+                // command in flight races it: the async one may see either.
+                if let Some(range) = guest::range_of(action) {
+                    self.widen_pending(&[range]);
+                }
                 let set = self.guest(action);
                 if let Some((vcpu, _, true)) = action.guest() {
                     if let Some(range) = guest::range_of(action) {
@@ -426,6 +431,10 @@ impl Model {
     }
 
     fn pin(&mut self, name: &str, gpa: u64, size: u64, write: bool, revocable: bool) -> Outcome {
+        // A name already held is refused before anything is pinned.
+        if self.pins.contains_key(name) {
+            return Outcome::DuplicatePin;
+        }
         let Some(end) = gpa.checked_add(size) else {
             return Outcome::BadRange;
         };
