@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use crate::devices::iommu::Iommu;
-use crate::devices::pins::{Pin, PinError, PinManager};
+use crate::devices::pins::{Pin, PinManager};
 use crate::mm::addr::{Gpa, GpaRange, PAGE_SIZE as PAGE};
 use crate::mm::backing::{BackingKind, HostMapping};
 use crate::mm::manager::{MemoryManager, SimKvm};
@@ -101,7 +101,7 @@ impl SimVm {
                         self.held.insert(p.name.clone(), pin);
                         (Outcome::Ok, "pinned".into())
                     }
-                    Err(e) => (pin_kind(&e), e.to_string()),
+                    Err(e) => (Outcome::from(&e), e.to_string()),
                 }
             }
             Action::Unpin(u) => match self.held.remove(&u.name) {
@@ -285,17 +285,6 @@ impl SimVm {
             ));
         }
         Ok(())
-    }
-}
-
-fn pin_kind(e: &PinError) -> Outcome {
-    match e {
-        PinError::BadRange { .. } => Outcome::BadRange,
-        PinError::NotPlugged { .. } => Outcome::NotPlugged,
-        PinError::ReadOnly { .. } => Outcome::ReadOnly,
-        PinError::Limit { .. } => Outcome::PinLimit,
-        PinError::Mlock { .. } => Outcome::Mlock,
-        PinError::Busy { .. } => Outcome::Busy,
     }
 }
 

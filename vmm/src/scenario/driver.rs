@@ -13,7 +13,7 @@ use std::time::Instant;
 use serde::Serialize;
 
 use crate::devices::iommu::Iommu;
-use crate::devices::pins::{Pin, PinError, PinManager};
+use crate::devices::pins::{Pin, PinManager};
 use crate::mm::addr::Gpa;
 use crate::mm::backing::BackingKind;
 use crate::mm::manager::{Checker, MemoryManager, DEFAULT_FULL_EVERY};
@@ -98,17 +98,6 @@ pub struct Driver {
     pub held: std::collections::BTreeMap<String, Pin>,
     /// Console lines.
     pub console: Box<dyn FnMut(String) + Send>,
-}
-
-fn pin_kind(e: &PinError) -> Outcome {
-    match e {
-        PinError::BadRange { .. } => Outcome::BadRange,
-        PinError::NotPlugged { .. } => Outcome::NotPlugged,
-        PinError::ReadOnly { .. } => Outcome::ReadOnly,
-        PinError::Limit { .. } => Outcome::PinLimit,
-        PinError::Mlock { .. } => Outcome::Mlock,
-        PinError::Busy { .. } => Outcome::Busy,
-    }
 }
 
 /// `text` with control characters escaped (`\n`, `\u{1b}`), for the terminal.
@@ -336,7 +325,7 @@ impl Driver {
                     format!("pin {:?} (#{id}, {kind}); {now} pages pinned now", p.name),
                 )
             }
-            Err(e) => (pin_kind(&e), e.to_string()),
+            Err(e) => (Outcome::from(&e), e.to_string()),
         }
     }
 

@@ -183,6 +183,21 @@ impl fmt::Display for Outcome {
     }
 }
 
+impl From<&crate::devices::pins::PinError> for Outcome {
+    /// The outcome of a pin step the pin manager refused.
+    fn from(e: &crate::devices::pins::PinError) -> Self {
+        use crate::devices::pins::PinError;
+        match e {
+            PinError::BadRange { .. } => Outcome::BadRange,
+            PinError::NotPlugged { .. } => Outcome::NotPlugged,
+            PinError::ReadOnly { .. } => Outcome::ReadOnly,
+            PinError::Limit { .. } => Outcome::PinLimit,
+            PinError::Mlock { .. } => Outcome::Mlock,
+            PinError::Busy { .. } => Outcome::Busy,
+        }
+    }
+}
+
 /// An expectation that is not one of the documented names.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("unknown expectation {name:?}: expected \"error\" or outcomes separated by `|` ({})", Outcome::ALL.iter().map(|o| o.name()).collect::<Vec<_>>().join(", "))]
