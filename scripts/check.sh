@@ -8,4 +8,5 @@ cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
 RUSTFLAGS="--cfg vmm_loom" CARGO_TARGET_DIR=target/loom cargo clippy -p vmm --lib --tests -- -D warnings
 RUSTFLAGS="--cfg vmm_shuttle" CARGO_TARGET_DIR=target/shuttle cargo clippy -p vmm --lib --tests -- -D warnings
+cargo clippy -p vmm --all-targets --features mutants --target-dir target/mutants-debug -- -D warnings
 RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps

@@ -15,6 +15,22 @@ echo "== cargo test --workspace"
 cargo test --workspace --all-targets
 cargo test --workspace --doc
 
+echo "== fuzz smoke: a planted bug (cargo feature mutants) is found and shrunk"
+cargo build -q -p vmm --features mutants --target-dir target/mutants-debug
+smoke=$(mktemp -d)
+if VMM_MUTANT=veto-ignored target/mutants-debug/debug/vmm fuzz --backend sim --seed 1 \
+    --steps 5000 --json --out "$smoke" >"$smoke/report.json"; then
+    echo "the planted bug veto-ignored was not found"
+    exit 1
+fi
+python3 - "$smoke/report.json" <<'PY'
+import json, sys
+f = json.load(open(sys.argv[1]))["findings"][0]
+assert f["shrunk_steps"] <= 15, f
+print(f"found veto-ignored after {f['steps']} steps, shrunk to {f['shrunk_steps']}")
+PY
+rm -rf "$smoke"
+
 echo "== loom models (RUSTFLAGS=--cfg vmm_loom, release)"
 RUSTFLAGS="--cfg vmm_loom" CARGO_TARGET_DIR=target/loom \
   cargo test -p vmm --lib --release -- loom

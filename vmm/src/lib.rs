@@ -9,6 +9,8 @@
 //!   [`plan`]: what guests are told to do; [`failure`]: why a guest failed;
 //!   [`run`]: `vmm run`; [`cli`]: flags;
 //!   [`scenario`]: scripted memory changes against a running guest.
+//! - [`mutants`]: deliberately planted bugs (cargo feature `mutants`) that
+//!   prove the fuzzer finds them.
 //! - [`units`]: sizes and durations as typed on the command line and in
 //!   files, and as printed.
 //! - [`bench`](mod@bench): `vmm bench faults`, guest page-fault latency.
@@ -21,6 +23,7 @@ pub mod failure;
 pub mod fuzz;
 pub mod kvm;
 pub mod mm;
+pub mod mutants;
 pub mod plan;
 pub mod run;
 pub mod scenario;

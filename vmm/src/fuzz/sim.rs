@@ -87,10 +87,15 @@ impl SimVm {
     /// Runs one step; its outcome and detail.
     pub fn step(&mut self, action: &Action) -> (Outcome, String) {
         match action {
-            Action::Pin(p) if self.held.contains_key(&p.name) => (
-                Outcome::DuplicatePin,
-                format!("a pin named {:?} is already held", p.name),
-            ),
+            // The driver's pin step, mirrored (its duplicate-name mutant too).
+            Action::Pin(p)
+                if self.held.contains_key(&p.name) && !crate::mutants::on("duplicate-pin-ok") =>
+            {
+                (
+                    Outcome::DuplicatePin,
+                    format!("a pin named {:?} is already held", p.name),
+                )
+            }
             Action::Pin(p) => {
                 let revocable = p.revocable.unwrap_or(true);
                 match self

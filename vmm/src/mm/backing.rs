@@ -121,6 +121,7 @@ impl BackingKind {
     /// at (see [`HostMapping::granule`]).
     pub fn granule(&self) -> u64 {
         match self {
+            BackingKind::Thp if crate::mutants::on("thp-cut-2m") => HUGE_2M,
             BackingKind::Hugetlb => HUGE_2M,
             _ => PAGE_SIZE,
         }

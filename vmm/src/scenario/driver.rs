@@ -296,7 +296,11 @@ impl Driver {
     /// A name already held is refused before anything is pinned: the held
     /// pin stays as it was.
     fn pin(&mut self, p: &step::Pin) -> (Outcome, String) {
-        if let Some(held) = self.held.get(&p.name) {
+        if let Some(held) = self
+            .held
+            .get(&p.name)
+            .filter(|_| !crate::mutants::on("duplicate-pin-ok"))
+        {
             return (
                 Outcome::DuplicatePin,
                 format!(

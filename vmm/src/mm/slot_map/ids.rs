@@ -22,6 +22,9 @@ impl IdAlloc {
         if let Some(id) = self.free.remove_min() {
             return SlotId(id);
         }
+        if crate::mutants::on("id-reused-live") && self.next > 1 {
+            return SlotId(self.next - 1);
+        }
         let id = self.next;
         // Cannot overflow: ids stay below the live count, which is below
         // `SlotMapConfig::max_slots: u32`.

@@ -311,6 +311,10 @@ impl SlotMap {
     /// [`TooManySlots`](SlotMapError::TooManySlots) when a split needs one slot too many.
     pub fn unplug(&self, gpa: Gpa, size: u64) -> Result<Transition, SlotMapError> {
         const OP: &str = "unplug";
+        let size = match crate::mutants::on("unplug-keeps-last-page") {
+            true if size > PAGE_SIZE => size - PAGE_SIZE,
+            _ => size,
+        };
         let range = self.check_range(OP, gpa, size, PAGE_SIZE)?;
         let slots: Vec<Slot> = self.overlapping(range).cloned().collect();
         if slots.is_empty() {
@@ -520,6 +524,9 @@ impl SlotMap {
                 break;
             }
             run.push(s);
+            if crate::mutants::on("resize-first-slot") {
+                break;
+            }
             next = self.slot_at(s.range.end());
         }
         run

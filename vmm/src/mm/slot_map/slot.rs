@@ -211,7 +211,8 @@ impl Seg {
     /// slot: adjacent in GPA, same mapping, contiguous offsets, equal flags,
     /// neither fixed.
     pub(super) fn merges_with(&self, next: &Seg) -> bool {
-        !self.flags.fixed
+        !crate::mutants::on("no-merge")
+            && !self.flags.fixed
             && self.flags == next.flags
             && self.range.end() == next.range.start()
             && Arc::ptr_eq(&self.mapping, &next.mapping)
