@@ -584,13 +584,16 @@ mod tests {
                     report();
                 }
             });
-            let until = Instant::now() + Duration::from_millis(400);
-            while Instant::now() < until {
+            // Protect and unprotect, leaving the devices room between pairs,
+            // until enough writes completed (bounded in time).
+            let until = Instant::now() + Duration::from_secs(10);
+            while writes.lock().unwrap().len() < 300 && Instant::now() < until {
                 for read_only in [true, false] {
                     t.memory
                         .apply(|m| m.protect(Gpa(BASE), PAGES * 4096, read_only))
                         .unwrap();
                 }
+                std::thread::sleep(Duration::from_micros(300));
             }
             stop.store(true, Ordering::Relaxed);
         });
