@@ -24,7 +24,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::access::SlotRef;
-use super::{wait_for_op, GuardError, GuardedMap, READER_WAIT_BOUND};
+use super::{GuardError, GuardedMap, READER_WAIT_BOUND};
 use crate::mm::addr::{Gpa, Hva, PAGE_SIZE};
 use crate::mm::notifier::{
     InvalidationHub, PageTranslation, TranslationCache, TranslationCacheError,
@@ -184,7 +184,7 @@ impl<M: AsRef<GuardedMap> + Send + Sync + 'static> DeviceMemory<M> {
                 Err(SlotLockError::Excluded { .. }) => {
                     // An op is changing the slot: wait for it on the writer
                     // lock (we hold no guard), then look again.
-                    wait_for_op(memory, started);
+                    memory.wait_for_op(started);
                 }
                 Err(SlotLockError::TooManyReaders { slot, .. }) => {
                     return Err(GuardError::TooManyReaders { slot })

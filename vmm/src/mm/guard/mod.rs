@@ -122,10 +122,6 @@ const STALE_RETRIES: u32 = 64;
 /// ops that never pause.
 pub const READER_WAIT_BOUND: Duration = Duration::from_secs(10);
 
-fn wait_for_op(map: &GuardedMap, started: Instant) {
-    map.wait_for_op(started);
-}
-
 /// Errors of guarded guest-memory access, reader and writer side.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum GuardError {
@@ -542,7 +538,7 @@ impl<'a> GuestReader<'a> {
                         bound,
                     })
                 }
-                Err(GuardError::Busy { .. }) => wait_for_op(self.map, started),
+                Err(GuardError::Busy { .. }) => self.map.wait_for_op(started),
                 other => return other,
             }
         }
