@@ -24,9 +24,6 @@ fn main() {
         .get(2)
         .map_or(Ok(Pattern::Sequential), |s| s.parse())
         .unwrap_or_else(|e| fail(&e.to_string()));
-    if backing.is_uffd() {
-        fail("the raw baseline has no userfaultfd handler; use anon, shared, memfd, thp, hugetlb, prefault or file");
-    }
     let cfg = FaultsConfig {
         pattern,
         ..FaultsConfig::small(size, backing.clone())

@@ -37,7 +37,7 @@ pub const MAX_ACCESSES_PER_VCPU: u64 = 1 << 22;
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ConfigError {
     /// An unknown backing name.
-    #[error("unknown backing {0:?}: expected anon, shared, memfd, thp, hugetlb, prefault, file, file=PATH, uffd-zero or uffd-copy")]
+    #[error("unknown backing {0:?}: expected anon, shared, memfd, thp, hugetlb, prefault, file, file=PATH, uffd-zero, uffd-copy, uffd-minor or uffd-wp")]
     Backing(String),
     /// An unknown pattern.
     #[error("unknown pattern {0:?}: expected seq, random or stride=SIZE (e.g. stride=2M)")]
@@ -76,6 +76,15 @@ pub enum ConfigError {
     /// The guest page size the host cannot provide.
     #[error("--guest-page 1G needs CPUID pdpe1gb, which this host's KVM does not offer (shadow paging): use 4K or 2M")]
     NoGigPages,
+    /// One userfaultfd per vCPU needs each vCPU to own its part.
+    #[error("--uffd-per-vcpu needs --share disjoint: a range registers with one userfaultfd only, and shared vCPUs touch the whole range")]
+    UffdPerVcpuShared,
+    /// The handler delay is out of range.
+    #[error("--handler-delay {0:?}: expected 0 or a delay up to 1s such as 10us, 2ms, 0.5s")]
+    HandlerDelay(String),
+    /// A uffd flag given without any uffd backing.
+    #[error("{0} applies to the uffd backings only (uffd-zero, uffd-copy, uffd-minor, uffd-wp)")]
+    UffdFlagWithoutUffd(&'static str),
     /// An output file cannot be written.
     #[error("cannot write {what} {path}: {reason}")]
     Output {
@@ -105,6 +114,12 @@ pub enum Backing {
     UffdZero,
     /// userfaultfd demand paging, missing pages copied from a source (UFFDIO_COPY).
     UffdCopy,
+    /// userfaultfd MINOR faults on a memfd whose page cache is filled
+    /// beforehand; resolved with UFFDIO_CONTINUE.
+    UffdMinor,
+    /// userfaultfd write-protect: populated anonymous memory, protected;
+    /// guest writes fault and are resolved by un-protecting.
+    UffdWp,
 }
 
 impl Backing {
@@ -119,13 +134,19 @@ impl Backing {
         match self {
             Backing::Host(k) => Some(k),
             Backing::UnnamedFile => None,
-            Backing::Prefault | Backing::UffdZero | Backing::UffdCopy => Some(&BackingKind::Anon),
+            Backing::Prefault | Backing::UffdZero | Backing::UffdCopy | Backing::UffdWp => {
+                Some(&BackingKind::Anon)
+            }
+            Backing::UffdMinor => Some(&BackingKind::Memfd),
         }
     }
 
     /// Whether faults are resolved by the userfaultfd handler.
     pub fn is_uffd(&self) -> bool {
-        matches!(self, Backing::UffdZero | Backing::UffdCopy)
+        matches!(
+            self,
+            Backing::UffdZero | Backing::UffdCopy | Backing::UffdMinor | Backing::UffdWp
+        )
     }
 
     /// Alignment the range size and vCPU parts must respect.
@@ -142,6 +163,8 @@ impl fmt::Display for Backing {
             Backing::Prefault => f.write_str("prefault"),
             Backing::UffdZero => f.write_str("uffd-zero"),
             Backing::UffdCopy => f.write_str("uffd-copy"),
+            Backing::UffdMinor => f.write_str("uffd-minor"),
+            Backing::UffdWp => f.write_str("uffd-wp"),
         }
     }
 }
@@ -154,6 +177,8 @@ impl FromStr for Backing {
             "file" => Backing::UnnamedFile,
             "uffd-zero" => Backing::UffdZero,
             "uffd-copy" => Backing::UffdCopy,
+            "uffd-minor" => Backing::UffdMinor,
+            "uffd-wp" => Backing::UffdWp,
             t => Backing::Host(t.parse().map_err(|_| ConfigError::Backing(s.to_string()))?),
         })
     }
@@ -287,6 +312,28 @@ fn parse_pattern(s: &str) -> Result<Pattern, String> {
     s.parse().map_err(|e: ConfigError| e.to_string())
 }
 
+/// `--handler-delay`: `0`, or a delay up to 1 s in us, ms or s.
+fn parse_handler_delay(s: &str) -> Result<Duration, String> {
+    let bad = || ConfigError::HandlerDelay(s.to_string()).to_string();
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let v: f64 = num.parse().map_err(|_| bad())?;
+    let secs = match unit {
+        "" if v == 0.0 => 0.0,
+        "us" | "µs" => v / 1e6,
+        "ms" => v / 1e3,
+        "s" => v,
+        _ => return Err(bad()),
+    };
+    if !(0.0..=1.0).contains(&secs) {
+        return Err(bad());
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
 fn parse_guest_page(s: &str) -> Result<GuestPage, String> {
     s.trim()
         .parse()
@@ -300,7 +347,7 @@ pub struct FaultsArgs {
     /// What to measure.
     #[command(flatten)]
     pub measure: FaultsConfig,
-    /// Host memory behind the range: anon, shared, memfd, thp, hugetlb, prefault, file[=PATH], uffd-zero, uffd-copy.
+    /// Host memory behind the range: anon, shared, memfd, thp, hugetlb, prefault, file[=PATH], uffd-zero, uffd-copy, uffd-minor, uffd-wp.
     #[arg(long, value_name = "KIND", default_value = "anon", value_parser = parse_backing, conflicts_with = "compare")]
     pub backing: Backing,
     /// Several backings in one run, side by side (comma separated, e.g. anon,thp,prefault,uffd-zero).
@@ -315,6 +362,10 @@ pub struct FaultsArgs {
     /// Print a JSON report on stdout (tables move to stderr).
     #[arg(long)]
     pub json: bool,
+    /// Write every latency histogram into this directory as an HDR
+    /// percentile distribution (`.hgrm`) and in log2 buckets (`.log2.txt`).
+    #[arg(long, value_name = "DIR")]
+    pub histograms: Option<PathBuf>,
     /// No progress bar.
     #[arg(short, long)]
     pub quiet: bool,
@@ -386,6 +437,20 @@ pub struct FaultsConfig {
     /// Show a progress bar on a terminal (from --quiet).
     #[arg(skip)]
     pub progress: bool,
+    /// userfaultfd: one uffd per vCPU part instead of one for the whole
+    /// range (needs --share disjoint).
+    #[arg(long)]
+    pub uffd_per_vcpu: bool,
+    /// userfaultfd: handler threads per uffd (1 to 64).
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=64))]
+    pub uffd_handlers: u64,
+    /// userfaultfd: delay injected before resolving each fault: 0, 10us, 2ms... up to 1s.
+    #[arg(long, value_name = "DURATION", default_value = "0", value_parser = parse_handler_delay)]
+    pub handler_delay: Duration,
+    /// Pages/s against vCPU count (1, 2, 4... up to the host's CPUs, or to
+    /// --vcpus when larger), --size per vCPU, one table for every backing.
+    #[arg(long)]
+    pub scaling: bool,
 }
 
 impl FaultsConfig {
@@ -407,6 +472,10 @@ impl FaultsConfig {
             rounds: 1,
             timeout: Duration::from_secs(60),
             progress: false,
+            uffd_per_vcpu: false,
+            uffd_handlers: 1,
+            handler_delay: Duration::ZERO,
+            scaling: false,
         }
     }
 
@@ -436,6 +505,7 @@ impl FaultsConfig {
                 max,
             });
         }
+        self.validate_uffd()?;
         if let Pattern::Stride(0) = self.pattern {
             return Err(ConfigError::Pattern("stride=0".into()));
         }
@@ -457,6 +527,47 @@ impl FaultsConfig {
             });
         }
         Ok(())
+    }
+
+    /// The uffd flags: per-vCPU uffds need disjoint parts; uffd flags need a
+    /// uffd backing.
+    fn validate_uffd(&self) -> Result<(), ConfigError> {
+        if self.uffd_per_vcpu && self.share == Share::Shared {
+            return Err(ConfigError::UffdPerVcpuShared);
+        }
+        if !self.backings.iter().any(Backing::is_uffd) {
+            for (set, flag) in [
+                (self.uffd_per_vcpu, "--uffd-per-vcpu"),
+                (self.uffd_handlers != 1, "--uffd-handlers"),
+                (!self.handler_delay.is_zero(), "--handler-delay"),
+            ] {
+                if set {
+                    return Err(ConfigError::UffdFlagWithoutUffd(flag));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The (offset, len) ranges registered with one userfaultfd each: every
+    /// vCPU's part with `--uffd-per-vcpu`, else the whole range.
+    pub fn uffd_parts(&self) -> Vec<(u64, u64)> {
+        if self.uffd_per_vcpu {
+            (0..self.vcpus).map(|i| self.part(i)).collect()
+        } else {
+            vec![(0, self.size)]
+        }
+    }
+
+    /// The vCPU counts of `--scaling`: 1, 2, 4... below `top`, then `top`
+    /// (the host's CPUs, or `--vcpus` when larger).
+    pub fn scaling_counts(&self, host_cpus: u64) -> Vec<u64> {
+        let top = self.vcpus.max(host_cpus).clamp(1, layout::MAX_VCPUS);
+        let mut v: Vec<u64> = std::iter::successors(Some(1u64), |n| Some(n * 2))
+            .take_while(|&n| n < top)
+            .collect();
+        v.push(top);
+        v
     }
 
     /// vCPU `index`'s part of the test range as (offset, len) from
@@ -501,11 +612,46 @@ mod tests {
             "file=/tmp/x",
             "uffd-zero",
             "uffd-copy",
+            "uffd-minor",
+            "uffd-wp",
         ] {
             assert_eq!(s.parse::<Backing>().unwrap().to_string(), s);
         }
         let e = "bogus".parse::<Backing>().unwrap_err().to_string();
-        assert!(e.contains("uffd-copy"), "{e}");
+        assert!(e.contains("uffd-copy") && e.contains("uffd-wp"), "{e}");
+    }
+
+    #[test]
+    fn test_uffd_flags_are_checked() {
+        let cfg = args(&["--backing", "uffd-minor", "--uffd-per-vcpu", "--vcpus", "3"])
+            .to_config()
+            .unwrap();
+        assert_eq!(cfg.uffd_parts().len(), 3);
+        assert_eq!(cfg.uffd_parts()[1], cfg.part(1));
+        let e = args(&["--backing", "uffd-wp", "--uffd-per-vcpu", "--share", "shared"])
+            .to_config()
+            .unwrap_err();
+        assert_eq!(e, ConfigError::UffdPerVcpuShared);
+        let e = args(&["--handler-delay", "10us"]).to_config().unwrap_err();
+        assert_eq!(e, ConfigError::UffdFlagWithoutUffd("--handler-delay"));
+        let cfg = args(&["--backing", "uffd-zero", "--handler-delay", "10us"])
+            .to_config()
+            .unwrap();
+        assert_eq!(cfg.handler_delay, Duration::from_micros(10));
+        assert_eq!(parse_handler_delay("0"), Ok(Duration::ZERO));
+        for bad in ["2s", "10", "-1us", "fast"] {
+            let e = parse_handler_delay(bad).unwrap_err();
+            assert!(e.contains("--handler-delay"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn test_scaling_counts_double_up_to_the_top() {
+        let mut cfg = FaultsConfig::small(64 << 20, Backing::UffdMinor);
+        assert_eq!(cfg.scaling_counts(2), vec![1, 2]);
+        assert_eq!(cfg.scaling_counts(1), vec![1]);
+        cfg.vcpus = 6;
+        assert_eq!(cfg.scaling_counts(2), vec![1, 2, 4, 6]);
     }
 
     #[derive(Debug, clap::Parser)]

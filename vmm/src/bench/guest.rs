@@ -11,7 +11,7 @@
 //! (when `--guest-page 4K`), then vCPU `i`'s result buffer, one `u64` per
 //! access, page-aligned.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -88,6 +88,9 @@ pub struct GuestBench {
     /// The layout of guest RAM.
     pub ram: RamLayout,
     ram_hva: u64,
+    /// Each vCPU thread's kernel thread id (set when it starts): userfaultfd
+    /// messages name the faulting thread by it.
+    tids: Arc<Vec<AtomicU32>>,
 }
 
 impl std::fmt::Debug for GuestBench {
@@ -150,6 +153,7 @@ impl GuestBench {
             .map_err(|e| BenchError::Setup(format!("installing the kick handler: {e}")))?;
         let stop = Arc::new(AtomicBool::new(false));
         let progress = Arc::new(AtomicU64::new(0));
+        let tids: Arc<Vec<AtomicU32>> = Arc::new((0..cfg.vcpus).map(|_| AtomicU32::new(0)).collect());
         let mut workers = Vec::new();
         for (index, fd) in vm.take_vcpus().into_iter().enumerate() {
             let (jobs_tx, jobs_rx) = mpsc::channel();
@@ -160,6 +164,7 @@ impl GuestBench {
                 stop: stop.clone(),
                 progress: progress.clone(),
                 cpu: cpus.get(index).copied().flatten(),
+                tids: tids.clone(),
             };
             let thread = std::thread::Builder::new()
                 .name(format!("bench-vcpu{index}"))
@@ -178,7 +183,17 @@ impl GuestBench {
             progress,
             ram,
             ram_hva,
+            tids,
         })
+    }
+
+    /// The kernel thread ids of the vCPU threads, by vCPU index (0 for a
+    /// thread that has not started; after the first phase all have).
+    pub fn vcpu_tids(&self) -> Vec<u32> {
+        self.tids
+            .iter()
+            .map(|t| t.load(Ordering::Acquire))
+            .collect()
     }
 
     /// Guest TSC frequency.
@@ -293,6 +308,7 @@ struct VcpuThread {
     stop: Arc<AtomicBool>,
     progress: Arc<AtomicU64>,
     cpu: Option<usize>,
+    tids: Arc<Vec<AtomicU32>>,
 }
 
 impl VcpuThread {
@@ -315,6 +331,9 @@ impl VcpuThread {
         if let Some(cpu) = self.cpu {
             super::host::pin_current_thread(cpu);
         }
+        // SAFETY: gettid has no preconditions and cannot fail.
+        let tid = unsafe { libc::gettid() };
+        self.tids[self.index as usize].store(tid as u32, Ordering::Release);
         match self.to_doorbell(&mut fd) {
             Ok(status::READY) => {}
             Ok(st) => {

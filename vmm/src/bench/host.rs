@@ -9,7 +9,7 @@ use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
 use kvm_ioctls::Kvm;
 use serde::Serialize;
 
-use super::config::{Access, Backing};
+use super::config::{Access, Backing, FaultsConfig, UffdCpu};
 use crate::mm::backing::{meminfo, BackingError, HostMapping};
 
 /// What a reader needs to tell which faults were measured.
@@ -93,6 +93,22 @@ pub fn pin_current_thread(cpu: usize) {
         libc::CPU_ZERO(&mut set);
         libc::CPU_SET(cpu % online_cpus(), &mut set);
         libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+    }
+}
+
+/// The CPU vCPU `index` is pinned to: none with `--uffd-cpu any`, else
+/// vCPU `i` on CPU `i` (modulo the CPUs).
+pub fn vcpu_cpu(cfg: &FaultsConfig, index: u64) -> Option<usize> {
+    (cfg.uffd_cpu != UffdCpu::Any).then_some(index as usize % online_cpus())
+}
+
+/// The CPU the userfaultfd handler threads are pinned to: vCPU 0's
+/// (`same`), the next one (`other`), or none (`any`).
+pub fn uffd_handler_cpu(cfg: &FaultsConfig) -> Option<usize> {
+    match cfg.uffd_cpu {
+        UffdCpu::Same => Some(0),
+        UffdCpu::Other => Some(1 % online_cpus()),
+        UffdCpu::Any => None,
     }
 }
 

@@ -19,13 +19,16 @@
 //! `plot` (SVG), `host` (host facts, memory, floor), `uffd` (userfaultfd
 //! handler), `plan` (the accesses), `error`, `report` (tables, JSON),
 //! `progress` (bar), `guest` (the VM and vCPU threads), `raw` (baseline),
-//! `run` (phases and baselines); page tables come from
+//! `raw_uffd` (the raw baseline's handler), `run` (phases and baselines); page tables come from
 //! [`crate::boot::paging`], host memory from [`crate::mm::backing`].
 //!
-//! Threads: the main thread orchestrates phases; one thread per vCPU; one
-//! userfaultfd handler thread for the uffd backings. No lock is held across
-//! a phase; the only shared state is the uffd handler's page list (a mutex)
-//! and the progress counter (a relaxed atomic, read for display only).
+//! Threads: the main thread orchestrates phases; one thread per vCPU;
+//! `--uffd-handlers` handler threads per userfaultfd for the uffd backings
+//! (and as many in the raw baseline's minimal handler, `raw_uffd`). No lock
+//! is held across a phase or an ioctl; the shared state is the uffd fault
+//! log (an in-flight count and a mutex-held list, see `uffd::log`), the
+//! handler's resolved-page bitmap, and the progress counter (a relaxed
+//! atomic, read for display only).
 
 mod config;
 mod error;
@@ -36,6 +39,7 @@ mod plan;
 mod plot;
 mod progress;
 mod raw;
+mod raw_uffd;
 mod report;
 mod run;
 mod stats;
@@ -52,10 +56,12 @@ pub use config::{
 pub use error::BenchError;
 pub use host::{kvm_has_pdpe1gb, HostFacts};
 pub use raw::{run as raw_baseline, RawResult};
-pub use report::{Baselines, ConfigResult, FaultsReport, PassResult, RawBaseline, Settings};
+pub use report::{
+    Baselines, ConfigResult, FaultsReport, PassResult, RawBaseline, ScalingRow, Settings,
+};
 pub use run::run_faults;
-pub use stats::{fmt_ns, ticks_to_ns, Summary};
-pub use uffd::UffdCounts;
+pub use stats::{fmt_ns, log2_buckets, ticks_to_ns, Log2Bucket, Summary};
+pub use uffd::{Event as UffdEvent, Outcome as UffdOutcome, UffdCounts};
 
 /// Opens the plot file before anything is measured, so a bad path fails in
 /// milliseconds rather than after the whole bench.
@@ -67,6 +73,56 @@ fn create_output(what: &'static str, path: &Path) -> Result<File, ConfigError> {
     })
 }
 
+/// Checks before measuring that `dir` is a directory we can write into
+/// (created if missing; nothing else is created).
+fn histogram_dir(dir: &Path) -> Result<(), ConfigError> {
+    let bad = |reason: String| ConfigError::Output {
+        what: "the histograms into",
+        path: dir.to_path_buf(),
+        reason,
+    };
+    std::fs::create_dir_all(dir).map_err(|e| bad(e.to_string()))?;
+    let meta = std::fs::metadata(dir).map_err(|e| bad(e.to_string()))?;
+    if meta.permissions().readonly() {
+        return Err(bad("the directory is read-only".into()));
+    }
+    Ok(())
+}
+
+/// Writes every pass's histogram (and, for the uffd kinds, each outcome's)
+/// as `CONFIG-PASS[-OUTCOME].hgrm` and `.log2.txt`; returns the file count.
+fn write_histograms(report: &FaultsReport, dir: &Path) -> std::io::Result<usize> {
+    let mut n = 0;
+    let mut put = |name: String, samples: &[f64]| -> std::io::Result<()> {
+        let name: String = name
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' })
+            .collect();
+        std::fs::write(
+            dir.join(format!("{name}.hgrm")),
+            stats::Latencies::new(samples).hgrm(),
+        )?;
+        std::fs::write(
+            dir.join(format!("{name}.log2.txt")),
+            stats::log2_text(&log2_buckets(samples)),
+        )?;
+        n += 2;
+        Ok(())
+    };
+    for c in &report.configurations {
+        for p in &c.passes {
+            put(format!("{}-{}", c.backing, p.pass), &p.samples_ns)?;
+            for (outcome, samples) in &p.samples_by_outcome {
+                put(format!("{}-{}-{outcome}", c.backing, p.pass), samples)?;
+            }
+        }
+        if let Some(raw) = c.baselines.as_ref().and_then(|b| b.raw.as_ref()) {
+            put(format!("{}-raw", c.backing), &raw.samples_ns)?;
+        }
+    }
+    Ok(n)
+}
+
 /// `vmm bench faults` with parsed flags: runs, prints, writes the plot;
 /// returns the exit status (0 ok, 1 failure, 2 invalid configuration or
 /// output path).
@@ -76,6 +132,9 @@ pub fn faults(args: &FaultsArgs) -> i32 {
         return 1;
     }
     let checked = args.to_config().and_then(|cfg| {
+        if let Some(dir) = &args.histograms {
+            histogram_dir(dir)?;
+        }
         let plot = args
             .plot
             .as_deref()
@@ -125,6 +184,17 @@ fn measure_and_report(args: &FaultsArgs, cfg: &FaultsConfig, plot: Option<(File,
             return 1;
         }
         let _ = writeln!(out, "plot: {}", path.display());
+    }
+    if let Some(dir) = &args.histograms {
+        match write_histograms(&report, dir) {
+            Ok(n) => {
+                let _ = writeln!(out, "histograms: {n} files in {}", dir.display());
+            }
+            Err(e) => {
+                eprintln!("vmm: writing the histograms into {}: {e}", dir.display());
+                return 1;
+            }
+        }
     }
     if args.json {
         match serde_json::to_string_pretty(&report) {
