@@ -359,11 +359,14 @@ fn test_faults_uffd_cli_histograms_scaling_and_bad_flags() {
         assert_eq!(row["uffd"]["resolved"], row["pages"]);
     }
     // Without --scaling: the log2 histogram and outcome labels in the JSON,
-    // HDR and log2 files per pass and outcome.
+    // HDR and log2 files per pass and outcome, a plot box per outcome.
+    let plot = dir.join("plot.svg");
     let out = Command::new(env!("CARGO_BIN_EXE_vmm-cli"))
         .args(["bench", "faults", "--size", "1M", "--backing", "uffd-copy"])
         .args(["--json", "-q", "--histograms"])
         .arg(&dir)
+        .arg("--plot")
+        .arg(&plot)
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
@@ -383,6 +386,11 @@ fn test_faults_uffd_cli_histograms_scaling_and_bad_flags() {
     ] {
         assert!(files.contains(&f.to_string()), "{f} not in {files:?}");
     }
+    let svg = std::fs::read_to_string(&plot).unwrap();
+    assert!(
+        svg.contains("uffd-copy first-touch resolved") && svg.contains("uffd-copy raw KVM"),
+        "a box per outcome and the raw baseline"
+    );
     let hgrm = std::fs::read_to_string(dir.join("uffd-copy-first-touch.hgrm")).unwrap();
     assert!(hgrm.contains("Total count    =          256"), "{hgrm}");
     std::fs::remove_dir_all(&dir).unwrap();
