@@ -188,7 +188,10 @@ fn test_faults_uffd_copy_resolves_exactly_touched_pages_and_guest_verifies() {
         "resolved pages = touched pages"
     );
     let u = p.uffd.as_ref().unwrap();
-    assert_eq!((u.faults, u.resolved, u.eexist, u.wake_only), (256, 256, 0, 0));
+    assert_eq!(
+        (u.faults, u.resolved, u.eexist, u.wake_only),
+        (256, 256, 0, 0)
+    );
     assert_eq!(c.uffd_verified, Some(true), "{:?}", c.notes);
     // A userfaultfd round trip costs more than an in-kernel anonymous fault.
     assert!(p.latency_ns.p50 > 5_000.0, "{}", p.latency_ns.p50);
@@ -248,7 +251,12 @@ fn test_faults_uffd_wp_faults_on_writes_only() {
     for p in &writes.configurations[0].passes {
         let u = p.uffd.as_ref().unwrap();
         assert_eq!(p.pages, 512);
-        assert_eq!((u.faults, u.writes, u.resolved), (512, 512, 512), "{}", p.pass);
+        assert_eq!(
+            (u.faults, u.writes, u.resolved),
+            (512, 512, 512),
+            "{}",
+            p.pass
+        );
         assert_eq!(p.uffd_pages, p.touched_pages, "{}", p.pass);
     }
 }
@@ -270,7 +278,11 @@ fn test_faults_uffd_per_vcpu_uffds_resolve_only_their_vcpus_pages() {
     assert!(p.vcpu_tids.iter().all(|&t| t != 0), "{:?}", p.vcpu_tids);
     for k in 0..2u64 {
         let (start, len) = cfg.part(k);
-        let mine: Vec<_> = p.uffd_events.iter().filter(|e| e.uffd == k as usize).collect();
+        let mine: Vec<_> = p
+            .uffd_events
+            .iter()
+            .filter(|e| e.uffd == k as usize)
+            .collect();
         assert_eq!(mine.len(), 512, "uffd {k}");
         for e in &mine {
             assert!(
@@ -278,7 +290,10 @@ fn test_faults_uffd_per_vcpu_uffds_resolve_only_their_vcpus_pages() {
                 "uffd {k} resolved page {:#x} outside vCPU {k}'s part",
                 e.page
             );
-            assert_eq!(e.tid, p.vcpu_tids[k as usize], "uffd {k}: another thread faulted");
+            assert_eq!(
+                e.tid, p.vcpu_tids[k as usize],
+                "uffd {k}: another thread faulted"
+            );
         }
     }
 }
@@ -301,11 +316,15 @@ fn test_faults_uffd_shared_range_outcomes_add_up() {
     let p = r.configurations[0].pass("first-touch").unwrap();
     let u = p.uffd.as_ref().unwrap();
     assert_eq!(u.resolved, 512, "{u:?}");
-    assert_eq!(u.faults, u.resolved + u.eexist + u.eagain_retry + u.wake_only);
+    assert_eq!(
+        u.faults,
+        u.resolved + u.eexist + u.eagain_retry + u.wake_only
+    );
     let labelled: u64 = p.latency_by_outcome.values().map(|s| s.count).sum();
     assert_eq!(labelled, p.accesses);
     assert_eq!(
-        p.latency_by_outcome["resolved"].count, 512,
+        p.latency_by_outcome["resolved"].count,
+        512,
         "{:?}",
         p.latency_by_outcome.keys()
     );
@@ -319,17 +338,27 @@ fn test_faults_uffd_kinds_get_a_raw_baseline() {
     let cfg = FaultsConfig {
         baselines: true,
         access: Access::Read,
-        ..config(4 * MIB, &[Backing::UffdCopy, Backing::UffdMinor, Backing::UffdWp])
+        ..config(
+            4 * MIB,
+            &[Backing::UffdCopy, Backing::UffdMinor, Backing::UffdWp],
+        )
     };
     let r = bench(&cfg);
     for c in &r.configurations {
         let b = c.baselines.as_ref().unwrap();
-        let raw = b.raw.as_ref().unwrap_or_else(|| panic!("{}: no raw", c.backing));
+        let raw = b
+            .raw
+            .as_ref()
+            .unwrap_or_else(|| panic!("{}: no raw", c.backing));
         assert_eq!(raw.first.count, 1024, "{}", c.backing);
         let ratio = b.ratio_tool_to_raw.unwrap();
         // The 1.2 goal is for the script; here only a broken baseline fails
         // (a raw handler that never ran would hang, not be fast).
-        assert!((0.5..2.0).contains(&ratio), "{}: tool/raw {ratio}", c.backing);
+        assert!(
+            (0.5..2.0).contains(&ratio),
+            "{}: tool/raw {ratio}",
+            c.backing
+        );
     }
 }
 
@@ -342,7 +371,14 @@ fn test_faults_uffd_cli_histograms_scaling_and_bad_flags() {
     let dir = empty_tmpdir("hist");
     let out = Command::new(env!("CARGO_BIN_EXE_vmm-cli"))
         .args(["bench", "faults", "--size", "1M", "--backing", "uffd-minor"])
-        .args(["--access", "read", "--scaling", "--json", "-q", "--histograms"])
+        .args([
+            "--access",
+            "read",
+            "--scaling",
+            "--json",
+            "-q",
+            "--histograms",
+        ])
         .arg(&dir)
         .output()
         .unwrap();
@@ -369,7 +405,12 @@ fn test_faults_uffd_cli_histograms_scaling_and_bad_flags() {
         .arg(&plot)
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let pass = &j["configurations"][0]["passes"][0];
     let buckets = pass["histogram_log2"].as_array().unwrap();
@@ -396,9 +437,24 @@ fn test_faults_uffd_cli_histograms_scaling_and_bad_flags() {
     std::fs::remove_dir_all(&dir).unwrap();
 
     for (flags, says) in [
-        (&["--backing", "uffd-zero", "--handler-delay", "5s"][..], "--handler-delay"),
-        (&["--backing", "uffd-zero", "--uffd-per-vcpu", "--share", "shared"][..], "--share disjoint"),
-        (&["--backing", "anon", "--uffd-handlers", "2"][..], "uffd backings only"),
+        (
+            &["--backing", "uffd-zero", "--handler-delay", "5s"][..],
+            "--handler-delay",
+        ),
+        (
+            &[
+                "--backing",
+                "uffd-zero",
+                "--uffd-per-vcpu",
+                "--share",
+                "shared",
+            ][..],
+            "--share disjoint",
+        ),
+        (
+            &["--backing", "anon", "--uffd-handlers", "2"][..],
+            "uffd backings only",
+        ),
     ] {
         let bad = Command::new(env!("CARGO_BIN_EXE_vmm-cli"))
             .args(["bench", "faults", "--size", "1M"])

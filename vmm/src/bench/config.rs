@@ -628,9 +628,15 @@ mod tests {
             .unwrap();
         assert_eq!(cfg.uffd_parts().len(), 3);
         assert_eq!(cfg.uffd_parts()[1], cfg.part(1));
-        let e = args(&["--backing", "uffd-wp", "--uffd-per-vcpu", "--share", "shared"])
-            .to_config()
-            .unwrap_err();
+        let e = args(&[
+            "--backing",
+            "uffd-wp",
+            "--uffd-per-vcpu",
+            "--share",
+            "shared",
+        ])
+        .to_config()
+        .unwrap_err();
         assert_eq!(e, ConfigError::UffdPerVcpuShared);
         let e = args(&["--handler-delay", "10us"]).to_config().unwrap_err();
         assert_eq!(e, ConfigError::UffdFlagWithoutUffd("--handler-delay"));

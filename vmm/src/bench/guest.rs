@@ -153,7 +153,8 @@ impl GuestBench {
             .map_err(|e| BenchError::Setup(format!("installing the kick handler: {e}")))?;
         let stop = Arc::new(AtomicBool::new(false));
         let progress = Arc::new(AtomicU64::new(0));
-        let tids: Arc<Vec<AtomicU32>> = Arc::new((0..cfg.vcpus).map(|_| AtomicU32::new(0)).collect());
+        let tids: Arc<Vec<AtomicU32>> =
+            Arc::new((0..cfg.vcpus).map(|_| AtomicU32::new(0)).collect());
         let mut workers = Vec::new();
         for (index, fd) in vm.take_vcpus().into_iter().enumerate() {
             let (jobs_tx, jobs_rx) = mpsc::channel();

@@ -96,7 +96,13 @@ fn write_histograms(report: &FaultsReport, dir: &Path) -> std::io::Result<usize>
     let mut put = |name: String, samples: &[f64]| -> std::io::Result<()> {
         let name: String = name
             .chars()
-            .map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' })
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' {
+                    c
+                } else {
+                    '_'
+                }
+            })
             .collect();
         std::fs::write(
             dir.join(format!("{name}.hgrm")),

@@ -20,9 +20,9 @@ use super::config::{Backing, FaultsConfig, GuestPage, TEST_BASE};
 use super::guest::RamLayout;
 
 use super::error::BenchError;
+use super::plan::{pass_commands, prefault_command};
 use super::raw_uffd::RawHandlers;
 use super::uffd::{Armed, Mode};
-use super::plan::{pass_commands, prefault_command};
 use crate::boot::elf::ElfImage;
 use crate::boot::paging::{apply_patches, gig_leaf, write_4k_tables};
 use crate::boot::tables::write_boot_tables;
@@ -54,7 +54,7 @@ struct Shared {
 }
 
 /// Runs the raw baseline of `cfg` on `backing`; the uffd kinds get the
-/// minimal handler of [`super::raw_uffd`].
+/// minimal handler of the `raw_uffd` module.
 pub fn run(cfg: &FaultsConfig, backing: &Backing) -> Result<RawResult, BenchError> {
     let kvm = Kvm::new().map_err(kvm_err("open /dev/kvm"))?;
     let cpuid = kvm

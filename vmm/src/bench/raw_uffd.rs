@@ -41,7 +41,10 @@ impl RawHandlers {
         };
         for k in 0..armed.uffds.len() {
             for _ in 0..threads.max(1) {
-                let stop = out.stop.try_clone().map_err(UffdError::sys("eventfd dup"))?;
+                let stop = out
+                    .stop
+                    .try_clone()
+                    .map_err(UffdError::sys("eventfd dup"))?;
                 let (armed, error) = (armed.clone(), out.error.clone());
                 let t = std::thread::Builder::new()
                     .name(format!("raw-uffd{k}"))

@@ -538,7 +538,9 @@ pub fn scaling_table(rows: &[ScalingRow]) -> String {
             counts.push(r.vcpus);
         }
     }
-    let mut out = String::from("\nscaling: pages/s (all pages / guest time of the slowest vCPU; raw in brackets)\n");
+    let mut out = String::from(
+        "\nscaling: pages/s (all pages / guest time of the slowest vCPU; raw in brackets)\n",
+    );
     let _ = write!(out, "  {:>5}", "vCPUs");
     for b in &backings {
         let _ = write!(out, " {b:>28}");

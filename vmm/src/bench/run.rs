@@ -14,7 +14,9 @@ use super::config::{Access, Backing, ConfigError, FaultsConfig, GuestPage, Share
 use super::error::BenchError;
 use super::guest::GuestBench;
 use super::progress::Progress;
-use super::report::{self, Baselines, ConfigResult, FaultsReport, PassResult, ScalingRow, Settings};
+use super::report::{
+    self, Baselines, ConfigResult, FaultsReport, PassResult, ScalingRow, Settings,
+};
 use super::stats::{counter_delta, ticks_to_ns, Summary};
 use super::uffd::{Armed, Event, Handler, HandlerConfig, Mode, Outcome, UffdCounts, UffdError};
 use super::{host, plan, raw};
@@ -175,14 +177,15 @@ fn run_one(
         Err(e) => return Err(e.into()),
     };
     let cpus: Vec<Option<usize>> = (0..cfg.vcpus).map(|i| host::vcpu_cpu(cfg, i)).collect();
-    let armed = match Mode::of(backing).map(|m| Armed::new(m, &test, &cfg.uffd_parts(), cfg.seed, true)) {
-        None => None,
-        Some(Ok(a)) => Some(Arc::new(a)),
-        Some(Err(e @ UffdError::Unsupported { .. })) => {
-            return Ok(ConfigResult::skipped(backing, e.to_string()));
-        }
-        Some(Err(e)) => return Err(e.into()),
-    };
+    let armed =
+        match Mode::of(backing).map(|m| Armed::new(m, &test, &cfg.uffd_parts(), cfg.seed, true)) {
+            None => None,
+            Some(Ok(a)) => Some(Arc::new(a)),
+            Some(Err(e @ UffdError::Unsupported { .. })) => {
+                return Ok(ConfigResult::skipped(backing, e.to_string()));
+            }
+            Some(Err(e)) => return Err(e.into()),
+        };
     let handler = armed
         .as_ref()
         .map(|a| {
@@ -293,7 +296,15 @@ fn measure(
         progress.finish();
         let kvm = counter_delta(&bench.counters()?, &before);
         let events = take_uffd(handler)?;
-        passes.push(pass_result(cfg, bench, name, wall, kvm, events, test.hva().0));
+        passes.push(pass_result(
+            cfg,
+            bench,
+            name,
+            wall,
+            kvm,
+            events,
+            test.hva().0,
+        ));
     }
     let mut verified = None;
     let mut notes = Vec::new();

@@ -271,7 +271,9 @@ mod tests {
             .collect();
         let last = rows.last().unwrap();
         assert_eq!((last[0], last[1], last[2]), (1.0, 1.0, 1000.0), "{text}");
-        assert!(rows.windows(2).all(|w| w[0][1] <= w[1][1] && w[0][2] <= w[1][2]));
+        assert!(rows
+            .windows(2)
+            .all(|w| w[0][1] <= w[1][1] && w[0][2] <= w[1][2]));
         assert!(text.contains("Total count    =         1000"), "{text}");
     }
 

@@ -70,7 +70,10 @@ impl Mode {
         match self {
             Mode::Zero | Mode::Copy => &[],
             Mode::Minor => &[(sys::FEATURE_MINOR_SHMEM, "UFFD_FEATURE_MINOR_SHMEM")],
-            Mode::Wp => &[(sys::FEATURE_PAGEFAULT_FLAG_WP, "UFFD_FEATURE_PAGEFAULT_FLAG_WP")],
+            Mode::Wp => &[(
+                sys::FEATURE_PAGEFAULT_FLAG_WP,
+                "UFFD_FEATURE_PAGEFAULT_FLAG_WP",
+            )],
         }
     }
 
@@ -177,7 +180,10 @@ impl Armed {
         let offered = sys::supported_features().map_err(UffdError::sys("UFFDIO_API"))?;
         for &(bit, name) in mode.required() {
             if offered & bit == 0 {
-                return Err(UffdError::Unsupported { mode, feature: name });
+                return Err(UffdError::Unsupported {
+                    mode,
+                    feature: name,
+                });
             }
         }
         let thread_ids = thread_ids && offered & sys::FEATURE_THREAD_ID != 0;
@@ -235,9 +241,7 @@ impl Armed {
 
     /// Host address of the copy source of the page at `addr` (copy mode).
     pub fn source_of(&self, addr: u64) -> Option<u64> {
-        self.source
-            .as_ref()
-            .map(|s| s.hva().0 + (addr - self.base))
+        self.source.as_ref().map(|s| s.hva().0 + (addr - self.base))
     }
 
     /// The one resolving ioctl of the mode for the page at `addr`, on the

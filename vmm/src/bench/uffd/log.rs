@@ -187,7 +187,11 @@ mod shuttle_tests {
         };
         vcpu.join().unwrap();
         let events = log.take().unwrap();
-        assert_eq!(events, vec![event], "a completed fault is missing from the log");
+        assert_eq!(
+            events,
+            vec![event],
+            "a completed fault is missing from the log"
+        );
         handler.join().unwrap();
     }
 

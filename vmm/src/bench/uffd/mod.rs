@@ -35,7 +35,9 @@ pub enum UffdError {
         source: io::Error,
     },
     /// The kernel's userfaultfd lacks a feature the mode needs.
-    #[error("uffd-{mode} needs {feature}, which this kernel's userfaultfd does not offer (UFFDIO_API)")]
+    #[error(
+        "uffd-{mode} needs {feature}, which this kernel's userfaultfd does not offer (UFFDIO_API)"
+    )]
     Unsupported {
         /// The mode asked for.
         mode: Mode,

@@ -301,7 +301,13 @@ pub fn wait(uffd: i32, stop: i32) -> io::Result<bool> {
 pub fn dontneed(start: u64, len: u64) -> io::Result<()> {
     // SAFETY: advice on a range the caller maps; it drops mappings the
     // caller is about to re-fault, and touches no Rust-visible memory.
-    if unsafe { libc::madvise(start as *mut libc::c_void, len as usize, libc::MADV_DONTNEED) } == 0
+    if unsafe {
+        libc::madvise(
+            start as *mut libc::c_void,
+            len as usize,
+            libc::MADV_DONTNEED,
+        )
+    } == 0
     {
         Ok(())
     } else {
