@@ -256,13 +256,15 @@ pub enum Share {
     Shared,
 }
 
-/// Where the userfaultfd handler thread runs relative to the vCPU.
+/// Where the userfaultfd handler threads run relative to the vCPU their
+/// uffd serves (vCPU 0 for the one uffd of the range; vCPU `k` for uffd `k`
+/// with `--uffd-per-vcpu`). Pinned modes pin vCPU `i` to CPU `i` too.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, strum::Display)]
 #[strum(serialize_all = "lowercase")]
 pub enum UffdCpu {
-    /// Handler and vCPU 0 pinned to the same CPU.
+    /// Handlers pinned to their vCPU's CPU.
     Same,
-    /// Handler and vCPU 0 pinned to different CPUs.
+    /// Handlers pinned to the CPU after their vCPU's.
     Other,
     /// No pinning: the scheduler decides.
     Any,
@@ -418,7 +420,7 @@ pub struct FaultsConfig {
     /// Add a re-fault pass: MADV_DONTNEED the range (KVM's mmu-notifier path), then touch it again.
     #[arg(long)]
     pub refault: bool,
-    /// userfaultfd handler placement: same CPU as vCPU 0, another CPU, or unpinned.
+    /// userfaultfd handler placement: on the CPU of the vCPU its uffd serves, on another CPU, or unpinned.
     #[arg(long, value_enum, default_value = "any")]
     pub uffd_cpu: UffdCpu,
     /// Seed of the random pattern and of the uffd-copy contents.

@@ -102,14 +102,24 @@ pub fn vcpu_cpu(cfg: &FaultsConfig, index: u64) -> Option<usize> {
     (cfg.uffd_cpu != UffdCpu::Any).then_some(index as usize % online_cpus())
 }
 
-/// The CPU the userfaultfd handler threads are pinned to: vCPU 0's
-/// (`same`), the next one (`other`), or none (`any`).
-pub fn uffd_handler_cpu(cfg: &FaultsConfig) -> Option<usize> {
+/// The CPU the handler threads of uffd `k` are pinned to: the CPU of the
+/// vCPU the uffd serves (`same`; vCPU 0 for the one uffd of the whole
+/// range, vCPU `k` with `--uffd-per-vcpu`), the next CPU (`other`), or none
+/// (`any`).
+pub fn uffd_handler_cpu(cfg: &FaultsConfig, k: usize) -> Option<usize> {
+    let ncpu = online_cpus();
     match cfg.uffd_cpu {
-        UffdCpu::Same => Some(0),
-        UffdCpu::Other => Some(1 % online_cpus()),
+        UffdCpu::Same => Some(k % ncpu),
+        UffdCpu::Other => Some((k + 1) % ncpu),
         UffdCpu::Any => None,
     }
+}
+
+/// [`uffd_handler_cpu`] of every uffd of `cfg`.
+pub fn uffd_handler_cpus(cfg: &FaultsConfig) -> Vec<Option<usize>> {
+    (0..cfg.uffd_parts().len())
+        .map(|k| uffd_handler_cpu(cfg, k))
+        .collect()
 }
 
 /// Maps `size` bytes of `backing`'s memory, fresh: `file` is an unnamed

@@ -116,7 +116,7 @@ pub fn run(cfg: &FaultsConfig, backing: &Backing) -> Result<RawResult, BenchErro
                 a,
                 cfg.uffd_handlers as usize,
                 cfg.handler_delay,
-                super::host::uffd_handler_cpu(cfg),
+                &super::host::uffd_handler_cpus(cfg),
             )
         })
         .transpose()?;

@@ -26,12 +26,12 @@ pub struct RawHandlers {
 
 impl RawHandlers {
     /// Starts `threads` threads per uffd of `armed`, each sleeping `delay`
-    /// before it resolves a fault, pinned to `cpu` if given.
+    /// before it resolves a fault, uffd `k`'s pinned to `cpus[k]` if given.
     pub fn start(
         armed: &Arc<Armed>,
         threads: usize,
         delay: Duration,
-        cpu: Option<usize>,
+        cpus: &[Option<usize>],
     ) -> Result<Self, UffdError> {
         let stop = EventFd::new(EFD_NONBLOCK).map_err(UffdError::sys("eventfd"))?;
         let mut out = Self {
@@ -46,6 +46,7 @@ impl RawHandlers {
                     .try_clone()
                     .map_err(UffdError::sys("eventfd dup"))?;
                 let (armed, error) = (armed.clone(), out.error.clone());
+                let cpu = cpus.get(k).copied().flatten();
                 let t = std::thread::Builder::new()
                     .name(format!("raw-uffd{k}"))
                     .spawn(move || {

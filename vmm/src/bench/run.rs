@@ -192,7 +192,7 @@ fn run_one(
             let hc = HandlerConfig {
                 threads: cfg.uffd_handlers as usize,
                 delay: cfg.handler_delay,
-                cpu: host::uffd_handler_cpu(cfg),
+                cpus: host::uffd_handler_cpus(cfg),
             };
             Handler::spawn(a.clone(), &hc)
         })

@@ -144,9 +144,10 @@ pub struct Log2Bucket {
 ///
 /// ```
 /// use vmm::bench::log2_buckets;
-/// let b = log2_buckets(&[1.0, 3.0, 3.5, 9.0]);
+/// let b = log2_buckets(&[1.0, 2.0, 3.0, 9.0]);
 /// let counts: Vec<(u64, u64)> = b.iter().map(|b| (b.lo_ns, b.count)).collect();
-/// assert_eq!(counts, vec![(1, 1), (2, 2), (4, 0), (8, 1)]);
+/// // [0, 2) holds 1 ns; [2, 4) holds 2 and 3; [4, 8) is empty; [8, 16) holds 9.
+/// assert_eq!(counts, vec![(0, 1), (2, 2), (4, 0), (8, 1)]);
 /// ```
 pub fn log2_buckets(samples_ns: &[f64]) -> Vec<Log2Bucket> {
     let mut counts = [0u64; 64];

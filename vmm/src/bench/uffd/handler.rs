@@ -25,14 +25,14 @@ use crate::mm::addr::PAGE_SIZE;
 const MAX_EAGAIN: u32 = 10_000;
 
 /// How the handler runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HandlerConfig {
     /// Threads per uffd (at least 1).
     pub threads: usize,
     /// Delay injected before resolving each fault (demand_paging_test `-d`).
     pub delay: Duration,
-    /// Pin every handler thread to this CPU.
-    pub cpu: Option<usize>,
+    /// Per uffd: pin its handler threads to this CPU (missing: unpinned).
+    pub cpus: Vec<Option<usize>>,
 }
 
 /// Counts per pass: fault messages and their outcomes.
@@ -131,7 +131,7 @@ impl Handler {
                     .try_clone()
                     .map_err(UffdError::sys("eventfd dup"))?;
                 let st = handler.state.clone();
-                let cpu = cfg.cpu;
+                let cpu = cfg.cpus.get(k).copied().flatten();
                 let thread = std::thread::Builder::new()
                     .name(format!("uffd{k}-handler{t}"))
                     .spawn(move || {
@@ -248,7 +248,7 @@ mod tests {
             &HandlerConfig {
                 threads: 2,
                 delay: Duration::ZERO,
-                cpu: None,
+                cpus: Vec::new(),
             },
         )
         .unwrap();
