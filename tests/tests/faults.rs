@@ -436,6 +436,27 @@ fn test_faults_uffd_cli_histograms_scaling_and_bad_flags() {
     assert!(hgrm.contains("Total count    =          256"), "{hgrm}");
     std::fs::remove_dir_all(&dir).unwrap();
 
+    // A histogram directory that cannot be: refused at once, nothing made.
+    let file = std::env::temp_dir().join(format!("vmm-faults-notadir-{}", std::process::id()));
+    std::fs::write(&file, b"x").unwrap();
+    let bad = Command::new(env!("CARGO_BIN_EXE_vmm-cli"))
+        .args([
+            "bench",
+            "faults",
+            "--size",
+            "64M",
+            "--backing",
+            "uffd-copy",
+            "--histograms",
+        ])
+        .arg(file.join("sub"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert_eq!(bad.status.code(), Some(2), "{err}");
+    assert!(err.contains("not a directory"), "{err}");
+    std::fs::remove_file(&file).unwrap();
+
     for (flags, says) in [
         (
             &["--backing", "uffd-zero", "--handler-delay", "5s"][..],

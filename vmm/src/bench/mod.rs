@@ -73,18 +73,30 @@ fn create_output(what: &'static str, path: &Path) -> Result<File, ConfigError> {
     })
 }
 
-/// Checks before measuring that `dir` is a directory we can write into
-/// (created if missing; nothing else is created).
+/// Checks before measuring, creating nothing, that the histograms can go
+/// into `dir`: an existing writable directory, or a new one in an existing
+/// directory (created when the histograms are written).
 fn histogram_dir(dir: &Path) -> Result<(), ConfigError> {
     let bad = |reason: String| ConfigError::Output {
         what: "the histograms into",
         path: dir.to_path_buf(),
         reason,
     };
-    std::fs::create_dir_all(dir).map_err(|e| bad(e.to_string()))?;
-    let meta = std::fs::metadata(dir).map_err(|e| bad(e.to_string()))?;
+    let (at, what) = match std::fs::metadata(dir) {
+        Ok(_) => (dir, "it"),
+        Err(_) => (
+            dir.parent()
+                .filter(|p| !p.as_os_str().is_empty())
+                .unwrap_or(Path::new(".")),
+            "its parent",
+        ),
+    };
+    let meta = std::fs::metadata(at).map_err(|e| bad(format!("{what}: {e}")))?;
+    if !meta.is_dir() {
+        return Err(bad(format!("{what} is not a directory")));
+    }
     if meta.permissions().readonly() {
-        return Err(bad("the directory is read-only".into()));
+        return Err(bad(format!("{what} is read-only")));
     }
     Ok(())
 }
@@ -92,6 +104,7 @@ fn histogram_dir(dir: &Path) -> Result<(), ConfigError> {
 /// Writes every pass's histogram (and, for the uffd kinds, each outcome's)
 /// as `CONFIG-PASS[-OUTCOME].hgrm` and `.log2.txt`; returns the file count.
 fn write_histograms(report: &FaultsReport, dir: &Path) -> std::io::Result<usize> {
+    std::fs::create_dir_all(dir)?;
     let mut n = 0;
     let mut put = |name: String, samples: &[f64]| -> std::io::Result<()> {
         let name: String = name
