@@ -135,6 +135,7 @@
 
 mod backend;
 mod check;
+mod dirty_mode;
 mod error;
 mod mirror;
 mod sim;
@@ -157,9 +158,10 @@ use crate::mm::slot_map::{
 };
 
 pub use backend::{MemslotBackend, MemslotRegion};
+pub use dirty_mode::DirtyLogMode;
 pub use check::{CheckKind, Checker, DEFAULT_FULL_EVERY, DEFAULT_SWEEP};
 pub use error::{FailureCause, MemslotError, MemslotFailure, MemslotOp};
-pub use sim::{SimKvm, SIM_MAX_SLOTS};
+pub use sim::{SimKvm, SimWrite, SIM_MAX_SLOTS, SIM_RING_ENTRIES};
 
 use mirror::{end_of, State, Step, DIRTY_BITMAP_BYTES};
 
@@ -239,6 +241,7 @@ impl MemoryManager {
     ) -> Result<Self, MemslotError> {
         let bitmap = HostMapping::new(&BackingKind::Anon, DIRTY_BITMAP_BYTES)
             .map_err(MemslotError::Buffer)?;
+        let mode = backend.dirty_log_mode();
         Ok(Self {
             backend: Box::new(backend),
             memory: GuardedMap::new(SlotMap::new(config)),
@@ -253,6 +256,9 @@ impl MemoryManager {
                 pending: BTreeSet::new(),
                 bitmap,
                 poisoned: false,
+                mode,
+                unattributed: 0,
+                ring_error: None,
             }),
         })
     }
@@ -525,7 +531,7 @@ impl MemoryManager {
                 },
                 _ => step.spec,
             };
-            st.harvest(&*self.backend, &live)?;
+            st.harvest_before_teardown(&*self.backend, &live)?;
         }
         // SAFETY: a delete (`memory_size` 0) registers no memory. A create or
         // flags change registers `[hva, hva + size)`, which `validate` checked
@@ -541,6 +547,21 @@ impl MemoryManager {
         let result = unsafe { self.backend.set_memslot(&step.region()) };
         result.map_err(|e| step.failure(FailureCause::Errno(e.errno())))?;
         st.record(step);
+        if logging_before && !logging_after && st.mode == DirtyLogMode::Ring {
+            // The rings still hold entries naming this slot, up to the
+            // write KVM logged last before the call returned (it waited for
+            // every vCPU to leave the old slot). Attribute them to the slot
+            // as it was, now, before a later change can reuse the id.
+            let gone = match step.op {
+                MemslotOp::Delete => Some(&step.spec),
+                _ => None,
+            };
+            if let Err(e) = st.harvest_rings(&*self.backend, gone) {
+                // The change took effect; collected entries are kept. Only
+                // the reset failed: report it with the next dirty pages.
+                st.ring_error.get_or_insert(e);
+            }
+        }
         Ok(())
     }
 
@@ -578,8 +599,15 @@ impl MemoryManager {
         {
             return Err(MemslotError::NotLogging { range });
         }
+        if let Some(e) = st.ring_error.take() {
+            return Err(MemslotError::DirtyRings(e.into()));
+        }
+        if st.mode == DirtyLogMode::Ring {
+            st.harvest_rings(&*self.backend, None)
+                .map_err(|e| MemslotError::DirtyRings(e.into()))?;
+        }
         for spec in &logging {
-            st.harvest(&*self.backend, spec)
+            st.harvest_range(&*self.backend, spec, range)
                 .map_err(MemslotError::DirtyLog)?;
         }
         let dirty: Vec<Gfn> = st.pending.range(first..last).copied().collect();
@@ -587,6 +615,37 @@ impl MemoryManager {
             st.pending.remove(g);
         }
         Ok(dirty)
+    }
+
+    /// The dirty-log interface of the backend (fixed when the VM was
+    /// created).
+    pub fn dirty_log_mode(&self) -> DirtyLogMode {
+        self.lock_state().mode
+    }
+
+    /// Collects every dirty-ring entry into the pages
+    /// [`dirty_pages`](Self::dirty_pages) reports, and resets the rings:
+    /// what a vCPU thread does on `KVM_EXIT_DIRTY_RING_FULL` before entering
+    /// the guest again (KVM keeps exiting until its ring was reset). Returns
+    /// the number of entries; 0 in the bitmap modes.
+    ///
+    /// # Errors
+    /// [`DirtyRings`](MemslotError::DirtyRings) if `KVM_RESET_DIRTY_RINGS`
+    /// fails (the entries collected are kept).
+    pub fn harvest_dirty_rings(&self) -> Result<u64, MemslotError> {
+        let mut st = self.lock_state();
+        if st.mode != DirtyLogMode::Ring {
+            return Ok(0);
+        }
+        st.harvest_rings(&*self.backend, None)
+            .map_err(|e| MemslotError::DirtyRings(e.into()))
+    }
+
+    /// Dirty-ring entries that named no slot the manager knew (another
+    /// address space, an id not registered, an offset past the slot): 0
+    /// unless a harvest was missed. For tests and reports.
+    pub fn unattributed_ring_entries(&self) -> u64 {
+        self.lock_state().unattributed
     }
 
     /// Records a write the VMM made on a vCPU's behalf (an emulated access)
