@@ -171,6 +171,11 @@ pub struct RunArgs {
     /// to vfio-pci; fails with the reason where there is none).
     #[arg(long)]
     pub vfio: bool,
+    /// Dirty-page logging: bitmap (KVM_GET_DIRTY_LOG), manual (manual protect,
+    /// initially set, KVM_CLEAR_DIRTY_LOG by range) or ring (per-vCPU dirty
+    /// rings); a mode the host lacks is refused with the reason.
+    #[arg(long, value_name = "MODE", default_value = "bitmap")]
+    pub dirty_log: crate::mm::manager::DirtyLogMode,
     /// Print a JSON report on stdout at the end (console output moves to stderr).
     #[arg(long)]
     pub json: bool,
@@ -195,6 +200,11 @@ impl RunArgs {
             ),
             scenario: self.scenario.clone(),
             pin_limit: self.pin_limit,
+            dirty_log: scenario
+                .and_then(|s| s.dirty_log.as_deref())
+                .map_or(self.dirty_log, |m| {
+                    m.parse().expect("validated when the scenario was loaded")
+                }),
             guest: self.guest.clone(),
             timeout: self
                 .timeout
@@ -247,6 +257,16 @@ where
         }
     }
     let config = args.to_config();
+    if config.dirty_log != crate::mm::manager::DirtyLogMode::Bitmap {
+        // A mode the host lacks is a bad flag: refused before any VM exists.
+        if let Err(e) = crate::kvm::memslots::check_mode(
+            config.dirty_log,
+            crate::kvm::memslots::DEFAULT_RING_BYTES,
+        ) {
+            eprintln!("vmm: {e}");
+            return 2;
+        }
+    }
     if let BackingKind::File(path) = &config.backing {
         // Bad file arguments are bad flags: refused before any VM exists.
         if let Err(e) = crate::mm::backing::open_backing_file(path, config.mem_size) {

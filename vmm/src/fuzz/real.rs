@@ -70,6 +70,7 @@ pub fn scenario(name: &str, description: &str, layout: &Layout, steps: Vec<Step>
         vcpus: Some(layout.vcpus),
         backing: None,
         timeout: None,
+        dirty_log: None,
         full_check_every: None,
         steps,
     }
@@ -105,6 +106,7 @@ pub fn run_with_report(
         verbosity: Verbosity::Quiet,
         scenario: Some(Arc::new(scenario)),
         pin_limit: Some(PinLimit::Pages(layout.pin_limit)),
+        dirty_log: crate::mm::manager::DirtyLogMode::Bitmap,
     };
     let report =
         run::run(&config, Box::new(std::io::sink())).map_err(|e| RealError::Run(e.to_string()))?;

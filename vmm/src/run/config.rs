@@ -64,6 +64,8 @@ pub struct RunConfig {
     pub scenario: Option<Arc<Scenario>>,
     /// Limit of pinned guest memory; `None`: the RLIMIT_MEMLOCK soft limit.
     pub pin_limit: Option<crate::mm::pin_account::PinLimit>,
+    /// The dirty-log mode (a scenario's `dirty_log` overrides `--dirty-log`).
+    pub dirty_log: crate::mm::manager::DirtyLogMode,
 }
 
 impl RunConfig {
@@ -79,6 +81,7 @@ impl RunConfig {
             verbosity: Verbosity::Normal,
             scenario: None,
             pin_limit: None,
+            dirty_log: crate::mm::manager::DirtyLogMode::Bitmap,
         }
     }
 }
