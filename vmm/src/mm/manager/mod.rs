@@ -140,6 +140,8 @@ mod error;
 mod mirror;
 mod sim;
 #[cfg(test)]
+mod dirty_tests;
+#[cfg(test)]
 mod tests;
 
 use std::collections::{BTreeMap, BTreeSet};
