@@ -111,6 +111,8 @@ pub(super) struct State {
     /// A `KVM_RESET_DIRTY_RINGS` failure after a delete had taken effect,
     /// reported by the next [`dirty_pages`](super::MemoryManager::dirty_pages).
     pub(super) ring_error: Option<errno::Error>,
+    /// The bitmap modes' blind windows measured so far.
+    pub(super) windows: super::TeardownWindows,
 }
 
 impl State {

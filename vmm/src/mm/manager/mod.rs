@@ -167,6 +167,26 @@ pub use sim::{SimKvm, SimWrite, SIM_MAX_SLOTS, SIM_RING_ENTRIES};
 
 use mirror::{end_of, State, Step, DIRTY_BITMAP_BYTES};
 
+/// Statistics of the bitmap modes' blind windows; see
+/// [`MemoryManager::teardown_windows`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TeardownWindows {
+    /// Windows measured (deletes and logging-offs of dirty-logging slots).
+    pub count: u64,
+    /// Their total length.
+    pub total: Duration,
+    /// The longest.
+    pub max: Duration,
+}
+
+impl TeardownWindows {
+    fn record(&mut self, window: Duration) {
+        self.count += 1;
+        self.total += window;
+        self.max = self.max.max(window);
+    }
+}
+
 /// What a successful [`MemoryManager::apply`] did.
 #[derive(Debug)]
 pub struct Applied {
@@ -261,6 +281,7 @@ impl MemoryManager {
                 mode,
                 unattributed: 0,
                 ring_error: None,
+                windows: TeardownWindows::default(),
             }),
         })
     }
@@ -524,6 +545,7 @@ impl MemoryManager {
         .contains(MemslotFlags::LOG_DIRTY_PAGES);
         let logging_after =
             step.op != MemslotOp::Delete && step.spec.flags.contains(MemslotFlags::LOG_DIRTY_PAGES);
+        let window_start = std::time::Instant::now();
         if logging_before && !logging_after {
             // The slot as KVM holds it now (a SetFlags step names the new flags).
             let live = match step.op {
@@ -548,6 +570,9 @@ impl MemoryManager {
         // long as KVM may use it.
         let result = unsafe { self.backend.set_memslot(&step.region()) };
         result.map_err(|e| step.failure(FailureCause::Errno(e.errno())))?;
+        if logging_before && !logging_after && st.mode != DirtyLogMode::Ring {
+            st.windows.record(window_start.elapsed());
+        }
         st.record(step);
         if logging_before && !logging_after && st.mode == DirtyLogMode::Ring {
             // The rings still hold entries naming this slot, up to the
@@ -641,6 +666,15 @@ impl MemoryManager {
         }
         st.harvest_rings(&*self.backend, None)
             .map_err(|e| MemslotError::DirtyRings(e.into()))
+    }
+
+    /// The bitmap modes' blind windows so far: for each delete or
+    /// logging-off of a dirty-logging slot, the time from the start of the
+    /// `KVM_GET_DIRTY_LOG` that harvested it to the return of the memslot
+    /// call that freed its bitmap. A guest write logged in that window is
+    /// lost with the bitmap (the ring mode has no such window).
+    pub fn teardown_windows(&self) -> TeardownWindows {
+        self.lock_state().windows
     }
 
     /// Dirty-ring entries that named no slot the manager knew (another
