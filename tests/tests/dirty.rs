@@ -403,3 +403,87 @@ fn test_bitmap_modes_blind_window_across_moves_and_splits_is_measured() {
         }
     }
 }
+
+fn vmm_cli(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_vmm-cli"))
+        .args(args)
+        .output()
+        .expect("vmm-cli runs")
+}
+
+#[test]
+fn test_cli_refuses_a_dirty_log_mode_the_host_cannot_give_with_the_reason() {
+    let out = vmm_cli(&["run", "--dirty-log", "rings"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("bitmap, manual, ring"), "{err}");
+    if !kvm_or_skip("test_cli_refuses_a_dirty_log_mode_the_host_cannot_give_with_the_reason") {
+        return;
+    }
+    // KVM_CHECK_EXTENSION(KVM_CAP_DIRTY_LOG_RING_ACQ_REL) gives the largest
+    // ring; one past it, or one not a power of two, is refused before any VM.
+    for size in ["64M", "12K"] {
+        let started = Instant::now();
+        let out = vmm_cli(&["run", "--dirty-log", "ring", "--dirty-ring-size", size]);
+        assert_eq!(out.status.code(), Some(2), "{size}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("--dirty-log ring: this host's KVM cannot"), "{err}");
+        assert!(err.contains("maximum") || err.contains("power of two"), "{err}");
+        assert!(started.elapsed() < Duration::from_secs(5));
+    }
+}
+
+#[test]
+fn test_scenario_header_picks_the_mode_and_the_json_report_names_it() {
+    if !kvm_or_skip("test_scenario_header_picks_the_mode_and_the_json_report_names_it") {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("vmm-dirty-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for (mode, first) in [("bitmap", 0), ("manual", 512), ("ring", 0)] {
+        let path = dir.join(format!("{mode}.toml"));
+        std::fs::write(
+            &path,
+            format!(
+                r#"
+vcpus = 1
+mem = "16M"
+dirty_log = "{mode}"
+[[step]]
+do = "plug"
+gpa = 0x100000000
+size = 0x200000
+flags = ["dirty-log"]
+[[step]]
+do = "dirty-pages"
+gpa = 0x100000000
+size = 0x200000
+pages = {first}
+[[step]]
+do = "touch"
+gpa = 0x100000000
+size = 0x200000
+stride = 0x2000
+write = true
+[[step]]
+do = "dirty-pages"
+gpa = 0x100000000
+size = 0x200000
+pages = 256
+"#
+            ),
+        )
+        .unwrap();
+        let out = vmm_cli(&["run", "--json", "--scenario", path.to_str().unwrap()]);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{mode}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let report: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+        assert_eq!(report["dirty_log"], mode);
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}

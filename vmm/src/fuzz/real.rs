@@ -81,7 +81,8 @@ pub fn scenario(name: &str, description: &str, layout: &Layout, steps: Vec<Step>
         vcpus: Some(layout.vcpus),
         backing: None,
         timeout: None,
-        dirty_log: Some(layout.dirty_log.to_string()),
+        dirty_log: (layout.dirty_log != crate::mm::manager::DirtyLogMode::Bitmap)
+            .then(|| layout.dirty_log.to_string()),
         full_check_every: None,
         steps,
     }
@@ -118,6 +119,7 @@ pub fn run_with_report(
         scenario: Some(Arc::new(scenario)),
         pin_limit: Some(PinLimit::Pages(layout.pin_limit)),
         dirty_log: layout.dirty_log,
+        dirty_ring_bytes: crate::kvm::memslots::DEFAULT_RING_BYTES,
     };
     let report =
         run::run(&config, Box::new(std::io::sink())).map_err(|e| RealError::Run(e.to_string()))?;

@@ -66,6 +66,8 @@ pub struct RunConfig {
     pub pin_limit: Option<crate::mm::pin_account::PinLimit>,
     /// The dirty-log mode (a scenario's `dirty_log` overrides `--dirty-log`).
     pub dirty_log: crate::mm::manager::DirtyLogMode,
+    /// Bytes of each vCPU's dirty ring in ring mode.
+    pub dirty_ring_bytes: u32,
 }
 
 impl RunConfig {
@@ -82,6 +84,7 @@ impl RunConfig {
             scenario: None,
             pin_limit: None,
             dirty_log: crate::mm::manager::DirtyLogMode::Bitmap,
+            dirty_ring_bytes: crate::kvm::memslots::DEFAULT_RING_BYTES,
         }
     }
 }

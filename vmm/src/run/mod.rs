@@ -131,7 +131,11 @@ fn build_vm(config: &RunConfig) -> Result<Vm, RunError> {
         pin_limit: config.pin_limit,
         hotplug: config.scenario.is_some(),
     };
-    let vm = Vm::with_dirty_log(&spec, config.dirty_log.into())?;
+    let dirty = crate::vm::DirtyLogConfig {
+        mode: config.dirty_log,
+        ring_bytes: config.dirty_ring_bytes,
+    };
+    let vm = Vm::with_dirty_log(&spec, dirty)?;
     vcpu::install_kick_handler().map_err(setup_err("installing the vCPU kick handler"))?;
     Ok(vm)
 }
