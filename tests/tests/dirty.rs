@@ -111,7 +111,10 @@ impl Guest {
 
     fn must(&self, command: Command) {
         let outcome = self.run(command);
-        assert!(matches!(outcome, CommandOutcome::Done { .. }), "{outcome:?}");
+        assert!(
+            matches!(outcome, CommandOutcome::Done { .. }),
+            "{outcome:?}"
+        );
     }
 
     /// Writes one word in each of `pages` (guest-physical page numbers).
@@ -166,7 +169,10 @@ fn test_each_dirty_log_mode_reports_exactly_the_guest_written_pages() {
         let all: BTreeSet<u64> = pages(BASE, 512).collect();
         let first = dirty(&memory, BASE, 2 * MIB);
         if mode == DirtyLogMode::Manual {
-            assert_eq!(first, all, "initially set: the first report is the whole slot");
+            assert_eq!(
+                first, all,
+                "initially set: the first report is the whole slot"
+            );
         } else {
             assert!(first.is_empty(), "{mode}: {first:?}");
         }
@@ -179,12 +185,19 @@ fn test_each_dirty_log_mode_reports_exactly_the_guest_written_pages() {
         ));
         assert_eq!(dirty(&memory, BASE, 2 * MIB), written, "{mode}");
         guest.write_pages([BASE / P + 7, BASE / P + 7]);
-        assert_eq!(dirty(&memory, BASE, 2 * MIB), BTreeSet::from([BASE / P + 7]), "{mode}");
+        assert_eq!(
+            dirty(&memory, BASE, 2 * MIB),
+            BTreeSet::from([BASE / P + 7]),
+            "{mode}"
+        );
         assert!(dirty(&memory, BASE, 2 * MIB).is_empty(), "{mode}");
         // A report of part of the range leaves the rest for later.
         guest.write_pages([BASE / P + 1, BASE / P + 300]);
         assert_eq!(dirty(&memory, BASE, 64 * P), BTreeSet::from([BASE / P + 1]));
-        assert_eq!(dirty(&memory, BASE, 2 * MIB), BTreeSet::from([BASE / P + 300]));
+        assert_eq!(
+            dirty(&memory, BASE, 2 * MIB),
+            BTreeSet::from([BASE / P + 300])
+        );
         memory.check_consistency().unwrap();
         guest.finish();
     }
@@ -212,7 +225,10 @@ fn test_a_full_dirty_ring_loses_no_write() {
     assert_eq!(memory.unattributed_ring_entries(), 0);
     let report = guest.finish();
     let full = report.exits.get("dirty_ring_full").copied().unwrap_or(0);
-    assert!(full >= 2048 / 256, "only {full} KVM_EXIT_DIRTY_RING_FULL exits");
+    assert!(
+        full >= 2048 / 256,
+        "only {full} KVM_EXIT_DIRTY_RING_FULL exits"
+    );
 }
 
 #[test]
@@ -242,7 +258,10 @@ fn test_ring_entries_survive_a_delete_and_the_reuse_of_the_slot_id() {
         dirty(&memory, BASE, MIB),
         BTreeSet::from([BASE / P + 2, BASE / P + 5])
     );
-    assert_eq!(dirty(&memory, 2 * BASE, MIB), BTreeSet::from([2 * BASE / P + 5]));
+    assert_eq!(
+        dirty(&memory, 2 * BASE, MIB),
+        BTreeSet::from([2 * BASE / P + 5])
+    );
     assert_eq!(memory.unattributed_ring_entries(), 0);
     guest.finish();
 }
@@ -300,8 +319,12 @@ fn writes_across_moves_and_splits(mode: DirtyLogMode, rounds: u64) -> (Tally, Ar
                 let chunk = Gpa(BASE + (i * 5 % (SIZE / CHUNK)) * CHUNK);
                 let op_start = Instant::now();
                 if i % 3 == 2 {
-                    memory.apply(|m| m.move_range(Gpa(BASE), SIZE, Gpa(parking))).unwrap();
-                    memory.apply(|m| m.move_range(Gpa(parking), SIZE, Gpa(BASE))).unwrap();
+                    memory
+                        .apply(|m| m.move_range(Gpa(BASE), SIZE, Gpa(parking)))
+                        .unwrap();
+                    memory
+                        .apply(|m| m.move_range(Gpa(parking), SIZE, Gpa(BASE)))
+                        .unwrap();
                 } else {
                     memory.apply(|m| m.protect(chunk, CHUNK, true)).unwrap();
                     memory.apply(|m| m.protect(chunk, CHUNK, false)).unwrap();
@@ -344,9 +367,8 @@ fn writes_across_moves_and_splits(mode: DirtyLogMode, rounds: u64) -> (Tally, Ar
         let mut round_reports = std::mem::take(&mut *reports.lock().unwrap());
         round_reports.push(dirty(&memory, BASE, SIZE));
         let ops = op_times.lock().unwrap().clone();
-        let during_op = |(issued, done): (Instant, Instant)| {
-            ops.iter().any(|&(s, e)| s < done && issued < e)
-        };
+        let during_op =
+            |(issued, done): (Instant, Instant)| ops.iter().any(|&(s, e)| s < done && issued < e);
         tally.overlapped += in_flight.values().filter(|w| during_op(**w)).count() as u64;
         for report in round_reports {
             for page in report {
@@ -359,7 +381,10 @@ fn writes_across_moves_and_splits(mode: DirtyLogMode, rounds: u64) -> (Tally, Ar
             }
         }
         tally.lost.extend(all.iter().filter(|p| !seen.contains(p)));
-        assert!(seen.iter().all(|p| all.contains(p)), "a page outside the range");
+        assert!(
+            seen.iter().all(|p| all.contains(p)),
+            "a page outside the range"
+        );
     }
     stop.store(true, Ordering::SeqCst);
     tally.ops = writer.join().unwrap();
@@ -392,7 +417,11 @@ fn test_ring_mode_reports_every_write_once_across_moves_and_splits() {
     assert!(tally.lost.is_empty(), "lost {:x?}", tally.lost);
     // KVM may log one store twice when its slot is deleted and re-created
     // while the store faults (once per slot); any other repeat is ours.
-    assert!(tally.unexplained.is_empty(), "reported twice {:x?}", tally.unexplained);
+    assert!(
+        tally.unexplained.is_empty(),
+        "reported twice {:x?}",
+        tally.unexplained
+    );
     assert_eq!(memory.unattributed_ring_entries(), 0);
 }
 
@@ -449,8 +478,14 @@ fn test_cli_refuses_a_dirty_log_mode_the_host_cannot_give_with_the_reason() {
         let out = vmm_cli(&["run", "--dirty-log", "ring", "--dirty-ring-size", size]);
         assert_eq!(out.status.code(), Some(2), "{size}");
         let err = String::from_utf8_lossy(&out.stderr);
-        assert!(err.contains("--dirty-log ring: this host's KVM cannot"), "{err}");
-        assert!(err.contains("maximum") || err.contains("power of two"), "{err}");
+        assert!(
+            err.contains("--dirty-log ring: this host's KVM cannot"),
+            "{err}"
+        );
+        assert!(
+            err.contains("maximum") || err.contains("power of two"),
+            "{err}"
+        );
         assert!(started.elapsed() < Duration::from_secs(5));
     }
 }

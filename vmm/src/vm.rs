@@ -261,7 +261,11 @@ impl Vm {
                 guest_image::protocol::MMIO_SIZE,
             ),
         };
-        let memslots = Arc::new(KvmMemslots::new(vm_fd.clone(), dirty.mode, dirty.ring_bytes)?);
+        let memslots = Arc::new(KvmMemslots::new(
+            vm_fd.clone(),
+            dirty.mode,
+            dirty.ring_bytes,
+        )?);
         let memory = Arc::new(MemoryManager::new(memslots.clone(), config)?);
         let fixed = SlotFlags {
             fixed: true,

@@ -234,18 +234,28 @@ fn test_memslots_ring_mode_keeps_a_write_made_just_before_the_delete() {
     memory
         .apply(|m| m.plug(Gpa(0), 64 * 1024, mem.clone(), 0, logging))
         .unwrap();
-    let vcpus: Vec<_> = (0..2).map(|i| vm.create_vcpu(i).expect("KVM_CREATE_VCPU")).collect();
+    let vcpus: Vec<_> = (0..2)
+        .map(|i| vm.create_vcpu(i).expect("KVM_CREATE_VCPU"))
+        .collect();
     for (i, v) in vcpus.iter().enumerate() {
         backend.inner.attach_vcpu(i, v).unwrap();
     }
     let mut vcpus = vcpus.into_iter();
     run_guest_on(vcpus.next().unwrap());
     // Code fetches do not dirty page 1; the two stores do.
-    assert_eq!(memory.dirty_pages(Gpa(0), 64 * 1024).unwrap(), vec![Gfn(5), Gfn(9)]);
+    assert_eq!(
+        memory.dirty_pages(Gpa(0), 64 * 1024).unwrap(),
+        vec![Gfn(5), Gfn(9)]
+    );
     let second = vcpus.next().unwrap();
     *backend.before_delete.lock().unwrap() = Some(Box::new(move || run_guest_on(second)));
-    memory.apply(|m| m.protect(Gpa(0xc000), 0x1000, true)).unwrap();
-    assert!(backend.before_delete.lock().unwrap().is_none(), "the guest ran");
+    memory
+        .apply(|m| m.protect(Gpa(0xc000), 0x1000, true))
+        .unwrap();
+    assert!(
+        backend.before_delete.lock().unwrap().is_none(),
+        "the guest ran"
+    );
     assert_eq!(
         memory.dirty_pages(Gpa(0), 64 * 1024).unwrap(),
         vec![Gfn(5), Gfn(9)],

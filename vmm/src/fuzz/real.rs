@@ -36,10 +36,15 @@ pub enum RealError {
 /// `vcpus` vCPUs, read from KVM (guest-physical width, slot budget,
 /// read-only slot support).
 pub fn layout(mem: u64, vcpus: u64, pin_limit: u64) -> Result<Layout, RealError> {
-    layout_with(mem, vcpus, pin_limit, crate::mm::manager::DirtyLogMode::Bitmap)
+    layout_with(
+        mem,
+        vcpus,
+        pin_limit,
+        crate::mm::manager::DirtyLogMode::Bitmap,
+    )
 }
 
-/// As [`layout`], for a VM logging dirty pages in `dirty_log` mode.
+/// As [`layout()`], for a VM logging dirty pages in `dirty_log` mode.
 pub fn layout_with(
     mem: u64,
     vcpus: u64,

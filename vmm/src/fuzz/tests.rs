@@ -155,7 +155,11 @@ fn test_sim_tier_dirty_counts_are_exact_in_every_dirty_log_mode() {
         };
         for seed in [3, 11] {
             let actions = generate(seed, &cfg(false), &l, 1000);
-            assert_eq!(super::sim::run(&l, &actions).unwrap(), None, "{mode} seed {seed}");
+            assert_eq!(
+                super::sim::run(&l, &actions).unwrap(),
+                None,
+                "{mode} seed {seed}"
+            );
         }
     }
     // The oracle knows the modes apart: on a bitmap-mode timeline, the

@@ -122,7 +122,6 @@ impl MemslotBackend for VmFd {
     }
 }
 
-
 /// Default bytes of each vCPU's dirty ring: 4,096 entries.
 pub const DEFAULT_RING_BYTES: u32 = 64 << 10;
 
@@ -297,9 +296,15 @@ impl KvmMemslots {
         if self.mode != DirtyLogMode::Ring {
             return Ok(());
         }
-        let ring = DirtyRing::map(vcpu, self.ring_bytes)
-            .map_err(|source| DirtyLogError::MapRing { vcpu: index, source })?;
-        self.rings.lock().unwrap_or_else(|e| e.into_inner()).push(ring);
+        let ring =
+            DirtyRing::map(vcpu, self.ring_bytes).map_err(|source| DirtyLogError::MapRing {
+                vcpu: index,
+                source,
+            })?;
+        self.rings
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(ring);
         Ok(())
     }
 

@@ -21,7 +21,9 @@ use loom::sync::Arc;
 use loom::thread;
 use std::sync::atomic::Ordering;
 
-use super::{collect_entry, EntryFlags, HarvestOrder, DIRTY_GFN_F_DIRTY, DIRTY_GFN_F_RESET, HARVEST_ORDER};
+use super::{
+    collect_entry, EntryFlags, HarvestOrder, DIRTY_GFN_F_DIRTY, DIRTY_GFN_F_RESET, HARVEST_ORDER,
+};
 
 impl EntryFlags for AtomicU32 {
     fn load_flags(&self, order: Ordering) -> u32 {
@@ -95,7 +97,8 @@ fn reuse_model(order: HarvestOrder) {
 }
 
 fn expect_caught(model: impl FnOnce()) {
-    let err = catch_unwind(AssertUnwindSafe(model)).expect_err("loom found no failing interleaving");
+    let err =
+        catch_unwind(AssertUnwindSafe(model)).expect_err("loom found no failing interleaving");
     let msg = err
         .downcast_ref::<String>()
         .cloned()

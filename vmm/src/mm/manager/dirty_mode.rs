@@ -75,6 +75,8 @@ impl FromStr for DirtyLogMode {
         Self::ALL
             .into_iter()
             .find(|m| m.name() == s)
-            .ok_or_else(|| format!("unknown dirty-log mode {s:?} (expected one of bitmap, manual, ring)"))
+            .ok_or_else(|| {
+                format!("unknown dirty-log mode {s:?} (expected one of bitmap, manual, ring)")
+            })
     }
 }

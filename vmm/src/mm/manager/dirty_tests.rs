@@ -73,7 +73,10 @@ fn test_dirty_log_toggle_waits_for_no_reader_and_keeps_the_slot() {
             assert!(applied.waited < Duration::from_millis(100), "{mode}");
             let map = memory.load();
             let slot = map.lookup(Gpa(0)).unwrap();
-            assert_eq!((slot.generation(), slot.flags().dirty_log), (generation, on));
+            assert_eq!(
+                (slot.generation(), slot.flags().dirty_log),
+                (generation, on)
+            );
         }
         assert_eq!(guard.read_u64(Gpa(8)).unwrap(), 0, "the guard still reads");
         // The same guard does block an op that changes the memslot's layout.
@@ -103,10 +106,19 @@ fn test_manual_mode_starts_all_dirty_reads_without_clearing_and_clears_by_range(
     }
     // A report over pages 64..96 clears only page 70 (the clear window is
     // 64..128, masked to the range): 100 stays logged in KVM.
-    assert_eq!(memory.dirty_pages(Gpa(64 * P), 32 * P).unwrap(), gfns(&[70]));
+    assert_eq!(
+        memory.dirty_pages(Gpa(64 * P), 32 * P).unwrap(),
+        gfns(&[70])
+    );
     // The slot's tail window ends at the slot's end (200 is no multiple of 64).
-    assert_eq!(memory.dirty_pages(Gpa(150 * P), 50 * P).unwrap(), gfns(&[199]));
-    assert_eq!(memory.dirty_pages(Gpa(0), 200 * P).unwrap(), gfns(&[3, 100]));
+    assert_eq!(
+        memory.dirty_pages(Gpa(150 * P), 50 * P).unwrap(),
+        gfns(&[199])
+    );
+    assert_eq!(
+        memory.dirty_pages(Gpa(0), 200 * P).unwrap(),
+        gfns(&[3, 100])
+    );
     assert!(memory.dirty_pages(Gpa(0), 200 * P).unwrap().is_empty());
     memory.check_consistency().unwrap();
 }
@@ -126,14 +138,30 @@ fn test_sim_manual_clear_follows_kvm_alignment_rules() {
     let ones = [u64::MAX; 2];
     // SAFETY: `ones` holds two words, enough for 128 pages.
     let clear = |first, n| unsafe { kvm.clear_dirty_log(SlotId(0), first, n, ones.as_ptr()) };
-    assert_eq!(clear(1, 64).unwrap_err().errno(), libc::EINVAL, "first page unaligned");
-    assert_eq!(clear(0, 30).unwrap_err().errno(), libc::EINVAL, "short, not at the end");
-    assert_eq!(clear(64, 64).unwrap_err().errno(), libc::EINVAL, "past the end");
+    assert_eq!(
+        clear(1, 64).unwrap_err().errno(),
+        libc::EINVAL,
+        "first page unaligned"
+    );
+    assert_eq!(
+        clear(0, 30).unwrap_err().errno(),
+        libc::EINVAL,
+        "short, not at the end"
+    );
+    assert_eq!(
+        clear(64, 64).unwrap_err().errno(),
+        libc::EINVAL,
+        "past the end"
+    );
     clear(64, 36).unwrap();
     let mut bits = [0u64; 2];
     // SAFETY: two words hold the bitmap of a 100-page slot.
     unsafe { kvm.get_dirty_log_into(SlotId(0), bits.as_mut_ptr()) }.unwrap();
-    assert_eq!(bits, [u64::MAX, 0], "pages 64..100 cleared, 0..64 still set");
+    assert_eq!(
+        bits,
+        [u64::MAX, 0],
+        "pages 64..100 cleared, 0..64 still set"
+    );
     // SAFETY: as above.
     unsafe { kvm.get_dirty_log_into(SlotId(0), bits.as_mut_ptr()) }.unwrap();
     assert_eq!(bits[0], u64::MAX, "a read does not clear");
@@ -201,11 +229,7 @@ fn test_ring_entries_of_a_deleted_slot_keep_its_layout_when_the_id_is_reused() {
 /// memslot an op started logging on (initially set).
 fn random_ops_report_exact_dirty_sets(mode: DirtyLogMode, seed: u64) -> usize {
     const PAGES: u64 = 64;
-    let kvm = Arc::new(
-        SimKvm::new()
-            .with_dirty_log(mode)
-            .with_rings(2, 16),
-    );
+    let kvm = Arc::new(SimKvm::new().with_dirty_log(mode).with_rings(2, 16));
     let memory = manager(&kvm);
     let mut rng = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     let mut next = |n: u64| {
@@ -262,7 +286,10 @@ fn random_ops_report_exact_dirty_sets(mode: DirtyLogMode, seed: u64) -> usize {
                 let (start, len) = (next(PAGES + 32), 1 + next(16));
                 let span = Gpa(start * P);
                 let report = memory.dirty_pages(span, len * P);
-                let want: Vec<Gfn> = expected.range(Gfn(start)..Gfn(start + len)).copied().collect();
+                let want: Vec<Gfn> = expected
+                    .range(Gfn(start)..Gfn(start + len))
+                    .copied()
+                    .collect();
                 match report {
                     Ok(got) => {
                         assert_eq!(got, want, "{mode} seed {seed}");

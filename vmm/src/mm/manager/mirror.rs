@@ -366,9 +366,8 @@ impl State {
         let num_pages = u32::try_from(win_hi - win_lo).expect("a slot has fewer than 2^31 pages");
         // SAFETY: the window's words lie inside the buffer (above), which
         // stays mapped and untouched by anything else during the call.
-        let cleared = unsafe {
-            vm.clear_dirty_log(spec.id, win_lo, num_pages, bits[words.start..].as_ptr())
-        };
+        let cleared =
+            unsafe { vm.clear_dirty_log(spec.id, win_lo, num_pages, bits[words.start..].as_ptr()) };
         // Reported pages go to `pending` even if the clear failed: they were
         // written, and an uncleared bit only reports a page again.
         self.pending.extend(dirty);

@@ -40,19 +40,33 @@
 //! with [`FailureCause::Refused`] and rolled back like an ioctl failure.
 //!
 //! # Dirty logging
-//! KVM frees a slot's dirty bitmap when the slot is deleted or its logging is
-//! switched off, and `KVM_GET_DIRTY_LOG` returns and clears a whole slot's
-//! bitmap. So the manager harvests a dirty-logging slot's bitmap before either
-//! change and keeps harvested pages in a pending set until
-//! [`dirty_pages`](MemoryManager::dirty_pages) reports them: no guest write
-//! logged by KVM is lost, across splits, moves and rollbacks. A page is reported
-//! at least once per write; pages harvested from a slot that is gone are still
-//! reported by GPA (a conservative over-report).
+//! The backend's [`DirtyLogMode`] decides how logged pages reach
+//! [`dirty_pages`](MemoryManager::dirty_pages) (see `docs/dirty-tracking.md`):
+//! - bitmap: `KVM_GET_DIRTY_LOG` returns and clears a whole slot's bitmap;
+//! - manual: the read keeps the bitmap; a report clears exactly the pages
+//!   it covers with `KVM_CLEAR_DIRTY_LOG` (the rest stay logged in KVM);
+//!   a memslot that starts logging has every bit set (initially set);
+//! - ring: entries `(slot id, offset)` in per-vCPU rings, collected and
+//!   reset by [`harvest_dirty_rings`](MemoryManager::harvest_dirty_rings).
+//!
+//! KVM frees a slot's bitmap when the slot is deleted or its logging is
+//! switched off, so in the bitmap modes the manager reads a dirty-logging
+//! slot's bitmap just before either change and keeps the pages in a pending
+//! set until reported: no write KVM logged up to that read is lost, across
+//! splits, moves and rollbacks. A write logged between the read and the
+//! change is lost with the bitmap ([`teardown_windows`](MemoryManager::teardown_windows)
+//! measures that window). Ring entries name slot ids, so in ring mode the
+//! manager harvests the rings right *after* such a change and before any
+//! later call can reuse the id, attributing the deleted id's entries to the
+//! slot as it was: KVM's delete waited for every vCPU to leave the slot, so
+//! nothing is lost. Pages harvested from a slot that is gone are reported by
+//! the GPA they were written at.
 //!
 //! # Concurrency, lock order, memory ordering
 //! Lock order: the slot map's writer lock ([`SharedSlotMap::begin_write`]),
 //! then the manager's state mutex (mirror, pending dirty pages, bitmap
-//! buffer). `apply` takes both; `dirty_pages` and `check_consistency` take
+//! buffer; every dirty-ring harvest runs under it, so there is one harvester
+//! at a time). `apply` takes both; `dirty_pages` and `check_consistency` take
 //! only the state mutex. Every memslot ioctl and every publish happens with
 //! the state mutex held, so under it the published map and the mirror are
 //! always observed as a matching pair. The new map is published (arc-swap: a
@@ -136,11 +150,11 @@
 mod backend;
 mod check;
 mod dirty_mode;
+#[cfg(test)]
+mod dirty_tests;
 mod error;
 mod mirror;
 mod sim;
-#[cfg(test)]
-mod dirty_tests;
 #[cfg(test)]
 mod tests;
 
@@ -160,8 +174,8 @@ use crate::mm::slot_map::{
 };
 
 pub use backend::{MemslotBackend, MemslotRegion};
-pub use dirty_mode::DirtyLogMode;
 pub use check::{CheckKind, Checker, DEFAULT_FULL_EVERY, DEFAULT_SWEEP};
+pub use dirty_mode::DirtyLogMode;
 pub use error::{FailureCause, MemslotError, MemslotFailure, MemslotOp};
 pub use sim::{SimKvm, SimWrite, SIM_MAX_SLOTS, SIM_RING_ENTRIES};
 
@@ -713,6 +727,9 @@ impl MemoryManager {
     /// - no id below `max_slots` that the mirror lacks, or holds without
     ///   logging, is a dirty-logging slot in KVM (`KVM_GET_DIRTY_LOG` must
     ///   fail with `ENOENT`) — this finds dirty-logging strays.
+    ///
+    /// In ring mode KVM refuses `KVM_GET_DIRTY_LOG` for every id, so only the
+    /// map and the mirror are compared.
     ///
     /// What it cannot see (KVM has no "list memslots" ioctl, and every other
     /// probe changes state: re-issuing a slot's exact spec is a no-op if the

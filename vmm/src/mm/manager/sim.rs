@@ -309,9 +309,8 @@ impl MemslotBackend for SimKvm {
             hva: Hva(r.hva.0),
             flags: r.flags,
         };
-        let was_logging = live.is_some_and(|o| {
-            o.gpa == r.gpa && o.flags.contains(MemslotFlags::LOG_DIRTY_PAGES)
-        });
+        let was_logging =
+            live.is_some_and(|o| o.gpa == r.gpa && o.flags.contains(MemslotFlags::LOG_DIRTY_PAGES));
         if self.mode.initially_set()
             && r.flags.contains(MemslotFlags::LOG_DIRTY_PAGES)
             && !was_logging
