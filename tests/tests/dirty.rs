@@ -604,3 +604,14 @@ fn test_device_dirty_bits_merge_into_every_mode() {
         );
     }
 }
+
+#[test]
+fn test_scenario_header_with_an_unknown_mode_is_refused_naming_the_key() {
+    let err = vmm::scenario::Scenario::parse("dirty_log = \"rings\"\n[[step]]\ndo = \"check\"\n")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("dirty_log") && err.contains("bitmap, manual, ring"),
+        "{err}"
+    );
+}

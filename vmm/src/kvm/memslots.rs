@@ -172,7 +172,17 @@ pub struct DirtyLogSupport {
 impl DirtyLogSupport {
     /// Asks `vm` (a VM fd: the answers are per VM type).
     pub fn probe(vm: &VmFd) -> Self {
-        let cap = |c: u32| vm.check_extension_raw(libc::c_ulong::from(c)).max(0) as u32;
+        Self::from_caps(|c| vm.check_extension_raw(libc::c_ulong::from(c)))
+    }
+
+    /// Asks `/dev/kvm` (the answers for the default VM type), without
+    /// creating a VM.
+    pub fn probe_system(kvm: &Kvm) -> Self {
+        Self::from_caps(|c| kvm.check_extension_raw(libc::c_ulong::from(c)))
+    }
+
+    fn from_caps(check: impl Fn(u32) -> i32) -> Self {
+        let cap = |c: u32| check(c).max(0) as u32;
         Self {
             manual_protect: cap(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2),
             ring_max_bytes: cap(KVM_CAP_DIRTY_LOG_RING_ACQ_REL),
@@ -410,20 +420,68 @@ impl MemslotBackend for KvmMemslots {
     }
 }
 
-/// Whether the host's KVM answers `KVM_CHECK_EXTENSION` for `mode` (a
-/// throwaway VM is created to ask).
+/// Whether the host's KVM offers `mode` (with rings of `ring_bytes`), asked
+/// of `/dev/kvm` with `KVM_CHECK_EXTENSION`: no VM is created.
 ///
 /// # Errors
 /// The reason it cannot, as [`DirtyLogError::Unsupported`]; an error
-/// opening `/dev/kvm` or creating the VM is reported the same way.
+/// opening `/dev/kvm` is reported the same way.
 pub fn check_mode(mode: DirtyLogMode, ring_bytes: u32) -> Result<(), DirtyLogError> {
     let unsupported = |reason: String| DirtyLogError::Unsupported { mode, reason };
     let kvm = Kvm::new().map_err(|e| unsupported(format!("cannot open /dev/kvm: {e}")))?;
-    let vm = kvm
-        .create_vm()
-        .map_err(|e| unsupported(format!("KVM_CREATE_VM: {e}")))?;
-    match DirtyLogSupport::probe(&vm).refusal(mode, ring_bytes) {
+    match DirtyLogSupport::probe_system(&kvm).refusal(mode, ring_bytes) {
         Some(reason) => Err(unsupported(reason)),
         None => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_refusal_names_the_missing_capability() {
+        let none = DirtyLogSupport {
+            manual_protect: 0,
+            ring_max_bytes: 0,
+            region2: false,
+        };
+        assert_eq!(none.refusal(DirtyLogMode::Bitmap, 4096), None);
+        let manual = none.refusal(DirtyLogMode::Manual, 4096).unwrap();
+        assert!(
+            manual.contains("KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2"),
+            "{manual}"
+        );
+        let ring = none.refusal(DirtyLogMode::Ring, 4096).unwrap();
+        assert!(ring.contains("KVM_CAP_DIRTY_LOG_RING_ACQ_REL"), "{ring}");
+        let only_protect = DirtyLogSupport {
+            manual_protect: 1,
+            ..none
+        };
+        assert!(only_protect.refusal(DirtyLogMode::Manual, 0).is_some());
+        let all = DirtyLogSupport {
+            manual_protect: 3,
+            ring_max_bytes: 1 << 20,
+            region2: true,
+        };
+        assert_eq!(all.refusal(DirtyLogMode::Manual, 0), None);
+        assert_eq!(all.refusal(DirtyLogMode::Ring, 4096), None);
+        for bad in [0, 2048, 12 << 10, 2 << 20] {
+            assert!(all.refusal(DirtyLogMode::Ring, bad).is_some(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn test_this_hosts_answers_match_the_vm_fds() {
+        let Ok(kvm) = Kvm::new() else {
+            assert!(std::env::var("VMM_REQUIRE_KVM").as_deref() != Ok("1"));
+            eprintln!("SKIP: /dev/kvm unavailable");
+            return;
+        };
+        let vm = kvm.create_vm().unwrap();
+        assert_eq!(
+            DirtyLogSupport::probe_system(&kvm),
+            DirtyLogSupport::probe(&vm)
+        );
     }
 }
