@@ -395,16 +395,14 @@ impl MemslotBackend for SimKvm {
         }
         let mut st = self.lock();
         let mut n = 0;
-        let rings = std::mem::take(&mut st.rings);
-        for mut ring in rings.iter().cloned() {
-            for (slot, offset) in ring.drain(..) {
+        for ring in 0..st.rings.len() {
+            while let Some((slot, offset)) = st.rings[ring].pop_front() {
                 sink(slot, offset);
                 // The reset: the page is write-protected again.
                 st.unreset.remove(&(SlotId(slot), offset));
                 n += 1;
             }
         }
-        st.rings = vec![VecDeque::new(); rings.len()];
         Ok(n)
     }
 }
