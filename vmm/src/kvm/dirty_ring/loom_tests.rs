@@ -50,15 +50,24 @@ impl Entry {
 
     /// KVM's push (`kvm_dirty_ring_push`): the offset, then DIRTY with release.
     fn push(&self, offset: u64) {
-        // SAFETY (model): KVM owns a free entry; loom checks the claim.
-        self.offset.with_mut(|p| unsafe { *p = offset });
+        self.offset.with_mut(|p| {
+            // SAFETY: `p` points to the cell's value, valid for writes; KVM
+            // owns a free entry, and loom reports any access racing this one.
+            unsafe { *p = offset }
+        });
         self.flags.store(DIRTY_GFN_F_DIRTY, Ordering::Release);
     }
 
     /// The harvester's step.
     fn harvest(&self, order: HarvestOrder) -> Option<u64> {
-        // SAFETY (model): the read is what loom checks for races.
-        collect_entry(&self.flags, || self.offset.with(|p| unsafe { *p }), order)
+        let read = || {
+            self.offset.with(|p| {
+                // SAFETY: `p` points to the cell's value, valid for reads;
+                // whether KVM's write happens before it is what loom checks.
+                unsafe { *p }
+            })
+        };
+        collect_entry(&self.flags, read, order)
     }
 }
 
