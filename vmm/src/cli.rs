@@ -254,7 +254,7 @@ where
             return 2;
         }
     }
-    let console: Box<dyn Write> = if args.json {
+    let console: Box<dyn Write + Send> = if args.json {
         Box::new(std::io::stderr())
     } else {
         Box::new(std::io::stdout())
