@@ -121,6 +121,8 @@ impl Target {
     fn request(&self, why: u8) {
         self.why.fetch_or(why, Ordering::Relaxed);
         self.stop.store(true, Ordering::Release);
+        // A plain store after the flag's: x86 keeps stores in order, and
+        // KVM_RUN reads it on entry (a syscall, a full barrier).
         self.run_page.set_immediate_exit();
         // SAFETY: tgkill(2) of the vCPU thread, which lives at least as long
         // as the actions that call this (it disarms them); the kick signal
