@@ -9,8 +9,8 @@
 //! timeout and on a signal alike. Only a VM that cannot be built is an `Err`.
 //!
 //! A run starts only what its guest can use: built-in guests never program
-//! the DMA engine, so their VMs get none (its thread would be most of the
-//! setup cost of a trivial guest after KVM's own).
+//! the DMA engine nor pin, so their VMs get no devices (the engine's thread
+//! would be most of the setup cost of a trivial guest after KVM's own).
 
 mod config;
 mod devices;
@@ -76,7 +76,7 @@ pub fn run_with(
 ) -> Result<RunReport, RunError> {
     let t_setup = Instant::now();
     let mut vm = build_vm(config)?;
-    let devices = Devices::attach(&vm, config.may_use_dma())?;
+    let devices = Devices::attach(&vm, config.may_use_devices())?;
     let ran = if on_caller::runs_on_caller(config) {
         on_caller::run(config, &mut vm, &devices, console, t_setup)?
     } else {
@@ -187,7 +187,7 @@ fn start_threads(
             entry: vm.entry,
             boot: vm.boot.clone(),
             memory: vm.memory.clone(),
-            dma: devices.dma.clone(),
+            dma: devices.dma(),
             plan,
             console: events.console_sender()?,
             stop: stop.clone(),
@@ -241,13 +241,17 @@ fn scenario_driver(
     stop: Arc<AtomicBool>,
 ) -> Result<Driver, RunError> {
     let console = events.console_sender()?;
+    let attached = devices.attached().ok_or(RunError::Setup {
+        what: "starting the scenario driver",
+        detail: "the VM has no devices to pin with".into(),
+    })?;
     Ok(Driver {
         scenario: scenario.clone(),
         memory: vm.memory.clone(),
         backing: config.backing.clone(),
         links,
-        pins: devices.pins.clone(),
-        iommu: devices.iommu.clone(),
+        pins: attached.pins.clone(),
+        iommu: attached.iommu.clone(),
         held: Default::default(),
         stop,
         console: Box::new(move |text| console.line("scenario".into(), text)),

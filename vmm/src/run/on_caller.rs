@@ -60,7 +60,7 @@ pub(super) fn run(
         entry: vm.entry,
         boot: vm.boot.clone(),
         memory: vm.memory.clone(),
-        dma: devices.dma.clone(),
+        dma: devices.dma(),
         plan: vcpu_plan(config, vm, 0, &stop, &barrier, &mut Vec::new()),
         console: console_sender(config, &out),
         stop: stop.clone(),
