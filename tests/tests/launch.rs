@@ -203,6 +203,21 @@ fn test_spin_guest_past_timeout_is_stopped_with_clear_error() {
 }
 
 #[test]
+fn test_single_vcpu_run_with_a_timeout_beyond_the_clock_succeeds() {
+    if !kvm_or_skip("single vCPU, unbounded timeout") {
+        return;
+    }
+    // The library takes any Duration: one past what `Instant` can add must
+    // mean no timeout, not a panic while arming the timer.
+    let cfg = vmm::run::RunConfig {
+        timeout: Duration::MAX,
+        ..config("hello", 2 * MIB, 1)
+    };
+    let (report, console) = run(&cfg);
+    assert!(report.succeeded(), "{:?}\n{console}", report.error);
+}
+
+#[test]
 fn test_single_vcpu_runs_in_one_process_keep_their_own_timeouts() {
     if !kvm_or_skip("concurrent single-vCPU timeouts") {
         return;

@@ -152,7 +152,8 @@ pub struct RunArgs {
     /// Guest RAM size, placed at guest-physical 1 GiB (e.g. 256M, 2G).
     #[arg(long, value_name = "SIZE", default_value = "256M", value_parser = parse_mem)]
     pub mem: u64,
-    /// Number of vCPUs, each on its own thread (1 to 64).
+    /// Number of vCPUs (1 to 64): one runs on the main thread, several each
+    /// on its own thread.
     #[arg(long, value_name = "N", default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..=layout::MAX_VCPUS))]
     pub vcpus: u64,
     /// Host memory behind guest RAM: anon, shared, memfd, thp, hugetlb or file=PATH.

@@ -110,8 +110,9 @@ struct Target {
     pid: libc::pid_t,
     /// The vCPU thread.
     tid: libc::pid_t,
-    /// When the timeout is due.
-    deadline: Instant,
+    /// When the timeout is due; `None`: beyond what `Instant` can count,
+    /// never.
+    deadline: Option<Instant>,
     /// `WHY_*` bits of the requests made.
     why: AtomicU8,
 }
@@ -160,7 +161,7 @@ impl StopSignals {
             pid: unsafe { libc::getpid() },
             // SAFETY: as above.
             tid: unsafe { libc::gettid() },
-            deadline: Instant::now() + timeout,
+            deadline: Instant::now().checked_add(timeout),
             why: AtomicU8::new(0),
         });
         let mut armed = Self {
@@ -180,18 +181,17 @@ impl StopSignals {
         // and `Instant` both count CLOCK_MONOTONIC).
         let target = armed.target.clone();
         let on_timer = move || {
-            if Instant::now() >= target.deadline {
+            if target.deadline.is_some_and(|d| Instant::now() >= d) {
                 target.request(WHY_TIMEOUT);
             }
         };
         // SAFETY: the action is async-signal-safe (clock_gettime, `request`).
         let id = unsafe { register(timeout_signal(), on_timer) }?;
         armed.actions.push(id);
-        let deadline = armed
-            .target
-            .deadline
-            .saturating_duration_since(Instant::now());
-        armed.timer = Some(start_timer(armed.target.tid, deadline)?);
+        if let Some(deadline) = armed.target.deadline {
+            let left = deadline.saturating_duration_since(Instant::now());
+            armed.timer = Some(start_timer(armed.target.tid, left)?);
+        }
         Ok(armed)
     }
 
@@ -252,7 +252,7 @@ fn start_timer(tid: libc::pid_t, timeout: Duration) -> io::Result<libc::timer_t>
             tv_nsec: 0,
         },
         it_value: libc::timespec {
-            tv_sec: timeout.as_secs() as libc::time_t,
+            tv_sec: timeout.as_secs().min(libc::time_t::MAX as u64) as libc::time_t,
             tv_nsec: timeout.subsec_nanos() as libc::c_long,
         },
     };
