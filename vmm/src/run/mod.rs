@@ -3,7 +3,7 @@
 //! (event-manager: console output, vCPU completion, the timeout and
 //! SIGINT/SIGTERM) until every vCPU has reported, tear down, report.
 //! A single vCPU without a scenario runs on the calling thread instead,
-//! stopped by signals ([`on_caller`](self) in `on_caller.rs`).
+//! stopped by signals (`on_caller.rs`, `stop_signals.rs`).
 //!
 //! A run always ends with a [`RunReport`]: on success, on a guest failure, on
 //! timeout and on a signal alike. Only a VM that cannot be built is an `Err`.
