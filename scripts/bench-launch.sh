@@ -8,7 +8,9 @@
 #
 #   scripts/bench-launch.sh [RUNS]      (default 15)
 #
-# VMM=PATH RAW=PATH override the binaries (e.g. to compare another build).
+# VMM=PATH RAW=PATH override the binaries. BASE=DIR (a target/release of
+# another tree, with vmm and examples/raw_launch) adds that pair to the same
+# interleaving, for a before/after in one run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 runs=${1:-15}
@@ -18,13 +20,14 @@ fi
 vmm=${VMM:-target/release/vmm}
 raw=${RAW:-target/release/examples/raw_launch}
 
-python3 - "$runs" "$vmm" "$raw" <<'PY'
+python3 - "$runs" "$vmm" "$raw" "${BASE:-}" <<'PY'
 import os, statistics, subprocess, sys, time
-runs, vmm, raw = int(sys.argv[1]), sys.argv[2], sys.argv[3]
-cmds = {
-    "vmm run": [vmm, "run", "--guest", "hello", "--mem", "2M", "--vcpus", "1", "-q"],
-    "raw": [raw],
-}
+runs, vmm, raw, base = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+launch = ["run", "--guest", "hello", "--mem", "2M", "--vcpus", "1", "-q"]
+cmds = {"vmm run": [vmm] + launch, "raw": [raw]}
+if base:
+    cmds["base vmm"] = [os.path.join(base, "vmm")] + launch
+    cmds["base raw"] = [os.path.join(base, "examples", "raw_launch")]
 
 def once(cmd):
     t = time.perf_counter()
@@ -49,10 +52,13 @@ for _ in range(runs):
 med = {k: {m: statistics.median(v) for m, v in r.items()} for k, r in res.items()}
 for k, r in res.items():
     w = r["wall"]
-    print(f"{k:8s} median {med[k]['wall']:7.2f} ms  min {min(w):7.2f}  max {max(w):7.2f}"
+    print(f"{k:9s} median {med[k]['wall']:7.2f} ms  min {min(w):7.2f}  max {max(w):7.2f}"
           f"  cpu {med[k]['cpu']:5.2f} ms  faults {med[k]['faults']:5.0f}  ({len(w)} runs)")
-ratio = med["vmm run"]["wall"] / med["raw"]["wall"]
-cpu = med["vmm run"]["cpu"] / med["raw"]["cpu"] if med["raw"]["cpu"] else float("nan")
-print(f"cpu ratio vmm/raw (medians): {cpu:.2f}")
-print(f"ratio vmm/raw (medians): {ratio:.2f}  (goal <= 1.25)")
+def ratios(v, r, label):
+    cpu = med[v]["cpu"] / med[r]["cpu"] if med[r]["cpu"] else float("nan")
+    print(f"{label}cpu ratio vmm/raw (medians): {cpu:.2f}")
+    print(f"{label}ratio vmm/raw (medians): {med[v]['wall'] / med[r]['wall']:.2f}  (goal <= 1.25)")
+if base:
+    ratios("base vmm", "base raw", "base: ")
+ratios("vmm run", "raw", "")
 PY
