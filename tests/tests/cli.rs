@@ -178,6 +178,14 @@ fn test_cli_sigint_stops_guest_cleanly_with_report() {
     if !kvm_or_skip("cli sigint") {
         return;
     }
+    // One vCPU runs on the main thread (stopped by the signal's action),
+    // two on threads under the event loop.
+    for vcpus in ["1", "2"] {
+        sigint_stops_guest_cleanly_with_report(vcpus);
+    }
+}
+
+fn sigint_stops_guest_cleanly_with_report(vcpus: &str) {
     let child = Command::new(env!("CARGO_BIN_EXE_vmm-cli"))
         .args([
             "run",
@@ -185,6 +193,8 @@ fn test_cli_sigint_stops_guest_cleanly_with_report() {
             "spin",
             "--mem",
             "2M",
+            "--vcpus",
+            vcpus,
             "--timeout",
             "60s",
             "--json",
@@ -199,15 +209,16 @@ fn test_cli_sigint_stops_guest_cleanly_with_report() {
     let started = Instant::now();
     let out = child.wait_with_output().unwrap();
     assert!(started.elapsed() < Duration::from_secs(10));
-    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert_eq!(out.status.code(), Some(1), "{vcpus}: {}", stderr(&out));
     assert!(
         stderr(&out).contains("interrupted by SIGINT"),
-        "{}",
+        "{vcpus}: {}",
         stderr(&out)
     );
     let report: serde_json::Value =
         serde_json::from_slice(&out.stdout).expect("a report after SIGINT");
     assert_eq!(report["outcome"], "failed");
+    assert_eq!(report["vcpus"].as_array().map(Vec::len), vcpus.parse().ok());
 }
 
 #[test]
@@ -215,22 +226,25 @@ fn test_cli_sigint_then_sigterm_reports_the_first_signal() {
     if !kvm_or_skip("cli sigint then sigterm") {
         return;
     }
-    let child = Command::new(env!("CARGO_BIN_EXE_vmm-cli"))
-        .args(["run", "--guest", "spin", "--mem", "2M", "--timeout", "60s"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(Duration::from_millis(500));
-    for signal in [libc::SIGINT, libc::SIGTERM] {
-        // SAFETY: kill(2) on our own live child; no memory is involved.
-        unsafe { libc::kill(child.id() as i32, signal) };
+    for vcpus in ["1", "2"] {
+        let child = Command::new(env!("CARGO_BIN_EXE_vmm-cli"))
+            .args(["run", "--guest", "spin", "--mem", "2M", "--timeout", "60s"])
+            .args(["--vcpus", vcpus])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(500));
+        for signal in [libc::SIGINT, libc::SIGTERM] {
+            // SAFETY: kill(2) on our own live child; no memory is involved.
+            unsafe { libc::kill(child.id() as i32, signal) };
+        }
+        let out = child.wait_with_output().unwrap();
+        assert_eq!(out.status.code(), Some(1), "{vcpus}: {}", stderr(&out));
+        assert!(
+            stderr(&out).contains("interrupted by SIGINT"),
+            "{vcpus}: {}",
+            stderr(&out)
+        );
     }
-    let out = child.wait_with_output().unwrap();
-    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
-    assert!(
-        stderr(&out).contains("interrupted by SIGINT"),
-        "{}",
-        stderr(&out)
-    );
 }

@@ -180,22 +180,77 @@ fn test_spin_guest_past_timeout_is_stopped_with_clear_error() {
     if !kvm_or_skip("spin guest timeout") {
         return;
     }
+    // One vCPU runs on the calling thread, stopped by its timer's signal;
+    // two run on threads under the event loop.
+    for vcpus in [1, 2] {
+        let cfg = vmm::run::RunConfig {
+            timeout: Duration::from_millis(300),
+            ..config("spin", 2 * MIB, vcpus)
+        };
+        let started = std::time::Instant::now();
+        let (report, _) = run(&cfg);
+        let err = report.error.expect("timeout fails the run");
+        assert!(
+            err.contains("timeout") && err.contains("--timeout"),
+            "{vcpus} vCPU(s): {err}"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{vcpus} vCPU(s): stopped promptly"
+        );
+        assert!(report.vcpus.iter().all(|v| v.failure.is_some()));
+    }
+}
+
+#[test]
+fn test_single_vcpu_run_with_a_timeout_beyond_the_clock_succeeds() {
+    if !kvm_or_skip("single vCPU, unbounded timeout") {
+        return;
+    }
+    // The library takes any Duration: one past what `Instant` can add must
+    // mean no timeout, not a panic while arming the timer.
     let cfg = vmm::run::RunConfig {
-        timeout: Duration::from_millis(300),
-        ..config("spin", 2 * MIB, 2)
+        timeout: Duration::MAX,
+        ..config("hello", 2 * MIB, 1)
     };
-    let started = std::time::Instant::now();
-    let (report, _) = run(&cfg);
-    let err = report.error.expect("timeout fails the run");
-    assert!(
-        err.contains("timeout") && err.contains("--timeout"),
-        "{err}"
-    );
-    assert!(
-        started.elapsed() < Duration::from_secs(5),
-        "stopped promptly"
-    );
-    assert!(report.vcpus.iter().all(|v| v.failure.is_some()));
+    let (report, console) = run(&cfg);
+    assert!(report.succeeded(), "{:?}\n{console}", report.error);
+}
+
+#[test]
+fn test_single_vcpu_runs_in_one_process_keep_their_own_timeouts() {
+    if !kvm_or_skip("concurrent single-vCPU timeouts") {
+        return;
+    }
+    // Each run's timer raises the same signal in this process: a run must
+    // stop at its own timeout, not at the other's, and a run that ends by
+    // itself meanwhile must still succeed.
+    let timed = |ms: u64, guest: &'static str| {
+        std::thread::spawn(move || {
+            let cfg = vmm::run::RunConfig {
+                timeout: Duration::from_millis(ms),
+                ..config(guest, 2 * MIB, 1)
+            };
+            let started = std::time::Instant::now();
+            let (report, _) = run(&cfg);
+            (report, started.elapsed())
+        })
+    };
+    let long = timed(1500, "spin");
+    let short = timed(200, "spin");
+    let quick = timed(5000, "hello");
+    let (short, short_took) = short.join().unwrap();
+    let (long, long_took) = long.join().unwrap();
+    let (quick, _) = quick.join().unwrap();
+    assert!(short
+        .error
+        .as_deref()
+        .is_some_and(|e| e.contains("timeout")));
+    assert!(short_took < Duration::from_millis(1400), "{short_took:?}");
+    let err = long.error.expect("the long run times out too");
+    assert!(err.contains("1.50 s") || err.contains("1.5 s"), "{err}");
+    assert!(long_took >= Duration::from_millis(1500), "{long_took:?}");
+    assert!(quick.succeeded(), "{:?}", quick.error);
 }
 
 #[test]

@@ -115,8 +115,11 @@ pub struct Cli {
     pub command: Option<Cmd>,
 }
 
-/// Subcommands.
+/// Subcommands. Each one's flags are built only when it is invoked
+/// (`defer`): clap would otherwise build every flag of every subcommand at
+/// each launch, allocations and code that `vmm run` does not need.
 #[derive(Debug, Subcommand)]
+#[command(defer = true)]
 pub enum Cmd {
     /// Launch a test guest and report its result (the exit status is the guest's verdict).
     Run(RunArgs),
@@ -126,28 +129,36 @@ pub enum Cmd {
     Fuzz(crate::fuzz::campaign::FuzzArgs),
 }
 
-/// `vmm bench` subcommands.
+/// `vmm bench` subcommands. (The `about` repeats [`Cmd::Bench`]'s: a
+/// deferred subcommand's help takes the struct's.)
 #[derive(Debug, Args)]
+#[command(about = "Measure what the guest sees (`vmm bench faults`)")]
 pub struct BenchArgs {
     /// Which benchmark.
     #[command(subcommand)]
     pub which: BenchCmd,
 }
 
-/// Benchmarks.
+/// Benchmarks (flags built only when invoked, as for [`Cmd`]).
 #[derive(Debug, Subcommand)]
+#[command(defer = true)]
 pub enum BenchCmd {
     /// Guest page-fault latency per access: percentiles, JSON, a plot, raw-KVM and host baselines.
     Faults(crate::bench::FaultsArgs),
 }
 
-/// `vmm run` flags.
+/// `vmm run` flags. (The `about` repeats [`Cmd::Run`]'s: a deferred
+/// subcommand's help takes the struct's.)
 #[derive(Debug, Args)]
+#[command(
+    about = "Launch a test guest and report its result (the exit status is the guest's verdict)"
+)]
 pub struct RunArgs {
     /// Guest RAM size, placed at guest-physical 1 GiB (e.g. 256M, 2G).
     #[arg(long, value_name = "SIZE", default_value = "256M", value_parser = parse_mem)]
     pub mem: u64,
-    /// Number of vCPUs, each on its own thread (1 to 64).
+    /// Number of vCPUs (1 to 64): one runs on the main thread, several each
+    /// on its own thread.
     #[arg(long, value_name = "N", default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..=layout::MAX_VCPUS))]
     pub vcpus: u64,
     /// Host memory behind guest RAM: anon, shared, memfd, thp, hugetlb or file=PATH.
@@ -282,7 +293,7 @@ where
             return 2;
         }
     }
-    let console: Box<dyn Write> = if args.json {
+    let console: Box<dyn Write + Send> = if args.json {
         Box::new(std::io::stderr())
     } else {
         Box::new(std::io::stdout())
@@ -328,6 +339,31 @@ mod tests {
             panic!("run")
         };
         assert_eq!((a.mem, a.vcpus), (256 << 20, 2));
+    }
+
+    #[test]
+    fn test_cli_subcommand_help_keeps_the_subcommand_about() {
+        // Subcommands are deferred: each one's help must still open with
+        // the line the top-level help lists for it.
+        let top = Cli::try_parse_from(["vmm", "--help"])
+            .unwrap_err()
+            .to_string();
+        for (path, about) in [
+            (&["run"][..], "Launch a test guest"),
+            (&["fuzz"][..], "Fuzz memory hotplug"),
+            (&["bench"][..], "Measure what the guest sees"),
+            (&["bench", "faults"][..], "Guest page-fault latency"),
+        ] {
+            let mut args = vec!["vmm"];
+            args.extend_from_slice(path);
+            args.push("--help");
+            let help = Cli::try_parse_from(&args).unwrap_err().to_string();
+            assert!(help.starts_with(about), "{path:?}: {help}");
+            if let [name] = path {
+                let listed = |l: &str| l.trim_start().starts_with(name) && l.contains(about);
+                assert!(top.lines().any(listed), "{top}");
+            }
+        }
     }
 
     #[test]

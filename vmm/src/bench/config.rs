@@ -345,6 +345,9 @@ fn parse_guest_page(s: &str) -> Result<GuestPage, String> {
 /// `vmm bench faults` flags: what to measure ([`FaultsConfig`]), which
 /// backings, and where the results go.
 #[derive(Debug, Clone, Args)]
+#[command(
+    about = "Guest page-fault latency per access: percentiles, JSON, a plot, raw-KVM and host baselines"
+)]
 pub struct FaultsArgs {
     /// What to measure.
     #[command(flatten)]

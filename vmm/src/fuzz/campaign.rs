@@ -41,6 +41,7 @@ fn backend_name(b: Backend) -> &'static str {
 
 /// `vmm fuzz` flags.
 #[derive(Debug, Clone, Args)]
+#[command(about = "Fuzz memory hotplug against a model; findings become shrunk scenario files")]
 pub struct FuzzArgs {
     /// Seed of the campaign (default: from the clock; printed at start).
     #[arg(long, value_name = "N")]

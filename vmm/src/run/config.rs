@@ -90,9 +90,9 @@ impl RunConfig {
 }
 
 impl RunConfig {
-    /// Whether the guest may program the DMA engine: scenarios do, and an
-    /// image file may; the built-in programs never do.
-    pub(super) fn may_use_dma(&self) -> bool {
+    /// Whether the guest may use devices: scenarios pin and program the DMA
+    /// engine, and an image file may; the built-in programs never do.
+    pub(super) fn may_use_devices(&self) -> bool {
         self.scenario.is_some() || matches!(self.guest, GuestSource::Image { .. })
     }
 

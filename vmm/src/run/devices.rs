@@ -1,6 +1,12 @@
-//! The devices a run attaches to its VM: the pin manager, the IOMMU and,
-//! when the guest may program it, the DMA engine; and their detaching, which
+//! The devices a run attaches to its VM: the pin manager, the IOMMU and the
+//! DMA engine, for guests that may use them; and their detaching, which
 //! yields what they report.
+//!
+//! Built-in guests never program the DMA engine and never pin, so their VMs
+//! get no devices at all: each one subscribes to the memory manager's
+//! invalidation hub and the IOMMU builds a stage-2 table (with its epoch
+//! collector), work that showed in the launch cost of a trivial guest. Their
+//! report is what unused devices report: no DMA, an empty table.
 
 use std::sync::Arc;
 
@@ -11,15 +17,19 @@ use crate::devices::iommu::{Iommu, Stage2Report};
 use crate::devices::pins::PinManager;
 use crate::vm::Vm;
 
-/// The devices of a running VM.
+/// The devices of a running VM, if its guest may use any.
 #[derive(Debug)]
-pub(super) struct Devices {
+pub(super) struct Devices(Option<Attached>);
+
+/// The devices of a VM whose guest may use them.
+#[derive(Debug)]
+pub(super) struct Attached {
     /// Pins guest memory for DMA and scenario `pin` steps.
     pub pins: Arc<PinManager>,
     /// The stage-2 table devices translate through.
     pub iommu: Arc<Iommu>,
-    /// The DMA engine, if the guest may program one.
-    pub dma: Option<Arc<DmaEngine>>,
+    /// The DMA engine.
+    pub dma: Arc<DmaEngine>,
 }
 
 /// What the devices report when detached.
@@ -30,46 +40,58 @@ pub(super) struct DeviceReport {
 }
 
 impl Devices {
-    /// Attaches the devices to `vm`; starts the DMA engine's thread only
-    /// `with_dma`.
-    pub(super) fn attach(vm: &Vm, with_dma: bool) -> Result<Self, RunError> {
+    /// Attaches the devices to `vm` if `guest_may_use_them`, starting the
+    /// DMA engine's thread; otherwise none.
+    pub(super) fn attach(vm: &Vm, guest_may_use_them: bool) -> Result<Self, RunError> {
+        if !guest_may_use_them {
+            return Ok(Self(None));
+        }
         let pins = Arc::new(PinManager::new(vm.memory.clone(), vm.pins.clone()));
         let iommu = Arc::new(Iommu::new(vm.memory.clone()));
-        let dma = if with_dma {
-            let engine = DmaEngine::start(
-                vm.memory.clone(),
-                vm.boot.clone(),
-                pins.clone(),
-                iommu.clone(),
-            )
-            .map_err(setup_err("starting the DMA engine"))?;
-            Some(Arc::new(engine))
-        } else {
-            None
-        };
-        Ok(Self { pins, iommu, dma })
+        let engine = DmaEngine::start(
+            vm.memory.clone(),
+            vm.boot.clone(),
+            pins.clone(),
+            iommu.clone(),
+        )
+        .map_err(setup_err("starting the DMA engine"))?;
+        Ok(Self(Some(Attached {
+            pins,
+            iommu,
+            dma: Arc::new(engine),
+        })))
+    }
+
+    /// The attached devices, if any.
+    pub(super) fn attached(&self) -> Option<&Attached> {
+        self.0.as_ref()
+    }
+
+    /// The DMA engine a vCPU's guest may program, if any.
+    pub(super) fn dma(&self) -> Option<Arc<DmaEngine>> {
+        self.0.as_ref().map(|a| a.dma.clone())
     }
 
     /// Stops the DMA engine (it finishes queued requests and unpins), then
     /// detaches the IOMMU and the pin manager. Call once the vCPUs and the
     /// scenario driver have ended.
     pub(super) fn detach(self) -> Result<DeviceReport, RunError> {
-        let dma = match self.dma {
-            Some(engine) => {
-                let engine = Arc::try_unwrap(engine).map_err(|_| RunError::Setup {
-                    what: "stopping the DMA engine",
-                    detail: "still referenced".into(),
-                })?;
-                let report = DmaReport::from(engine.stats());
-                drop(engine);
-                report
-            }
-            None => DmaReport::from(&DmaStats::default()),
+        let Some(attached) = self.0 else {
+            return Ok(DeviceReport {
+                dma: DmaReport::from(&DmaStats::default()),
+                stage2: Stage2Report::default(),
+            });
         };
+        let engine = Arc::try_unwrap(attached.dma).map_err(|_| RunError::Setup {
+            what: "stopping the DMA engine",
+            detail: "still referenced".into(),
+        })?;
+        let dma = DmaReport::from(engine.stats());
+        drop(engine);
         // The table as the run left it; then the IOMMU unsubscribes.
-        let stage2 = self.iommu.report();
-        drop(self.iommu);
-        drop(self.pins);
+        let stage2 = attached.iommu.report();
+        drop(attached.iommu);
+        drop(attached.pins);
         Ok(DeviceReport { dma, stage2 })
     }
 }

@@ -60,7 +60,7 @@ fn clone_event(event: &EventFd) -> Result<EventFd, RunError> {
 
 impl EventLoop {
     /// The loop with its subscribers; console text goes to `out`.
-    pub(super) fn new(config: &RunConfig, out: Box<dyn Write>) -> Result<Self, RunError> {
+    pub(super) fn new(config: &RunConfig, out: Box<dyn Write + Send>) -> Result<Self, RunError> {
         let state = Rc::new(RefCell::new(LoopState::default()));
         let mut em = EventManager::<Box<dyn MutEventSubscriber>>::new()
             .map_err(setup_err("creating the event loop"))?;
@@ -162,8 +162,12 @@ impl EventLoop {
     }
 
     /// Closes the event manager and its fds; returns the console.
-    pub(super) fn close(self) -> Rc<RefCell<ConsoleSink>> {
-        self.console
+    pub(super) fn close(self) -> Box<dyn Write + Send> {
+        let out = std::mem::replace(
+            &mut self.console.borrow_mut().out,
+            Box::new(std::io::sink()),
+        );
+        out
     }
 }
 

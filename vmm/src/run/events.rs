@@ -36,11 +36,16 @@ pub struct LoopState {
     pub stop: Option<StopCause>,
 }
 
+/// Prints `line` to `out` as the run's console shows it.
+pub(super) fn write_line(out: &mut dyn Write, line: &ConsoleLine) {
+    let _ = writeln!(out, "[{}] {}", line.source, line.text);
+}
+
 /// Prints console lines from the vCPUs.
 pub struct ConsoleSink {
     pub(super) event: EventFd,
     pub(super) rx: mpsc::Receiver<ConsoleLine>,
-    pub(super) out: Box<dyn Write>,
+    pub(super) out: Box<dyn Write + Send>,
     pub(super) quiet: bool,
 }
 
@@ -51,7 +56,7 @@ impl ConsoleSink {
             if self.quiet {
                 continue;
             }
-            let _ = writeln!(self.out, "[{}] {}", line.source, line.text);
+            write_line(&mut *self.out, &line);
         }
         let _ = self.out.flush();
     }

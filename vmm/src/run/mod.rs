@@ -2,20 +2,26 @@
 //! vCPU (and the scenario driver's), run the main thread's event loop
 //! (event-manager: console output, vCPU completion, the timeout and
 //! SIGINT/SIGTERM) until every vCPU has reported, tear down, report.
+//! A single vCPU without a scenario runs on the calling thread instead,
+//! stopped by signals (`on_caller.rs`, `stop_signals.rs`).
 //!
 //! A run always ends with a [`RunReport`]: on success, on a guest failure, on
 //! timeout and on a signal alike. Only a VM that cannot be built is an `Err`.
 //!
 //! A run starts only what its guest can use: built-in guests never program
-//! the DMA engine, so their VMs get none (its thread would be most of the
-//! setup cost of a trivial guest after KVM's own).
+//! the DMA engine nor pin, so their VMs get no devices (the engine's thread
+//! would be most of the setup cost of a trivial guest after KVM's own).
 
 mod config;
 mod devices;
 mod error;
 mod event_loop;
 mod events;
+mod on_caller;
 pub mod report;
+#[cfg(all(test, vmm_loom))]
+mod stop_loom_tests;
+mod stop_signals;
 mod threads;
 
 use std::collections::BTreeMap;
@@ -53,16 +59,19 @@ pub enum Teardown {
     ProcessExits,
 }
 
+/// Where a run prints: the guest console, progress, the summary.
+type ConsoleOut = Box<dyn Write + Send>;
+
 /// Runs the guest described by `config`, printing console output to
 /// `console`, with a [`Teardown::Full`].
-pub fn run(config: &RunConfig, console: Box<dyn Write>) -> Result<RunReport, RunError> {
+pub fn run(config: &RunConfig, console: ConsoleOut) -> Result<RunReport, RunError> {
     run_with(config, console, Teardown::Full)
 }
 
 /// As [`run`], ending the VM as `teardown` says.
 pub fn run_with(
     config: &RunConfig,
-    console: Box<dyn Write>,
+    console: ConsoleOut,
     teardown: Teardown,
 ) -> Result<RunReport, RunError> {
     let t_setup = Instant::now();
@@ -84,37 +93,70 @@ pub fn run_with(
             config.dirty_log
         );
     }
-    let mut events = EventLoop::new(config, console)?;
-    let devices = Devices::attach(&vm, config.may_use_dma())?;
-    let setup = t_setup.elapsed();
-
-    let t_run = Instant::now();
-    let mut started = start_threads(config, &mut vm, &devices, &events)?;
-    events.run_until_reported(&started.vcpus)?;
-    started.vcpus.join_reported();
-    let scenario = started.driver.map(DriverThread::join);
-    let run = t_run.elapsed();
-    events.drain_console();
-    let outcome = events.take_outcome();
+    let devices = Devices::attach(&vm, config.may_use_devices())?;
+    let ran = if on_caller::runs_on_caller(config) {
+        on_caller::run(config, &mut vm, &devices, console, t_setup)?
+    } else {
+        run_on_threads(config, &mut vm, &devices, console, t_setup)?
+    };
     let devices = devices.detach()?;
     let facts = VmFacts::read(&vm);
 
     let t_teardown = Instant::now();
-    let console = events.close();
     if teardown == Teardown::ProcessExits {
         vm.memory.keep_memory_at_drop();
     }
     drop(vm);
     let timings = PhaseTimes {
-        setup,
-        run,
+        setup: ran.setup,
+        run: ran.run,
         teardown: t_teardown.elapsed(),
     };
-    let report = build_report(config, outcome, scenario, devices, facts, &timings);
+    let mut console = ran.console;
+    let report = build_report(config, ran.outcome, ran.scenario, devices, facts, &timings);
     if config.verbosity > Verbosity::Quiet {
-        print_summary(&mut console.borrow_mut().out, &report, &timings);
+        print_summary(&mut *console, &report, &timings);
     }
     Ok(report)
+}
+
+/// What running the vCPUs gave.
+struct Ran {
+    outcome: LoopOutcome,
+    scenario: Option<ScenarioReport>,
+    /// The console, back from the loop or the vCPU.
+    console: ConsoleOut,
+    /// From `run_with`'s start until the vCPUs could start.
+    setup: Duration,
+    run: Duration,
+}
+
+/// Runs a thread per vCPU (and the scenario driver's) under the event loop
+/// until every vCPU has reported.
+fn run_on_threads(
+    config: &RunConfig,
+    vm: &mut Vm,
+    devices: &Devices,
+    console: ConsoleOut,
+    t_setup: Instant,
+) -> Result<Ran, RunError> {
+    let mut events = EventLoop::new(config, console)?;
+    let setup = t_setup.elapsed();
+
+    let t_run = Instant::now();
+    let mut started = start_threads(config, vm, devices, &events)?;
+    events.run_until_reported(&started.vcpus)?;
+    started.vcpus.join_reported();
+    let scenario = started.driver.map(DriverThread::join);
+    let run = t_run.elapsed();
+    events.drain_console();
+    Ok(Ran {
+        outcome: events.take_outcome(),
+        scenario,
+        console: events.close(),
+        setup,
+        run,
+    })
 }
 
 /// Builds the VM and readies its vCPUs to be kicked.
@@ -167,7 +209,7 @@ fn start_threads(
             entry: vm.entry,
             boot: vm.boot.clone(),
             memory: vm.memory.clone(),
-            dma: devices.dma.clone(),
+            dma: devices.dma(),
             plan,
             console: events.console_sender()?,
             stop: stop.clone(),
@@ -221,13 +263,17 @@ fn scenario_driver(
     stop: Arc<AtomicBool>,
 ) -> Result<Driver, RunError> {
     let console = events.console_sender()?;
+    let attached = devices.attached().ok_or(RunError::Setup {
+        what: "starting the scenario driver",
+        detail: "the VM has no devices to pin with".into(),
+    })?;
     Ok(Driver {
         scenario: scenario.clone(),
         memory: vm.memory.clone(),
         backing: config.backing.clone(),
         links,
-        pins: devices.pins.clone(),
-        iommu: devices.iommu.clone(),
+        pins: attached.pins.clone(),
+        iommu: attached.iommu.clone(),
         held: Default::default(),
         stop,
         console: Box::new(move |text| console.line("scenario".into(), text)),

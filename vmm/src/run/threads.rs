@@ -117,7 +117,7 @@ pub(super) fn spawn_vcpu(
         })
 }
 
-fn panicked_report(index: u64, panic: &Box<dyn std::any::Any + Send>) -> VcpuReport {
+pub(super) fn panicked_report(index: u64, panic: &Box<dyn std::any::Any + Send>) -> VcpuReport {
     VcpuReport {
         index,
         failure: Some(GuestFailure::UnexpectedExit {

@@ -1,5 +1,6 @@
 //! Console lines from vCPU threads (and the scenario driver) to the run's
-//! event loop: a channel plus an eventfd that wakes the loop.
+//! event loop: a channel plus an eventfd that wakes the loop; or, for a vCPU
+//! that runs on the thread that prints, straight to a sink.
 
 use std::sync::mpsc;
 
@@ -14,24 +15,55 @@ pub struct ConsoleLine {
     pub text: String,
 }
 
-/// Sends console lines to the event loop, or drops them.
-#[derive(Debug)]
+/// A function that prints a console line where it is called.
+pub type ConsoleSink = Box<dyn Fn(ConsoleLine) + Send>;
+
+/// Where a [`ConsoleSender`] puts lines.
+enum Route {
+    /// Nowhere.
+    Discard,
+    /// Into the event loop's channel, then its eventfd.
+    Loop(mpsc::Sender<ConsoleLine>, EventFd),
+    /// Into a sink on the sending thread.
+    Sink(ConsoleSink),
+}
+
+/// Sends console lines to the event loop or a sink, or drops them.
 pub struct ConsoleSender {
-    to: Option<(mpsc::Sender<ConsoleLine>, EventFd)>,
+    to: Route,
+}
+
+impl std::fmt::Debug for ConsoleSender {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let to = match self.to {
+            Route::Discard => "discard",
+            Route::Loop(..) => "event loop",
+            Route::Sink(_) => "sink",
+        };
+        f.debug_struct("ConsoleSender").field("to", &to).finish()
+    }
 }
 
 impl ConsoleSender {
     /// A sender that signals `event` after each line.
     pub fn new(tx: mpsc::Sender<ConsoleLine>, event: EventFd) -> Self {
         Self {
-            to: Some((tx, event)),
+            to: Route::Loop(tx, event),
+        }
+    }
+
+    /// A sender that hands each line to `sink` on the sending thread (for a
+    /// vCPU that runs on the thread that prints: nothing to wake).
+    pub fn to_sink(sink: ConsoleSink) -> Self {
+        Self {
+            to: Route::Sink(sink),
         }
     }
 
     /// A sender that drops every line (for a quiet run: no thread is woken
     /// for text nobody prints).
     pub fn discard() -> Self {
-        Self { to: None }
+        Self { to: Route::Discard }
     }
 
     /// Sends `text` attributed to vCPU `vcpu`'s guest, or to the VMM's
@@ -43,12 +75,15 @@ impl ConsoleSender {
 
     /// Sends `text` attributed to `source`.
     pub fn line(&self, source: String, text: String) {
-        let Some((tx, event)) = &self.to else {
-            return;
-        };
-        // A closed receiver means the run is ending; dropping the line is fine.
-        let _ = tx.send(ConsoleLine { source, text });
-        let _ = event.write(1);
+        match &self.to {
+            Route::Discard => {}
+            Route::Loop(tx, event) => {
+                // A closed receiver means the run is ending; dropping the line is fine.
+                let _ = tx.send(ConsoleLine { source, text });
+                let _ = event.write(1);
+            }
+            Route::Sink(sink) => sink(ConsoleLine { source, text }),
+        }
     }
 }
 
@@ -100,6 +135,20 @@ mod tests {
             .map(|(s, t)| (s.to_string(), t.to_string()))
             .collect();
         assert_eq!(lines, expected);
+    }
+
+    #[test]
+    fn a_sink_sender_hands_lines_over_on_the_sending_thread() {
+        let (tx, rx) = mpsc::channel();
+        let here = std::thread::current().id();
+        let console = ConsoleSender::to_sink(Box::new(move |line| {
+            assert_eq!(std::thread::current().id(), here);
+            tx.send(line.text).unwrap();
+        }));
+        let mut buffer = LineBuffer::default();
+        buffer.push("one\ntw", 0, &console);
+        buffer.flush(0, &console);
+        assert_eq!(rx.try_iter().collect::<Vec<_>>(), ["one", "tw"]);
     }
 
     #[test]

@@ -36,7 +36,7 @@ mod mailbox;
 pub mod mmio;
 mod report;
 
-pub use console::{ConsoleLine, ConsoleSender};
+pub use console::{ConsoleLine, ConsoleSender, ConsoleSink};
 pub use context::VcpuContext;
 use exits::{ExitHandler, VcpuEmulation};
 pub use report::{CommandReport, VcpuReport};
