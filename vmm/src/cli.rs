@@ -134,6 +134,8 @@ pub struct BenchArgs {
 pub enum BenchCmd {
     /// Guest page-fault latency per access: percentiles, JSON, a plot, raw-KVM and host baselines.
     Faults(crate::bench::FaultsArgs),
+    /// Memslot ops at 509 to 32,764 slots under a running guest (KVM's memslot_perf_test) vs raw ioctls.
+    Memslots(crate::bench::memslots::MemslotsArgs),
 }
 
 /// `vmm run` flags.
@@ -234,6 +236,9 @@ where
         Some(Cmd::Bench(BenchArgs {
             which: BenchCmd::Faults(a),
         })) => return crate::bench::faults(&a),
+        Some(Cmd::Bench(BenchArgs {
+            which: BenchCmd::Memslots(a),
+        })) => return crate::bench::memslots::memslots(&a),
         Some(Cmd::Fuzz(a)) => return crate::fuzz::campaign::main(&a),
         None => {
             eprintln!("vmm: no command given; try `vmm run` (a default guest) or `vmm --help`");

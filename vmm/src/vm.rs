@@ -128,6 +128,7 @@ pub struct Vm {
     /// The guest program's entry point.
     pub entry: Gpa,
     boot_mapping: Arc<HostMapping>,
+    fd: Arc<VmFd>,
     _kvm: Kvm,
 }
 
@@ -251,6 +252,7 @@ impl Vm {
             identity_end,
             entry,
             boot_mapping,
+            fd: vm_fd,
             _kvm: kvm,
         })
     }
@@ -267,6 +269,12 @@ impl Vm {
             crate::kvm::stats::accumulate(&mut vcpu, &r.read()?);
         }
         Ok((self.vm_stats.read()?, vcpu))
+    }
+
+    /// The VM fd (its memslots belong to [`Vm::memory`]; a caller issuing
+    /// memslot ioctls itself must use ids the manager does not).
+    pub fn fd(&self) -> &Arc<VmFd> {
+        &self.fd
     }
 
     /// Host mapping behind the boot region.

@@ -32,6 +32,7 @@ mod error;
 mod guest;
 mod host;
 mod interrupt;
+pub mod memslots;
 mod plan;
 mod plot;
 mod progress;
