@@ -136,6 +136,8 @@ pub enum BenchCmd {
     Faults(crate::bench::FaultsArgs),
     /// Memslot ops at 509 to 32,764 slots under a running guest (KVM's memslot_perf_test) vs raw ioctls.
     Memslots(crate::bench::memslots::MemslotsArgs),
+    /// Dirty-page tracking per mode (bitmap, manual, ring): vCPU pass, collect and clear times vs a raw program (KVM's dirty_log_perf_test).
+    Dirty(crate::bench::dirty::DirtyArgs),
 }
 
 /// `vmm run` flags.
@@ -239,6 +241,9 @@ where
         Some(Cmd::Bench(BenchArgs {
             which: BenchCmd::Memslots(a),
         })) => return crate::bench::memslots::memslots(&a),
+        Some(Cmd::Bench(BenchArgs {
+            which: BenchCmd::Dirty(a),
+        })) => return crate::bench::dirty::dirty(&a),
         Some(Cmd::Fuzz(a)) => return crate::fuzz::campaign::main(&a),
         None => {
             eprintln!("vmm: no command given; try `vmm run` (a default guest) or `vmm --help`");

@@ -28,6 +28,7 @@
 //! and the progress counter (a relaxed atomic, read for display only).
 
 mod config;
+pub mod dirty;
 mod error;
 mod guest;
 mod host;
