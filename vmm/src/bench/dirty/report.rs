@@ -144,7 +144,7 @@ pub struct EnablePoint {
     pub implementation: &'static str,
     /// Guest memory (all of it written by the guest first), bytes.
     pub size: u64,
-    /// Time to enable, ms.
+    /// Time to enable, ms (median of 3, each after a disable).
     pub enable_ms: f64,
 }
 
@@ -275,7 +275,7 @@ pub fn print_summary(out: &mut dyn Write, report: &DirtyReport) {
             .collect();
         let growth = match (pts.first(), pts.last()) {
             (Some(a), Some(b)) if pts.len() > 1 => format!(
-                "; {}x the memory: {:.2}x the time",
+                "; {}x the memory: {:.3}x the time",
                 b.size / a.size.max(1),
                 b.enable_ms / a.enable_ms.max(1e-9)
             ),

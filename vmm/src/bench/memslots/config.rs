@@ -142,9 +142,23 @@ pub struct MemslotsArgs {
     /// Guest memory each vCPU dirties in the stress mode.
     #[arg(long, value_name = "SIZE", default_value = "64M", value_parser = crate::units::parse_size)]
     pub stress_size: u64,
+    /// How the raw loop moves a slot: kvm-move (one KVM_SET_USER_MEMORY_REGION with the new address, KVM_MR_MOVE, as KVM's test) or delete-create (two calls, as the memory manager issues).
+    #[arg(long, value_enum, default_value = "kvm-move")]
+    pub raw_move: RawMove,
     /// A JSON report on stdout (the tables move to stderr).
     #[arg(long)]
     pub json: bool,
+}
+
+/// How the raw loop moves a slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, strum::Display, serde::Serialize)]
+#[strum(serialize_all = "kebab-case")]
+#[serde(rename_all = "kebab-case")]
+pub enum RawMove {
+    /// One call with the new guest-physical address (KVM_MR_MOVE).
+    KvmMove,
+    /// A delete, then a create at the new address.
+    DeleteCreate,
 }
 
 impl MemslotsArgs {

@@ -27,7 +27,7 @@ mod workload;
 
 use std::io::Write;
 
-pub use config::{MemslotsArgs, MemslotsError, Test, BASE_SLOTS};
+pub use config::{MemslotsArgs, MemslotsError, RawMove, Test, BASE_SLOTS};
 pub use layout::SlotLayout;
 pub use report::{anchor, Anchor, Figures, MemslotsReport, TestResult, GOAL_RATIO};
 pub use stress::StressResult;
@@ -100,6 +100,7 @@ pub fn run_memslots(
         kvm_max_slots: max_slots,
         loadavg,
         vcpus: args.vcpus,
+        raw_move: args.raw_move,
         goal_ratio: GOAL_RATIO,
         tests: Vec::new(),
         stress: Vec::new(),
@@ -107,10 +108,11 @@ pub fn run_memslots(
     let _ = writeln!(
         out,
         "bench memslots: KVM memslot_perf_test method, ours (MemoryManager) vs raw ioctls, {} vCPU(s), \
-         {} per implementation and round, {} rounds; KVM_CAP_NR_MEMSLOTS {max_slots}; loadavg {}",
+         {} per implementation and round, {} rounds, raw moves by {}; KVM_CAP_NR_MEMSLOTS {max_slots}; loadavg {}",
         args.vcpus,
         crate::units::fmt_duration(args.time),
         args.rounds,
+        args.raw_move,
         report.loadavg
     );
     if args.stress {
@@ -157,8 +159,8 @@ fn measure(test: Test, slots: u64, args: &MemslotsArgs) -> Result<TestResult, Me
         return Ok(result);
     };
     result.pages_per_slot = layout.pages_per_slot;
-    let mut ours = Rig::new(test, layout, args.vcpus, Impl::Ours)?;
-    let mut raw = Rig::new(test, layout, args.vcpus, Impl::Raw)?;
+    let mut ours = Rig::new(test, layout, args.vcpus, Impl::Ours, args.raw_move)?;
+    let mut raw = Rig::new(test, layout, args.vcpus, Impl::Raw, args.raw_move)?;
     let (mut ours_times, mut raw_times) = (Vec::new(), Vec::new());
     for round in 0..args.rounds {
         let warm = round == 0;

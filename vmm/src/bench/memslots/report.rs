@@ -105,6 +105,8 @@ pub struct MemslotsReport {
     pub loadavg: String,
     /// vCPUs running the guest.
     pub vcpus: u64,
+    /// How the raw loop moved slots.
+    pub raw_move: super::config::RawMove,
     /// The goal ratio.
     pub goal_ratio: f64,
     /// Per test and slot count.

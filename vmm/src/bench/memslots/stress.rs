@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use super::config::MemslotsError;
+use super::config::{MemslotsError, RawMove};
 use super::layout::SlotLayout;
 use super::target::{raw_add_delete, Ours, Raw, Target};
 use super::workload::{Impl, AREA_BASE};
@@ -57,7 +57,12 @@ pub fn run(
     let max = bench.memory().load().config().max_slots;
     let mut area: Box<dyn Target> = match imp {
         Impl::Ours => Box::new(Ours::new(bench.memory().clone(), layout)?),
-        Impl::Raw => Box::new(Raw::new(bench.vm_fd().clone(), layout, max)?),
+        Impl::Raw => Box::new(Raw::new(
+            bench.vm_fd().clone(),
+            layout,
+            max,
+            RawMove::KvmMove,
+        )?),
     };
     area.populate()?;
     let commands: Vec<Vec<Command>> = (0..vcpus)

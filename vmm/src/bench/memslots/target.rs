@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::VmFd;
 
-use super::config::MemslotsError;
+use super::config::{MemslotsError, RawMove};
 use super::layout::SlotLayout;
 use crate::mm::addr::{Gpa, PAGE_SIZE};
 use crate::mm::backing::{BackingKind, HostMapping};
@@ -114,24 +114,30 @@ impl Target for Ours {
         let mut reader = self.memory.reader();
         let (mut at, end) = (page, (page + count).min(self.layout.pages));
         while at < end {
+            // One guard per slot, held across that slot's calls: what keeps
+            // its memory mapped while we discard.
             let gpa = Gpa(self.layout.base + at * PAGE_SIZE);
             let slot = reader.acquire(gpa).map_err(|source| MemslotsError::Guard {
                 what: format!("guard on {gpa}"),
                 source,
             })?;
             let slot_end = (slot.range().end().0 - self.layout.base) / PAGE_SIZE;
-            let n = (slot_end.min(end) - at).min(chunk);
-            let hva = slot
-                .hva(gpa, n * PAGE_SIZE)
-                .map_err(|source| MemslotsError::Guard {
-                    what: format!("host address of {gpa}"),
-                    source,
-                })?;
-            // SAFETY: the guard keeps the slot, and so its host memory,
-            // mapped; `hva` checked the range lies in it; the bench's guest
-            // memory is disposable.
-            unsafe { dont_need(hva.0, n * PAGE_SIZE)? };
-            at += n;
+            let stop = slot_end.min(end);
+            while at < stop {
+                let n = (stop - at).min(chunk);
+                let gpa = Gpa(self.layout.base + at * PAGE_SIZE);
+                let hva = slot
+                    .hva(gpa, n * PAGE_SIZE)
+                    .map_err(|source| MemslotsError::Guard {
+                        what: format!("host address of {gpa}"),
+                        source,
+                    })?;
+                // SAFETY: the guard keeps the slot, and so its host memory,
+                // mapped; `hva` checked the range lies in it; the bench's
+                // guest memory is disposable.
+                unsafe { dont_need(hva.0, n * PAGE_SIZE)? };
+                at += n;
+            }
         }
         Ok(())
     }
@@ -155,20 +161,30 @@ impl Target for Ours {
 
     fn read_write(&mut self, parts: &[(u64, u64)]) -> Result<(), MemslotsError> {
         let mut reader = self.memory.reader();
-        let guard_err = |what: String| move |source| MemslotsError::Guard { what, source };
+        // The error text is built only on failure: formatting it per page
+        // would cost more than the access.
+        let guard_err = |what: &'static str, gpa: Gpa| {
+            move |source| MemslotsError::Guard {
+                what: format!("{what} {gpa}"),
+                source,
+            }
+        };
         for &(first, count) in parts {
+            // One guard per slot, taken when the walk enters it (a reader
+            // holds one guard at a time).
+            let mut held = None;
             for page in first..first + count {
                 let gpa = Gpa(self.layout.base + page * PAGE_SIZE);
-                let slot = reader
-                    .acquire(gpa)
-                    .map_err(guard_err(format!("guard on {gpa}")))?;
-                let word = slot
-                    .read_u64(gpa)
-                    .map_err(guard_err(format!("read {gpa}")))?;
+                let slot = match held.take() {
+                    Some(s) if crate::mm::guard::SlotRef::range(&s).contains(gpa) => s,
+                    _ => reader.acquire(gpa).map_err(guard_err("guard on", gpa))?,
+                };
+                let word = slot.read_u64(gpa).map_err(guard_err("read", gpa))?;
                 check_touched(gpa.0, word, page - first)?;
                 let second = Gpa(gpa.0 + PAGE_SIZE / 2);
                 slot.write_u64(second, HOST_VALUE)
-                    .map_err(guard_err(format!("write {second}")))?;
+                    .map_err(guard_err("write", second))?;
+                held = Some(slot);
             }
         }
         Ok(())
@@ -196,11 +212,18 @@ pub struct Raw {
     mapping: Arc<HostMapping>,
     first_id: u32,
     registered: bool,
+    moves: RawMove,
 }
 
 impl Raw {
-    /// The area `layout` on `fd`, slot ids `max_slots - slots ..`.
-    pub fn new(fd: Arc<VmFd>, layout: SlotLayout, max_slots: u32) -> Result<Self, MemslotsError> {
+    /// The area `layout` on `fd`, slot ids `max_slots - slots ..`, moving
+    /// slots as `moves` says.
+    pub fn new(
+        fd: Arc<VmFd>,
+        layout: SlotLayout,
+        max_slots: u32,
+        moves: RawMove,
+    ) -> Result<Self, MemslotsError> {
         let mapping = Arc::new(HostMapping::new(&BackingKind::Anon, layout.len())?);
         Ok(Self {
             fd,
@@ -208,6 +231,7 @@ impl Raw {
             layout,
             mapping,
             registered: false,
+            moves,
         })
     }
 
@@ -267,6 +291,11 @@ impl Target for Raw {
     }
 
     fn move_slot(&mut self, index: u64, to: u64) -> Result<(), MemslotsError> {
+        if self.moves == RawMove::DeleteCreate {
+            let mut delete = self.region(index, 0);
+            delete.memory_size = 0;
+            self.set(delete)?;
+        }
         self.set(self.region(index, to))
     }
 

@@ -19,7 +19,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::config::{MemslotsError, Test};
+use super::config::{MemslotsError, RawMove, Test};
 use super::layout::SlotLayout;
 use super::target::{Ours, Raw, Target};
 use crate::bench::guest::GuestBench;
@@ -95,12 +95,14 @@ fn range(gpa: u64, len: u64) -> GpaRange {
 }
 
 impl Rig {
-    /// Builds the VM and the area for `imp` and registers its slots.
+    /// Builds the VM and the area for `imp` and registers its slots (raw
+    /// moves slots as `raw_move` says).
     pub fn new(
         test: Test,
         layout: SlotLayout,
         vcpus: u64,
         imp: Impl,
+        raw_move: RawMove,
     ) -> Result<Self, MemslotsError> {
         let mut cfg = FaultsConfig::small(HUGE_2M, Backing::ANON);
         cfg.vcpus = vcpus;
@@ -117,7 +119,7 @@ impl Rig {
                         s.id.0
                     )));
                 }
-                Box::new(Raw::new(bench.vm_fd().clone(), layout, max)?)
+                Box::new(Raw::new(bench.vm_fd().clone(), layout, max, raw_move)?)
             }
         };
         let populate = target.populate()?;
