@@ -224,7 +224,8 @@ impl Raw {
         max_slots: u32,
         moves: RawMove,
     ) -> Result<Self, MemslotsError> {
-        let mapping = Arc::new(HostMapping::new(&BackingKind::Anon, layout.len())?);
+        let len = layout.len() + layout.slots * PAGE_SIZE;
+        let mapping = Arc::new(HostMapping::new(&BackingKind::Anon, len)?);
         Ok(Self {
             fd,
             first_id: max_slots - layout.slots as u32,
@@ -235,8 +236,11 @@ impl Raw {
         })
     }
 
+    /// Host address of page `page` of the area: the same layout as
+    /// [`Ours`] (a page between slots), so both discard and touch the same
+    /// shape of host memory.
     fn hva(&self, page: u64) -> u64 {
-        self.mapping.hva().0 + page * PAGE_SIZE
+        self.mapping.hva().0 + (page + self.layout.slot_of_page(page)) * PAGE_SIZE
     }
 
     fn region(&self, index: u64, gpa: u64) -> kvm_userspace_memory_region {
@@ -302,10 +306,7 @@ impl Target for Raw {
     fn read_write(&mut self, parts: &[(u64, u64)]) -> Result<(), MemslotsError> {
         for &(first, count) in parts {
             for page in first..first + count {
-                let slot = self.layout.slot_of_page(page);
-                let (start, _) = self.layout.slot(slot);
-                let slot_page = (start - self.layout.base) / PAGE_SIZE;
-                let hva = self.hva(slot_page) + (page - slot_page) * PAGE_SIZE;
+                let hva = self.hva(page);
                 // SAFETY: page `page` of the area lies in `self.mapping`,
                 // mapped while `self` lives; the guest writes only the first
                 // byte of the page, and no vCPU runs during this pass.
