@@ -147,6 +147,7 @@ fn measure(test: Test, slots: u64, args: &MemslotsArgs) -> Result<TestResult, Me
         ours: None,
         raw: None,
         ratio: None,
+        host_ratio: None,
         goal_met: None,
         anchor: anchor(test),
     };
@@ -172,12 +173,21 @@ fn measure(test: Test, slots: u64, args: &MemslotsArgs) -> Result<TestResult, Me
             ours_times.extend(ours.run(args.time, warm)?);
         }
     }
-    let o = Figures::new(ours.populate, &ours_times);
-    let w = Figures::new(raw.populate, &raw_times);
+    let split = |t: &[workload::Timed]| -> (Vec<_>, Vec<_>) {
+        (
+            t.iter().map(|x| x.whole).collect(),
+            t.iter().map(|x| x.host).collect(),
+        )
+    };
+    let (ours_whole, ours_host) = split(&ours_times);
+    let (raw_whole, raw_host) = split(&raw_times);
+    let o = Figures::new(ours.populate, &ours_whole, &ours_host);
+    let w = Figures::new(raw.populate, &raw_whole, &raw_host);
     ours.finish();
     raw.finish();
     let ratio = o.median_us / w.median_us;
     result.ratio = Some(ratio);
+    result.host_ratio = Some(o.host_median_us / w.host_median_us);
     result.goal_met = Some(ratio <= GOAL_RATIO);
     result.ours = Some(o);
     result.raw = Some(w);

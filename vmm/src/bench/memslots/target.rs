@@ -237,7 +237,7 @@ impl Raw {
     }
 
     /// Host address of page `page` of the area: the same layout as
-    /// [`Ours`] (a page between slots), so both discard and touch the same
+    /// `Ours` (a page between slots), so both discard and touch the same
     /// shape of host memory.
     fn hva(&self, page: u64) -> u64 {
         self.mapping.hva().0 + (page + self.layout.slot_of_page(page)) * PAGE_SIZE

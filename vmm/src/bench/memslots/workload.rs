@@ -49,6 +49,15 @@ pub enum Impl {
     Raw,
 }
 
+/// One iteration's times.
+#[derive(Debug, Clone, Copy)]
+pub struct Timed {
+    /// The whole iteration (guest and host parts).
+    pub whole: Duration,
+    /// Its host part.
+    pub host: Duration,
+}
+
 /// A built VM with its area, ready to iterate.
 pub struct Rig {
     bench: GuestBench,
@@ -177,14 +186,19 @@ impl Rig {
         all
     }
 
-    /// One iteration of the test (the move tests' guest is already running).
-    fn iteration(&mut self) -> Result<(), MemslotsError> {
+    /// One iteration of the test (the move tests' guest is already
+    /// running); returns the time of its host part (the implementation's
+    /// own work: discards, moves, host accesses).
+    fn iteration(&mut self) -> Result<Duration, MemslotsError> {
         let l = self.layout;
         match self.test {
             Test::Map => {
+                let t = Instant::now();
                 self.target.discard(0, l.pages, u64::MAX)?;
+                let took = t.elapsed();
                 let cmds = self.touch_parts();
-                self.guest(cmds)
+                self.guest(cmds)?;
+                Ok(took)
             }
             Test::Unmap | Test::UnmapChunked => {
                 let cmds = self.on_first(Command::touch(range(l.base, l.len()), l.len() / 2, true));
@@ -194,26 +208,33 @@ impl Rig {
                 } else {
                     CHUNK_PAGES
                 };
-                self.target.discard(0, l.pages, chunk)
+                let t = Instant::now();
+                self.target.discard(0, l.pages, chunk)?;
+                Ok(t.elapsed())
             }
             Test::MoveActive | Test::MoveInactive => {
                 let last = l.slots - 1;
                 let home = l.slot(last).0;
-                self.target.move_slot(last, self.move_destination())?;
-                self.target.move_slot(last, home)
+                let to = self.move_destination();
+                let t = Instant::now();
+                self.target.move_slot(last, to)?;
+                self.target.move_slot(last, home)?;
+                Ok(t.elapsed())
             }
             Test::Rw => {
                 let cmds = self.touch_parts();
                 self.guest(cmds)?;
                 let parts = parts(&l, self.vcpus());
-                self.target.read_write(&parts)
+                let t = Instant::now();
+                self.target.read_write(&parts)?;
+                Ok(t.elapsed())
             }
         }
     }
 
     /// Runs iterations for `budget` (at least 2), after one untimed
-    /// warm-up when `warm_up`; returns each iteration's time.
-    pub fn run(&mut self, budget: Duration, warm_up: bool) -> Result<Vec<Duration>, MemslotsError> {
+    /// warm-up when `warm_up`; returns each iteration's times.
+    pub fn run(&mut self, budget: Duration, warm_up: bool) -> Result<Vec<Timed>, MemslotsError> {
         let moving = matches!(self.test, Test::MoveActive | Test::MoveInactive);
         if moving {
             let (start, last) = self.move_area();
@@ -237,7 +258,7 @@ impl Rig {
         result
     }
 
-    fn iterate(&mut self, budget: Duration, warm_up: bool) -> Result<Vec<Duration>, MemslotsError> {
+    fn iterate(&mut self, budget: Duration, warm_up: bool) -> Result<Vec<Timed>, MemslotsError> {
         if warm_up {
             self.iteration()?;
         }
@@ -248,8 +269,11 @@ impl Rig {
                 return Err(BenchError::Interrupted(signal).into());
             }
             let t = Instant::now();
-            self.iteration()?;
-            times.push(t.elapsed());
+            let host = self.iteration()?;
+            times.push(Timed {
+                whole: t.elapsed(),
+                host,
+            });
         }
         Ok(times)
     }
