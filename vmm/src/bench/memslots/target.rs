@@ -161,30 +161,41 @@ impl Target for Ours {
 
     fn read_write(&mut self, parts: &[(u64, u64)]) -> Result<(), MemslotsError> {
         let mut reader = self.memory.reader();
-        // The error text is built only on failure: formatting it per page
-        // would cost more than the access.
-        let guard_err = |what: &'static str, gpa: Gpa| {
-            move |source| MemslotsError::Guard {
-                what: format!("{what} {gpa}"),
-                source,
-            }
-        };
         for &(first, count) in parts {
-            // One guard per slot, taken when the walk enters it (a reader
-            // holds one guard at a time).
-            let mut held = None;
-            for page in first..first + count {
+            let (mut page, end) = (first, first + count);
+            while page < end {
+                // One guard per slot, held across that slot's pages; the
+                // guard translates the slot's part of the walk once and
+                // checks it lies in the slot.
                 let gpa = Gpa(self.layout.base + page * PAGE_SIZE);
-                let slot = match held.take() {
-                    Some(s) if crate::mm::guard::SlotRef::range(&s).contains(gpa) => s,
-                    _ => reader.acquire(gpa).map_err(guard_err("guard on", gpa))?,
-                };
-                let word = slot.read_u64(gpa).map_err(guard_err("read", gpa))?;
-                check_touched(gpa.0, word, page - first)?;
-                let second = Gpa(gpa.0 + PAGE_SIZE / 2);
-                slot.write_u64(second, HOST_VALUE)
-                    .map_err(guard_err("write", second))?;
-                held = Some(slot);
+                let slot = reader.acquire(gpa).map_err(|source| MemslotsError::Guard {
+                    what: format!("guard on {gpa}"),
+                    source,
+                })?;
+                let slot_end = (slot.range().end().0 - self.layout.base) / PAGE_SIZE;
+                let n = slot_end.min(end) - page;
+                let base = slot
+                    .hva(gpa, n * PAGE_SIZE)
+                    .map_err(|source| MemslotsError::Guard {
+                        what: format!("host address of {gpa}"),
+                        source,
+                    })?
+                    .0;
+                for k in 0..n {
+                    let hva = base + k * PAGE_SIZE;
+                    // SAFETY: `[base, base + n pages)` lies in the slot
+                    // (checked by `hva`), whose host memory the guard keeps
+                    // mapped; the guest writes only a page's first byte and
+                    // no vCPU runs during this pass.
+                    let word = unsafe { std::ptr::read_volatile(hva as *const u64) };
+                    check_touched(gpa.0 + k * PAGE_SIZE, word, page + k - first)?;
+                    // SAFETY: as above, the page's second half (the slot is
+                    // writable: the area is plugged without read-only).
+                    unsafe {
+                        std::ptr::write_volatile((hva + PAGE_SIZE / 2) as *mut u64, HOST_VALUE)
+                    };
+                }
+                page += n;
             }
         }
         Ok(())
