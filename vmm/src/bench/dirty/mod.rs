@@ -311,7 +311,7 @@ pub fn run_dirty(args: &DirtyArgs, out: &mut dyn Write) -> Result<DirtyReport, D
     };
     let _ = writeln!(
         out,
-        "bench dirty: KVM dirty_log_perf_test method, ours (MemoryManager) vs a raw program; {} vCPU(s) x {} {}, {} slot(s), every {}th page written ({} pages per iteration), {} iterations; loadavg {}",
+        "bench dirty: KVM dirty_log_perf_test method, ours (MemoryManager) vs a raw program; {} vCPU(s) x {} {}, {} slot(s), 1 page in {} written ({} pages per iteration), {} iterations; loadavg {}",
         args.vcpus,
         crate::bench::fmt_size(args.size),
         args.backing,

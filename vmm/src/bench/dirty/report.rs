@@ -291,6 +291,9 @@ pub fn print_summary(out: &mut dyn Write, report: &DirtyReport) {
     }
 }
 
+/// Picks one phase's time out of an iteration.
+type PhaseOf = fn(&Iteration) -> u64;
+
 /// The plot: per mode and implementation, a box per phase over the
 /// iterations.
 pub fn plot_series(report: &DirtyReport) -> Vec<Series> {
@@ -298,7 +301,7 @@ pub fn plot_series(report: &DirtyReport) -> Vec<Series> {
     for r in &report.modes {
         for (who, run) in [("raw", Some(&r.raw)), ("ours", r.ours.as_ref())] {
             let Some(run) = run else { continue };
-            let phases: [(&str, fn(&Iteration) -> u64); 3] = [
+            let phases: [(&str, PhaseOf); 3] = [
                 ("vcpu pass", |i| i.vcpu_ns),
                 ("collect", |i| i.collect_ns),
                 ("clear", |i| i.clear_ns),
