@@ -98,6 +98,14 @@
 //! create has no memslot and a vCPU touching it exits as MMIO (see
 //! [`crate::mm::slot_map::transition`]).
 //!
+//! A delete directly followed by the re-creation of the same slot (id,
+//! size, host address, flags) at another address, as a whole-slot move
+//! emits, is issued as one call that gives the live slot its new address
+//! (KVM's `KVM_MR_MOVE`, [`MemslotOp::Move`]): KVM then swaps its memslot
+//! set twice instead of three times, each swap waiting for an SRCU grace
+//! period. Dirty-logging slots are not fused: KVM would carry their bitmap
+//! over, while the manager harvests it at the delete.
+//!
 //! ```
 //! use std::sync::Arc;
 //! use vmm::mm::addr::Gpa;
