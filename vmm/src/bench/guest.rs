@@ -7,6 +7,14 @@
 //! all have finished, and reads KVM statistics while every vCPU is parked, so
 //! counter deltas belong to exactly one phase.
 //!
+//! A phase can also run in the background ([`GuestBench::start_phase`] with
+//! `repeat`): each vCPU runs its list again and again while the main thread
+//! changes memory under it, until [`GuestBench::finish_phase`] clears the
+//! flag (each vCPU ends its current pass; the jobs channel orders the flag's
+//! setting before the vCPU sees the list). MMIO exits inside a window
+//! declared with [`GuestBench::expect_mmio`] (memory moved away meanwhile)
+//! are absorbed, as the guest would see them on a real VMM that retries.
+//!
 //! Guest RAM layout (at `RAM_BASE`): 4 KiB page tables for the test range
 //! (when `--guest-page 4K`), then vCPU `i`'s result buffer, one `u64` per
 //! access, page-aligned.
