@@ -13,7 +13,8 @@
 //! flag (each vCPU ends its current pass; the jobs channel orders the flag's
 //! setting before the vCPU sees the list). MMIO exits inside a window
 //! declared with [`GuestBench::expect_mmio`] (memory moved away meanwhile)
-//! are absorbed, as the guest would see them on a real VMM that retries.
+//! are absorbed (stores dropped, loads read 0), as KVM's memslot_perf_test
+//! allows them in its move-active test.
 //!
 //! Guest RAM layout (at `RAM_BASE`): 4 KiB page tables for the test range
 //! (when `--guest-page 4K`), then vCPU `i`'s result buffer, one `u64` per
