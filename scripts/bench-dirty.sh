@@ -21,7 +21,7 @@ run() {
 }
 # A small write set (5%): where the ring should collect at or below the bitmap.
 run --size "$size" --write-percent 5 --iterations 5 \
-    --enable-scan 64M,256M,1G --plot bench-dirty.svg "$@"
+    --enable-scan 64M,256M,1G --plot "${CARGO_TARGET_DIR:-target}/bench-dirty.svg" "$@"
 # Every page written, 4 slots, THP backing (the ring holds at most 65,536 entries per vCPU: bitmap and manual only).
 run --modes bitmap,manual --size "$size" --write-percent 100 --slots 4 \
     --backing thp --iterations 5 "$@"
