@@ -1,5 +1,7 @@
 //! Integration tests on real `/dev/kvm`; one binary, shared harness in `vmm_tests`.
 
+mod bench_dirty;
+mod bench_memslots;
 mod cli;
 mod dirty;
 mod dma;

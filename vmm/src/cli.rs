@@ -145,6 +145,10 @@ pub struct BenchArgs {
 pub enum BenchCmd {
     /// Guest page-fault latency per access: percentiles, JSON, a plot, raw-KVM and host baselines.
     Faults(crate::bench::FaultsArgs),
+    /// Memslot ops at 509 to 32,764 slots under a running guest (KVM's memslot_perf_test) vs raw ioctls.
+    Memslots(crate::bench::memslots::MemslotsArgs),
+    /// Dirty-page tracking per mode (bitmap, manual, ring): vCPU pass, collect and clear times vs a raw program (KVM's dirty_log_perf_test).
+    Dirty(crate::bench::dirty::DirtyArgs),
 }
 
 /// `vmm run` flags. (The `about` repeats [`Cmd::Run`]'s: a deferred
@@ -265,6 +269,12 @@ where
         Some(Cmd::Bench(BenchArgs {
             which: BenchCmd::Faults(a),
         })) => return crate::bench::faults(&a),
+        Some(Cmd::Bench(BenchArgs {
+            which: BenchCmd::Memslots(a),
+        })) => return crate::bench::memslots::memslots(&a),
+        Some(Cmd::Bench(BenchArgs {
+            which: BenchCmd::Dirty(a),
+        })) => return crate::bench::dirty::dirty(&a),
         Some(Cmd::Fuzz(a)) => return crate::fuzz::campaign::main(&a),
         None => {
             eprintln!("vmm: no command given; try `vmm run` (a default guest) or `vmm --help`");

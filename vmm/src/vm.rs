@@ -162,6 +162,7 @@ pub struct Vm {
     pub entry: Gpa,
     boot_mapping: Arc<HostMapping>,
     memslots: Arc<KvmMemslots>,
+    fd: Arc<VmFd>,
     _kvm: Kvm,
 }
 
@@ -300,6 +301,7 @@ impl Vm {
             entry,
             boot_mapping,
             memslots,
+            fd: vm_fd,
             _kvm: kvm,
         })
     }
@@ -321,6 +323,12 @@ impl Vm {
     /// The memory manager's KVM backend (dirty-log mode, memslot ioctl).
     pub fn memslots(&self) -> &Arc<KvmMemslots> {
         &self.memslots
+    }
+
+    /// The VM fd (its memslots belong to [`Vm::memory`]; a caller issuing
+    /// memslot ioctls itself must use ids the manager does not).
+    pub fn fd(&self) -> &Arc<VmFd> {
+        &self.fd
     }
 
     /// Host mapping behind the boot region.

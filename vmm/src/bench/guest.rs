@@ -7,6 +7,15 @@
 //! all have finished, and reads KVM statistics while every vCPU is parked, so
 //! counter deltas belong to exactly one phase.
 //!
+//! A phase can also run in the background ([`GuestBench::start_phase`] with
+//! `repeat`): each vCPU runs its list again and again while the main thread
+//! changes memory under it, until [`GuestBench::finish_phase`] clears the
+//! flag (each vCPU ends its current pass; the jobs channel orders the flag's
+//! setting before the vCPU sees the list). MMIO exits inside a window
+//! declared with [`GuestBench::expect_mmio`] (memory moved away meanwhile)
+//! are absorbed (stores dropped, loads read 0), as KVM's memslot_perf_test
+//! allows them in its move-active test.
+//!
 //! Guest RAM layout (at `RAM_BASE`): 4 KiB page tables for the test range
 //! (when `--guest-page 4K`), then vCPU `i`'s result buffer, one `u64` per
 //! access, page-aligned.
@@ -83,6 +92,11 @@ pub struct GuestBench {
     vm: Vm,
     workers: Vec<Worker>,
     stop: Arc<AtomicBool>,
+    /// While set, a vCPU that finished its phase's commands runs them again.
+    repeat: Arc<AtomicBool>,
+    /// Guest-physical `[start, end)` whose MMIO exits are expected (memory
+    /// taken away under a running guest): stores are dropped, loads read 0.
+    mmio_ok: Arc<[AtomicU64; 2]>,
     /// Commands completed by all vCPUs (for the progress bar).
     pub progress: Arc<AtomicU64>,
     /// The layout of guest RAM.
@@ -152,6 +166,8 @@ impl GuestBench {
         crate::vcpu::install_kick_handler()
             .map_err(|e| BenchError::Setup(format!("installing the kick handler: {e}")))?;
         let stop = Arc::new(AtomicBool::new(false));
+        let repeat = Arc::new(AtomicBool::new(false));
+        let mmio_ok = Arc::new([AtomicU64::new(0), AtomicU64::new(0)]);
         let progress = Arc::new(AtomicU64::new(0));
         let tids: Arc<Vec<AtomicU32>> =
             Arc::new((0..cfg.vcpus).map(|_| AtomicU32::new(0)).collect());
@@ -163,6 +179,8 @@ impl GuestBench {
                 index: index as u64,
                 mailbox: vm.boot.clone(),
                 stop: stop.clone(),
+                repeat: repeat.clone(),
+                mmio_ok: mmio_ok.clone(),
                 progress: progress.clone(),
                 cpu: cpus.get(index).copied().flatten(),
                 tids: tids.clone(),
@@ -181,6 +199,8 @@ impl GuestBench {
             vm,
             workers,
             stop,
+            repeat,
+            mmio_ok,
             progress,
             ram,
             ram_hva,
@@ -209,20 +229,64 @@ impl GuestBench {
         Ok(vm)
     }
 
+    /// The VM's memory manager (the bench's memory ops go through it).
+    pub fn memory(&self) -> &Arc<crate::mm::manager::MemoryManager> {
+        &self.vm.memory
+    }
+
+    /// The VM fd, for baselines that issue KVM's ioctls themselves on ids
+    /// the memory manager does not use.
+    pub fn vm_fd(&self) -> &Arc<kvm_ioctls::VmFd> {
+        self.vm.fd()
+    }
+
+    /// Declares `[start, end)` as memory that may vanish under the guest:
+    /// its MMIO exits are absorbed instead of failing the phase (`0, 0`:
+    /// none).
+    pub fn expect_mmio(&self, start: u64, end: u64) {
+        self.mmio_ok[0].store(start, Ordering::Relaxed);
+        self.mmio_ok[1].store(end, Ordering::Relaxed);
+    }
+
     /// Runs one phase: `commands[i]` on vCPU `i`, all at once; waits for all
     /// (up to `timeout`, calling `tick` about every 100 ms).
     pub fn phase(
         &mut self,
         commands: Vec<Vec<Command>>,
         timeout: Duration,
-        mut tick: impl FnMut(u64),
+        tick: impl FnMut(u64),
     ) -> Result<Vec<Vec<[u64; 6]>>, BenchError> {
+        self.start_phase(commands, false)?;
+        self.finish_phase(timeout, tick)
+    }
+
+    /// Starts a phase without waiting: `commands[i]` on vCPU `i`; with
+    /// `repeat`, each vCPU runs its list again and again until
+    /// [`finish_phase`](Self::finish_phase) (background guest activity).
+    pub fn start_phase(
+        &mut self,
+        commands: Vec<Vec<Command>>,
+        repeat: bool,
+    ) -> Result<(), BenchError> {
+        self.repeat.store(repeat, Ordering::Release);
         for (w, cmds) in self.workers.iter().zip(commands) {
             let sent = w.jobs.as_ref().map(|j| j.send(cmds).is_ok());
             if sent != Some(true) {
                 return Err(BenchError::Setup("a vCPU thread has ended".into()));
             }
         }
+        Ok(())
+    }
+
+    /// Ends a repeating phase at the end of each vCPU's current pass (or
+    /// waits for a plain one) and returns each vCPU's results of its last
+    /// pass; waits up to `timeout`, calling `tick` about every 100 ms.
+    pub fn finish_phase(
+        &mut self,
+        timeout: Duration,
+        mut tick: impl FnMut(u64),
+    ) -> Result<Vec<Vec<[u64; 6]>>, BenchError> {
+        self.repeat.store(false, Ordering::Release);
         let deadline = Instant::now() + timeout;
         let mut out = Vec::new();
         for (i, w) in self.workers.iter().enumerate() {
@@ -307,6 +371,8 @@ struct VcpuThread {
     index: u64,
     mailbox: crate::boot::memory::BootMemory,
     stop: Arc<AtomicBool>,
+    repeat: Arc<AtomicBool>,
+    mmio_ok: Arc<[AtomicU64; 2]>,
     progress: Arc<AtomicU64>,
     cpu: Option<usize>,
     tids: Arc<Vec<AtomicU32>>,
@@ -351,28 +417,11 @@ impl VcpuThread {
         for cmds in jobs {
             let mut results = Vec::with_capacity(cmds.len());
             let mut failed = None;
-            for cmd in cmds {
-                self.mb_write(mailbox_offset::ARGS, cmd.args);
-                self.mb_write(mailbox_offset::COMMAND, cmd.code);
-                match self.to_doorbell(&mut fd) {
-                    Ok(status::OK) => {
-                        results.push(self.mb_read::<[u64; 6]>(mailbox_offset::RESULTS));
-                        self.progress.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Ok(st) => {
-                        let r: [u64; 6] = self.mb_read(mailbox_offset::RESULTS);
-                        failed = Some(format!(
-                            "{} ended with guest status {st:#x} (results {:#x?})",
-                            cmd.describe(),
-                            &r[..3]
-                        ));
-                        break;
-                    }
-                    Err(e) => {
-                        failed = Some(format!("{}: {e}", cmd.describe()));
-                        break;
-                    }
-                }
+            let mut again = true;
+            while again && failed.is_none() {
+                results.clear();
+                self.pass(&mut fd, &cmds, &mut results, &mut failed);
+                again = !cmds.is_empty() && self.repeat.load(Ordering::Acquire);
             }
             let end = failed.is_some();
             let _ = done.send(failed.map_or(Ok(results), Err));
@@ -383,6 +432,47 @@ impl VcpuThread {
         // Jobs closed: the guest is parked at its doorbell; end its program.
         self.mb_write(mailbox_offset::COMMAND, command::STOP);
         let _ = self.to_doorbell(&mut fd);
+    }
+
+    /// Runs `cmds` once, appending each command's results; stops at the
+    /// first failure, described in `failed`.
+    fn pass(
+        &self,
+        fd: &mut VcpuFd,
+        cmds: &[Command],
+        results: &mut Vec<[u64; 6]>,
+        failed: &mut Option<String>,
+    ) {
+        for &cmd in cmds {
+            self.mb_write(mailbox_offset::ARGS, cmd.args);
+            self.mb_write(mailbox_offset::COMMAND, cmd.code);
+            match self.to_doorbell(fd) {
+                Ok(status::OK) => {
+                    results.push(self.mb_read::<[u64; 6]>(mailbox_offset::RESULTS));
+                    self.progress.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok(st) => {
+                    let r: [u64; 6] = self.mb_read(mailbox_offset::RESULTS);
+                    *failed = Some(format!(
+                        "{} ended with guest status {st:#x} (results {:#x?})",
+                        cmd.describe(),
+                        &r[..3]
+                    ));
+                    break;
+                }
+                Err(e) => {
+                    *failed = Some(format!("{}: {e}", cmd.describe()));
+                    break;
+                }
+            }
+        }
+    }
+
+    /// Whether `gpa` lies in the window whose MMIO exits are expected.
+    fn mmio_expected(&self, gpa: u64) -> bool {
+        let start = self.mmio_ok[0].load(Ordering::Relaxed);
+        let end = self.mmio_ok[1].load(Ordering::Relaxed);
+        (start..end).contains(&gpa)
     }
 
     /// Runs the guest until it rings the doorbell; returns the status.
@@ -418,6 +508,8 @@ impl VcpuThread {
                         "guest exception vector {vector} (error code {code:#x}) at RIP {rip:#x}, CR2 {cr2:#x}"
                     ));
                 }
+                VcpuExit::MmioRead(gpa, data) if self.mmio_expected(gpa) => data.fill(0),
+                VcpuExit::MmioWrite(gpa, _) if self.mmio_expected(gpa) => {}
                 VcpuExit::MmioRead(gpa, _) | VcpuExit::MmioWrite(gpa, _) => {
                     return Err(format!("guest access to unplugged guest-physical {gpa:#x}"))
                 }

@@ -31,10 +31,12 @@
 //! atomic, read for display only).
 
 mod config;
+pub mod dirty;
 mod error;
 mod guest;
 mod host;
 mod interrupt;
+pub mod memslots;
 mod plan;
 mod plot;
 mod progress;

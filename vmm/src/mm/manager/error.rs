@@ -18,6 +18,10 @@ pub enum MemslotOp {
     Delete,
     /// `KVM_SET_USER_MEMORY_REGION` changing only `KVM_MEM_LOG_DIRTY_PAGES`.
     SetFlags,
+    /// `KVM_SET_USER_MEMORY_REGION` giving a live slot a new guest-physical
+    /// address (KVM's `KVM_MR_MOVE`): a transition's delete and re-create of
+    /// the same slot elsewhere, in one call.
+    Move,
     /// `KVM_GET_DIRTY_LOG` (harvesting before a delete or logging-off, or for
     /// [`MemoryManager::dirty_pages`](super::MemoryManager::dirty_pages)).
     GetDirtyLog,
@@ -31,6 +35,7 @@ impl fmt::Display for MemslotOp {
             MemslotOp::Create => "create",
             MemslotOp::Delete => "delete",
             MemslotOp::SetFlags => "set flags",
+            MemslotOp::Move => "move",
             MemslotOp::GetDirtyLog => "get dirty log",
             MemslotOp::ClearDirtyLog => "clear dirty log",
         })

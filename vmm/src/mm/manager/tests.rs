@@ -44,6 +44,7 @@ fn step(
         },
         mapping: Arc::clone(mapping),
         old_flags: MemslotFlags::empty(),
+        from: Gpa(gpa),
     }
 }
 
@@ -723,4 +724,100 @@ fn test_manager_drain_timeout_announces_nothing_only_in_the_real_order() {
         assert_eq!(seen.is_empty(), !broken, "broken={broken}: {seen:?}");
         assert_eq!(memory.hub().plugged(), vec![r(0, 4 * P)]);
     }
+}
+
+#[test]
+fn test_moving_a_whole_slot_is_one_kvm_move() {
+    let kvm = Arc::new(SimKvm::new());
+    let memory = MemoryManager::new(Arc::clone(&kvm), config()).unwrap();
+    let a = anon(8);
+    memory
+        .apply(|m| m.plug(Gpa(0), 4 * P, a.clone(), 0, SlotFlags::NONE))
+        .unwrap();
+    let before = kvm.calls();
+    let applied = memory
+        .apply(|m| m.move_range(Gpa(0), 4 * P, Gpa(16 * P)))
+        .unwrap();
+    // The transition is still a delete and a create; KVM gets one call.
+    assert_eq!(applied.changes.len(), 2);
+    assert_eq!(kvm.calls() - before, 1, "one KVM_MR_MOVE");
+    assert_eq!(kvm.memslots(), memory.registered());
+    assert_eq!(memory.registered()[0].gpa, Gpa(16 * P));
+    memory.check_consistency().unwrap();
+    assert_cells_match_map(&memory);
+    // A failed move changes nothing.
+    kvm.fail_calls(&[0], libc::EIO);
+    let failed = memory.apply(|m| m.move_range(Gpa(16 * P), 4 * P, Gpa(0)));
+    assert!(
+        matches!(failed, Err(MemslotError::RolledBack { .. })),
+        "{failed:?}"
+    );
+    assert_eq!(kvm.memslots(), memory.registered());
+    assert_eq!(memory.registered()[0].gpa, Gpa(16 * P));
+    // Dirty logging: a logging slot moves as a delete and a create, so its
+    // log is harvested before KVM drops it.
+    memory
+        .apply(|m| m.set_dirty_log(Gpa(16 * P), 4 * P, true))
+        .unwrap();
+    kvm.guest_write(Gpa(17 * P));
+    let before = kvm.calls();
+    memory
+        .apply(|m| m.move_range(Gpa(16 * P), 4 * P, Gpa(0)))
+        .unwrap();
+    assert!(kvm.calls() - before >= 2, "delete and create, not a move");
+    assert_eq!(
+        memory.dirty_pages(Gpa(16 * P), 4 * P).unwrap(),
+        [Gpa(17 * P).gfn()]
+    );
+    memory.check_consistency().unwrap();
+}
+
+#[test]
+fn test_fuse_move_only_pairs_the_same_slot() {
+    let a = anon(8);
+    let del = step(MemslotOp::Delete, 3, 0, 4, &a, MemslotFlags::empty());
+    let mut create = step(MemslotOp::Create, 3, 16 * P, 4, &a, MemslotFlags::empty());
+    create.spec.hva = del.spec.hva;
+    let m = Step::fuse_move(&del, &create).expect("same slot elsewhere");
+    assert_eq!(
+        (m.op, m.from, m.spec.gpa),
+        (MemslotOp::Move, Gpa(0), Gpa(16 * P))
+    );
+    let back = m.inverse();
+    assert_eq!(
+        (back.op, back.from, back.spec.gpa),
+        (MemslotOp::Move, Gpa(16 * P), Gpa(0))
+    );
+    let other_id = step(MemslotOp::Create, 4, 16 * P, 4, &a, MemslotFlags::empty());
+    assert!(Step::fuse_move(&del, &other_id).is_none());
+    let smaller = step(MemslotOp::Create, 3, 16 * P, 3, &a, MemslotFlags::empty());
+    assert!(Step::fuse_move(&del, &smaller).is_none());
+    let logging = step(
+        MemslotOp::Create,
+        3,
+        16 * P,
+        4,
+        &a,
+        MemslotFlags::LOG_DIRTY_PAGES,
+    );
+    let del_logging = step(
+        MemslotOp::Delete,
+        3,
+        0,
+        4,
+        &a,
+        MemslotFlags::LOG_DIRTY_PAGES,
+    );
+    assert!(Step::fuse_move(&del_logging, &logging).is_none());
+    // The mirror accepts the move only from where KVM holds the slot.
+    let mut st = state_with_one_slot(&a);
+    let mv = Step::fuse_move(
+        &step(MemslotOp::Delete, 0, 0, 4, &a, MemslotFlags::empty()),
+        &step(MemslotOp::Create, 0, 16 * P, 4, &a, MemslotFlags::empty()),
+    )
+    .unwrap();
+    st.validate(&mv, &config()).unwrap();
+    st.record(&mv);
+    assert!(st.validate(&mv, &config()).is_err(), "it is no longer at 0");
+    st.validate(&mv.inverse(), &config()).unwrap();
 }

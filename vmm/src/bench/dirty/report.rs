@@ -1,0 +1,359 @@
+//! What `vmm bench dirty` reports: per mode and implementation the populate,
+//! enable and disable times and each iteration's vCPU pass, collect and
+//! clear times with the pages collected; ratios ours/raw per phase against
+//! the goal; the enable-time scan; the plot's series.
+
+use std::io::Write;
+
+use serde::Serialize;
+
+use super::config::DirtyMode;
+use crate::bench::fmt_ns;
+use crate::bench::plot::Series;
+
+/// The goal: ours at most this many times raw, per phase.
+pub const GOAL_RATIO: f64 = 1.1;
+
+/// One iteration's times (ns) and pages.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Iteration {
+    /// The vCPUs' write pass (start to the last vCPU done).
+    pub vcpu_ns: u64,
+    /// Collecting the dirty pages.
+    pub collect_ns: u64,
+    /// Re-protecting them (0 in bitmap mode: the collect did it).
+    pub clear_ns: u64,
+    /// Pages the collect returned.
+    pub pages: u64,
+}
+
+/// One implementation's run of one mode.
+#[derive(Debug, Clone, Serialize)]
+pub struct ModeRun {
+    /// The guest's first write of all its memory, ms.
+    pub populate_ms: f64,
+    /// Turning dirty logging on, ms.
+    pub enable_ms: f64,
+    /// Turning it off at the end, ms.
+    pub disable_ms: f64,
+    /// Every iteration.
+    pub iterations: Vec<Iteration>,
+    /// Medians over the iterations, us: vCPU pass, collect, clear.
+    pub median_us: Phases,
+}
+
+/// A value per phase.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Phases {
+    /// The vCPUs' write pass.
+    pub vcpu: f64,
+    /// Collect.
+    pub collect: f64,
+    /// Clear.
+    pub clear: f64,
+}
+
+fn median(mut v: Vec<u64>) -> f64 {
+    v.sort_unstable();
+    v.get(v.len().saturating_sub(1) / 2)
+        .map_or(0.0, |&x| x as f64 / 1e3)
+}
+
+impl ModeRun {
+    /// The run of these iterations with the setup times (ns).
+    pub fn new(
+        populate_ns: u64,
+        enable_ns: u64,
+        disable_ns: u64,
+        iterations: Vec<Iteration>,
+    ) -> Self {
+        let median_us = Phases {
+            vcpu: median(iterations.iter().map(|i| i.vcpu_ns).collect()),
+            collect: median(iterations.iter().map(|i| i.collect_ns).collect()),
+            clear: median(iterations.iter().map(|i| i.clear_ns).collect()),
+        };
+        Self {
+            populate_ms: populate_ns as f64 / 1e6,
+            enable_ms: enable_ns as f64 / 1e6,
+            disable_ms: disable_ns as f64 / 1e6,
+            iterations,
+            median_us,
+        }
+    }
+}
+
+/// Ratio of two medians, where the baseline measured something.
+fn ratio(ours: f64, raw: f64) -> Option<f64> {
+    (raw > 0.0 && ours > 0.0).then(|| ours / raw)
+}
+
+/// One mode: both implementations.
+#[derive(Debug, Clone, Serialize)]
+pub struct ModeResult {
+    /// The mode.
+    pub mode: DirtyMode,
+    /// The raw program.
+    pub raw: ModeRun,
+    /// The memory manager (absent when it could not run the mode).
+    pub ours: Option<ModeRun>,
+    /// Why ours did not run.
+    pub ours_error: Option<String>,
+    /// Median ours / median raw per phase (where both measured it).
+    pub ratio: Option<RatioPhases>,
+}
+
+/// Ratios per phase.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct RatioPhases {
+    /// vCPU pass.
+    pub vcpu: Option<f64>,
+    /// Collect.
+    pub collect: Option<f64>,
+    /// Clear.
+    pub clear: Option<f64>,
+}
+
+impl ModeResult {
+    /// The result, with its ratios.
+    pub fn new(mode: DirtyMode, raw: ModeRun, ours: Result<ModeRun, String>) -> Self {
+        let (ours, ours_error) = match ours {
+            Ok(o) => (Some(o), None),
+            Err(e) => (None, Some(e)),
+        };
+        let ratio = ours.as_ref().map(|o| RatioPhases {
+            vcpu: ratio(o.median_us.vcpu, raw.median_us.vcpu),
+            collect: ratio(o.median_us.collect, raw.median_us.collect),
+            clear: ratio(o.median_us.clear, raw.median_us.clear),
+        });
+        Self {
+            mode,
+            raw,
+            ours,
+            ours_error,
+            ratio,
+        }
+    }
+}
+
+/// Enabling dirty logging at one size.
+#[derive(Debug, Clone, Serialize)]
+pub struct EnablePoint {
+    /// The mode.
+    pub mode: DirtyMode,
+    /// Ours or raw.
+    pub implementation: &'static str,
+    /// Guest memory (all of it written by the guest first), bytes.
+    pub size: u64,
+    /// Time to enable, ms (median of 3, each after a disable).
+    pub enable_ms: f64,
+}
+
+/// The whole run.
+#[derive(Debug, Clone, Serialize)]
+pub struct DirtyReport {
+    /// vCPUs.
+    pub vcpus: u64,
+    /// Memory per vCPU, bytes.
+    pub size_per_vcpu: u64,
+    /// Memslots.
+    pub slots: u64,
+    /// Percent of pages written per iteration, as asked.
+    pub write_percent: u32,
+    /// Pages written per iteration by all vCPUs.
+    pub pages_written: u64,
+    /// Backing.
+    pub backing: super::config::DirtyBacking,
+    /// Dirty-ring entries per vCPU in ring mode (0 when not run).
+    pub ring_entries: u64,
+    /// /proc/loadavg at the start.
+    pub loadavg: String,
+    /// Goal ratio per phase.
+    pub goal_ratio: f64,
+    /// Per mode.
+    pub modes: Vec<ModeResult>,
+    /// The enable-time scan.
+    pub enable_scan: Vec<EnablePoint>,
+}
+
+fn ns(v: u64) -> String {
+    fmt_ns(v as f64)
+}
+
+fn ms(v: f64) -> String {
+    fmt_ns(v * 1e6)
+}
+
+/// Prints one mode's runs.
+pub fn print_mode(out: &mut dyn Write, r: &ModeResult) {
+    let runs = [("raw", Some(&r.raw)), ("ours", r.ours.as_ref())];
+    for (who, run) in runs {
+        let Some(run) = run else {
+            let _ = writeln!(
+                out,
+                "{:>7} {:>5}: {}",
+                r.mode.to_string(),
+                who,
+                r.ours_error.as_deref().unwrap_or("not measured")
+            );
+            continue;
+        };
+        let _ = writeln!(
+            out,
+            "{:>7} {:>5}: populate {}, enable {}, disable {}",
+            r.mode.to_string(),
+            who,
+            ms(run.populate_ms),
+            ms(run.enable_ms),
+            ms(run.disable_ms)
+        );
+        for (k, it) in run.iterations.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "{:>15} iteration {:>3}: vcpu pass {:>9}  collect {:>9}  clear {:>9}  pages {}",
+                "",
+                k + 1,
+                ns(it.vcpu_ns),
+                ns(it.collect_ns),
+                ns(it.clear_ns),
+                it.pages
+            );
+        }
+    }
+    if let Some(q) = &r.ratio {
+        let show = |v: Option<f64>| {
+            v.map_or_else(
+                || "n/a".to_string(),
+                |x| format!("{x:.2} {}", if x <= GOAL_RATIO { "met" } else { "MISS" }),
+            )
+        };
+        let _ = writeln!(
+            out,
+            "{:>7} ours/raw medians (goal <= {GOAL_RATIO}): vcpu pass {}, collect {}, clear {}",
+            r.mode.to_string(),
+            show(q.vcpu),
+            show(q.collect),
+            show(q.clear)
+        );
+    }
+}
+
+/// The goal lines that compare modes, and the enable scan.
+pub fn print_summary(out: &mut dyn Write, report: &DirtyReport) {
+    let raw = |m: DirtyMode| report.modes.iter().find(|r| r.mode == m).map(|r| &r.raw);
+    if let (Some(ring), Some(bitmap)) = (raw(DirtyMode::Ring), raw(DirtyMode::Bitmap)) {
+        let q = ring.median_us.collect / bitmap.median_us.collect.max(f64::MIN_POSITIVE);
+        let applies = report.write_percent < 10;
+        let _ = writeln!(
+            out,
+            "ring collect / bitmap collect (raw, medians): {q:.2} ({}; goal <= 1 for write sets under 10%{})",
+            if q <= 1.0 { "at or below" } else { "above" },
+            if applies { "" } else { ": this run writes 10% or more, informational" }
+        );
+    }
+    if report.enable_scan.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        out,
+        "\nenable time by guest memory size (all of it written by the guest first):"
+    );
+    let mut keys: Vec<(DirtyMode, &str)> = Vec::new();
+    for p in &report.enable_scan {
+        if !keys.contains(&(p.mode, p.implementation)) {
+            keys.push((p.mode, p.implementation));
+        }
+    }
+    for (mode, who) in keys {
+        let pts: Vec<&EnablePoint> = report
+            .enable_scan
+            .iter()
+            .filter(|p| p.mode == mode && p.implementation == who)
+            .collect();
+        let cells: Vec<String> = pts
+            .iter()
+            .map(|p| format!("{} {}", crate::bench::fmt_size(p.size), ms(p.enable_ms)))
+            .collect();
+        let growth = match (pts.first(), pts.last()) {
+            (Some(a), Some(b)) if pts.len() > 1 => format!(
+                "; {}x the memory: {:.3}x the time",
+                b.size / a.size.max(1),
+                b.enable_ms / a.enable_ms.max(1e-9)
+            ),
+            _ => String::new(),
+        };
+        let _ = writeln!(
+            out,
+            "{:>7} {:>5}: {}{growth}",
+            mode.to_string(),
+            who,
+            cells.join(", ")
+        );
+    }
+}
+
+/// Picks one phase's time out of an iteration.
+type PhaseOf = fn(&Iteration) -> u64;
+
+/// The plot: per mode and implementation, a box per phase over the
+/// iterations.
+pub fn plot_series(report: &DirtyReport) -> Vec<Series> {
+    let mut out = Vec::new();
+    for r in &report.modes {
+        for (who, run) in [("raw", Some(&r.raw)), ("ours", r.ours.as_ref())] {
+            let Some(run) = run else { continue };
+            let phases: [(&str, PhaseOf); 3] = [
+                ("vcpu pass", |i| i.vcpu_ns),
+                ("collect", |i| i.collect_ns),
+                ("clear", |i| i.clear_ns),
+            ];
+            for (phase, get) in phases {
+                let samples_ns: Vec<f64> = run.iterations.iter().map(|i| get(i) as f64).collect();
+                if samples_ns.iter().all(|&x| x == 0.0) {
+                    continue;
+                }
+                out.push(Series {
+                    label: format!("{} {who} {phase}", r.mode),
+                    samples_ns,
+                });
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn it(vcpu: u64, collect: u64, clear: u64) -> Iteration {
+        Iteration {
+            vcpu_ns: vcpu,
+            collect_ns: collect,
+            clear_ns: clear,
+            pages: 1,
+        }
+    }
+
+    #[test]
+    fn test_ratios_are_of_medians_and_absent_where_raw_measured_nothing() {
+        let raw = ModeRun::new(
+            0,
+            0,
+            0,
+            vec![it(1000, 100, 0), it(3000, 300, 0), it(2000, 200, 0)],
+        );
+        let ours = ModeRun::new(
+            0,
+            0,
+            0,
+            vec![it(2200, 220, 0), it(2200, 220, 0), it(9000, 1, 0)],
+        );
+        let r = ModeResult::new(DirtyMode::Bitmap, raw, Ok(ours));
+        let q = r.ratio.unwrap();
+        assert!((q.vcpu.unwrap() - 1.1).abs() < 1e-9);
+        assert!((q.collect.unwrap() - 1.1).abs() < 1e-9);
+        assert!(q.clear.is_none());
+        let r = ModeResult::new(DirtyMode::Ring, r.raw, Err("not wired".into()));
+        assert!(r.ratio.is_none() && r.ours_error.is_some());
+    }
+}
