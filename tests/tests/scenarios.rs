@@ -41,6 +41,14 @@ fn test_every_shipped_scenario_passes() {
             mem_size: scenario.mem.map_or(16 << 20, |n| n.0),
             vcpus: scenario.vcpus.unwrap_or(1),
             scenario: Some(scenario.clone()),
+            // As `vmm run --scenario` does: the file's timeout, else the
+            // CLI's default. A 30 s bound failed max-slots.toml under a
+            // loaded host: its 32,762 memslot deletes each wait for KVM's
+            // SRCU grace period (6 s alone in release, 12 s in debug).
+            timeout: scenario
+                .timeout
+                .as_ref()
+                .map_or(vmm::cli::DEFAULT_TIMEOUT, |t| t.duration()),
             ..config("default", 16 << 20, 1)
         };
         let (report, console) = run(&cfg);
