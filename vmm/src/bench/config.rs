@@ -37,7 +37,7 @@ pub const MAX_ACCESSES_PER_VCPU: u64 = 1 << 22;
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ConfigError {
     /// An unknown backing name.
-    #[error("unknown backing {0:?}: expected anon, shared, memfd, thp, hugetlb, prefault, file, file=PATH, uffd-zero or uffd-copy")]
+    #[error("unknown backing {0:?}: expected anon, shared, memfd, thp, hugetlb, prefault, populate, file, file=PATH, uffd-zero or uffd-copy")]
     Backing(String),
     /// An unknown pattern.
     #[error("unknown pattern {0:?}: expected seq, random or stride=SIZE (e.g. stride=2M)")]
@@ -76,6 +76,16 @@ pub enum ConfigError {
     /// The guest page size the host cannot provide.
     #[error("--guest-page 1G needs CPUID pdpe1gb, which this host's KVM does not offer (shadow paging): use 4K or 2M")]
     NoGigPages,
+    /// `--pre-fault-memory` on a KVM without `KVM_PRE_FAULT_MEMORY`.
+    #[error("--pre-fault-memory needs KVM_PRE_FAULT_MEMORY (KVM_CAP_PRE_FAULT_MEMORY, Linux 6.10+ with a TDP MMU), which this host's KVM does not offer (KVM_CHECK_EXTENSION returned 0): use --backing populate or prefault to prefault the host side only")]
+    NoPreFaultMemory,
+    /// `--pre-fault-memory` on a KVM that has it: the bench does not issue
+    /// it (it could not be tested where it was written).
+    #[error("--pre-fault-memory: this host's KVM offers KVM_PRE_FAULT_MEMORY, but the bench does not issue it yet (written on a host without it, so never tested): use --backing populate or prefault")]
+    PreFaultMemoryNotIssued,
+    /// Churn, record or replay flags that do not fit together.
+    #[error("{0}")]
+    Workset(String),
     /// An output file cannot be written.
     #[error("cannot write {what} {path}: {reason}")]
     Output {
@@ -100,7 +110,12 @@ pub enum Backing {
     UnnamedFile,
     /// Private anonymous memory populated by the host before the guest runs:
     /// the guest still takes KVM faults, but no host page allocation.
+    /// The host writes one byte per page (touch prefault), timed.
     Prefault,
+    /// Private anonymous memory populated with `MADV_POPULATE_WRITE`
+    /// (Linux 5.14+) before the guest runs, timed; fails where the kernel
+    /// lacks it rather than falling back to touching.
+    Populate,
     /// userfaultfd demand paging, missing pages resolved with UFFDIO_ZEROPAGE.
     UffdZero,
     /// userfaultfd demand paging, missing pages copied from a source (UFFDIO_COPY).
@@ -119,7 +134,9 @@ impl Backing {
         match self {
             Backing::Host(k) => Some(k),
             Backing::UnnamedFile => None,
-            Backing::Prefault | Backing::UffdZero | Backing::UffdCopy => Some(&BackingKind::Anon),
+            Backing::Prefault | Backing::Populate | Backing::UffdZero | Backing::UffdCopy => {
+                Some(&BackingKind::Anon)
+            }
         }
     }
 
@@ -140,6 +157,7 @@ impl fmt::Display for Backing {
             Backing::Host(k) => k.fmt(f),
             Backing::UnnamedFile => f.write_str("file"),
             Backing::Prefault => f.write_str("prefault"),
+            Backing::Populate => f.write_str("populate"),
             Backing::UffdZero => f.write_str("uffd-zero"),
             Backing::UffdCopy => f.write_str("uffd-copy"),
         }
@@ -151,6 +169,7 @@ impl FromStr for Backing {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         Ok(match s.trim() {
             "prefault" | "prefaulted" => Backing::Prefault,
+            "populate" => Backing::Populate,
             "file" => Backing::UnnamedFile,
             "uffd-zero" => Backing::UffdZero,
             "uffd-copy" => Backing::UffdCopy,
@@ -300,7 +319,7 @@ pub struct FaultsArgs {
     /// What to measure.
     #[command(flatten)]
     pub measure: FaultsConfig,
-    /// Host memory behind the range: anon, shared, memfd, thp, hugetlb, prefault, file[=PATH], uffd-zero, uffd-copy.
+    /// Host memory behind the range: anon, shared, memfd, thp, hugetlb, prefault, populate, file[=PATH], uffd-zero, uffd-copy.
     #[arg(long, value_name = "KIND", default_value = "anon", value_parser = parse_backing, conflicts_with = "compare")]
     pub backing: Backing,
     /// Several backings in one run, side by side (comma separated, e.g. anon,thp,prefault,uffd-zero).
@@ -386,6 +405,16 @@ pub struct FaultsConfig {
     /// Show a progress bar on a terminal (from --quiet).
     #[arg(skip)]
     pub progress: bool,
+    /// Prefault KVM's own mappings of the range with `KVM_PRE_FAULT_MEMORY`
+    /// before the timed pass (refused where KVM lacks it).
+    #[arg(long)]
+    pub pre_fault_memory: bool,
+    /// Ops a writer thread runs while the guest is timed, and their pacing.
+    #[command(flatten)]
+    pub churn: super::churn::ChurnOptions,
+    /// Working-set record and replay.
+    #[command(flatten)]
+    pub workset: super::workset::WorksetOptions,
 }
 
 impl FaultsConfig {
@@ -407,7 +436,17 @@ impl FaultsConfig {
             rounds: 1,
             timeout: Duration::from_secs(60),
             progress: false,
+            pre_fault_memory: false,
+            churn: super::churn::ChurnOptions::default(),
+            workset: super::workset::WorksetOptions::default(),
         }
+    }
+
+    /// Whether the timed pass records each access's absolute start stamp
+    /// (needed to attribute accesses to churn ops and to record a working
+    /// set).
+    pub fn wants_stamps(&self) -> bool {
+        !self.churn.ops.is_empty() || self.workset.record.is_some()
     }
 
     /// The largest page size among the backings: sizes and vCPU parts are
@@ -456,6 +495,9 @@ impl FaultsConfig {
                 max: MAX_ACCESSES_PER_VCPU,
             });
         }
+        self.workset
+            .validate(&self.backings)
+            .map_err(ConfigError::Workset)?;
         Ok(())
     }
 
@@ -497,6 +539,7 @@ mod tests {
             "thp",
             "hugetlb",
             "prefault",
+            "populate",
             "file",
             "file=/tmp/x",
             "uffd-zero",

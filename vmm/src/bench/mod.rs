@@ -27,6 +27,7 @@
 //! a phase; the only shared state is the uffd handler's page list (a mutex)
 //! and the progress counter (a relaxed atomic, read for display only).
 
+pub mod churn;
 mod config;
 mod error;
 mod guest;
@@ -39,7 +40,10 @@ mod raw;
 mod report;
 mod run;
 mod stats;
+mod timeline;
+mod tsc;
 mod uffd;
+pub mod workset;
 
 use std::fs::File;
 use std::io::Write;
@@ -56,6 +60,11 @@ pub use report::{Baselines, ConfigResult, FaultsReport, PassResult, RawBaseline,
 pub use run::run_faults;
 pub use stats::{fmt_ns, ticks_to_ns, Summary};
 pub use uffd::UffdCounts;
+pub use churn::attribution::{attribute, CauseRow, CauseTable, OpWindow, TimedAccess};
+pub use churn::ops::ChurnOp;
+pub use host::Prefill;
+pub use workset::replay::{ReplayPass, ReplayResult};
+pub use workset::{Prefetch, Workset, WorksetPage};
 
 /// Opens the plot file before anything is measured, so a bad path fails in
 /// milliseconds rather than after the whole bench.

@@ -7,8 +7,11 @@ use std::fmt::Write as _;
 
 use serde::Serialize;
 
+use super::churn::attribution::CauseTable;
 use super::config::{fmt_size, Backing, FaultsConfig};
-use super::host::HostFacts;
+use super::host::{HostFacts, Prefill};
+use super::workset::replay::ReplayResult;
+use super::workset::Touch;
 use super::plot::Series;
 use super::stats::{fmt_ns, Summary};
 use super::uffd::UffdCounts;
@@ -118,6 +121,13 @@ pub struct ConfigResult {
     pub tsc_khz: u32,
     /// Rounds merged into this result.
     pub rounds: u32,
+    /// Host memory filled before the guest ran (prefault, populate, a
+    /// replay's prefetch), summed over rounds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prefill: Option<Prefill>,
+    /// With `--replay`: faults and time saved by the prefetch.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub replay: Option<ReplayResult>,
 }
 
 impl ConfigResult {
@@ -132,6 +142,8 @@ impl ConfigResult {
             notes: Vec::new(),
             tsc_khz: 0,
             rounds: 0,
+            prefill: None,
+            replay: None,
         }
     }
 
@@ -164,6 +176,16 @@ impl ConfigResult {
                 x.already_present += y.already_present;
             }
             a.samples_ns.extend(b.samples_ns);
+            match (a.churn.as_mut(), b.churn) {
+                (Some(x), Some(y)) => x.merge(y),
+                (None, y) => a.churn = y,
+                _ => {}
+            }
+        }
+        match (self.prefill.as_mut(), other.prefill) {
+            (Some(a), Some(b)) => a.merge(&b),
+            (None, b) => self.prefill = b,
+            _ => {}
         }
         if let (Some(a), Some(b)) = (self.baselines.as_mut(), other.baselines) {
             if let (Some(x), Some(y)) = (a.raw.as_mut(), b.raw) {
@@ -237,6 +259,13 @@ pub struct PassResult {
     /// Offsets of the pages the uffd handler resolved, sorted (not serialized).
     #[serde(skip)]
     pub uffd_pages: Vec<u64>,
+    /// With `--churn`: the outliers of this pass attributed to the ops.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub churn: Option<CauseTable>,
+    /// With stamps (churn, record): every access of the first round on the
+    /// host clock, in plan order (not serialized).
+    #[serde(skip)]
+    pub touches: Vec<Touch>,
 }
 
 impl PassResult {
@@ -393,8 +422,30 @@ pub fn table(cfg: &FaultsConfig, r: &ConfigResult) -> String {
             if v { "ok" } else { "MISMATCH" }
         );
     }
+    out.push_str(&prefill_churn_replay(r));
     for n in &r.notes {
         let _ = writeln!(out, "  note: {n}");
+    }
+    out
+}
+
+/// The lines of a prefill, of each pass's churn table and of a replay.
+fn prefill_churn_replay(r: &ConfigResult) -> String {
+    let mut out = String::new();
+    if let Some(p) = &r.prefill {
+        let _ = writeln!(
+            out,
+            "  host prefill before the guest ({}): {} pages in {:.3} ms over {} round(s), {} call(s)",
+            p.method, p.pages, p.ms, r.rounds, p.calls
+        );
+    }
+    for p in &r.passes {
+        if let Some(c) = &p.churn {
+            out.push_str(&c.render(p.pass));
+        }
+    }
+    if let Some(rp) = &r.replay {
+        out.push_str(&rp.render());
     }
     out
 }

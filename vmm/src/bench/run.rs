@@ -17,8 +17,15 @@ use super::guest::GuestBench;
 use super::progress::Progress;
 use super::report::{self, Baselines, ConfigResult, FaultsReport, PassResult, Settings};
 use super::stats::{counter_delta, ticks_to_ns, Summary};
+use super::churn::attribution::{attribute, TimedAccess};
+use super::churn::ops::ChurnTarget;
+use super::churn::Writer;
+use super::host::Prefill;
 use super::uffd::{self, Handler, Resolve, Userfault};
-use super::{host, plan, raw};
+use super::workset::prefetch;
+use super::workset::replay::{ReplayPass, ReplayResult};
+use super::workset::{Prefetch, RecordOutput, Workset};
+use super::{host, plan, raw, timeline};
 use crate::mm::addr::{Gpa, GpaRange, PAGE_SIZE};
 use crate::mm::backing::{BackingError, BackingKind, HostMapping};
 use crate::plan::Command;
@@ -55,7 +62,28 @@ pub fn run_faults(cfg: &FaultsConfig, out: &mut dyn Write) -> Result<FaultsRepor
     if cfg.guest_page == GuestPage::Size1G && !pdpe1gb {
         return Err(ConfigError::NoGigPages.into());
     }
+    if cfg.pre_fault_memory {
+        return Err(if host::kvm_has_pre_fault_memory(&kvm) {
+            ConfigError::PreFaultMemoryNotIssued
+        } else {
+            ConfigError::NoPreFaultMemory
+        }
+        .into());
+    }
     drop(kvm);
+    let replay = cfg
+        .workset
+        .replay
+        .as_deref()
+        .map(|p| Workset::read(p, cfg.size))
+        .transpose()
+        .map_err(|e| ConfigError::Workset(e.to_string()))?;
+    let mut record = cfg
+        .workset
+        .record
+        .as_deref()
+        .map(RecordOutput::create)
+        .transpose()?;
     let mut results = Vec::new();
     let mut tsc_khz = 0;
     let mut interrupted = None;
@@ -64,7 +92,7 @@ pub fn run_faults(cfg: &FaultsConfig, out: &mut dyn Write) -> Result<FaultsRepor
             interrupted = Some(signal);
             break;
         }
-        let first = match run_one(cfg, backing, false) {
+        let first = match run_one(cfg, backing, false, None) {
             Err(BenchError::Interrupted(signal)) => {
                 interrupted = Some(signal);
                 break;
@@ -76,7 +104,7 @@ pub fn run_faults(cfg: &FaultsConfig, out: &mut dyn Write) -> Result<FaultsRepor
             if r.skipped.is_some() {
                 break;
             }
-            match run_one(cfg, backing, round % 2 == 1) {
+            match run_one(cfg, backing, round % 2 == 1, None) {
                 Err(BenchError::Interrupted(signal)) => {
                     interrupted = Some(signal);
                     break 'configs;
@@ -84,12 +112,27 @@ pub fn run_faults(cfg: &FaultsConfig, out: &mut dyn Write) -> Result<FaultsRepor
                 other => r.merge(other?),
             }
         }
+        if let (Some(set), None) = (&replay, &r.skipped) {
+            match replay_with_prefetch(cfg, backing, set, &r) {
+                Err(BenchError::Interrupted(signal)) => {
+                    interrupted = Some(signal);
+                    break 'configs;
+                }
+                other => r.replay = Some(other?),
+            }
+        }
+        if let (Some(out), Some(pass)) = (record.as_mut(), r.passes.first()) {
+            out.write(&Workset::from_touches(cfg.size, &pass.touches, r.tsc_khz))?;
+        }
         tsc_khz = tsc_khz.max(r.tsc_khz);
         let _ = write!(out, "{}", report::table(cfg, &r));
         let _ = out.flush();
         results.push(r);
     }
     let host = host::HostFacts::collect(tsc_khz, pdpe1gb);
+    if let Some(out) = record {
+        out.keep();
+    }
     let report = FaultsReport {
         host,
         settings: Settings::from(cfg),
@@ -102,13 +145,53 @@ pub fn run_faults(cfg: &FaultsConfig, out: &mut dyn Write) -> Result<FaultsRepor
     Ok(report)
 }
 
+/// The replay's second half: every round of the configuration again, on
+/// fresh memory where `set` was prefetched before the timed pass (no
+/// baselines, no churn), compared with `without`, the same configuration
+/// without prefetch.
+fn replay_with_prefetch(
+    cfg: &FaultsConfig,
+    backing: &Backing,
+    set: &Workset,
+    without: &ConfigResult,
+) -> Result<ReplayResult, BenchError> {
+    let quiet = FaultsConfig {
+        baselines: false,
+        churn: Default::default(),
+        ..cfg.clone()
+    };
+    let mut with = run_one(&quiet, backing, false, Some(set))?;
+    for _ in 1..cfg.rounds {
+        with.merge(run_one(&quiet, backing, false, Some(set))?);
+    }
+    let per_round = |r: &ConfigResult| {
+        let rounds = f64::from(r.rounds.max(1));
+        r.passes.first().map_or_else(ReplayPass::default, |p| ReplayPass {
+            pf_fixed: p.kvm("pf_fixed") as f64 / rounds,
+            uffd_faults: p.uffd.as_ref().map_or(0.0, |u| u.faults as f64) / rounds,
+            guest_ms: p.samples_ns.iter().sum::<f64>() / 1e6 / rounds,
+            wall_ms: p.wall_ms / rounds,
+        })
+    };
+    let prefetch_ms = with.prefill.as_ref().map_or(0.0, |p| p.ms) / f64::from(with.rounds.max(1));
+    Ok(ReplayResult::new(
+        cfg.workset.prefetch,
+        set.pages.len() as u64,
+        prefetch_ms,
+        per_round(without),
+        per_round(&with),
+    ))
+}
+
 /// Runs one configuration: phases, then its baselines.
 /// With `raw_first`, the baselines run before the tool (rounds alternate so
-/// neither side always gets the warmer host).
+/// neither side always gets the warmer host). With `prefetch`, that working
+/// set is prefetched (`--prefetch`) before the VM is built.
 fn run_one(
     cfg: &FaultsConfig,
     backing: &Backing,
     raw_first: bool,
+    prefetch: Option<&Workset>,
 ) -> Result<ConfigResult, BenchError> {
     let mut notes = Vec::new();
     let early = if cfg.baselines && raw_first {
@@ -116,8 +199,8 @@ fn run_one(
     } else {
         None
     };
-    let test = match host::map_fresh(backing, cfg.size) {
-        Ok(m) => Arc::new(m),
+    let (test, mut prefill) = match host::map_prefilled(backing, cfg.size) {
+        Ok((m, p)) => (Arc::new(m), p),
         Err(e @ BackingError::NoHugePages { .. }) => {
             return Ok(ConfigResult::skipped(backing, e.to_string()));
         }
@@ -131,7 +214,13 @@ fn run_one(
     let handler = if backing.is_uffd() {
         let uffd = Userfault::register(test.hva().0, test.len())?;
         let resolve = match backing {
-            Backing::UffdCopy => Resolve::CopyFrom(copy_source(cfg.size, cfg.seed)?),
+            Backing::UffdCopy => {
+                let source = copy_source(cfg.size, cfg.seed)?;
+                if let (Some(set), Prefetch::Copy) = (prefetch, cfg.workset.prefetch) {
+                    prefill = Some(prefetch::copy(&uffd, test.hva().0, &source, set)?);
+                }
+                Resolve::CopyFrom(source)
+            }
             _ => Resolve::Zero,
         };
         let cpu = match cfg.uffd_cpu {
@@ -143,6 +232,18 @@ fn run_one(
     } else {
         None
     };
+    match (prefetch, cfg.workset.prefetch) {
+        (Some(set), Prefetch::Populate) => prefill = Some(prefetch::populate(&test, set)?),
+        (Some(_), Prefetch::None) => {
+            prefill = Some(Prefill {
+                method: "none",
+                pages: 0,
+                calls: 0,
+                ms: 0.0,
+            })
+        }
+        _ => {}
+    }
     let mut bench = GuestBench::new(cfg, test.clone(), &cpus)?;
     let tsc_khz = bench.tsc_khz();
     let outcome = measure(cfg, backing, &mut bench, &test, handler.as_ref());
@@ -168,6 +269,8 @@ fn run_one(
         notes,
         tsc_khz,
         rounds: 1,
+        prefill,
+        replay: None,
     };
     result.finish();
     Ok(result)
@@ -196,15 +299,20 @@ fn measure(
     cfg: &FaultsConfig,
     backing: &Backing,
     bench: &mut GuestBench,
-    test: &HostMapping,
+    test: &Arc<HostMapping>,
     handler: Option<&Handler>,
 ) -> Result<Measured, BenchError> {
-    let prepare = bench
-        .ram
-        .results
-        .iter()
-        .map(|&(gpa, len)| vec![plan::prefault_command(gpa, len)])
+    let prepare = (0..bench.ram.results.len())
+        .map(|i| {
+            let (gpa, len) = bench.ram.results[i];
+            let mut cmds = vec![plan::prefault_command(gpa, len)];
+            if let Some(&(gpa, len)) = bench.ram.stamps.get(i) {
+                cmds.push(plan::prefault_command(gpa, len));
+            }
+            cmds
+        })
         .collect();
+    let mut notes = Vec::new();
     bench.phase(prepare, cfg.timeout, |_| {})?;
     let mut passes = Vec::new();
     let names: &[&'static str] = if cfg.refault {
@@ -217,14 +325,19 @@ fn measure(
             // The mmu-notifier path: the host drops the pages, KVM zaps
             // its mappings; the next touch faults again.
             test.discard(0, test.len())?;
-            if *backing == Backing::Prefault {
-                test.populate();
-            }
+            host::prefill(backing, test)?;
         }
         let _ = take_uffd(handler)?;
         let before = bench.counters()?;
         let commands: Vec<Vec<Command>> = (0..cfg.vcpus)
-            .map(|i| plan::pass_commands(cfg, i, bench.ram.results[i as usize].0))
+            .map(|i| {
+                let results = bench.ram.results[i as usize].0;
+                let cmds = plan::pass_commands(cfg, i, results);
+                match bench.ram.stamps.get(i as usize) {
+                    Some(&(stamps, _)) => plan::with_stamps(cmds, results, stamps),
+                    None => cmds,
+                }
+            })
             .collect();
         let total = commands.iter().map(|c| c.len() as u64).sum();
         let progress = Progress::new(
@@ -233,16 +346,45 @@ fn measure(
             total,
             bench.progress.load(std::sync::atomic::Ordering::Relaxed),
         );
+        let writer = start_churn(cfg, bench, test)?;
         let t = Instant::now();
-        bench.phase(commands, cfg.timeout, |n| progress.tick(n))?;
+        let phase = bench.phase(commands, cfg.timeout, |n| progress.tick(n));
         let wall = t.elapsed();
+        let log = writer.map(Writer::finish);
+        bench.set_retry_efault(false);
+        phase?;
         progress.finish();
         let kvm = counter_delta(&bench.counters()?, &before);
         let uffd = take_uffd(handler)?;
-        passes.push(pass_result(cfg, bench, name, wall, kvm, uffd, test.hva().0));
+        let mut pass = pass_result(cfg, bench, name, wall, kvm, uffd, test.hva().0);
+        if cfg.wants_stamps() {
+            pass.touches = timeline::touches(cfg, bench)?;
+        }
+        if let Some(log) = log {
+            let accesses: Vec<TimedAccess> = pass
+                .touches
+                .iter()
+                .map(|t| TimedAccess {
+                    start: t.start,
+                    ticks: t.ticks,
+                })
+                .collect();
+            let ns_per_tick = 1e6 / f64::from(bench.tsc_khz().max(1));
+            pass.churn = Some(attribute(&accesses, &log.windows, ns_per_tick));
+            for e in log.errors {
+                let e = format!("churn op failed during {name}: {e}");
+                if !notes.contains(&e) {
+                    notes.push(e);
+                }
+            }
+        }
+        passes.push(pass);
+    }
+    let retries = bench.efault_retries.swap(0, std::sync::atomic::Ordering::Relaxed);
+    if retries > 0 {
+        notes.push(format!("{retries} KVM_RUN calls failed with EFAULT on a page churn made read-only and were retried (the access waited)"));
     }
     let mut verified = None;
-    let mut notes = Vec::new();
     if *backing == Backing::UffdCopy {
         if cfg.access == Access::Read {
             let verify = (0..cfg.vcpus)
@@ -324,7 +466,31 @@ fn pass_result(
         samples_ns: samples,
         touched_pages: touched,
         uffd_pages,
+        churn: None,
+        touches: Vec::new(),
     }
+}
+
+/// Starts the churn writer for a timed pass, if `--churn` asked for one.
+fn start_churn(
+    cfg: &FaultsConfig,
+    bench: &GuestBench,
+    test: &Arc<HostMapping>,
+) -> Result<Option<Writer>, BenchError> {
+    if cfg.churn.ops.is_empty() {
+        return Ok(None);
+    }
+    let neighbour = Arc::new(HostMapping::new(&BackingKind::Anon, crate::mm::addr::HUGE_2M)?);
+    bench.set_retry_efault(cfg.churn.makes_read_only());
+    let target = ChurnTarget {
+        memory: bench.memory().clone(),
+        test: test.clone(),
+        base: Gpa(TEST_BASE),
+        neighbour,
+    };
+    Writer::start(target, &cfg.churn)
+        .map(Some)
+        .map_err(|e| BenchError::Setup(format!("spawning the churn writer: {e}")))
 }
 
 /// The raw-KVM and host-only baselines (samples only; summaries and ratios

@@ -183,6 +183,36 @@ impl Userfault {
         }
         Ok(Self { fd, start, len })
     }
+
+    /// Copies `src` to host address `dst` with one `UFFDIO_COPY` (several
+    /// pages in one call: a batched prefetch), waking any thread waiting on
+    /// those pages. `dst` and `src.len()` must be page-aligned and inside
+    /// the registered range; returns the bytes copied.
+    pub fn copy(&self, dst: u64, src: &[u8]) -> Result<u64, UffdError> {
+        let len = src.len() as u64;
+        if dst < self.start || dst + len > self.start + self.len {
+            return Err(UffdError::OutOfRange {
+                addr: dst,
+                start: self.start,
+                len: self.len,
+            });
+        }
+        let mut c = UffdioCopy {
+            dst,
+            src: src.as_ptr() as u64,
+            len,
+            mode: 0,
+            copy: 0,
+        };
+        // SAFETY: UFFDIO_COPY reads `len` bytes at `src` (a live slice of
+        // that length) and writes the `copy` field of `c`, a repr(C)
+        // `struct uffdio_copy`; the destination is inside the range we
+        // registered (checked above), which the kernel validates again.
+        if unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_COPY, &mut c) } != 0 {
+            return Err(sys("UFFDIO_COPY (prefetch)")(io::Error::last_os_error()));
+        }
+        Ok(c.copy.max(0) as u64)
+    }
 }
 
 /// How the handler resolves a missing page.
