@@ -348,7 +348,9 @@ fn measure(
         );
         let writer = start_churn(cfg, bench, test)?;
         let t = Instant::now();
+        let phase_start = super::tsc::host_tsc();
         let phase = bench.phase(commands, cfg.timeout, |n| progress.tick(n));
+        let phase_end = super::tsc::host_tsc();
         let wall = t.elapsed();
         let log = writer.map(Writer::finish);
         bench.set_retry_efault(false);
@@ -359,6 +361,7 @@ fn measure(
         let mut pass = pass_result(cfg, bench, name, wall, kvm, uffd, test.hva().0);
         if cfg.wants_stamps() {
             pass.touches = timeline::touches(cfg, bench)?;
+            timeline::check_on_host_clock(&pass.touches, phase_start, phase_end)?;
         }
         if let Some(log) = log {
             let accesses: Vec<TimedAccess> = pass

@@ -39,3 +39,25 @@ pub fn touches(cfg: &FaultsConfig, bench: &GuestBench) -> Result<Vec<Touch>, Ben
     }
     Ok(out)
 }
+
+/// Checks that every access, placed on the host clock, started and ended
+/// inside the phase that ran it (`[phase_start, phase_end]`, host TSC read
+/// before handing out the commands and after the last vCPU reported): if
+/// not, the guest and host clocks differ by more than KVM's offset says,
+/// and attributing accesses to host-stamped ops would be wrong.
+pub fn check_on_host_clock(
+    touches: &[Touch],
+    phase_start: u64,
+    phase_end: u64,
+) -> Result<(), BenchError> {
+    match touches
+        .iter()
+        .find(|t| t.start < phase_start || t.start.saturating_add(t.ticks) > phase_end)
+    {
+        Some(t) => Err(BenchError::Setup(format!(
+            "vCPU {}'s access at offset {:#x} is stamped at host TSC {} (+{} ticks), outside its phase [{phase_start}, {phase_end}]: the guest TSC is not the host TSC plus KVM's offset on this host",
+            t.vcpu, t.offset, t.start, t.ticks
+        ))),
+        None => Ok(()),
+    }
+}
