@@ -1,5 +1,6 @@
 //! Integration tests on real `/dev/kvm`; one binary, shared harness in `vmm_tests`.
 
+mod churn;
 mod cli;
 mod dma;
 mod faults;

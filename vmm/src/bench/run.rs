@@ -174,13 +174,15 @@ fn replay_with_prefetch(
         })
     };
     let prefetch_ms = with.prefill.as_ref().map_or(0.0, |p| p.ms) / f64::from(with.rounds.max(1));
-    Ok(ReplayResult::new(
+    let mut result = ReplayResult::new(
         cfg.workset.prefetch,
         set.pages.len() as u64,
         prefetch_ms,
         per_round(without),
         per_round(&with),
-    ))
+    );
+    result.with_verified = with.uffd_verified;
+    Ok(result)
 }
 
 /// Runs one configuration: phases, then its baselines.

@@ -13,6 +13,8 @@
 
 pub mod attribution;
 pub mod ops;
+#[cfg(all(test, vmm_shuttle))]
+mod shuttle_tests;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -123,14 +125,39 @@ fn note(log: &mut WriterLog, e: &ops::ChurnError) {
 }
 
 fn run(target: &ChurnTarget, ops: &[ChurnOp], gap: Duration, stop: &AtomicBool) -> WriterLog {
+    let state = std::cell::RefCell::new(ChurnState::default());
+    run_ops(
+        ops,
+        gap,
+        || stop.load(Ordering::Acquire),
+        |op| target.run(op, &mut state.borrow_mut()),
+        || target.restore(&mut state.borrow_mut()),
+    )
+}
+
+/// The writer's loop: `ops` round robin, each stamped `[start, end)` on the
+/// host TSC, `gap` apart, until `stopped()`; then `restore`.
+///
+/// The protocol with the vCPUs and the main thread (checked by the shuttle
+/// model in `shuttle_tests`): `stopped` is read only between whole ops, so
+/// an op that makes pages read-only always restores them before the writer
+/// can end; the vCPUs wait out EFAULT from before the writer starts until
+/// after it ended; `restore` runs after the last op, so no neighbour stays
+/// plugged and dirty logging does not stay on.
+pub(crate) fn run_ops(
+    ops: &[ChurnOp],
+    gap: Duration,
+    stopped: impl Fn() -> bool,
+    mut one: impl FnMut(ChurnOp) -> Result<(), ops::ChurnError>,
+    restore: impl FnOnce() -> Result<(), ops::ChurnError>,
+) -> WriterLog {
     let mut log = WriterLog::default();
-    let mut st = ChurnState::default();
     'ops: for op in ops.iter().cycle() {
-        if stop.load(Ordering::Acquire) {
+        if stopped() {
             break;
         }
         let start = host_tsc();
-        let r = target.run(*op, &mut st);
+        let r = one(*op);
         let end = host_tsc();
         log.windows.push(OpWindow {
             kind: op.name(),
@@ -144,7 +171,7 @@ fn run(target: &ChurnTarget, ops: &[ChurnOp], gap: Duration, stop: &AtomicBool) 
         // Sleep in short steps so a stop is seen promptly.
         let mut left = gap;
         while !left.is_zero() {
-            if stop.load(Ordering::Acquire) {
+            if stopped() {
                 break 'ops;
             }
             let step = left.min(Duration::from_millis(5));
@@ -152,7 +179,7 @@ fn run(target: &ChurnTarget, ops: &[ChurnOp], gap: Duration, stop: &AtomicBool) 
             left -= step;
         }
     }
-    if let Err(e) = target.restore(&mut st) {
+    if let Err(e) = restore() {
         note(&mut log, &e);
     }
     log

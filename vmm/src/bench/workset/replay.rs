@@ -40,6 +40,10 @@ pub struct ReplayResult {
     /// Guest time saved minus the prefetch's own time, ms (what a restore
     /// that prefetches before resuming the guest gains).
     pub net_ms_saved: f64,
+    /// uffd-copy with reads: whether the guest's VERIFY of the prefetched
+    /// and demand-copied content passed in the run with prefetch.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub with_verified: Option<bool>,
 }
 
 impl ReplayResult {
@@ -56,6 +60,7 @@ impl ReplayResult {
             net_ms_saved: guest_ms_saved - prefetch_ms,
             without,
             with,
+            with_verified: None,
         }
     }
 
@@ -73,6 +78,12 @@ impl ReplayResult {
         );
         out += &row("no prefetch", &self.without);
         out += &row(&format!("after prefetch {}", self.prefetch), &self.with);
+        if let Some(v) = self.with_verified {
+            out += &format!(
+                "    guest verified the content after prefetch: {}\n",
+                if v { "ok" } else { "MISMATCH" }
+            );
+        }
         out += &format!(
             "    saved: pf_fixed {:.0}, uffd faults {:.0}, guest time {:.3} ms, net of the prefetch {:.3} ms\n",
             self.pf_fixed_saved, self.uffd_faults_saved, self.guest_ms_saved, self.net_ms_saved
