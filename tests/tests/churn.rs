@@ -55,7 +55,11 @@ fn test_populate_backing_is_timed_and_leaves_kvm_an_eighth_of_the_faults() {
         panic!("three configurations");
     };
     assert!(anon.prefill.is_none());
-    assert!(pf(anon) >= pages * 9 / 10, "anon faults every page: {}", pf(anon));
+    assert!(
+        pf(anon) >= pages * 9 / 10,
+        "anon faults every page: {}",
+        pf(anon)
+    );
     for (c, method) in [(touch, "touch"), (populate, "MADV_POPULATE_WRITE")] {
         let p = c.prefill.as_ref().expect("prefill timed");
         assert_eq!((p.method, p.pages), (method, pages), "{}", c.backing);
@@ -78,13 +82,23 @@ fn test_pre_fault_memory_is_refused_with_the_reason() {
     }
     let t = Instant::now();
     let out = Command::new(env!("CARGO_BIN_EXE_vmm-cli"))
-        .args(["bench", "faults", "--size", "2M", "--pre-fault-memory", "-q"])
+        .args([
+            "bench",
+            "faults",
+            "--size",
+            "2M",
+            "--pre-fault-memory",
+            "-q",
+        ])
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(err.contains("KVM_PRE_FAULT_MEMORY"), "{err}");
-    assert!(t.elapsed() < Duration::from_secs(10), "refused before measuring");
+    assert!(
+        t.elapsed() < Duration::from_secs(10),
+        "refused before measuring"
+    );
 }
 
 /// A planted slow op: `stall` holds the whole range read-only for 5 ms
@@ -105,7 +119,10 @@ fn test_churn_planted_stall_is_named_as_the_cause_of_its_outliers() {
     let table = pass.churn.as_ref().expect("a churn table");
     let stall = table.row("stall").expect("a stall row");
     let dontneed = table.row("dontneed").expect("a dontneed row");
-    assert!(stall.ops >= 2, "the pass saw at least two stalls: {table:?}");
+    assert!(
+        stall.ops >= 2,
+        "the pass saw at least two stalls: {table:?}"
+    );
     assert_eq!(table.top_cause(), Some("stall"), "{table:?}");
     assert!(stall.outliers >= 1 && stall.outliers >= dontneed.outliers);
     // The accesses a stall held waited for most of its 5 ms.
@@ -141,7 +158,9 @@ fn test_churn_every_op_runs_beside_two_vcpus_and_both_passes() {
         let t = p.churn.as_ref().expect("a churn table per pass");
         let mut outliers = t.unattributed.outliers;
         for op in ["plug", "protect", "dontneed", "collapse", "dirty-log"] {
-            let row = t.row(op).unwrap_or_else(|| panic!("{pass}: no {op} row: {t:?}"));
+            let row = t
+                .row(op)
+                .unwrap_or_else(|| panic!("{pass}: no {op} row: {t:?}"));
             assert!(row.ops >= 1, "{pass}: {op} never ran");
             if op != "collapse" {
                 // MADV_COLLAPSE refuses windows the guest has not populated.
@@ -191,7 +210,11 @@ fn test_replay_copy_prefetches_exactly_the_recorded_pages() {
     assert_eq!(rp.pages, pages / 2);
     assert_eq!(rp.without.uffd_faults, pages as f64);
     assert_eq!(rp.with.uffd_faults, (pages / 2) as f64, "{rp:?}");
-    assert_eq!(rp.with_verified, Some(true), "copied content is the source's");
+    assert_eq!(
+        rp.with_verified,
+        Some(true),
+        "copied content is the source's"
+    );
     assert!(rp.prefetch_ms > 0.0);
 }
 
@@ -254,7 +277,10 @@ fn test_record_and_replay_bad_input_exits_2_and_leaves_nothing() {
     std::fs::write(&bad, "{\"format\":\"vmm-workset\",\"version\":1,\"page_size\":4096,\"range_size\":2097152,\"pages\":1}\n{\"offset\":4194304,\"t_ns\":0,\"latency_ns\":1,\"vcpu\":0}\n").unwrap();
     let (code, err) = run(&["--replay", bad.to_str().unwrap(), "--prefetch", "populate"]);
     assert_eq!(code, Some(2), "{err}");
-    assert!(err.contains("line 2") && err.contains("offset 0x400000"), "{err}");
+    assert!(
+        err.contains("line 2") && err.contains("offset 0x400000"),
+        "{err}"
+    );
     std::fs::remove_file(&bad).unwrap();
     let (code, err) = run(&["--churn", "plug,bogus"]);
     assert_eq!(code, Some(2), "{err}");

@@ -445,7 +445,9 @@ impl VcpuThread {
                     }
                     continue;
                 }
-                Err(e) if e.errno() == libc::EFAULT && self.retry_efault.load(Ordering::Acquire) => {
+                Err(e)
+                    if e.errno() == libc::EFAULT && self.retry_efault.load(Ordering::Acquire) =>
+                {
                     self.wait_out_efault()?;
                     continue;
                 }

@@ -49,20 +49,20 @@ use std::fs::File;
 use std::io::Write;
 use std::path::Path;
 
+pub use churn::attribution::{attribute, CauseRow, CauseTable, OpWindow, TimedAccess};
+pub use churn::ops::ChurnOp;
 pub use config::{
     fmt_size, Access, Backing, ConfigError, FaultsArgs, FaultsConfig, GuestPage, Pattern, Share,
     UffdCpu, MAX_ACCESSES_PER_VCPU, TEST_BASE,
 };
 pub use error::BenchError;
+pub use host::Prefill;
 pub use host::{kvm_has_pdpe1gb, HostFacts};
 pub use raw::{run as raw_baseline, RawResult};
 pub use report::{Baselines, ConfigResult, FaultsReport, PassResult, RawBaseline, Settings};
 pub use run::run_faults;
 pub use stats::{fmt_ns, ticks_to_ns, Summary};
 pub use uffd::UffdCounts;
-pub use churn::attribution::{attribute, CauseRow, CauseTable, OpWindow, TimedAccess};
-pub use churn::ops::ChurnOp;
-pub use host::Prefill;
 pub use workset::replay::{ReplayPass, ReplayResult};
 pub use workset::{Prefetch, Workset, WorksetPage};
 

@@ -10,11 +10,11 @@ use serde::Serialize;
 use super::churn::attribution::CauseTable;
 use super::config::{fmt_size, Backing, FaultsConfig};
 use super::host::{HostFacts, Prefill};
-use super::workset::replay::ReplayResult;
-use super::workset::Touch;
 use super::plot::Series;
 use super::stats::{fmt_ns, Summary};
 use super::uffd::UffdCounts;
+use super::workset::replay::ReplayResult;
+use super::workset::Touch;
 
 /// The whole run.
 #[derive(Debug, Clone, Serialize)]

@@ -11,16 +11,16 @@ use std::time::{Duration, Instant};
 use guest_image::protocol::pattern_word;
 use kvm_ioctls::Kvm;
 
-use super::config::{Access, Backing, ConfigError, FaultsConfig, GuestPage, UffdCpu, TEST_BASE};
-use super::error::BenchError;
-use super::guest::GuestBench;
-use super::progress::Progress;
-use super::report::{self, Baselines, ConfigResult, FaultsReport, PassResult, Settings};
-use super::stats::{counter_delta, ticks_to_ns, Summary};
 use super::churn::attribution::{attribute, TimedAccess};
 use super::churn::ops::ChurnTarget;
 use super::churn::Writer;
+use super::config::{Access, Backing, ConfigError, FaultsConfig, GuestPage, UffdCpu, TEST_BASE};
+use super::error::BenchError;
+use super::guest::GuestBench;
 use super::host::Prefill;
+use super::progress::Progress;
+use super::report::{self, Baselines, ConfigResult, FaultsReport, PassResult, Settings};
+use super::stats::{counter_delta, ticks_to_ns, Summary};
 use super::uffd::{self, Handler, Resolve, Userfault};
 use super::workset::prefetch;
 use super::workset::replay::{ReplayPass, ReplayResult};
@@ -166,12 +166,14 @@ fn replay_with_prefetch(
     }
     let per_round = |r: &ConfigResult| {
         let rounds = f64::from(r.rounds.max(1));
-        r.passes.first().map_or_else(ReplayPass::default, |p| ReplayPass {
-            pf_fixed: p.kvm("pf_fixed") as f64 / rounds,
-            uffd_faults: p.uffd.as_ref().map_or(0.0, |u| u.faults as f64) / rounds,
-            guest_ms: p.samples_ns.iter().sum::<f64>() / 1e6 / rounds,
-            wall_ms: p.wall_ms / rounds,
-        })
+        r.passes
+            .first()
+            .map_or_else(ReplayPass::default, |p| ReplayPass {
+                pf_fixed: p.kvm("pf_fixed") as f64 / rounds,
+                uffd_faults: p.uffd.as_ref().map_or(0.0, |u| u.faults as f64) / rounds,
+                guest_ms: p.samples_ns.iter().sum::<f64>() / 1e6 / rounds,
+                wall_ms: p.wall_ms / rounds,
+            })
     };
     let prefetch_ms = with.prefill.as_ref().map_or(0.0, |p| p.ms) / f64::from(with.rounds.max(1));
     let mut result = ReplayResult::new(
@@ -385,7 +387,9 @@ fn measure(
         }
         passes.push(pass);
     }
-    let retries = bench.efault_retries.swap(0, std::sync::atomic::Ordering::Relaxed);
+    let retries = bench
+        .efault_retries
+        .swap(0, std::sync::atomic::Ordering::Relaxed);
     if retries > 0 {
         notes.push(format!("{retries} KVM_RUN calls failed with EFAULT on a page churn made read-only and were retried (the access waited)"));
     }
@@ -485,7 +489,10 @@ fn start_churn(
     if cfg.churn.ops.is_empty() {
         return Ok(None);
     }
-    let neighbour = Arc::new(HostMapping::new(&BackingKind::Anon, crate::mm::addr::HUGE_2M)?);
+    let neighbour = Arc::new(HostMapping::new(
+        &BackingKind::Anon,
+        crate::mm::addr::HUGE_2M,
+    )?);
     bench.set_retry_efault(cfg.churn.makes_read_only());
     let target = ChurnTarget {
         memory: bench.memory().clone(),

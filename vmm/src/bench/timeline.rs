@@ -28,7 +28,11 @@ pub fn touches(cfg: &FaultsConfig, bench: &GuestBench) -> Result<Vec<Touch>, Ben
                 "the pass recorded no start stamps (no stamp buffers in the layout)".into(),
             ));
         }
-        for ((off, start), t) in plan::touched_offsets(cfg, i).into_iter().zip(stamps).zip(ticks) {
+        for ((off, start), t) in plan::touched_offsets(cfg, i)
+            .into_iter()
+            .zip(stamps)
+            .zip(ticks)
+        {
             out.push(Touch {
                 vcpu: i,
                 offset: off,

@@ -357,7 +357,11 @@ impl HostMapping {
         // SAFETY: the range lies inside our live mapping (checked above);
         // the advice only faults its pages in for writing.
         let rc = unsafe {
-            libc::madvise(self.addr.add(offset as usize).cast(), len as usize, MADV_POPULATE_WRITE)
+            libc::madvise(
+                self.addr.add(offset as usize).cast(),
+                len as usize,
+                MADV_POPULATE_WRITE,
+            )
         };
         if rc != 0 {
             return Err(BackingError::Sys {

@@ -225,10 +225,22 @@ impl CauseTable {
                 "    {:<12} {:>7} {:>7} {:>9} {:>13} {:>10}",
                 r.op,
                 if none { "-".into() } else { r.ops.to_string() },
-                if none { "-".into() } else { r.failed.to_string() },
+                if none {
+                    "-".into()
+                } else {
+                    r.failed.to_string()
+                },
                 r.outliers,
-                if r.outliers > 0 { fmt_ns(r.median_extra_ns) } else { "-".into() },
-                if r.outliers > 0 { fmt_ns(r.max_extra_ns) } else { "-".into() },
+                if r.outliers > 0 {
+                    fmt_ns(r.median_extra_ns)
+                } else {
+                    "-".into()
+                },
+                if r.outliers > 0 {
+                    fmt_ns(r.max_extra_ns)
+                } else {
+                    "-".into()
+                },
             );
         }
         out
@@ -240,11 +252,21 @@ mod tests {
     use super::*;
 
     fn flat(n: u64) -> Vec<TimedAccess> {
-        (0..n).map(|i| TimedAccess { start: i * 100, ticks: 10 }).collect()
+        (0..n)
+            .map(|i| TimedAccess {
+                start: i * 100,
+                ticks: 10,
+            })
+            .collect()
     }
 
     fn op(kind: &'static str, start: u64, end: u64) -> OpWindow {
-        OpWindow { kind, start, end, ok: true }
+        OpWindow {
+            kind,
+            start,
+            end,
+            ok: true,
+        }
     }
 
     #[test]
@@ -299,7 +321,11 @@ mod tests {
         let mut b = flat(1000);
         b[1].ticks = 310;
         b[2].ticks = 210;
-        let u = attribute(&b, &[op("plug", 0, 300), op("collapse", 10_000, 10_001)], 1.0);
+        let u = attribute(
+            &b,
+            &[op("plug", 0, 300), op("collapse", 10_000, 10_001)],
+            1.0,
+        );
         t.merge(u);
         let plug = t.row("plug").unwrap();
         assert_eq!((plug.ops, plug.outliers), (2, 3));

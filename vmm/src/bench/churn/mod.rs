@@ -119,7 +119,11 @@ impl Drop for Writer {
 fn note(log: &mut WriterLog, e: &ops::ChurnError) {
     let text = e.to_string();
     let kind = text.split(':').next().unwrap_or_default().to_string();
-    if !log.errors.iter().any(|x| x.split(':').next() == Some(&kind)) {
+    if !log
+        .errors
+        .iter()
+        .any(|x| x.split(':').next() == Some(&kind))
+    {
         log.errors.push(text);
     }
 }

@@ -161,7 +161,13 @@ impl ChurnTarget {
         // cut from its length), which `self.test` keeps alive. Changing its
         // protection is safe for this process: nothing of ours writes to it
         // (only the guest does, and its writes wait for the restore).
-        let rc = unsafe { libc::mprotect(self.test.as_ptr().add(off as usize).cast(), len as usize, prot) };
+        let rc = unsafe {
+            libc::mprotect(
+                self.test.as_ptr().add(off as usize).cast(),
+                len as usize,
+                prot,
+            )
+        };
         if rc != 0 {
             return Err(os_err(op, "mprotect"));
         }
@@ -179,7 +185,8 @@ impl ChurnTarget {
                     self.memory.apply(|m| m.unplug(gpa, len))
                 } else {
                     let mem = self.neighbour.clone();
-                    self.memory.apply(|m| m.plug(gpa, len, mem, 0, SlotFlags::NONE))
+                    self.memory
+                        .apply(|m| m.plug(gpa, len, mem, 0, SlotFlags::NONE))
                 };
                 r.map_err(|e| mm_err(name, if st.plugged { "unplug" } else { "plug" }, e))?;
                 st.plugged = !st.plugged;
@@ -208,7 +215,11 @@ impl ChurnTarget {
                 // SAFETY: advice on a window inside our live test mapping;
                 // MADV_COLLAPSE only changes how its pages are mapped.
                 let rc = unsafe {
-                    libc::madvise(self.test.as_ptr().add(off as usize).cast(), len as usize, MADV_COLLAPSE)
+                    libc::madvise(
+                        self.test.as_ptr().add(off as usize).cast(),
+                        len as usize,
+                        MADV_COLLAPSE,
+                    )
                 };
                 if rc != 0 {
                     return Err(os_err(op, "madvise(MADV_COLLAPSE)"));

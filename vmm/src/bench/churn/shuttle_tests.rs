@@ -133,9 +133,11 @@ fn shuttle_churn_broken_wait_enabled_after_writer_is_caught() {
         wait_first: false,
         ..REAL
     };
-    assert_caught("EFAULT while the vCPU does not wait", BROKEN_ITERATIONS, move || {
-        model(broken)
-    });
+    assert_caught(
+        "EFAULT while the vCPU does not wait",
+        BROKEN_ITERATIONS,
+        move || model(broken),
+    );
 }
 
 #[test]

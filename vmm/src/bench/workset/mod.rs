@@ -83,7 +83,9 @@ impl WorksetOptions {
     /// Checks the flags against the backings (files are read later).
     pub fn validate(&self, backings: &[Backing]) -> Result<(), String> {
         if self.record.is_some() && backings.len() != 1 {
-            return Err("--record records one configuration: give one --backing, not --compare".into());
+            return Err(
+                "--record records one configuration: give one --backing, not --compare".into(),
+            );
         }
         if self.replay.is_none() {
             return Ok(());
@@ -105,7 +107,9 @@ impl WorksetOptions {
             .iter()
             .find(|b| matches!(b, Backing::Prefault | Backing::Populate))
         {
-            return Err(format!("--replay on {b} compares nothing: {b} populates the whole range already"));
+            return Err(format!(
+                "--replay on {b} compares nothing: {b} populates the whole range already"
+            ));
         }
         Ok(())
     }
@@ -266,13 +270,28 @@ impl Workset {
         let header: Header = serde_json::from_str(&first)
             .map_err(|e| invalid(1, format!("not a working-set header ({e})")))?;
         if header.format != FORMAT || header.version != VERSION {
-            return Err(invalid(1, format!("format {:?} version {}: this build reads {FORMAT:?} version {VERSION}", header.format, header.version)));
+            return Err(invalid(
+                1,
+                format!(
+                    "format {:?} version {}: this build reads {FORMAT:?} version {VERSION}",
+                    header.format, header.version
+                ),
+            ));
         }
         if header.page_size != PAGE_SIZE {
-            return Err(invalid(1, format!("page_size {} is not {PAGE_SIZE}", header.page_size)));
+            return Err(invalid(
+                1,
+                format!("page_size {} is not {PAGE_SIZE}", header.page_size),
+            ));
         }
         if header.range_size > range_size {
-            return Err(invalid(1, format!("recorded on a range of {} bytes, larger than --size ({range_size})", header.range_size)));
+            return Err(invalid(
+                1,
+                format!(
+                    "recorded on a range of {} bytes, larger than --size ({range_size})",
+                    header.range_size
+                ),
+            ));
         }
         let mut seen = std::collections::HashSet::new();
         let mut pages = Vec::new();
@@ -285,15 +304,31 @@ impl Workset {
             let p: WorksetPage = serde_json::from_str(&l)
                 .map_err(|e| invalid(line_no, format!("not a page line ({e})")))?;
             if p.offset % PAGE_SIZE != 0 || p.offset >= range_size {
-                return Err(invalid(line_no, format!("offset {:#x} is not a page of the {range_size:#x}-byte range", p.offset)));
+                return Err(invalid(
+                    line_no,
+                    format!(
+                        "offset {:#x} is not a page of the {range_size:#x}-byte range",
+                        p.offset
+                    ),
+                ));
             }
             if !seen.insert(p.offset) {
-                return Err(invalid(line_no, format!("page {:#x} listed twice", p.offset)));
+                return Err(invalid(
+                    line_no,
+                    format!("page {:#x} listed twice", p.offset),
+                ));
             }
             pages.push(p);
         }
         if pages.len() as u64 != header.pages {
-            return Err(invalid(0, format!("the header announces {} pages, the file has {}", header.pages, pages.len())));
+            return Err(invalid(
+                0,
+                format!(
+                    "the header announces {} pages, the file has {}",
+                    header.pages,
+                    pages.len()
+                ),
+            ));
         }
         Ok(Self {
             range_size: header.range_size,
@@ -361,10 +396,30 @@ mod tests {
 
     fn set() -> Workset {
         let touches = [
-            Touch { vcpu: 0, offset: 0x3000, start: 500, ticks: 10 },
-            Touch { vcpu: 0, offset: 0x1000, start: 100, ticks: 20 },
-            Touch { vcpu: 1, offset: 0x1008, start: 300, ticks: 5 },
-            Touch { vcpu: 1, offset: 0x2000, start: 400, ticks: 7 },
+            Touch {
+                vcpu: 0,
+                offset: 0x3000,
+                start: 500,
+                ticks: 10,
+            },
+            Touch {
+                vcpu: 0,
+                offset: 0x1000,
+                start: 100,
+                ticks: 20,
+            },
+            Touch {
+                vcpu: 1,
+                offset: 0x1008,
+                start: 300,
+                ticks: 5,
+            },
+            Touch {
+                vcpu: 1,
+                offset: 0x2000,
+                start: 400,
+                ticks: 7,
+            },
         ];
         Workset::from_touches(0x10000, &touches, 1_000_000)
     }
@@ -392,7 +447,8 @@ mod tests {
     #[test]
     fn test_workset_bad_files_are_refused_with_the_line() {
         let p = tmp("bad");
-        let header = r#"{"format":"vmm-workset","version":1,"page_size":4096,"range_size":65536,"pages":1}"#;
+        let header =
+            r#"{"format":"vmm-workset","version":1,"page_size":4096,"range_size":65536,"pages":1}"#;
         let cases = [
             ("", "line 1: empty file"),
             ("hello\n", "line 1: not a working-set header"),
@@ -421,7 +477,10 @@ mod tests {
             ..WorksetOptions::default()
         };
         assert!(o.validate(&[Backing::UffdCopy]).is_ok());
-        assert!(o.validate(&[Backing::ANON]).unwrap_err().contains("uffd-copy"));
+        assert!(o
+            .validate(&[Backing::ANON])
+            .unwrap_err()
+            .contains("uffd-copy"));
         o.prefetch = Prefetch::Populate;
         assert!(o.validate(&[Backing::ANON]).is_ok());
         assert!(o.validate(&[Backing::UffdZero]).is_err());

@@ -38,13 +38,23 @@ pub fn populate(test: &HostMapping, set: &Workset) -> Result<Prefill, PrefetchEr
     for &(off, len) in &runs {
         test.populate_write(off, len)?;
     }
-    Ok(Prefill::new("MADV_POPULATE_WRITE per run", set, runs.len(), t))
+    Ok(Prefill::new(
+        "MADV_POPULATE_WRITE per run",
+        set,
+        runs.len(),
+        t,
+    ))
 }
 
 /// `UFFDIO_COPY` of every run of `set` from `source` (at the same offsets)
 /// into the range registered with `uffd`, which starts at host address
 /// `base`; timed, reading the source included.
-pub fn copy(uffd: &Userfault, base: u64, source: &File, set: &Workset) -> Result<Prefill, PrefetchError> {
+pub fn copy(
+    uffd: &Userfault,
+    base: u64,
+    source: &File,
+    set: &Workset,
+) -> Result<Prefill, PrefetchError> {
     let runs = set.runs();
     let longest = runs.iter().map(|r| r.1).max().unwrap_or(0);
     let mut buf = vec![0u8; longest as usize];
@@ -53,7 +63,10 @@ pub fn copy(uffd: &Userfault, base: u64, source: &File, set: &Workset) -> Result
         let chunk = &mut buf[..len as usize];
         source
             .read_exact_at(chunk, off)
-            .map_err(|source| PrefetchError::Source { offset: off, source })?;
+            .map_err(|source| PrefetchError::Source {
+                offset: off,
+                source,
+            })?;
         uffd.copy(base + off, chunk)?;
     }
     Ok(Prefill::new("UFFDIO_COPY per run", set, runs.len(), t))

@@ -48,7 +48,13 @@ pub struct ReplayResult {
 
 impl ReplayResult {
     /// The comparison of `without` and `with` (both per round).
-    pub fn new(prefetch: Prefetch, pages: u64, prefetch_ms: f64, without: ReplayPass, with: ReplayPass) -> Self {
+    pub fn new(
+        prefetch: Prefetch,
+        pages: u64,
+        prefetch_ms: f64,
+        without: ReplayPass,
+        with: ReplayPass,
+    ) -> Self {
         let guest_ms_saved = without.guest_ms - with.guest_ms;
         Self {
             prefetch,
@@ -98,8 +104,18 @@ mod tests {
 
     #[test]
     fn test_replay_savings_are_differences() {
-        let without = ReplayPass { pf_fixed: 100.0, uffd_faults: 100.0, guest_ms: 5.0, wall_ms: 9.0 };
-        let with = ReplayPass { pf_fixed: 13.0, uffd_faults: 0.0, guest_ms: 1.0, wall_ms: 4.0 };
+        let without = ReplayPass {
+            pf_fixed: 100.0,
+            uffd_faults: 100.0,
+            guest_ms: 5.0,
+            wall_ms: 9.0,
+        };
+        let with = ReplayPass {
+            pf_fixed: 13.0,
+            uffd_faults: 0.0,
+            guest_ms: 1.0,
+            wall_ms: 4.0,
+        };
         let r = ReplayResult::new(Prefetch::Copy, 100, 1.5, without, with);
         assert_eq!((r.pf_fixed_saved, r.uffd_faults_saved), (87.0, 100.0));
         assert_eq!((r.guest_ms_saved, r.net_ms_saved), (4.0, 2.5));
