@@ -429,6 +429,26 @@ pub fn table(cfg: &FaultsConfig, r: &ConfigResult) -> String {
     out
 }
 
+/// `populate` against `prefault` when both ran: host time to fill the same
+/// range with `MADV_POPULATE_WRITE` against touching each page.
+fn prefill_ratio(report: &FaultsReport) -> String {
+    let ms = |name: &str| {
+        report
+            .configurations
+            .iter()
+            .find(|c| c.backing == name)
+            .and_then(|c| c.prefill.as_ref())
+            .map(|p| p.ms)
+    };
+    match (ms("populate"), ms("prefault")) {
+        (Some(populate), Some(touch)) if touch > 0.0 => format!(
+            "  host prefill: MADV_POPULATE_WRITE {populate:.1} ms vs touch {touch:.1} ms: ratio {:.3}\n",
+            populate / touch
+        ),
+        _ => String::new(),
+    }
+}
+
 /// The lines of a prefill, of each pass's churn table and of a replay.
 fn prefill_churn_replay(r: &ConfigResult) -> String {
     let mut out = String::new();
@@ -479,6 +499,7 @@ pub fn comparison(report: &FaultsReport) -> String {
             }
         }
     }
+    out.push_str(&prefill_ratio(report));
     if !report.host.kvm_pdpe1gb {
         out.push_str(
             "  (1 GiB guest pages are unavailable on this host: KVM's CPUID lacks pdpe1gb)\n",

@@ -87,40 +87,22 @@ pub fn run_faults(cfg: &FaultsConfig, out: &mut dyn Write) -> Result<FaultsRepor
     let mut results = Vec::new();
     let mut tsc_khz = 0;
     let mut interrupted = None;
-    'configs: for backing in &cfg.backings {
+    for backing in &cfg.backings {
         if let Some(signal) = super::interrupt::caught() {
             interrupted = Some(signal);
             break;
         }
-        let first = match run_one(cfg, backing, false, None) {
+        let measured = match &replay {
+            Some(set) => replay_rounds(cfg, backing, set),
+            None => rounds(cfg, backing),
+        };
+        let r = match measured {
             Err(BenchError::Interrupted(signal)) => {
                 interrupted = Some(signal);
                 break;
             }
             other => other?,
         };
-        let mut r = first;
-        for round in 1..cfg.rounds {
-            if r.skipped.is_some() {
-                break;
-            }
-            match run_one(cfg, backing, round % 2 == 1, None) {
-                Err(BenchError::Interrupted(signal)) => {
-                    interrupted = Some(signal);
-                    break 'configs;
-                }
-                other => r.merge(other?),
-            }
-        }
-        if let (Some(set), None) = (&replay, &r.skipped) {
-            match replay_with_prefetch(cfg, backing, set, &r) {
-                Err(BenchError::Interrupted(signal)) => {
-                    interrupted = Some(signal);
-                    break 'configs;
-                }
-                other => r.replay = Some(other?),
-            }
-        }
         if let (Some(out), Some(pass)) = (record.as_mut(), r.passes.first()) {
             out.write(&Workset::from_touches(cfg.size, &pass.touches, r.tsc_khz))?;
         }
@@ -145,24 +127,58 @@ pub fn run_faults(cfg: &FaultsConfig, out: &mut dyn Write) -> Result<FaultsRepor
     Ok(report)
 }
 
-/// The replay's second half: every round of the configuration again, on
-/// fresh memory where `set` was prefetched before the timed pass (no
-/// baselines, no churn), compared with `without`, the same configuration
-/// without prefetch.
-fn replay_with_prefetch(
+/// Every round of one configuration, merged; rounds alternate whether the
+/// baselines or the tool go first.
+fn rounds(cfg: &FaultsConfig, backing: &Backing) -> Result<ConfigResult, BenchError> {
+    let mut r = run_one(cfg, backing, false, None)?;
+    for round in 1..cfg.rounds {
+        if r.skipped.is_some() {
+            break;
+        }
+        r.merge(run_one(cfg, backing, round % 2 == 1, None)?);
+    }
+    Ok(r)
+}
+
+/// `--replay`: every round of the configuration twice, each on fresh memory
+/// and a fresh VM: as usual, and with `set` prefetched before the VM is
+/// built (that run without baselines or churn). Rounds alternate which of
+/// the two goes first, since the second allocates memory the first just
+/// freed. Returns the usual result with the comparison attached.
+fn replay_rounds(
     cfg: &FaultsConfig,
     backing: &Backing,
     set: &Workset,
-    without: &ConfigResult,
-) -> Result<ReplayResult, BenchError> {
+) -> Result<ConfigResult, BenchError> {
     let quiet = FaultsConfig {
         baselines: false,
         churn: Default::default(),
         ..cfg.clone()
     };
-    let mut with = run_one(&quiet, backing, false, Some(set))?;
-    for _ in 1..cfg.rounds {
-        with.merge(run_one(&quiet, backing, false, Some(set))?);
+    let mut without: Option<ConfigResult> = None;
+    let mut with: Option<ConfigResult> = None;
+    let add = |acc: &mut Option<ConfigResult>, r: ConfigResult| match acc {
+        Some(a) => a.merge(r),
+        None => *acc = Some(r),
+    };
+    for round in 0..cfg.rounds {
+        let prefetch_first = round % 2 == 1;
+        for prefetched in [prefetch_first, !prefetch_first] {
+            if prefetched {
+                add(&mut with, run_one(&quiet, backing, false, Some(set))?);
+            } else {
+                add(&mut without, run_one(cfg, backing, round % 2 == 1, None)?);
+            }
+        }
+        if without.as_ref().is_some_and(|r| r.skipped.is_some()) {
+            break;
+        }
+    }
+    let (Some(mut without), Some(with)) = (without, with) else {
+        unreachable!("at least one round ran both");
+    };
+    if without.skipped.is_some() || with.skipped.is_some() {
+        return Ok(without);
     }
     let per_round = |r: &ConfigResult| {
         let rounds = f64::from(r.rounds.max(1));
@@ -180,11 +196,12 @@ fn replay_with_prefetch(
         cfg.workset.prefetch,
         set.pages.len() as u64,
         prefetch_ms,
-        per_round(without),
+        per_round(&without),
         per_round(&with),
     );
     result.with_verified = with.uffd_verified;
-    Ok(result)
+    without.replay = Some(result);
+    Ok(without)
 }
 
 /// Runs one configuration: phases, then its baselines.

@@ -26,6 +26,8 @@ use crate::mm::sync::{thread, Arc, AtomicBool, Ordering};
 
 const ITERATIONS: usize = 5_000;
 const BROKEN_ITERATIONS: usize = 20_000;
+/// Ops the model's writer runs at most.
+const OP_BUDGET: u32 = 8;
 
 #[derive(Default)]
 struct Host {
@@ -85,10 +87,17 @@ fn model(v: Variant) {
     let start_writer = |h: &Arc<Host>| {
         let hw = h.clone();
         thread::spawn(move || {
+            // The real writer runs until stopped; the model's also stops
+            // after a budget of ops, so a schedule that favours it cannot
+            // spin forever (the vCPU and main thread still run meanwhile).
+            let budget = std::cell::Cell::new(OP_BUDGET);
             run_ops(
                 &[ChurnOp::Protect, ChurnOp::Plug],
                 Duration::ZERO,
-                || hw.stop.load(Ordering::SeqCst),
+                || {
+                    budget.set(budget.get().saturating_sub(1));
+                    hw.stop.load(Ordering::SeqCst) || budget.get() == 0
+                },
                 |o| op(&hw, o, v),
                 || {
                     hw.plugged.store(false, Ordering::SeqCst);

@@ -94,6 +94,13 @@ impl ReplayResult {
             "    saved: pf_fixed {:.0}, uffd faults {:.0}, guest time {:.3} ms, net of the prefetch {:.3} ms\n",
             self.pf_fixed_saved, self.uffd_faults_saved, self.guest_ms_saved, self.net_ms_saved
         );
+        if self.without.guest_ms > 0.0 {
+            out += &format!(
+                "    guest time after/without prefetch: ratio {:.3}; prefetch + guest time / without: {:.3}\n",
+                self.with.guest_ms / self.without.guest_ms,
+                (self.prefetch_ms + self.with.guest_ms) / self.without.guest_ms
+            );
+        }
         out
     }
 }
