@@ -20,12 +20,12 @@ echo "== faults under churn ($size): which op caused which outlier"
 $vmm bench faults --size "$size" --churn plug,protect,dontneed,collapse,dirty-log \
     --refault --no-baselines -q --json >"$out/churn.json"
 
-echo "== working set: record ($size), replay with each prefetch against none (3 rounds)"
+echo "== working set: record ($size), replay with each prefetch against none (4 rounds, alternating order)"
 $vmm bench faults --size "$size" --record "$out/workset.jsonl" --no-baselines -q >/dev/null
-$vmm bench faults --size "$size" --backing uffd-copy --access read --rounds 3 \
+$vmm bench faults --size "$size" --backing uffd-copy --access read --rounds 4 \
     --replay "$out/workset.jsonl" --prefetch copy --no-baselines -q --json >"$out/replay-copy.json"
-$vmm bench faults --size "$size" --rounds 3 \
+$vmm bench faults --size "$size" --rounds 4 \
     --replay "$out/workset.jsonl" --prefetch populate --no-baselines -q --json >"$out/replay-populate.json"
-$vmm bench faults --size "$size" --rounds 3 \
+$vmm bench faults --size "$size" --rounds 4 \
     --replay "$out/workset.jsonl" --prefetch none --no-baselines -q --json >"$out/replay-none.json"
 echo "JSON in $out/"

@@ -20,6 +20,9 @@ use crate::mm::manager::MemoryManager;
 use crate::mm::slot_map::SlotFlags;
 use crate::units::parse_duration;
 
+/// The longest a planted `stall` may hold the range read-only.
+pub const MAX_STALL: Duration = Duration::from_secs(1);
+
 /// `MADV_COLLAPSE` (Linux 6.1): collapse the range's pages into THPs now.
 const MADV_COLLAPSE: i32 = 25;
 
@@ -29,6 +32,9 @@ pub enum ChurnError {
     /// An unknown op name.
     #[error("unknown churn op {0:?}: expected plug, protect, dontneed, collapse or dirty-log")]
     UnknownOp(String),
+    /// A `stall=` duration that is not a duration up to [`MAX_STALL`].
+    #[error("stall={0}: expected a duration up to 1s (e.g. stall=5ms)")]
+    Stall(String),
     /// A host call of an op failed.
     #[error("{op}: {what} failed: {reason}")]
     Op {
@@ -105,12 +111,14 @@ impl FromStr for ChurnOp {
             "dontneed" => ChurnOp::Dontneed,
             "collapse" => ChurnOp::Collapse,
             "dirty-log" => ChurnOp::DirtyLog,
-            t => t
-                .strip_prefix("stall=")
-                .and_then(|d| parse_duration(d).ok())
-                .filter(|d| *d <= Duration::from_secs(1))
-                .map(ChurnOp::Stall)
-                .ok_or_else(|| ChurnError::UnknownOp(s.to_string()))?,
+            t => match t.strip_prefix("stall=") {
+                Some(d) => parse_duration(d)
+                    .ok()
+                    .filter(|d| *d <= MAX_STALL)
+                    .map(ChurnOp::Stall)
+                    .ok_or_else(|| ChurnError::Stall(d.to_string()))?,
+                None => return Err(ChurnError::UnknownOp(s.to_string())),
+            },
         })
     }
 }
@@ -277,7 +285,8 @@ mod tests {
         }
         let e = "plugg".parse::<ChurnOp>().unwrap_err().to_string();
         assert!(e.contains("\"plugg\"") && e.contains("dirty-log"), "{e}");
-        assert!("stall=5s".parse::<ChurnOp>().is_err(), "stalls are bounded");
+        let e = "stall=5s".parse::<ChurnOp>().unwrap_err().to_string();
+        assert!(e.contains("up to 1s"), "stalls are bounded: {e}");
         assert!(ChurnOp::Stall(Duration::ZERO).makes_read_only());
         assert!(!ChurnOp::Plug.makes_read_only());
     }
