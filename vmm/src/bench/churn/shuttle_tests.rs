@@ -1,19 +1,21 @@
-//! Shuttle model of the churn protocol between the writer, a vCPU and the
-//! main thread, with the real writer loop ([`run_ops`]) and the order
+//! Shuttle model of the churn protocol between the writer, the vCPUs and
+//! the main thread, with the real writer loop ([`run_ops`]) and the order
 //! `bench::run` follows: enable EFAULT waiting, start the writer, run the
-//! pass, stop and join the writer, disable waiting.
+//! pass; then stop and join the writer, disable waiting, and only then run
+//! the next phase (a re-fault pass, a guest VERIFY).
 //!
 //! The host page is an atomic "writable" flag; a protect op clears it and
-//! sets it again (a yield between, where the vCPU may run); a plug op flips
-//! a "plugged" flag that `restore` must clear. The vCPU's write succeeds when
-//! the page is writable; otherwise it waits if waiting is enabled, and the
-//! pass fails if not (`KVM_RUN` returns EFAULT to a loop that does not
+//! sets it again (a yield between, where a vCPU may run); a plug op flips
+//! a "plugged" flag that `restore` must clear. A vCPU's write succeeds when
+//! the page is writable; otherwise it waits if waiting is enabled, and its
+//! phase fails if not (`KVM_RUN` returns EFAULT to a loop that does not
 //! expect it).
 //!
-//! Properties: the pass never fails; after the writer is joined the page is
+//! Properties: no phase fails; after the writer is joined the page is
 //! writable and nothing is plugged. Broken variants the model must catch:
-//! waiting enabled only after the writer started; a writer that checks for
-//! stop inside an op (between making the page read-only and restoring it).
+//! the next phase started before the writer was joined (it may still be
+//! inside an op); a writer that checks for stop inside an op (between
+//! making the page read-only and restoring it).
 //!
 //! Run: `RUSTFLAGS="--cfg vmm_shuttle" cargo test -p vmm --lib --release shuttle_churn`.
 
@@ -39,14 +41,14 @@ struct Host {
 
 #[derive(Clone, Copy)]
 struct Variant {
-    /// Enable waiting before starting the writer (the real order).
-    wait_first: bool,
+    /// Join the writer before the next phase (the real order).
+    join_first: bool,
     /// Look at `stop` between an op's two halves (broken).
     stop_inside_op: bool,
 }
 
 const REAL: Variant = Variant {
-    wait_first: true,
+    join_first: true,
     stop_inside_op: false,
 };
 
@@ -74,7 +76,7 @@ fn vcpu_writes(h: &Host, n: usize) {
         while !h.writable.load(Ordering::SeqCst) {
             assert!(
                 h.waiting.load(Ordering::SeqCst),
-                "EFAULT while the vCPU does not wait for it: the pass fails"
+                "EFAULT while the vCPU does not wait for it: the phase fails"
             );
             thread::yield_now();
         }
@@ -84,42 +86,43 @@ fn vcpu_writes(h: &Host, n: usize) {
 fn model(v: Variant) {
     let h = Arc::new(Host::default());
     h.writable.store(true, Ordering::SeqCst);
-    let start_writer = |h: &Arc<Host>| {
-        let hw = h.clone();
-        thread::spawn(move || {
-            // The real writer runs until stopped; the model's also stops
-            // after a budget of ops, so a schedule that favours it cannot
-            // spin forever (the vCPU and main thread still run meanwhile).
-            let budget = std::cell::Cell::new(OP_BUDGET);
-            run_ops(
-                &[ChurnOp::Protect, ChurnOp::Plug],
-                Duration::ZERO,
-                || {
-                    budget.set(budget.get().saturating_sub(1));
-                    hw.stop.load(Ordering::SeqCst) || budget.get() == 0
-                },
-                |o| op(&hw, o, v),
-                || {
-                    hw.plugged.store(false, Ordering::SeqCst);
-                    Ok(())
-                },
-            )
-        })
-    };
-    let writer = if v.wait_first {
-        h.waiting.store(true, Ordering::SeqCst);
-        start_writer(&h)
-    } else {
-        let w = start_writer(&h);
-        h.waiting.store(true, Ordering::SeqCst);
-        w
-    };
+    h.waiting.store(true, Ordering::SeqCst);
+    let hw = h.clone();
+    let writer = thread::spawn(move || {
+        // The real writer runs until stopped; the model's also stops after
+        // a budget of ops, so a schedule that favours it cannot spin
+        // forever (the vCPU and main thread still run meanwhile).
+        let budget = std::cell::Cell::new(OP_BUDGET);
+        run_ops(
+            &[ChurnOp::Protect, ChurnOp::Plug],
+            Duration::ZERO,
+            || {
+                budget.set(budget.get().saturating_sub(1));
+                hw.stop.load(Ordering::SeqCst) || budget.get() == 0
+            },
+            |o| op(&hw, o, v),
+            || {
+                hw.plugged.store(false, Ordering::SeqCst);
+                Ok(())
+            },
+        )
+    });
     let hv = h.clone();
-    let vcpu = thread::spawn(move || vcpu_writes(&hv, 2));
-    vcpu.join().unwrap();
+    thread::spawn(move || vcpu_writes(&hv, 2)).join().unwrap();
     h.stop.store(true, Ordering::SeqCst);
-    let log = writer.join().unwrap();
-    h.waiting.store(false, Ordering::SeqCst);
+    let log = if v.join_first {
+        let log = writer.join().unwrap();
+        h.waiting.store(false, Ordering::SeqCst);
+        Some(log)
+    } else {
+        h.waiting.store(false, Ordering::SeqCst);
+        None
+    };
+    // The next phase: no churn, no waiting.
+    let hv = h.clone();
+    let next = thread::spawn(move || vcpu_writes(&hv, 1));
+    let log = log.unwrap_or_else(|| writer.join().unwrap());
+    next.join().unwrap();
     assert!(log.errors.is_empty());
     assert!(
         h.writable.load(Ordering::SeqCst),
@@ -137,9 +140,9 @@ fn shuttle_churn_writer_leaves_range_writable_and_vcpu_never_fails() {
 }
 
 #[test]
-fn shuttle_churn_broken_wait_enabled_after_writer_is_caught() {
+fn shuttle_churn_broken_next_phase_before_writer_joined_is_caught() {
     let broken = Variant {
-        wait_first: false,
+        join_first: false,
         ..REAL
     };
     assert_caught(
@@ -155,5 +158,11 @@ fn shuttle_churn_broken_stop_inside_op_is_caught() {
         stop_inside_op: true,
         ..REAL
     };
-    assert_caught("stayed read-only", BROKEN_ITERATIONS, move || model(broken));
+    // The writer ends with the page read-only: the next phase, which does
+    // not wait, meets it.
+    assert_caught(
+        "EFAULT while the vCPU does not wait",
+        BROKEN_ITERATIONS,
+        move || model(broken),
+    );
 }
