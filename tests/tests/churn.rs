@@ -287,6 +287,9 @@ fn test_record_and_replay_bad_input_exits_2_and_leaves_nothing() {
     assert!(err.contains("bogus"), "{err}");
     let (code, err) = run(&["--prefetch", "copy"]);
     assert_eq!(code, Some(2), "--prefetch without --replay: {err}");
+    let (code, err) = run(&["--churn", "plug", "--replay", "/nonexistent"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("--churn with --replay"), "{err}");
     // A run that fails after the record file was created removes it.
     let rec = tmp("failed.jsonl");
     let (code, err) = run(&["--record", rec.to_str().unwrap(), "--timeout", "1ms"]);

@@ -498,6 +498,12 @@ impl FaultsConfig {
         self.workset
             .validate(&self.backings)
             .map_err(ConfigError::Workset)?;
+        if !self.churn.ops.is_empty() && self.workset.replay.is_some() {
+            return Err(ConfigError::Workset(
+                "--churn with --replay would disturb the runs being compared: run them separately"
+                    .into(),
+            ));
+        }
         Ok(())
     }
 

@@ -83,6 +83,12 @@ pub struct Settings {
     pub seed: u64,
     /// Rounds per configuration (tool and raw baseline alternate order).
     pub rounds: u32,
+    /// `--churn` ops, in the writer's order.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub churn: Vec<String>,
+    /// `--prefetch` of a `--replay`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prefetch: Option<String>,
 }
 
 impl From<&FaultsConfig> for Settings {
@@ -98,6 +104,12 @@ impl From<&FaultsConfig> for Settings {
             uffd_cpu: c.uffd_cpu.to_string(),
             seed: c.seed,
             rounds: c.rounds,
+            churn: c.churn.ops.iter().map(ToString::to_string).collect(),
+            prefetch: c
+                .workset
+                .replay
+                .as_ref()
+                .map(|_| c.workset.prefetch.to_string()),
         }
     }
 }

@@ -142,7 +142,7 @@ fn rounds(cfg: &FaultsConfig, backing: &Backing) -> Result<ConfigResult, BenchEr
 
 /// `--replay`: every round of the configuration twice, each on fresh memory
 /// and a fresh VM: as usual, and with `set` prefetched before the VM is
-/// built (that run without baselines or churn). Rounds alternate which of
+/// built (that run without baselines). Rounds alternate which of
 /// the two goes first, since the second allocates memory the first just
 /// freed. Returns the usual result with the comparison attached.
 fn replay_rounds(
@@ -152,7 +152,6 @@ fn replay_rounds(
 ) -> Result<ConfigResult, BenchError> {
     let quiet = FaultsConfig {
         baselines: false,
-        churn: Default::default(),
         ..cfg.clone()
     };
     let mut without: Option<ConfigResult> = None;

@@ -31,6 +31,14 @@ const BROKEN_ITERATIONS: usize = 20_000;
 /// Ops the model's writer runs at most.
 const OP_BUDGET: u32 = 8;
 
+type Counter = std::sync::atomic::AtomicUsize;
+
+/// Writes that found the page read-only and waited, over all schedules of
+/// the real variant (the model is not vacuous if some did); the broken
+/// variants count elsewhere, as tests run in parallel.
+static WAITED_REAL: Counter = Counter::new(0);
+static WAITED_BROKEN: Counter = Counter::new(0);
+
 #[derive(Default)]
 struct Host {
     writable: AtomicBool,
@@ -45,11 +53,14 @@ struct Variant {
     join_first: bool,
     /// Look at `stop` between an op's two halves (broken).
     stop_inside_op: bool,
+    /// Where waits are counted.
+    waited: &'static Counter,
 }
 
 const REAL: Variant = Variant {
     join_first: true,
     stop_inside_op: false,
+    waited: &WAITED_REAL,
 };
 
 fn op(h: &Host, op: ChurnOp, v: Variant) -> Result<(), ChurnError> {
@@ -71,13 +82,14 @@ fn op(h: &Host, op: ChurnOp, v: Variant) -> Result<(), ChurnError> {
     Ok(())
 }
 
-fn vcpu_writes(h: &Host, n: usize) {
+fn vcpu_writes(h: &Host, n: usize, waited: &Counter) {
     for _ in 0..n {
         while !h.writable.load(Ordering::SeqCst) {
             assert!(
                 h.waiting.load(Ordering::SeqCst),
                 "EFAULT while the vCPU does not wait for it: the phase fails"
             );
+            waited.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             thread::yield_now();
         }
     }
@@ -108,20 +120,24 @@ fn model(v: Variant) {
         )
     });
     let hv = h.clone();
-    thread::spawn(move || vcpu_writes(&hv, 2)).join().unwrap();
+    thread::spawn(move || vcpu_writes(&hv, 2, v.waited))
+        .join()
+        .unwrap();
     h.stop.store(true, Ordering::SeqCst);
-    let log = if v.join_first {
-        let log = writer.join().unwrap();
-        h.waiting.store(false, Ordering::SeqCst);
-        Some(log)
+    let (joined, running) = if v.join_first {
+        (Some(writer.join().unwrap()), None)
     } else {
-        h.waiting.store(false, Ordering::SeqCst);
-        None
+        (None, Some(writer))
     };
+    h.waiting.store(false, Ordering::SeqCst);
     // The next phase: no churn, no waiting.
     let hv = h.clone();
-    let next = thread::spawn(move || vcpu_writes(&hv, 1));
-    let log = log.unwrap_or_else(|| writer.join().unwrap());
+    let next = thread::spawn(move || vcpu_writes(&hv, 1, v.waited));
+    let log = match (joined, running) {
+        (Some(log), _) => log,
+        (None, Some(w)) => w.join().unwrap(),
+        (None, None) => unreachable!("the writer is joined or running"),
+    };
     next.join().unwrap();
     assert!(log.errors.is_empty());
     assert!(
@@ -137,12 +153,17 @@ fn model(v: Variant) {
 #[test]
 fn shuttle_churn_writer_leaves_range_writable_and_vcpu_never_fails() {
     pct(|| model(REAL), ITERATIONS);
+    assert!(
+        WAITED_REAL.load(std::sync::atomic::Ordering::Relaxed) > 0,
+        "no schedule had a vCPU wait out a read-only page"
+    );
 }
 
 #[test]
 fn shuttle_churn_broken_next_phase_before_writer_joined_is_caught() {
     let broken = Variant {
         join_first: false,
+        waited: &WAITED_BROKEN,
         ..REAL
     };
     assert_caught(
@@ -156,6 +177,7 @@ fn shuttle_churn_broken_next_phase_before_writer_joined_is_caught() {
 fn shuttle_churn_broken_stop_inside_op_is_caught() {
     let broken = Variant {
         stop_inside_op: true,
+        waited: &WAITED_BROKEN,
         ..REAL
     };
     // The writer ends with the page read-only: the next phase, which does
