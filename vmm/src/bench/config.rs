@@ -22,6 +22,7 @@ use std::time::Duration;
 use clap::Args;
 use guest_image::protocol::layout;
 
+use super::workset::{Prefetch, WorksetOptions};
 use crate::mm::addr::{HUGE_1G, HUGE_2M, PAGE_SIZE};
 use crate::mm::backing::BackingKind;
 use crate::units::{parse_duration, parse_size};
@@ -298,6 +299,39 @@ pub fn fmt_size(n: u64) -> String {
     format!("{n}B")
 }
 
+/// Checks `--record`, `--replay` and `--prefetch` against the backings (the
+/// files are read later).
+fn validate_workset(opts: &WorksetOptions, backings: &[Backing]) -> Result<(), String> {
+    if opts.record.is_some() && backings.len() != 1 {
+        return Err("--record records one configuration: give one --backing, not --compare".into());
+    }
+    if opts.replay.is_none() {
+        return Ok(());
+    }
+    match opts.prefetch {
+        Prefetch::Copy => {
+            if let Some(b) = backings.iter().find(|b| **b != Backing::UffdCopy) {
+                return Err(format!("--prefetch copy copies pages through the userfaultfd of --backing uffd-copy, not {b}"));
+            }
+        }
+        Prefetch::Populate => {
+            if let Some(b) = backings.iter().find(|b| b.is_uffd()) {
+                return Err(format!("--prefetch populate would fault {b}'s pages through its userfaultfd: use --prefetch copy with uffd-copy, or a host backing such as anon"));
+            }
+        }
+        Prefetch::None => {}
+    }
+    if let Some(b) = backings
+        .iter()
+        .find(|b| matches!(b, Backing::Prefault | Backing::Populate))
+    {
+        return Err(format!(
+            "--replay on {b} compares nothing: {b} populates the whole range already"
+        ));
+    }
+    Ok(())
+}
+
 fn parse_backing(s: &str) -> Result<Backing, String> {
     s.parse().map_err(|e: ConfigError| e.to_string())
 }
@@ -438,7 +472,7 @@ impl FaultsConfig {
             progress: false,
             pre_fault_memory: false,
             churn: super::churn::ChurnOptions::default(),
-            workset: super::workset::WorksetOptions::default(),
+            workset: WorksetOptions::default(),
         }
     }
 
@@ -495,9 +529,7 @@ impl FaultsConfig {
                 max: MAX_ACCESSES_PER_VCPU,
             });
         }
-        self.workset
-            .validate(&self.backings)
-            .map_err(ConfigError::Workset)?;
+        validate_workset(&self.workset, &self.backings).map_err(ConfigError::Workset)?;
         if !self.churn.ops.is_empty() && self.workset.replay.is_some() {
             return Err(ConfigError::Workset(
                 "--churn with --replay would disturb the runs being compared: run them separately"
@@ -652,5 +684,27 @@ mod tests {
         assert_eq!("1G".parse::<GuestPage>(), Ok(GuestPage::Size1G));
         assert!("8K".parse::<GuestPage>().is_err());
         assert_eq!(fmt_size(64 << 20), "64M");
+    }
+
+    #[test]
+    fn test_prefetch_flags_must_fit_the_backing() {
+        let mut o = WorksetOptions {
+            replay: Some("x".into()),
+            prefetch: Prefetch::Copy,
+            ..WorksetOptions::default()
+        };
+        assert!(validate_workset(&o, &[Backing::UffdCopy]).is_ok());
+        assert!(validate_workset(&o, &[Backing::ANON])
+            .unwrap_err()
+            .contains("uffd-copy"));
+        o.prefetch = Prefetch::Populate;
+        assert!(validate_workset(&o, &[Backing::ANON]).is_ok());
+        assert!(validate_workset(&o, &[Backing::UffdZero]).is_err());
+        assert!(validate_workset(&o, &[Backing::Populate]).is_err());
+        let r = WorksetOptions {
+            record: Some("y".into()),
+            ..WorksetOptions::default()
+        };
+        assert!(validate_workset(&r, &[Backing::ANON, Backing::THP]).is_err());
     }
 }

@@ -148,16 +148,11 @@ pub struct Prefill {
 }
 
 impl Prefill {
-    /// A prefetch of `set` in `calls` calls that started at `t`.
-    pub fn new(
-        method: &'static str,
-        set: &super::workset::Workset,
-        calls: usize,
-        t: std::time::Instant,
-    ) -> Self {
+    /// A fill of `pages` pages in `calls` calls that started at `t`.
+    pub fn new(method: &'static str, pages: u64, calls: usize, t: std::time::Instant) -> Self {
         Self {
             method,
-            pages: set.pages.len() as u64,
+            pages,
             calls: calls as u64,
             ms: t.elapsed().as_secs_f64() * 1e3,
         }

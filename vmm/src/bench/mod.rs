@@ -19,13 +19,20 @@
 //! `plot` (SVG), `host` (host facts, memory, floor), `uffd` (userfaultfd
 //! handler), `plan` (the accesses), `error`, `report` (tables, JSON),
 //! `progress` (bar), `guest` (the VM and vCPU threads), `raw` (baseline),
-//! `run` (phases and baselines); page tables come from
-//! [`crate::boot::paging`], host memory from [`crate::mm::backing`].
+//! `tsc` (the guest's clock on the host's), `timeline` (a pass's accesses on
+//! that clock), `run` (phases and baselines); `churn` (ops beside the timed
+//! guest and the attribution of outliers to them) and `workset` (record,
+//! replay, prefetch) are public for their types, their options are part of
+//! [`FaultsConfig`]; page tables come from [`crate::boot::paging`], host
+//! memory from [`crate::mm::backing`].
 //!
 //! Threads: the main thread orchestrates phases; one thread per vCPU; one
-//! userfaultfd handler thread for the uffd backings. No lock is held across
-//! a phase; the only shared state is the uffd handler's page list (a mutex)
-//! and the progress counter (a relaxed atomic, read for display only).
+//! userfaultfd handler thread for the uffd backings; with `--churn`, one
+//! writer thread per timed pass. No lock is held across a phase; the shared
+//! state is the uffd handler's page list (a mutex), the progress counter (a
+//! relaxed atomic, read for display only), and for churn the writer's stop
+//! flag and the vCPUs' wait-out-EFAULT flag (protocol in
+//! [`churn`]'s `run_ops`, checked by a shuttle model).
 
 pub mod churn;
 mod config;

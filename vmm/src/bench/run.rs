@@ -82,7 +82,13 @@ pub fn run_faults(cfg: &FaultsConfig, out: &mut dyn Write) -> Result<FaultsRepor
         .workset
         .record
         .as_deref()
-        .map(RecordOutput::create)
+        .map(|path| {
+            RecordOutput::create(path).map_err(|e| ConfigError::Output {
+                what: "the working-set record",
+                path: path.to_path_buf(),
+                reason: e.to_string(),
+            })
+        })
         .transpose()?;
     let mut results = Vec::new();
     let mut tsc_khz = 0;

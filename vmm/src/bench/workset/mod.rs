@@ -38,7 +38,6 @@ use std::path::{Path, PathBuf};
 use clap::Args;
 use serde::{Deserialize, Serialize};
 
-use super::config::Backing;
 use crate::mm::addr::PAGE_SIZE;
 
 /// The `format` of a working-set file's header.
@@ -77,42 +76,6 @@ pub struct WorksetOptions {
     /// How --replay prefetches: copy (batched UFFDIO_COPY, with --backing uffd-copy), populate (MADV_POPULATE_WRITE) or none.
     #[arg(long, value_enum, default_value_t = Prefetch::None, requires = "replay")]
     pub prefetch: Prefetch,
-}
-
-impl WorksetOptions {
-    /// Checks the flags against the backings (files are read later).
-    pub fn validate(&self, backings: &[Backing]) -> Result<(), String> {
-        if self.record.is_some() && backings.len() != 1 {
-            return Err(
-                "--record records one configuration: give one --backing, not --compare".into(),
-            );
-        }
-        if self.replay.is_none() {
-            return Ok(());
-        }
-        match self.prefetch {
-            Prefetch::Copy => {
-                if let Some(b) = backings.iter().find(|b| **b != Backing::UffdCopy) {
-                    return Err(format!("--prefetch copy copies pages through the userfaultfd of --backing uffd-copy, not {b}"));
-                }
-            }
-            Prefetch::Populate => {
-                if let Some(b) = backings.iter().find(|b| b.is_uffd()) {
-                    return Err(format!("--prefetch populate would fault {b}'s pages through its userfaultfd: use --prefetch copy with uffd-copy, or a host backing such as anon"));
-                }
-            }
-            Prefetch::None => {}
-        }
-        if let Some(b) = backings
-            .iter()
-            .find(|b| matches!(b, Backing::Prefault | Backing::Populate))
-        {
-            return Err(format!(
-                "--replay on {b} compares nothing: {b} populates the whole range already"
-            ));
-        }
-        Ok(())
-    }
 }
 
 /// Errors of reading or writing a working-set file.
@@ -349,12 +312,8 @@ pub struct RecordOutput {
 
 impl RecordOutput {
     /// Creates (truncates) the file.
-    pub fn create(path: &Path) -> Result<Self, super::config::ConfigError> {
-        let file = File::create(path).map_err(|e| super::config::ConfigError::Output {
-            what: "the working-set record",
-            path: path.to_path_buf(),
-            reason: e.to_string(),
-        })?;
+    pub fn create(path: &Path) -> std::io::Result<Self> {
+        let file = File::create(path)?;
         Ok(Self {
             file,
             path: path.to_path_buf(),
@@ -467,28 +426,5 @@ mod tests {
         std::fs::remove_file(&p).unwrap();
         let e = Workset::read(&p, 0x10000).unwrap_err().to_string();
         assert!(e.contains("working-set file"), "{e}");
-    }
-
-    #[test]
-    fn test_prefetch_flags_must_fit_the_backing() {
-        let mut o = WorksetOptions {
-            replay: Some("x".into()),
-            prefetch: Prefetch::Copy,
-            ..WorksetOptions::default()
-        };
-        assert!(o.validate(&[Backing::UffdCopy]).is_ok());
-        assert!(o
-            .validate(&[Backing::ANON])
-            .unwrap_err()
-            .contains("uffd-copy"));
-        o.prefetch = Prefetch::Populate;
-        assert!(o.validate(&[Backing::ANON]).is_ok());
-        assert!(o.validate(&[Backing::UffdZero]).is_err());
-        assert!(o.validate(&[Backing::Populate]).is_err());
-        let r = WorksetOptions {
-            record: Some("y".into()),
-            ..WorksetOptions::default()
-        };
-        assert!(r.validate(&[Backing::ANON, Backing::THP]).is_err());
     }
 }
