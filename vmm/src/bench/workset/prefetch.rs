@@ -40,7 +40,7 @@ pub fn populate(test: &HostMapping, set: &Workset) -> Result<Prefill, PrefetchEr
     }
     Ok(Prefill::new(
         "MADV_POPULATE_WRITE per run",
-        set,
+        set.pages.len() as u64,
         runs.len(),
         t,
     ))
@@ -69,5 +69,10 @@ pub fn copy(
             })?;
         uffd.copy(base + off, chunk)?;
     }
-    Ok(Prefill::new("UFFDIO_COPY per run", set, runs.len(), t))
+    Ok(Prefill::new(
+        "UFFDIO_COPY per run",
+        set.pages.len() as u64,
+        runs.len(),
+        t,
+    ))
 }
