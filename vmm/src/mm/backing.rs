@@ -574,6 +574,49 @@ mod tests {
         }
     }
 
+    /// Pages of `[off, off + len)` of `m` resident now (`mincore`).
+    fn resident(m: &HostMapping, off: u64, len: u64) -> usize {
+        let mut vec = vec![0u8; (len / PAGE_SIZE) as usize];
+        // SAFETY: the range is inside the live mapping; `vec` has one byte
+        // per page of it, which mincore fills.
+        let rc = unsafe {
+            libc::mincore(
+                m.as_ptr().add(off as usize).cast(),
+                len as usize,
+                vec.as_mut_ptr(),
+            )
+        };
+        assert_eq!(rc, 0, "{}", io::Error::last_os_error());
+        vec.iter().filter(|&&b| b & 1 != 0).count()
+    }
+
+    #[test]
+    fn test_populate_write_and_touch_fill_exactly_their_range() {
+        let m = HostMapping::new(&BackingKind::Anon, 16 * PAGE_SIZE).unwrap();
+        assert_eq!(resident(&m, 0, 16 * PAGE_SIZE), 0);
+        m.populate_write(4 * PAGE_SIZE, 4 * PAGE_SIZE).unwrap();
+        assert_eq!(resident(&m, 4 * PAGE_SIZE, 4 * PAGE_SIZE), 4);
+        assert_eq!(resident(&m, 0, 16 * PAGE_SIZE), 4);
+        m.touch_pages(12 * PAGE_SIZE, 2 * PAGE_SIZE).unwrap();
+        assert_eq!(resident(&m, 0, 16 * PAGE_SIZE), 6);
+        for bad in [
+            (1, PAGE_SIZE),
+            (0, 17 * PAGE_SIZE),
+            (u64::MAX - 4095, PAGE_SIZE),
+        ] {
+            assert!(matches!(
+                m.populate_write(bad.0, bad.1),
+                Err(BackingError::BadRange { .. })
+            ));
+            assert!(m.touch_pages(bad.0, bad.1).is_err());
+        }
+        assert_eq!(
+            resident(&m, 0, 16 * PAGE_SIZE),
+            6,
+            "refusals change nothing"
+        );
+    }
+
     #[test]
     fn test_backing_parse_all_forms_roundtrip() {
         for s in ["anon", "shared", "memfd", "thp", "hugetlb", "file=/tmp/x"] {
