@@ -298,3 +298,57 @@ fn test_record_and_replay_bad_input_exits_2_and_leaves_nothing() {
     assert_eq!(code, Some(1), "{err}");
     assert!(!rec.exists(), "a failed run left {rec:?} behind");
 }
+
+#[test]
+fn test_churn_record_and_replay_through_the_cli_json() {
+    if !kvm_or_skip("churn: CLI JSON") {
+        return;
+    }
+    let cli = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_vmm-cli"))
+            .args([
+                "bench",
+                "faults",
+                "--size",
+                "2M",
+                "--no-baselines",
+                "-q",
+                "--json",
+            ])
+            .args(args)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {err}");
+        let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        (j, err)
+    };
+    let file = tmp("cli.jsonl");
+    let (j, err) = cli(&[
+        "--churn",
+        "dontneed,plug",
+        "--record",
+        file.to_str().unwrap(),
+    ]);
+    assert!(err.contains("churn during first-touch"), "{err}");
+    assert_eq!(
+        j["settings"]["churn"],
+        serde_json::json!(["dontneed", "plug"])
+    );
+    let rows = &j["configurations"][0]["passes"][0]["churn"]["rows"];
+    assert_eq!(rows[0]["op"], "dontneed");
+    assert_eq!(rows[1]["op"], "plug");
+    assert!(rows[0]["ops"].as_u64().unwrap() >= 1);
+    assert_eq!(Workset::read(&file, 2 * MIB).unwrap().pages.len(), 512);
+    let (j, err) = cli(&["--replay", file.to_str().unwrap(), "--prefetch", "populate"]);
+    std::fs::remove_file(&file).unwrap();
+    assert!(err.contains("after prefetch populate"), "{err}");
+    let rp = &j["configurations"][0]["replay"];
+    assert_eq!(rp["prefetch"], "populate");
+    assert_eq!(rp["pages"], 512);
+    assert_eq!(rp["without"]["pf_fixed"].as_f64().unwrap(), 512.0);
+    assert!(
+        rp["with"]["pf_fixed"].as_f64().unwrap() <= 64.0 + 26.0,
+        "{rp}"
+    );
+}
