@@ -257,6 +257,86 @@ fn test_replay_of_a_full_set_cuts_uffd_faults_to_zero_and_kvm_faults_eightfold()
     std::fs::remove_file(&file).unwrap();
 }
 
+/// A full recorded set replayed with one uffd per vCPU: the set is one run
+/// across both vCPUs' parts, so each batched `UFFDIO_COPY` must be split
+/// between the two uffds, or the other part would still fault.
+#[test]
+fn test_replay_copy_with_per_vcpu_uffds_splits_runs_between_them() {
+    if !kvm_or_skip("churn: replay copy, per-vCPU uffds") {
+        return;
+    }
+    let size = 4 * MIB;
+    let pages = size / PAGE;
+    let file = tmp("pervcpu.jsonl");
+    let mut rec = config(size, Backing::ANON);
+    rec.workset.record = Some(file.clone());
+    bench(&rec);
+    let mut cfg = config(size, Backing::UffdCopy);
+    cfg.vcpus = 2;
+    cfg.uffd_per_vcpu = true;
+    cfg.uffd_handlers = 2;
+    cfg.access = Access::Read;
+    cfg.workset.replay = Some(file.clone());
+    cfg.workset.prefetch = Prefetch::Copy;
+    let r = bench(&cfg);
+    std::fs::remove_file(&file).unwrap();
+    let rp = only(&r).replay.as_ref().expect("a replay result");
+    assert_eq!(rp.pages, pages);
+    assert_eq!(rp.without.uffd_faults, pages as f64, "{rp:?}");
+    assert_eq!(rp.with.uffd_faults, 0.0, "both parts prefetched: {rp:?}");
+    assert_eq!(rp.with_verified, Some(true), "copied content: {rp:?}");
+}
+
+/// The churn writer beside the userfaultfd kinds with one uffd per vCPU and
+/// two handler threads each: every op runs without failing, both passes
+/// get a churn table, every page is resolved by the handler, and the
+/// minor-fault content is the page cache's.
+#[test]
+fn test_churn_beside_uffd_minor_and_wp_with_per_vcpu_uffds() {
+    if !kvm_or_skip("churn: uffd kinds") {
+        return;
+    }
+    let size = 4 * MIB;
+    let pages = size / PAGE;
+    for (backing, access) in [
+        (Backing::UffdMinor, Access::Read),
+        (Backing::UffdWp, Access::Write),
+    ] {
+        let mut cfg = config(size, backing.clone());
+        cfg.vcpus = 2;
+        cfg.refault = true;
+        cfg.uffd_per_vcpu = true;
+        cfg.uffd_handlers = 2;
+        cfg.access = access;
+        cfg.churn.ops = vec![ChurnOp::Plug, ChurnOp::Protect, ChurnOp::DirtyLog];
+        let r = bench(&cfg);
+        let c = only(&r);
+        assert!(c.skipped.is_none(), "{backing}: {:?}", c.skipped);
+        for pass in ["first-touch", "re-fault"] {
+            let p = c.pass(pass).unwrap();
+            assert_eq!(p.accesses, pages, "{backing} {pass}");
+            let t = p.churn.as_ref().expect("a churn table per pass");
+            for op in ["plug", "protect", "dirty-log"] {
+                let row = t
+                    .row(op)
+                    .unwrap_or_else(|| panic!("{backing} {pass}: no {op}"));
+                assert!(row.ops >= 1, "{backing} {pass}: {op} never ran");
+                assert_eq!(row.failed, 0, "{backing} {pass}: {op}: {:?}", c.notes);
+            }
+            let mut served = p.uffd_pages.clone();
+            served.dedup();
+            assert_eq!(
+                served.len() as u64,
+                pages,
+                "{backing} {pass}: handler-served pages"
+            );
+        }
+        if backing == Backing::UffdMinor {
+            assert_eq!(c.uffd_verified, Some(true), "{:?}", c.notes);
+        }
+    }
+}
+
 #[test]
 fn test_record_and_replay_bad_input_exits_2_and_leaves_nothing() {
     if !kvm_or_skip("churn: record/replay bad input") {
@@ -292,6 +372,32 @@ fn test_record_and_replay_bad_input_exits_2_and_leaves_nothing() {
     let (code, err) = run(&["--churn", "plug", "--replay", "/nonexistent"]);
     assert_eq!(code, Some(2), "{err}");
     assert!(err.contains("--churn with --replay"), "{err}");
+    // The churn and workset flags against the userfaultfd and scaling flags.
+    let (code, err) = run(&["--backing", "uffd-copy", "--churn", "plug,dontneed"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("--churn dontneed with uffd-copy"), "{err}");
+    for flags in [
+        &["--scaling", "--churn", "plug"][..],
+        &["--scaling", "--record", "/nonexistent/x"][..],
+        &["--scaling", "--replay", "/nonexistent"][..],
+    ] {
+        let (code, err) = run(flags);
+        assert_eq!(code, Some(2), "{flags:?}: {err}");
+        assert!(
+            err.contains("--scaling with") && err.contains(flags[1]),
+            "{flags:?}: {err}"
+        );
+    }
+    let (code, err) = run(&[
+        "--backing",
+        "uffd-minor",
+        "--replay",
+        "/nonexistent",
+        "--prefetch",
+        "copy",
+    ]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("not uffd-minor"), "{err}");
     // A run that fails after the record file was created removes it.
     let rec = tmp("failed.jsonl");
     let (code, err) = run(&["--record", rec.to_str().unwrap(), "--timeout", "1ms"]);

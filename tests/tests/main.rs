@@ -2,6 +2,7 @@
 
 mod churn;
 mod cli;
+mod dirty;
 mod dma;
 mod faults;
 mod fuzz;

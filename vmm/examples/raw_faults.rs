@@ -1,11 +1,13 @@
 //! The fault-latency baseline as a standalone program: the fewest KVM calls
 //! that run one timed first-touch pass (`vmm::bench::raw_baseline`: plain
 //! KVM_SET_USER_MEMORY_REGION, one loop per vCPU thread, no slot map, no
-//! statistics), printing its percentiles. `vmm bench faults` runs the same
-//! code in-process and prints the ratio; this binary lets you run it alone.
+//! statistics; the uffd kinds with a minimal handler thread), printing its
+//! percentiles. `vmm bench faults` runs the same code in-process and prints
+//! the ratio; this binary lets you run it alone.
 //!
 //! ```sh
 //! cargo run --release -p vmm --example raw_faults -- 64M anon seq
+//! cargo run --release -p vmm --example raw_faults -- 16M uffd-minor seq
 //! ```
 
 use vmm::bench::{fmt_ns, raw_baseline, Backing, FaultsConfig, Pattern, Summary};
@@ -24,9 +26,6 @@ fn main() {
         .get(2)
         .map_or(Ok(Pattern::Sequential), |s| s.parse())
         .unwrap_or_else(|e| fail(&e.to_string()));
-    if backing.is_uffd() {
-        fail("the raw baseline has no userfaultfd handler; use anon, shared, memfd, thp, hugetlb, prefault or file");
-    }
     let cfg = FaultsConfig {
         pattern,
         ..FaultsConfig::small(size, backing.clone())

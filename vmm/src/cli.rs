@@ -91,6 +91,11 @@ pub fn parse_scenario(s: &str) -> Result<Arc<Scenario>, String> {
         .map_err(|e| e.to_string())
 }
 
+fn parse_ring_size(s: &str) -> Result<u32, String> {
+    let bytes = parse_mem(s)?;
+    u32::try_from(bytes).map_err(|_| format!("{bytes} bytes is more than a dirty ring can hold"))
+}
+
 fn parse_pin_limit(s: &str) -> Result<PinLimit, String> {
     s.parse()
         .map_err(|e: crate::mm::pin_account::PinAccountError| e.to_string())
@@ -171,6 +176,15 @@ pub struct RunArgs {
     /// to vfio-pci; fails with the reason where there is none).
     #[arg(long)]
     pub vfio: bool,
+    /// Dirty-page logging: bitmap (KVM_GET_DIRTY_LOG), manual (manual protect,
+    /// initially set, KVM_CLEAR_DIRTY_LOG by range) or ring (per-vCPU dirty
+    /// rings); a mode the host lacks is refused with the reason.
+    #[arg(long, value_name = "MODE", default_value = "bitmap")]
+    pub dirty_log: crate::mm::manager::DirtyLogMode,
+    /// Bytes of each vCPU's dirty ring with `--dirty-log ring` (64K default;
+    /// a power of two from 4K up to what KVM offers, 1M here).
+    #[arg(long, value_name = "SIZE", default_value = "64K", value_parser = parse_ring_size)]
+    pub dirty_ring_size: u32,
     /// Print a JSON report on stdout at the end (console output moves to stderr).
     #[arg(long)]
     pub json: bool,
@@ -195,6 +209,12 @@ impl RunArgs {
             ),
             scenario: self.scenario.clone(),
             pin_limit: self.pin_limit,
+            dirty_ring_bytes: self.dirty_ring_size,
+            dirty_log: scenario
+                .and_then(|s| s.dirty_log.as_deref())
+                .map_or(self.dirty_log, |m| {
+                    m.parse().expect("validated when the scenario was loaded")
+                }),
             guest: self.guest.clone(),
             timeout: self
                 .timeout
@@ -247,6 +267,14 @@ where
         }
     }
     let config = args.to_config();
+    if config.dirty_log != crate::mm::manager::DirtyLogMode::Bitmap {
+        // A mode the host lacks is a bad flag: refused before any VM exists.
+        if let Err(e) = crate::kvm::memslots::check_mode(config.dirty_log, config.dirty_ring_bytes)
+        {
+            eprintln!("vmm: {e}");
+            return 2;
+        }
+    }
     if let BackingKind::File(path) = &config.backing {
         // Bad file arguments are bad flags: refused before any VM exists.
         if let Err(e) = crate::mm::backing::open_backing_file(path, config.mem_size) {

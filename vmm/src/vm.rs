@@ -21,10 +21,11 @@ use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 use crate::boot::elf::{ElfError, ElfImage};
 use crate::boot::memory::{BootMemory, BootMemoryError};
 use crate::boot::tables::{gdt_size, tss_addr, write_boot_tables, TablesError};
+use crate::kvm::memslots::{DirtyLogError, KvmMemslots, DEFAULT_RING_BYTES};
 use crate::kvm::stats::{StatsError, StatsReader};
 use crate::mm::addr::{Gpa, GpaRange, HUGE_1G};
 use crate::mm::backing::{BackingError, BackingKind, HostMapping};
-use crate::mm::manager::{MemoryManager, MemslotError};
+use crate::mm::manager::{DirtyLogMode, MemoryManager, MemslotError};
 use crate::mm::pin_account::{PinAccount, PinAccountError, PinLimit};
 use crate::mm::slot_map::{SlotFlags, SlotMapConfig};
 
@@ -76,6 +77,38 @@ pub enum VmError {
     /// Registering guest memory failed.
     #[error("guest memory: {0}")]
     Memory(#[from] MemslotError),
+    /// The dirty-log mode cannot be set up on this host.
+    #[error(transparent)]
+    DirtyLog(#[from] DirtyLogError),
+}
+
+/// How the VM logs dirty pages: the mode, and each vCPU's ring size in
+/// ring mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DirtyLogConfig {
+    /// The dirty-log interface.
+    pub mode: DirtyLogMode,
+    /// Bytes of each vCPU's dirty ring (ring mode): a power of two, at
+    /// least 4096, at most what KVM offers.
+    pub ring_bytes: u32,
+}
+
+impl Default for DirtyLogConfig {
+    fn default() -> Self {
+        Self {
+            mode: DirtyLogMode::Bitmap,
+            ring_bytes: DEFAULT_RING_BYTES,
+        }
+    }
+}
+
+impl From<DirtyLogMode> for DirtyLogConfig {
+    fn from(mode: DirtyLogMode) -> Self {
+        Self {
+            mode,
+            ..Self::default()
+        }
+    }
 }
 
 fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
@@ -128,6 +161,7 @@ pub struct Vm {
     /// The guest program's entry point.
     pub entry: Gpa,
     boot_mapping: Arc<HostMapping>,
+    memslots: Arc<KvmMemslots>,
     _kvm: Kvm,
 }
 
@@ -189,6 +223,12 @@ fn phys_bits(cpuid: &CpuId) -> u32 {
 impl Vm {
     /// Creates the VM: memory, memslots, boot tables, firmware, image, vCPUs.
     pub fn new(spec: &VmSpec) -> Result<Self, VmError> {
+        Self::with_dirty_log(spec, DirtyLogConfig::default())
+    }
+
+    /// Creates the VM as [`new`](Self::new) does, logging dirty pages as
+    /// `dirty` says (a mode the host lacks is refused with the reason).
+    pub fn with_dirty_log(spec: &VmSpec, dirty: DirtyLogConfig) -> Result<Self, VmError> {
         let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
         let cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
@@ -221,7 +261,12 @@ impl Vm {
                 guest_image::protocol::MMIO_SIZE,
             ),
         };
-        let memory = Arc::new(MemoryManager::new(vm_fd.clone(), config)?);
+        let memslots = Arc::new(KvmMemslots::new(
+            vm_fd.clone(),
+            dirty.mode,
+            dirty.ring_bytes,
+        )?);
+        let memory = Arc::new(MemoryManager::new(memslots.clone(), config)?);
         let fixed = SlotFlags {
             fixed: true,
             ..SlotFlags::NONE
@@ -233,6 +278,9 @@ impl Vm {
         let boot = BootMemory::new(boot_mapping.clone())?;
 
         let (vcpus, vcpu_stats) = create_vcpus(&vm_fd, &cpuid, spec.vcpus, entry)?;
+        for (index, vcpu) in vcpus.iter().enumerate() {
+            memslots.attach_vcpu(index, vcpu)?;
+        }
         let tsc_khz = vcpus[0].get_tsc_khz().map_err(kvm_err("KVM_GET_TSC_KHZ"))?;
         let vm_stats = StatsReader::open(&vm_fd)?;
         let pins = Arc::new(match spec.pin_limit {
@@ -251,6 +299,7 @@ impl Vm {
             identity_end,
             entry,
             boot_mapping,
+            memslots,
             _kvm: kvm,
         })
     }
@@ -267,6 +316,11 @@ impl Vm {
             crate::kvm::stats::accumulate(&mut vcpu, &r.read()?);
         }
         Ok((self.vm_stats.read()?, vcpu))
+    }
+
+    /// The memory manager's KVM backend (dirty-log mode, memslot ioctl).
+    pub fn memslots(&self) -> &Arc<KvmMemslots> {
+        &self.memslots
     }
 
     /// Host mapping behind the boot region.

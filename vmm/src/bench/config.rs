@@ -38,7 +38,7 @@ pub const MAX_ACCESSES_PER_VCPU: u64 = 1 << 22;
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ConfigError {
     /// An unknown backing name.
-    #[error("unknown backing {0:?}: expected anon, shared, memfd, thp, hugetlb, prefault, populate, file, file=PATH, uffd-zero or uffd-copy")]
+    #[error("unknown backing {0:?}: expected anon, shared, memfd, thp, hugetlb, prefault, populate, file, file=PATH, uffd-zero, uffd-copy, uffd-minor or uffd-wp")]
     Backing(String),
     /// An unknown pattern.
     #[error("unknown pattern {0:?}: expected seq, random or stride=SIZE (e.g. stride=2M)")]
@@ -87,6 +87,15 @@ pub enum ConfigError {
     /// Churn, record or replay flags that do not fit together.
     #[error("{0}")]
     Workset(String),
+    /// One userfaultfd per vCPU needs each vCPU to own its part.
+    #[error("--uffd-per-vcpu needs --share disjoint: a range registers with one userfaultfd only, and shared vCPUs touch the whole range")]
+    UffdPerVcpuShared,
+    /// The handler delay is out of range.
+    #[error("--handler-delay {0:?}: expected 0 or a delay up to 1s such as 10us, 2ms, 0.5s")]
+    HandlerDelay(String),
+    /// A uffd flag given without any uffd backing.
+    #[error("{0} applies to the uffd backings only (uffd-zero, uffd-copy, uffd-minor, uffd-wp)")]
+    UffdFlagWithoutUffd(&'static str),
     /// An output file cannot be written.
     #[error("cannot write {what} {path}: {reason}")]
     Output {
@@ -121,6 +130,12 @@ pub enum Backing {
     UffdZero,
     /// userfaultfd demand paging, missing pages copied from a source (UFFDIO_COPY).
     UffdCopy,
+    /// userfaultfd MINOR faults on a memfd whose page cache is filled
+    /// beforehand; resolved with UFFDIO_CONTINUE.
+    UffdMinor,
+    /// userfaultfd write-protect: populated anonymous memory, protected;
+    /// guest writes fault and are resolved by un-protecting.
+    UffdWp,
 }
 
 impl Backing {
@@ -135,15 +150,21 @@ impl Backing {
         match self {
             Backing::Host(k) => Some(k),
             Backing::UnnamedFile => None,
-            Backing::Prefault | Backing::Populate | Backing::UffdZero | Backing::UffdCopy => {
-                Some(&BackingKind::Anon)
-            }
+            Backing::Prefault
+            | Backing::Populate
+            | Backing::UffdZero
+            | Backing::UffdCopy
+            | Backing::UffdWp => Some(&BackingKind::Anon),
+            Backing::UffdMinor => Some(&BackingKind::Memfd),
         }
     }
 
     /// Whether faults are resolved by the userfaultfd handler.
     pub fn is_uffd(&self) -> bool {
-        matches!(self, Backing::UffdZero | Backing::UffdCopy)
+        matches!(
+            self,
+            Backing::UffdZero | Backing::UffdCopy | Backing::UffdMinor | Backing::UffdWp
+        )
     }
 
     /// Alignment the range size and vCPU parts must respect.
@@ -161,6 +182,8 @@ impl fmt::Display for Backing {
             Backing::Populate => f.write_str("populate"),
             Backing::UffdZero => f.write_str("uffd-zero"),
             Backing::UffdCopy => f.write_str("uffd-copy"),
+            Backing::UffdMinor => f.write_str("uffd-minor"),
+            Backing::UffdWp => f.write_str("uffd-wp"),
         }
     }
 }
@@ -174,6 +197,8 @@ impl FromStr for Backing {
             "file" => Backing::UnnamedFile,
             "uffd-zero" => Backing::UffdZero,
             "uffd-copy" => Backing::UffdCopy,
+            "uffd-minor" => Backing::UffdMinor,
+            "uffd-wp" => Backing::UffdWp,
             t => Backing::Host(t.parse().map_err(|_| ConfigError::Backing(s.to_string()))?),
         })
     }
@@ -251,13 +276,15 @@ pub enum Share {
     Shared,
 }
 
-/// Where the userfaultfd handler thread runs relative to the vCPU.
+/// Where the userfaultfd handler threads run relative to the vCPU their
+/// uffd serves (vCPU 0 for the one uffd of the range; vCPU `k` for uffd `k`
+/// with `--uffd-per-vcpu`). Pinned modes pin vCPU `i` to CPU `i` too.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, strum::Display)]
 #[strum(serialize_all = "lowercase")]
 pub enum UffdCpu {
-    /// Handler and vCPU 0 pinned to the same CPU.
+    /// Handlers pinned to their vCPU's CPU.
     Same,
-    /// Handler and vCPU 0 pinned to different CPUs.
+    /// Handlers pinned to the CPU after their vCPU's.
     Other,
     /// No pinning: the scheduler decides.
     Any,
@@ -340,6 +367,28 @@ fn parse_pattern(s: &str) -> Result<Pattern, String> {
     s.parse().map_err(|e: ConfigError| e.to_string())
 }
 
+/// `--handler-delay`: `0`, or a delay up to 1 s in us, ms or s.
+fn parse_handler_delay(s: &str) -> Result<Duration, String> {
+    let bad = || ConfigError::HandlerDelay(s.to_string()).to_string();
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let v: f64 = num.parse().map_err(|_| bad())?;
+    let secs = match unit {
+        "" if v == 0.0 => 0.0,
+        "us" | "µs" => v / 1e6,
+        "ms" => v / 1e3,
+        "s" => v,
+        _ => return Err(bad()),
+    };
+    if !(0.0..=1.0).contains(&secs) {
+        return Err(bad());
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
 fn parse_guest_page(s: &str) -> Result<GuestPage, String> {
     s.trim()
         .parse()
@@ -353,7 +402,7 @@ pub struct FaultsArgs {
     /// What to measure.
     #[command(flatten)]
     pub measure: FaultsConfig,
-    /// Host memory behind the range: anon, shared, memfd, thp, hugetlb, prefault, populate, file[=PATH], uffd-zero, uffd-copy.
+    /// Host memory behind the range: anon, shared, memfd, thp, hugetlb, prefault, populate, file[=PATH], uffd-zero, uffd-copy, uffd-minor, uffd-wp.
     #[arg(long, value_name = "KIND", default_value = "anon", value_parser = parse_backing, conflicts_with = "compare")]
     pub backing: Backing,
     /// Several backings in one run, side by side (comma separated, e.g. anon,thp,prefault,uffd-zero).
@@ -368,6 +417,10 @@ pub struct FaultsArgs {
     /// Print a JSON report on stdout (tables move to stderr).
     #[arg(long)]
     pub json: bool,
+    /// Write every latency histogram into this directory as an HDR
+    /// percentile distribution (`.hgrm`) and in log2 buckets (`.log2.txt`).
+    #[arg(long, value_name = "DIR")]
+    pub histograms: Option<PathBuf>,
     /// No progress bar.
     #[arg(short, long)]
     pub quiet: bool,
@@ -420,7 +473,7 @@ pub struct FaultsConfig {
     /// Add a re-fault pass: MADV_DONTNEED the range (KVM's mmu-notifier path), then touch it again.
     #[arg(long)]
     pub refault: bool,
-    /// userfaultfd handler placement: same CPU as vCPU 0, another CPU, or unpinned.
+    /// userfaultfd handler placement: on the CPU of the vCPU its uffd serves, on another CPU, or unpinned.
     #[arg(long, value_enum, default_value = "any")]
     pub uffd_cpu: UffdCpu,
     /// Seed of the random pattern and of the uffd-copy contents.
@@ -449,6 +502,20 @@ pub struct FaultsConfig {
     /// Working-set record and replay.
     #[command(flatten)]
     pub workset: super::workset::WorksetOptions,
+    /// userfaultfd: one uffd per vCPU part instead of one for the whole
+    /// range (needs --share disjoint).
+    #[arg(long)]
+    pub uffd_per_vcpu: bool,
+    /// userfaultfd: handler threads per uffd (1 to 64).
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=64))]
+    pub uffd_handlers: u64,
+    /// userfaultfd: delay injected before resolving each fault: 0, 10us, 2ms... up to 1s.
+    #[arg(long, value_name = "DURATION", default_value = "0", value_parser = parse_handler_delay)]
+    pub handler_delay: Duration,
+    /// Pages/s against vCPU count (1, 2, 4... up to the host's CPUs, or to
+    /// --vcpus when larger), --size per vCPU, one table for every backing.
+    #[arg(long)]
+    pub scaling: bool,
 }
 
 impl FaultsConfig {
@@ -473,6 +540,10 @@ impl FaultsConfig {
             pre_fault_memory: false,
             churn: super::churn::ChurnOptions::default(),
             workset: WorksetOptions::default(),
+            uffd_per_vcpu: false,
+            uffd_handlers: 1,
+            handler_delay: Duration::ZERO,
+            scaling: false,
         }
     }
 
@@ -509,6 +580,7 @@ impl FaultsConfig {
                 max,
             });
         }
+        self.validate_uffd()?;
         if let Pattern::Stride(0) = self.pattern {
             return Err(ConfigError::Pattern("stride=0".into()));
         }
@@ -536,7 +608,72 @@ impl FaultsConfig {
                     .into(),
             ));
         }
+        if self
+            .churn
+            .ops
+            .contains(&super::churn::ops::ChurnOp::Dontneed)
+        {
+            if let Some(b) = self.backings.iter().find(|b| b.is_uffd()) {
+                return Err(ConfigError::Workset(format!(
+                    "--churn dontneed with {b}: the userfaultfd handler takes a page it resolved in a pass as present and only wakes later faults on it, so a page dropped mid-pass would fault forever (and uffd-minor would lose its page cache): churn {b} with plug, protect, collapse or dirty-log"
+                )));
+            }
+        }
+        if self.scaling {
+            for (set, flag) in [
+                (!self.churn.ops.is_empty(), "--churn"),
+                (self.workset.record.is_some(), "--record"),
+                (self.workset.replay.is_some(), "--replay"),
+            ] {
+                if set {
+                    return Err(ConfigError::Workset(format!(
+                        "--scaling with {flag}: the sweep runs one configuration per vCPU count, each with its own --size, so {flag} has no single configuration to act on: run them separately"
+                    )));
+                }
+            }
+        }
         Ok(())
+    }
+
+    /// The uffd flags: per-vCPU uffds need disjoint parts; uffd flags need a
+    /// uffd backing.
+    fn validate_uffd(&self) -> Result<(), ConfigError> {
+        if self.uffd_per_vcpu && self.share == Share::Shared {
+            return Err(ConfigError::UffdPerVcpuShared);
+        }
+        if !self.backings.iter().any(Backing::is_uffd) {
+            for (set, flag) in [
+                (self.uffd_per_vcpu, "--uffd-per-vcpu"),
+                (self.uffd_handlers != 1, "--uffd-handlers"),
+                (!self.handler_delay.is_zero(), "--handler-delay"),
+            ] {
+                if set {
+                    return Err(ConfigError::UffdFlagWithoutUffd(flag));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The (offset, len) ranges registered with one userfaultfd each: every
+    /// vCPU's part with `--uffd-per-vcpu`, else the whole range.
+    pub fn uffd_parts(&self) -> Vec<(u64, u64)> {
+        if self.uffd_per_vcpu {
+            (0..self.vcpus).map(|i| self.part(i)).collect()
+        } else {
+            vec![(0, self.size)]
+        }
+    }
+
+    /// The vCPU counts of `--scaling`: 1, 2, 4... below `top`, then `top`
+    /// (the host's CPUs, or `--vcpus` when larger).
+    pub fn scaling_counts(&self, host_cpus: u64) -> Vec<u64> {
+        let top = self.vcpus.max(host_cpus).clamp(1, layout::MAX_VCPUS);
+        let mut v: Vec<u64> = std::iter::successors(Some(1u64), |n| Some(n * 2))
+            .take_while(|&n| n < top)
+            .collect();
+        v.push(top);
+        v
     }
 
     /// vCPU `index`'s part of the test range as (offset, len) from
@@ -582,11 +719,52 @@ mod tests {
             "file=/tmp/x",
             "uffd-zero",
             "uffd-copy",
+            "uffd-minor",
+            "uffd-wp",
         ] {
             assert_eq!(s.parse::<Backing>().unwrap().to_string(), s);
         }
         let e = "bogus".parse::<Backing>().unwrap_err().to_string();
-        assert!(e.contains("uffd-copy"), "{e}");
+        assert!(e.contains("uffd-copy") && e.contains("uffd-wp"), "{e}");
+    }
+
+    #[test]
+    fn test_uffd_flags_are_checked() {
+        let cfg = args(&["--backing", "uffd-minor", "--uffd-per-vcpu", "--vcpus", "3"])
+            .to_config()
+            .unwrap();
+        assert_eq!(cfg.uffd_parts().len(), 3);
+        assert_eq!(cfg.uffd_parts()[1], cfg.part(1));
+        let e = args(&[
+            "--backing",
+            "uffd-wp",
+            "--uffd-per-vcpu",
+            "--share",
+            "shared",
+        ])
+        .to_config()
+        .unwrap_err();
+        assert_eq!(e, ConfigError::UffdPerVcpuShared);
+        let e = args(&["--handler-delay", "10us"]).to_config().unwrap_err();
+        assert_eq!(e, ConfigError::UffdFlagWithoutUffd("--handler-delay"));
+        let cfg = args(&["--backing", "uffd-zero", "--handler-delay", "10us"])
+            .to_config()
+            .unwrap();
+        assert_eq!(cfg.handler_delay, Duration::from_micros(10));
+        assert_eq!(parse_handler_delay("0"), Ok(Duration::ZERO));
+        for bad in ["2s", "10", "-1us", "fast"] {
+            let e = parse_handler_delay(bad).unwrap_err();
+            assert!(e.contains("--handler-delay"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn test_scaling_counts_double_up_to_the_top() {
+        let mut cfg = FaultsConfig::small(64 << 20, Backing::UffdMinor);
+        assert_eq!(cfg.scaling_counts(2), vec![1, 2]);
+        assert_eq!(cfg.scaling_counts(1), vec![1]);
+        cfg.vcpus = 6;
+        assert_eq!(cfg.scaling_counts(2), vec![1, 2, 4, 6]);
     }
 
     #[derive(Debug, clap::Parser)]
@@ -684,6 +862,56 @@ mod tests {
         assert_eq!("1G".parse::<GuestPage>(), Ok(GuestPage::Size1G));
         assert!("8K".parse::<GuestPage>().is_err());
         assert_eq!(fmt_size(64 << 20), "64M");
+    }
+
+    #[test]
+    fn test_scaling_refuses_churn_record_and_replay() {
+        let mut c = FaultsConfig::small(4 << 20, Backing::ANON);
+        c.scaling = true;
+        assert!(c.validate().is_ok());
+        let mut churn = c.clone();
+        churn.churn.ops = vec![super::super::churn::ops::ChurnOp::Dontneed];
+        let mut record = c.clone();
+        record.workset.record = Some("r".into());
+        let mut replay = c.clone();
+        replay.workset.replay = Some("r".into());
+        for (cfg, flag) in [
+            (churn, "--churn"),
+            (record, "--record"),
+            (replay, "--replay"),
+        ] {
+            match cfg.validate() {
+                Err(ConfigError::Workset(m)) => {
+                    assert!(m.contains("--scaling") && m.contains(flag), "{m}")
+                }
+                other => panic!("{flag} with --scaling: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn test_churn_dontneed_is_refused_with_uffd_backings_only() {
+        use super::super::churn::ops::ChurnOp;
+        let mut c = FaultsConfig::small(4 << 20, Backing::UffdZero);
+        c.churn.ops = vec![ChurnOp::Plug, ChurnOp::Protect];
+        assert!(c.validate().is_ok());
+        c.churn.ops.push(ChurnOp::Dontneed);
+        for b in [
+            Backing::UffdZero,
+            Backing::UffdCopy,
+            Backing::UffdMinor,
+            Backing::UffdWp,
+        ] {
+            c.backings = vec![Backing::ANON, b.clone()];
+            match c.validate() {
+                Err(ConfigError::Workset(m)) => {
+                    assert!(m.contains("dontneed") && m.contains(&b.to_string()), "{m}")
+                }
+                other => panic!("dontneed with {b}: {other:?}"),
+            }
+        }
+        c.backings = vec![Backing::ANON];
+        assert!(c.validate().is_ok());
     }
 
     #[test]

@@ -11,7 +11,7 @@
 //! (when `--guest-page 4K`), then vCPU `i`'s result buffer, one `u64` per
 //! access, page-aligned.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -108,6 +108,9 @@ pub struct GuestBench {
     retry_efault: Arc<AtomicBool>,
     /// `KVM_RUN` calls that failed with EFAULT and were retried.
     pub efault_retries: Arc<AtomicU64>,
+    /// Each vCPU thread's kernel thread id (set when it starts): userfaultfd
+    /// messages name the faulting thread by it.
+    tids: Arc<Vec<AtomicU32>>,
 }
 
 impl std::fmt::Debug for GuestBench {
@@ -172,6 +175,8 @@ impl GuestBench {
         let progress = Arc::new(AtomicU64::new(0));
         let retry_efault = Arc::new(AtomicBool::new(false));
         let efault_retries = Arc::new(AtomicU64::new(0));
+        let tids: Arc<Vec<AtomicU32>> =
+            Arc::new((0..cfg.vcpus).map(|_| AtomicU32::new(0)).collect());
         let mut workers = Vec::new();
         let mut tsc_offsets = Vec::new();
         for (index, fd) in vm.take_vcpus().into_iter().enumerate() {
@@ -186,6 +191,7 @@ impl GuestBench {
                 cpu: cpus.get(index).copied().flatten(),
                 retry_efault: retry_efault.clone(),
                 efault_retries: efault_retries.clone(),
+                tids: tids.clone(),
             };
             let thread = std::thread::Builder::new()
                 .name(format!("bench-vcpu{index}"))
@@ -207,6 +213,7 @@ impl GuestBench {
             tsc_offsets,
             retry_efault,
             efault_retries,
+            tids,
         })
     }
 
@@ -228,6 +235,15 @@ impl GuestBench {
             return Vec::new();
         };
         self.read_u64s(gpa, len, n)
+    }
+
+    /// The kernel thread ids of the vCPU threads, by vCPU index (0 for a
+    /// thread that has not started; after the first phase all have).
+    pub fn vcpu_tids(&self) -> Vec<u32> {
+        self.tids
+            .iter()
+            .map(|t| t.load(Ordering::Acquire))
+            .collect()
     }
 
     /// Guest TSC frequency.
@@ -349,6 +365,7 @@ struct VcpuThread {
     cpu: Option<usize>,
     retry_efault: Arc<AtomicBool>,
     efault_retries: Arc<AtomicU64>,
+    tids: Arc<Vec<AtomicU32>>,
 }
 
 impl VcpuThread {
@@ -371,6 +388,9 @@ impl VcpuThread {
         if let Some(cpu) = self.cpu {
             super::host::pin_current_thread(cpu);
         }
+        // SAFETY: gettid has no preconditions and cannot fail.
+        let tid = unsafe { libc::gettid() };
+        self.tids[self.index as usize].store(tid as u32, Ordering::Release);
         match self.to_doorbell(&mut fd) {
             Ok(status::READY) => {}
             Ok(st) => {

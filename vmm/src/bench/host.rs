@@ -9,7 +9,7 @@ use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
 use kvm_ioctls::Kvm;
 use serde::Serialize;
 
-use super::config::{Access, Backing};
+use super::config::{Access, Backing, FaultsConfig, UffdCpu};
 use crate::mm::backing::{meminfo, BackingError, HostMapping};
 
 /// What a reader needs to tell which faults were measured.
@@ -94,6 +94,32 @@ pub fn pin_current_thread(cpu: usize) {
         libc::CPU_SET(cpu % online_cpus(), &mut set);
         libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
     }
+}
+
+/// The CPU vCPU `index` is pinned to: none with `--uffd-cpu any`, else
+/// vCPU `i` on CPU `i` (modulo the CPUs).
+pub fn vcpu_cpu(cfg: &FaultsConfig, index: u64) -> Option<usize> {
+    (cfg.uffd_cpu != UffdCpu::Any).then_some(index as usize % online_cpus())
+}
+
+/// The CPU the handler threads of uffd `k` are pinned to: the CPU of the
+/// vCPU the uffd serves (`same`; vCPU 0 for the one uffd of the whole
+/// range, vCPU `k` with `--uffd-per-vcpu`), the next CPU (`other`), or none
+/// (`any`).
+pub fn uffd_handler_cpu(cfg: &FaultsConfig, k: usize) -> Option<usize> {
+    let ncpu = online_cpus();
+    match cfg.uffd_cpu {
+        UffdCpu::Same => Some(k % ncpu),
+        UffdCpu::Other => Some((k + 1) % ncpu),
+        UffdCpu::Any => None,
+    }
+}
+
+/// [`uffd_handler_cpu`] of every uffd of `cfg`.
+pub fn uffd_handler_cpus(cfg: &FaultsConfig) -> Vec<Option<usize>> {
+    (0..cfg.uffd_parts().len())
+        .map(|k| uffd_handler_cpu(cfg, k))
+        .collect()
 }
 
 /// Maps `size` bytes of `backing`'s memory, fresh: `file` is an unnamed

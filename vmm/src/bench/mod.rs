@@ -19,20 +19,23 @@
 //! `plot` (SVG), `host` (host facts, memory, floor), `uffd` (userfaultfd
 //! handler), `plan` (the accesses), `error`, `report` (tables, JSON),
 //! `progress` (bar), `guest` (the VM and vCPU threads), `raw` (baseline),
-//! `tsc` (the guest's clock on the host's), `timeline` (a pass's accesses on
-//! that clock), `run` (phases and baselines); `churn` (ops beside the timed
-//! guest and the attribution of outliers to them) and `workset` (record,
-//! replay, prefetch) are public for their types, their options are part of
-//! [`FaultsConfig`]; page tables come from [`crate::boot::paging`], host
-//! memory from [`crate::mm::backing`].
+//! `raw_uffd` (the raw baseline's handler), `tsc` (the guest's clock on the
+//! host's), `timeline` (a pass's accesses on that clock), `run` (phases and
+//! baselines); `churn` (ops beside the timed guest and the attribution of
+//! outliers to them) and `workset` (record, replay, prefetch) are public for
+//! their types, their options are part of [`FaultsConfig`]; page tables come
+//! from [`crate::boot::paging`], host memory from [`crate::mm::backing`].
 //!
-//! Threads: the main thread orchestrates phases; one thread per vCPU; one
-//! userfaultfd handler thread for the uffd backings; with `--churn`, one
-//! writer thread per timed pass. No lock is held across a phase; the shared
-//! state is the uffd handler's page list (a mutex), the progress counter (a
-//! relaxed atomic, read for display only), and for churn the writer's stop
-//! flag and the vCPUs' wait-out-EFAULT flag (protocol in
-//! [`churn`]'s `run_ops`, checked by a shuttle model).
+//! Threads: the main thread orchestrates phases; one thread per vCPU;
+//! `--uffd-handlers` handler threads per userfaultfd for the uffd backings
+//! (and as many in the raw baseline's minimal handler, `raw_uffd`); with
+//! `--churn`, one writer thread per timed pass. No lock is held across a
+//! phase or an ioctl; the shared state is the uffd fault log (an in-flight
+//! count and a mutex-held list, see `uffd::log`), the handler's
+//! resolved-page bitmap, the progress counter (a relaxed atomic, read for
+//! display only), and for churn the writer's stop flag and the vCPUs'
+//! wait-out-EFAULT flag (protocol in [`churn`]'s `run_ops`, checked by a
+//! shuttle model).
 
 pub mod churn;
 mod config;
@@ -44,6 +47,7 @@ mod plan;
 mod plot;
 mod progress;
 mod raw;
+mod raw_uffd;
 mod report;
 mod run;
 mod stats;
@@ -66,10 +70,12 @@ pub use error::BenchError;
 pub use host::Prefill;
 pub use host::{kvm_has_pdpe1gb, HostFacts};
 pub use raw::{run as raw_baseline, RawResult};
-pub use report::{Baselines, ConfigResult, FaultsReport, PassResult, RawBaseline, Settings};
+pub use report::{
+    Baselines, ConfigResult, FaultsReport, PassResult, RawBaseline, ScalingRow, Settings,
+};
 pub use run::run_faults;
-pub use stats::{fmt_ns, ticks_to_ns, Summary};
-pub use uffd::UffdCounts;
+pub use stats::{fmt_ns, log2_buckets, ticks_to_ns, Log2Bucket, Summary};
+pub use uffd::{Event as UffdEvent, Outcome as UffdOutcome, UffdCounts};
 pub use workset::replay::{ReplayPass, ReplayResult};
 pub use workset::{Prefetch, Workset, WorksetPage};
 
@@ -83,6 +89,75 @@ fn create_output(what: &'static str, path: &Path) -> Result<File, ConfigError> {
     })
 }
 
+/// Checks before measuring, creating nothing, that the histograms can go
+/// into `dir`: an existing writable directory, or a new one in an existing
+/// directory (created when the histograms are written).
+fn histogram_dir(dir: &Path) -> Result<(), ConfigError> {
+    let bad = |reason: String| ConfigError::Output {
+        what: "the histograms into",
+        path: dir.to_path_buf(),
+        reason,
+    };
+    let (at, what) = match std::fs::metadata(dir) {
+        Ok(_) => (dir, "it"),
+        Err(_) => (
+            dir.parent()
+                .filter(|p| !p.as_os_str().is_empty())
+                .unwrap_or(Path::new(".")),
+            "its parent",
+        ),
+    };
+    let meta = std::fs::metadata(at).map_err(|e| bad(format!("{what}: {e}")))?;
+    if !meta.is_dir() {
+        return Err(bad(format!("{what} is not a directory")));
+    }
+    if meta.permissions().readonly() {
+        return Err(bad(format!("{what} is read-only")));
+    }
+    Ok(())
+}
+
+/// Writes every pass's histogram (and, for the uffd kinds, each outcome's)
+/// as `CONFIG-PASS[-OUTCOME].hgrm` and `.log2.txt`; returns the file count.
+fn write_histograms(report: &FaultsReport, dir: &Path) -> std::io::Result<usize> {
+    std::fs::create_dir_all(dir)?;
+    let mut n = 0;
+    let mut put = |name: String, samples: &[f64]| -> std::io::Result<()> {
+        let name: String = name
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        std::fs::write(
+            dir.join(format!("{name}.hgrm")),
+            stats::Latencies::new(samples).hgrm(),
+        )?;
+        std::fs::write(
+            dir.join(format!("{name}.log2.txt")),
+            stats::log2_text(&log2_buckets(samples)),
+        )?;
+        n += 2;
+        Ok(())
+    };
+    for c in &report.configurations {
+        for p in &c.passes {
+            put(format!("{}-{}", c.backing, p.pass), &p.samples_ns)?;
+            for (outcome, samples) in &p.samples_by_outcome {
+                put(format!("{}-{}-{outcome}", c.backing, p.pass), samples)?;
+            }
+        }
+        if let Some(raw) = c.baselines.as_ref().and_then(|b| b.raw.as_ref()) {
+            put(format!("{}-raw", c.backing), &raw.samples_ns)?;
+        }
+    }
+    Ok(n)
+}
+
 /// `vmm bench faults` with parsed flags: runs, prints, writes the plot;
 /// returns the exit status (0 ok, 1 failure, 2 invalid configuration or
 /// output path).
@@ -92,6 +167,9 @@ pub fn faults(args: &FaultsArgs) -> i32 {
         return 1;
     }
     let checked = args.to_config().and_then(|cfg| {
+        if let Some(dir) = &args.histograms {
+            histogram_dir(dir)?;
+        }
         let plot = args
             .plot
             .as_deref()
@@ -141,6 +219,17 @@ fn measure_and_report(args: &FaultsArgs, cfg: &FaultsConfig, plot: Option<(File,
             return 1;
         }
         let _ = writeln!(out, "plot: {}", path.display());
+    }
+    if let Some(dir) = &args.histograms {
+        match write_histograms(&report, dir) {
+            Ok(n) => {
+                let _ = writeln!(out, "histograms: {n} files in {}", dir.display());
+            }
+            Err(e) => {
+                eprintln!("vmm: writing the histograms into {}: {e}", dir.display());
+                return 1;
+            }
+        }
     }
     if args.json {
         match serde_json::to_string_pretty(&report) {

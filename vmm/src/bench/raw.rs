@@ -21,6 +21,8 @@ use super::guest::RamLayout;
 
 use super::error::BenchError;
 use super::plan::{pass_commands, prefault_command};
+use super::raw_uffd::RawHandlers;
+use super::uffd::{Armed, Mode};
 use crate::boot::elf::ElfImage;
 use crate::boot::paging::{apply_patches, gig_leaf, write_4k_tables};
 use crate::boot::tables::write_boot_tables;
@@ -47,9 +49,12 @@ struct Shared {
     boot: HostMapping,
     test: HostMapping,
     prefault: bool,
+    /// The userfaultfd registration of a uffd kind.
+    armed: Option<Arc<Armed>>,
 }
 
-/// Runs the raw baseline of `cfg` on `backing` (not a uffd kind).
+/// Runs the raw baseline of `cfg` on `backing`; the uffd kinds get the
+/// minimal handler of the `raw_uffd` module.
 pub fn run(cfg: &FaultsConfig, backing: &Backing) -> Result<RawResult, BenchError> {
     let kvm = Kvm::new().map_err(kvm_err("open /dev/kvm"))?;
     let cpuid = kvm
@@ -65,6 +70,9 @@ pub fn run(cfg: &FaultsConfig, backing: &Backing) -> Result<RawResult, BenchErro
     let boot = HostMapping::new(&BackingKind::Anon, layout::BOOT_SIZE)?;
     let ram_map = HostMapping::new(&BackingKind::Anon, ram.size)?;
     let test = super::host::map_fresh(backing, cfg.size)?;
+    let armed = Mode::of(backing)
+        .map(|mode| Armed::new(mode, &test, &cfg.uffd_parts(), cfg.seed, false).map(Arc::new))
+        .transpose()?;
     // SAFETY: `boot` is BOOT_SIZE bytes, mapped, not yet shared with KVM.
     let mem = unsafe { std::slice::from_raw_parts_mut(boot.as_ptr(), layout::BOOT_SIZE as usize) };
     write_boot_tables(mem, cfg.vcpus, identity_end)?;
@@ -98,7 +106,20 @@ pub fn run(cfg: &FaultsConfig, backing: &Backing) -> Result<RawResult, BenchErro
         boot,
         test,
         prefault: *backing == Backing::Prefault,
+        armed,
     });
+    let handlers = shared
+        .armed
+        .as_ref()
+        .map(|a| {
+            RawHandlers::start(
+                a,
+                cfg.uffd_handlers as usize,
+                cfg.handler_delay,
+                &super::host::uffd_handler_cpus(cfg),
+            )
+        })
+        .transpose()?;
     // Created after the mappings, so it is dropped before them on every
     // path (locals drop in reverse order): KVM drops its memslots first.
     let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
@@ -145,6 +166,7 @@ pub fn run(cfg: &FaultsConfig, backing: &Backing) -> Result<RawResult, BenchErro
                     refault: cfg.refault,
                     results_hva: ram_base + (res_gpa - layout::RAM_BASE),
                     accesses: cfg.accesses(i as u64),
+                    cpu: super::host::vcpu_cpu(cfg, i as u64),
                 };
                 s.spawn(move || job.run(fd, &shared, &barrier))
             })
@@ -157,6 +179,10 @@ pub fn run(cfg: &FaultsConfig, backing: &Backing) -> Result<RawResult, BenchErro
             })
             .collect()
     });
+    if let Some(h) = handlers {
+        h.finish()
+            .map_err(|detail| BenchError::Setup(format!("raw baseline: {detail}")))?;
+    }
     let mut result = RawResult {
         tsc_khz,
         ..RawResult::default()
@@ -183,6 +209,8 @@ struct Job {
     refault: bool,
     results_hva: u64,
     accesses: u64,
+    /// The CPU to pin this vCPU thread to (as the tool pins its vCPUs).
+    cpu: Option<usize>,
 }
 
 impl Job {
@@ -215,6 +243,9 @@ impl Job {
     }
 
     fn run(&self, mut fd: VcpuFd, shared: &Shared, barrier: &Barrier) -> Result<Passes, String> {
+        if let Some(cpu) = self.cpu {
+            super::host::pin_current_thread(cpu);
+        }
         if doorbell(&mut fd)? != status::READY {
             return Err("first doorbell is not READY".into());
         }
@@ -228,13 +259,19 @@ impl Job {
         if self.refault {
             let mut discarded = Ok(());
             if barrier.wait().is_leader() {
-                discarded = shared.test.discard(0, shared.test.len());
+                discarded = match &shared.armed {
+                    Some(a) => a.rearm().map_err(|e| e.to_string()),
+                    None => shared
+                        .test
+                        .discard(0, shared.test.len())
+                        .map_err(|e| e.to_string()),
+                };
                 if shared.prefault {
                     shared.test.populate();
                 }
             }
             barrier.wait();
-            discarded.map_err(|e| e.to_string())?;
+            discarded?;
             for c in &self.pass {
                 self.run_cmd(&mut fd, shared, c)?;
             }

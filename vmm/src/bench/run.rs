@@ -1,27 +1,30 @@
 //! The orchestration of `vmm bench faults`: per configuration, the test
 //! memory and its userfaultfd handler, the phases (prefault the result
-//! buffers, timed first touch, DONTNEED + timed re-fault, uffd-copy verify)
-//! with KVM counters read between them, then the baselines.
+//! buffers, timed first touch with the churn writer beside it, DONTNEED (or
+//! re-arm) + timed re-fault, uffd verify) with KVM counters read between
+//! them, then the baselines; the rounds of a configuration (`rounds`), of a
+//! replay comparison (`replay_rounds`) and of the `--scaling` sweep.
 
-use std::fs::File;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::Write;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use guest_image::protocol::pattern_word;
 use kvm_ioctls::Kvm;
 
 use super::churn::attribution::{attribute, TimedAccess};
 use super::churn::ops::ChurnTarget;
 use super::churn::Writer;
-use super::config::{Access, Backing, ConfigError, FaultsConfig, GuestPage, UffdCpu, TEST_BASE};
+use super::config::{Access, Backing, ConfigError, FaultsConfig, GuestPage, Share, TEST_BASE};
 use super::error::BenchError;
 use super::guest::GuestBench;
 use super::host::Prefill;
 use super::progress::Progress;
-use super::report::{self, Baselines, ConfigResult, FaultsReport, PassResult, Settings};
+use super::report::{
+    self, Baselines, ConfigResult, FaultsReport, PassResult, ScalingRow, Settings,
+};
 use super::stats::{counter_delta, ticks_to_ns, Summary};
-use super::uffd::{self, Handler, Resolve, Userfault};
+use super::uffd::{Armed, Event, Handler, HandlerConfig, Mode, Outcome, UffdCounts, UffdError};
 use super::workset::prefetch;
 use super::workset::replay::{ReplayPass, ReplayResult};
 use super::workset::{Prefetch, RecordOutput, Workset};
@@ -29,29 +32,6 @@ use super::{host, plan, raw, timeline};
 use crate::mm::addr::{Gpa, GpaRange, PAGE_SIZE};
 use crate::mm::backing::{BackingError, BackingKind, HostMapping};
 use crate::plan::Command;
-
-/// The uffd-copy source: the FILL pattern of `seed` at the guest address
-/// each word will have, so the guest's VERIFY can check the copies. It lives
-/// in a memfd, which leaves nothing behind however the process ends.
-fn copy_source(size: u64, seed: u64) -> Result<File, BenchError> {
-    let io = |source| BenchError::Io {
-        what: "writing the uffd-copy source (a memfd)".into(),
-        source,
-    };
-    let memfd = HostMapping::new(&BackingKind::Memfd, size)?;
-    let fd = memfd.fd().expect("a memfd mapping keeps its descriptor");
-    let mut f = File::from(fd.try_clone().map_err(io)?);
-    let mut buf = Vec::with_capacity(1 << 20);
-    for word in 0..size / 8 {
-        buf.extend_from_slice(&pattern_word(seed, TEST_BASE + word * 8).to_le_bytes());
-        if buf.len() == 1 << 20 {
-            f.write_all(&buf).map_err(io)?;
-            buf.clear();
-        }
-    }
-    f.write_all(&buf).map_err(io)?;
-    Ok(f)
-}
 
 /// Runs every configuration of `cfg`, printing a table per configuration to
 /// `out` as it completes; returns the whole report.
@@ -93,7 +73,13 @@ pub fn run_faults(cfg: &FaultsConfig, out: &mut dyn Write) -> Result<FaultsRepor
     let mut results = Vec::new();
     let mut tsc_khz = 0;
     let mut interrupted = None;
-    for backing in &cfg.backings {
+    let mut scaling = Vec::new();
+    if cfg.scaling {
+        let sweep = scaling_configs(cfg)?;
+        interrupted = run_scaling(&sweep, out, &mut scaling, &mut tsc_khz)?;
+        let _ = write!(out, "{}", report::scaling_table(&scaling));
+    }
+    for backing in cfg.backings.iter().filter(|_| !cfg.scaling) {
         if let Some(signal) = super::interrupt::caught() {
             interrupted = Some(signal);
             break;
@@ -126,11 +112,80 @@ pub fn run_faults(cfg: &FaultsConfig, out: &mut dyn Write) -> Result<FaultsRepor
         settings: Settings::from(cfg),
         configurations: results,
         interrupted,
+        scaling,
     };
     if report.configurations.len() > 1 {
         let _ = write!(out, "{}", report::comparison(&report));
     }
     Ok(report)
+}
+
+/// The `--scaling` sweep: per backing, per vCPU count, a configuration of
+/// that many vCPUs on disjoint parts of `--size` each; all validated before
+/// any runs.
+fn scaling_configs(cfg: &FaultsConfig) -> Result<Vec<(Backing, FaultsConfig)>, BenchError> {
+    let mut sweep = Vec::new();
+    for backing in &cfg.backings {
+        for n in cfg.scaling_counts(host::online_cpus() as u64) {
+            let sub = FaultsConfig {
+                vcpus: n,
+                size: cfg.size * n,
+                share: Share::Disjoint,
+                backings: vec![backing.clone()],
+                scaling: false,
+                ..cfg.clone()
+            };
+            sub.validate()?;
+            sweep.push((backing.clone(), sub));
+        }
+    }
+    Ok(sweep)
+}
+
+/// Runs the sweep, printing each configuration's table; the signal that
+/// stopped it, if one did.
+fn run_scaling(
+    sweep: &[(Backing, FaultsConfig)],
+    out: &mut dyn Write,
+    rows: &mut Vec<ScalingRow>,
+    tsc_khz: &mut u32,
+) -> Result<Option<&'static str>, BenchError> {
+    for (backing, sub) in sweep {
+        let mut r: Option<ConfigResult> = None;
+        for round in 0..sub.rounds {
+            if let Some(signal) = super::interrupt::caught() {
+                return Ok(Some(signal));
+            }
+            match run_one(sub, backing, round % 2 == 1, None) {
+                Err(BenchError::Interrupted(signal)) => return Ok(Some(signal)),
+                Ok(one) => match r.as_mut() {
+                    Some(r) => r.merge(one),
+                    None => r = Some(one),
+                },
+                Err(e) => return Err(e),
+            }
+        }
+        let Some(r) = r else { continue };
+        *tsc_khz = (*tsc_khz).max(r.tsc_khz);
+        let _ = write!(out, "{}", report::table(sub, &r));
+        if let Some(p) = r.pass("first-touch") {
+            rows.push(ScalingRow {
+                backing: backing.to_string(),
+                vcpus: sub.vcpus,
+                pages: p.pages * u64::from(r.rounds),
+                pages_per_sec: p.faults_per_sec,
+                raw_pages_per_sec: r
+                    .baselines
+                    .as_ref()
+                    .and_then(|b| b.raw.as_ref())
+                    .map(|raw| raw.pages_per_sec),
+                p50_ns: p.latency_ns.p50,
+                p99_ns: p.latency_ns.p99,
+                uffd: p.uffd.clone(),
+            });
+        }
+    }
+    Ok(None)
 }
 
 /// Every round of one configuration, merged; rounds alternate whether the
@@ -221,7 +276,7 @@ fn run_one(
 ) -> Result<ConfigResult, BenchError> {
     let mut notes = Vec::new();
     let early = if cfg.baselines && raw_first {
-        Some(baselines(cfg, backing, &mut notes)?)
+        Some(baselines(cfg, backing)?)
     } else {
         None
     };
@@ -232,32 +287,32 @@ fn run_one(
         }
         Err(e) => return Err(e.into()),
     };
-    let ncpu = host::online_cpus();
-    let pinned = cfg.uffd_cpu != UffdCpu::Any;
-    let cpus: Vec<Option<usize>> = (0..cfg.vcpus as usize)
-        .map(|i| pinned.then_some(i % ncpu))
-        .collect();
-    let handler = if backing.is_uffd() {
-        let uffd = Userfault::register(test.hva().0, test.len())?;
-        let resolve = match backing {
-            Backing::UffdCopy => {
-                let source = copy_source(cfg.size, cfg.seed)?;
-                if let (Some(set), Prefetch::Copy) = (prefetch, cfg.workset.prefetch) {
-                    prefill = Some(prefetch::copy(&uffd, test.hva().0, &source, set)?);
-                }
-                Resolve::CopyFrom(source)
+    let cpus: Vec<Option<usize>> = (0..cfg.vcpus).map(|i| host::vcpu_cpu(cfg, i)).collect();
+    let armed =
+        match Mode::of(backing).map(|m| Armed::new(m, &test, &cfg.uffd_parts(), cfg.seed, true)) {
+            None => None,
+            Some(Ok(a)) => Some(Arc::new(a)),
+            Some(Err(e @ UffdError::Unsupported { .. })) => {
+                return Ok(ConfigResult::skipped(backing, e.to_string()));
             }
-            _ => Resolve::Zero,
+            Some(Err(e)) => return Err(e.into()),
         };
-        let cpu = match cfg.uffd_cpu {
-            UffdCpu::Same => Some(0),
-            UffdCpu::Other => Some(1 % ncpu),
-            UffdCpu::Any => None,
-        };
-        Some(Handler::spawn(uffd, resolve, cpu)?)
-    } else {
-        None
-    };
+    if let (Some(set), Prefetch::Copy, Some(armed)) =
+        (prefetch, cfg.workset.prefetch, armed.as_deref())
+    {
+        prefill = Some(prefetch::copy(armed, set)?);
+    }
+    let handler = armed
+        .as_ref()
+        .map(|a| {
+            let hc = HandlerConfig {
+                threads: cfg.uffd_handlers as usize,
+                delay: cfg.handler_delay,
+                cpus: host::uffd_handler_cpus(cfg),
+            };
+            Handler::spawn(a.clone(), &hc)
+        })
+        .transpose()?;
     match (prefetch, cfg.workset.prefetch) {
         (Some(set), Prefetch::Populate) => prefill = Some(prefetch::populate(&test, set)?),
         (Some(_), Prefetch::None) => {
@@ -272,7 +327,8 @@ fn run_one(
     }
     let mut bench = GuestBench::new(cfg, test.clone(), &cpus)?;
     let tsc_khz = bench.tsc_khz();
-    let outcome = measure(cfg, backing, &mut bench, &test, handler.as_ref());
+    let uffd = armed.as_deref().zip(handler.as_ref());
+    let outcome = measure(cfg, backing, &mut bench, &test, uffd);
     bench.shutdown();
     drop(handler);
     let Measured {
@@ -283,7 +339,7 @@ fn run_one(
     notes.extend(measured_notes);
     let baselines = match early {
         Some(b) => Some(b),
-        None if cfg.baselines => Some(baselines(cfg, backing, &mut notes)?),
+        None if cfg.baselines => Some(baselines(cfg, backing)?),
         None => None,
     };
     let mut result = ConfigResult {
@@ -302,12 +358,9 @@ fn run_one(
     Ok(result)
 }
 
-/// Pages a uffd handler resolved (host addresses) and its counters.
-type Resolved = (Vec<u64>, uffd::UffdCounts);
-
-fn take_uffd(h: Option<&Handler>) -> Result<Option<Resolved>, BenchError> {
+fn take_uffd(h: Option<&Handler>) -> Result<Option<Vec<Event>>, BenchError> {
     h.map(|h| {
-        h.take_resolved()
+        h.take()
             .map_err(|detail| BenchError::Setup(format!("uffd handler: {detail}")))
     })
     .transpose()
@@ -326,8 +379,9 @@ fn measure(
     backing: &Backing,
     bench: &mut GuestBench,
     test: &Arc<HostMapping>,
-    handler: Option<&Handler>,
+    uffd: Option<(&Armed, &Handler)>,
 ) -> Result<Measured, BenchError> {
+    let handler = uffd.map(|(_, h)| h);
     let prepare = (0..bench.ram.results.len())
         .map(|i| {
             let (gpa, len) = bench.ram.results[i];
@@ -348,10 +402,16 @@ fn measure(
     };
     for (k, name) in names.iter().enumerate() {
         if k > 0 {
-            // The mmu-notifier path: the host drops the pages, KVM zaps
-            // its mappings; the next touch faults again.
-            test.discard(0, test.len())?;
-            host::prefill(backing, test)?;
+            // The mmu-notifier path: the host drops the pages (or the
+            // PTEs, or write access), KVM zaps its mappings; the next
+            // touch faults again.
+            match uffd {
+                Some((armed, _)) => armed.rearm()?,
+                None => {
+                    test.discard(0, test.len())?;
+                    host::prefill(backing, test)?;
+                }
+            }
         }
         let _ = take_uffd(handler)?;
         let before = bench.counters()?;
@@ -383,8 +443,8 @@ fn measure(
         phase?;
         progress.finish();
         let kvm = counter_delta(&bench.counters()?, &before);
-        let uffd = take_uffd(handler)?;
-        let mut pass = pass_result(cfg, bench, name, wall, kvm, uffd, test.hva().0);
+        let events = take_uffd(handler)?;
+        let mut pass = pass_result(cfg, bench, name, wall, kvm, events, test.hva().0);
         if cfg.wants_stamps() {
             pass.touches = timeline::touches(cfg, bench)?;
             timeline::check_on_host_clock(&pass.touches, phase_start, phase_end)?;
@@ -416,7 +476,7 @@ fn measure(
         notes.push(format!("{retries} KVM_RUN calls failed with EFAULT on a page churn made read-only and were retried (the access waited)"));
     }
     let mut verified = None;
-    if *backing == Backing::UffdCopy {
+    if Mode::of(backing).is_some_and(Mode::has_pattern) {
         if cfg.access == Access::Read {
             let verify = (0..cfg.vcpus)
                 .map(|i| {
@@ -431,13 +491,13 @@ fn measure(
                 Err(BenchError::Guest { vcpu, detail }) => {
                     verified = Some(false);
                     notes.push(format!(
-                        "guest VERIFY of the copied pages failed on vCPU {vcpu}: {detail}"
+                        "guest VERIFY of the pages the handler mapped failed on vCPU {vcpu}: {detail}"
                     ));
                 }
                 Err(e) => return Err(e),
             }
         } else {
-            notes.push("copied content not verified: write accesses change the first byte of each touched page (use --access read)".into());
+            notes.push("mapped content not verified: write accesses change the first byte of each touched page (use --access read)".into());
         }
     }
     Ok(Measured {
@@ -452,34 +512,60 @@ fn pass_result(
     bench: &GuestBench,
     name: &'static str,
     wall: Duration,
-    kvm: std::collections::BTreeMap<String, i64>,
-    uffd: Option<(Vec<u64>, uffd::UffdCounts)>,
+    kvm: BTreeMap<String, i64>,
+    events: Option<Vec<Event>>,
     test_hva: u64,
 ) -> PassResult {
     let tsc = bench.tsc_khz();
+    let tids = bench.vcpu_tids();
+    let events: Option<Vec<Event>> = events.map(|ev| {
+        ev.into_iter()
+            .map(|e| Event {
+                page: e.page - test_hva,
+                ..e
+            })
+            .collect()
+    });
+    let labels = events.as_deref().map(OutcomeLabels::new);
     let mut samples = Vec::new();
+    let mut by_outcome: BTreeMap<String, Vec<f64>> = BTreeMap::new();
     let mut busiest = 0u64;
     let mut touched = Vec::new();
     for i in 0..cfg.vcpus {
         let ticks = bench.results(i as usize, cfg.accesses(i));
         busiest = busiest.max(ticks.iter().sum());
-        samples.extend(ticks.iter().map(|&t| ticks_to_ns(t, tsc)));
-        touched.extend(
-            plan::touched_offsets(cfg, i)
-                .into_iter()
-                .map(|o| o & !(PAGE_SIZE - 1)),
-        );
+        let offsets = plan::touched_offsets(cfg, i);
+        let mut seen = HashSet::new();
+        for (&t, &off) in ticks.iter().zip(&offsets) {
+            let ns = ticks_to_ns(t, tsc);
+            samples.push(ns);
+            let page = off & !(PAGE_SIZE - 1);
+            if let Some(labels) = &labels {
+                // Only a vCPU's first access to a page can fault.
+                let label = if seen.insert(page) {
+                    labels.of(page, tids[i as usize])
+                } else {
+                    NO_MESSAGE.to_string()
+                };
+                by_outcome.entry(label).or_default().push(ns);
+            }
+        }
+        touched.extend(offsets.into_iter().map(|o| o & !(PAGE_SIZE - 1)));
     }
     touched.sort_unstable();
     touched.dedup();
     let busy_s = ticks_to_ns(busiest, tsc) / 1e9;
-    let (uffd_pages, uffd_counts) = match uffd {
-        Some((pages, counts)) => {
-            let mut p: Vec<u64> = pages.into_iter().map(|a| a - test_hva).collect();
+    let (uffd_pages, uffd_counts, uffd_events) = match events {
+        Some(ev) => {
+            let mut p: Vec<u64> = ev
+                .iter()
+                .filter(|e| matches!(e.outcome, Outcome::Resolved | Outcome::EagainRetry))
+                .map(|e| e.page)
+                .collect();
             p.sort_unstable();
-            (p, Some(counts))
+            (p, Some(UffdCounts::of(&ev)), ev)
         }
-        None => (Vec::new(), None),
+        None => (Vec::new(), None, Vec::new()),
     };
     PassResult {
         pass: name,
@@ -494,11 +580,43 @@ fn pass_result(
         wall_ms: wall.as_secs_f64() * 1e3,
         kvm,
         uffd: uffd_counts,
+        histogram_log2: Vec::new(),
+        latency_by_outcome: BTreeMap::new(),
         samples_ns: samples,
+        samples_by_outcome: by_outcome,
+        uffd_events,
+        vcpu_tids: tids,
         touched_pages: touched,
         uffd_pages,
         churn: None,
         touches: Vec::new(),
+    }
+}
+
+/// The label of an access no fault message of its vCPU was read for.
+const NO_MESSAGE: &str = "no-message";
+
+/// Which outcome each (page, faulting thread) had: the first message's.
+/// Without thread ids (tid 0 in every message) a page's first message
+/// labels every vCPU's first access to it.
+struct OutcomeLabels {
+    by_thread: HashMap<(u64, u32), Outcome>,
+}
+
+impl OutcomeLabels {
+    fn new(events: &[Event]) -> Self {
+        let mut by_thread = HashMap::new();
+        for e in events {
+            by_thread.entry((e.page, e.tid)).or_insert(e.outcome);
+        }
+        Self { by_thread }
+    }
+
+    fn of(&self, page: u64, tid: u32) -> String {
+        self.by_thread
+            .get(&(page, tid))
+            .or_else(|| self.by_thread.get(&(page, 0)))
+            .map_or(NO_MESSAGE.to_string(), |o| o.to_string())
     }
 }
 
@@ -529,24 +647,16 @@ fn start_churn(
 
 /// The raw-KVM and host-only baselines (samples only; summaries and ratios
 /// are computed by [`ConfigResult::finish`]).
-fn baselines(
-    cfg: &FaultsConfig,
-    backing: &Backing,
-    notes: &mut Vec<String>,
-) -> Result<Baselines, BenchError> {
-    let raw = if backing.is_uffd() {
-        notes.push("raw KVM baseline not run for userfaultfd backings (it would need the same handler); compare with anon".into());
-        None
-    } else {
-        let r = raw::run(cfg, backing)?;
-        let ns = |t: &[u64]| -> Vec<f64> { t.iter().map(|&t| ticks_to_ns(t, r.tsc_khz)).collect() };
-        Some(report::RawBaseline {
-            first: Summary::default(),
-            refault: None,
-            samples_ns: ns(&r.first),
-            refault_samples_ns: ns(&r.refault),
-        })
-    };
+fn baselines(cfg: &FaultsConfig, backing: &Backing) -> Result<Baselines, BenchError> {
+    let r = raw::run(cfg, backing)?;
+    let ns = |t: &[u64]| -> Vec<f64> { t.iter().map(|&t| ticks_to_ns(t, r.tsc_khz)).collect() };
+    let raw = Some(report::RawBaseline {
+        first: Summary::default(),
+        refault: None,
+        pages_per_sec: raw_pages_per_sec(cfg, &r.first, r.tsc_khz),
+        samples_ns: ns(&r.first),
+        refault_samples_ns: ns(&r.refault),
+    });
     let tsc = raw_tsc_khz()?;
     let offsets = plan::touched_offsets(cfg, 0);
     let host_ticks = host::first_touch(backing, cfg.size, &offsets, cfg.access)?;
@@ -555,14 +665,32 @@ fn baselines(
         ratio_tool_to_raw: None,
         ratio_tool_to_raw_mean: None,
         host: Summary::default(),
-        host_kind: if backing.is_uffd() {
-            "anon (no userfaultfd)".into()
-        } else {
-            backing.to_string()
+        host_kind: match (backing.is_uffd(), backing.host_kind()) {
+            (true, Some(kind)) => format!("{kind} (no userfaultfd)"),
+            _ => backing.to_string(),
         },
         ratio_guest_to_host: f64::NAN,
         host_samples_ns: host_ticks.iter().map(|&t| ticks_to_ns(t, tsc)).collect(),
     })
+}
+
+/// Accesses per second of guest time on the raw baseline's slowest vCPU
+/// (`ticks` holds every vCPU's accesses, concatenated in vCPU order).
+fn raw_pages_per_sec(cfg: &FaultsConfig, ticks: &[u64], tsc_khz: u32) -> f64 {
+    let mut at = 0;
+    let mut busiest = 0u64;
+    for i in 0..cfg.vcpus {
+        let n = cfg.accesses(i) as usize;
+        let end = (at + n).min(ticks.len());
+        busiest = busiest.max(ticks[at..end].iter().sum());
+        at = end;
+    }
+    let s = ticks_to_ns(busiest, tsc_khz) / 1e9;
+    if s > 0.0 {
+        ticks.len() as f64 / s
+    } else {
+        0.0
+    }
 }
 
 /// The TSC frequency KVM gives a fresh vCPU (guest TSC = host TSC on this

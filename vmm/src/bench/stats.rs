@@ -1,6 +1,9 @@
 //! Latency statistics: ticks to nanoseconds with the guest TSC frequency,
 //! percentiles from an HDR histogram (`hdrhistogram`, 3 significant digits,
-//! nearest rank; exact below 2048 ns), and KVM counter deltas.
+//! nearest rank; exact below 2048 ns), KVM counter deltas, and the two
+//! export forms of a latency distribution: log2 buckets (the form of
+//! QEMU's postcopy page-request latency distribution) and HdrHistogram's
+//! percentile distribution text (`.hgrm`, read by HdrHistogram's plotter).
 //!
 //! ```
 //! use vmm::bench::Summary;
@@ -78,6 +81,102 @@ impl Latencies {
     }
 }
 
+impl Latencies {
+    /// HdrHistogram's percentile distribution (`.hgrm`) of the samples,
+    /// values in microseconds: the text `outputPercentileDistribution`
+    /// prints, five steps per halving of the distance to 100 %.
+    pub fn hgrm(&self) -> String {
+        use std::fmt::Write as _;
+        let h = &self.0;
+        let mut out = format!(
+            "{:>12} {:>14} {:>10} {:>14}\n\n",
+            "Value", "Percentile", "TotalCount", "1/(1-Percentile)"
+        );
+        let mut total = 0;
+        if !h.is_empty() {
+            for v in h.iter_quantiles(5) {
+                total += v.count_since_last_iteration();
+                let q = v.quantile_iterated_to();
+                let inv = if q < 1.0 {
+                    format!("{:14.2}", 1.0 / (1.0 - q))
+                } else {
+                    format!("{:>14}", "")
+                };
+                let _ = writeln!(
+                    out,
+                    "{:12.3} {:2.12} {:10} {inv}",
+                    v.value_iterated_to() as f64 / 1e3,
+                    q,
+                    total
+                );
+            }
+        }
+        let _ = writeln!(
+            out,
+            "#[Mean    = {:12.3}, StdDeviation   = {:12.3}]",
+            h.mean() / 1e3,
+            h.stdev() / 1e3
+        );
+        let _ = writeln!(
+            out,
+            "#[Max     = {:12.3}, Total count    = {:12}]",
+            h.max() as f64 / 1e3,
+            h.len()
+        );
+        out
+    }
+}
+
+/// One log2 bucket: samples in `[lo_ns, hi_ns)`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Log2Bucket {
+    /// Lower bound, ns (inclusive; the first bucket also holds 0).
+    pub lo_ns: u64,
+    /// Upper bound, ns (exclusive).
+    pub hi_ns: u64,
+    /// Samples in the bucket.
+    pub count: u64,
+}
+
+/// The samples (ns) in log2 buckets `[2^k, 2^(k+1))`, from the lowest to
+/// the highest non-empty bucket, empty buckets in between included (the
+/// contiguous form QEMU reports its postcopy latencies in).
+///
+/// ```
+/// use vmm::bench::log2_buckets;
+/// let b = log2_buckets(&[1.0, 2.0, 3.0, 9.0]);
+/// let counts: Vec<(u64, u64)> = b.iter().map(|b| (b.lo_ns, b.count)).collect();
+/// // [0, 2) holds 1 ns; [2, 4) holds 2 and 3; [4, 8) is empty; [8, 16) holds 9.
+/// assert_eq!(counts, vec![(0, 1), (2, 2), (4, 0), (8, 1)]);
+/// ```
+pub fn log2_buckets(samples_ns: &[f64]) -> Vec<Log2Bucket> {
+    let mut counts = [0u64; 64];
+    for &ns in samples_ns {
+        let v = ns.max(0.0).round() as u64;
+        counts[v.max(1).ilog2() as usize] += 1;
+    }
+    let Some(first) = counts.iter().position(|&c| c > 0) else {
+        return Vec::new();
+    };
+    let last = counts.iter().rposition(|&c| c > 0).unwrap_or(first);
+    (first..=last)
+        .map(|k| Log2Bucket {
+            lo_ns: if k == 0 { 0 } else { 1 << k },
+            hi_ns: 1u64.checked_shl(k as u32 + 1).unwrap_or(u64::MAX),
+            count: counts[k],
+        })
+        .collect()
+}
+
+/// Log2 buckets as text, one `lo_ns hi_ns count` line each.
+pub fn log2_text(buckets: &[Log2Bucket]) -> String {
+    let mut out = String::from("# lo_ns hi_ns count\n");
+    for b in buckets {
+        out.push_str(&format!("{} {} {}\n", b.lo_ns, b.hi_ns, b.count));
+    }
+    out
+}
+
 impl Summary {
     /// Summarises nanosecond samples (sorted or not): percentiles from the
     /// histogram, count, min, max and mean exact.
@@ -147,6 +246,36 @@ mod tests {
         // Large values keep 3 significant digits.
         let big = quantile(&[1.0, 123_456.0, 7_000_000.0], 0.5);
         assert!((big - 123_456.0).abs() / 123_456.0 < 1e-3, "{big}");
+    }
+
+    #[test]
+    fn test_log2_buckets_are_contiguous_and_count_every_sample() {
+        let b = log2_buckets(&[0.0, 1.0, 1000.0, 1023.0, 1024.0, 5e6]);
+        assert_eq!(b.first().unwrap().lo_ns, 0);
+        assert_eq!(b.iter().map(|b| b.count).sum::<u64>(), 6);
+        let at = |lo| b.iter().find(|b| b.lo_ns == lo).unwrap().count;
+        assert_eq!((at(0), at(512), at(1024)), (2, 2, 1));
+        assert!(b.windows(2).all(|w| w[0].hi_ns == w[1].lo_ns));
+        assert!(log2_buckets(&[]).is_empty());
+        assert!(log2_text(&b).lines().count() == b.len() + 1);
+    }
+
+    #[test]
+    fn test_hgrm_ends_at_the_max_with_every_sample() {
+        // Exact below 2048 ns: the last row is the max itself, 1 us.
+        let v: Vec<f64> = (1..=1000).map(f64::from).collect();
+        let text = Latencies::new(&v).hgrm();
+        let rows: Vec<Vec<f64>> = text
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.trim().is_empty() && !l.contains("Value"))
+            .map(|l| l.split_whitespace().map(|x| x.parse().unwrap()).collect())
+            .collect();
+        let last = rows.last().unwrap();
+        assert_eq!((last[0], last[1], last[2]), (1.0, 1.0, 1000.0), "{text}");
+        assert!(rows
+            .windows(2)
+            .all(|w| w[0][1] <= w[1][1] && w[0][2] <= w[1][2]));
+        assert!(text.contains("Total count    =         1000"), "{text}");
     }
 
     #[test]

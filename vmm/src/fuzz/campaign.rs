@@ -66,6 +66,10 @@ pub struct FuzzArgs {
     /// Length of the arena.
     #[arg(long, value_name = "SIZE", default_value = "64M", value_parser = parse_mem)]
     pub arena_size: u64,
+    /// Dirty-log mode of the VM: bitmap, manual or ring (the model predicts
+    /// each mode's exact dirty sets).
+    #[arg(long, value_name = "MODE", default_value = "bitmap")]
+    pub dirty_log: crate::mm::manager::DirtyLogMode,
     /// Slot budget of the sim tier (the real tier uses KVM's).
     #[arg(long, value_name = "N", default_value_t = 64, value_parser = clap::value_parser!(u64).range(4..=32764))]
     pub max_slots: u64,
@@ -187,6 +191,7 @@ fn sim_layout(args: &FuzzArgs) -> Layout {
         pin_limit: args.pin_limit,
         vcpus: args.vcpus,
         guest_end: layout::IDENTITY_END,
+        dirty_log: args.dirty_log,
     }
 }
 
@@ -202,7 +207,9 @@ fn outcome_name(actual: &str) -> String {
 impl Campaign {
     fn new(args: FuzzArgs) -> Result<Self, FuzzError> {
         let layout = match args.backend {
-            Backend::Real => real::layout(args.mem, args.vcpus, args.pin_limit)?,
+            Backend::Real => {
+                real::layout_with(args.mem, args.vcpus, args.pin_limit, args.dirty_log)?
+            }
             Backend::Sim => sim_layout(&args),
         };
         let (a, s) = (args.arena_base, args.arena_size);

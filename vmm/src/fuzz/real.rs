@@ -36,6 +36,21 @@ pub enum RealError {
 /// `vcpus` vCPUs, read from KVM (guest-physical width, slot budget,
 /// read-only slot support).
 pub fn layout(mem: u64, vcpus: u64, pin_limit: u64) -> Result<Layout, RealError> {
+    layout_with(
+        mem,
+        vcpus,
+        pin_limit,
+        crate::mm::manager::DirtyLogMode::Bitmap,
+    )
+}
+
+/// As [`layout()`], for a VM logging dirty pages in `dirty_log` mode.
+pub fn layout_with(
+    mem: u64,
+    vcpus: u64,
+    pin_limit: u64,
+    dirty_log: crate::mm::manager::DirtyLogMode,
+) -> Result<Layout, RealError> {
     let kvm = Kvm::new().map_err(|e| RealError::Kvm(format!("opening /dev/kvm: {e}")))?;
     let cpuid = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
@@ -58,6 +73,7 @@ pub fn layout(mem: u64, vcpus: u64, pin_limit: u64) -> Result<Layout, RealError>
         pin_limit,
         vcpus,
         guest_end: window.min(layout::IDENTITY_END) & !((1 << 30) - 1),
+        dirty_log,
     })
 }
 
@@ -70,6 +86,8 @@ pub fn scenario(name: &str, description: &str, layout: &Layout, steps: Vec<Step>
         vcpus: Some(layout.vcpus),
         backing: None,
         timeout: None,
+        dirty_log: (layout.dirty_log != crate::mm::manager::DirtyLogMode::Bitmap)
+            .then(|| layout.dirty_log.to_string()),
         full_check_every: None,
         steps,
     }
@@ -105,6 +123,8 @@ pub fn run_with_report(
         verbosity: Verbosity::Quiet,
         scenario: Some(Arc::new(scenario)),
         pin_limit: Some(PinLimit::Pages(layout.pin_limit)),
+        dirty_log: layout.dirty_log,
+        dirty_ring_bytes: crate::kvm::memslots::DEFAULT_RING_BYTES,
     };
     let report =
         run::run(&config, Box::new(std::io::sink())).map_err(|e| RealError::Run(e.to_string()))?;

@@ -13,7 +13,7 @@ use crate::devices::iommu::Iommu;
 use crate::devices::pins::{Pin, PinManager};
 use crate::mm::addr::{Gpa, GpaRange, PAGE_SIZE as PAGE};
 use crate::mm::backing::{BackingKind, HostMapping};
-use crate::mm::manager::{MemoryManager, SimKvm};
+use crate::mm::manager::{MemoryManager, SimKvm, SimWrite};
 use crate::mm::pin_account::{PinAccount, PinLimit};
 use crate::mm::slot_map::{SlotFlags, SlotMapConfig};
 use crate::scenario::ops::run_op;
@@ -22,6 +22,9 @@ use crate::scenario::Outcome;
 
 use super::finding::Finding;
 use super::model::{Layout, Model};
+
+/// Entries of each simulated dirty ring in ring mode.
+const SIM_FUZZ_RING_ENTRIES: usize = 32;
 
 /// Why the simulated VM could not be built.
 #[derive(Debug, thiserror::Error)]
@@ -47,7 +50,12 @@ impl SimVm {
     pub fn new(layout: &Layout) -> Result<Self, SimError> {
         let err = |e: &dyn std::fmt::Display| SimError::Setup(e.to_string());
         let l = &layout.limits;
-        let kvm = Arc::new(SimKvm::with_max_slots(l.max_slots as u32));
+        // Small rings, so ring-full exits happen within a timeline.
+        let kvm = Arc::new(
+            SimKvm::with_max_slots(l.max_slots as u32)
+                .with_dirty_log(layout.dirty_log)
+                .with_rings(layout.vcpus as usize, SIM_FUZZ_RING_ENTRIES),
+        );
         let config = SlotMapConfig {
             max_slots: l.max_slots as u32,
             max_gpa: Gpa(l.max_gpa),
@@ -139,6 +147,23 @@ impl SimVm {
         }
     }
 
+    /// One guest write as a vCPU makes it: a full dirty ring is harvested
+    /// and the write retried, as the vCPU loop does on
+    /// `KVM_EXIT_DIRTY_RING_FULL`. `false` if the write exits.
+    fn guest_write(&self, gpa: Gpa) -> bool {
+        loop {
+            match self.kvm.guest_write_on(0, gpa) {
+                SimWrite::Written => return true,
+                SimWrite::Exit => return false,
+                SimWrite::RingFull => {
+                    if self.memory.harvest_dirty_rings().is_err() {
+                        return false;
+                    }
+                }
+            }
+        }
+    }
+
     /// Guest writes at `gpa`, `gpa + stride`, ... below `gpa + size`, as
     /// KVM's fault path sees them ([`SimKvm::guest_write`]: logged if the
     /// slot logs); the first that would exit ends the command.
@@ -148,7 +173,7 @@ impl SimVm {
         let mut last_page = None;
         while at < end {
             let page = at - at % PAGE;
-            if last_page != Some(page) && !self.kvm.guest_write(Gpa(page)) {
+            if last_page != Some(page) && !self.guest_write(Gpa(page)) {
                 return match self.memory.load().lookup(Gpa(page)) {
                     None => (Outcome::Unplugged, format!("write to unplugged {page:#x}")),
                     Some(s) if s.flags().read_only => {

@@ -64,6 +64,10 @@ pub struct RunConfig {
     pub scenario: Option<Arc<Scenario>>,
     /// Limit of pinned guest memory; `None`: the RLIMIT_MEMLOCK soft limit.
     pub pin_limit: Option<crate::mm::pin_account::PinLimit>,
+    /// The dirty-log mode (a scenario's `dirty_log` overrides `--dirty-log`).
+    pub dirty_log: crate::mm::manager::DirtyLogMode,
+    /// Bytes of each vCPU's dirty ring in ring mode.
+    pub dirty_ring_bytes: u32,
 }
 
 impl RunConfig {
@@ -79,6 +83,8 @@ impl RunConfig {
             verbosity: Verbosity::Normal,
             scenario: None,
             pin_limit: None,
+            dirty_log: crate::mm::manager::DirtyLogMode::Bitmap,
+            dirty_ring_bytes: crate::kvm::memslots::DEFAULT_RING_BYTES,
         }
     }
 }

@@ -67,6 +67,23 @@ pub fn run_with(
 ) -> Result<RunReport, RunError> {
     let t_setup = Instant::now();
     let mut vm = build_vm(config)?;
+    let mut console = console;
+    if config.verbosity >= Verbosity::Verbose {
+        let m = vm.memslots();
+        let ring = match config.dirty_log {
+            crate::mm::manager::DirtyLogMode::Ring => {
+                format!(", {} KiB ring per vCPU", m.ring_bytes() >> 10)
+            }
+            _ => String::new(),
+        };
+        // The console is the run's output; a failed write only loses a line.
+        let _ = writeln!(
+            console,
+            "[vmm] memslots via {}; dirty log {}{ring}",
+            m.memslot_ioctl(),
+            config.dirty_log
+        );
+    }
     let mut events = EventLoop::new(config, console)?;
     let devices = Devices::attach(&vm, config.may_use_dma())?;
     let setup = t_setup.elapsed();
@@ -106,14 +123,19 @@ fn build_vm(config: &RunConfig) -> Result<Vm, RunError> {
         GuestSource::Builtin(_) => Arc::from(guest_image::RUNTIME_ELF),
         GuestSource::Image { bytes, .. } => bytes.clone(),
     };
-    let vm = Vm::new(&VmSpec {
+    let spec = VmSpec {
         vcpus: config.vcpus,
         mem_size: config.mem_size,
         backing: config.backing.clone(),
         image,
         pin_limit: config.pin_limit,
         hotplug: config.scenario.is_some(),
-    })?;
+    };
+    let dirty = crate::vm::DirtyLogConfig {
+        mode: config.dirty_log,
+        ring_bytes: config.dirty_ring_bytes,
+    };
+    let vm = Vm::with_dirty_log(&spec, dirty)?;
     vcpu::install_kick_handler().map_err(setup_err("installing the vCPU kick handler"))?;
     Ok(vm)
 }

@@ -46,6 +46,8 @@ pub struct RunReport {
     pub backing: String,
     /// vCPU count.
     pub vcpu_count: u64,
+    /// Dirty-log mode: bitmap, manual or ring.
+    pub dirty_log: crate::mm::manager::DirtyLogMode,
     /// Guest TSC frequency.
     pub tsc_khz: u32,
     /// Phase timings.
@@ -98,6 +100,7 @@ impl RunReport {
             mem_bytes: p.config.mem_size,
             backing: p.config.backing.to_string(),
             vcpu_count: p.config.vcpus,
+            dirty_log: p.config.dirty_log,
             tsc_khz: p.tsc_khz,
             timings: Timings {
                 setup_ms: ms(p.setup),

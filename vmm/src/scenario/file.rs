@@ -134,6 +134,10 @@ pub struct Scenario {
     /// The run's timeout when `--timeout` is not given.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub timeout: Option<DurationText>,
+    /// The dirty-log mode: `bitmap`, `manual` or `ring` (overrides
+    /// `--dirty-log`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dirty_log: Option<String>,
     /// Memory ops between two full consistency checks (the others get the
     /// incremental check; see [`crate::mm::manager::Checker`]). Default
     /// [`DEFAULT_FULL_EVERY`](crate::mm::manager::DEFAULT_FULL_EVERY); 1:
@@ -154,6 +158,8 @@ struct Header {
     vcpus: Option<u64>,
     backing: Option<String>,
     timeout: Option<DurationText>,
+    #[serde(alias = "dirty-log")]
+    dirty_log: Option<String>,
     full_check_every: Option<u32>,
 }
 
@@ -300,6 +306,10 @@ impl Scenario {
             b.parse::<crate::mm::backing::BackingKind>()
                 .map_err(|e| header_err("backing", e.to_string()))?;
         }
+        if let Some(m) = &h.dirty_log {
+            m.parse::<crate::mm::manager::DirtyLogMode>()
+                .map_err(|e| header_err("dirty_log", e))?;
+        }
         let raw = match step_entry {
             None => Vec::new(),
             Some((key, value)) => match value.into_inner() {
@@ -388,6 +398,7 @@ impl Scenario {
             vcpus: h.vcpus,
             backing: h.backing,
             timeout: h.timeout,
+            dirty_log: h.dirty_log,
             full_check_every: h.full_check_every,
             steps,
         })

@@ -121,11 +121,28 @@ impl ExitHandler {
                 self.on_memory_access(gpa, &mut buf[..n], true)
             }
             VcpuExit::Intr => ("intr", VcpuEmulation::Handled),
+            VcpuExit::Unsupported(kvm_bindings::KVM_EXIT_DIRTY_RING_FULL) => {
+                ("dirty_ring_full", self.on_dirty_ring_full())
+            }
             VcpuExit::Shutdown => (
                 "shutdown",
                 VcpuEmulation::Failed(GuestFailure::Shutdown { vcpu }),
             ),
             other => ("other", unexpected(format!("{other:?}"))),
+        }
+    }
+
+    /// `KVM_EXIT_DIRTY_RING_FULL`: this vCPU's ring reached its soft limit
+    /// and KVM will not enter the guest until it is harvested and reset.
+    /// Every ring is harvested into the manager's pending pages (nothing is
+    /// lost: the reserve held the writes in flight), then the guest resumes.
+    fn on_dirty_ring_full(&self) -> VcpuEmulation {
+        match self.ctx.memory.harvest_dirty_rings() {
+            Ok(_) => VcpuEmulation::Handled,
+            Err(e) => VcpuEmulation::Failed(GuestFailure::UnexpectedExit {
+                vcpu: self.vcpu(),
+                what: format!("KVM_EXIT_DIRTY_RING_FULL, and harvesting failed: {e}"),
+            }),
         }
     }
 

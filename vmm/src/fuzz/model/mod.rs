@@ -49,6 +49,10 @@ pub struct Layout {
     pub vcpus: u64,
     /// Guest commands must stay below this (the guest's identity map).
     pub guest_end: u64,
+    /// The VM's dirty-log mode. In manual mode (initially set) every page of
+    /// a memslot that starts logging (created logging, or logging switched
+    /// on) is dirty from then on, as KVM reports it.
+    pub dirty_log: crate::mm::manager::DirtyLogMode,
 }
 
 /// A held pin.
@@ -306,8 +310,29 @@ impl Model {
                 return Outcome::Vetoed;
             }
         }
+        let before = self.slots.slots.clone();
         self.commit(change, &touched(action));
+        if self.layout.dirty_log.initially_set() {
+            self.set_started_logging(&before);
+        }
         Outcome::Ok
+    }
+
+    /// Manual mode: KVM sets every bit of a memslot that starts logging. A
+    /// logging slot that was not in `before` with the same range, host
+    /// memory and flags is a memslot KVM created (or switched logging on).
+    fn set_started_logging(&mut self, before: &BTreeMap<u64, slots::MSlot>) {
+        let key = |s: &slots::MSlot| (s.start, s.len, s.map, s.off, s.ro, s.log);
+        let started: Vec<(u64, u64)> = self
+            .slots
+            .slots
+            .values()
+            .filter(|s| s.log && before.get(&s.start).map(key) != Some(key(s)))
+            .map(|s| (s.start, s.end()))
+            .collect();
+        for (start, end) in started {
+            self.dirty.extend(start / PAGE..end / PAGE);
+        }
     }
 
     /// The change `action` makes, or its refusal; and whether its removed

@@ -21,6 +21,7 @@ fn layout(max_slots: usize) -> Layout {
         pin_limit: 64,
         vcpus: 2,
         guest_end: 64 << 30,
+        dirty_log: crate::mm::manager::DirtyLogMode::Bitmap,
     }
 }
 

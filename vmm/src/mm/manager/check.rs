@@ -34,6 +34,7 @@ use crate::mm::addr::{GpaRange, PAGE_SIZE};
 use crate::mm::slot_map::{MemslotChange, MemslotFlags, MemslotSpec, SlotId, SlotMap};
 
 use super::backend::MemslotBackend;
+use super::dirty_mode::DirtyLogMode;
 use super::mirror::{end_of, State};
 use super::MemoryManager;
 
@@ -138,6 +139,11 @@ pub(super) fn probe(
     backend: &dyn MemslotBackend,
     id: SlotId,
 ) -> Result<(), String> {
+    if st.mode == DirtyLogMode::Ring {
+        // KVM refuses KVM_GET_DIRTY_LOG while the dirty ring is on: there is
+        // no per-slot log to probe.
+        return Ok(());
+    }
     let logged = st
         .by_id
         .get(&id)

@@ -21,6 +21,8 @@ pub enum MemslotOp {
     /// `KVM_GET_DIRTY_LOG` (harvesting before a delete or logging-off, or for
     /// [`MemoryManager::dirty_pages`](super::MemoryManager::dirty_pages)).
     GetDirtyLog,
+    /// `KVM_CLEAR_DIRTY_LOG` (manual dirty-log mode).
+    ClearDirtyLog,
 }
 
 impl fmt::Display for MemslotOp {
@@ -30,6 +32,7 @@ impl fmt::Display for MemslotOp {
             MemslotOp::Delete => "delete",
             MemslotOp::SetFlags => "set flags",
             MemslotOp::GetDirtyLog => "get dirty log",
+            MemslotOp::ClearDirtyLog => "clear dirty log",
         })
     }
 }
@@ -156,6 +159,10 @@ pub enum MemslotError {
     /// Reading a dirty log failed.
     #[error("reading dirty pages: {0}")]
     DirtyLog(MemslotFailure),
+    /// Harvesting or resetting the dirty rings failed (entries collected
+    /// before the failure are kept).
+    #[error("harvesting the dirty rings: {0}")]
+    DirtyRings(std::io::Error),
     /// The dirty-bitmap buffer could not be mapped.
     #[error("dirty-bitmap buffer: {0}")]
     Buffer(BackingError),

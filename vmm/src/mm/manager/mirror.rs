@@ -6,11 +6,12 @@ use std::sync::Arc;
 
 use vmm_sys_util::errno;
 
-use crate::mm::addr::{Gfn, Gpa, PAGE_SIZE};
+use crate::mm::addr::{Gfn, Gpa, GpaRange, PAGE_SIZE};
 use crate::mm::backing::HostMapping;
 use crate::mm::slot_map::{MemslotChange, MemslotFlags, MemslotSpec, SlotId, SlotMapConfig};
 
 use super::backend::{MemslotBackend, MemslotRegion};
+use super::dirty_mode::DirtyLogMode;
 use super::error::{FailureCause, MemslotFailure, MemslotOp};
 
 /// `KVM_MEM_MAX_NR_PAGES` (`include/linux/kvm_host.h`): the most pages a
@@ -66,7 +67,7 @@ impl Step {
                 inv.spec.flags = self.old_flags;
                 inv.old_flags = self.spec.flags;
             }
-            MemslotOp::GetDirtyLog => {}
+            MemslotOp::GetDirtyLog | MemslotOp::ClearDirtyLog => {}
         }
         inv
     }
@@ -102,6 +103,16 @@ pub(super) struct State {
     /// `DIRTY_BITMAP_BYTES` of address space for `KVM_GET_DIRTY_LOG`.
     pub(super) bitmap: HostMapping,
     pub(super) poisoned: bool,
+    /// The backend's dirty-log interface.
+    pub(super) mode: DirtyLogMode,
+    /// Dirty-ring entries naming no slot the mirror holds (or another
+    /// address space): always 0 unless a harvest was missed.
+    pub(super) unattributed: u64,
+    /// A `KVM_RESET_DIRTY_RINGS` failure after a delete had taken effect,
+    /// reported by the next [`dirty_pages`](super::MemoryManager::dirty_pages).
+    pub(super) ring_error: Option<errno::Error>,
+    /// The bitmap modes' blind windows measured so far.
+    pub(super) windows: super::TeardownWindows,
 }
 
 impl State {
@@ -177,7 +188,7 @@ impl State {
                     None => Err("the id is not live".into()),
                 }
             }
-            MemslotOp::GetDirtyLog => Ok(()),
+            MemslotOp::GetDirtyLog | MemslotOp::ClearDirtyLog => Ok(()),
         }
     }
 
@@ -204,7 +215,7 @@ impl State {
                     r.spec.flags = step.spec.flags;
                 }
             }
-            MemslotOp::GetDirtyLog => {}
+            MemslotOp::GetDirtyLog | MemslotOp::ClearDirtyLog => {}
         }
     }
 
@@ -260,5 +271,136 @@ impl State {
         }
         self.pending.extend(dirty);
         Ok(())
+    }
+
+    /// Before a delete or logging-off of the live dirty-logging slot `spec`:
+    /// keeps what KVM's bitmap holds (KVM frees it with the change). The
+    /// rings need nothing before; see [`harvest_rings`](Self::harvest_rings).
+    pub(super) fn harvest_before_teardown(
+        &mut self,
+        vm: &dyn MemslotBackend,
+        spec: &MemslotSpec,
+    ) -> Result<(), MemslotFailure> {
+        match self.mode {
+            DirtyLogMode::Ring => Ok(()),
+            DirtyLogMode::Bitmap | DirtyLogMode::Manual => self.harvest(vm, spec),
+        }
+    }
+
+    /// For a report over `range`: moves the live dirty-logging slot `spec`'s
+    /// logged pages into `pending`. Bitmap: the whole slot (a read clears
+    /// it all). Manual: reads the bitmap, keeps only the pages inside
+    /// `range`, and clears exactly those (`KVM_CLEAR_DIRTY_LOG` over the
+    /// 64-page-aligned window around them, masked): the rest stays logged
+    /// in KVM. Ring: nothing per slot (the rings are harvested once).
+    pub(super) fn harvest_range(
+        &mut self,
+        vm: &dyn MemslotBackend,
+        spec: &MemslotSpec,
+        range: GpaRange,
+    ) -> Result<(), MemslotFailure> {
+        match self.mode {
+            DirtyLogMode::Ring => Ok(()),
+            DirtyLogMode::Bitmap => self.harvest(vm, spec),
+            DirtyLogMode::Manual => self.harvest_and_clear(vm, spec, range),
+        }
+    }
+
+    fn harvest_and_clear(
+        &mut self,
+        vm: &dyn MemslotBackend,
+        spec: &MemslotSpec,
+        range: GpaRange,
+    ) -> Result<(), MemslotFailure> {
+        let pages = spec.size / PAGE_SIZE;
+        let first = spec.gpa.gfn().0;
+        // The slot's pages inside `range`, relative to the slot: [lo, hi).
+        let lo = range.start().0.max(spec.gpa.0).saturating_sub(spec.gpa.0) / PAGE_SIZE;
+        let hi = (range.end().0.min(end_of(spec)).saturating_sub(spec.gpa.0)).div_ceil(PAGE_SIZE);
+        if lo >= hi {
+            return Ok(());
+        }
+        let failure = |op, e: errno::Error| MemslotFailure {
+            op,
+            spec: *spec,
+            cause: FailureCause::Errno(e.errno()),
+        };
+        self.read_bitmap(vm, spec.id, spec.size)
+            .map_err(|e| failure(MemslotOp::GetDirtyLog, e))?;
+        // The clear window: KVM wants it to start at a multiple of 64 pages
+        // and to be a multiple of 64 long unless it ends at the slot's end.
+        let win_lo = lo & !63;
+        let win_hi = hi.next_multiple_of(64).min(pages);
+        let words = (win_lo / 64) as usize..(win_hi.div_ceil(64)) as usize;
+        let buf = self.bitmap.as_ptr().cast::<u64>();
+        // SAFETY: `read_bitmap` just filled the first ceil(pages / 64) words
+        // of the buffer, which `words` lies within; only this `&mut State`
+        // touches the buffer.
+        let bits = unsafe { std::slice::from_raw_parts_mut(buf, pages.div_ceil(64) as usize) };
+        let mut dirty = Vec::new();
+        for w in words.clone() {
+            let base = w as u64 * 64;
+            // Keep only the bits of pages in [lo, hi): those are reported
+            // and cleared; the others stay set in KVM.
+            if base >= hi || base + 64 <= lo {
+                bits[w] = 0;
+                continue;
+            }
+            let mut mask = u64::MAX;
+            if base < lo {
+                mask &= u64::MAX << (lo - base);
+            }
+            if hi < base + 64 {
+                mask &= (1u64 << (hi - base)) - 1;
+            }
+            bits[w] &= mask;
+            let mut b = bits[w];
+            while b != 0 {
+                dirty.push(Gfn(first + base + u64::from(b.trailing_zeros())));
+                b &= b - 1;
+            }
+        }
+        if dirty.is_empty() {
+            return Ok(());
+        }
+        let num_pages = u32::try_from(win_hi - win_lo).expect("a slot has fewer than 2^31 pages");
+        // SAFETY: the window's words lie inside the buffer (above), which
+        // stays mapped and untouched by anything else during the call.
+        let cleared =
+            unsafe { vm.clear_dirty_log(spec.id, win_lo, num_pages, bits[words.start..].as_ptr()) };
+        // Reported pages go to `pending` even if the clear failed: they were
+        // written, and an uncleared bit only reports a page again.
+        self.pending.extend(dirty);
+        cleared.map_err(|e| failure(MemslotOp::ClearDirtyLog, e))
+    }
+
+    /// Collects every dirty-ring entry into `pending`, attributing an entry
+    /// to `gone` if it names `gone`'s id (a slot just deleted or stopped
+    /// logging, whose entries are still in the rings), else to the slot the
+    /// mirror holds under the id. Then the rings are reset.
+    pub(super) fn harvest_rings(
+        &mut self,
+        vm: &dyn MemslotBackend,
+        gone: Option<&MemslotSpec>,
+    ) -> Result<u64, errno::Error> {
+        let Self {
+            by_id,
+            pending,
+            unattributed,
+            ..
+        } = self;
+        vm.harvest_dirty_rings(&mut |slot, offset| {
+            let (as_id, id) = (slot >> 16, SlotId(slot & 0xffff));
+            let spec = match gone {
+                Some(g) if g.id == id => Some(*g),
+                _ => by_id.get(&id).map(|r| r.spec),
+            };
+            match spec {
+                Some(s) if as_id == 0 && offset < s.size / PAGE_SIZE => {
+                    pending.insert(Gfn(s.gpa.gfn().0 + offset));
+                }
+                _ => *unattributed += 1,
+            }
+        })
     }
 }

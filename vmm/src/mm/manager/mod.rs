@@ -40,19 +40,33 @@
 //! with [`FailureCause::Refused`] and rolled back like an ioctl failure.
 //!
 //! # Dirty logging
-//! KVM frees a slot's dirty bitmap when the slot is deleted or its logging is
-//! switched off, and `KVM_GET_DIRTY_LOG` returns and clears a whole slot's
-//! bitmap. So the manager harvests a dirty-logging slot's bitmap before either
-//! change and keeps harvested pages in a pending set until
-//! [`dirty_pages`](MemoryManager::dirty_pages) reports them: no guest write
-//! logged by KVM is lost, across splits, moves and rollbacks. A page is reported
-//! at least once per write; pages harvested from a slot that is gone are still
-//! reported by GPA (a conservative over-report).
+//! The backend's [`DirtyLogMode`] decides how logged pages reach
+//! [`dirty_pages`](MemoryManager::dirty_pages) (see `docs/dirty-tracking.md`):
+//! - bitmap: `KVM_GET_DIRTY_LOG` returns and clears a whole slot's bitmap;
+//! - manual: the read keeps the bitmap; a report clears exactly the pages
+//!   it covers with `KVM_CLEAR_DIRTY_LOG` (the rest stay logged in KVM);
+//!   a memslot that starts logging has every bit set (initially set);
+//! - ring: entries `(slot id, offset)` in per-vCPU rings, collected and
+//!   reset by [`harvest_dirty_rings`](MemoryManager::harvest_dirty_rings).
+//!
+//! KVM frees a slot's bitmap when the slot is deleted or its logging is
+//! switched off, so in the bitmap modes the manager reads a dirty-logging
+//! slot's bitmap just before either change and keeps the pages in a pending
+//! set until reported: no write KVM logged up to that read is lost, across
+//! splits, moves and rollbacks. A write logged between the read and the
+//! change is lost with the bitmap ([`teardown_windows`](MemoryManager::teardown_windows)
+//! measures that window). Ring entries name slot ids, so in ring mode the
+//! manager harvests the rings right *after* such a change and before any
+//! later call can reuse the id, attributing the deleted id's entries to the
+//! slot as it was: KVM's delete waited for every vCPU to leave the slot, so
+//! nothing is lost. Pages harvested from a slot that is gone are reported by
+//! the GPA they were written at.
 //!
 //! # Concurrency, lock order, memory ordering
 //! Lock order: the slot map's writer lock ([`SharedSlotMap::begin_write`]),
 //! then the manager's state mutex (mirror, pending dirty pages, bitmap
-//! buffer). `apply` takes both; `dirty_pages` and `check_consistency` take
+//! buffer; every dirty-ring harvest runs under it, so there is one harvester
+//! at a time). `apply` takes both; `dirty_pages` and `check_consistency` take
 //! only the state mutex. Every memslot ioctl and every publish happens with
 //! the state mutex held, so under it the published map and the mirror are
 //! always observed as a matching pair. The new map is published (arc-swap: a
@@ -135,6 +149,9 @@
 
 mod backend;
 mod check;
+mod dirty_mode;
+#[cfg(test)]
+mod dirty_tests;
 mod error;
 mod mirror;
 mod sim;
@@ -158,10 +175,31 @@ use crate::mm::slot_map::{
 
 pub use backend::{MemslotBackend, MemslotRegion};
 pub use check::{CheckKind, Checker, DEFAULT_FULL_EVERY, DEFAULT_SWEEP};
+pub use dirty_mode::DirtyLogMode;
 pub use error::{FailureCause, MemslotError, MemslotFailure, MemslotOp};
-pub use sim::{SimKvm, SIM_MAX_SLOTS};
+pub use sim::{SimKvm, SimWrite, SIM_MAX_SLOTS, SIM_RING_ENTRIES};
 
 use mirror::{end_of, State, Step, DIRTY_BITMAP_BYTES};
+
+/// Statistics of the bitmap modes' blind windows; see
+/// [`MemoryManager::teardown_windows`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TeardownWindows {
+    /// Windows measured (deletes and logging-offs of dirty-logging slots).
+    pub count: u64,
+    /// Their total length.
+    pub total: Duration,
+    /// The longest.
+    pub max: Duration,
+}
+
+impl TeardownWindows {
+    fn record(&mut self, window: Duration) {
+        self.count += 1;
+        self.total += window;
+        self.max = self.max.max(window);
+    }
+}
 
 /// What a successful [`MemoryManager::apply`] did.
 #[derive(Debug)]
@@ -239,6 +277,7 @@ impl MemoryManager {
     ) -> Result<Self, MemslotError> {
         let bitmap = HostMapping::new(&BackingKind::Anon, DIRTY_BITMAP_BYTES)
             .map_err(MemslotError::Buffer)?;
+        let mode = backend.dirty_log_mode();
         Ok(Self {
             backend: Box::new(backend),
             memory: GuardedMap::new(SlotMap::new(config)),
@@ -253,6 +292,10 @@ impl MemoryManager {
                 pending: BTreeSet::new(),
                 bitmap,
                 poisoned: false,
+                mode,
+                unattributed: 0,
+                ring_error: None,
+                windows: TeardownWindows::default(),
             }),
         })
     }
@@ -516,6 +559,7 @@ impl MemoryManager {
         .contains(MemslotFlags::LOG_DIRTY_PAGES);
         let logging_after =
             step.op != MemslotOp::Delete && step.spec.flags.contains(MemslotFlags::LOG_DIRTY_PAGES);
+        let window_start = std::time::Instant::now();
         if logging_before && !logging_after {
             // The slot as KVM holds it now (a SetFlags step names the new flags).
             let live = match step.op {
@@ -525,7 +569,7 @@ impl MemoryManager {
                 },
                 _ => step.spec,
             };
-            st.harvest(&*self.backend, &live)?;
+            st.harvest_before_teardown(&*self.backend, &live)?;
         }
         // SAFETY: a delete (`memory_size` 0) registers no memory. A create or
         // flags change registers `[hva, hva + size)`, which `validate` checked
@@ -540,7 +584,25 @@ impl MemoryManager {
         // long as KVM may use it.
         let result = unsafe { self.backend.set_memslot(&step.region()) };
         result.map_err(|e| step.failure(FailureCause::Errno(e.errno())))?;
+        if logging_before && !logging_after && st.mode != DirtyLogMode::Ring {
+            st.windows.record(window_start.elapsed());
+        }
         st.record(step);
+        if logging_before && !logging_after && st.mode == DirtyLogMode::Ring {
+            // The rings still hold entries naming this slot, up to the
+            // write KVM logged last before the call returned (it waited for
+            // every vCPU to leave the old slot). Attribute them to the slot
+            // as it was, now, before a later change can reuse the id.
+            let gone = match step.op {
+                MemslotOp::Delete => Some(&step.spec),
+                _ => None,
+            };
+            if let Err(e) = st.harvest_rings(&*self.backend, gone) {
+                // The change took effect; collected entries are kept. Only
+                // the reset failed: report it with the next dirty pages.
+                st.ring_error.get_or_insert(e);
+            }
+        }
         Ok(())
     }
 
@@ -578,8 +640,15 @@ impl MemoryManager {
         {
             return Err(MemslotError::NotLogging { range });
         }
+        if let Some(e) = st.ring_error.take() {
+            return Err(MemslotError::DirtyRings(e.into()));
+        }
+        if st.mode == DirtyLogMode::Ring {
+            st.harvest_rings(&*self.backend, None)
+                .map_err(|e| MemslotError::DirtyRings(e.into()))?;
+        }
         for spec in &logging {
-            st.harvest(&*self.backend, spec)
+            st.harvest_range(&*self.backend, spec, range)
                 .map_err(MemslotError::DirtyLog)?;
         }
         let dirty: Vec<Gfn> = st.pending.range(first..last).copied().collect();
@@ -587,6 +656,46 @@ impl MemoryManager {
             st.pending.remove(g);
         }
         Ok(dirty)
+    }
+
+    /// The dirty-log interface of the backend (fixed when the VM was
+    /// created).
+    pub fn dirty_log_mode(&self) -> DirtyLogMode {
+        self.lock_state().mode
+    }
+
+    /// Collects every dirty-ring entry into the pages
+    /// [`dirty_pages`](Self::dirty_pages) reports, and resets the rings:
+    /// what a vCPU thread does on `KVM_EXIT_DIRTY_RING_FULL` before entering
+    /// the guest again (KVM keeps exiting until its ring was reset). Returns
+    /// the number of entries; 0 in the bitmap modes.
+    ///
+    /// # Errors
+    /// [`DirtyRings`](MemslotError::DirtyRings) if `KVM_RESET_DIRTY_RINGS`
+    /// fails (the entries collected are kept).
+    pub fn harvest_dirty_rings(&self) -> Result<u64, MemslotError> {
+        let mut st = self.lock_state();
+        if st.mode != DirtyLogMode::Ring {
+            return Ok(0);
+        }
+        st.harvest_rings(&*self.backend, None)
+            .map_err(|e| MemslotError::DirtyRings(e.into()))
+    }
+
+    /// The bitmap modes' blind windows so far: for each delete or
+    /// logging-off of a dirty-logging slot, the time from the start of the
+    /// `KVM_GET_DIRTY_LOG` that harvested it to the return of the memslot
+    /// call that freed its bitmap. A guest write logged in that window is
+    /// lost with the bitmap (the ring mode has no such window).
+    pub fn teardown_windows(&self) -> TeardownWindows {
+        self.lock_state().windows
+    }
+
+    /// Dirty-ring entries that named no slot the manager knew (another
+    /// address space, an id not registered, an offset past the slot): 0
+    /// unless a harvest was missed. For tests and reports.
+    pub fn unattributed_ring_entries(&self) -> u64 {
+        self.lock_state().unattributed
     }
 
     /// Records a write the VMM made on a vCPU's behalf (an emulated access)
@@ -618,6 +727,9 @@ impl MemoryManager {
     /// - no id below `max_slots` that the mirror lacks, or holds without
     ///   logging, is a dirty-logging slot in KVM (`KVM_GET_DIRTY_LOG` must
     ///   fail with `ENOENT`) — this finds dirty-logging strays.
+    ///
+    /// In ring mode KVM refuses `KVM_GET_DIRTY_LOG` for every id, so only the
+    /// map and the mirror are compared.
     ///
     /// What it cannot see (KVM has no "list memslots" ioctl, and every other
     /// probe changes state: re-issuing a slot's exact spec is a no-op if the

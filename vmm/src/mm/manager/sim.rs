@@ -15,10 +15,24 @@
 //! - the dirty log of a slot exists only while it logs: reading it otherwise
 //!   is `ENOENT`; turning logging off or deleting the slot frees it.
 //!
-//! Guest writes are simulated with [`SimKvm::guest_write`], which logs the
-//! page if its slot logs and is writable, as KVM's fault path would.
+//! Guest writes are simulated with [`SimKvm::guest_write`] (or
+//! [`guest_write_on`](SimKvm::guest_write_on) a given vCPU), which logs the
+//! page if its slot logs and is writable, as KVM's fault path would, in the
+//! VM's [`DirtyLogMode`]:
+//! - bitmap: `get_dirty_log_into` reads and clears the slot's bits;
+//! - manual (initially set): starting to log on a slot (a create with
+//!   logging, or logging switched on) sets every bit of it; a read does not
+//!   clear; `clear_dirty_log` clears the bits of a mask by range, with KVM's
+//!   alignment rules (`EINVAL` otherwise);
+//! - ring: each vCPU has a ring of `ring_entries` `(slot, offset)` entries. A
+//!   logged write pushes an entry unless the page's last entry was not reset
+//!   yet (KVM leaves such a page writable); a vCPU whose ring is full
+//!   cannot enter the guest ([`SimWrite::RingFull`], KVM's
+//!   `KVM_EXIT_DIRTY_RING_FULL`) until a harvest resets it. Entries outlive
+//!   their slot's delete, naming its id, as KVM's do; `get_dirty_log_into`
+//!   fails with `ENXIO`, as KVM's does with the ring on.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
@@ -28,6 +42,7 @@ use crate::mm::addr::{Gfn, Gpa, Hva, PAGE_SIZE};
 use crate::mm::slot_map::{MemslotFlags, MemslotSpec, SlotId};
 
 use super::backend::{MemslotBackend, MemslotRegion};
+use super::dirty_mode::DirtyLogMode;
 
 /// KVM's default `KVM_CAP_NR_MEMSLOTS` on x86 (`KVM_USER_MEM_SLOTS`).
 pub const SIM_MAX_SLOTS: u32 = 32_764;
@@ -36,9 +51,26 @@ pub const SIM_MAX_SLOTS: u32 = 32_764;
 #[derive(Debug)]
 pub struct SimKvm {
     max_slots: u32,
+    mode: DirtyLogMode,
     state: Mutex<SimState>,
     calls: AtomicUsize,
 }
+
+/// What became of a simulated guest write ([`SimKvm::guest_write_on`]).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum SimWrite {
+    /// A live slot maps the page writable: written (and logged if it logs).
+    Written,
+    /// No slot, or a read-only one: the write exits to the VMM as MMIO.
+    Exit,
+    /// Ring mode: the vCPU's dirty ring is full; it cannot enter the guest
+    /// until the rings are harvested and reset. Nothing was written.
+    RingFull,
+}
+
+/// Entries per simulated dirty ring unless [`SimKvm::with_rings`] says
+/// otherwise (KVM's smallest ring, 4 KiB of 16-byte entries).
+pub const SIM_RING_ENTRIES: usize = 256;
 
 #[derive(Debug, Default)]
 struct SimState {
@@ -48,6 +80,13 @@ struct SimState {
     /// Memslot-change call numbers (0-based) that fail with the errno,
     /// without effect.
     fail: BTreeMap<usize, i32>,
+    /// Ring mode: each vCPU's published, not yet harvested entries.
+    rings: Vec<VecDeque<(u32, u64)>>,
+    /// Ring mode: entries per ring.
+    ring_entries: usize,
+    /// Ring mode: pages with an entry not yet reset (KVM keeps them
+    /// writable, so a second write pushes nothing).
+    unreset: BTreeSet<(SlotId, u64)>,
 }
 
 impl Default for SimKvm {
@@ -66,9 +105,43 @@ impl SimKvm {
     pub fn with_max_slots(max_slots: u32) -> Self {
         Self {
             max_slots,
-            state: Mutex::new(SimState::default()),
+            mode: DirtyLogMode::Bitmap,
+            state: Mutex::new(SimState {
+                rings: vec![VecDeque::new()],
+                ring_entries: SIM_RING_ENTRIES,
+                ..SimState::default()
+            }),
             calls: AtomicUsize::new(0),
         }
+    }
+
+    /// The same VM using dirty-log interface `mode` (as if its capability
+    /// had been enabled before any vCPU was created).
+    ///
+    /// ```
+    /// use vmm::mm::manager::{DirtyLogMode, MemslotBackend, SimKvm};
+    /// let kvm = SimKvm::new().with_dirty_log(DirtyLogMode::Ring).with_rings(2, 64);
+    /// assert_eq!(kvm.dirty_log_mode(), DirtyLogMode::Ring);
+    /// ```
+    pub fn with_dirty_log(mut self, mode: DirtyLogMode) -> Self {
+        self.mode = mode;
+        self
+    }
+
+    /// Ring mode: `vcpus` rings of `entries` entries each (default one ring
+    /// of [`SIM_RING_ENTRIES`]).
+    pub fn with_rings(self, vcpus: usize, entries: usize) -> Self {
+        {
+            let mut st = self.lock();
+            st.rings = vec![VecDeque::new(); vcpus.max(1)];
+            st.ring_entries = entries.max(1);
+        }
+        self
+    }
+
+    /// Entries published in the dirty rings and not yet harvested.
+    pub fn ring_backlog(&self) -> usize {
+        self.lock().rings.iter().map(VecDeque::len).sum()
     }
 
     fn lock(&self) -> MutexGuard<'_, SimState> {
@@ -99,18 +172,38 @@ impl SimKvm {
     /// A guest write to `gpa`, as KVM's fault path sees it: `true` if a live
     /// slot maps it writable (and then logged if the slot logs), `false` if
     /// the write would exit to the VMM (no slot, or a read-only one).
+    ///
+    /// On vCPU 0; in ring mode a full ring makes it `false` with nothing
+    /// written: use [`guest_write_on`](Self::guest_write_on) there.
     pub fn guest_write(&self, gpa: Gpa) -> bool {
+        self.guest_write_on(0, gpa) == SimWrite::Written
+    }
+
+    /// A guest write to `gpa` by vCPU `vcpu` (modulo the number of rings);
+    /// see [`SimWrite`].
+    pub fn guest_write_on(&self, vcpu: usize, gpa: Gpa) -> SimWrite {
         let mut st = self.lock();
+        let ring = vcpu % st.rings.len();
+        if self.mode == DirtyLogMode::Ring && st.rings[ring].len() >= st.ring_entries {
+            return SimWrite::RingFull;
+        }
         let Some(spec) = st.slot_at(gpa).copied() else {
-            return false;
+            return SimWrite::Exit;
         };
         if spec.flags.contains(MemslotFlags::READONLY) {
-            return false;
+            return SimWrite::Exit;
         }
         if spec.flags.contains(MemslotFlags::LOG_DIRTY_PAGES) {
-            st.dirty.insert(gpa.gfn());
+            if self.mode == DirtyLogMode::Ring {
+                let offset = gpa.gfn().0 - spec.gpa.gfn().0;
+                if st.unreset.insert((spec.id, offset)) {
+                    st.rings[ring].push_back((spec.id.0, offset));
+                }
+            } else {
+                st.dirty.insert(gpa.gfn());
+            }
         }
-        true
+        SimWrite::Written
     }
 
     /// Counts a memslot change; its injected failure, if any.
@@ -124,6 +217,15 @@ impl SimKvm {
 }
 
 impl SimState {
+    /// The live slot `slot` if it logs (KVM: `ENOENT` otherwise).
+    fn logging(&self, slot: SlotId) -> Result<MemslotSpec, errno::Error> {
+        self.slots
+            .get(&slot)
+            .copied()
+            .filter(|s| s.flags.contains(MemslotFlags::LOG_DIRTY_PAGES))
+            .ok_or_else(|| errno::Error::new(libc::ENOENT))
+    }
+
     fn slot_at(&self, gpa: Gpa) -> Option<&MemslotSpec> {
         self.slots
             .values()
@@ -136,8 +238,19 @@ impl SimState {
             .any(|o| o.id != id && o.gpa.0 < gpa + size && gpa < o.gpa.0 + o.size)
     }
 
-    /// Drops the logged frames of `spec` (KVM frees the slot's bitmap).
+    /// Sets every bit of `spec`'s log (`KVM_DIRTY_LOG_INITIALLY_SET`).
+    fn set_all(&mut self, spec: &MemslotSpec) {
+        let first = spec.gpa.gfn().0;
+        self.dirty
+            .extend((first..first + spec.size / PAGE_SIZE).map(Gfn));
+    }
+
+    /// Drops the logged frames of `spec` (KVM frees the slot's bitmap; a
+    /// new slot under the id starts write-protected, so its first writes
+    /// push ring entries again). Entries already in the rings stay.
     fn free_log(&mut self, spec: &MemslotSpec) {
+        let id = spec.id;
+        self.unreset.retain(|(s, _)| *s != id);
         let first = spec.gpa.gfn();
         let end = Gfn(first.0 + spec.size / PAGE_SIZE);
         let gone: Vec<Gfn> = self.dirty.range(first..end).copied().collect();
@@ -196,6 +309,14 @@ impl MemslotBackend for SimKvm {
             hva: Hva(r.hva.0),
             flags: r.flags,
         };
+        let was_logging =
+            live.is_some_and(|o| o.gpa == r.gpa && o.flags.contains(MemslotFlags::LOG_DIRTY_PAGES));
+        if self.mode.initially_set()
+            && r.flags.contains(MemslotFlags::LOG_DIRTY_PAGES)
+            && !was_logging
+        {
+            st.set_all(&spec);
+        }
         st.slots.insert(r.slot, spec);
         Ok(())
     }
@@ -206,12 +327,10 @@ impl MemslotBackend for SimKvm {
         bitmap: *mut u64,
     ) -> Result<(), errno::Error> {
         let mut st = self.lock();
-        let Some(spec) = st.slots.get(&slot).copied() else {
-            return Err(errno::Error::new(libc::ENOENT));
-        };
-        if !spec.flags.contains(MemslotFlags::LOG_DIRTY_PAGES) {
-            return Err(errno::Error::new(libc::ENOENT));
+        if self.mode == DirtyLogMode::Ring {
+            return Err(errno::Error::new(libc::ENXIO));
         }
+        let spec = st.logging(slot)?;
         let pages = spec.size / PAGE_SIZE;
         let words = pages.div_ceil(64) as usize;
         let first = spec.gpa.gfn().0;
@@ -225,11 +344,66 @@ impl MemslotBackend for SimKvm {
         let bits = unsafe { std::slice::from_raw_parts_mut(bitmap, words) };
         bits.fill(0);
         for g in hits {
-            st.dirty.remove(&g);
+            if !self.mode.read_keeps_log() {
+                st.dirty.remove(&g);
+            }
             let i = (g.0 - first) as usize;
             bits[i / 64] |= 1 << (i % 64);
         }
         Ok(())
+    }
+
+    fn dirty_log_mode(&self) -> DirtyLogMode {
+        self.mode
+    }
+
+    unsafe fn clear_dirty_log(
+        &self,
+        slot: SlotId,
+        first_page: u64,
+        num_pages: u32,
+        bitmap: *const u64,
+    ) -> Result<(), errno::Error> {
+        let mut st = self.lock();
+        if self.mode != DirtyLogMode::Manual {
+            return Err(errno::Error::new(libc::EINVAL));
+        }
+        let spec = st.logging(slot)?;
+        let pages = spec.size / PAGE_SIZE;
+        let n = u64::from(num_pages);
+        // KVM's rules (kvm_clear_dirty_log_protect).
+        if first_page % 64 != 0
+            || (n % 64 != 0 && first_page + n != pages)
+            || first_page.checked_add(n).is_none_or(|end| end > pages)
+        {
+            return Err(errno::Error::new(libc::EINVAL));
+        }
+        // SAFETY: the caller guarantees `bitmap` holds ceil(num_pages / 64) words.
+        let bits = unsafe { std::slice::from_raw_parts(bitmap, n.div_ceil(64) as usize) };
+        let first = spec.gpa.gfn().0 + first_page;
+        for i in 0..n {
+            if bits[(i / 64) as usize] & (1 << (i % 64)) != 0 {
+                st.dirty.remove(&Gfn(first + i));
+            }
+        }
+        Ok(())
+    }
+
+    fn harvest_dirty_rings(&self, sink: &mut dyn FnMut(u32, u64)) -> Result<u64, errno::Error> {
+        if self.mode != DirtyLogMode::Ring {
+            return Ok(0);
+        }
+        let mut st = self.lock();
+        let mut n = 0;
+        for ring in 0..st.rings.len() {
+            while let Some((slot, offset)) = st.rings[ring].pop_front() {
+                sink(slot, offset);
+                // The reset: the page is write-protected again.
+                st.unreset.remove(&(SlotId(slot), offset));
+                n += 1;
+            }
+        }
+        Ok(n)
     }
 }
 

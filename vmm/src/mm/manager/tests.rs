@@ -55,6 +55,10 @@ fn state_with_one_slot(a: &Arc<HostMapping>) -> State {
         pending: BTreeSet::new(),
         bitmap: HostMapping::new(&BackingKind::Anon, P).unwrap(),
         poisoned: false,
+        mode: DirtyLogMode::Bitmap,
+        unattributed: 0,
+        ring_error: None,
+        windows: TeardownWindows::default(),
     };
     st.record(&step(MemslotOp::Create, 0, 0, 4, a, MemslotFlags::empty()));
     st
