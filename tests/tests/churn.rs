@@ -296,7 +296,9 @@ fn test_churn_beside_uffd_minor_and_wp_with_per_vcpu_uffds() {
     if !kvm_or_skip("churn: uffd kinds") {
         return;
     }
-    let size = 4 * MIB;
+    // 16 MiB: a pass long enough (~0.2 s here) for the writer to reach
+    // every op even while other tests load the host.
+    let size = 16 * MIB;
     let pages = size / PAGE;
     for (backing, access) in [
         (Backing::UffdMinor, Access::Read),
@@ -308,27 +310,38 @@ fn test_churn_beside_uffd_minor_and_wp_with_per_vcpu_uffds() {
         cfg.uffd_per_vcpu = true;
         cfg.uffd_handlers = 2;
         cfg.access = access;
-        cfg.churn.ops = vec![ChurnOp::Plug, ChurnOp::Protect, ChurnOp::DirtyLog];
+        cfg.churn.ops = vec![ChurnOp::Protect, ChurnOp::DirtyLog, ChurnOp::Plug];
         let r = bench(&cfg);
         let c = only(&r);
         assert!(c.skipped.is_none(), "{backing}: {:?}", c.skipped);
+        let mut ran = std::collections::BTreeMap::<String, u64>::new();
         for pass in ["first-touch", "re-fault"] {
             let p = c.pass(pass).unwrap();
             assert_eq!(p.accesses, pages, "{backing} {pass}");
             let t = p.churn.as_ref().expect("a churn table per pass");
-            for op in ["plug", "protect", "dirty-log"] {
-                let row = t
-                    .row(op)
-                    .unwrap_or_else(|| panic!("{backing} {pass}: no {op}"));
-                assert!(row.ops >= 1, "{backing} {pass}: {op} never ran");
-                assert_eq!(row.failed, 0, "{backing} {pass}: {op}: {:?}", c.notes);
+            // A memslot change beside vCPUs waiting in userfaultfd can take
+            // much of a short pass, so not every kind gets a turn in every
+            // pass; none may fail.
+            for row in t.rows.iter().filter(|r| r.op != "(none)") {
+                assert_eq!(row.failed, 0, "{backing} {pass}: {}: {:?}", row.op, c.notes);
+                *ran.entry(row.op.clone()).or_default() += row.ops;
             }
+            assert!(
+                t.row("protect").is_some_and(|r| r.ops >= 1),
+                "{backing} {pass}: the first op never ran"
+            );
             let mut served = p.uffd_pages.clone();
             served.dedup();
             assert_eq!(
                 served.len() as u64,
                 pages,
                 "{backing} {pass}: handler-served pages"
+            );
+        }
+        for op in ["protect", "dirty-log", "plug"] {
+            assert!(
+                ran.get(op).is_some_and(|&n| n >= 1),
+                "{backing}: {op} never ran: {ran:?}"
             );
         }
         if backing == Backing::UffdMinor {
