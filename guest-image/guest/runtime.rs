@@ -153,7 +153,7 @@ fn verify(mb: *mut Mailbox, start: u64, len: u64, expect: impl Fn(u64) -> u64) -
 }
 
 fn touch(mb: *mut Mailbox, args: [u64; 6], timed: bool) -> u32 {
-    let [start, len, stride, write, results_at, _] = args;
+    let [start, len, stride, write, results_at, stamps_at] = args;
     if stride == 0 {
         return status::BAD_ARGS;
     }
@@ -174,6 +174,11 @@ fn touch(mb: *mut Mailbox, args: [u64; 6], timed: bool) -> u32 {
             total += dt;
             // SAFETY: the VMM provides a prefaulted result buffer of one u64 per access.
             unsafe { write_volatile((results_at + 8 * n) as *mut u64, dt) };
+            if stamps_at != 0 {
+                // SAFETY: a non-zero `stamps_at` is a second prefaulted buffer
+                // of one u64 per access, provided by the VMM like the first.
+                unsafe { write_volatile((stamps_at + 8 * n) as *mut u64, t0) };
+            }
         }
         n += 1;
         a += stride;

@@ -157,7 +157,9 @@ pub mod command {
     /// writing if `args[3] != 0`. `results[0]` = accesses done.
     pub const TOUCH: u64 = 3;
     /// Like TOUCH, and store each access's `rdtsc` delta as a `u64` at
-    /// `args[4] + 8 * i`. `results[0]` = accesses, `results[1]` = total ticks.
+    /// `args[4] + 8 * i`; if `args[5]` is non-zero, also store the access's
+    /// start stamp (the first `rdtsc`, absolute) at `args[5] + 8 * i`.
+    /// `results[0]` = accesses, `results[1]` = total ticks.
     pub const TIMED_TOUCH: u64 = 4;
     /// Spin `args[0]` iterations (0 = forever).
     pub const SPIN: u64 = 5;

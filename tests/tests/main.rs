@@ -2,6 +2,7 @@
 
 mod bench_dirty;
 mod bench_memslots;
+mod churn;
 mod cli;
 mod dirty;
 mod dma;

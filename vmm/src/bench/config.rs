@@ -22,6 +22,7 @@ use std::time::Duration;
 use clap::Args;
 use guest_image::protocol::layout;
 
+use super::workset::{Prefetch, WorksetOptions};
 use crate::mm::addr::{HUGE_1G, HUGE_2M, PAGE_SIZE};
 use crate::mm::backing::BackingKind;
 use crate::units::{parse_duration, parse_size};
@@ -37,7 +38,7 @@ pub const MAX_ACCESSES_PER_VCPU: u64 = 1 << 22;
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ConfigError {
     /// An unknown backing name.
-    #[error("unknown backing {0:?}: expected anon, shared, memfd, thp, hugetlb, prefault, file, file=PATH, uffd-zero, uffd-copy, uffd-minor or uffd-wp")]
+    #[error("unknown backing {0:?}: expected anon, shared, memfd, thp, hugetlb, prefault, populate, file, file=PATH, uffd-zero, uffd-copy, uffd-minor or uffd-wp")]
     Backing(String),
     /// An unknown pattern.
     #[error("unknown pattern {0:?}: expected seq, random or stride=SIZE (e.g. stride=2M)")]
@@ -76,6 +77,16 @@ pub enum ConfigError {
     /// The guest page size the host cannot provide.
     #[error("--guest-page 1G needs CPUID pdpe1gb, which this host's KVM does not offer (shadow paging): use 4K or 2M")]
     NoGigPages,
+    /// `--pre-fault-memory` on a KVM without `KVM_PRE_FAULT_MEMORY`.
+    #[error("--pre-fault-memory needs KVM_PRE_FAULT_MEMORY (KVM_CAP_PRE_FAULT_MEMORY, Linux 6.10+ with a TDP MMU), which this host's KVM does not offer (KVM_CHECK_EXTENSION returned 0): use --backing populate or prefault to prefault the host side only")]
+    NoPreFaultMemory,
+    /// `--pre-fault-memory` on a KVM that has it: the bench does not issue
+    /// it (it could not be tested where it was written).
+    #[error("--pre-fault-memory: this host's KVM offers KVM_PRE_FAULT_MEMORY, but the bench does not issue it yet (written on a host without it, so never tested): use --backing populate or prefault")]
+    PreFaultMemoryNotIssued,
+    /// Churn, record or replay flags that do not fit together.
+    #[error("{0}")]
+    Workset(String),
     /// One userfaultfd per vCPU needs each vCPU to own its part.
     #[error("--uffd-per-vcpu needs --share disjoint: a range registers with one userfaultfd only, and shared vCPUs touch the whole range")]
     UffdPerVcpuShared,
@@ -109,7 +120,12 @@ pub enum Backing {
     UnnamedFile,
     /// Private anonymous memory populated by the host before the guest runs:
     /// the guest still takes KVM faults, but no host page allocation.
+    /// The host writes one byte per page (touch prefault), timed.
     Prefault,
+    /// Private anonymous memory populated with `MADV_POPULATE_WRITE`
+    /// (Linux 5.14+) before the guest runs, timed; fails where the kernel
+    /// lacks it rather than falling back to touching.
+    Populate,
     /// userfaultfd demand paging, missing pages resolved with UFFDIO_ZEROPAGE.
     UffdZero,
     /// userfaultfd demand paging, missing pages copied from a source (UFFDIO_COPY).
@@ -134,9 +150,11 @@ impl Backing {
         match self {
             Backing::Host(k) => Some(k),
             Backing::UnnamedFile => None,
-            Backing::Prefault | Backing::UffdZero | Backing::UffdCopy | Backing::UffdWp => {
-                Some(&BackingKind::Anon)
-            }
+            Backing::Prefault
+            | Backing::Populate
+            | Backing::UffdZero
+            | Backing::UffdCopy
+            | Backing::UffdWp => Some(&BackingKind::Anon),
             Backing::UffdMinor => Some(&BackingKind::Memfd),
         }
     }
@@ -161,6 +179,7 @@ impl fmt::Display for Backing {
             Backing::Host(k) => k.fmt(f),
             Backing::UnnamedFile => f.write_str("file"),
             Backing::Prefault => f.write_str("prefault"),
+            Backing::Populate => f.write_str("populate"),
             Backing::UffdZero => f.write_str("uffd-zero"),
             Backing::UffdCopy => f.write_str("uffd-copy"),
             Backing::UffdMinor => f.write_str("uffd-minor"),
@@ -174,6 +193,7 @@ impl FromStr for Backing {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         Ok(match s.trim() {
             "prefault" | "prefaulted" => Backing::Prefault,
+            "populate" => Backing::Populate,
             "file" => Backing::UnnamedFile,
             "uffd-zero" => Backing::UffdZero,
             "uffd-copy" => Backing::UffdCopy,
@@ -306,6 +326,39 @@ pub fn fmt_size(n: u64) -> String {
     format!("{n}B")
 }
 
+/// Checks `--record`, `--replay` and `--prefetch` against the backings (the
+/// files are read later).
+fn validate_workset(opts: &WorksetOptions, backings: &[Backing]) -> Result<(), String> {
+    if opts.record.is_some() && backings.len() != 1 {
+        return Err("--record records one configuration: give one --backing, not --compare".into());
+    }
+    if opts.replay.is_none() {
+        return Ok(());
+    }
+    match opts.prefetch {
+        Prefetch::Copy => {
+            if let Some(b) = backings.iter().find(|b| **b != Backing::UffdCopy) {
+                return Err(format!("--prefetch copy copies pages through the userfaultfd of --backing uffd-copy, not {b}"));
+            }
+        }
+        Prefetch::Populate => {
+            if let Some(b) = backings.iter().find(|b| b.is_uffd()) {
+                return Err(format!("--prefetch populate would fault {b}'s pages through its userfaultfd: use --prefetch copy with uffd-copy, or a host backing such as anon"));
+            }
+        }
+        Prefetch::None => {}
+    }
+    if let Some(b) = backings
+        .iter()
+        .find(|b| matches!(b, Backing::Prefault | Backing::Populate))
+    {
+        return Err(format!(
+            "--replay on {b} compares nothing: {b} populates the whole range already"
+        ));
+    }
+    Ok(())
+}
+
 fn parse_backing(s: &str) -> Result<Backing, String> {
     s.parse().map_err(|e: ConfigError| e.to_string())
 }
@@ -352,7 +405,7 @@ pub struct FaultsArgs {
     /// What to measure.
     #[command(flatten)]
     pub measure: FaultsConfig,
-    /// Host memory behind the range: anon, shared, memfd, thp, hugetlb, prefault, file[=PATH], uffd-zero, uffd-copy, uffd-minor, uffd-wp.
+    /// Host memory behind the range: anon, shared, memfd, thp, hugetlb, prefault, populate, file[=PATH], uffd-zero, uffd-copy, uffd-minor, uffd-wp.
     #[arg(long, value_name = "KIND", default_value = "anon", value_parser = parse_backing, conflicts_with = "compare")]
     pub backing: Backing,
     /// Several backings in one run, side by side (comma separated, e.g. anon,thp,prefault,uffd-zero).
@@ -442,6 +495,16 @@ pub struct FaultsConfig {
     /// Show a progress bar on a terminal (from --quiet).
     #[arg(skip)]
     pub progress: bool,
+    /// Prefault KVM's own mappings of the range with `KVM_PRE_FAULT_MEMORY`
+    /// before the timed pass (refused where KVM lacks it).
+    #[arg(long)]
+    pub pre_fault_memory: bool,
+    /// Ops a writer thread runs while the guest is timed, and their pacing.
+    #[command(flatten)]
+    pub churn: super::churn::ChurnOptions,
+    /// Working-set record and replay.
+    #[command(flatten)]
+    pub workset: super::workset::WorksetOptions,
     /// userfaultfd: one uffd per vCPU part instead of one for the whole
     /// range (needs --share disjoint).
     #[arg(long)]
@@ -477,11 +540,21 @@ impl FaultsConfig {
             rounds: 1,
             timeout: Duration::from_secs(60),
             progress: false,
+            pre_fault_memory: false,
+            churn: super::churn::ChurnOptions::default(),
+            workset: WorksetOptions::default(),
             uffd_per_vcpu: false,
             uffd_handlers: 1,
             handler_delay: Duration::ZERO,
             scaling: false,
         }
+    }
+
+    /// Whether the timed pass records each access's absolute start stamp
+    /// (needed to attribute accesses to churn ops and to record a working
+    /// set).
+    pub fn wants_stamps(&self) -> bool {
+        !self.churn.ops.is_empty() || self.workset.record.is_some()
     }
 
     /// The largest page size among the backings: sizes and vCPU parts are
@@ -530,6 +603,37 @@ impl FaultsConfig {
                 accesses,
                 max: MAX_ACCESSES_PER_VCPU,
             });
+        }
+        validate_workset(&self.workset, &self.backings).map_err(ConfigError::Workset)?;
+        if !self.churn.ops.is_empty() && self.workset.replay.is_some() {
+            return Err(ConfigError::Workset(
+                "--churn with --replay would disturb the runs being compared: run them separately"
+                    .into(),
+            ));
+        }
+        if self
+            .churn
+            .ops
+            .contains(&super::churn::ops::ChurnOp::Dontneed)
+        {
+            if let Some(b) = self.backings.iter().find(|b| b.is_uffd()) {
+                return Err(ConfigError::Workset(format!(
+                    "--churn dontneed with {b}: the userfaultfd handler takes a page it resolved in a pass as present and only wakes later faults on it, so a page dropped mid-pass would fault forever (and uffd-minor would lose its page cache): churn {b} with plug, protect, collapse or dirty-log"
+                )));
+            }
+        }
+        if self.scaling {
+            for (set, flag) in [
+                (!self.churn.ops.is_empty(), "--churn"),
+                (self.workset.record.is_some(), "--record"),
+                (self.workset.replay.is_some(), "--replay"),
+            ] {
+                if set {
+                    return Err(ConfigError::Workset(format!(
+                        "--scaling with {flag}: the sweep runs one configuration per vCPU count, each with its own --size, so {flag} has no single configuration to act on: run them separately"
+                    )));
+                }
+            }
         }
         Ok(())
     }
@@ -613,6 +717,7 @@ mod tests {
             "thp",
             "hugetlb",
             "prefault",
+            "populate",
             "file",
             "file=/tmp/x",
             "uffd-zero",
@@ -760,5 +865,77 @@ mod tests {
         assert_eq!("1G".parse::<GuestPage>(), Ok(GuestPage::Size1G));
         assert!("8K".parse::<GuestPage>().is_err());
         assert_eq!(fmt_size(64 << 20), "64M");
+    }
+
+    #[test]
+    fn test_scaling_refuses_churn_record_and_replay() {
+        let mut c = FaultsConfig::small(4 << 20, Backing::ANON);
+        c.scaling = true;
+        assert!(c.validate().is_ok());
+        let mut churn = c.clone();
+        churn.churn.ops = vec![super::super::churn::ops::ChurnOp::Dontneed];
+        let mut record = c.clone();
+        record.workset.record = Some("r".into());
+        let mut replay = c.clone();
+        replay.workset.replay = Some("r".into());
+        for (cfg, flag) in [
+            (churn, "--churn"),
+            (record, "--record"),
+            (replay, "--replay"),
+        ] {
+            match cfg.validate() {
+                Err(ConfigError::Workset(m)) => {
+                    assert!(m.contains("--scaling") && m.contains(flag), "{m}")
+                }
+                other => panic!("{flag} with --scaling: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn test_churn_dontneed_is_refused_with_uffd_backings_only() {
+        use super::super::churn::ops::ChurnOp;
+        let mut c = FaultsConfig::small(4 << 20, Backing::UffdZero);
+        c.churn.ops = vec![ChurnOp::Plug, ChurnOp::Protect];
+        assert!(c.validate().is_ok());
+        c.churn.ops.push(ChurnOp::Dontneed);
+        for b in [
+            Backing::UffdZero,
+            Backing::UffdCopy,
+            Backing::UffdMinor,
+            Backing::UffdWp,
+        ] {
+            c.backings = vec![Backing::ANON, b.clone()];
+            match c.validate() {
+                Err(ConfigError::Workset(m)) => {
+                    assert!(m.contains("dontneed") && m.contains(&b.to_string()), "{m}")
+                }
+                other => panic!("dontneed with {b}: {other:?}"),
+            }
+        }
+        c.backings = vec![Backing::ANON];
+        assert!(c.validate().is_ok());
+    }
+
+    #[test]
+    fn test_prefetch_flags_must_fit_the_backing() {
+        let mut o = WorksetOptions {
+            replay: Some("x".into()),
+            prefetch: Prefetch::Copy,
+            ..WorksetOptions::default()
+        };
+        assert!(validate_workset(&o, &[Backing::UffdCopy]).is_ok());
+        assert!(validate_workset(&o, &[Backing::ANON])
+            .unwrap_err()
+            .contains("uffd-copy"));
+        o.prefetch = Prefetch::Populate;
+        assert!(validate_workset(&o, &[Backing::ANON]).is_ok());
+        assert!(validate_workset(&o, &[Backing::UffdZero]).is_err());
+        assert!(validate_workset(&o, &[Backing::Populate]).is_err());
+        let r = WorksetOptions {
+            record: Some("y".into()),
+            ..WorksetOptions::default()
+        };
+        assert!(validate_workset(&r, &[Backing::ANON, Backing::THP]).is_err());
     }
 }

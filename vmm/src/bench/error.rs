@@ -55,6 +55,12 @@ pub enum BenchError {
         /// The limit.
         after: Duration,
     },
+    /// Prefetching a replayed working set failed.
+    #[error(transparent)]
+    Prefetch(#[from] super::workset::prefetch::PrefetchError),
+    /// Writing the working-set record failed.
+    #[error(transparent)]
+    Workset(#[from] super::workset::WorksetError),
     /// Writing the uffd-copy source failed.
     #[error("{what}: {source}")]
     Io {

@@ -50,6 +50,9 @@ pub struct RamLayout {
     pub tables_len: u64,
     /// Per vCPU: (result buffer gpa, bytes).
     pub results: Vec<(u64, u64)>,
+    /// Per vCPU: (start-stamp buffer gpa, bytes), one absolute `rdtsc` per
+    /// access; empty unless the run needs stamps (churn, working-set record).
+    pub stamps: Vec<(u64, u64)>,
     /// Total RAM size.
     pub size: u64,
 }
@@ -69,10 +72,18 @@ impl RamLayout {
             results.push((at, len));
             at += len;
         }
+        let mut stamps = Vec::new();
+        if cfg.wants_stamps() {
+            for &(_, len) in &results {
+                stamps.push((at, len));
+                at += len;
+            }
+        }
         Self {
             tables_gpa: layout::RAM_BASE,
             tables_len: tables,
             results,
+            stamps,
             size: at - layout::RAM_BASE,
         }
     }
@@ -102,6 +113,15 @@ pub struct GuestBench {
     /// The layout of guest RAM.
     pub ram: RamLayout,
     ram_hva: u64,
+    /// Per vCPU: KVM's TSC offset (guest TSC = host TSC + offset), read with
+    /// `KVM_GET_DEVICE_ATTR(KVM_VCPU_TSC_CTRL, KVM_VCPU_TSC_OFFSET)`, or why
+    /// it could not be read.
+    pub tsc_offsets: Vec<Result<i64, String>>,
+    /// Whether a vCPU re-enters the guest when `KVM_RUN` fails with EFAULT
+    /// (a write to a host page a churn op made read-only for a while).
+    retry_efault: Arc<AtomicBool>,
+    /// `KVM_RUN` calls that failed with EFAULT and were retried.
+    pub efault_retries: Arc<AtomicU64>,
     /// Each vCPU thread's kernel thread id (set when it starts): userfaultfd
     /// messages name the faulting thread by it.
     tids: Arc<Vec<AtomicU32>>,
@@ -169,10 +189,14 @@ impl GuestBench {
         let repeat = Arc::new(AtomicBool::new(false));
         let mmio_ok = Arc::new([AtomicU64::new(0), AtomicU64::new(0)]);
         let progress = Arc::new(AtomicU64::new(0));
+        let retry_efault = Arc::new(AtomicBool::new(false));
+        let efault_retries = Arc::new(AtomicU64::new(0));
         let tids: Arc<Vec<AtomicU32>> =
             Arc::new((0..cfg.vcpus).map(|_| AtomicU32::new(0)).collect());
         let mut workers = Vec::new();
+        let mut tsc_offsets = Vec::new();
         for (index, fd) in vm.take_vcpus().into_iter().enumerate() {
+            tsc_offsets.push(super::tsc::vcpu_tsc_offset(&fd));
             let (jobs_tx, jobs_rx) = mpsc::channel();
             let (done_tx, done_rx) = mpsc::channel();
             let ctx = VcpuThread {
@@ -183,6 +207,8 @@ impl GuestBench {
                 mmio_ok: mmio_ok.clone(),
                 progress: progress.clone(),
                 cpu: cpus.get(index).copied().flatten(),
+                retry_efault: retry_efault.clone(),
+                efault_retries: efault_retries.clone(),
                 tids: tids.clone(),
             };
             let thread = std::thread::Builder::new()
@@ -204,8 +230,26 @@ impl GuestBench {
             progress,
             ram,
             ram_hva,
+            tsc_offsets,
+            retry_efault,
+            efault_retries,
             tids,
         })
+    }
+
+    /// Whether a `KVM_RUN` failing with EFAULT re-enters the guest (the
+    /// faulting access waits) instead of failing the phase.
+    pub fn set_retry_efault(&self, on: bool) {
+        self.retry_efault.store(on, Ordering::Release);
+    }
+
+    /// vCPU `index`'s first `n` start stamps (absolute guest `rdtsc`), or
+    /// nothing when the layout has no stamp buffers.
+    pub fn stamps(&self, index: usize, n: u64) -> Vec<u64> {
+        let Some(&(gpa, len)) = self.ram.stamps.get(index) else {
+            return Vec::new();
+        };
+        self.read_u64s(gpa, len, n)
     }
 
     /// The kernel thread ids of the vCPU threads, by vCPU index (0 for a
@@ -229,7 +273,8 @@ impl GuestBench {
         Ok(vm)
     }
 
-    /// The VM's memory manager (the bench's memory ops go through it).
+    /// The VM's memory manager (the bench's memory ops, and churn's ops on
+    /// neighbouring slots, go through it).
     pub fn memory(&self) -> &Arc<crate::mm::manager::MemoryManager> {
         &self.vm.memory
     }
@@ -329,12 +374,17 @@ impl GuestBench {
     /// vCPU `index`'s first `n` result-buffer entries (TSC ticks).
     pub fn results(&self, index: usize, n: u64) -> Vec<u64> {
         let (gpa, len) = self.ram.results[index];
+        self.read_u64s(gpa, len, n)
+    }
+
+    fn read_u64s(&self, gpa: u64, len: u64, n: u64) -> Vec<u64> {
         let n = n.min(len / 8);
         let base = self.ram_hva + (gpa - layout::RAM_BASE);
         (0..n)
             .map(|i| {
-                // SAFETY: inside vCPU `index`'s result buffer, part of guest
-                // RAM, which the VM keeps mapped; every vCPU is parked.
+                // SAFETY: inside a buffer of `len` bytes at `gpa` in guest
+                // RAM (a result or stamp buffer of the layout), which the VM
+                // keeps mapped; every vCPU is parked.
                 unsafe { std::ptr::read_volatile((base + 8 * i) as *const u64) }
             })
             .collect()
@@ -375,6 +425,8 @@ struct VcpuThread {
     mmio_ok: Arc<[AtomicU64; 2]>,
     progress: Arc<AtomicU64>,
     cpu: Option<usize>,
+    retry_efault: Arc<AtomicBool>,
+    efault_retries: Arc<AtomicU64>,
     tids: Arc<Vec<AtomicU32>>,
 }
 
@@ -475,6 +527,19 @@ impl VcpuThread {
         (start..end).contains(&gpa)
     }
 
+    /// A guest write hit a host page a churn op made read-only: KVM cannot
+    /// map it writable and fails `KVM_RUN` with EFAULT. The access waits, as
+    /// it would behind a real host fault, until the op restores the
+    /// protection; the vCPU re-enters the guest and retries it.
+    fn wait_out_efault(&self) -> Result<(), String> {
+        if self.stop.load(Ordering::Acquire) {
+            return Err("stopped".into());
+        }
+        self.efault_retries.fetch_add(1, Ordering::Relaxed);
+        std::thread::yield_now();
+        Ok(())
+    }
+
     /// Runs the guest until it rings the doorbell; returns the status.
     fn to_doorbell(&self, fd: &mut VcpuFd) -> Result<u32, String> {
         loop {
@@ -484,6 +549,12 @@ impl VcpuThread {
                     if self.stop.load(Ordering::Acquire) {
                         return Err("stopped".into());
                     }
+                    continue;
+                }
+                Err(e)
+                    if e.errno() == libc::EFAULT && self.retry_efault.load(Ordering::Acquire) =>
+                {
+                    self.wait_out_efault()?;
                     continue;
                 }
                 Err(e) => return Err(format!("KVM_RUN failed: {e}")),
@@ -514,6 +585,9 @@ impl VcpuThread {
                     return Err(format!("guest access to unplugged guest-physical {gpa:#x}"))
                 }
                 VcpuExit::Intr => {}
+                VcpuExit::MemoryFault { .. } if self.retry_efault.load(Ordering::Acquire) => {
+                    self.wait_out_efault()?;
+                }
                 other => return Err(format!("unexpected exit {other:?}")),
             }
         }

@@ -126,14 +126,7 @@ pub fn uffd_handler_cpus(cfg: &FaultsConfig) -> Vec<Option<usize>> {
 /// file (nothing to clean up, even after a crash), `prefault` is populated,
 /// a user's `file=PATH` is used as is.
 pub fn map_fresh(backing: &Backing, size: u64) -> Result<HostMapping, BackingError> {
-    let m = match backing.host_kind() {
-        Some(kind) => HostMapping::new(kind, size)?,
-        None => HostMapping::new_unnamed_file(&std::env::temp_dir(), size)?,
-    };
-    if *backing == Backing::Prefault {
-        m.populate();
-    }
-    Ok(m)
+    map_prefilled(backing, size).map(|(m, _)| m)
 }
 
 /// The host-only floor: the same offsets touched in the same order on fresh
@@ -165,4 +158,80 @@ pub fn first_touch(
         ticks.push(unsafe { _rdtsc() }.wrapping_sub(t0));
     }
     Ok(ticks)
+}
+
+/// Host memory filled before the guest runs: how, how much, how long.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Prefill {
+    /// The method (`touch`, `MADV_POPULATE_WRITE`, `UFFDIO_COPY per run`...).
+    pub method: &'static str,
+    /// 4 KiB pages filled.
+    pub pages: u64,
+    /// System calls (or runs) it took; 0 for touching.
+    pub calls: u64,
+    /// Wall time, ms.
+    pub ms: f64,
+}
+
+impl Prefill {
+    /// A fill of `pages` pages in `calls` calls that started at `t`.
+    pub fn new(method: &'static str, pages: u64, calls: usize, t: std::time::Instant) -> Self {
+        Self {
+            method,
+            pages,
+            calls: calls as u64,
+            ms: t.elapsed().as_secs_f64() * 1e3,
+        }
+    }
+
+    /// Adds another round's prefill.
+    pub fn merge(&mut self, other: &Prefill) {
+        self.pages += other.pages;
+        self.calls += other.calls;
+        self.ms += other.ms;
+    }
+}
+
+/// Fills the host side of a `prefault` (one write per page from this
+/// thread) or `populate` (`MADV_POPULATE_WRITE` over the whole range, one
+/// call) mapping, timed; `None` for every other backing.
+pub fn prefill(backing: &Backing, m: &HostMapping) -> Result<Option<Prefill>, BackingError> {
+    let (method, calls) = match backing {
+        Backing::Prefault => ("touch", 0),
+        Backing::Populate => ("MADV_POPULATE_WRITE", 1),
+        _ => return Ok(None),
+    };
+    let t = std::time::Instant::now();
+    if *backing == Backing::Prefault {
+        m.touch_pages(0, m.len())?;
+    } else {
+        m.populate_write(0, m.len())?;
+    }
+    Ok(Some(Prefill {
+        method,
+        pages: m.len() / crate::mm::addr::PAGE_SIZE,
+        calls,
+        ms: t.elapsed().as_secs_f64() * 1e3,
+    }))
+}
+
+/// Fresh memory of `backing` for the test range, prefilled as the backing
+/// says, with the prefill's timing.
+pub fn map_prefilled(
+    backing: &Backing,
+    size: u64,
+) -> Result<(HostMapping, Option<Prefill>), BackingError> {
+    let m = match backing.host_kind() {
+        Some(kind) => HostMapping::new(kind, size)?,
+        None => HostMapping::new_unnamed_file(&std::env::temp_dir(), size)?,
+    };
+    let p = prefill(backing, &m)?;
+    Ok((m, p))
+}
+
+/// Whether this host's KVM offers `KVM_PRE_FAULT_MEMORY`
+/// (`KVM_CHECK_EXTENSION(KVM_CAP_PRE_FAULT_MEMORY)`, capability 236).
+pub fn kvm_has_pre_fault_memory(kvm: &Kvm) -> bool {
+    const KVM_CAP_PRE_FAULT_MEMORY: i32 = 236;
+    kvm.check_extension_raw(KVM_CAP_PRE_FAULT_MEMORY as libc::c_ulong) > 0
 }

@@ -19,17 +19,25 @@
 //! `plot` (SVG), `host` (host facts, memory, floor), `uffd` (userfaultfd
 //! handler), `plan` (the accesses), `error`, `report` (tables, JSON),
 //! `progress` (bar), `guest` (the VM and vCPU threads), `raw` (baseline),
-//! `raw_uffd` (the raw baseline's handler), `run` (phases and baselines); page tables come from
-//! [`crate::boot::paging`], host memory from [`crate::mm::backing`].
+//! `raw_uffd` (the raw baseline's handler), `tsc` (the guest's clock on the
+//! host's), `timeline` (a pass's accesses on that clock), `run` (phases and
+//! baselines); `churn` (ops beside the timed guest and the attribution of
+//! outliers to them) and `workset` (record, replay, prefetch) are public for
+//! their types, their options are part of [`FaultsConfig`]; page tables come
+//! from [`crate::boot::paging`], host memory from [`crate::mm::backing`].
 //!
 //! Threads: the main thread orchestrates phases; one thread per vCPU;
 //! `--uffd-handlers` handler threads per userfaultfd for the uffd backings
-//! (and as many in the raw baseline's minimal handler, `raw_uffd`). No lock
-//! is held across a phase or an ioctl; the shared state is the uffd fault
-//! log (an in-flight count and a mutex-held list, see `uffd::log`), the
-//! handler's resolved-page bitmap, and the progress counter (a relaxed
-//! atomic, read for display only).
+//! (and as many in the raw baseline's minimal handler, `raw_uffd`); with
+//! `--churn`, one writer thread per timed pass. No lock is held across a
+//! phase or an ioctl; the shared state is the uffd fault log (an in-flight
+//! count and a mutex-held list, see `uffd::log`), the handler's
+//! resolved-page bitmap, the progress counter (a relaxed atomic, read for
+//! display only), and for churn the writer's stop flag and the vCPUs'
+//! wait-out-EFAULT flag (protocol in [`churn`]'s `run_ops`, checked by a
+//! shuttle model).
 
+pub mod churn;
 mod config;
 pub mod dirty;
 mod error;
@@ -45,17 +53,23 @@ mod raw_uffd;
 mod report;
 mod run;
 mod stats;
+mod timeline;
+mod tsc;
 mod uffd;
+pub mod workset;
 
 use std::fs::File;
 use std::io::Write;
 use std::path::Path;
 
+pub use churn::attribution::{attribute, CauseRow, CauseTable, OpWindow, TimedAccess};
+pub use churn::ops::ChurnOp;
 pub use config::{
     fmt_size, Access, Backing, ConfigError, FaultsArgs, FaultsConfig, GuestPage, Pattern, Share,
     UffdCpu, MAX_ACCESSES_PER_VCPU, TEST_BASE,
 };
 pub use error::BenchError;
+pub use host::Prefill;
 pub use host::{kvm_has_pdpe1gb, HostFacts};
 pub use raw::{run as raw_baseline, RawResult};
 pub use report::{
@@ -64,6 +78,8 @@ pub use report::{
 pub use run::run_faults;
 pub use stats::{fmt_ns, log2_buckets, ticks_to_ns, Log2Bucket, Summary};
 pub use uffd::{Event as UffdEvent, Outcome as UffdOutcome, UffdCounts};
+pub use workset::replay::{ReplayPass, ReplayResult};
+pub use workset::{Prefetch, Workset, WorksetPage};
 
 /// Opens the plot file before anything is measured, so a bad path fails in
 /// milliseconds rather than after the whole bench.

@@ -92,6 +92,16 @@ pub fn pass_commands(cfg: &FaultsConfig, index: u64, results_gpa: u64) -> Vec<Co
     }
 }
 
+/// The same commands storing each access's absolute start stamp too: an
+/// access whose delta goes to `results_gpa + 8 * i` gets its stamp at
+/// `stamps_gpa + 8 * i` (TIMED_TOUCH's `args[5]`).
+pub fn with_stamps(mut cmds: Vec<Command>, results_gpa: u64, stamps_gpa: u64) -> Vec<Command> {
+    for c in &mut cmds {
+        c.args[5] = stamps_gpa + (c.args[4] - results_gpa);
+    }
+    cmds
+}
+
 /// A write TOUCH of every page of `[gpa, gpa + len)`: faults a result buffer
 /// in (host and KVM) before the timed pass writes to it.
 pub fn prefault_command(gpa: u64, len: u64) -> Command {

@@ -7,11 +7,14 @@ use std::fmt::Write as _;
 
 use serde::Serialize;
 
+use super::churn::attribution::CauseTable;
 use super::config::{fmt_size, Backing, FaultsConfig};
-use super::host::HostFacts;
+use super::host::{HostFacts, Prefill};
 use super::plot::Series;
 use super::stats::{fmt_ns, log2_buckets, Log2Bucket, Summary};
 use super::uffd::{Event, UffdCounts};
+use super::workset::replay::ReplayResult;
+use super::workset::Touch;
 
 /// The whole run.
 #[derive(Debug, Clone, Serialize)]
@@ -112,6 +115,12 @@ pub struct Settings {
     pub seed: u64,
     /// Rounds per configuration (tool and raw baseline alternate order).
     pub rounds: u32,
+    /// `--churn` ops, in the writer's order.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub churn: Vec<String>,
+    /// `--prefetch` of a `--replay`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prefetch: Option<String>,
     /// One userfaultfd per vCPU part (else one for the range).
     pub uffd_per_vcpu: bool,
     /// Handler threads per userfaultfd.
@@ -133,6 +142,12 @@ impl From<&FaultsConfig> for Settings {
             uffd_cpu: c.uffd_cpu.to_string(),
             seed: c.seed,
             rounds: c.rounds,
+            churn: c.churn.ops.iter().map(ToString::to_string).collect(),
+            prefetch: c
+                .workset
+                .replay
+                .as_ref()
+                .map(|_| c.workset.prefetch.to_string()),
             uffd_per_vcpu: c.uffd_per_vcpu,
             uffd_handlers: c.uffd_handlers,
             handler_delay_ns: c.handler_delay.as_nanos() as u64,
@@ -159,6 +174,13 @@ pub struct ConfigResult {
     pub tsc_khz: u32,
     /// Rounds merged into this result.
     pub rounds: u32,
+    /// Host memory filled before the guest ran (prefault, populate, a
+    /// replay's prefetch), summed over rounds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prefill: Option<Prefill>,
+    /// With `--replay`: faults and time saved by the prefetch.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub replay: Option<ReplayResult>,
 }
 
 impl ConfigResult {
@@ -173,6 +195,8 @@ impl ConfigResult {
             notes: Vec::new(),
             tsc_khz: 0,
             rounds: 0,
+            prefill: None,
+            replay: None,
         }
     }
 
@@ -206,6 +230,16 @@ impl ConfigResult {
             for (k, v) in b.samples_by_outcome {
                 a.samples_by_outcome.entry(k).or_default().extend(v);
             }
+            match (a.churn.as_mut(), b.churn) {
+                (Some(x), Some(y)) => x.merge(y),
+                (None, y) => a.churn = y,
+                _ => {}
+            }
+        }
+        match (self.prefill.as_mut(), other.prefill) {
+            (Some(a), Some(b)) => a.merge(&b),
+            (None, b) => self.prefill = b,
+            _ => {}
         }
         if let (Some(a), Some(b)) = (self.baselines.as_mut(), other.baselines) {
             if let (Some(x), Some(y)) = (a.raw.as_mut(), b.raw) {
@@ -307,6 +341,13 @@ pub struct PassResult {
     /// Offsets of the pages the uffd handler resolved, sorted (not serialized).
     #[serde(skip)]
     pub uffd_pages: Vec<u64>,
+    /// With `--churn`: the outliers of this pass attributed to the ops.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub churn: Option<CauseTable>,
+    /// With stamps (churn, record): every access of the first round on the
+    /// host clock, in plan order (not serialized).
+    #[serde(skip)]
+    pub touches: Vec<Touch>,
 }
 
 impl PassResult {
@@ -482,8 +523,50 @@ pub fn table(cfg: &FaultsConfig, r: &ConfigResult) -> String {
             if v { "ok" } else { "MISMATCH" }
         );
     }
+    out.push_str(&prefill_churn_replay(r));
     for n in &r.notes {
         let _ = writeln!(out, "  note: {n}");
+    }
+    out
+}
+
+/// `populate` against `prefault` when both ran: host time to fill the same
+/// range with `MADV_POPULATE_WRITE` against touching each page.
+fn prefill_ratio(report: &FaultsReport) -> String {
+    let ms = |name: &str| {
+        report
+            .configurations
+            .iter()
+            .find(|c| c.backing == name)
+            .and_then(|c| c.prefill.as_ref())
+            .map(|p| p.ms)
+    };
+    match (ms("populate"), ms("prefault")) {
+        (Some(populate), Some(touch)) if touch > 0.0 => format!(
+            "  host prefill: MADV_POPULATE_WRITE {populate:.1} ms vs touch {touch:.1} ms: ratio {:.3}\n",
+            populate / touch
+        ),
+        _ => String::new(),
+    }
+}
+
+/// The lines of a prefill, of each pass's churn table and of a replay.
+fn prefill_churn_replay(r: &ConfigResult) -> String {
+    let mut out = String::new();
+    if let Some(p) = &r.prefill {
+        let _ = writeln!(
+            out,
+            "  host prefill before the guest ({}): {} pages in {:.3} ms over {} round(s), {} call(s)",
+            p.method, p.pages, p.ms, r.rounds, p.calls
+        );
+    }
+    for p in &r.passes {
+        if let Some(c) = &p.churn {
+            out.push_str(&c.render(p.pass));
+        }
+    }
+    if let Some(rp) = &r.replay {
+        out.push_str(&rp.render());
     }
     out
 }
@@ -517,6 +600,7 @@ pub fn comparison(report: &FaultsReport) -> String {
             }
         }
     }
+    out.push_str(&prefill_ratio(report));
     if !report.host.kvm_pdpe1gb {
         out.push_str(
             "  (1 GiB guest pages are unavailable on this host: KVM's CPUID lacks pdpe1gb)\n",

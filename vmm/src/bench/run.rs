@@ -1,7 +1,9 @@
 //! The orchestration of `vmm bench faults`: per configuration, the test
 //! memory and its userfaultfd handler, the phases (prefault the result
-//! buffers, timed first touch, DONTNEED + timed re-fault, uffd-copy verify)
-//! with KVM counters read between them, then the baselines.
+//! buffers, timed first touch with the churn writer beside it, DONTNEED (or
+//! re-arm) + timed re-fault, uffd verify) with KVM counters read between
+//! them, then the baselines; the rounds of a configuration (`rounds`), of a
+//! replay comparison (`replay_rounds`) and of the `--scaling` sweep.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::Write;
@@ -10,18 +12,25 @@ use std::time::{Duration, Instant};
 
 use kvm_ioctls::Kvm;
 
+use super::churn::attribution::{attribute, TimedAccess};
+use super::churn::ops::ChurnTarget;
+use super::churn::Writer;
 use super::config::{Access, Backing, ConfigError, FaultsConfig, GuestPage, Share, TEST_BASE};
 use super::error::BenchError;
 use super::guest::GuestBench;
+use super::host::Prefill;
 use super::progress::Progress;
 use super::report::{
     self, Baselines, ConfigResult, FaultsReport, PassResult, ScalingRow, Settings,
 };
 use super::stats::{counter_delta, ticks_to_ns, Summary};
 use super::uffd::{Armed, Event, Handler, HandlerConfig, Mode, Outcome, UffdCounts, UffdError};
-use super::{host, plan, raw};
+use super::workset::prefetch;
+use super::workset::replay::{ReplayPass, ReplayResult};
+use super::workset::{Prefetch, RecordOutput, Workset};
+use super::{host, plan, raw, timeline};
 use crate::mm::addr::{Gpa, GpaRange, PAGE_SIZE};
-use crate::mm::backing::{BackingError, HostMapping};
+use crate::mm::backing::{BackingError, BackingKind, HostMapping};
 use crate::plan::Command;
 
 /// Runs every configuration of `cfg`, printing a table per configuration to
@@ -33,7 +42,34 @@ pub fn run_faults(cfg: &FaultsConfig, out: &mut dyn Write) -> Result<FaultsRepor
     if cfg.guest_page == GuestPage::Size1G && !pdpe1gb {
         return Err(ConfigError::NoGigPages.into());
     }
+    if cfg.pre_fault_memory {
+        return Err(if host::kvm_has_pre_fault_memory(&kvm) {
+            ConfigError::PreFaultMemoryNotIssued
+        } else {
+            ConfigError::NoPreFaultMemory
+        }
+        .into());
+    }
     drop(kvm);
+    let replay = cfg
+        .workset
+        .replay
+        .as_deref()
+        .map(|p| Workset::read(p, cfg.size))
+        .transpose()
+        .map_err(|e| ConfigError::Workset(e.to_string()))?;
+    let mut record = cfg
+        .workset
+        .record
+        .as_deref()
+        .map(|path| {
+            RecordOutput::create(path).map_err(|e| ConfigError::Output {
+                what: "the working-set record",
+                path: path.to_path_buf(),
+                reason: e.to_string(),
+            })
+        })
+        .transpose()?;
     let mut results = Vec::new();
     let mut tsc_khz = 0;
     let mut interrupted = None;
@@ -43,30 +79,24 @@ pub fn run_faults(cfg: &FaultsConfig, out: &mut dyn Write) -> Result<FaultsRepor
         interrupted = run_scaling(&sweep, out, &mut scaling, &mut tsc_khz)?;
         let _ = write!(out, "{}", report::scaling_table(&scaling));
     }
-    'configs: for backing in cfg.backings.iter().filter(|_| !cfg.scaling) {
+    for backing in cfg.backings.iter().filter(|_| !cfg.scaling) {
         if let Some(signal) = super::interrupt::caught() {
             interrupted = Some(signal);
             break;
         }
-        let first = match run_one(cfg, backing, false) {
+        let measured = match &replay {
+            Some(set) => replay_rounds(cfg, backing, set),
+            None => rounds(cfg, backing),
+        };
+        let r = match measured {
             Err(BenchError::Interrupted(signal)) => {
                 interrupted = Some(signal);
                 break;
             }
             other => other?,
         };
-        let mut r = first;
-        for round in 1..cfg.rounds {
-            if r.skipped.is_some() {
-                break;
-            }
-            match run_one(cfg, backing, round % 2 == 1) {
-                Err(BenchError::Interrupted(signal)) => {
-                    interrupted = Some(signal);
-                    break 'configs;
-                }
-                other => r.merge(other?),
-            }
+        if let (Some(out), Some(pass)) = (record.as_mut(), r.passes.first()) {
+            out.write(&Workset::from_touches(cfg.size, &pass.touches, r.tsc_khz))?;
         }
         tsc_khz = tsc_khz.max(r.tsc_khz);
         let _ = write!(out, "{}", report::table(cfg, &r));
@@ -74,6 +104,9 @@ pub fn run_faults(cfg: &FaultsConfig, out: &mut dyn Write) -> Result<FaultsRepor
         results.push(r);
     }
     let host = host::HostFacts::collect(tsc_khz, pdpe1gb);
+    if let Some(out) = record {
+        out.keep();
+    }
     let report = FaultsReport {
         host,
         settings: Settings::from(cfg),
@@ -123,7 +156,7 @@ fn run_scaling(
             if let Some(signal) = super::interrupt::caught() {
                 return Ok(Some(signal));
             }
-            match run_one(sub, backing, round % 2 == 1) {
+            match run_one(sub, backing, round % 2 == 1, None) {
                 Err(BenchError::Interrupted(signal)) => return Ok(Some(signal)),
                 Ok(one) => match r.as_mut() {
                     Some(r) => r.merge(one),
@@ -155,13 +188,91 @@ fn run_scaling(
     Ok(None)
 }
 
+/// Every round of one configuration, merged; rounds alternate whether the
+/// baselines or the tool go first.
+fn rounds(cfg: &FaultsConfig, backing: &Backing) -> Result<ConfigResult, BenchError> {
+    let mut r = run_one(cfg, backing, false, None)?;
+    for round in 1..cfg.rounds {
+        if r.skipped.is_some() {
+            break;
+        }
+        r.merge(run_one(cfg, backing, round % 2 == 1, None)?);
+    }
+    Ok(r)
+}
+
+/// `--replay`: every round of the configuration twice, each on fresh memory
+/// and a fresh VM: as usual, and with `set` prefetched before the VM is
+/// built (that run without baselines). Rounds alternate which of
+/// the two goes first, since the second allocates memory the first just
+/// freed. Returns the usual result with the comparison attached.
+fn replay_rounds(
+    cfg: &FaultsConfig,
+    backing: &Backing,
+    set: &Workset,
+) -> Result<ConfigResult, BenchError> {
+    let quiet = FaultsConfig {
+        baselines: false,
+        ..cfg.clone()
+    };
+    let mut without: Option<ConfigResult> = None;
+    let mut with: Option<ConfigResult> = None;
+    let add = |acc: &mut Option<ConfigResult>, r: ConfigResult| match acc {
+        Some(a) => a.merge(r),
+        None => *acc = Some(r),
+    };
+    for round in 0..cfg.rounds {
+        let prefetch_first = round % 2 == 1;
+        for prefetched in [prefetch_first, !prefetch_first] {
+            if prefetched {
+                add(&mut with, run_one(&quiet, backing, false, Some(set))?);
+            } else {
+                add(&mut without, run_one(cfg, backing, round % 2 == 1, None)?);
+            }
+        }
+        if without.as_ref().is_some_and(|r| r.skipped.is_some()) {
+            break;
+        }
+    }
+    let (Some(mut without), Some(with)) = (without, with) else {
+        unreachable!("at least one round ran both");
+    };
+    if without.skipped.is_some() || with.skipped.is_some() {
+        return Ok(without);
+    }
+    let per_round = |r: &ConfigResult| {
+        let rounds = f64::from(r.rounds.max(1));
+        r.passes
+            .first()
+            .map_or_else(ReplayPass::default, |p| ReplayPass {
+                pf_fixed: p.kvm("pf_fixed") as f64 / rounds,
+                uffd_faults: p.uffd.as_ref().map_or(0.0, |u| u.faults as f64) / rounds,
+                guest_ms: p.samples_ns.iter().sum::<f64>() / 1e6 / rounds,
+                wall_ms: p.wall_ms / rounds,
+            })
+    };
+    let prefetch_ms = with.prefill.as_ref().map_or(0.0, |p| p.ms) / f64::from(with.rounds.max(1));
+    let mut result = ReplayResult::new(
+        cfg.workset.prefetch,
+        set.pages.len() as u64,
+        prefetch_ms,
+        per_round(&without),
+        per_round(&with),
+    );
+    result.with_verified = with.uffd_verified;
+    without.replay = Some(result);
+    Ok(without)
+}
+
 /// Runs one configuration: phases, then its baselines.
 /// With `raw_first`, the baselines run before the tool (rounds alternate so
-/// neither side always gets the warmer host).
+/// neither side always gets the warmer host). With `prefetch`, that working
+/// set is prefetched (`--prefetch`) before the VM is built.
 fn run_one(
     cfg: &FaultsConfig,
     backing: &Backing,
     raw_first: bool,
+    prefetch: Option<&Workset>,
 ) -> Result<ConfigResult, BenchError> {
     let mut notes = Vec::new();
     let early = if cfg.baselines && raw_first {
@@ -169,8 +280,8 @@ fn run_one(
     } else {
         None
     };
-    let test = match host::map_fresh(backing, cfg.size) {
-        Ok(m) => Arc::new(m),
+    let (test, mut prefill) = match host::map_prefilled(backing, cfg.size) {
+        Ok((m, p)) => (Arc::new(m), p),
         Err(e @ BackingError::NoHugePages { .. }) => {
             return Ok(ConfigResult::skipped(backing, e.to_string()));
         }
@@ -186,6 +297,11 @@ fn run_one(
             }
             Some(Err(e)) => return Err(e.into()),
         };
+    if let (Some(set), Prefetch::Copy, Some(armed)) =
+        (prefetch, cfg.workset.prefetch, armed.as_deref())
+    {
+        prefill = Some(prefetch::copy(armed, set)?);
+    }
     let handler = armed
         .as_ref()
         .map(|a| {
@@ -197,6 +313,18 @@ fn run_one(
             Handler::spawn(a.clone(), &hc)
         })
         .transpose()?;
+    match (prefetch, cfg.workset.prefetch) {
+        (Some(set), Prefetch::Populate) => prefill = Some(prefetch::populate(&test, set)?),
+        (Some(_), Prefetch::None) => {
+            prefill = Some(Prefill {
+                method: "none",
+                pages: 0,
+                calls: 0,
+                ms: 0.0,
+            })
+        }
+        _ => {}
+    }
     let mut bench = GuestBench::new(cfg, test.clone(), &cpus)?;
     let tsc_khz = bench.tsc_khz();
     let uffd = armed.as_deref().zip(handler.as_ref());
@@ -223,6 +351,8 @@ fn run_one(
         notes,
         tsc_khz,
         rounds: 1,
+        prefill,
+        replay: None,
     };
     result.finish();
     Ok(result)
@@ -248,16 +378,21 @@ fn measure(
     cfg: &FaultsConfig,
     backing: &Backing,
     bench: &mut GuestBench,
-    test: &HostMapping,
+    test: &Arc<HostMapping>,
     uffd: Option<(&Armed, &Handler)>,
 ) -> Result<Measured, BenchError> {
     let handler = uffd.map(|(_, h)| h);
-    let prepare = bench
-        .ram
-        .results
-        .iter()
-        .map(|&(gpa, len)| vec![plan::prefault_command(gpa, len)])
+    let prepare = (0..bench.ram.results.len())
+        .map(|i| {
+            let (gpa, len) = bench.ram.results[i];
+            let mut cmds = vec![plan::prefault_command(gpa, len)];
+            if let Some(&(gpa, len)) = bench.ram.stamps.get(i) {
+                cmds.push(plan::prefault_command(gpa, len));
+            }
+            cmds
+        })
         .collect();
+    let mut notes = Vec::new();
     bench.phase(prepare, cfg.timeout, |_| {})?;
     let mut passes = Vec::new();
     let names: &[&'static str] = if cfg.refault {
@@ -272,16 +407,23 @@ fn measure(
             // touch faults again.
             match uffd {
                 Some((armed, _)) => armed.rearm()?,
-                None => test.discard(0, test.len())?,
-            }
-            if *backing == Backing::Prefault {
-                test.populate();
+                None => {
+                    test.discard(0, test.len())?;
+                    host::prefill(backing, test)?;
+                }
             }
         }
         let _ = take_uffd(handler)?;
         let before = bench.counters()?;
         let commands: Vec<Vec<Command>> = (0..cfg.vcpus)
-            .map(|i| plan::pass_commands(cfg, i, bench.ram.results[i as usize].0))
+            .map(|i| {
+                let results = bench.ram.results[i as usize].0;
+                let cmds = plan::pass_commands(cfg, i, results);
+                match bench.ram.stamps.get(i as usize) {
+                    Some(&(stamps, _)) => plan::with_stamps(cmds, results, stamps),
+                    None => cmds,
+                }
+            })
             .collect();
         let total = commands.iter().map(|c| c.len() as u64).sum();
         let progress = Progress::new(
@@ -290,24 +432,50 @@ fn measure(
             total,
             bench.progress.load(std::sync::atomic::Ordering::Relaxed),
         );
+        let writer = start_churn(cfg, bench, test)?;
         let t = Instant::now();
-        bench.phase(commands, cfg.timeout, |n| progress.tick(n))?;
+        let phase_start = super::tsc::host_tsc();
+        let phase = bench.phase(commands, cfg.timeout, |n| progress.tick(n));
+        let phase_end = super::tsc::host_tsc();
         let wall = t.elapsed();
+        let log = writer.map(Writer::finish);
+        bench.set_retry_efault(false);
+        phase?;
         progress.finish();
         let kvm = counter_delta(&bench.counters()?, &before);
         let events = take_uffd(handler)?;
-        passes.push(pass_result(
-            cfg,
-            bench,
-            name,
-            wall,
-            kvm,
-            events,
-            test.hva().0,
-        ));
+        let mut pass = pass_result(cfg, bench, name, wall, kvm, events, test.hva().0);
+        if cfg.wants_stamps() {
+            pass.touches = timeline::touches(cfg, bench)?;
+            timeline::check_on_host_clock(&pass.touches, phase_start, phase_end)?;
+        }
+        if let Some(log) = log {
+            let accesses: Vec<TimedAccess> = pass
+                .touches
+                .iter()
+                .map(|t| TimedAccess {
+                    start: t.start,
+                    ticks: t.ticks,
+                })
+                .collect();
+            let ns_per_tick = 1e6 / f64::from(bench.tsc_khz().max(1));
+            pass.churn = Some(attribute(&accesses, &log.windows, ns_per_tick));
+            for e in log.errors {
+                let e = format!("churn op failed during {name}: {e}");
+                if !notes.contains(&e) {
+                    notes.push(e);
+                }
+            }
+        }
+        passes.push(pass);
+    }
+    let retries = bench
+        .efault_retries
+        .swap(0, std::sync::atomic::Ordering::Relaxed);
+    if retries > 0 {
+        notes.push(format!("{retries} KVM_RUN calls failed with EFAULT on a page churn made read-only and were retried (the access waited)"));
     }
     let mut verified = None;
-    let mut notes = Vec::new();
     if Mode::of(backing).is_some_and(Mode::has_pattern) {
         if cfg.access == Access::Read {
             let verify = (0..cfg.vcpus)
@@ -420,6 +588,8 @@ fn pass_result(
         vcpu_tids: tids,
         touched_pages: touched,
         uffd_pages,
+        churn: None,
+        touches: Vec::new(),
     }
 }
 
@@ -448,6 +618,31 @@ impl OutcomeLabels {
             .or_else(|| self.by_thread.get(&(page, 0)))
             .map_or(NO_MESSAGE.to_string(), |o| o.to_string())
     }
+}
+
+/// Starts the churn writer for a timed pass, if `--churn` asked for one.
+fn start_churn(
+    cfg: &FaultsConfig,
+    bench: &GuestBench,
+    test: &Arc<HostMapping>,
+) -> Result<Option<Writer>, BenchError> {
+    if cfg.churn.ops.is_empty() {
+        return Ok(None);
+    }
+    let neighbour = Arc::new(HostMapping::new(
+        &BackingKind::Anon,
+        crate::mm::addr::HUGE_2M,
+    )?);
+    bench.set_retry_efault(cfg.churn.makes_read_only());
+    let target = ChurnTarget {
+        memory: bench.memory().clone(),
+        test: test.clone(),
+        base: Gpa(TEST_BASE),
+        neighbour,
+    };
+    Writer::start(target, &cfg.churn)
+        .map(Some)
+        .map_err(|e| BenchError::Setup(format!("spawning the churn writer: {e}")))
 }
 
 /// The raw-KVM and host-only baselines (samples only; summaries and ratios

@@ -244,6 +244,40 @@ impl Armed {
         self.source.as_ref().map(|s| s.hva().0 + (addr - self.base))
     }
 
+    /// Copies the copy source's bytes at offsets `[off, off + len)` into the
+    /// same offsets of the range with `UFFDIO_COPY`, several pages per call
+    /// (a batched prefetch: one call per registered uffd the run crosses),
+    /// waking any thread waiting on those pages. Copy mode only; `off` and
+    /// `len` must be page-aligned and inside the range. Returns the bytes
+    /// copied.
+    pub fn copy(&self, off: u64, len: u64) -> Result<u64, UffdError> {
+        let Some(src) = self.source_of(self.base) else {
+            return Err(UffdError::Setup(
+                "a batched UFFDIO_COPY needs uffd-copy (the other modes have no copy source)",
+            ));
+        };
+        let end = off.checked_add(len).filter(|&e| e <= self.len);
+        if end.is_none() || off % PAGE_SIZE != 0 || len % PAGE_SIZE != 0 {
+            return Err(UffdError::OutOfRange {
+                addr: self.base.wrapping_add(off),
+                start: self.base,
+                len: self.len,
+            });
+        }
+        let (lo, hi) = (self.base + off, self.base + off + len);
+        let mut copied = 0;
+        for u in &self.uffds {
+            let (a, b) = (lo.max(u.start), hi.min(u.start + u.len));
+            if a >= b {
+                continue;
+            }
+            sys::copy(u.fd.as_raw_fd(), a, src + (a - self.base), b - a)
+                .map_err(UffdError::sys("UFFDIO_COPY (prefetch)"))?;
+            copied += b - a;
+        }
+        Ok(copied)
+    }
+
     /// The one resolving ioctl of the mode for the page at `addr`, on the
     /// uffd `fd` whose range holds it.
     pub fn resolve(&self, fd: i32, addr: u64) -> std::io::Result<()> {

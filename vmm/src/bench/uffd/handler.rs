@@ -331,6 +331,34 @@ mod tests {
     }
 
     #[test]
+    fn test_uffd_batched_copy_crosses_per_part_uffds_and_leaves_no_fault() {
+        let half = 4 * PAGE_SIZE;
+        let (m, armed, h) = spawn(Mode::Copy, 8, &[(0, half), (half, half)]);
+        // Pages 2..6: two pages in each part's uffd, in one call.
+        assert_eq!(
+            armed.copy(2 * PAGE_SIZE, 4 * PAGE_SIZE).unwrap(),
+            4 * PAGE_SIZE
+        );
+        for page in 2..6u64 {
+            let at = page * PAGE_SIZE + 8;
+            // SAFETY: inside the 8-page mapping, copied above.
+            let v = unsafe { std::ptr::read_volatile(m.as_ptr().add(at as usize).cast::<u64>()) };
+            let want = guest_image::protocol::pattern_word(7, crate::bench::TEST_BASE + at);
+            assert_eq!(v, want, "page {page}");
+        }
+        assert_eq!(h.take().unwrap(), vec![], "copied pages fault no more");
+        read(&m, 7);
+        assert_eq!(pages(&m, &h.take().unwrap()), vec![7]);
+        // Out of range, unaligned, and a page copied already all fail.
+        assert!(armed.copy(6 * PAGE_SIZE, 4 * PAGE_SIZE).is_err());
+        assert!(armed.copy(PAGE_SIZE / 2, PAGE_SIZE).is_err());
+        assert!(armed.copy(2 * PAGE_SIZE, PAGE_SIZE).is_err());
+        // Modes without a copy source refuse.
+        let (_z, zero, _hz) = spawn(Mode::Zero, 2, &[(0, 2 * PAGE_SIZE)]);
+        assert!(matches!(zero.copy(0, PAGE_SIZE), Err(UffdError::Setup(_))));
+    }
+
+    #[test]
     fn test_uffd_second_fault_on_a_resolved_page_is_wake_only() {
         let (m, armed, h) = spawn(Mode::Zero, 2, &[(0, 2 * PAGE_SIZE)]);
         read(&m, 0);
