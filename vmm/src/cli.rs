@@ -142,6 +142,9 @@ pub struct BenchArgs {
 /// Benchmarks (flags built only when invoked, as for [`Cmd`]).
 #[derive(Debug, Subcommand)]
 #[command(defer = true)]
+// Parsed once per process and matched at once: the size difference between
+// the flag sets costs nothing, and boxing would obscure the clap derive.
+#[allow(clippy::large_enum_variant)]
 pub enum BenchCmd {
     /// Guest page-fault latency per access: percentiles, JSON, a plot, raw-KVM and host baselines.
     Faults(crate::bench::FaultsArgs),
