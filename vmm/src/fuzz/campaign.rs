@@ -69,6 +69,11 @@ pub struct FuzzArgs {
     /// Slot budget of the sim tier (the real tier uses KVM's).
     #[arg(long, value_name = "N", default_value_t = 64, value_parser = clap::value_parser!(u64).range(4..=32764))]
     pub max_slots: u64,
+    /// Sim tier: about one step in N has a memslot change fail (`EIO`),
+    /// which must roll back like the model (0: none). The step's text
+    /// chooses, so a reproducer replays with the same flag.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub fail_every: u64,
     /// Pin limit in 4 KiB pages.
     #[arg(long, value_name = "PAGES", default_value_t = 4096)]
     pub pin_limit: u64,
@@ -220,6 +225,12 @@ impl Campaign {
                 layout.guest_end
             )));
         }
+        if args.fail_every > 0 && args.backend != Backend::Sim {
+            return Err(FuzzError::Flags(
+                "--fail-every injects memslot failures into the simulated KVM: it needs --backend sim"
+                    .into(),
+            ));
+        }
         let cfg = GenConfig {
             arena_base: a,
             arena_size: s,
@@ -243,7 +254,7 @@ impl Campaign {
     fn run(&self, actions: &[Action]) -> Result<Ran, FuzzError> {
         match self.args.backend {
             Backend::Sim => {
-                let finding = sim::run(&self.layout, actions)?;
+                let finding = sim::run_with_faults(&self.layout, actions, &self.faults(actions))?;
                 let n = finding.as_ref().map_or(actions.len(), |f| f.step);
                 let steps = expectations(&self.layout, &actions[..n]);
                 let outcomes = steps
@@ -279,6 +290,12 @@ impl Campaign {
         }
     }
 
+    /// The injected memslot failures of a sim-tier timeline: (0-based
+    /// step, call offset) for about one step in `--fail-every`.
+    fn faults(&self, actions: &[Action]) -> Vec<(usize, usize)> {
+        fault_points(actions, self.args.fail_every)
+    }
+
     /// Runs a candidate for the shrinker: an invalid one does not fail.
     fn try_run(&self, actions: &[Action]) -> Option<Finding> {
         self.run(actions).ok().and_then(|r| r.finding)
@@ -288,10 +305,11 @@ impl Campaign {
         match self.args.backend {
             Backend::Real => format!("vmm run --scenario {}", path.display()),
             Backend::Sim => format!(
-                "vmm fuzz --replay {} --backend sim --max-slots {} --pin-limit {}",
+                "vmm fuzz --replay {} --backend sim --max-slots {} --pin-limit {} --fail-every {}",
                 path.display(),
                 self.args.max_slots,
-                self.args.pin_limit
+                self.args.pin_limit,
+                self.args.fail_every
             ),
         }
     }
@@ -379,6 +397,30 @@ impl Campaign {
 /// The seed of chunk `k` of a campaign.
 pub fn chunk_seed(seed: u64, k: u64) -> u64 {
     seed.wrapping_add(k.wrapping_mul(0x9E37_79B9_7F4A_7C15))
+}
+
+/// Where a sim-tier timeline's memslot changes fail with `--fail-every N`:
+/// a step fails if the hash of its text is 0 modulo `N`, at call
+/// `(hash / N) % 4` of the step. Chosen by the step itself, not its
+/// position, so a step keeps its failure when the shrinker drops others
+/// and a reproducer replays with the same flag (0: no failures).
+pub fn fault_points(actions: &[Action], every: u64) -> Vec<(usize, usize)> {
+    if every == 0 {
+        return Vec::new();
+    }
+    actions
+        .iter()
+        .enumerate()
+        .filter_map(|(i, a)| {
+            // FNV-1a of the step as the scenario file describes it.
+            let h = crate::scenario::driver::describe(a)
+                .bytes()
+                .fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+                    (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+                });
+            (h % every == 0).then_some((i, ((h / every) % 4) as usize))
+        })
+        .collect()
 }
 
 /// Runs `vmm fuzz`; returns the exit status (0 clean, 1 finding or error).
@@ -522,7 +564,8 @@ fn replay(campaign: &Campaign, path: &Path, say: &mut dyn FnMut(String)) -> i32 
     let result = match campaign.args.backend {
         Backend::Sim => {
             let actions: Vec<Action> = sc.steps.iter().map(|s| s.action.clone()).collect();
-            sim::run(&campaign.layout, &actions).map_err(FuzzError::from)
+            let faults = campaign.faults(&actions);
+            sim::run_with_faults(&campaign.layout, &actions, &faults).map_err(FuzzError::from)
         }
         Backend::Real => {
             let mut layout = campaign.layout.clone();

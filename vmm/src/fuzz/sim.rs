@@ -170,11 +170,37 @@ impl SimVm {
     }
 
     /// The invariants, against `model`; the first that does not hold.
-    pub fn check(&self, model: &Model) -> Result<(), (&'static str, String)> {
-        self.memory
-            .check_consistency()
-            .map_err(|e| ("consistency", e))?;
+    ///
+    /// `full` adds [`MemoryManager::check_consistency`], which also reads
+    /// every logging slot's dirty log (keeping its pages for `dirty-pages`):
+    /// run after every step it would empty KVM's logs before any op could
+    /// lose them, so it runs at `check` steps and at the end, and every step
+    /// compares the map's expected memslots with the mirror and KVM instead.
+    pub fn check(&self, model: &Model, full: bool) -> Result<(), (&'static str, String)> {
+        if full {
+            self.memory
+                .check_consistency()
+                .map_err(|e| ("consistency", e))?;
+        }
         let registered = self.memory.registered();
+        let expected = self.memory.load().expected_memslots();
+        if expected != registered {
+            let at = expected
+                .iter()
+                .zip(&registered)
+                .position(|(a, b)| a != b)
+                .unwrap_or(expected.len().min(registered.len()));
+            return Err((
+                "map-mirror",
+                format!(
+                    "the map expects {} memslots, the mirror holds {}; first difference: map {:?}, mirror {:?}",
+                    expected.len(),
+                    registered.len(),
+                    expected.get(at),
+                    registered.get(at)
+                ),
+            ));
+        }
         if self.kvm.memslots() != registered {
             return Err((
                 "memslots",
@@ -366,7 +392,8 @@ pub fn run_with_faults(
             // memory that could not be allocated): nothing changed.
             model = before;
         }
-        if let Err((name, detail)) = vm.check(&model) {
+        let full = matches!(action, Action::Check(_)) || i + 1 == actions.len();
+        if let Err((name, detail)) = vm.check(&model, full) {
             return Ok(Some(finding(
                 format!("invariant:{name}"),
                 format!("invariant {name} broken: {detail}"),

@@ -143,3 +143,55 @@ fn test_sim_tier_predicts_nonzero_dirty_page_counts() {
     assert!(counted >= 5, "{counted} dirty-pages steps expect pages");
     assert_eq!(super::sim::run(&layout(), &actions).unwrap(), None);
 }
+
+/// A write to a logging slot, then an unplug that deletes the slot (split
+/// around the hole): the manager must harvest the slot's log before the
+/// delete, and the sim tier's per-step invariants must not read the log
+/// themselves, or a lost harvest could never show.
+#[test]
+fn test_sim_dirty_pages_of_a_deleted_logging_slot_are_reported() {
+    let sc = Scenario::parse(
+        r#"
+name = "t"
+[[step]]
+do = "plug"
+gpa = "0x100000000"
+size = "0x4000"
+flags = ["dirty-log"]
+[[step]]
+do = "write"
+gpa = "0x100001000"
+value = "1"
+[[step]]
+do = "unplug"
+gpa = "0x100002000"
+size = "0x1000"
+[[step]]
+do = "dirty-pages"
+gpa = "0x100000000"
+size = "0x4000"
+pages = 1
+"#,
+    )
+    .unwrap();
+    let actions: Vec<Action> = sc.steps.iter().map(|s| s.action.clone()).collect();
+    assert_eq!(super::sim::run(&layout(), &actions).unwrap(), None);
+}
+
+/// `--fail-every`: the failing steps are chosen by their text, so they
+/// stay chosen when other steps are dropped.
+#[test]
+fn test_fault_points_follow_the_step_not_its_position() {
+    let actions = generate(5, &cfg(false), &layout(), 400);
+    let all = super::campaign::fault_points(&actions, 5);
+    assert!(all.len() > 20 && all.len() < 160, "{}", all.len());
+    assert!(all.iter().all(|&(_, o)| o < 4));
+    let tail = super::campaign::fault_points(&actions[100..], 5);
+    let shifted: Vec<(usize, usize)> = all
+        .iter()
+        .filter(|f| f.0 >= 100)
+        .map(|&(i, o)| (i - 100, o))
+        .collect();
+    assert_eq!(tail, shifted);
+    assert!(super::campaign::fault_points(&actions, 0).is_empty());
+}

@@ -383,6 +383,9 @@ fn plug_many(
             .and_then(|d| base.0.checked_add(d))
             .map(Gpa)
     };
+    if crate::mutants::on("plug-many-partial") {
+        return plug_many_one_by_one(memory, count, at, track);
+    }
     let mut gpas = Vec::with_capacity(count as usize);
     for i in 0..count {
         let refused = |e: SlotMapError| {
@@ -422,4 +425,23 @@ fn plug_many(
         "{count} slots plugged; {} slots in the map",
         memory.load().len()
     ))
+}
+
+/// The planted `plug-many-partial` bug: one op per slot, so a refusal at
+/// slot k leaves slots 1..k plugged.
+fn plug_many_one_by_one(
+    memory: &MemoryManager,
+    count: u64,
+    at: impl Fn(u64) -> Option<Gpa>,
+    track: &Track<'_>,
+) -> Result<String, OpFailure> {
+    for i in 0..count {
+        let gpa = at(i).ok_or_else(|| OpFailure::new(Outcome::RangeOverflow, "wraps"))?;
+        let mapping = Arc::new(
+            HostMapping::new(&BackingKind::Anon, PAGE_SIZE)
+                .map_err(|e| OpFailure::new(Outcome::Backing, e))?,
+        );
+        track(memory.apply(move |m| m.plug(gpa, PAGE_SIZE, mapping, 0, SlotFlags::NONE)))?;
+    }
+    Ok(format!("{count} slots plugged"))
 }

@@ -455,6 +455,11 @@ impl MemoryManager {
         // says, so a failure is reported only after the hub heard the rest.
         let mut discarded = 0;
         let mut discard_error = None;
+        let discards = if crate::mutants::on("replug-not-zeroed") {
+            Vec::new()
+        } else {
+            discards
+        };
         for d in &discards {
             match d.mapping.discard(d.offset, d.len) {
                 Ok(()) => discarded += d.len,
@@ -516,7 +521,7 @@ impl MemoryManager {
         .contains(MemslotFlags::LOG_DIRTY_PAGES);
         let logging_after =
             step.op != MemslotOp::Delete && step.spec.flags.contains(MemslotFlags::LOG_DIRTY_PAGES);
-        if logging_before && !logging_after {
+        if logging_before && !logging_after && !crate::mutants::on("dirty-harvest-dropped") {
             // The slot as KVM holds it now (a SetFlags step names the new flags).
             let live = match step.op {
                 MemslotOp::SetFlags => MemslotSpec {
@@ -526,6 +531,10 @@ impl MemoryManager {
                 _ => step.spec,
             };
             st.harvest(&*self.backend, &live)?;
+        }
+        let early = crate::mutants::on("id-freed-before-delete");
+        if early {
+            st.record(step);
         }
         // SAFETY: a delete (`memory_size` 0) registers no memory. A create or
         // flags change registers `[hva, hva + size)`, which `validate` checked
@@ -540,7 +549,9 @@ impl MemoryManager {
         // long as KVM may use it.
         let result = unsafe { self.backend.set_memslot(&step.region()) };
         result.map_err(|e| step.failure(FailureCause::Errno(e.errno())))?;
-        st.record(step);
+        if !early {
+            st.record(step);
+        }
         Ok(())
     }
 
