@@ -71,6 +71,11 @@ pub const ALL: &[(&str, &str, &str)] = &[
         "mm::manager (host teardown)",
         "host memory an op took away is not discarded, so a later grow over it shows the old contents",
     ),
+    (
+        "munlock-shared",
+        "devices::pins (lock counts)",
+        "releasing one pin munlocks pages another live pin still holds locked",
+    ),
 ];
 
 /// Whether the mutant `name` is planted in this run.

@@ -12,7 +12,8 @@
 //!   per-step invariants;
 //! - [`shrink`]: delta debugging and argument simplification;
 //! - [`campaign`]: the command: chunks, findings, reproducers, the report;
-//! - [`finding`]: what a finding says.
+//! - [`finding`]: what a finding says;
+//! - [`locked`]: which host pages are mlocked (the sim tier's pin check).
 //!
 //! A finding is written as a scenario file that `vmm run --scenario FILE`
 //! (real tier) or `vmm fuzz --replay FILE --backend sim` replays; the guide
@@ -21,6 +22,7 @@
 pub mod campaign;
 pub mod finding;
 pub mod gen;
+pub mod locked;
 pub mod model;
 pub mod real;
 pub mod shrink;

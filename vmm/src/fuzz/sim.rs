@@ -169,6 +169,38 @@ impl SimVm {
         (Outcome::Ok, "written".into())
     }
 
+    /// Every page of every live pin is mlocked (a pin keeps its host pages
+    /// resident however many other pins share them).
+    fn check_locked(&self) -> Result<(), (&'static str, String)> {
+        let live: Vec<&Pin> = self.held.values().filter(|p| !p.is_revoked()).collect();
+        if live.is_empty() {
+            return Ok(());
+        }
+        let locked = super::locked::locked_ranges()
+            .map_err(|e| ("locked", format!("reading /proc/self/smaps: {e}")))?;
+        let map = self.memory.load();
+        for pin in live {
+            let r = pin.range();
+            let mut gpa = r.start().0;
+            while gpa < r.end().0 {
+                if let Some((hva, _)) = map.translate(Gpa(gpa)) {
+                    let page = hva.0 - hva.0 % PAGE;
+                    if !super::locked::is_locked(&locked, page) {
+                        return Err((
+                            "locked",
+                            format!(
+                                "page {gpa:#x} (host {page:#x}) of live pin {} over {r} is not mlocked",
+                                pin.id()
+                            ),
+                        ));
+                    }
+                }
+                gpa += PAGE;
+            }
+        }
+        Ok(())
+    }
+
     /// The invariants, against `model`; the first that does not hold.
     ///
     /// `full` adds [`MemoryManager::check_consistency`], which also reads
@@ -181,6 +213,9 @@ impl SimVm {
             self.memory
                 .check_consistency()
                 .map_err(|e| ("consistency", e))?;
+        }
+        if full {
+            self.check_locked()?;
         }
         let registered = self.memory.registered();
         let expected = self.memory.load().expected_memslots();
