@@ -3,7 +3,8 @@
 # (deliberately planted bugs, vmm/src/mutants.rs) and runs the fuzzer
 # against each, from a fixed seed: first the simulated-KVM tier (up to
 # SIM_TIME, default 60s; about one step in FAIL_EVERY, default 5, has a
-# memslot change fail and must roll back like the model), then, if that tier cannot see the bug, real KVM (up
+# memslot change fail and must roll back like the model, and a device thread
+# holds a guard across every op), then, if that tier cannot see the bug, real KVM (up
 # to REAL_TIME, default 120s). Prints a table: mutant, tier, seconds to the
 # finding, steps before and after shrinking.
 #
@@ -28,7 +29,7 @@ for m in "$@"; do
     found=
     for tier in sim real; do
         limit=${SIM_TIME:-60s}
-        extra=(--fail-every "${FAIL_EVERY:-5}")
+        extra=(--fail-every "${FAIL_EVERY:-5}" --guard-reader)
         if [ "$tier" = real ]; then
             limit=${REAL_TIME:-120s}
             extra=()

@@ -76,6 +76,11 @@ pub const ALL: &[(&str, &str, &str)] = &[
         "devices::pins (lock counts)",
         "releasing one pin munlocks pages another live pin still holds locked",
     ),
+    (
+        "drain-skipped",
+        "mm::guard (writer side)",
+        "an op does not wait for the guards inside the slots it deletes",
+    ),
 ];
 
 /// Whether the mutant `name` is planted in this run.

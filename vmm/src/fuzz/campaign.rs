@@ -74,6 +74,10 @@ pub struct FuzzArgs {
     /// chooses, so a reproducer replays with the same flag.
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub fail_every: u64,
+    /// Sim tier: a device thread holds a guard on the first page of every
+    /// memory op's range while the op runs (the op must wait for it).
+    #[arg(long)]
+    pub guard_reader: bool,
     /// Pin limit in 4 KiB pages.
     #[arg(long, value_name = "PAGES", default_value_t = 4096)]
     pub pin_limit: u64,
@@ -225,9 +229,9 @@ impl Campaign {
                 layout.guest_end
             )));
         }
-        if args.fail_every > 0 && args.backend != Backend::Sim {
+        if (args.fail_every > 0 || args.guard_reader) && args.backend != Backend::Sim {
             return Err(FuzzError::Flags(
-                "--fail-every injects memslot failures into the simulated KVM: it needs --backend sim"
+                "--fail-every and --guard-reader act on the simulated KVM: they need --backend sim"
                     .into(),
             ));
         }
@@ -254,7 +258,12 @@ impl Campaign {
     fn run(&self, actions: &[Action]) -> Result<Ran, FuzzError> {
         match self.args.backend {
             Backend::Sim => {
-                let finding = sim::run_with_faults(&self.layout, actions, &self.faults(actions))?;
+                let finding = sim::run_with(
+                    &self.layout,
+                    actions,
+                    &self.faults(actions),
+                    self.args.guard_reader,
+                )?;
                 let n = finding.as_ref().map_or(actions.len(), |f| f.step);
                 let steps = expectations(&self.layout, &actions[..n]);
                 let outcomes = steps
@@ -305,11 +314,12 @@ impl Campaign {
         match self.args.backend {
             Backend::Real => format!("vmm run --scenario {}", path.display()),
             Backend::Sim => format!(
-                "vmm fuzz --replay {} --backend sim --max-slots {} --pin-limit {} --fail-every {}",
+                "vmm fuzz --replay {} --backend sim --max-slots {} --pin-limit {} --fail-every {}{}",
                 path.display(),
                 self.args.max_slots,
                 self.args.pin_limit,
-                self.args.fail_every
+                self.args.fail_every,
+                if self.args.guard_reader { " --guard-reader" } else { "" }
             ),
         }
     }
@@ -565,7 +575,13 @@ fn replay(campaign: &Campaign, path: &Path, say: &mut dyn FnMut(String)) -> i32 
         Backend::Sim => {
             let actions: Vec<Action> = sc.steps.iter().map(|s| s.action.clone()).collect();
             let faults = campaign.faults(&actions);
-            sim::run_with_faults(&campaign.layout, &actions, &faults).map_err(FuzzError::from)
+            sim::run_with(
+                &campaign.layout,
+                &actions,
+                &faults,
+                campaign.args.guard_reader,
+            )
+            .map_err(FuzzError::from)
         }
         Backend::Real => {
             let mut layout = campaign.layout.clone();

@@ -13,7 +13,8 @@
 //! - [`shrink`]: delta debugging and argument simplification;
 //! - [`campaign`]: the command: chunks, findings, reproducers, the report;
 //! - [`finding`]: what a finding says;
-//! - [`locked`]: which host pages are mlocked (the sim tier's pin check).
+//! - [`locked`]: which host pages are mlocked (the sim tier's pin check);
+//! - [`reader`]: a device thread holding a guard across each op (`--guard-reader`).
 //!
 //! A finding is written as a scenario file that `vmm run --scenario FILE`
 //! (real tier) or `vmm fuzz --replay FILE --backend sim` replays; the guide
@@ -24,6 +25,7 @@ pub mod finding;
 pub mod gen;
 pub mod locked;
 pub mod model;
+pub mod reader;
 pub mod real;
 pub mod shrink;
 pub mod sim;

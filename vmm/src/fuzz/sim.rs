@@ -22,6 +22,7 @@ use crate::scenario::Outcome;
 
 use super::finding::Finding;
 use super::model::{Layout, Model};
+use super::reader::GuardReader;
 
 /// Why the simulated VM could not be built.
 #[derive(Debug, thiserror::Error)]
@@ -371,7 +372,34 @@ pub fn run_with_faults(
     actions: &[Action],
     faults: &[(usize, usize)],
 ) -> Result<Option<Finding>, SimError> {
+    run_with(layout, actions, faults, false)
+}
+
+/// The guest-physical address a memory op starts at: where the guard
+/// reader holds a guard while it runs.
+fn op_start(action: &Action) -> Option<Gpa> {
+    let gpa = match action {
+        Action::Unplug(a) => a.gpa.0,
+        Action::Protect(a) => a.gpa.0,
+        Action::Move(a) => a.gpa.0,
+        Action::Resize(a) => a.gpa.0,
+        Action::DirtyLog(a) => a.gpa.0,
+        _ => return None,
+    };
+    Some(Gpa(gpa))
+}
+
+/// As [`run_with_faults`]; with `guard_reader`, a device thread
+/// ([`GuardReader`]) holds a guard on the first page of every memory op's
+/// range while the op runs, and what it read must not change under it.
+pub fn run_with(
+    layout: &Layout,
+    actions: &[Action],
+    faults: &[(usize, usize)],
+    guard_reader: bool,
+) -> Result<Option<Finding>, SimError> {
     let mut vm = SimVm::new(layout)?;
+    let reader = guard_reader.then(|| GuardReader::start(vm.memory.clone()));
     let mut model = Model::new(layout.clone());
     for (i, action) in actions.iter().enumerate() {
         // Not in plug-many: its slots are plugged one op each, and a failure
@@ -389,7 +417,12 @@ pub fn run_with_faults(
                 allowed.push(Outcome::KvmRolledBack);
             }
         }
+        let held = reader
+            .as_ref()
+            .zip(op_start(action))
+            .map(|(r, gpa)| r.hold(gpa));
         let stepped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| vm.step(action)));
+        let guarded = held.map_or(Ok(()), |h| h.finish());
         if fault.is_some() {
             vm.kvm.fail_calls(&[], libc::EIO); // clear what the step did not reach
         }
@@ -411,6 +444,12 @@ pub fn run_with_faults(
                 "the step panicked".into(),
             )));
         };
+        if let Err(detail) = guarded {
+            return Ok(Some(finding(
+                "invariant:guard-reader".into(),
+                format!("invariant guard-reader broken: {detail}"),
+            )));
+        }
         if !allowed.contains(&outcome) {
             return Ok(Some(finding(
                 format!("{}:{}", action.kind(), outcome),
