@@ -78,6 +78,10 @@ pub struct FuzzArgs {
     /// memory op's range while the op runs (the op must wait for it).
     #[arg(long)]
     pub guard_reader: bool,
+    /// One-page slots every VM starts with (one plug-many 2 GiB above the
+    /// arena), to fuzz with many slots: e.g. 30000 on real KVM.
+    #[arg(long, value_name = "N", default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=32764))]
+    pub prefill: u64,
     /// Pin limit in 4 KiB pages.
     #[arg(long, value_name = "PAGES", default_value_t = 4096)]
     pub pin_limit: u64,
@@ -240,6 +244,7 @@ impl Campaign {
             arena_size: s,
             guest: args.backend == Backend::Real,
             weights: args.weights,
+            prefill: args.prefill,
         };
         Ok(Self { args, layout, cfg })
     }

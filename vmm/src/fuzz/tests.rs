@@ -29,6 +29,7 @@ fn cfg(guest: bool) -> GenConfig {
         arena_size: 64 << 20,
         guest,
         weights: Weights::default(),
+        prefill: 0,
     }
 }
 
