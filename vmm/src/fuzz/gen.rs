@@ -306,6 +306,7 @@ impl Generator {
             0..=3 => None,
             4 => Some("anon"),
             5 => Some("shared"),
+            6 if self.rng.chance(50) => Some("file"),
             6 => Some("memfd"),
             7 | 8 => Some("thp"),
             _ => Some(if self.rng.chance(20) { "bogus" } else { "anon" }),

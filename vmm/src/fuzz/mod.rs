@@ -1,6 +1,8 @@
 //! `vmm fuzz`: a memory-hotplug fuzzer with a model oracle and replayable,
 //! shrunk reproducers.
 //!
+//! - [`bytes`]: the coverage-guided tier's input format (libFuzzer bytes
+//!   to steps), its runner and its conversion to a scenario file;
 //! - [`gen`]: seeded, biased generation of typed scenario actions
 //!   ([`weights`]: how often each family);
 //! - [`model`]: the reference model predicting every step's outcome and the
@@ -20,6 +22,7 @@
 //! (real tier) or `vmm fuzz --replay FILE --backend sim` replays; the guide
 //! is `docs/fuzzing.md`.
 
+pub mod bytes;
 pub mod campaign;
 pub mod finding;
 pub mod gen;

@@ -129,7 +129,7 @@ fn touched(action: &Action) -> Vec<(u64, u64)> {
 /// splits it; only hugetlb cuts at 2 MiB, and it is not generated).
 pub fn backing_page_size(name: &str) -> Option<u64> {
     match name {
-        "anon" | "shared" | "memfd" => Some(PAGE),
+        "anon" | "shared" | "memfd" | "file" => Some(PAGE),
         "thp" => Some(HUGE),
         _ => None,
     }
