@@ -104,6 +104,10 @@ pub struct FuzzArgs {
     /// Replay a reproducer instead of generating.
     #[arg(long, value_name = "FILE")]
     pub replay: Option<PathBuf>,
+    /// Print a libFuzzer input (the coverage-guided tier's bytes) as a
+    /// scenario file for the chosen backend's VM, then exit.
+    #[arg(long, value_name = "INPUT", conflicts_with = "replay")]
+    pub convert: Option<PathBuf>,
     /// Print a JSON report on stdout.
     #[arg(long)]
     pub json: bool,
@@ -459,6 +463,24 @@ pub fn main(args: &FuzzArgs) -> i32 {
             return 1;
         }
     };
+    if let Some(path) = &args.convert {
+        return match std::fs::read(path) {
+            Ok(data) => {
+                let title = path
+                    .file_name()
+                    .map_or("input".into(), |n| n.to_string_lossy());
+                print!(
+                    "{}",
+                    super::bytes::scenario(&data, &campaign.layout, &title).to_toml()
+                );
+                0
+            }
+            Err(e) => {
+                eprintln!("vmm fuzz: --convert {}: {e}", path.display());
+                2
+            }
+        };
+    }
     if let Some(path) = &args.replay {
         return replay(&campaign, path, &mut say);
     }

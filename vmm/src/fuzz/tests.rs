@@ -196,3 +196,32 @@ fn test_fault_points_follow_the_step_not_its_position() {
     assert_eq!(tail, shifted);
     assert!(super::campaign::fault_points(&actions, 0).is_empty());
 }
+
+/// The committed libFuzzer corpus replays clean through the target's own
+/// code (`bytes::run`), without nightly or cargo-fuzz.
+#[test]
+fn test_the_libfuzzer_corpus_replays_clean() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/memslots");
+    let mut inputs = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        let data = std::fs::read(&path).unwrap();
+        if let Err(finding) = super::bytes::run(&data) {
+            panic!("{}: {finding}", path.display());
+        }
+        inputs += 1;
+    }
+    assert!(inputs >= 10, "{inputs} inputs in {}", dir.display());
+}
+
+/// Any input converts to a scenario file that the scenario reader takes
+/// back, with the model's predictions as expectations.
+#[test]
+fn test_a_libfuzzer_input_converts_to_a_scenario_file() {
+    let data: Vec<u8> = (0u8..=255).cycle().take(600).collect();
+    let (actions, _) = super::bytes::decode(&data);
+    assert!(!actions.is_empty());
+    let sc = super::bytes::scenario(&data, &super::bytes::layout(), "converted");
+    let back = Scenario::parse(&sc.to_toml()).unwrap();
+    assert_eq!(back.steps.len(), actions.len());
+}
