@@ -1,6 +1,7 @@
 //! Deliberately planted bugs, to prove `vmm fuzz` finds the kind of bug it
 //! exists for. Built only with the cargo feature `mutants`, chosen at run
-//! time with `VMM_MUTANT=NAME` (one at a time); without the feature [`on`]
+//! time with `VMM_MUTANT=NAME` (one at a time), each an [`on`] check at the
+//! real code point; without the feature [`on`]
 //! is a constant `false` the compiler removes, so normal builds carry none.
 //! `scripts/fuzz-mutants.sh` runs the fuzzer against each and prints a table.
 
@@ -112,6 +113,10 @@ mod tests {
         for (name, _, _) in super::ALL {
             assert!(!super::on(name), "{name}");
         }
-        assert!(super::ALL.len() >= 8);
+        let mut names: Vec<&str> = super::ALL.iter().map(|m| m.0).collect();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), super::ALL.len(), "mutant names are unique");
+        assert!(names.len() >= 15);
     }
 }

@@ -1,7 +1,8 @@
 //! The coverage-guided tier's input format: libFuzzer's bytes decoded with
 //! `arbitrary` into up to 64 memory ops and pins (arena pages and huge
 //! pages, special addresses, raw 64-bit values) plus the points where a
-//! memslot change fails, run by [`sim::run_with_faults`](super::sim::run_with_faults).
+//! memslot change fails, run by [`sim::run_with`](super::sim::run_with) (every
+//! invariant but the locked pages, which cost more than a whole input).
 //! The libFuzzer target (`fuzz/fuzz_targets/memslots.rs`) is [`run`];
 //! `cargo test` replays the committed corpus through it, and
 //! [`scenario`] turns any input into a scenario file for real KVM.
@@ -243,7 +244,12 @@ pub fn decode(data: &[u8]) -> (Vec<Action>, Vec<(usize, usize)>) {
 /// describes a finding (the step, what was expected, what happened).
 pub fn run(data: &[u8]) -> Result<(), String> {
     let (actions, faults) = decode(data);
-    match super::sim::run_with_faults(&layout(), &actions, &faults) {
+    let options = super::sim::SimOptions {
+        faults: &faults,
+        guard_reader: false,
+        locked_pages: false,
+    };
+    match super::sim::run_with(&layout(), &actions, &options) {
         Ok(None) => Ok(()),
         Ok(Some(f)) => Err(format!(
             "finding at step {} ({}): expected {}, got {}",

@@ -270,8 +270,11 @@ impl Campaign {
                 let finding = sim::run_with(
                     &self.layout,
                     actions,
-                    &self.faults(actions),
-                    self.args.guard_reader,
+                    &sim::SimOptions {
+                        faults: &self.faults(actions),
+                        guard_reader: self.args.guard_reader,
+                        ..Default::default()
+                    },
                 )?;
                 let n = finding.as_ref().map_or(actions.len(), |f| f.step);
                 let steps = expectations(&self.layout, &actions[..n]);
@@ -605,8 +608,11 @@ fn replay(campaign: &Campaign, path: &Path, say: &mut dyn FnMut(String)) -> i32 
             sim::run_with(
                 &campaign.layout,
                 &actions,
-                &faults,
-                campaign.args.guard_reader,
+                &sim::SimOptions {
+                    faults: &faults,
+                    guard_reader: campaign.args.guard_reader,
+                    ..Default::default()
+                },
             )
             .map_err(FuzzError::from)
         }

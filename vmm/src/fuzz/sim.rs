@@ -41,6 +41,9 @@ pub struct SimVm {
     iommu: Iommu,
     pins: PinManager,
     held: BTreeMap<String, Pin>,
+    /// Whether [`check`](Self::check) checks that live pins' pages are
+    /// mlocked (on unless a [`SimOptions`] says otherwise).
+    pub locked_pages: bool,
 }
 
 impl SimVm {
@@ -76,6 +79,7 @@ impl SimVm {
             kvm,
             memory,
             held: BTreeMap::new(),
+            locked_pages: true,
         })
     }
 
@@ -215,7 +219,7 @@ impl SimVm {
                 .check_consistency()
                 .map_err(|e| ("consistency", e))?;
         }
-        if full {
+        if full && self.locked_pages {
             self.check_locked()?;
         }
         let registered = self.memory.registered();
@@ -372,7 +376,34 @@ pub fn run_with_faults(
     actions: &[Action],
     faults: &[(usize, usize)],
 ) -> Result<Option<Finding>, SimError> {
-    run_with(layout, actions, faults, false)
+    let options = SimOptions {
+        faults,
+        ..SimOptions::default()
+    };
+    run_with(layout, actions, &options)
+}
+
+/// How [`run_with`] runs a timeline.
+#[derive(Debug, Clone, Copy)]
+pub struct SimOptions<'a> {
+    /// Memslot changes that fail (`EIO`): (0-based step, call offset).
+    pub faults: &'a [(usize, usize)],
+    /// A device thread holds a guard across every memory op ([`GuardReader`]).
+    pub guard_reader: bool,
+    /// The locked-pages invariant at `check` steps and at the end (reads
+    /// `/proc/self/smaps`, whose page-table walk costs more than a whole
+    /// short timeline: the libFuzzer tier leaves it to the campaigns).
+    pub locked_pages: bool,
+}
+
+impl Default for SimOptions<'_> {
+    fn default() -> Self {
+        Self {
+            faults: &[],
+            guard_reader: false,
+            locked_pages: true,
+        }
+    }
 }
 
 /// The guest-physical address a memory op starts at: where the guard
@@ -389,17 +420,21 @@ fn op_start(action: &Action) -> Option<Gpa> {
     Some(Gpa(gpa))
 }
 
-/// As [`run_with_faults`]; with `guard_reader`, a device thread
-/// ([`GuardReader`]) holds a guard on the first page of every memory op's
-/// range while the op runs, and what it read must not change under it.
+/// As [`run_with_faults`], with [`SimOptions`]: with `guard_reader`, a
+/// device thread ([`GuardReader`]) holds a guard on the first page of every
+/// memory op's range while the op runs, and what it read must not change
+/// under it.
 pub fn run_with(
     layout: &Layout,
     actions: &[Action],
-    faults: &[(usize, usize)],
-    guard_reader: bool,
+    options: &SimOptions<'_>,
 ) -> Result<Option<Finding>, SimError> {
+    let faults = options.faults;
     let mut vm = SimVm::new(layout)?;
-    let reader = guard_reader.then(|| GuardReader::start(vm.memory.clone()));
+    vm.locked_pages = options.locked_pages;
+    let reader = options
+        .guard_reader
+        .then(|| GuardReader::start(vm.memory.clone()));
     let mut model = Model::new(layout.clone());
     for (i, action) in actions.iter().enumerate() {
         // Not in plug-many: its slots are plugged one op each, and a failure

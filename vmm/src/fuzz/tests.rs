@@ -218,9 +218,18 @@ fn test_the_libfuzzer_corpus_replays_clean() {
 /// back, with the model's predictions as expectations.
 #[test]
 fn test_a_libfuzzer_input_converts_to_a_scenario_file() {
-    let data: Vec<u8> = (0u8..=255).cycle().take(600).collect();
-    let (actions, _) = super::bytes::decode(&data);
-    assert!(!actions.is_empty());
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/memslots");
+    // The corpus input that decodes to the most steps.
+    let (data, actions) = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| std::fs::read(e.unwrap().path()).unwrap())
+        .map(|d| {
+            let (a, _) = super::bytes::decode(&d);
+            (d, a)
+        })
+        .max_by_key(|(_, a)| a.len())
+        .unwrap();
+    assert!(actions.len() >= 5, "{}", actions.len());
     let sc = super::bytes::scenario(&data, &super::bytes::layout(), "converted");
     let back = Scenario::parse(&sc.to_toml()).unwrap();
     assert_eq!(back.steps.len(), actions.len());
