@@ -1,10 +1,14 @@
 //! The pure tier: a timeline's memory ops and pins on the memory manager
 //! over [`SimKvm`] (no vCPUs, no `/dev/kvm`), each outcome compared with the
-//! model's, and after every step the invariants the library exposes:
-//! the consistency check, the simulated memslots equal the manager's mirror
-//! (no leaked slot id), the hub's plugged set equals the map's slots merged,
-//! the pin account equals the model's live pins, and the map's slots equal
-//! the model's (range, access, dirty logging).
+//! model's, and after every step the invariants the library exposes: the
+//! map's expected memslots equal the manager's mirror and the simulated
+//! memslots equal the mirror (no leaked slot id), the hub's plugged set
+//! equals the map's slots merged, the pin account equals the model's live
+//! pins, and the map's slots equal the model's (range, access, dirty
+//! logging, chains). At `check` steps and at the end also the full
+//! consistency check and the locked pages of live pins. Options
+//! ([`SimOptions`]): failing memslot changes, and a device thread holding a
+//! guard across every op ([`GuardReader`]).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
