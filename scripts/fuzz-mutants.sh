@@ -2,7 +2,9 @@
 # Proof that `vmm fuzz` finds bugs: builds vmm with the `mutants` feature
 # (deliberately planted bugs, vmm/src/mutants.rs) and runs the fuzzer
 # against each, from a fixed seed: first the simulated-KVM tier (up to
-# SIM_TIME, default 60s), then, if that tier cannot see the bug, real KVM (up
+# SIM_TIME, default 60s; about one step in FAIL_EVERY, default 5, has a
+# memslot change fail and must roll back like the model, and a device thread
+# holds a guard across every op), then, if that tier cannot see the bug, real KVM (up
 # to REAL_TIME, default 120s). Prints a table: mutant, tier, seconds to the
 # finding, steps before and after shrinking.
 #
@@ -27,10 +29,14 @@ for m in "$@"; do
     found=
     for tier in sim real; do
         limit=${SIM_TIME:-60s}
-        [ "$tier" = real ] && limit=${REAL_TIME:-120s}
+        extra=(--fail-every "${FAIL_EVERY:-5}" --guard-reader)
+        if [ "$tier" = real ]; then
+            limit=${REAL_TIME:-120s}
+            extra=()
+        fi
         json=$out/$m-$tier.json
         VMM_MUTANT=$m "$vmm" fuzz --backend "$tier" --seed "$seed" --time "$limit" \
-            --json --out "$out/$m-$tier" >"$json" 2>/dev/null || true
+            "${extra[@]}" --json --out "$out/$m-$tier" >"$json" 2>/dev/null || true
         row=$(python3 - "$json" <<'PY'
 import json, sys
 try:

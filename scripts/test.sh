@@ -15,7 +15,16 @@ echo "== cargo test --workspace"
 cargo test --workspace --all-targets
 cargo test --workspace --doc
 
-echo "== fuzz smoke: a planted bug (cargo feature mutants) is found and shrunk"
+echo "== fuzz smoke: a fixed seed on real KVM for 20 s (the libFuzzer corpus replays in cargo test)"
+if [ -e /dev/kvm ] || [ "${VMM_REQUIRE_KVM:-}" = 1 ]; then
+    smoke=$(mktemp -d)
+    target/debug/vmm fuzz --seed 1 --time 20s --out "$smoke"
+    rm -rf "$smoke"
+else
+    echo "skipped: /dev/kvm is missing (VMM_REQUIRE_KVM=1 makes this a failure)"
+fi
+
+echo "== fuzz smoke: planted bugs (cargo feature mutants) are found and shrunk"
 cargo build -q -p vmm --features mutants --target-dir target/mutants-debug
 smoke=$(mktemp -d)
 if VMM_MUTANT=veto-ignored target/mutants-debug/debug/vmm fuzz --backend sim --seed 1 \
@@ -29,6 +38,13 @@ f = json.load(open(sys.argv[1]))["findings"][0]
 assert f["shrunk_steps"] <= 15, f
 print(f"found veto-ignored after {f['steps']} steps, shrunk to {f['shrunk_steps']}")
 PY
+rm -rf "$smoke"
+smoke=$(mktemp -d)
+if VMM_MUTANT=drain-skipped target/mutants-debug/debug/vmm fuzz --backend sim --seed 1 \
+    --steps 2000 --guard-reader --out "$smoke" >/dev/null; then
+    echo "the planted bug drain-skipped was not found"
+    exit 1
+fi
 rm -rf "$smoke"
 
 echo "== loom models (RUSTFLAGS=--cfg vmm_loom, release)"

@@ -1,6 +1,8 @@
-//! `vmm fuzz` as a user runs it: a clean campaign on real KVM and on the
-//! simulated tier exits 0 with a JSON report; bad flags exit 2; a replayed
-//! reproducer of a planted failure exits 1.
+//! `vmm fuzz` as a user runs it: a clean campaign on real KVM (also with
+//! thousands of prefilled slots) and on the simulated tier (also with failing
+//! ioctls and a guard reader) exits 0 with a JSON report; bad flags exit 2; a
+//! replayed reproducer of a planted failure exits 1; a libFuzzer input
+//! converts to a scenario that real KVM runs.
 
 use std::process::{Command, Output};
 
@@ -84,6 +86,10 @@ fn test_fuzz_bad_flags_exit_2() {
         &["fuzz", "--backend", "qemu"],
         &["fuzz", "--weights", "plug=x"],
         &["fuzz", "--backend", "sim", "--arena-base", "0x1000"],
+        &["fuzz", "--fail-every", "5"],
+        &["fuzz", "--guard-reader"],
+        &["fuzz", "--backend", "sim", "--prefill", "40000"],
+        &["fuzz", "--convert", "/nonexistent/input"],
     ] {
         let out = vmm(args);
         assert_eq!(
@@ -130,4 +136,97 @@ fn test_fuzz_replay_of_a_failing_timeline_exits_1() {
             String::from_utf8_lossy(&out.stdout)
         );
     }
+}
+
+#[test]
+fn test_fuzz_sim_tier_with_failing_ioctls_and_a_guard_reader_is_clean() {
+    let dir = out_dir("sim-faults");
+    let out = vmm(&[
+        "fuzz",
+        "--backend",
+        "sim",
+        "--steps",
+        "600",
+        "--seed",
+        "3",
+        "--fail-every",
+        "5",
+        "--guard-reader",
+        "--json",
+        "--out",
+        &dir,
+    ]);
+    let r = report(&out);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(r["steps"], 600);
+    assert!(r["findings"].as_array().unwrap().is_empty(), "{r}");
+}
+
+#[test]
+fn test_fuzz_real_kvm_with_prefilled_slots_is_clean() {
+    if !kvm_or_skip("test_fuzz_real_kvm_with_prefilled_slots_is_clean") {
+        return;
+    }
+    let dir = out_dir("prefill");
+    let out = vmm(&[
+        "fuzz",
+        "--steps",
+        "150",
+        "--seed",
+        "4",
+        "--prefill",
+        "2000",
+        "--json",
+        "--out",
+        &dir,
+    ]);
+    let r = report(&out);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(r["findings"].as_array().unwrap().is_empty(), "{r}");
+    assert!(r["ops"]["plug-many"].as_u64().unwrap() >= 1, "{r}");
+}
+
+#[test]
+fn test_fuzz_converts_a_corpus_input_into_a_scenario_real_kvm_runs() {
+    if !kvm_or_skip("test_fuzz_converts_a_corpus_input_into_a_scenario_real_kvm_runs") {
+        return;
+    }
+    let corpus = concat!(env!("CARGO_MANIFEST_DIR"), "/../fuzz/corpus/memslots");
+    // The biggest input of the corpus.
+    let input = std::fs::read_dir(corpus)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .max_by_key(|p| std::fs::metadata(p).unwrap().len())
+        .unwrap();
+    let out = vmm(&["fuzz", "--convert", input.to_str().unwrap()]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let dir = out_dir("convert");
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = format!("{dir}/input.toml");
+    std::fs::write(&file, &out.stdout).unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains("[[step]]"));
+    let run = vmm(&["run", "--scenario", &file]);
+    assert_eq!(
+        run.status.code(),
+        Some(0),
+        "{}\n{}",
+        String::from_utf8_lossy(&run.stdout),
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -1,6 +1,7 @@
 //! Deliberately planted bugs, to prove `vmm fuzz` finds the kind of bug it
 //! exists for. Built only with the cargo feature `mutants`, chosen at run
-//! time with `VMM_MUTANT=NAME` (one at a time); without the feature [`on`]
+//! time with `VMM_MUTANT=NAME` (one at a time), each an [`on`] check at the
+//! real code point; without the feature [`on`]
 //! is a constant `false` the compiler removes, so normal builds carry none.
 //! `scripts/fuzz-mutants.sh` runs the fuzzer against each and prints a table.
 
@@ -46,6 +47,41 @@ pub const ALL: &[(&str, &str, &str)] = &[
         "mm::slot_map::ops",
         "unplug leaves the last page of the range plugged",
     ),
+    (
+        "dirty-harvest-dropped",
+        "mm::manager (memslot changes)",
+        "a dirty-logging slot is deleted without harvesting its dirty log first",
+    ),
+    (
+        "rollback-unplugs",
+        "mm::notifier::hub",
+        "an unplug rolled back after a failed memslot call still leaves the hub's plugged set",
+    ),
+    (
+        "plug-many-partial",
+        "scenario::ops",
+        "plug-many applies its slots one op each, so a refused batch leaves its first slots plugged",
+    ),
+    (
+        "id-freed-before-delete",
+        "mm::manager::mirror",
+        "the mirror records a memslot change before KVM confirmed it, so a failed delete frees an id KVM still holds",
+    ),
+    (
+        "replug-not-zeroed",
+        "mm::manager (host teardown)",
+        "host memory an op took away is not discarded, so a later grow over it shows the old contents",
+    ),
+    (
+        "munlock-shared",
+        "devices::pins (lock counts)",
+        "releasing one pin munlocks pages another live pin still holds locked",
+    ),
+    (
+        "drain-skipped",
+        "mm::guard (writer side)",
+        "an op does not wait for the guards inside the slots it deletes",
+    ),
 ];
 
 /// Whether the mutant `name` is planted in this run.
@@ -77,6 +113,10 @@ mod tests {
         for (name, _, _) in super::ALL {
             assert!(!super::on(name), "{name}");
         }
-        assert_eq!(super::ALL.len(), 8);
+        let mut names: Vec<&str> = super::ALL.iter().map(|m| m.0).collect();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), super::ALL.len(), "mutant names are unique");
+        assert!(names.len() >= 15);
     }
 }

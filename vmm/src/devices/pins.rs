@@ -158,7 +158,7 @@ impl LockCounts {
         for page in (hva.0..hva.0 + len).step_by(PAGE_SIZE as usize) {
             if let Some(n) = self.0.get_mut(&page) {
                 *n -= 1;
-                if *n == 0 {
+                if *n == 0 || crate::mutants::on("munlock-shared") {
                     self.0.remove(&page);
                     push_page(&mut runs, page);
                 }

@@ -74,6 +74,19 @@ pub struct FuzzArgs {
     /// Slot budget of the sim tier (the real tier uses KVM's).
     #[arg(long, value_name = "N", default_value_t = 64, value_parser = clap::value_parser!(u64).range(4..=32764))]
     pub max_slots: u64,
+    /// Sim tier: about one step in N has a memslot change fail (`EIO`),
+    /// which must roll back like the model (0: none). The step's text
+    /// chooses, so a reproducer replays with the same flag.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub fail_every: u64,
+    /// Sim tier: a device thread holds a guard on the first page of every
+    /// memory op's range while the op runs (the op must wait for it).
+    #[arg(long)]
+    pub guard_reader: bool,
+    /// One-page slots every VM starts with (one plug-many 2 GiB above the
+    /// arena), to fuzz with many slots: e.g. 30000 on real KVM.
+    #[arg(long, value_name = "N", default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=32764))]
+    pub prefill: u64,
     /// Pin limit in 4 KiB pages.
     #[arg(long, value_name = "PAGES", default_value_t = 4096)]
     pub pin_limit: u64,
@@ -96,6 +109,10 @@ pub struct FuzzArgs {
     /// Replay a reproducer instead of generating.
     #[arg(long, value_name = "FILE")]
     pub replay: Option<PathBuf>,
+    /// Print a libFuzzer input (the coverage-guided tier's bytes) as a
+    /// scenario file for the chosen backend's VM, then exit.
+    #[arg(long, value_name = "INPUT", conflicts_with = "replay")]
+    pub convert: Option<PathBuf>,
     /// Print a JSON report on stdout.
     #[arg(long)]
     pub json: bool,
@@ -228,11 +245,18 @@ impl Campaign {
                 layout.guest_end
             )));
         }
+        if (args.fail_every > 0 || args.guard_reader) && args.backend != Backend::Sim {
+            return Err(FuzzError::Flags(
+                "--fail-every and --guard-reader act on the simulated KVM: they need --backend sim"
+                    .into(),
+            ));
+        }
         let cfg = GenConfig {
             arena_base: a,
             arena_size: s,
             guest: args.backend == Backend::Real,
             weights: args.weights,
+            prefill: args.prefill,
         };
         Ok(Self { args, layout, cfg })
     }
@@ -251,7 +275,15 @@ impl Campaign {
     fn run(&self, actions: &[Action]) -> Result<Ran, FuzzError> {
         match self.args.backend {
             Backend::Sim => {
-                let finding = sim::run(&self.layout, actions)?;
+                let finding = sim::run_with(
+                    &self.layout,
+                    actions,
+                    &sim::SimOptions {
+                        faults: &self.faults(actions),
+                        guard_reader: self.args.guard_reader,
+                        ..Default::default()
+                    },
+                )?;
                 let n = finding.as_ref().map_or(actions.len(), |f| f.step);
                 let steps = expectations(&self.layout, &actions[..n]);
                 let outcomes = steps
@@ -287,6 +319,12 @@ impl Campaign {
         }
     }
 
+    /// The injected memslot failures of a sim-tier timeline: (0-based
+    /// step, call offset) for about one step in `--fail-every`.
+    fn faults(&self, actions: &[Action]) -> Vec<(usize, usize)> {
+        fault_points(actions, self.args.fail_every)
+    }
+
     /// Runs a candidate for the shrinker: an invalid one does not fail.
     fn try_run(&self, actions: &[Action]) -> Option<Finding> {
         self.run(actions).ok().and_then(|r| r.finding)
@@ -296,10 +334,12 @@ impl Campaign {
         match self.args.backend {
             Backend::Real => format!("vmm run --scenario {}", path.display()),
             Backend::Sim => format!(
-                "vmm fuzz --replay {} --backend sim --max-slots {} --pin-limit {}",
+                "vmm fuzz --replay {} --backend sim --max-slots {} --pin-limit {} --fail-every {}{}",
                 path.display(),
                 self.args.max_slots,
-                self.args.pin_limit
+                self.args.pin_limit,
+                self.args.fail_every,
+                if self.args.guard_reader { " --guard-reader" } else { "" }
             ),
         }
     }
@@ -389,6 +429,30 @@ pub fn chunk_seed(seed: u64, k: u64) -> u64 {
     seed.wrapping_add(k.wrapping_mul(0x9E37_79B9_7F4A_7C15))
 }
 
+/// Where a sim-tier timeline's memslot changes fail with `--fail-every N`:
+/// a step fails if the hash of its text is 0 modulo `N`, at call
+/// `(hash / N) % 4` of the step. Chosen by the step itself, not its
+/// position, so a step keeps its failure when the shrinker drops others
+/// and a reproducer replays with the same flag (0: no failures).
+pub fn fault_points(actions: &[Action], every: u64) -> Vec<(usize, usize)> {
+    if every == 0 {
+        return Vec::new();
+    }
+    actions
+        .iter()
+        .enumerate()
+        .filter_map(|(i, a)| {
+            // FNV-1a of the step as the scenario file describes it.
+            let h = crate::scenario::driver::describe(a)
+                .bytes()
+                .fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+                    (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+                });
+            (h % every == 0).then_some((i, ((h / every) % 4) as usize))
+        })
+        .collect()
+}
+
 /// Runs `vmm fuzz`; returns the exit status (0 clean, 1 finding or error).
 pub fn main(args: &FuzzArgs) -> i32 {
     let json = args.json;
@@ -410,6 +474,24 @@ pub fn main(args: &FuzzArgs) -> i32 {
             return 1;
         }
     };
+    if let Some(path) = &args.convert {
+        return match std::fs::read(path) {
+            Ok(data) => {
+                let title = path
+                    .file_name()
+                    .map_or("input".into(), |n| n.to_string_lossy());
+                print!(
+                    "{}",
+                    super::bytes::scenario(&data, &campaign.layout, &title).to_toml()
+                );
+                0
+            }
+            Err(e) => {
+                eprintln!("vmm fuzz: --convert {}: {e}", path.display());
+                2
+            }
+        };
+    }
     if let Some(path) = &args.replay {
         return replay(&campaign, path, &mut say);
     }
@@ -530,7 +612,17 @@ fn replay(campaign: &Campaign, path: &Path, say: &mut dyn FnMut(String)) -> i32 
     let result = match campaign.args.backend {
         Backend::Sim => {
             let actions: Vec<Action> = sc.steps.iter().map(|s| s.action.clone()).collect();
-            sim::run(&campaign.layout, &actions).map_err(FuzzError::from)
+            let faults = campaign.faults(&actions);
+            sim::run_with(
+                &campaign.layout,
+                &actions,
+                &sim::SimOptions {
+                    faults: &faults,
+                    guard_reader: campaign.args.guard_reader,
+                    ..Default::default()
+                },
+            )
+            .map_err(FuzzError::from)
         }
         Backend::Real => {
             let mut layout = campaign.layout.clone();

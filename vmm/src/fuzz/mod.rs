@@ -1,6 +1,8 @@
 //! `vmm fuzz`: a memory-hotplug fuzzer with a model oracle and replayable,
 //! shrunk reproducers.
 //!
+//! - [`bytes`]: the coverage-guided tier's input format (libFuzzer bytes
+//!   to steps), its runner and its conversion to a scenario file;
 //! - [`gen`]: seeded, biased generation of typed scenario actions
 //!   ([`weights`]: how often each family);
 //! - [`model`]: the reference model predicting every step's outcome and the
@@ -12,16 +14,21 @@
 //!   per-step invariants;
 //! - [`shrink`]: delta debugging and argument simplification;
 //! - [`campaign`]: the command: chunks, findings, reproducers, the report;
-//! - [`finding`]: what a finding says.
+//! - [`finding`]: what a finding says;
+//! - [`locked`]: which host pages are mlocked (the sim tier's pin check);
+//! - [`reader`]: a device thread holding a guard across each op (`--guard-reader`).
 //!
 //! A finding is written as a scenario file that `vmm run --scenario FILE`
 //! (real tier) or `vmm fuzz --replay FILE --backend sim` replays; the guide
 //! is `docs/fuzzing.md`.
 
+pub mod bytes;
 pub mod campaign;
 pub mod finding;
 pub mod gen;
+pub mod locked;
 pub mod model;
+pub mod reader;
 pub mod real;
 pub mod shrink;
 pub mod sim;

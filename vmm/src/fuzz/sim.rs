@@ -1,10 +1,14 @@
 //! The pure tier: a timeline's memory ops and pins on the memory manager
 //! over [`SimKvm`] (no vCPUs, no `/dev/kvm`), each outcome compared with the
-//! model's, and after every step the invariants the library exposes:
-//! the consistency check, the simulated memslots equal the manager's mirror
-//! (no leaked slot id), the hub's plugged set equals the map's slots merged,
-//! the pin account equals the model's live pins, and the map's slots equal
-//! the model's (range, access, dirty logging).
+//! model's, and after every step the invariants the library exposes: the
+//! map's expected memslots equal the manager's mirror and the simulated
+//! memslots equal the mirror (no leaked slot id), the hub's plugged set
+//! equals the map's slots merged, the pin account equals the model's live
+//! pins, and the map's slots equal the model's (range, access, dirty
+//! logging, chains). At `check` steps and at the end also the full
+//! consistency check and the locked pages of live pins. Options
+//! ([`SimOptions`]): failing memslot changes, and a device thread holding a
+//! guard across every op ([`GuardReader`]).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -22,6 +26,7 @@ use crate::scenario::Outcome;
 
 use super::finding::Finding;
 use super::model::{Layout, Model};
+use super::reader::GuardReader;
 
 /// Entries of each simulated dirty ring in ring mode.
 const SIM_FUZZ_RING_ENTRIES: usize = 32;
@@ -43,6 +48,9 @@ pub struct SimVm {
     iommu: Iommu,
     pins: PinManager,
     held: BTreeMap<String, Pin>,
+    /// Whether [`check`](Self::check) checks that live pins' pages are
+    /// mlocked (on unless a [`SimOptions`] says otherwise).
+    pub locked_pages: bool,
 }
 
 impl SimVm {
@@ -83,6 +91,7 @@ impl SimVm {
             kvm,
             memory,
             held: BTreeMap::new(),
+            locked_pages: true,
         })
     }
 
@@ -194,12 +203,73 @@ impl SimVm {
         (Outcome::Ok, "written".into())
     }
 
+    /// Every page of every live pin is mlocked (a pin keeps its host pages
+    /// resident however many other pins share them).
+    fn check_locked(&self) -> Result<(), (&'static str, String)> {
+        let live: Vec<&Pin> = self.held.values().filter(|p| !p.is_revoked()).collect();
+        if live.is_empty() {
+            return Ok(());
+        }
+        let locked = super::locked::locked_ranges()
+            .map_err(|e| ("locked", format!("reading /proc/self/smaps: {e}")))?;
+        let map = self.memory.load();
+        for pin in live {
+            let r = pin.range();
+            let mut gpa = r.start().0;
+            while gpa < r.end().0 {
+                if let Some((hva, _)) = map.translate(Gpa(gpa)) {
+                    let page = hva.0 - hva.0 % PAGE;
+                    if !super::locked::is_locked(&locked, page) {
+                        return Err((
+                            "locked",
+                            format!(
+                                "page {gpa:#x} (host {page:#x}) of live pin {} over {r} is not mlocked",
+                                pin.id()
+                            ),
+                        ));
+                    }
+                }
+                gpa += PAGE;
+            }
+        }
+        Ok(())
+    }
+
     /// The invariants, against `model`; the first that does not hold.
-    pub fn check(&self, model: &Model) -> Result<(), (&'static str, String)> {
-        self.memory
-            .check_consistency()
-            .map_err(|e| ("consistency", e))?;
+    ///
+    /// `full` adds [`MemoryManager::check_consistency`], which also reads
+    /// every logging slot's dirty log (keeping its pages for `dirty-pages`):
+    /// run after every step it would empty KVM's logs before any op could
+    /// lose them, so it runs at `check` steps and at the end, and every step
+    /// compares the map's expected memslots with the mirror and KVM instead.
+    pub fn check(&self, model: &Model, full: bool) -> Result<(), (&'static str, String)> {
+        if full {
+            self.memory
+                .check_consistency()
+                .map_err(|e| ("consistency", e))?;
+        }
+        if full && self.locked_pages {
+            self.check_locked()?;
+        }
         let registered = self.memory.registered();
+        let expected = self.memory.load().expected_memslots();
+        if expected != registered {
+            let at = expected
+                .iter()
+                .zip(&registered)
+                .position(|(a, b)| a != b)
+                .unwrap_or(expected.len().min(registered.len()));
+            return Err((
+                "map-mirror",
+                format!(
+                    "the map expects {} memslots, the mirror holds {}; first difference: map {:?}, mirror {:?}",
+                    expected.len(),
+                    registered.len(),
+                    expected.get(at),
+                    registered.get(at)
+                ),
+            ));
+        }
         if self.kvm.memslots() != registered {
             return Err((
                 "memslots",
@@ -335,7 +405,65 @@ pub fn run_with_faults(
     actions: &[Action],
     faults: &[(usize, usize)],
 ) -> Result<Option<Finding>, SimError> {
+    let options = SimOptions {
+        faults,
+        ..SimOptions::default()
+    };
+    run_with(layout, actions, &options)
+}
+
+/// How [`run_with`] runs a timeline.
+#[derive(Debug, Clone, Copy)]
+pub struct SimOptions<'a> {
+    /// Memslot changes that fail (`EIO`): (0-based step, call offset).
+    pub faults: &'a [(usize, usize)],
+    /// A device thread holds a guard across every memory op ([`GuardReader`]).
+    pub guard_reader: bool,
+    /// The locked-pages invariant at `check` steps and at the end (reads
+    /// `/proc/self/smaps`, whose page-table walk costs more than a whole
+    /// short timeline: the libFuzzer tier leaves it to the campaigns).
+    pub locked_pages: bool,
+}
+
+impl Default for SimOptions<'_> {
+    fn default() -> Self {
+        Self {
+            faults: &[],
+            guard_reader: false,
+            locked_pages: true,
+        }
+    }
+}
+
+/// The guest-physical address a memory op starts at: where the guard
+/// reader holds a guard while it runs.
+fn op_start(action: &Action) -> Option<Gpa> {
+    let gpa = match action {
+        Action::Unplug(a) => a.gpa.0,
+        Action::Protect(a) => a.gpa.0,
+        Action::Move(a) => a.gpa.0,
+        Action::Resize(a) => a.gpa.0,
+        Action::DirtyLog(a) => a.gpa.0,
+        _ => return None,
+    };
+    Some(Gpa(gpa))
+}
+
+/// As [`run_with_faults`], with [`SimOptions`]: with `guard_reader`, a
+/// device thread ([`GuardReader`]) holds a guard on the first page of every
+/// memory op's range while the op runs, and what it read must not change
+/// under it.
+pub fn run_with(
+    layout: &Layout,
+    actions: &[Action],
+    options: &SimOptions<'_>,
+) -> Result<Option<Finding>, SimError> {
+    let faults = options.faults;
     let mut vm = SimVm::new(layout)?;
+    vm.locked_pages = options.locked_pages;
+    let reader = options
+        .guard_reader
+        .then(|| GuardReader::start(vm.memory.clone()));
     let mut model = Model::new(layout.clone());
     for (i, action) in actions.iter().enumerate() {
         // Not in plug-many: its slots are plugged one op each, and a failure
@@ -353,7 +481,12 @@ pub fn run_with_faults(
                 allowed.push(Outcome::KvmRolledBack);
             }
         }
+        let held = reader
+            .as_ref()
+            .zip(op_start(action))
+            .map(|(r, gpa)| r.hold(gpa));
         let stepped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| vm.step(action)));
+        let guarded = held.map_or(Ok(()), |h| h.finish());
         if fault.is_some() {
             vm.kvm.fail_calls(&[], libc::EIO); // clear what the step did not reach
         }
@@ -375,6 +508,12 @@ pub fn run_with_faults(
                 "the step panicked".into(),
             )));
         };
+        if let Err(detail) = guarded {
+            return Ok(Some(finding(
+                "invariant:guard-reader".into(),
+                format!("invariant guard-reader broken: {detail}"),
+            )));
+        }
         if !allowed.contains(&outcome) {
             return Ok(Some(finding(
                 format!("{}:{}", action.kind(), outcome),
@@ -391,7 +530,8 @@ pub fn run_with_faults(
             // memory that could not be allocated): nothing changed.
             model = before;
         }
-        if let Err((name, detail)) = vm.check(&model) {
+        let full = matches!(action, Action::Check(_)) || i + 1 == actions.len();
+        if let Err((name, detail)) = vm.check(&model, full) {
             return Ok(Some(finding(
                 format!("invariant:{name}"),
                 format!("invariant {name} broken: {detail}"),

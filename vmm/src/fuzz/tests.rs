@@ -30,6 +30,7 @@ fn cfg(guest: bool) -> GenConfig {
         arena_size: 64 << 20,
         guest,
         weights: Weights::default(),
+        prefill: 0,
     }
 }
 
@@ -178,4 +179,94 @@ fn test_sim_tier_dirty_counts_are_exact_in_every_dirty_log_mode() {
         .count();
     assert!(differ >= 3, "only {differ} dirty-count differences");
     assert_eq!(super::sim::run(&manual, &bitmap).unwrap(), None);
+}
+
+/// A write to a logging slot, then an unplug that deletes the slot (split
+/// around the hole): the manager must harvest the slot's log before the
+/// delete, and the sim tier's per-step invariants must not read the log
+/// themselves, or a lost harvest could never show.
+#[test]
+fn test_sim_dirty_pages_of_a_deleted_logging_slot_are_reported() {
+    let sc = Scenario::parse(
+        r#"
+name = "t"
+[[step]]
+do = "plug"
+gpa = "0x100000000"
+size = "0x4000"
+flags = ["dirty-log"]
+[[step]]
+do = "write"
+gpa = "0x100001000"
+value = "1"
+[[step]]
+do = "unplug"
+gpa = "0x100002000"
+size = "0x1000"
+[[step]]
+do = "dirty-pages"
+gpa = "0x100000000"
+size = "0x4000"
+pages = 1
+"#,
+    )
+    .unwrap();
+    let actions: Vec<Action> = sc.steps.iter().map(|s| s.action.clone()).collect();
+    assert_eq!(super::sim::run(&layout(), &actions).unwrap(), None);
+}
+
+/// `--fail-every`: the failing steps are chosen by their text, so they
+/// stay chosen when other steps are dropped.
+#[test]
+fn test_fault_points_follow_the_step_not_its_position() {
+    let actions = generate(5, &cfg(false), &layout(), 400);
+    let all = super::campaign::fault_points(&actions, 5);
+    assert!(all.len() > 20 && all.len() < 160, "{}", all.len());
+    assert!(all.iter().all(|&(_, o)| o < 4));
+    let tail = super::campaign::fault_points(&actions[100..], 5);
+    let shifted: Vec<(usize, usize)> = all
+        .iter()
+        .filter(|f| f.0 >= 100)
+        .map(|&(i, o)| (i - 100, o))
+        .collect();
+    assert_eq!(tail, shifted);
+    assert!(super::campaign::fault_points(&actions, 0).is_empty());
+}
+
+/// The committed libFuzzer corpus replays clean through the target's own
+/// code (`bytes::run`), without nightly or cargo-fuzz.
+#[test]
+fn test_the_libfuzzer_corpus_replays_clean() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/memslots");
+    let mut inputs = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        let data = std::fs::read(&path).unwrap();
+        if let Err(finding) = super::bytes::run(&data) {
+            panic!("{}: {finding}", path.display());
+        }
+        inputs += 1;
+    }
+    assert!(inputs >= 10, "{inputs} inputs in {}", dir.display());
+}
+
+/// Any input converts to a scenario file that the scenario reader takes
+/// back, with the model's predictions as expectations.
+#[test]
+fn test_a_libfuzzer_input_converts_to_a_scenario_file() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/memslots");
+    // The corpus input that decodes to the most steps.
+    let (data, actions) = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| std::fs::read(e.unwrap().path()).unwrap())
+        .map(|d| {
+            let (a, _) = super::bytes::decode(&d);
+            (d, a)
+        })
+        .max_by_key(|(_, a)| a.len())
+        .unwrap();
+    assert!(actions.len() >= 5, "{}", actions.len());
+    let sc = super::bytes::scenario(&data, &super::bytes::layout(), "converted");
+    let back = Scenario::parse(&sc.to_toml()).unwrap();
+    assert_eq!(back.steps.len(), actions.len());
 }

@@ -34,6 +34,14 @@ pub fn generate(seed: u64, cfg: &GenConfig, layout: &Layout, count: usize) -> Ve
     let mut gen = Generator::new(seed, cfg.clone());
     let mut model = Model::new(layout.clone());
     let mut out = Vec::with_capacity(count + 16);
+    if cfg.prefill > 0 {
+        let fill = Action::PlugMany(step::PlugMany {
+            gpa: crate::scenario::num::Num(cfg.prefill_base()),
+            count: Some(crate::scenario::num::Num(cfg.prefill)),
+        });
+        model.predict(&fill);
+        out.push(fill);
+    }
     while out.len() < count {
         let action = gen.next(&model);
         if action.check().is_err() || harms_the_guest(&model, &action) {

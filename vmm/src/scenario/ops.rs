@@ -168,7 +168,14 @@ fn apply_op(
         Action::Plug(p) => {
             let (gpa, size) = (Gpa(p.gpa.0), p.size.0);
             let flags = parse_flags(p.flags.as_deref().unwrap_or_default())?;
-            let kind = backing(p.backing.as_deref(), default_backing)?;
+            // `file` alone: a shared file without a name in the temporary
+            // directory (nothing is left behind); `file=PATH` names one.
+            let unnamed_file = p.backing.as_deref() == Some("file");
+            let kind = if unnamed_file {
+                BackingKind::File(std::env::temp_dir())
+            } else {
+                backing(p.backing.as_deref(), default_backing)?
+            };
             // Judge the range before any host memory exists.
             memory
                 .load()
@@ -180,10 +187,12 @@ fn apply_op(
                 .max(1)
                 .checked_next_multiple_of(kind.page_size())
                 .unwrap_or(size);
-            let mapping = Arc::new(
+            let mapping = if unnamed_file {
+                HostMapping::new_unnamed_file(&std::env::temp_dir(), map_len)
+            } else {
                 HostMapping::new(&kind, map_len)
-                    .map_err(|e| OpFailure::new(Outcome::Backing, e))?,
-            );
+            };
+            let mapping = Arc::new(mapping.map_err(|e| OpFailure::new(Outcome::Backing, e))?);
             apply(&|m| m.plug(gpa, size, mapping.clone(), 0, flags))?;
             format!("{kind} memory plugged")
         }
@@ -331,14 +340,22 @@ fn resize(
         Err(e @ SlotMapError::NoRoomToGrow { grow, .. }) => {
             // The mapping's last slot has no room after it in its host
             // mapping: back the added part with a new mapping of that kind
-            // (whole host pages; the slot uses its first `grow` bytes).
+            // (whole host pages; the slot uses its first `grow` bytes). A
+            // file-backed mapping grows into a new unnamed file: mapping
+            // its own file again would start at offset 0 and alias pages
+            // the guest already has.
             let Some(last) = m.mapping_at(gpa).last().copied() else {
                 return Err(e);
             };
             let kind = last.mapping().kind();
             let len = grow.checked_next_multiple_of(kind.page_size());
             let mapping = len
-                .and_then(|len| HostMapping::new(kind, len).ok())
+                .and_then(|len| match kind {
+                    BackingKind::File(_) => {
+                        HostMapping::new_unnamed_file(&std::env::temp_dir(), len).ok()
+                    }
+                    _ => HostMapping::new(kind, len).ok(),
+                })
                 .ok_or(e)?;
             m.resize(gpa, new_size, Some(Arc::new(mapping)))
         }
@@ -383,6 +400,9 @@ fn plug_many(
             .and_then(|d| base.0.checked_add(d))
             .map(Gpa)
     };
+    if crate::mutants::on("plug-many-partial") {
+        return plug_many_one_by_one(memory, count, at, track);
+    }
     let mut gpas = Vec::with_capacity(count as usize);
     for i in 0..count {
         let refused = |e: SlotMapError| {
@@ -422,4 +442,23 @@ fn plug_many(
         "{count} slots plugged; {} slots in the map",
         memory.load().len()
     ))
+}
+
+/// The planted `plug-many-partial` bug: one op per slot, so a refusal at
+/// slot k leaves slots 1..k plugged.
+fn plug_many_one_by_one(
+    memory: &MemoryManager,
+    count: u64,
+    at: impl Fn(u64) -> Option<Gpa>,
+    track: &Track<'_>,
+) -> Result<String, OpFailure> {
+    for i in 0..count {
+        let gpa = at(i).ok_or_else(|| OpFailure::new(Outcome::RangeOverflow, "wraps"))?;
+        let mapping = Arc::new(
+            HostMapping::new(&BackingKind::Anon, PAGE_SIZE)
+                .map_err(|e| OpFailure::new(Outcome::Backing, e))?,
+        );
+        track(memory.apply(move |m| m.plug(gpa, PAGE_SIZE, mapping, 0, SlotFlags::NONE)))?;
+    }
+    Ok(format!("{count} slots plugged"))
 }

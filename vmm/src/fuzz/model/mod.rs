@@ -17,7 +17,7 @@
 pub mod guest;
 pub mod slots;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
 use crate::scenario::step::{Access, Action};
 use crate::scenario::Outcome;
@@ -93,10 +93,15 @@ pub struct Model {
     /// Pins by name.
     pub pins: BTreeMap<String, MPin>,
     /// Host page (mapping, offset) -> contents; absent is zero.
-    pub contents: BTreeMap<(usize, u64), Content>,
+    pub contents: imbl::OrdMap<(usize, u64), Content>,
     /// Frames written by vCPUs while logged, not yet reported (see
     /// [`dirty_count`](Self::dirty_count)).
-    pub dirty: BTreeSet<u64>,
+    pub dirty: imbl::OrdSet<u64>,
+    /// Frames a vCPU only read while their slot logged: KVM may log them
+    /// too (a shadow MMU maps a page writable, and logs it, on a read fault
+    /// when the guest's PTE is dirty), so a `dirty-pages` over them may
+    /// report them; kept until a `dirty-pages` covers them.
+    pub maybe_dirty: imbl::OrdSet<u64>,
     /// The VM.
     pub layout: Layout,
     pending: BTreeMap<u64, Pending>,
@@ -128,7 +133,7 @@ fn touched(action: &Action) -> Vec<(u64, u64)> {
 /// splits it; only hugetlb cuts at 2 MiB, and it is not generated).
 pub fn backing_page_size(name: &str) -> Option<u64> {
     match name {
-        "anon" | "shared" | "memfd" => Some(PAGE),
+        "anon" | "shared" | "memfd" | "file" => Some(PAGE),
         "thp" => Some(HUGE),
         _ => None,
     }
@@ -143,8 +148,9 @@ impl Model {
         Self {
             slots,
             pins: BTreeMap::new(),
-            contents: BTreeMap::new(),
-            dirty: BTreeSet::new(),
+            contents: imbl::OrdMap::new(),
+            dirty: imbl::OrdSet::new(),
+            maybe_dirty: imbl::OrdSet::new(),
             layout,
             pending: BTreeMap::new(),
             steps: 0,
@@ -157,6 +163,30 @@ impl Model {
     pub fn dirty_count(&self, gpa: u64, size: u64) -> Option<u64> {
         let end = gpa.checked_add(size)?;
         Some(self.dirty.range(gpa / PAGE..end.div_ceil(PAGE)).count() as u64)
+    }
+
+    /// Whether a frame of `[gpa, gpa + size)` was read by a vCPU while its
+    /// slot logged and has not been covered by a `dirty-pages` since.
+    fn maybe_dirty_in(&self, gpa: u64, size: u64) -> bool {
+        let end = gpa.saturating_add(size);
+        self.maybe_dirty
+            .range(gpa / PAGE..end.div_ceil(PAGE))
+            .next()
+            .is_some()
+    }
+
+    /// A vCPU accesses `[a, b)`: the pages of logging slots may be logged
+    /// even if it only reads them.
+    fn note_vcpu_access(&mut self, (a, b): (u64, u64)) {
+        for s in self.slots.overlapping((a, b)) {
+            if !s.log {
+                continue;
+            }
+            let (lo, hi) = (a.max(s.start), b.min(s.end()));
+            for f in lo / PAGE..hi.div_ceil(PAGE) {
+                self.maybe_dirty.insert(f);
+            }
+        }
     }
 
     /// `dirty-pages`: KVM's log is read and cleared over the range's pages
@@ -174,6 +204,14 @@ impl Model {
         // nothing harvested from one, the read is refused (before the IOMMU
         // is read, so device dirty bits stay).
         let logging = self.slots.overlapping((gpa, end)).iter().any(|s| s.log);
+        let maybe: Vec<u64> = self
+            .maybe_dirty
+            .range(gpa / PAGE..end.div_ceil(PAGE))
+            .copied()
+            .collect();
+        for f in &maybe {
+            self.maybe_dirty.remove(f);
+        }
         if !logging && frames.is_empty() {
             return Outcome::NotLogging;
         }
@@ -246,7 +284,16 @@ impl Model {
                     _ => vec![o],
                 }
             }
-            Action::DirtyPages(d) => vec![self.dirty_pages(d.gpa.0, d.size.0, d.pages)],
+            Action::DirtyPages(d) => {
+                let read_only_dirt = self.maybe_dirty_in(d.gpa.0, d.size.0);
+                match self.dirty_pages(d.gpa.0, d.size.0, d.pages) {
+                    // Only frames a vCPU read may be in KVM's log.
+                    Outcome::NotLogging if read_only_dirt => {
+                        vec![Outcome::NotLogging, Outcome::Ok]
+                    }
+                    o => vec![o],
+                }
+            }
             Action::PlugMany(p) => vec![self.plug_many(p.gpa.0, p.count.map(|c| c.0))],
             Action::Check(c) => match c.pages {
                 Some(p) if p != self.pinned_pages() => vec![Outcome::PinnedPages],
@@ -273,6 +320,14 @@ impl Model {
                 // command in flight races it: the async one may see either.
                 if let Some(range) = guest::range_of(action) {
                     self.widen_pending(&[range]);
+                }
+                if !matches!(
+                    action,
+                    Action::DmaChecksum(_) | Action::DmaCopy(_) | Action::DmaFill(_)
+                ) {
+                    if let Some(range) = guest::range_of(action) {
+                        self.note_vcpu_access(range);
+                    }
                 }
                 let set = self.guest(action);
                 if let Some((vcpu, _, true)) = action.guest() {
@@ -321,7 +376,7 @@ impl Model {
     /// Manual mode: KVM sets every bit of a memslot that starts logging. A
     /// logging slot that was not in `before` with the same range, host
     /// memory and flags is a memslot KVM created (or switched logging on).
-    fn set_started_logging(&mut self, before: &BTreeMap<u64, slots::MSlot>) {
+    fn set_started_logging(&mut self, before: &imbl::OrdMap<u64, slots::MSlot>) {
         let key = |s: &slots::MSlot| (s.start, s.len, s.map, s.off, s.ro, s.log);
         let started: Vec<(u64, u64)> = self
             .slots

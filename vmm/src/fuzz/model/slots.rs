@@ -3,7 +3,7 @@
 //! them, and the split/merge rules, so the model knows the exact slot count
 //! (the budget) and which addresses start a slot (`resize`).
 
-use std::collections::BTreeMap;
+use imbl::OrdMap;
 
 use crate::scenario::Outcome;
 
@@ -84,8 +84,9 @@ pub type Removed = Vec<(u64, u64)>;
 /// The modelled slot map.
 #[derive(Debug, Clone)]
 pub struct Slots {
-    /// By start.
-    pub slots: BTreeMap<u64, MSlot>,
+    /// By start (persistent: a clone per op is O(1), so the model keeps
+    /// up with tens of thousands of slots).
+    pub slots: OrdMap<u64, MSlot>,
     /// Every host mapping ever created, by index.
     pub mappings: Vec<MMapping>,
     /// The limits.
@@ -103,7 +104,7 @@ fn overlaps(a: (u64, u64), b: (u64, u64)) -> bool {
 #[derive(Debug, Clone, Default)]
 pub struct Change {
     /// The slot map after the op.
-    pub slots: BTreeMap<u64, MSlot>,
+    pub slots: OrdMap<u64, MSlot>,
     /// (mapping, offset, len) released.
     pub discards: Vec<(usize, u64, u64)>,
     /// Ranges vetoable / revoking.
@@ -118,7 +119,7 @@ impl Slots {
     /// An empty map.
     pub fn new(limits: Limits) -> Self {
         Self {
-            slots: BTreeMap::new(),
+            slots: OrdMap::new(),
             mappings: Vec::new(),
             limits,
             next_chain: 0,
@@ -249,7 +250,7 @@ impl Slots {
         discards: Vec<(usize, u64, u64)>,
         removed: Removed,
     ) -> Result<Change, Outcome> {
-        let mut old: BTreeMap<u64, MSlot> = BTreeMap::new();
+        let mut old: OrdMap<u64, MSlot> = OrdMap::new();
         for w in windows {
             for s in self.overlapping(*w) {
                 old.insert(s.start, s);

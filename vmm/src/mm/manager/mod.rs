@@ -506,6 +506,11 @@ impl MemoryManager {
         // says, so a failure is reported only after the hub heard the rest.
         let mut discarded = 0;
         let mut discard_error = None;
+        let discards = if crate::mutants::on("replug-not-zeroed") {
+            Vec::new()
+        } else {
+            discards
+        };
         for d in &discards {
             match d.mapping.discard(d.offset, d.len) {
                 Ok(()) => discarded += d.len,
@@ -568,7 +573,7 @@ impl MemoryManager {
         let logging_after =
             step.op != MemslotOp::Delete && step.spec.flags.contains(MemslotFlags::LOG_DIRTY_PAGES);
         let window_start = std::time::Instant::now();
-        if logging_before && !logging_after {
+        if logging_before && !logging_after && !crate::mutants::on("dirty-harvest-dropped") {
             // The slot as KVM holds it now (a SetFlags step names the new flags).
             let live = match step.op {
                 MemslotOp::SetFlags => MemslotSpec {
@@ -578,6 +583,10 @@ impl MemoryManager {
                 _ => step.spec,
             };
             st.harvest_before_teardown(&*self.backend, &live)?;
+        }
+        let early = crate::mutants::on("id-freed-before-delete");
+        if early {
+            st.record(step);
         }
         // SAFETY: a delete (`memory_size` 0) registers no memory. A create or
         // flags change registers `[hva, hva + size)`, which `validate` checked
@@ -595,7 +604,9 @@ impl MemoryManager {
         if logging_before && !logging_after && st.mode != DirtyLogMode::Ring {
             st.windows.record(window_start.elapsed());
         }
-        st.record(step);
+        if !early {
+            st.record(step);
+        }
         if logging_before && !logging_after && st.mode == DirtyLogMode::Ring {
             // The rings still hold entries naming this slot, up to the
             // write KVM logged last before the call returned (it waited for
