@@ -126,7 +126,9 @@ fn test_churn_planted_stall_is_named_as_the_cause_of_its_outliers() {
         "the pass saw at least two stalls: {table:?}"
     );
     assert_eq!(table.top_cause(), Some("stall"), "{table:?}");
-    assert!(stall.outliers >= 1 && stall.outliers >= dontneed.outliers);
+    // The top cause is the op that cost the most time: a loaded host can
+    // give dontneed more (but far shorter) outliers than the stall.
+    assert!(stall.outliers >= 1 && dontneed.ops >= 1, "{table:?}");
     // The accesses a stall held waited for most of its 20 ms.
     let ms = |ns: f64| ns / 1e6;
     assert!(ms(stall.max_extra_ns) >= 12.0, "{table:?}");

@@ -179,15 +179,18 @@ impl CauseTable {
         self.rows.iter().find(|r| r.op == op)
     }
 
-    /// The op kind that caused the most outliers (ties: the larger maximum
-    /// extra latency), if any op caused one.
+    /// The op kind that cost the guest the most: the largest total extra
+    /// latency over the outliers charged to it (ties: more outliers), if any
+    /// op caused one. Counting outliers alone would name an op that causes
+    /// many small ones over one that holds accesses for milliseconds.
     pub fn top_cause(&self) -> Option<&str> {
+        let total = |r: &CauseRow| r.extras_ns.iter().sum::<f64>();
         self.rows
             .iter()
             .filter(|r| r.outliers > 0)
             .max_by(|a, b| {
-                (a.outliers, a.max_extra_ns)
-                    .partial_cmp(&(b.outliers, b.max_extra_ns))
+                (total(a), a.outliers)
+                    .partial_cmp(&(total(b), b.outliers))
                     .unwrap_or(std::cmp::Ordering::Equal)
             })
             .map(|r| r.op.as_str())
@@ -279,6 +282,33 @@ mod tests {
         assert_eq!(t.row("plug").unwrap().outliers, 0);
         assert_eq!(t.row("dontneed").unwrap().max_extra_ns, 990.0);
         assert_eq!(t.top_cause(), Some("dontneed"));
+    }
+
+    /// Four short outliers of one op against three long ones of another:
+    /// the op that cost more time is the top cause (outlier counts alone
+    /// named the wrong one in a loaded run).
+    #[test]
+    fn test_top_cause_is_the_op_that_cost_the_most_time() {
+        let mut a = flat(1000);
+        for i in [100, 200, 300, 400] {
+            a[i].ticks = 400; // 4 short outliers in dontneed windows
+        }
+        for i in [600, 700, 800] {
+            a[i].ticks = 20_000; // 3 long ones in stall windows
+        }
+        let mut ops: Vec<OpWindow> = [100, 200, 300, 400]
+            .iter()
+            .map(|&i| op("dontneed", i * 100, i * 100 + 400))
+            .collect();
+        ops.extend(
+            [600, 700, 800]
+                .iter()
+                .map(|&i| op("stall", i * 100, i * 100 + 20_000)),
+        );
+        let t = attribute(&a, &ops, 1.0);
+        assert_eq!(t.row("dontneed").unwrap().outliers, 4);
+        assert_eq!(t.row("stall").unwrap().outliers, 3);
+        assert_eq!(t.top_cause(), Some("stall"));
     }
 
     #[test]
