@@ -335,6 +335,8 @@ impl State {
                 spec: *spec,
                 cause: FailureCause::Errno(e.errno()),
             })?;
+        // One count first, so the pages go in without reallocating.
+        dirty.reserve(words.iter().map(|w| w.count_ones() as usize).sum());
         for (w, &word) in words.iter().enumerate() {
             let mut bits = word;
             while bits != 0 {
@@ -479,11 +481,20 @@ impl State {
             unattributed,
             ..
         } = self;
+        // Consecutive entries mostly name one slot: look it up once per run.
+        let mut last: Option<(u32, Option<MemslotSpec>)> = None;
         vm.harvest_dirty_rings(&mut |slot, offset| {
             let (as_id, id) = (slot >> 16, SlotId(slot & 0xffff));
-            let spec = match gone {
-                Some(g) if g.id == id => Some(*g),
-                _ => by_id.get(&id).map(|r| r.spec),
+            let spec = match last {
+                Some((named, spec)) if named == slot => spec,
+                _ => {
+                    let spec = match gone {
+                        Some(g) if g.id == id => Some(*g),
+                        _ => by_id.get(&id).map(|r| r.spec),
+                    };
+                    last = Some((slot, spec));
+                    spec
+                }
             };
             match spec {
                 Some(s) if as_id == 0 && offset < s.size / PAGE_SIZE => {

@@ -670,10 +670,12 @@ impl MemoryManager {
                 return Err(MemslotError::DirtyLog(e));
             }
         }
-        if !fresh.is_sorted() {
-            fresh.sort_unstable(); // ring entries come in ring order
+        if st.mode == DirtyLogMode::Ring {
+            // Ring entries come in ring order, a page once per vCPU ring
+            // that logged it.
+            fresh.sort_unstable();
+            fresh.dedup();
         }
-        fresh.dedup();
         let lo = fresh.partition_point(|g| *g < first);
         let hi = fresh.partition_point(|g| *g < last);
         let outside = fresh.len() - (hi - lo);
