@@ -39,7 +39,7 @@ use crate::mm::addr::{Gpa, PAGE_SIZE};
 use crate::mm::backing::HostMapping;
 use crate::mm::slot_map::SlotFlags;
 use crate::plan::Command;
-use crate::vm::{Counters, Vm, VmSpec};
+use crate::vm::{Counters, DirtyLogConfig, Vm, VmSpec};
 
 /// Where things live in guest RAM.
 #[derive(Debug, Clone)]
@@ -138,21 +138,37 @@ impl std::fmt::Debug for GuestBench {
 impl GuestBench {
     /// Builds the VM, plugs `test` at [`TEST_BASE`], writes the guest page
     /// tables for `cfg.guest_page` and starts the vCPU threads (vCPU `i`
-    /// pinned to `cpus[i]` when given).
+    /// pinned to `cpus[i]` when given). Dirty pages are logged in bitmap
+    /// mode; see [`with_dirty_log`](Self::with_dirty_log).
     pub fn new(
         cfg: &FaultsConfig,
         test: Arc<HostMapping>,
         cpus: &[Option<usize>],
     ) -> Result<Self, BenchError> {
+        Self::with_dirty_log(cfg, test, cpus, DirtyLogConfig::default())
+    }
+
+    /// [`new`](Self::new) with the VM logging dirty pages as `dirty` says
+    /// (`Vm::with_dirty_log`: in ring mode each vCPU's ring is attached
+    /// before its thread starts). A vCPU thread answers
+    /// `KVM_EXIT_DIRTY_RING_FULL` as `vmm run` does: it harvests every ring
+    /// into the manager's pending pages and enters the guest again.
+    pub fn with_dirty_log(
+        cfg: &FaultsConfig,
+        test: Arc<HostMapping>,
+        cpus: &[Option<usize>],
+        dirty: DirtyLogConfig,
+    ) -> Result<Self, BenchError> {
         let ram = RamLayout::new(cfg);
-        let mut vm = Vm::new(&VmSpec {
+        let spec = VmSpec {
             vcpus: cfg.vcpus,
             mem_size: ram.size,
             backing: crate::mm::backing::BackingKind::Anon,
             image: Arc::from(guest_image::RUNTIME_ELF),
             pin_limit: None,
             hotplug: true,
-        })?;
+        };
+        let mut vm = Vm::with_dirty_log(&spec, dirty)?;
         let size = test.len();
         vm.memory
             .apply(|m| m.plug(Gpa(TEST_BASE), size, test, 0, SlotFlags::NONE))?;
@@ -210,6 +226,7 @@ impl GuestBench {
                 retry_efault: retry_efault.clone(),
                 efault_retries: efault_retries.clone(),
                 tids: tids.clone(),
+                memory: vm.memory.clone(),
             };
             let thread = std::thread::Builder::new()
                 .name(format!("bench-vcpu{index}"))
@@ -428,6 +445,8 @@ struct VcpuThread {
     retry_efault: Arc<AtomicBool>,
     efault_retries: Arc<AtomicU64>,
     tids: Arc<Vec<AtomicU32>>,
+    /// Harvests the dirty rings on `KVM_EXIT_DIRTY_RING_FULL`.
+    memory: Arc<crate::mm::manager::MemoryManager>,
 }
 
 impl VcpuThread {
@@ -587,6 +606,13 @@ impl VcpuThread {
                 VcpuExit::Intr => {}
                 VcpuExit::MemoryFault { .. } if self.retry_efault.load(Ordering::Acquire) => {
                     self.wait_out_efault()?;
+                }
+                VcpuExit::Unsupported(kvm_bindings::KVM_EXIT_DIRTY_RING_FULL) => {
+                    // KVM enters the guest again only once the ring is
+                    // reset; the harvested pages wait in the manager.
+                    self.memory.harvest_dirty_rings().map_err(|e| {
+                        format!("KVM_EXIT_DIRTY_RING_FULL, and harvesting failed: {e}")
+                    })?;
                 }
                 other => return Err(format!("unexpected exit {other:?}")),
             }

@@ -109,11 +109,6 @@ pub enum DirtyError {
         /// Ring entries.
         entries: u64,
     },
-    /// The memory manager does not implement this mode yet.
-    #[error(
-        "dirty-log mode {0} is not yet wired into the memory manager (the raw program measured it)"
-    )]
-    NotWired(DirtyMode),
     /// An output file cannot be written.
     #[error("cannot write {what} {path}: {reason}")]
     Output {
@@ -154,9 +149,9 @@ pub enum DirtyError {
         /// What happened.
         detail: String,
     },
-    /// A collect returned fewer pages than the guest wrote.
+    /// A collect missed pages the guest wrote.
     #[error(
-        "{who} {mode}: iteration {iteration} collected {got} dirty pages, the guest wrote {wrote}"
+        "{who} {mode}: iteration {iteration} collected {got} dirty pages and lost {missing} of the {wrote} the guest wrote (first lost GFN {first:#x})"
     )]
     Lost {
         /// Ours or raw.
@@ -169,6 +164,10 @@ pub enum DirtyError {
         got: u64,
         /// Pages written.
         wrote: u64,
+        /// Written pages not collected.
+        missing: u64,
+        /// The first of them.
+        first: u64,
     },
 }
 

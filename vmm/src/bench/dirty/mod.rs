@@ -112,6 +112,7 @@ trait Tracker {
     fn disable(&self) -> Result<Duration, DirtyError>;
     fn collect(&mut self, out: &mut Vec<u64>) -> Result<Duration, DirtyError>;
     fn clear(&mut self) -> Result<Duration, DirtyError>;
+    fn clears_in_collect(&self) -> bool;
 }
 
 macro_rules! tracker {
@@ -132,6 +133,9 @@ macro_rules! tracker {
             fn clear(&mut self) -> Result<Duration, DirtyError> {
                 <$t>::clear(self)
             }
+            fn clears_in_collect(&self) -> bool {
+                <$t>::clears_in_collect(self)
+            }
         }
     };
 }
@@ -148,6 +152,28 @@ fn touches(vcpus: u64, size: u64, step: u64) -> Vec<Vec<Command>> {
         .collect()
 }
 
+/// The GFNs `touches(vcpus, size, step)` writes, sorted.
+fn written_gfns(vcpus: u64, size: u64, step: u64) -> Vec<u64> {
+    let pages = size / PAGE_SIZE;
+    let base = AREA_BASE / PAGE_SIZE;
+    (0..vcpus)
+        .flat_map(|i| {
+            (0..pages)
+                .step_by(step as usize)
+                .map(move |p| base + i * pages + p)
+        })
+        .collect()
+}
+
+/// How many of `wrote` (sorted) are not in `got`, and the first of them.
+fn missing(wrote: &[u64], got: &[u64]) -> (u64, Option<u64>) {
+    let mut got = got.to_vec();
+    got.sort_unstable();
+    let mut lost = wrote.iter().filter(|g| got.binary_search(g).is_err());
+    let first = lost.next().copied();
+    (first.map_or(0, |_| 1 + lost.count() as u64), first)
+}
+
 fn nanos(d: Duration) -> u64 {
     u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
@@ -159,8 +185,8 @@ fn measure(
     mode: DirtyMode,
     args: &DirtyArgs,
 ) -> Result<ModeRun, DirtyError> {
-    let (per_vcpu, step) = args.written_per_vcpu();
-    let wrote = per_vcpu * args.vcpus;
+    let (_, step) = args.written_per_vcpu();
+    let wrote = written_gfns(args.vcpus, args.size, step);
     let populate = t.phase(touches(args.vcpus, args.size, 1))?;
     let enable = t.enable()?;
     let mut pages = Vec::new();
@@ -172,13 +198,15 @@ fn measure(
         let vcpu = t.phase(touches(args.vcpus, args.size, step))?;
         let collect = t.collect(&mut pages)?;
         let clear = t.clear()?;
-        if (pages.len() as u64) < wrote {
+        if let (missing, Some(first)) = missing(&wrote, &pages) {
             return Err(DirtyError::Lost {
                 who,
                 mode,
                 iteration: k,
                 got: pages.len() as u64,
-                wrote,
+                wrote: wrote.len() as u64,
+                missing,
+                first,
             });
         }
         iterations.push(Iteration {
@@ -193,6 +221,7 @@ fn measure(
         nanos(populate),
         nanos(enable),
         nanos(disable),
+        t.clears_in_collect(),
         iterations,
     ))
 }
@@ -203,9 +232,9 @@ fn run_raw(mode: DirtyMode, args: &DirtyArgs, ring: u64) -> Result<ModeRun, Dirt
     measure(&mut vm, "raw", mode, args)
 }
 
-fn run_ours(mode: DirtyMode, args: &DirtyArgs) -> Result<ModeRun, DirtyError> {
+fn run_ours(mode: DirtyMode, args: &DirtyArgs, ring: u64) -> Result<ModeRun, DirtyError> {
     let area = Area::new(args.backing, args.size * args.vcpus, args.slots, true)?;
-    let mut vm = OursVm::new(mode, area, args.vcpus)?;
+    let mut vm = OursVm::new(mode, area, args.vcpus, ring)?;
     let run = measure(&mut vm, "ours", mode, args);
     vm.finish();
     run
@@ -237,7 +266,7 @@ fn enable_point(
 ) -> Result<f64, DirtyError> {
     let cmds = touches(1, size, 1);
     if ours {
-        let mut vm = OursVm::new(mode, Area::new(args.backing, size, 1, true)?, 1)?;
+        let mut vm = OursVm::new(mode, Area::new(args.backing, size, 1, true)?, 1, ring)?;
         let took = vm.phase(cmds).and_then(|_| enable_median(&mut vm));
         vm.finish();
         took
@@ -253,8 +282,7 @@ fn enable_point(
 /// # Errors
 /// Invalid flags or a mode the host lacks ([`DirtyError::ModeUnavailable`],
 /// [`DirtyError::RingTooSmall`]: exit 2), any failure of a VM, guest or
-/// ioctl, or pages lost. Ours refusing a mode is not an error: the mode's
-/// result carries the reason.
+/// ioctl, or pages lost.
 pub fn run_dirty(args: &DirtyArgs, out: &mut dyn Write) -> Result<DirtyReport, DirtyError> {
     args.validate()?;
     let kvm = kvm_ioctls::Kvm::new().map_err(|e| DirtyError::Kvm {
@@ -325,14 +353,10 @@ pub fn run_dirty(args: &DirtyArgs, out: &mut dyn Write) -> Result<DirtyReport, D
         // Alternate which goes first, so a drifting host hits both alike.
         let (raw_run, ours_run) = if k % 2 == 0 {
             let r = run_raw(mode, args, ring)?;
-            (r, run_ours(mode, args))
+            (r, run_ours(mode, args, ring)?)
         } else {
-            let o = run_ours(mode, args);
+            let o = run_ours(mode, args, ring)?;
             (run_raw(mode, args, ring)?, o)
-        };
-        let ours_run = match ours_run {
-            Err(e @ DirtyError::NotWired(_)) => Err(e.to_string()),
-            other => Ok(other?),
         };
         let r = report::ModeResult::new(mode, raw_run, ours_run);
         report::print_mode(out, &r);
@@ -341,10 +365,7 @@ pub fn run_dirty(args: &DirtyArgs, out: &mut dyn Write) -> Result<DirtyReport, D
     for &size in &args.enable_scan {
         for &mode in &modes {
             for ours in [false, true] {
-                let ms = match enable_point(mode, ours, size, args, ring) {
-                    Err(DirtyError::NotWired(_)) => continue,
-                    other => other?,
-                };
+                let ms = enable_point(mode, ours, size, args, ring)?;
                 report.enable_scan.push(EnablePoint {
                     mode,
                     implementation: if ours { "ours" } else { "raw" },
@@ -359,8 +380,8 @@ pub fn run_dirty(args: &DirtyArgs, out: &mut dyn Write) -> Result<DirtyReport, D
 }
 
 /// `vmm bench dirty` with parsed flags: runs, prints, writes the plot;
-/// returns the exit status (0 all measured, 1 a failure or a mode ours could
-/// not run, 2 invalid flags or a mode the host lacks).
+/// returns the exit status (0 all measured, 1 a failure, 2 invalid flags or
+/// a mode the host lacks).
 pub fn dirty(args: &DirtyArgs) -> i32 {
     if let Err(e) = args.validate() {
         eprintln!("vmm: {e}");
@@ -436,15 +457,6 @@ fn measure_and_report(args: &DirtyArgs, plot: Option<(std::fs::File, &Path)>) ->
             }
         }
     }
-    let refused: Vec<&str> = report
-        .modes
-        .iter()
-        .filter_map(|m| m.ours_error.as_deref())
-        .collect();
-    if !refused.is_empty() {
-        eprintln!("vmm: not measured: {}", refused.join("; "));
-        return 1;
-    }
     0
 }
 
@@ -463,6 +475,19 @@ mod tests {
         let b = Area::new(DirtyBacking::Thp, 8 << 20, 2, false).unwrap();
         assert_eq!(b.slots[1].host_offset, b.slots[1].gpa_offset);
         assert_eq!(b.slots[1].gpa_offset, 4 << 20);
+    }
+
+    #[test]
+    fn test_missing_names_written_pages_not_collected() {
+        let wrote = written_gfns(2, 8 * PAGE_SIZE, 3);
+        let base = AREA_BASE / PAGE_SIZE;
+        assert_eq!(wrote, [0, 3, 6, 8, 11, 14].map(|p| base + p));
+        let mut got = wrote.clone();
+        got.reverse();
+        got.push(base + 1);
+        assert_eq!(missing(&wrote, &got), (0, None));
+        got.retain(|&g| g != base + 11 && g != base + 3);
+        assert_eq!(missing(&wrote, &got), (2, Some(base + 3)));
     }
 
     #[test]

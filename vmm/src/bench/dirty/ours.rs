@@ -1,11 +1,16 @@
 //! Ours: the project's path. The VM of `bench::guest` (the memory manager
-//! over the real VM fd), the area plugged through `MemoryManager::apply`,
-//! dirty logging switched with `apply(set_dirty_log)`, pages collected with
-//! `MemoryManager::dirty_pages`.
+//! over the real VM fd) built in the measured dirty-log mode
+//! (`GuestBench::with_dirty_log`, which in ring mode attaches each vCPU's
+//! ring as `vmm run` does), the area plugged through
+//! `MemoryManager::apply`, dirty logging switched with
+//! `apply(set_dirty_log)`, pages collected with `MemoryManager::dirty_pages`.
 //!
-//! Each dirty-log mode is one match arm per phase. The manager implements
-//! the bitmap mode; the manual and ring arms refuse with
-//! [`DirtyError::NotWired`] until the manager offers those modes.
+//! The manager has no separate clear: a report re-protects exactly what it
+//! returns. Bitmap: `KVM_GET_DIRTY_LOG` clears as it reads. Manual: the
+//! report reads the bitmap and issues `KVM_CLEAR_DIRTY_LOG` for the pages
+//! it covers. Ring: the report harvests every ring and issues
+//! `KVM_RESET_DIRTY_RINGS`. So ours' collect includes the clear in every
+//! mode ([`OursVm::clears_in_collect`]) and its clear phase is empty.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -14,35 +19,58 @@ use super::config::{DirtyError, DirtyMode};
 use super::{Area, AREA_BASE};
 use crate::bench::guest::GuestBench;
 use crate::bench::{Backing, FaultsConfig};
+use crate::kvm::memslots::DEFAULT_RING_BYTES;
 use crate::mm::addr::{Gpa, HUGE_2M};
 use crate::mm::backing::{BackingKind, HostMapping};
+use crate::mm::manager::DirtyLogMode;
 use crate::mm::slot_map::{PlugSpec, SlotFlags};
 use crate::plan::Command;
+use crate::vm::DirtyLogConfig;
 
 /// Longest a guest phase may take.
 const PHASE_TIMEOUT: Duration = Duration::from_secs(600);
 
+/// Bytes of one dirty-ring entry (`struct kvm_dirty_gfn`).
+const RING_ENTRY_BYTES: u64 = 16;
+
 /// The manager's VM with the area plugged.
 pub struct OursVm {
-    mode: DirtyMode,
     bench: GuestBench,
     area: Area,
 }
 
+/// The manager's mode for a bench mode.
+fn log_mode(mode: DirtyMode) -> DirtyLogMode {
+    match mode {
+        DirtyMode::Bitmap => DirtyLogMode::Bitmap,
+        DirtyMode::Manual => DirtyLogMode::Manual,
+        DirtyMode::Ring => DirtyLogMode::Ring,
+    }
+}
+
 impl OursVm {
-    /// Builds the VM and plugs `area` (one slot per area slot).
-    ///
-    /// # Errors
-    /// [`DirtyError::NotWired`] at once for a mode the manager lacks.
-    pub fn new(mode: DirtyMode, area: Area, vcpus: u64) -> Result<Self, DirtyError> {
-        match mode {
-            DirtyMode::Bitmap => {}
-            DirtyMode::Manual | DirtyMode::Ring => return Err(DirtyError::NotWired(mode)),
-        }
+    /// Builds the VM logging in `mode` (ring mode: `ring_entries` per
+    /// vCPU, as the raw program uses) and plugs `area` (one slot per area
+    /// slot).
+    pub fn new(
+        mode: DirtyMode,
+        area: Area,
+        vcpus: u64,
+        ring_entries: u64,
+    ) -> Result<Self, DirtyError> {
+        let ring_bytes = match mode {
+            DirtyMode::Ring => u32::try_from(ring_entries * RING_ENTRY_BYTES)
+                .expect("ring_entries is at most KVM's limit, under 4 GiB of ring"),
+            DirtyMode::Bitmap | DirtyMode::Manual => DEFAULT_RING_BYTES,
+        };
+        let dirty = DirtyLogConfig {
+            mode: log_mode(mode),
+            ring_bytes,
+        };
         let mut cfg = FaultsConfig::small(HUGE_2M, Backing::ANON);
         cfg.vcpus = vcpus;
         let test_range = Arc::new(HostMapping::new(&BackingKind::Anon, HUGE_2M)?);
-        let bench = GuestBench::new(&cfg, test_range, &[])?;
+        let bench = GuestBench::with_dirty_log(&cfg, test_range, &[], dirty)?;
         let plugs: Vec<PlugSpec> = area
             .slots
             .iter()
@@ -61,7 +89,8 @@ impl OursVm {
                 what: "plugging the area",
                 source,
             })?;
-        Ok(Self { mode, bench, area })
+        debug_assert_eq!(bench.memory().dirty_log_mode(), log_mode(mode));
+        Ok(Self { bench, area })
     }
 
     /// Runs `commands[i]` on vCPU `i`; returns the time until all finished.
@@ -74,17 +103,13 @@ impl OursVm {
     fn set_logging(&self, on: bool) -> Result<Duration, DirtyError> {
         let t = Instant::now();
         let len = self.area.len();
-        match self.mode {
-            DirtyMode::Bitmap => self
-                .bench
-                .memory()
-                .apply(|m| m.set_dirty_log(Gpa(AREA_BASE), len, on))
-                .map_err(|source| DirtyError::Memory {
-                    what: "switching dirty logging",
-                    source,
-                })?,
-            DirtyMode::Manual | DirtyMode::Ring => return Err(DirtyError::NotWired(self.mode)),
-        };
+        self.bench
+            .memory()
+            .apply(|m| m.set_dirty_log(Gpa(AREA_BASE), len, on))
+            .map_err(|source| DirtyError::Memory {
+                what: "switching dirty logging",
+                source,
+            })?;
         Ok(t.elapsed())
     }
 
@@ -98,34 +123,32 @@ impl OursVm {
         self.set_logging(false)
     }
 
-    /// Collects the dirty GFNs into `out` (cleared first).
+    /// Collects the dirty GFNs into `out` (cleared first) with
+    /// `MemoryManager::dirty_pages`, which also re-protects them.
     pub fn collect(&mut self, out: &mut Vec<u64>) -> Result<Duration, DirtyError> {
         out.clear();
         let t = Instant::now();
-        match self.mode {
-            DirtyMode::Bitmap => {
-                let pages = self
-                    .bench
-                    .memory()
-                    .dirty_pages(Gpa(AREA_BASE), self.area.len())
-                    .map_err(|source| DirtyError::Memory {
-                        what: "collecting dirty pages",
-                        source,
-                    })?;
-                out.extend(pages.into_iter().map(|g| g.0));
-            }
-            DirtyMode::Manual | DirtyMode::Ring => return Err(DirtyError::NotWired(self.mode)),
-        }
-        Ok(t.elapsed())
+        let pages = self
+            .bench
+            .memory()
+            .dirty_pages(Gpa(AREA_BASE), self.area.len())
+            .map_err(|source| DirtyError::Memory {
+                what: "collecting dirty pages",
+                source,
+            })?;
+        let took = t.elapsed();
+        out.extend(pages.into_iter().map(|g| g.0));
+        Ok(took)
     }
 
-    /// Re-protects what the last collect returned (bitmap: `dirty_pages`
-    /// already did, as `KVM_GET_DIRTY_LOG` does).
+    /// Nothing to do: the collect re-protected what it returned.
     pub fn clear(&mut self) -> Result<Duration, DirtyError> {
-        match self.mode {
-            DirtyMode::Bitmap => Ok(Duration::ZERO),
-            DirtyMode::Manual | DirtyMode::Ring => Err(DirtyError::NotWired(self.mode)),
-        }
+        Ok(Duration::ZERO)
+    }
+
+    /// Whether the collect also re-protects (always, for the manager).
+    pub fn clears_in_collect(&self) -> bool {
+        true
     }
 
     /// Stops the vCPUs; the VM goes with it.

@@ -400,6 +400,12 @@ impl RawVm {
         Ok(t.elapsed())
     }
 
+    /// Whether the collect also re-protects (bitmap: `KVM_GET_DIRTY_LOG`
+    /// clears as it reads).
+    pub fn clears_in_collect(&self) -> bool {
+        self.mode == DirtyMode::Bitmap
+    }
+
     /// Re-protects what the last collect read: nothing in bitmap mode
     /// (`KVM_GET_DIRTY_LOG` did), `KVM_CLEAR_DIRTY_LOG` per slot in manual
     /// mode, `KVM_RESET_DIRTY_RINGS` in ring mode.

@@ -329,3 +329,54 @@ fn test_random_ops_report_exact_dirty_sets_in_every_mode() {
         assert!(reported > 100, "{mode}: only {reported} pages reported");
     }
 }
+
+#[test]
+fn test_a_report_is_sorted_unique_exact_and_keeps_what_lies_outside_its_range() {
+    for mode in DirtyLogMode::ALL {
+        let kvm = Arc::new(SimKvm::new().with_dirty_log(mode).with_rings(2, 16));
+        let memory = manager(&kvm);
+        // Two slots (host memory apart, so they stay two).
+        for base in [0, 32] {
+            memory
+                .apply(|m| m.plug(Gpa(base * P), 32 * P, anon(32), 0, logging()))
+                .unwrap();
+        }
+        assert_eq!(memory.registered().len(), 2, "{mode}");
+        // Manual starts all dirty: drain that first.
+        memory.dirty_pages(Gpa(0), 64 * P).unwrap();
+        // Both vCPUs write page 20 (ring: one entry in each ring); enough
+        // writes to fill a 16-entry ring, harvested into the pending pages
+        // on the way; an emulated write to a page also written by the guest
+        // and to one that was not.
+        let written: Vec<u64> = (0..64).filter(|p| p % 3 == 2).collect();
+        for (k, &p) in written.iter().enumerate() {
+            assert!(write(&kvm, &memory, k % 2, p), "{mode}");
+        }
+        assert!(write(&kvm, &memory, 0, 20) && write(&kvm, &memory, 1, 20));
+        memory.mark_dirty(Gpa(23 * P), 1);
+        memory.mark_dirty(Gpa(24 * P), 1);
+        let mut inside: Vec<u64> = written
+            .iter()
+            .copied()
+            .filter(|p| (16..48).contains(p))
+            .collect();
+        inside.push(24);
+        inside.sort_unstable();
+        assert_eq!(
+            memory.dirty_pages(Gpa(16 * P), 32 * P).unwrap(),
+            gfns(&inside),
+            "{mode}: the range crossing both slots"
+        );
+        let outside: Vec<u64> = written
+            .iter()
+            .copied()
+            .filter(|p| !(16..48).contains(p))
+            .collect();
+        assert_eq!(
+            memory.dirty_pages(Gpa(0), 64 * P).unwrap(),
+            gfns(&outside),
+            "{mode}: the rest, kept"
+        );
+        assert!(memory.dirty_pages(Gpa(0), 64 * P).unwrap().is_empty());
+    }
+}

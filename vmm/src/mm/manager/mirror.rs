@@ -312,9 +312,22 @@ impl State {
         vm: &dyn MemslotBackend,
         spec: &MemslotSpec,
     ) -> Result<(), MemslotFailure> {
+        let mut dirty = Vec::new();
+        let read = self.harvest_into(vm, spec, &mut dirty);
+        self.pending.extend(dirty);
+        read
+    }
+
+    /// Reads and clears the dirty log of the live slot `spec`, appending
+    /// its dirty pages to `dirty` in ascending order.
+    fn harvest_into(
+        &mut self,
+        vm: &dyn MemslotBackend,
+        spec: &MemslotSpec,
+        dirty: &mut Vec<Gfn>,
+    ) -> Result<(), MemslotFailure> {
         let pages = spec.size / PAGE_SIZE;
         let first = spec.gpa.gfn().0;
-        let mut dirty = Vec::new();
         let words = self
             .read_bitmap(vm, spec.id, spec.size)
             .map_err(|e| MemslotFailure {
@@ -322,6 +335,8 @@ impl State {
                 spec: *spec,
                 cause: FailureCause::Errno(e.errno()),
             })?;
+        // One count first, so the pages go in without reallocating.
+        dirty.reserve(words.iter().map(|w| w.count_ones() as usize).sum());
         for (w, &word) in words.iter().enumerate() {
             let mut bits = word;
             while bits != 0 {
@@ -332,7 +347,6 @@ impl State {
                 bits &= bits - 1;
             }
         }
-        self.pending.extend(dirty);
         Ok(())
     }
 
@@ -350,22 +364,24 @@ impl State {
         }
     }
 
-    /// For a report over `range`: moves the live dirty-logging slot `spec`'s
-    /// logged pages into `pending`. Bitmap: the whole slot (a read clears
-    /// it all). Manual: reads the bitmap, keeps only the pages inside
-    /// `range`, and clears exactly those (`KVM_CLEAR_DIRTY_LOG` over the
-    /// 64-page-aligned window around them, masked): the rest stays logged
-    /// in KVM. Ring: nothing per slot (the rings are harvested once).
+    /// For a report over `range`: appends the live dirty-logging slot
+    /// `spec`'s logged pages to `dirty`, in ascending order (the caller
+    /// keeps those outside `range` for later). Bitmap: the whole slot (a
+    /// read clears it all). Manual: reads the bitmap, keeps only the pages
+    /// inside `range`, and clears exactly those (`KVM_CLEAR_DIRTY_LOG` over
+    /// the 64-page-aligned window around them, masked): the rest stays
+    /// logged in KVM. Ring: nothing per slot (the rings are harvested once).
     pub(super) fn harvest_range(
         &mut self,
         vm: &dyn MemslotBackend,
         spec: &MemslotSpec,
         range: GpaRange,
+        dirty: &mut Vec<Gfn>,
     ) -> Result<(), MemslotFailure> {
         match self.mode {
             DirtyLogMode::Ring => Ok(()),
-            DirtyLogMode::Bitmap => self.harvest(vm, spec),
-            DirtyLogMode::Manual => self.harvest_and_clear(vm, spec, range),
+            DirtyLogMode::Bitmap => self.harvest_into(vm, spec, dirty),
+            DirtyLogMode::Manual => self.harvest_and_clear(vm, spec, range, dirty),
         }
     }
 
@@ -374,6 +390,7 @@ impl State {
         vm: &dyn MemslotBackend,
         spec: &MemslotSpec,
         range: GpaRange,
+        dirty: &mut Vec<Gfn>,
     ) -> Result<(), MemslotFailure> {
         let pages = spec.size / PAGE_SIZE;
         let first = spec.gpa.gfn().0;
@@ -400,7 +417,7 @@ impl State {
         // of the buffer, which `words` lies within; only this `&mut State`
         // touches the buffer.
         let bits = unsafe { std::slice::from_raw_parts_mut(buf, pages.div_ceil(64) as usize) };
-        let mut dirty = Vec::new();
+        let before = dirty.len();
         for w in words.clone() {
             let base = w as u64 * 64;
             // Keep only the bits of pages in [lo, hi): those are reported
@@ -423,7 +440,7 @@ impl State {
                 b &= b - 1;
             }
         }
-        if dirty.is_empty() {
+        if dirty.len() == before {
             return Ok(());
         }
         let num_pages = u32::try_from(win_hi - win_lo).expect("a slot has fewer than 2^31 pages");
@@ -431,9 +448,8 @@ impl State {
         // stays mapped and untouched by anything else during the call.
         let cleared =
             unsafe { vm.clear_dirty_log(spec.id, win_lo, num_pages, bits[words.start..].as_ptr()) };
-        // Reported pages go to `pending` even if the clear failed: they were
+        // Reported pages stay in `dirty` even if the clear failed: they were
         // written, and an uncleared bit only reports a page again.
-        self.pending.extend(dirty);
         cleared.map_err(|e| failure(MemslotOp::ClearDirtyLog, e))
     }
 
@@ -446,21 +462,43 @@ impl State {
         vm: &dyn MemslotBackend,
         gone: Option<&MemslotSpec>,
     ) -> Result<u64, errno::Error> {
+        let mut dirty = Vec::new();
+        let harvested = self.harvest_rings_into(vm, gone, &mut dirty);
+        self.pending.extend(dirty);
+        harvested
+    }
+
+    /// [`harvest_rings`](Self::harvest_rings), appending the pages to
+    /// `dirty` (in ring order: unsorted, possibly repeated) instead.
+    pub(super) fn harvest_rings_into(
+        &mut self,
+        vm: &dyn MemslotBackend,
+        gone: Option<&MemslotSpec>,
+        dirty: &mut Vec<Gfn>,
+    ) -> Result<u64, errno::Error> {
         let Self {
             by_id,
-            pending,
             unattributed,
             ..
         } = self;
+        // Consecutive entries mostly name one slot: look it up once per run.
+        let mut last: Option<(u32, Option<MemslotSpec>)> = None;
         vm.harvest_dirty_rings(&mut |slot, offset| {
             let (as_id, id) = (slot >> 16, SlotId(slot & 0xffff));
-            let spec = match gone {
-                Some(g) if g.id == id => Some(*g),
-                _ => by_id.get(&id).map(|r| r.spec),
+            let spec = match last {
+                Some((named, spec)) if named == slot => spec,
+                _ => {
+                    let spec = match gone {
+                        Some(g) if g.id == id => Some(*g),
+                        _ => by_id.get(&id).map(|r| r.spec),
+                    };
+                    last = Some((slot, spec));
+                    spec
+                }
             };
             match spec {
                 Some(s) if as_id == 0 && offset < s.size / PAGE_SIZE => {
-                    pending.insert(Gfn(s.gpa.gfn().0 + offset));
+                    dirty.push(Gfn(s.gpa.gfn().0 + offset));
                 }
                 _ => *unattributed += 1,
             }

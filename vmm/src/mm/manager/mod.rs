@@ -662,17 +662,52 @@ impl MemoryManager {
         if let Some(e) = st.ring_error.take() {
             return Err(MemslotError::DirtyRings(e.into()));
         }
+        // The pages are gathered in a vector, not through `pending`: the
+        // slots' bitmaps come out in ascending order (slots ascending, each
+        // bitmap walked upwards), so the common report (nothing pending in
+        // the range) is one pass with no per-page tree insert and remove.
+        // What a read returns outside the range, and everything gathered
+        // before a failure, goes to `pending` as before.
+        let mut fresh = Vec::new();
         if st.mode == DirtyLogMode::Ring {
-            st.harvest_rings(&*self.backend, None)
-                .map_err(|e| MemslotError::DirtyRings(e.into()))?;
+            if let Err(e) = st.harvest_rings_into(&*self.backend, None, &mut fresh) {
+                st.pending.extend(fresh);
+                return Err(MemslotError::DirtyRings(e.into()));
+            }
         }
-        for spec in &logging {
-            st.harvest_range(&*self.backend, spec, range)
-                .map_err(MemslotError::DirtyLog)?;
+        for spec in logging.iter().rev() {
+            if let Err(e) = st.harvest_range(&*self.backend, spec, range, &mut fresh) {
+                st.pending.extend(fresh);
+                return Err(MemslotError::DirtyLog(e));
+            }
         }
-        let dirty: Vec<Gfn> = st.pending.range(first..last).copied().collect();
-        for g in &dirty {
-            st.pending.remove(g);
+        if st.mode == DirtyLogMode::Ring {
+            // Ring entries come in ring order, a page once per vCPU ring
+            // that logged it.
+            fresh.sort_unstable();
+            fresh.dedup();
+        }
+        let lo = fresh.partition_point(|g| *g < first);
+        let hi = fresh.partition_point(|g| *g < last);
+        let outside = fresh.len() - (hi - lo);
+        let mut dirty = if outside == 0 {
+            fresh
+        } else {
+            let inside: Vec<Gfn> = fresh[lo..hi].to_vec();
+            st.pending
+                .extend(fresh[..lo].iter().chain(&fresh[hi..]).copied());
+            inside
+        };
+        if st.pending.range(first..last).next().is_some() {
+            // Pages kept from a teardown, an emulated write or an earlier
+            // read outside its range: merge them in.
+            let kept: Vec<Gfn> = st.pending.range(first..last).copied().collect();
+            for g in &kept {
+                st.pending.remove(g);
+            }
+            dirty.extend(kept);
+            dirty.sort_unstable();
+            dirty.dedup();
         }
         Ok(dirty)
     }
