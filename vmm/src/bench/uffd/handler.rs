@@ -362,6 +362,14 @@ mod tests {
     fn test_uffd_second_fault_on_a_resolved_page_is_wake_only() {
         let (m, armed, h) = spawn(Mode::Zero, 2, &[(0, 2 * PAGE_SIZE)]);
         read(&m, 0);
+        // The read returns as soon as the ioctl woke it, which can be before
+        // the handler thread marks the page resolved: wait for the mark.
+        let (word, mask) = h.state.bit(m.hva().0);
+        let since = std::time::Instant::now();
+        while h.state.done[word].load(Ordering::Acquire) & mask == 0 {
+            assert!(since.elapsed() < std::time::Duration::from_secs(10));
+            std::thread::yield_now();
+        }
         // A second message for page 0 (as a second vCPU racing the first
         // would produce): the handler knows it resolved, and only wakes.
         let outcome = handle(&h.state, 0, m.hva().0 + 8).unwrap();
