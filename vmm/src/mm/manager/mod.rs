@@ -304,6 +304,7 @@ impl MemoryManager {
                 unattributed: 0,
                 ring_error: None,
                 windows: TeardownWindows::default(),
+                journal: None,
             }),
         })
     }
@@ -466,11 +467,15 @@ impl MemoryManager {
         let mut st = self.lock_state();
         let config = *base.config();
         let steps = fuse_moves(changes.iter().map(Step::of).collect());
+        // Pages harvested by the calls below wait in the journal until it is
+        // known which layout they belong to (see `State::settle_harvest`).
+        st.journal = Some(Vec::new());
         for (index, step) in steps.iter().enumerate() {
             if let Err(failure) = self.execute(&mut st, step, &config) {
                 for done in steps[..index].iter().rev() {
                     if let Err(undo) = self.execute(&mut st, &done.inverse(), &config) {
                         st.poisoned = true;
+                        st.settle_harvest(false);
                         return Err(MemslotError::RollbackFailed {
                             index,
                             failure,
@@ -480,6 +485,7 @@ impl MemoryManager {
                 }
                 // KVM is as before: the exclusions are released (dropped) and
                 // the cells keep the slots of the still published map.
+                st.settle_harvest(true);
                 return Err(MemslotError::RolledBack {
                     index,
                     total: steps.len(),
@@ -487,6 +493,7 @@ impl MemoryManager {
                 });
             }
         }
+        st.settle_harvest(false);
         // 4. Cells follow KVM (detach deleted, attach created)
         //    before the map naming the new slots is published.
         if let Err(e) = exclusions.commit(&changes) {
