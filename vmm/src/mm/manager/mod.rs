@@ -62,6 +62,14 @@
 //! nothing is lost. Pages harvested from a slot that is gone are reported by
 //! the GPA they were written at.
 //!
+//! Pages harvested while an op's memslot calls run wait in a journal until
+//! the op is settled: if it took effect, they are pending by the GPA they
+//! were written at; if its calls were rolled back, that GPA belongs to the
+//! layout the op tried to make (the rollback deleted the slots it created),
+//! so each page goes by host address to the dirty-logging slot that maps
+//! it after the rollback, or is dropped where none does (see
+//! `docs/dirty-tracking.md`).
+//!
 //! # Concurrency, lock order, memory ordering
 //! Lock order: the slot map's writer lock ([`SharedSlotMap::begin_write`]),
 //! then the manager's state mutex (mirror, pending dirty pages, bitmap
