@@ -11,6 +11,7 @@ use clap::{Args, ValueEnum};
 use guest_image::protocol::{layout, MMIO_BASE, MMIO_SIZE};
 use serde::Serialize;
 
+use crate::mm::manager::DirtyLogMode;
 use crate::scenario::step::Action;
 use crate::scenario::{Outcome, Scenario};
 use crate::units::{parse_duration, parse_mem};
@@ -67,10 +68,12 @@ pub struct FuzzArgs {
     /// Length of the arena.
     #[arg(long, value_name = "SIZE", default_value = "64M", value_parser = parse_mem)]
     pub arena_size: u64,
-    /// Dirty-log mode of the VM: bitmap, manual or ring (the model predicts
-    /// each mode's exact dirty sets).
-    #[arg(long, value_name = "MODE", default_value = "bitmap")]
-    pub dirty_log: crate::mm::manager::DirtyLogMode,
+    /// Dirty-log mode of the VM: bitmap (default), manual or ring (the
+    /// model predicts each mode's exact dirty sets). With `--replay`, a
+    /// file's `dirty_log` header decides; a flag naming another mode is
+    /// refused.
+    #[arg(long, value_name = "MODE")]
+    pub dirty_log: Option<DirtyLogMode>,
     /// Slot budget of the sim tier (the real tier uses KVM's).
     #[arg(long, value_name = "N", default_value_t = 64, value_parser = clap::value_parser!(u64).range(4..=32764))]
     pub max_slots: u64,
@@ -209,7 +212,7 @@ fn sim_layout(args: &FuzzArgs) -> Layout {
         pin_limit: args.pin_limit,
         vcpus: args.vcpus,
         guest_end: layout::IDENTITY_END,
-        dirty_log: args.dirty_log,
+        dirty_log: args.dirty_log.unwrap_or_default(),
     }
 }
 
@@ -225,9 +228,12 @@ fn outcome_name(actual: &str) -> String {
 impl Campaign {
     fn new(args: FuzzArgs) -> Result<Self, FuzzError> {
         let layout = match args.backend {
-            Backend::Real => {
-                real::layout_with(args.mem, args.vcpus, args.pin_limit, args.dirty_log)?
-            }
+            Backend::Real => real::layout_with(
+                args.mem,
+                args.vcpus,
+                args.pin_limit,
+                args.dirty_log.unwrap_or_default(),
+            )?,
             Backend::Sim => sim_layout(&args),
         };
         let (a, s) = (args.arena_base, args.arena_size);
@@ -463,6 +469,28 @@ pub fn main(args: &FuzzArgs) -> i32 {
             println!("[fuzz] {line}");
         }
     };
+    // A reproducer replays in the dirty-log mode its header names.
+    let mut args = args.clone();
+    let replaying = match &args.replay {
+        Some(path) => match Scenario::load(path) {
+            Ok(sc) => match replay_dirty_log(args.dirty_log, sc.dirty_log.as_deref()) {
+                Ok(mode) => {
+                    args.dirty_log = Some(mode);
+                    Some((path.clone(), sc))
+                }
+                Err(e) => {
+                    eprintln!("vmm fuzz: {}: {e}", path.display());
+                    return 2;
+                }
+            },
+            Err(e) => {
+                eprintln!("vmm fuzz: {e}");
+                return 2;
+            }
+        },
+        None => None,
+    };
+    let args = &args;
     let campaign = match Campaign::new(args.clone()) {
         Ok(c) => c,
         Err(e @ FuzzError::Flags(_)) => {
@@ -492,8 +520,8 @@ pub fn main(args: &FuzzArgs) -> i32 {
             }
         };
     }
-    if let Some(path) = &args.replay {
-        return replay(&campaign, path, &mut say);
+    if let Some((path, sc)) = replaying {
+        return replay(&campaign, &path, sc, &mut say);
     }
     let seed = args.seed.unwrap_or_else(|| {
         std::time::SystemTime::now()
@@ -601,20 +629,44 @@ pub fn main(args: &FuzzArgs) -> i32 {
     status
 }
 
-fn replay(campaign: &Campaign, path: &Path, say: &mut dyn FnMut(String)) -> i32 {
-    let sc = match Scenario::load(path) {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("vmm fuzz: {e}");
-            return 2;
-        }
+/// The dirty-log mode a reproducer replays in: its `dirty_log` header, as
+/// `vmm run --scenario` takes it (a reproducer is written with the header
+/// of the mode it failed in, so the replay needs no flag); `flag` where the
+/// file has no header (else bitmap).
+///
+/// # Errors
+/// [`FuzzError::Flags`] if `flag` names another mode than the header: the
+/// replay would run another VM than the one the file describes.
+pub fn replay_dirty_log(
+    flag: Option<DirtyLogMode>,
+    header: Option<&str>,
+) -> Result<DirtyLogMode, FuzzError> {
+    let Some(header) = header else {
+        return Ok(flag.unwrap_or_default());
     };
+    let mode: DirtyLogMode = header
+        .parse()
+        .map_err(|e| FuzzError::Flags(format!("the header's dirty_log {header:?}: {e}")))?;
+    match flag {
+        Some(f) if f != mode => Err(FuzzError::Flags(format!(
+            "--dirty-log {f} conflicts with the file's header dirty_log = \"{mode}\" (drop the flag: a replay runs in the file's mode)"
+        ))),
+        _ => Ok(mode),
+    }
+}
+
+fn replay(campaign: &Campaign, path: &Path, sc: Scenario, say: &mut dyn FnMut(String)) -> i32 {
+    // The VM the file describes (its dirty-log mode is in the campaign's
+    // layout already, see `replay_dirty_log`).
+    let mut layout = campaign.layout.clone();
+    layout.ram.1 = sc.mem.map_or(layout.ram.1, |m| m.0);
+    layout.vcpus = sc.vcpus.unwrap_or(layout.vcpus);
     let result = match campaign.args.backend {
         Backend::Sim => {
             let actions: Vec<Action> = sc.steps.iter().map(|s| s.action.clone()).collect();
             let faults = campaign.faults(&actions);
             sim::run_with(
-                &campaign.layout,
+                &layout,
                 &actions,
                 &sim::SimOptions {
                     faults: &faults,
@@ -624,12 +676,7 @@ fn replay(campaign: &Campaign, path: &Path, say: &mut dyn FnMut(String)) -> i32 
             )
             .map_err(FuzzError::from)
         }
-        Backend::Real => {
-            let mut layout = campaign.layout.clone();
-            layout.ram.1 = sc.mem.map_or(layout.ram.1, |m| m.0);
-            layout.vcpus = sc.vcpus.unwrap_or(layout.vcpus);
-            real::run(sc, &layout, Duration::from_secs(60)).map_err(FuzzError::from)
-        }
+        Backend::Real => real::run(sc, &layout, Duration::from_secs(60)).map_err(FuzzError::from),
     };
     match result {
         Ok(None) => {

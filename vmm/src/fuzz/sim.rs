@@ -523,8 +523,9 @@ pub fn run_with(
         if outcome == Outcome::KvmRolledBack {
             // Revocable pins were revoked before the failing call.
             let pins = std::mem::take(&mut model.pins);
-            model = before;
+            let attempted = std::mem::replace(&mut model, before);
             model.pins = pins;
+            model.roll_back_from(&attempted);
         } else if outcome != Outcome::Ok && allowed.contains(&Outcome::Ok) {
             // An allowed refusal where the model predicted success (host
             // memory that could not be allocated): nothing changed.

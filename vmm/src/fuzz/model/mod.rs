@@ -97,10 +97,12 @@ pub struct Model {
     /// Frames written by vCPUs while logged, not yet reported (see
     /// [`dirty_count`](Self::dirty_count)).
     pub dirty: imbl::OrdSet<u64>,
-    /// Frames a vCPU only read while their slot logged: KVM may log them
-    /// too (a shadow MMU maps a page writable, and logs it, on a read fault
-    /// when the guest's PTE is dirty), so a `dirty-pages` over them may
-    /// report them; kept until a `dirty-pages` covers them.
+    /// Frames KVM may report dirty though no vCPU wrote them, kept until a
+    /// `dirty-pages` covers them: frames a vCPU only read while their slot
+    /// logged (a shadow MMU maps a page writable, and logs it, on a read
+    /// fault when the guest's PTE is dirty), and in manual mode the frames
+    /// of logging slots a rolled-back op changed
+    /// ([`roll_back_from`](Self::roll_back_from)).
     pub maybe_dirty: imbl::OrdSet<u64>,
     /// The VM.
     pub layout: Layout,
@@ -165,16 +167,6 @@ impl Model {
         Some(self.dirty.range(gpa / PAGE..end.div_ceil(PAGE)).count() as u64)
     }
 
-    /// Whether a frame of `[gpa, gpa + size)` was read by a vCPU while its
-    /// slot logged and has not been covered by a `dirty-pages` since.
-    fn maybe_dirty_in(&self, gpa: u64, size: u64) -> bool {
-        let end = gpa.saturating_add(size);
-        self.maybe_dirty
-            .range(gpa / PAGE..end.div_ceil(PAGE))
-            .next()
-            .is_some()
-    }
-
     /// A vCPU accesses `[a, b)`: the pages of logging slots may be logged
     /// even if it only reads them.
     fn note_vcpu_access(&mut self, (a, b): (u64, u64)) {
@@ -191,9 +183,13 @@ impl Model {
 
     /// `dirty-pages`: KVM's log is read and cleared over the range's pages
     /// before the IOMMU's table (whole pages of a 48-bit space) is read.
-    fn dirty_pages(&mut self, gpa: u64, size: u64, want: Option<u64>) -> Outcome {
+    /// Its outcomes: frames in [`maybe_dirty`](Self::maybe_dirty) may or
+    /// may not be reported, so a count between the certain frames and the
+    /// certain plus the maybe-dirty ones is `ok`, and a range that would be
+    /// `not-logging` may report them instead.
+    fn dirty_pages(&mut self, gpa: u64, size: u64, want: Option<u64>) -> Vec<Outcome> {
         let Some(end) = gpa.checked_add(size) else {
-            return Outcome::RangeOverflow;
+            return vec![Outcome::RangeOverflow];
         };
         let frames: Vec<u64> = self
             .dirty
@@ -209,11 +205,16 @@ impl Model {
             .range(gpa / PAGE..end.div_ceil(PAGE))
             .copied()
             .collect();
+        let extra = maybe.iter().filter(|&f| !self.dirty.contains(f)).count() as u64;
         for f in &maybe {
             self.maybe_dirty.remove(f);
         }
+        let mut outcomes = Vec::new();
         if !logging && frames.is_empty() {
-            return Outcome::NotLogging;
+            outcomes.push(Outcome::NotLogging);
+            if extra == 0 {
+                return outcomes;
+            }
         }
         for f in &frames {
             self.dirty.remove(f);
@@ -222,11 +223,47 @@ impl Model {
             .checked_next_multiple_of(PAGE)
             .is_none_or(|e| e > STAGE2_LIMIT)
         {
-            return Outcome::Stage2;
+            outcomes.push(Outcome::Stage2);
+            return outcomes;
         }
+        let certain = frames.len() as u64;
         match want {
-            Some(n) if n != frames.len() as u64 => Outcome::DirtyCount,
-            _ => Outcome::Ok,
+            Some(n) => {
+                if (certain..=certain + extra).contains(&n) {
+                    outcomes.push(Outcome::Ok);
+                }
+                if extra > 0 || n != certain {
+                    outcomes.push(Outcome::DirtyCount);
+                }
+            }
+            None => outcomes.push(Outcome::Ok),
+        }
+        outcomes
+    }
+
+    /// After `attempted`'s memslot calls failed and were rolled back: the
+    /// model is `self` (the state before), KVM holds what it held before,
+    /// but in manual mode the rollback re-created (or switched logging on
+    /// again on) the logging memslots the op had deleted or changed, and
+    /// initially set marks every page of them dirty in KVM; pages harvested
+    /// from the memslots the op created land there too (the manager
+    /// attributes them by host address). Those are over-reports, never
+    /// losses: the pages of the logging slots the op changed may be
+    /// reported. (In the other modes a re-created memslot starts clean.)
+    pub fn roll_back_from(&mut self, attempted: &Model) {
+        if !self.layout.dirty_log.initially_set() {
+            return;
+        }
+        let key = |s: &slots::MSlot| (s.start, s.len, s.map, s.off, s.ro, s.log);
+        let changed: Vec<(u64, u64)> = self
+            .slots
+            .slots
+            .values()
+            .filter(|s| s.log && attempted.slots.slots.get(&s.start).map(key) != Some(key(s)))
+            .map(|s| (s.start, s.end()))
+            .collect();
+        for (start, end) in changed {
+            self.maybe_dirty.extend(start / PAGE..end / PAGE);
         }
     }
 
@@ -284,16 +321,7 @@ impl Model {
                     _ => vec![o],
                 }
             }
-            Action::DirtyPages(d) => {
-                let read_only_dirt = self.maybe_dirty_in(d.gpa.0, d.size.0);
-                match self.dirty_pages(d.gpa.0, d.size.0, d.pages) {
-                    // Only frames a vCPU read may be in KVM's log.
-                    Outcome::NotLogging if read_only_dirt => {
-                        vec![Outcome::NotLogging, Outcome::Ok]
-                    }
-                    o => vec![o],
-                }
-            }
+            Action::DirtyPages(d) => self.dirty_pages(d.gpa.0, d.size.0, d.pages),
             Action::PlugMany(p) => vec![self.plug_many(p.gpa.0, p.count.map(|c| c.0))],
             Action::Check(c) => match c.pages {
                 Some(p) if p != self.pinned_pages() => vec![Outcome::PinnedPages],

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use super::*;
 use crate::mm::slot_map::SlotFlags;
+use vmm_sys_util::errno;
 
 const P: u64 = PAGE_SIZE;
 
@@ -378,5 +379,93 @@ fn test_a_report_is_sorted_unique_exact_and_keeps_what_lies_outside_its_range() 
             "{mode}: the rest, kept"
         );
         assert!(memory.dirty_pages(Gpa(0), 64 * P).unwrap().is_empty());
+    }
+}
+
+/// A backend that lets a guest write land right after the memslot call
+/// creating a slot at `at` (the window of an op, between its calls), and
+/// then makes the op's next call fail.
+struct WriteInWindow {
+    kvm: Arc<SimKvm>,
+    at: Gpa,
+}
+
+impl MemslotBackend for WriteInWindow {
+    unsafe fn set_memslot(&self, region: &MemslotRegion) -> Result<(), errno::Error> {
+        // SAFETY: forwarded; our caller upholds the same contract.
+        unsafe { self.kvm.set_memslot(region) }?;
+        if region.gpa == self.at && region.size != 0 {
+            assert!(
+                self.kvm.guest_write(self.at),
+                "the new slot takes the write"
+            );
+            self.kvm.fail_calls(&[0], libc::EIO);
+        }
+        Ok(())
+    }
+    unsafe fn get_dirty_log_into(
+        &self,
+        slot: SlotId,
+        bitmap: *mut u64,
+    ) -> Result<(), errno::Error> {
+        // SAFETY: forwarded; our caller upholds the same contract.
+        unsafe { self.kvm.get_dirty_log_into(slot, bitmap) }
+    }
+    fn dirty_log_mode(&self) -> DirtyLogMode {
+        self.kvm.dirty_log_mode()
+    }
+    unsafe fn clear_dirty_log(
+        &self,
+        slot: SlotId,
+        first_page: u64,
+        num_pages: u32,
+        bitmap: *const u64,
+    ) -> Result<(), errno::Error> {
+        // SAFETY: forwarded; our caller upholds the same contract.
+        unsafe {
+            self.kvm
+                .clear_dirty_log(slot, first_page, num_pages, bitmap)
+        }
+    }
+    fn harvest_dirty_rings(&self, sink: &mut dyn FnMut(u32, u64)) -> Result<u64, errno::Error> {
+        self.kvm.harvest_dirty_rings(sink)
+    }
+}
+
+#[test]
+fn test_a_rolled_back_move_reports_window_writes_where_the_memory_is_plugged_after() {
+    // A page moved out of a logging slot to a lower address: the map
+    // creates the page's new slot first, then deletes the old slot and
+    // creates its two pieces. A guest write lands in the new slot, the
+    // old slot's delete fails, and the rollback deletes the new slot
+    // (harvesting its log: in manual mode every bit, initially set). The
+    // old slot maps that host page again: the write is its page, and the
+    // new address is unplugged, so it reports nothing.
+    for mode in DirtyLogMode::ALL {
+        for dest in [0x4u64, 0xf] {
+            let kvm = Arc::new(SimKvm::new().with_dirty_log(mode));
+            let backend = WriteInWindow {
+                kvm: Arc::clone(&kvm),
+                at: Gpa(dest * P),
+            };
+            let memory = MemoryManager::new(backend, config()).unwrap();
+            memory
+                .apply(|m| m.plug(Gpa(0x10 * P), 16 * P, anon(16), 0, logging()))
+                .unwrap();
+            memory.dirty_pages(Gpa(0x10 * P), 16 * P).unwrap();
+            let moved = memory.apply(|m| m.move_range(Gpa(0x13 * P), P, Gpa(dest * P)));
+            assert!(
+                matches!(moved, Err(MemslotError::RolledBack { .. })),
+                "{mode}: {moved:?}"
+            );
+            memory.check_consistency().unwrap();
+            assert_eq!(kvm.memslots(), memory.registered());
+            match memory.dirty_pages(Gpa(dest * P), P) {
+                Err(MemslotError::NotLogging { .. }) => {}
+                other => panic!("{mode}: the unplugged destination reported {other:?}"),
+            }
+            let at_home = memory.dirty_pages(Gpa(0x10 * P), 16 * P).unwrap();
+            assert_eq!(at_home, gfns(&[0x13]), "{mode}, move to {dest:#x}");
+        }
     }
 }

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use vmm_sys_util::errno;
 
-use crate::mm::addr::{Gfn, Gpa, GpaRange, PAGE_SIZE};
+use crate::mm::addr::{Gfn, Gpa, GpaRange, Hva, PAGE_SIZE};
 use crate::mm::backing::HostMapping;
 use crate::mm::slot_map::{MemslotChange, MemslotFlags, MemslotSpec, SlotId, SlotMapConfig};
 
@@ -148,6 +148,11 @@ pub(super) struct State {
     pub(super) ring_error: Option<errno::Error>,
     /// The bitmap modes' blind windows measured so far.
     pub(super) windows: super::TeardownWindows,
+    /// While an op's memslot calls run: the pages harvested so far, by
+    /// guest frame *and* host page, until the op is known to have taken
+    /// effect ([`settle_harvest`](Self::settle_harvest)). `None` outside
+    /// an op: harvests go straight to `pending`.
+    pub(super) journal: Option<Vec<(Gfn, Hva)>>,
 }
 
 impl State {
@@ -314,7 +319,11 @@ impl State {
     ) -> Result<(), MemslotFailure> {
         let mut dirty = Vec::new();
         let read = self.harvest_into(vm, spec, &mut dirty);
-        self.pending.extend(dirty);
+        let first = spec.gpa.gfn().0;
+        for gfn in dirty {
+            let hva = Hva(spec.hva.0 + (gfn.0 - first) * PAGE_SIZE);
+            keep(&mut self.pending, &mut self.journal, gfn, hva);
+        }
         read
     }
 
@@ -348,6 +357,44 @@ impl State {
             }
         }
         Ok(())
+    }
+
+    /// Ends an op's journal of harvested pages. If the op took effect
+    /// (`rolled_back` false), each page is pending by the frame it was
+    /// written at. If its calls were rolled back, the frames belong to the
+    /// layout the op tried to make (a slot it created, then deleted in the
+    /// rollback, is reported by *its* address): each page is attributed by
+    /// host address to the dirty-logging slot that maps that host page now,
+    /// `gfn = slot.gpa + (hva - slot.hva)`, and dropped where no logging slot
+    /// maps it (memory that was not logged before the op needs no report).
+    /// The slot map never lets two slots share host memory, so at most one
+    /// slot maps each host page.
+    pub(super) fn settle_harvest(&mut self, rolled_back: bool) {
+        let Some(journal) = self.journal.take() else {
+            return;
+        };
+        if !rolled_back {
+            self.pending.extend(journal.into_iter().map(|(gfn, _)| gfn));
+            return;
+        }
+        let mut logging: Vec<MemslotSpec> = self
+            .by_id
+            .values()
+            .map(|r| r.spec)
+            .filter(|s| s.flags.contains(MemslotFlags::LOG_DIRTY_PAGES))
+            .collect();
+        logging.sort_by_key(|s| s.hva.0);
+        for (_, hva) in journal {
+            let after = logging.partition_point(|s| s.hva.0 <= hva.0);
+            let Some(slot) = after.checked_sub(1).map(|i| &logging[i]) else {
+                continue;
+            };
+            let offset = hva.0 - slot.hva.0;
+            if offset < slot.size {
+                self.pending
+                    .insert(Gfn(slot.gpa.gfn().0 + offset / PAGE_SIZE));
+            }
+        }
     }
 
     /// Before a delete or logging-off of the live dirty-logging slot `spec`:
@@ -462,19 +509,22 @@ impl State {
         vm: &dyn MemslotBackend,
         gone: Option<&MemslotSpec>,
     ) -> Result<u64, errno::Error> {
-        let mut dirty = Vec::new();
-        let harvested = self.harvest_rings_into(vm, gone, &mut dirty);
-        self.pending.extend(dirty);
+        let mut got = Vec::new();
+        let harvested = self.harvest_rings_into(vm, gone, &mut |gfn, hva| got.push((gfn, hva)));
+        for (gfn, hva) in got {
+            keep(&mut self.pending, &mut self.journal, gfn, hva);
+        }
         harvested
     }
 
-    /// [`harvest_rings`](Self::harvest_rings), appending the pages to
-    /// `dirty` (in ring order: unsorted, possibly repeated) instead.
+    /// [`harvest_rings`](Self::harvest_rings), handing each page (frame and
+    /// host address) to `push` instead, in ring order: unsorted, possibly
+    /// repeated.
     pub(super) fn harvest_rings_into(
         &mut self,
         vm: &dyn MemslotBackend,
         gone: Option<&MemslotSpec>,
-        dirty: &mut Vec<Gfn>,
+        push: &mut dyn FnMut(Gfn, Hva),
     ) -> Result<u64, errno::Error> {
         let Self {
             by_id,
@@ -498,10 +548,23 @@ impl State {
             };
             match spec {
                 Some(s) if as_id == 0 && offset < s.size / PAGE_SIZE => {
-                    dirty.push(Gfn(s.gpa.gfn().0 + offset));
+                    push(
+                        Gfn(s.gpa.gfn().0 + offset),
+                        Hva(s.hva.0 + offset * PAGE_SIZE),
+                    );
                 }
                 _ => *unattributed += 1,
             }
         })
+    }
+}
+
+/// A harvested page: into the op's journal while an op runs, else pending.
+fn keep(pending: &mut BTreeSet<Gfn>, journal: &mut Option<Vec<(Gfn, Hva)>>, gfn: Gfn, hva: Hva) {
+    match journal {
+        Some(j) => j.push((gfn, hva)),
+        None => {
+            pending.insert(gfn);
+        }
     }
 }

@@ -62,6 +62,14 @@
 //! nothing is lost. Pages harvested from a slot that is gone are reported by
 //! the GPA they were written at.
 //!
+//! Pages harvested while an op's memslot calls run wait in a journal until
+//! the op is settled: if it took effect, they are pending by the GPA they
+//! were written at; if its calls were rolled back, that GPA belongs to the
+//! layout the op tried to make (the rollback deleted the slots it created),
+//! so each page goes by host address to the dirty-logging slot that maps
+//! it after the rollback, or is dropped where none does (see
+//! `docs/dirty-tracking.md`).
+//!
 //! # Concurrency, lock order, memory ordering
 //! Lock order: the slot map's writer lock ([`SharedSlotMap::begin_write`]),
 //! then the manager's state mutex (mirror, pending dirty pages, bitmap
@@ -304,6 +312,7 @@ impl MemoryManager {
                 unattributed: 0,
                 ring_error: None,
                 windows: TeardownWindows::default(),
+                journal: None,
             }),
         })
     }
@@ -466,11 +475,15 @@ impl MemoryManager {
         let mut st = self.lock_state();
         let config = *base.config();
         let steps = fuse_moves(changes.iter().map(Step::of).collect());
+        // Pages harvested by the calls below wait in the journal until it is
+        // known which layout they belong to (see `State::settle_harvest`).
+        st.journal = Some(Vec::new());
         for (index, step) in steps.iter().enumerate() {
             if let Err(failure) = self.execute(&mut st, step, &config) {
                 for done in steps[..index].iter().rev() {
                     if let Err(undo) = self.execute(&mut st, &done.inverse(), &config) {
                         st.poisoned = true;
+                        st.settle_harvest(false);
                         return Err(MemslotError::RollbackFailed {
                             index,
                             failure,
@@ -480,6 +493,7 @@ impl MemoryManager {
                 }
                 // KVM is as before: the exclusions are released (dropped) and
                 // the cells keep the slots of the still published map.
+                st.settle_harvest(true);
                 return Err(MemslotError::RolledBack {
                     index,
                     total: steps.len(),
@@ -487,6 +501,7 @@ impl MemoryManager {
                 });
             }
         }
+        st.settle_harvest(false);
         // 4. Cells follow KVM (detach deleted, attach created)
         //    before the map naming the new slots is published.
         if let Err(e) = exclusions.commit(&changes) {
@@ -670,7 +685,9 @@ impl MemoryManager {
         // before a failure, goes to `pending` as before.
         let mut fresh = Vec::new();
         if st.mode == DirtyLogMode::Ring {
-            if let Err(e) = st.harvest_rings_into(&*self.backend, None, &mut fresh) {
+            if let Err(e) =
+                st.harvest_rings_into(&*self.backend, None, &mut |gfn, _| fresh.push(gfn))
+            {
                 st.pending.extend(fresh);
                 return Err(MemslotError::DirtyRings(e.into()));
             }

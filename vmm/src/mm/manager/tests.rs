@@ -60,6 +60,7 @@ fn state_with_one_slot(a: &Arc<HostMapping>) -> State {
         unattributed: 0,
         ring_error: None,
         windows: TeardownWindows::default(),
+        journal: None,
     };
     st.record(&step(MemslotOp::Create, 0, 0, 4, a, MemslotFlags::empty()));
     st
