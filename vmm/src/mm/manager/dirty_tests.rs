@@ -6,6 +6,7 @@ use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use super::*;
+use crate::mm::addr::{Gfn, PAGE_SIZE};
 use crate::mm::slot_map::SlotFlags;
 use vmm_sys_util::errno;
 

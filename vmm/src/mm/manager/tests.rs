@@ -6,7 +6,7 @@ use proptest::prelude::*;
 
 use super::mirror::{State, Step};
 use super::*;
-use crate::mm::addr::Hva;
+use crate::mm::addr::{Gfn, Hva, PAGE_SIZE};
 use crate::mm::notifier::{Interest, Replay, Subscriber};
 use crate::mm::slot_map::SlotFlags;
 
