@@ -335,9 +335,11 @@ fn test_faults_uffd_kinds_get_a_raw_baseline() {
     if !kvm_or_skip("faults: uffd raw baseline") {
         return;
     }
+    // Writes: uffd-wp faults on writes only, so reads would leave both
+    // its handlers (ours and raw's) idle and the ratio would say nothing.
     let cfg = FaultsConfig {
         baselines: true,
-        access: Access::Read,
+        access: Access::Write,
         ..config(
             4 * MIB,
             &[Backing::UffdCopy, Backing::UffdMinor, Backing::UffdWp],
@@ -380,6 +382,16 @@ fn test_faults_uffd_cli_histograms_scaling_and_bad_flags() {
             "--histograms",
         ])
         .arg(&dir)
+        .output()
+        .unwrap();
+    // The sweep keeps no per-access histograms: refused, not silently empty.
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("--histograms with --scaling"), "{err}");
+    assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0);
+    let out = Command::new(env!("CARGO_BIN_EXE_vmm-cli"))
+        .args(["bench", "faults", "--size", "1M", "--backing", "uffd-minor"])
+        .args(["--access", "read", "--scaling", "--json", "-q"])
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);

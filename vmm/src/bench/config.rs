@@ -443,6 +443,11 @@ impl FaultsArgs {
             ..self.measure.clone()
         };
         cfg.validate()?;
+        if cfg.scaling && self.histograms.is_some() {
+            return Err(ConfigError::Workset(
+                "--histograms with --scaling: the sweep keeps only its pages/s table, not per-access histograms: run them separately".into(),
+            ));
+        }
         Ok(cfg)
     }
 }
@@ -618,7 +623,7 @@ impl FaultsConfig {
         {
             if let Some(b) = self.backings.iter().find(|b| b.is_uffd()) {
                 return Err(ConfigError::Workset(format!(
-                    "--churn dontneed with {b}: the userfaultfd handler takes a page it resolved in a pass as present and only wakes later faults on it, so a page dropped mid-pass would fault forever (and uffd-minor would lose its page cache): churn {b} with plug, protect, collapse or dirty-log"
+                    "--churn dontneed with {b}: a dropped page comes back as a new missing fault (changing what the pass measures), uffd-wp would lose the protected contents and uffd-minor its page cache: churn {b} with plug, protect, collapse or dirty-log"
                 )));
             }
         }

@@ -48,7 +48,8 @@ fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> BenchError {
 struct Shared {
     boot: HostMapping,
     test: HostMapping,
-    prefault: bool,
+    /// The backing: a re-fault pass prefills again as the tool does.
+    backing: Backing,
     /// The userfaultfd registration of a uffd kind.
     armed: Option<Arc<Armed>>,
 }
@@ -105,7 +106,7 @@ pub fn run(cfg: &FaultsConfig, backing: &Backing) -> Result<RawResult, BenchErro
     let shared = Arc::new(Shared {
         boot,
         test,
-        prefault: *backing == Backing::Prefault,
+        backing: backing.clone(),
         armed,
     });
     let handlers = shared
@@ -266,8 +267,12 @@ impl Job {
                         .discard(0, shared.test.len())
                         .map_err(|e| e.to_string()),
                 };
-                if shared.prefault {
-                    shared.test.populate();
+                if discarded.is_ok() {
+                    // As the tool's re-fault: touch or MADV_POPULATE_WRITE
+                    // again (nothing for the other backings).
+                    discarded = super::host::prefill(&shared.backing, &shared.test)
+                        .map(|_| ())
+                        .map_err(|e| e.to_string());
                 }
             }
             barrier.wait();

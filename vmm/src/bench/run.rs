@@ -104,8 +104,14 @@ pub fn run_faults(cfg: &FaultsConfig, out: &mut dyn Write) -> Result<FaultsRepor
         results.push(r);
     }
     let host = host::HostFacts::collect(tsc_khz, pdpe1gb);
-    if let Some(out) = record {
-        out.keep();
+    // An interrupted run's recording is partial: it replaces nothing.
+    if let Some(out) = record.filter(|_| interrupted.is_none()) {
+        let path = cfg.workset.record.clone().unwrap_or_default();
+        out.keep().map_err(|e| ConfigError::Output {
+            what: "the working-set record",
+            path,
+            reason: format!("renaming the finished recording into place: {e}"),
+        })?;
     }
     let report = FaultsReport {
         host,

@@ -206,11 +206,12 @@ fn handle(st: &State, k: usize, addr: u64) -> Result<Outcome, UffdError> {
         });
     }
     let (word, mask) = st.bit(page);
-    if st.done[word].load(Ordering::Acquire) & mask != 0 {
-        sys::wake(fd, page, PAGE_SIZE).map_err(UffdError::sys("UFFDIO_WAKE"))?;
-        return Ok(Outcome::WakeOnly);
-    }
-    if !st.delay.is_zero() {
+    // A page this pass already resolved is still resolved again, not only
+    // woken: something may have taken it away since (MADV_COLLAPSE of a
+    // memfd unmaps its small pages; a MINOR fault then needs CONTINUE
+    // again), and only the ioctl knows. EEXIST then means it was there.
+    let known = st.done[word].load(Ordering::Acquire) & mask != 0;
+    if !known && !st.delay.is_zero() {
         std::thread::sleep(st.delay);
     }
     let mut outcome = Outcome::Resolved;
@@ -220,7 +221,11 @@ fn handle(st: &State, k: usize, addr: u64) -> Result<Outcome, UffdError> {
             Ok(()) => break,
             Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
                 sys::wake(fd, page, PAGE_SIZE).map_err(UffdError::sys("UFFDIO_WAKE"))?;
-                outcome = Outcome::Eexist;
+                outcome = if known {
+                    Outcome::WakeOnly
+                } else {
+                    Outcome::Eexist
+                };
                 break;
             }
             Err(e) if e.raw_os_error() == Some(libc::EAGAIN) && retries < MAX_EAGAIN => {
@@ -298,6 +303,47 @@ mod tests {
             assert_eq!(pages(&m, &events), vec![2], "{mode}");
             assert_eq!(events[0].outcome, Outcome::Resolved);
         }
+    }
+
+    /// A MINOR page resolved earlier in the pass whose mapping went away
+    /// (its page cache kept, as `MADV_COLLAPSE` of a memfd leaves it) is
+    /// resolved again. A handler that took its bitmap's word for it and only
+    /// woke the fault left the access faulting forever (this test hung).
+    #[test]
+    fn test_uffd_minor_page_unmapped_after_resolving_is_resolved_again() {
+        let (m, _a, h) = spawn(Mode::Minor, 4, &[(0, 4 * PAGE_SIZE)]);
+        read(&m, 1);
+        // The log only: `take` would also forget which pages were resolved.
+        let first = h.state.log.take().unwrap();
+        assert_eq!(pages(&m, &first), vec![1]);
+        // SAFETY: drops the PTE of page 1 of our own shared memfd mapping;
+        // its page cache (the FILL pattern) stays.
+        let r = unsafe {
+            libc::madvise(
+                m.as_ptr().add(PAGE_SIZE as usize).cast(),
+                PAGE_SIZE as usize,
+                libc::MADV_DONTNEED,
+            )
+        };
+        assert_eq!(r, 0);
+        let at = PAGE_SIZE + 8;
+        let (tx, rx) = std::sync::mpsc::channel();
+        let p = m.as_ptr() as usize;
+        std::thread::spawn(move || {
+            // SAFETY: inside the 4-page mapping, which stays mapped while
+            // this thread may read it: the test leaks it if the read hangs.
+            let v = unsafe { std::ptr::read_volatile((p + at as usize) as *const u64) };
+            let _ = tx.send(v);
+        });
+        let Ok(v) = rx.recv_timeout(std::time::Duration::from_secs(10)) else {
+            std::mem::forget(m);
+            panic!("the second MINOR fault on page 1 was never resolved");
+        };
+        let want = guest_image::protocol::pattern_word(7, crate::bench::TEST_BASE + at);
+        assert_eq!(v, want);
+        let again = h.take().unwrap();
+        assert_eq!(pages(&m, &again), vec![1]);
+        assert_eq!(again[0].outcome, Outcome::Resolved);
     }
 
     #[test]

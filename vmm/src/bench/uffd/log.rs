@@ -43,8 +43,8 @@ pub enum Outcome {
     /// The ioctl returned `EAGAIN` (the mapping was changing) at least once
     /// and was retried until it resolved the page.
     EagainRetry,
-    /// The handler already knew the page resolved (a second fault on it):
-    /// only `UFFDIO_WAKE`.
+    /// A page the handler resolved earlier in the pass was still there
+    /// (`EEXIST` on a page it knew): only `UFFDIO_WAKE` was needed.
     WakeOnly,
 }
 

@@ -300,23 +300,36 @@ impl Workset {
     }
 }
 
-/// The `--record` file, created before anything is measured (a bad path
-/// fails at once) and removed again unless the run completes
-/// ([`RecordOutput::keep`]), so a failed run leaves no file behind.
+/// The `--record` file. Written to a new temporary file beside `path`,
+/// created before anything is measured (a bad path fails at once), and
+/// renamed over `path` only when the run completes ([`RecordOutput::keep`]):
+/// a failed or interrupted run leaves no file behind and never truncates an
+/// earlier recording at `path` (which may be the run's own `--replay` file).
 #[derive(Debug)]
 pub struct RecordOutput {
     file: File,
     path: PathBuf,
+    temp: PathBuf,
     keep: bool,
 }
 
 impl RecordOutput {
-    /// Creates (truncates) the file.
+    /// Creates the temporary file beside `path`.
     pub fn create(path: &Path) -> std::io::Result<Self> {
-        let file = File::create(path)?;
+        let mut name = path
+            .file_name()
+            .ok_or_else(|| std::io::Error::other("the path names no file"))?
+            .to_os_string();
+        name.push(format!(".partial-{}", std::process::id()));
+        let temp = path.with_file_name(name);
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&temp)?;
         Ok(Self {
             file,
             path: path.to_path_buf(),
+            temp,
             keep: false,
         })
     }
@@ -326,16 +339,18 @@ impl RecordOutput {
         set.write(&mut self.file, &self.path)
     }
 
-    /// The run completed: the file stays.
-    pub fn keep(mut self) {
+    /// The run completed: the recording replaces `path`.
+    pub fn keep(mut self) -> std::io::Result<()> {
+        std::fs::rename(&self.temp, &self.path)?;
         self.keep = true;
+        Ok(())
     }
 }
 
 impl Drop for RecordOutput {
     fn drop(&mut self) {
         if !self.keep {
-            let _ = std::fs::remove_file(&self.path);
+            let _ = std::fs::remove_file(&self.temp);
         }
     }
 }
@@ -381,6 +396,39 @@ mod tests {
             },
         ];
         Workset::from_touches(0x10000, &touches, 1_000_000)
+    }
+
+    /// A run that does not complete leaves an earlier recording at the
+    /// path as it was (it used to be truncated, then deleted) and no
+    /// temporary file; a completed one replaces it.
+    #[test]
+    fn test_record_output_replaces_the_file_only_when_kept() {
+        let path = tmp("keep");
+        std::fs::write(&path, "earlier recording").unwrap();
+        let dir = path.parent().unwrap();
+        let partials = |d: &Path| {
+            std::fs::read_dir(d)
+                .unwrap()
+                .filter(|e| {
+                    let name = e.as_ref().unwrap().file_name();
+                    let name = name.to_string_lossy();
+                    name.starts_with(&*path.file_name().unwrap().to_string_lossy())
+                        && name.contains(".partial-")
+                })
+                .count()
+        };
+        let mut out = RecordOutput::create(&path).unwrap();
+        out.write(&set()).unwrap();
+        assert_eq!(partials(dir), 1);
+        drop(out);
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "earlier recording");
+        assert_eq!(partials(dir), 0);
+        let mut out = RecordOutput::create(&path).unwrap();
+        out.write(&set()).unwrap();
+        out.keep().unwrap();
+        assert_eq!(partials(dir), 0);
+        assert!(Workset::read(&path, 0x10000).is_ok());
+        std::fs::remove_file(&path).unwrap();
     }
 
     #[test]
