@@ -212,8 +212,9 @@ fn create_vcpus(
     Ok((vcpus, stats))
 }
 
-/// The guest-physical address width KVM supports, from CPUID 0x80000008.
-fn phys_bits(cpuid: &CpuId) -> u32 {
+/// The guest-physical address width KVM supports, from CPUID 0x80000008
+/// (36 if KVM does not say).
+pub fn phys_bits(cpuid: &CpuId) -> u32 {
     cpuid
         .as_slice()
         .iter()

@@ -55,11 +55,7 @@ pub fn layout_with(
     let cpuid = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .map_err(|e| RealError::Kvm(format!("KVM_GET_SUPPORTED_CPUID: {e}")))?;
-    let bits = cpuid
-        .as_slice()
-        .iter()
-        .find(|e| e.function == 0x8000_0008)
-        .map_or(36, |e| e.eax & 0xFF);
+    let bits = crate::vm::phys_bits(&cpuid);
     let window = 1u64 << bits.min(40);
     Ok(Layout {
         boot_end: layout::BOOT_SIZE,

@@ -199,11 +199,7 @@ impl RawVm {
         let cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
-        let phys = cpuid
-            .as_slice()
-            .iter()
-            .find(|e| e.function == 0x8000_0008)
-            .map_or(36, |e| e.eax & 0xFF);
+        let phys = crate::vm::phys_bits(&cpuid);
         let identity_end = (1u64 << phys.min(40)).min(layout::IDENTITY_END) & !(HUGE_1G - 1);
         let boot = HostMapping::new(&BackingKind::Anon, layout::BOOT_SIZE)?;
         // SAFETY: `boot` is BOOT_SIZE bytes, mapped, not yet shared with KVM.
