@@ -6,18 +6,13 @@
 //! exit 2. No timing assertion:
 //! speed lives in scripts/bench-dirty.sh.
 
-use std::process::{Command, Output};
+use std::process::Output;
 use std::time::Instant;
 
 use serde_json::Value;
 use vmm_tests::kvm_or_skip;
 
-fn vmm(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_vmm-cli"))
-        .args(args)
-        .output()
-        .expect("the vmm binary runs")
-}
+use super::common::vmm;
 
 fn report(out: &Output) -> Value {
     serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {

@@ -3,18 +3,13 @@
 //! mode, and bad flags refused fast with exit 2. No timing assertion: speed
 //! lives in scripts/bench-memslots.sh.
 
-use std::process::{Command, Output};
+use std::process::Output;
 use std::time::Instant;
 
 use serde_json::Value;
 use vmm_tests::kvm_or_skip;
 
-fn vmm(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_vmm-cli"))
-        .args(args)
-        .output()
-        .expect("the vmm binary runs")
-}
+use super::common::vmm;
 
 fn json(out: &Output) -> Value {
     assert!(

@@ -6,25 +6,14 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use vmm::bench::{
-    run_faults, Access, Backing, ChurnOp, ConfigResult, FaultsConfig, FaultsReport, Pattern,
-    Prefetch, Workset,
+    Access, Backing, ChurnOp, ConfigResult, FaultsConfig, FaultsReport, Pattern, Prefetch, Workset,
 };
 use vmm_tests::kvm_or_skip;
 
+use super::common::bench;
+
 const MIB: u64 = 1 << 20;
 const PAGE: u64 = 4096;
-
-/// The tests of this file run one at a time: they count faults of one VM
-/// and stall guest writes on purpose.
-static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-fn bench(cfg: &FaultsConfig) -> FaultsReport {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let mut sink = Vec::new();
-    let report = run_faults(cfg, &mut sink).unwrap_or_else(|e| panic!("bench failed: {e}"));
-    eprintln!("{}", String::from_utf8_lossy(&sink));
-    report
-}
 
 fn config(size: u64, backing: Backing) -> FaultsConfig {
     FaultsConfig::small(size, backing)

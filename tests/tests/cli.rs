@@ -6,12 +6,7 @@ use std::time::{Duration, Instant};
 
 use vmm_tests::kvm_or_skip;
 
-fn vmm(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_vmm-cli"))
-        .args(args)
-        .output()
-        .expect("the vmm binary runs")
-}
+use super::common::vmm;
 
 /// Runs `vmm`, killing it (and failing) if it runs past `limit`.
 fn vmm_within(args: &[&str], limit: Duration) -> Output {

@@ -11,19 +11,9 @@ use vmm::bench::{
 use vmm::mm::backing::{BackingKind, HostMapping};
 use vmm_tests::kvm_or_skip;
 
+use super::common::{bench, FAULTS_SERIAL as SERIAL};
+
 const MIB: u64 = 1 << 20;
-
-/// Latency comparisons need the CPUs: the tests of this file run one at a
-/// time (other test files may still run alongside).
-static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-fn bench(cfg: &FaultsConfig) -> FaultsReport {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let mut sink = Vec::new();
-    let report = run_faults(cfg, &mut sink).unwrap_or_else(|e| panic!("bench failed: {e}"));
-    eprintln!("{}", String::from_utf8_lossy(&sink));
-    report
-}
 
 fn config(size: u64, backings: &[Backing]) -> FaultsConfig {
     FaultsConfig {

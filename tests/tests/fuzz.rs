@@ -4,16 +4,11 @@
 //! replayed reproducer of a planted failure exits 1; a libFuzzer input
 //! converts to a scenario that real KVM runs.
 
-use std::process::{Command, Output};
+use std::process::Output;
 
 use vmm_tests::kvm_or_skip;
 
-fn vmm(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_vmm-cli"))
-        .args(args)
-        .output()
-        .expect("the vmm binary runs")
-}
+use super::common::vmm;
 
 fn report(out: &Output) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {

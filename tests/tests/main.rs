@@ -4,6 +4,7 @@ mod bench_dirty;
 mod bench_memslots;
 mod churn;
 mod cli;
+mod common;
 mod dirty;
 mod dma;
 mod faults;
