@@ -65,6 +65,7 @@ impl Guest {
                 image: Arc::from(guest_image::RUNTIME_ELF),
                 pin_limit: None,
                 hotplug: true,
+                kvm_stats: true,
             },
             dirty,
         )

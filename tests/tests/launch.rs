@@ -295,6 +295,7 @@ fn test_regression_boot_memory_view_outlives_vm() {
         image: std::sync::Arc::from(guest_image::RUNTIME_ELF),
         pin_limit: None,
         hotplug: false,
+        kvm_stats: true,
     })
     .unwrap();
     let boot = vm.boot.clone();
@@ -302,4 +303,26 @@ fn test_regression_boot_memory_view_outlives_vm() {
     // The view owns its mapping: reading the GDT after the VM is gone is fine.
     let null_descriptor: u64 = boot.memory().read_obj(GuestAddress(layout::GDT)).unwrap();
     assert_eq!(null_descriptor, 0);
+}
+
+#[test]
+fn test_kvm_stats_are_read_only_when_the_report_carries_them() {
+    if !kvm_or_skip("test_kvm_stats_are_read_only_when_the_report_carries_them") {
+        return;
+    }
+    for wanted in [true, false] {
+        let cfg = vmm::run::RunConfig {
+            kvm_stats: wanted,
+            ..config("hello", 2 * MIB, 1)
+        };
+        let (report, console) = run(&cfg);
+        assert!(report.succeeded(), "{:?}\n{console}", report.error);
+        assert_eq!(
+            report.kvm_stats.vcpu.contains_key("pf_fixed"),
+            wanted,
+            "{:?}",
+            report.kvm_stats
+        );
+        assert_eq!(report.kvm_stats.vm.contains_key("pages_4k"), wanted);
+    }
 }

@@ -328,6 +328,7 @@ fn test_stress_guards_vcpus_and_host_threads_survive_continuous_ops() {
         image: Arc::from(guest_image::RUNTIME_ELF),
         pin_limit: None,
         hotplug: true,
+        kvm_stats: true,
     })
     .expect("the VM builds");
     let zone_v = vm.ram;

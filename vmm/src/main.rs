@@ -1,5 +1,9 @@
-//! The `vmm` command line; everything lives in the library (`vmm::cli`).
+//! `vmm`, the launcher: `vmm run` here; `vmm bench` and `vmm fuzz` are
+//! handed to `vmm-harness` beside it (see `vmm::cli::harness`).
 
 fn main() {
-    std::process::exit(vmm::cli::main_with_args(std::env::args_os()));
+    std::process::exit(vmm::cli::main_handing_off(
+        std::env::args_os(),
+        vmm::cli::harness::exec,
+    ));
 }

@@ -134,6 +134,10 @@ pub struct VmSpec {
     /// directories); otherwise only guest RAM, rounded up to a GiB and at
     /// least 2 GiB, which is cheaper to build at launch.
     pub hotplug: bool,
+    /// Whether to open KVM's binary stats of the VM and its vCPUs
+    /// ([`Vm::read_stats`]); without them the reads return no counters and
+    /// a launch saves two fds and the stats descriptors' parsing.
+    pub kvm_stats: bool,
 }
 
 /// A built VM, ready to run. vCPU fds are handed to threads with
@@ -145,9 +149,9 @@ pub struct Vm {
     /// Pinned-page and DMA-mapping accounting for device passthrough.
     pub pins: Arc<PinAccount>,
     vcpus: Vec<VcpuFd>,
-    /// Stats of the VM and of each vCPU.
-    pub vm_stats: StatsReader,
-    /// Per-vCPU stats readers, by index.
+    /// Stats of the VM, if [`VmSpec::kvm_stats`] asked for them.
+    pub vm_stats: Option<StatsReader>,
+    /// Per-vCPU stats readers, by index (none without [`VmSpec::kvm_stats`]).
     pub vcpu_stats: Vec<StatsReader>,
     /// The VMM's own view of the boot region (mailboxes, image), through
     /// vm-memory.
@@ -197,6 +201,7 @@ fn create_vcpus(
     cpuid: &CpuId,
     count: u64,
     entry: Gpa,
+    kvm_stats: bool,
 ) -> Result<(Vec<VcpuFd>, Vec<StatsReader>), VmError> {
     let mut vcpus = Vec::new();
     let mut stats = Vec::new();
@@ -206,7 +211,9 @@ fn create_vcpus(
             .map_err(kvm_err("KVM_CREATE_VCPU"))?;
         vcpu.set_cpuid2(cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
         setup_vcpu_registers(&vcpu, index, count, entry)?;
-        stats.push(StatsReader::open(&vcpu)?);
+        if kvm_stats {
+            stats.push(StatsReader::open(&vcpu)?);
+        }
         vcpus.push(vcpu);
     }
     Ok((vcpus, stats))
@@ -279,12 +286,16 @@ impl Vm {
             .apply(|map| map.plug(ram.start(), spec.mem_size, ram_mapping, 0, SlotFlags::NONE))?;
         let boot = BootMemory::new(boot_mapping.clone())?;
 
-        let (vcpus, vcpu_stats) = create_vcpus(&vm_fd, &cpuid, spec.vcpus, entry)?;
+        let (vcpus, vcpu_stats) = create_vcpus(&vm_fd, &cpuid, spec.vcpus, entry, spec.kvm_stats)?;
         for (index, vcpu) in vcpus.iter().enumerate() {
             memslots.attach_vcpu(index, vcpu)?;
         }
         let tsc_khz = vcpus[0].get_tsc_khz().map_err(kvm_err("KVM_GET_TSC_KHZ"))?;
-        let vm_stats = StatsReader::open(&vm_fd)?;
+        let vm_stats = if spec.kvm_stats {
+            Some(StatsReader::open(&vm_fd)?)
+        } else {
+            None
+        };
         let pins = Arc::new(match spec.pin_limit {
             Some(limit) => PinAccount::new(limit),
             None => PinAccount::from_rlimit()?,
@@ -312,13 +323,18 @@ impl Vm {
         std::mem::take(&mut self.vcpus)
     }
 
-    /// The VM's KVM stats, and the sum of all vCPUs' stats.
+    /// The VM's KVM stats, and the sum of all vCPUs' stats (both empty
+    /// unless [`VmSpec::kvm_stats`] opened them).
     pub fn read_stats(&self) -> Result<(Counters, Counters), StatsError> {
         let mut vcpu = BTreeMap::new();
         for r in &self.vcpu_stats {
             crate::kvm::stats::accumulate(&mut vcpu, &r.read()?);
         }
-        Ok((self.vm_stats.read()?, vcpu))
+        let vm = match &self.vm_stats {
+            Some(r) => r.read()?,
+            None => Counters::new(),
+        };
+        Ok((vm, vcpu))
     }
 
     /// The memory manager's KVM backend (dirty-log mode, memslot ioctl).

@@ -167,6 +167,8 @@ impl GuestBench {
             image: Arc::from(guest_image::RUNTIME_ELF),
             pin_limit: None,
             hotplug: true,
+            // The fault counts of every pass come from here.
+            kvm_stats: true,
         };
         let mut vm = Vm::with_dirty_log(&spec, dirty)?;
         let size = test.len();

@@ -121,6 +121,8 @@ pub fn run_with_report(
         pin_limit: Some(PinLimit::Pages(layout.pin_limit)),
         dirty_log: layout.dirty_log,
         dirty_ring_bytes: crate::kvm::memslots::DEFAULT_RING_BYTES,
+        // The oracle reads the scenario's outcomes, not KVM's counters.
+        kvm_stats: false,
     };
     let report =
         run::run(&config, Box::new(std::io::sink())).map_err(|e| RealError::Run(e.to_string()))?;

@@ -68,6 +68,10 @@ pub struct RunConfig {
     pub dirty_log: crate::mm::manager::DirtyLogMode,
     /// Bytes of each vCPU's dirty ring in ring mode.
     pub dirty_ring_bytes: u32,
+    /// Whether the report carries KVM's stats (`kvm_stats`, the summary's
+    /// `pf_fixed`). `vmm run -q` without `--json` prints no report and
+    /// turns them off: the launch then opens no stats fds.
+    pub kvm_stats: bool,
 }
 
 impl RunConfig {
@@ -85,6 +89,7 @@ impl RunConfig {
             pin_limit: None,
             dirty_log: crate::mm::manager::DirtyLogMode::Bitmap,
             dirty_ring_bytes: crate::kvm::memslots::DEFAULT_RING_BYTES,
+            kvm_stats: true,
         }
     }
 }

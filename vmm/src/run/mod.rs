@@ -172,6 +172,7 @@ fn build_vm(config: &RunConfig) -> Result<Vm, RunError> {
         image,
         pin_limit: config.pin_limit,
         hotplug: config.scenario.is_some(),
+        kvm_stats: config.kvm_stats,
     };
     let dirty = crate::vm::DirtyLogConfig {
         mode: config.dirty_log,

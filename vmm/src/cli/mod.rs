@@ -4,6 +4,15 @@
 //!
 //! Sizes and durations are parsed by [`crate::units`], shared with scenario
 //! files and `vmm bench`.
+//!
+//! Two binaries share this command line. `vmm` holds `vmm run` and hands
+//! `vmm bench` and `vmm fuzz` to `vmm-harness`, the measurement and fuzzing
+//! harness installed beside it ([`harness`]): a launch then loads, relocates
+//! and faults in only the launcher's code (the harness is as large again,
+//! with its plotting, histograms and progress bars). [`main_with_args`] runs
+//! every subcommand in one process, for embedding and tests.
+
+pub mod harness;
 
 use std::ffi::OsString;
 use std::io::Write;
@@ -124,34 +133,20 @@ pub enum Cmd {
     /// Launch a test guest and report its result (the exit status is the guest's verdict).
     Run(RunArgs),
     /// Measure what the guest sees (`vmm bench faults`).
-    Bench(BenchArgs),
+    Bench(HarnessArgs),
     /// Fuzz memory hotplug against a model; findings become shrunk scenario files.
-    Fuzz(crate::fuzz::campaign::FuzzArgs),
+    Fuzz(HarnessArgs),
 }
 
-/// `vmm bench` subcommands. (The `about` repeats [`Cmd::Bench`]'s: a
-/// deferred subcommand's help takes the struct's.)
+/// The flags of a harness subcommand (`vmm bench`, `vmm fuzz`), passed on
+/// unread: the harness's own command line ([`harness::HarnessCli`]) parses
+/// them, `--help` included.
 #[derive(Debug, Args)]
-#[command(about = "Measure what the guest sees (`vmm bench faults`)")]
-pub struct BenchArgs {
-    /// Which benchmark.
-    #[command(subcommand)]
-    pub which: BenchCmd,
-}
-
-/// Benchmarks (flags built only when invoked, as for [`Cmd`]).
-#[derive(Debug, Subcommand)]
-#[command(defer = true)]
-// Parsed once per process and matched at once: the size difference between
-// the flag sets costs nothing, and boxing would obscure the clap derive.
-#[allow(clippy::large_enum_variant)]
-pub enum BenchCmd {
-    /// Guest page-fault latency per access: percentiles, JSON, a plot, raw-KVM and host baselines.
-    Faults(crate::bench::FaultsArgs),
-    /// Memslot ops at 509 to 32,764 slots under a running guest (KVM's memslot_perf_test) vs raw ioctls.
-    Memslots(crate::bench::memslots::MemslotsArgs),
-    /// Dirty-page tracking per mode (bitmap, manual, ring): vCPU pass, collect and clear times vs a raw program (KVM's dirty_log_perf_test).
-    Dirty(crate::bench::dirty::DirtyArgs),
+#[command(disable_help_flag = true)]
+pub struct HarnessArgs {
+    /// The harness subcommand's arguments.
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true, num_args = 0..)]
+    pub args: Vec<OsString>,
 }
 
 /// `vmm run` flags. (The `about` repeats [`Cmd::Run`]'s: a deferred
@@ -228,6 +223,8 @@ impl RunArgs {
             scenario: self.scenario.clone(),
             pin_limit: self.pin_limit,
             dirty_ring_bytes: self.dirty_ring_size,
+            // Nothing reads them when no report is printed.
+            kvm_stats: self.json || !self.quiet,
             dirty_log: scenario
                 .and_then(|s| s.dirty_log.as_deref())
                 .map_or(self.dirty_log, |m| {
@@ -254,8 +251,21 @@ impl RunArgs {
     }
 }
 
-/// Runs the CLI with `args` (including the program name); returns the exit status.
+/// Runs the CLI with `args` (including the program name) in this process,
+/// every subcommand included; returns the exit status.
 pub fn main_with_args<I, T>(args: I) -> i32
+where
+    I: IntoIterator<Item = T>,
+    T: Into<OsString> + Clone,
+{
+    main_handing_off(args, harness::main_with_args)
+}
+
+/// Runs the CLI with `args`: `vmm run` here, while `vmm bench` and
+/// `vmm fuzz` go to `harness` with the whole argument list (the program
+/// name, the subcommand and its arguments). The `vmm` binary passes
+/// [`harness::exec`]; passing [`harness::main_with_args`] runs them here.
+pub fn main_handing_off<I, T>(args: I, harness: fn(Vec<OsString>) -> i32) -> i32
 where
     I: IntoIterator<Item = T>,
     T: Into<OsString> + Clone,
@@ -269,16 +279,8 @@ where
     };
     let args = match cli.command {
         Some(Cmd::Run(a)) => a,
-        Some(Cmd::Bench(BenchArgs {
-            which: BenchCmd::Faults(a),
-        })) => return crate::bench::faults(&a),
-        Some(Cmd::Bench(BenchArgs {
-            which: BenchCmd::Memslots(a),
-        })) => return crate::bench::memslots::memslots(&a),
-        Some(Cmd::Bench(BenchArgs {
-            which: BenchCmd::Dirty(a),
-        })) => return crate::bench::dirty::dirty(&a),
-        Some(Cmd::Fuzz(a)) => return crate::fuzz::campaign::main(&a),
+        Some(Cmd::Bench(a)) => return harness(harness::argv("bench", a)),
+        Some(Cmd::Fuzz(a)) => return harness(harness::argv("fuzz", a)),
         None => {
             eprintln!("vmm: no command given; try `vmm run` (a default guest) or `vmm --help`");
             return 2;
@@ -355,27 +357,19 @@ mod tests {
     }
 
     #[test]
-    fn test_cli_subcommand_help_keeps_the_subcommand_about() {
-        // Subcommands are deferred: each one's help must still open with
-        // the line the top-level help lists for it.
-        let top = Cli::try_parse_from(["vmm", "--help"])
-            .unwrap_err()
-            .to_string();
-        for (path, about) in [
-            (&["run"][..], "Launch a test guest"),
-            (&["fuzz"][..], "Fuzz memory hotplug"),
-            (&["bench"][..], "Measure what the guest sees"),
-            (&["bench", "faults"][..], "Guest page-fault latency"),
+    fn test_cli_reads_kvm_stats_only_for_a_printed_report() {
+        for (flags, wanted) in [
+            (&[][..], true),
+            (&["--json"][..], true),
+            (&["-q", "--json"][..], true),
+            (&["-q"][..], false),
         ] {
-            let mut args = vec!["vmm"];
-            args.extend_from_slice(path);
-            args.push("--help");
-            let help = Cli::try_parse_from(&args).unwrap_err().to_string();
-            assert!(help.starts_with(about), "{path:?}: {help}");
-            if let [name] = path {
-                let listed = |l: &str| l.trim_start().starts_with(name) && l.contains(about);
-                assert!(top.lines().any(listed), "{top}");
-            }
+            let mut args = vec!["vmm", "run"];
+            args.extend_from_slice(flags);
+            let Some(Cmd::Run(a)) = Cli::try_parse_from(&args).unwrap().command else {
+                panic!("run")
+            };
+            assert_eq!(a.to_config().kvm_stats, wanted, "{flags:?}");
         }
     }
 
