@@ -150,10 +150,28 @@ fn open_raw() -> io::Result<OwnedFd> {
     // guest memory in kernel mode, through get_user_pages.
     let raw = unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | libc::O_NONBLOCK) };
     if raw < 0 {
-        return Err(io::Error::last_os_error());
+        return Err(explain_open_error(io::Error::last_os_error()));
     }
     // SAFETY: `raw` is a fresh descriptor nobody else owns.
     Ok(unsafe { OwnedFd::from_raw_fd(raw as i32) })
+}
+
+/// `userfaultfd()` fails with `EPERM` for an unprivileged user when the
+/// descriptor would handle kernel-mode faults (KVM's, through
+/// get_user_pages): the kernel then wants `vm.unprivileged_userfaultfd = 1`
+/// or `CAP_SYS_PTRACE` (`Documentation/admin-guide/mm/userfaultfd.rst`).
+/// That error names the fix; others pass unchanged.
+fn explain_open_error(e: io::Error) -> io::Error {
+    if e.raw_os_error() != Some(libc::EPERM) {
+        return e;
+    }
+    io::Error::new(
+        io::ErrorKind::PermissionDenied,
+        format!(
+            "{e}: this user may not handle kernel-mode faults (KVM's); allow it with \
+             `sysctl vm.unprivileged_userfaultfd=1` or run with CAP_SYS_PTRACE"
+        ),
+    )
 }
 
 /// The features this kernel's userfaultfd offers: the `UFFDIO_API`
@@ -312,5 +330,21 @@ pub fn dontneed(start: u64, len: u64) -> io::Result<()> {
         Ok(())
     } else {
         Err(io::Error::last_os_error())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_eperm_from_userfaultfd_names_the_sysctl() {
+        let e = explain_open_error(io::Error::from_raw_os_error(libc::EPERM));
+        assert_eq!(e.kind(), io::ErrorKind::PermissionDenied);
+        let m = e.to_string();
+        assert!(m.contains("vm.unprivileged_userfaultfd=1"), "{m}");
+        assert!(m.contains("Operation not permitted"), "{m}");
+        let other = explain_open_error(io::Error::from_raw_os_error(libc::EINVAL));
+        assert_eq!(other.raw_os_error(), Some(libc::EINVAL));
     }
 }
