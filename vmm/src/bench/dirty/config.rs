@@ -187,8 +187,8 @@ pub struct DirtyArgs {
     /// Guest memory per vCPU (e.g. 64M, 1G).
     #[arg(long, value_name = "SIZE", default_value = "64M", value_parser = parse_size)]
     pub size: u64,
-    /// Memslots the memory is split into.
-    #[arg(long, value_name = "N", default_value_t = 1)]
+    /// Memslots the memory is split into (1 to 32,000).
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=32_000))]
     pub slots: u64,
     /// Percent of its pages each vCPU writes per iteration (every round(100/W)-th page).
     #[arg(long, value_name = "W", default_value_t = 10)]
@@ -250,7 +250,7 @@ impl DirtyArgs {
             size_ok("--enable-scan", s, s)?;
         }
         let pages = self.size * self.vcpus / g;
-        if self.slots == 0 || self.slots > pages || self.slots > 32_000 {
+        if self.slots > pages {
             return Err(DirtyError::Slots {
                 slots: self.slots,
                 pages,
@@ -298,6 +298,12 @@ mod tests {
             .validate()
             .unwrap_err();
         assert!(e.to_string().contains("--slots 3"), "{e}");
+        for zero_or_many in ["0", "32001"] {
+            let e = Cli::try_parse_from(["x", "--slots", zero_or_many])
+                .err()
+                .expect("refused");
+            assert!(e.to_string().contains("1..=32000"), "{e}");
+        }
         let e = parse(&["--enable-scan", "1M,5K"]).validate().unwrap_err();
         assert!(e.to_string().contains("--enable-scan 0x1400"), "{e}");
         parse(&[]).validate().unwrap();

@@ -60,12 +60,12 @@ impl Test {
 #[derive(Debug, thiserror::Error)]
 pub enum MemslotsError {
     /// A slot count outside what the bench and KVM allow.
-    #[error("--slots {slots}: each count must be at least {min} (the bench VM's {base} own slots and 2 for the test area) and at most KVM_CAP_NR_MEMSLOTS ({max})", min = BASE_SLOTS + 2, base = BASE_SLOTS)]
+    #[error("--slots {slots}: each count must be at least {min} (the bench VM's {base} own slots and 2 for the test area) and at most KVM_CAP_NR_MEMSLOTS{limit}", min = BASE_SLOTS + 2, base = BASE_SLOTS, limit = max.map_or(String::new(), |m| format!(" ({m})")))]
     Slots {
         /// The count asked for.
         slots: u64,
-        /// KVM's limit (0 when unknown at parse time).
-        max: u64,
+        /// KVM's limit (`None` when unknown at parse time).
+        max: Option<u64>,
     },
     /// The tests list is empty.
     #[error(
@@ -144,7 +144,7 @@ pub struct MemslotsArgs {
     #[arg(long)]
     pub stress: bool,
     /// Guest memory each vCPU dirties in the stress mode.
-    #[arg(long, value_name = "SIZE", default_value = "64M", value_parser = crate::units::parse_size)]
+    #[arg(long, value_name = "SIZE", default_value = "64M", value_parser = crate::units::parse_size, requires = "stress")]
     pub stress_size: u64,
     /// How the raw loop moves a slot: kvm-move (one KVM_SET_USER_MEMORY_REGION with the new address, KVM_MR_MOVE, as KVM's test) or delete-create (two calls, as the memory manager issues).
     #[arg(long, value_enum, default_value = "kvm-move")]
@@ -203,13 +203,12 @@ impl MemslotsArgs {
         {
             Some(&slots) => Err(MemslotsError::Slots {
                 slots,
-                max: if max_slots == u64::from(u32::MAX) {
-                    0
-                } else {
-                    max_slots
-                },
+                max: (max_slots != u64::from(u32::MAX)).then_some(max_slots),
             }),
-            None if self.slots.is_empty() => Err(MemslotsError::Slots { slots: 0, max: 0 }),
+            None if self.slots.is_empty() => Err(MemslotsError::Slots {
+                slots: 0,
+                max: None,
+            }),
             None => Ok(()),
         }
     }
@@ -252,5 +251,20 @@ mod tests {
             .contains("32764"));
         assert!(parse(&["--time", "0s"]).map_or(true, |a| a.validate().is_err()));
         assert!(parse(&["--vcpus", "0"]).is_err());
+    }
+
+    #[test]
+    fn test_slot_count_message_names_no_placeholder_limit() {
+        let e = parse(&["--slots", "2"]).unwrap().validate().unwrap_err();
+        let e = e.to_string();
+        assert!(e.ends_with("at most KVM_CAP_NR_MEMSLOTS"), "{e}");
+        assert!(!e.contains("(0)"), "{e}");
+    }
+
+    #[test]
+    fn test_stress_size_without_stress_is_refused() {
+        let e = parse(&["--stress-size", "1M"]).err().expect("refused");
+        assert!(e.to_string().contains("--stress"), "{e}");
+        assert!(parse(&["--stress", "--stress-size", "1M"]).is_ok());
     }
 }

@@ -190,8 +190,19 @@ pub fn row(out: &mut dyn Write, r: &TestResult) {
     }
 }
 
-/// The populate times and the closing notes.
+/// The closing lines: the stress mode's figures, or the tests' populate
+/// times, the goal and the notes.
 pub fn summary(out: &mut dyn Write, report: &MemslotsReport) {
+    for s in &report.stress {
+        let _ = writeln!(
+            out,
+            "stress {}: guest {:.1} passes/s quiet, {:.1} with {:.0} slot add+delete pairs/s: slowdown {:.2}x",
+            s.implementation, s.quiet_passes_per_s, s.churn_passes_per_s, s.pairs_per_s, s.slowdown
+        );
+    }
+    if report.tests.is_empty() {
+        return;
+    }
     let _ = writeln!(
         out,
         "\nslot setup (populate the area, one op per slot set):"
@@ -240,6 +251,38 @@ mod tests {
         assert_eq!((f.median_us, f.p90_us, f.iterations), (5.0, 9.0, 10));
         assert!((f.mean_us - 5.5).abs() < 1e-9);
         assert!((f.populate_ms - 3.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn test_stress_summary_prints_both_implementations_figures() {
+        let stress = |implementation, slowdown| StressResult {
+            implementation,
+            quiet_passes_per_s: 6000.0,
+            churn_passes_per_s: 6000.0 / slowdown,
+            slowdown,
+            pairs_per_s: 2500.0,
+        };
+        let report = MemslotsReport {
+            kvm_max_slots: 32_764,
+            loadavg: String::new(),
+            vcpus: 1,
+            raw_move: super::super::config::RawMove::KvmMove,
+            goal_ratio: GOAL_RATIO,
+            tests: Vec::new(),
+            stress: vec![
+                stress(super::super::workload::Impl::Ours, 560.0),
+                stress(super::super::workload::Impl::Raw, 670.0),
+            ],
+        };
+        let mut out = Vec::new();
+        summary(&mut out, &report);
+        let text = String::from_utf8(out).unwrap();
+        assert!(
+            text.contains("stress ours: guest 6000.0 passes/s quiet"),
+            "{text}"
+        );
+        assert!(text.contains("slowdown 670.00x"), "{text}");
+        assert!(!text.contains("goal ours/raw"), "no tests ran: {text}");
     }
 
     #[test]
