@@ -263,7 +263,7 @@ mod tests {
 
     #[test]
     fn test_stress_size_without_stress_is_refused() {
-        let e = parse(&["--stress-size", "1M"]).err().expect("refused");
+        let e = parse(&["--stress-size", "1M"]).expect_err("refused");
         assert!(e.to_string().contains("--stress"), "{e}");
         assert!(parse(&["--stress", "--stress-size", "1M"]).is_ok());
     }
