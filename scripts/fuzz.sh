@@ -23,6 +23,10 @@ if [[ ! "$seeds" =~ ^([0-9]+)\.\.([0-9]+)$ ]]; then
     exit 2
 fi
 first="${BASH_REMATCH[1]}" last="${BASH_REMATCH[2]}"
+if (( first > last )); then
+    echo "fuzz.sh: --seeds $seeds runs no seed: the first is past the last" >&2
+    exit 2
+fi
 cargo build --release -p vmm -q
 bin=target/release/vmm
 mkdir -p "$out"

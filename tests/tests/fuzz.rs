@@ -85,6 +85,18 @@ fn test_fuzz_bad_flags_exit_2() {
         &["fuzz", "--guard-reader"],
         &["fuzz", "--backend", "sim", "--prefill", "40000"],
         &["fuzz", "--convert", "/nonexistent/input"],
+        &["fuzz", "--max-slots", "12", "--steps", "5"],
+        &["fuzz", "--seeds", "5..3"],
+        &["fuzz", "--seeds", "1..2", "--seed", "3"],
+        &[
+            "fuzz",
+            "--backend",
+            "sim",
+            "--replay",
+            "x.toml",
+            "--steps",
+            "10",
+        ],
     ] {
         let out = vmm(args);
         assert_eq!(
@@ -94,6 +106,58 @@ fn test_fuzz_bad_flags_exit_2() {
             String::from_utf8_lossy(&out.stderr)
         );
     }
+}
+
+#[test]
+fn test_fuzz_arena_in_hex_below_ram_is_refused_for_its_place() {
+    let out = vmm(&["fuzz", "--backend", "sim", "--arena-base", "0x1000"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("must be multiples of 2 MiB"), "{err}");
+    let out = vmm(&["fuzz", "--backend", "sim", "--arena-base", "0x200000"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("must lie above guest RAM"), "{err}");
+}
+
+#[test]
+fn test_fuzz_seed_range_runs_every_seed_and_reports_each() {
+    let dir = out_dir("seeds");
+    let out = vmm(&[
+        "fuzz",
+        "--backend",
+        "sim",
+        "--seeds",
+        "7..9",
+        "--steps",
+        "100",
+        "--json",
+        "--out",
+        &dir,
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let reports: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let reports = reports.as_array().expect("an array, one report per seed");
+    let seeds: Vec<u64> = reports
+        .iter()
+        .map(|r| r["seed"].as_u64().unwrap())
+        .collect();
+    assert_eq!(seeds, [7, 8, 9]);
+    for r in reports {
+        assert!(r["steps"].as_u64().unwrap() >= 100, "{r}");
+        assert_eq!(r["dirty_log"], "bitmap", "{r}");
+        assert_eq!(r["arena"][0].as_u64(), Some(4 << 30), "{r}");
+    }
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        log.contains("seeds 7..9:") && log.contains("0 with findings"),
+        "{log}"
+    );
 }
 
 #[test]

@@ -360,3 +360,45 @@ fn test_scenario_header_timeout_applies_without_the_flag() {
     assert!(started.elapsed() < std::time::Duration::from_secs(10));
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[test]
+fn test_scenario_pin_limit_header_sets_the_limit_the_flag_would() {
+    if !kvm_or_skip("scenario pin_limit header") {
+        return;
+    }
+    // 12 MiB pinned: 3,072 pages. The header's 4,096 pages allow it; a
+    // 2,048-page limit (the flag, or this host's RLIMIT_MEMLOCK of 8 MiB)
+    // refuses it. A fuzzer reproducer carries its limit this way.
+    let steps = "[[step]]\ndo = \"plug\"\ngpa = \"0x1_0000_0000\"\nsize = \"16M\"\n\n\
+                 [[step]]\ndo = \"pin\"\nname = \"p\"\ngpa = \"0x1_0000_0000\"\nsize = \"12M\"\nrevocable = false\n";
+    let dir = std::env::temp_dir().join(format!("vmm-pin-limit-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let with = dir.join("with.toml");
+    let without = dir.join("without.toml");
+    std::fs::write(
+        &with,
+        format!("mem = \"16M\"\npin_limit = \"4096p\"\n\n{steps}"),
+    )
+    .unwrap();
+    std::fs::write(&without, format!("mem = \"16M\"\n\n{steps}")).unwrap();
+    let status = |file: &std::path::Path, extra: &[&str]| {
+        let mut args = vec!["run", "--scenario", file.to_str().unwrap(), "-q"];
+        args.extend_from_slice(extra);
+        let out = super::common::vmm(&args);
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (ok, err) = status(&with, &["--pin-limit", "2048p"]);
+    assert_eq!(ok, Some(0), "the header overrides the flag: {err}");
+    let (refused, err) = status(&without, &["--pin-limit", "2048p"]);
+    assert_eq!(refused, Some(1), "{err}");
+    assert!(err.contains("pin-limit"), "{err}");
+    let bad = dir.join("bad.toml");
+    std::fs::write(&bad, format!("pin_limit = \"lots\"\n\n{steps}")).unwrap();
+    let (code, err) = status(&bad, &[]);
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("pin_limit"), "{err}");
+}

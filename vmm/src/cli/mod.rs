@@ -221,7 +221,11 @@ impl RunArgs {
                 |b| b.parse().expect("validated when the scenario was loaded"),
             ),
             scenario: self.scenario.clone(),
-            pin_limit: self.pin_limit,
+            pin_limit: scenario
+                .and_then(|s| s.pin_limit.as_deref())
+                .map_or(self.pin_limit, |l| {
+                    Some(l.parse().expect("validated when the scenario was loaded"))
+                }),
             dirty_ring_bytes: self.dirty_ring_size,
             // Nothing reads them when no report is printed.
             kvm_stats: self.json || !self.quiet,

@@ -12,6 +12,7 @@ use guest_image::protocol::{layout, MMIO_BASE, MMIO_SIZE};
 use serde::Serialize;
 
 use crate::mm::manager::DirtyLogMode;
+use crate::scenario::num::parse_num;
 use crate::scenario::step::Action;
 use crate::scenario::{Outcome, Scenario};
 use crate::units::{parse_duration, parse_mem};
@@ -22,6 +23,38 @@ use super::model::slots::Limits;
 use super::model::Layout;
 use super::timeline::{expectations, generate};
 use super::{real, shrink, sim};
+
+/// The sim tier's slot budget without `--max-slots`.
+pub const DEFAULT_SIM_SLOTS: u64 = 64;
+
+/// `--seeds A..B`: the seeds from `first` to `last`, both included.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SeedRange {
+    /// The first seed.
+    pub first: u64,
+    /// The last seed.
+    pub last: u64,
+}
+
+/// Parses `A..B` with `A <= B` (an inverted or empty range is refused: it
+/// would run nothing and look clean).
+pub fn parse_seeds(s: &str) -> Result<SeedRange, String> {
+    let (a, b) = s
+        .split_once("..")
+        .ok_or_else(|| format!("{s:?} is not a seed range; expected A..B, e.g. 1..100"))?;
+    let num = |t: &str| {
+        t.trim()
+            .parse::<u64>()
+            .map_err(|_| format!("{s:?}: {t:?} is not a seed; expected A..B, e.g. 1..100"))
+    };
+    let (first, last) = (num(a)?, num(b)?);
+    if first > last {
+        return Err(format!(
+            "{s:?} runs no seed: the first ({first}) is past the last ({last})"
+        ));
+    }
+    Ok(SeedRange { first, last })
+}
 
 /// Which VM the timeline runs on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
@@ -45,8 +78,13 @@ fn backend_name(b: Backend) -> &'static str {
 #[command(about = "Fuzz memory hotplug against a model; findings become shrunk scenario files")]
 pub struct FuzzArgs {
     /// Seed of the campaign (default: from the clock; printed at start).
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", conflicts_with = "seeds")]
     pub seed: Option<u64>,
+    /// A shard of seeds, `A..B` (B included): one campaign per seed, each
+    /// with the whole `--time`/`--steps` budget, going on past findings; a
+    /// job runner spreads a long campaign by giving each job a range.
+    #[arg(long, value_name = "A..B", value_parser = parse_seeds)]
+    pub seeds: Option<SeedRange>,
     /// Run this long (e.g. 60s, 5m).
     #[arg(long, value_name = "DURATION", value_parser = parse_duration, conflicts_with = "steps")]
     pub time: Option<Duration>,
@@ -62,11 +100,11 @@ pub struct FuzzArgs {
     /// real (KVM with vCPUs) or sim (the memory manager on SimKvm).
     #[arg(long, value_enum, default_value_t = Backend::Real)]
     pub backend: Backend,
-    /// First byte of the hotplug arena where most ops land.
-    #[arg(long, value_name = "GPA", default_value = "4G", value_parser = parse_mem)]
+    /// First byte of the hotplug arena where most ops land (`4G`, `0x100000000`).
+    #[arg(long, value_name = "GPA", default_value = "4G", value_parser = parse_num)]
     pub arena_base: u64,
-    /// Length of the arena.
-    #[arg(long, value_name = "SIZE", default_value = "64M", value_parser = parse_mem)]
+    /// Length of the arena (`64M`, `0x4000000`).
+    #[arg(long, value_name = "SIZE", default_value = "64M", value_parser = parse_num)]
     pub arena_size: u64,
     /// Dirty-log mode of the VM: bitmap (default), manual or ring (the
     /// model predicts each mode's exact dirty sets). With `--replay`, a
@@ -74,9 +112,10 @@ pub struct FuzzArgs {
     /// refused.
     #[arg(long, value_name = "MODE")]
     pub dirty_log: Option<DirtyLogMode>,
-    /// Slot budget of the sim tier (the real tier uses KVM's).
-    #[arg(long, value_name = "N", default_value_t = 64, value_parser = clap::value_parser!(u64).range(4..=32764))]
-    pub max_slots: u64,
+    /// Slot budget of the sim tier (default 64; the real tier uses KVM's
+    /// and refuses the flag).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(4..=32764))]
+    pub max_slots: Option<u64>,
     /// Sim tier: about one step in N has a memslot change fail (`EIO`),
     /// which must roll back like the model (0: none). The step's text
     /// chooses, so a reproducer replays with the same flag.
@@ -109,8 +148,9 @@ pub struct FuzzArgs {
     /// Reruns of the shrunk reproducer (reported as k of N).
     #[arg(long, value_name = "N", default_value_t = 5)]
     pub reruns: usize,
-    /// Replay a reproducer instead of generating.
-    #[arg(long, value_name = "FILE")]
+    /// Replay a reproducer instead of generating (the file describes its
+    /// VM and steps: the generator's flags do not apply).
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["seed", "seeds", "time", "steps", "weights", "chunk", "prefill", "shrink_runs", "reruns"])]
     pub replay: Option<PathBuf>,
     /// Print a libFuzzer input (the coverage-guided tier's bytes) as a
     /// scenario file for the chosen backend's VM, then exit.
@@ -170,6 +210,10 @@ pub struct FuzzReport {
     pub seed: u64,
     /// Backend.
     pub backend: Backend,
+    /// The VM's dirty-log mode.
+    pub dirty_log: DirtyLogMode,
+    /// The hotplug arena, `[start, end)`.
+    pub arena: [u64; 2],
     /// Steps run.
     pub steps: u64,
     /// VMs built (chunks).
@@ -205,7 +249,7 @@ fn sim_layout(args: &FuzzArgs) -> Layout {
         ram: (layout::RAM_BASE, args.mem),
         limits: Limits {
             max_gpa: 1 << 48,
-            max_slots: args.max_slots as usize,
+            max_slots: args.max_slots.unwrap_or(DEFAULT_SIM_SLOTS) as usize,
             reserved: (MMIO_BASE, MMIO_BASE + MMIO_SIZE),
             read_only: true,
         },
@@ -251,9 +295,11 @@ impl Campaign {
                 layout.guest_end
             )));
         }
-        if (args.fail_every > 0 || args.guard_reader) && args.backend != Backend::Sim {
+        if (args.fail_every > 0 || args.guard_reader || args.max_slots.is_some())
+            && args.backend != Backend::Sim
+        {
             return Err(FuzzError::Flags(
-                "--fail-every and --guard-reader act on the simulated KVM: they need --backend sim"
+                "--fail-every, --guard-reader and --max-slots act on the simulated KVM: they need --backend sim"
                     .into(),
             ));
         }
@@ -342,7 +388,7 @@ impl Campaign {
             Backend::Sim => format!(
                 "vmm fuzz --replay {} --backend sim --max-slots {} --pin-limit {} --fail-every {}{}",
                 path.display(),
-                self.args.max_slots,
+                self.args.max_slots.unwrap_or(DEFAULT_SIM_SLOTS),
                 self.args.pin_limit,
                 self.args.fail_every,
                 if self.args.guard_reader { " --guard-reader" } else { "" }
@@ -523,11 +569,66 @@ pub fn main(args: &FuzzArgs) -> i32 {
     if let Some((path, sc)) = replaying {
         return replay(&campaign, &path, sc, &mut say);
     }
+    if let Some(range) = args.seeds {
+        return run_seeds(&campaign, range, &mut say);
+    }
     let seed = args.seed.unwrap_or_else(|| {
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(1, |d| d.as_nanos() as u64)
     });
+    let (report, status) = run_seed(&campaign, seed, &mut say);
+    if json {
+        match serde_json::to_string_pretty(&report) {
+            Ok(j) => println!("{j}"),
+            Err(e) => eprintln!("vmm fuzz: cannot encode the report: {e}"),
+        }
+    }
+    status
+}
+
+/// `--seeds A..B`: one campaign per seed, past findings; a summary line,
+/// and with `--json` an array of the seeds' reports. Exit status 1 if any
+/// seed found something.
+fn run_seeds(campaign: &Campaign, range: SeedRange, say: &mut dyn FnMut(String)) -> i32 {
+    let mut reports = Vec::new();
+    let mut status = 0;
+    for seed in range.first..=range.last {
+        let (report, s) = run_seed(campaign, seed, say);
+        status = status.max(s);
+        reports.push(report);
+    }
+    let found: Vec<String> = reports
+        .iter()
+        .filter(|r| !r.findings.is_empty())
+        .map(|r| r.seed.to_string())
+        .collect();
+    say(format!(
+        "seeds {}..{}: {} steps, {} with findings{}",
+        range.first,
+        range.last,
+        reports.iter().map(|r| r.steps).sum::<u64>(),
+        found.len(),
+        if found.is_empty() {
+            String::new()
+        } else {
+            format!(" (seeds {})", found.join(", "))
+        }
+    ));
+    if campaign.args.json {
+        match serde_json::to_string_pretty(&reports) {
+            Ok(j) => println!("{j}"),
+            Err(e) => eprintln!("vmm fuzz: cannot encode the report: {e}"),
+        }
+    }
+    status
+}
+
+/// One seed's campaign: chunks until the budget is spent or a finding;
+/// its report and exit status.
+fn run_seed(campaign: &Campaign, seed: u64, say: &mut dyn FnMut(String)) -> (FuzzReport, i32) {
+    let args = &campaign.args;
+    let json = args.json;
     say(format!(
         "seed {seed}, backend {}, {} vCPU(s), arena [{:#x}, {:#x})",
         backend_name(args.backend),
@@ -542,6 +643,8 @@ pub fn main(args: &FuzzArgs) -> i32 {
     let mut report = FuzzReport {
         seed,
         backend: args.backend,
+        dirty_log: campaign.layout.dirty_log,
+        arena: [args.arena_base, args.arena_base + args.arena_size],
         steps: 0,
         runs: 0,
         seconds: 0.0,
@@ -598,7 +701,7 @@ pub fn main(args: &FuzzArgs) -> i32 {
                 eprintln!();
             }
             say(format!("FINDING (seed {seed}, chunk {k}, chunk seed {cs}) at step {} ({}): expected {}, got {}", f.step, f.what, f.expected, f.actual));
-            match campaign.report_finding(cs, &actions, f, &mut say) {
+            match campaign.report_finding(cs, &actions, f, say) {
                 Ok(r) => report.findings.push(r),
                 Err(e) => eprintln!("vmm fuzz: {e}"),
             }
@@ -620,13 +723,7 @@ pub fn main(args: &FuzzArgs) -> i32 {
         report.steps_per_sec,
         report.findings.len()
     ));
-    if json {
-        match serde_json::to_string_pretty(&report) {
-            Ok(j) => println!("{j}"),
-            Err(e) => eprintln!("vmm fuzz: cannot encode the report: {e}"),
-        }
-    }
-    status
+    (report, status)
 }
 
 /// The dirty-log mode a reproducer replays in: its `dirty_log` header, as
@@ -661,6 +758,12 @@ fn replay(campaign: &Campaign, path: &Path, sc: Scenario, say: &mut dyn FnMut(St
     let mut layout = campaign.layout.clone();
     layout.ram.1 = sc.mem.map_or(layout.ram.1, |m| m.0);
     layout.vcpus = sc.vcpus.unwrap_or(layout.vcpus);
+    if let Some(limit) = &sc.pin_limit {
+        // Validated when the file was read.
+        if let Ok(l) = limit.parse::<crate::mm::pin_account::PinLimit>() {
+            layout.pin_limit = l.pages();
+        }
+    }
     let result = match campaign.args.backend {
         Backend::Sim => {
             let actions: Vec<Action> = sc.steps.iter().map(|s| s.action.clone()).collect();

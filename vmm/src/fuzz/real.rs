@@ -84,6 +84,7 @@ pub fn scenario(name: &str, description: &str, layout: &Layout, steps: Vec<Step>
         timeout: None,
         dirty_log: (layout.dirty_log != crate::mm::manager::DirtyLogMode::Bitmap)
             .then(|| layout.dirty_log.to_string()),
+        pin_limit: Some(format!("{}p", layout.pin_limit)),
         full_check_every: None,
         steps,
     }

@@ -401,3 +401,13 @@ size = "0x1000"
         }
     }
 }
+
+#[test]
+fn test_a_real_tier_reproducer_carries_its_pin_limit() {
+    // `vmm run --scenario` would otherwise use RLIMIT_MEMLOCK, and a pin
+    // the fuzzer's limit allowed could be refused on replay.
+    let sc = super::real::scenario("t", "d", &layout(), Vec::new());
+    assert_eq!(sc.pin_limit.as_deref(), Some("4096p"));
+    let text = sc.to_toml();
+    assert!(text.contains("pin_limit = \"4096p\""), "{text}");
+}

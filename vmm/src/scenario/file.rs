@@ -138,6 +138,11 @@ pub struct Scenario {
     /// `--dirty-log`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub dirty_log: Option<String>,
+    /// Limit of pinned guest memory, as `--pin-limit` takes it (`256M`,
+    /// `4096p`, `unlimited`; overrides `--pin-limit`). Reproducers carry
+    /// the limit they ran with, so they replay alike on any host.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pin_limit: Option<String>,
     /// Memory ops between two full consistency checks (the others get the
     /// incremental check; see [`crate::mm::manager::Checker`]). Default
     /// [`DEFAULT_FULL_EVERY`](crate::mm::manager::DEFAULT_FULL_EVERY); 1:
@@ -160,6 +165,8 @@ struct Header {
     timeout: Option<DurationText>,
     #[serde(alias = "dirty-log")]
     dirty_log: Option<String>,
+    #[serde(alias = "pin-limit")]
+    pin_limit: Option<String>,
     full_check_every: Option<u32>,
 }
 
@@ -310,6 +317,10 @@ impl Scenario {
             m.parse::<crate::mm::manager::DirtyLogMode>()
                 .map_err(|e| header_err("dirty_log", e))?;
         }
+        if let Some(l) = &h.pin_limit {
+            l.parse::<crate::mm::pin_account::PinLimit>()
+                .map_err(|e| header_err("pin_limit", e.to_string()))?;
+        }
         let raw = match step_entry {
             None => Vec::new(),
             Some((key, value)) => match value.into_inner() {
@@ -399,6 +410,7 @@ impl Scenario {
             backing: h.backing,
             timeout: h.timeout,
             dirty_log: h.dirty_log,
+            pin_limit: h.pin_limit,
             full_check_every: h.full_check_every,
             steps,
         })
