@@ -313,22 +313,27 @@ impl Campaign {
         Ok(Self { args, layout, cfg })
     }
 
-    fn scenario(&self, actions: &[Action], title: &str) -> Scenario {
-        let steps = expectations(&self.layout, actions);
+    fn scenario(&self, layout: &Layout, actions: &[Action], title: &str) -> Scenario {
+        let steps = expectations(layout, actions);
         real::scenario(
             title,
             &format!("written by vmm fuzz --backend {:?}", self.args.backend).to_lowercase(),
-            &self.layout,
+            layout,
             steps,
         )
     }
 
     /// Runs `actions` on the backend.
     fn run(&self, actions: &[Action]) -> Result<Ran, FuzzError> {
+        self.run_on(&self.layout, actions)
+    }
+
+    /// Runs `actions` on the backend, in a VM of `layout`.
+    fn run_on(&self, layout: &Layout, actions: &[Action]) -> Result<Ran, FuzzError> {
         match self.args.backend {
             Backend::Sim => {
                 let finding = sim::run_with(
-                    &self.layout,
+                    layout,
                     actions,
                     &sim::SimOptions {
                         faults: &self.faults(actions),
@@ -337,7 +342,7 @@ impl Campaign {
                     },
                 )?;
                 let n = finding.as_ref().map_or(actions.len(), |f| f.step);
-                let steps = expectations(&self.layout, &actions[..n]);
+                let steps = expectations(layout, &actions[..n]);
                 let outcomes = steps
                     .iter()
                     .map(|s| {
@@ -353,7 +358,7 @@ impl Campaign {
                 Ok(Ran { finding, outcomes })
             }
             Backend::Real => {
-                let sc = self.scenario(actions, "fuzz");
+                let sc = self.scenario(layout, actions, "fuzz");
                 // A timeline the file reader would refuse is no reproducer.
                 if let Err(e) = Scenario::parse(&sc.to_toml()) {
                     return Err(FuzzError::File(format!(
@@ -361,7 +366,7 @@ impl Campaign {
                     )));
                 }
                 let timeout = Duration::from_secs(60);
-                let (finding, report) = real::run_with_report(sc, &self.layout, timeout)?;
+                let (finding, report) = real::run_with_report(sc, layout, timeout)?;
                 let outcomes = report
                     .into_iter()
                     .map(|(k, a)| (k, outcome_name(&a)))
@@ -378,8 +383,27 @@ impl Campaign {
     }
 
     /// Runs a candidate for the shrinker: an invalid one does not fail.
-    fn try_run(&self, actions: &[Action]) -> Option<Finding> {
-        self.run(actions).ok().and_then(|r| r.finding)
+    fn try_run(&self, layout: &Layout, actions: &[Action]) -> Option<Finding> {
+        self.run_on(layout, actions).ok().and_then(|r| r.finding)
+    }
+
+    /// The shrinker's last simplification, of the VM: one vCPU where the
+    /// shrunk timeline uses only vCPU 0 and still fails the same way on it.
+    fn fewer_vcpus(&self, s: &shrink::Shrunk) -> Layout {
+        let one = Layout {
+            vcpus: 1,
+            ..self.layout.clone()
+        };
+        let only_vcpu0 = s.actions.iter().all(|a| a.vcpu().unwrap_or(0) == 0);
+        if self.layout.vcpus > 1
+            && only_vcpu0
+            && self
+                .try_run(&one, &s.actions)
+                .is_some_and(|f| f.signature == s.finding.signature)
+        {
+            return one;
+        }
+        self.layout.clone()
     }
 
     fn replay_command(&self, path: &Path) -> String {
@@ -398,6 +422,7 @@ impl Campaign {
 
     fn write(
         &self,
+        layout: &Layout,
         actions: &[Action],
         finding: &Finding,
         name: &str,
@@ -405,7 +430,7 @@ impl Campaign {
         std::fs::create_dir_all(&self.args.out)
             .map_err(|e| FuzzError::File(format!("creating {}: {e}", self.args.out.display())))?;
         let path = self.args.out.join(format!("{name}.toml"));
-        let mut sc = self.scenario(actions, name);
+        let mut sc = self.scenario(layout, actions, name);
         if let Some(s) = sc.steps.get_mut(finding.step.saturating_sub(1)) {
             s.note = Some(format!(
                 "the finding: got {}",
@@ -433,16 +458,17 @@ impl Campaign {
                 .map_or("fuzz".into(), |v| v.get_name().to_string())
         );
         let cut = &actions[..finding.step.min(actions.len())];
-        let full = self.write(cut, &finding, &base)?;
+        let full = self.write(&self.layout, cut, &finding, &base)?;
         say(format!(
             "reproducer ({} steps): {}",
             cut.len(),
             full.display()
         ));
         let s = shrink::shrink(cut.to_vec(), finding.clone(), self.args.shrink_runs, |c| {
-            self.try_run(c)
+            self.try_run(&self.layout, c)
         });
-        let shrunk = self.write(&s.actions, &s.finding, &format!("{base}-min"))?;
+        let layout = self.fewer_vcpus(&s);
+        let shrunk = self.write(&layout, &s.actions, &s.finding, &format!("{base}-min"))?;
         say(format!(
             "shrunk to {} steps in {} runs: {}",
             s.actions.len(),
@@ -452,7 +478,7 @@ impl Campaign {
         let mut k = 0;
         for _ in 0..self.args.reruns {
             if self
-                .try_run(&s.actions)
+                .try_run(&layout, &s.actions)
                 .is_some_and(|f| f.signature == s.finding.signature)
             {
                 k += 1;

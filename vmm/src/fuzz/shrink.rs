@@ -8,6 +8,9 @@ use crate::scenario::step::Action;
 use super::finding::Finding;
 use super::model::slots::PAGE;
 
+/// The alignment addresses are simplified to.
+const HUGE: u64 = 2 << 20;
+
 /// What the shrinker did.
 #[derive(Debug, Clone)]
 pub struct Shrunk {
@@ -101,7 +104,8 @@ pub fn shrink(
     best
 }
 
-/// Simpler versions of an action: one page, half the size, no repeat, not
+/// Simpler versions of an action: one page, half the size, fewer slots of
+/// a plug-many, addresses aligned down to 2 MiB, vCPU 0, no repeat, not
 /// async, default backing and flags.
 pub fn simplify(action: &Action) -> Vec<Action> {
     let mut out = Vec::new();
@@ -141,6 +145,63 @@ pub fn simplify(action: &Action) -> Vec<Action> {
             _ => false,
         });
     }
+    for to in [Some(1), None] {
+        push(&|a| match a {
+            Action::PlugMany(p) => {
+                let was = p.count.map(|c| c.0);
+                let fewer = match (to, was) {
+                    (Some(one), Some(n)) if n > one => one,
+                    (None, Some(n)) if n > 1 => n / 2,
+                    // Until the budget is full: try a handful of slots.
+                    (Some(_), None) => 8,
+                    _ => return false,
+                };
+                p.count = Some(Num(fewer));
+                true
+            }
+            _ => false,
+        });
+    }
+    push(&|a| {
+        let align = |g: &mut Num| {
+            let down = g.0 & !(HUGE - 1);
+            std::mem::replace(&mut g.0, down) != down
+        };
+        match a {
+            Action::Plug(p) => align(&mut p.gpa),
+            Action::Unplug(u) => align(&mut u.gpa),
+            Action::Protect(p) => align(&mut p.gpa),
+            Action::Move(m) => align(&mut m.gpa) | align(&mut m.to),
+            _ => false,
+        }
+    });
+    push(&|a| {
+        let mut changed = false;
+        macro_rules! vcpu0 {
+            ($($v:ident),*) => {
+                match a {
+                    $(Action::$v(g) => {
+                        changed = g.vcpu != 0;
+                        g.vcpu = 0;
+                    })*
+                    _ => {}
+                }
+            };
+        }
+        vcpu0!(
+            Fill,
+            Verify,
+            VerifyConst,
+            Touch,
+            Read,
+            Write,
+            Spin,
+            DmaCopy,
+            DmaFill,
+            DmaChecksum
+        );
+        changed
+    });
     push(&|a| match a {
         Action::Plug(p) => p.backing.take().is_some() | p.flags.take().is_some(),
         Action::Pin(p) => p.write.take().is_some() | p.revocable.take().is_some(),
@@ -221,6 +282,45 @@ mod tests {
             ]
         );
         assert!(s.runs < 500, "{} runs", s.runs);
+    }
+
+    fn parsed(step: &str) -> Action {
+        let sc = crate::scenario::Scenario::parse(&format!("vcpus = 2\n[[step]]\n{step}\n"))
+            .expect("a valid step");
+        sc.steps[0].action.clone()
+    }
+
+    #[test]
+    fn test_simplify_tries_fewer_slots_aligned_addresses_and_vcpu_0() {
+        let many = simplify(&parsed("do = \"plug-many\"\ngpa = \"4G\"\ncount = 64"));
+        let counts: Vec<u64> = many
+            .iter()
+            .filter_map(|a| match a {
+                Action::PlugMany(p) => p.count.map(|c| c.0),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(counts, [1, 32]);
+        let all = simplify(&parsed("do = \"plug-many\"\ngpa = \"4G\""));
+        assert!(all
+            .iter()
+            .any(|a| matches!(a, Action::PlugMany(p) if p.count == Some(Num(8)))));
+        let plug = simplify(&parsed(
+            "do = \"plug\"\ngpa = \"0x100203000\"\nsize = \"8K\"",
+        ));
+        assert!(plug
+            .iter()
+            .any(|a| matches!(a, Action::Plug(p) if p.gpa.0 == 0x1_0020_0000)));
+        let fill = simplify(&parsed(
+            "do = \"fill\"\nvcpu = 1\ngpa = \"4G\"\nsize = \"8K\"\nseed = 3",
+        ));
+        assert!(fill
+            .iter()
+            .any(|a| matches!(a, Action::Fill(g) if g.vcpu == 0 && g.command.size.0 == 8192)));
+        assert!([many, all, plug, fill]
+            .iter()
+            .flatten()
+            .all(|a| a.check().is_ok()));
     }
 
     #[test]
