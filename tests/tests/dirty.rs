@@ -46,20 +46,25 @@ impl VcpuPlan for Remote {
     }
 }
 
-/// A VM with one remotely driven vCPU.
+/// A VM with remotely driven vCPUs (one unless [`Guest::with_vcpus`]).
 struct Guest {
     vm: Vm,
-    commands: Option<Sender<Command>>,
-    outcomes: Receiver<CommandOutcome>,
-    thread: Option<JoinHandle<VcpuReport>>,
-    _console: mpsc::Receiver<vmm::vcpu::ConsoleLine>,
+    /// Per vCPU: its command channel and its outcomes (a vCPU is driven
+    /// by one thread at a time).
+    vcpus: Vec<(Sender<Command>, Mutex<Receiver<CommandOutcome>>)>,
+    threads: Vec<JoinHandle<VcpuReport>>,
+    _console: Mutex<mpsc::Receiver<vmm::vcpu::ConsoleLine>>,
 }
 
 impl Guest {
     fn new(dirty: DirtyLogConfig) -> Self {
+        Self::with_vcpus(dirty, 1)
+    }
+
+    fn with_vcpus(dirty: DirtyLogConfig, count: u64) -> Self {
         let mut vm = Vm::with_dirty_log(
             &VmSpec {
-                vcpus: 1,
+                vcpus: count,
                 mem_size: 16 * MIB,
                 backing: BackingKind::Anon,
                 image: Arc::from(guest_image::RUNTIME_ELF),
@@ -70,32 +75,35 @@ impl Guest {
             dirty,
         )
         .expect("the VM builds");
-        let (ctx_tx, commands) = mpsc::channel();
-        let (outcomes_tx, outcomes) = mpsc::channel();
         let (console_tx, console_rx) = mpsc::channel();
-        let fd = vm.take_vcpus().pop().unwrap();
-        let ctx = VcpuContext {
-            index: 0,
-            vcpus: 1,
-            entry: vm.entry,
-            boot: vm.boot.clone(),
-            memory: vm.memory.clone(),
-            dma: None,
-            plan: Box::new(Remote {
-                commands,
-                outcomes: outcomes_tx,
-            }),
-            console: ConsoleSender::new(console_tx, EventFd::new(0).unwrap()),
-            stop: Arc::new(AtomicBool::new(false)),
-            progress: false,
-        };
-        let thread = std::thread::spawn(move || vmm::vcpu::run_vcpu(fd, ctx));
+        let mut vcpus = Vec::new();
+        let mut threads = Vec::new();
+        for (index, fd) in vm.take_vcpus().into_iter().enumerate() {
+            let (ctx_tx, commands) = mpsc::channel();
+            let (outcomes_tx, outcomes) = mpsc::channel();
+            let ctx = VcpuContext {
+                index: index as u64,
+                vcpus: count,
+                entry: vm.entry,
+                boot: vm.boot.clone(),
+                memory: vm.memory.clone(),
+                dma: None,
+                plan: Box::new(Remote {
+                    commands,
+                    outcomes: outcomes_tx,
+                }),
+                console: ConsoleSender::new(console_tx.clone(), EventFd::new(0).unwrap()),
+                stop: Arc::new(AtomicBool::new(false)),
+                progress: false,
+            };
+            threads.push(std::thread::spawn(move || vmm::vcpu::run_vcpu(fd, ctx)));
+            vcpus.push((ctx_tx, Mutex::new(outcomes)));
+        }
         Self {
             vm,
-            commands: Some(ctx_tx),
-            outcomes,
-            thread: Some(thread),
-            _console: console_rx,
+            vcpus,
+            threads,
+            _console: Mutex::new(console_rx),
         }
     }
 
@@ -104,8 +112,15 @@ impl Guest {
     }
 
     fn run(&self, command: Command) -> CommandOutcome {
-        self.commands.as_ref().unwrap().send(command).unwrap();
-        self.outcomes
+        self.run_on(0, command)
+    }
+
+    fn run_on(&self, vcpu: usize, command: Command) -> CommandOutcome {
+        let (commands, outcomes) = &self.vcpus[vcpu];
+        commands.send(command).unwrap();
+        outcomes
+            .lock()
+            .unwrap()
             .recv_timeout(Duration::from_secs(60))
             .expect("the guest answers within 60 s")
     }
@@ -125,12 +140,14 @@ impl Guest {
         }
     }
 
-    /// Stops the vCPU; its report.
+    /// Stops the vCPUs; the first one's report.
     fn finish(mut self) -> VcpuReport {
-        drop(self.commands.take());
-        let report = self.thread.take().unwrap().join().unwrap();
-        assert!(report.failure.is_none(), "{:?}", report.failure);
-        report
+        self.vcpus.clear();
+        let reports: Vec<VcpuReport> = self.threads.drain(..).map(|t| t.join().unwrap()).collect();
+        for report in &reports {
+            assert!(report.failure.is_none(), "{:?}", report.failure);
+        }
+        reports.into_iter().next().unwrap()
     }
 }
 
@@ -282,15 +299,20 @@ struct Tally {
     ops: u64,
 }
 
-/// A vCPU writes each page of a 1 MiB logging range once per round while a
-/// writer thread splits (protect ro / rw of a 64 KiB chunk), moves (away and
-/// back) and reports dirty pages; at each round's end the writer pauses and
-/// a last report is taken. Every page must be reported in the round it was
-/// written in; returns what was lost or reported twice.
-fn writes_across_moves_and_splits(mode: DirtyLogMode, rounds: u64) -> (Tally, Arc<MemoryManager>) {
+/// `vcpus` vCPUs, in parallel, write each page of a 1 MiB logging range
+/// once per round (vCPU `i` the pages `i` modulo `vcpus`) while a writer
+/// thread splits (protect ro / rw of a 64 KiB chunk), moves (away and back)
+/// and reports dirty pages; at each round's end the writer pauses and a last
+/// report is taken. Every page must be reported in the round it was written
+/// in; returns what was lost or reported twice.
+fn writes_across_moves_and_splits(
+    mode: DirtyLogMode,
+    rounds: u64,
+    vcpus: u64,
+) -> (Tally, Arc<MemoryManager>) {
     const SIZE: u64 = MIB;
     const CHUNK: u64 = 64 << 10;
-    let guest = Guest::new(mode.into());
+    let guest = Guest::with_vcpus(mode.into(), vcpus);
     let memory = guest.memory().clone();
     plug_logging(&memory, BASE, SIZE);
     let parking = 3 * BASE;
@@ -346,22 +368,38 @@ fn writes_across_moves_and_splits(mode: DirtyLogMode, rounds: u64) -> (Tally, Ar
     let all: Vec<u64> = pages(BASE, SIZE / P).collect();
     for round in 0..rounds {
         let mut in_flight = std::collections::BTreeMap::new();
-        for &page in &all {
-            let issued = Instant::now();
-            // A write refused while the page is away or read-only did not
-            // happen: write it again until it lands.
-            loop {
-                match guest.run(Command::write(page * P + 8 * (round + 1), round)) {
-                    CommandOutcome::Done { .. } => break,
-                    CommandOutcome::Failed(
-                        vmm::failure::GuestFailure::UnpluggedAccess { .. }
-                        | vmm::failure::GuestFailure::ReadOnlyWrite { .. },
-                    ) => std::thread::sleep(Duration::from_micros(100)),
-                    CommandOutcome::Failed(f) => panic!("round {round} page {page:#x}: {f}"),
+        let write_share = |vcpu: u64| {
+            let mut mine = Vec::new();
+            for &page in all.iter().filter(|&&p| p % vcpus == vcpu) {
+                let issued = Instant::now();
+                // A write refused while the page is away or read-only did
+                // not happen: write it again until it lands.
+                loop {
+                    let write = Command::write(page * P + 8 * (round + 1), round);
+                    match guest.run_on(vcpu as usize, write) {
+                        CommandOutcome::Done { .. } => break,
+                        CommandOutcome::Failed(
+                            vmm::failure::GuestFailure::UnpluggedAccess { .. }
+                            | vmm::failure::GuestFailure::ReadOnlyWrite { .. },
+                        ) => std::thread::sleep(Duration::from_micros(100)),
+                        CommandOutcome::Failed(f) => {
+                            panic!("round {round} vCPU {vcpu} page {page:#x}: {f}")
+                        }
+                    }
                 }
+                mine.push((page, (issued, Instant::now())));
             }
+            mine
+        };
+        let shares: Vec<_> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..vcpus)
+                .map(|v| s.spawn(move || write_share(v)))
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        for (page, window) in shares.into_iter().flatten() {
             tally.written += 1;
-            in_flight.insert(page, (issued, Instant::now()));
+            in_flight.insert(page, window);
         }
         let _pause = turn.lock().unwrap();
         let mut seen = BTreeSet::new();
@@ -399,7 +437,8 @@ fn test_ring_mode_reports_every_write_once_across_moves_and_splits() {
         return;
     }
     let started = Instant::now();
-    let (tally, memory) = writes_across_moves_and_splits(DirtyLogMode::Ring, 6);
+    // Two vCPUs: two rings to harvest, written at once.
+    let (tally, memory) = writes_across_moves_and_splits(DirtyLogMode::Ring, 6, 2);
     println!(
         "ring: {} writes ({} during an op), {} ops, lost {}, reported twice {} (all during an op: {}) in {:.1} s",
         tally.written,
@@ -432,7 +471,7 @@ fn test_bitmap_modes_blind_window_across_moves_and_splits_is_measured() {
         return;
     }
     for mode in [DirtyLogMode::Bitmap, DirtyLogMode::Manual] {
-        let (tally, memory) = writes_across_moves_and_splits(mode, 2);
+        let (tally, memory) = writes_across_moves_and_splits(mode, 2, 1);
         let w = memory.teardown_windows();
         println!(
             "{mode}: {} writes ({} during an op), {} ops, lost {}, reported twice {}; {} blind windows, mean {:?}, max {:?}",
