@@ -772,3 +772,27 @@ fn test_faults_sigint_stops_reports_what_was_measured_and_exits_1() {
     assert_eq!(entries(&tmp), Vec::<String>::new(), "after SIGINT");
     std::fs::remove_dir(&tmp).unwrap();
 }
+
+#[test]
+fn test_raw_baseline_stops_at_its_timeout_instead_of_waiting_on_a_slow_handler() {
+    if !kvm_or_skip("test_raw_baseline_stops_at_its_timeout_instead_of_waiting_on_a_slow_handler") {
+        return;
+    }
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    // 64 pages behind a handler that takes 2 s per fault: about two minutes
+    // of work, cut short by the 300 ms timeout (the vCPU is kicked out of
+    // its fault; the handler finishes the one it is sleeping on).
+    let mut cfg = FaultsConfig::small(256 << 10, Backing::UffdZero);
+    cfg.handler_delay = std::time::Duration::from_secs(2);
+    cfg.timeout = std::time::Duration::from_millis(300);
+    let started = std::time::Instant::now();
+    let err = vmm::bench::raw_baseline(&cfg, &Backing::UffdZero)
+        .expect_err("the baseline cannot finish in time");
+    let took = started.elapsed();
+    let msg = err.to_string();
+    assert!(msg.contains("timed out after 300"), "{msg}");
+    assert!(
+        took < std::time::Duration::from_secs(10),
+        "took {took:?}: {msg}"
+    );
+}

@@ -49,6 +49,9 @@ mod plan;
 mod plot;
 mod progress;
 mod raw;
+mod raw_stop;
+#[cfg(all(test, vmm_shuttle))]
+mod raw_stop_shuttle_tests;
 mod raw_uffd;
 mod report;
 mod run;

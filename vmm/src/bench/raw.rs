@@ -2,15 +2,17 @@
 //! pattern (same guest runtime, same commands from [`super::plan`], same
 //! memory kinds and guest page tables), with no slot map, no memslot
 //! memory, no statistics and no phase channels: plain
-//! `KVM_SET_USER_MEMORY_REGION`, one loop per vCPU thread, a `Barrier`
-//! between passes. `vmm bench faults` runs it in the same invocation and
+//! `KVM_SET_USER_MEMORY_REGION`, one loop per vCPU thread, a barrier
+//! between passes. A failing vCPU or handler, or `--timeout`, stops the
+//! whole baseline with its reason ([`super::raw_stop`]). `vmm bench faults` runs it in the same invocation and
 //! prints the ratio of its own median to this one (the tool should add
 //! nothing: the timed window is inside the guest).
 //!
 //! It shares only pure code with the tool (boot tables, ELF loading, register
 //! values, page-table writers, the command plan) and `HostMapping`.
 
-use std::sync::{Arc, Barrier};
+use std::sync::Arc;
+use std::time::Instant;
 
 use guest_image::protocol::{command, layout, mailbox_offset, status, REG_DOORBELL, REG_EXCEPTION};
 use kvm_bindings::{kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES};
@@ -21,6 +23,7 @@ use super::guest::RamLayout;
 
 use super::error::BenchError;
 use super::plan::{pass_commands, prefault_command};
+use super::raw_stop::RawStop;
 use super::raw_uffd::RawHandlers;
 use super::uffd::{Armed, Mode};
 use crate::boot::elf::ElfImage;
@@ -105,6 +108,9 @@ pub fn run(cfg: &FaultsConfig, backing: &Backing) -> Result<RawResult, BenchErro
         backing: backing.clone(),
         armed,
     });
+    crate::vcpu::install_kick_handler()
+        .map_err(|e| BenchError::Setup(format!("raw baseline: the vCPU kick signal: {e}")))?;
+    let stop = Arc::new(RawStop::new(cfg.vcpus as usize));
     let handlers = shared
         .armed
         .as_ref()
@@ -114,6 +120,7 @@ pub fn run(cfg: &FaultsConfig, backing: &Backing) -> Result<RawResult, BenchErro
                 cfg.uffd_handlers as usize,
                 cfg.handler_delay,
                 &super::host::uffd_handler_cpus(cfg),
+                stop.clone(),
             )
         })
         .transpose()?;
@@ -147,14 +154,14 @@ pub fn run(cfg: &FaultsConfig, backing: &Backing) -> Result<RawResult, BenchErro
     }
     let tsc_khz = vcpus[0].get_tsc_khz().map_err(kvm_err("KVM_GET_TSC_KHZ"))?;
 
-    let barrier = Arc::new(Barrier::new(cfg.vcpus as usize));
     let ram_base = ram_map.as_ptr() as u64;
+    let deadline = Instant::now() + cfg.timeout;
     let outcome: Vec<Result<Passes, String>> = std::thread::scope(|s| {
         let handles: Vec<_> = vcpus
             .into_iter()
             .enumerate()
             .map(|(i, fd)| {
-                let (shared, barrier) = (shared.clone(), barrier.clone());
+                let (shared, stop) = (shared.clone(), &*stop);
                 let (res_gpa, res_len) = ram.results[i];
                 let job = Job {
                     index: i as u64,
@@ -165,9 +172,17 @@ pub fn run(cfg: &FaultsConfig, backing: &Backing) -> Result<RawResult, BenchErro
                     accesses: cfg.accesses(i as u64),
                     cpu: super::host::vcpu_cpu(cfg, i as u64),
                 };
-                s.spawn(move || job.run(fd, &shared, &barrier))
+                s.spawn(move || {
+                    let _party = stop.enter();
+                    let r = job.run(fd, &shared, stop);
+                    if let Err(e) = &r {
+                        stop.abort(format!("vCPU {i}: {e}"));
+                    }
+                    r
+                })
             })
             .collect();
+        stop.supervise(deadline, cfg.timeout);
         handles
             .into_iter()
             .map(|h| {
@@ -179,6 +194,9 @@ pub fn run(cfg: &FaultsConfig, backing: &Backing) -> Result<RawResult, BenchErro
     if let Some(h) = handlers {
         h.finish()
             .map_err(|detail| BenchError::Setup(format!("raw baseline: {detail}")))?;
+    }
+    if let Some(reason) = stop.aborted() {
+        return Err(BenchError::Setup(format!("raw baseline stopped: {reason}")));
     }
     let mut result = RawResult {
         tsc_khz,
@@ -221,9 +239,15 @@ impl Job {
         }
     }
 
-    fn run_cmd(&self, fd: &mut VcpuFd, shared: &Shared, cmd: &Command) -> Result<(), String> {
+    fn run_cmd(
+        &self,
+        fd: &mut VcpuFd,
+        shared: &Shared,
+        stop: &RawStop,
+        cmd: &Command,
+    ) -> Result<(), String> {
         self.post(shared, cmd);
-        match doorbell(fd)? {
+        match doorbell(fd, stop)? {
             status::OK => Ok(()),
             st => Err(format!("{} ended with status {st:#x}", cmd.describe())),
         }
@@ -239,23 +263,23 @@ impl Job {
             .collect()
     }
 
-    fn run(&self, mut fd: VcpuFd, shared: &Shared, barrier: &Barrier) -> Result<Passes, String> {
+    fn run(&self, mut fd: VcpuFd, shared: &Shared, stop: &RawStop) -> Result<Passes, String> {
         if let Some(cpu) = self.cpu {
             super::host::pin_current_thread(cpu);
         }
-        if doorbell(&mut fd)? != status::READY {
+        if doorbell(&mut fd, stop)? != status::READY {
             return Err("first doorbell is not READY".into());
         }
-        self.run_cmd(&mut fd, shared, &self.prefault)?;
-        barrier.wait();
+        self.run_cmd(&mut fd, shared, stop, &self.prefault)?;
+        stop.meet()?;
         for c in &self.pass {
-            self.run_cmd(&mut fd, shared, c)?;
+            self.run_cmd(&mut fd, shared, stop, c)?;
         }
         let first = self.ticks();
         let mut refault = Vec::new();
         if self.refault {
             let mut discarded = Ok(());
-            if barrier.wait().is_leader() {
+            if stop.meet()? {
                 discarded = match &shared.armed {
                     Some(a) => a.rearm().map_err(|e| e.to_string()),
                     None => shared
@@ -271,21 +295,22 @@ impl Job {
                         .map_err(|e| e.to_string());
                 }
             }
-            barrier.wait();
+            stop.meet()?;
             discarded?;
             for c in &self.pass {
-                self.run_cmd(&mut fd, shared, c)?;
+                self.run_cmd(&mut fd, shared, stop, c)?;
             }
             refault = self.ticks();
         }
         self.post(shared, &Command::new(command::STOP, [0; 6]));
-        doorbell(&mut fd)?;
+        doorbell(&mut fd, stop)?;
         Ok((first, refault))
     }
 }
 
-/// Runs until the guest rings the doorbell; returns its status.
-fn doorbell(fd: &mut VcpuFd) -> Result<u32, String> {
+/// Runs until the guest rings the doorbell; returns its status. An
+/// interrupted `KVM_RUN` (a kick) ends it if the run was aborted.
+fn doorbell(fd: &mut VcpuFd, stop: &RawStop) -> Result<u32, String> {
     loop {
         match fd.run() {
             Ok(VcpuExit::MmioWrite(REG_DOORBELL, data)) => {
@@ -298,7 +323,11 @@ fn doorbell(fd: &mut VcpuFd) -> Result<u32, String> {
             }
             Ok(VcpuExit::MmioWrite(..)) => {}
             Ok(other) => return Err(format!("unexpected exit {other:?}")),
-            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                if let Some(reason) = stop.aborted() {
+                    return Err(format!("stopped: {reason}"));
+                }
+            }
             Err(e) => return Err(format!("KVM_RUN failed: {e}")),
         }
     }

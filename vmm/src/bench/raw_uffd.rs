@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use super::raw_stop::RawStop;
 use super::uffd::{sys, Armed, Mode, UffdError};
 use crate::mm::addr::PAGE_SIZE;
 
@@ -26,12 +27,14 @@ pub struct RawHandlers {
 
 impl RawHandlers {
     /// Starts `threads` threads per uffd of `armed`, each sleeping `delay`
-    /// before it resolves a fault, uffd `k`'s pinned to `cpus[k]` if given.
+    /// before it resolves a fault, uffd `k`'s pinned to `cpus[k]` if given;
+    /// a failing thread aborts `on_failure` (its vCPUs would wait for ever).
     pub fn start(
         armed: &Arc<Armed>,
         threads: usize,
         delay: Duration,
         cpus: &[Option<usize>],
+        on_failure: Arc<RawStop>,
     ) -> Result<Self, UffdError> {
         let stop = EventFd::new(EFD_NONBLOCK).map_err(UffdError::sys("eventfd"))?;
         let mut out = Self {
@@ -45,7 +48,8 @@ impl RawHandlers {
                     .stop
                     .try_clone()
                     .map_err(UffdError::sys("eventfd dup"))?;
-                let (armed, error) = (armed.clone(), out.error.clone());
+                let (armed, error, raw_stop) =
+                    (armed.clone(), out.error.clone(), on_failure.clone());
                 let cpu = cpus.get(k).copied().flatten();
                 let t = std::thread::Builder::new()
                     .name(format!("raw-uffd{k}"))
@@ -54,8 +58,10 @@ impl RawHandlers {
                             super::host::pin_current_thread(cpu);
                         }
                         if let Err(e) = serve(&armed, k, delay, stop.as_raw_fd()) {
-                            *error.lock().unwrap_or_else(|e| e.into_inner()) =
-                                Some(format!("raw uffd handler: {e}"));
+                            let reason = format!("raw uffd handler: {e}");
+                            // Its vCPUs would wait on their faults for ever.
+                            raw_stop.abort(reason.clone());
+                            *error.lock().unwrap_or_else(|e| e.into_inner()) = Some(reason);
                         }
                     })
                     .map_err(UffdError::sys("spawning a raw handler thread"))?;
