@@ -345,6 +345,18 @@ impl PinManager {
         }
     }
 
+    /// Numbers the next pin 1 again, as on a new manager, if no pin is
+    /// live (a number then names no other pin); `false`, changing nothing,
+    /// otherwise.
+    pub fn restart_numbering(&self) -> bool {
+        let mut table = self.registration.state.table();
+        if !table.pins.is_empty() || !table.locks.0.is_empty() {
+            return false;
+        }
+        table.next_id = 0;
+        true
+    }
+
     /// Sets how long [`pin`](Self::pin) waits for memory ops changing its
     /// range (default [`DEFAULT_PIN_WAIT`]).
     pub fn set_wait_bound(&mut self, bound: Duration) {

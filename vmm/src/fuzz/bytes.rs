@@ -250,7 +250,7 @@ pub fn run(data: &[u8]) -> Result<(), String> {
         guard_reader: false,
         locked_pages: false,
     };
-    match super::sim::run_with(&layout(), &actions, &options) {
+    match super::sim::run_reusing(&layout(), &actions, &options) {
         Ok(None) => Ok(()),
         Ok(Some(f)) => Err(format!(
             "finding at step {} ({}): expected {}, got {}",
