@@ -241,9 +241,11 @@ pub fn decode(data: &[u8]) -> (Vec<Action>, Vec<(usize, usize)>) {
     (actions, faults)
 }
 
-/// Runs one input on the simulated VM in lockstep with the model: `Err`
-/// describes a finding (the step, what was expected, what happened).
-pub fn run(data: &[u8]) -> Result<(), String> {
+/// Runs one input on the simulated VM in lockstep with the model: the
+/// number of steps it ran, or `Err` describing a finding (the step, what was
+/// expected, what happened). The VM is one per thread, reset between inputs
+/// ([`run_reusing`](super::sim::run_reusing)).
+pub fn run(data: &[u8]) -> Result<usize, String> {
     let (actions, faults) = decode(data);
     let options = super::sim::SimOptions {
         faults: &faults,
@@ -251,7 +253,7 @@ pub fn run(data: &[u8]) -> Result<(), String> {
         locked_pages: false,
     };
     match super::sim::run_reusing(&layout(), &actions, &options) {
-        Ok(None) => Ok(()),
+        Ok(None) => Ok(actions.len()),
         Ok(Some(f)) => Err(format!(
             "finding at step {} ({}): expected {}, got {}",
             f.step, f.what, f.expected, f.actual

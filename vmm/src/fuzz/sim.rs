@@ -17,11 +17,11 @@ use crate::devices::iommu::Iommu;
 use crate::devices::pins::{Pin, PinManager};
 use crate::mm::addr::{Gpa, GpaRange, PAGE_SIZE as PAGE};
 use crate::mm::backing::{BackingKind, HostMapping};
-use crate::mm::manager::{MemoryManager, SimKvm, SimWrite};
+use crate::mm::manager::{Checker, MemoryManager, SimKvm, SimWrite};
 use crate::mm::pin_account::{PinAccount, PinLimit};
 use crate::mm::slot_map::{MemslotSpec, SlotFlags, SlotMapConfig};
 use crate::mm::stage2::MappedRun;
-use crate::scenario::ops::run_op;
+use crate::scenario::ops::run_op_checked;
 use crate::scenario::step::Action;
 use crate::scenario::Outcome;
 
@@ -52,6 +52,8 @@ pub struct SimVm {
     /// Whether [`check`](Self::check) checks that live pins' pages are
     /// mlocked (on unless a [`SimOptions`] says otherwise).
     pub locked_pages: bool,
+    /// The consistency check after each memory op.
+    checker: Checker,
     /// The layout the VM was built for.
     layout: Layout,
     /// Guest RAM's host mapping, plugged again by [`reset`](Self::reset).
@@ -119,6 +121,7 @@ impl SimVm {
             memory,
             held: BTreeMap::new(),
             locked_pages: true,
+            checker: Self::checker(),
             layout: layout.clone(),
             ram: ram.expect("guest RAM was plugged"),
             boot: BootState {
@@ -195,31 +198,67 @@ impl SimVm {
         if !self.pins.restart_numbering() {
             return false;
         }
-        let extra: Vec<GpaRange> = self
-            .memory
-            .load()
+        let (ram_start, ram_len) = self.layout.ram;
+        let map = self.memory.load();
+        // Guest RAM still one slot exactly as plugged at boot: kept (its
+        // pages stay resident for the next timeline's pins).
+        let ram_intact = self
+            .boot
+            .slots
             .iter()
-            .filter(|s| !s.flags().fixed)
-            .map(|s| s.range())
-            .collect();
-        for r in extra {
-            if self.memory.apply(|m| m.unplug(r.start(), r.len())).is_err() {
+            .find(|(spec, _, _)| spec.gpa == Gpa(ram_start))
+            .is_some_and(|boot| {
+                map.slot_at(Gpa(ram_start)).is_some_and(|s| {
+                    (s.spec(), s.offset(), s.flags()) == *boot
+                        && Arc::ptr_eq(s.mapping(), &self.ram)
+                })
+            });
+        // Everything above the boot region, like `munmap`, in as few ops as
+        // possible (an unplug fails on a fixed slot: then no reset).
+        let max_gpa = self.layout.limits.max_gpa;
+        let spans = if ram_intact {
+            [
+                (self.layout.boot_end, ram_start),
+                (ram_start + ram_len, max_gpa),
+            ]
+        } else {
+            [(self.layout.boot_end, max_gpa), (max_gpa, max_gpa)]
+        };
+        for (lo, hi) in spans {
+            let Some(range) = GpaRange::from_bounds(Gpa(lo), Gpa(hi)) else {
+                continue;
+            };
+            if range.is_empty() || map.slots_in(range).next().is_none() {
+                continue;
+            }
+            if self.memory.apply(|m| m.unplug(Gpa(lo), hi - lo)).is_err() {
                 return false;
             }
         }
+        drop(map);
         // Pages harvested when logging slots went away; "not logging" when
         // there are none.
-        let _ = self.memory.dirty_pages(Gpa(0), self.layout.limits.max_gpa);
-        let (start, len) = self.layout.ram;
-        let ram = self.ram.clone();
-        if self
-            .memory
-            .apply(|m| m.plug(Gpa(start), len, ram, 0, SlotFlags::NONE))
-            .is_err()
-        {
-            return false;
+        let _ = self.memory.dirty_pages(Gpa(0), max_gpa);
+        if !ram_intact {
+            let ram = self.ram.clone();
+            if self
+                .memory
+                .apply(|m| m.plug(Gpa(ram_start), ram_len, ram, 0, SlotFlags::NONE))
+                .is_err()
+            {
+                return false;
+            }
         }
+        self.checker = Self::checker();
         self.memory.check_consistency().is_ok() && self.state() == self.boot
+    }
+
+    /// The check after each memory op: what the op changed
+    /// ([`MemoryManager::check_changes`]); [`check`](Self::check) compares
+    /// every memslot after every step and runs the full check at `check`
+    /// steps and at the end.
+    fn checker() -> Checker {
+        Checker::new(u32::MAX).with_sweep(std::time::Duration::ZERO)
     }
 
     /// Makes the memslot change `offset` calls from now fail with `errno`
@@ -276,7 +315,13 @@ impl SimVm {
             a if a.guest().is_some() || matches!(a, Action::Wait(_) | Action::Sleep(_)) => {
                 (Outcome::Ok, "skipped: no vCPUs in the sim tier".into())
             }
-            a => match run_op(&self.memory, &self.iommu, a, &BackingKind::Anon) {
+            a => match run_op_checked(
+                &self.memory,
+                &self.iommu,
+                a,
+                &BackingKind::Anon,
+                &mut self.checker,
+            ) {
                 Ok(d) => (Outcome::Ok, d),
                 Err(f) => (f.kind, f.message),
             },
