@@ -16,7 +16,9 @@
 #
 # BASELINE adds a run of another build of the target (say, of an older
 # tree) on the same corpus, between the ceiling and ours, and prints ours /
-# baseline. Extra libFuzzer flags: FUZZ_FLAGS (e.g. "-max_len=2700").
+# baseline. Extra libFuzzer flags: FUZZ_FLAGS (e.g. "-max_len=2700");
+# extra `cargo fuzz build` flags: FUZZ_BUILD_FLAGS (e.g.
+# "--no-trace-compares"; a change of them rebuilds every crate).
 # Results: docs/fuzzing.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -32,7 +34,8 @@ if [ -n "${BASELINE:-}" ] && [ ! -x "$BASELINE" ]; then
     exit 2
 fi
 export RUSTC_BOOTSTRAP=${RUSTC_BOOTSTRAP:-1}
-cargo fuzz build -O -s none memslots
+# shellcheck disable=SC2086 # FUZZ_BUILD_FLAGS is a list of flags
+cargo fuzz build -O -s none ${FUZZ_BUILD_FLAGS:-} memslots
 bin=fuzz/target/x86_64-unknown-linux-gnu/release/memslots
 base=/dev/shm
 [ -d "$base" ] && [ -w "$base" ] || base=${TMPDIR:-/tmp}

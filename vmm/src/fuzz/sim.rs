@@ -182,12 +182,15 @@ impl SimVm {
     /// Puts the VM back in the state [`new`](Self::new) built it in, for the
     /// next timeline: drops every pin (unlocking and uncharging it) and
     /// numbers pins from 1 again, clears injected failures, unplugs every
-    /// slot but the fixed boot region, reports and drops dirty pages still
-    /// pending, and plugs guest RAM again on its original mapping. The pin
-    /// manager and the IOMMU stay (a new one would subscribe to the hub
-    /// under a new number, which veto messages show). `true` only if the full consistency check then
-    /// holds and everything a step can observe ([`BootState`]) equals what
-    /// the new VM had; on `false` the caller must build a new VM.
+    /// slot but the fixed boot region and guest RAM (RAM too unless it is
+    /// still the one slot it was at boot), reports and drops dirty pages
+    /// still pending, and plugs RAM again on its original mapping. The pin
+    /// manager and the IOMMU stay: a new one would subscribe to the hub
+    /// under a new number, which veto messages show.
+    ///
+    /// `true` only if the consistency check of what the reset changed holds
+    /// and everything a step can observe ([`BootState`]) equals what the new
+    /// VM had; on `false` the caller must build a new VM.
     ///
     /// Guest memory contents are not reset: the simulated tier never writes
     /// through a host mapping (guest writes are simulated, pins only lock
@@ -224,6 +227,7 @@ impl SimVm {
         } else {
             [(self.layout.boot_end, max_gpa), (max_gpa, max_gpa)]
         };
+        let mut changes = Vec::new();
         for (lo, hi) in spans {
             let Some(range) = GpaRange::from_bounds(Gpa(lo), Gpa(hi)) else {
                 continue;
@@ -231,8 +235,9 @@ impl SimVm {
             if range.is_empty() || map.slots_in(range).next().is_none() {
                 continue;
             }
-            if self.memory.apply(|m| m.unplug(Gpa(lo), hi - lo)).is_err() {
-                return false;
+            match self.memory.apply(|m| m.unplug(Gpa(lo), hi - lo)) {
+                Ok(applied) => changes.extend(applied.changes),
+                Err(_) => return false,
             }
         }
         drop(map);
@@ -241,16 +246,18 @@ impl SimVm {
         let _ = self.memory.dirty_pages(Gpa(0), max_gpa);
         if !ram_intact {
             let ram = self.ram.clone();
-            if self
+            match self
                 .memory
                 .apply(|m| m.plug(Gpa(ram_start), ram_len, ram, 0, SlotFlags::NONE))
-                .is_err()
             {
-                return false;
+                Ok(applied) => changes.extend(applied.changes),
+                Err(_) => return false,
             }
         }
         self.checker = Self::checker();
-        self.memory.check_consistency().is_ok() && self.state() == self.boot
+        // What the reset changed, checked as after any op (the timeline's
+        // last step ended with the full check).
+        self.memory.check_changes(&changes).is_ok() && self.state() == self.boot
     }
 
     /// The check after each memory op: what the op changed
