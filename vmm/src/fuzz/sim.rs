@@ -189,7 +189,8 @@ impl SimVm {
     /// under a new number, which veto messages show.
     ///
     /// `true` only if the consistency check of what the reset changed holds
-    /// and everything a step can observe ([`BootState`]) equals what the new
+    /// and everything a step can observe (KVM's memslots, the mirror, the map, the
+    /// hub, dirty backlogs, budgets, the stage-2 table) equals what the new
     /// VM had; on `false` the caller must build a new VM.
     ///
     /// Guest memory contents are not reset: the simulated tier never writes
