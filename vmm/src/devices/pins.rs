@@ -517,6 +517,23 @@ mod tests {
         memory.apply(|m| m.unplug(BASE, 8 * P)).unwrap();
     }
 
+    /// Pins are numbered from 1 again only when none is live (a revoked pin
+    /// still holds its number until dropped).
+    #[test]
+    fn test_restart_numbering_only_without_live_pins() {
+        let (memory, pins) = pins(PinLimit::Unlimited);
+        let first = pins.pin(BASE, P, true, true).unwrap();
+        assert_eq!(first.id(), 1);
+        assert!(!pins.restart_numbering(), "a pin is live");
+        memory.apply(|m| m.unplug(BASE, P)).unwrap();
+        assert!(first.is_revoked());
+        assert!(!pins.restart_numbering(), "the revoked pin still holds #1");
+        assert_eq!(pins.pin(Gpa(BASE.0 + P), P, true, true).unwrap().id(), 2);
+        drop(first);
+        assert!(pins.restart_numbering());
+        assert_eq!(pins.pin(Gpa(BASE.0 + P), P, true, true).unwrap().id(), 1);
+    }
+
     #[test]
     fn test_revocable_pin_is_revoked_and_uncharged_by_unplug() {
         let (memory, pins) = pins(PinLimit::Unlimited);

@@ -137,7 +137,9 @@ fn test_a_reset_drops_the_dirty_pages_of_unplugged_slots() {
         .apply(|m| m.set_dirty_log(Gpa(ram), PAGE, true))
         .unwrap();
     assert!(vm.kvm.guest_write(Gpa(ram)));
+    assert_eq!(vm.kvm.dirty_backlog(), 1, "KVM logged the page");
     vm.memory.apply(|m| m.unplug(Gpa(ram), PAGE)).unwrap();
+    assert_eq!(vm.kvm.dirty_backlog(), 0, "the delete freed the log");
     assert_eq!(
         vm.memory.dirty_backlog(),
         1,
