@@ -19,7 +19,8 @@
 # baseline. Extra libFuzzer flags: FUZZ_FLAGS (e.g. "-max_len=2700");
 # extra `cargo fuzz build` flags: FUZZ_BUILD_FLAGS (e.g.
 # "--no-trace-compares"; a change of them rebuilds every crate).
-# Results: docs/fuzzing.md.
+# Exit 1 if our run found something (its log's end is printed), 2 for bad
+# arguments. Results: docs/fuzzing.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 seconds=${1:-30}
@@ -93,4 +94,5 @@ if ours[2]:
     print(f"FINDING (or crash) in our run; the end of its log:\n{tail}")
 verdict = "ok" if ours[1] >= GOAL and not ours[2] else "MISSED"
 print(f"goal {GOAL} exec/s: {verdict}")
+sys.exit(1 if ours[2] else 0)
 PY
