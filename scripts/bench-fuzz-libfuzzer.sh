@@ -18,7 +18,8 @@
 # tree) on the same corpus, between the ceiling and ours, and prints ours /
 # baseline. Extra libFuzzer flags: FUZZ_FLAGS (e.g. "-max_len=2700");
 # extra `cargo fuzz build` flags: FUZZ_BUILD_FLAGS (e.g.
-# "--no-trace-compares"; a change of them rebuilds every crate).
+# "--no-trace-compares"; a change of them rebuilds every crate, so give such
+# a build its own FUZZ_TARGET_DIR, default fuzz/target).
 # Exit 1 if our run found something (its log's end is printed), 2 for bad
 # arguments. Results: docs/fuzzing.md.
 set -euo pipefail
@@ -35,9 +36,10 @@ if [ -n "${BASELINE:-}" ] && [ ! -x "$BASELINE" ]; then
     exit 2
 fi
 export RUSTC_BOOTSTRAP=${RUSTC_BOOTSTRAP:-1}
+target_dir=${FUZZ_TARGET_DIR:-fuzz/target}
 # shellcheck disable=SC2086 # FUZZ_BUILD_FLAGS is a list of flags
-cargo fuzz build -O -s none ${FUZZ_BUILD_FLAGS:-} memslots
-bin=fuzz/target/x86_64-unknown-linux-gnu/release/memslots
+cargo fuzz build -O -s none --target-dir "$target_dir" ${FUZZ_BUILD_FLAGS:-} memslots
+bin=$target_dir/x86_64-unknown-linux-gnu/release/memslots
 base=/dev/shm
 [ -d "$base" ] && [ -w "$base" ] || base=${TMPDIR:-/tmp}
 work=$(mktemp -d "$base/bench-fuzz-libfuzzer.XXXXXX")
