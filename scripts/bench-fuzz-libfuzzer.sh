@@ -20,8 +20,8 @@
 # extra `cargo fuzz build` flags: FUZZ_BUILD_FLAGS (e.g.
 # "--no-trace-compares"; a change of them rebuilds every crate, so give such
 # a build its own FUZZ_TARGET_DIR, default fuzz/target).
-# Exit 1 if our run found something (its log's end is printed), 2 for bad
-# arguments. Results: docs/fuzzing.md.
+# Exit 1 if our run found something (what it said is printed, the input is
+# in fuzz/artifacts/memslots/), 2 for bad arguments. Results: docs/fuzzing.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 seconds=${1:-30}
@@ -53,9 +53,12 @@ run() { # NAME BINARY [ENV=VALUE...]
     cp -r fuzz/corpus/memslots "$work/$name"
     local rc=0
     env TMPDIR="$work/tmp" "$@" "$binary" "$work/$name" -max_total_time="$seconds" -print_final_stats=1 \
-        ${FUZZ_FLAGS:-} >"$work/$name.log" 2>&1 || rc=$?
+        -artifact_prefix="$artifacts/" ${FUZZ_FLAGS:-} >"$work/$name.log" 2>&1 || rc=$?
     echo "$rc" >"$work/$name.rc"
 }
+# A finding's input goes where `cargo fuzz run` puts them (ignored by git).
+artifacts=fuzz/artifacts/memslots
+mkdir -p "$artifacts"
 run ceiling "$bin" VMM_FUZZ_DECODE_ONLY=1
 [ -n "${BASELINE:-}" ] && run baseline "$BASELINE"
 run ours "$bin" VMM_FUZZ_STEPS="$work/steps"
@@ -92,8 +95,9 @@ print(f"ours / ceiling: {ours[1] / max(ceiling[1], 1):.3f}")
 if with_baseline:
     print(f"ours / baseline: {ours[1] / max(baseline[1], 1):.3f}")
 if ours[2]:
-    tail = "\n".join(ours[3].splitlines()[-30:])
-    print(f"FINDING (or crash) in our run; the end of its log:\n{tail}")
+    said = [l for l in ours[3].splitlines()
+            if re.search(r"panicked at|finding at step|deadly signal|Test unit written", l)]
+    print("FINDING (or crash) in our run:\n" + "\n".join(said[:10]))
 verdict = "ok" if ours[1] >= GOAL and not ours[2] else "MISSED"
 print(f"goal {GOAL} exec/s: {verdict}")
 sys.exit(1 if ours[2] else 0)
