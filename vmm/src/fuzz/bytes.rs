@@ -1,8 +1,9 @@
 //! The coverage-guided tier's input format: libFuzzer's bytes decoded with
 //! `arbitrary` into up to 64 memory ops and pins (arena pages and huge
 //! pages, special addresses, raw 64-bit values) plus the points where a
-//! memslot change fails, run by [`sim::run_with`](super::sim::run_with) (every
-//! invariant but the locked pages, which cost more than a whole input).
+//! memslot change fails, run by [`sim::run_reusing`](super::sim::run_reusing)
+//! on one simulated VM per thread reset between inputs (every invariant but
+//! the locked pages, which cost more than a whole input).
 //! The libFuzzer target (`fuzz/fuzz_targets/memslots.rs`) is [`run`];
 //! `cargo test` replays the committed corpus through it, and
 //! [`scenario`] turns any input into a scenario file for real KVM.

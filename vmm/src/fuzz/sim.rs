@@ -1,6 +1,8 @@
 //! The pure tier: a timeline's memory ops and pins on the memory manager
 //! over [`SimKvm`] (no vCPUs, no `/dev/kvm`), each outcome compared with the
-//! model's, and after every step the invariants the library exposes: the
+//! model's, after every memory op the check of the memslots it changed
+//! ([`MemoryManager::check_changes`]), and after every step the invariants
+//! the library exposes: the
 //! map's expected memslots equal the manager's mirror and the simulated
 //! memslots equal the mirror (no leaked slot id), the hub's plugged set
 //! equals the map's slots merged, the pin account equals the model's live
@@ -8,7 +10,8 @@
 //! logging, chains). At `check` steps and at the end also the full
 //! consistency check and the locked pages of live pins. Options
 //! ([`SimOptions`]): failing memslot changes, and a device thread holding a
-//! guard across every op ([`GuardReader`]).
+//! guard across every op ([`GuardReader`]). [`run_reusing`] keeps one VM per
+//! thread and [resets](SimVm::reset) it between timelines.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
