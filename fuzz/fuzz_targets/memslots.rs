@@ -4,12 +4,62 @@
 //! the model and checks the invariants after every step. A finding panics,
 //! which libFuzzer records with the input. `cargo test -p vmm` replays the
 //! committed corpus (`fuzz/corpus/memslots`) through the same function.
+//!
+//! Two environment variables serve `scripts/bench-fuzz-libfuzzer.sh`:
+//! `VMM_FUZZ_DECODE_ONLY=1` makes every input only decode (the rate
+//! libFuzzer itself allows this binary on this host, a ceiling), and
+//! `VMM_FUZZ_STEPS=FILE` writes to FILE how many inputs ran each number of
+//! steps (every 1024 inputs).
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    if let Err(finding) = vmm::fuzz::bytes::run(data) {
-        panic!("{finding}");
+    if bench::decode_only() {
+        std::hint::black_box(vmm::fuzz::bytes::decode(data));
+        return;
+    }
+    match vmm::fuzz::bytes::run(data) {
+        Ok(steps) => bench::count(steps),
+        Err(finding) => panic!("{finding}"),
     }
 });
+
+/// The benchmark's switches; see the crate docs.
+mod bench {
+    use std::path::PathBuf;
+    use std::sync::{LazyLock, Mutex};
+
+    /// Steps an input decodes to at most.
+    const MAX_STEPS: usize = 64;
+
+    static DECODE_ONLY: LazyLock<bool> =
+        LazyLock::new(|| std::env::var_os("VMM_FUZZ_DECODE_ONLY").is_some_and(|v| v == "1"));
+    static STEPS: LazyLock<Option<PathBuf>> =
+        LazyLock::new(|| std::env::var_os("VMM_FUZZ_STEPS").map(PathBuf::from));
+    /// Inputs by the number of steps they ran.
+    static RAN: Mutex<[u64; MAX_STEPS + 1]> = Mutex::new([0; MAX_STEPS + 1]);
+
+    pub fn decode_only() -> bool {
+        *DECODE_ONLY
+    }
+
+    /// Counts an input that ran `steps` steps, if asked to.
+    pub fn count(steps: usize) {
+        let Some(path) = STEPS.as_ref() else { return };
+        let mut ran = RAN.lock().unwrap_or_else(|e| e.into_inner());
+        ran[steps.min(MAX_STEPS)] += 1;
+        if ran.iter().sum::<u64>() % 1024 == 0 {
+            let lines: String = ran
+                .iter()
+                .enumerate()
+                .map(|(steps, inputs)| format!("{steps} {inputs}\n"))
+                .collect();
+            // Written whole, then renamed over: a reader never sees half.
+            let tmp = path.with_extension("tmp");
+            if std::fs::write(&tmp, lines).is_ok() {
+                let _ = std::fs::rename(&tmp, path);
+            }
+        }
+    }
+}

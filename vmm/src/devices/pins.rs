@@ -345,6 +345,18 @@ impl PinManager {
         }
     }
 
+    /// Numbers the next pin 1 again, as on a new manager, if no pin is
+    /// live (a number then names no other pin); `false`, changing nothing,
+    /// otherwise.
+    pub fn restart_numbering(&self) -> bool {
+        let mut table = self.registration.state.table();
+        if !table.pins.is_empty() || !table.locks.0.is_empty() {
+            return false;
+        }
+        table.next_id = 0;
+        true
+    }
+
     /// Sets how long [`pin`](Self::pin) waits for memory ops changing its
     /// range (default [`DEFAULT_PIN_WAIT`]).
     pub fn set_wait_bound(&mut self, bound: Duration) {
@@ -503,6 +515,23 @@ mod tests {
         assert!(!pin.is_revoked());
         drop(pin);
         memory.apply(|m| m.unplug(BASE, 8 * P)).unwrap();
+    }
+
+    /// Pins are numbered from 1 again only when none is live (a revoked pin
+    /// still holds its number until dropped).
+    #[test]
+    fn test_restart_numbering_only_without_live_pins() {
+        let (memory, pins) = pins(PinLimit::Unlimited);
+        let first = pins.pin(BASE, P, true, true).unwrap();
+        assert_eq!(first.id(), 1);
+        assert!(!pins.restart_numbering(), "a pin is live");
+        memory.apply(|m| m.unplug(BASE, P)).unwrap();
+        assert!(first.is_revoked());
+        assert!(!pins.restart_numbering(), "the revoked pin still holds #1");
+        assert_eq!(pins.pin(Gpa(BASE.0 + P), P, true, true).unwrap().id(), 2);
+        drop(first);
+        assert!(pins.restart_numbering());
+        assert_eq!(pins.pin(Gpa(BASE.0 + P), P, true, true).unwrap().id(), 1);
     }
 
     #[test]

@@ -1,8 +1,9 @@
 //! The coverage-guided tier's input format: libFuzzer's bytes decoded with
 //! `arbitrary` into up to 64 memory ops and pins (arena pages and huge
 //! pages, special addresses, raw 64-bit values) plus the points where a
-//! memslot change fails, run by [`sim::run_with`](super::sim::run_with) (every
-//! invariant but the locked pages, which cost more than a whole input).
+//! memslot change fails, run by [`sim::run_reusing`](super::sim::run_reusing)
+//! on one simulated VM per thread reset between inputs (every invariant but
+//! the locked pages, which cost more than a whole input).
 //! The libFuzzer target (`fuzz/fuzz_targets/memslots.rs`) is [`run`];
 //! `cargo test` replays the committed corpus through it, and
 //! [`scenario`] turns any input into a scenario file for real KVM.
@@ -241,17 +242,19 @@ pub fn decode(data: &[u8]) -> (Vec<Action>, Vec<(usize, usize)>) {
     (actions, faults)
 }
 
-/// Runs one input on the simulated VM in lockstep with the model: `Err`
-/// describes a finding (the step, what was expected, what happened).
-pub fn run(data: &[u8]) -> Result<(), String> {
+/// Runs one input on the simulated VM in lockstep with the model: the
+/// number of steps it ran, or `Err` describing a finding (the step, what was
+/// expected, what happened). The VM is one per thread, reset between inputs
+/// ([`run_reusing`](super::sim::run_reusing)).
+pub fn run(data: &[u8]) -> Result<usize, String> {
     let (actions, faults) = decode(data);
     let options = super::sim::SimOptions {
         faults: &faults,
         guard_reader: false,
         locked_pages: false,
     };
-    match super::sim::run_with(&layout(), &actions, &options) {
-        Ok(None) => Ok(()),
+    match super::sim::run_reusing(&layout(), &actions, &options) {
+        Ok(None) => Ok(actions.len()),
         Ok(Some(f)) => Err(format!(
             "finding at step {} ({}): expected {}, got {}",
             f.step, f.what, f.expected, f.actual

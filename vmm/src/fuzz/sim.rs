@@ -1,6 +1,8 @@
 //! The pure tier: a timeline's memory ops and pins on the memory manager
 //! over [`SimKvm`] (no vCPUs, no `/dev/kvm`), each outcome compared with the
-//! model's, and after every step the invariants the library exposes: the
+//! model's, after every memory op the check of the memslots it changed
+//! ([`MemoryManager::check_changes`]), and after every step the invariants
+//! the library exposes: the
 //! map's expected memslots equal the manager's mirror and the simulated
 //! memslots equal the mirror (no leaked slot id), the hub's plugged set
 //! equals the map's slots merged, the pin account equals the model's live
@@ -8,7 +10,8 @@
 //! logging, chains). At `check` steps and at the end also the full
 //! consistency check and the locked pages of live pins. Options
 //! ([`SimOptions`]): failing memslot changes, and a device thread holding a
-//! guard across every op ([`GuardReader`]).
+//! guard across every op ([`GuardReader`]). [`run_reusing`] keeps one VM per
+//! thread and [resets](SimVm::reset) it between timelines.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -17,10 +20,11 @@ use crate::devices::iommu::Iommu;
 use crate::devices::pins::{Pin, PinManager};
 use crate::mm::addr::{Gpa, GpaRange, PAGE_SIZE as PAGE};
 use crate::mm::backing::{BackingKind, HostMapping};
-use crate::mm::manager::{MemoryManager, SimKvm, SimWrite};
+use crate::mm::manager::{Checker, MemoryManager, SimKvm, SimWrite};
 use crate::mm::pin_account::{PinAccount, PinLimit};
-use crate::mm::slot_map::{SlotFlags, SlotMapConfig};
-use crate::scenario::ops::run_op;
+use crate::mm::slot_map::{MemslotSpec, SlotFlags, SlotMapConfig};
+use crate::mm::stage2::MappedRun;
+use crate::scenario::ops::run_op_checked;
 use crate::scenario::step::Action;
 use crate::scenario::Outcome;
 
@@ -51,6 +55,33 @@ pub struct SimVm {
     /// Whether [`check`](Self::check) checks that live pins' pages are
     /// mlocked (on unless a [`SimOptions`] says otherwise).
     pub locked_pages: bool,
+    /// The consistency check after each memory op.
+    checker: Checker,
+    /// The layout the VM was built for.
+    layout: Layout,
+    /// Guest RAM's host mapping, plugged again by [`reset`](Self::reset).
+    ram: Arc<HostMapping>,
+    /// What the VM looked like when built, for [`reset`](Self::reset) to
+    /// compare with.
+    boot: BootState,
+}
+
+/// Everything a step or an invariant can observe of a VM before its first
+/// step: KVM's memslots, the mirror, the map's slots (spec, offset, flags
+/// and which neighbours continue one mapping), the hub's plugged ranges and
+/// the dirty state not yet reported. Slot ids are included: a reset VM
+/// hands out the same ids as a new one because ids are allocated lowest
+/// free first.
+#[derive(Debug, PartialEq, Eq)]
+struct BootState {
+    kvm: Vec<MemslotSpec>,
+    registered: Vec<MemslotSpec>,
+    slots: Vec<(MemslotSpec, u64, SlotFlags)>,
+    chained: Vec<bool>,
+    plugged: Vec<GpaRange>,
+    dirty_backlog: (usize, usize, u64),
+    charged: (u64, u64),
+    stage2: Vec<MappedRun>,
 }
 
 impl SimVm {
@@ -71,6 +102,7 @@ impl SimVm {
             reserved: GpaRange::new(Gpa(l.reserved.0), l.reserved.1 - l.reserved.0),
         };
         let memory = Arc::new(MemoryManager::new(kvm.clone(), config).map_err(|e| err(&e))?);
+        let mut ram = None;
         for (start, len, fixed) in [
             (0, layout.boot_end, true),
             (layout.ram.0, layout.ram.1, false),
@@ -83,16 +115,161 @@ impl SimVm {
             memory
                 .apply(|m| m.plug(Gpa(start), len, mapping.clone(), 0, flags))
                 .map_err(|e| err(&e))?;
+            ram = Some(mapping);
         }
-        let account = Arc::new(PinAccount::new(PinLimit::Pages(layout.pin_limit)));
-        Ok(Self {
+        let mut vm = Self {
             iommu: Iommu::new(memory.clone()),
-            pins: PinManager::new(memory.clone(), account),
+            pins: Self::pin_manager(&memory, layout),
             kvm,
             memory,
             held: BTreeMap::new(),
             locked_pages: true,
-        })
+            checker: Self::checker(),
+            layout: layout.clone(),
+            ram: ram.expect("guest RAM was plugged"),
+            boot: BootState {
+                kvm: Vec::new(),
+                registered: Vec::new(),
+                slots: Vec::new(),
+                chained: Vec::new(),
+                plugged: Vec::new(),
+                dirty_backlog: (0, 0, 0),
+                charged: (0, 0),
+                stage2: Vec::new(),
+            },
+        };
+        vm.boot = vm.state();
+        Ok(vm)
+    }
+
+    /// A pin manager with a new account of `layout`'s pin limit.
+    fn pin_manager(memory: &Arc<MemoryManager>, layout: &Layout) -> PinManager {
+        let account = Arc::new(PinAccount::new(PinLimit::Pages(layout.pin_limit)));
+        PinManager::new(memory.clone(), account)
+    }
+
+    /// The layout the VM was built for.
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
+    /// What the VM looks like now, in the terms of [`BootState`].
+    fn state(&self) -> BootState {
+        let map = self.memory.load();
+        BootState {
+            kvm: self.kvm.memslots(),
+            registered: self.memory.registered(),
+            slots: map
+                .iter()
+                .map(|s| (s.spec(), s.offset(), s.flags()))
+                .collect(),
+            chained: map
+                .iter()
+                .zip(map.iter().skip(1))
+                .map(|(a, b)| a.range().end() == b.range().start() && a.chain() == b.chain())
+                .collect(),
+            plugged: self.memory.hub().plugged(),
+            dirty_backlog: (
+                self.kvm.dirty_backlog(),
+                self.memory.dirty_backlog(),
+                self.memory.unattributed_ring_entries(),
+            ),
+            charged: (
+                self.pins.account().pinned().charged(),
+                self.pins.account().dma_mappings().charged(),
+            ),
+            stage2: self.iommu.dump(),
+        }
+    }
+
+    /// Puts the VM back in the state [`new`](Self::new) built it in, for the
+    /// next timeline: drops every pin (unlocking and uncharging it) and
+    /// numbers pins from 1 again, clears injected failures, unplugs every
+    /// slot but the fixed boot region and guest RAM (RAM too unless it is
+    /// still the one slot it was at boot), reports and drops dirty pages
+    /// still pending, and plugs RAM again on its original mapping. The pin
+    /// manager and the IOMMU stay: a new one would subscribe to the hub
+    /// under a new number, which veto messages show.
+    ///
+    /// `true` only if the consistency check of what the reset changed holds
+    /// and everything a step can observe (KVM's memslots, the mirror, the map, the
+    /// hub, dirty backlogs, budgets, the stage-2 table) equals what the new
+    /// VM had; on `false` the caller must build a new VM.
+    ///
+    /// Guest memory contents are not reset: the simulated tier never writes
+    /// through a host mapping (guest writes are simulated, pins only lock
+    /// pages) and no step reads contents.
+    pub fn reset(&mut self) -> bool {
+        self.held.clear();
+        self.kvm.fail_calls(&[], libc::EIO);
+        if !self.pins.restart_numbering() {
+            return false;
+        }
+        let (ram_start, ram_len) = self.layout.ram;
+        let map = self.memory.load();
+        // Guest RAM still one slot exactly as plugged at boot: kept (its
+        // pages stay resident for the next timeline's pins).
+        let ram_intact = self
+            .boot
+            .slots
+            .iter()
+            .find(|(spec, _, _)| spec.gpa == Gpa(ram_start))
+            .is_some_and(|boot| {
+                map.slot_at(Gpa(ram_start)).is_some_and(|s| {
+                    (s.spec(), s.offset(), s.flags()) == *boot
+                        && Arc::ptr_eq(s.mapping(), &self.ram)
+                })
+            });
+        // Everything above the boot region, like `munmap`, in as few ops as
+        // possible (an unplug fails on a fixed slot: then no reset).
+        let max_gpa = self.layout.limits.max_gpa;
+        let spans = if ram_intact {
+            [
+                (self.layout.boot_end, ram_start),
+                (ram_start + ram_len, max_gpa),
+            ]
+        } else {
+            [(self.layout.boot_end, max_gpa), (max_gpa, max_gpa)]
+        };
+        let mut changes = Vec::new();
+        for (lo, hi) in spans {
+            let Some(range) = GpaRange::from_bounds(Gpa(lo), Gpa(hi)) else {
+                continue;
+            };
+            if range.is_empty() || map.slots_in(range).next().is_none() {
+                continue;
+            }
+            match self.memory.apply(|m| m.unplug(Gpa(lo), hi - lo)) {
+                Ok(applied) => changes.extend(applied.changes),
+                Err(_) => return false,
+            }
+        }
+        drop(map);
+        // Pages harvested when logging slots went away; "not logging" when
+        // there are none.
+        let _ = self.memory.dirty_pages(Gpa(0), max_gpa);
+        if !ram_intact {
+            let ram = self.ram.clone();
+            match self
+                .memory
+                .apply(|m| m.plug(Gpa(ram_start), ram_len, ram, 0, SlotFlags::NONE))
+            {
+                Ok(applied) => changes.extend(applied.changes),
+                Err(_) => return false,
+            }
+        }
+        self.checker = Self::checker();
+        // What the reset changed, checked as after any op (the timeline's
+        // last step ended with the full check).
+        self.memory.check_changes(&changes).is_ok() && self.state() == self.boot
+    }
+
+    /// The check after each memory op: what the op changed
+    /// ([`MemoryManager::check_changes`]); [`check`](Self::check) compares
+    /// every memslot after every step and runs the full check at `check`
+    /// steps and at the end.
+    fn checker() -> Checker {
+        Checker::new(u32::MAX).with_sweep(std::time::Duration::ZERO)
     }
 
     /// Makes the memslot change `offset` calls from now fail with `errno`
@@ -149,7 +326,13 @@ impl SimVm {
             a if a.guest().is_some() || matches!(a, Action::Wait(_) | Action::Sleep(_)) => {
                 (Outcome::Ok, "skipped: no vCPUs in the sim tier".into())
             }
-            a => match run_op(&self.memory, &self.iommu, a, &BackingKind::Anon) {
+            a => match run_op_checked(
+                &self.memory,
+                &self.iommu,
+                a,
+                &BackingKind::Anon,
+                &mut self.checker,
+            ) {
                 Ok(d) => (Outcome::Ok, d),
                 Err(f) => (f.kind, f.message),
             },
@@ -458,13 +641,54 @@ pub fn run_with(
     actions: &[Action],
     options: &SimOptions<'_>,
 ) -> Result<Option<Finding>, SimError> {
-    let faults = options.faults;
     let mut vm = SimVm::new(layout)?;
+    Ok(run_on(&mut vm, actions, options, &mut |_, _| {}))
+}
+
+thread_local! {
+    /// The VM [`run_reusing`] runs on, between timelines.
+    static REUSED: std::cell::RefCell<Option<SimVm>> = const { std::cell::RefCell::new(None) };
+}
+
+/// As [`run_with`], on one VM per thread that is [reset](SimVm::reset)
+/// between timelines instead of built and dropped for each: a timeline
+/// gets the same outcomes, details and findings as on a new VM. The VM is
+/// dropped (and the next timeline builds a new one) after a finding, a
+/// panic, a reset that did not reach the boot state, or for another
+/// layout.
+pub fn run_reusing(
+    layout: &Layout,
+    actions: &[Action],
+    options: &SimOptions<'_>,
+) -> Result<Option<Finding>, SimError> {
+    // Taken out of the cell for the run: a panic drops it.
+    let kept = REUSED.with(|cell| cell.borrow_mut().take());
+    let mut vm = match kept {
+        Some(vm) if vm.layout() == layout => vm,
+        _ => SimVm::new(layout)?,
+    };
+    let found = run_on(&mut vm, actions, options, &mut |_, _| {});
+    if found.is_none() && vm.reset() {
+        REUSED.with(|cell| *cell.borrow_mut() = Some(vm));
+    }
+    Ok(found)
+}
+
+/// Runs `actions` on `vm`, in its boot state, as [`run_with`] describes;
+/// `trace` sees every step's outcome and detail.
+pub(super) fn run_on(
+    vm: &mut SimVm,
+    actions: &[Action],
+    options: &SimOptions<'_>,
+    trace: &mut dyn FnMut(Outcome, &str),
+) -> Option<Finding> {
+    let faults = options.faults;
+    let layout = vm.layout().clone();
     vm.locked_pages = options.locked_pages;
     let reader = options
         .guard_reader
         .then(|| GuardReader::start(vm.memory.clone()));
-    let mut model = Model::new(layout.clone());
+    let mut model = Model::new(layout);
     for (i, action) in actions.iter().enumerate() {
         // Not in plug-many: its slots are plugged one op each, and a failure
         // after the first leaves the earlier ones (a known bug, see
@@ -503,22 +727,23 @@ pub fn run_with(
             signature,
         };
         let Ok((outcome, detail)) = stepped else {
-            return Ok(Some(finding(
+            return Some(finding(
                 format!("panic:{}", action.kind()),
                 "the step panicked".into(),
-            )));
+            ));
         };
+        trace(outcome, &detail);
         if let Err(detail) = guarded {
-            return Ok(Some(finding(
+            return Some(finding(
                 "invariant:guard-reader".into(),
                 format!("invariant guard-reader broken: {detail}"),
-            )));
+            ));
         }
         if !allowed.contains(&outcome) {
-            return Ok(Some(finding(
+            return Some(finding(
                 format!("{}:{}", action.kind(), outcome),
                 format!("{outcome}: {detail}"),
-            )));
+            ));
         }
         if outcome == Outcome::KvmRolledBack {
             // Revocable pins were revoked before the failing call.
@@ -533,11 +758,15 @@ pub fn run_with(
         }
         let full = matches!(action, Action::Check(_)) || i + 1 == actions.len();
         if let Err((name, detail)) = vm.check(&model, full) {
-            return Ok(Some(finding(
+            return Some(finding(
                 format!("invariant:{name}"),
                 format!("invariant {name} broken: {detail}"),
-            )));
+            ));
         }
     }
-    Ok(None)
+    None
 }
+
+#[cfg(test)]
+#[path = "sim_reset_tests.rs"]
+mod reset_tests;

@@ -568,16 +568,16 @@ impl Model {
 
     /// Walks the pages of `[a, b)` in order as a pin or guest access does:
     /// the first unplugged page is `not-plugged`, the first read-only one
-    /// (when writing) `read-only`.
+    /// (when writing) `read-only`. Every page of a slot is plugged and has
+    /// the slot's access, so the walk goes a slot at a time.
     fn walk(&self, a: u64, b: u64, write: bool) -> Result<(), Outcome> {
         let mut page = a - a % PAGE;
         while page < b {
-            match self.slots.host(page) {
+            match self.slots.lookup(page) {
                 None => return Err(Outcome::NotPlugged),
-                Some((_, _, true)) if write => return Err(Outcome::ReadOnly),
-                _ => {}
+                Some(s) if s.ro && write => return Err(Outcome::ReadOnly),
+                Some(s) => page = s.end(),
             }
-            page += PAGE;
         }
         Ok(())
     }

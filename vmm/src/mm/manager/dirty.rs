@@ -119,6 +119,14 @@ impl MemoryManager {
         Ok(dirty)
     }
 
+    /// Harvested pages not yet reported by [`dirty_pages`](Self::dirty_pages),
+    /// plus one if a dirty-ring reset failure waits to be reported: 0 on a
+    /// new manager.
+    pub fn dirty_backlog(&self) -> usize {
+        let st = self.lock_state();
+        st.pending.len() + usize::from(st.ring_error.is_some())
+    }
+
     /// The dirty-log interface of the backend (fixed when the VM was
     /// created).
     pub fn dirty_log_mode(&self) -> DirtyLogMode {

@@ -296,10 +296,16 @@ impl State {
         size: u64,
     ) -> Result<&[u64], errno::Error> {
         let words = (size / PAGE_SIZE).div_ceil(64) as usize;
+        if words as u64 * 8 > DIRTY_BITMAP_BYTES {
+            // KVM refuses a memslot of more than KVM_MEM_MAX_NR_PAGES pages
+            // (`EINVAL`); a backend that took one (the simulated KVM does)
+            // cannot have its log read into the buffer.
+            return Err(errno::Error::new(libc::E2BIG));
+        }
         let buf = self.bitmap.as_ptr().cast::<u64>();
-        // SAFETY: `words * 8 <= DIRTY_BITMAP_BYTES` (a slot has at most
-        // KVM_MEM_MAX_NR_PAGES pages), the buffer is a live, page-aligned
-        // mapping of that many bytes, and only this `&mut State` touches it.
+        // SAFETY: `words * 8 <= DIRTY_BITMAP_BYTES` (checked above), the
+        // buffer is a live, page-aligned mapping of that many bytes, and only
+        // this `&mut State` touches it.
         unsafe { std::ptr::write_bytes(buf, 0, words) };
         // SAFETY: the buffer holds DIRTY_BITMAP_BYTES, enough for the bitmap
         // of any slot KVM can hold under any id, so KVM's copy stays inside it

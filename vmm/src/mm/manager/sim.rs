@@ -144,6 +144,15 @@ impl SimKvm {
         self.lock().rings.iter().map(VecDeque::len).sum()
     }
 
+    /// Dirty-log state not yet read: pages logged in the bitmaps, ring
+    /// entries not harvested and pages whose ring entry was not reset. A
+    /// VM whose slots were all deleted (or stopped logging) and whose
+    /// rings were harvested has none.
+    pub fn dirty_backlog(&self) -> usize {
+        let st = self.lock();
+        st.dirty.len() + st.rings.iter().map(VecDeque::len).sum::<usize>() + st.unreset.len()
+    }
+
     fn lock(&self) -> MutexGuard<'_, SimState> {
         // The state is consistent between statements: a panic elsewhere
         // cannot leave it half-changed.

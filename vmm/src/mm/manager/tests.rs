@@ -822,3 +822,24 @@ fn test_fuse_move_only_pairs_the_same_slot() {
     assert!(st.validate(&mv, &config()).is_err(), "it is no longer at 0");
     st.validate(&mv.inverse(), &config()).unwrap();
 }
+
+/// A dirty-logging memslot of more pages than KVM allows (`KVM_MEM_MAX_NR_PAGES`,
+/// 2^31 - 1): KVM refuses it, the simulated KVM takes it, and its log does not
+/// fit the 256 MiB bitmap buffer. Reading it is refused (the consistency check
+/// reports it) instead of writing past the buffer, which crashed the sim tier.
+#[test]
+fn test_a_logging_slot_above_kvm_max_pages_is_refused_not_overrun() {
+    let memory = MemoryManager::new(SimKvm::new(), SlotMapConfig::default()).unwrap();
+    // One bitmap word more than the buffer holds.
+    let len = ((1u64 << 31) + 64) * P;
+    let mapping = Arc::new(HostMapping::new(&BackingKind::Anon, len).unwrap());
+    let flags = SlotFlags {
+        dirty_log: true,
+        ..SlotFlags::NONE
+    };
+    memory
+        .apply(|m| m.plug(Gpa(0), len, mapping, 0, flags))
+        .unwrap();
+    let err = memory.check_consistency().unwrap_err();
+    assert!(err.contains("Argument list too long"), "{err}");
+}
