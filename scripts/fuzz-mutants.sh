@@ -1,12 +1,21 @@
 #!/usr/bin/env bash
 # Proof that `vmm fuzz` finds bugs: builds vmm with the `mutants` feature
 # (deliberately planted bugs, vmm/src/mutants.rs) and runs the fuzzer
-# against each, from a fixed seed: first the simulated-KVM tier (up to
-# SIM_TIME, default 60s; about one step in FAIL_EVERY, default 5, has a
-# memslot change fail and must roll back like the model, and a device thread
-# holds a guard across every op), then, if that tier cannot see the bug, real KVM (up
-# to REAL_TIME, default 120s). Prints a table: mutant, tier, seconds to the
-# finding, steps before and after shrinking.
+# against each, tier after tier until one finds it:
+#   libfuzzer  the coverage-guided tier (cargo-fuzz, the memory manager on
+#              the simulated KVM), up to LF_TIME (default 60) seconds from
+#              the committed corpus; the crash input is minimized by
+#              libFuzzer (-minimize_crash, up to 20 s) and both are counted
+#              in steps with `vmm fuzz --convert`;
+#   sim        `vmm fuzz --backend sim` from a fixed seed, up to SIM_TIME
+#              (default 60s): about one step in FAIL_EVERY (default 5) has a
+#              memslot change fail and must roll back like the model, and a
+#              device thread holds a guard across every op;
+#   real       `vmm fuzz` on real KVM, up to REAL_TIME (default 120s).
+# Prints a table: mutant, tier, seconds to the finding, steps before and
+# after shrinking. TIERS="sim real" (say) picks tiers; the libfuzzer tier
+# needs cargo-fuzz (`cargo install cargo-fuzz --locked`) and is skipped
+# with a note without it.
 #
 #   scripts/fuzz-mutants.sh [MUTANT ...]        (default: every mutant)
 #
@@ -18,26 +27,53 @@ target=${CARGO_TARGET_DIR:-target}/mutants
 cargo build --release -q -p vmm --features mutants --target-dir "$target"
 vmm=$target/release/vmm
 seed=${SEED:-1}
+tiers=${TIERS:-libfuzzer sim real}
 out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
+lf=
+if [[ " $tiers " == *" libfuzzer "* ]]; then
+    if cargo fuzz --version >/dev/null 2>&1; then
+        RUSTC_BOOTSTRAP=1 cargo fuzz build -O -s none --features mutants \
+            --target-dir fuzz/target-mutants memslots >/dev/null
+        lf=fuzz/target-mutants/x86_64-unknown-linux-gnu/release/memslots
+    else
+        echo "note: cargo-fuzz is not installed: the libfuzzer tier is skipped" >&2
+    fi
+fi
 if [ $# -eq 0 ]; then
     set -- $(grep -oE '^        "[a-z0-9-]+",$' vmm/src/mutants.rs | tr -d '", ')
 fi
-printf '%-24s %-5s %9s %7s %7s\n' mutant tier seconds steps shrunk
-status=0
-for m in "$@"; do
-    found=
-    for tier in sim real; do
-        limit=${SIM_TIME:-60s}
-        extra=(--fail-every "${FAIL_EVERY:-5}" --guard-reader)
-        if [ "$tier" = real ]; then
-            limit=${REAL_TIME:-120s}
-            extra=()
-        fi
-        json=$out/$m-$tier.json
-        VMM_MUTANT=$m "$vmm" fuzz --backend "$tier" --seed "$seed" --time "$limit" \
-            "${extra[@]}" --json --out "$out/$m-$tier" >"$json" 2>/dev/null || true
-        row=$(python3 - "$json" <<'PY'
+steps_of() { # a libFuzzer input -> its steps as a scenario
+    "$vmm" fuzz --backend sim --convert "$1" 2>/dev/null | grep -c '^\[\[step\]\]' || true
+}
+libfuzzer_row() { # MUTANT -> "seconds steps shrunk", or nothing
+    local m=$1 corpus=$out/corpus-$1
+    cp -r fuzz/corpus/memslots "$corpus"
+    local start end crash
+    start=$(date +%s%N)
+    VMM_MUTANT=$m timeout $((${LF_TIME:-60} + 30)) "$lf" "$corpus" \
+        -max_total_time="${LF_TIME:-60}" -artifact_prefix="$out/$m-" \
+        >"$out/$m-lf.log" 2>&1 || true
+    end=$(date +%s%N)
+    crash=$(ls "$out/$m-"crash-* 2>/dev/null | head -1 || true)
+    [ -n "$crash" ] || return 0
+    VMM_MUTANT=$m timeout 60 "$lf" -minimize_crash=1 -max_total_time=20 \
+        -exact_artifact_path="$out/$m-min" "$crash" >"$out/$m-min.log" 2>&1 || true
+    [ -s "$out/$m-min" ] || cp "$crash" "$out/$m-min"
+    printf '%9s %7d %7d\n' "$(awk -v a="$start" -v b="$end" 'BEGIN { printf "%.1f", (b - a) / 1e9 }')" \
+        "$(steps_of "$crash")" "$(steps_of "$out/$m-min")"
+}
+vmm_row() { # MUTANT TIER -> "seconds steps shrunk", or nothing
+    local m=$1 tier=$2 limit=${SIM_TIME:-60s}
+    local extra=(--fail-every "${FAIL_EVERY:-5}" --guard-reader)
+    if [ "$tier" = real ]; then
+        limit=${REAL_TIME:-120s}
+        extra=()
+    fi
+    local json=$out/$m-$tier.json
+    VMM_MUTANT=$m "$vmm" fuzz --backend "$tier" --seed "$seed" --time "$limit" \
+        "${extra[@]}" --json --out "$out/$m-$tier" >"$json" 2>/dev/null || true
+    python3 - "$json" <<'PY'
 import json, sys
 try:
     r = json.load(open(sys.argv[1]))
@@ -47,9 +83,19 @@ f = r.get("findings") or []
 if f:
     print(f'{r["seconds"]:9.1f} {f[0]["steps"]:7d} {f[0]["shrunk_steps"]:7d}')
 PY
-)
+}
+printf '%-24s %-9s %9s %7s %7s\n' mutant tier seconds steps shrunk
+status=0
+for m in "$@"; do
+    found=
+    for tier in $tiers; do
+        case $tier in
+            libfuzzer) [ -n "$lf" ] || continue; row=$(libfuzzer_row "$m") ;;
+            sim|real) row=$(vmm_row "$m" "$tier") ;;
+            *) echo "fuzz-mutants.sh: unknown tier $tier (libfuzzer, sim, real)" >&2; exit 2 ;;
+        esac
         if [ -n "$row" ]; then
-            printf '%-24s %-5s %s\n' "$m" "$tier" "$row"
+            printf '%-24s %-9s %s\n' "$m" "$tier" "$row"
             shrunk=$(echo "$row" | awk '{print $3}')
             [ "$shrunk" -le 15 ] || status=1
             found=1
@@ -57,7 +103,7 @@ PY
         fi
     done
     if [ -z "$found" ]; then
-        printf '%-24s %-5s %9s\n' "$m" "-" "not found"
+        printf '%-24s %-9s %9s\n' "$m" "-" "not found"
         status=1
     fi
 done
