@@ -249,6 +249,7 @@ pub fn run(data: &[u8]) -> Result<(), String> {
         faults: &faults,
         guard_reader: false,
         locked_pages: false,
+        ..Default::default()
     };
     match super::sim::run_with(&layout(), &actions, &options) {
         Ok(None) => Ok(()),

@@ -21,7 +21,7 @@ use super::gen::{GenConfig, Weights};
 use super::model::slots::Limits;
 use super::model::Layout;
 use super::timeline::{expectations, generate};
-use super::{real, shrink, sim};
+use super::{leaks, real, shrink, sim};
 
 /// Which VM the timeline runs on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
@@ -86,6 +86,11 @@ pub struct FuzzArgs {
     /// memory op's range while the op runs (the op must wait for it).
     #[arg(long)]
     pub guard_reader: bool,
+    /// Memory ops between two probes of KVM's own memslots (a sampled slot
+    /// must refuse an overlapping create with EEXIST, a sampled hole must
+    /// take a 1-page slot that is deleted again; 0: never).
+    #[arg(long, value_name = "N", default_value_t = crate::scenario::invariants::DEFAULT_PROBE_EVERY)]
+    pub probe_every: u32,
     /// One-page slots every VM starts with (one plug-many 2 GiB above the
     /// arena), to fuzz with many slots: e.g. 30000 on real KVM.
     #[arg(long, value_name = "N", default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=32764))]
@@ -269,16 +274,40 @@ impl Campaign {
 
     fn scenario(&self, actions: &[Action], title: &str) -> Scenario {
         let steps = expectations(&self.layout, actions);
-        real::scenario(
+        let mut sc = real::scenario(
             title,
             &format!("written by vmm fuzz --backend {:?}", self.args.backend).to_lowercase(),
             &self.layout,
             steps,
-        )
+        );
+        sc.probe_kvm_every = (self.args.probe_every
+            != crate::scenario::invariants::DEFAULT_PROBE_EVERY)
+            .then_some(self.args.probe_every);
+        sc
     }
 
-    /// Runs `actions` on the backend.
+    /// Runs `actions` on a fresh VM of the backend; after its teardown,
+    /// nothing it created may be left ([`leaks::Snapshot`]).
     fn run(&self, actions: &[Action]) -> Result<Ran, FuzzError> {
+        let before = leaks::Snapshot::now();
+        let mut ran = self.run_vm(actions)?;
+        if ran.finding.is_none() {
+            if let Some((name, detail)) = leaks::Snapshot::now().leaked_since(&before) {
+                ran.finding = Some(Finding {
+                    step: actions.len(),
+                    kind: actions.last().map_or("run", |a| a.kind()).to_string(),
+                    what: "the VM's teardown after the last step".into(),
+                    expected: "nothing left of the VM".into(),
+                    actual: format!("invariant {name} broken: {detail}"),
+                    signature: format!("invariant:{name}"),
+                });
+            }
+        }
+        Ok(ran)
+    }
+
+    /// [`run`](Self::run) without the leak check.
+    fn run_vm(&self, actions: &[Action]) -> Result<Ran, FuzzError> {
         match self.args.backend {
             Backend::Sim => {
                 let finding = sim::run_with(
@@ -287,6 +316,7 @@ impl Campaign {
                     &sim::SimOptions {
                         faults: &self.faults(actions),
                         guard_reader: self.args.guard_reader,
+                        probe_every: self.args.probe_every,
                         ..Default::default()
                     },
                 )?;
@@ -671,6 +701,7 @@ fn replay(campaign: &Campaign, path: &Path, sc: Scenario, say: &mut dyn FnMut(St
                 &sim::SimOptions {
                     faults: &faults,
                     guard_reader: campaign.args.guard_reader,
+                    probe_every: campaign.args.probe_every,
                     ..Default::default()
                 },
             )

@@ -85,6 +85,7 @@ pub fn scenario(name: &str, description: &str, layout: &Layout, steps: Vec<Step>
         dirty_log: (layout.dirty_log != crate::mm::manager::DirtyLogMode::Bitmap)
             .then(|| layout.dirty_log.to_string()),
         full_check_every: None,
+        probe_kvm_every: None,
         steps,
     }
 }

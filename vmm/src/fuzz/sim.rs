@@ -27,6 +27,10 @@ use crate::scenario::Outcome;
 use super::finding::Finding;
 use super::model::{Layout, Model};
 use super::reader::GuardReader;
+use crate::scenario::invariants::{device_reads, StepInvariants, DEFAULT_PROBE_EVERY};
+
+/// Pages the simulated device reads through the IOMMU after each step.
+const DEVICE_READS_PER_STEP: u32 = 2;
 
 /// Entries of each simulated dirty ring in ring mode.
 const SIM_FUZZ_RING_ENTRIES: usize = 32;
@@ -51,6 +55,8 @@ pub struct SimVm {
     /// Whether [`check`](Self::check) checks that live pins' pages are
     /// mlocked (on unless a [`SimOptions`] says otherwise).
     pub locked_pages: bool,
+    /// The IOMMU-leaf invariant and KVM probes ([`StepInvariants`]).
+    step_invariants: std::sync::Mutex<StepInvariants>,
 }
 
 impl SimVm {
@@ -92,6 +98,7 @@ impl SimVm {
             memory,
             held: BTreeMap::new(),
             locked_pages: true,
+            step_invariants: std::sync::Mutex::new(StepInvariants::default()),
         })
     }
 
@@ -235,6 +242,27 @@ impl SimVm {
         Ok(())
     }
 
+    /// Probes KVM every `every` steps (0: never; see [`StepInvariants`]).
+    pub fn set_probe_every(&self, every: u32) {
+        self.step_invariants
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .probe_every = every;
+    }
+
+    /// The IOMMU's leaves against the map, sampled KVM probes, then device
+    /// reads filling leaves the next ops must zap ([`device_reads`]).
+    fn check_devices_and_kvm(&self) -> Result<(), (&'static str, String)> {
+        let mut inv = self
+            .step_invariants
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        inv.devices_and_probes(&self.memory, &self.iommu, true, true)
+            .map_err(|v| (v.name, v.detail))?;
+        device_reads(&self.memory, &self.iommu, inv.ops(), DEVICE_READS_PER_STEP);
+        Ok(())
+    }
+
     /// The invariants, against `model`; the first that does not hold.
     ///
     /// `full` adds [`MemoryManager::check_consistency`], which also reads
@@ -305,6 +333,7 @@ impl SimVm {
         if plugged != merged {
             return Err(("hub-plugged", format!("hub {plugged:?}, map {merged:?}")));
         }
+        self.check_devices_and_kvm()?;
         let charged = self.pins.account().pinned().charged();
         if charged != model.pinned_pages() {
             return Err((
@@ -423,6 +452,9 @@ pub struct SimOptions<'a> {
     /// `/proc/self/smaps`, whose page-table walk costs more than a whole
     /// short timeline: the libFuzzer tier leaves it to the campaigns).
     pub locked_pages: bool,
+    /// Steps between two probes of the simulated KVM's own memslots (0:
+    /// never; default [`DEFAULT_PROBE_EVERY`]).
+    pub probe_every: u32,
 }
 
 impl Default for SimOptions<'_> {
@@ -431,6 +463,7 @@ impl Default for SimOptions<'_> {
             faults: &[],
             guard_reader: false,
             locked_pages: true,
+            probe_every: DEFAULT_PROBE_EVERY,
         }
     }
 }
@@ -461,6 +494,7 @@ pub fn run_with(
     let faults = options.faults;
     let mut vm = SimVm::new(layout)?;
     vm.locked_pages = options.locked_pages;
+    vm.set_probe_every(options.probe_every);
     let reader = options
         .guard_reader
         .then(|| GuardReader::start(vm.memory.clone()));

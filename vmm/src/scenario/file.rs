@@ -144,6 +144,13 @@ pub struct Scenario {
     /// a full check after every op.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub full_check_every: Option<u32>,
+    /// Memory ops between two probes of KVM's own memslots (a sampled slot
+    /// must refuse an overlapping create with `EEXIST`, a sampled hole must
+    /// take a 1-page slot; see [`crate::scenario::invariants`]). Default
+    /// [`DEFAULT_PROBE_EVERY`](crate::scenario::invariants::DEFAULT_PROBE_EVERY);
+    /// 0: never.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub probe_kvm_every: Option<u32>,
     /// The timeline.
     #[serde(rename = "step")]
     pub steps: Vec<Step>,
@@ -161,6 +168,7 @@ struct Header {
     #[serde(alias = "dirty-log")]
     dirty_log: Option<String>,
     full_check_every: Option<u32>,
+    probe_kvm_every: Option<u32>,
 }
 
 /// Positions in the text being parsed.
@@ -400,6 +408,7 @@ impl Scenario {
             timeout: h.timeout,
             dirty_log: h.dirty_log,
             full_check_every: h.full_check_every,
+            probe_kvm_every: h.probe_kvm_every,
             steps,
         })
     }
