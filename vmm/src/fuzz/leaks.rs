@@ -6,7 +6,7 @@
 //!   mappings of guest memory (every plug, grow, the boot region, guest
 //!   RAM, the manager's dirty-bitmap buffer);
 //! - **descriptors**: `/proc/self/fd`, those whose target a VM creates:
-//!   `memfd:` (memfd backings), `anon_inode:kvm-vm` and
+//!   `/memfd:` (memfd backings), `anon_inode:kvm-vm` and
 //!   `anon_inode:kvm-vcpu` (VM, vCPU and their stats fds), `/dev/kvm`,
 //!   and files shown `(deleted)` (unnamed file backings).
 //!
@@ -34,6 +34,7 @@ pub struct Snapshot {
 /// Whether a descriptor's target is of a kind a VM creates.
 pub fn vm_kind(target: &str) -> bool {
     target.starts_with("memfd:")
+        || target.starts_with("/memfd:")
         || target.starts_with("anon_inode:kvm")
         || target == "/dev/kvm"
         || target.ends_with(" (deleted)")
@@ -102,7 +103,7 @@ mod tests {
 
     #[test]
     fn test_descriptor_kinds_a_vm_creates() {
-        assert!(vm_kind("memfd:vmm-guest (deleted)"));
+        assert!(vm_kind("/memfd:vmm-guest (deleted)"));
         assert!(vm_kind("anon_inode:kvm-vm"));
         assert!(vm_kind("anon_inode:kvm-vcpu:0"));
         assert!(vm_kind("/dev/kvm"));
@@ -126,7 +127,7 @@ mod tests {
         };
         let (name, detail) = fds_only.leaked_since(&before).unwrap();
         assert_eq!(name, "leaked-fds");
-        assert!(detail.contains(&format!("{fd} -> memfd:")), "{detail}");
+        assert!(detail.contains(&format!("{fd} -> /memfd:")), "{detail}");
         let more = Snapshot {
             mappings: before.mappings + 1,
             ..before.clone()

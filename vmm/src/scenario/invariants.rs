@@ -226,14 +226,12 @@ pub fn device_reads(memory: &MemoryManager, iommu: &Iommu, pick: u64, count: u32
 }
 
 /// Where hole probes may create their 1-page slot: above the map's reserved
-/// (MMIO) window, up to 2 MiB past the last slot (so near the slots ops
-/// change), inside the guest-physical width.
+/// (MMIO) window, inside the guest-physical width. (The probe picks a page
+/// in the gap after a sampled slot: [`MemoryManager::probe_kvm`].)
 pub fn hole_window(map: &SlotMap) -> Option<GpaRange> {
     let config = map.config();
     let from = config.reserved.map_or(0, |r| r.end().0);
-    let last = map.iter().last().map_or(from, |s| s.range().end().0);
-    let to = last.saturating_add(2 << 20).min(config.max_gpa.0);
-    GpaRange::from_bounds(Gpa(from), Gpa(to)).filter(|r| !r.is_empty())
+    GpaRange::from_bounds(Gpa(from), config.max_gpa).filter(|r| !r.is_empty())
 }
 
 /// The invariants after each memory op, with their sampling state.
@@ -433,6 +431,111 @@ mod tests {
         let v = found.expect("the fourth op probes");
         assert_eq!(v.name, "kvm-probe");
         assert_eq!(inv.probes(), 0);
+    }
+
+    /// Runs `text` through the scenario driver (the real tier's step
+    /// loop) on a simulated VM, after `plant` broke something.
+    fn run_driver(
+        text: &str,
+        plant: impl FnOnce(&SimKvm, &MemoryManager, &Iommu),
+    ) -> crate::scenario::ScenarioReport {
+        use crate::devices::pins::PinManager;
+        use crate::mm::pin_account::{PinAccount, PinLimit};
+        use std::sync::atomic::AtomicBool;
+
+        let kvm = Arc::new(SimKvm::new());
+        let memory = Arc::new(MemoryManager::new(kvm.clone(), SlotMapConfig::default()).unwrap());
+        let iommu = Arc::new(Iommu::new(memory.clone()));
+        plant(&kvm, &memory, &iommu);
+        let account = Arc::new(PinAccount::new(PinLimit::Unlimited));
+        crate::scenario::driver::Driver {
+            scenario: Arc::new(crate::scenario::Scenario::parse(text).unwrap()),
+            memory: memory.clone(),
+            backing: BackingKind::Anon,
+            links: Vec::new(),
+            stop: Arc::new(AtomicBool::new(false)),
+            pins: Arc::new(PinManager::new(memory, account)),
+            iommu,
+            held: Default::default(),
+            console: Box::new(|_| {}),
+        }
+        .run()
+    }
+
+    const STEPS: &str = "probe_kvm_every = 2
+        [[step]]
+        do = \"plug\"
+        gpa = \"0x1_0000_0000\"
+        size = \"4M\"
+        [[step]]
+        do = \"plug\"
+        gpa = \"0x1_0080_0000\"
+        size = \"4M\"
+        [[step]]
+        do = \"protect\"
+        gpa = \"0x1_0000_0000\"
+        size = \"2M\"
+        access = \"ro\"
+        ";
+
+    #[test]
+    fn test_the_driver_checks_every_invariant_after_each_memory_op() {
+        let report = run_driver(STEPS, |_, _, _| {});
+        assert!(report.passed, "{:?}", report.failure());
+    }
+
+    #[test]
+    fn test_the_driver_finds_a_stale_iommu_leaf() {
+        let report = run_driver(STEPS, |_, _, iommu| {
+            let m = HostMapping::new(&BackingKind::Anon, 0x1000).unwrap();
+            iommu
+                .table()
+                .map(Gpa(0x2_0000_0000), m.hva(), PageSize::Size4K, Perms::R)
+                .unwrap();
+        });
+        let failure = report.failure().unwrap();
+        assert!(failure.contains("invariant iommu-leaves broken"), "{failure}");
+        assert_eq!(report.steps.len(), 1);
+    }
+
+    #[test]
+    fn test_the_driver_finds_a_hub_out_of_step() {
+        let report = run_driver(STEPS, |_, memory, _| {
+            let r = GpaRange::new(Gpa(0x2_0000_0000), 0x1000).unwrap();
+            memory
+                .hub()
+                .added(r, crate::mm::notifier::Reason::Plug)
+                .unwrap();
+        });
+        let failure = report.failure().unwrap();
+        assert!(failure.contains("invariant hub-plugged broken"), "{failure}");
+    }
+
+    #[test]
+    fn test_the_driver_probe_finds_a_stray_kvm_slot() {
+        let stray = HostMapping::new(&BackingKind::Anon, 0x100_0000).unwrap();
+        let steps = format!(
+            "{}{}",
+            STEPS.replace("probe_kvm_every = 2", "probe_kvm_every = 1"),
+            "[[step]]\ndo = \"check\"\n".repeat(8)
+        );
+        let report = run_driver(&steps, |kvm, _, _| {
+            // KVM holds a slot over the holes next to the plugs, under an id
+            // the manager will not use in three ops.
+            let region = MemslotRegion {
+                slot: crate::mm::slot_map::SlotId(500),
+                flags: crate::mm::slot_map::MemslotFlags::empty(),
+                gpa: Gpa(0x1_0040_0000),
+                size: 0x40_0000,
+                hva: stray.hva(),
+            };
+            // SAFETY: `stray` outlives the simulated VM's use of it (SimKvm
+            // never touches memory).
+            unsafe { kvm.set_memslot(&region) }.unwrap();
+        });
+        let failure = report.failure().unwrap();
+        assert!(failure.contains("invariant kvm-probe broken"), "{failure}");
+        assert!(failure.contains("KVM holds a memslot overlapping"), "{failure}");
     }
 
     #[test]

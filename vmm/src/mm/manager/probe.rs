@@ -15,7 +15,9 @@
 //!   the probed slot's own host page, so even that window maps nothing but
 //!   this guest's memory.
 //! - **a hole** (optional, see below): a 1-page create under a free id in a
-//!   page no mirrored slot covers must succeed (`EEXIST` means KVM holds a
+//!   page no mirrored slot covers, in the gap after a sampled slot (its first
+//!   page, where a wrong split or shrink would leave a slot, or a page
+//!   further in, where a slot an op should have deleted would be), must succeed (`EEXIST` means KVM holds a
 //!   slot the mirror lacks) and is deleted again. It points at a scratch page
 //!   mapped for the probe and unmapped after the delete. The probe slot
 //!   exists for two ioctls: a vCPU touching that page meanwhile would read
@@ -188,29 +190,39 @@ fn sampled_slot(st: &State, pick: u64) -> Option<MemslotSpec> {
         .map(|(_, r)| r.spec)
 }
 
-/// A page of `window` no mirrored slot covers: from a picked page, past
-/// the slots covering it (at most 64 of them); `None` if there is none.
+/// Bytes past a slot's end a hole probe looks at: the gap after a
+/// sampled slot, up to the next slot or this far.
+const HOLE_REACH: u64 = 64 << 20;
+
+/// A page no mirrored slot covers, inside `window`, next to a slot: in the
+/// gap after a slot chosen by `pick` (up to the next slot, at most
+/// [`HOLE_REACH`]), its first page half the time (an edge a wrong split or
+/// shrink leaves covered), a page chosen by `pick` otherwise. `None` if that
+/// gap is empty or outside `window`.
 fn hole_in(st: &State, window: GpaRange, pick: u64) -> Option<Gpa> {
-    let start = window.start().0.next_multiple_of(PAGE_SIZE);
-    let end = window.end().0 - window.end().0 % PAGE_SIZE;
-    let pages = end.checked_sub(start)? / PAGE_SIZE;
+    let spec = sampled_slot(st, pick.rotate_left(17))?;
+    let from = end_of(&spec).next_multiple_of(PAGE_SIZE);
+    let next = st
+        .by_gpa
+        .range(Gpa(from)..)
+        .next()
+        .map_or(u64::MAX, |(gpa, _)| gpa.0);
+    let to = next
+        .min(from.saturating_add(HOLE_REACH))
+        .min(window.end().0);
+    let from = from.max(window.start().0.next_multiple_of(PAGE_SIZE));
+    let pages = to.checked_sub(from)? / PAGE_SIZE;
     if pages == 0 {
         return None;
     }
-    let first = start + pick % pages * PAGE_SIZE;
-    for from in [first, start] {
-        let mut at = from;
-        for _ in 0..64 {
-            if at >= end {
-                break;
-            }
-            match st.overlapping(Gpa(at), at + PAGE_SIZE) {
-                None => return Some(Gpa(at)),
-                Some(spec) => at = end_of(spec).next_multiple_of(PAGE_SIZE),
-            }
-        }
-    }
-    None
+    let page = if pick & 1 == 0 {
+        from
+    } else {
+        from + (pick >> 1) % pages * PAGE_SIZE
+    };
+    // The mirror's slots do not overlap: nothing covers [from, next).
+    debug_assert!(st.overlapping(Gpa(page), page + PAGE_SIZE).is_none());
+    Some(Gpa(page))
 }
 
 #[cfg(test)]
@@ -252,6 +264,7 @@ mod tests {
         let kvm = Arc::new(SimKvm::new());
         let memory = manager(kvm.clone());
         let before = kvm.memslots();
+        let mut holes = std::collections::BTreeSet::new();
         for pick in 0..64u64 {
             let p = memory
                 .probe_kvm(pick.wrapping_mul(0x9E37_79B9_7F4A_7C15), Some(window()))
@@ -260,7 +273,9 @@ mod tests {
             let hole = p.hole.unwrap();
             assert!(memory.load().lookup(hole).is_none(), "{hole} is plugged");
             assert!(window().contains(hole));
+            holes.insert(hole);
         }
+        assert!(holes.len() > 4, "{holes:?}");
         assert_eq!(kvm.memslots(), before);
         memory.check_consistency().unwrap();
     }
