@@ -26,7 +26,9 @@
 //!   tier: no asynchronous command in flight) and only inside a window it
 //!   owns (the fuzzer's arena, never the MMIO window).
 //!
-//! Both need a free id below `max_slots`; with every id in use nothing is
+//! Hole probes stay out of `[0xfe00_0000, 4 GiB)`, where x86 KVM keeps
+//! private memslots of its own (the APIC access page among them) that no
+//! mirror knows. Both need a free id below `max_slots`; with every id in use nothing is
 //! probed. The probe holds the state mutex throughout, so no op's memslot
 //! call interleaves with it. Cost: one failing ioctl for a slot (returns
 //! before KVM's memslot swap), two memslot changes (each an SRCU grace period
@@ -190,6 +192,12 @@ fn sampled_slot(st: &State, pick: u64) -> Option<MemslotSpec> {
         .map(|(_, r)| r.spec)
 }
 
+/// Where x86 KVM may hold private memslots of its own, above every user
+/// id (the APIC access page at `0xfee0_0000`, the real-mode TSS and identity
+/// page table below 4 GiB): they overlap no mirrored slot yet refuse a
+/// create with `EEXIST`, so hole probes stay out of `[0xfe00_0000, 4 GiB)`.
+const KVM_PRIVATE_SLOTS: (u64, u64) = (0xfe00_0000, 1 << 32);
+
 /// Bytes past a slot's end a hole probe looks at: the gap after a
 /// sampled slot, up to the next slot or this far.
 const HOLE_REACH: u64 = 64 << 20;
@@ -222,7 +230,8 @@ fn hole_in(st: &State, window: GpaRange, pick: u64) -> Option<Gpa> {
     };
     // The mirror's slots do not overlap: nothing covers [from, next).
     debug_assert!(st.overlapping(Gpa(page), page + PAGE_SIZE).is_none());
-    Some(Gpa(page))
+    let private = KVM_PRIVATE_SLOTS;
+    (page + PAGE_SIZE <= private.0 || page >= private.1).then_some(Gpa(page))
 }
 
 #[cfg(test)]
