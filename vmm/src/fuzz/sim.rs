@@ -27,10 +27,14 @@ use crate::scenario::Outcome;
 use super::finding::Finding;
 use super::model::{Layout, Model};
 use super::reader::GuardReader;
-use crate::scenario::invariants::{device_reads, StepInvariants, DEFAULT_PROBE_EVERY};
+use crate::scenario::invariants::{StepInvariants, DEFAULT_PROBE_EVERY};
 
 /// Pages the simulated device reads through the IOMMU after each step.
 const DEVICE_READS_PER_STEP: u32 = 2;
+
+/// Steps between two full walks of the IOMMU's table (between them, the
+/// leaves of the pages the device read lately are checked).
+const IOMMU_WALK_EVERY: u64 = 32;
 
 /// Entries of each simulated dirty ring in ring mode.
 const SIM_FUZZ_RING_ENTRIES: usize = 32;
@@ -98,7 +102,9 @@ impl SimVm {
             memory,
             held: BTreeMap::new(),
             locked_pages: true,
-            step_invariants: std::sync::Mutex::new(StepInvariants::default()),
+            step_invariants: std::sync::Mutex::new(
+                StepInvariants::default().walking_every(IOMMU_WALK_EVERY),
+            ),
         })
     }
 
@@ -251,7 +257,8 @@ impl SimVm {
     }
 
     /// The IOMMU's leaves against the map, sampled KVM probes, then device
-    /// reads filling leaves the next ops must zap ([`device_reads`]).
+    /// reads filling leaves the next ops must zap
+    /// ([`StepInvariants::device_reads`]).
     fn check_devices_and_kvm(&self) -> Result<(), (&'static str, String)> {
         let mut inv = self
             .step_invariants
@@ -259,7 +266,7 @@ impl SimVm {
             .unwrap_or_else(|e| e.into_inner());
         inv.devices_and_probes(&self.memory, &self.iommu, true, true)
             .map_err(|v| (v.name, v.detail))?;
-        device_reads(&self.memory, &self.iommu, inv.ops(), DEVICE_READS_PER_STEP);
+        inv.device_reads(&self.memory, &self.iommu, DEVICE_READS_PER_STEP);
         Ok(())
     }
 
