@@ -460,7 +460,12 @@ mod tests {
         let (_kvm, memory, iommu, m) = vm();
         iommu
             .table()
-            .map(Gpa(BASE + 0x1000), Hva(m.hva().0 + 0x2000), PageSize::Size4K, Perms::RW)
+            .map(
+                Gpa(BASE + 0x1000),
+                Hva(m.hva().0 + 0x2000),
+                PageSize::Size4K,
+                Perms::RW,
+            )
             .unwrap();
         let v = iommu_leaves(&memory, &iommu).unwrap_err();
         assert!(v.detail.contains("its slot"), "{v}");
@@ -474,7 +479,12 @@ mod tests {
             .unwrap();
         iommu
             .table()
-            .map(Gpa(BASE + 0x3000), Hva(m.hva().0 + 0x3000), PageSize::Size4K, Perms::RW)
+            .map(
+                Gpa(BASE + 0x3000),
+                Hva(m.hva().0 + 0x3000),
+                PageSize::Size4K,
+                Perms::RW,
+            )
             .unwrap();
         let v = iommu_leaves(&memory, &iommu).unwrap_err();
         assert!(v.detail.contains("read-only slot"), "{v}");
@@ -567,7 +577,10 @@ mod tests {
                 .unwrap();
         });
         let failure = report.failure().unwrap();
-        assert!(failure.contains("invariant iommu-leaves broken"), "{failure}");
+        assert!(
+            failure.contains("invariant iommu-leaves broken"),
+            "{failure}"
+        );
         assert_eq!(report.steps.len(), 1);
     }
 
@@ -581,7 +594,10 @@ mod tests {
                 .unwrap();
         });
         let failure = report.failure().unwrap();
-        assert!(failure.contains("invariant hub-plugged broken"), "{failure}");
+        assert!(
+            failure.contains("invariant hub-plugged broken"),
+            "{failure}"
+        );
     }
 
     #[test]
@@ -608,7 +624,10 @@ mod tests {
         });
         let failure = report.failure().unwrap();
         assert!(failure.contains("invariant kvm-probe broken"), "{failure}");
-        assert!(failure.contains("KVM holds a memslot overlapping"), "{failure}");
+        assert!(
+            failure.contains("KVM holds a memslot overlapping"),
+            "{failure}"
+        );
     }
 
     #[test]

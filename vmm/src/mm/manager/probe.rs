@@ -154,10 +154,7 @@ impl MemoryManager {
 /// Deletes the probe's slot `region` again; poisons the manager if KVM
 /// refuses (it then holds a slot nobody mirrors).
 fn delete(manager: &MemoryManager, st: &mut State, region: &MemslotRegion) -> String {
-    let gone = MemslotRegion {
-        size: 0,
-        ..*region
-    };
+    let gone = MemslotRegion { size: 0, ..*region };
     // SAFETY: a delete registers no memory.
     match unsafe { manager.backend.set_memslot(&gone) } {
         Ok(()) => "deleted again".into(),
