@@ -292,16 +292,7 @@ impl Campaign {
         let before = leaks::Snapshot::now();
         let mut ran = self.run_vm(actions)?;
         if ran.finding.is_none() {
-            if let Some((name, detail)) = leaks::Snapshot::now().leaked_since(&before) {
-                ran.finding = Some(Finding {
-                    step: actions.len(),
-                    kind: actions.last().map_or("run", |a| a.kind()).to_string(),
-                    what: "the VM's teardown after the last step".into(),
-                    expected: "nothing left of the VM".into(),
-                    actual: format!("invariant {name} broken: {detail}"),
-                    signature: format!("invariant:{name}"),
-                });
-            }
+            ran.finding = leak_finding(&before, actions.len(), actions.last());
         }
         Ok(ran)
     }
@@ -685,12 +676,29 @@ pub fn replay_dirty_log(
     }
 }
 
+/// The finding if the process holds more than `before` now that a VM
+/// that ran `steps` steps (the last `last`) is torn down ([`leaks`]).
+fn leak_finding(before: &leaks::Snapshot, steps: usize, last: Option<&Action>) -> Option<Finding> {
+    let (name, detail) = leaks::Snapshot::now().leaked_since(before)?;
+    Some(Finding {
+        step: steps,
+        kind: last.map_or("run", |a| a.kind()).to_string(),
+        what: "the VM's teardown after the last step".into(),
+        expected: "nothing left of the VM".into(),
+        actual: format!("invariant {name} broken: {detail}"),
+        signature: format!("invariant:{name}"),
+    })
+}
+
 fn replay(campaign: &Campaign, path: &Path, sc: Scenario, say: &mut dyn FnMut(String)) -> i32 {
     // The VM the file describes (its dirty-log mode is in the campaign's
     // layout already, see `replay_dirty_log`).
     let mut layout = campaign.layout.clone();
     layout.ram.1 = sc.mem.map_or(layout.ram.1, |m| m.0);
     layout.vcpus = sc.vcpus.unwrap_or(layout.vcpus);
+    let before = leaks::Snapshot::now();
+    let steps = sc.steps.len();
+    let last = sc.steps.last().map(|s| s.action.clone());
     let result = match campaign.args.backend {
         Backend::Sim => {
             let actions: Vec<Action> = sc.steps.iter().map(|s| s.action.clone()).collect();
@@ -709,6 +717,7 @@ fn replay(campaign: &Campaign, path: &Path, sc: Scenario, say: &mut dyn FnMut(St
         }
         Backend::Real => real::run(sc, &layout, Duration::from_secs(60)).map_err(FuzzError::from),
     };
+    let result = result.map(|f| f.or_else(|| leak_finding(&before, steps, last.as_ref())));
     match result {
         Ok(None) => {
             say(format!("{}: every step as predicted", path.display()));
