@@ -601,6 +601,24 @@ mod tests {
     }
 
     #[test]
+    fn test_the_driver_finds_a_map_change_kvm_never_saw() {
+        let report = run_driver(STEPS, |_, memory, _| {
+            // Published without a memslot call: the map and the mirror part.
+            let m = Arc::new(HostMapping::new(&BackingKind::Anon, 0x1000).unwrap());
+            memory
+                .guarded()
+                .apply(
+                    |map| map.plug(Gpa(0x3_0000_0000), 0x1000, m.clone(), 0, SlotFlags::NONE),
+                    std::time::Duration::from_secs(1),
+                )
+                .unwrap();
+        });
+        let failure = report.failure().unwrap();
+        assert!(failure.contains("invariant map-mirror broken"), "{failure}");
+        assert!(!report.steps[0].passed);
+    }
+
+    #[test]
     fn test_the_driver_probe_finds_a_stray_kvm_slot() {
         let stray = HostMapping::new(&BackingKind::Anon, 0x100_0000).unwrap();
         let steps = format!(
