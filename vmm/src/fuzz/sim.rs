@@ -5,7 +5,11 @@
 //! memslots equal the mirror (no leaked slot id), the hub's plugged set
 //! equals the map's slots merged, the pin account equals the model's live
 //! pins, and the map's slots equal the model's (range, access, dirty
-//! logging, chains). At `check` steps and at the end also the full
+//! logging, chains), the IOMMU's leaves lie inside plugged slots with the
+//! slot's host address and no wider access (a simulated device reads
+//! sampled pages through the IOMMU so ops have leaves to zap), and every
+//! `probe_every` steps KVM is probed by GPA
+//! ([`crate::scenario::invariants`]). At `check` steps and at the end also the full
 //! consistency check and the locked pages of live pins. Options
 //! ([`SimOptions`]): failing memslot changes, and a device thread holding a
 //! guard across every op ([`GuardReader`]).
