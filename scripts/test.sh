@@ -46,6 +46,14 @@ if VMM_MUTANT=drain-skipped target/mutants-debug/debug/vmm fuzz --backend sim --
     exit 1
 fi
 rm -rf "$smoke"
+for m in iommu-protect-keeps-leaves:iommu-leaves teardown-leaks-mappings:leaked-mappings; do
+    smoke=$(mktemp -d)
+    VMM_MUTANT=${m%%:*} target/mutants-debug/debug/vmm fuzz --backend sim --seed 1 \
+        --steps 2000 --json --out "$smoke" >"$smoke/report.json" || true
+    grep -q "\"invariant:${m##*:}\"" "$smoke/report.json" ||
+        { echo "the planted bug ${m%%:*} was not found by invariant ${m##*:}"; exit 1; }
+    rm -rf "$smoke"
+done
 
 echo "== loom models (RUSTFLAGS=--cfg vmm_loom, release)"
 RUSTFLAGS="--cfg vmm_loom" CARGO_TARGET_DIR=target/loom \

@@ -78,6 +78,16 @@ pub const ALL: &[(&str, &str, &str)] = &[
         "releasing one pin munlocks pages another live pin still holds locked",
     ),
     (
+        "iommu-protect-keeps-leaves",
+        "devices::iommu",
+        "a protect to read-only does not zap the range's IOMMU leaves, so devices keep writable leaves in read-only memory",
+    ),
+    (
+        "teardown-leaks-mappings",
+        "mm::manager (teardown)",
+        "dropping the manager deletes every memslot but leaks the host mappings (and memfd and file descriptors) behind them",
+    ),
+    (
         "drain-skipped",
         "mm::guard (writer side)",
         "an op does not wait for the guards inside the slots it deletes",

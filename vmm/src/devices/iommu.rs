@@ -217,7 +217,10 @@ impl State {
 }
 
 impl Subscriber for State {
-    fn invalidate_start(&self, range: GpaRange, _reason: Reason) {
+    fn invalidate_start(&self, range: GpaRange, reason: Reason) {
+        if reason == Reason::Protect && crate::mutants::on("iommu-protect-keeps-leaves") {
+            return;
+        }
         bump(&self.counters.zaps, 1);
         match self.zap(range) {
             Ok(pages) => bump(&self.counters.zapped_pages, pages),
@@ -272,6 +275,19 @@ impl Iommu {
     /// The table (for benchmarks and tests).
     pub fn table(&self) -> &Stage2Table {
         &self.state.table
+    }
+
+    /// Unmaps every leaf, as an invalidation of the whole address space
+    /// does (Dirty harvested into the pending set): the device's view as
+    /// when it was attached, as an IOMMU domain flush on device reset.
+    /// Returns the pages unmapped.
+    ///
+    /// # Errors
+    /// [`IommuError::Table`] if the table refuses the range.
+    pub fn flush(&self) -> Result<u64, IommuError> {
+        let all = GpaRange::new(Gpa(0), crate::mm::stage2::entry::GPA_LIMIT)
+            .expect("the table's whole space is a range");
+        self.state.zap(all).map_err(IommuError::Table)
     }
 
     /// Translates a device-side `access` to `gpa`: a lock-free table walk
@@ -617,6 +633,23 @@ mod tests {
             .unwrap();
         let s = iommu.stats();
         assert_eq!((s.fills, s.hits), (1, 1));
+        assert_eq!(iommu.dump().len(), 1);
+    }
+
+    #[test]
+    fn test_flush_unmaps_every_leaf_and_keeps_device_dirty_bits() {
+        let (_a, _mem, iommu) = setup(BackingKind::Anon, 0x40_0000, SlotFlags::NONE);
+        iommu.translate(BASE, Access::Read).unwrap();
+        iommu
+            .translate(Gpa(BASE.0 + 0x20_0000), Access::Write)
+            .unwrap();
+        assert_eq!(iommu.dump().len(), 2);
+        assert_eq!(iommu.flush().unwrap(), 2);
+        assert!(iommu.dump().is_empty());
+        let dirty = iommu.take_dirty(range(BASE, 0x40_0000)).unwrap();
+        assert_eq!(dirty, [Gfn((BASE.0 + 0x20_0000) / PAGE_SIZE)]);
+        // Leaves fill again on the next access.
+        iommu.translate(BASE, Access::Read).unwrap();
         assert_eq!(iommu.dump().len(), 1);
     }
 

@@ -252,6 +252,7 @@ pub fn run(data: &[u8]) -> Result<usize, String> {
         faults: &faults,
         guard_reader: false,
         locked_pages: false,
+        ..Default::default()
     };
     match super::sim::run_reusing(&layout(), &actions, &options) {
         Ok(None) => Ok(actions.len()),

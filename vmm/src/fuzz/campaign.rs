@@ -22,7 +22,7 @@ use super::gen::{GenConfig, Weights};
 use super::model::slots::Limits;
 use super::model::Layout;
 use super::timeline::{expectations, generate};
-use super::{real, shrink, sim};
+use super::{leaks, real, shrink, sim};
 
 /// The sim tier's slot budget without `--max-slots`.
 pub const DEFAULT_SIM_SLOTS: u64 = 64;
@@ -125,6 +125,11 @@ pub struct FuzzArgs {
     /// memory op's range while the op runs (the op must wait for it).
     #[arg(long)]
     pub guard_reader: bool,
+    /// Memory ops between two probes of KVM's own memslots (a sampled slot
+    /// must refuse an overlapping create with EEXIST, a sampled hole must
+    /// take a 1-page slot that is deleted again; 0: never).
+    #[arg(long, value_name = "N", default_value_t = crate::scenario::invariants::DEFAULT_PROBE_EVERY)]
+    pub probe_every: u32,
     /// One-page slots every VM starts with (one plug-many 2 GiB above the
     /// arena), to fuzz with many slots: e.g. 30000 on real KVM.
     #[arg(long, value_name = "N", default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=32764))]
@@ -315,21 +320,37 @@ impl Campaign {
 
     fn scenario(&self, layout: &Layout, actions: &[Action], title: &str) -> Scenario {
         let steps = expectations(layout, actions);
-        real::scenario(
+        let mut sc = real::scenario(
             title,
             &format!("written by vmm fuzz --backend {:?}", self.args.backend).to_lowercase(),
             layout,
             steps,
-        )
+        );
+        sc.probe_kvm_every = (self.args.probe_every
+            != crate::scenario::invariants::DEFAULT_PROBE_EVERY)
+            .then_some(self.args.probe_every);
+        sc
     }
 
-    /// Runs `actions` on the backend.
+    /// Runs `actions` on a fresh VM of the backend; after its teardown,
+    /// nothing it created may be left ([`leaks::Snapshot`]).
     fn run(&self, actions: &[Action]) -> Result<Ran, FuzzError> {
         self.run_on(&self.layout, actions)
     }
 
-    /// Runs `actions` on the backend, in a VM of `layout`.
+    /// Runs `actions` on a fresh VM of `layout`; after its teardown,
+    /// nothing it created may be left ([`leaks::Snapshot`]).
     fn run_on(&self, layout: &Layout, actions: &[Action]) -> Result<Ran, FuzzError> {
+        let before = leaks::Snapshot::now();
+        let mut ran = self.run_vm(layout, actions)?;
+        if ran.finding.is_none() {
+            ran.finding = leak_finding(&before, actions.len(), actions.last());
+        }
+        Ok(ran)
+    }
+
+    /// [`run_on`](Self::run_on) without the leak check.
+    fn run_vm(&self, layout: &Layout, actions: &[Action]) -> Result<Ran, FuzzError> {
         match self.args.backend {
             Backend::Sim => {
                 let finding = sim::run_with(
@@ -338,6 +359,7 @@ impl Campaign {
                     &sim::SimOptions {
                         faults: &self.faults(actions),
                         guard_reader: self.args.guard_reader,
+                        probe_every: self.args.probe_every,
                         ..Default::default()
                     },
                 )?;
@@ -778,6 +800,20 @@ pub fn replay_dirty_log(
     }
 }
 
+/// The finding if the process holds more than `before` now that a VM
+/// that ran `steps` steps (the last `last`) is torn down ([`leaks`]).
+fn leak_finding(before: &leaks::Snapshot, steps: usize, last: Option<&Action>) -> Option<Finding> {
+    let (name, detail) = leaks::Snapshot::now().leaked_since(before)?;
+    Some(Finding {
+        step: steps,
+        kind: last.map_or("run", |a| a.kind()).to_string(),
+        what: "the VM's teardown after the last step".into(),
+        expected: "nothing left of the VM".into(),
+        actual: format!("invariant {name} broken: {detail}"),
+        signature: format!("invariant:{name}"),
+    })
+}
+
 fn replay(campaign: &Campaign, path: &Path, sc: Scenario, say: &mut dyn FnMut(String)) -> i32 {
     // The VM the file describes (its dirty-log mode is in the campaign's
     // layout already, see `replay_dirty_log`).
@@ -790,6 +826,9 @@ fn replay(campaign: &Campaign, path: &Path, sc: Scenario, say: &mut dyn FnMut(St
             layout.pin_limit = l.pages();
         }
     }
+    let before = leaks::Snapshot::now();
+    let steps = sc.steps.len();
+    let last = sc.steps.last().map(|s| s.action.clone());
     let result = match campaign.args.backend {
         Backend::Sim => {
             let actions: Vec<Action> = sc.steps.iter().map(|s| s.action.clone()).collect();
@@ -800,6 +839,7 @@ fn replay(campaign: &Campaign, path: &Path, sc: Scenario, say: &mut dyn FnMut(St
                 &sim::SimOptions {
                     faults: &faults,
                     guard_reader: campaign.args.guard_reader,
+                    probe_every: campaign.args.probe_every,
                     ..Default::default()
                 },
             )
@@ -807,6 +847,7 @@ fn replay(campaign: &Campaign, path: &Path, sc: Scenario, say: &mut dyn FnMut(St
         }
         Backend::Real => real::run(sc, &layout, Duration::from_secs(60)).map_err(FuzzError::from),
     };
+    let result = result.map(|f| f.or_else(|| leak_finding(&before, steps, last.as_ref())));
     match result {
         Ok(None) => {
             say(format!("{}: every step as predicted", path.display()));

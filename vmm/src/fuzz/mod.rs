@@ -15,6 +15,7 @@
 //! - [`shrink`]: delta debugging and argument simplification;
 //! - [`campaign`]: the command: chunks, findings, reproducers, the report;
 //! - [`finding`]: what a finding says;
+//! - [`leaks`]: host mappings and descriptors a torn-down VM left behind;
 //! - [`locked`]: which host pages are mlocked (the sim tier's pin check);
 //! - [`reader`]: a device thread holding a guard across each op (`--guard-reader`).
 //!
@@ -26,6 +27,7 @@ pub mod bytes;
 pub mod campaign;
 pub mod finding;
 pub mod gen;
+pub mod leaks;
 pub mod locked;
 pub mod model;
 pub mod reader;

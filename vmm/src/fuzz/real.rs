@@ -1,7 +1,10 @@
 //! The real tier: a timeline becomes a scenario (the model's predictions as
 //! its expectations) run in-process by `vmm run`'s machinery on a real KVM
-//! VM with vCPUs; the scenario driver checks every step's outcome and KVM's
-//! memslots against the map after every memory op.
+//! VM with vCPUs; the scenario driver checks every step's outcome, and after
+//! every memory op KVM's memslots against the map, the map against the
+//! mirror, the hub and the IOMMU's leaves, and KVM itself by sampled probes
+//! ([`crate::scenario::invariants`]); the campaign checks for leaks after
+//! each VM ([`super::leaks`]).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -86,6 +89,7 @@ pub fn scenario(name: &str, description: &str, layout: &Layout, steps: Vec<Step>
             .then(|| layout.dirty_log.to_string()),
         pin_limit: Some(format!("{}p", layout.pin_limit)),
         full_check_every: None,
+        probe_kvm_every: None,
         steps,
     }
 }

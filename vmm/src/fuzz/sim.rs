@@ -7,7 +7,11 @@
 //! memslots equal the mirror (no leaked slot id), the hub's plugged set
 //! equals the map's slots merged, the pin account equals the model's live
 //! pins, and the map's slots equal the model's (range, access, dirty
-//! logging, chains). At `check` steps and at the end also the full
+//! logging, chains), the IOMMU's leaves lie inside plugged slots with the
+//! slot's host address and no wider access (a simulated device reads
+//! sampled pages through the IOMMU so ops have leaves to zap), and every
+//! `probe_every` steps KVM is probed by GPA
+//! ([`crate::scenario::invariants`]). At `check` steps and at the end also the full
 //! consistency check and the locked pages of live pins. Options
 //! ([`SimOptions`]): failing memslot changes, and a device thread holding a
 //! guard across every op ([`GuardReader`]). [`run_reusing`] keeps one VM per
@@ -31,6 +35,14 @@ use crate::scenario::Outcome;
 use super::finding::Finding;
 use super::model::{Layout, Model};
 use super::reader::GuardReader;
+use crate::scenario::invariants::{StepInvariants, DEFAULT_PROBE_EVERY};
+
+/// Pages the simulated device reads through the IOMMU after each step.
+const DEVICE_READS_PER_STEP: u32 = 2;
+
+/// Steps between two full walks of the IOMMU's table (between them, the
+/// leaves of the pages the device read lately are checked).
+const IOMMU_WALK_EVERY: u64 = 32;
 
 /// Entries of each simulated dirty ring in ring mode.
 const SIM_FUZZ_RING_ENTRIES: usize = 32;
@@ -64,6 +76,8 @@ pub struct SimVm {
     /// What the VM looked like when built, for [`reset`](Self::reset) to
     /// compare with.
     boot: BootState,
+    /// The IOMMU-leaf invariant and KVM probes ([`StepInvariants`]).
+    step_invariants: std::sync::Mutex<StepInvariants>,
 }
 
 /// Everything a step or an invariant can observe of a VM before its first
@@ -137,6 +151,7 @@ impl SimVm {
                 charged: (0, 0),
                 stage2: Vec::new(),
             },
+            step_invariants: std::sync::Mutex::new(Self::step_invariants()),
         };
         vm.boot = vm.state();
         Ok(vm)
@@ -187,7 +202,8 @@ impl SimVm {
     /// numbers pins from 1 again, clears injected failures, unplugs every
     /// slot but the fixed boot region and guest RAM (RAM too unless it is
     /// still the one slot it was at boot), reports and drops dirty pages
-    /// still pending, and plugs RAM again on its original mapping. The pin
+    /// still pending, plugs RAM again on its original mapping, flushes the
+    /// IOMMU and restarts the step invariants. The pin
     /// manager and the IOMMU stay: a new one would subscribe to the hub
     /// under a new number, which veto messages show.
     ///
@@ -259,6 +275,17 @@ impl SimVm {
             }
         }
         self.checker = Self::checker();
+        // The simulated device's reads left leaves in guest RAM, which the
+        // reset kept: flushed, as a new VM's IOMMU has none.
+        if self.iommu.flush().is_err() {
+            return false;
+        }
+        // The invariants' own state (the walk's step count, the device's
+        // sampled pages) as a new VM starts it.
+        *self
+            .step_invariants
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Self::step_invariants();
         // What the reset changed, checked as after any op (the timeline's
         // last step ended with the full check).
         self.memory.check_changes(&changes).is_ok() && self.state() == self.boot
@@ -270,6 +297,11 @@ impl SimVm {
     /// steps and at the end.
     fn checker() -> Checker {
         Checker::new(u32::MAX).with_sweep(std::time::Duration::ZERO)
+    }
+
+    /// The IOMMU-leaf invariant and the KVM probes as a new VM starts them.
+    fn step_invariants() -> StepInvariants {
+        StepInvariants::default().walking_every(IOMMU_WALK_EVERY)
     }
 
     /// Makes the memslot change `offset` calls from now fail with `errno`
@@ -418,6 +450,28 @@ impl SimVm {
         Ok(())
     }
 
+    /// Probes KVM every `every` steps (0: never; see [`StepInvariants`]).
+    pub fn set_probe_every(&self, every: u32) {
+        self.step_invariants
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .probe_every = every;
+    }
+
+    /// The IOMMU's leaves against the map, sampled KVM probes, then device
+    /// reads filling leaves the next ops must zap
+    /// ([`StepInvariants::device_reads`]).
+    fn check_devices_and_kvm(&self) -> Result<(), (&'static str, String)> {
+        let mut inv = self
+            .step_invariants
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        inv.devices_and_probes(&self.memory, &self.iommu, true, true)
+            .map_err(|v| (v.name, v.detail))?;
+        inv.device_reads(&self.memory, &self.iommu, DEVICE_READS_PER_STEP);
+        Ok(())
+    }
+
     /// The invariants, against `model`; the first that does not hold.
     ///
     /// `full` adds [`MemoryManager::check_consistency`], which also reads
@@ -488,6 +542,7 @@ impl SimVm {
         if plugged != merged {
             return Err(("hub-plugged", format!("hub {plugged:?}, map {merged:?}")));
         }
+        self.check_devices_and_kvm()?;
         let charged = self.pins.account().pinned().charged();
         if charged != model.pinned_pages() {
             return Err((
@@ -606,6 +661,9 @@ pub struct SimOptions<'a> {
     /// `/proc/self/smaps`, whose page-table walk costs more than a whole
     /// short timeline: the libFuzzer tier leaves it to the campaigns).
     pub locked_pages: bool,
+    /// Steps between two probes of the simulated KVM's own memslots (0:
+    /// never; default [`DEFAULT_PROBE_EVERY`]).
+    pub probe_every: u32,
 }
 
 impl Default for SimOptions<'_> {
@@ -614,6 +672,7 @@ impl Default for SimOptions<'_> {
             faults: &[],
             guard_reader: false,
             locked_pages: true,
+            probe_every: DEFAULT_PROBE_EVERY,
         }
     }
 }
@@ -685,6 +744,7 @@ pub(super) fn run_on(
     let faults = options.faults;
     let layout = vm.layout().clone();
     vm.locked_pages = options.locked_pages;
+    vm.set_probe_every(options.probe_every);
     let reader = options
         .guard_reader
         .then(|| GuardReader::start(vm.memory.clone()));

@@ -33,6 +33,7 @@ fn traced(vm: &mut SimVm, actions: &[Action], faults: &[(usize, usize)]) -> Trac
         faults,
         guard_reader: false,
         locked_pages: false,
+        ..Default::default()
     };
     let mut steps = Vec::new();
     let found = run_on(vm, actions, &options, &mut |o, d| {

@@ -158,6 +158,9 @@ impl FromStr for BackingKind {
     }
 }
 
+/// [`HostMapping`]s alive in the process.
+static LIVE_MAPPINGS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
 /// One host `mmap` that backs guest memory. Unmapped on drop.
 pub struct HostMapping {
     addr: *mut u8,
@@ -300,12 +303,19 @@ impl HostMapping {
                 return Err(sys("madvise(MADV_HUGEPAGE)", err));
             }
         }
+        LIVE_MAPPINGS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(Self {
             addr,
             len,
             kind: kind.clone(),
             fd,
         })
+    }
+
+    /// Host mappings alive in this process now (made and not yet dropped):
+    /// what the fuzzer's leak check compares before and after each VM.
+    pub fn live_count() -> usize {
+        LIVE_MAPPINGS.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Maps `len` bytes of a shared file that has no name: created in `dir`
@@ -549,6 +559,7 @@ fn unnamed_file(dir: &Path) -> io::Result<std::fs::File> {
 
 impl Drop for HostMapping {
     fn drop(&mut self) {
+        LIVE_MAPPINGS.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
         // SAFETY: we own this mapping; by the ownership rule above nobody can
         // still hold a registration that points into it.
         let ret = unsafe { libc::munmap(self.addr.cast(), self.len as usize) };

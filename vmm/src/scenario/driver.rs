@@ -22,6 +22,7 @@ use crate::units::fmt_duration;
 use super::expect::Outcome;
 use super::file::Scenario;
 use super::guest::{guest_command, range, recv, Batch, POLL};
+use super::invariants::StepInvariants;
 use super::step::{self, Action, Guest};
 
 pub use super::guest::{channel_pair, ChannelPlan, VcpuLink};
@@ -127,13 +128,24 @@ impl Driver {
     pub fn run(mut self) -> ScenarioReport {
         let scenario = self.scenario.clone();
         let mut checker = Checker::new(scenario.full_check_every.unwrap_or(DEFAULT_FULL_EVERY));
+        let mut invariants = StepInvariants::new(
+            scenario
+                .probe_kvm_every
+                .unwrap_or(super::invariants::DEFAULT_PROBE_EVERY),
+        );
         let mut steps = Vec::new();
         for (i, spec) in scenario.steps.iter().enumerate() {
             if self.stop.load(Ordering::Acquire) {
                 break;
             }
             let started = Instant::now();
-            let (what, actual, passed) = self.step(i + 1, spec, &mut checker);
+            let (what, mut actual, mut passed) = self.step(i + 1, spec, &mut checker);
+            if passed && super::invariants::is_memory_op(&spec.action) {
+                if let Err(v) = self.invariants_after_op(&mut invariants) {
+                    actual = format!("{}: {v}", Outcome::Inconsistent);
+                    passed = false;
+                }
+            }
             let report = StepReport {
                 step: i + 1,
                 kind: spec.kind().to_string(),
@@ -273,6 +285,18 @@ impl Driver {
             None => (what, "stopped before the guest answered".into(), false),
             Some(o) => (what, actual(o.last.0, &o.last.1), o.met),
         }
+    }
+
+    /// The invariants after a memory op ([`StepInvariants::after_op`]): the
+    /// IOMMU's leaves only while no DMA can be filling it (no vCPU has an
+    /// asynchronous command in flight: a synchronous one has finished), and
+    /// hole probes likewise only then.
+    fn invariants_after_op(
+        &self,
+        invariants: &mut StepInvariants,
+    ) -> Result<(), super::invariants::Violation> {
+        let idle = self.links.iter().all(|l| l.pending.is_none());
+        invariants.after_op(&self.memory, &self.iommu, idle, idle)
     }
 
     /// `wait`: collects the vCPU's async batch, if it has one.

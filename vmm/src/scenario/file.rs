@@ -149,6 +149,13 @@ pub struct Scenario {
     /// a full check after every op.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub full_check_every: Option<u32>,
+    /// Memory ops between two probes of KVM's own memslots (a sampled slot
+    /// must refuse an overlapping create with `EEXIST`, a sampled hole must
+    /// take a 1-page slot; see [`crate::scenario::invariants`]). Default
+    /// [`DEFAULT_PROBE_EVERY`](crate::scenario::invariants::DEFAULT_PROBE_EVERY);
+    /// 0: never.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub probe_kvm_every: Option<u32>,
     /// The timeline.
     #[serde(rename = "step")]
     pub steps: Vec<Step>,
@@ -168,6 +175,7 @@ struct Header {
     #[serde(alias = "pin-limit")]
     pin_limit: Option<String>,
     full_check_every: Option<u32>,
+    probe_kvm_every: Option<u32>,
 }
 
 /// Positions in the text being parsed.
@@ -412,6 +420,7 @@ impl Scenario {
             dirty_log: h.dirty_log,
             pin_limit: h.pin_limit,
             full_check_every: h.full_check_every,
+            probe_kvm_every: h.probe_kvm_every,
             steps,
         })
     }

@@ -11,6 +11,8 @@
 //! - [`ops`]: memory-op steps through the memory manager, with the consistency
 //!   check after every op.
 //! - [`guest`]: the vCPU side: one batch per guest step, repeated and judged there.
+//! - [`invariants`]: what must hold after every memory op (map, mirror, KVM
+//!   probes, hub, IOMMU leaves), on either backend.
 //! - [`driver`]: the timeline thread, the vCPUs' channel plans, the report.
 //!
 //! The user's guide and the examples are in `scenarios/`.
@@ -19,6 +21,7 @@ pub mod driver;
 pub mod expect;
 pub mod file;
 pub mod guest;
+pub mod invariants;
 pub mod num;
 pub mod ops;
 pub mod read;

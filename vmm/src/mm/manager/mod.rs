@@ -171,6 +171,7 @@ mod dirty_mode;
 mod dirty_tests;
 mod error;
 mod mirror;
+mod probe;
 mod sim;
 #[cfg(test)]
 mod tests;
@@ -195,6 +196,7 @@ pub use check::{CheckKind, Checker, DEFAULT_FULL_EVERY, DEFAULT_SWEEP};
 pub use dirty::TeardownWindows;
 pub use dirty_mode::DirtyLogMode;
 pub use error::{FailureCause, MemslotError, MemslotFailure, MemslotOp};
+pub use probe::KvmProbe;
 pub use sim::{SimKvm, SimWrite, SIM_MAX_SLOTS, SIM_RING_ENTRIES};
 
 use mirror::{State, Step, DIRTY_BITMAP_BYTES};
@@ -741,7 +743,9 @@ impl Drop for MemoryManager {
                 from: reg.spec.gpa,
             };
             // SAFETY: a delete (`size` 0) registers no memory.
-            if unsafe { self.backend.set_memslot(&step.region()) }.is_err() {
+            if unsafe { self.backend.set_memslot(&step.region()) }.is_err()
+                || crate::mutants::on("teardown-leaks-mappings")
+            {
                 // KVM may still map it: never unmap memory under KVM.
                 std::mem::forget(reg.mapping);
             }
