@@ -40,9 +40,13 @@ print(f"found veto-ignored after {f['steps']} steps, shrunk to {f['shrunk_steps'
 PY
 rm -rf "$smoke"
 smoke=$(mktemp -d)
-if VMM_MUTANT=drain-skipped target/mutants-debug/debug/vmm fuzz --backend sim --seed 1 \
-    --steps 2000 --guard-reader --out "$smoke" >/dev/null; then
-    echo "the planted bug drain-skipped was not found"
+# A finding is exit status 1 with a finding in the report: a crash or a bad
+# flag (any other status) does not count as finding the bug.
+status=0
+VMM_MUTANT=drain-skipped target/mutants-debug/debug/vmm fuzz --backend sim --seed 1 \
+    --steps 2000 --guard-reader --json --out "$smoke" >"$smoke/report.json" || status=$?
+if [ "$status" -ne 1 ] || ! grep -q '"shrunk_steps"' "$smoke/report.json"; then
+    echo "the planted bug drain-skipped was not found (exit status $status)"
     exit 1
 fi
 rm -rf "$smoke"
