@@ -707,8 +707,10 @@ fn test_memslots_random_ops_with_faults_match_kvm() {
 /// `MAP_NORESERVE`: KVM does not touch it.
 #[test]
 fn test_kvm_refuses_a_memslot_above_max_nr_pages_as_the_slot_map_does() {
-    let Some(f) = fixture("test_kvm_refuses_a_memslot_above_max_nr_pages_as_the_slot_map_does", 8)
-    else {
+    let Some(f) = fixture(
+        "test_kvm_refuses_a_memslot_above_max_nr_pages_as_the_slot_map_does",
+        8,
+    ) else {
         return;
     };
     let max = vmm::mm::slot_map::MAX_MEMSLOT_PAGES;
@@ -723,7 +725,9 @@ fn test_kvm_refuses_a_memslot_above_max_nr_pages_as_the_slot_map_does() {
     f.faulty
         .raw(region(PROBE_ID, 0, max * PAGE, hva, 0))
         .expect("KVM refused a memslot of KVM_MEM_MAX_NR_PAGES pages");
-    f.faulty.raw(region(PROBE_ID, 0, 0, hva, 0)).expect("delete");
+    f.faulty
+        .raw(region(PROBE_ID, 0, 0, hva, 0))
+        .expect("delete");
     let flags = SlotFlags {
         dirty_log: true,
         ..SlotFlags::NONE
@@ -733,7 +737,10 @@ fn test_kvm_refuses_a_memslot_above_max_nr_pages_as_the_slot_map_does() {
         .apply(|m| m.plug(Gpa(0), (max + 1) * PAGE, Arc::clone(&big), 0, flags))
         .unwrap_err();
     assert!(
-        matches!(err, MemslotError::SlotMap(SlotMapError::SlotTooLarge { .. })),
+        matches!(
+            err,
+            MemslotError::SlotMap(SlotMapError::SlotTooLarge { .. })
+        ),
         "{err}"
     );
     assert_eq!(f.faulty.calls(), calls, "the refusal issued an ioctl");

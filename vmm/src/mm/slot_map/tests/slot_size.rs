@@ -41,7 +41,10 @@ fn test_plug_and_plug_many_above_the_limit_are_refused_unchanged() {
     let m = anon(16);
     let map = plugged(&limited(LIMIT), 0, 2 * P, &m, 0);
     let before = snapshot(&map);
-    too_large(map.plug(Gpa(8 * P), 5 * P, m.clone(), 4 * P, SlotFlags::NONE), 5);
+    too_large(
+        map.plug(Gpa(8 * P), 5 * P, m.clone(), 4 * P, SlotFlags::NONE),
+        5,
+    );
     too_large(map.check_plug(Gpa(8 * P), 5 * P, P, SlotFlags::NONE), 5);
     let spec = |gpa: u64, pages: u64, off: u64| PlugSpec {
         gpa: Gpa(gpa * P),
@@ -75,7 +78,11 @@ fn test_the_default_limit_is_kvm_max_nr_pages() {
     let t = map.resize(Gpa(0), 1 << 43, None).unwrap();
     check_transition(&map, &t);
     assert_eq!(lens(&t.map), [MAX_MEMSLOT_PAGES, 1]);
-    assert_eq!(t.map.mapping_at(Gpa(0)).len(), 2, "one mapping, two memslots");
+    assert_eq!(
+        t.map.mapping_at(Gpa(0)).len(),
+        2,
+        "one mapping, two memslots"
+    );
 }
 
 #[test]
@@ -257,7 +264,12 @@ fn run(ops: &[Op]) {
             }
             // What the limit refuses changes neither (the unlimited map may
             // refuse it for another reason, or take it).
-            (Err(SlotMapError::SlotTooLarge { pages, max_pages, .. }), _) => {
+            (
+                Err(SlotMapError::SlotTooLarge {
+                    pages, max_pages, ..
+                }),
+                _,
+            ) => {
                 assert!(pages > max_pages && max_pages == 3, "{op:?}");
             }
             (Err(s), Err(w)) => assert_eq!(
