@@ -874,6 +874,19 @@ fn test_a_plug_above_kvm_max_pages_is_refused_by_the_map_and_by_sim_kvm() {
     assert!(err.to_string().contains("Invalid argument"), "{err}");
     assert!(memory.load().is_empty());
     memory.check_consistency().unwrap();
+    // The mirror's pre-ioctl check refuses it under the default limit.
+    let st = state_with_one_slot(&anon(4));
+    let create = step(
+        MemslotOp::Create,
+        1,
+        0x1000_0000,
+        MAX_MEMSLOT_PAGES + 1,
+        &mapping,
+        MemslotFlags::empty(),
+    );
+    let why = st.validate(&create, &SlotMapConfig::default()).unwrap_err();
+    assert!(why.contains("more than one memslot may hold"), "{why}");
+    st.validate(&create, &unlimited).unwrap();
     // One page less is a memslot KVM takes.
     let ok = MAX_MEMSLOT_PAGES * P;
     memory
