@@ -7,7 +7,10 @@
 //!    keeps their parts outside the windows (the split at the edges);
 //! 2. adds the GPA-adjacent neighbours of every piece as merge candidates
 //!    (one level suffices: the old map was maximally merged, and whether two
-//!    pieces merge depends only on their common boundary);
+//!    pieces merge depends only on their common boundary and, for the
+//!    memslot size limit, their lengths: a slot beyond a neighbour did not
+//!    merge with it, so it cannot merge with a merged piece that ends or
+//!    starts with that neighbour either);
 //! 3. sorts and merges the pieces, left to right, as long as the merged
 //!    slot fits one memslot (`max_slot_pages`);
 //! 4. diffs them against the old slots: a piece with exactly an old slot's

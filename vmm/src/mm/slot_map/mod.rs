@@ -15,10 +15,12 @@
 //! # Invariants (after every op)
 //! - Slots are sorted by GPA and never overlap; all lie below `max_gpa`.
 //! - Merging is maximal: no two GPA-adjacent slots share a mapping, have
-//!   contiguous offsets and equal flags (fixed slots never merge).
+//!   contiguous offsets and equal flags (fixed slots never merge), unless
+//!   together they hold more than `max_slot_pages` pages.
 //! - No slot holds more than `max_slot_pages` pages (KVM's
-//!   [`MAX_MEMSLOT_PAGES`]); two neighbours that would merge into a larger
-//!   slot stay two slots (then merging is maximal up to that limit).
+//!   [`MAX_MEMSLOT_PAGES`]): a plug or grow that needs a larger slot is
+//!   refused, and neighbours merge left to right only while the merged slot
+//!   fits, so which neighbours stay apart can depend on the order of ops.
 //! - Ids are unique, lowest-free-first, and below `max_slots`; `len() <= max_slots`.
 //! - No two slots back the same host memory (so a discard never zeroes memory
 //!   still mapped elsewhere).
