@@ -27,7 +27,7 @@ use crate::mm::addr::{Gpa, GpaRange, HUGE_1G};
 use crate::mm::backing::{BackingError, BackingKind, HostMapping};
 use crate::mm::manager::{DirtyLogMode, MemoryManager, MemslotError};
 use crate::mm::pin_account::{PinAccount, PinAccountError, PinLimit};
-use crate::mm::slot_map::{SlotFlags, SlotMapConfig};
+use crate::mm::slot_map::{SlotFlags, SlotMapConfig, MAX_MEMSLOT_PAGES};
 
 /// KVM statistics by name.
 pub type Counters = BTreeMap<String, u64>;
@@ -269,6 +269,8 @@ impl Vm {
                 Gpa(guest_image::protocol::MMIO_BASE),
                 guest_image::protocol::MMIO_SIZE,
             ),
+            // KVM_MEM_MAX_NR_PAGES is fixed in KVM, not a capability.
+            max_slot_pages: MAX_MEMSLOT_PAGES,
         };
         let memslots = Arc::new(KvmMemslots::new(
             vm_fd.clone(),

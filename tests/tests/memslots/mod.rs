@@ -699,3 +699,51 @@ fn test_memslots_random_ops_with_faults_match_kvm() {
     eprintln!("random ops: {outcomes:?} (ok, refused by the map, rolled back, rollback failed)");
     assert!(outcomes[0] >= 100 && outcomes[2] >= 10, "{outcomes:?}");
 }
+
+/// KVM refuses a memslot of more than `KVM_MEM_MAX_NR_PAGES` (2^31 - 1)
+/// pages with `EINVAL` and takes one of exactly that many; the slot map
+/// refuses the larger plug itself (`SlotTooLarge`) before any ioctl, and
+/// `MAX_MEMSLOT_PAGES` is KVM's number. The 8 TiB mapping is
+/// `MAP_NORESERVE`: KVM does not touch it.
+#[test]
+fn test_kvm_refuses_a_memslot_above_max_nr_pages_as_the_slot_map_does() {
+    let Some(f) = fixture(
+        "test_kvm_refuses_a_memslot_above_max_nr_pages_as_the_slot_map_does",
+        8,
+    ) else {
+        return;
+    };
+    let max = vmm::mm::slot_map::MAX_MEMSLOT_PAGES;
+    let big = anon((max + 1) * PAGE);
+    let hva = big.hva().0;
+    let calls = f.faulty.calls();
+    assert_eq!(
+        f.faulty.raw(region(PROBE_ID, 0, (max + 1) * PAGE, hva, 0)),
+        Err(libc::EINVAL),
+        "KVM took a memslot of 2^31 pages"
+    );
+    f.faulty
+        .raw(region(PROBE_ID, 0, max * PAGE, hva, 0))
+        .expect("KVM refused a memslot of KVM_MEM_MAX_NR_PAGES pages");
+    f.faulty
+        .raw(region(PROBE_ID, 0, 0, hva, 0))
+        .expect("delete");
+    let flags = SlotFlags {
+        dirty_log: true,
+        ..SlotFlags::NONE
+    };
+    let err = f
+        .memory
+        .apply(|m| m.plug(Gpa(0), (max + 1) * PAGE, Arc::clone(&big), 0, flags))
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            MemslotError::SlotMap(SlotMapError::SlotTooLarge { .. })
+        ),
+        "{err}"
+    );
+    assert_eq!(f.faulty.calls(), calls, "the refusal issued an ioctl");
+    assert!(f.memory.load().is_empty());
+    f.memory.check_consistency().unwrap();
+}

@@ -114,6 +114,7 @@ impl SimVm {
             max_gpa: Gpa(l.max_gpa),
             read_only_supported: l.read_only,
             reserved: GpaRange::new(Gpa(l.reserved.0), l.reserved.1 - l.reserved.0),
+            ..SlotMapConfig::default()
         };
         let memory = Arc::new(MemoryManager::new(kvm.clone(), config).map_err(|e| err(&e))?);
         let mut ram = None;

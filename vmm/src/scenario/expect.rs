@@ -65,6 +65,10 @@ pub enum Outcome {
     /// move: the destination overlaps the source.
     #[strum(serialize = "destination-overlaps-source")]
     DestinationOverlapsSource,
+    /// plug or resize: the memslot would hold more pages than KVM allows
+    /// in one (`KVM_MEM_MAX_NR_PAGES`, 2^31 - 1 pages of 4 KiB).
+    #[strum(serialize = "slot-too-large")]
+    SlotTooLarge,
     /// resize: no room to grow.
     #[strum(serialize = "no-room-to-grow")]
     NoRoomToGrow,

@@ -54,6 +54,7 @@ pub fn slot_map_kind(e: &SlotMapError) -> Outcome {
         SlotMapError::NoSlotAt { .. } => Outcome::NoSlotAt,
         SlotMapError::DestinationOverlapsSource { .. } => Outcome::DestinationOverlapsSource,
         SlotMapError::NoRoomToGrow { .. } => Outcome::NoRoomToGrow,
+        SlotMapError::SlotTooLarge { .. } => Outcome::SlotTooLarge,
         SlotMapError::BatchOverlap { .. } => Outcome::Overlap,
     }
 }

@@ -522,6 +522,7 @@ impl Action {
                 | O::NoSlotAt
                 | O::DestinationOverlapsSource
                 | O::NoRoomToGrow
+                | O::SlotTooLarge
                 | O::MappingTooSmall
                 | O::HostAliased
                 | O::ReadOnlyUnsupported

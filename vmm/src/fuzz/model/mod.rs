@@ -314,7 +314,9 @@ impl Model {
                         .is_ok_and(|(c, _)| c.new_mapping.is_some_and(|m| m.len > HUGE_PLUG));
                 let o = self.mem_op(action);
                 match action {
-                    Action::Plug(p) if p.size.0 > HUGE_PLUG => vec![o, Outcome::Backing],
+                    Action::Plug(p) if p.size.0 > HUGE_PLUG && o != Outcome::SlotTooLarge => {
+                        vec![o, Outcome::Backing]
+                    }
                     Action::Resize(_) if big_grow && o == Outcome::Ok => {
                         vec![o, Outcome::NoRoomToGrow]
                     }

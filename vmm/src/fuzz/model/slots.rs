@@ -5,6 +5,7 @@
 
 use imbl::OrdMap;
 
+use crate::mm::slot_map::MAX_MEMSLOT_PAGES;
 use crate::scenario::Outcome;
 
 /// 4 KiB.
@@ -44,6 +45,7 @@ impl MSlot {
             && self.end() == next.start
             && self.map == next.map
             && self.off + self.len == next.off
+            && (self.len + next.len) / PAGE <= MAX_MEMSLOT_PAGES
     }
     fn part(&self, start: u64, end: u64) -> MSlot {
         MSlot {
@@ -200,6 +202,14 @@ impl Slots {
         Ok((gpa, end))
     }
 
+    /// One memslot holds at most KVM's `KVM_MEM_MAX_NR_PAGES`.
+    fn check_slot_size(r: (u64, u64)) -> Result<(), Outcome> {
+        match (r.1 - r.0) / PAGE > MAX_MEMSLOT_PAGES {
+            true => Err(Outcome::SlotTooLarge),
+            false => Ok(()),
+        }
+    }
+
     fn check_free(&self, r: (u64, u64)) -> Result<(), Outcome> {
         let res = self.limits.reserved;
         if overlaps(res, r) {
@@ -351,6 +361,7 @@ impl Slots {
         log: bool,
     ) -> Result<Change, Outcome> {
         let r = self.check_range(gpa, size, PAGE)?;
+        Self::check_slot_size(r)?;
         if ro && !self.limits.read_only {
             return Err(Outcome::ReadOnlyUnsupported);
         }
@@ -493,6 +504,7 @@ impl Slots {
         }
         let grow = new_size - len;
         let added = self.check_range(slot.end(), grow, PAGE)?;
+        Self::check_slot_size(added)?;
         self.check_free(added)?;
         let end_off = slot.off + slot.len;
         let mapping = self.mappings[slot.map];

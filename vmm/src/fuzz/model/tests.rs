@@ -355,3 +355,29 @@ fn test_a_page_read_while_logging_may_be_reported_dirty() {
     let again = m.predict(&sc.steps.last().unwrap().action);
     assert_eq!(again, vec![O::NotLogging]);
 }
+
+/// KVM_MEM_MAX_NR_PAGES per memslot: a larger plug or grow is
+/// `slot-too-large` (never `backing`: the slot map judges it before any
+/// memory is mapped), and a grow in place past the limit is a second slot.
+#[test]
+fn test_memslots_above_kvm_max_pages_are_refused_and_not_merged() {
+    use crate::mm::slot_map::MAX_MEMSLOT_PAGES;
+    let max = MAX_MEMSLOT_PAGES * PAGE;
+    let mut m = Model::new(layout(64));
+    run(
+        &mut m,
+        &[
+            (plug(A, max + PAGE), &[O::SlotTooLarge]),
+            (
+                resize(0x4000_0000, (64 << 20) + max + PAGE),
+                &[O::SlotTooLarge],
+            ),
+            // Whole 2 MiB host pages: the mapping is 8 TiB, one page more
+            // than the slot; growing into it cannot merge.
+            (thp(A, max), &[O::Ok, O::Backing]),
+            (resize(A, max + PAGE), &[O::Ok]),
+        ],
+    );
+    let lens: Vec<u64> = m.slots.slots.range(A..).map(|(_, s)| s.len).collect();
+    assert_eq!(lens, [max, PAGE]);
+}

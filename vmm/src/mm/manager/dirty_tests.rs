@@ -18,6 +18,7 @@ fn config() -> SlotMapConfig {
         max_gpa: Gpa(1024 * P),
         read_only_supported: true,
         reserved: None,
+        ..SlotMapConfig::default()
     }
 }
 

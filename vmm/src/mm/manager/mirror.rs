@@ -184,6 +184,13 @@ impl State {
                 {
                     return Err("gpa, size and hva must be non-zero multiples of 4 KiB".into());
                 }
+                if spec.size / PAGE_SIZE > config.max_slot_pages {
+                    return Err(format!(
+                        "{} pages are more than one memslot may hold ({}, KVM: EINVAL)",
+                        spec.size / PAGE_SIZE,
+                        config.max_slot_pages
+                    ));
+                }
                 if spec.flags.contains(MemslotFlags::READONLY) && !config.read_only_supported {
                     return Err("KVM_MEM_READONLY is not supported".into());
                 }

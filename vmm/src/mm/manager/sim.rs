@@ -6,6 +6,9 @@
 //! speed (the fuzzer's coverage-guided tier, property tests) and for what real
 //! KVM cannot do on demand, failing a chosen call. The rules it enforces:
 //! - alignment: GPA, size and host address are multiples of 4 KiB (`EINVAL`);
+//! - a memslot of more than `KVM_MEM_MAX_NR_PAGES` pages
+//!   ([`MAX_MEMSLOT_PAGES`](crate::mm::slot_map::MAX_MEMSLOT_PAGES)) is
+//!   `EINVAL`;
 //! - an id at or past `max_slots` is `EINVAL`;
 //! - delete of an id that is not live is `EINVAL`;
 //! - a live id may change only its GPA (a move) or
@@ -39,7 +42,7 @@ use std::sync::{Mutex, MutexGuard};
 use vmm_sys_util::errno;
 
 use crate::mm::addr::{Gfn, Gpa, Hva, PAGE_SIZE};
-use crate::mm::slot_map::{MemslotFlags, MemslotSpec, SlotId};
+use crate::mm::slot_map::{MemslotFlags, MemslotSpec, SlotId, MAX_MEMSLOT_PAGES};
 
 use super::backend::{MemslotBackend, MemslotRegion};
 use super::dirty_mode::DirtyLogMode;
@@ -283,6 +286,11 @@ impl MemslotBackend for SimKvm {
         if r.gpa.0 % PAGE_SIZE != 0 || r.size % PAGE_SIZE != 0 || r.hva.0 % PAGE_SIZE != 0 {
             return einval();
         }
+        if r.size / PAGE_SIZE > MAX_MEMSLOT_PAGES {
+            // `__kvm_set_memory_region`: `memory_size >> PAGE_SHIFT` above
+            // KVM_MEM_MAX_NR_PAGES is EINVAL.
+            return einval();
+        }
         if r.gpa.0.checked_add(r.size).is_none() {
             return einval();
         }
@@ -462,6 +470,21 @@ mod tests {
             Err(libc::EINVAL)
         );
         assert!(kvm.memslots().is_empty());
+    }
+
+    #[test]
+    fn test_sim_kvm_refuses_a_memslot_above_kvm_max_pages_with_einval() {
+        let kvm = SimKvm::new();
+        let log = MemslotFlags::LOG_DIRTY_PAGES;
+        // 2^31 pages (8 TiB): one more than KVM_MEM_MAX_NR_PAGES.
+        let too_big = region(0, 0, MAX_MEMSLOT_PAGES + 1, 0x1000, log);
+        assert_eq!(set(&kvm, too_big), Err(libc::EINVAL));
+        assert!(kvm.memslots().is_empty());
+        // The largest memslot KVM takes (the simulated KVM never touches
+        // the host memory behind it).
+        let none = MemslotFlags::empty();
+        set(&kvm, region(0, 0, MAX_MEMSLOT_PAGES, 0x1000, none)).unwrap();
+        assert_eq!(kvm.memslots()[0].size, MAX_MEMSLOT_PAGES * PAGE_SIZE);
     }
 
     #[test]

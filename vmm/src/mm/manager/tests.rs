@@ -8,7 +8,7 @@ use super::mirror::{State, Step};
 use super::*;
 use crate::mm::addr::{Gfn, Hva, PAGE_SIZE};
 use crate::mm::notifier::{Interest, Replay, Subscriber};
-use crate::mm::slot_map::SlotFlags;
+use crate::mm::slot_map::{SlotFlags, MAX_MEMSLOT_PAGES};
 
 const P: u64 = PAGE_SIZE;
 
@@ -18,6 +18,7 @@ fn config() -> SlotMapConfig {
         max_gpa: Gpa(64 * P),
         read_only_supported: true,
         reserved: None,
+        ..SlotMapConfig::default()
     }
 }
 
@@ -824,22 +825,72 @@ fn test_fuse_move_only_pairs_the_same_slot() {
 }
 
 /// A dirty-logging memslot of more pages than KVM allows (`KVM_MEM_MAX_NR_PAGES`,
-/// 2^31 - 1): KVM refuses it, the simulated KVM takes it, and its log does not
-/// fit the 256 MiB bitmap buffer. Reading it is refused (the consistency check
-/// reports it) instead of writing past the buffer, which crashed the sim tier.
+/// 2^31 - 1) has a log larger than the 256 MiB bitmap buffer. The slot map
+/// and the simulated KVM refuse such a slot now, but the mirror still does
+/// not trust the backend: reading a log of that size is refused (`E2BIG`)
+/// instead of zeroing past the buffer, which crashed the sim tier.
 #[test]
 fn test_a_logging_slot_above_kvm_max_pages_is_refused_not_overrun() {
-    let memory = MemoryManager::new(SimKvm::new(), SlotMapConfig::default()).unwrap();
+    let a = anon(4);
+    let mut st = state_with_one_slot(&a);
     // One bitmap word more than the buffer holds.
-    let len = ((1u64 << 31) + 64) * P;
+    let size = ((1u64 << 31) + 64) * P;
+    let err = st.read_bitmap(&SimKvm::new(), SlotId(0), size).unwrap_err();
+    assert_eq!(err.errno(), libc::E2BIG);
+}
+
+/// A plug of one page more than `KVM_MEM_MAX_NR_PAGES` (8 TiB, a
+/// `MAP_NORESERVE` mapping) is refused by the slot map; a map configured
+/// without that limit passes it to the simulated KVM, which refuses it with
+/// `EINVAL` as KVM does. Either way nothing is left plugged.
+#[test]
+fn test_a_plug_above_kvm_max_pages_is_refused_by_the_map_and_by_sim_kvm() {
+    let len = (MAX_MEMSLOT_PAGES + 1) * P;
     let mapping = Arc::new(HostMapping::new(&BackingKind::Anon, len).unwrap());
     let flags = SlotFlags {
         dirty_log: true,
         ..SlotFlags::NONE
     };
+    let memory = MemoryManager::new(SimKvm::new(), SlotMapConfig::default()).unwrap();
+    let err = memory
+        .apply(|m| m.plug(Gpa(0), len, mapping.clone(), 0, flags))
+        .unwrap_err();
+    assert!(
+        matches!(err, MemslotError::SlotMap(SlotMapError::SlotTooLarge { pages, max_pages, .. })
+            if pages == MAX_MEMSLOT_PAGES + 1 && max_pages == MAX_MEMSLOT_PAGES),
+        "{err}"
+    );
+    assert!(memory.load().is_empty());
+    memory.check_consistency().unwrap();
+
+    let unlimited = SlotMapConfig {
+        max_slot_pages: u64::MAX,
+        ..SlotMapConfig::default()
+    };
+    let memory = MemoryManager::new(SimKvm::new(), unlimited).unwrap();
+    let err = memory
+        .apply(|m| m.plug(Gpa(0), len, mapping.clone(), 0, flags))
+        .unwrap_err();
+    assert!(err.to_string().contains("Invalid argument"), "{err}");
+    assert!(memory.load().is_empty());
+    memory.check_consistency().unwrap();
+    // The mirror's pre-ioctl check refuses it under the default limit.
+    let st = state_with_one_slot(&anon(4));
+    let create = step(
+        MemslotOp::Create,
+        1,
+        0x1000_0000,
+        MAX_MEMSLOT_PAGES + 1,
+        &mapping,
+        MemslotFlags::empty(),
+    );
+    let why = st.validate(&create, &SlotMapConfig::default()).unwrap_err();
+    assert!(why.contains("more than one memslot may hold"), "{why}");
+    st.validate(&create, &unlimited).unwrap();
+    // One page less is a memslot KVM takes.
+    let ok = MAX_MEMSLOT_PAGES * P;
     memory
-        .apply(|m| m.plug(Gpa(0), len, mapping, 0, flags))
+        .apply(|m| m.plug(Gpa(0), ok, mapping.clone(), 0, SlotFlags::NONE))
         .unwrap();
-    let err = memory.check_consistency().unwrap_err();
-    assert!(err.contains("Argument list too long"), "{err}");
+    assert_eq!(memory.load().len(), 1);
 }

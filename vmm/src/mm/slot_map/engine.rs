@@ -7,8 +7,12 @@
 //!    keeps their parts outside the windows (the split at the edges);
 //! 2. adds the GPA-adjacent neighbours of every piece as merge candidates
 //!    (one level suffices: the old map was maximally merged, and whether two
-//!    pieces merge depends only on their common boundary);
-//! 3. sorts and merges the pieces;
+//!    pieces merge depends only on their common boundary and, for the
+//!    memslot size limit, their lengths: a slot beyond a neighbour did not
+//!    merge with it, so it cannot merge with a merged piece that ends or
+//!    starts with that neighbour either);
+//! 3. sorts and merges the pieces, left to right, as long as the merged
+//!    slot fits one memslot (`max_slot_pages`);
 //! 4. diffs them against the old slots: a piece with exactly an old slot's
 //!    memory keeps it (unchanged, or a flags-only change when only
 //!    `dirty_log` differs); every other old slot is deleted and every other
@@ -120,7 +124,13 @@ impl SlotMap {
 
     /// Applies `edit` to a clone of the map. See the module docs.
     pub(super) fn commit(&self, op: &'static str, edit: Edit) -> Result<Transition, SlotMapError> {
+        // 0. No new piece is larger than one memslot may be (each op checks
+        // its own first; this holds for every op).
+        for p in &edit.inserts {
+            self.check_slot_size(op, p.range)?;
+        }
         // 1. Touched slots and what survives of them outside the windows.
+
         let mut old: BTreeMap<Gpa, Slot> = BTreeMap::new();
         for w in &edit.windows {
             for s in self.overlapping(*w) {
@@ -158,7 +168,12 @@ impl SlotMap {
         let mut merged: Vec<Seg> = Vec::with_capacity(pieces.len());
         for p in pieces {
             match merged.last_mut() {
-                Some(last) if last.merges_with(&p) => {
+                // Like KVM, one memslot holds at most `max_slot_pages`:
+                // neighbours that would exceed it stay two slots.
+                Some(last)
+                    if last.merges_with(&p)
+                        && self.fits_one_memslot(last.range.len() + p.range.len()) =>
+                {
                     last.range = GpaRange::from_bounds(last.range.start(), p.range.end())
                         .unwrap_or(last.range);
                 }

@@ -187,4 +187,18 @@ pub enum SlotMapError {
         /// Mapping length.
         mapping_len: u64,
     },
+    /// The op needs one memslot of more pages than one memslot may hold
+    /// (`max_slot_pages`, KVM's `KVM_MEM_MAX_NR_PAGES`; KVM refuses such a
+    /// memslot with `EINVAL`).
+    #[error("{op}: {range} needs one memslot of {pages} pages, more than the {max_pages} one memslot may hold (KVM_MEM_MAX_NR_PAGES)")]
+    SlotTooLarge {
+        /// The op.
+        op: &'static str,
+        /// The range the memslot would cover.
+        range: GpaRange,
+        /// Its 4 KiB pages.
+        pages: u64,
+        /// `max_slot_pages`.
+        max_pages: u64,
+    },
 }

@@ -15,7 +15,12 @@
 //! # Invariants (after every op)
 //! - Slots are sorted by GPA and never overlap; all lie below `max_gpa`.
 //! - Merging is maximal: no two GPA-adjacent slots share a mapping, have
-//!   contiguous offsets and equal flags (fixed slots never merge).
+//!   contiguous offsets and equal flags (fixed slots never merge), unless
+//!   together they hold more than `max_slot_pages` pages.
+//! - No slot holds more than `max_slot_pages` pages (KVM's
+//!   [`MAX_MEMSLOT_PAGES`]): a plug or grow that needs a larger slot is
+//!   refused, and neighbours merge left to right only while the merged slot
+//!   fits, so which neighbours stay apart can depend on the order of ops.
 //! - Ids are unique, lowest-free-first, and below `max_slots`; `len() <= max_slots`.
 //! - No two slots back the same host memory (so a discard never zeroes memory
 //!   still mapped elsewhere).
@@ -100,6 +105,13 @@ use ids::IdAlloc;
 /// `KVM_CAP_NR_MEMSLOTS` measured on the development host.
 pub const DEFAULT_MAX_SLOTS: u32 = 32764;
 
+/// The most 4 KiB pages one memslot may hold: KVM's `KVM_MEM_MAX_NR_PAGES`
+/// (`include/linux/kvm_host.h`: `(1 << 31) - 1`, so a page index within a
+/// slot fits an `int`). `__kvm_set_memory_region` (`virt/kvm/kvm_main.c`)
+/// refuses a larger `memory_size` with `EINVAL`: one byte short of 8 TiB is
+/// the largest memslot.
+pub const MAX_MEMSLOT_PAGES: u64 = (1 << 31) - 1;
+
 /// What KVM allows; read from KVM capabilities by the layer that owns the VM.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub struct SlotMapConfig {
@@ -112,16 +124,22 @@ pub struct SlotMapConfig {
     /// A guest-physical range no slot may cover (the VMM's MMIO register
     /// page: guest stores there must exit to the VMM).
     pub reserved: Option<GpaRange>,
+    /// The most 4 KiB pages one memslot may hold ([`MAX_MEMSLOT_PAGES`]):
+    /// a plug or grow that needs a larger slot is refused, and neighbours
+    /// whose merged slot would be larger stay two slots.
+    pub max_slot_pages: u64,
 }
 
 impl Default for SlotMapConfig {
-    /// 32,764 slots, a 48-bit guest-physical space, read-only slots supported.
+    /// 32,764 slots, a 48-bit guest-physical space, read-only slots
+    /// supported, KVM's [`MAX_MEMSLOT_PAGES`] per slot.
     fn default() -> Self {
         Self {
             max_slots: DEFAULT_MAX_SLOTS,
             max_gpa: Gpa(1 << 48),
             read_only_supported: true,
             reserved: None,
+            max_slot_pages: MAX_MEMSLOT_PAGES,
         }
     }
 }
@@ -231,6 +249,11 @@ impl SlotMap {
     /// The limits the map enforces.
     pub fn config(&self) -> &SlotMapConfig {
         &self.config
+    }
+
+    /// Whether one memslot of `bytes` is within `max_slot_pages`.
+    pub(crate) fn fits_one_memslot(&self, bytes: u64) -> bool {
+        bytes / crate::mm::addr::PAGE_SIZE <= self.config.max_slot_pages
     }
 
     /// The slot containing `gpa`, in O(log n).

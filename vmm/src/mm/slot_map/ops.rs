@@ -77,6 +77,24 @@ impl SlotMap {
         }
     }
 
+    /// Refuses a new memslot over `range` that holds more pages than one
+    /// memslot may (`max_slot_pages`, KVM's `KVM_MEM_MAX_NR_PAGES`).
+    pub(super) fn check_slot_size(
+        &self,
+        op: &'static str,
+        range: GpaRange,
+    ) -> Result<(), SlotMapError> {
+        if self.fits_one_memslot(range.len()) {
+            return Ok(());
+        }
+        Err(SlotMapError::SlotTooLarge {
+            op,
+            range,
+            pages: range.len() / PAGE_SIZE,
+            max_pages: self.config.max_slot_pages,
+        })
+    }
+
     /// Refuses host memory that already backs a slot.
     fn check_host_unused(
         &self,
@@ -139,8 +157,8 @@ impl SlotMap {
     /// The checks of [`plug`](SlotMap::plug) that need no host memory: the
     /// range is non-empty, does not wrap, is aligned to `granule` (the
     /// backing's [`granule`](crate::mm::backing::BackingKind::granule)), lies
-    /// below the limit and is free; read-only slots are supported if asked
-    /// for. Run it before allocating host memory for a plug, so a bad range
+    /// below the limit, fits one memslot (`max_slot_pages`) and is free;
+    /// read-only slots are supported if asked for. Run it before allocating host memory for a plug, so a bad range
     /// is refused for what it is and nothing is allocated.
     ///
     /// # Errors
@@ -164,6 +182,7 @@ impl SlotMap {
         flags: SlotFlags,
     ) -> Result<GpaRange, SlotMapError> {
         let range = self.check_range(op, gpa, size, granule.max(PAGE_SIZE))?;
+        self.check_slot_size(op, range)?;
         if flags.read_only && !self.config.read_only_supported {
             return Err(SlotMapError::ReadOnlyUnsupported { op });
         }
@@ -175,13 +194,15 @@ impl SlotMap {
     ///
     /// `gpa`, `size` and `offset` must be aligned to the mapping's
     /// [granule](HostMapping::granule) (4 KiB; 2 MiB for hugetlb); the range
-    /// must be free and below the limit; the host window must lie inside the
-    /// mapping and back no other slot. The new slot starts a new
+    /// must be free and below the limit, and hold at most `max_slot_pages`
+    /// pages (KVM's `KVM_MEM_MAX_NR_PAGES`); the host window must lie inside
+    /// the mapping and back no other slot. The new slot starts a new
     /// [chain](Slot::chain) and merges with neighbours that continue it.
     ///
     /// # Errors
     /// [`ZeroSize`](SlotMapError::ZeroSize), [`RangeOverflow`](SlotMapError::RangeOverflow),
     /// [`Misaligned`](SlotMapError::Misaligned), [`BeyondMaxGpa`](SlotMapError::BeyondMaxGpa),
+    /// [`SlotTooLarge`](SlotMapError::SlotTooLarge),
     /// [`ReadOnlyUnsupported`](SlotMapError::ReadOnlyUnsupported),
     /// [`MappingTooSmall`](SlotMapError::MappingTooSmall), [`Overlap`](SlotMapError::Overlap),
     /// [`HostAliased`](SlotMapError::HostAliased), [`TooManySlots`](SlotMapError::TooManySlots).
@@ -573,7 +594,8 @@ impl SlotMap {
     /// [`NoSlotAt`](SlotMapError::NoSlotAt), [`Fixed`](SlotMapError::Fixed),
     /// [`ZeroSize`](SlotMapError::ZeroSize), [`Misaligned`](SlotMapError::Misaligned),
     /// [`BeyondMaxGpa`](SlotMapError::BeyondMaxGpa), [`Overlap`](SlotMapError::Overlap),
-    /// [`NoRoomToGrow`](SlotMapError::NoRoomToGrow), and for `grow_mapping`
+    /// [`SlotTooLarge`](SlotMapError::SlotTooLarge) (the added part alone is
+    /// more than one memslot may hold), [`NoRoomToGrow`](SlotMapError::NoRoomToGrow), and for `grow_mapping`
     /// [`MappingTooSmall`](SlotMapError::MappingTooSmall) or
     /// [`HostAliased`](SlotMapError::HostAliased). A shrink reports errors as
     /// [`unplug`](SlotMap::unplug) of the tail.
@@ -611,6 +633,9 @@ impl SlotMap {
         }
         let grow = new_size - len;
         let added = self.check_range(OP, last.range.end(), grow, PAGE_SIZE)?;
+        // The added part is one new memslot (merged with the last slot only
+        // while the two fit one memslot).
+        self.check_slot_size(OP, added)?;
         self.check_free(OP, added)?;
         let end_offset = last.offset + last.range.len();
         let in_place = end_offset

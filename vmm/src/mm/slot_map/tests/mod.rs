@@ -7,6 +7,7 @@ mod model;
 mod ops;
 mod scale;
 mod shared;
+mod slot_size;
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
@@ -36,6 +37,7 @@ pub(super) fn config(max_slots: u32, max_gpa: u64) -> SlotMapConfig {
         max_gpa: Gpa(max_gpa),
         read_only_supported: true,
         reserved: None,
+        max_slot_pages: super::MAX_MEMSLOT_PAGES,
     }
 }
 
@@ -88,6 +90,11 @@ pub(super) fn check_invariants(map: &SlotMap) {
         assert_eq!(*key, s.range.start(), "key of {s:?}");
         assert!(!s.range.is_empty());
         assert!(
+            s.range.len() / P <= cfg.max_slot_pages,
+            "{s:?} holds more than {} pages",
+            cfg.max_slot_pages
+        );
+        assert!(
             s.range.end() <= cfg.max_gpa,
             "{s:?} beyond {:?}",
             cfg.max_gpa
@@ -111,7 +118,8 @@ pub(super) fn check_invariants(map: &SlotMap) {
         if let Some(p) = prev {
             assert!(p.range.end() <= s.range.start(), "{p:?} overlaps {s:?}");
             assert!(
-                !Seg::of(p).merges_with(&Seg::of(s)),
+                !Seg::of(p).merges_with(&Seg::of(s))
+                    || !map.fits_one_memslot(p.range.len() + s.range.len()),
                 "{p:?} and {s:?} not merged"
             );
         }
@@ -141,6 +149,8 @@ pub(super) fn check_invariants(map: &SlotMap) {
 #[derive(Clone, Debug, PartialEq)]
 pub(super) struct KvmSim {
     max_slots: u32,
+    /// `KVM_MEM_MAX_NR_PAGES` of the KVM the map was configured for.
+    max_pages: u64,
     slots: BTreeMap<u32, MemslotSpec>,
 }
 
@@ -148,6 +158,7 @@ impl KvmSim {
     pub(super) fn of(map: &SlotMap) -> Self {
         Self {
             max_slots: map.config().max_slots,
+            max_pages: map.config().max_slot_pages,
             slots: map
                 .expected_memslots()
                 .into_iter()
@@ -162,6 +173,9 @@ impl KvmSim {
         }
         if s.size == 0 || s.gpa.0 % P != 0 || s.size % P != 0 || s.hva.0 % P != 0 {
             return Err(format!("EINVAL: misaligned {s:?}"));
+        }
+        if s.size / P > self.max_pages {
+            return Err(format!("EINVAL: {s:?} above {} pages", self.max_pages));
         }
         if self.slots.contains_key(&s.id.0) {
             return Err(format!("EINVAL: create of live {s:?}"));
