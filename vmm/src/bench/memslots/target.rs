@@ -14,8 +14,8 @@ use kvm_ioctls::VmFd;
 use super::config::{MemslotsError, RawMove};
 use super::layout::SlotLayout;
 use crate::mm::addr::{Gpa, GpaRange, PAGE_SIZE};
-use crate::mm::guard::Visit;
 use crate::mm::backing::{BackingKind, HostMapping};
+use crate::mm::guard::Visit;
 use crate::mm::manager::MemoryManager;
 use crate::mm::slot_map::{PlugSpec, SlotFlags};
 

@@ -54,7 +54,15 @@ fn model(admit: Admit, seen: &'static Seen) -> impl Fn() + Send + Sync + 'static
         let mem = Arc::new(HostMapping::new(&BackingKind::Anon, 2 * SLOTS * P).unwrap());
         for i in 0..SLOTS {
             g.apply(
-                |m| m.plug(Gpa(BASE + i * P), P, mem.clone(), 2 * i * P, SlotFlags::NONE),
+                |m| {
+                    m.plug(
+                        Gpa(BASE + i * P),
+                        P,
+                        mem.clone(),
+                        2 * i * P,
+                        SlotFlags::NONE,
+                    )
+                },
                 BOUND,
             )
             .unwrap();
@@ -109,8 +117,14 @@ fn model(admit: Admit, seen: &'static Seen) -> impl Fn() + Send + Sync + 'static
 #[test]
 fn test_shuttle_walk_never_visits_discarded_memory() {
     pct(model(SlotCell::read_on, &SEEN_REAL), ITERATIONS);
-    assert!(SEEN_REAL[0].load(Ordering::Relaxed) > 0, "no walk met the old slot");
-    assert!(SEEN_REAL[1].load(Ordering::Relaxed) > 0, "no walk met the new slot");
+    assert!(
+        SEEN_REAL[0].load(Ordering::Relaxed) > 0,
+        "no walk met the old slot"
+    );
+    assert!(
+        SEEN_REAL[1].load(Ordering::Relaxed) > 0,
+        "no walk met the new slot"
+    );
 }
 
 #[test]

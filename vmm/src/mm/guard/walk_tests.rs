@@ -57,7 +57,15 @@ fn pages_plugged(pages: &[u64]) -> (Arc<HostMapping>, GuardedMap) {
     for &i in pages {
         // A host page between slots, so the map does not merge neighbours.
         g.apply(
-            |m| m.plug(Gpa(BASE + i * P), P, mem.clone(), 2 * i * P, SlotFlags::NONE),
+            |m| {
+                m.plug(
+                    Gpa(BASE + i * P),
+                    P,
+                    mem.clone(),
+                    2 * i * P,
+                    SlotFlags::NONE,
+                )
+            },
             BOUND,
         )
         .unwrap();
@@ -136,7 +144,11 @@ fn test_walk_guards_each_slot_while_visited_and_translates_like_acquire() {
     assert_eq!(flow, Ok(ControlFlow::Continue(())));
     assert_eq!(words, [0, 1, 3]);
     for id in g.cells().attached() {
-        assert_eq!(g.cells().get(id).unwrap().readers(), 0, "slot {id} released");
+        assert_eq!(
+            g.cells().get(id).unwrap().readers(),
+            0,
+            "slot {id} released"
+        );
     }
 }
 
