@@ -4,6 +4,7 @@
 //! loop of the same KVM ioctls and host calls on a table of slots, as KVM's
 //! `memslot_perf_test` does them.
 
+use std::ops::ControlFlow;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -12,8 +13,9 @@ use kvm_ioctls::VmFd;
 
 use super::config::{MemslotsError, RawMove};
 use super::layout::SlotLayout;
-use crate::mm::addr::{Gpa, PAGE_SIZE};
+use crate::mm::addr::{Gpa, GpaRange, PAGE_SIZE};
 use crate::mm::backing::{BackingKind, HostMapping};
+use crate::mm::guard::Visit;
 use crate::mm::manager::MemoryManager;
 use crate::mm::slot_map::{PlugSpec, SlotFlags};
 
@@ -111,35 +113,26 @@ impl Target for Ours {
     }
 
     fn discard(&mut self, page: u64, count: u64, chunk: u64) -> Result<(), MemslotsError> {
-        let mut reader = self.memory.reader();
-        let (mut at, end) = (page, (page + count).min(self.layout.pages));
-        while at < end {
-            // One guard per slot, held across that slot's calls: what keeps
-            // its memory mapped while we discard.
-            let gpa = Gpa(self.layout.base + at * PAGE_SIZE);
-            let slot = reader.acquire(gpa).map_err(|source| MemslotsError::Guard {
-                what: format!("guard on {gpa}"),
-                source,
-            })?;
-            let slot_end = (slot.range().end().0 - self.layout.base) / PAGE_SIZE;
-            let stop = slot_end.min(end);
-            while at < stop {
-                let n = (stop - at).min(chunk);
-                let gpa = Gpa(self.layout.base + at * PAGE_SIZE);
-                let hva = slot
-                    .hva(gpa, n * PAGE_SIZE)
-                    .map_err(|source| MemslotsError::Guard {
-                        what: format!("host address of {gpa}"),
-                        source,
-                    })?;
-                // SAFETY: the guard keeps the slot, and so its host memory,
-                // mapped; `hva` checked the range lies in it; the bench's
-                // guest memory is disposable.
-                unsafe { dont_need(hva.0, n * PAGE_SIZE)? };
-                at += n;
-            }
+        let end = (page + count).min(self.layout.pages);
+        if page >= end {
+            return Ok(());
         }
-        Ok(())
+        // One walk over the range: each slot guarded while its pieces are
+        // discarded (what keeps its memory mapped meanwhile), found by one
+        // step of the map's iterator instead of a lookup per slot.
+        self.walk(page, end - page, |_, hva, pages| {
+            let mut done = 0;
+            while done < pages {
+                let n = (pages - done).min(chunk);
+                // SAFETY: the walk's guard keeps the slot, and so its host
+                // memory, mapped while we are called; `walk` checked that
+                // `[hva, hva + pages)` lies in it; the bench's guest memory
+                // is disposable.
+                unsafe { dont_need(hva + done * PAGE_SIZE, n * PAGE_SIZE)? };
+                done += n;
+            }
+            Ok(())
+        })
     }
 
     fn move_slot(&mut self, index: u64, to: u64) -> Result<(), MemslotsError> {
@@ -160,33 +153,18 @@ impl Target for Ours {
     }
 
     fn read_write(&mut self, parts: &[(u64, u64)]) -> Result<(), MemslotsError> {
-        let mut reader = self.memory.reader();
         for &(first, count) in parts {
-            let (mut page, end) = (first, first + count);
-            while page < end {
-                // One guard per slot, held across that slot's pages; the
-                // guard translates the slot's part of the walk once and
-                // checks it lies in the slot.
-                let gpa = Gpa(self.layout.base + page * PAGE_SIZE);
-                let slot = reader.acquire(gpa).map_err(|source| MemslotsError::Guard {
-                    what: format!("guard on {gpa}"),
-                    source,
-                })?;
-                let slot_end = (slot.range().end().0 - self.layout.base) / PAGE_SIZE;
-                let n = slot_end.min(end) - page;
-                let base = slot
-                    .hva(gpa, n * PAGE_SIZE)
-                    .map_err(|source| MemslotsError::Guard {
-                        what: format!("host address of {gpa}"),
-                        source,
-                    })?
-                    .0;
-                for k in 0..n {
+            // One walk per vCPU part: each slot guarded while its pages are
+            // checked and written, one translation per slot.
+            self.walk(first, count, |gpa, base, pages| {
+                let page = (gpa.0 - self.layout.base) / PAGE_SIZE;
+                for k in 0..pages {
                     let hva = base + k * PAGE_SIZE;
-                    // SAFETY: `[base, base + n pages)` lies in the slot
-                    // (checked by `hva`), whose host memory the guard keeps
-                    // mapped; the guest writes only a page's first byte and
-                    // no vCPU runs during this pass.
+                    // SAFETY: `[base, base + pages)` lies in the slot
+                    // (checked by the walk), whose host memory its guard
+                    // keeps mapped while we are called; the guest writes
+                    // only a page's first byte and no vCPU runs during this
+                    // pass.
                     let word = unsafe { std::ptr::read_volatile(hva as *const u64) };
                     check_touched(gpa.0 + k * PAGE_SIZE, word, page + k - first)?;
                     // SAFETY: as above, the page's second half (the slot is
@@ -195,10 +173,61 @@ impl Target for Ours {
                         std::ptr::write_volatile((hva + PAGE_SIZE / 2) as *mut u64, HOST_VALUE)
                     };
                 }
-                page += n;
-            }
+                Ok(())
+            })?;
         }
         Ok(())
+    }
+}
+
+impl Ours {
+    /// Walks pages `[page, page + count)` of the area slot by slot with a
+    /// [`GuestReader::walk`](crate::mm::guard::GuestReader::walk), calling
+    /// `each(gpa, hva, pages)` for every slot's part (first address, its
+    /// host address, pages) while the slot is guarded. A hole is an error:
+    /// the whole area is plugged.
+    fn walk(
+        &self,
+        page: u64,
+        count: u64,
+        mut each: impl FnMut(Gpa, u64, u64) -> Result<(), MemslotsError>,
+    ) -> Result<(), MemslotsError> {
+        let start = Gpa(self.layout.base + page * PAGE_SIZE);
+        let range = GpaRange::new(start, count * PAGE_SIZE)
+            .ok_or_else(|| MemslotsError::Mismatch(format!("pages {page}+{count} of the area")))?;
+        let mut reader = self.memory.reader();
+        let flow = reader
+            .walk(range, |visit| {
+                let (slot, part) = match visit {
+                    Visit::Slot { slot, part } => (slot, part),
+                    Visit::Hole(hole) => {
+                        return ControlFlow::Break(MemslotsError::Mismatch(format!(
+                            "guest-physical {hole} of the area is not plugged"
+                        )))
+                    }
+                };
+                let hva = match slot.hva(part.start(), part.len()) {
+                    Ok(hva) => hva.0,
+                    Err(source) => {
+                        return ControlFlow::Break(MemslotsError::Guard {
+                            what: format!("host address of {part}"),
+                            source,
+                        })
+                    }
+                };
+                match each(part.start(), hva, part.len() / PAGE_SIZE) {
+                    Ok(()) => ControlFlow::Continue(()),
+                    Err(e) => ControlFlow::Break(e),
+                }
+            })
+            .map_err(|source| MemslotsError::Guard {
+                what: format!("walk over {range}"),
+                source,
+            })?;
+        match flow {
+            ControlFlow::Continue(()) => Ok(()),
+            ControlFlow::Break(e) => Err(e),
+        }
     }
 }
 

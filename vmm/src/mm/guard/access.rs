@@ -68,6 +68,12 @@ impl<'a> SlotRef<'a> {
         self.guard.slot_id()
     }
 
+    /// Whether a writer has excluded the slot since the guard was taken (a
+    /// hint, see [`SlotReadGuard::exclusion_seen`]).
+    pub(super) fn exclusion_seen(&self) -> bool {
+        self.guard.exclusion_seen()
+    }
+
     /// The slot's generation (its identity in the slot map).
     pub fn generation(&self) -> u64 {
         self.guard.generation()

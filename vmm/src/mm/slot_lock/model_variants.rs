@@ -33,3 +33,27 @@ pub(super) fn put_no_notify(guard: SlotReadGuard<'_>) {
     std::mem::forget(guard);
     cell.shards[shard].refcnt.fetch_sub(1, Ordering::Release);
 }
+
+/// BROKEN: takes the reference, then trusts the caller's snapshot instead of
+/// re-validating the cell's identity (a walker that loaded its map once and
+/// assumes every cell still holds that map's slot).
+#[cfg_attr(vmm_loom, allow(dead_code))]
+pub(crate) fn read_trusting_snapshot(
+    cell: &SlotCell,
+    shard: usize,
+    generation: u64,
+    gpa: Gpa,
+) -> Result<SlotReadGuard<'_>, SlotLockError> {
+    let shard = shard % SHARDS;
+    cell.get_ref(shard)?;
+    let mut identity = cell.load_identity(shard);
+    identity.generation = generation;
+    if !identity.range.contains(gpa) {
+        identity.range = GpaRange::from_valid_parts(gpa, 1);
+    }
+    Ok(SlotReadGuard {
+        cell,
+        shard,
+        identity,
+    })
+}
