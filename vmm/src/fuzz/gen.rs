@@ -6,6 +6,7 @@
 //! aim, never to judge: the model predicts every outcome afterwards.
 
 use crate::scenario::num::Num;
+use crate::scenario::pages::DirtyWant;
 use crate::scenario::step::{self, Access, Action, Guest};
 
 use super::model::slots::PAGE;
@@ -117,7 +118,7 @@ impl Generator {
             (w.plug_many, 6),
             (w.pins, 7),
             (w.guest, 8),
-            (if guest { w.dma } else { 0 }, 9),
+            (w.dma, 9),
         ];
         let total: u64 = table.iter().map(|t| t.0).sum();
         let mut roll = self.rng.below(total.max(1));
@@ -175,17 +176,21 @@ impl Generator {
                         on,
                     })
                 } else {
-                    // Without vCPUs (the sim tier) the count is exact: only
-                    // the simulated guest writes dirty pages.
-                    let pages = if guest {
-                        None
-                    } else {
-                        model.dirty_count(gpa, size)
+                    // The exact set the model predicts, and the pages it
+                    // cannot be sure of (read faults of a shadow MMU,
+                    // async writes in flight, rolled-back ops).
+                    let (pages, maybe_pages) = match model.dirty_expectation(gpa, size) {
+                        Some((must, maybe)) => (
+                            Some(DirtyWant::Set(must)),
+                            (!maybe.is_empty()).then_some(maybe),
+                        ),
+                        None => (None, None),
                     };
                     Action::DirtyPages(step::DirtyPages {
                         gpa: n(gpa),
                         size: n(size),
                         pages,
+                        maybe_pages,
                     })
                 }
             }
@@ -648,12 +653,16 @@ impl Generator {
                 },
             )),
             1 => {
-                let sum = model.checksum(gpa, gpa + size);
+                // The sim tier's guest writes dirty pages but store
+                // nothing: contents are checked on real KVM only.
+                let sum = model
+                    .checksum(gpa, gpa + size)
+                    .filter(|_| self.cfg.guest);
                 // Async: memory ops race the transfer until its `wait`.
                 Action::DmaChecksum(gc(
                     vcpu,
                     1,
-                    self.rng.chance(30),
+                    self.cfg.guest && self.rng.chance(30),
                     step::DmaChecksum {
                         gpa: n(gpa),
                         size: n(size),

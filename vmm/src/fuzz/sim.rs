@@ -45,8 +45,8 @@ pub enum SimError {
 pub struct SimVm {
     kvm: Arc<SimKvm>,
     memory: Arc<MemoryManager>,
-    iommu: Iommu,
-    pins: PinManager,
+    iommu: Arc<Iommu>,
+    pins: Arc<PinManager>,
     held: BTreeMap<String, Pin>,
     /// Whether [`check`](Self::check) checks that live pins' pages are
     /// mlocked (on unless a [`SimOptions`] says otherwise).
@@ -86,8 +86,8 @@ impl SimVm {
         }
         let account = Arc::new(PinAccount::new(PinLimit::Pages(layout.pin_limit)));
         Ok(Self {
-            iommu: Iommu::new(memory.clone()),
-            pins: PinManager::new(memory.clone(), account),
+            iommu: Arc::new(Iommu::new(memory.clone())),
+            pins: Arc::new(PinManager::new(memory.clone(), account)),
             kvm,
             memory,
             held: BTreeMap::new(),
@@ -145,6 +145,10 @@ impl SimVm {
             Action::Touch(g) if g.command.write == Some(true) => {
                 let stride = g.command.stride.map_or(PAGE, |s| s.0);
                 self.guest_writes(g.command.gpa.0, g.command.size.0, stride)
+            }
+            a @ (Action::DmaFill(_) | Action::DmaCopy(_) | Action::DmaChecksum(_)) => {
+                super::sim_dma::step(&self.memory, &self.pins, &self.iommu, a)
+                    .unwrap_or((Outcome::Ok, String::new()))
             }
             a if a.guest().is_some() || matches!(a, Action::Wait(_) | Action::Sleep(_)) => {
                 (Outcome::Ok, "skipped: no vCPUs in the sim tier".into())
@@ -466,13 +470,7 @@ pub fn run_with(
         .then(|| GuardReader::start(vm.memory.clone()));
     let mut model = Model::new(layout.clone());
     for (i, action) in actions.iter().enumerate() {
-        // Not in plug-many: its slots are plugged one op each, and a failure
-        // after the first leaves the earlier ones (a known bug, see
-        // docs/fuzzing.md).
-        let fault = faults
-            .iter()
-            .find(|f| f.0 == i && !matches!(action, Action::PlugMany(_)))
-            .map(|f| f.1);
+        let fault = faults.iter().find(|f| f.0 == i).map(|f| f.1);
         let before = model.clone();
         let mut allowed = model.predict(action);
         if let Some(offset) = fault {

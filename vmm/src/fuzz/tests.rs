@@ -4,7 +4,8 @@ use super::gen::{GenConfig, Weights};
 use super::model::slots::{Limits, PAGE};
 use super::model::Layout;
 use super::timeline::{expectations, generate};
-use crate::scenario::step::Action;
+use crate::scenario::pages::DirtyWant;
+use crate::scenario::step::{self, Action};
 use crate::scenario::Scenario;
 
 fn layout() -> Layout {
@@ -140,7 +141,11 @@ fn test_sim_tier_predicts_nonzero_dirty_page_counts() {
     let actions = generate(3, &cfg(false), &layout(), 3000);
     let counted = actions
         .iter()
-        .filter(|a| matches!(a, Action::DirtyPages(d) if d.pages.is_some_and(|n| n > 0)))
+        .filter(|a| {
+            matches!(a, Action::DirtyPages(step::DirtyPages {
+                pages: Some(DirtyWant::Set(s)), ..
+            }) if !s.is_empty())
+        })
         .count();
     assert!(counted >= 5, "{counted} dirty-pages steps expect pages");
     assert_eq!(super::sim::run(&layout(), &actions).unwrap(), None);

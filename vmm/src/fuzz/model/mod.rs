@@ -17,8 +17,9 @@
 pub mod guest;
 pub mod slots;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
+use crate::scenario::pages::{DirtyWant, PageSet};
 use crate::scenario::step::{Access, Action};
 use crate::scenario::Outcome;
 
@@ -83,6 +84,8 @@ struct Pending {
     range: (u64, u64),
     /// A DMA transfer (its pins are revoked by any change of its range).
     dma: bool,
+    /// It writes (a fill, write or touch for writing; a DMA fill or copy).
+    write: bool,
 }
 
 /// The reference model; see the module docs.
@@ -104,11 +107,18 @@ pub struct Model {
     /// of logging slots a rolled-back op changed
     /// ([`roll_back_from`](Self::roll_back_from)).
     pub maybe_dirty: imbl::OrdSet<u64>,
+    /// Frames devices wrote (the IOMMU's dirty bits, reported in every mode
+    /// whether or not their slot logs), not yet reported.
+    pub device_dirty: imbl::OrdSet<u64>,
+    /// Frames an async DMA transfer may have written.
+    pub device_maybe: imbl::OrdSet<u64>,
     /// The VM.
     pub layout: Layout,
     pending: BTreeMap<u64, Pending>,
     steps: usize,
     widen: Vec<(usize, Outcome)>,
+    /// An async command is being predicted: its writes may land later.
+    in_async: bool,
 }
 
 fn overlaps(a: (u64, u64), b: (u64, u64)) -> bool {
@@ -153,10 +163,13 @@ impl Model {
             contents: imbl::OrdMap::new(),
             dirty: imbl::OrdSet::new(),
             maybe_dirty: imbl::OrdSet::new(),
+            device_dirty: imbl::OrdSet::new(),
+            device_maybe: imbl::OrdSet::new(),
             layout,
             pending: BTreeMap::new(),
             steps: 0,
             widen: Vec::new(),
+            in_async: false,
         }
     }
 
@@ -181,40 +194,74 @@ impl Model {
         }
     }
 
+    /// What a `dirty-pages` over `[gpa, gpa + size)` would report now: the
+    /// frames it must report and those it may (`None` if the range wraps).
+    pub fn dirty_expectation(&self, gpa: u64, size: u64) -> Option<(PageSet, PageSet)> {
+        let end = gpa.checked_add(size)?;
+        let r = gpa / PAGE..end.div_ceil(PAGE);
+        let must: BTreeSet<u64> = self
+            .dirty
+            .range(r.clone())
+            .chain(self.device_dirty.range(r.clone()))
+            .copied()
+            .collect();
+        let maybe = self
+            .maybe_dirty
+            .range(r.clone())
+            .chain(self.device_maybe.range(r))
+            .copied()
+            .filter(|f| !must.contains(f));
+        Some((PageSet::from_frames(must.iter().copied()), PageSet::from_frames(maybe)))
+    }
+
     /// `dirty-pages`: KVM's log is read and cleared over the range's pages
     /// before the IOMMU's table (whole pages of a 48-bit space) is read.
-    /// Its outcomes: frames in [`maybe_dirty`](Self::maybe_dirty) may or
-    /// may not be reported, so a count between the certain frames and the
-    /// certain plus the maybe-dirty ones is `ok`, and a range that would be
-    /// `not-logging` may report them instead.
-    fn dirty_pages(&mut self, gpa: u64, size: u64, want: Option<u64>) -> Vec<Outcome> {
+    /// Its outcomes: frames in [`maybe_dirty`](Self::maybe_dirty) and
+    /// [`device_maybe`](Self::device_maybe) may or may not be reported, so
+    /// `ok` if some report between the certain frames and the certain plus
+    /// the maybe ones meets `want`, `dirty-count` if some does not; a range
+    /// that would be `not-logging` may report maybe frames instead.
+    fn dirty_pages(
+        &mut self,
+        gpa: u64,
+        size: u64,
+        want: Option<&DirtyWant>,
+        want_maybe: Option<&PageSet>,
+    ) -> Vec<Outcome> {
         let Some(end) = gpa.checked_add(size) else {
             return vec![Outcome::RangeOverflow];
         };
-        let frames: Vec<u64> = self
-            .dirty
-            .range(gpa / PAGE..end.div_ceil(PAGE))
-            .copied()
-            .collect();
+        let r = gpa / PAGE..end.div_ceil(PAGE);
+        let frames: Vec<u64> = self.dirty.range(r.clone()).copied().collect();
         // KVM's log exists only for logging slots: with none in the range and
         // nothing harvested from one, the read is refused (before the IOMMU
         // is read, so device dirty bits stay).
         let logging = self.slots.overlapping((gpa, end)).iter().any(|s| s.log);
-        let maybe: Vec<u64> = self
-            .maybe_dirty
-            .range(gpa / PAGE..end.div_ceil(PAGE))
-            .copied()
-            .collect();
+        let maybe: Vec<u64> = self.maybe_dirty.range(r.clone()).copied().collect();
         let extra = maybe.iter().filter(|&f| !self.dirty.contains(f)).count() as u64;
         for f in &maybe {
             self.maybe_dirty.remove(f);
         }
         let mut outcomes = Vec::new();
+        let device: Vec<u64> = self.device_dirty.range(r.clone()).copied().collect();
+        let device_maybe: Vec<u64> = self.device_maybe.range(r.clone()).copied().collect();
         if !logging && frames.is_empty() {
             outcomes.push(Outcome::NotLogging);
             if extra == 0 {
+                self.keep_racing_writes((gpa, end));
                 return outcomes;
             }
+            // Refused or not: the device bits may have been taken.
+            for f in &device {
+                self.device_dirty.remove(f);
+                self.device_maybe.insert(*f);
+            }
+            self.keep_racing_writes((gpa, end));
+            outcomes.push(Outcome::Ok);
+            if want.is_some() {
+                outcomes.push(Outcome::DirtyCount);
+            }
+            return outcomes;
         }
         for f in &frames {
             self.dirty.remove(f);
@@ -223,22 +270,86 @@ impl Model {
             .checked_next_multiple_of(PAGE)
             .is_none_or(|e| e > STAGE2_LIMIT)
         {
+            self.keep_racing_writes((gpa, end));
             outcomes.push(Outcome::Stage2);
             return outcomes;
         }
-        let certain = frames.len() as u64;
-        match want {
-            Some(n) => {
-                if (certain..=certain + extra).contains(&n) {
-                    outcomes.push(Outcome::Ok);
-                }
-                if extra > 0 || n != certain {
-                    outcomes.push(Outcome::DirtyCount);
-                }
+        for f in device.iter().chain(&device_maybe) {
+            self.device_dirty.remove(f);
+            self.device_maybe.remove(f);
+        }
+        self.keep_racing_writes((gpa, end));
+        let must: BTreeSet<u64> = frames.iter().chain(&device).copied().collect();
+        let all: BTreeSet<u64> = must
+            .iter()
+            .chain(&maybe)
+            .chain(&device_maybe)
+            .copied()
+            .collect();
+        let (ok, wrong) = match want {
+            None => (true, false),
+            Some(DirtyWant::Count(n)) => {
+                let (lo, hi) = (must.len() as u64, all.len() as u64);
+                ((lo..=hi).contains(n), lo != hi || *n != lo)
             }
-            None => outcomes.push(Outcome::Ok),
+            Some(DirtyWant::Set(w)) => {
+                let empty = PageSet::default();
+                let wm = want_maybe.unwrap_or(&empty);
+                // Some report R with must ⊆ R ⊆ all meets w ⊆ R ⊆ w ∪ wm
+                // iff must ⊆ w ∪ wm and w ⊆ all; every report does iff
+                // w ⊆ must and all ⊆ w ∪ wm.
+                let in_either = |f: &u64| w.contains(*f) || wm.contains(*f);
+                let w_in_all = w.count_in(&all) == w.len();
+                let ok = must.iter().all(in_either) && w_in_all;
+                let always = w.count_in(&must) == w.len() && all.iter().all(in_either);
+                (ok, !always)
+            }
+        };
+        if ok {
+            outcomes.push(Outcome::Ok);
+        }
+        if wrong {
+            outcomes.push(Outcome::DirtyCount);
         }
         outcomes
+    }
+
+    /// An async write still in flight may land after a `dirty-pages` read
+    /// the log: its frames in `range` stay maybe dirty.
+    fn keep_racing_writes(&mut self, range: (u64, u64)) {
+        let racing: Vec<Pending> = self
+            .pending
+            .values()
+            .filter(|p| p.write && overlaps(p.range, range))
+            .copied()
+            .collect();
+        for p in racing {
+            let (a, b) = (p.range.0.max(range.0), p.range.1.min(range.1));
+            self.maybe_write_to((a, b), p.dma);
+        }
+    }
+
+    /// An async write over `[a, b)` may land in the memory there now: its
+    /// contents are unknown, and its frames maybe dirty (a vCPU's in a
+    /// logging slot, a device's anywhere plugged).
+    fn maybe_write_to(&mut self, (a, b): (u64, u64), dma: bool) {
+        let mut page = a - a % PAGE;
+        while page < b {
+            if let Some((map, off, ro)) = self.slots.host(page) {
+                if !ro {
+                    self.contents.insert((map, off), Content::Unknown);
+                    if dma {
+                        self.device_maybe.insert(page / PAGE);
+                    } else if self.slots.lookup(page).is_some_and(|s| s.log) {
+                        self.maybe_dirty.insert(page / PAGE);
+                    }
+                }
+            }
+            page = match page.checked_add(PAGE) {
+                Some(p) => p,
+                None => break,
+            };
+        }
     }
 
     /// After `attempted`'s memslot calls failed and were rolled back: the
@@ -321,7 +432,12 @@ impl Model {
                     _ => vec![o],
                 }
             }
-            Action::DirtyPages(d) => self.dirty_pages(d.gpa.0, d.size.0, d.pages),
+            Action::DirtyPages(d) => self.dirty_pages(
+                d.gpa.0,
+                d.size.0,
+                d.pages.as_ref(),
+                d.maybe_pages.as_ref(),
+            ),
             Action::PlugMany(p) => vec![self.plug_many(p.gpa.0, p.count.map(|c| c.0))],
             Action::Check(c) => match c.pages {
                 Some(p) if p != self.pinned_pages() => vec![Outcome::PinnedPages],
@@ -357,7 +473,14 @@ impl Model {
                         self.note_vcpu_access(range);
                     }
                 }
+                self.in_async = matches!(action.guest(), Some((_, _, true)));
                 let set = self.guest(action);
+                self.in_async = false;
+                // Another vCPU's async write in flight over this command's
+                // range may land after it.
+                if let Some(range) = guest::range_of(action) {
+                    self.race_writes(&[range]);
+                }
                 if let Some((vcpu, _, true)) = action.guest() {
                     if let Some(range) = guest::range_of(action) {
                         let dma = matches!(
@@ -370,6 +493,7 @@ impl Model {
                                 step: n,
                                 range,
                                 dma,
+                                write: guest::writes(action),
                             },
                         );
                     }
@@ -397,6 +521,13 @@ impl Model {
         self.commit(change, &touched(action));
         if self.layout.dirty_log.initially_set() {
             self.set_started_logging(&before);
+        }
+        // Async writes in flight may land after the op, in what is there
+        // now (logging switched on included).
+        if let Action::DirtyLog(d) = action {
+            self.race_writes(&[(d.gpa.0, d.gpa.0.saturating_add(d.size.0))]);
+        } else {
+            self.race_writes(&touched(action));
         }
         Outcome::Ok
     }
@@ -477,8 +608,23 @@ impl Model {
         self.slots.adopt(&change);
     }
 
+    /// Async writes in flight over a range an op changed may land after it:
+    /// in the memory there now ([`maybe_write_to`](Self::maybe_write_to)).
+    fn race_writes(&mut self, touched: &[(u64, u64)]) {
+        let racing: Vec<Pending> = self
+            .pending
+            .values()
+            .filter(|p| p.write && touched.iter().any(|t| overlaps(p.range, *t)))
+            .copied()
+            .collect();
+        for p in racing {
+            self.maybe_write_to(p.range, p.dma);
+        }
+    }
+
     /// An async command over a range an op changed may have run before or
-    /// after it (or across it): every outcome of either is allowed.
+    /// after it (or across it): every outcome of either is allowed (a write
+    /// may also find the memory read-only).
     fn widen_pending(&mut self, touched: &[(u64, u64)]) {
         for p in self.pending.values() {
             if !touched.iter().any(|t| overlaps(p.range, *t)) {
@@ -489,6 +635,13 @@ impl Model {
                     Outcome::Ok,
                     Outcome::DmaRevoked,
                     Outcome::DmaFault,
+                    Outcome::Mismatch,
+                ]
+            } else if p.write {
+                &[
+                    Outcome::Ok,
+                    Outcome::Unplugged,
+                    Outcome::ReadOnly,
                     Outcome::Mismatch,
                 ]
             } else {
@@ -534,7 +687,9 @@ impl Model {
             }
         }
         self.slots = next;
-        self.widen_pending(&[(gpa, gpa.saturating_add(count * 2 * PAGE))]);
+        let range = (gpa, gpa.saturating_add(count * 2 * PAGE));
+        self.widen_pending(&[range]);
+        self.race_writes(&[range]);
         Outcome::Ok
     }
 

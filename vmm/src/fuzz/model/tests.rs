@@ -304,7 +304,8 @@ fn test_dirty_pages_count_logged_guest_writes_once() {
         Action::DirtyPages(step::DirtyPages {
             gpa: Num(gpa),
             size: Num(size),
-            pages: Some(pages),
+            pages: Some(DirtyWant::Count(pages)),
+            maybe_pages: None,
         })
     };
     let log = Action::DirtyLog(step::DirtyLog {
