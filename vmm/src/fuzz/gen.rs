@@ -492,7 +492,7 @@ impl Generator {
             0..=2 => Action::Fill(gc(
                 v,
                 repeat,
-                false,
+                is_async,
                 step::Fill {
                     gpa: n(gpa),
                     size: n(size),
@@ -529,7 +529,7 @@ impl Generator {
             6 => Action::Touch(gc(
                 v,
                 repeat,
-                false,
+                is_async,
                 step::Touch {
                     gpa: n(gpa),
                     size: n(size),
@@ -546,7 +546,7 @@ impl Generator {
                 Action::Read(gc(
                     v,
                     repeat,
-                    false,
+                    is_async,
                     step::Read {
                         gpa: n(at),
                         value: value.map(n),
@@ -556,7 +556,7 @@ impl Generator {
             8 => Action::Write(gc(
                 v,
                 repeat,
-                false,
+                is_async,
                 step::Write {
                     gpa: n(gpa + 8 * self.rng.below(PAGE / 8).min(size / 8 - 1)),
                     value: n(seed),

@@ -121,6 +121,42 @@ pub struct Model {
     in_async: bool,
 }
 
+/// The outcomes of a `dirty-pages` expecting `want` (and `want_maybe`)
+/// when the report R may be any set with `must ⊆ R ⊆ all`: `ok` if some R
+/// meets the expectation, `dirty-count` if some R does not.
+fn judge_report(
+    must: &BTreeSet<u64>,
+    all: &BTreeSet<u64>,
+    want: Option<&DirtyWant>,
+    want_maybe: Option<&PageSet>,
+) -> Vec<Outcome> {
+    let (ok, wrong) = match want {
+        None => (true, false),
+        Some(DirtyWant::Count(n)) => {
+            let (lo, hi) = (must.len() as u64, all.len() as u64);
+            ((lo..=hi).contains(n), lo != hi || *n != lo)
+        }
+        Some(DirtyWant::Set(w)) => {
+            let empty = PageSet::default();
+            let wm = want_maybe.unwrap_or(&empty);
+            // Some R meets w ⊆ R ⊆ w ∪ wm iff must ⊆ w ∪ wm and w ⊆ all;
+            // every R does iff w ⊆ must and all ⊆ w ∪ wm.
+            let in_either = |f: &u64| w.contains(*f) || wm.contains(*f);
+            let ok = must.iter().all(in_either) && w.count_in(all) == w.len();
+            let always = w.count_in(must) == w.len() && all.iter().all(in_either);
+            (ok, !always)
+        }
+    };
+    let mut outcomes = Vec::new();
+    if ok {
+        outcomes.push(Outcome::Ok);
+    }
+    if wrong {
+        outcomes.push(Outcome::DirtyCount);
+    }
+    outcomes
+}
+
 fn overlaps(a: (u64, u64), b: (u64, u64)) -> bool {
     a.0 < b.1 && b.0 < a.1
 }
@@ -257,10 +293,9 @@ impl Model {
                 self.device_maybe.insert(*f);
             }
             self.keep_racing_writes((gpa, end));
-            outcomes.push(Outcome::Ok);
-            if want.is_some() {
-                outcomes.push(Outcome::DirtyCount);
-            }
+            let must: BTreeSet<u64> = device.iter().copied().collect();
+            let all = must.iter().chain(&maybe).chain(&device_maybe).copied();
+            outcomes.extend(judge_report(&must, &all.collect(), want, want_maybe));
             return outcomes;
         }
         for f in &frames {
@@ -286,31 +321,7 @@ impl Model {
             .chain(&device_maybe)
             .copied()
             .collect();
-        let (ok, wrong) = match want {
-            None => (true, false),
-            Some(DirtyWant::Count(n)) => {
-                let (lo, hi) = (must.len() as u64, all.len() as u64);
-                ((lo..=hi).contains(n), lo != hi || *n != lo)
-            }
-            Some(DirtyWant::Set(w)) => {
-                let empty = PageSet::default();
-                let wm = want_maybe.unwrap_or(&empty);
-                // Some report R with must ⊆ R ⊆ all meets w ⊆ R ⊆ w ∪ wm
-                // iff must ⊆ w ∪ wm and w ⊆ all; every report does iff
-                // w ⊆ must and all ⊆ w ∪ wm.
-                let in_either = |f: &u64| w.contains(*f) || wm.contains(*f);
-                let w_in_all = w.count_in(&all) == w.len();
-                let ok = must.iter().all(in_either) && w_in_all;
-                let always = w.count_in(&must) == w.len() && all.iter().all(in_either);
-                (ok, !always)
-            }
-        };
-        if ok {
-            outcomes.push(Outcome::Ok);
-        }
-        if wrong {
-            outcomes.push(Outcome::DirtyCount);
-        }
+        outcomes.extend(judge_report(&must, &all, want, want_maybe));
         outcomes
     }
 

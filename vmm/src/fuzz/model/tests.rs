@@ -3,6 +3,7 @@
 use super::slots::{Limits, PAGE};
 use super::*;
 use crate::scenario::num::Num;
+use crate::scenario::pages::{DirtyWant, PageSet};
 use crate::scenario::step::{self, Guest};
 use crate::scenario::Outcome as O;
 
@@ -355,4 +356,184 @@ fn test_a_page_read_while_logging_may_be_reported_dirty() {
     // Reported (or not) once: the next one over the range is refused.
     let again = m.predict(&sc.steps.last().unwrap().action);
     assert_eq!(again, vec![O::NotLogging]);
+}
+
+fn dirty_set(gpa: u64, size: u64, must: &[u64], maybe: &[u64]) -> Action {
+    let frames = |pages: &[u64]| PageSet::from_frames(pages.iter().map(|p| p / PAGE));
+    Action::DirtyPages(step::DirtyPages {
+        gpa: Num(gpa),
+        size: Num(size),
+        pages: Some(DirtyWant::Set(frames(must))),
+        maybe_pages: (!maybe.is_empty()).then(|| frames(maybe)),
+    })
+}
+
+fn log_on(gpa: u64, size: u64) -> Action {
+    Action::DirtyLog(step::DirtyLog {
+        gpa: Num(gpa),
+        size: Num(size),
+        on: true,
+    })
+}
+
+#[test]
+fn test_a_dirty_set_of_the_right_size_but_wrong_pages_is_refused() {
+    let mut m = Model::new(layout(64));
+    run(
+        &mut m,
+        &[
+            (plug(A, 8 * PAGE), &[O::Ok]),
+            (log_on(A, 8 * PAGE), &[O::Ok]),
+            (fill(A + 2 * PAGE, PAGE, 1), &[O::Ok]),
+        ],
+    );
+    let mut wrong = m.clone();
+    assert_eq!(
+        wrong.predict(&dirty_set(A, 8 * PAGE, &[A + 3 * PAGE], &[])),
+        vec![O::DirtyCount]
+    );
+    assert_eq!(
+        m.dirty_expectation(A, 8 * PAGE),
+        Some((
+            PageSet::from_frames([(A + 2 * PAGE) / PAGE]),
+            PageSet::default()
+        ))
+    );
+    run(
+        &mut m,
+        &[
+            (dirty_set(A, 8 * PAGE, &[A + 2 * PAGE], &[]), &[O::Ok]),
+            (dirty_set(A, 8 * PAGE, &[], &[]), &[O::Ok]),
+        ],
+    );
+}
+
+#[test]
+fn test_device_writes_are_dirty_in_every_slot_and_reported_once() {
+    let mut m = Model::new(layout(64));
+    let dma_fill = |gpa: u64, size: u64| {
+        Action::DmaFill(Guest {
+            vcpu: 0,
+            repeat: 1,
+            is_async: false,
+            command: step::DmaFill {
+                gpa: Num(gpa),
+                size: Num(size),
+                value: Num(7),
+            },
+        })
+    };
+    run(
+        &mut m,
+        &[
+            (plug(A, 8 * PAGE), &[O::Ok]),
+            (log_on(A, 4 * PAGE), &[O::Ok]),
+            // The second page is in the slot that does not log: the IOMMU's
+            // dirty bits do not depend on KVM's logging.
+            (dma_fill(A + 3 * PAGE, 2 * PAGE), &[O::Ok]),
+            (
+                dirty_set(A, 8 * PAGE, &[A + 3 * PAGE, A + 4 * PAGE], &[]),
+                &[O::Ok],
+            ),
+            (dirty_set(A, 8 * PAGE, &[], &[]), &[O::Ok]),
+        ],
+    );
+}
+
+#[test]
+fn test_an_async_write_racing_a_move_may_land_on_either_side() {
+    // Steps count from 0: the async fill is step 4.
+    let mut m = Model::new(layout(64));
+    let async_fill = Action::Fill(Guest {
+        vcpu: 1,
+        repeat: 1,
+        is_async: true,
+        command: step::Fill {
+            gpa: Num(A),
+            size: Num(2 * PAGE),
+            seed: Num(9),
+            origin: None,
+        },
+    });
+    let to = A + 64 * PAGE;
+    run(
+        &mut m,
+        &[
+            (plug(A, 4 * PAGE), &[O::Ok]),
+            (plug(to - 8 * PAGE, 16 * PAGE), &[O::Ok]),
+            (unplug(to, 4 * PAGE), &[O::Ok]),
+            (log_on(A, 4 * PAGE), &[O::Ok]),
+        ],
+    );
+    run(&mut m, &[(async_fill, &[O::Ok])]);
+    // In flight: its pages may or may not be dirty yet, and what they hold
+    // is not known.
+    let (must, maybe) = m.dirty_expectation(A, 4 * PAGE).unwrap();
+    assert!(must.is_empty());
+    assert_eq!(maybe, PageSet::from_frames([A / PAGE, A / PAGE + 1]));
+    assert_eq!(m.content_at(A).unwrap().0, guest::Content::Unknown);
+    // The move races it: the write may have landed before (reported at A,
+    // where it was written) or fault on the now unplugged source.
+    run(&mut m, &[(mv(A, 4 * PAGE, to), &[O::Ok])]);
+    let widened = m.take_widenings();
+    assert!(widened.contains(&(4, O::Unplugged)), "{widened:?}");
+    assert_eq!(m.dirty_expectation(A, 4 * PAGE).unwrap().1, maybe);
+    // No slot logs there now: refused, unless the log kept the write.
+    run(
+        &mut m,
+        &[(
+            dirty_set(A, 4 * PAGE, &[], &[A, A + PAGE]),
+            &[O::NotLogging, O::Ok],
+        )],
+    );
+    // New logging memory plugged at A while the write is still in flight:
+    // it may land there, after any report.
+    let plug_logging = Action::Plug(step::Plug {
+        gpa: Num(A),
+        size: Num(4 * PAGE),
+        backing: None,
+        flags: Some(vec!["dirty-log".into()]),
+    });
+    run(&mut m, &[(plug_logging, &[O::Ok])]);
+    assert_eq!(m.content_at(A).unwrap().0, guest::Content::Unknown);
+    assert_eq!(m.dirty_expectation(A, 4 * PAGE).unwrap().1, maybe);
+    run(&mut m, &[(dirty_set(A, 4 * PAGE, &[], &[A, A + PAGE]), &[O::Ok])]);
+    assert_eq!(m.dirty_expectation(A, 4 * PAGE).unwrap().1, maybe);
+    // A set that insists on a racing page is not certain.
+    let mut insist = m.clone();
+    assert_eq!(
+        insist.predict(&dirty_set(A, 4 * PAGE, &[A], &[A + PAGE])),
+        vec![O::Ok, O::DirtyCount]
+    );
+    run(&mut m, &[(Action::Wait(step::Wait { vcpu: 1 }), &[O::Ok])]);
+    run(&mut m, &[(dirty_set(A, 4 * PAGE, &[], &[A, A + PAGE]), &[O::Ok])]);
+    // Collected and reported: nothing is left uncertain.
+    assert_eq!(
+        m.dirty_expectation(A, 4 * PAGE),
+        Some((PageSet::default(), PageSet::default()))
+    );
+}
+
+#[test]
+fn test_an_async_write_racing_a_protect_may_find_it_read_only() {
+    let mut m = Model::new(layout(64));
+    let async_write = Action::Write(Guest {
+        vcpu: 0,
+        repeat: 1,
+        is_async: true,
+        command: step::Write {
+            gpa: Num(A + 8),
+            value: Num(5),
+        },
+    });
+    run(
+        &mut m,
+        &[
+            (plug(A, 4 * PAGE), &[O::Ok]),
+            (async_write, &[O::Ok]),
+            (protect(A, PAGE, Access::Ro), &[O::Ok]),
+        ],
+    );
+    let widened = m.take_widenings();
+    assert!(widened.contains(&(1, O::ReadOnly)), "{widened:?}");
 }
