@@ -135,6 +135,32 @@ impl Model {
         }
     }
 
+    /// The IOMMU maps THP-backed memory with 2 MiB leaves where the
+    /// aligned 2 MiB lies in the slot, and a leaf's Dirty bit (copied to
+    /// all 512 small leaves if it is split later) reports every frame under
+    /// it, as a hardware IOMMU reports dirty IOPTEs at their size: the
+    /// other frames of a written page's 2 MiB region in its slot may be
+    /// reported too. (Whether the leaf is huge depends on the host
+    /// address's alignment and on earlier splits, so they are maybe dirty.)
+    fn note_huge_leaf_write(&mut self, page: u64) {
+        let Some(slot) = self.slots.lookup(page) else {
+            return;
+        };
+        if self.slots.mappings[slot.map].page_size < super::HUGE {
+            return;
+        }
+        let region = page - page % super::HUGE;
+        let (lo, hi) = (
+            region.max(slot.start),
+            region.saturating_add(super::HUGE).min(slot.end()),
+        );
+        for f in lo / PAGE..hi / PAGE {
+            if !self.device_dirty.contains(&f) {
+                self.device_maybe.insert(f);
+            }
+        }
+    }
+
     /// Guest reads over `[a, b)` in order, `check(content, page)` saying
     /// whether the page matches (`None`: maybe).
     fn guest_read(
@@ -329,6 +355,7 @@ impl Model {
                 } else {
                     self.device_dirty.insert(page / PAGE);
                 }
+                self.note_huge_leaf_write(page);
             }
         }
         Ok(())
