@@ -655,9 +655,7 @@ impl Generator {
             1 => {
                 // The sim tier's guest writes dirty pages but store
                 // nothing: contents are checked on real KVM only.
-                let sum = model
-                    .checksum(gpa, gpa + size)
-                    .filter(|_| self.cfg.guest);
+                let sum = model.checksum(gpa, gpa + size).filter(|_| self.cfg.guest);
                 // Async: memory ops race the transfer until its `wait`.
                 Action::DmaChecksum(gc(
                     vcpu,

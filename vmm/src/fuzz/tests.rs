@@ -124,7 +124,11 @@ fn test_sim_tier_agrees_with_the_model() {
 #[test]
 fn test_sim_tier_with_failed_ioctls_rolls_back_like_the_model() {
     use crate::mm::manager::DirtyLogMode;
-    for mode in [DirtyLogMode::Bitmap, DirtyLogMode::Manual, DirtyLogMode::Ring] {
+    for mode in [
+        DirtyLogMode::Bitmap,
+        DirtyLogMode::Manual,
+        DirtyLogMode::Ring,
+    ] {
         let layout = Layout {
             dirty_log: mode,
             ..layout()
@@ -156,7 +160,11 @@ fn test_sim_tier_plug_many_with_a_failed_ioctl_rolls_back() {
         let mut model = super::model::Model::new(layout.clone());
         vm.inject_failure(offset, libc::EIO);
         let (outcome, detail) = vm.step(&many);
-        assert_eq!(outcome, crate::scenario::Outcome::KvmRolledBack, "{offset}: {detail}");
+        assert_eq!(
+            outcome,
+            crate::scenario::Outcome::KvmRolledBack,
+            "{offset}: {detail}"
+        );
         vm.check(&model, true).unwrap();
         assert_eq!(model.predict(&many), vec![crate::scenario::Outcome::Ok]);
         let (outcome, detail) = vm.step(&many);
@@ -460,7 +468,8 @@ fn test_real_tier_timelines_have_async_writes_and_dirty_sets() {
         .collect();
     assert!(sets
         .iter()
-        .all(|d| matches!(d.pages, Some(DirtyWant::Set(_))) || d.gpa.0.checked_add(d.size.0).is_none()));
+        .all(|d| matches!(d.pages, Some(DirtyWant::Set(_)))
+            || d.gpa.0.checked_add(d.size.0).is_none()));
     assert!(sets.iter().any(|d| d.maybe_pages.is_some()));
     assert!(sets
         .iter()

@@ -49,7 +49,9 @@ impl PageRun {
 
 /// A page run that is not `GPA` or `GPA+PAGES`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("bad page run {text:?}: {problem} (expected \"GPA\" or \"GPA+PAGES\", e.g. \"0x100000000+3\")")]
+#[error(
+    "bad page run {text:?}: {problem} (expected \"GPA\" or \"GPA+PAGES\", e.g. \"0x100000000+3\")"
+)]
 pub struct PageRunError {
     /// The run as written.
     pub text: String,
@@ -76,7 +78,10 @@ impl FromStr for PageRun {
             return Err(bad("a run has at least one page".into()));
         }
         let first = gpa / PAGE;
-        if first.checked_add(count).is_none_or(|e| e > u64::MAX / PAGE + 1) {
+        if first
+            .checked_add(count)
+            .is_none_or(|e| e > u64::MAX / PAGE + 1)
+        {
             return Err(bad("the run wraps around the address space".into()));
         }
         Ok(PageRun { first, count })
@@ -276,7 +281,10 @@ mod tests {
         assert_eq!(s.to_strings(), ["0x1000+4", "0x9000"]);
         assert_eq!(s.len(), 5);
         assert!(s.contains(4) && !s.contains(5) && s.contains(9) && !s.contains(0));
-        assert_eq!(PageSet::from_frames([5, 3, 4, 9]).to_strings(), ["0x3000+3", "0x9000"]);
+        assert_eq!(
+            PageSet::from_frames([5, 3, 4, 9]).to_strings(),
+            ["0x3000+3", "0x9000"]
+        );
     }
 
     #[test]

@@ -437,12 +437,18 @@ fn test_dirty_pages_takes_a_count_or_a_set_of_page_runs() {
     let Action::DirtyPages(d) = &step.action else {
         panic!("dirty-pages")
     };
-    let set: PageSet = ["0x1000+3", "0x9000"].iter().map(|s| s.parse().unwrap()).collect();
+    let set: PageSet = ["0x1000+3", "0x9000"]
+        .iter()
+        .map(|s| s.parse().unwrap())
+        .collect();
     assert_eq!(d.pages, Some(DirtyWant::Set(set)));
     assert_eq!(d.maybe_pages.as_ref().map(|m| m.len()), Some(1));
     // Written back normalized, and read as the same step.
     let text = step.to_toml();
-    assert!(text.contains("pages = [\"0x1000+3\", \"0x9000\"]"), "{text}");
+    assert!(
+        text.contains("pages = [\"0x1000+3\", \"0x9000\"]"),
+        "{text}"
+    );
     assert_eq!(Step::parse_toml(&text).unwrap(), step);
     let Action::DirtyPages(d) = parse("pages = []").action else {
         panic!("dirty-pages")
@@ -452,13 +458,22 @@ fn test_dirty_pages_takes_a_count_or_a_set_of_page_runs() {
 
 #[test]
 fn test_bad_dirty_page_sets_are_refused_naming_the_field() {
-    let step = |fields: &str| format!("[[step]]\ndo = \"dirty-pages\"\ngpa = 0\nsize = \"1M\"\n{fields}");
+    let step =
+        |fields: &str| format!("[[step]]\ndo = \"dirty-pages\"\ngpa = 0\nsize = \"1M\"\n{fields}");
     assert_refused(&step("pages = [\"0x1001\"]"), "5:9", 1, "pages");
     assert!(refusal(&step("pages = [\"0x1001\"]")).contains("not 4 KiB aligned"));
     assert_refused(&step("pages = [\"0x1000+0\"]"), "5:9", 1, "pages");
     assert_refused(&step("pages = -1"), "5:9", 1, "pages");
-    assert_refused(&step("pages = [\"0x1000\"]\nmaybe_pages = [\"x\"]"), "6:15", 1, "maybe_pages");
+    assert_refused(
+        &step("pages = [\"0x1000\"]\nmaybe_pages = [\"x\"]"),
+        "6:15",
+        1,
+        "maybe_pages",
+    );
     let count_and_maybe = step("pages = 2\nmaybe_pages = [\"0x1000\"]");
     let e = refusal(&count_and_maybe);
-    assert!(e.contains("`maybe_pages`") && e.contains("list of page runs"), "{e}");
+    assert!(
+        e.contains("`maybe_pages`") && e.contains("list of page runs"),
+        "{e}"
+    );
 }

@@ -247,7 +247,10 @@ impl Model {
             .chain(self.device_maybe.range(r))
             .copied()
             .filter(|f| !must.contains(f));
-        Some((PageSet::from_frames(must.iter().copied()), PageSet::from_frames(maybe)))
+        Some((
+            PageSet::from_frames(must.iter().copied()),
+            PageSet::from_frames(maybe),
+        ))
     }
 
     /// `dirty-pages`: KVM's log is read and cleared over the range's pages
@@ -443,12 +446,9 @@ impl Model {
                     _ => vec![o],
                 }
             }
-            Action::DirtyPages(d) => self.dirty_pages(
-                d.gpa.0,
-                d.size.0,
-                d.pages.as_ref(),
-                d.maybe_pages.as_ref(),
-            ),
+            Action::DirtyPages(d) => {
+                self.dirty_pages(d.gpa.0, d.size.0, d.pages.as_ref(), d.maybe_pages.as_ref())
+            }
             Action::PlugMany(p) => vec![self.plug_many(p.gpa.0, p.count.map(|c| c.0))],
             Action::Check(c) => match c.pages {
                 Some(p) if p != self.pinned_pages() => vec![Outcome::PinnedPages],

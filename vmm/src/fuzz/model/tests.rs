@@ -497,7 +497,10 @@ fn test_an_async_write_racing_a_move_may_land_on_either_side() {
     run(&mut m, &[(plug_logging, &[O::Ok])]);
     assert_eq!(m.content_at(A).unwrap().0, guest::Content::Unknown);
     assert_eq!(m.dirty_expectation(A, 4 * PAGE).unwrap().1, maybe);
-    run(&mut m, &[(dirty_set(A, 4 * PAGE, &[], &[A, A + PAGE]), &[O::Ok])]);
+    run(
+        &mut m,
+        &[(dirty_set(A, 4 * PAGE, &[], &[A, A + PAGE]), &[O::Ok])],
+    );
     assert_eq!(m.dirty_expectation(A, 4 * PAGE).unwrap().1, maybe);
     // A set that insists on a racing page is not certain.
     let mut insist = m.clone();
@@ -506,7 +509,10 @@ fn test_an_async_write_racing_a_move_may_land_on_either_side() {
         vec![O::Ok, O::DirtyCount]
     );
     run(&mut m, &[(Action::Wait(step::Wait { vcpu: 1 }), &[O::Ok])]);
-    run(&mut m, &[(dirty_set(A, 4 * PAGE, &[], &[A, A + PAGE]), &[O::Ok])]);
+    run(
+        &mut m,
+        &[(dirty_set(A, 4 * PAGE, &[], &[A, A + PAGE]), &[O::Ok])],
+    );
     // Collected and reported: nothing is left uncertain.
     assert_eq!(
         m.dirty_expectation(A, 4 * PAGE),

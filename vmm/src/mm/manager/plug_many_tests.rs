@@ -83,7 +83,10 @@ fn test_plug_many_failing_at_each_call_rolls_back_exactly() {
         let before = kvm.calls();
         memory.apply(|m| m.plug_many(plugs)).unwrap();
         let calls = kvm.calls() - before;
-        assert!(calls >= 5, "{mode}: {calls} calls (a delete, a merged create, 3 creates)");
+        assert!(
+            calls >= 5,
+            "{mode}: {calls} calls (a delete, a merged create, 3 creates)"
+        );
         assert_eq!(memory.load().len(), 4);
         for at in 0..calls {
             let (kvm, memory, plugs) = setup(mode);
