@@ -641,11 +641,14 @@ impl Generator {
             return Action::Wait(step::Wait { vcpu });
         }
         let (gpa, size) = self.guest_range(model);
+        // Async (real tier): memory ops, dirty-log switches and reports race
+        // the transfer until its `wait`.
+        let is_async = self.cfg.guest && self.rng.chance(20);
         match self.rng.below(3) {
             0 => Action::DmaFill(gc(
                 vcpu,
                 1,
-                false,
+                is_async,
                 step::DmaFill {
                     gpa: n(gpa),
                     size: n(size),
@@ -674,7 +677,7 @@ impl Generator {
                 Action::DmaCopy(gc(
                     vcpu,
                     1,
-                    false,
+                    is_async,
                     step::DmaCopy {
                         gpa: n(gpa),
                         to: n(to),

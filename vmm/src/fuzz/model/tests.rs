@@ -567,3 +567,42 @@ fn test_a_device_write_into_thp_may_report_its_2m_leaf() {
     let strict = dirty_set(0x1_0360_0000, 2 << 20, &[a, a + PAGE], &[]);
     assert_eq!(m.predict(&strict), vec![O::Ok, O::DirtyCount]);
 }
+
+#[test]
+fn test_an_async_dma_fill_racing_an_unplug_may_have_dirtied_its_pages() {
+    let mut m = Model::new(layout(64));
+    let fill = Action::DmaFill(Guest {
+        vcpu: 1,
+        repeat: 1,
+        is_async: true,
+        command: step::DmaFill {
+            gpa: Num(A),
+            size: Num(2 * PAGE),
+            value: Num(3),
+        },
+    });
+    run(
+        &mut m,
+        &[
+            (plug(A, 4 * PAGE), &[O::Ok]),
+            (log_on(A, 4 * PAGE), &[O::Ok]),
+            (fill, &[O::Ok]),
+            (unplug(A + PAGE, PAGE), &[O::Ok]),
+        ],
+    );
+    let widened = m.take_widenings();
+    assert!(widened.contains(&(2, O::DmaRevoked)), "{widened:?}");
+    // Written before the unplug, partly, or not at all.
+    let (must, maybe) = m.dirty_expectation(A, 4 * PAGE).unwrap();
+    assert!(must.is_empty(), "{must:?}");
+    assert_eq!(maybe, PageSet::from_frames([A / PAGE, A / PAGE + 1]));
+    assert_eq!(m.content_at(A).unwrap().0, guest::Content::Unknown);
+    run(
+        &mut m,
+        &[
+            (Action::Wait(step::Wait { vcpu: 1 }), &[O::Ok]),
+            (dirty_set(A, 4 * PAGE, &[], &[A, A + PAGE]), &[O::Ok]),
+            (dirty_set(A, 4 * PAGE, &[], &[]), &[O::Ok]),
+        ],
+    );
+}
