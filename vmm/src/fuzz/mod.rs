@@ -10,7 +10,7 @@
 //! - [`timeline`]: actions + predictions = scenario steps; the final sweep;
 //! - [`real`]: the timeline as a scenario on a real KVM VM with vCPUs;
 //! - [`sim`]: the pure tier on [`SimKvm`](crate::mm::manager::SimKvm) (guest
-//!   writes simulated, exact dirty-page counts, injected memslot failures) with
+//!   writes simulated, DMA, dirty-page sets, injected memslot failures) with
 //!   per-step invariants; [`sim_dma`]: its DMA steps;
 //! - [`shrink`]: delta debugging and argument simplification;
 //! - [`campaign`]: the command: chunks, findings, reproducers, the report;

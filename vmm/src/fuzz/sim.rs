@@ -1,5 +1,6 @@
-//! The pure tier: a timeline's memory ops and pins on the memory manager
-//! over [`SimKvm`] (no vCPUs, no `/dev/kvm`), each outcome compared with the
+//! The pure tier: a timeline's memory ops, pins, simulated guest writes and
+//! DMA transfers ([`super::sim_dma`]) on the memory manager over [`SimKvm`]
+//! (no vCPUs, no `/dev/kvm`), each outcome compared with the
 //! model's, and after every step the invariants the library exposes: the
 //! map's expected memslots equal the manager's mirror and the simulated
 //! memslots equal the mirror (no leaked slot id), the hub's plugged set
