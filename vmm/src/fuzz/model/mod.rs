@@ -98,7 +98,7 @@ pub struct Model {
     /// Host page (mapping, offset) -> contents; absent is zero.
     pub contents: imbl::OrdMap<(usize, u64), Content>,
     /// Frames written by vCPUs while logged, not yet reported (see
-    /// [`dirty_count`](Self::dirty_count)).
+    /// [`dirty_expectation`](Self::dirty_expectation)).
     pub dirty: imbl::OrdSet<u64>,
     /// Frames KVM may report dirty though no vCPU wrote them, kept until a
     /// `dirty-pages` covers them: frames a vCPU only read while their slot
@@ -207,13 +207,6 @@ impl Model {
             widen: Vec::new(),
             in_async: false,
         }
-    }
-
-    /// Guest pages (frame numbers) written by vCPUs while their slot logged,
-    /// not yet reported by a `dirty-pages` over them.
-    pub fn dirty_count(&self, gpa: u64, size: u64) -> Option<u64> {
-        let end = gpa.checked_add(size)?;
-        Some(self.dirty.range(gpa / PAGE..end.div_ceil(PAGE)).count() as u64)
     }
 
     /// A vCPU accesses `[a, b)`: the pages of logging slots may be logged
