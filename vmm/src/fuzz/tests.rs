@@ -174,7 +174,7 @@ fn test_sim_tier_plug_many_with_a_failed_ioctl_rolls_back() {
 }
 
 #[test]
-fn test_sim_tier_predicts_nonzero_dirty_page_counts() {
+fn test_sim_tier_predicts_nonempty_dirty_page_sets() {
     let actions = generate(3, &cfg(false), &layout(), 3000);
     let counted = actions
         .iter()
