@@ -129,6 +129,7 @@ impl Model {
         if self.slots.lookup(page).is_some_and(|s| s.log && !s.ro) {
             if self.in_async {
                 self.maybe_dirty.insert(page / PAGE);
+                self.async_frames.push(page / PAGE);
             } else {
                 self.dirty.insert(page / PAGE);
             }
@@ -352,6 +353,7 @@ impl Model {
                 // The IOMMU's dirty bits: every mode, logging or not.
                 if self.in_async {
                     self.device_maybe.insert(page / PAGE);
+                    self.async_frames.push(page / PAGE);
                 } else {
                     self.device_dirty.insert(page / PAGE);
                 }

@@ -78,7 +78,7 @@ impl MPin {
 }
 
 /// An async guest command not yet collected.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 struct Pending {
     step: usize,
     range: (u64, u64),
@@ -86,6 +86,12 @@ struct Pending {
     dma: bool,
     /// It writes (a fill, write or touch for writing; a DMA fill or copy).
     write: bool,
+    /// The frames it logs (a vCPU's) or dirties (a device's) if nothing
+    /// races it: maybe dirty until its `wait`.
+    frames: Vec<u64>,
+    /// Something raced it (a memory op, a dirty-log switch or report, or
+    /// another command over its range): what it did is not known.
+    raced: bool,
 }
 
 /// The reference model; see the module docs.
@@ -119,6 +125,8 @@ pub struct Model {
     widen: Vec<(usize, Outcome)>,
     /// An async command is being predicted: its writes may land later.
     in_async: bool,
+    /// The frames the async command being predicted logs or dirties.
+    async_frames: Vec<u64>,
 }
 
 /// The outcomes of a `dirty-pages` expecting `want` (and `want_maybe`)
@@ -206,6 +214,7 @@ impl Model {
             steps: 0,
             widen: Vec::new(),
             in_async: false,
+            async_frames: Vec::new(),
         }
     }
 
@@ -324,15 +333,17 @@ impl Model {
     /// An async write still in flight may land after a `dirty-pages` read
     /// the log: its frames in `range` stay maybe dirty.
     fn keep_racing_writes(&mut self, range: (u64, u64)) {
-        let racing: Vec<Pending> = self
+        let racing: Vec<((u64, u64), bool)> = self
             .pending
-            .values()
+            .values_mut()
             .filter(|p| p.write && overlaps(p.range, range))
-            .copied()
+            .map(|p| {
+                p.raced = true;
+                (p.range, p.dma)
+            })
             .collect();
-        for p in racing {
-            let (a, b) = (p.range.0.max(range.0), p.range.1.min(range.1));
-            self.maybe_write_to((a, b), p.dma);
+        for (r, dma) in racing {
+            self.maybe_write_to((r.0.max(range.0), r.1.min(range.1)), dma);
         }
     }
 
@@ -459,7 +470,19 @@ impl Model {
                 None => vec![Outcome::NoSuchPin],
             },
             Action::Wait(w) => {
-                self.pending.remove(&w.vcpu);
+                // Nothing raced it: it did what the model predicted at its
+                // issue, and the frames it wrote are certainly dirty now.
+                if let Some(p) = self.pending.remove(&w.vcpu).filter(|p| !p.raced) {
+                    for f in p.frames {
+                        if p.dma {
+                            self.device_maybe.remove(&f);
+                            self.device_dirty.insert(f);
+                        } else {
+                            self.maybe_dirty.remove(&f);
+                            self.dirty.insert(f);
+                        }
+                    }
+                }
                 vec![Outcome::Ok]
             }
             Action::Sleep(_) | Action::Stage2Dump(_) => vec![Outcome::Ok],
@@ -480,6 +503,7 @@ impl Model {
                 self.in_async = matches!(action.guest(), Some((_, _, true)));
                 let set = self.guest(action);
                 self.in_async = false;
+                let frames = std::mem::take(&mut self.async_frames);
                 // Another vCPU's async write in flight over this command's
                 // range may land after it.
                 if let Some(range) = guest::range_of(action) {
@@ -498,6 +522,8 @@ impl Model {
                                 range,
                                 dma,
                                 write: guest::writes(action),
+                                frames,
+                                raced: false,
                             },
                         );
                     }
@@ -615,14 +641,17 @@ impl Model {
     /// Async writes in flight over a range an op changed may land after it:
     /// in the memory there now ([`maybe_write_to`](Self::maybe_write_to)).
     fn race_writes(&mut self, touched: &[(u64, u64)]) {
-        let racing: Vec<Pending> = self
+        let racing: Vec<((u64, u64), bool)> = self
             .pending
-            .values()
+            .values_mut()
             .filter(|p| p.write && touched.iter().any(|t| overlaps(p.range, *t)))
-            .copied()
+            .map(|p| {
+                p.raced = true;
+                (p.range, p.dma)
+            })
             .collect();
-        for p in racing {
-            self.maybe_write_to(p.range, p.dma);
+        for (range, dma) in racing {
+            self.maybe_write_to(range, dma);
         }
     }
 
@@ -630,10 +659,11 @@ impl Model {
     /// after it (or across it): every outcome of either is allowed (a write
     /// may also find the memory read-only).
     fn widen_pending(&mut self, touched: &[(u64, u64)]) {
-        for p in self.pending.values() {
+        for p in self.pending.values_mut() {
             if !touched.iter().any(|t| overlaps(p.range, *t)) {
                 continue;
             }
+            p.raced = true;
             let set: &[Outcome] = if p.dma {
                 &[
                     Outcome::Ok,

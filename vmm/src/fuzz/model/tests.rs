@@ -606,3 +606,43 @@ fn test_an_async_dma_fill_racing_an_unplug_may_have_dirtied_its_pages() {
         ],
     );
 }
+
+#[test]
+fn test_an_async_write_nothing_raced_is_certainly_dirty_after_its_wait() {
+    let mut m = Model::new(layout(64));
+    let async_fill = Action::Fill(Guest {
+        vcpu: 1,
+        repeat: 1,
+        is_async: true,
+        command: step::Fill {
+            gpa: Num(A),
+            size: Num(2 * PAGE),
+            seed: Num(9),
+            origin: None,
+        },
+    });
+    run(
+        &mut m,
+        &[
+            (plug(A, 4 * PAGE), &[O::Ok]),
+            (log_on(A, 4 * PAGE), &[O::Ok]),
+            (async_fill, &[O::Ok]),
+            // Elsewhere: no race.
+            (plug(A + 64 * PAGE, PAGE), &[O::Ok]),
+            (dirty_set(A + 64 * PAGE, PAGE, &[], &[]), &[O::NotLogging]),
+        ],
+    );
+    let pages = PageSet::from_frames([A / PAGE, A / PAGE + 1]);
+    assert_eq!(m.dirty_expectation(A, 4 * PAGE).unwrap().1, pages);
+    run(&mut m, &[(Action::Wait(step::Wait { vcpu: 1 }), &[O::Ok])]);
+    assert_eq!(
+        m.dirty_expectation(A, 4 * PAGE),
+        Some((pages, PageSet::default()))
+    );
+    // Missing one of them is a finding now.
+    let mut missing = m.clone();
+    assert_eq!(
+        missing.predict(&dirty_set(A, 4 * PAGE, &[A], &[])),
+        vec![O::DirtyCount]
+    );
+}
