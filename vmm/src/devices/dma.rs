@@ -149,6 +149,27 @@ impl DmaEngine {
     }
 }
 
+/// Runs one transfer on the caller's thread, as the engine's thread runs a
+/// descriptor (pins, guarded chunks through `iommu`, the dirty bits of what
+/// it wrote), without a boot region to read it from: for a VM without vCPUs
+/// (the fuzzer's simulated tier). The checksum for `CHECKSUM`, else 0.
+pub fn run_transfer(
+    memory: &Arc<MemoryManager>,
+    pins: &Arc<PinManager>,
+    iommu: &Arc<Iommu>,
+    descriptor: &DmaDescriptor,
+) -> Result<u64, DmaError> {
+    let transfers = Transfers {
+        memory: memory.clone(),
+        pins: pins.clone(),
+        iommu: iommu.clone(),
+        stats: Arc::new(DmaStats::default()),
+        #[cfg(test)]
+        hook: None,
+    };
+    transfers.execute(descriptor)
+}
+
 impl Drop for DmaEngine {
     fn drop(&mut self) {
         drop(self.tx.take());

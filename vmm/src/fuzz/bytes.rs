@@ -182,6 +182,7 @@ fn action(op: &Op) -> Action {
             gpa: n(addr(at)),
             size: n(size(s)),
             pages: None,
+            maybe_pages: None,
         }),
         Op::Pin {
             name,

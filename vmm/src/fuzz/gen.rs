@@ -6,6 +6,7 @@
 //! aim, never to judge: the model predicts every outcome afterwards.
 
 use crate::scenario::num::Num;
+use crate::scenario::pages::DirtyWant;
 use crate::scenario::step::{self, Access, Action, Guest};
 
 use super::model::slots::PAGE;
@@ -117,7 +118,7 @@ impl Generator {
             (w.plug_many, 6),
             (w.pins, 7),
             (w.guest, 8),
-            (if guest { w.dma } else { 0 }, 9),
+            (w.dma, 9),
         ];
         let total: u64 = table.iter().map(|t| t.0).sum();
         let mut roll = self.rng.below(total.max(1));
@@ -175,17 +176,21 @@ impl Generator {
                         on,
                     })
                 } else {
-                    // Without vCPUs (the sim tier) the count is exact: only
-                    // the simulated guest writes dirty pages.
-                    let pages = if guest {
-                        None
-                    } else {
-                        model.dirty_count(gpa, size)
+                    // The exact set the model predicts, and the pages it
+                    // cannot be sure of (read faults of a shadow MMU,
+                    // async writes in flight, rolled-back ops).
+                    let (pages, maybe_pages) = match model.dirty_expectation(gpa, size) {
+                        Some((must, maybe)) => (
+                            Some(DirtyWant::Set(must)),
+                            (!maybe.is_empty()).then_some(maybe),
+                        ),
+                        None => (None, None),
                     };
                     Action::DirtyPages(step::DirtyPages {
                         gpa: n(gpa),
                         size: n(size),
                         pages,
+                        maybe_pages,
                     })
                 }
             }
@@ -487,7 +492,7 @@ impl Generator {
             0..=2 => Action::Fill(gc(
                 v,
                 repeat,
-                false,
+                is_async,
                 step::Fill {
                     gpa: n(gpa),
                     size: n(size),
@@ -524,7 +529,7 @@ impl Generator {
             6 => Action::Touch(gc(
                 v,
                 repeat,
-                false,
+                is_async,
                 step::Touch {
                     gpa: n(gpa),
                     size: n(size),
@@ -541,7 +546,7 @@ impl Generator {
                 Action::Read(gc(
                     v,
                     repeat,
-                    false,
+                    is_async,
                     step::Read {
                         gpa: n(at),
                         value: value.map(n),
@@ -551,7 +556,7 @@ impl Generator {
             8 => Action::Write(gc(
                 v,
                 repeat,
-                false,
+                is_async,
                 step::Write {
                     gpa: n(gpa + 8 * self.rng.below(PAGE / 8).min(size / 8 - 1)),
                     value: n(seed),
@@ -636,11 +641,14 @@ impl Generator {
             return Action::Wait(step::Wait { vcpu });
         }
         let (gpa, size) = self.guest_range(model);
+        // Async (real tier): memory ops, dirty-log switches and reports race
+        // the transfer until its `wait`.
+        let is_async = self.cfg.guest && self.rng.chance(20);
         match self.rng.below(3) {
             0 => Action::DmaFill(gc(
                 vcpu,
                 1,
-                false,
+                is_async,
                 step::DmaFill {
                     gpa: n(gpa),
                     size: n(size),
@@ -648,12 +656,14 @@ impl Generator {
                 },
             )),
             1 => {
-                let sum = model.checksum(gpa, gpa + size);
+                // The sim tier's guest writes dirty pages but store
+                // nothing: contents are checked on real KVM only.
+                let sum = model.checksum(gpa, gpa + size).filter(|_| self.cfg.guest);
                 // Async: memory ops race the transfer until its `wait`.
                 Action::DmaChecksum(gc(
                     vcpu,
                     1,
-                    self.rng.chance(30),
+                    self.cfg.guest && self.rng.chance(30),
                     step::DmaChecksum {
                         gpa: n(gpa),
                         size: n(size),
@@ -667,7 +677,7 @@ impl Generator {
                 Action::DmaCopy(gc(
                     vcpu,
                     1,
-                    false,
+                    is_async,
                     step::DmaCopy {
                         gpa: n(gpa),
                         to: n(to),

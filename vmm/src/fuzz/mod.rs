@@ -10,8 +10,8 @@
 //! - [`timeline`]: actions + predictions = scenario steps; the final sweep;
 //! - [`real`]: the timeline as a scenario on a real KVM VM with vCPUs;
 //! - [`sim`]: the pure tier on [`SimKvm`](crate::mm::manager::SimKvm) (guest
-//!   writes simulated, exact dirty-page counts, injected memslot failures) with
-//!   per-step invariants;
+//!   writes simulated, DMA, dirty-page sets, injected memslot failures) with
+//!   per-step invariants; [`sim_dma`]: its DMA steps;
 //! - [`shrink`]: delta debugging and argument simplification;
 //! - [`campaign`]: the command: chunks, findings, reproducers, the report;
 //! - [`finding`]: what a finding says;
@@ -34,6 +34,7 @@ pub mod reader;
 pub mod real;
 pub mod shrink;
 pub mod sim;
+pub mod sim_dma;
 pub mod timeline;
 pub mod weights;
 

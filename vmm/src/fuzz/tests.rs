@@ -4,7 +4,8 @@ use super::gen::{GenConfig, Weights};
 use super::model::slots::{Limits, PAGE};
 use super::model::Layout;
 use super::timeline::{expectations, generate};
-use crate::scenario::step::Action;
+use crate::scenario::pages::DirtyWant;
+use crate::scenario::step::{self, Action};
 use crate::scenario::Scenario;
 
 fn layout() -> Layout {
@@ -122,25 +123,66 @@ fn test_sim_tier_agrees_with_the_model() {
 
 #[test]
 fn test_sim_tier_with_failed_ioctls_rolls_back_like_the_model() {
-    for seed in 0..4 {
-        // Without plug-many: timelines generated without failures may run a
-        // batch into a slot here (the known partial-refusal bug).
-        let mut c = cfg(false);
-        c.weights.plug_many = 0;
-        let actions = generate(seed, &c, &layout(), 300);
-        let faults: Vec<(usize, usize)> =
-            (0..actions.len()).step_by(3).map(|i| (i, i % 4)).collect();
-        let finding = super::sim::run_with_faults(&layout(), &actions, &faults).unwrap();
-        assert_eq!(finding, None, "seed {seed}");
+    use crate::mm::manager::DirtyLogMode;
+    for mode in [
+        DirtyLogMode::Bitmap,
+        DirtyLogMode::Manual,
+        DirtyLogMode::Ring,
+    ] {
+        let layout = Layout {
+            dirty_log: mode,
+            ..layout()
+        };
+        for seed in 0..4 {
+            // plug-many included: it is one transition, failures roll it back.
+            let actions = generate(seed, &cfg(false), &layout, 300);
+            let faults: Vec<(usize, usize)> =
+                (0..actions.len()).step_by(3).map(|i| (i, i % 4)).collect();
+            let finding = super::sim::run_with_faults(&layout, &actions, &faults).unwrap();
+            assert_eq!(finding, None, "{mode}, seed {seed}");
+        }
+    }
+}
+
+/// A memslot change failing anywhere in a `plug-many` rolls the whole
+/// batch back on the simulated tier: nothing of it is left (every sim
+/// invariant holds against the model from before), and it then goes
+/// through.
+#[test]
+fn test_sim_tier_plug_many_with_a_failed_ioctl_rolls_back() {
+    let layout = layout();
+    let many = Action::PlugMany(step::PlugMany {
+        gpa: crate::scenario::num::Num(0x1_0000_0000),
+        count: Some(crate::scenario::num::Num(4)),
+    });
+    for offset in 0..4 {
+        let mut vm = super::sim::SimVm::new(&layout).unwrap();
+        let mut model = super::model::Model::new(layout.clone());
+        vm.inject_failure(offset, libc::EIO);
+        let (outcome, detail) = vm.step(&many);
+        assert_eq!(
+            outcome,
+            crate::scenario::Outcome::KvmRolledBack,
+            "{offset}: {detail}"
+        );
+        vm.check(&model, true).unwrap();
+        assert_eq!(model.predict(&many), vec![crate::scenario::Outcome::Ok]);
+        let (outcome, detail) = vm.step(&many);
+        assert_eq!(outcome, crate::scenario::Outcome::Ok, "{offset}: {detail}");
+        vm.check(&model, true).unwrap();
     }
 }
 
 #[test]
-fn test_sim_tier_predicts_nonzero_dirty_page_counts() {
+fn test_sim_tier_predicts_nonempty_dirty_page_sets() {
     let actions = generate(3, &cfg(false), &layout(), 3000);
     let counted = actions
         .iter()
-        .filter(|a| matches!(a, Action::DirtyPages(d) if d.pages.is_some_and(|n| n > 0)))
+        .filter(|a| {
+            matches!(a, Action::DirtyPages(step::DirtyPages {
+                pages: Some(DirtyWant::Set(s)), ..
+            }) if !s.is_empty())
+        })
         .count();
     assert!(counted >= 5, "{counted} dirty-pages steps expect pages");
     assert_eq!(super::sim::run(&layout(), &actions).unwrap(), None);
@@ -400,6 +442,97 @@ size = "0x1000"
             );
         }
     }
+}
+
+/// The real tier's timelines race async guest writes (fill, write, touch
+/// for writing) and reads against memory ops, and every `dirty-pages`
+/// carries the model's set (some with pages it cannot be sure of).
+#[test]
+fn test_real_tier_timelines_have_async_writes_and_dirty_sets() {
+    let actions = generate(5, &cfg(true), &layout(), 3000);
+    let async_kind = |kind: &str| {
+        actions
+            .iter()
+            .filter(|a| a.kind() == kind && matches!(a.guest(), Some((_, _, true))))
+            .count()
+    };
+    for kind in ["fill", "write", "touch", "read"] {
+        assert!(async_kind(kind) >= 3, "{kind}: {} async", async_kind(kind));
+    }
+    let sets: Vec<&step::DirtyPages> = actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::DirtyPages(d) => Some(d),
+            _ => None,
+        })
+        .collect();
+    assert!(sets
+        .iter()
+        .all(|d| matches!(d.pages, Some(DirtyWant::Set(_)))
+            || d.gpa.0.checked_add(d.size.0).is_none()));
+    assert!(sets.iter().any(|d| d.maybe_pages.is_some()));
+    assert!(sets
+        .iter()
+        .any(|d| matches!(&d.pages, Some(DirtyWant::Set(s)) if !s.is_empty())));
+}
+
+/// The sim tier generates DMA transfers, whose device dirty bits its
+/// `dirty-pages` sets include.
+#[test]
+fn test_sim_tier_runs_dma_and_reports_device_dirty_pages() {
+    let actions = generate(6, &cfg(false), &layout(), 3000);
+    let dma = actions
+        .iter()
+        .filter(|a| matches!(a, Action::DmaFill(_) | Action::DmaCopy(_)))
+        .count();
+    assert!(dma >= 20, "{dma} DMA writes");
+    assert_eq!(super::sim::run(&layout(), &actions).unwrap(), None);
+    // A DMA fill into memory no slot logs: its page is in the next report
+    // of a range that logs.
+    let a = 0x1_0000_0000u64;
+    let text = format!(
+        r#"
+        [[step]]
+        do = "plug"
+        gpa = "{a:#x}"
+        size = "0x4000"
+        [[step]]
+        do = "plug"
+        gpa = "{:#x}"
+        size = "0x1000"
+        flags = ["dirty-log"]
+        [[step]]
+        do = "dma-fill"
+        gpa = "{:#x}"
+        size = "0x1000"
+        value = 1
+        [[step]]
+        do = "dirty-pages"
+        gpa = "{a:#x}"
+        size = "0x5000"
+        pages = ["{:#x}"]
+        "#,
+        a + 0x4000,
+        a + 0x2000,
+        a + 0x2000
+    );
+    let last = |text: &str| {
+        let sc = Scenario::parse(text).unwrap();
+        let mut vm = super::sim::SimVm::new(&layout()).unwrap();
+        let outcomes: Vec<_> = sc.steps.iter().map(|s| vm.step(&s.action)).collect();
+        outcomes.last().cloned().unwrap()
+    };
+    let (outcome, detail) = last(&text);
+    assert_eq!(outcome, crate::scenario::Outcome::Ok, "{detail}");
+    assert!(detail.contains("1 written by devices"), "{detail}");
+    // The same with the wrong page (of the right number) is refused.
+    let wrong = text.replace(
+        &format!("pages = [\"{:#x}\"]", a + 0x2000),
+        &format!("pages = [\"{:#x}\"]", a + 0x3000),
+    );
+    let (outcome, detail) = last(&wrong);
+    assert_eq!(outcome, crate::scenario::Outcome::DirtyCount, "{detail}");
+    assert!(detail.contains("not reported: 0x100003000"), "{detail}");
 }
 
 #[test]

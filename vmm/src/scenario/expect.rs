@@ -108,7 +108,8 @@ pub enum Outcome {
     /// Memory op or pin: readers did not drain in time.
     #[strum(serialize = "busy")]
     Busy,
-    /// dirty-pages: a different number of dirty pages.
+    /// dirty-pages: other dirty pages than expected (a different number,
+    /// or a page missing from or not in the expected set).
     #[strum(serialize = "dirty-count")]
     DirtyCount,
     /// dirty-pages: no slot in the range logs dirty pages.

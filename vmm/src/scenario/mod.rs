@@ -6,6 +6,7 @@
 //! - [`read`]: steps from TOML tables, refusals with the field's position.
 //! - [`expect`]: outcomes and expectations, one name per meaning.
 //! - [`num`]: numbers and durations as written in files.
+//! - [`pages`]: sets of guest pages as page runs (`dirty-pages`' expectation).
 //! - [`file`](mod@file): the file format and its validation (a bad file is rejected
 //!   before any VM exists, naming `file:line:column`, step and field).
 //! - [`ops`]: memory-op steps through the memory manager, with the consistency
@@ -24,6 +25,7 @@ pub mod guest;
 pub mod invariants;
 pub mod num;
 pub mod ops;
+pub mod pages;
 pub mod read;
 pub mod step;
 

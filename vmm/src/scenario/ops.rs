@@ -8,13 +8,14 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use crate::devices::iommu::Iommu;
-use crate::mm::addr::{Gfn, Gpa, GpaRange, Hva, PAGE_SIZE};
+use crate::mm::addr::{Gpa, GpaRange, Hva, PAGE_SIZE};
 use crate::mm::backing::{BackingKind, HostMapping};
 use crate::mm::manager::{Applied, Checker, MemoryManager, MemslotError};
 use crate::mm::slot_map::{MemslotChange, PlugSpec, SlotFlags, SlotMapError};
 use crate::mm::stage2::MappedRun;
 
 use super::expect::Outcome;
+use super::pages::{DirtyWant, PageSet};
 use super::step::{Access, Action, Stage2Dump};
 
 /// A failed op: its outcome and the full message.
@@ -226,7 +227,14 @@ fn apply_op(
             })
             .to_string()
         }
-        Action::DirtyPages(d) => dirty_pages(memory, iommu, Gpa(d.gpa.0), d.size.0, d.pages)?,
+        Action::DirtyPages(d) => dirty_pages(
+            memory,
+            iommu,
+            Gpa(d.gpa.0),
+            d.size.0,
+            d.pages.as_ref(),
+            d.maybe_pages.as_ref(),
+        )?,
         Action::Stage2Dump(d) => stage2_dump(iommu, d)?,
         Action::PlugMany(p) => plug_many(memory, Gpa(p.gpa.0), p.count.map(|n| n.0), &track)?,
         Action::Check(_) => "consistent".to_string(),
@@ -241,13 +249,16 @@ fn apply_op(
 }
 
 /// KVM's dirty log (vCPU writes) united with the IOMMU's dirty bits (device
-/// writes) of `[gpa, gpa + size)`; both are read and cleared.
+/// writes) of `[gpa, gpa + size)`; both are read and cleared. With `want`,
+/// the report must have that many pages, or be exactly that set (pages of
+/// `maybe` may be reported too: `want ⊆ reported ⊆ want ∪ maybe`).
 fn dirty_pages(
     memory: &MemoryManager,
     iommu: &Iommu,
     gpa: Gpa,
     size: u64,
-    want: Option<u64>,
+    want: Option<&DirtyWant>,
+    maybe: Option<&PageSet>,
 ) -> Result<String, OpFailure> {
     let kvm = memory.dirty_pages(gpa, size).map_err(memslot_failure)?;
     let range = GpaRange::new(gpa, size).ok_or_else(|| {
@@ -259,20 +270,22 @@ fn dirty_pages(
     let device = iommu
         .take_dirty(range)
         .map_err(|e| OpFailure::new(Outcome::Stage2, e))?;
-    let pages: BTreeSet<Gfn> = kvm.iter().chain(device.iter()).copied().collect();
+    let pages: BTreeSet<u64> = kvm.iter().chain(device.iter()).map(|g| g.0).collect();
     let detail = format!(
         "{} dirty pages ({} in KVM's log, {} written by devices)",
         pages.len(),
         kvm.len(),
         device.len()
     );
-    match want {
-        Some(want) if pages.len() as u64 != want => Err(OpFailure::new(
-            Outcome::DirtyCount,
-            format!("{detail}, expected {want}"),
-        )),
-        _ => Ok(detail),
-    }
+    let verdict = match want {
+        None => Ok(()),
+        Some(DirtyWant::Count(n)) if pages.len() as u64 == *n => Ok(()),
+        Some(DirtyWant::Count(n)) => Err(format!("expected {n}")),
+        Some(DirtyWant::Set(set)) => set.judge(maybe.unwrap_or(&PageSet::default()), &pages),
+    };
+    verdict
+        .map(|()| detail.clone())
+        .map_err(|why| OpFailure::new(Outcome::DirtyCount, format!("{detail}; {why}")))
 }
 
 /// Most runs a `stage2-dump` step lists in its detail.

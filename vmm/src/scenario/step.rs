@@ -195,9 +195,13 @@ fields! {
         gpa: Num,
         /// Length in bytes.
         size: Num,
-        /// The expected number of dirty pages.
+        /// The expected dirty pages: a count (`pages = 3`) or exactly
+        /// which, as page runs (`pages = ["0x100000000+3"]`).
         #[serde(default, skip_serializing_if = "Option::is_none")]
-        pages: Option<u64>,
+        pages: Option<super::pages::DirtyWant>,
+        /// With a set `pages`: pages that may be reported too.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        maybe_pages: Option<super::pages::PageSet>,
     }
     /// `stage2-dump`: the IOMMU table's runs, in a window if given.
     Stage2Dump {
@@ -637,6 +641,14 @@ impl Action {
                 (None, Some(_)) => Err(bad("size", TOGETHER)),
                 _ => Ok(()),
             },
+            Action::DirtyPages(DirtyPages {
+                pages: Some(super::pages::DirtyWant::Count(_)) | None,
+                maybe_pages: Some(_),
+                ..
+            }) => Err(bad(
+                "maybe_pages",
+                "goes with `pages` as a list of page runs, not a count",
+            )),
             _ => Ok(()),
         }
     }

@@ -421,3 +421,59 @@ fn test_memory_steps_on_sim_kvm_end_with_a_passing_full_check() {
     assert!(report.passed, "{:?}", report.failure());
     assert_eq!(report.steps.len(), 6);
 }
+
+#[test]
+fn test_dirty_pages_takes_a_count_or_a_set_of_page_runs() {
+    use super::pages::{DirtyWant, PageSet};
+    let parse = |pages: &str| {
+        let text = format!("do = \"dirty-pages\"\ngpa = 0\nsize = \"1M\"\n{pages}");
+        Step::parse_toml(&text).unwrap_or_else(|e| panic!("{text}: {e}"))
+    };
+    let Action::DirtyPages(d) = parse("pages = 3").action else {
+        panic!("dirty-pages")
+    };
+    assert_eq!(d.pages, Some(DirtyWant::Count(3)), "the older count form");
+    let step = parse("pages = [\"0x2000+2\", \"0x1000\", \"0x9000\"]\nmaybe_pages = [\"0x5000\"]");
+    let Action::DirtyPages(d) = &step.action else {
+        panic!("dirty-pages")
+    };
+    let set: PageSet = ["0x1000+3", "0x9000"]
+        .iter()
+        .map(|s| s.parse().unwrap())
+        .collect();
+    assert_eq!(d.pages, Some(DirtyWant::Set(set)));
+    assert_eq!(d.maybe_pages.as_ref().map(|m| m.len()), Some(1));
+    // Written back normalized, and read as the same step.
+    let text = step.to_toml();
+    assert!(
+        text.contains("pages = [\"0x1000+3\", \"0x9000\"]"),
+        "{text}"
+    );
+    assert_eq!(Step::parse_toml(&text).unwrap(), step);
+    let Action::DirtyPages(d) = parse("pages = []").action else {
+        panic!("dirty-pages")
+    };
+    assert_eq!(d.pages, Some(DirtyWant::Set(PageSet::default())));
+}
+
+#[test]
+fn test_bad_dirty_page_sets_are_refused_naming_the_field() {
+    let step =
+        |fields: &str| format!("[[step]]\ndo = \"dirty-pages\"\ngpa = 0\nsize = \"1M\"\n{fields}");
+    assert_refused(&step("pages = [\"0x1001\"]"), "5:9", 1, "pages");
+    assert!(refusal(&step("pages = [\"0x1001\"]")).contains("not 4 KiB aligned"));
+    assert_refused(&step("pages = [\"0x1000+0\"]"), "5:9", 1, "pages");
+    assert_refused(&step("pages = -1"), "5:9", 1, "pages");
+    assert_refused(
+        &step("pages = [\"0x1000\"]\nmaybe_pages = [\"x\"]"),
+        "6:15",
+        1,
+        "maybe_pages",
+    );
+    let count_and_maybe = step("pages = 2\nmaybe_pages = [\"0x1000\"]");
+    let e = refusal(&count_and_maybe);
+    assert!(
+        e.contains("`maybe_pages`") && e.contains("list of page runs"),
+        "{e}"
+    );
+}

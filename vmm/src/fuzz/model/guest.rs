@@ -65,6 +65,15 @@ pub fn range_of(action: &Action) -> Option<(u64, u64)> {
     Some((gpa, gpa.checked_add(size)?))
 }
 
+/// Whether a guest command or DMA transfer writes memory.
+pub fn writes(action: &Action) -> bool {
+    match action {
+        Action::Fill(_) | Action::Write(_) | Action::DmaFill(_) | Action::DmaCopy(_) => true,
+        Action::Touch(Guest { command: t, .. }) => t.write.unwrap_or(false),
+        _ => false,
+    }
+}
+
 /// Pages overlapping `[a, b)`, with the part of each covered.
 fn pages(a: u64, b: u64) -> impl Iterator<Item = (u64, bool)> {
     let first = a - a % PAGE;
@@ -87,6 +96,9 @@ impl Model {
     }
 
     fn set(&mut self, key: (usize, u64), c: Content) {
+        // An async write may land before or after later steps: what the
+        // page holds is not known.
+        let c = if self.in_async { Content::Unknown } else { c };
         if c == Content::Zero {
             self.contents.remove(&key);
         } else {
@@ -110,10 +122,43 @@ impl Model {
         Outcome::Ok
     }
 
-    /// A guest write to `page` is logged if its slot logs (KVM's fault path).
+    /// A guest write to `page` is logged if its slot logs (KVM's fault
+    /// path); an async one may not have landed when a `dirty-pages` reads
+    /// the log, so it is maybe dirty.
     fn log_write(&mut self, page: u64) {
         if self.slots.lookup(page).is_some_and(|s| s.log && !s.ro) {
-            self.dirty.insert(page / PAGE);
+            if self.in_async {
+                self.maybe_dirty.insert(page / PAGE);
+                self.async_frames.push(page / PAGE);
+            } else {
+                self.dirty.insert(page / PAGE);
+            }
+        }
+    }
+
+    /// The IOMMU maps THP-backed memory with 2 MiB leaves where the
+    /// aligned 2 MiB lies in the slot, and a leaf's Dirty bit (copied to
+    /// all 512 small leaves if it is split later) reports every frame under
+    /// it, as a hardware IOMMU reports dirty IOPTEs at their size: the
+    /// other frames of a written page's 2 MiB region in its slot may be
+    /// reported too. (Whether the leaf is huge depends on the host
+    /// address's alignment and on earlier splits, so they are maybe dirty.)
+    fn note_huge_leaf_write(&mut self, page: u64) {
+        let Some(slot) = self.slots.lookup(page) else {
+            return;
+        };
+        if self.slots.mappings[slot.map].page_size < super::HUGE {
+            return;
+        }
+        let region = page - page % super::HUGE;
+        let (lo, hi) = (
+            region.max(slot.start),
+            region.saturating_add(super::HUGE).min(slot.end()),
+        );
+        for f in lo / PAGE..hi / PAGE {
+            if !self.device_dirty.contains(&f) {
+                self.device_maybe.insert(f);
+            }
         }
     }
 
@@ -305,6 +350,14 @@ impl Model {
                 if let Some((_, key, _)) = self.content_at(page) {
                     self.set(key, content(page, whole));
                 }
+                // The IOMMU's dirty bits: every mode, logging or not.
+                if self.in_async {
+                    self.device_maybe.insert(page / PAGE);
+                    self.async_frames.push(page / PAGE);
+                } else {
+                    self.device_dirty.insert(page / PAGE);
+                }
+                self.note_huge_leaf_write(page);
             }
         }
         Ok(())

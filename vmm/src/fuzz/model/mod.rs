@@ -17,8 +17,9 @@
 pub mod guest;
 pub mod slots;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
+use crate::scenario::pages::{DirtyWant, PageSet};
 use crate::scenario::step::{Access, Action};
 use crate::scenario::Outcome;
 
@@ -77,12 +78,20 @@ impl MPin {
 }
 
 /// An async guest command not yet collected.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 struct Pending {
     step: usize,
     range: (u64, u64),
     /// A DMA transfer (its pins are revoked by any change of its range).
     dma: bool,
+    /// It writes (a fill, write or touch for writing; a DMA fill or copy).
+    write: bool,
+    /// The frames it logs (a vCPU's) or dirties (a device's) if nothing
+    /// races it: maybe dirty until its `wait`.
+    frames: Vec<u64>,
+    /// Something raced it (a memory op, a dirty-log switch or report, or
+    /// another command over its range): what it did is not known.
+    raced: bool,
 }
 
 /// The reference model; see the module docs.
@@ -95,7 +104,7 @@ pub struct Model {
     /// Host page (mapping, offset) -> contents; absent is zero.
     pub contents: imbl::OrdMap<(usize, u64), Content>,
     /// Frames written by vCPUs while logged, not yet reported (see
-    /// [`dirty_count`](Self::dirty_count)).
+    /// [`dirty_expectation`](Self::dirty_expectation)).
     pub dirty: imbl::OrdSet<u64>,
     /// Frames KVM may report dirty though no vCPU wrote them, kept until a
     /// `dirty-pages` covers them: frames a vCPU only read while their slot
@@ -104,11 +113,56 @@ pub struct Model {
     /// of logging slots a rolled-back op changed
     /// ([`roll_back_from`](Self::roll_back_from)).
     pub maybe_dirty: imbl::OrdSet<u64>,
+    /// Frames devices wrote (the IOMMU's dirty bits, reported in every mode
+    /// whether or not their slot logs), not yet reported.
+    pub device_dirty: imbl::OrdSet<u64>,
+    /// Frames an async DMA transfer may have written.
+    pub device_maybe: imbl::OrdSet<u64>,
     /// The VM.
     pub layout: Layout,
     pending: BTreeMap<u64, Pending>,
     steps: usize,
     widen: Vec<(usize, Outcome)>,
+    /// An async command is being predicted: its writes may land later.
+    in_async: bool,
+    /// The frames the async command being predicted logs or dirties.
+    async_frames: Vec<u64>,
+}
+
+/// The outcomes of a `dirty-pages` expecting `want` (and `want_maybe`)
+/// when the report R may be any set with `must ⊆ R ⊆ all`: `ok` if some R
+/// meets the expectation, `dirty-count` if some R does not.
+fn judge_report(
+    must: &BTreeSet<u64>,
+    all: &BTreeSet<u64>,
+    want: Option<&DirtyWant>,
+    want_maybe: Option<&PageSet>,
+) -> Vec<Outcome> {
+    let (ok, wrong) = match want {
+        None => (true, false),
+        Some(DirtyWant::Count(n)) => {
+            let (lo, hi) = (must.len() as u64, all.len() as u64);
+            ((lo..=hi).contains(n), lo != hi || *n != lo)
+        }
+        Some(DirtyWant::Set(w)) => {
+            let empty = PageSet::default();
+            let wm = want_maybe.unwrap_or(&empty);
+            // Some R meets w ⊆ R ⊆ w ∪ wm iff must ⊆ w ∪ wm and w ⊆ all;
+            // every R does iff w ⊆ must and all ⊆ w ∪ wm.
+            let in_either = |f: &u64| w.contains(*f) || wm.contains(*f);
+            let ok = must.iter().all(in_either) && w.count_in(all) == w.len();
+            let always = w.count_in(must) == w.len() && all.iter().all(in_either);
+            (ok, !always)
+        }
+    };
+    let mut outcomes = Vec::new();
+    if ok {
+        outcomes.push(Outcome::Ok);
+    }
+    if wrong {
+        outcomes.push(Outcome::DirtyCount);
+    }
+    outcomes
 }
 
 fn overlaps(a: (u64, u64), b: (u64, u64)) -> bool {
@@ -153,18 +207,15 @@ impl Model {
             contents: imbl::OrdMap::new(),
             dirty: imbl::OrdSet::new(),
             maybe_dirty: imbl::OrdSet::new(),
+            device_dirty: imbl::OrdSet::new(),
+            device_maybe: imbl::OrdSet::new(),
             layout,
             pending: BTreeMap::new(),
             steps: 0,
             widen: Vec::new(),
+            in_async: false,
+            async_frames: Vec::new(),
         }
-    }
-
-    /// Guest pages (frame numbers) written by vCPUs while their slot logged,
-    /// not yet reported by a `dirty-pages` over them.
-    pub fn dirty_count(&self, gpa: u64, size: u64) -> Option<u64> {
-        let end = gpa.checked_add(size)?;
-        Some(self.dirty.range(gpa / PAGE..end.div_ceil(PAGE)).count() as u64)
     }
 
     /// A vCPU accesses `[a, b)`: the pages of logging slots may be logged
@@ -181,40 +232,76 @@ impl Model {
         }
     }
 
+    /// What a `dirty-pages` over `[gpa, gpa + size)` would report now: the
+    /// frames it must report and those it may (`None` if the range wraps).
+    pub fn dirty_expectation(&self, gpa: u64, size: u64) -> Option<(PageSet, PageSet)> {
+        let end = gpa.checked_add(size)?;
+        let r = gpa / PAGE..end.div_ceil(PAGE);
+        let must: BTreeSet<u64> = self
+            .dirty
+            .range(r.clone())
+            .chain(self.device_dirty.range(r.clone()))
+            .copied()
+            .collect();
+        let maybe = self
+            .maybe_dirty
+            .range(r.clone())
+            .chain(self.device_maybe.range(r))
+            .copied()
+            .filter(|f| !must.contains(f));
+        Some((
+            PageSet::from_frames(must.iter().copied()),
+            PageSet::from_frames(maybe),
+        ))
+    }
+
     /// `dirty-pages`: KVM's log is read and cleared over the range's pages
     /// before the IOMMU's table (whole pages of a 48-bit space) is read.
-    /// Its outcomes: frames in [`maybe_dirty`](Self::maybe_dirty) may or
-    /// may not be reported, so a count between the certain frames and the
-    /// certain plus the maybe-dirty ones is `ok`, and a range that would be
-    /// `not-logging` may report them instead.
-    fn dirty_pages(&mut self, gpa: u64, size: u64, want: Option<u64>) -> Vec<Outcome> {
+    /// Its outcomes: frames in [`maybe_dirty`](Self::maybe_dirty) and
+    /// [`device_maybe`](Self::device_maybe) may or may not be reported, so
+    /// `ok` if some report between the certain frames and the certain plus
+    /// the maybe ones meets `want`, `dirty-count` if some does not; a range
+    /// that would be `not-logging` may report maybe frames instead.
+    fn dirty_pages(
+        &mut self,
+        gpa: u64,
+        size: u64,
+        want: Option<&DirtyWant>,
+        want_maybe: Option<&PageSet>,
+    ) -> Vec<Outcome> {
         let Some(end) = gpa.checked_add(size) else {
             return vec![Outcome::RangeOverflow];
         };
-        let frames: Vec<u64> = self
-            .dirty
-            .range(gpa / PAGE..end.div_ceil(PAGE))
-            .copied()
-            .collect();
+        let r = gpa / PAGE..end.div_ceil(PAGE);
+        let frames: Vec<u64> = self.dirty.range(r.clone()).copied().collect();
         // KVM's log exists only for logging slots: with none in the range and
         // nothing harvested from one, the read is refused (before the IOMMU
         // is read, so device dirty bits stay).
         let logging = self.slots.overlapping((gpa, end)).iter().any(|s| s.log);
-        let maybe: Vec<u64> = self
-            .maybe_dirty
-            .range(gpa / PAGE..end.div_ceil(PAGE))
-            .copied()
-            .collect();
+        let maybe: Vec<u64> = self.maybe_dirty.range(r.clone()).copied().collect();
         let extra = maybe.iter().filter(|&f| !self.dirty.contains(f)).count() as u64;
         for f in &maybe {
             self.maybe_dirty.remove(f);
         }
         let mut outcomes = Vec::new();
+        let device: Vec<u64> = self.device_dirty.range(r.clone()).copied().collect();
+        let device_maybe: Vec<u64> = self.device_maybe.range(r.clone()).copied().collect();
         if !logging && frames.is_empty() {
             outcomes.push(Outcome::NotLogging);
             if extra == 0 {
+                self.keep_racing_writes((gpa, end));
                 return outcomes;
             }
+            // Refused or not: the device bits may have been taken.
+            for f in &device {
+                self.device_dirty.remove(f);
+                self.device_maybe.insert(*f);
+            }
+            self.keep_racing_writes((gpa, end));
+            let must: BTreeSet<u64> = device.iter().copied().collect();
+            let all = must.iter().chain(&maybe).chain(&device_maybe).copied();
+            outcomes.extend(judge_report(&must, &all.collect(), want, want_maybe));
+            return outcomes;
         }
         for f in &frames {
             self.dirty.remove(f);
@@ -223,22 +310,64 @@ impl Model {
             .checked_next_multiple_of(PAGE)
             .is_none_or(|e| e > STAGE2_LIMIT)
         {
+            self.keep_racing_writes((gpa, end));
             outcomes.push(Outcome::Stage2);
             return outcomes;
         }
-        let certain = frames.len() as u64;
-        match want {
-            Some(n) => {
-                if (certain..=certain + extra).contains(&n) {
-                    outcomes.push(Outcome::Ok);
-                }
-                if extra > 0 || n != certain {
-                    outcomes.push(Outcome::DirtyCount);
+        for f in device.iter().chain(&device_maybe) {
+            self.device_dirty.remove(f);
+            self.device_maybe.remove(f);
+        }
+        self.keep_racing_writes((gpa, end));
+        let must: BTreeSet<u64> = frames.iter().chain(&device).copied().collect();
+        let all: BTreeSet<u64> = must
+            .iter()
+            .chain(&maybe)
+            .chain(&device_maybe)
+            .copied()
+            .collect();
+        outcomes.extend(judge_report(&must, &all, want, want_maybe));
+        outcomes
+    }
+
+    /// An async write still in flight may land after a `dirty-pages` read
+    /// the log: its frames in `range` stay maybe dirty.
+    fn keep_racing_writes(&mut self, range: (u64, u64)) {
+        let racing: Vec<((u64, u64), bool)> = self
+            .pending
+            .values_mut()
+            .filter(|p| p.write && overlaps(p.range, range))
+            .map(|p| {
+                p.raced = true;
+                (p.range, p.dma)
+            })
+            .collect();
+        for (r, dma) in racing {
+            self.maybe_write_to((r.0.max(range.0), r.1.min(range.1)), dma);
+        }
+    }
+
+    /// An async write over `[a, b)` may land in the memory there now: its
+    /// contents are unknown, and its frames maybe dirty (a vCPU's in a
+    /// logging slot, a device's anywhere plugged).
+    fn maybe_write_to(&mut self, (a, b): (u64, u64), dma: bool) {
+        let mut page = a - a % PAGE;
+        while page < b {
+            if let Some((map, off, ro)) = self.slots.host(page) {
+                if !ro {
+                    self.contents.insert((map, off), Content::Unknown);
+                    if dma {
+                        self.device_maybe.insert(page / PAGE);
+                    } else if self.slots.lookup(page).is_some_and(|s| s.log) {
+                        self.maybe_dirty.insert(page / PAGE);
+                    }
                 }
             }
-            None => outcomes.push(Outcome::Ok),
+            page = match page.checked_add(PAGE) {
+                Some(p) => p,
+                None => break,
+            };
         }
-        outcomes
     }
 
     /// After `attempted`'s memslot calls failed and were rolled back: the
@@ -323,7 +452,9 @@ impl Model {
                     _ => vec![o],
                 }
             }
-            Action::DirtyPages(d) => self.dirty_pages(d.gpa.0, d.size.0, d.pages),
+            Action::DirtyPages(d) => {
+                self.dirty_pages(d.gpa.0, d.size.0, d.pages.as_ref(), d.maybe_pages.as_ref())
+            }
             Action::PlugMany(p) => vec![self.plug_many(p.gpa.0, p.count.map(|c| c.0))],
             Action::Check(c) => match c.pages {
                 Some(p) if p != self.pinned_pages() => vec![Outcome::PinnedPages],
@@ -341,7 +472,19 @@ impl Model {
                 None => vec![Outcome::NoSuchPin],
             },
             Action::Wait(w) => {
-                self.pending.remove(&w.vcpu);
+                // Nothing raced it: it did what the model predicted at its
+                // issue, and the frames it wrote are certainly dirty now.
+                if let Some(p) = self.pending.remove(&w.vcpu).filter(|p| !p.raced) {
+                    for f in p.frames {
+                        if p.dma {
+                            self.device_maybe.remove(&f);
+                            self.device_dirty.insert(f);
+                        } else {
+                            self.maybe_dirty.remove(&f);
+                            self.dirty.insert(f);
+                        }
+                    }
+                }
                 vec![Outcome::Ok]
             }
             Action::Sleep(_) | Action::Stage2Dump(_) => vec![Outcome::Ok],
@@ -359,7 +502,15 @@ impl Model {
                         self.note_vcpu_access(range);
                     }
                 }
+                self.in_async = matches!(action.guest(), Some((_, _, true)));
                 let set = self.guest(action);
+                self.in_async = false;
+                let frames = std::mem::take(&mut self.async_frames);
+                // Another vCPU's async write in flight over this command's
+                // range may land after it.
+                if let Some(range) = guest::range_of(action) {
+                    self.race_writes(&[range]);
+                }
                 if let Some((vcpu, _, true)) = action.guest() {
                     if let Some(range) = guest::range_of(action) {
                         let dma = matches!(
@@ -372,6 +523,9 @@ impl Model {
                                 step: n,
                                 range,
                                 dma,
+                                write: guest::writes(action),
+                                frames,
+                                raced: false,
                             },
                         );
                     }
@@ -399,6 +553,13 @@ impl Model {
         self.commit(change, &touched(action));
         if self.layout.dirty_log.initially_set() {
             self.set_started_logging(&before);
+        }
+        // Async writes in flight may land after the op, in what is there
+        // now (logging switched on included).
+        if let Action::DirtyLog(d) = action {
+            self.race_writes(&[(d.gpa.0, d.gpa.0.saturating_add(d.size.0))]);
+        } else {
+            self.race_writes(&touched(action));
         }
         Outcome::Ok
     }
@@ -479,18 +640,44 @@ impl Model {
         self.slots.adopt(&change);
     }
 
+    /// Async writes in flight over a range an op changed may land after it:
+    /// in the memory there now ([`maybe_write_to`](Self::maybe_write_to)).
+    fn race_writes(&mut self, touched: &[(u64, u64)]) {
+        let racing: Vec<((u64, u64), bool)> = self
+            .pending
+            .values_mut()
+            .filter(|p| p.write && touched.iter().any(|t| overlaps(p.range, *t)))
+            .map(|p| {
+                p.raced = true;
+                (p.range, p.dma)
+            })
+            .collect();
+        for (range, dma) in racing {
+            self.maybe_write_to(range, dma);
+        }
+    }
+
     /// An async command over a range an op changed may have run before or
-    /// after it (or across it): every outcome of either is allowed.
+    /// after it (or across it): every outcome of either is allowed (a write
+    /// may also find the memory read-only).
     fn widen_pending(&mut self, touched: &[(u64, u64)]) {
-        for p in self.pending.values() {
+        for p in self.pending.values_mut() {
             if !touched.iter().any(|t| overlaps(p.range, *t)) {
                 continue;
             }
+            p.raced = true;
             let set: &[Outcome] = if p.dma {
                 &[
                     Outcome::Ok,
                     Outcome::DmaRevoked,
                     Outcome::DmaFault,
+                    Outcome::Mismatch,
+                ]
+            } else if p.write {
+                &[
+                    Outcome::Ok,
+                    Outcome::Unplugged,
+                    Outcome::ReadOnly,
                     Outcome::Mismatch,
                 ]
             } else {
@@ -536,7 +723,9 @@ impl Model {
             }
         }
         self.slots = next;
-        self.widen_pending(&[(gpa, gpa.saturating_add(count * 2 * PAGE))]);
+        let range = (gpa, gpa.saturating_add(count * 2 * PAGE));
+        self.widen_pending(&[range]);
+        self.race_writes(&[range]);
         Outcome::Ok
     }
 

@@ -3,6 +3,7 @@
 use super::slots::{Limits, PAGE};
 use super::*;
 use crate::scenario::num::Num;
+use crate::scenario::pages::{DirtyWant, PageSet};
 use crate::scenario::step::{self, Guest};
 use crate::scenario::Outcome as O;
 
@@ -304,7 +305,8 @@ fn test_dirty_pages_count_logged_guest_writes_once() {
         Action::DirtyPages(step::DirtyPages {
             gpa: Num(gpa),
             size: Num(size),
-            pages: Some(pages),
+            pages: Some(DirtyWant::Count(pages)),
+            maybe_pages: None,
         })
     };
     let log = Action::DirtyLog(step::DirtyLog {
@@ -354,6 +356,295 @@ fn test_a_page_read_while_logging_may_be_reported_dirty() {
     // Reported (or not) once: the next one over the range is refused.
     let again = m.predict(&sc.steps.last().unwrap().action);
     assert_eq!(again, vec![O::NotLogging]);
+}
+
+fn dirty_set(gpa: u64, size: u64, must: &[u64], maybe: &[u64]) -> Action {
+    let frames = |pages: &[u64]| PageSet::from_frames(pages.iter().map(|p| p / PAGE));
+    Action::DirtyPages(step::DirtyPages {
+        gpa: Num(gpa),
+        size: Num(size),
+        pages: Some(DirtyWant::Set(frames(must))),
+        maybe_pages: (!maybe.is_empty()).then(|| frames(maybe)),
+    })
+}
+
+fn log_on(gpa: u64, size: u64) -> Action {
+    Action::DirtyLog(step::DirtyLog {
+        gpa: Num(gpa),
+        size: Num(size),
+        on: true,
+    })
+}
+
+#[test]
+fn test_a_dirty_set_of_the_right_size_but_wrong_pages_is_refused() {
+    let mut m = Model::new(layout(64));
+    run(
+        &mut m,
+        &[
+            (plug(A, 8 * PAGE), &[O::Ok]),
+            (log_on(A, 8 * PAGE), &[O::Ok]),
+            (fill(A + 2 * PAGE, PAGE, 1), &[O::Ok]),
+        ],
+    );
+    let mut wrong = m.clone();
+    assert_eq!(
+        wrong.predict(&dirty_set(A, 8 * PAGE, &[A + 3 * PAGE], &[])),
+        vec![O::DirtyCount]
+    );
+    assert_eq!(
+        m.dirty_expectation(A, 8 * PAGE),
+        Some((
+            PageSet::from_frames([(A + 2 * PAGE) / PAGE]),
+            PageSet::default()
+        ))
+    );
+    run(
+        &mut m,
+        &[
+            (dirty_set(A, 8 * PAGE, &[A + 2 * PAGE], &[]), &[O::Ok]),
+            (dirty_set(A, 8 * PAGE, &[], &[]), &[O::Ok]),
+        ],
+    );
+}
+
+#[test]
+fn test_device_writes_are_dirty_in_every_slot_and_reported_once() {
+    let mut m = Model::new(layout(64));
+    let dma_fill = |gpa: u64, size: u64| {
+        Action::DmaFill(Guest {
+            vcpu: 0,
+            repeat: 1,
+            is_async: false,
+            command: step::DmaFill {
+                gpa: Num(gpa),
+                size: Num(size),
+                value: Num(7),
+            },
+        })
+    };
+    run(
+        &mut m,
+        &[
+            (plug(A, 8 * PAGE), &[O::Ok]),
+            (log_on(A, 4 * PAGE), &[O::Ok]),
+            // The second page is in the slot that does not log: the IOMMU's
+            // dirty bits do not depend on KVM's logging.
+            (dma_fill(A + 3 * PAGE, 2 * PAGE), &[O::Ok]),
+            (
+                dirty_set(A, 8 * PAGE, &[A + 3 * PAGE, A + 4 * PAGE], &[]),
+                &[O::Ok],
+            ),
+            (dirty_set(A, 8 * PAGE, &[], &[]), &[O::Ok]),
+        ],
+    );
+}
+
+#[test]
+fn test_an_async_write_racing_a_move_may_land_on_either_side() {
+    // Steps count from 0: the async fill is step 4.
+    let mut m = Model::new(layout(64));
+    let async_fill = Action::Fill(Guest {
+        vcpu: 1,
+        repeat: 1,
+        is_async: true,
+        command: step::Fill {
+            gpa: Num(A),
+            size: Num(2 * PAGE),
+            seed: Num(9),
+            origin: None,
+        },
+    });
+    let to = A + 64 * PAGE;
+    run(
+        &mut m,
+        &[
+            (plug(A, 4 * PAGE), &[O::Ok]),
+            (plug(to - 8 * PAGE, 16 * PAGE), &[O::Ok]),
+            (unplug(to, 4 * PAGE), &[O::Ok]),
+            (log_on(A, 4 * PAGE), &[O::Ok]),
+        ],
+    );
+    run(&mut m, &[(async_fill, &[O::Ok])]);
+    // In flight: its pages may or may not be dirty yet, and what they hold
+    // is not known.
+    let (must, maybe) = m.dirty_expectation(A, 4 * PAGE).unwrap();
+    assert!(must.is_empty());
+    assert_eq!(maybe, PageSet::from_frames([A / PAGE, A / PAGE + 1]));
+    assert_eq!(m.content_at(A).unwrap().0, guest::Content::Unknown);
+    // The move races it: the write may have landed before (reported at A,
+    // where it was written) or fault on the now unplugged source.
+    run(&mut m, &[(mv(A, 4 * PAGE, to), &[O::Ok])]);
+    let widened = m.take_widenings();
+    assert!(widened.contains(&(4, O::Unplugged)), "{widened:?}");
+    assert_eq!(m.dirty_expectation(A, 4 * PAGE).unwrap().1, maybe);
+    // No slot logs there now: refused, unless the log kept the write.
+    run(
+        &mut m,
+        &[(
+            dirty_set(A, 4 * PAGE, &[], &[A, A + PAGE]),
+            &[O::NotLogging, O::Ok],
+        )],
+    );
+    // New logging memory plugged at A while the write is still in flight:
+    // it may land there, after any report.
+    let plug_logging = Action::Plug(step::Plug {
+        gpa: Num(A),
+        size: Num(4 * PAGE),
+        backing: None,
+        flags: Some(vec!["dirty-log".into()]),
+    });
+    run(&mut m, &[(plug_logging, &[O::Ok])]);
+    assert_eq!(m.content_at(A).unwrap().0, guest::Content::Unknown);
+    assert_eq!(m.dirty_expectation(A, 4 * PAGE).unwrap().1, maybe);
+    run(
+        &mut m,
+        &[(dirty_set(A, 4 * PAGE, &[], &[A, A + PAGE]), &[O::Ok])],
+    );
+    assert_eq!(m.dirty_expectation(A, 4 * PAGE).unwrap().1, maybe);
+    // A set that insists on a racing page is not certain.
+    let mut insist = m.clone();
+    assert_eq!(
+        insist.predict(&dirty_set(A, 4 * PAGE, &[A], &[A + PAGE])),
+        vec![O::Ok, O::DirtyCount]
+    );
+    run(&mut m, &[(Action::Wait(step::Wait { vcpu: 1 }), &[O::Ok])]);
+    run(
+        &mut m,
+        &[(dirty_set(A, 4 * PAGE, &[], &[A, A + PAGE]), &[O::Ok])],
+    );
+    // Collected and reported: nothing is left uncertain.
+    assert_eq!(
+        m.dirty_expectation(A, 4 * PAGE),
+        Some((PageSet::default(), PageSet::default()))
+    );
+}
+
+#[test]
+fn test_an_async_write_racing_a_protect_may_find_it_read_only() {
+    let mut m = Model::new(layout(64));
+    let async_write = Action::Write(Guest {
+        vcpu: 0,
+        repeat: 1,
+        is_async: true,
+        command: step::Write {
+            gpa: Num(A + 8),
+            value: Num(5),
+        },
+    });
+    run(
+        &mut m,
+        &[
+            (plug(A, 4 * PAGE), &[O::Ok]),
+            (async_write, &[O::Ok]),
+            (protect(A, PAGE, Access::Ro), &[O::Ok]),
+        ],
+    );
+    let widened = m.take_widenings();
+    assert!(widened.contains(&(1, O::ReadOnly)), "{widened:?}");
+}
+
+/// Found by the sim tier once it ran DMA: the IOMMU reports a dirty 2 MiB
+/// leaf's every frame, so a device write into THP memory may report the
+/// rest of its 2 MiB region; the written pages must be reported.
+#[test]
+fn test_a_device_write_into_thp_may_report_its_2m_leaf() {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../scenarios/regressions/dma-into-thp-dirties-its-2m-leaf.toml"
+    );
+    let sc = crate::scenario::Scenario::load(std::path::Path::new(path)).unwrap();
+    let mut m = Model::new(layout(64));
+    for s in &sc.steps {
+        assert_eq!(m.predict(&s.action), vec![O::Ok], "{:?}", s.action);
+    }
+    // Without the maybe pages, the report of the whole leaf may fail.
+    let mut m = Model::new(layout(64));
+    for s in &sc.steps[..2] {
+        m.predict(&s.action);
+    }
+    let a = 0x1_0363_d000;
+    let strict = dirty_set(0x1_0360_0000, 2 << 20, &[a, a + PAGE], &[]);
+    assert_eq!(m.predict(&strict), vec![O::Ok, O::DirtyCount]);
+}
+
+#[test]
+fn test_an_async_dma_fill_racing_an_unplug_may_have_dirtied_its_pages() {
+    let mut m = Model::new(layout(64));
+    let fill = Action::DmaFill(Guest {
+        vcpu: 1,
+        repeat: 1,
+        is_async: true,
+        command: step::DmaFill {
+            gpa: Num(A),
+            size: Num(2 * PAGE),
+            value: Num(3),
+        },
+    });
+    run(
+        &mut m,
+        &[
+            (plug(A, 4 * PAGE), &[O::Ok]),
+            (log_on(A, 4 * PAGE), &[O::Ok]),
+            (fill, &[O::Ok]),
+            (unplug(A + PAGE, PAGE), &[O::Ok]),
+        ],
+    );
+    let widened = m.take_widenings();
+    assert!(widened.contains(&(2, O::DmaRevoked)), "{widened:?}");
+    // Written before the unplug, partly, or not at all.
+    let (must, maybe) = m.dirty_expectation(A, 4 * PAGE).unwrap();
+    assert!(must.is_empty(), "{must:?}");
+    assert_eq!(maybe, PageSet::from_frames([A / PAGE, A / PAGE + 1]));
+    assert_eq!(m.content_at(A).unwrap().0, guest::Content::Unknown);
+    run(
+        &mut m,
+        &[
+            (Action::Wait(step::Wait { vcpu: 1 }), &[O::Ok]),
+            (dirty_set(A, 4 * PAGE, &[], &[A, A + PAGE]), &[O::Ok]),
+            (dirty_set(A, 4 * PAGE, &[], &[]), &[O::Ok]),
+        ],
+    );
+}
+
+#[test]
+fn test_an_async_write_nothing_raced_is_certainly_dirty_after_its_wait() {
+    let mut m = Model::new(layout(64));
+    let async_fill = Action::Fill(Guest {
+        vcpu: 1,
+        repeat: 1,
+        is_async: true,
+        command: step::Fill {
+            gpa: Num(A),
+            size: Num(2 * PAGE),
+            seed: Num(9),
+            origin: None,
+        },
+    });
+    run(
+        &mut m,
+        &[
+            (plug(A, 4 * PAGE), &[O::Ok]),
+            (log_on(A, 4 * PAGE), &[O::Ok]),
+            (async_fill, &[O::Ok]),
+            // Elsewhere: no race.
+            (plug(A + 64 * PAGE, PAGE), &[O::Ok]),
+            (dirty_set(A + 64 * PAGE, PAGE, &[], &[]), &[O::NotLogging]),
+        ],
+    );
+    let pages = PageSet::from_frames([A / PAGE, A / PAGE + 1]);
+    assert_eq!(m.dirty_expectation(A, 4 * PAGE).unwrap().1, pages);
+    run(&mut m, &[(Action::Wait(step::Wait { vcpu: 1 }), &[O::Ok])]);
+    assert_eq!(
+        m.dirty_expectation(A, 4 * PAGE),
+        Some((pages, PageSet::default()))
+    );
+    // Missing one of them is a finding now.
+    let mut missing = m.clone();
+    assert_eq!(
+        missing.predict(&dirty_set(A, 4 * PAGE, &[A], &[])),
+        vec![O::DirtyCount]
+    );
 }
 
 /// KVM_MEM_MAX_NR_PAGES per memslot: a larger plug or grow is

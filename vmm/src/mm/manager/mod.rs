@@ -171,6 +171,8 @@ mod dirty_mode;
 mod dirty_tests;
 mod error;
 mod mirror;
+#[cfg(test)]
+mod plug_many_tests;
 mod probe;
 mod sim;
 #[cfg(test)]
