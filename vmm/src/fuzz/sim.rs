@@ -739,6 +739,17 @@ pub fn run_reusing(
     Ok(found)
 }
 
+/// `d` with the exact set and the maybe pages the model predicts (as the
+/// generator writes them), where the range logs dirty pages.
+fn with_expected_set(model: &Model, d: &crate::scenario::step::DirtyPages) -> Action {
+    let mut d = d.clone();
+    if let Some((must, maybe)) = model.dirty_expectation(d.gpa.0, d.size.0) {
+        d.pages = Some(crate::scenario::pages::DirtyWant::Set(must));
+        d.maybe_pages = (!maybe.is_empty()).then_some(maybe);
+    }
+    Action::DirtyPages(d)
+}
+
 /// Runs `actions` on `vm`, in its boot state, as [`run_with`] describes;
 /// `trace` sees every step's outcome and detail.
 pub(super) fn run_on(
@@ -756,6 +767,16 @@ pub(super) fn run_on(
         .then(|| GuardReader::start(vm.memory.clone()));
     let mut model = Model::new(layout);
     for (i, action) in actions.iter().enumerate() {
+        // A dirty read without an expected set (a libFuzzer input's) is
+        // judged against the set the model predicts, as a generated one.
+        let expected;
+        let action = match action {
+            Action::DirtyPages(d) if d.pages.is_none() => {
+                expected = with_expected_set(&model, d);
+                &expected
+            }
+            _ => action,
+        };
         let fault = faults.iter().find(|f| f.0 == i).map(|f| f.1);
         let before = model.clone();
         let mut allowed = model.predict(action);
