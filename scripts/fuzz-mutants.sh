@@ -36,6 +36,13 @@ if [[ " $tiers " == *" libfuzzer "* ]]; then
         RUSTC_BOOTSTRAP=1 cargo fuzz build -O -s none --features mutants \
             --target-dir fuzz/target-mutants memslots >/dev/null
         lf=fuzz/target-mutants/x86_64-unknown-linux-gnu/release/memslots
+        # Without a mutant the corpus must run clean, or every mutant would
+        # look found.
+        if ! "$lf" fuzz/corpus/memslots -runs=0 >"$out/clean.log" 2>&1; then
+            echo "fuzz-mutants.sh: the corpus fails without a mutant:" >&2
+            grep -m1 'finding\|panicked' "$out/clean.log" >&2 || tail -3 "$out/clean.log" >&2
+            exit 1
+        fi
     else
         echo "note: cargo-fuzz is not installed: the libfuzzer tier is skipped" >&2
     fi
@@ -57,6 +64,11 @@ libfuzzer_row() { # MUTANT -> "seconds steps shrunk", or nothing
     end=$(date +%s%N)
     crash=$(ls "$out/$m-"crash-* 2>/dev/null | head -1 || true)
     [ -n "$crash" ] || return 0
+    # The finding is the mutant's only if the input runs clean without it.
+    if "$lf" -runs=1 "$crash" >"$out/$m-check.log" 2>&1; then :; else
+        echo "fuzz-mutants.sh: $m: the crash input fails without the mutant too" >&2
+        return 0
+    fi
     VMM_MUTANT=$m timeout 60 "$lf" -minimize_crash=1 -max_total_time=20 \
         -exact_artifact_path="$out/$m-min" "$crash" >"$out/$m-min.log" 2>&1 || true
     [ -s "$out/$m-min" ] || cp "$crash" "$out/$m-min"
