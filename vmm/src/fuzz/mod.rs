@@ -23,6 +23,7 @@
 //! (real tier) or `vmm fuzz --replay FILE --backend sim` replays; the guide
 //! is `docs/fuzzing.md`.
 
+pub mod args;
 pub mod bytes;
 pub mod campaign;
 pub mod finding;
