@@ -3,7 +3,8 @@
 //! (`GuestBench::with_dirty_log`, which in ring mode attaches each vCPU's
 //! ring as `vmm run` does), the area plugged through
 //! `MemoryManager::apply`, dirty logging switched with
-//! `apply(set_dirty_log)`, pages collected with `MemoryManager::dirty_pages`.
+//! `apply(set_dirty_log)`, pages collected with `MemoryManager::dirty_pages_into`
+//! into a vector kept across collects (raw keeps its list the same way).
 //!
 //! The manager has no separate clear: a report re-protects exactly what it
 //! returns. Bitmap: `KVM_GET_DIRTY_LOG` clears as it reads. Manual: the
@@ -20,7 +21,7 @@ use super::{Area, AREA_BASE};
 use crate::bench::guest::GuestBench;
 use crate::bench::{Backing, FaultsConfig};
 use crate::kvm::memslots::DEFAULT_RING_BYTES;
-use crate::mm::addr::{Gpa, HUGE_2M};
+use crate::mm::addr::{Gfn, Gpa, HUGE_2M};
 use crate::mm::backing::{BackingKind, HostMapping};
 use crate::mm::manager::DirtyLogMode;
 use crate::mm::slot_map::{PlugSpec, SlotFlags};
@@ -37,6 +38,8 @@ const RING_ENTRY_BYTES: u64 = 16;
 pub struct OursVm {
     bench: GuestBench,
     area: Area,
+    /// The report vector, kept across collects as raw keeps its list.
+    pages: Vec<Gfn>,
 }
 
 /// The manager's mode for a bench mode.
@@ -90,7 +93,11 @@ impl OursVm {
                 source,
             })?;
         debug_assert_eq!(bench.memory().dirty_log_mode(), log_mode(mode));
-        Ok(Self { bench, area })
+        Ok(Self {
+            bench,
+            area,
+            pages: Vec::new(),
+        })
     }
 
     /// Runs `commands[i]` on vCPU `i`; returns the time until all finished.
@@ -128,16 +135,15 @@ impl OursVm {
     pub fn collect(&mut self, out: &mut Vec<u64>) -> Result<Duration, DirtyError> {
         out.clear();
         let t = Instant::now();
-        let pages = self
-            .bench
+        self.bench
             .memory()
-            .dirty_pages(Gpa(AREA_BASE), self.area.len())
+            .dirty_pages_into(Gpa(AREA_BASE), self.area.len(), &mut self.pages)
             .map_err(|source| DirtyError::Memory {
                 what: "collecting dirty pages",
                 source,
             })?;
         let took = t.elapsed();
-        out.extend(pages.into_iter().map(|g| g.0));
+        out.extend(self.pages.iter().map(|g| g.0));
         Ok(took)
     }
 

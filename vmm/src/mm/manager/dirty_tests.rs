@@ -471,3 +471,49 @@ fn test_a_rolled_back_move_reports_window_writes_where_the_memory_is_plugged_aft
         }
     }
 }
+
+#[test]
+fn test_dirty_pages_into_replaces_the_callers_vector_and_reuses_its_buffer() {
+    for mode in DirtyLogMode::ALL {
+        let kvm = Arc::new(SimKvm::new().with_dirty_log(mode).with_rings(1, 64));
+        let memory = manager(&kvm);
+        // 70 pages: the bitmap's last word is partly past the slot's end.
+        memory
+            .apply(|m| m.plug(Gpa(0), 70 * P, anon(70), 0, logging()))
+            .unwrap();
+        memory.dirty_pages(Gpa(0), 70 * P).unwrap(); // manual starts all dirty
+        let mut out = Vec::with_capacity(64);
+        out.push(Gfn(999)); // a stale entry from an earlier report
+        let buffer = out.as_ptr();
+        for p in [69, 3, 65] {
+            assert!(write(&kvm, &memory, 0, p), "{mode}");
+        }
+        memory.dirty_pages_into(Gpa(0), 70 * P, &mut out).unwrap();
+        assert_eq!(out, gfns(&[3, 65, 69]), "{mode}: the report, nothing stale");
+        assert_eq!(
+            out.as_ptr(),
+            buffer,
+            "{mode}: the caller's buffer is reused"
+        );
+        // A report over part of the slot keeps the rest for later.
+        for p in [66, 5] {
+            assert!(write(&kvm, &memory, 0, p), "{mode}");
+        }
+        memory.dirty_pages_into(Gpa(0), 64 * P, &mut out).unwrap();
+        assert_eq!(out, gfns(&[5]), "{mode}: inside the range");
+        memory.dirty_pages_into(Gpa(0), 70 * P, &mut out).unwrap();
+        assert_eq!(
+            out,
+            gfns(&[66]),
+            "{mode}: the page kept from the last report"
+        );
+        assert_eq!(out.as_ptr(), buffer, "{mode}");
+        // A failed report leaves the vector empty, not the last report.
+        assert!(matches!(
+            memory.dirty_pages_into(Gpa(100 * P), P, &mut out),
+            Err(MemslotError::NotLogging { .. })
+        ));
+        assert!(out.is_empty(), "{mode}");
+        memory.check_consistency().unwrap();
+    }
+}

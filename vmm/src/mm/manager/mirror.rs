@@ -360,12 +360,16 @@ impl State {
         // One count first, so the pages go in without reallocating.
         dirty.reserve(words.iter().map(|w| w.count_ones() as usize).sum());
         for (w, &word) in words.iter().enumerate() {
-            let mut bits = word;
+            let base = w as u64 * 64;
+            // Bits past the slot's last page (in its last word) are not
+            // pages; masking the word once keeps the per-page loop bare.
+            let mut bits = if base + 64 > pages {
+                word & ((1u64 << (pages - base)) - 1)
+            } else {
+                word
+            };
             while bits != 0 {
-                let page = w as u64 * 64 + u64::from(bits.trailing_zeros());
-                if page < pages {
-                    dirty.push(Gfn(first + page));
-                }
+                dirty.push(Gfn(first + base + u64::from(bits.trailing_zeros())));
                 bits &= bits - 1;
             }
         }
