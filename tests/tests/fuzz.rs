@@ -87,6 +87,11 @@ fn test_fuzz_bad_flags_exit_2() {
         &["fuzz", "--convert", "/nonexistent/input"],
         &["fuzz", "--max-slots", "12", "--steps", "5"],
         &["fuzz", "--seeds", "5..3"],
+        &[
+            "fuzz",
+            "--weights",
+            "plug=0,unplug=0,protect=0,move=0,resize=0,dirty=0,plug-many=0,pins=0,guest=0,dma=0",
+        ],
         &["fuzz", "--seeds", "1..2", "--seed", "3"],
         &[
             "fuzz",

@@ -67,6 +67,41 @@ impl std::str::FromStr for Weights {
             };
             *slot = v;
         }
+        let total = [
+            w.plug,
+            w.unplug,
+            w.protect,
+            w.moves,
+            w.resize,
+            w.dirty,
+            w.plug_many,
+            w.pins,
+            w.guest,
+            w.dma,
+        ]
+        .iter()
+        .fold(0u64, |a, &b| a.saturating_add(b));
+        if total == 0 {
+            return Err(format!(
+                "{s:?}: every weight is 0, so nothing could be generated"
+            ));
+        }
         Ok(w)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_weights_that_are_all_zero_are_refused() {
+        let all_zero =
+            "plug=0,unplug=0,protect=0,move=0,resize=0,dirty=0,plug-many=0,pins=0,guest=0,dma=0";
+        let e = all_zero.parse::<Weights>().unwrap_err();
+        assert!(e.contains("every weight is 0"), "{e}");
+        let dma_only =
+            "plug=0,unplug=0,protect=0,move=0,resize=0,dirty=0,plug-many=0,pins=0,guest=0";
+        assert_eq!(dma_only.parse::<Weights>().unwrap().dma, 6);
     }
 }
