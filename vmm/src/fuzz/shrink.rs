@@ -104,6 +104,31 @@ pub fn shrink(
     best
 }
 
+/// The fields every guest command has, of `a` if it is one: its vCPU,
+/// repeat count and whether it is async.
+fn guest_fields(a: &mut Action) -> Option<(&mut u64, &mut u64, &mut bool)> {
+    macro_rules! fields {
+        ($($v:ident),*) => {
+            match a {
+                $(Action::$v(g) => Some((&mut g.vcpu, &mut g.repeat, &mut g.is_async)),)*
+                _ => None,
+            }
+        };
+    }
+    fields!(
+        Fill,
+        Verify,
+        VerifyConst,
+        Touch,
+        Read,
+        Write,
+        Spin,
+        DmaCopy,
+        DmaFill,
+        DmaChecksum
+    )
+}
+
 /// Simpler versions of an action: one page, half the size, fewer slots of
 /// a plug-many, addresses aligned down to 2 MiB, vCPU 0, no repeat, not
 /// async, default backing and flags.
@@ -175,65 +200,18 @@ pub fn simplify(action: &Action) -> Vec<Action> {
             _ => false,
         }
     });
-    push(&|a| {
-        let mut changed = false;
-        macro_rules! vcpu0 {
-            ($($v:ident),*) => {
-                match a {
-                    $(Action::$v(g) => {
-                        changed = g.vcpu != 0;
-                        g.vcpu = 0;
-                    })*
-                    _ => {}
-                }
-            };
-        }
-        vcpu0!(
-            Fill,
-            Verify,
-            VerifyConst,
-            Touch,
-            Read,
-            Write,
-            Spin,
-            DmaCopy,
-            DmaFill,
-            DmaChecksum
-        );
-        changed
-    });
+    push(&|a| guest_fields(a).is_some_and(|(vcpu, _, _)| std::mem::replace(vcpu, 0) != 0));
     push(&|a| match a {
         Action::Plug(p) => p.backing.take().is_some() | p.flags.take().is_some(),
         Action::Pin(p) => p.write.take().is_some() | p.revocable.take().is_some(),
         _ => false,
     });
     push(&|a| {
-        let mut changed = false;
-        macro_rules! plain {
-            ($($v:ident),*) => {
-                match a {
-                    $(Action::$v(g) => {
-                        changed = g.repeat != 1 || g.is_async;
-                        g.repeat = 1;
-                        g.is_async = false;
-                    })*
-                    _ => {}
-                }
-            };
-        }
-        plain!(
-            Fill,
-            Verify,
-            VerifyConst,
-            Touch,
-            Read,
-            Write,
-            Spin,
-            DmaCopy,
-            DmaFill,
-            DmaChecksum
-        );
-        changed
+        guest_fields(a).is_some_and(|(_, repeat, is_async)| {
+            let changed = *repeat != 1 || *is_async;
+            (*repeat, *is_async) = (1, false);
+            changed
+        })
     });
     out
 }
@@ -317,6 +295,12 @@ mod tests {
         assert!(fill
             .iter()
             .any(|a| matches!(a, Action::Fill(g) if g.vcpu == 0 && g.command.size.0 == 8192)));
+        let repeated = simplify(&parsed(
+            "do = \"fill\"\nrepeat = 3\ngpa = \"4G\"\nsize = \"8K\"\nseed = 3",
+        ));
+        assert!(repeated
+            .iter()
+            .any(|a| matches!(a, Action::Fill(g) if g.repeat == 1 && g.command.size.0 == 8192)));
         assert!([many, all, plug, fill]
             .iter()
             .flatten()
