@@ -170,6 +170,8 @@ mod dirty_mode;
 #[cfg(test)]
 mod dirty_tests;
 mod error;
+#[cfg(test)]
+mod hub_tests;
 mod mirror;
 #[cfg(test)]
 mod plug_many_tests;
