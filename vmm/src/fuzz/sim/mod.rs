@@ -35,7 +35,7 @@ use crate::scenario::Outcome;
 use super::finding::Finding;
 use super::model::{Layout, Model};
 use super::reader::GuardReader;
-use crate::scenario::invariants::{StepInvariants, DEFAULT_PROBE_EVERY};
+use crate::scenario::invariants::{self, StepInvariants, DEFAULT_PROBE_EVERY};
 
 mod reset;
 
@@ -356,25 +356,11 @@ impl SimVm {
         if full && self.locked_pages {
             self.check_locked()?;
         }
+        // The checks both tiers share (`scenario::invariants`), and the one
+        // only the simulated KVM allows: reading its memslots directly.
+        let shared = |v: invariants::Violation| (v.name, v.detail);
+        invariants::map_mirror(&self.memory).map_err(shared)?;
         let registered = self.memory.registered();
-        let expected = self.memory.load().expected_memslots();
-        if expected != registered {
-            let at = expected
-                .iter()
-                .zip(&registered)
-                .position(|(a, b)| a != b)
-                .unwrap_or(expected.len().min(registered.len()));
-            return Err((
-                "map-mirror",
-                format!(
-                    "the map expects {} memslots, the mirror holds {}; first difference: map {:?}, mirror {:?}",
-                    expected.len(),
-                    registered.len(),
-                    expected.get(at),
-                    registered.get(at)
-                ),
-            ));
-        }
         if self.kvm.memslots() != registered {
             return Err((
                 "memslots",
@@ -385,31 +371,8 @@ impl SimVm {
                 ),
             ));
         }
+        invariants::hub_plugged(&self.memory).map_err(shared)?;
         let map = self.memory.load();
-        if registered.len() != map.len() {
-            return Err((
-                "slot-ids",
-                format!(
-                    "{} memslots registered for {} slots",
-                    registered.len(),
-                    map.len()
-                ),
-            ));
-        }
-        let mut merged: Vec<GpaRange> = Vec::new();
-        for s in map.iter() {
-            let r = s.range();
-            match merged.last_mut() {
-                Some(last) if last.end() == r.start() => {
-                    *last = GpaRange::from_bounds(last.start(), r.end()).unwrap_or(*last)
-                }
-                _ => merged.push(r),
-            }
-        }
-        let plugged = self.memory.hub().plugged();
-        if plugged != merged {
-            return Err(("hub-plugged", format!("hub {plugged:?}, map {merged:?}")));
-        }
         self.check_devices_and_kvm()?;
         let charged = self.pins.account().pinned().charged();
         if charged != model.pinned_pages() {
