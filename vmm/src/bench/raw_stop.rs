@@ -8,7 +8,8 @@
 //! where every failure goes:
 //! - [`RawStop::meet`] is the barrier: it returns the abort's reason to every
 //!   thread waiting or arriving once the run is aborted;
-//! - [`RawStop::abort`] keeps the first reason and wakes the barrier;
+//! - [`RawStop::abort`] keeps the first reason and wakes the barrier; a
+//!   party whose thread panics aborts as its [`Participant`] drops;
 //! - [`RawStop::supervise`], on the thread that started the vCPUs, aborts at
 //!   the deadline (`--timeout`) and, once aborted, kicks every vCPU thread
 //!   that has not finished out of `KVM_RUN` with the vCPU kick signal (as
@@ -58,6 +59,11 @@ impl Drop for Participant<'_> {
     fn drop(&mut self) {
         let mut s = self.stop.lock();
         s.finished += 1;
+        if std::thread::panicking() {
+            // The others would wait at the next meeting for ever.
+            s.aborted
+                .get_or_insert_with(|| "a raw baseline thread panicked".into());
+        }
         self.stop.cv.notify_all();
     }
 }
@@ -224,6 +230,26 @@ mod tests {
             assert_eq!(waiter.join().unwrap(), Err("vCPU 2: KVM_RUN failed".into()));
         });
         assert_eq!(stop.meet(), Err("vCPU 2: KVM_RUN failed".into()));
+    }
+
+    #[test]
+    fn test_a_party_that_panics_releases_the_others() {
+        let stop = RawStop::new(2);
+        std::thread::scope(|s| {
+            let waiter = s.spawn(|| {
+                let _p = stop.enter();
+                stop.meet()
+            });
+            let failing = s.spawn(|| {
+                let _p = stop.enter();
+                panic!("a vCPU thread dies");
+            });
+            assert!(failing.join().is_err());
+            assert_eq!(
+                waiter.join().unwrap(),
+                Err("a raw baseline thread panicked".into())
+            );
+        });
     }
 
     #[test]
