@@ -71,6 +71,7 @@ impl Guest {
                 pin_limit: None,
                 hotplug: true,
                 kvm_stats: true,
+                memslot_zap: vmm::kvm::zap::MemslotZap::default(),
             },
             dirty,
         )

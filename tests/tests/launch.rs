@@ -296,6 +296,7 @@ fn test_regression_boot_memory_view_outlives_vm() {
         pin_limit: None,
         hotplug: false,
         kvm_stats: true,
+        memslot_zap: vmm::kvm::zap::MemslotZap::default(),
     })
     .unwrap();
     let boot = vm.boot.clone();

@@ -402,3 +402,58 @@ fn test_scenario_pin_limit_header_sets_the_limit_the_flag_would() {
     assert_eq!(code, Some(2), "{err}");
     assert!(err.contains("pin_limit"), "{err}");
 }
+
+/// KVM's default VM zaps every translation when any memslot is deleted or
+/// moved (the `KVM_X86_QUIRK_SLOT_ZAP_ALL` quirk). The manager turns that off,
+/// so unplugging and moving a slot the guest never touched leaves the
+/// guest's own translations alone; with `--memslot-zap all` the same
+/// timeline zaps shadow pages on every such change.
+#[test]
+fn test_memslot_changes_zap_only_their_slot_unless_asked_for_all() {
+    if !kvm_or_skip("memslot zap policy") {
+        return;
+    }
+    let text = r#"
+[[step]]
+do = "fill"
+gpa = "0x4000_0000"
+size = "1M"
+seed = 3
+
+[[step]]
+do = "plug"
+gpa = "0x1_0000_0000"
+size = "2M"
+
+[[step]]
+do = "move"
+gpa = "0x1_0000_0000"
+size = "2M"
+to = "0x1_0040_0000"
+
+[[step]]
+do = "unplug"
+gpa = "0x1_0040_0000"
+size = "2M"
+
+[[step]]
+do = "verify"
+gpa = "0x4000_0000"
+size = "1M"
+seed = 3
+"#;
+    let zapped = |zap: vmm::kvm::zap::MemslotZap| {
+        let scenario = vmm::scenario::Scenario::parse(text).expect("valid scenario");
+        let cfg = vmm::run::RunConfig {
+            scenario: Some(std::sync::Arc::new(scenario)),
+            memslot_zap: zap,
+            ..config("default", 16 << 20, 1)
+        };
+        let (report, console) = run(&cfg);
+        assert_eq!(report.outcome, "ok", "{console}");
+        assert_eq!(report.memslot_zap, zap.name(), "{console}");
+        report.kvm_stats.vm["mmu_shadow_zapped"]
+    };
+    assert_eq!(zapped(vmm::kvm::zap::MemslotZap::Slot), 0);
+    assert!(zapped(vmm::kvm::zap::MemslotZap::All) > 0);
+}

@@ -329,6 +329,7 @@ fn test_stress_guards_vcpus_and_host_threads_survive_continuous_ops() {
         pin_limit: None,
         hotplug: true,
         kvm_stats: true,
+        memslot_zap: vmm::kvm::zap::MemslotZap::default(),
     })
     .expect("the VM builds");
     let zone_v = vm.ram;

@@ -23,6 +23,7 @@ use crate::boot::memory::{BootMemory, BootMemoryError};
 use crate::boot::tables::{gdt_size, tss_addr, write_boot_tables, TablesError};
 use crate::kvm::memslots::{DirtyLogError, KvmMemslots, DEFAULT_RING_BYTES};
 use crate::kvm::stats::{StatsError, StatsReader};
+use crate::kvm::zap::{MemslotZap, ZapPolicy};
 use crate::mm::addr::{Gpa, GpaRange, HUGE_1G};
 use crate::mm::backing::{BackingError, BackingKind, HostMapping};
 use crate::mm::manager::{DirtyLogMode, MemoryManager, MemslotError};
@@ -138,6 +139,9 @@ pub struct VmSpec {
     /// ([`Vm::read_stats`]); without them the reads return no counters and
     /// a launch saves two fds and the stats descriptors' parsing.
     pub kvm_stats: bool,
+    /// What a memslot move or delete invalidates in KVM's page tables
+    /// ([`crate::kvm::zap`]).
+    pub memslot_zap: MemslotZap,
 }
 
 /// A built VM, ready to run. vCPU fds are handed to threads with
@@ -164,6 +168,9 @@ pub struct Vm {
     pub identity_end: u64,
     /// The guest program's entry point.
     pub entry: Gpa,
+    /// What memslot moves and deletes invalidate here, and why it is not
+    /// what [`VmSpec::memslot_zap`] asked for (if it is not).
+    pub zap_policy: ZapPolicy,
     boot_mapping: Arc<HostMapping>,
     memslots: Arc<KvmMemslots>,
     fd: Arc<VmFd>,
@@ -260,6 +267,8 @@ impl Vm {
         let ram_mapping = Arc::new(HostMapping::new(&spec.backing, spec.mem_size)?);
 
         let vm_fd = Arc::new(kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?);
+        // Before the first memslot: KVM refuses quirk changes after that.
+        let zap_policy = crate::kvm::zap::apply(&vm_fd, spec.memslot_zap);
         let config = SlotMapConfig {
             max_slots: kvm.get_nr_memslots() as u32,
             max_gpa: Gpa(1u64 << phys_bits(&cpuid)),
@@ -313,6 +322,7 @@ impl Vm {
             tsc_khz,
             identity_end,
             entry,
+            zap_policy,
             boot_mapping,
             memslots,
             fd: vm_fd,

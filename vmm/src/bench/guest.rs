@@ -169,6 +169,7 @@ impl GuestBench {
             hotplug: true,
             // The fault counts of every pass come from here.
             kvm_stats: true,
+            memslot_zap: cfg.memslot_zap,
         };
         let mut vm = Vm::with_dirty_log(&spec, dirty)?;
         let size = test.len();
@@ -296,6 +297,11 @@ impl GuestBench {
     /// neighbouring slots, go through it).
     pub fn memory(&self) -> &Arc<crate::mm::manager::MemoryManager> {
         &self.vm.memory
+    }
+
+    /// What memslot moves and deletes invalidate in this VM.
+    pub fn zap_policy(&self) -> crate::kvm::zap::ZapPolicy {
+        self.vm.zap_policy
     }
 
     /// The VM fd, for baselines that issue KVM's ioctls themselves on ids

@@ -198,6 +198,12 @@ pub struct RunArgs {
     /// a power of two from 4K up to what KVM offers, 1M here).
     #[arg(long, value_name = "SIZE", default_value = "64K", value_parser = parse_ring_size)]
     pub dirty_ring_size: u32,
+    /// What a memslot move or delete invalidates in KVM's page tables: slot
+    /// (only that slot's translations) or all (every translation of the VM,
+    /// KVM's default-VM quirk). A host that cannot do `slot` falls back to
+    /// `all`, with the reason under -v.
+    #[arg(long, value_name = "ZAP", value_enum, default_value_t = crate::kvm::zap::MemslotZap::Slot)]
+    pub memslot_zap: crate::kvm::zap::MemslotZap,
     /// Print a JSON report on stdout at the end (console output moves to stderr).
     #[arg(long)]
     pub json: bool,
@@ -229,6 +235,7 @@ impl RunArgs {
             dirty_ring_bytes: self.dirty_ring_size,
             // Nothing reads them when no report is printed.
             kvm_stats: self.json || !self.quiet,
+            memslot_zap: self.memslot_zap,
             dirty_log: scenario
                 .and_then(|s| s.dirty_log.as_deref())
                 .map_or(self.dirty_log, |m| {

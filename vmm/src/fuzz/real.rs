@@ -128,6 +128,7 @@ pub fn run_with_report(
         dirty_ring_bytes: crate::kvm::memslots::DEFAULT_RING_BYTES,
         // The oracle reads the scenario's outcomes, not KVM's counters.
         kvm_stats: false,
+        memslot_zap: crate::kvm::zap::MemslotZap::default(),
     };
     let report =
         run::run(&config, Box::new(std::io::sink())).map_err(|e| RealError::Run(e.to_string()))?;

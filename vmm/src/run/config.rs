@@ -72,6 +72,8 @@ pub struct RunConfig {
     /// `pf_fixed`). `vmm run -q` without `--json` prints no report and
     /// turns them off: the launch then opens no stats fds.
     pub kvm_stats: bool,
+    /// What a memslot move or delete invalidates in KVM's page tables.
+    pub memslot_zap: crate::kvm::zap::MemslotZap,
 }
 
 impl RunConfig {
@@ -90,6 +92,7 @@ impl RunConfig {
             dirty_log: crate::mm::manager::DirtyLogMode::Bitmap,
             dirty_ring_bytes: crate::kvm::memslots::DEFAULT_RING_BYTES,
             kvm_stats: true,
+            memslot_zap: crate::kvm::zap::MemslotZap::Slot,
         }
     }
 }

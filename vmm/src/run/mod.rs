@@ -88,9 +88,10 @@ pub fn run_with(
         // The console is the run's output; a failed write only loses a line.
         let _ = writeln!(
             console,
-            "[vmm] memslots via {}; dirty log {}{ring}",
+            "[vmm] memslots via {}; dirty log {}{ring}; memslot zap {}",
             m.memslot_ioctl(),
-            config.dirty_log
+            config.dirty_log,
+            vm.zap_policy
         );
     }
     let devices = Devices::attach(&vm, config.may_use_devices())?;
@@ -173,6 +174,7 @@ fn build_vm(config: &RunConfig) -> Result<Vm, RunError> {
         pin_limit: config.pin_limit,
         hotplug: config.scenario.is_some(),
         kvm_stats: config.kvm_stats,
+        memslot_zap: config.memslot_zap,
     };
     let dirty = crate::vm::DirtyLogConfig {
         mode: config.dirty_log,
@@ -295,6 +297,7 @@ struct VmFacts {
     stats: (Counters, Counters),
     tsc_khz: u32,
     pins: PinStats,
+    zap_policy: crate::kvm::zap::ZapPolicy,
 }
 
 impl VmFacts {
@@ -304,6 +307,7 @@ impl VmFacts {
             stats: vm.read_stats().unwrap_or_default(),
             tsc_khz: vm.tsc_khz,
             pins: vm.pins.snapshot(),
+            zap_policy: vm.zap_policy,
         }
     }
 }
@@ -333,6 +337,7 @@ fn build_report(
         exits,
         stats: vm.stats,
         tsc_khz: vm.tsc_khz,
+        zap_policy: vm.zap_policy,
         pins: vm.pins,
         dma: devices.dma,
         stage2: devices.stage2,

@@ -48,6 +48,9 @@ pub struct RunReport {
     pub vcpu_count: u64,
     /// Dirty-log mode: bitmap, manual or ring.
     pub dirty_log: crate::mm::manager::DirtyLogMode,
+    /// What memslot moves and deletes invalidated: `slot` or `all`, with
+    /// the reason when `--memslot-zap slot` was not available.
+    pub memslot_zap: String,
     /// Guest TSC frequency.
     pub tsc_khz: u32,
     /// Phase timings.
@@ -79,6 +82,7 @@ pub(super) struct Parts<'a> {
     pub exits: BTreeMap<&'static str, u64>,
     pub stats: (BTreeMap<String, u64>, BTreeMap<String, u64>),
     pub tsc_khz: u32,
+    pub zap_policy: crate::kvm::zap::ZapPolicy,
     pub pins: PinStats,
     pub dma: DmaReport,
     pub stage2: Stage2Report,
@@ -101,6 +105,7 @@ impl RunReport {
             backing: p.config.backing.to_string(),
             vcpu_count: p.config.vcpus,
             dirty_log: p.config.dirty_log,
+            memslot_zap: p.zap_policy.to_string(),
             tsc_khz: p.tsc_khz,
             timings: Timings {
                 setup_ms: ms(p.setup),

@@ -524,6 +524,9 @@ pub struct FaultsConfig {
     /// --vcpus when larger), --size per vCPU, one table for every backing.
     #[arg(long)]
     pub scaling: bool,
+    /// What a memslot move or delete invalidates in KVM's page tables: slot or all (KVM's default-VM quirk).
+    #[arg(long, value_name = "ZAP", value_enum, default_value_t = crate::kvm::zap::MemslotZap::Slot)]
+    pub memslot_zap: crate::kvm::zap::MemslotZap,
 }
 
 impl FaultsConfig {
@@ -552,6 +555,7 @@ impl FaultsConfig {
             uffd_handlers: 1,
             handler_delay: Duration::ZERO,
             scaling: false,
+            memslot_zap: crate::kvm::zap::MemslotZap::Slot,
         }
     }
 

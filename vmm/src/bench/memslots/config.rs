@@ -149,6 +149,9 @@ pub struct MemslotsArgs {
     /// How the raw loop moves a slot: kvm-move (one KVM_SET_USER_MEMORY_REGION with the new address, KVM_MR_MOVE, as KVM's test) or delete-create (two calls, as the memory manager issues).
     #[arg(long, value_enum, default_value = "kvm-move")]
     pub raw_move: RawMove,
+    /// What a memslot move or delete invalidates in KVM's page tables, in both implementations' VMs: slot (only that slot's translations) or all (every translation, KVM's default-VM quirk).
+    #[arg(long, value_name = "ZAP", value_enum, default_value_t = crate::kvm::zap::MemslotZap::Slot)]
+    pub memslot_zap: crate::kvm::zap::MemslotZap,
     /// A JSON report on stdout (the tables move to stderr).
     #[arg(long)]
     pub json: bool,

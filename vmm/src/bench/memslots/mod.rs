@@ -104,6 +104,7 @@ pub fn run_memslots(
         loadavg,
         vcpus: args.vcpus,
         raw_move: args.raw_move,
+        memslot_zap: args.memslot_zap.name(),
         goal_ratio: GOAL_RATIO,
         tests: Vec::new(),
         stress: Vec::new(),
@@ -111,18 +112,23 @@ pub fn run_memslots(
     let _ = writeln!(
         out,
         "bench memslots: KVM memslot_perf_test method, ours (MemoryManager) vs raw ioctls, {} vCPU(s), \
-         {} per implementation and round, {} rounds, raw moves by {}; KVM_CAP_NR_MEMSLOTS {max_slots}; loadavg {}",
+         {} per implementation and round, {} rounds, raw moves by {}, memslot zap {} (both VMs); KVM_CAP_NR_MEMSLOTS {max_slots}; loadavg {}",
         args.vcpus,
         crate::units::fmt_duration(args.time),
         args.rounds,
         args.raw_move,
+        args.memslot_zap,
         report.loadavg
     );
     if args.stress {
         for imp in [Impl::Ours, Impl::Raw] {
-            report
-                .stress
-                .push(stress::run(imp, args.vcpus, args.stress_size, args.time)?);
+            report.stress.push(stress::run(
+                imp,
+                args.vcpus,
+                args.stress_size,
+                args.time,
+                args.memslot_zap,
+            )?);
         }
         report::summary(out, &report);
         return Ok(report);
@@ -178,7 +184,21 @@ fn measure(test: Test, slots: u64, args: &MemslotsArgs) -> Result<TestResult, Me
             [Impl::Raw, Impl::Ours]
         };
         for which in order {
-            let mut rig = Rig::new(test, layout, args.vcpus, which, args.raw_move)?;
+            let mut rig = Rig::new(
+                test,
+                layout,
+                args.vcpus,
+                which,
+                args.raw_move,
+                args.memslot_zap,
+            )?;
+            let policy = rig.zap_policy();
+            if policy.zap != args.memslot_zap {
+                return Err(MemslotsError::Mismatch(format!(
+                    "--memslot-zap {} is not available: {policy}",
+                    args.memslot_zap
+                )));
+            }
             let times = rig.run(args.time, true)?;
             let (into, populate) = match which {
                 Impl::Ours => (&mut ours_times, &mut ours_populate),

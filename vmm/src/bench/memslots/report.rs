@@ -118,6 +118,9 @@ pub struct MemslotsReport {
     pub vcpus: u64,
     /// How the raw loop moved slots.
     pub raw_move: super::config::RawMove,
+    /// What memslot moves and deletes invalidated in both VMs: `slot` or
+    /// `all` (`--memslot-zap`).
+    pub memslot_zap: &'static str,
     /// The goal ratio.
     pub goal_ratio: f64,
     /// Per test and slot count.
@@ -267,6 +270,7 @@ mod tests {
             loadavg: String::new(),
             vcpus: 1,
             raw_move: super::super::config::RawMove::KvmMove,
+            memslot_zap: "slot",
             goal_ratio: GOAL_RATIO,
             tests: Vec::new(),
             stress: vec![

@@ -17,6 +17,7 @@ use super::target::{raw_add_delete, Ours, Raw, Target};
 use super::workload::{Impl, AREA_BASE};
 use crate::bench::guest::GuestBench;
 use crate::bench::{Backing, FaultsConfig};
+use crate::kvm::zap::MemslotZap;
 use crate::mm::addr::{Gpa, GpaRange, HUGE_2M, PAGE_SIZE};
 use crate::mm::backing::{BackingKind, HostMapping};
 use crate::mm::slot_map::SlotFlags;
@@ -47,9 +48,11 @@ pub fn run(
     vcpus: u64,
     size: u64,
     time: Duration,
+    zap: MemslotZap,
 ) -> Result<StressResult, MemslotsError> {
     let mut cfg = FaultsConfig::small(HUGE_2M, Backing::ANON);
     cfg.vcpus = vcpus;
+    cfg.memslot_zap = zap;
     let test_range = Arc::new(HostMapping::new(&BackingKind::Anon, HUGE_2M)?);
     let mut bench = GuestBench::new(&cfg, test_range, &[])?;
     let pages = size / PAGE_SIZE * vcpus;

@@ -24,6 +24,7 @@ use super::layout::SlotLayout;
 use super::target::{Ours, Raw, Target};
 use crate::bench::guest::GuestBench;
 use crate::bench::{Backing, BenchError, FaultsConfig};
+use crate::kvm::zap::{MemslotZap, ZapPolicy};
 use crate::mm::addr::{Gpa, GpaRange, HUGE_2M, PAGE_SIZE};
 use crate::mm::backing::{BackingKind, HostMapping};
 use crate::plan::Command;
@@ -112,9 +113,11 @@ impl Rig {
         vcpus: u64,
         imp: Impl,
         raw_move: RawMove,
+        zap: MemslotZap,
     ) -> Result<Self, MemslotsError> {
         let mut cfg = FaultsConfig::small(HUGE_2M, Backing::ANON);
         cfg.vcpus = vcpus;
+        cfg.memslot_zap = zap;
         let test_range = Arc::new(HostMapping::new(&BackingKind::Anon, HUGE_2M)?);
         let bench = GuestBench::new(&cfg, test_range, &[])?;
         let mut target: Box<dyn Target> = match imp {
@@ -139,6 +142,11 @@ impl Rig {
             test,
             populate,
         })
+    }
+
+    /// What memslot moves and deletes invalidate in this rig's VM.
+    pub fn zap_policy(&self) -> ZapPolicy {
+        self.bench.zap_policy()
     }
 
     /// The 50 pages the guest writes in the move tests, and the last
