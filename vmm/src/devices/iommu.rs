@@ -231,6 +231,24 @@ impl Subscriber for State {
     }
 
     fn invalidate_end(&self, _range: GpaRange) {}
+
+    fn reshaped(&self, range: GpaRange) {
+        // A 2 MiB leaf is filled only where the aligned 2 MiB lies in one
+        // slot (rule 4); split any that a new boundary cuts, keeping its
+        // translation, permissions and A/D bits, so device writes are
+        // tracked per page on each side of it.
+        for edge in [range.start(), range.end()] {
+            if edge.is_aligned(HUGE_2M) {
+                continue; // no 2 MiB leaf straddles it
+            }
+            // Down to the 4 KiB leaf at `edge` (or none: nothing cached).
+            while let Ok(size) = self.table.split(edge) {
+                if size == PageSize::Size4K {
+                    break;
+                }
+            }
+        }
+    }
 }
 
 /// A software IOMMU over the VM's guest memory; see the module docs.
@@ -475,11 +493,9 @@ impl Iommu {
             gpa,
             access: Access::Read,
         };
-        let slot = guard.range();
         let base = gpa.align_down(HUGE_2M);
         if let Some(region) = GpaRange::new(base, HUGE_2M) {
-            let inside = slot.start() <= region.start() && region.end() <= slot.end();
-            if inside && self.huge_backed(guard, gpa) {
+            if self.huge_backed(guard, gpa, region) {
                 let hva = guard.hva(base, HUGE_2M).map_err(|_| unplugged())?;
                 if hva.is_aligned(HUGE_2M) {
                     return Ok((region, hva, PageSize::Size2M));
@@ -493,14 +509,25 @@ impl Iommu {
         Ok((page, hva, PageSize::Size4K))
     }
 
-    /// Whether the guarded slot's backing is THP or hugetlb. The guard does
-    /// not carry the backing; the published map's slot of the same generation
-    /// does (a snapshot without it means the slot changed: use 4 KiB).
-    fn huge_backed(&self, guard: &SlotRef<'_>, gpa: Gpa) -> bool {
+    /// Whether `region` (the 2 MiB around `gpa`) may be one leaf: it lies
+    /// inside the guarded slot, and inside that slot as the published map
+    /// holds it now, whose backing is THP or hugetlb. The guard does not
+    /// carry the backing; the published map's slot of the same generation
+    /// does (a snapshot without it means the slot changed: use 4 KiB). Its
+    /// range may be smaller than the guard's when a dirty-log switch split
+    /// the slot in place meanwhile (the hub's `reshaped` bracket makes a
+    /// fill that read the older map retry).
+    fn huge_backed(&self, guard: &SlotRef<'_>, gpa: Gpa, region: GpaRange) -> bool {
+        let inside = |r: GpaRange| r.start() <= region.start() && region.end() <= r.end();
         let map = self.memory.load();
-        map.lookup(gpa)
-            .filter(|s| s.generation() == guard.generation())
-            .is_some_and(|s| matches!(s.mapping().kind(), BackingKind::Thp | BackingKind::Hugetlb))
+        inside(guard.range())
+            && map
+                .lookup(gpa)
+                .filter(|s| s.generation() == guard.generation())
+                .is_some_and(|s| {
+                    inside(s.range())
+                        && matches!(s.mapping().kind(), BackingKind::Thp | BackingKind::Hugetlb)
+                })
     }
 
     /// The guest frames in `range` written by devices since they were last
@@ -662,6 +689,40 @@ mod tests {
         assert_eq!(t.page_size, PageSize::Size2M);
         assert_eq!(t.hva.0, mem.hva().0 + 0x20_1008);
         assert_eq!(iommu.stats().huge_fills, 1);
+    }
+
+    /// Dirty logging over two pages of a THP slot splits the memslot in
+    /// place: the 2 MiB leaf the device had is split at the new boundaries
+    /// (its translation kept), so a device write dirties one page, and a
+    /// new fill there is 4 KiB.
+    #[test]
+    fn test_logging_part_of_a_thp_slot_splits_its_2m_leaf() {
+        let (memory, mem, iommu) = setup(BackingKind::Thp, 0x40_0000, SlotFlags::NONE);
+        let at = Gpa(BASE.0 + 0x20_1000);
+        assert_eq!(
+            iommu.translate(at, Access::Read).unwrap().page_size,
+            PageSize::Size2M
+        );
+        memory
+            .apply(|m| m.set_dirty_log(at, 2 * PAGE_SIZE, true))
+            .unwrap();
+        let t = iommu.translate(at, Access::Write).unwrap();
+        assert_eq!(
+            (t.page_size, t.hva.0),
+            (PageSize::Size4K, mem.hva().0 + 0x20_1000)
+        );
+        // The rest of the old leaf still translates, page by page.
+        let next = iommu
+            .translate(Gpa(BASE.0 + 0x3f_f000), Access::Read)
+            .unwrap();
+        assert_eq!(next.page_size, PageSize::Size4K);
+        let dirty = iommu.take_dirty(range(BASE, 0x40_0000)).unwrap();
+        assert_eq!(dirty, [Gfn(at.0 / PAGE_SIZE)]);
+        // The other 2 MiB of the slot is untouched by the split: still huge.
+        assert_eq!(
+            iommu.translate(BASE, Access::Read).unwrap().page_size,
+            PageSize::Size2M
+        );
     }
 
     #[test]

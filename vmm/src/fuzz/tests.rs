@@ -544,3 +544,21 @@ fn test_a_real_tier_reproducer_carries_its_pin_limit() {
     let text = sc.to_toml();
     assert!(text.contains("pin_limit = \"4096p\""), "{text}");
 }
+
+/// Found by the sim tier: dirty logging switched on over part of a THP slot
+/// that the device reads had mapped with one 2 MiB IOMMU leaf; a device
+/// write then dirtied the whole leaf, beyond the logging slot.
+#[test]
+fn test_a_logging_split_of_a_thp_slot_keeps_device_dirty_pages_exact() {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../scenarios/regressions/logging-split-cuts-a-2m-iommu-leaf.toml"
+    );
+    let sc = Scenario::load(std::path::Path::new(path)).unwrap();
+    let actions: Vec<Action> = sc.steps.iter().map(|s| s.action.clone()).collect();
+    let l = Layout {
+        vcpus: 1,
+        ..layout()
+    };
+    assert_eq!(super::sim::run(&l, &actions).unwrap(), None);
+}

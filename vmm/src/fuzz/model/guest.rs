@@ -95,10 +95,15 @@ impl Model {
         ))
     }
 
-    fn set(&mut self, key: (usize, u64), c: Content) {
+    pub(super) fn set(&mut self, key: (usize, u64), c: Content) {
         // An async write may land before or after later steps: what the
-        // page holds is not known.
-        let c = if self.in_async { Content::Unknown } else { c };
+        // page holds is not known until its `wait` (if nothing raced it).
+        let c = if self.in_async {
+            self.async_writes.push((key, c));
+            Content::Unknown
+        } else {
+            c
+        };
         if c == Content::Zero {
             self.contents.remove(&key);
         } else {

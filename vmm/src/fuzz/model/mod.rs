@@ -89,6 +89,9 @@ struct Pending {
     /// The frames it logs (a vCPU's) or dirties (a device's) if nothing
     /// races it: maybe dirty until its `wait`.
     frames: Vec<u64>,
+    /// What it writes if nothing races it: host page -> content, known
+    /// once its `wait` collects it.
+    writes: Vec<((usize, u64), Content)>,
     /// Something raced it (a memory op, a dirty-log switch or report, or
     /// another command over its range): what it did is not known.
     raced: bool,
@@ -127,6 +130,8 @@ pub struct Model {
     in_async: bool,
     /// The frames the async command being predicted logs or dirties.
     async_frames: Vec<u64>,
+    /// What the async command being predicted writes, if nothing races it.
+    async_writes: Vec<((usize, u64), Content)>,
 }
 
 /// The outcomes of a `dirty-pages` expecting `want` (and `want_maybe`)
@@ -215,6 +220,7 @@ impl Model {
             widen: Vec::new(),
             in_async: false,
             async_frames: Vec::new(),
+            async_writes: Vec::new(),
         }
     }
 
@@ -473,8 +479,15 @@ impl Model {
             },
             Action::Wait(w) => {
                 // Nothing raced it: it did what the model predicted at its
-                // issue, and the frames it wrote are certainly dirty now.
+                // issue, so the pages it wrote hold what it wrote (unless a
+                // later command wrote them again), and the frames it wrote
+                // are certainly dirty now.
                 if let Some(p) = self.pending.remove(&w.vcpu).filter(|p| !p.raced) {
+                    for (key, c) in p.writes {
+                        if self.contents.get(&key) == Some(&Content::Unknown) {
+                            self.set(key, c);
+                        }
+                    }
                     for f in p.frames {
                         if p.dma {
                             self.device_maybe.remove(&f);
@@ -506,6 +519,7 @@ impl Model {
                 let set = self.guest(action);
                 self.in_async = false;
                 let frames = std::mem::take(&mut self.async_frames);
+                let writes = std::mem::take(&mut self.async_writes);
                 // Another vCPU's async write in flight over this command's
                 // range may land after it.
                 if let Some(range) = guest::range_of(action) {
@@ -525,6 +539,7 @@ impl Model {
                                 dma,
                                 write: guest::writes(action),
                                 frames,
+                                writes,
                                 raced: false,
                             },
                         );

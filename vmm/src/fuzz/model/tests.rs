@@ -645,6 +645,44 @@ fn test_an_async_write_nothing_raced_is_certainly_dirty_after_its_wait() {
         missing.predict(&dirty_set(A, 4 * PAGE, &[A], &[])),
         vec![O::DirtyCount]
     );
+    // And its pages hold what it wrote: a verify with its seed must pass,
+    // one with another seed must fail (while in flight either was allowed).
+    run(
+        &mut m,
+        &[
+            (verify(A, 2 * PAGE, 9, None), &[O::Ok]),
+            (verify(A, 2 * PAGE, 8, None), &[O::Mismatch]),
+        ],
+    );
+}
+
+#[test]
+fn test_an_async_write_raced_by_a_move_leaves_its_pages_unknown_after_its_wait() {
+    let mut m = Model::new(layout(64));
+    let async_fill = Action::Fill(Guest {
+        vcpu: 1,
+        repeat: 1,
+        is_async: true,
+        command: step::Fill {
+            gpa: Num(A),
+            size: Num(2 * PAGE),
+            seed: Num(9),
+            origin: None,
+        },
+    });
+    let to = A + 64 * PAGE;
+    run(
+        &mut m,
+        &[
+            (plug(A, 4 * PAGE), &[O::Ok]),
+            (async_fill, &[O::Ok]),
+            (mv(A, 4 * PAGE, to), &[O::Ok]),
+        ],
+    );
+    run(&mut m, &[(Action::Wait(step::Wait { vcpu: 1 }), &[O::Ok])]);
+    // The fill may have landed before the move (and moved with the memory)
+    // or faulted after it: what the pages hold is not known.
+    assert_eq!(m.content_at(to).unwrap().0, guest::Content::Unknown);
 }
 
 /// KVM_MEM_MAX_NR_PAGES per memslot: a larger plug or grow is

@@ -536,6 +536,13 @@ impl MemoryManager {
             SlotOp::Resize => Reason::Grow,
             _ => Reason::Plug,
         };
+        // Slots split around memory that stayed: subscribers split what
+        // they cached across the new boundaries.
+        for &(range, kind) in &removed {
+            if matches!(kind, ChangeKind::Unprotected | ChangeKind::DirtyLog { .. }) {
+                self.hub.reshaped(range);
+            }
+        }
         // Every range is announced even if one is refused; the first error
         // (a discard's before an announcement's) is reported.
         let mut announce_error = None;

@@ -562,6 +562,46 @@ impl InvalidationHub {
         Ok(())
     }
 
+    /// Tells the subscribers interested in `range` that memslot boundaries
+    /// now lie at its edges while its memory stayed
+    /// ([`Subscriber::reshaped`]). No translation is taken away, but the
+    /// delivery is bracketed on the sequence count like an invalidation (as
+    /// KVM bumps `mmu_invalidate_seq` around a memslot change): a fault that
+    /// read the count before the new boundaries were published and installs
+    /// after it sees [`retry`](Self::retry), drops what it installed, and
+    /// decides again on the new map.
+    pub fn reshaped(&self, range: GpaRange) {
+        self.reshape(range, true);
+    }
+
+    /// The broken variant the models must catch: the delivery without the
+    /// sequence bracket, so a fault that decided on the old boundaries
+    /// keeps what it installs.
+    #[cfg(all(test, vmm_shuttle))]
+    pub(crate) fn reshaped_unbracketed(&self, range: GpaRange) {
+        self.reshape(range, false);
+    }
+
+    fn reshape(&self, range: GpaRange, bracket: bool) {
+        if range.is_empty() {
+            return;
+        }
+        let (id, recipients) = {
+            let mut st = lock(&self.state);
+            let id = st.next_invalidation;
+            st.next_invalidation += 1;
+            if bracket {
+                self.seq.start(id, range);
+            }
+            (id, st.recipients(range))
+        };
+        // Ends the bracket even if a callback panics.
+        let _clear = bracket.then_some(ClearOnDrop { seq: &self.seq, id });
+        for (entry, clipped) in &recipients {
+            entry.deliver(|s| s.reshaped(*clipped));
+        }
+    }
+
     /// Snapshot for the fault path (KVM's `mmu_invalidate_seq` read +
     /// `smp_rmb`). Resolve after this, then check with [`retry`](Self::retry).
     pub fn read_begin(&self) -> ReadSeq {

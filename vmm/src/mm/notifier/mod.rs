@@ -204,6 +204,14 @@ pub trait Subscriber: Send + Sync {
     /// plugged memory at registration, reported as [`Reason::Plug`]).
     fn memory_added(&self, _range: GpaRange, _reason: Reason) {}
 
+    /// Memslot boundaries moved to the edges of `range` while the memory
+    /// stayed (dirty logging switched, or access widened, over part of a
+    /// slot): every translation stays valid, but one larger than a page
+    /// that straddles an edge now spans two memslots with different flags.
+    /// KVM splits its huge mappings when a memslot starts logging for the
+    /// same reason: dirty state is tracked per mapping.
+    fn reshaped(&self, _range: GpaRange) {}
+
     /// Veto: called before any `invalidate_start` of the change; an `Err`
     /// refuses the whole change (e.g. a pinned DMA buffer in `range`).
     fn check(&self, _range: GpaRange, _reason: Reason) -> Result<(), String> {

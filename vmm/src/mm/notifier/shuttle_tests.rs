@@ -178,3 +178,79 @@ fn test_shuttle_hub_cache_two_lookups_vs_three_invalidations_never_stale() {
         ITERATIONS,
     );
 }
+
+/// A boundary split in place: the writer publishes that a 2 MiB region is
+/// now cut by a memslot boundary, then announces it with `reshaped`, whose
+/// subscriber splits a huge translation it finds. A fault decides the
+/// translation's size from the boundaries it reads (huge while uncut),
+/// installs it under the translation's lock and drops it on `retry`. What is
+/// left at the end must not be huge: with the sequence bracket a fault that
+/// decided before the publish and installs after the split retries; without
+/// it (the broken variant) the huge translation can outlive the split.
+fn reshape_model(bracketed: bool) -> impl Fn() + Send + Sync + 'static {
+    use crate::mm::sync::Mutex;
+
+    /// The cached translation: `Some(true)` is a huge one.
+    struct Splitter(Arc<Mutex<Option<bool>>>);
+    impl super::Subscriber for Splitter {
+        fn invalidate_start(&self, _: super::GpaRange, _: Reason) {}
+        fn invalidate_end(&self, _: super::GpaRange) {}
+        fn reshaped(&self, _: super::GpaRange) {
+            let mut t = lock(&self.0);
+            if *t == Some(true) {
+                *t = Some(false);
+            }
+        }
+    }
+
+    move || {
+        let hub = Arc::new(InvalidationHub::new());
+        let cached = Arc::new(Mutex::new(None));
+        hub.subscribe(
+            super::Interest::All,
+            Arc::new(Splitter(cached.clone())),
+            super::Replay::None,
+        )
+        .unwrap();
+        let cut = Arc::new(AtomicU64::new(0));
+        let fault = {
+            let (hub, cached, cut) = (hub.clone(), cached.clone(), cut.clone());
+            thread::spawn(move || loop {
+                let seq = hub.read_begin();
+                let huge = cut.load(Ordering::SeqCst) == 0;
+                *lock(&cached) = Some(huge);
+                if !hub.retry(seq, page_range()) {
+                    break;
+                }
+                *lock(&cached) = None;
+                thread::yield_now();
+            })
+        };
+        cut.store(1, Ordering::SeqCst);
+        if bracketed {
+            hub.reshaped(page_range());
+        } else {
+            hub.reshaped_unbracketed(page_range());
+        }
+        fault.join().unwrap();
+        assert_ne!(
+            *lock(&cached),
+            Some(true),
+            "a huge translation outlived the boundary that cuts it"
+        );
+    }
+}
+
+#[test]
+fn test_shuttle_reshaped_leaves_no_translation_across_a_new_boundary() {
+    pct(reshape_model(true), ITERATIONS);
+}
+
+#[test]
+fn test_shuttle_reshaped_without_the_sequence_bracket_is_caught() {
+    assert_caught(
+        "a huge translation outlived the boundary that cuts it",
+        BROKEN_ITERATIONS,
+        reshape_model(false),
+    );
+}

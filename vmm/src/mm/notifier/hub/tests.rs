@@ -15,6 +15,7 @@ enum Ev {
     Start(&'static str, GpaRange, Reason),
     End(&'static str, GpaRange),
     Added(&'static str, GpaRange, Reason),
+    Reshaped(&'static str, GpaRange, bool),
     Teardown,
 }
 
@@ -25,6 +26,8 @@ struct Rec {
     name: &'static str,
     log: Log,
     veto: Option<&'static str>,
+    /// For `reshaped`: whether a fault's retry check sees the bracket.
+    hub: std::sync::OnceLock<(Arc<InvalidationHub>, ReadSeq)>,
 }
 
 impl Rec {
@@ -33,6 +36,7 @@ impl Rec {
             name,
             log: Arc::clone(log),
             veto: None,
+            hub: std::sync::OnceLock::new(),
         })
     }
     fn push(&self, ev: Ev) {
@@ -49,6 +53,10 @@ impl Subscriber for Rec {
     }
     fn memory_added(&self, range: GpaRange, reason: Reason) {
         self.push(Ev::Added(self.name, range, reason));
+    }
+    fn reshaped(&self, range: GpaRange) {
+        let retry = self.hub.get().is_some_and(|(h, seq)| h.retry(*seq, range));
+        self.push(Ev::Reshaped(self.name, range, retry));
     }
     fn check(&self, range: GpaRange, _reason: Reason) -> Result<(), String> {
         self.push(Ev::Check(self.name, range));
@@ -127,6 +135,7 @@ fn hub_with_dev_and_pin(pinned: GpaRange) -> (InvalidationHub, Log, Subscription
         name: "pin",
         log: Arc::clone(&log),
         veto: Some("DMA buffer pinned"),
+        hub: std::sync::OnceLock::new(),
     });
     let pin_id = hub
         .subscribe(Interest::Range(pinned), pin, Replay::None)
@@ -590,4 +599,41 @@ fn test_hub_concurrent_subscribe_during_end_gets_matched_pairs() {
             "{evs:?}"
         );
     }
+}
+
+/// `reshaped` reaches the subscribers whose interest overlaps (clipped), and
+/// is bracketed on the sequence count: a fault that read it before sees
+/// `retry` during the delivery and after it, none is left in progress, and
+/// nothing counts as an invalidation start or end.
+#[test]
+fn test_hub_reshaped_is_delivered_clipped_inside_a_sequence_bracket() {
+    let hub = Arc::new(InvalidationHub::new());
+    let log = Log::default();
+    let all = Rec::new("all", &log);
+    let seq = hub.read_begin();
+    let _ = all.hub.set((Arc::clone(&hub), seq));
+    hub.subscribe(Interest::All, all, Replay::None).unwrap();
+    hub.subscribe(
+        Interest::Range(r(0x3000, 0x1000)),
+        Rec::new("high", &log),
+        Replay::None,
+    )
+    .unwrap();
+    hub.subscribe(
+        Interest::Range(r(0x9000, 0x1000)),
+        Rec::new("far", &log),
+        Replay::None,
+    )
+    .unwrap();
+    hub.reshaped(r(0x1000, 0x3000));
+    assert_eq!(
+        *log.lock().unwrap(),
+        vec![
+            Ev::Reshaped("all", r(0x1000, 0x3000), true),
+            Ev::Reshaped("high", r(0x3000, 0x1000), false),
+        ]
+    );
+    assert_eq!(hub.in_progress(), 0);
+    assert!(hub.retry(seq, r(0x1000, 0x1000)));
+    assert!(!hub.retry(hub.read_begin(), r(0x1000, 0x1000)));
 }
