@@ -657,9 +657,16 @@ pub(super) fn run_on(
             let attempted = std::mem::replace(&mut model, before);
             model.pins = pins;
             model.roll_back_from(&attempted);
-        } else if outcome != Outcome::Ok && allowed.contains(&Outcome::Ok) {
-            // An allowed refusal where the model predicted success (host
-            // memory that could not be allocated): nothing changed.
+        } else if outcome != Outcome::Ok
+            && allowed.contains(&Outcome::Ok)
+            && action.guest().is_none()
+            && !matches!(action, Action::DirtyPages(_))
+        {
+            // An allowed refusal of a memory op where the model predicted
+            // success (host memory that could not be allocated): nothing
+            // changed. (A dirty read that reported another allowed set, or
+            // a guest command that met other allowed contents, still took
+            // effect: the log was read and cleared, the pages were touched.)
             model = before;
         }
         let full = matches!(action, Action::Check(_)) || i + 1 == actions.len();
