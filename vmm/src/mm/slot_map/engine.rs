@@ -77,15 +77,35 @@ impl Edit {
 
 impl SlotMap {
     /// Slots overlapping `r`, by GPA, in O(log n + k).
+    ///
+    /// One descent answers the common cases (no slot or one slot
+    /// overlapping, as in every whole-slot move): the last slot starting
+    /// before `r.end()` either ends at or before `r.start()` (then no slot
+    /// overlaps: the ones before it end before it starts) or starts at or
+    /// before `r.start()` (then it is the only one: slots do not overlap).
+    /// Otherwise the range holds a slot's start and the general walk runs
+    /// (one descent for the slot before `r.start()`, one for the range).
+    /// Each descent of `imbl`'s range iterator costs a keyed seek and a
+    /// cursor stack allocation.
     pub(super) fn overlapping(&self, r: GpaRange) -> impl Iterator<Item = &Slot> + '_ {
-        let prev = self
-            .slots
-            .range(..r.start())
-            .next_back()
-            .map(|(_, s)| s)
-            .filter(move |s| s.range.end() > r.start());
-        prev.into_iter()
-            .chain(self.slots.range(r.start()..r.end()).map(|(_, s)| s))
+        let last = self.slots.range(..r.end()).next_back().map(|(_, s)| s);
+        let (few, many) = match last {
+            None => (None, false),
+            Some(s) if s.range.end() <= r.start() => (None, false),
+            Some(s) if s.range.start() <= r.start() => (Some(s), false),
+            Some(_) => (None, true),
+        };
+        let many = many.then(|| {
+            let prev = self
+                .slots
+                .range(..r.start())
+                .next_back()
+                .map(|(_, s)| s)
+                .filter(move |s| s.range.end() > r.start());
+            prev.into_iter()
+                .chain(self.slots.range(r.start()..r.end()).map(|(_, s)| s))
+        });
+        few.into_iter().chain(many.into_iter().flatten())
     }
 
     /// The slot, if any, already backed by host memory `[offset, offset + len)`
