@@ -360,7 +360,6 @@ impl GuardedMap {
         changes: &[MemslotChange],
         bound: Duration,
     ) -> Result<Exclusions<'_>, GuardError> {
-        let started = Instant::now();
         let mut held: Vec<SlotExclusion<'_>> = Vec::new();
         for change in changes {
             let slot = match change {
@@ -377,17 +376,24 @@ impl GuardedMap {
                     }))?;
             held.push(cell.exclude().map_err(GuardError::Cell)?);
         }
+        // The clock starts at the first slot found with readers inside: an
+        // op whose slots are all drained already reads no clock.
+        let mut started: Option<Instant> = None;
         for ex in held
             .iter_mut()
             .filter(|_| !crate::mutants::on("drain-skipped"))
         {
-            let left = bound.saturating_sub(started.elapsed());
+            if ex.is_drained() {
+                continue;
+            }
+            let since = *started.get_or_insert_with(Instant::now);
+            let left = bound.saturating_sub(since.elapsed());
             ex.wait_drained(left).map_err(GuardError::Drain)?;
         }
         Ok(Exclusions {
             map: self,
             held,
-            waited: started.elapsed(),
+            waited: started.map_or(Duration::ZERO, |s| s.elapsed()),
         })
     }
 

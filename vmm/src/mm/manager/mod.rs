@@ -174,6 +174,8 @@ mod error;
 mod hub_tests;
 mod mirror;
 #[cfg(test)]
+mod move_cost_tests;
+#[cfg(test)]
 mod plug_many_tests;
 mod probe;
 mod sim;
@@ -582,7 +584,9 @@ impl MemoryManager {
         .contains(MemslotFlags::LOG_DIRTY_PAGES);
         let logging_after =
             step.op != MemslotOp::Delete && step.spec.flags.contains(MemslotFlags::LOG_DIRTY_PAGES);
-        let window_start = std::time::Instant::now();
+        // The teardown window is timed only where there is one (a logging
+        // slot's delete or logging switched off): no clock read otherwise.
+        let window_start = (logging_before && !logging_after).then(std::time::Instant::now);
         if logging_before && !logging_after && !crate::mutants::on("dirty-harvest-dropped") {
             // The slot as KVM holds it now (a SetFlags step names the new flags).
             let live = match step.op {
@@ -611,8 +615,8 @@ impl MemoryManager {
         // long as KVM may use it.
         let result = unsafe { self.backend.set_memslot(&step.region()) };
         result.map_err(|e| step.failure(FailureCause::Errno(e.errno())))?;
-        if logging_before && !logging_after && st.mode != DirtyLogMode::Ring {
-            st.windows.record(window_start.elapsed());
+        if let Some(start) = window_start.filter(|_| st.mode != DirtyLogMode::Ring) {
+            st.windows.record(start.elapsed());
         }
         if !early {
             st.record(step);

@@ -23,6 +23,9 @@
 //!   `begin` runs the vetoes is either checked or registered after the
 //!   record (then its start comes from the registration).
 //! - `test_loom_hub_replay_*`: replay racing a plug reports it exactly once.
+//! - `wait_idle_model`: a `wait_idle` racing the `end` it waits for is
+//!   woken (`end` notifies only when a waiter is registered); caught when
+//!   `end` looks for waiters before taking the mutex.
 //!
 //! Each model uses a preemption bound of 3; all of them together take well
 //! under a second in a release build.
@@ -103,6 +106,38 @@ fn test_loom_seq_bump_at_start_only_is_caught() {
     assert!(
         caught.is_err(),
         "the model missed a protocol that bumps at start only"
+    );
+}
+
+/// `wait_idle` racing the `end` of the invalidation it waits for: the
+/// waiter must be woken (loom reports a deadlock otherwise). `end` wakes
+/// only when it finds a waiter registered under the mutex.
+fn wait_idle_model(early_waiter_check: bool) {
+    builder(3).check(move || {
+        let mut seq = SeqState::new();
+        seq.early_waiter_check = early_waiter_check;
+        let s = Arc::new(seq);
+        s.start(1, page_range());
+        let waiter = {
+            let s = Arc::clone(&s);
+            thread::spawn(move || s.wait_idle(page_range()))
+        };
+        assert!(s.end(1));
+        waiter.join().unwrap();
+    });
+}
+
+#[test]
+fn test_loom_seq_wait_idle_racing_end_is_woken() {
+    wait_idle_model(false);
+}
+
+#[test]
+fn test_loom_seq_waiter_check_outside_the_mutex_is_caught() {
+    let caught = catch_unwind(AssertUnwindSafe(|| wait_idle_model(true)));
+    assert!(
+        caught.is_err(),
+        "the model missed an end that checks for waiters before locking"
     );
 }
 

@@ -72,8 +72,17 @@ pub(super) struct SeqState {
     in_progress: AtomicUsize,
     /// The exact ranges in progress (KVM keeps their union instead).
     ranges: Mutex<Vec<Running>>,
-    /// Signalled by every `end`, for [`SeqState::wait_idle`].
+    /// Signalled by an `end` that finds a waiter, for [`SeqState::wait_idle`].
     idle: Condvar,
+    /// Threads in [`SeqState::wait_idle`]'s wait; changed and read only
+    /// under `ranges`, so an `end` that finds 0 has no waiter to wake:
+    /// a later waiter takes the mutex after that `end` and sees its range
+    /// gone. (A notify is a futex syscall even with nobody waiting.)
+    waiters: AtomicUsize,
+    /// Broken on purpose (models only): `end` reads `waiters` before it
+    /// takes the mutex, so a waiter arriving in between is never woken.
+    #[cfg(test)]
+    pub(super) early_waiter_check: bool,
 }
 
 /// Locks `m`, ignoring poisoning: every critical section in this module leaves
@@ -89,6 +98,9 @@ impl SeqState {
             in_progress: AtomicUsize::new(0),
             ranges: Mutex::new(Vec::new()),
             idle: Condvar::new(),
+            waiters: AtomicUsize::new(0),
+            #[cfg(test)]
+            early_waiter_check: false,
         }
     }
 
@@ -105,6 +117,10 @@ impl SeqState {
     /// count, then drops the in-progress count. Returns `false` (and changes
     /// nothing) if `id` is not in progress.
     pub(super) fn end(&self, id: u64) -> bool {
+        #[cfg(test)]
+        let early = self
+            .early_waiter_check
+            .then(|| self.waiters.load(Ordering::Relaxed));
         let mut ranges = lock(&self.ranges);
         let Some(pos) = ranges.iter().position(|r| r.id == id) else {
             return false;
@@ -113,8 +129,13 @@ impl SeqState {
         // smp_wmb(): the bump is visible to anyone who sees the decrement.
         self.seq.fetch_add(1, Ordering::Release);
         self.in_progress.fetch_sub(1, Ordering::Release);
+        let waiters = self.waiters.load(Ordering::Relaxed);
+        #[cfg(test)]
+        let waiters = early.unwrap_or(waiters);
         drop(ranges);
-        self.idle.notify_all();
+        if waiters > 0 {
+            self.idle.notify_all();
+        }
         true
     }
 
@@ -150,7 +171,9 @@ impl SeqState {
     pub(super) fn wait_idle(&self, range: GpaRange) {
         let mut ranges = lock(&self.ranges);
         while ranges.iter().any(|r| r.range.overlaps(&range)) {
+            self.waiters.fetch_add(1, Ordering::Relaxed);
             ranges = self.idle.wait(ranges).unwrap_or_else(|e| e.into_inner());
+            self.waiters.fetch_sub(1, Ordering::Relaxed);
         }
     }
 }

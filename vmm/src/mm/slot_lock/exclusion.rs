@@ -24,6 +24,13 @@ impl SlotExclusion<'_> {
         self.cell.id
     }
 
+    /// Whether no reader holds the slot now (the fast path of
+    /// [`wait_drained`](Self::wait_drained): the same Acquire loads of the
+    /// count words; `false` once detached).
+    pub fn is_drained(&self) -> bool {
+        !self.detached && self.cell.drained()
+    }
+
     /// Parks until no reader holds the slot, at most `bound`. Returns how long
     /// it waited. Past the bound, returns [`SlotLockError::DrainTimeout`] with
     /// the readers still inside; the slot stays excluded and attached, so the
@@ -33,11 +40,11 @@ impl SlotExclusion<'_> {
         if self.detached {
             return Err(SlotLockError::Detached { slot: cell.id });
         }
-        let started = Instant::now();
-        // Fast path: nobody inside, no lock taken.
+        // Fast path: nobody inside, no lock taken, no clock read.
         if cell.drained() {
             return Ok(Duration::ZERO);
         }
+        let started = Instant::now();
         let deadline = started.checked_add(bound);
         let mut lock = cell.lock_wait();
         loop {

@@ -31,7 +31,7 @@ use crate::mm::backing::HostMapping;
 use super::error::SlotMapError;
 use super::slot::{Seg, Slot};
 use super::transition::{ChangeKind, Discard, MemslotChange, SlotOp, Transition};
-use super::{host_key, SlotMap};
+use super::{host_key, HostKey, SlotMap};
 
 /// What an op does, before splitting and merging.
 #[derive(Default)]
@@ -45,6 +45,10 @@ pub(super) struct Edit {
     pub(super) added: Vec<GpaRange>,
     /// Chains the inserts start (plugs): numbered from the map's next chain.
     pub(super) new_chains: u64,
+    /// The slots overlapping the windows, by GPA, when the op has already
+    /// looked them up (a move: its source's slots; its destination is
+    /// free): `commit` then does not seek them again.
+    pub(super) touched: Option<Vec<Slot>>,
 }
 
 impl Edit {
@@ -77,34 +81,66 @@ impl Edit {
 
 impl SlotMap {
     /// Slots overlapping `r`, by GPA, in O(log n + k).
+    ///
+    /// One descent answers the common cases (no slot or one slot
+    /// overlapping, as in every whole-slot move): the last slot starting
+    /// before `r.end()` either ends at or before `r.start()` (then no slot
+    /// overlaps: the ones before it end before it starts) or starts at or
+    /// before `r.start()` (then it is the only one: slots do not overlap).
+    /// Otherwise the range holds a slot's start and the general walk runs
+    /// (one descent for the slot before `r.start()`, one for the range).
+    /// Each descent of `imbl`'s range iterator costs a keyed seek and a
+    /// cursor stack allocation.
     pub(super) fn overlapping(&self, r: GpaRange) -> impl Iterator<Item = &Slot> + '_ {
-        let prev = self
-            .slots
-            .range(..r.start())
-            .next_back()
-            .map(|(_, s)| s)
-            .filter(move |s| s.range.end() > r.start());
-        prev.into_iter()
-            .chain(self.slots.range(r.start()..r.end()).map(|(_, s)| s))
+        let last = self.slots.range(..r.end()).next_back().map(|(_, s)| s);
+        let (few, many) = match last {
+            None => (None, false),
+            Some(s) if s.range.end() <= r.start() => (None, false),
+            Some(s) if s.range.start() <= r.start() => (Some(s), false),
+            Some(_) => (None, true),
+        };
+        let many = many.then(|| {
+            let prev = self
+                .slots
+                .range(..r.start())
+                .next_back()
+                .map(|(_, s)| s)
+                .filter(move |s| s.range.end() > r.start());
+            prev.into_iter()
+                .chain(self.slots.range(r.start()..r.end()).map(|(_, s)| s))
+        });
+        few.into_iter().chain(many.into_iter().flatten())
     }
 
-    /// The slot, if any, already backed by host memory `[offset, offset + len)`
-    /// of `mapping`, in O(log n).
+    /// Whether host memory `[offset, offset + len)` of `mapping` already
+    /// backs a slot, in O(log n).
+    pub(super) fn host_in_use(&self, mapping: &Arc<HostMapping>, offset: u64, len: u64) -> bool {
+        let last = host_key(mapping, offset + len - 1);
+        // Host windows of one mapping are disjoint, so only the window starting
+        // last at or before our end can overlap us.
+        self.host
+            .range(..=last)
+            .next_back()
+            .is_some_and(|(key, bytes)| key.0 == last.0 && key.1 + bytes > offset)
+    }
+
+    /// The slot already backed by host memory `[offset, offset + len)` of
+    /// `mapping`, if any: [`host_in_use`](Self::host_in_use), then a walk of
+    /// the slots to name it (O(n), for a refusal's message only).
     pub(super) fn host_user(
         &self,
         mapping: &Arc<HostMapping>,
         offset: u64,
         len: u64,
     ) -> Option<&Slot> {
-        let last = host_key(mapping, offset + len - 1);
-        let (key, gpa) = self.host.range(..=last).next_back()?;
-        if key.0 != last.0 {
+        if !self.host_in_use(mapping, offset, len) {
             return None;
         }
-        // Host windows of one mapping are disjoint, so only the window starting
-        // last at or before our end can overlap us.
-        let slot = self.slots.get(gpa)?;
-        (slot.offset + slot.range.len() > offset).then_some(slot)
+        self.slots.values().find(|s| {
+            Arc::ptr_eq(&s.mapping, mapping)
+                && s.offset < offset + len
+                && offset < s.offset + s.range.len()
+        })
     }
 
     /// Refuses fixed slots among `slots`.
@@ -132,9 +168,24 @@ impl SlotMap {
         // 1. Touched slots and what survives of them outside the windows.
 
         let mut old: BTreeMap<Gpa, Slot> = BTreeMap::new();
-        for w in &edit.windows {
-            for s in self.overlapping(*w) {
-                old.insert(s.range.start(), s.clone());
+        match edit.touched {
+            Some(touched) => {
+                debug_assert!(
+                    touched.iter().map(|s| s.range.start()).eq(edit
+                        .windows
+                        .iter()
+                        .flat_map(|w| self.overlapping(*w))
+                        .map(|s| s.range.start())),
+                    "touched slots differ from the windows' slots"
+                );
+                old.extend(touched.into_iter().map(|s| (s.range.start(), s)));
+            }
+            None => {
+                for w in &edit.windows {
+                    for s in self.overlapping(*w) {
+                        old.insert(s.range.start(), s.clone());
+                    }
+                }
             }
         }
         Self::check_not_fixed(op, old.values())?;
@@ -235,10 +286,15 @@ impl SlotMap {
                 old_flags: old_slot.flags,
             });
         }
+        // Host windows of deleted slots: removed from the host index at the
+        // end unless a create reuses the window (a moved slot), so a move
+        // leaves that index untouched.
+        let mut gone_host: Vec<(HostKey, u64)> = Vec::new();
+        let mut made_host: Vec<(HostKey, u64)> = Vec::new();
         for cluster in clusters(deletes.into_values().collect(), creates) {
             for slot in cluster.deletes {
                 map.slots.remove(&slot.range.start());
-                map.host.remove(&host_key(&slot.mapping, slot.offset));
+                gone_host.push((host_key(&slot.mapping, slot.offset), slot.range.len()));
                 map.ids.release(slot.id);
                 changes.push(MemslotChange::Delete { slot });
             }
@@ -253,12 +309,12 @@ impl SlotMap {
                     chain: p.chain,
                     mapping: p.mapping,
                 };
-                map.host
-                    .insert(host_key(&slot.mapping, slot.offset), slot.range.start());
+                made_host.push((host_key(&slot.mapping, slot.offset), slot.range.len()));
                 map.slots.insert(slot.range.start(), slot.clone());
                 changes.push(MemslotChange::Create { slot });
             }
         }
+        update_host_index(&mut map.host, gone_host, made_host);
         map.rebuild_flat();
         Ok(Transition {
             op: SlotOp::from_name(op),
@@ -274,6 +330,35 @@ impl SlotMap {
         let g = self.next_generation;
         self.next_generation += 1;
         g
+    }
+}
+
+/// Applies a transition's host windows to the host index: `gone` (of the
+/// deleted slots) and `made` (of the created ones), each without duplicate
+/// keys. A window in both with the same size (a slot moved elsewhere in
+/// guest-physical space) is left as it is; the rest of `made` is inserted
+/// (replacing a gone window at the same key), the rest of `gone` removed.
+/// Independent of the order the changes were emitted in.
+fn update_host_index(
+    host: &mut imbl::OrdMap<HostKey, u64>,
+    mut gone: Vec<(HostKey, u64)>,
+    made: Vec<(HostKey, u64)>,
+) {
+    gone.sort_unstable();
+    let mut kept = vec![false; gone.len()];
+    for (key, bytes) in made {
+        if let Ok(i) = gone.binary_search_by(|(k, _)| k.cmp(&key)) {
+            kept[i] = true;
+            if gone[i].1 == bytes {
+                continue;
+            }
+        }
+        host.insert(key, bytes);
+    }
+    for ((key, _), kept) in gone.into_iter().zip(kept) {
+        if !kept {
+            host.remove(&key);
+        }
     }
 }
 
@@ -314,11 +399,9 @@ fn clusters(deletes: Vec<Slot>, creates: Vec<Seg>) -> Vec<Cluster> {
             }
         }
     }
-    let (mut order, growing): (Vec<Cluster>, Vec<Cluster>) = out
-        .into_iter()
-        .partition(|c| c.creates.len() <= c.deletes.len());
-    order.extend(growing);
-    order
+    // Stable: each group keeps GPA order (no allocation for a few clusters).
+    out.sort_by_key(|c| c.creates.len() > c.deletes.len());
+    out
 }
 
 /// Pushes the parts of `slot` outside every window (`windows` sorted).

@@ -173,8 +173,10 @@ pub struct SlotMap {
     config: SlotMapConfig,
     /// Slot start -> slot.
     slots: OrdMap<Gpa, Slot>,
-    /// (mapping, offset) -> slot start, to find who uses host memory.
-    host: OrdMap<HostKey, Gpa>,
+    /// (mapping, offset) -> bytes: the host window of every slot, to find
+    /// whether host memory is in use. It names no guest address, so a
+    /// slot that moves (same mapping, offset and size) leaves it as it is.
+    host: OrdMap<HostKey, u64>,
     ids: IdAlloc,
     next_generation: u64,
     /// The chain the next plug starts (see [`Slot::chain`]).

@@ -531,6 +531,8 @@ impl SlotMap {
                 edit.inserts.push(p);
             }
         }
+        // The windows' slots: the source's (the destination is free).
+        edit.touched = Some(slots);
         self.commit(OP, edit)
     }
 
@@ -641,7 +643,7 @@ impl SlotMap {
         let in_place = end_offset
             .checked_add(grow)
             .is_some_and(|e| e <= last.mapping.len())
-            && self.host_user(&last.mapping, end_offset, grow).is_none();
+            && !self.host_in_use(&last.mapping, end_offset, grow);
         let piece = if in_place {
             Seg {
                 range: added,

@@ -114,7 +114,10 @@ pub(super) fn check_invariants(map: &SlotMap) {
         assert!(ids.insert(s.id), "duplicate id {s:?}");
         assert!(gens.insert(s.generation), "duplicate generation {s:?}");
         assert!(map.ids.is_live(s.id), "{s:?} id not live in allocator");
-        assert_eq!(map.host.get(&host_key(&s.mapping, s.offset)), Some(key));
+        assert_eq!(
+            map.host.get(&host_key(&s.mapping, s.offset)),
+            Some(&s.range.len())
+        );
         if let Some(p) = prev {
             assert!(p.range.end() <= s.range.start(), "{p:?} overlaps {s:?}");
             assert!(

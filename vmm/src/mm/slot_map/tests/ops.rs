@@ -209,6 +209,23 @@ fn test_move_range_keeps_host_memory_at_new_gpa() {
 }
 
 #[test]
+fn test_move_of_whole_slots_leaves_the_host_index_untouched() {
+    // Two slots apart in host memory (no merge); moving one keeps its host
+    // window, so the host index is the very same persistent map.
+    let m = anon(8);
+    let map = plugged(&plugged(&empty(), 0, 2 * P, &m, 0), 2 * P, 2 * P, &m, 4 * P);
+    let t = map.move_range(Gpa(2 * P), 2 * P, Gpa(64 * P)).unwrap();
+    check_transition(&map, &t);
+    assert!(t.map.host.ptr_eq(&map.host));
+    // A move that changes the windows (the moved part splits a slot)
+    // updates it: check_transition checks the index against the slots.
+    let moved = t.map;
+    let t = moved.move_range(Gpa(P), P, Gpa(32 * P)).unwrap();
+    check_transition(&moved, &t);
+    assert_eq!(t.map.host.len(), 3);
+}
+
+#[test]
 fn test_move_range_back_to_origin_merges_again() {
     let m = anon(8);
     let map = plugged(&empty(), 0, 8 * P, &m, 0);

@@ -24,8 +24,7 @@ fn map_with(n: u64, m: &Arc<HostMapping>) -> SlotMap {
             generation: map.bump_generation(),
             chain: i,
         };
-        map.host
-            .insert(host_key(m, slot.offset), slot.range.start());
+        map.host.insert(host_key(m, slot.offset), slot.range.len());
         map.slots.insert(slot.range.start(), slot);
     }
     map.next_chain = n;
