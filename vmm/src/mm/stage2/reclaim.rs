@@ -67,7 +67,82 @@ impl TablePage {
 
     /// Whether every entry is empty.
     pub(crate) fn is_empty(&self) -> bool {
-        self.entries.iter().all(|e| e.load(Ordering::Acquire) == 0)
+        self.used(0, ENTRIES - 1).next().is_none()
+    }
+
+    /// Which entries of the 64 in `block` (entries `64 * block ..`) are not
+    /// empty: bit `i` for entry `64 * block + i`. Every entry is read once
+    /// and tested without a branch, so the test of a sparse page costs
+    /// eight loads a cache line and nothing a branch would (in a fuzzing
+    /// build, a compare callback each).
+    fn occupied(&self, block: usize) -> u64 {
+        let (blocks, _) = self.entries.as_chunks::<64>();
+        let mut mask = 0;
+        for (i, e) in blocks[block].iter().enumerate() {
+            let v = e.load(Ordering::Acquire);
+            // The top bit of `v | -v` is set exactly when `v` is not zero.
+            mask |= ((v | v.wrapping_neg()) >> 63) << i;
+        }
+        mask
+    }
+
+    /// The non-empty entries of `from..=to` (indices below 512, `from <=
+    /// to`), ascending: each index and its value read after the
+    /// emptiness test.
+    ///
+    /// For a holder of the writer lock exclusively (or of an unlinked page
+    /// under it): then no install runs, so an entry read empty stays empty,
+    /// and one read non-empty stays non-empty (walkers only change the
+    /// Accessed/Dirty bits of leaves). The caller reads the slot again
+    /// before it acts on it, as every range operation does.
+    pub(crate) fn used(&self, from: usize, to: usize) -> Used<'_> {
+        let mut used = Used {
+            page: self,
+            block: from / 64,
+            last: to / 64,
+            mask: self.occupied(from / 64) & (!0 << (from % 64)),
+            to,
+        };
+        used.clip();
+        used
+    }
+}
+
+/// The iterator of [`TablePage::used`].
+pub(crate) struct Used<'a> {
+    page: &'a TablePage,
+    /// The block of 64 entries `mask` describes.
+    block: usize,
+    last: usize,
+    /// Its non-empty entries not yet returned.
+    mask: u64,
+    to: usize,
+}
+
+impl Used<'_> {
+    /// Drops from `mask` the entries past `to`, in the last block.
+    fn clip(&mut self) {
+        if self.block == self.last && self.to % 64 != 63 {
+            self.mask &= (1 << (self.to % 64 + 1)) - 1;
+        }
+    }
+}
+
+impl Iterator for Used<'_> {
+    type Item = (usize, u64);
+
+    fn next(&mut self) -> Option<(usize, u64)> {
+        while self.mask == 0 {
+            if self.block >= self.last {
+                return None;
+            }
+            self.block += 1;
+            self.mask = self.page.occupied(self.block);
+            self.clip();
+        }
+        let i = self.block * 64 + self.mask.trailing_zeros() as usize;
+        self.mask &= self.mask - 1;
+        Some((i, self.page.entries[i].load(Ordering::Acquire)))
     }
 }
 
