@@ -13,7 +13,7 @@ use crossbeam_epoch::{self as epoch, Guard};
 
 use super::entry::{
     gpa_fits, level_index, Access, Decoded, Entry, Leaf, PageSize, Perms, ACCESSED, DIRTY,
-    FRAME_LIMIT, GPA_LIMIT, ROOT_LEVEL,
+    FRAME_LIMIT, FRAME_MASK, GPA_LIMIT, ROOT_LEVEL,
 };
 use super::reclaim::{self, PageCounters, ReclaimStats, TablePage};
 use super::{slot, Stage2Error};
@@ -260,6 +260,15 @@ impl Stage2Table {
             loop {
                 let slot = table.slot(level_index(gpa.0, level));
                 let raw = slot::read(slot);
+                // The common case above the leaf level, a table entry as
+                // `Entry::table` writes it, in one test: what `decode` would
+                // return as `Table` (a leaf needs LARGE or level 1).
+                if level > 1 && raw & !FRAME_MASK == Entry::table(0).0 {
+                    // SAFETY: `raw` is a table pointer read while pinned.
+                    table = unsafe { reclaim::page_at(raw & FRAME_MASK, &guard) };
+                    level -= 1;
+                    continue;
+                }
                 match Entry(raw).decode(level) {
                     Decoded::Empty => return None,
                     Decoded::Frozen => {
