@@ -78,18 +78,18 @@ impl TablePage {
     /// compare callback: the test of every entry of a page was most of a
     /// teardown's time there).
     fn occupied(&self, block: usize) -> u64 {
-        let (blocks, _) = self.entries.as_chunks::<64>();
-        let (lines, _) = blocks[block].as_chunks::<8>();
-        let ors: [u64; 8] = std::array::from_fn(|l| {
-            lines[l]
+        let entries = &self.entries[block * 64..][..64];
+        let mut ors = [0u64; 8];
+        for (or, line) in ors.iter_mut().zip(entries.chunks_exact(8)) {
+            *or = line
                 .iter()
-                .fold(0, |acc, e| acc | e.load(Ordering::Acquire))
-        });
+                .fold(0, |acc, e| acc | e.load(Ordering::Acquire));
+        }
         if ors.iter().fold(0, |acc, v| acc | v) == 0 {
             return 0;
         }
         let mut mask = 0;
-        for (l, line) in lines.iter().enumerate() {
+        for (l, line) in entries.chunks_exact(8).enumerate() {
             if ors[l] == 0 {
                 continue;
             }

@@ -690,7 +690,7 @@ fn test_page_used_finds_every_non_empty_entry_of_any_range() {
     ];
     for &i in &filled {
         page.slot(i).store(
-            0x1000 * (i as u64 + 1) | READ,
+            (0x1000 * (i as u64 + 1)) | READ,
             std::sync::atomic::Ordering::Relaxed,
         );
     }
@@ -702,7 +702,7 @@ fn test_page_used_finds_every_non_empty_entry_of_any_range() {
         for &to in bounds.iter().filter(|&&to| to >= from) {
             let want: Vec<(usize, u64)> = (from..=to)
                 .filter(|i| filled.contains(i))
-                .map(|i| (i, 0x1000 * (i as u64 + 1) | READ))
+                .map(|i| (i, (0x1000 * (i as u64 + 1)) | READ))
                 .collect();
             let got: Vec<(usize, u64)> = page.used(from, to).collect();
             assert_eq!(got, want, "used({from}, {to})");
