@@ -70,13 +70,14 @@ impl TablePage {
         self.used(0, ENTRIES - 1).next().is_none()
     }
 
-    /// Which entries of the 64 in `block` (entries `64 * block ..`) are not
-    /// empty: bit `i` for entry `64 * block + i`. Each cache line of eight
-    /// entries is OR-ed together first, so an empty block costs one test
-    /// and a sparse one a test per line and per entry of its used lines,
-    /// not one per entry (a test is a branch, and in a fuzzing build a
-    /// compare callback: the test of every entry of a page was most of a
-    /// teardown's time there).
+    /// Which cache lines of the 64 entries in `block` (entries `64 * block
+    /// ..`) hold a non-empty entry, as a mask of their entries: bits
+    /// `8 * l .. 8 * l + 8` set when line `l` does. Each line's eight
+    /// entries are OR-ed together, so an empty block costs one test and a
+    /// sparse one a test per line, not one per entry (a test is a branch,
+    /// and in a fuzzing build a compare callback: testing every entry of a
+    /// page was most of a teardown's time there), and a dense one little
+    /// more than the loads.
     fn occupied(&self, block: usize) -> u64 {
         let entries = &self.entries[block * 64..][..64];
         let mut ors = [0u64; 8];
@@ -89,28 +90,23 @@ impl TablePage {
             return 0;
         }
         let mut mask = 0;
-        for (l, line) in entries.chunks_exact(8).enumerate() {
-            if ors[l] == 0 {
-                continue;
-            }
-            for (i, e) in line.iter().enumerate() {
-                if e.load(Ordering::Acquire) != 0 {
-                    mask |= 1 << (l * 8 + i);
-                }
+        for (l, &or) in ors.iter().enumerate() {
+            if or != 0 {
+                mask |= 0xff << (l * 8);
             }
         }
         mask
     }
 
-    /// The non-empty entries of `from..=to` (indices below 512, `from <=
-    /// to`), ascending: each index and its value read after the
-    /// emptiness test.
+    /// The indices in `from..=to` (below 512, `from <= to`) of every entry
+    /// of every cache line that holds a non-empty entry, ascending: all the
+    /// non-empty entries, and the empty ones sharing their lines (callers
+    /// read and decode each slot, so an empty one is passed over there).
     ///
     /// For a holder of the writer lock exclusively (or of an unlinked page
-    /// under it): then no install runs, so an entry read empty stays empty,
-    /// and one read non-empty stays non-empty (walkers only change the
-    /// Accessed/Dirty bits of leaves). The caller reads the slot again
-    /// before it acts on it, as every range operation does.
+    /// under it): then no install runs, so an entry read empty stays empty
+    /// and a line left out has nothing to act on; walkers only change the
+    /// Accessed/Dirty bits of leaves.
     pub(crate) fn used(&self, from: usize, to: usize) -> Used<'_> {
         let mut used = Used {
             page: self,
@@ -130,7 +126,7 @@ pub(crate) struct Used<'a> {
     /// The block of 64 entries `mask` describes.
     block: usize,
     last: usize,
-    /// Its non-empty entries not yet returned.
+    /// Its entries not yet returned.
     mask: u64,
     to: usize,
 }
@@ -145,9 +141,9 @@ impl Used<'_> {
 }
 
 impl Iterator for Used<'_> {
-    type Item = (usize, u64);
+    type Item = usize;
 
-    fn next(&mut self) -> Option<(usize, u64)> {
+    fn next(&mut self) -> Option<usize> {
         while self.mask == 0 {
             if self.block >= self.last {
                 return None;
@@ -158,7 +154,7 @@ impl Iterator for Used<'_> {
         }
         let i = self.block * 64 + self.mask.trailing_zeros() as usize;
         self.mask &= self.mask - 1;
-        Some((i, self.page.entries[i].load(Ordering::Acquire)))
+        Some(i)
     }
 }
 
