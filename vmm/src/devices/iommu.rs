@@ -353,16 +353,16 @@ impl Iommu {
         let held = held.filter(|g| g.range().contains(gpa));
         let table = &self.state.table;
         for attempt in 0..FAULT_ATTEMPTS {
-            if let Some(t) = table.translate(gpa, access) {
+            // One walk: the translation, the leaf that denies the access,
+            // or a miss.
+            let walked = table.translate_or_denied(gpa, access);
+            if let Ok(t) = walked {
                 if attempt == 0 {
                     bump(&self.state.counters.hits, 1);
                 }
                 return Ok(t);
             }
-            if let Some(t) = table.lookup(gpa) {
-                if t.perms.allows(access) {
-                    continue; // the leaf changed between the two walks
-                }
+            if let Err(Some(t)) = walked {
                 let denied = IommuError::Denied {
                     gpa,
                     access,

@@ -22,7 +22,7 @@
 use crate::devices::iommu::Iommu;
 use crate::mm::addr::{Gpa, GpaRange, Hva, PAGE_SIZE};
 use crate::mm::manager::MemoryManager;
-use crate::mm::slot_map::SlotMap;
+use crate::mm::slot_map::{MemslotSpec, SlotMap};
 use crate::mm::stage2::{Access, MappedRun};
 
 /// Memory ops between two KVM probes, by default: a probe costs up to two
@@ -81,13 +81,20 @@ fn broken(name: &'static str, detail: String) -> Violation {
 /// # Errors
 /// `map-mirror` or `slot-ids`.
 pub fn map_mirror(memory: &MemoryManager) -> Result<(), Violation> {
-    let registered = memory.registered();
-    let map = memory.load();
+    map_mirror_of(&memory.load(), &memory.registered())
+}
+
+/// [`map_mirror`] of a map and the mirror's memslots already read (for a
+/// caller that compares those memslots with something else too).
+///
+/// # Errors
+/// `map-mirror` or `slot-ids`.
+pub fn map_mirror_of(map: &SlotMap, registered: &[MemslotSpec]) -> Result<(), Violation> {
     let expected = map.expected_memslots();
     if expected != registered {
         let at = expected
             .iter()
-            .zip(&registered)
+            .zip(registered)
             .position(|(a, b)| a != b)
             .unwrap_or(expected.len().min(registered.len()));
         return Err(broken(

@@ -359,16 +359,14 @@ impl SimVm {
         // The checks both tiers share (`scenario::invariants`), and the one
         // only the simulated KVM allows: reading its memslots directly.
         let shared = |v: invariants::Violation| (v.name, v.detail);
-        invariants::map_mirror(&self.memory).map_err(shared)?;
+        // The mirror read once, for both comparisons.
         let registered = self.memory.registered();
-        if self.kvm.memslots() != registered {
+        invariants::map_mirror_of(&self.memory.load(), &registered).map_err(shared)?;
+        let kvm = self.kvm.memslots();
+        if kvm != registered {
             return Err((
                 "memslots",
-                format!(
-                    "KVM holds {:?}, the mirror {:?}",
-                    self.kvm.memslots(),
-                    registered
-                ),
+                format!("KVM holds {kvm:?}, the mirror {registered:?}"),
             ));
         }
         invariants::hub_plugged(&self.memory).map_err(shared)?;
@@ -384,9 +382,8 @@ impl SimVm {
                 ),
             ));
         }
-        let real: Vec<(u64, u64, bool, bool)> = map
-            .iter()
-            .map(|s| {
+        let real = || {
+            map.iter().map(|s| {
                 (
                     s.range().start().0,
                     s.range().len(),
@@ -394,14 +391,18 @@ impl SimVm {
                     s.flags().dirty_log,
                 )
             })
-            .collect();
-        let want: Vec<(u64, u64, bool, bool)> = model
-            .slots
-            .slots
-            .values()
-            .map(|s| (s.start, s.len, s.ro, s.log))
-            .collect();
-        if real != want {
+        };
+        let want = || {
+            model
+                .slots
+                .slots
+                .values()
+                .map(|s| (s.start, s.len, s.ro, s.log))
+        };
+        // Compared in step; collected only to describe a difference.
+        if !real().eq(want()) {
+            let real: Vec<_> = real().collect();
+            let want: Vec<_> = want().collect();
             let at = real
                 .iter()
                 .zip(&want)
@@ -421,26 +422,37 @@ impl SimVm {
         // The mappings a resize acts on: which adjacent slots continue the
         // same plug (chain). Chain numbers differ between map and model;
         // whether neighbours share one must not.
-        let joined = |chains: Vec<(u64, u64, u64)>| -> Vec<(u64, bool)> {
+        // (start, whether it continues the previous slot's mapping) of
+        // every slot but the first, in step.
+        fn joined(
+            chains: impl Iterator<Item = (u64, u64, u64)>,
+        ) -> impl Iterator<Item = (u64, bool)> {
             chains
-                .windows(2)
-                .map(|w| (w[1].0, w[0].1 == w[1].0 && w[0].2 == w[1].2))
-                .collect()
+                .scan(None, |prev: &mut Option<(u64, u64, u64)>, c| {
+                    let joined = prev.map(|p| (c.0, p.1 == c.0 && p.2 == c.2));
+                    *prev = Some(c);
+                    Some(joined)
+                })
+                .flatten()
+        }
+        let real_chains = || {
+            joined(
+                map.iter()
+                    .map(|s| (s.range().start().0, s.range().end().0, s.chain())),
+            )
         };
-        let real_chains = joined(
-            map.iter()
-                .map(|s| (s.range().start().0, s.range().end().0, s.chain()))
-                .collect(),
-        );
-        let want_chains = joined(
-            model
-                .slots
-                .slots
-                .values()
-                .map(|s| (s.start, s.end(), s.chain as u64))
-                .collect(),
-        );
-        if real_chains != want_chains {
+        let want_chains = || {
+            joined(
+                model
+                    .slots
+                    .slots
+                    .values()
+                    .map(|s| (s.start, s.end(), s.chain as u64)),
+            )
+        };
+        if !real_chains().eq(want_chains()) {
+            let real_chains: Vec<_> = real_chains().collect();
+            let want_chains: Vec<_> = want_chains().collect();
             let at = real_chains
                 .iter()
                 .zip(&want_chains)

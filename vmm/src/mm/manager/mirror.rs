@@ -357,22 +357,38 @@ impl State {
                 spec: *spec,
                 cause: FailureCause::Errno(e.errno()),
             })?;
-        // One count first, so the pages go in without reallocating.
-        dirty.reserve(words.iter().map(|w| w.count_ones() as usize).sum());
-        for (w, &word) in words.iter().enumerate() {
-            let base = w as u64 * 64;
-            // Bits past the slot's last page (in its last word) are not
-            // pages; masking the word once keeps the per-page loop bare.
-            let mut bits = if base + 64 > pages {
-                word & ((1u64 << (pages - base)) - 1)
-            } else {
-                word
-            };
+        // Bits past the slot's last page (in a last, partial word) are not
+        // pages: that word is masked on its own, so the loop over the full
+        // words stays bare.
+        let full = (pages / 64) as usize;
+        let (whole, part) = words.split_at(full.min(words.len()));
+        let tail = part
+            .first()
+            .map_or(0, |&w| w & ((1u64 << (pages % 64)) - 1));
+        // One count first, so the pages go in without reallocating; the
+        // scan stops at the last dirty word, and passes over eight clean
+        // words at a time (most logs are clean or nearly so).
+        let mut left: u32 = whole.iter().map(|w| w.count_ones()).sum();
+        dirty.reserve(left as usize + tail.count_ones() as usize);
+        let mut push = |base: u64, mut bits: u64| {
             while bits != 0 {
                 dirty.push(Gfn(first + base + u64::from(bits.trailing_zeros())));
                 bits &= bits - 1;
             }
+        };
+        for (c, chunk) in whole.chunks(8).enumerate() {
+            if left == 0 {
+                break;
+            }
+            if chunk.iter().fold(0, |acc, w| acc | w) == 0 {
+                continue;
+            }
+            for (i, &word) in chunk.iter().enumerate() {
+                left -= word.count_ones();
+                push((c * 8 + i) as u64 * 64, word);
+            }
         }
+        push(full as u64 * 64, tail);
         Ok(())
     }
 

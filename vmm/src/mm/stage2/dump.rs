@@ -2,7 +2,7 @@
 
 use serde::ser::{Serialize, SerializeStruct, Serializer};
 
-use super::entry::{level_size, Decoded, Entry, PageSize, Perms, ROOT_LEVEL};
+use super::entry::{level_size, Decoded, Entry, PageSize, Perms, ENTRIES, ROOT_LEVEL};
 use super::reclaim::{self, TablePage};
 use super::slot;
 use super::table::{corrupt, Stage2Table};
@@ -99,9 +99,11 @@ fn visit(
     out: &mut impl FnMut(MappedRun),
 ) {
     let size = level_size(level);
-    for (i, s) in table.slots().iter().enumerate() {
+    // Under the exclusive lock: empty entries stay empty, and cache lines
+    // of them are passed over.
+    for i in table.used(0, ENTRIES - 1) {
         let gpa = base + i as u64 * size;
-        let raw = slot::read(s);
+        let raw = slot::read(table.slot(i));
         match Entry(raw).decode(level) {
             Decoded::Empty | Decoded::Frozen => {}
             Decoded::Corrupt => corrupt(raw, gpa, level),

@@ -399,7 +399,9 @@ impl Stage2Table {
         let size = level_size(level);
         let first = ((start - base) / size) as usize;
         let last = ((end - 1 - base) / size) as usize;
-        for i in first..=last {
+        // Cache lines of empty entries are passed over: every op leaves
+        // them alone, and under the exclusive lock none is filled meanwhile.
+        for i in table.used(first, last) {
             let e_start = base + i as u64 * size;
             let e_end = e_start + size;
             let covered = start <= e_start && e_end <= end;
@@ -493,17 +495,27 @@ struct Torn<'a, 'b> {
     dirty: Option<&'b mut Vec<Gfn>>,
 }
 
-/// Freezes every entry of the unlinked page at `addr` (a table at `level`
-/// whose entry 0 maps `base`) and of the tables below it, collecting the
-/// pages and dirty frames into `torn`. Returns the number of 4 KiB pages the
-/// subtree mapped.
+/// Freezes the non-empty entries of the unlinked page at `addr` (a table at
+/// `level` whose entry 0 maps `base`) and of the tables below it, collecting
+/// the pages and dirty frames into `torn`. Returns the number of 4 KiB pages
+/// the subtree mapped.
+///
+/// Cache lines of empty entries are passed over, not frozen (an empty entry
+/// sharing a line with a mapping is frozen with it): the caller holds the writer
+/// lock exclusively, so no install runs that could fill one (installs hold
+/// it shared; split and collapse hold it exclusively), and nothing fills an
+/// entry of a page once it is unlinked. A walker that reaches an empty
+/// entry of the unlinked page misses, as it would have had it read the
+/// entry before the unlink. Leaves are still frozen: a walker's A/D CAS may
+/// race on them until the grace period ends.
 fn teardown(addr: u64, level: u8, base: u64, guard: &Guard, torn: &mut Torn<'_, '_>) -> u64 {
     // SAFETY: `addr` was a table pointer read while `guard` is pinned, and
     // its pages are retired only after this returns.
     let page = unsafe { reclaim::page_at(addr, guard) };
     let size = level_size(level);
     let mut mapped = 0;
-    for (i, s) in page.slots().iter().enumerate() {
+    for i in page.used(0, ENTRIES - 1) {
+        let s = page.slot(i);
         let e_start = base + i as u64 * size;
         // The freeze returns the entry's last value: a walker's Dirty CAS
         // either landed before it (and is seen here) or failed.

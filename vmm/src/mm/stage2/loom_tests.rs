@@ -8,6 +8,11 @@
 //!   an uninitialized table; FROZEN is never overwritten; an install is
 //!   either torn down by the zap or linked after it, never lost. Broken:
 //!   `Relaxed` publish, check-then-store install.
+//! - the same with the table's writer lock, as the table runs it (installs
+//!   hold it shared, the zap exclusively) and the zap's teardown passing
+//!   over empty lower entries instead of freezing them: no install is lost
+//!   and none lands in the unlinked table. Broken: that teardown with
+//!   installs that do not take the lock.
 //! - split vs a writing walker: the Dirty bit lands in the lower leaves.
 //!   Broken: publishing the table by unconditional swap.
 //! - collapse vs a writing walker: no hole, Dirty lands in the huge leaf.
@@ -24,6 +29,7 @@ use super::entry::{Decoded, Entry, PageSize, Perms, ACCESSED, DIRTY, FROZEN};
 use super::slot;
 use crate::mm::addr::Hva;
 use crate::mm::sync::{thread, Arc, AtomicU64, Ordering};
+use loom::sync::RwLock;
 
 /// A table page cut down to two entries. The model never dereferences a
 /// frame field: each table has a fixed fake page address (below) that the
@@ -102,7 +108,20 @@ enum Installed {
     InNew,
 }
 
+/// How the model's zapper and installer run: the protocol alone (every
+/// lower entry frozen, no lock), or as the table runs them.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Teardown {
+    /// Every lower entry frozen; no writer lock.
+    FreezeAll,
+    /// Empty lower entries passed over (`edit::teardown`); the zapper holds
+    /// the writer lock exclusively, the installer shared when `locked`.
+    SkipEmpty { installer_locks: bool },
+}
+
 struct PublishZap {
+    /// The table's writer lock (`Stage2Table::writer`).
+    writer: RwLock<()>,
     parent: AtomicU64,
     /// Linked at the start: [leaf A, empty].
     t1: Mini,
@@ -122,7 +141,13 @@ impl PublishZap {
 
     /// Map leaf B at index 1, as `map` does: walk, CAS into an existing
     /// table, or build and publish a new one; restart on FROZEN.
-    fn install(&self, publish: Publish) -> Installed {
+    fn install(&self, publish: Publish, teardown: Teardown) -> Installed {
+        let _shared = match teardown {
+            Teardown::SkipEmpty {
+                installer_locks: true,
+            } => Some(self.writer.read().expect("lock poisoned")),
+            _ => None,
+        };
         loop {
             let p = slot::read(&self.parent);
             match Entry(p).decode(2) {
@@ -145,15 +170,21 @@ impl PublishZap {
     }
 
     /// Zap the parent as `unmap` does: freeze it, freeze every lower entry
-    /// (collecting what they held), clear it.
-    fn zap(&self) -> [u64; 2] {
+    /// (collecting what they held; with [`Teardown::SkipEmpty`] an entry
+    /// read empty is passed over, under the exclusive lock), clear it.
+    fn zap(&self, teardown: Teardown) -> [u64; 2] {
+        let _excl = match teardown {
+            Teardown::SkipEmpty { .. } => Some(self.writer.write().expect("lock poisoned")),
+            Teardown::FreezeAll => None,
+        };
         let p = slot::read(&self.parent);
         assert_eq!(p, Entry::table(T1).0, "the zapper runs first on T1");
         slot::freeze_if(&self.parent, p).expect("only the zapper changes a linked table entry");
-        let old = [
-            slot::freeze(&self.t1.entries[0]),
-            slot::freeze(&self.t1.entries[1]),
-        ];
+        let take = |e: &AtomicU64| match teardown {
+            Teardown::SkipEmpty { .. } if slot::read(e) == 0 => 0,
+            _ => slot::freeze(e),
+        };
+        let old = [take(&self.t1.entries[0]), take(&self.t1.entries[1])];
         slot::unfreeze(&self.parent, 0);
         old
     }
@@ -180,32 +211,36 @@ impl PublishZap {
 }
 
 /// Installer vs zapper vs walker on one parent entry.
-fn publish_zap_model(publish: Publish, bound: usize) {
+fn publish_zap_model(publish: Publish, teardown: Teardown, bound: usize) {
     builder(bound).check(move || {
         let m = Arc::new(PublishZap {
+            writer: RwLock::new(()),
             parent: AtomicU64::new(Entry::table(T1).0),
             t1: Mini::new(LEAF_A, 0),
             t2: Mini::new(0, 0),
         });
         let installer = {
             let m = Arc::clone(&m);
-            thread::spawn(move || m.install(publish))
+            thread::spawn(move || m.install(publish, teardown))
         };
         let walker = {
             let m = Arc::clone(&m);
             thread::spawn(move || m.walk())
         };
-        let zapped = m.zap();
+        let zapped = m.zap(teardown);
         let installed = installer.join().expect("installer panicked");
         walker.join().expect("walker panicked");
 
-        // FROZEN is never overwritten: T1 stays frozen after its teardown.
-        for e in &m.t1.entries {
-            assert_eq!(
-                e.load(Ordering::Relaxed),
-                FROZEN,
-                "an installer overwrote FROZEN"
-            );
+        // FROZEN is never overwritten: T1 stays frozen after its teardown
+        // (an entry the teardown passed over as empty stays empty: nothing
+        // landed in the unlinked table).
+        for (e, &was) in m.t1.entries.iter().zip(&zapped) {
+            let now = e.load(Ordering::Relaxed);
+            if teardown != Teardown::FreezeAll && was == 0 {
+                assert_eq!(now, 0, "an install into T1 was lost");
+            } else {
+                assert_eq!(now, FROZEN, "an installer overwrote FROZEN");
+            }
         }
         let parent = m.parent.load(Ordering::Relaxed);
         match installed {
@@ -226,13 +261,45 @@ fn publish_zap_model(publish: Publish, bound: usize) {
 
 #[test]
 fn test_loom_publish_zap_walker_protocol_holds() {
-    publish_zap_model(slot::publish, 3);
+    publish_zap_model(slot::publish, Teardown::FreezeAll, 3);
+}
+
+/// The table as it runs: installs under the shared lock, the zap under the
+/// exclusive one, its teardown passing over empty entries.
+#[test]
+fn test_loom_teardown_skipping_empty_entries_under_the_writer_lock_holds() {
+    publish_zap_model(
+        slot::publish,
+        Teardown::SkipEmpty {
+            installer_locks: true,
+        },
+        3,
+    );
+}
+
+/// Passing over empty entries is sound only because no install runs during
+/// a zap: with a lock-free install, one lands in the empty entry after the
+/// teardown read it, in a table already unlinked, and is lost.
+#[test]
+fn test_loom_teardown_skipping_empty_entries_without_the_lock_is_caught() {
+    expect_caught(
+        || {
+            publish_zap_model(
+                slot::publish,
+                Teardown::SkipEmpty {
+                    installer_locks: false,
+                },
+                3,
+            )
+        },
+        &["an install into T1 was lost"],
+    );
 }
 
 #[test]
 fn test_loom_relaxed_publish_is_caught() {
     expect_caught(
-        || publish_zap_model(publish_relaxed, 3),
+        || publish_zap_model(publish_relaxed, Teardown::FreezeAll, 3),
         &["walker saw an uninitialized table entry"],
     );
 }
@@ -245,7 +312,7 @@ fn test_loom_relaxed_publish_is_caught() {
 #[test]
 fn test_loom_check_then_store_install_is_caught() {
     expect_caught(
-        || publish_zap_model(publish_check_then_store, 3),
+        || publish_zap_model(publish_check_then_store, Teardown::FreezeAll, 3),
         &[
             "an installer overwrote FROZEN",
             "an install into T1 was lost",

@@ -25,7 +25,9 @@
 //! 3. Installs compare-and-swap from the value they saw (empty for a new leaf
 //!    or table). A loser frees its unpublished page and re-reads.
 //! 4. A zap freezes the entry ([`FROZEN`]), tears down what it pointed at
-//!    (freezing each entry of a lower table in turn), then clears it. Only the
+//!    (freezing each entry of a lower table in turn, but for cache lines of
+//!    empty entries: under the zap's exclusive lock no install can fill
+//!    one), then clears it. Only the
 //!    writer that froze an entry changes it; installers fail their CAS on it;
 //!    walkers that meet it restart from the root after a short back-off.
 //!    A leaf has nothing below it to tear down, so it is cleared by one CAS

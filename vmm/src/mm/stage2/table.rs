@@ -13,7 +13,7 @@ use crossbeam_epoch::{self as epoch, Guard};
 
 use super::entry::{
     gpa_fits, level_index, Access, Decoded, Entry, Leaf, PageSize, Perms, ACCESSED, DIRTY,
-    FRAME_LIMIT, GPA_LIMIT, ROOT_LEVEL,
+    FRAME_LIMIT, FRAME_MASK, GPA_LIMIT, ROOT_LEVEL,
 };
 use super::reclaim::{self, PageCounters, ReclaimStats, TablePage};
 use super::{slot, Stage2Error};
@@ -230,6 +230,30 @@ impl Stage2Table {
     /// Returns `None` if `gpa` is not mapped or the leaf does not allow the
     /// access (an EPT violation); A/D bits are then left alone.
     pub fn translate(&self, gpa: Gpa, access: Access) -> Option<Translation> {
+        self.walk(gpa, Some(access)).ok()
+    }
+
+    /// As [`translate`](Self::translate), telling a miss from a denial in
+    /// the same walk: `Err(None)` if nothing maps `gpa`, `Err(Some(t))` if
+    /// the leaf `t` maps it but does not allow `access` (its A/D bits then
+    /// left alone). A fault path needs both answers; one walk gives them
+    /// from one snapshot of the leaf.
+    ///
+    /// ```
+    /// use vmm::mm::addr::{Gpa, Hva};
+    /// use vmm::mm::stage2::{Access, PageSize, Perms, Stage2Table};
+    /// let t = Stage2Table::new();
+    /// t.map(Gpa(0x3000), Hva(0x9000), PageSize::Size4K, Perms::R).unwrap();
+    /// assert!(t.translate_or_denied(Gpa(0x3000), Access::Read).is_ok());
+    /// let denied = t.translate_or_denied(Gpa(0x3000), Access::Write).unwrap_err();
+    /// assert_eq!(denied.unwrap().perms, Perms::R);
+    /// assert_eq!(t.translate_or_denied(Gpa(0x4000), Access::Read), Err(None));
+    /// ```
+    pub fn translate_or_denied(
+        &self,
+        gpa: Gpa,
+        access: Access,
+    ) -> Result<Translation, Option<Translation>> {
         self.walk(gpa, Some(access))
     }
 
@@ -245,12 +269,14 @@ impl Stage2Table {
     /// assert!(!tr.accessed);
     /// ```
     pub fn lookup(&self, gpa: Gpa) -> Option<Translation> {
-        self.walk(gpa, None)
+        self.walk(gpa, None).ok()
     }
 
-    fn walk(&self, gpa: Gpa, access: Option<Access>) -> Option<Translation> {
+    /// The walk: the translation, or why there is none (see
+    /// [`translate_or_denied`](Self::translate_or_denied)).
+    fn walk(&self, gpa: Gpa, access: Option<Access>) -> Result<Translation, Option<Translation>> {
         if gpa.0 >= GPA_LIMIT {
-            return None;
+            return Err(None);
         }
         let guard = epoch::pin();
         let mut spins = 0;
@@ -260,8 +286,17 @@ impl Stage2Table {
             loop {
                 let slot = table.slot(level_index(gpa.0, level));
                 let raw = slot::read(slot);
+                // The common case above the leaf level, a table entry as
+                // `Entry::table` writes it, in one test: what `decode` would
+                // return as `Table` (a leaf needs LARGE or level 1).
+                if level > 1 && raw & !FRAME_MASK == Entry::table(0).0 {
+                    // SAFETY: `raw` is a table pointer read while pinned.
+                    table = unsafe { reclaim::page_at(raw & FRAME_MASK, &guard) };
+                    level -= 1;
+                    continue;
+                }
                 match Entry(raw).decode(level) {
-                    Decoded::Empty => return None,
+                    Decoded::Empty => return Err(None),
                     Decoded::Frozen => {
                         snooze(&mut spins);
                         continue 'restart;
@@ -276,10 +311,10 @@ impl Stage2Table {
                         let size = PageSize::from_level(level)
                             .unwrap_or_else(|| corrupt(raw, gpa.0, level));
                         let Some(access) = access else {
-                            return Some(Translation::new(gpa, leaf, size));
+                            return Ok(Translation::new(gpa, leaf, size));
                         };
                         if !leaf.perms.allows(access) {
-                            return None;
+                            return Err(Some(Translation::new(gpa, leaf, size)));
                         }
                         let want = ACCESSED | if access == Access::Write { DIRTY } else { 0 };
                         if raw & want != want {
@@ -291,7 +326,7 @@ impl Stage2Table {
                             leaf.accessed = true;
                             leaf.dirty |= access == Access::Write;
                         }
-                        return Some(Translation::new(gpa, leaf, size));
+                        return Ok(Translation::new(gpa, leaf, size));
                     }
                 }
             }

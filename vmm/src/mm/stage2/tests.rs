@@ -676,3 +676,38 @@ fn test_unmap_harvest_takes_dirty_from_cleared_leaves_tables_and_split_huge_leav
     // Nothing left to harvest where the unmap ran.
     assert_eq!(t.unmap_harvest(range(0, HUGE_2M)).unwrap(), (0, vec![]));
 }
+
+// ---- the empty-skipping scan of a table page ----
+
+/// `used` returns every entry of exactly the cache lines (eight entries)
+/// that hold a non-empty entry, within any range, whatever the range's
+/// ends are within a block of 64 entries, against a one-entry-at-a-time scan.
+#[test]
+fn test_page_used_finds_every_line_with_a_non_empty_entry_of_any_range() {
+    let page = super::reclaim::TablePage::new_boxed();
+    let filled = [
+        0usize, 7, 8, 9, 63, 64, 127, 128, 200, 255, 256, 500, 510, 511,
+    ];
+    for &i in &filled {
+        page.slot(i).store(
+            (0x1000 * (i as u64 + 1)) | READ,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+    }
+    assert!(!page.is_empty());
+    let bounds = [
+        0usize, 1, 6, 7, 8, 9, 15, 16, 62, 63, 64, 65, 127, 128, 255, 256, 499, 509, 510, 511,
+    ];
+    for &from in &bounds {
+        for &to in bounds.iter().filter(|&&to| to >= from) {
+            let want: Vec<usize> = (from..=to)
+                .filter(|i| filled.iter().any(|f| f / 8 == i / 8))
+                .collect();
+            let got: Vec<usize> = page.used(from, to).collect();
+            assert_eq!(got, want, "used({from}, {to})");
+        }
+    }
+    let empty = super::reclaim::TablePage::new_boxed();
+    assert!(empty.is_empty());
+    assert_eq!(empty.used(0, ENTRIES - 1).count(), 0);
+}
