@@ -545,22 +545,30 @@ fn test_a_real_tier_reproducer_carries_its_pin_limit() {
     assert!(text.contains("pin_limit = \"4096p\""), "{text}");
 }
 
-/// Found by the sim tier: dirty logging switched on over part of a THP slot
-/// that the device reads had mapped with one 2 MiB IOMMU leaf; a device
-/// write then dirtied the whole leaf, beyond the logging slot.
-#[test]
-fn test_a_logging_split_of_a_thp_slot_keeps_device_dirty_pages_exact() {
-    let path = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../scenarios/regressions/logging-split-cuts-a-2m-iommu-leaf.toml"
-    );
-    let sc = Scenario::load(std::path::Path::new(path)).unwrap();
+/// What the sim tier finds replaying `scenarios/regressions/NAME` on a
+/// 1-vCPU VM.
+fn sim_replay_of_regression(name: &str) -> Option<super::finding::Finding> {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../scenarios/regressions")
+        .join(name);
+    let sc = Scenario::load(&path).unwrap();
     let actions: Vec<Action> = sc.steps.iter().map(|s| s.action.clone()).collect();
     let l = Layout {
         vcpus: 1,
         ..layout()
     };
-    assert_eq!(super::sim::run(&l, &actions).unwrap(), None);
+    super::sim::run(&l, &actions).unwrap()
+}
+
+/// Found by the sim tier: dirty logging switched on over part of a THP slot
+/// that the device reads had mapped with one 2 MiB IOMMU leaf; a device
+/// write then dirtied the whole leaf, beyond the logging slot.
+#[test]
+fn test_a_logging_split_of_a_thp_slot_keeps_device_dirty_pages_exact() {
+    assert_eq!(
+        sim_replay_of_regression("logging-split-cuts-a-2m-iommu-leaf.toml"),
+        None
+    );
 }
 
 /// Found by the sim tier (seed 71): a dirty read whose allowed outcomes
@@ -570,15 +578,8 @@ fn test_a_logging_split_of_a_thp_slot_keeps_device_dirty_pages_exact() {
 /// was judged wrong.
 #[test]
 fn test_a_dirty_read_with_another_allowed_outcome_still_clears_the_model() {
-    let path = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../scenarios/regressions/dirty-read-of-another-allowed-set-clears.toml"
+    assert_eq!(
+        sim_replay_of_regression("dirty-read-of-another-allowed-set-clears.toml"),
+        None
     );
-    let sc = Scenario::load(std::path::Path::new(path)).unwrap();
-    let actions: Vec<Action> = sc.steps.iter().map(|s| s.action.clone()).collect();
-    let l = Layout {
-        vcpus: 1,
-        ..layout()
-    };
-    assert_eq!(super::sim::run(&l, &actions).unwrap(), None);
 }

@@ -440,11 +440,9 @@ fn test_device_writes_are_dirty_in_every_slot_and_reported_once() {
     );
 }
 
-#[test]
-fn test_an_async_write_racing_a_move_may_land_on_either_side() {
-    // Steps count from 0: the async fill is step 4.
-    let mut m = Model::new(layout(64));
-    let async_fill = Action::Fill(Guest {
+/// vCPU 1 fills 2 pages at `A` with seed 9, async.
+fn async_fill_on_vcpu_1() -> Action {
+    Action::Fill(Guest {
         vcpu: 1,
         repeat: 1,
         is_async: true,
@@ -454,7 +452,14 @@ fn test_an_async_write_racing_a_move_may_land_on_either_side() {
             seed: Num(9),
             origin: None,
         },
-    });
+    })
+}
+
+#[test]
+fn test_an_async_write_racing_a_move_may_land_on_either_side() {
+    // Steps count from 0: the async fill is step 4.
+    let mut m = Model::new(layout(64));
+    let async_fill = async_fill_on_vcpu_1();
     let to = A + 64 * PAGE;
     run(
         &mut m,
@@ -610,17 +615,7 @@ fn test_an_async_dma_fill_racing_an_unplug_may_have_dirtied_its_pages() {
 #[test]
 fn test_an_async_write_nothing_raced_is_certainly_dirty_after_its_wait() {
     let mut m = Model::new(layout(64));
-    let async_fill = Action::Fill(Guest {
-        vcpu: 1,
-        repeat: 1,
-        is_async: true,
-        command: step::Fill {
-            gpa: Num(A),
-            size: Num(2 * PAGE),
-            seed: Num(9),
-            origin: None,
-        },
-    });
+    let async_fill = async_fill_on_vcpu_1();
     run(
         &mut m,
         &[
@@ -659,17 +654,7 @@ fn test_an_async_write_nothing_raced_is_certainly_dirty_after_its_wait() {
 #[test]
 fn test_an_async_write_raced_by_a_move_leaves_its_pages_unknown_after_its_wait() {
     let mut m = Model::new(layout(64));
-    let async_fill = Action::Fill(Guest {
-        vcpu: 1,
-        repeat: 1,
-        is_async: true,
-        command: step::Fill {
-            gpa: Num(A),
-            size: Num(2 * PAGE),
-            seed: Num(9),
-            origin: None,
-        },
-    });
+    let async_fill = async_fill_on_vcpu_1();
     let to = A + 64 * PAGE;
     run(
         &mut m,
