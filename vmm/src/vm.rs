@@ -267,7 +267,8 @@ impl Vm {
         let ram_mapping = Arc::new(HostMapping::new(&spec.backing, spec.mem_size)?);
 
         let vm_fd = Arc::new(kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?);
-        // Before the first memslot: KVM refuses quirk changes after that.
+        // Before the first memslot, so every memslot change of this VM
+        // follows the policy.
         let zap_policy = crate::kvm::zap::apply(&vm_fd, spec.memslot_zap);
         let config = SlotMapConfig {
             max_slots: kvm.get_nr_memslots() as u32,
