@@ -102,7 +102,10 @@ fn test_churn_planted_stall_is_named_as_the_cause_of_its_outliers() {
         return;
     }
     let hold = Duration::from_millis(20);
-    let mut cfg = config(8 * MIB, Backing::ANON);
+    // 16 MiB: a pass long enough (~60 ms of first touches) for two stall
+    // windows even when the churn thread starts late on a loaded host (at
+    // 8 MiB one full-suite run saw a single stall).
+    let mut cfg = config(16 * MIB, Backing::ANON);
     cfg.churn.ops = vec![ChurnOp::Dontneed, ChurnOp::Stall(hold)];
     cfg.churn.churn_gap = Duration::from_millis(10);
     let r = bench(&cfg);
