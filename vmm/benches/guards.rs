@@ -242,8 +242,7 @@ fn churn(f: &Fixture, kind: Kind, stop: &AtomicBool) {
                     .unwrap();
                     let ex = f.guarded.exclude(&t.changes, BOUND).unwrap();
                     thread::sleep(hold());
-                    ex.commit(&t.changes).unwrap();
-                    w.publish(t.map);
+                    ex.commit(&t.changes).unwrap().publish(&mut w, t.map);
                 }
                 Kind::VmMemory => {
                     let guard = f.atomic.lock().unwrap();

@@ -15,7 +15,7 @@ use super::config::{MemslotsError, RawMove};
 use super::layout::SlotLayout;
 use crate::mm::addr::{Gpa, GpaRange, PAGE_SIZE};
 use crate::mm::backing::{BackingKind, HostMapping};
-use crate::mm::guard::Visit;
+use crate::mm::guard::WalkStep;
 use crate::mm::manager::MemoryManager;
 use crate::mm::slot_map::{PlugSpec, SlotFlags};
 
@@ -196,29 +196,33 @@ impl Ours {
         let range = GpaRange::new(start, count * PAGE_SIZE)
             .ok_or_else(|| MemslotsError::Mismatch(format!("pages {page}+{count} of the area")))?;
         let mut reader = self.memory.reader();
+        // A batch of slots at a time: the pass over their pages runs as one
+        // loop, as the raw loop's does.
         let flow = reader
-            .walk(range, |visit| {
-                let (slot, part) = match visit {
-                    Visit::Slot { slot, part } => (slot, part),
-                    Visit::Hole(hole) => {
-                        return ControlFlow::Break(MemslotsError::Mismatch(format!(
-                            "guest-physical {hole} of the area is not plugged"
-                        )))
+            .walk_batches(range, |steps| {
+                for step in steps {
+                    let (slot, part) = match step {
+                        WalkStep::Slot { slot, part } => (slot, *part),
+                        WalkStep::Hole(hole) => {
+                            return ControlFlow::Break(MemslotsError::Mismatch(format!(
+                                "guest-physical {hole} of the area is not plugged"
+                            )))
+                        }
+                    };
+                    let hva = match slot.hva(part.start(), part.len()) {
+                        Ok(hva) => hva.0,
+                        Err(source) => {
+                            return ControlFlow::Break(MemslotsError::Guard {
+                                what: format!("host address of {part}"),
+                                source,
+                            })
+                        }
+                    };
+                    if let Err(e) = each(part.start(), hva, part.len() / PAGE_SIZE) {
+                        return ControlFlow::Break(e);
                     }
-                };
-                let hva = match slot.hva(part.start(), part.len()) {
-                    Ok(hva) => hva.0,
-                    Err(source) => {
-                        return ControlFlow::Break(MemslotsError::Guard {
-                            what: format!("host address of {part}"),
-                            source,
-                        })
-                    }
-                };
-                match each(part.start(), hva, part.len() / PAGE_SIZE) {
-                    Ok(()) => ControlFlow::Continue(()),
-                    Err(e) => ControlFlow::Break(e),
                 }
+                ControlFlow::Continue(())
             })
             .map_err(|source| MemslotsError::Guard {
                 what: format!("walk over {range}"),

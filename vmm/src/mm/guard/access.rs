@@ -18,19 +18,34 @@ use crate::mm::slot_lock::SlotReadGuard;
 use crate::mm::slot_map::{Slot, SlotFlags};
 
 /// A guard on one slot: the host memory behind it stays mapped and is not
-/// discarded while the guard lives. Released on drop (one `fetch_sub`).
+/// discarded while the guard lives. Released on drop (one `fetch_sub`, or
+/// nothing for a slot a walk holds by its announcement).
 #[must_use = "the slot is released as soon as the guard is dropped"]
 pub struct SlotRef<'a> {
-    guard: SlotReadGuard<'a>,
+    hold: Hold<'a>,
     hva: Hva,
     flags: SlotFlags,
+}
+
+/// What keeps a [`SlotRef`]'s slot.
+enum Hold<'a> {
+    /// A reference on the slot's cell.
+    Counted(SlotReadGuard<'a>),
+    /// A walk's announcement covering the slot (see `guard::announce`):
+    /// writers deleting it wait until the walk moves on, which it does only
+    /// after the visitor let go of this reference.
+    Announced {
+        slot: u32,
+        generation: u64,
+        range: GpaRange,
+    },
 }
 
 impl fmt::Debug for SlotRef<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("SlotRef")
-            .field("slot", &self.guard.slot_id())
-            .field("range", &format_args!("{}", self.guard.range()))
+            .field("slot", &self.slot_id())
+            .field("range", &format_args!("{}", self.range()))
             .field("hva", &self.hva)
             .field("flags", &self.flags)
             .finish()
@@ -43,7 +58,23 @@ impl<'a> SlotRef<'a> {
     pub(super) fn new(guard: SlotReadGuard<'a>, slot: &Slot) -> Self {
         debug_assert_eq!(guard.generation(), slot.generation());
         Self {
-            guard,
+            hold: Hold::Counted(guard),
+            hva: slot.hva(),
+            flags: slot.flags(),
+        }
+    }
+
+    /// Wraps `slot` of the published map, held by a walk's announcement
+    /// that covers it: the caller must not let the result outlive that
+    /// announcement (the walk keeps it in the batch it announced).
+    #[inline]
+    pub(super) fn announced(slot: &Slot) -> Self {
+        Self {
+            hold: Hold::Announced {
+                slot: slot.id().0,
+                generation: slot.generation(),
+                range: slot.range(),
+            },
             hva: slot.hva(),
             flags: slot.flags(),
         }
@@ -54,7 +85,7 @@ impl<'a> SlotRef<'a> {
     #[inline]
     pub(super) fn from_parts(guard: SlotReadGuard<'a>, hva: Hva, read_only: bool) -> Self {
         Self {
-            guard,
+            hold: Hold::Counted(guard),
             hva,
             flags: SlotFlags {
                 read_only,
@@ -65,23 +96,37 @@ impl<'a> SlotRef<'a> {
 
     /// The slot id.
     pub fn slot_id(&self) -> u32 {
-        self.guard.slot_id()
+        match &self.hold {
+            Hold::Counted(guard) => guard.slot_id(),
+            Hold::Announced { slot, .. } => *slot,
+        }
     }
 
     /// Whether a writer has excluded the slot since the guard was taken (a
     /// hint, see [`SlotReadGuard::exclusion_seen`]).
     pub(super) fn exclusion_seen(&self) -> bool {
-        self.guard.exclusion_seen()
+        match &self.hold {
+            Hold::Counted(guard) => guard.exclusion_seen(),
+            // A writer waits for the walk to move on instead.
+            Hold::Announced { .. } => false,
+        }
     }
 
     /// The slot's generation (its identity in the slot map).
     pub fn generation(&self) -> u64 {
-        self.guard.generation()
+        match &self.hold {
+            Hold::Counted(guard) => guard.generation(),
+            Hold::Announced { generation, .. } => *generation,
+        }
     }
 
     /// The slot's guest-physical range.
+    #[inline]
     pub fn range(&self) -> GpaRange {
-        self.guard.range()
+        match &self.hold {
+            Hold::Counted(guard) => guard.range(),
+            Hold::Announced { range, .. } => *range,
+        }
     }
 
     /// Whether the slot is read-only to the guest (and to [`write_u64`](Self::write_u64)).
@@ -96,7 +141,7 @@ impl<'a> SlotRef<'a> {
     /// [`GuardError::OutOfSlot`].
     #[inline]
     pub fn hva(&self, gpa: Gpa, len: u64) -> Result<Hva, GuardError> {
-        let range = self.guard.range();
+        let range = self.range();
         let out = || GuardError::OutOfSlot {
             gpa,
             len,
@@ -127,7 +172,7 @@ impl<'a> SlotRef<'a> {
         let p = self.word_ptr(gpa)?;
         // SAFETY: `p` is 8-aligned and its 8 bytes lie inside the slot
         // (`hva` checked the range); the slot's host memory stays mapped while
-        // `self.guard` holds the slot (module docs of `guard`).
+        // `self.hold` holds the slot (module docs of `guard`).
         Ok(unsafe { p.read_volatile() })
     }
 

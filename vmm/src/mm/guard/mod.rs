@@ -27,10 +27,14 @@
 //! parks until the readers inside have left, at most a bound; past it the
 //! error names the slot and how many readers hold it
 //! ([`GuardError::Drain`]) and every exclusion is released, so nothing
-//! changed. Only after that does the caller delete KVM memslots and discard
-//! host memory; then [`Exclusions::commit`] detaches the cells of deleted
-//! slots and attaches the cells of created slots, *before* the new map is
-//! published. Turning dirty logging on or off changes a slot in place and
+//! changed. Walks hold their slots differently (by announcing the range of a
+//! batch, see `announce` and [`GuestReader::walk`]): the writer first closes
+//! the walks' gate and then also waits, within the same bound, for walks
+//! announcing a slot it deletes. Only after that does the caller delete KVM
+//! memslots and discard host memory; then [`Exclusions::commit`] detaches
+//! the cells of deleted slots and attaches the cells of created slots,
+//! *before* the new map is published ([`Committed::publish`], which opens
+//! the gate again after it). Turning dirty logging on or off changes a slot in place and
 //! keeps its identity (generation): it takes no memory away, so its readers
 //! neither drain nor notice.
 //!
@@ -92,6 +96,7 @@
 //! ```
 
 mod access;
+mod announce;
 mod cells;
 mod device;
 #[cfg(all(test, vmm_shuttle, not(vmm_loom)))]
@@ -100,22 +105,25 @@ mod shuttle_tests;
 mod tests;
 mod walk;
 #[cfg(all(test, not(vmm_loom), not(vmm_shuttle)))]
+mod walk_cost_tests;
+#[cfg(all(test, not(vmm_loom), not(vmm_shuttle)))]
 mod walk_tests;
 
 use std::fmt;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::mm::addr::Gpa;
+use crate::mm::addr::{Gpa, GpaRange};
 use crate::mm::slot_lock::{current_shard, SlotExclusion, SlotLockError};
 use crate::mm::slot_map::{
-    MemslotChange, SharedSlotMap, SlotMap, SlotMapError, SnapshotCache, Transition,
+    MemslotChange, SharedSlotMap, Slot, SlotMap, SlotMapError, SlotMapWriter, SnapshotCache,
+    Transition,
 };
 
 pub use access::SlotRef;
 pub use cells::SlotCells;
 pub use device::{DeviceMemory, SlotPage};
-pub use walk::{Visit, WALK_BATCH};
+pub use walk::{Visit, WalkStep, ANNOUNCE_BATCH, WALK_BATCH};
 
 /// How often a reader retries a lookup whose cell changed under it (a writer
 /// between detaching and publishing) before it reports the slot busy.
@@ -223,6 +231,8 @@ pub enum GuardError {
 pub struct GuardedMap {
     shared: SharedSlotMap,
     cells: SlotCells,
+    /// The walks' announcements and the writers' gate ([`announce`]).
+    walks: announce::Announcements,
 }
 
 impl fmt::Debug for GuardedMap {
@@ -230,6 +240,7 @@ impl fmt::Debug for GuardedMap {
         f.debug_struct("GuardedMap")
             .field("shared", &self.shared)
             .field("cells", &self.cells)
+            .field("walks", &self.walks)
             .finish()
     }
 }
@@ -255,13 +266,16 @@ impl GuardedMap {
         Self {
             shared: SharedSlotMap::new(map),
             cells,
+            walks: announce::Announcements::new(),
         }
     }
 
     /// The published map and its writer lock: the low-level writer API
-    /// (`begin_write`, then [`exclude`](Self::exclude) and
-    /// [`Exclusions::commit`] before `publish`). Publishing a map without
-    /// committing its cells leaves its new slots unreachable to guards.
+    /// (`begin_write`, then [`exclude`](Self::exclude),
+    /// [`Exclusions::commit`] and [`Committed::publish`]). Publishing a map
+    /// without committing its cells leaves its new slots unreachable to
+    /// guards; publishing it other than through [`Committed::publish`]
+    /// leaves walks counting every slot (the gate stays closed).
     pub fn shared(&self) -> &SharedSlotMap {
         &self.shared
     }
@@ -360,26 +374,44 @@ impl GuardedMap {
         changes: &[MemslotChange],
         bound: Duration,
     ) -> Result<Exclusions<'_>, GuardError> {
-        let mut held: Vec<SlotExclusion<'_>> = Vec::new();
-        for change in changes {
-            let slot = match change {
-                MemslotChange::Delete { slot } => slot,
+        let deleted: Vec<&Slot> = changes
+            .iter()
+            .filter_map(|change| match change {
+                MemslotChange::Delete { slot } => Some(slot),
                 // Dirty logging on or off: same memory, same identity; no
                 // reader needs to leave.
-                MemslotChange::SetFlags { .. } | MemslotChange::Create { .. } => continue,
-            };
+                MemslotChange::SetFlags { .. } | MemslotChange::Create { .. } => None,
+            })
+            .collect();
+        let mut exclusions = Exclusions {
+            map: self,
+            held: Vec::with_capacity(deleted.len()),
+            waited: Duration::ZERO,
+            gate_closed: false,
+        };
+        if deleted.is_empty() {
+            return Ok(exclusions);
+        }
+        // Walks announced from here on count their slots (module docs of
+        // `announce`); the gate stays closed until the new map is published.
+        self.walks.close_gate();
+        exclusions.gate_closed = true;
+        for slot in &deleted {
             let cell =
                 self.cells
                     .get(slot.id().0)
                     .ok_or(GuardError::Cell(SlotLockError::Detached {
                         slot: slot.id().0,
                     }))?;
-            held.push(cell.exclude().map_err(GuardError::Cell)?);
+            exclusions
+                .held
+                .push(cell.exclude().map_err(GuardError::Cell)?);
         }
         // The clock starts at the first slot found with readers inside: an
         // op whose slots are all drained already reads no clock.
         let mut started: Option<Instant> = None;
-        for ex in held
+        for ex in exclusions
+            .held
             .iter_mut()
             .filter(|_| !crate::mutants::on("drain-skipped"))
         {
@@ -390,11 +422,24 @@ impl GuardedMap {
             let left = bound.saturating_sub(since.elapsed());
             ex.wait_drained(left).map_err(GuardError::Drain)?;
         }
-        Ok(Exclusions {
-            map: self,
-            held,
-            waited: started.map_or(Duration::ZERO, |s| s.elapsed()),
-        })
+        // Then the walks that announced a deleted slot before the gate
+        // closed: they hold it until they move on.
+        if !crate::mutants::on("drain-skipped") {
+            let ranges: Vec<GpaRange> = deleted.iter().map(|s| s.range()).collect();
+            let since = *started.get_or_insert_with(Instant::now);
+            let left = bound.saturating_sub(since.elapsed());
+            if let Err(walks) = self.walks.wait_for_walks(&ranges, left) {
+                let slot = deleted.iter().map(|s| s.id().0).next().unwrap_or_default();
+                return Err(GuardError::Drain(SlotLockError::DrainTimeout {
+                    slot,
+                    readers: walks,
+                    waited: since.elapsed(),
+                    bound,
+                }));
+            }
+        }
+        exclusions.waited = started.map_or(Duration::ZERO, |s| s.elapsed());
+        Ok(exclusions)
     }
 
     /// Applies `op` to the published map with no KVM to keep in sync (pure
@@ -410,8 +455,9 @@ impl GuardedMap {
         let mut writer = self.shared.begin_write();
         let t = op(&writer.map())?;
         let exclusions = self.exclude(&t.changes, bound)?;
-        exclusions.commit(&t.changes)?;
-        writer.publish(t.map.clone());
+        exclusions
+            .commit(&t.changes)?
+            .publish(&mut writer, t.map.clone());
         // Still under the writer lock (as the memory manager): the cells of the
         // slots that used this memory are detached, nobody can hold it.
         for d in &t.discards {
@@ -432,6 +478,42 @@ pub struct Exclusions<'a> {
     map: &'a GuardedMap,
     held: Vec<SlotExclusion<'a>>,
     waited: Duration,
+    /// Whether this op closed the walks' gate (it deletes a slot).
+    gate_closed: bool,
+}
+
+impl Drop for Exclusions<'_> {
+    fn drop(&mut self) {
+        // Abandoned (not committed): the old map stays published and its
+        // slots keep their cells, so walks may trust it again. The held
+        // exclusions are released after this, as the fields drop.
+        if self.gate_closed && !std::thread::panicking() {
+            self.map.walks.open_gate();
+        }
+    }
+}
+
+/// An op whose cells are committed (see [`Exclusions::commit`]): publish its
+/// map with [`publish`](Self::publish), which opens the walks' gate after
+/// it. Dropped unpublished, it leaves the gate closed: walks keep counting
+/// slots, which is always safe.
+#[must_use = "publish the committed map with `Committed::publish`"]
+#[derive(Debug)]
+pub struct Committed<'a> {
+    map: &'a GuardedMap,
+    gate_closed: bool,
+}
+
+impl Committed<'_> {
+    /// Publishes `map` (the op's new map) through `writer`, then lets walks
+    /// trust snapshots again (the gate opens only once no published map
+    /// names a slot the op deleted).
+    pub fn publish(self, writer: &mut SlotMapWriter<'_>, map: SlotMap) {
+        writer.publish(map);
+        if self.gate_closed {
+            self.map.walks.open_gate();
+        }
+    }
 }
 
 impl fmt::Debug for Exclusions<'_> {
@@ -443,7 +525,7 @@ impl fmt::Debug for Exclusions<'_> {
     }
 }
 
-impl Exclusions<'_> {
+impl<'a> Exclusions<'a> {
     /// How long the writer waited for readers.
     pub fn waited(&self) -> Duration {
         self.waited
@@ -466,8 +548,15 @@ impl Exclusions<'_> {
     /// # Errors
     /// [`GuardError::Cell`]: the cells were not in the state `changes`
     /// expects (only if `changes` is not the transition that was excluded).
-    pub fn commit(self, changes: &[MemslotChange]) -> Result<(), GuardError> {
-        let Self { map, mut held, .. } = self;
+    pub fn commit(mut self, changes: &[MemslotChange]) -> Result<Committed<'a>, GuardError> {
+        let map = self.map;
+        let mut held = std::mem::take(&mut self.held);
+        // From here the gate is the committed op's to open (after publish);
+        // on an error below it stays closed (the cells are out of step).
+        let committed = Committed {
+            map,
+            gate_closed: std::mem::replace(&mut self.gate_closed, false),
+        };
         for change in changes {
             let MemslotChange::Delete { slot } = change else {
                 continue; // creates below; flag changes keep their cell
@@ -485,7 +574,7 @@ impl Exclusions<'_> {
                 map.cells.attach(slot).map_err(GuardError::Cell)?;
             }
         }
-        Ok(())
+        Ok(committed)
     }
 }
 

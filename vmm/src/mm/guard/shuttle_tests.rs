@@ -7,10 +7,15 @@
 //! memory holds (the old or the new slot's mark), never the zero of a page
 //! discarded under it.
 //!
-//! The broken variant admits slots trusting the walk's snapshot (it takes the
-//! reference but does not re-validate the cell's generation): a walk that
-//! reaches the reused cell on its old snapshot reads the old, discarded
-//! memory. Caught.
+//! The walk runs as it does (announced batches while the writer lock is
+//! free, counted slots while an op runs) and with every announcement entry
+//! taken (counted slots only). Two broken variants are caught: admitting
+//! counted slots trusting the walk's snapshot (the reference is taken but
+//! the cell's generation not re-validated: a walk that reaches the reused
+//! cell on its old snapshot reads the old, discarded memory), and a writer
+//! that does not wait for walks announcing the slot it deletes. (The fences
+//! of the announcement protocol matter only under weak memory, which
+//! shuttle does not model: loom checks them, in `announce`.)
 //!
 //! Run: `RUSTFLAGS="--cfg vmm_shuttle" cargo test -p vmm --lib --release shuttle`.
 use std::ops::ControlFlow;
@@ -18,7 +23,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::walk::Admit;
+use super::announce::Broken;
+use super::walk::{each_step, Admit};
 use super::*;
 use crate::mm::addr::{GpaRange, PAGE_SIZE};
 use crate::mm::backing::{BackingKind, HostMapping};
@@ -41,15 +47,31 @@ const BOUND: Duration = Duration::from_secs(3600);
 /// meet both sides of the op). One pair per test, as tests run in parallel.
 type Seen = [AtomicUsize; 2];
 static SEEN_REAL: Seen = [const { AtomicUsize::new(0) }; 2];
+static SEEN_COUNTED: Seen = [const { AtomicUsize::new(0) }; 2];
 static SEEN_BROKEN: Seen = [const { AtomicUsize::new(0) }; 2];
+static SEEN_NO_WAIT: Seen = [const { AtomicUsize::new(0) }; 2];
 
-fn model(admit: Admit, seen: &'static Seen) -> impl Fn() + Send + Sync + 'static {
+/// How the walker holds slots.
+#[derive(Clone, Copy)]
+enum Hold {
+    /// As the walk does: announced batches while the gate is open, counted
+    /// slots while a writer's op runs; the writer as `announce` has it, or
+    /// one of its broken variants.
+    Announced(Broken),
+    /// Every announcement entry taken: the walk counts every slot.
+    Counted,
+}
+
+fn model(admit: Admit, hold: Hold, seen: &'static Seen) -> impl Fn() + Send + Sync + 'static {
     move || {
         let config = SlotMapConfig {
             max_slots: 8,
             ..SlotMapConfig::default()
         };
         let g = Arc::new(GuardedMap::new(SlotMap::new(config)));
+        if let Hold::Announced(broken) = hold {
+            g.walks.set_broken(broken);
+        }
         // One host page per slot and one between, so slots do not merge.
         let mem = Arc::new(HostMapping::new(&BackingKind::Anon, 2 * SLOTS * P).unwrap());
         for i in 0..SLOTS {
@@ -76,15 +98,25 @@ fn model(admit: Admit, seen: &'static Seen) -> impl Fn() + Send + Sync + 'static
         let walker = {
             let g = g.clone();
             thread::spawn(move || {
+                let taken: Vec<_> = match hold {
+                    Hold::Counted => std::iter::from_fn(|| g.walks.claim()).collect(),
+                    Hold::Announced(_) => Vec::new(),
+                };
+                let visits = crate::mm::sync::AtomicUsize::new(0);
                 let mut reader = g.reader();
                 for _ in 0..2 {
                     let range = GpaRange::new(Gpa(BASE), SLOTS * P).unwrap();
-                    let flow = reader.walk_with(range, BOUND, admit, |visit| {
+                    let flow = reader.walk_with(range, BOUND, admit, each_step(|visit| {
                         // No yield here: shuttle's PCT lowers a yielding
                         // thread's priority, which would hand the writer
-                        // every window; the walk's own atomics (admission,
-                        // the exclusion look, release) are its yield points.
+                        // every window. The walk's own atomics (admission,
+                        // the exclusion look, release, announcements) are
+                        // scheduling points, and so is this count: an
+                        // announced batch takes no atomic per slot, and
+                        // the writer must get a chance to run between its
+                        // announcement and its reads.
                         if let Visit::Slot { slot, part } = visit {
+                            visits.fetch_add(1, crate::mm::sync::Ordering::Relaxed);
                             let word = slot.read_u64(part.start()).unwrap();
                             assert!(
                                 word == OLD || word == NEW,
@@ -97,9 +129,10 @@ fn model(admit: Admit, seen: &'static Seen) -> impl Fn() + Send + Sync + 'static
                             }
                         }
                         ControlFlow::<()>::Continue(())
-                    });
+                    }));
                     assert_eq!(flow.unwrap(), ControlFlow::Continue(()));
                 }
+                drop(taken);
             })
         };
 
@@ -114,17 +147,33 @@ fn model(admit: Admit, seen: &'static Seen) -> impl Fn() + Send + Sync + 'static
     }
 }
 
-#[test]
-fn test_shuttle_walk_never_visits_discarded_memory() {
-    pct(model(SlotCell::read_on, &SEEN_REAL), ITERATIONS);
+fn assert_met_both_sides(seen: &Seen) {
     assert!(
-        SEEN_REAL[0].load(Ordering::Relaxed) > 0,
+        seen[0].load(Ordering::Relaxed) > 0,
         "no walk met the old slot"
     );
     assert!(
-        SEEN_REAL[1].load(Ordering::Relaxed) > 0,
+        seen[1].load(Ordering::Relaxed) > 0,
         "no walk met the new slot"
     );
+}
+
+#[test]
+fn test_shuttle_walk_never_visits_discarded_memory() {
+    pct(
+        model(SlotCell::read_on, Hold::Announced(Broken::None), &SEEN_REAL),
+        ITERATIONS,
+    );
+    assert_met_both_sides(&SEEN_REAL);
+}
+
+#[test]
+fn test_shuttle_walk_counting_every_slot_never_visits_discarded_memory() {
+    pct(
+        model(SlotCell::read_on, Hold::Counted, &SEEN_COUNTED),
+        ITERATIONS,
+    );
+    assert_met_both_sides(&SEEN_COUNTED);
 }
 
 #[test]
@@ -132,6 +181,19 @@ fn test_shuttle_walk_trusting_its_snapshot_is_caught() {
     assert_caught(
         "memory discarded under it",
         ITERATIONS * 5,
-        model(read_trusting_snapshot, &SEEN_BROKEN),
+        model(read_trusting_snapshot, Hold::Counted, &SEEN_BROKEN),
+    );
+}
+
+#[test]
+fn test_shuttle_writer_not_waiting_for_announced_walks_is_caught() {
+    assert_caught(
+        "memory discarded under it",
+        ITERATIONS * 5,
+        model(
+            SlotCell::read_on,
+            Hold::Announced(Broken::WriterSkipsWait),
+            &SEEN_NO_WAIT,
+        ),
     );
 }

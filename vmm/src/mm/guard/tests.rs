@@ -256,8 +256,9 @@ fn test_guard_blocking_acquire_waits_for_op_then_sees_result() {
         let reader = s.spawn(|| g.reader().acquire(Gpa(BASE)).map(|r| r.slot_id()));
         thread::sleep(Duration::from_millis(30));
         assert!(!reader.is_finished(), "acquire did not wait for the op");
-        ex.commit(&t.changes).unwrap();
-        w.publish(t.map.clone());
+        ex.commit(&t.changes)
+            .unwrap()
+            .publish(&mut w, t.map.clone());
         drop(w);
         assert_eq!(
             reader.join().unwrap(),

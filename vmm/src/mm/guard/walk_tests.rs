@@ -1,4 +1,4 @@
-//! Unit tests of [`GuestReader::walk`].
+//! Unit tests of [`GuestReader::walk`] and [`GuestReader::walk_batches`].
 use std::ops::ControlFlow;
 use std::sync::{Arc, Barrier};
 use std::thread;
@@ -75,6 +75,12 @@ fn pages_plugged(pages: &[u64]) -> (Arc<HostMapping>, GuardedMap) {
     (mem, g)
 }
 
+/// Takes every announcement entry of `g`: walks count every slot while the
+/// result lives (the tests of counted batches).
+fn counting(g: &GuardedMap) -> Vec<announce::Claim<'_>> {
+    std::iter::from_fn(|| g.walks.claim()).collect()
+}
+
 fn id_at(g: &GuardedMap, page: u64) -> u32 {
     g.load().lookup(Gpa(BASE + page * P)).unwrap().id().0
 }
@@ -128,6 +134,7 @@ fn test_walk_visits_the_slots_of_a_range_in_order_and_reports_holes() {
 #[test]
 fn test_walk_guards_each_slot_while_visited_and_translates_like_acquire() {
     let (_mem, g) = pages_plugged(&[0, 1, 3]);
+    let _counting = counting(&g);
     let mut reader = g.reader();
     let mut words = Vec::new();
     let flow = reader.walk(range(BASE, BASE + 4 * P), |v| {
@@ -211,6 +218,7 @@ fn beyond_batch() -> (Arc<HostMapping>, GuardedMap, u64) {
 #[test]
 fn test_walk_does_not_visit_a_slot_deleted_after_its_snapshot() {
     let (_mem, g, n) = beyond_batch();
+    let _counting = counting(&g);
     let last = BASE + (n - 1) * P;
     let mut walked = Vec::new();
     let flow = g.reader().walk(range(BASE, BASE + n * P), |v| {
@@ -243,6 +251,7 @@ fn test_walk_does_not_visit_a_slot_deleted_after_its_snapshot() {
 #[test]
 fn test_walk_steps_back_from_an_admitted_slot_a_writer_then_excludes() {
     let (_mem, g) = pages_plugged(&[0, 1, 2]);
+    let _counting = counting(&g);
     let ids: Vec<u32> = (0..3).map(|p| id_at(&g, p)).collect();
     let victim = g.cells().get(ids[2]).unwrap();
     let mut walked = Vec::new();
@@ -281,6 +290,7 @@ fn test_walk_steps_back_from_an_admitted_slot_a_writer_then_excludes() {
 #[test]
 fn test_walk_visits_a_recycled_slot_with_its_new_memory() {
     let (_mem, g, n) = beyond_batch();
+    let _counting = counting(&g);
     let last = BASE + (n - 1) * P;
     let other = Arc::new(HostMapping::new(&BackingKind::Anon, P).unwrap());
     let old_id = id_at(&g, n - 1);
@@ -327,8 +337,9 @@ fn test_walk_waits_for_the_op_excluding_a_slot_and_sees_its_result() {
             let ex = g.exclude(&t.changes, BOUND).unwrap();
             excluded.wait();
             thread::sleep(Duration::from_millis(40));
-            ex.commit(&t.changes).unwrap();
-            w.publish(t.map.clone());
+            ex.commit(&t.changes)
+                .unwrap()
+                .publish(&mut w, t.map.clone());
         });
         excluded.wait();
         let started = Instant::now();
@@ -347,4 +358,71 @@ fn test_walk_waits_for_the_op_excluding_a_slot_and_sees_its_result() {
         );
         writer.join().unwrap();
     });
+}
+
+#[test]
+fn test_an_unplug_of_a_slot_an_announced_walk_holds_gives_up_and_changes_nothing() {
+    let (_mem, g) = pages_plugged(&[0, 1, 2]);
+    let mut refused = None;
+    let flow = g.reader().walk(range(BASE, BASE + 3 * P), |v| {
+        if let Visit::Slot { part, .. } = v {
+            if part.start().0 == BASE {
+                // The walk announced all three slots: deleting the third
+                // must wait for it, and gives up at its bound.
+                refused = Some(
+                    g.apply(
+                        |m| m.unplug(Gpa(BASE + 2 * P), P),
+                        Duration::from_millis(20),
+                    )
+                    .unwrap_err(),
+                );
+            }
+        }
+        ControlFlow::<()>::Continue(())
+    });
+    assert_eq!(flow, Ok(ControlFlow::Continue(())));
+    let err = refused.unwrap();
+    assert!(
+        err.to_string().contains("1 reader(s) still hold it"),
+        "{err}"
+    );
+    // Nothing changed, and the walk is over: the unplug goes through now.
+    assert_eq!(g.load().iter().count(), 3);
+    g.apply(|m| m.unplug(Gpa(BASE + 2 * P), P), BOUND).unwrap();
+}
+
+#[test]
+fn test_a_writer_waits_for_an_announced_walk_which_never_sees_the_memory_go() {
+    let (_mem, g) = pages_plugged(&[0, 1, 2]);
+    let visited = Barrier::new(2);
+    thread::scope(|s| {
+        let writer = s.spawn(|| {
+            visited.wait();
+            g.apply(|m| m.unplug(Gpa(BASE + 2 * P), P), BOUND).unwrap();
+            Instant::now()
+        });
+        let mut words = Vec::new();
+        let mut last_visit = None;
+        let flow = g.reader().walk(range(BASE, BASE + 3 * P), |v| {
+            if let Visit::Slot { slot, part } = v {
+                if part.start().0 == BASE {
+                    visited.wait();
+                    // The writer is excluding the third slot meanwhile.
+                    thread::sleep(Duration::from_millis(30));
+                }
+                words.push(slot.read_u64(part.start()).unwrap());
+                last_visit = Some(Instant::now());
+            }
+            ControlFlow::<()>::Continue(())
+        });
+        assert_eq!(flow, Ok(ControlFlow::Continue(())));
+        // Every slot was visited with its memory: the discard waited.
+        assert_eq!(words, [0, 1, 2]);
+        let unplugged = writer.join().unwrap();
+        assert!(
+            unplugged > last_visit.unwrap(),
+            "the unplug did not wait for the walk"
+        );
+    });
+    assert!(g.load().lookup(Gpa(BASE + 2 * P)).is_none());
 }

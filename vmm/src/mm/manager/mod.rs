@@ -494,13 +494,17 @@ impl MemoryManager {
         st.settle_harvest(false);
         // 4. Cells follow KVM (detach deleted, attach created)
         //    before the map naming the new slots is published.
-        if let Err(e) = exclusions.commit(&changes) {
-            // KVM already holds the new slots; only a transition computed from
-            // another map gets here. Refuse further ops like a failed undo.
-            st.poisoned = true;
-            return Err(MemslotError::Guard(e));
-        }
-        writer.publish(map);
+        let committed = match exclusions.commit(&changes) {
+            Ok(committed) => committed,
+            Err(e) => {
+                // KVM already holds the new slots; only a transition computed
+                // from another map gets here. Refuse further ops like a
+                // failed undo.
+                st.poisoned = true;
+                return Err(MemslotError::Guard(e));
+            }
+        };
+        committed.publish(&mut writer, map);
         let published = writer.map();
         drop(st);
         // 5. Host teardown. Still under the writer lock: no op can plug this

@@ -10,7 +10,7 @@ use vmm_sys_util::errno;
 
 use super::*;
 use crate::mm::addr::PAGE_SIZE;
-use crate::mm::slot_map::{PlugSpec, SlotFlags};
+use crate::mm::slot_map::PlugSpec;
 
 /// Accepts every memslot call.
 struct Null;
@@ -33,15 +33,7 @@ fn move_cost() {
     let memory = MemoryManager::new(Null, SlotMapConfig::default()).unwrap();
     let mapping =
         Arc::new(HostMapping::new(&BackingKind::Anon, SLOTS * (PAGES + 1) * PAGE_SIZE).unwrap());
-    let plugs: Vec<PlugSpec> = (0..SLOTS)
-        .map(|i| PlugSpec {
-            gpa: Gpa(base + i * PAGES * PAGE_SIZE),
-            size: PAGES * PAGE_SIZE,
-            mapping: mapping.clone(),
-            offset: i * (PAGES + 1) * PAGE_SIZE,
-            flags: SlotFlags::NONE,
-        })
-        .collect();
+    let plugs = PlugSpec::apart(&mapping, Gpa(base), SLOTS, PAGES);
     memory.apply(|m| m.plug_many(plugs)).unwrap();
     let home = Gpa(base + (SLOTS - 1) * PAGES * PAGE_SIZE);
     let away = Gpa(base + (SLOTS + 1) * PAGES * PAGE_SIZE);

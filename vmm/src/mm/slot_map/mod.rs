@@ -160,6 +160,31 @@ pub struct PlugSpec {
     pub flags: SlotFlags,
 }
 
+impl PlugSpec {
+    /// `slots` slots of `pages` pages each, back to back in guest-physical
+    /// space from `base`, slot `i` at `i * (pages + 1)` pages into
+    /// `mapping`: the unused page between two slots' host windows keeps the
+    /// map from merging them (the many-slot layout of the memslot benches).
+    #[cfg(test)]
+    pub(crate) fn apart(
+        mapping: &Arc<HostMapping>,
+        base: Gpa,
+        slots: u64,
+        pages: u64,
+    ) -> Vec<PlugSpec> {
+        use crate::mm::addr::PAGE_SIZE;
+        (0..slots)
+            .map(|i| PlugSpec {
+                gpa: Gpa(base.0 + i * pages * PAGE_SIZE),
+                size: pages * PAGE_SIZE,
+                mapping: mapping.clone(),
+                offset: i * (pages + 1) * PAGE_SIZE,
+                flags: SlotFlags::NONE,
+            })
+            .collect()
+    }
+}
+
 /// Key of the host-side index: (mapping identity, offset of a slot's first byte).
 type HostKey = (usize, u64);
 
