@@ -22,7 +22,10 @@
 //!   issues a full fence, then waits (bounded) until no announced range
 //!   overlaps a slot it deletes. The gate stays closed until the new map is
 //!   published (or the op is abandoned), so no walker trusts a snapshot that
-//!   still names a slot being torn down.
+//!   still names a slot being torn down. A writer that fails in between (a
+//!   panic, cells committed but not published) poisons the gate for good:
+//!   the cells keep refusing the slots it left excluded or detached, and
+//!   only counted walks would see that.
 //!
 //! # Why no walker visits memory under a teardown
 //! The two fences order the walker's announcement against the writer's
@@ -36,7 +39,10 @@
 //! check that the snapshot is still the published one sees the new map. The
 //! writer's load of an entry that no longer overlaps (acquire) synchronizes
 //! with the walker's store that ended the overlap (release), so everything
-//! the walker did in the announced range happens before the teardown.
+//! the walker did in the announced range happens before the teardown. A
+//! walk claims its entry with an acquire, so a walk reusing an entry is
+//! ordered after the walk that gave it back, and a writer that
+//! synchronizes with the new announcement does with the old walk's end.
 //!
 //! Loom checks this protocol (`test_loom_announced_walk_*` below), with
 //! broken variants (no fence on either side) caught; shuttle runs the real
@@ -66,6 +72,12 @@ const ENTRIES: usize = 64;
 /// Announcement entries (two under loom: the models stay small).
 #[cfg(all(test, vmm_loom))]
 const ENTRIES: usize = 2;
+/// The gate's states: walks may announce; a writer's op is between closing
+/// and opening it; a writer failed in between (sticky, see
+/// [`Announcements::poison_gate`]).
+const OPEN: u32 = 0;
+const CLOSED: u32 = 1;
+const POISONED: u32 = 2;
 /// Bits of the page count in an entry.
 const PAGES_BITS: u32 = 24;
 /// The page count that means "to the top of the address space".
@@ -97,7 +109,7 @@ pub(super) struct Announcements {
 impl fmt::Debug for Announcements {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Announcements")
-            .field("gate_closed", &(self.gate.load(Ordering::Relaxed) != 0))
+            .field("gate", &self.gate.load(Ordering::Relaxed))
             .field(
                 "claimed",
                 &format_args!("{:#x}", self.claimed.load(Ordering::Relaxed)),
@@ -166,6 +178,7 @@ impl Announcements {
             1 => Broken::WalkerSkipsFence,
             2 => Broken::WriterSkipsFence,
             3 => Broken::WriterSkipsWait,
+            4 => Broken::ClaimRelaxed,
             _ => Broken::None,
         }
     }
@@ -180,7 +193,20 @@ impl Announcements {
             }
             let index = free.trailing_zeros() as usize;
             let bit = 1u64 << index;
-            let before = self.claimed.fetch_or(bit, Ordering::Relaxed);
+            // Acquire: the walk that gave this entry back (release) is then
+            // ordered before this one, so a writer that synchronizes with
+            // this walk's announcement also synchronizes with that walk's
+            // end (a fresh reviewer's loom model of two walkers found the
+            // relaxed claim).
+            #[cfg(not(all(test, any(vmm_loom, vmm_shuttle))))]
+            let order = Ordering::Acquire;
+            #[cfg(all(test, any(vmm_loom, vmm_shuttle)))]
+            let order = if self.broken() == Broken::ClaimRelaxed {
+                Ordering::Relaxed
+            } else {
+                Ordering::Acquire
+            };
+            let before = self.claimed.fetch_or(bit, order);
             if before & bit == 0 {
                 return Some(Claim { table: self, index });
             }
@@ -192,7 +218,10 @@ impl Announcements {
     /// slot: from now on walkers fall back to the counts; walks announced
     /// before are waited for with [`wait_for_walks`](Self::wait_for_walks).
     pub(super) fn close_gate(&self) {
-        self.gate.store(1, Ordering::Relaxed);
+        // Writers are serialized: a poisoned gate stays poisoned.
+        if self.gate.load(Ordering::Relaxed) != POISONED {
+            self.gate.store(CLOSED, Ordering::Relaxed);
+        }
         #[cfg(all(test, any(vmm_loom, vmm_shuttle)))]
         if self.broken() == Broken::WriterSkipsFence {
             return;
@@ -203,16 +232,31 @@ impl Announcements {
     }
 
     /// Writer side: opens the gate again, after the new map is published
-    /// (or the op abandoned with the old map still current). Release: a
-    /// walker that reads it open sees that map.
+    /// (or the op abandoned with the old map still current), unless it is
+    /// poisoned. Release: a walker that reads it open sees that map.
     pub(super) fn open_gate(&self) {
-        self.gate.store(0, Ordering::Release);
+        if self.gate.load(Ordering::Relaxed) != POISONED {
+            self.gate.store(OPEN, Ordering::Release);
+        }
+    }
+
+    /// Writer side: a writer panicked, or committed cells without
+    /// publishing, between closing the gate and opening it: slots may stay
+    /// excluded over memory a half-done teardown changed, so walks count
+    /// every slot from now on (its cell refuses them), whatever later ops do.
+    pub(super) fn poison_gate(&self) {
+        self.gate.store(POISONED, Ordering::Relaxed);
     }
 
     /// Writer side, after [`close_gate`](Self::close_gate): waits until no
     /// walk announces a range overlapping one of `deleted`, at most `bound`.
-    /// On timeout, returns how many walks still announce one.
-    pub(super) fn wait_for_walks(&self, deleted: &[GpaRange], bound: Duration) -> Result<(), u32> {
+    /// On timeout, returns how many walks still announce one and the index
+    /// in `deleted` of a range one of them holds.
+    pub(super) fn wait_for_walks(
+        &self,
+        deleted: &[GpaRange],
+        bound: Duration,
+    ) -> Result<(), (u32, usize)> {
         #[cfg(all(test, any(vmm_loom, vmm_shuttle)))]
         if self.broken() == Broken::WriterSkipsWait {
             return Ok(());
@@ -225,6 +269,7 @@ impl Announcements {
             // before the teardown too (loom found the relaxed load).
             let claimed = self.claimed.load(Ordering::Acquire);
             let mut holding = 0;
+            let mut held = 0;
             let mut bits = claimed;
             while bits != 0 {
                 let index = bits.trailing_zeros() as usize;
@@ -232,8 +277,9 @@ impl Announcements {
                 // Acquire: a word that no longer overlaps was stored by the
                 // walker after it was done with the range.
                 let word = self.entries[index].range.load(Ordering::Acquire);
-                if deleted.iter().any(|&r| overlaps(word, r)) {
+                if let Some(i) = deleted.iter().position(|&r| overlaps(word, r)) {
                     holding += 1;
+                    held = i;
                 }
             }
             if holding == 0 {
@@ -243,7 +289,7 @@ impl Announcements {
             // takes on them: spin a little, then yield, then sleep.
             let since = *started.get_or_insert_with(Instant::now);
             if since.elapsed() >= bound {
-                return Err(holding);
+                return Err((holding, held));
             }
             spins += 1;
             if cfg!(all(test, any(vmm_loom, vmm_shuttle))) {
@@ -273,11 +319,11 @@ impl Claim<'_> {
         entry.store(encode(range), Ordering::Release);
         #[cfg(all(test, any(vmm_loom, vmm_shuttle)))]
         if self.table.broken() == Broken::WalkerSkipsFence {
-            return self.table.gate.load(Ordering::Acquire) == 0;
+            return self.table.gate.load(Ordering::Acquire) == OPEN;
         }
         // Orders the store above before the gate load (module docs).
         fence(Ordering::SeqCst);
-        self.table.gate.load(Ordering::Acquire) == 0
+        self.table.gate.load(Ordering::Acquire) == OPEN
     }
 
     /// Ends the announcement (release: the walker's accesses under it
@@ -312,6 +358,8 @@ pub(crate) enum Broken {
     WriterSkipsFence = 2,
     /// The writer does not wait for announced walks.
     WriterSkipsWait = 3,
+    /// A walk claims its entry without acquiring the previous owner's end.
+    ClaimRelaxed = 4,
 }
 
 #[cfg(all(test, not(vmm_loom), not(vmm_shuttle)))]
@@ -375,7 +423,7 @@ mod tests {
         );
         assert_eq!(
             t.wait_for_walks(&[r(0x10_1000, 0x1000)], Duration::from_millis(5)),
-            Err(1)
+            Err((1, 0))
         );
         // A walker announcing while the gate is closed is told to count.
         assert!(!c.announce(r(0x10_1000, 0x1000)));

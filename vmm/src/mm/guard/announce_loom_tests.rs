@@ -9,7 +9,10 @@
 //! Broken variants: the walker without the fence between its announcement
 //! and the gate load, and the writer without the fence between closing the
 //! gate and loading the announcements (the store-buffering pattern: both
-//! loads can miss the other side's store). Both are caught.
+//! loads can miss the other side's store). Both are caught. A second model
+//! has two walkers, the second possibly reusing the first's entry: a
+//! relaxed claim lets the writer synchronize with the second walk only and
+//! discard under the first (caught).
 //!
 //! Run: `RUSTFLAGS="--cfg vmm_loom" cargo test -p vmm --lib --release loom`.
 
@@ -75,6 +78,50 @@ fn model(broken: Broken) -> impl Fn() + Sync + Send + 'static {
     }
 }
 
+/// Two walkers: one reads the slot's memory, then gives its entry back;
+/// the other may claim that entry and announce an unrelated range. A writer
+/// that finds the entry holding the unrelated range must still be ordered
+/// after the first walker's read.
+fn reuse_model(broken: Broken) -> impl Fn() + Sync + Send + 'static {
+    move || {
+        let s = Arc::new(Shared {
+            table: Announcements::new(),
+            version: AtomicU64::new(0),
+            mem: UnsafeCell::new(LIVE),
+        });
+        s.table.set_broken(broken);
+        let reader = {
+            let s = s.clone();
+            thread::spawn(move || {
+                let claim = s.table.claim().unwrap();
+                if claim.announce(slot()) && s.version.load(Ordering::Acquire) == 0 {
+                    // SAFETY: loom's cell checks this read against the
+                    // writer's discard.
+                    let word = s.mem.with(|p| unsafe { *p });
+                    assert_eq!(word, LIVE, "a walk read memory discarded under it");
+                }
+            })
+        };
+        let other = {
+            let s = s.clone();
+            thread::spawn(move || {
+                let claim = s.table.claim().unwrap();
+                claim.announce(GpaRange::new(Gpa(0x80_0000), 0x1000).unwrap());
+            })
+        };
+        s.table.close_gate();
+        s.table
+            .wait_for_walks(&[slot()], Duration::from_secs(3600))
+            .unwrap();
+        // SAFETY: loom's cell checks this write against the walker's read.
+        s.mem.with_mut(|p| unsafe { *p = DISCARDED });
+        s.version.store(1, Ordering::Release);
+        s.table.open_gate();
+        reader.join().unwrap();
+        other.join().unwrap();
+    }
+}
+
 fn check(f: impl Fn() + Sync + Send + 'static) {
     let mut b = Builder::new();
     b.preemption_bound = Some(3);
@@ -104,4 +151,14 @@ fn test_loom_announced_walk_without_the_walker_fence_is_caught() {
 #[test]
 fn test_loom_announced_walk_without_the_writer_fence_is_caught() {
     assert_caught(model(Broken::WriterSkipsFence));
+}
+
+#[test]
+fn test_loom_announced_walk_in_a_reused_entry_orders_the_previous_walk() {
+    check(reuse_model(Broken::None));
+}
+
+#[test]
+fn test_loom_announced_walk_claiming_its_entry_relaxed_is_caught() {
+    assert_caught(reuse_model(Broken::ClaimRelaxed));
 }

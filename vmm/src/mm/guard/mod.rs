@@ -428,10 +428,9 @@ impl GuardedMap {
             let ranges: Vec<GpaRange> = deleted.iter().map(|s| s.range()).collect();
             let since = *started.get_or_insert_with(Instant::now);
             let left = bound.saturating_sub(since.elapsed());
-            if let Err(walks) = self.walks.wait_for_walks(&ranges, left) {
-                let slot = deleted.iter().map(|s| s.id().0).next().unwrap_or_default();
+            if let Err((walks, held)) = self.walks.wait_for_walks(&ranges, left) {
                 return Err(GuardError::Drain(SlotLockError::DrainTimeout {
-                    slot,
+                    slot: deleted[held].id().0,
                     readers: walks,
                     waited: since.elapsed(),
                     bound,
@@ -484,10 +483,17 @@ pub struct Exclusions<'a> {
 
 impl Drop for Exclusions<'_> {
     fn drop(&mut self) {
-        // Abandoned (not committed): the old map stays published and its
-        // slots keep their cells, so walks may trust it again. The held
-        // exclusions are released after this, as the fields drop.
-        if self.gate_closed && !std::thread::panicking() {
+        if !self.gate_closed {
+            return;
+        }
+        if std::thread::panicking() {
+            // The slots stay excluded (poisoned, see `slot_lock`), and so
+            // must walks stay out of them: for good.
+            self.map.walks.poison_gate();
+        } else {
+            // Abandoned (not committed): the old map stays published and
+            // its slots keep their cells, so walks may trust it again. The
+            // held exclusions are released after this, as the fields drop.
             self.map.walks.open_gate();
         }
     }
@@ -495,8 +501,9 @@ impl Drop for Exclusions<'_> {
 
 /// An op whose cells are committed (see [`Exclusions::commit`]): publish its
 /// map with [`publish`](Self::publish), which opens the walks' gate after
-/// it. Dropped unpublished, it leaves the gate closed: walks keep counting
-/// slots, which is always safe.
+/// it. Dropped unpublished, it poisons the gate: the published map still
+/// names slots whose cells are detached, so walks count every slot (their
+/// cells refuse them) from then on, whatever later ops do.
 #[must_use = "publish the committed map with `Committed::publish`"]
 #[derive(Debug)]
 pub struct Committed<'a> {
@@ -508,10 +515,18 @@ impl Committed<'_> {
     /// Publishes `map` (the op's new map) through `writer`, then lets walks
     /// trust snapshots again (the gate opens only once no published map
     /// names a slot the op deleted).
-    pub fn publish(self, writer: &mut SlotMapWriter<'_>, map: SlotMap) {
+    pub fn publish(mut self, writer: &mut SlotMapWriter<'_>, map: SlotMap) {
         writer.publish(map);
-        if self.gate_closed {
+        if std::mem::replace(&mut self.gate_closed, false) {
             self.map.walks.open_gate();
+        }
+    }
+}
+
+impl Drop for Committed<'_> {
+    fn drop(&mut self) {
+        if self.gate_closed {
+            self.map.walks.poison_gate();
         }
     }
 }

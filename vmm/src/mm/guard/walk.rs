@@ -270,14 +270,25 @@ impl<'a> GuestReader<'a> {
                     (Some(claim), Some(last)) => {
                         let span = GpaRange::from_bounds(queued, last.range().end().min(end))
                             .expect("the batch's last slot ends past queued");
-                        let held =
-                            claim.announce(span) && Arc::ptr_eq(self.cache.load(), &snapshot);
-                        if !held {
+                        let open = claim.announce(span);
+                        if open && !Arc::ptr_eq(self.cache.load(), &snapshot) {
+                            // A map was published since the snapshot: reload
+                            // and announce on it, rather than count the rest.
+                            claim.withdraw();
+                            leave = Some(Leave::Newer);
+                            break;
+                        }
+                        if !open {
                             claim.withdraw();
                         }
-                        held
+                        open
                     }
-                    _ => false,
+                    (Some(claim), None) => {
+                        // Only the trailing hole is left: nothing to hold.
+                        claim.withdraw();
+                        false
+                    }
+                    (None, _) => false,
                 };
                 counting = !announced;
                 let last_batch = exhausted;

@@ -426,3 +426,32 @@ fn test_a_writer_waits_for_an_announced_walk_which_never_sees_the_memory_go() {
     });
     assert!(g.load().lookup(Gpa(BASE + 2 * P)).is_none());
 }
+
+#[test]
+fn test_after_a_writer_panicked_mid_op_walks_stay_out_of_its_slots_for_good() {
+    let (_mem, g) = pages_plugged(&[0, 1, 2]);
+    let t = g.load().unplug(Gpa(BASE + P), P).unwrap();
+    thread::scope(|s| {
+        let panicked = s
+            .spawn(|| {
+                let _w = g.shared().begin_write();
+                let _ex = g.exclude(&t.changes, BOUND).unwrap();
+                panic!("a writer dies between excluding and committing");
+            })
+            .join();
+        assert!(panicked.is_err());
+    });
+    // A later op deletes another slot and publishes: the gate must not
+    // reopen over the slot the dead writer left excluded.
+    g.apply(|m| m.unplug(Gpa(BASE + 2 * P), P), BOUND).unwrap();
+    let err = g
+        .reader()
+        .walk_within(range(BASE, BASE + 2 * P), Duration::from_millis(30), |_| {
+            ControlFlow::<()>::Continue(())
+        })
+        .unwrap_err();
+    assert!(
+        matches!(err, GuardError::Stuck { slot, .. } if slot == id_at(&g, 1)),
+        "{err:?}"
+    );
+}
