@@ -41,14 +41,39 @@ fn slot() -> GpaRange {
     GpaRange::new(Gpa(0x10_0000), 0x1000).unwrap()
 }
 
+fn shared(broken: Broken) -> Arc<Shared> {
+    let s = Arc::new(Shared {
+        table: Announcements::new(),
+        version: AtomicU64::new(0),
+        mem: UnsafeCell::new(LIVE),
+    });
+    s.table.set_broken(broken);
+    s
+}
+
+/// The writer's op: close the gate, wait for walks announcing the slot,
+/// discard its memory, publish a map without it, open the gate.
+fn delete_slot(s: &Shared) {
+    s.table.close_gate();
+    s.table
+        .wait_for_walks(&[slot()], Duration::from_secs(3600))
+        .unwrap();
+    // SAFETY: loom's cell checks this write against the walkers' reads.
+    s.mem.with_mut(|p| unsafe { *p = DISCARDED });
+    s.version.store(1, Ordering::Release);
+    s.table.open_gate();
+}
+
+/// A walker's read of the slot's memory under its announcement.
+fn read_slot(s: &Shared) {
+    // SAFETY: loom's cell checks this read against the writer's discard.
+    let word = s.mem.with(|p| unsafe { *p });
+    assert_eq!(word, LIVE, "a walk read memory discarded under it");
+}
+
 fn model(broken: Broken) -> impl Fn() + Sync + Send + 'static {
     move || {
-        let s = Arc::new(Shared {
-            table: Announcements::new(),
-            version: AtomicU64::new(0),
-            mem: UnsafeCell::new(LIVE),
-        });
-        s.table.set_broken(broken);
+        let s = shared(broken);
         let walker = {
             let s = s.clone();
             thread::spawn(move || {
@@ -58,22 +83,12 @@ fn model(broken: Broken) -> impl Fn() + Sync + Send + 'static {
                     && s.version.load(Ordering::Acquire) == snapshot
                     && snapshot == 0
                 {
-                    // SAFETY: loom's cell checks this read against the
-                    // writer's discard.
-                    let word = s.mem.with(|p| unsafe { *p });
-                    assert_eq!(word, LIVE, "a walk read memory discarded under it");
+                    read_slot(&s);
                 }
                 drop(claim);
             })
         };
-        s.table.close_gate();
-        s.table
-            .wait_for_walks(&[slot()], Duration::from_secs(3600))
-            .unwrap();
-        // SAFETY: loom's cell checks this write against the walker's read.
-        s.mem.with_mut(|p| unsafe { *p = DISCARDED });
-        s.version.store(1, Ordering::Release);
-        s.table.open_gate();
+        delete_slot(&s);
         walker.join().unwrap();
     }
 }
@@ -84,21 +99,13 @@ fn model(broken: Broken) -> impl Fn() + Sync + Send + 'static {
 /// after the first walker's read.
 fn reuse_model(broken: Broken) -> impl Fn() + Sync + Send + 'static {
     move || {
-        let s = Arc::new(Shared {
-            table: Announcements::new(),
-            version: AtomicU64::new(0),
-            mem: UnsafeCell::new(LIVE),
-        });
-        s.table.set_broken(broken);
+        let s = shared(broken);
         let reader = {
             let s = s.clone();
             thread::spawn(move || {
                 let claim = s.table.claim().unwrap();
                 if claim.announce(slot()) && s.version.load(Ordering::Acquire) == 0 {
-                    // SAFETY: loom's cell checks this read against the
-                    // writer's discard.
-                    let word = s.mem.with(|p| unsafe { *p });
-                    assert_eq!(word, LIVE, "a walk read memory discarded under it");
+                    read_slot(&s);
                 }
             })
         };
@@ -109,14 +116,7 @@ fn reuse_model(broken: Broken) -> impl Fn() + Sync + Send + 'static {
                 claim.announce(GpaRange::new(Gpa(0x80_0000), 0x1000).unwrap());
             })
         };
-        s.table.close_gate();
-        s.table
-            .wait_for_walks(&[slot()], Duration::from_secs(3600))
-            .unwrap();
-        // SAFETY: loom's cell checks this write against the walker's read.
-        s.mem.with_mut(|p| unsafe { *p = DISCARDED });
-        s.version.store(1, Ordering::Release);
-        s.table.open_gate();
+        delete_slot(&s);
         reader.join().unwrap();
         other.join().unwrap();
     }

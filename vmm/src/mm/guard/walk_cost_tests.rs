@@ -25,6 +25,23 @@ fn median(mut v: Vec<Duration>) -> Duration {
     v[v.len() / 2]
 }
 
+/// Reads the word at the start of every page of `part` (checking the page
+/// number written there) and writes one in its second half.
+#[inline(always)]
+fn touch(slot: &SlotRef<'_>, part: GpaRange) {
+    let base = slot.hva(part.start(), part.len()).unwrap().0;
+    let first = (part.start().0 - BASE) / PAGE_SIZE;
+    for k in 0..part.len() / PAGE_SIZE {
+        let hva = base + k * PAGE_SIZE;
+        // SAFETY: inside `slot`, which the walk holds while its visitor runs
+        // (the caller is that visitor).
+        let word = unsafe { std::ptr::read_volatile(hva as *const u64) };
+        assert_eq!(word as u8, (first + k) as u8);
+        // SAFETY: as above.
+        unsafe { std::ptr::write_volatile((hva + PAGE_SIZE / 2) as *mut u64, 7) };
+    }
+}
+
 #[test]
 #[ignore = "a timing; run in release with --nocapture"]
 fn walk_cost() {
@@ -59,16 +76,7 @@ fn walk_cost() {
                 let Visit::Slot { slot, part } = visit else {
                     panic!("hole");
                 };
-                let base = slot.hva(part.start(), part.len()).unwrap().0;
-                let first = (part.start().0 - BASE) / PAGE_SIZE;
-                for k in 0..part.len() / PAGE_SIZE {
-                    let hva = base + k * PAGE_SIZE;
-                    // SAFETY: inside the visited slot, which the walk holds.
-                    let word = unsafe { std::ptr::read_volatile(hva as *const u64) };
-                    assert_eq!(word as u8, (first + k) as u8);
-                    // SAFETY: as above.
-                    unsafe { std::ptr::write_volatile((hva + PAGE_SIZE / 2) as *mut u64, 7) };
-                }
+                touch(slot, part);
                 ControlFlow::<()>::Continue(())
             })
             .unwrap();
@@ -82,17 +90,7 @@ fn walk_cost() {
                     let WalkStep::Slot { slot, part } = step else {
                         panic!("hole");
                     };
-                    let base = slot.hva(part.start(), part.len()).unwrap().0;
-                    let first = (part.start().0 - BASE) / PAGE_SIZE;
-                    for k in 0..part.len() / PAGE_SIZE {
-                        let hva = base + k * PAGE_SIZE;
-                        // SAFETY: inside a slot of the batch, which the
-                        // walk holds while we are called.
-                        let word = unsafe { std::ptr::read_volatile(hva as *const u64) };
-                        assert_eq!(word as u8, (first + k) as u8);
-                        // SAFETY: as above.
-                        unsafe { std::ptr::write_volatile((hva + PAGE_SIZE / 2) as *mut u64, 7) };
-                    }
+                    touch(slot, *part);
                 }
                 ControlFlow::<()>::Continue(())
             })
