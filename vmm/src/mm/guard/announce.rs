@@ -94,9 +94,10 @@ struct Entry {
 
 /// The gate and the announcement entries of one [`GuardedMap`](super::GuardedMap).
 pub(super) struct Announcements {
-    /// Non-zero while a writer's exclusion phase runs (from
+    /// `OPEN`; `CLOSED` while a writer's exclusion phase runs (from
     /// [`close_gate`](Self::close_gate) until the new map is published or
-    /// the op abandoned).
+    /// the op abandoned); `POISONED` for good after a writer failed in
+    /// between ([`poison_gate`](Self::poison_gate)).
     gate: AtomicU32,
     /// Bit `i` set: entry `i` belongs to a walk in flight.
     claimed: AtomicU64,

@@ -292,11 +292,13 @@ impl<'a> GuestReader<'a> {
                 };
                 counting = !announced;
                 let last_batch = exhausted;
+                let mut holes = 0;
                 for slot in ahead.drain(..) {
                     let start = slot.range().start();
                     if start > queued {
                         let hole = GpaRange::from_bounds(queued, start).expect("queued < start");
                         batch.push(WalkStep::Hole(hole));
+                        holes += 1;
                         queued = start;
                     }
                     let part_end = slot.range().end().min(end);
@@ -341,6 +343,7 @@ impl<'a> GuestReader<'a> {
                 if last_batch && leave.is_none() && queued < end {
                     let hole = GpaRange::from_bounds(queued, end).expect("queued < end");
                     batch.push(WalkStep::Hole(hole));
+                    holes += 1;
                     queued = end;
                 }
                 if leave.is_none() && !exhausted {
@@ -350,29 +353,38 @@ impl<'a> GuestReader<'a> {
                 // hole if a newer map was published (its slot may fill it),
                 // and, of a counted batch, up to a slot a writer excluded
                 // since its admission (step back rather than make the
-                // writer wait for it).
+                // writer wait for it). An announced batch without holes has
+                // nothing to look at: its slots are never excluded under it.
                 let mut ready = batch.len();
-                let mut fresh: Option<bool> = None;
-                for (i, step) in batch.iter().enumerate() {
-                    let stop = match step {
-                        WalkStep::Hole(_) => {
-                            let current = *fresh
-                                .get_or_insert_with(|| Arc::ptr_eq(self.cache.load(), &snapshot));
-                            (!current).then_some(Leave::Newer)
+                // Whether a slot is among the steps handed over.
+                let mut slot_ready = announced && holes == 0;
+                if !slot_ready {
+                    let mut fresh: Option<bool> = None;
+                    for (i, step) in batch.iter().enumerate() {
+                        let stop = match step {
+                            WalkStep::Hole(_) => {
+                                let current = *fresh.get_or_insert_with(|| {
+                                    Arc::ptr_eq(self.cache.load(), &snapshot)
+                                });
+                                (!current).then_some(Leave::Newer)
+                            }
+                            WalkStep::Slot { slot, .. } => {
+                                slot.exclusion_seen().then(|| Leave::Busy {
+                                    slot: slot.slot_id(),
+                                })
+                            }
+                        };
+                        if let Some(stop) = stop {
+                            ready = i;
+                            leave = Some(stop);
+                            break;
                         }
-                        WalkStep::Slot { slot, .. } => slot.exclusion_seen().then(|| Leave::Busy {
-                            slot: slot.slot_id(),
-                        }),
-                    };
-                    if let Some(stop) = stop {
-                        ready = i;
-                        leave = Some(stop);
-                        break;
+                        slot_ready |= matches!(step, WalkStep::Slot { .. });
                     }
                 }
                 if ready > 0 {
                     let steps = &batch[..ready];
-                    if steps.iter().any(|s| matches!(s, WalkStep::Slot { .. })) {
+                    if slot_ready {
                         stale = 0;
                         waiting_since = None;
                     }
