@@ -112,6 +112,12 @@ impl<'a> SlotRef<'a> {
         }
     }
 
+    /// Whether a walk's announcement holds the slot (not a count).
+    #[cfg(all(test, not(vmm_loom), not(vmm_shuttle)))]
+    pub(super) fn is_announced(&self) -> bool {
+        matches!(self.hold, Hold::Announced { .. })
+    }
+
     /// The slot's generation (its identity in the slot map).
     pub fn generation(&self) -> u64 {
         match &self.hold {

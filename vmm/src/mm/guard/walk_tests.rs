@@ -1,4 +1,4 @@
-//! Unit tests of [`GuestReader::walk`] and [`GuestReader::walk_batches`].
+//! Unit tests of [`GuestReader::walk`].
 use std::ops::ControlFlow;
 use std::sync::{Arc, Barrier};
 use std::thread;
@@ -454,4 +454,32 @@ fn test_after_a_writer_panicked_mid_op_walks_stay_out_of_its_slots_for_good() {
         matches!(err, GuardError::Stuck { slot, .. } if slot == id_at(&g, 1)),
         "{err:?}"
     );
+}
+
+#[test]
+fn test_walk_announces_every_slot_with_a_free_entry_and_counts_every_slot_without() {
+    // Past several announcement spans, and a hole after the last slot.
+    let n = 3 * ANNOUNCE_BATCH as u64 + 5;
+    let g = GuardedMap::new(SlotMap::new(SlotMapConfig::default()));
+    let mem = Arc::new(HostMapping::new(&BackingKind::Anon, 2 * n * P).unwrap());
+    let plugs = crate::mm::slot_map::PlugSpec::apart(&mem, Gpa(BASE), n, 1);
+    g.apply(|m| m.plug_many(plugs), BOUND).unwrap();
+    let whole = range(BASE, BASE + (n + 1) * P);
+    let walk = |g: &GuardedMap| {
+        let (mut announced, mut counted, mut holes) = (0, 0, 0);
+        let flow = g.reader().walk(whole, |v| {
+            match v {
+                Visit::Slot { slot, .. } if slot.is_announced() => announced += 1,
+                Visit::Slot { .. } => counted += 1,
+                Visit::Hole(_) => holes += 1,
+            }
+            ControlFlow::<()>::Continue(())
+        });
+        assert_eq!(flow, Ok(ControlFlow::Continue(())));
+        (announced, counted, holes)
+    };
+    assert_eq!(walk(&g), (n, 0, 1));
+    let taken = counting(&g);
+    assert_eq!(walk(&g), (0, n, 1));
+    drop(taken);
 }

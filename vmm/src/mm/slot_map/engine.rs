@@ -79,6 +79,26 @@ impl Edit {
     }
 }
 
+/// What [`SlotMap::overlapping`] yields: the slot (if any) its first
+/// descent found, or one range walk. One iterator, not a chain of them: a
+/// walk over thousands of slots pays one `next` per slot.
+enum Overlapping<'a, I> {
+    Few(Option<&'a Slot>),
+    Many(I),
+}
+
+impl<'a, I: Iterator<Item = &'a Slot>> Iterator for Overlapping<'a, I> {
+    type Item = &'a Slot;
+
+    #[inline]
+    fn next(&mut self) -> Option<&'a Slot> {
+        match self {
+            Overlapping::Few(few) => few.take(),
+            Overlapping::Many(many) => many.next(),
+        }
+    }
+}
+
 impl SlotMap {
     /// Slots overlapping `r`, by GPA, in O(log n + k).
     ///
@@ -88,7 +108,8 @@ impl SlotMap {
     /// overlaps: the ones before it end before it starts) or starts at or
     /// before `r.start()` (then it is the only one: slots do not overlap).
     /// Otherwise the range holds a slot's start and the general walk runs
-    /// (one descent for the slot before `r.start()`, one for the range).
+    /// (one descent for the slot before `r.start()`, one for the range
+    /// from there).
     /// Each descent of `imbl`'s range iterator costs a keyed seek and a
     /// cursor stack allocation.
     pub(super) fn overlapping(&self, r: GpaRange) -> impl Iterator<Item = &Slot> + '_ {
@@ -99,17 +120,18 @@ impl SlotMap {
             Some(s) if s.range.start() <= r.start() => (Some(s), false),
             Some(_) => (None, true),
         };
-        let many = many.then(|| {
-            let prev = self
-                .slots
-                .range(..r.start())
-                .next_back()
-                .map(|(_, s)| s)
-                .filter(move |s| s.range.end() > r.start());
-            prev.into_iter()
-                .chain(self.slots.range(r.start()..r.end()).map(|(_, s)| s))
-        });
-        few.into_iter().chain(many.into_iter().flatten())
+        if !many {
+            return Overlapping::Few(few);
+        }
+        // The walk starts at the slot holding `r.start()`, if one does.
+        let from = self
+            .slots
+            .range(..r.start())
+            .next_back()
+            .map(|(_, s)| s)
+            .filter(|s| s.range.end() > r.start())
+            .map_or(r.start(), |s| s.range.start());
+        Overlapping::Many(self.slots.range(from..r.end()).map(|(_, s)| s))
     }
 
     /// Whether host memory `[offset, offset + len)` of `mapping` already

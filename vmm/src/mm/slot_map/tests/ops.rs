@@ -551,3 +551,26 @@ fn test_reserved_range_refuses_plug_move_and_grow_unchanged() {
     // Next to it is fine.
     plugged(&map, 9 * P, P, &m, 9 * P);
 }
+
+#[test]
+fn test_slots_in_yields_exactly_the_slots_overlapping_any_range() {
+    // Slots at pages [2, 4), [5, 6), [6, 9) and [12, 13) (host pages apart,
+    // so none merge), and every range of whole pages from 0 to 15.
+    let m = anon(32);
+    let mut map = SlotMap::new(config(16, 1 << 30));
+    for (first, pages, off) in [(2, 2, 0), (5, 1, 4), (6, 3, 8), (12, 1, 14)] {
+        map = plugged(&map, first * P, pages * P, &m, off * P);
+    }
+    for start in 0..15 {
+        for end in start + 1..16 {
+            let r = range(start * P, (end - start) * P);
+            let got: Vec<GpaRange> = map.slots_in(r).map(|s| s.range()).collect();
+            let want: Vec<GpaRange> = map
+                .iter()
+                .map(|s| s.range())
+                .filter(|s| s.start() < r.end() && r.start() < s.end())
+                .collect();
+            assert_eq!(got, want, "slots in pages [{start}, {end})");
+        }
+    }
+}
