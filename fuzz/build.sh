@@ -1,7 +1,8 @@
 #!/bin/bash -eu
 # OSS-Fuzz / ClusterFuzzLite style build of the libFuzzer targets: builds
 # every target with cargo-fuzz (optimized, debug assertions on, the
-# sanitizer OSS-Fuzz asks for in $SANITIZER, default address) and copies the
+# sanitizer OSS-Fuzz asks for in $SANITIZER, default address, and no
+# comparison tracing: docs/fuzzing.md, "Fourth pass") and copies the
 # binaries to $OUT, with the committed corpus as $OUT/<target>_seed_corpus.zip
 # when zip is available.
 #   OUT=/tmp/fuzz-out fuzz/build.sh && /tmp/fuzz-out/memslots -max_total_time=60
@@ -30,7 +31,7 @@ case "$sanitizer" in
         exit 2
         ;;
 esac
-cargo fuzz build -O --debug-assertions --sanitizer "$sanitizer"
+cargo fuzz build -O --debug-assertions --no-trace-compares --sanitizer "$sanitizer"
 target_dir=fuzz/target/x86_64-unknown-linux-gnu/release
 mkdir -p "$OUT"
 for t in $(cargo fuzz list); do

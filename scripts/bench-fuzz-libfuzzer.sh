@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Throughput of the coverage-guided (libFuzzer) tier: the memslots target
-# built without a sanitizer (`cargo fuzz build -O -s none`), run for SECONDS
+# built without a sanitizer and, as every build of it here, without
+# comparison tracing (`cargo fuzz build -O -s none --no-trace-compares`;
+# docs/fuzzing.md, "Fourth pass", says why), run for SECONDS
 # (default 30) on a copy of the committed corpus, against the goal of
 # 10,000 executions/s. In the same run, before it, the same binary with
 # VMM_FUZZ_DECODE_ONLY=1 (every input only decoded: the rate libFuzzer's own
@@ -17,9 +19,10 @@
 # BASELINE adds a run of another build of the target (say, of an older
 # tree) on the same corpus, between the ceiling and ours, and prints ours /
 # baseline. Extra libFuzzer flags: FUZZ_FLAGS (e.g. "-max_len=2700");
-# extra `cargo fuzz build` flags: FUZZ_BUILD_FLAGS (e.g.
-# "--no-trace-compares"; a change of them rebuilds every crate, so give such
-# a build its own FUZZ_TARGET_DIR, default fuzz/target).
+# the `cargo fuzz build` flags: FUZZ_BUILD_FLAGS (default
+# "--no-trace-compares"; empty builds with comparison tracing; a change of
+# them rebuilds every crate, so give such a build its own FUZZ_TARGET_DIR,
+# default fuzz/target).
 # Exit 1 if our run found something (what it said is printed, the input is
 # in fuzz/artifacts/memslots/), 2 for bad arguments. Results: docs/fuzzing.md.
 set -euo pipefail
@@ -38,7 +41,7 @@ fi
 export RUSTC_BOOTSTRAP=${RUSTC_BOOTSTRAP:-1}
 target_dir=${FUZZ_TARGET_DIR:-fuzz/target}
 # shellcheck disable=SC2086 # FUZZ_BUILD_FLAGS is a list of flags
-cargo fuzz build -O -s none --target-dir "$target_dir" ${FUZZ_BUILD_FLAGS:-} memslots
+cargo fuzz build -O -s none --target-dir "$target_dir" ${FUZZ_BUILD_FLAGS---no-trace-compares} memslots
 bin=$target_dir/x86_64-unknown-linux-gnu/release/memslots
 base=/dev/shm
 [ -d "$base" ] && [ -w "$base" ] || base=${TMPDIR:-/tmp}
@@ -60,7 +63,9 @@ run() { # NAME BINARY [ENV=VALUE...]
 artifacts=fuzz/artifacts/memslots
 mkdir -p "$artifacts"
 run ceiling "$bin" VMM_FUZZ_DECODE_ONLY=1
-[ -n "${BASELINE:-}" ] && run baseline "$BASELINE"
+# A baseline build of this target counts its steps too (an older one
+# ignores the variable).
+[ -n "${BASELINE:-}" ] && run baseline "$BASELINE" VMM_FUZZ_STEPS="$work/steps-baseline"
 run ours "$bin" VMM_FUZZ_STEPS="$work/steps"
 python3 - "$work" "${BASELINE:+baseline}" <<'PY'
 import os, re, statistics, sys
@@ -77,20 +82,25 @@ def stats(name):
 
 ceiling = stats("ceiling")
 ours = stats("ours")
-hist = []
-if os.path.exists(f"{work}/steps"):
-    for line in open(f"{work}/steps"):
-        steps, inputs = map(int, line.split())
-        hist += [steps] * inputs
-median = statistics.median(hist) if hist else 0
-mean = statistics.mean(hist) if hist else 0
+
+def steps(name, rate):
+    hist = []
+    if os.path.exists(f"{work}/{name}"):
+        for line in open(f"{work}/{name}"):
+            steps, inputs = map(int, line.split())
+            hist += [steps] * inputs
+    if not hist:
+        return ""
+    mean = statistics.mean(hist)
+    return (f"  steps/input median {statistics.median(hist):g} mean {mean:.2f} "
+            f"({len(hist)} inputs counted)  {rate * mean:,.0f} steps/s")
+
 print(f"ceiling (decode only) {ceiling[0]:>9} runs {ceiling[1]:>7} exec/s")
 if with_baseline:
     baseline = stats("baseline")
-    print(f"baseline              {baseline[0]:>9} runs {baseline[1]:>7} exec/s")
-print(f"ours                  {ours[0]:>9} runs {ours[1]:>7} exec/s  "
-      f"steps/input median {median:g} mean {mean:.2f} ({len(hist)} inputs counted)  "
-      f"{ours[1] * mean:,.0f} steps/s")
+    print(f"baseline              {baseline[0]:>9} runs {baseline[1]:>7} exec/s"
+          + steps("steps-baseline", baseline[1]))
+print(f"ours                  {ours[0]:>9} runs {ours[1]:>7} exec/s" + steps("steps", ours[1]))
 print(f"ours / ceiling: {ours[1] / max(ceiling[1], 1):.3f}")
 if with_baseline:
     print(f"ours / baseline: {ours[1] / max(baseline[1], 1):.3f}")

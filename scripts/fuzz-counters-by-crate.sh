@@ -16,8 +16,11 @@
 #   scripts/fuzz-counters-by-crate.sh [BINARY [CORPUS]]
 #   PERF_SECONDS=12 scripts/fuzz-counters-by-crate.sh
 #
-# BINARY defaults to the `cargo fuzz build -O -s none memslots` build
-# (built if missing), CORPUS to fuzz/corpus/memslots. Results: docs/fuzzing.md.
+# BINARY defaults to the `cargo fuzz build -O -s none --no-trace-compares
+# memslots` build (built if missing), CORPUS to fuzz/corpus/memslots. The
+# counters are read when the target returns, after it cleared the oracle's
+# (fuzz/fuzz_targets/oracle.rs): what libFuzzer sees. VMM_FUZZ_ORACLE_COVERAGE=1
+# keeps them, for every counter an input hits. Results: docs/fuzzing.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 for tool in gdb llvm-dwarfdump setarch python3; do
@@ -29,7 +32,7 @@ done
 bin=${1:-fuzz/target/x86_64-unknown-linux-gnu/release/memslots}
 corpus=${2:-fuzz/corpus/memslots}
 if [ -z "${1:-}" ] && [ ! -x "$bin" ]; then
-    RUSTC_BOOTSTRAP=${RUSTC_BOOTSTRAP:-1} cargo fuzz build -O -s none memslots
+    RUSTC_BOOTSTRAP=${RUSTC_BOOTSTRAP:-1} cargo fuzz build -O -s none --no-trace-compares memslots
 fi
 [ -x "$bin" ] || {
     echo "fuzz-counters-by-crate.sh: '$bin' is not an executable" >&2

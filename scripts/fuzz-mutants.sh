@@ -15,7 +15,15 @@
 # Prints a table: mutant, tier, seconds to the finding, steps before and
 # after shrinking. TIERS="sim real" (say) picks tiers; the libfuzzer tier
 # needs cargo-fuzz (`cargo install cargo-fuzz --locked`) and is skipped
-# with a note without it.
+# with a note without it. Knobs of the libfuzzer tier, for comparing fuzzer
+# configurations: LF_SEED (libFuzzer's -seed; default: libFuzzer picks one
+# from the clock), LF_FLAGS (more libFuzzer flags), LF_CORPUS (the seed
+# corpus, default fuzz/corpus/memslots; an empty directory makes the fuzzer
+# discover each bug from nothing), LF_BUILD_FLAGS (the `cargo fuzz build`
+# flags beyond `-O -s none --features mutants`, default
+# "--no-trace-compares" as every build of the target here; empty builds with
+# comparison tracing) with LF_TARGET_DIR (default fuzz/target-mutants; give
+# another build configuration its own).
 #
 #   scripts/fuzz-mutants.sh [MUTANT ...]        (default: every mutant)
 #
@@ -33,9 +41,11 @@ trap 'rm -rf "$out"' EXIT
 lf=
 if [[ " $tiers " == *" libfuzzer "* ]]; then
     if cargo fuzz --version >/dev/null 2>&1; then
-        RUSTC_BOOTSTRAP=1 cargo fuzz build -O -s none --features mutants \
-            --target-dir fuzz/target-mutants memslots >/dev/null
-        lf=fuzz/target-mutants/x86_64-unknown-linux-gnu/release/memslots
+        lf_target=${LF_TARGET_DIR:-fuzz/target-mutants}
+        # shellcheck disable=SC2086 # LF_BUILD_FLAGS is a list of flags
+        RUSTC_BOOTSTRAP=1 cargo fuzz build -O -s none ${LF_BUILD_FLAGS---no-trace-compares} --features mutants \
+            --target-dir "$lf_target" memslots >/dev/null
+        lf=$lf_target/x86_64-unknown-linux-gnu/release/memslots
         # Without a mutant the corpus must run clean, or every mutant would
         # look found.
         if ! "$lf" fuzz/corpus/memslots -runs=0 >"$out/clean.log" 2>&1; then
@@ -55,12 +65,13 @@ steps_of() { # a libFuzzer input -> its steps as a scenario
 }
 libfuzzer_row() { # MUTANT -> "seconds steps shrunk", or nothing
     local m=$1 corpus=$out/corpus-$1
-    cp -r fuzz/corpus/memslots "$corpus"
+    cp -r "${LF_CORPUS:-fuzz/corpus/memslots}" "$corpus"
     local start end crash
     start=$(date +%s%N)
+    # shellcheck disable=SC2086 # LF_FLAGS is a list of flags
     VMM_MUTANT=$m timeout $((${LF_TIME:-60} + 30)) "$lf" "$corpus" \
         -max_total_time="${LF_TIME:-60}" -artifact_prefix="$out/$m-" \
-        >"$out/$m-lf.log" 2>&1 || true
+        ${LF_SEED:+-seed=$LF_SEED} ${LF_FLAGS:-} >"$out/$m-lf.log" 2>&1 || true
     end=$(date +%s%N)
     crash=$(ls "$out/$m-"crash-* 2>/dev/null | head -1 || true)
     [ -n "$crash" ] || return 0

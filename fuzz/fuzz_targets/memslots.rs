@@ -10,6 +10,12 @@
 //! libFuzzer itself allows this binary on this host, a ceiling), and
 //! `VMM_FUZZ_STEPS=FILE` writes to FILE how many inputs ran each number of
 //! steps (every 1024 inputs).
+//!
+//! The coverage libFuzzer steers by is the code under test's: after every
+//! input the counters of the code that judges it (the model, the simulated
+//! VM's steps, checks and reset, the decoder, the scenario invariants and
+//! the manager's consistency check) are cleared before libFuzzer reads them
+//! ([`oracle`]). `VMM_FUZZ_ORACLE_COVERAGE=1` keeps them.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -20,10 +26,16 @@ fuzz_target!(|data: &[u8]| {
         return;
     }
     match vmm::fuzz::bytes::run(data) {
-        Ok(steps) => bench::count(steps),
+        Ok(steps) => {
+            oracle::clear();
+            bench::count(steps);
+        }
         Err(finding) => panic!("{finding}"),
     }
 });
+
+mod elf;
+mod oracle;
 
 /// The benchmark's switches; see the crate docs.
 mod bench {
