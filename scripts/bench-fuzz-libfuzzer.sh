@@ -24,7 +24,9 @@
 # them rebuilds every crate, so give such a build its own FUZZ_TARGET_DIR,
 # default fuzz/target).
 # Exit 1 if our run found something (what it said is printed, the input is
-# in fuzz/artifacts/memslots/), 2 for bad arguments. Results: docs/fuzzing.md.
+# in fuzz/artifacts/memslots/) or did not clear its oracle's coverage
+# counters (unless VMM_FUZZ_ORACLE_COVERAGE=1 asked it to keep them), 2 for
+# bad arguments. Results: docs/fuzzing.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 seconds=${1:-30}
@@ -101,6 +103,16 @@ if with_baseline:
     print(f"baseline              {baseline[0]:>9} runs {baseline[1]:>7} exec/s"
           + steps("steps-baseline", baseline[1]))
 print(f"ours                  {ours[0]:>9} runs {ours[1]:>7} exec/s" + steps("steps", ours[1]))
+# The target clears its oracle's coverage counters after every input
+# (fuzz/fuzz_targets/oracle.rs) and says how many at startup; without that
+# line, or with none cleared, this run measured another configuration.
+cleared = re.search(r"INFO: oracle coverage: (\d+) counters in (\d+) runs cleared", ours[3])
+if cleared and int(cleared.group(1)) > 0:
+    print(f"oracle counters cleared after every input: {int(cleared.group(1)):,} "
+          f"in {cleared.group(2)} runs")
+elif os.environ.get("VMM_FUZZ_ORACLE_COVERAGE") != "1":
+    print("ERROR: our run did not clear the oracle's coverage counters (see its log)")
+    sys.exit(1)
 print(f"ours / ceiling: {ours[1] / max(ceiling[1], 1):.3f}")
 if with_baseline:
     print(f"ours / baseline: {ours[1] / max(baseline[1], 1):.3f}")
