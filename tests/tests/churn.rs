@@ -136,7 +136,11 @@ fn test_churn_every_op_runs_beside_two_vcpus_and_both_passes() {
     if !kvm_or_skip("churn: every op") {
         return;
     }
-    let mut cfg = config(8 * MIB, Backing::ANON);
+    // 32 MiB: a pass long enough for the five op kinds to take their turns
+    // (about 1 ms apart, some taking milliseconds on a loaded host) before
+    // the vCPUs finish; at 8 MiB a loaded CI run ended the first-touch pass
+    // after four.
+    let mut cfg = config(32 * MIB, Backing::ANON);
     cfg.vcpus = 2;
     cfg.refault = true;
     cfg.churn.ops = vec![
@@ -150,7 +154,7 @@ fn test_churn_every_op_runs_beside_two_vcpus_and_both_passes() {
     let c = only(&r);
     for pass in ["first-touch", "re-fault"] {
         let p = c.pass(pass).unwrap();
-        assert_eq!(p.accesses, 8 * MIB / PAGE);
+        assert_eq!(p.accesses, 32 * MIB / PAGE);
         let t = p.churn.as_ref().expect("a churn table per pass");
         let mut outliers = t.unattributed.outliers;
         for op in ["plug", "protect", "dontneed", "collapse", "dirty-log"] {
