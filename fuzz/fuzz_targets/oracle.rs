@@ -36,43 +36,50 @@ extern "C" {
 }
 const AT_ENTRY: std::ffi::c_ulong = 9;
 
-/// Where the counters start (0 until the first input read the table).
-static COUNTERS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+/// The oracle's counters: where the counter section was loaded, and the
+/// runs (first index, length) of counters in oracle functions.
+struct Oracle {
+    counters: usize,
+    runs: Vec<(usize, usize)>,
+}
 
-/// Runs of counters (first index, length) in oracle functions.
-static RUNS: LazyLock<Vec<(usize, usize)>> = LazyLock::new(|| {
+static ORACLE_COUNTERS: LazyLock<Oracle> = LazyLock::new(|| {
+    let kept = Oracle {
+        counters: 0,
+        runs: Vec::new(),
+    };
     if std::env::var_os("VMM_FUZZ_ORACLE_COVERAGE").is_some_and(|v| v == "1") {
-        return Vec::new();
+        return kept;
     }
     // Without a symbol table (a stripped binary) the fuzzer still works,
     // steered by every counter as before.
-    let runs = runs().unwrap_or_else(|e| {
+    let oracle = find().unwrap_or_else(|e| {
         eprintln!("WARNING: oracle coverage kept: {e}");
-        Vec::new()
+        kept
     });
     eprintln!(
         "INFO: oracle coverage: {} counters in {} runs cleared after every input",
-        runs.iter().map(|r| r.1).sum::<usize>(),
-        runs.len()
+        oracle.runs.iter().map(|r| r.1).sum::<usize>(),
+        oracle.runs.len()
     );
-    runs
+    oracle
 });
 
 /// Sets the oracle's counters to zero.
 pub fn clear() {
-    let runs = &*RUNS;
-    let counters = COUNTERS.load(std::sync::atomic::Ordering::Relaxed) as *mut u8;
-    for &(first, len) in runs {
-        // SAFETY: every run lies inside `__sancov_cntrs` (`runs` takes
-        // its indices from the PC table of as many entries), writable data
-        // of this process: plain bytes that the instrumentation increments
-        // and libFuzzer zeroes before every input in the same way.
+    let oracle = &*ORACLE_COUNTERS;
+    let counters = oracle.counters as *mut u8;
+    for &(first, len) in &oracle.runs {
+        // SAFETY: every run lies inside `__sancov_cntrs` (`find` takes its
+        // indices from the PC table of as many entries), writable data of
+        // this process: plain bytes that the instrumentation increments and
+        // libFuzzer zeroes before every input in the same way.
         unsafe { std::ptr::write_bytes(counters.add(first), 0, len) };
     }
 }
 
-/// The oracle's runs of counters, from this executable's symbol table.
-fn runs() -> Result<Vec<(usize, usize)>, String> {
+/// The oracle's counters, from this executable's symbol table.
+fn find() -> Result<Oracle, String> {
     // (The sections are found in the file, not through the linker's
     // `__start___sancov_cntrs` symbols: naming those here would clash
     // with the sanitizer-coverage pass's own declarations of them.)
@@ -92,10 +99,6 @@ fn runs() -> Result<Vec<(usize, usize)>, String> {
     // `__sancov_cntrs`, in the same order (LLVM's sanitizer coverage,
     // `-sanitizer-coverage-pc-table`); the loader relocated the pcs.
     let pcs = unsafe { std::slice::from_raw_parts(pcs, 2 * n) };
-    COUNTERS.store(
-        bias.wrapping_add(counters as usize),
-        std::sync::atomic::Ordering::Relaxed,
-    );
     let symbols = &image.symbols;
     let mut oracle: Vec<(usize, usize)> = symbols
         .iter()
@@ -116,7 +119,10 @@ fn runs() -> Result<Vec<(usize, usize)>, String> {
             _ => runs.push((i, 1)),
         }
     }
-    Ok(runs)
+    Ok(Oracle {
+        counters: bias.wrapping_add(counters as usize),
+        runs,
+    })
 }
 
 fn contains(hay: &[u8], needle: &[u8]) -> bool {
