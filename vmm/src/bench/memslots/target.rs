@@ -15,7 +15,7 @@ use super::config::{MemslotsError, RawMove};
 use super::layout::SlotLayout;
 use crate::mm::addr::{Gpa, GpaRange, PAGE_SIZE};
 use crate::mm::backing::{BackingKind, HostMapping};
-use crate::mm::guard::WalkStep;
+use crate::mm::guard::Visit;
 use crate::mm::manager::MemoryManager;
 use crate::mm::slot_map::{PlugSpec, SlotFlags};
 
@@ -156,25 +156,30 @@ impl Target for Ours {
         for &(first, count) in parts {
             // One walk per vCPU part: each slot guarded while its pages are
             // checked and written, one translation per slot.
-            self.walk(first, count, |gpa, base, pages| {
-                let page = (gpa.0 - self.layout.base) / PAGE_SIZE;
-                for k in 0..pages {
-                    let hva = base + k * PAGE_SIZE;
-                    // SAFETY: `[base, base + pages)` lies in the slot
-                    // (checked by the walk), whose host memory its guard
-                    // keeps mapped while we are called; the guest writes
-                    // only a page's first byte and no vCPU runs during this
-                    // pass.
-                    let word = unsafe { std::ptr::read_volatile(hva as *const u64) };
-                    check_touched(gpa.0 + k * PAGE_SIZE, word, page + k - first)?;
-                    // SAFETY: as above, the page's second half (the slot is
-                    // writable: the area is plugged without read-only).
-                    unsafe {
-                        std::ptr::write_volatile((hva + PAGE_SIZE / 2) as *mut u64, HOST_VALUE)
-                    };
-                }
-                Ok(())
-            })?;
+            self.walk(
+                first,
+                count,
+                #[inline(always)]
+                |gpa, base, pages| {
+                    let page = (gpa.0 - self.layout.base) / PAGE_SIZE;
+                    for k in 0..pages {
+                        let hva = base + k * PAGE_SIZE;
+                        // SAFETY: `[base, base + pages)` lies in the slot
+                        // (checked by the walk), whose host memory its guard
+                        // keeps mapped while we are called; the guest writes
+                        // only a page's first byte and no vCPU runs during this
+                        // pass.
+                        let word = unsafe { std::ptr::read_volatile(hva as *const u64) };
+                        check_touched(gpa.0 + k * PAGE_SIZE, word, page + k - first)?;
+                        // SAFETY: as above, the page's second half (the slot is
+                        // writable: the area is plugged without read-only).
+                        unsafe {
+                            std::ptr::write_volatile((hva + PAGE_SIZE / 2) as *mut u64, HOST_VALUE)
+                        };
+                    }
+                    Ok(())
+                },
+            )?;
         }
         Ok(())
     }
@@ -196,14 +201,17 @@ impl Ours {
         let range = GpaRange::new(start, count * PAGE_SIZE)
             .ok_or_else(|| MemslotsError::Mismatch(format!("pages {page}+{count} of the area")))?;
         let mut reader = self.memory.reader();
-        // A batch of slots at a time: the pass over their pages runs as one
-        // loop, as the raw loop's does.
+        // The visitor (and `each` in it) inlined into the walk's loop over
+        // a batch of slots: the pass over their pages then runs as one
+        // loop, as the raw loop's does, instead of a call per slot.
         let flow = reader
-            .walk_batches(range, |steps| {
-                for step in steps {
-                    let (slot, part) = match step {
-                        WalkStep::Slot { slot, part } => (slot, *part),
-                        WalkStep::Hole(hole) => {
+            .walk(
+                range,
+                #[inline(always)]
+                |visit| {
+                    let (slot, part) = match visit {
+                        Visit::Slot { slot, part } => (slot, part),
+                        Visit::Hole(hole) => {
                             return ControlFlow::Break(MemslotsError::Mismatch(format!(
                                 "guest-physical {hole} of the area is not plugged"
                             )))
@@ -218,12 +226,12 @@ impl Ours {
                             })
                         }
                     };
-                    if let Err(e) = each(part.start(), hva, part.len() / PAGE_SIZE) {
-                        return ControlFlow::Break(e);
+                    match each(part.start(), hva, part.len() / PAGE_SIZE) {
+                        Ok(()) => ControlFlow::Continue(()),
+                        Err(e) => ControlFlow::Break(e),
                     }
-                }
-                ControlFlow::Continue(())
-            })
+                },
+            )
             .map_err(|source| MemslotsError::Guard {
                 what: format!("walk over {range}"),
                 source,

@@ -123,7 +123,7 @@ use crate::mm::slot_map::{
 pub use access::SlotRef;
 pub use cells::SlotCells;
 pub use device::{DeviceMemory, SlotPage};
-pub use walk::{Visit, WalkStep, ANNOUNCE_BATCH, WALK_BATCH};
+pub use walk::{Visit, ANNOUNCE_BATCH, WALK_BATCH};
 
 /// How often a reader retries a lookup whose cell changed under it (a writer
 /// between detaching and publishing) before it reports the slot busy.

@@ -24,7 +24,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::announce::Broken;
-use super::walk::{each_step, Admit};
+use super::walk::Admit;
 use super::*;
 use crate::mm::addr::{GpaRange, PAGE_SIZE};
 use crate::mm::backing::{BackingKind, HostMapping};
@@ -106,7 +106,7 @@ fn model(admit: Admit, hold: Hold, seen: &'static Seen) -> impl Fn() + Send + Sy
                 let mut reader = g.reader();
                 for _ in 0..2 {
                     let range = GpaRange::new(Gpa(BASE), SLOTS * P).unwrap();
-                    let flow = reader.walk_with(range, BOUND, admit, each_step(|visit| {
+                    let flow = reader.walk_with(range, BOUND, admit, |visit| {
                         // No yield here: shuttle's PCT lowers a yielding
                         // thread's priority, which would hand the writer
                         // every window. The walk's own atomics (admission,
@@ -129,7 +129,7 @@ fn model(admit: Admit, hold: Hold, seen: &'static Seen) -> impl Fn() + Send + Sy
                             }
                         }
                         ControlFlow::<()>::Continue(())
-                    }));
+                    });
                     assert_eq!(flow.unwrap(), ControlFlow::Continue(()));
                 }
                 drop(taken);

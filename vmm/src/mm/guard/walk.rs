@@ -1,6 +1,4 @@
-//! Walking a guest-physical range slot by slot: [`GuestReader::walk`] (one
-//! call per slot or hole) and [`GuestReader::walk_batches`] (one call per
-//! batch of them).
+//! Walking a guest-physical range slot by slot: [`GuestReader::walk`].
 //!
 //! A host pass over many slots (a device scanning a buffer list, a migration
 //! pass, the memslots bench's rw pass) could take one guard per slot with
@@ -19,9 +17,10 @@
 //!   published map, visits the batch ([`ANNOUNCE_BATCH`] slots) with no
 //!   per-slot atomic at all: a writer deleting one of them waits until the
 //!   walk has moved on (see `announce` for the protocol and why it is
-//!   sound). A pass over tens of thousands of small slots costs about half
-//!   as much over a raw loop as counting each slot did
-//!   (docs/bench-memslots.md).
+//!   sound). The batch is gathered as references into the snapshot, and
+//!   each slot's record is read only as the slot is visited, so a record
+//!   that has left the cache is fetched while the previous slot's memory
+//!   accesses are in flight (docs/bench-memslots.md).
 //! - **Counted** (while a writer's op runs, or with every announcement
 //!   entry taken): each slot is admitted exactly as
 //!   [`GuestReader::try_acquire`] admits it: increment-if-not-zero-and-not-
@@ -36,14 +35,14 @@
 //!   deleted mid-walk is therefore never visited after its exclusion.
 //!   Counted batches are [`WALK_BATCH`] slots, their count words
 //!   prefetched while the previous batch is visited, released together
-//!   after it; before handing a counted batch over, the walk looks whether
-//!   a writer has excluded one of its slots since ([`SlotRef`]'s
-//!   `exclusion_seen`) and hands over only the slots before it, so a
-//!   writer's drain waits for at most one batch.
+//!   after it; before visiting each counted slot, the walk looks whether
+//!   a writer has excluded it since ([`SlotRef`]'s `exclusion_seen`) and
+//!   if so lets the batch go there, so a writer's drain waits for at most
+//!   one batch.
 //!
 //! A hole is reported only after checking that no map was published since
 //! the snapshot (else the walk reloads first), so a hole is one the current
-//! map has too, at the time it is reported. The visitor gets the steps by
+//! map has too, at the time it is reported. The visitor gets each guard by
 //! reference; the walk holds no guard while it waits on the writer lock,
 //! and the visitor must not block on it either (it runs with a batch held).
 
@@ -113,8 +112,7 @@ impl<'a> GuestReader<'a> {
     /// walk reaches, it waits for that op (as [`acquire`](Self::acquire))
     /// and continues on the map published after it. Must not be called while
     /// holding another [`SlotRef`] (see the module docs of
-    /// [`crate::mm::guard`]). A pass over many small slots runs faster with
-    /// [`walk_batches`](Self::walk_batches).
+    /// [`crate::mm::guard`]).
     ///
     /// # Errors
     /// [`TooManyReaders`](GuardError::TooManyReaders),
@@ -169,70 +167,16 @@ impl<'a> GuestReader<'a> {
         bound: Duration,
         visit: impl FnMut(Visit<'_, 'a>) -> ControlFlow<B>,
     ) -> Result<ControlFlow<B>, GuardError> {
-        self.walk_with(range, bound, SlotCell::read_on, each_step(visit))
+        self.walk_with(range, bound, SlotCell::read_on, visit)
     }
 
-    /// As [`walk`](Self::walk), handing the visitor a batch of steps at a
-    /// time (slots with their parts, and holes, in address order; every
-    /// slot of the batch guarded while `visit` runs): a pass over many small
-    /// slots then runs as one loop, as a raw loop over a table of host
-    /// addresses would, instead of one call per slot.
-    ///
-    /// # Errors
-    /// As [`walk`](Self::walk).
-    ///
-    /// ```
-    /// use std::ops::ControlFlow;
-    /// use std::sync::Arc;
-    /// use std::time::Duration;
-    /// use vmm::mm::addr::{Gpa, GpaRange};
-    /// use vmm::mm::backing::{BackingKind, HostMapping};
-    /// use vmm::mm::guard::{GuardedMap, WalkStep};
-    /// use vmm::mm::slot_map::{SlotFlags, SlotMap, SlotMapConfig};
-    ///
-    /// let memory = GuardedMap::new(SlotMap::new(SlotMapConfig::default()));
-    /// let mem = Arc::new(HostMapping::new(&BackingKind::Anon, 0x6000).unwrap());
-    /// for i in 0..3 {
-    ///     // A host page between slots keeps them apart.
-    ///     let (gpa, offset) = (0x10_0000 + i * 0x1000, i * 0x2000);
-    ///     let plug = |m: &SlotMap| m.plug(Gpa(gpa), 0x1000, mem.clone(), offset, SlotFlags::NONE);
-    ///     memory.apply(plug, Duration::from_secs(1)).unwrap();
-    /// }
-    /// let range = GpaRange::new(Gpa(0x10_0000), 0x3000).unwrap();
-    /// let mut written = 0;
-    /// let flow = memory.reader().walk_batches(range, |steps| {
-    ///     for step in steps {
-    ///         if let WalkStep::Slot { slot, part } = step {
-    ///             slot.write_u64(part.start(), 7).unwrap();
-    ///             written += 1;
-    ///         }
-    ///     }
-    ///     ControlFlow::<()>::Continue(())
-    /// });
-    /// assert_eq!(flow.unwrap(), ControlFlow::Continue(()));
-    /// assert_eq!(written, 3);
-    /// ```
-    pub fn walk_batches<B>(
-        &mut self,
-        range: GpaRange,
-        visit: impl FnMut(&[WalkStep<'a>]) -> ControlFlow<B>,
-    ) -> Result<ControlFlow<B>, GuardError> {
-        self.walk_with(
-            range,
-            READER_WAIT_BOUND,
-            SlotCell::read_on,
-            whole_batches(visit),
-        )
-    }
-
-    /// The walk, admitting counted slots with `admit`, visiting a batch at
-    /// a time.
+    /// The walk, admitting counted slots with `admit`.
     pub(super) fn walk_with<B>(
         &mut self,
         range: GpaRange,
         bound: Duration,
         admit: Admit,
-        mut visit: impl FnMut(&[WalkStep<'a>]) -> Visited<B>,
+        mut visit: impl FnMut(Visit<'_, 'a>) -> ControlFlow<B>,
     ) -> Result<ControlFlow<B>, GuardError> {
         let map = self.map;
         let shard = self.shard;
@@ -241,7 +185,9 @@ impl<'a> GuestReader<'a> {
         let mut at = range.start();
         let mut stale = 0;
         let mut waiting_since: Option<Instant> = None;
-        let mut batch: Vec<WalkStep<'a>> = Vec::with_capacity(ANNOUNCE_BATCH + 2);
+        // A counted batch's steps (announced batches are visited from the
+        // gathered slots themselves).
+        let mut batch: Vec<WalkStep<'a>> = Vec::new();
         // The walk's announcement entry, if one is free: a batch is then
         // held by announcing its span instead of counting each slot.
         let claim = map.walks.claim();
@@ -292,25 +238,38 @@ impl<'a> GuestReader<'a> {
                 };
                 counting = !announced;
                 let last_batch = exhausted;
-                let mut holes = 0;
+                if announced {
+                    let cache = &mut self.cache;
+                    let fresh = || Arc::ptr_eq(cache.load(), &snapshot);
+                    let (to, done) =
+                        match visit_announced(&ahead, queued, end, last_batch, fresh, &mut visit) {
+                            Announced::Visited { to, slots } => (to, slots),
+                            Announced::Newer { to, slots } => {
+                                leave = Some(Leave::Newer);
+                                (to, slots)
+                            }
+                            Announced::Break(b) => return Ok(ControlFlow::Break(b)),
+                        };
+                    if done {
+                        stale = 0;
+                        waiting_since = None;
+                    }
+                    (at, queued) = (to, to);
+                    ahead.clear();
+                    if leave.is_none() && !exhausted {
+                        exhausted = gather(&mut slots, &mut ahead, map, shard, counting);
+                    }
+                    continue;
+                }
                 for slot in ahead.drain(..) {
                     let start = slot.range().start();
                     if start > queued {
                         let hole = GpaRange::from_bounds(queued, start).expect("queued < start");
                         batch.push(WalkStep::Hole(hole));
-                        holes += 1;
                         queued = start;
                     }
                     let part_end = slot.range().end().min(end);
                     let part = GpaRange::from_bounds(queued, part_end).expect("queued < slot end");
-                    if announced {
-                        batch.push(WalkStep::Slot {
-                            slot: SlotRef::announced(slot),
-                            part,
-                        });
-                        queued = part_end;
-                        continue;
-                    }
                     let id = slot.id().0;
                     let Some(cell) = map.cells.get(id) else {
                         leave = Some(Leave::Stale { slot: id });
@@ -343,7 +302,6 @@ impl<'a> GuestReader<'a> {
                 if last_batch && leave.is_none() && queued < end {
                     let hole = GpaRange::from_bounds(queued, end).expect("queued < end");
                     batch.push(WalkStep::Hole(hole));
-                    holes += 1;
                     queued = end;
                 }
                 if leave.is_none() && !exhausted {
@@ -351,53 +309,32 @@ impl<'a> GuestReader<'a> {
                 }
                 // Hand over the steps that may still be visited now: up to a
                 // hole if a newer map was published (its slot may fill it),
-                // and, of a counted batch, up to a slot a writer excluded
-                // since its admission (step back rather than make the
-                // writer wait for it). An announced batch without holes has
-                // nothing to look at: its slots are never excluded under it.
-                let mut ready = batch.len();
-                // Whether a slot is among the steps handed over.
-                let mut slot_ready = announced && holes == 0;
-                if !slot_ready {
-                    let mut fresh: Option<bool> = None;
-                    for (i, step) in batch.iter().enumerate() {
-                        let stop = match step {
-                            WalkStep::Hole(_) => {
-                                let current = *fresh.get_or_insert_with(|| {
-                                    Arc::ptr_eq(self.cache.load(), &snapshot)
-                                });
-                                (!current).then_some(Leave::Newer)
-                            }
-                            WalkStep::Slot { slot, .. } => {
-                                slot.exclusion_seen().then(|| Leave::Busy {
-                                    slot: slot.slot_id(),
-                                })
-                            }
-                        };
-                        if let Some(stop) = stop {
-                            ready = i;
-                            leave = Some(stop);
-                            break;
+                // and up to a slot a writer excluded since its admission
+                // (step back rather than make the writer wait for it).
+                let mut fresh: Option<bool> = None;
+                for step in &batch {
+                    let stop = match step {
+                        WalkStep::Hole(_) => {
+                            let current = *fresh
+                                .get_or_insert_with(|| Arc::ptr_eq(self.cache.load(), &snapshot));
+                            (!current).then_some(Leave::Newer)
                         }
-                        slot_ready |= matches!(step, WalkStep::Slot { .. });
+                        WalkStep::Slot { slot, .. } => slot.exclusion_seen().then(|| Leave::Busy {
+                            slot: slot.slot_id(),
+                        }),
+                    };
+                    if let Some(stop) = stop {
+                        leave = Some(stop);
+                        break;
                     }
-                }
-                if ready > 0 {
-                    let steps = &batch[..ready];
-                    if slot_ready {
+                    if let WalkStep::Slot { .. } = step {
                         stale = 0;
                         waiting_since = None;
                     }
-                    match visit(steps) {
-                        Visited::All => at = steps[ready - 1].range().end(),
-                        Visited::Upto { steps: done, slot } => {
-                            if done > 0 {
-                                at = steps[done - 1].range().end();
-                            }
-                            leave = Some(Leave::Busy { slot });
-                        }
-                        Visited::Break(b) => return Ok(ControlFlow::Break(b)),
+                    if let ControlFlow::Break(b) = visit(step.visit()) {
+                        return Ok(ControlFlow::Break(b));
                     }
+                    at = step.range().end();
                 }
                 // The guards of a counted batch are released together.
                 batch.clear();
@@ -442,50 +379,78 @@ impl<'a> GuestReader<'a> {
     }
 }
 
-/// How far a batch visitor got.
-pub(super) enum Visited<B> {
-    /// Every step.
-    All,
-    /// The first `steps` steps; the next is a slot a writer has excluded
-    /// since it was admitted (`slot`): the walk waits for that op and goes
-    /// on from there.
-    Upto { steps: usize, slot: u32 },
+/// How far the visit of an announced batch got.
+enum Announced<B> {
+    /// Everything up to `to`; `slots`: whether a slot was among it.
+    Visited { to: Gpa, slots: bool },
+    /// Everything up to `to`, where a hole begins that a map published
+    /// since the snapshot may have filled: the walk reloads there.
+    Newer { to: Gpa, slots: bool },
     /// The visitor broke.
     Break(B),
 }
 
-/// A public batch visitor: it visits whole batches.
-fn whole_batches<'a, B>(
-    mut visit: impl FnMut(&[WalkStep<'a>]) -> ControlFlow<B>,
-) -> impl FnMut(&[WalkStep<'a>]) -> Visited<B> {
-    move |steps| match visit(steps) {
-        ControlFlow::Continue(()) => Visited::All,
-        ControlFlow::Break(b) => Visited::Break(b),
+/// Visits an announced batch, `slots` from `from` on (holes between them
+/// and, for the walk's last batch, up to `end`), each slot's part computed
+/// just before its visit: its record is read there, so a record that has
+/// left the cache is fetched while the previous slot's memory accesses are
+/// still in flight, not in a pass of its own over the whole batch first. A
+/// hole is visited only while `fresh` says no map was published since the
+/// snapshot (else the walk reloads there: a newer slot may fill it).
+#[inline(always)]
+fn visit_announced<'a, B>(
+    slots: &[&Slot],
+    from: Gpa,
+    end: Gpa,
+    last_batch: bool,
+    mut fresh: impl FnMut() -> bool,
+    visit: &mut impl FnMut(Visit<'_, 'a>) -> ControlFlow<B>,
+) -> Announced<B> {
+    let mut at = from;
+    let mut any = false;
+    for slot in slots {
+        let range = slot.range();
+        if range.start() > at {
+            if let Some(stop) = visit_hole(at, range.start(), any, &mut fresh, visit) {
+                return stop;
+            }
+            at = range.start();
+        }
+        let part_end = range.end().min(end);
+        let part = GpaRange::from_bounds(at, part_end).expect("at < slot end");
+        let held = SlotRef::announced(slot);
+        if let ControlFlow::Break(b) = visit(Visit::Slot { slot: &held, part }) {
+            return Announced::Break(b);
+        }
+        any = true;
+        at = part_end;
     }
+    if last_batch && at < end {
+        if let Some(stop) = visit_hole(at, end, any, &mut fresh, visit) {
+            return stop;
+        }
+        at = end;
+    }
+    Announced::Visited { to: at, slots: any }
 }
 
-/// A per-step visitor as a batch visitor: before each counted slot it looks
-/// whether a writer has excluded it since its admission, and if so steps
-/// back (so a slot is not visited after an exclusion the walker can see,
-/// and the writer waits for no more of the batch).
-pub(super) fn each_step<'a, B>(
-    mut visit: impl FnMut(Visit<'_, 'a>) -> ControlFlow<B>,
-) -> impl FnMut(&[WalkStep<'a>]) -> Visited<B> {
-    move |steps| {
-        for (i, step) in steps.iter().enumerate() {
-            if let WalkStep::Slot { slot, .. } = step {
-                if slot.exclusion_seen() {
-                    return Visited::Upto {
-                        steps: i,
-                        slot: slot.slot_id(),
-                    };
-                }
-            }
-            if let ControlFlow::Break(b) = visit(step.visit()) {
-                return Visited::Break(b);
-            }
-        }
-        Visited::All
+/// Visits the hole `[at, to)` of an announced batch if no map was published
+/// since the snapshot (`fresh`); `any`: whether the batch visited a slot
+/// before it. `None` to go on.
+fn visit_hole<'a, B>(
+    at: Gpa,
+    to: Gpa,
+    any: bool,
+    fresh: &mut impl FnMut() -> bool,
+    visit: &mut impl FnMut(Visit<'_, 'a>) -> ControlFlow<B>,
+) -> Option<Announced<B>> {
+    if !fresh() {
+        return Some(Announced::Newer { to: at, slots: any });
+    }
+    let hole = GpaRange::from_bounds(at, to).expect("at < to");
+    match visit(Visit::Hole(hole)) {
+        ControlFlow::Break(b) => Some(Announced::Break(b)),
+        ControlFlow::Continue(()) => None,
     }
 }
 
@@ -509,9 +474,9 @@ fn gather<'s>(
     ahead.len() < batch
 }
 
-/// One step of a walk's batch (see [`GuestReader::walk_batches`]).
+/// One step of a counted batch, its guard taken.
 #[derive(Debug)]
-pub enum WalkStep<'a> {
+enum WalkStep<'a> {
     /// A plugged slot, guarded while the batch is visited.
     Slot {
         /// The guard on the slot.
@@ -525,14 +490,14 @@ pub enum WalkStep<'a> {
 
 impl<'a> WalkStep<'a> {
     /// The part of the walked range this step covers.
-    pub fn range(&self) -> GpaRange {
+    fn range(&self) -> GpaRange {
         match self {
             WalkStep::Slot { part, .. } | WalkStep::Hole(part) => *part,
         }
     }
 
-    /// The step as a per-step [`Visit`].
-    pub fn visit(&self) -> Visit<'_, 'a> {
+    /// The step as a [`Visit`].
+    fn visit(&self) -> Visit<'_, 'a> {
         match self {
             WalkStep::Slot { slot, part } => Visit::Slot { slot, part: *part },
             WalkStep::Hole(hole) => Visit::Hole(*hole),

@@ -1,9 +1,15 @@
-//! What a host pass through [`GuestReader::walk`] and
-//! [`GuestReader::walk_batches`] costs against a raw loop
+//! What a host pass through [`GuestReader::walk`] costs against a raw loop
 //! over the same memory, at 32,761 slots of 4 pages (the memslots bench's
 //! rw test without a guest): each pass reads a word at the start of every
-//! page and writes one in its second half. The two passes alternate, so a
-//! busy neighbour slows both alike; prints the median of each and the ratio.
+//! page and writes one in its second half. The passes alternate, so a busy
+//! neighbour slows them alike; prints the median and the fastest of each,
+//! and the ratios to the raw loop's.
+//!
+//! Two conditions: warm (the passes follow each other, the slot records
+//! stay in the caches) and cold (a 64 MiB sweep before every pass, as the
+//! bench guest's 512 MiB pass leaves them). Beside the walk, a pass that
+//! gathers the snapshot's slots 256 at a time and reads each record just
+//! before its pages, with no guard at all: the floor a walk could reach.
 //! Ignored (a timing, not a check); run it in release:
 //! `cargo test --release -p vmm --lib walk_cost -- --ignored --nocapture`.
 
@@ -25,20 +31,30 @@ fn median(mut v: Vec<Duration>) -> Duration {
     v[v.len() / 2]
 }
 
-/// Reads the word at the start of every page of `part` (checking the page
-/// number written there) and writes one in its second half.
+/// Reads the word at the start of every page from `hva` on (checking the
+/// page number written there: `part` is the pages' guest range) and writes
+/// one in its second half.
 #[inline(always)]
-fn touch(slot: &SlotRef<'_>, part: GpaRange) {
-    let base = slot.hva(part.start(), part.len()).unwrap().0;
+fn touch(hva: u64, part: GpaRange) {
     let first = (part.start().0 - BASE) / PAGE_SIZE;
     for k in 0..part.len() / PAGE_SIZE {
-        let hva = base + k * PAGE_SIZE;
-        // SAFETY: inside `slot`, which the walk holds while its visitor runs
-        // (the caller is that visitor).
+        let hva = hva + k * PAGE_SIZE;
+        // SAFETY: the callers pass a slot's host address of `part`, mapped
+        // while the pass runs (the walk holds the slot while its visitor
+        // runs; the unguarded pass runs while no writer exists).
         let word = unsafe { std::ptr::read_volatile(hva as *const u64) };
         assert_eq!(word as u8, (first + k) as u8);
         // SAFETY: as above.
         unsafe { std::ptr::write_volatile((hva + PAGE_SIZE / 2) as *mut u64, 7) };
+    }
+}
+
+/// Sweeps `buf` so the walk's records and the pages are cold, as after the
+/// bench guest's pass.
+fn evict(buf: &mut [u64]) {
+    for w in buf.iter_mut().step_by(8) {
+        // SAFETY: a valid, aligned element of `buf`.
+        unsafe { std::ptr::write_volatile(w, *w + 1) };
     }
 }
 
@@ -58,6 +74,7 @@ fn walk_cost() {
         // SAFETY: the page lies in `mapping`, mapped while it lives.
         unsafe { std::ptr::write_volatile(hva_of(page) as *mut u64, page as u8 as u64) };
     }
+    let range = GpaRange::new(Gpa(BASE), SLOTS * PAGES * PAGE_SIZE).unwrap();
     let raw = || {
         for page in 0..SLOTS * PAGES {
             let hva = hva_of(page);
@@ -68,7 +85,6 @@ fn walk_cost() {
             unsafe { std::ptr::write_volatile((hva + PAGE_SIZE / 2) as *mut u64, 7) };
         }
     };
-    let range = GpaRange::new(Gpa(BASE), SLOTS * PAGES * PAGE_SIZE).unwrap();
     let walked = || {
         let flow = g
             .reader()
@@ -76,54 +92,73 @@ fn walk_cost() {
                 let Visit::Slot { slot, part } = visit else {
                     panic!("hole");
                 };
-                touch(slot, part);
+                touch(slot.hva(part.start(), part.len()).unwrap().0, part);
                 ControlFlow::<()>::Continue(())
             })
             .unwrap();
         assert_eq!(flow, ControlFlow::Continue(()));
     };
-    let batched = || {
-        let flow = g
-            .reader()
-            .walk_batches(range, |steps| {
-                for step in steps {
-                    let WalkStep::Slot { slot, part } = step else {
-                        panic!("hole");
-                    };
-                    touch(slot, *part);
-                }
-                ControlFlow::<()>::Continue(())
-            })
-            .unwrap();
-        assert_eq!(flow, ControlFlow::Continue(()));
-    };
-    let (mut raws, mut walks, mut counted) = (Vec::new(), Vec::new(), Vec::new());
-    let mut batches = Vec::new();
-    for _ in 0..PASSES {
-        let t = Instant::now();
-        raw();
-        raws.push(t.elapsed());
-        let t = Instant::now();
-        walked();
-        walks.push(t.elapsed());
-        let t = Instant::now();
-        batched();
-        batches.push(t.elapsed());
-        // With every announcement entry taken, the walk counts each slot.
+    // With every announcement entry taken, the walk counts each slot.
+    let counted = || {
         let claims: Vec<_> = std::iter::from_fn(|| g.walks.claim()).collect();
-        let t = Instant::now();
         walked();
-        counted.push(t.elapsed());
         drop(claims);
-    }
-    let (r, w, c) = (median(raws), median(walks), median(counted));
-    let b = median(batches);
-    println!(
-        "walk_cost: walk_batches {b:?}, walk/raw {:.3}, {:.1} ns a slot more",
-        b.as_secs_f64() / r.as_secs_f64(),
-        (b.as_nanos() as f64 - r.as_nanos() as f64) / SLOTS as f64
-    );
+    };
     let snapshot = g.load();
+    let unguarded = || {
+        let mut slots = snapshot.slots_in(range);
+        let mut ahead: Vec<&Slot> = Vec::with_capacity(ANNOUNCE_BATCH);
+        loop {
+            ahead.clear();
+            ahead.extend(slots.by_ref().take(ANNOUNCE_BATCH));
+            if ahead.is_empty() {
+                break;
+            }
+            for slot in &ahead {
+                touch(slot.hva().0, slot.range());
+            }
+        }
+    };
+    let passes: [(&str, &dyn Fn()); 4] = [
+        ("raw", &raw),
+        ("walk", &walked),
+        ("counted", &counted),
+        ("no guard", &unguarded),
+    ];
+    let mut sweep = vec![0u64; 64 << 17];
+    for cold in [false, true] {
+        let mut times: Vec<Vec<Duration>> = vec![Vec::new(); passes.len()];
+        for _ in 0..PASSES {
+            for ((_, pass), t) in passes.iter().zip(&mut times) {
+                if cold {
+                    evict(&mut sweep);
+                }
+                let start = Instant::now();
+                pass();
+                t.push(start.elapsed());
+            }
+        }
+        let fastest: Vec<Duration> = times.iter().map(|t| *t.iter().min().unwrap()).collect();
+        let medians: Vec<Duration> = times.into_iter().map(median).collect();
+        let line = |of: &[Duration]| {
+            passes
+                .iter()
+                .zip(of)
+                .skip(1)
+                .map(|((name, _), d)| {
+                    format!("{name} {:.3}", d.as_secs_f64() / of[0].as_secs_f64())
+                })
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let state = if cold { "cold" } else { "warm" };
+        println!(
+            "walk_cost {state}: {SLOTS} slots of {PAGES} pages, raw p50 {:?}; /raw p50: {}; /raw fastest: {}",
+            medians[0],
+            line(&medians),
+            line(&fastest)
+        );
+    }
     let t = Instant::now();
     let mut n = 0;
     for _ in 0..10 {
@@ -140,13 +175,4 @@ fn walk_cost() {
     }
     let empty = t.elapsed() / 10;
     println!("walk_cost: iterating the snapshot {iterate:?}, an empty walk {empty:?} ({n})");
-    println!(
-        "walk_cost: counting each slot {c:?}, walk/raw {:.3}",
-        c.as_secs_f64() / r.as_secs_f64()
-    );
-    let per_slot = (w.as_nanos() as f64 - r.as_nanos() as f64) / SLOTS as f64;
-    println!(
-        "walk_cost: {SLOTS} slots of {PAGES} pages: raw {r:?}, walk {w:?}, walk/raw {:.3}, {per_slot:.1} ns a slot more",
-        w.as_secs_f64() / r.as_secs_f64()
-    );
 }
