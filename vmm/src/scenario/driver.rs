@@ -244,7 +244,7 @@ impl Driver {
                     return (what, format!("{kind}: {detail}"), expect.accepts(kind));
                 }
             }
-            Action::Wait(w) => return self.wait(what, w.vcpu),
+            Action::Wait(w) => return self.wait(what, w),
             _ => {}
         }
         let Some((command, judge)) = guest_command(&spec.action) else {
@@ -274,6 +274,7 @@ impl Driver {
             judge,
             expect: expect.clone(),
         };
+        link.progress.start();
         if link.batches.send(batch).is_err() {
             return (what, "the vCPU is gone".into(), false);
         }
@@ -299,12 +300,60 @@ impl Driver {
         invariants.after_op(&self.memory, &self.iommu, idle, idle)
     }
 
-    /// `wait`: collects the vCPU's async batch, if it has one.
-    fn wait(&mut self, what: String, vcpu: u64) -> (String, String, bool) {
+    /// `wait`: collects the vCPU's async batch, if it has one; with
+    /// `completed`, waits (at most `within`) until that many of its
+    /// commands have finished and leaves the rest running.
+    fn wait(&mut self, what: String, w: &step::Wait) -> (String, String, bool) {
+        let vcpu = w.vcpu;
         let vcpus = self.links.len();
         let Some(link) = self.links.get_mut(vcpu as usize) else {
             return (what, format!("no vCPU {vcpu} (the VM has {vcpus})"), false);
         };
+        if let Some(k) = w.completed {
+            let Some(step) = link.pending else {
+                return (
+                    what,
+                    format!("vCPU {vcpu} has no async commands to wait for"),
+                    false,
+                );
+            };
+            let within = w
+                .within
+                .as_ref()
+                .map_or(step::DEFAULT_WITHIN, |d| d.duration());
+            let ran = link
+                .progress
+                .wait_for(k, Instant::now().checked_add(within), &self.stop);
+            if !ran.ended {
+                return if ran.commands >= k {
+                    let done = ran.commands;
+                    (what, format!("{done} of step {step}'s commands finished"), true)
+                } else if self.stop.load(Ordering::Acquire) {
+                    (what, Outcome::Stopped.to_string(), false)
+                } else {
+                    let done = ran.commands;
+                    let within = fmt_duration(within);
+                    (
+                        what,
+                        format!("timed out: {done} of step {step}'s commands finished within {within}, waiting for {k}"),
+                        false,
+                    )
+                };
+            }
+            // The batch is over: collect it as a plain `wait` would, and
+            // it must have got as far as `k`.
+            link.pending = None;
+            return match recv(link, &self.stop) {
+                None => (what, "stopped before the guest answered".into(), false),
+                Some(o) if !o.met => (what, format!("step {step}: {}", o.last.1), false),
+                Some(o) if o.ran < k => (
+                    what,
+                    format!("step {step} ended after {} command(s), before {k}", o.ran),
+                    false,
+                ),
+                Some(o) => (what, format!("{} outcome(s) as expected", o.ran), true),
+            };
+        }
         let Some(step) = link.pending.take() else {
             return (what, "0 outcome(s) as expected".into(), true);
         };
@@ -431,7 +480,22 @@ pub fn describe(action: &Action) -> String {
         ),
         Action::Unpin(u) => format!("unpin {:?}", u.name),
         Action::Sleep(s) => format!("sleep {}", escape_control(&s.duration.to_string())),
-        Action::Wait(w) => format!("vCPU {}: wait for its async commands", w.vcpu),
+        Action::Wait(step::Wait {
+            vcpu,
+            completed: None,
+            ..
+        }) => format!("vCPU {vcpu}: wait for its async commands"),
+        Action::Wait(step::Wait {
+            vcpu,
+            completed: Some(k),
+            within,
+        }) => format!(
+            "vCPU {vcpu}: wait until {k} of its async commands finished (within {})",
+            within.as_ref().map_or_else(
+                || fmt_duration(step::DEFAULT_WITHIN),
+                |d| escape_control(&d.to_string())
+            )
+        ),
         Action::DmaCopy(Guest { command: c, .. }) => {
             format!("DMA copy {} to {}", range(c.gpa.0, c.size.0), c.to)
         }
