@@ -8,7 +8,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
@@ -310,49 +310,12 @@ impl Driver {
             return (what, format!("no vCPU {vcpu} (the VM has {vcpus})"), false);
         };
         if let Some(k) = w.completed {
-            let Some(step) = link.pending else {
-                return (
-                    what,
-                    format!("vCPU {vcpu} has no async commands to wait for"),
-                    false,
-                );
-            };
             let within = w
                 .within
                 .as_ref()
                 .map_or(step::DEFAULT_WITHIN, |d| d.duration());
-            let ran = link
-                .progress
-                .wait_for(k, Instant::now().checked_add(within), &self.stop);
-            if !ran.ended {
-                return if ran.commands >= k {
-                    let done = ran.commands;
-                    (what, format!("{done} of step {step}'s commands finished"), true)
-                } else if self.stop.load(Ordering::Acquire) {
-                    (what, Outcome::Stopped.to_string(), false)
-                } else {
-                    let done = ran.commands;
-                    let within = fmt_duration(within);
-                    (
-                        what,
-                        format!("timed out: {done} of step {step}'s commands finished within {within}, waiting for {k}"),
-                        false,
-                    )
-                };
-            }
-            // The batch is over: collect it as a plain `wait` would, and
-            // it must have got as far as `k`.
-            link.pending = None;
-            return match recv(link, &self.stop) {
-                None => (what, "stopped before the guest answered".into(), false),
-                Some(o) if !o.met => (what, format!("step {step}: {}", o.last.1), false),
-                Some(o) if o.ran < k => (
-                    what,
-                    format!("step {step} ended after {} command(s), before {k}", o.ran),
-                    false,
-                ),
-                Some(o) => (what, format!("{} outcome(s) as expected", o.ran), true),
-            };
+            let (actual, passed) = wait_for_some(link, k, within, &self.stop);
+            return (what, actual, passed);
         }
         let Some(step) = link.pending.take() else {
             return (what, "0 outcome(s) as expected".into(), true);
@@ -424,6 +387,47 @@ impl Driver {
             }
             None => (Outcome::NoSuchPin, format!("no pin named {name:?}")),
         }
+    }
+}
+
+/// `wait` with `completed = k`: waits (at most `within`) until `k` of the
+/// vCPU's async commands have finished; the batch runs on, uncollected,
+/// unless it has ended (then it is collected as a plain `wait` would).
+fn wait_for_some(
+    link: &mut VcpuLink,
+    k: u64,
+    within: Duration,
+    stop: &AtomicBool,
+) -> (String, bool) {
+    let Some(step) = link.pending else {
+        return ("the vCPU has no async commands to wait for".into(), false);
+    };
+    let ran = link
+        .progress
+        .wait_for(k, Instant::now().checked_add(within), stop);
+    if !ran.ended {
+        let done = ran.commands;
+        return if done >= k {
+            (format!("{done} of step {step}'s commands finished"), true)
+        } else if stop.load(Ordering::Acquire) {
+            (Outcome::Stopped.to_string(), false)
+        } else {
+            let within = fmt_duration(within);
+            let why = format!(
+                "timed out: {done} of step {step}'s commands finished within {within}, waiting for {k}"
+            );
+            (why, false)
+        };
+    }
+    link.pending = None;
+    match recv(link, stop) {
+        None => ("stopped before the guest answered".into(), false),
+        Some(o) if !o.met => (format!("step {step}: {}", o.last.1), false),
+        Some(o) if o.ran < k => (
+            format!("step {step} ended after {} command(s), before {k}", o.ran),
+            false,
+        ),
+        Some(o) => (format!("{} outcome(s) as expected", o.ran), true),
     }
 }
 

@@ -353,8 +353,7 @@ impl Scenario {
         // else, and before the end.
         // vCPU -> (step, its text offset, its repeat) of async commands not
         // yet collected.
-        let mut pending: std::collections::BTreeMap<u64, (usize, usize, u64)> =
-            Default::default();
+        let mut pending: std::collections::BTreeMap<u64, (usize, usize, u64)> = Default::default();
         for (i, value) in raw.iter().enumerate() {
             let number = i + 1;
             let span = value.span();
@@ -392,8 +391,7 @@ impl Scenario {
                     return Err(at("vcpu", why));
                 }
                 if let super::step::Action::Wait(super::step::Wait {
-                    completed: Some(k),
-                    ..
+                    completed: Some(k), ..
                 }) = step.action
                 {
                     // Waits for part of the batch and collects nothing.

@@ -509,12 +509,21 @@ fn test_bad_wait_for_some_commands_is_refused_naming_the_field() {
         ("completed = -1", "8:13", "completed", ""),
         ("completed = 6", "8:1", "completed", "step 1 runs 5"),
         ("within = \"1s\"", "8:1", "within", "goes with `completed`"),
-        ("completed = 1\nwithin = \"0s\"", "9:10", "within", "at least 1ms"),
+        (
+            "completed = 1\nwithin = \"0s\"",
+            "9:10",
+            "within",
+            "at least 1ms",
+        ),
         ("completed = 1\nwithin = \"soon\"", "9:10", "within", "soon"),
     ] {
         let text = wait(fields);
         assert_refused(&text, at, 2, field);
-        assert!(refusal(&text).contains(says), "{fields}: {}", refusal(&text));
+        assert!(
+            refusal(&text).contains(says),
+            "{fields}: {}",
+            refusal(&text)
+        );
     }
     // Nothing in flight on the vCPU: before any async step, after a plain
     // wait collected it, or on another vCPU.
@@ -536,7 +545,11 @@ fn test_bad_wait_for_some_commands_is_refused_naming_the_field() {
     let text = format!(
         "{ASYNC_READS}[[step]]\ndo = \"wait\"\ncompleted = 1\n[[step]]\ndo = \"read\"\ngpa = 0\n"
     );
-    assert!(refusal(&text).contains("add a `wait` step"), "{}", refusal(&text));
+    assert!(
+        refusal(&text).contains("add a `wait` step"),
+        "{}",
+        refusal(&text)
+    );
 }
 
 /// Runs `text` (no memory ops) with vCPU 0 played by a thread that finishes
@@ -600,7 +613,10 @@ fn test_wait_for_some_commands_returns_once_that_many_finished() {
     );
     let (vcpu, console, run) = run_with_scripted_vcpu(&text);
     let started = console.recv_timeout(LONG).unwrap();
-    assert!(started.starts_with("step 1: ") && started.contains("started 5"), "{started}");
+    assert!(
+        started.starts_with("step 1: ") && started.contains("started 5"),
+        "{started}"
+    );
     vcpu.send(0).unwrap();
     // One of two: the wait goes on.
     assert!(console.recv_timeout(Duration::from_millis(300)).is_err());
@@ -634,8 +650,10 @@ fn test_wait_for_some_commands_fails_past_its_bound_naming_the_step() {
     assert!(started.elapsed() < LONG);
     let failure = report.failure().unwrap();
     assert!(
-        failure.contains("step 2 (vCPU 0: wait until 2 of its async commands finished (within 100ms))")
-            && failure.contains("timed out: 1 of step 1's commands finished within 100.0 ms, waiting for 2"),
+        failure.contains(
+            "step 2 (vCPU 0: wait until 2 of its async commands finished (within 100ms))"
+        ) && failure
+            .contains("timed out: 1 of step 1's commands finished within 100.0 ms, waiting for 2"),
         "{failure}"
     );
     assert_eq!(report.not_run, 1);
@@ -668,6 +686,14 @@ fn test_wait_for_some_commands_fails_when_the_batch_stops_short() {
     }
     let report = run.join().unwrap();
     assert!(report.passed, "{:?}", report.failure());
-    assert!(report.steps[2].actual.contains("5 outcome(s)"), "{:?}", report.steps[2]);
-    assert!(report.steps[3].actual.contains("0 outcome(s)"), "{:?}", report.steps[3]);
+    assert!(
+        report.steps[2].actual.contains("5 outcome(s)"),
+        "{:?}",
+        report.steps[2]
+    );
+    assert!(
+        report.steps[3].actual.contains("0 outcome(s)"),
+        "{:?}",
+        report.steps[3]
+    );
 }
