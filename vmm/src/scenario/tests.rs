@@ -663,11 +663,9 @@ fn test_wait_for_some_commands_fails_past_its_bound_naming_the_step() {
 fn test_wait_for_some_commands_fails_when_the_batch_stops_short() {
     // The second read sees another value: the batch ends there, the wait
     // reports that outcome as a plain wait would.
-    let text = format!(
-        "[[step]]\ndo = \"read\"\ngpa = 0\nvalue = 7\nrepeat = 5\nasync = true\n\
-         [[step]]\ndo = \"wait\"\ncompleted = 3\n[[step]]\ndo = \"wait\"\n"
-    );
-    let (vcpu, _console, run) = run_with_scripted_vcpu(&text);
+    let text = "[[step]]\ndo = \"read\"\ngpa = 0\nvalue = 7\nrepeat = 5\nasync = true\n\
+                [[step]]\ndo = \"wait\"\ncompleted = 3\n[[step]]\ndo = \"wait\"\n";
+    let (vcpu, _console, run) = run_with_scripted_vcpu(text);
     vcpu.send(7).unwrap();
     vcpu.send(8).unwrap();
     let failure = run.join().unwrap().failure().unwrap();
