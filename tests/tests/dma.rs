@@ -40,6 +40,9 @@ fn test_dma_racing_unplug_completes_or_stops_cleanly_and_unpins() {
         n("done") + n("faults") + n("revoked") + n("no_pin") + n("invalid"),
         120
     );
+    // Each unplug waits until a transfer has finished (`completed = 1`),
+    // so this holds however slow the host; the 59 transfers after it
+    // meet the unplug.
     assert!(
         n("done") >= 1,
         "some transfers completed before the unplugs: {dma}"

@@ -411,7 +411,7 @@ impl Generator {
             .then(|| model.pending_vcpus())
             .and_then(|v| v.first().copied())
         {
-            return Action::Wait(step::Wait { vcpu });
+            return Action::Wait(step::Wait::collect(vcpu));
         }
         let names: Vec<String> = model.pins.keys().cloned().collect();
         match self.rng.below(10) {
@@ -482,7 +482,7 @@ impl Generator {
     fn guest_command(&mut self, model: &Model) -> Action {
         let vcpu = self.vcpu(model);
         if model.has_pending(vcpu) {
-            return Action::Wait(step::Wait { vcpu });
+            return Action::Wait(step::Wait::collect(vcpu));
         }
         let (gpa, size) = self.guest_range(model);
         let seed = self.rng.below(1 << 32);
@@ -638,7 +638,7 @@ impl Generator {
     fn dma(&mut self, model: &Model) -> Action {
         let vcpu = self.vcpu(model);
         if model.has_pending(vcpu) {
-            return Action::Wait(step::Wait { vcpu });
+            return Action::Wait(step::Wait::collect(vcpu));
         }
         let (gpa, size) = self.guest_range(model);
         // Async (real tier): memory ops, dirty-log switches and reports race

@@ -52,7 +52,7 @@ pub fn generate(seed: u64, cfg: &GenConfig, layout: &Layout, count: usize) -> Ve
     }
     if cfg.guest {
         for vcpu in model.pending_vcpus() {
-            let wait = Action::Wait(step::Wait { vcpu });
+            let wait = Action::Wait(step::Wait::collect(vcpu));
             model.predict(&wait);
             out.push(wait);
         }

@@ -8,7 +8,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
@@ -244,7 +244,7 @@ impl Driver {
                     return (what, format!("{kind}: {detail}"), expect.accepts(kind));
                 }
             }
-            Action::Wait(w) => return self.wait(what, w.vcpu),
+            Action::Wait(w) => return self.wait(what, w),
             _ => {}
         }
         let Some((command, judge)) = guest_command(&spec.action) else {
@@ -274,6 +274,7 @@ impl Driver {
             judge,
             expect: expect.clone(),
         };
+        link.progress.start();
         if link.batches.send(batch).is_err() {
             return (what, "the vCPU is gone".into(), false);
         }
@@ -299,12 +300,23 @@ impl Driver {
         invariants.after_op(&self.memory, &self.iommu, idle, idle)
     }
 
-    /// `wait`: collects the vCPU's async batch, if it has one.
-    fn wait(&mut self, what: String, vcpu: u64) -> (String, String, bool) {
+    /// `wait`: collects the vCPU's async batch, if it has one; with
+    /// `completed`, waits (at most `within`) until that many of its
+    /// commands have finished and leaves the rest running.
+    fn wait(&mut self, what: String, w: &step::Wait) -> (String, String, bool) {
+        let vcpu = w.vcpu;
         let vcpus = self.links.len();
         let Some(link) = self.links.get_mut(vcpu as usize) else {
             return (what, format!("no vCPU {vcpu} (the VM has {vcpus})"), false);
         };
+        if let Some(k) = w.completed {
+            let within = w
+                .within
+                .as_ref()
+                .map_or(step::DEFAULT_WITHIN, |d| d.duration());
+            let (actual, passed) = wait_for_some(link, k, within, &self.stop);
+            return (what, actual, passed);
+        }
         let Some(step) = link.pending.take() else {
             return (what, "0 outcome(s) as expected".into(), true);
         };
@@ -378,6 +390,47 @@ impl Driver {
     }
 }
 
+/// `wait` with `completed = k`: waits (at most `within`) until `k` of the
+/// vCPU's async commands have finished; the batch runs on, uncollected,
+/// unless it has ended (then it is collected as a plain `wait` would).
+fn wait_for_some(
+    link: &mut VcpuLink,
+    k: u64,
+    within: Duration,
+    stop: &AtomicBool,
+) -> (String, bool) {
+    let Some(step) = link.pending else {
+        return ("the vCPU has no async commands to wait for".into(), false);
+    };
+    let ran = link
+        .progress
+        .wait_for(k, Instant::now().checked_add(within), stop);
+    if !ran.ended {
+        let done = ran.commands;
+        return if done >= k {
+            (format!("{done} of step {step}'s commands finished"), true)
+        } else if stop.load(Ordering::Acquire) {
+            (Outcome::Stopped.to_string(), false)
+        } else {
+            let within = fmt_duration(within);
+            let why = format!(
+                "timed out: {done} of step {step}'s commands finished within {within}, waiting for {k}"
+            );
+            (why, false)
+        };
+    }
+    link.pending = None;
+    match recv(link, stop) {
+        None => ("stopped before the guest answered".into(), false),
+        Some(o) if !o.met => (format!("step {step}: {}", o.last.1), false),
+        Some(o) if o.ran < k => (
+            format!("step {step} ended after {} command(s), before {k}", o.ran),
+            false,
+        ),
+        Some(o) => (format!("{} outcome(s) as expected", o.ran), true),
+    }
+}
+
 /// A step in words, e.g. `unplug [0x100000000, 0x100200000)`.
 pub fn describe(action: &Action) -> String {
     let guest = action.guest().map(|(vcpu, repeat, is_async)| {
@@ -431,7 +484,22 @@ pub fn describe(action: &Action) -> String {
         ),
         Action::Unpin(u) => format!("unpin {:?}", u.name),
         Action::Sleep(s) => format!("sleep {}", escape_control(&s.duration.to_string())),
-        Action::Wait(w) => format!("vCPU {}: wait for its async commands", w.vcpu),
+        Action::Wait(step::Wait {
+            vcpu,
+            completed: None,
+            ..
+        }) => format!("vCPU {vcpu}: wait for its async commands"),
+        Action::Wait(step::Wait {
+            vcpu,
+            completed: Some(k),
+            within,
+        }) => format!(
+            "vCPU {vcpu}: wait until {k} of its async commands finished (within {})",
+            within.as_ref().map_or_else(
+                || fmt_duration(step::DEFAULT_WITHIN),
+                |d| escape_control(&d.to_string())
+            )
+        ),
         Action::DmaCopy(Guest { command: c, .. }) => {
             format!("DMA copy {} to {}", range(c.gpa.0, c.size.0), c.to)
         }

@@ -351,7 +351,9 @@ impl Scenario {
         // Outcomes come back in order on one channel per vCPU, so a vCPU's
         // async commands must be collected (`wait`) before it runs anything
         // else, and before the end.
-        let mut pending: std::collections::BTreeMap<u64, (usize, usize)> = Default::default();
+        // vCPU -> (step, its text offset, its repeat) of async commands not
+        // yet collected.
+        let mut pending: std::collections::BTreeMap<u64, (usize, usize, u64)> = Default::default();
         for (i, value) in raw.iter().enumerate() {
             let number = i + 1;
             let span = value.span();
@@ -388,21 +390,36 @@ impl Scenario {
                     };
                     return Err(at("vcpu", why));
                 }
-                let is_wait = matches!(step.action, super::step::Action::Wait(_));
-                if is_wait {
+                if let super::step::Action::Wait(super::step::Wait {
+                    completed: Some(k), ..
+                }) = step.action
+                {
+                    // Waits for part of the batch and collects nothing.
+                    match pending.get(&vcpu) {
+                        None => return Err(at(
+                            "completed",
+                            format!("vCPU {vcpu} has no async commands in flight to wait for (`completed` waits for part of an earlier `async = true` step)"),
+                        )),
+                        Some((from, _, repeat)) if k > *repeat => return Err(at(
+                            "completed",
+                            format!("{k} commands can never finish: step {from} runs {repeat}"),
+                        )),
+                        Some(_) => {}
+                    }
+                } else if matches!(step.action, super::step::Action::Wait(_)) {
                     pending.remove(&vcpu);
-                } else if let Some((from, _)) = pending.get(&vcpu) {
+                } else if let Some((from, _, _)) = pending.get(&vcpu) {
                     return Err(at(
                         "vcpu",
                         format!("vCPU {vcpu} still has async commands from step {from}; add a `wait` step for it first"),
                     ));
-                } else if step.action.guest().is_some_and(|(_, _, a)| a) {
-                    pending.insert(vcpu, (number, span.start));
+                } else if let Some((_, repeat, true)) = step.action.guest() {
+                    pending.insert(vcpu, (number, span.start, repeat));
                 }
             }
             steps.push(step);
         }
-        if let Some((vcpu, (from, offset))) = pending.into_iter().next() {
+        if let Some((vcpu, (from, offset, _))) = pending.into_iter().next() {
             return Err(src.error(
                 offset,
                 Some((from, None)),

@@ -6,8 +6,8 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 use crate::failure::GuestFailure;
 use crate::mm::addr::{Gpa, GpaRange, PAGE_SIZE};
@@ -53,6 +53,70 @@ pub struct BatchOutcome {
     pub met: bool,
 }
 
+/// How far a vCPU's batch got, as its plan counts it: what a `wait` with
+/// `completed` waits on while the batch runs on.
+///
+/// The driver resets it before it sends a batch ([`Progress::start`]); the
+/// plan counts every finished command and marks the batch's end before it
+/// sends the [`BatchOutcome`]. A vCPU has one batch at a time (the file
+/// reader wants a `wait` between an async step and the vCPU's next
+/// command), so a reset never meets a batch still counting.
+#[derive(Debug, Default)]
+pub struct Progress {
+    ran: Mutex<Ran>,
+    changed: Condvar,
+}
+
+/// Commands a batch has finished, and whether it has ended.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Ran {
+    /// Commands finished (whatever their outcome).
+    pub commands: u64,
+    /// The batch ended: every command ran, or one's outcome was refused.
+    pub ended: bool,
+}
+
+impl Progress {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Ran> {
+        self.ran.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A new batch: nothing finished yet.
+    pub fn start(&self) {
+        *self.lock() = Ran::default();
+    }
+
+    fn set(&self, ran: Ran) {
+        *self.lock() = ran;
+        self.changed.notify_all();
+    }
+
+    /// Waits until at least `k` commands have finished or the batch ended,
+    /// `deadline` passed (`None`: no deadline) or `stop` is set; returns
+    /// where the batch was then.
+    pub fn wait_for(&self, k: u64, deadline: Option<Instant>, stop: &AtomicBool) -> Ran {
+        let mut ran = self.lock();
+        loop {
+            if ran.commands >= k || ran.ended || stop.load(Ordering::Acquire) {
+                return *ran;
+            }
+            let slice = match deadline {
+                Some(d) => match d.checked_duration_since(Instant::now()) {
+                    Some(left) if !left.is_zero() => left.min(POLL),
+                    _ => return *ran,
+                },
+                None => POLL,
+            };
+            // In slices, so a stop is seen promptly.
+            ran = self
+                .changed
+                .wait_timeout(ran, slice)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+}
+
 /// A vCPU's plan under a scenario: batches arrive on a channel, their
 /// outcomes go back on another, and guest faults end only the command.
 #[derive(Debug)]
@@ -61,6 +125,7 @@ pub struct ChannelPlan {
     outcomes: Sender<BatchOutcome>,
     stop: Arc<AtomicBool>,
     current: Option<(Batch, u64)>,
+    progress: Arc<Progress>,
 }
 
 impl VcpuPlan for ChannelPlan {
@@ -74,6 +139,10 @@ impl VcpuPlan for ChannelPlan {
             }
             match self.batches.recv_timeout(POLL) {
                 Ok(b) if b.count == 0 => {
+                    self.progress.set(Ran {
+                        commands: 0,
+                        ended: true,
+                    });
                     let _ = self.outcomes.send(BatchOutcome {
                         ran: 0,
                         last: (Outcome::Ok, "nothing to run".into()),
@@ -96,7 +165,12 @@ impl VcpuPlan for ChannelPlan {
         *ran += 1;
         let last = classify(outcome, batch.judge);
         let met = batch.expect.accepts(last.0);
-        if !met || *ran == batch.count {
+        let ended = !met || *ran == batch.count;
+        self.progress.set(Ran {
+            commands: *ran,
+            ended,
+        });
+        if ended {
             let ran = *ran;
             self.current = None;
             let _ = self.outcomes.send(BatchOutcome { ran, last, met });
@@ -114,23 +188,28 @@ pub struct VcpuLink {
     pub(super) outcomes: Receiver<BatchOutcome>,
     /// The step whose async batch is not yet collected.
     pub(super) pending: Option<usize>,
+    /// How far the current batch got.
+    pub(super) progress: Arc<Progress>,
 }
 
 /// Creates the plan for a vCPU and the driver's link to it.
 pub fn channel_pair(stop: Arc<AtomicBool>) -> (ChannelPlan, VcpuLink) {
     let (btx, brx) = mpsc::channel();
     let (otx, orx) = mpsc::channel();
+    let progress = Arc::new(Progress::default());
     (
         ChannelPlan {
             batches: brx,
             outcomes: otx,
             stop,
             current: None,
+            progress: progress.clone(),
         },
         VcpuLink {
             batches: btx,
             outcomes: orx,
             pending: None,
+            progress,
         },
     )
 }

@@ -346,16 +346,43 @@ fields! {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         value: Option<Num>,
     }
-    /// `wait`: collect a vCPU's async outcomes.
+    /// `wait`: collect a vCPU's async outcomes; with `completed`, only
+    /// wait until that many of its async commands have finished.
     Wait {
         /// The vCPU (default 0).
         #[serde(default)]
         vcpu: u64,
+        /// Wait only until this many of the vCPU's async commands have
+        /// finished (at most the async step's `repeat`), collecting
+        /// nothing: the rest run on, and a later plain `wait` collects
+        /// them. A command that ends the batch early (an outcome its
+        /// expectation refuses) fails the wait.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        completed: Option<u64>,
+        /// With `completed`: how long to wait at most (default
+        /// [`DEFAULT_WITHIN`]); past it the step fails, naming the async
+        /// step and how many of its commands had finished.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        within: Option<DurationText>,
     }
     /// `sleep`: pause the timeline.
     Sleep {
         /// How long (`"10ms"`).
         duration: DurationText,
+    }
+}
+
+/// How long a `wait` with `completed` waits when it gives no `within`.
+pub const DEFAULT_WITHIN: std::time::Duration = std::time::Duration::from_secs(10);
+
+impl Wait {
+    /// A plain `wait`: collect every async outcome of `vcpu`.
+    pub fn collect(vcpu: u64) -> Wait {
+        Wait {
+            vcpu,
+            completed: None,
+            within: None,
+        }
     }
 }
 
@@ -641,6 +668,23 @@ impl Action {
                 (None, Some(_)) => Err(bad("size", TOGETHER)),
                 _ => Ok(()),
             },
+            Action::Wait(Wait {
+                completed: Some(0), ..
+            }) => Err(bad("completed", "must be at least 1")),
+            Action::Wait(Wait {
+                completed: Some(n), ..
+            }) if *n > MAX_REPEAT => Err(bad(
+                "completed",
+                format!("{n} is above the most commands a step runs ({MAX_REPEAT})"),
+            )),
+            Action::Wait(Wait {
+                completed: None,
+                within: Some(_),
+                ..
+            }) => Err(bad(
+                "within",
+                "goes with `completed` (a plain `wait` collects every outcome, however long)",
+            )),
             Action::DirtyPages(DirtyPages {
                 pages: Some(super::pages::DirtyWant::Count(_)) | None,
                 maybe_pages: Some(_),

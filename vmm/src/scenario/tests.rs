@@ -477,3 +477,221 @@ fn test_bad_dirty_page_sets_are_refused_naming_the_field() {
         "{e}"
     );
 }
+
+const ASYNC_READS: &str = "[[step]]\ndo = \"read\"\ngpa = 0\nrepeat = 5\nasync = true\n";
+
+#[test]
+fn test_wait_for_some_commands_reads_and_round_trips() {
+    let s = Scenario::parse(&format!(
+        "{ASYNC_READS}[[step]]\ndo = \"wait\"\ncompleted = 5\nwithin = \"2s\"\n\
+         [[step]]\ndo = \"wait\"\ncompleted = 1\n[[step]]\ndo = \"wait\"\n"
+    ))
+    .unwrap();
+    let Action::Wait(w) = &s.steps[1].action else {
+        panic!("a wait: {:?}", s.steps[1])
+    };
+    assert_eq!(w.completed, Some(5));
+    assert_eq!(
+        w.within.as_ref().map(|d| d.duration()),
+        Some(Duration::from_secs(2))
+    );
+    assert_eq!(Scenario::parse(&s.to_toml()).unwrap(), s);
+    // A plain wait writes no new field.
+    assert_eq!(s.steps[3].to_toml(), "do = \"wait\"\nvcpu = 0\n");
+}
+
+#[test]
+fn test_bad_wait_for_some_commands_is_refused_naming_the_field() {
+    let wait = |fields: &str| format!("{ASYNC_READS}[[step]]\ndo = \"wait\"\n{fields}\n");
+    for (fields, at, field, says) in [
+        ("completed = 0", "8:1", "completed", "at least 1"),
+        ("completed = 1000001", "8:1", "completed", "above"),
+        ("completed = -1", "8:13", "completed", ""),
+        ("completed = 6", "8:1", "completed", "step 1 runs 5"),
+        ("within = \"1s\"", "8:1", "within", "goes with `completed`"),
+        (
+            "completed = 1\nwithin = \"0s\"",
+            "9:10",
+            "within",
+            "at least 1ms",
+        ),
+        ("completed = 1\nwithin = \"soon\"", "9:10", "within", "soon"),
+    ] {
+        let text = wait(fields);
+        assert_refused(&text, at, 2, field);
+        assert!(
+            refusal(&text).contains(says),
+            "{fields}: {}",
+            refusal(&text)
+        );
+    }
+    // Nothing in flight on the vCPU: before any async step, after a plain
+    // wait collected it, or on another vCPU.
+    for text in [
+        "[[step]]\ndo = \"wait\"\ncompleted = 1\n".to_string(),
+        format!("{ASYNC_READS}[[step]]\ndo = \"wait\"\n[[step]]\ndo = \"wait\"\ncompleted = 1\n"),
+        format!("vcpus = 2\n{ASYNC_READS}[[step]]\ndo = \"wait\"\nvcpu = 1\ncompleted = 1\n[[step]]\ndo = \"wait\"\n"),
+    ] {
+        let first = refusal(&text);
+        assert!(
+            first.contains("`completed`") && first.contains("no async commands in flight"),
+            "{text}\n=> {first}"
+        );
+    }
+    // A wait for some commands collects nothing: the batch still needs a
+    // plain wait before the vCPU's next command and before the end.
+    let first = refusal(&wait("completed = 1"));
+    assert!(first.contains("never collected"), "{first}");
+    let text = format!(
+        "{ASYNC_READS}[[step]]\ndo = \"wait\"\ncompleted = 1\n[[step]]\ndo = \"read\"\ngpa = 0\n"
+    );
+    assert!(
+        refusal(&text).contains("add a `wait` step"),
+        "{}",
+        refusal(&text)
+    );
+}
+
+/// Runs `text` (no memory ops) with vCPU 0 played by a thread that finishes
+/// one command per value received on the returned sender (a `read` seeing
+/// that value); console lines arrive on the returned receiver as the steps
+/// end, and the report when the scenario does.
+fn run_with_scripted_vcpu(
+    text: &str,
+) -> (
+    std::sync::mpsc::Sender<u64>,
+    std::sync::mpsc::Receiver<String>,
+    std::thread::JoinHandle<super::ScenarioReport>,
+) {
+    use std::sync::atomic::AtomicBool;
+    use std::sync::{mpsc, Arc};
+
+    use crate::devices::iommu::Iommu;
+    use crate::devices::pins::PinManager;
+    use crate::mm::backing::BackingKind;
+    use crate::mm::manager::{MemoryManager, SimKvm};
+    use crate::mm::pin_account::{PinAccount, PinLimit};
+    use crate::mm::slot_map::SlotMapConfig;
+    use crate::plan::{CommandOutcome, Step as PlanStep, VcpuPlan};
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let (mut plan, link) = super::driver::channel_pair(stop.clone());
+    let (values, script) = mpsc::channel::<u64>();
+    std::thread::spawn(move || {
+        while let Ok(PlanStep::Run(_)) = plan.next() {
+            let Ok(value) = script.recv() else { return };
+            plan.completed(&CommandOutcome::Done {
+                results: [value, 0, 0, 0, 0, 0],
+            });
+        }
+    });
+    let (lines, console) = mpsc::channel();
+    let memory = Arc::new(MemoryManager::new(SimKvm::new(), SlotMapConfig::default()).unwrap());
+    let account = Arc::new(PinAccount::new(PinLimit::Unlimited));
+    let driver = super::driver::Driver {
+        scenario: Arc::new(Scenario::parse(text).unwrap()),
+        memory: memory.clone(),
+        backing: BackingKind::Anon,
+        links: vec![link],
+        stop,
+        pins: Arc::new(PinManager::new(memory.clone(), account)),
+        iommu: Arc::new(Iommu::new(memory)),
+        held: Default::default(),
+        console: Box::new(move |line| {
+            let _ = lines.send(line);
+        }),
+    };
+    (values, console, std::thread::spawn(move || driver.run()))
+}
+
+const LONG: Duration = Duration::from_secs(10);
+
+#[test]
+fn test_wait_for_some_commands_returns_once_that_many_finished() {
+    let text = format!(
+        "{ASYNC_READS}[[step]]\ndo = \"wait\"\ncompleted = 2\nwithin = \"1m\"\n[[step]]\ndo = \"wait\"\n"
+    );
+    let (vcpu, console, run) = run_with_scripted_vcpu(&text);
+    let started = console.recv_timeout(LONG).unwrap();
+    assert!(
+        started.starts_with("step 1: ") && started.contains("started 5"),
+        "{started}"
+    );
+    vcpu.send(0).unwrap();
+    // One of two: the wait goes on.
+    assert!(console.recv_timeout(Duration::from_millis(300)).is_err());
+    vcpu.send(0).unwrap();
+    let line = console.recv_timeout(LONG).unwrap();
+    assert!(
+        line.starts_with("step 2: vCPU 0: wait until 2 of its async commands finished")
+            && line.contains("2 of step 1's commands finished (as expected"),
+        "{line}"
+    );
+    // The batch ran on: the plain wait collects all five.
+    assert!(console.recv_timeout(Duration::from_millis(300)).is_err());
+    for _ in 0..3 {
+        vcpu.send(0).unwrap();
+    }
+    let line = console.recv_timeout(LONG).unwrap();
+    assert!(line.contains("5 outcome(s) as expected"), "{line}");
+    let report = run.join().unwrap();
+    assert!(report.passed, "{:?}", report.failure());
+}
+
+#[test]
+fn test_wait_for_some_commands_fails_past_its_bound_naming_the_step() {
+    let text = format!(
+        "{ASYNC_READS}[[step]]\ndo = \"wait\"\ncompleted = 2\nwithin = \"100ms\"\n[[step]]\ndo = \"wait\"\n"
+    );
+    let (vcpu, _console, run) = run_with_scripted_vcpu(&text);
+    vcpu.send(0).unwrap();
+    let started = Instant::now();
+    let report = run.join().unwrap();
+    assert!(started.elapsed() < LONG);
+    let failure = report.failure().unwrap();
+    assert!(
+        failure.contains(
+            "step 2 (vCPU 0: wait until 2 of its async commands finished (within 100ms))"
+        ) && failure
+            .contains("timed out: 1 of step 1's commands finished within 100.0 ms, waiting for 2"),
+        "{failure}"
+    );
+    assert_eq!(report.not_run, 1);
+}
+
+#[test]
+fn test_wait_for_some_commands_fails_when_the_batch_stops_short() {
+    // The second read sees another value: the batch ends there, the wait
+    // reports that outcome as a plain wait would.
+    let text = "[[step]]\ndo = \"read\"\ngpa = 0\nvalue = 7\nrepeat = 5\nasync = true\n\
+                [[step]]\ndo = \"wait\"\ncompleted = 3\n[[step]]\ndo = \"wait\"\n";
+    let (vcpu, _console, run) = run_with_scripted_vcpu(text);
+    vcpu.send(7).unwrap();
+    vcpu.send(8).unwrap();
+    let failure = run.join().unwrap().failure().unwrap();
+    assert!(
+        failure.contains("step 2 (") && failure.contains("step 1: read 0x8, expected 0x7"),
+        "{failure}"
+    );
+    // Every command finished before the wait began: it collects the batch,
+    // and the plain wait after it has nothing left.
+    let (vcpu, _console, run) = run_with_scripted_vcpu(&format!(
+        "{ASYNC_READS}[[step]]\ndo = \"sleep\"\nduration = \"200ms\"\n\
+         [[step]]\ndo = \"wait\"\ncompleted = 5\n[[step]]\ndo = \"wait\"\n"
+    ));
+    for _ in 0..5 {
+        vcpu.send(0).unwrap();
+    }
+    let report = run.join().unwrap();
+    assert!(report.passed, "{:?}", report.failure());
+    assert!(
+        report.steps[2].actual.contains("5 outcome(s)"),
+        "{:?}",
+        report.steps[2]
+    );
+    assert!(
+        report.steps[3].actual.contains("0 outcome(s)"),
+        "{:?}",
+        report.steps[3]
+    );
+}

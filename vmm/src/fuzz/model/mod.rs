@@ -477,7 +477,7 @@ impl Model {
                 Some(_) => vec![Outcome::Ok],
                 None => vec![Outcome::NoSuchPin],
             },
-            Action::Wait(w) => {
+            Action::Wait(w) if w.completed.is_none() => {
                 // Nothing raced it: it did what the model predicted at its
                 // issue, so the pages it wrote hold what it wrote (unless a
                 // later command wrote them again), and the frames it wrote
@@ -500,7 +500,9 @@ impl Model {
                 }
                 vec![Outcome::Ok]
             }
-            Action::Sleep(_) | Action::Stage2Dump(_) => vec![Outcome::Ok],
+            // A `wait` for some of the commands collects nothing: the
+            // batch is still in flight.
+            Action::Wait(_) | Action::Sleep(_) | Action::Stage2Dump(_) => vec![Outcome::Ok],
             _ => {
                 // A guest command over the range of another vCPU's async
                 // command in flight races it: the async one may see either.

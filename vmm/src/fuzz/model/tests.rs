@@ -294,7 +294,7 @@ fn test_async_read_racing_an_unplug_widens_to_unplugged() {
     assert!(m.has_pending(1));
     run(&mut m, &[(unplug(A, PAGE), &[O::Ok])]);
     assert!(m.take_widenings().contains(&(1, O::Unplugged)));
-    run(&mut m, &[(Action::Wait(step::Wait { vcpu: 1 }), &[O::Ok])]);
+    run(&mut m, &[(Action::Wait(step::Wait::collect(1)), &[O::Ok])]);
     assert!(!m.has_pending(1));
 }
 
@@ -513,7 +513,7 @@ fn test_an_async_write_racing_a_move_may_land_on_either_side() {
         insist.predict(&dirty_set(A, 4 * PAGE, &[A], &[A + PAGE])),
         vec![O::Ok, O::DirtyCount]
     );
-    run(&mut m, &[(Action::Wait(step::Wait { vcpu: 1 }), &[O::Ok])]);
+    run(&mut m, &[(Action::Wait(step::Wait::collect(1)), &[O::Ok])]);
     run(
         &mut m,
         &[(dirty_set(A, 4 * PAGE, &[], &[A, A + PAGE]), &[O::Ok])],
@@ -605,7 +605,7 @@ fn test_an_async_dma_fill_racing_an_unplug_may_have_dirtied_its_pages() {
     run(
         &mut m,
         &[
-            (Action::Wait(step::Wait { vcpu: 1 }), &[O::Ok]),
+            (Action::Wait(step::Wait::collect(1)), &[O::Ok]),
             (dirty_set(A, 4 * PAGE, &[], &[A, A + PAGE]), &[O::Ok]),
             (dirty_set(A, 4 * PAGE, &[], &[]), &[O::Ok]),
         ],
@@ -629,7 +629,7 @@ fn test_an_async_write_nothing_raced_is_certainly_dirty_after_its_wait() {
     );
     let pages = PageSet::from_frames([A / PAGE, A / PAGE + 1]);
     assert_eq!(m.dirty_expectation(A, 4 * PAGE).unwrap().1, pages);
-    run(&mut m, &[(Action::Wait(step::Wait { vcpu: 1 }), &[O::Ok])]);
+    run(&mut m, &[(Action::Wait(step::Wait::collect(1)), &[O::Ok])]);
     assert_eq!(
         m.dirty_expectation(A, 4 * PAGE),
         Some((pages, PageSet::default()))
@@ -664,7 +664,7 @@ fn test_an_async_write_raced_by_a_move_leaves_its_pages_unknown_after_its_wait()
             (mv(A, 4 * PAGE, to), &[O::Ok]),
         ],
     );
-    run(&mut m, &[(Action::Wait(step::Wait { vcpu: 1 }), &[O::Ok])]);
+    run(&mut m, &[(Action::Wait(step::Wait::collect(1)), &[O::Ok])]);
     // The fill may have landed before the move (and moved with the memory)
     // or faulted after it: what the pages hold is not known.
     assert_eq!(m.content_at(to).unwrap().0, guest::Content::Unknown);
