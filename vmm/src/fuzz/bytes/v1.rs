@@ -1,48 +1,20 @@
-//! The coverage-guided tier's input format: libFuzzer's bytes decoded with
-//! `arbitrary` into up to 64 memory ops and pins (arena pages and huge
-//! pages, special addresses, raw 64-bit values) plus the points where a
-//! memslot change fails, run by [`sim::run_reusing`](super::sim::run_reusing)
-//! on one simulated VM per thread reset between inputs (every invariant but
-//! the locked pages, which cost more than a whole input).
-//! The libFuzzer target (`fuzz/fuzz_targets/memslots.rs`) is [`run`];
-//! `cargo test` replays the committed corpus through it, and
-//! [`scenario`] turns any input into a scenario file for real KVM.
+//! The input format before plug-many, guest and DMA steps (until
+//! 2026-12-07), kept to convert inputs written in it: [`convert`] decodes
+//! an input as this format did and encodes the same steps and failure
+//! points in the current one. Its decoding to actions is the old code,
+//! unchanged, so the tests compare the old and the new decoder's actions.
 //!
-//! ```
-//! // Any bytes decode; these plug and unplug nothing harmful.
-//! vmm::fuzz::bytes::run(&[0u8; 32]).unwrap();
+//! ```text
+//! VMM_CONVERT_CORPUS=fuzz/corpus/memslots \
+//!     cargo test -p vmm --lib convert_the_corpus_from_v1 -- --ignored
 //! ```
 
 use arbitrary::{Arbitrary, Unstructured};
-use guest_image::protocol::layout as guest_layout;
 
-use super::model::slots::Limits;
-use super::model::Layout;
+use super::encode::encode;
+use super::{Addr, Size, ARENA, HUGE, MAX_GPA, PAGE};
 use crate::scenario::num::Num;
 use crate::scenario::step::{self, Access, Action};
-use crate::scenario::Scenario;
-
-const ARENA: u64 = 0x1_0000_0000;
-const PAGE: u64 = 4096;
-const HUGE: u64 = 2 << 20;
-const MAX_GPA: u64 = 1 << 48;
-
-/// An address: an arena page or huge page, a special address, or raw.
-#[derive(Debug, Arbitrary)]
-enum Addr {
-    Page(u16),
-    Huge(u8),
-    Special(u8),
-    Raw(u64),
-}
-
-/// A size: pages, huge pages or raw.
-#[derive(Debug, Arbitrary)]
-enum Size {
-    Pages(u8),
-    Huge(u8),
-    Raw(u64),
-}
 
 /// One step.
 #[derive(Debug, Arbitrary)]
@@ -204,27 +176,9 @@ fn action(op: &Op) -> Action {
     }
 }
 
-/// The simulated VM every input runs on.
-pub fn layout() -> Layout {
-    Layout {
-        dirty_log: crate::mm::manager::DirtyLogMode::Bitmap,
-        boot_end: guest_layout::BOOT_SIZE,
-        ram: (guest_layout::RAM_BASE, 64 << 20),
-        limits: Limits {
-            max_gpa: MAX_GPA,
-            max_slots: 32,
-            reserved: (0x3000_0000, 0x3000_1000),
-            read_only: true,
-        },
-        pin_limit: 4096,
-        vcpus: 1,
-        guest_end: 64 << 30,
-    }
-}
-
-/// The actions and failure points `data` decodes to (steps the scenario
-/// reader would refuse are dropped).
-pub fn decode(data: &[u8]) -> (Vec<Action>, Vec<(usize, usize)>) {
+/// The actions and failure points `data` decodes to in this format (the
+/// old `bytes::decode`).
+pub(super) fn decode(data: &[u8]) -> (Vec<Action>, Vec<(usize, usize)>) {
     let Ok(input) = Input::arbitrary_take_rest(Unstructured::new(data)) else {
         return (Vec::new(), Vec::new());
     };
@@ -243,34 +197,52 @@ pub fn decode(data: &[u8]) -> (Vec<Action>, Vec<(usize, usize)>) {
     (actions, faults)
 }
 
-/// Runs one input on the simulated VM in lockstep with the model: the
-/// number of steps it ran, or `Err` describing a finding (the step, what was
-/// expected, what happened). The VM is one per thread, reset between inputs
-/// ([`run_reusing`](super::sim::run_reusing)).
-pub fn run(data: &[u8]) -> Result<usize, String> {
-    let (actions, faults) = decode(data);
-    let options = super::sim::SimOptions {
-        faults: &faults,
-        guard_reader: false,
-        locked_pages: false,
-        ..Default::default()
-    };
-    match super::sim::run_reusing(&layout(), &actions, &options) {
-        Ok(None) => Ok(actions.len()),
-        Ok(Some(f)) => Err(format!(
-            "finding at step {} ({}): expected {}, got {}",
-            f.step, f.what, f.expected, f.actual
-        )),
-        Err(e) => Err(e.to_string()),
+/// The same step in the current format.
+fn upgrade(op: Op) -> super::Op {
+    use super::Op as New;
+    match op {
+        Op::Plug {
+            at,
+            size,
+            backing,
+            flags,
+        } => New::Plug {
+            at,
+            size,
+            backing,
+            flags,
+        },
+        Op::Unplug { at, size } => New::Unplug { at, size },
+        Op::Protect { at, size, ro } => New::Protect { at, size, ro },
+        Op::Move { at, size, to } => New::Move { at, size, to },
+        Op::Resize { at, size } => New::Resize { at, size },
+        Op::DirtyLog { at, size, on } => New::DirtyLog { at, size, on },
+        Op::DirtyPages { at, size } => New::DirtyPages { at, size },
+        Op::Pin {
+            name,
+            at,
+            size,
+            revocable,
+            write,
+        } => New::Pin {
+            name,
+            at,
+            size,
+            revocable,
+            write,
+        },
+        Op::Unpin { name } => New::Unpin { name },
+        Op::Check => New::Check,
     }
 }
 
-/// The input as a scenario file for `vmm run --scenario` on real KVM: its
-/// steps with the model's predictions (on the real VM's layout, `layout`)
-/// as expectations. Failure points have no equivalent there and are left
-/// out.
-pub fn scenario(data: &[u8], layout: &Layout, title: &str) -> Scenario {
-    let (actions, _) = decode(data);
-    let steps = super::timeline::expectations(layout, &actions);
-    super::real::scenario(title, "converted from a libFuzzer input", layout, steps)
+/// `data`, an input in this format, as an input of the current one with
+/// the same steps and failure points.
+pub(super) fn convert(data: &[u8]) -> Vec<u8> {
+    let input = Input::arbitrary_take_rest(Unstructured::new(data))
+        .expect("every input decodes (arbitrary fills missing bytes with zeros)");
+    encode(&super::Input {
+        ops: input.ops.into_iter().map(upgrade).collect(),
+        faults: input.faults,
+    })
 }
