@@ -7,7 +7,7 @@
 //! where the data does). Converting the corpus to a new format is decoding
 //! each input in the old one and encoding it in the new one.
 
-use super::{Addr, Count, Input, Op, Place, Size};
+use super::{Addr, Dma, Input, Op, Place, Size};
 
 /// Appends the bytes `arbitrary` decodes to `self`.
 pub(super) trait Encode {
@@ -130,24 +130,27 @@ impl Encode for Place {
     }
 }
 
-impl Encode for Count {
+impl Encode for Dma {
     fn encode(&self, out: &mut Vec<u8>) {
         match self {
-            Count::Few(n) => {
+            Dma::Fill { at, pages, value } => {
                 variant(0, 3, out);
-                n.encode(out);
+                (at, pages, value).encode(out);
             }
-            Count::Near(n) => {
+            Dma::Copy { at, pages, to } => {
                 variant(1, 3, out);
-                n.encode(out);
+                (at, pages, to).encode(out);
             }
-            Count::Budget => variant(2, 3, out),
+            Dma::Checksum { at, pages } => {
+                variant(2, 3, out);
+                (at, pages).encode(out);
+            }
         }
     }
 }
 
 /// Variants of [`Op`].
-const OPS: u32 = 17;
+const OPS: u32 = 15;
 
 impl Encode for Op {
     fn encode(&self, out: &mut Vec<u8>) {
@@ -217,17 +220,9 @@ impl Encode for Op {
                 tag(13);
                 (at, pages, stride).encode(out);
             }
-            Op::DmaFill { at, pages, value } => {
+            Op::Dma(d) => {
                 tag(14);
-                (at, pages, value).encode(out);
-            }
-            Op::DmaCopy { at, pages, to } => {
-                tag(15);
-                (at, pages, to).encode(out);
-            }
-            Op::DmaChecksum { at, pages } => {
-                tag(16);
-                (at, pages).encode(out);
+                d.encode(out);
             }
         }
     }

@@ -2,7 +2,7 @@ use arbitrary::{Arbitrary, Unstructured};
 use proptest::prelude::*;
 
 use super::encode::encode;
-use super::{decode, run, v1, Addr, Count, Input, Op, Place, Size};
+use super::{decode, run, v1, Addr, Dma, Input, Op, Place, Size};
 use crate::scenario::step::Action;
 use crate::scenario::Scenario;
 
@@ -72,17 +72,17 @@ fn test_a_plug_many_over_a_slot_is_refused_whole() {
         Op::PlugMany {
             at: Addr::Page(8),
             below: 1,
-            count: Count::Few(3),
+            count: 3,
         },
         Op::PlugMany {
             at: Addr::Page(64),
             below: 0,
-            count: Count::Near(4),
+            count: 228,
         },
         Op::PlugMany {
             at: Addr::Page(200),
             below: 0,
-            count: Count::Budget,
+            count: 255,
         },
     ]);
     let (actions, _) = decode(&data);
@@ -119,20 +119,20 @@ fn test_guest_writes_and_dma_reach_the_dirty_set() {
             pages: 1,
             stride: 3,
         },
-        Op::DmaFill {
+        Op::Dma(Dma::Fill {
             at: Place::Page(600),
             pages: 3,
             value: 9,
-        },
-        Op::DmaCopy {
+        }),
+        Op::Dma(Dma::Copy {
             at: Place::Page(600),
             pages: 1,
             to: Place::Page(700),
-        },
-        Op::DmaChecksum {
+        }),
+        Op::Dma(Dma::Checksum {
             at: Place::Page(700),
             pages: 0,
-        },
+        }),
         Op::DirtyPages {
             at: Addr::Huge(1),
             size: Size::Huge(1),
@@ -188,6 +188,9 @@ fn test_the_corpus_has_every_kind_of_step() {
         "unpin",
         "check",
     ] {
-        assert!(kinds.contains(kind), "no {kind} step in the corpus: {kinds:?}");
+        assert!(
+            kinds.contains(kind),
+            "no {kind} step in the corpus: {kinds:?}"
+        );
     }
 }
