@@ -64,7 +64,7 @@ impl<T: Encode> Encode for Vec<T> {
 /// Variant `index` of a derived enum of `count` variants: the smallest
 /// `u32` whose `(u32 * count) >> 32` is `index`.
 fn variant(index: u32, count: u32, out: &mut Vec<u8>) {
-    let tag = ((u64::from(index) << 32) + u64::from(count) - 1) / u64::from(count);
+    let tag = (u64::from(index) << 32).div_ceil(u64::from(count));
     let tag = u32::try_from(tag).expect("a variant index below the count");
     out.extend_from_slice(&tag.to_le_bytes());
 }
