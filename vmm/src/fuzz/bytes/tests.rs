@@ -195,6 +195,9 @@ fn test_the_corpus_has_every_kind_of_step() {
         "dma-copy",
         "dma-checksum",
     ] {
-        assert!(kinds.contains(kind), "no {kind} step in the corpus: {kinds:?}");
+        assert!(
+            kinds.contains(kind),
+            "no {kind} step in the corpus: {kinds:?}"
+        );
     }
 }
