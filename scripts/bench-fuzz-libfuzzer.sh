@@ -15,10 +15,13 @@
 #
 #   scripts/bench-fuzz-libfuzzer.sh [SECONDS]
 #   BASELINE=/path/to/other/memslots scripts/bench-fuzz-libfuzzer.sh 30
+#   BASELINE=... BASELINE_CORPUS=/tmp/old-corpus scripts/bench-fuzz-libfuzzer.sh 30
 #
 # BASELINE adds a run of another build of the target (say, of an older
 # tree) on the same corpus, between the ceiling and ours, and prints ours /
-# baseline. Extra libFuzzer flags: FUZZ_FLAGS (e.g. "-max_len=2700");
+# baseline; BASELINE_CORPUS gives it its own corpus (default the
+# committed one; a build of an older input format wants the corpus as it
+# was then: `git archive OLD fuzz/corpus/memslots`). Extra libFuzzer flags: FUZZ_FLAGS (e.g. "-max_len=2700");
 # the `cargo fuzz build` flags: FUZZ_BUILD_FLAGS (default
 # "--no-trace-compares"; empty builds with comparison tracing; a change of
 # them rebuilds every crate, so give such a build its own FUZZ_TARGET_DIR,
@@ -52,10 +55,10 @@ trap 'rm -rf "$work"' EXIT
 # The target's unnamed files (`file` plugs) go to TMPDIR: the same tmpfs.
 mkdir "$work/tmp"
 # shellcheck disable=SC2086 # FUZZ_FLAGS is a list of flags
-run() { # NAME BINARY [ENV=VALUE...]
-    local name=$1 binary=$2
-    shift 2
-    cp -r fuzz/corpus/memslots "$work/$name"
+run() { # NAME BINARY CORPUS [ENV=VALUE...]
+    local name=$1 binary=$2 corpus=$3
+    shift 3
+    cp -r "$corpus" "$work/$name"
     local rc=0
     env TMPDIR="$work/tmp" "$@" "$binary" "$work/$name" -max_total_time="$seconds" -print_final_stats=1 \
         -artifact_prefix="$artifacts/" ${FUZZ_FLAGS:-} >"$work/$name.log" 2>&1 || rc=$?
@@ -64,11 +67,12 @@ run() { # NAME BINARY [ENV=VALUE...]
 # A finding's input goes where `cargo fuzz run` puts them (ignored by git).
 artifacts=fuzz/artifacts/memslots
 mkdir -p "$artifacts"
-run ceiling "$bin" VMM_FUZZ_DECODE_ONLY=1
+run ceiling "$bin" fuzz/corpus/memslots VMM_FUZZ_DECODE_ONLY=1
 # A baseline build of this target counts its steps too (an older one
 # ignores the variable).
-[ -n "${BASELINE:-}" ] && run baseline "$BASELINE" VMM_FUZZ_STEPS="$work/steps-baseline"
-run ours "$bin" VMM_FUZZ_STEPS="$work/steps"
+[ -n "${BASELINE:-}" ] && run baseline "$BASELINE" "${BASELINE_CORPUS:-fuzz/corpus/memslots}" \
+    VMM_FUZZ_STEPS="$work/steps-baseline"
+run ours "$bin" fuzz/corpus/memslots VMM_FUZZ_STEPS="$work/steps"
 python3 - "$work" "${BASELINE:+baseline}" <<'PY'
 import os, re, statistics, sys
 work, with_baseline = sys.argv[1], sys.argv[2] == "baseline"

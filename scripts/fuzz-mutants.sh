@@ -27,6 +27,8 @@
 #
 #   scripts/fuzz-mutants.sh [MUTANT ...]        (default: every mutant)
 #
+# A libFuzzer crash counts only if its input runs clean without the mutant
+# and fails with it on its own.
 # Exits 1 if a mutant is not found, or its shrunk reproducer has more than
 # 15 steps.
 set -euo pipefail
@@ -75,9 +77,15 @@ libfuzzer_row() { # MUTANT -> "seconds steps shrunk", or nothing
     end=$(date +%s%N)
     crash=$(ls "$out/$m-"crash-* 2>/dev/null | head -1 || true)
     [ -n "$crash" ] || return 0
-    # The finding is the mutant's only if the input runs clean without it.
+    # The finding is the mutant's only if the input runs clean without it,
+    # and fails with it on its own (a new process: nothing an input before
+    # it left in the reused VM).
     if "$lf" -runs=1 "$crash" >"$out/$m-check.log" 2>&1; then :; else
         echo "fuzz-mutants.sh: $m: the crash input fails without the mutant too" >&2
+        return 0
+    fi
+    if VMM_MUTANT=$m "$lf" -runs=1 "$crash" >"$out/$m-alone.log" 2>&1; then
+        echo "fuzz-mutants.sh: $m: the crash input passes on its own (it failed after other inputs)" >&2
         return 0
     fi
     VMM_MUTANT=$m timeout 60 "$lf" -minimize_crash=1 -max_total_time=20 \

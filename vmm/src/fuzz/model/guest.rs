@@ -148,12 +148,15 @@ impl Model {
     /// other frames of a written page's 2 MiB region in its slot may be
     /// reported too. (Whether the leaf is huge depends on the host
     /// address's alignment and on earlier splits, so they are maybe dirty.)
-    fn note_huge_leaf_write(&mut self, page: u64) {
+    ///
+    /// Returns the frames' range (gpa bounds) it covered: a write to
+    /// another page of it would note the same frames.
+    fn note_huge_leaf_write(&mut self, page: u64) -> (u64, u64) {
         let Some(slot) = self.slots.lookup(page) else {
-            return;
+            return (page, page + PAGE);
         };
         if self.slots.mappings[slot.map].page_size < super::HUGE {
-            return;
+            return (page, page + PAGE);
         }
         let region = page - page % super::HUGE;
         let (lo, hi) = (
@@ -161,10 +164,11 @@ impl Model {
             region.saturating_add(super::HUGE).min(slot.end()),
         );
         for f in lo / PAGE..hi / PAGE {
-            if !self.device_dirty.contains(&f) {
+            if !self.device_dirty.contains(&f) && !self.device_maybe.contains(&f) {
                 self.device_maybe.insert(f);
             }
         }
+        (lo, hi)
     }
 
     /// Guest reads over `[a, b)` in order, `check(content, page)` saying
@@ -362,7 +366,14 @@ impl Model {
                 } else {
                     self.device_dirty.insert(page / PAGE);
                 }
-                self.note_huge_leaf_write(page);
+            }
+            // The 2 MiB leaves written, each once (after the written frames
+            // are dirty: a leaf's other frames are maybe dirty).
+            let mut covered = (0, 0);
+            for (page, _) in pages(a, b) {
+                if !(covered.0..covered.1).contains(&page) {
+                    covered = self.note_huge_leaf_write(page);
+                }
             }
         }
         Ok(())

@@ -695,3 +695,32 @@ fn test_memslots_above_kvm_max_pages_are_refused_and_not_merged() {
     let lens: Vec<u64> = m.slots.slots.range(A..).map(|(_, s)| s.len).collect();
     assert_eq!(lens, [max, PAGE]);
 }
+
+/// A device write of many pages into THP memory notes each 2 MiB leaf
+/// once: the written frames must be reported, the rest of each leaf's
+/// region in the slot may be, in every region the write reaches.
+#[test]
+fn test_a_dma_across_two_thp_leaves_may_report_both_regions() {
+    let mut m = Model::new(layout(64));
+    assert_eq!(m.predict(&thp(A, 2 * HUGE)), vec![O::Ok]);
+    let (gpa, size) = (A + HUGE - 2 * PAGE, 4 * PAGE);
+    let fill = Action::DmaFill(Guest {
+        vcpu: 0,
+        repeat: 1,
+        is_async: false,
+        command: step::DmaFill {
+            gpa: Num(gpa),
+            size: Num(size),
+            value: Num(1),
+        },
+    });
+    assert_eq!(m.predict(&fill), vec![O::Ok]);
+    let (must, maybe) = m.dirty_expectation(A, 2 * HUGE).unwrap();
+    assert_eq!(
+        must,
+        PageSet::from_frames((gpa / PAGE)..(gpa + size) / PAGE)
+    );
+    let rest = (A / PAGE..(A + 2 * HUGE) / PAGE)
+        .filter(|f| !(gpa / PAGE..(gpa + size) / PAGE).contains(f));
+    assert_eq!(maybe, PageSet::from_frames(rest));
+}

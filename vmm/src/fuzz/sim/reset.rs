@@ -62,7 +62,8 @@ impl SimVm {
     /// slot but the fixed boot region and guest RAM (RAM too unless it is
     /// still the one slot it was at boot), reports and drops dirty pages
     /// still pending, plugs RAM again on its original mapping, flushes the
-    /// IOMMU and restarts the step invariants. The pin
+    /// IOMMU, drops the frames devices wrote that no report took, and
+    /// restarts the step invariants. The pin
     /// manager and the IOMMU stay: a new one would subscribe to the hub
     /// under a new number, which veto messages show.
     ///
@@ -71,9 +72,10 @@ impl SimVm {
     /// hub, dirty backlogs, budgets, the stage-2 table) equals what the new
     /// VM had; on `false` the caller must build a new VM.
     ///
-    /// Guest memory contents are not reset: the simulated tier never writes
-    /// through a host mapping (guest writes are simulated, pins only lock
-    /// pages) and no step reads contents.
+    /// Guest memory contents are not reset: guest writes are simulated
+    /// (nothing is stored), and what DMA transfers wrote through host
+    /// mappings no step compares (a checksum of the libFuzzer tier has no
+    /// expected sum); the pages a new timeline plugs are new mappings.
     pub fn reset(&mut self) -> bool {
         self.held.clear();
         self.kvm.fail_calls(&[], libc::EIO);
@@ -137,6 +139,16 @@ impl SimVm {
         // The simulated device's reads left leaves in guest RAM, which the
         // reset kept: flushed, as a new VM's IOMMU has none.
         if self.iommu.flush().is_err() {
+            return false;
+        }
+        // Frames DMA wrote and no `dirty-pages` reported (the zaps above
+        // and the flush harvested their Dirty bits into the pending set):
+        // dropped, as the KVM side's above, or the next timeline's
+        // `dirty-pages` would report them.
+        let Some(all) = GpaRange::from_bounds(Gpa(0), Gpa(max_gpa)) else {
+            return false;
+        };
+        if self.iommu.take_dirty(all).is_err() {
             return false;
         }
         // The invariants' own state (the walk's step count, the device's
