@@ -307,17 +307,16 @@ impl<'a> GuestReader<'a> {
                 if leave.is_none() && !exhausted {
                     exhausted = gather(&mut slots, &mut ahead, map, shard, counting);
                 }
-                // Hand over the steps that may still be visited now: up to a
+                // Visit the batch's steps while they may still be: up to a
                 // hole if a newer map was published (its slot may fill it),
                 // and up to a slot a writer excluded since its admission
                 // (step back rather than make the writer wait for it).
-                let mut fresh: Option<bool> = None;
                 for step in &batch {
                     let stop = match step {
+                        // Looked at for every hole: the visits before it
+                        // may have let a writer publish a map filling it.
                         WalkStep::Hole(_) => {
-                            let current = *fresh
-                                .get_or_insert_with(|| Arc::ptr_eq(self.cache.load(), &snapshot));
-                            (!current).then_some(Leave::Newer)
+                            (!Arc::ptr_eq(self.cache.load(), &snapshot)).then_some(Leave::Newer)
                         }
                         WalkStep::Slot { slot, .. } => slot.exclusion_seen().then(|| Leave::Busy {
                             slot: slot.slot_id(),
