@@ -63,8 +63,17 @@ pub struct BatchOutcome {
 /// command), so a reset never meets a batch still counting.
 #[derive(Debug, Default)]
 pub struct Progress {
-    ran: Mutex<Ran>,
+    state: Mutex<Counted>,
     changed: Condvar,
+}
+
+/// What [`Progress`] guards: where the batch is, and whether a `wait` is
+/// waiting on it (only then does a finished command wake anyone: the plan
+/// counts every command, and a wake is a system call).
+#[derive(Debug, Default)]
+struct Counted {
+    ran: Ran,
+    waiting: bool,
 }
 
 /// Commands a batch has finished, and whether it has ended.
@@ -77,43 +86,50 @@ pub struct Ran {
 }
 
 impl Progress {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Ran> {
-        self.ran.lock().unwrap_or_else(|e| e.into_inner())
+    fn lock(&self) -> std::sync::MutexGuard<'_, Counted> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// A new batch: nothing finished yet.
     pub fn start(&self) {
-        *self.lock() = Ran::default();
+        self.lock().ran = Ran::default();
     }
 
     fn set(&self, ran: Ran) {
-        *self.lock() = ran;
-        self.changed.notify_all();
+        let mut state = self.lock();
+        state.ran = ran;
+        if state.waiting {
+            self.changed.notify_all();
+        }
     }
 
     /// Waits until at least `k` commands have finished or the batch ended,
     /// `deadline` passed (`None`: no deadline) or `stop` is set; returns
     /// where the batch was then.
     pub fn wait_for(&self, k: u64, deadline: Option<Instant>, stop: &AtomicBool) -> Ran {
-        let mut ran = self.lock();
-        loop {
+        let mut state = self.lock();
+        let ran = loop {
+            let ran = state.ran;
             if ran.commands >= k || ran.ended || stop.load(Ordering::Acquire) {
-                return *ran;
+                break ran;
             }
             let slice = match deadline {
                 Some(d) => match d.checked_duration_since(Instant::now()) {
                     Some(left) if !left.is_zero() => left.min(POLL),
-                    _ => return *ran,
+                    _ => break ran,
                 },
                 None => POLL,
             };
+            state.waiting = true;
             // In slices, so a stop is seen promptly.
-            ran = self
+            state = self
                 .changed
-                .wait_timeout(ran, slice)
+                .wait_timeout(state, slice)
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
-        }
+        };
+        state.waiting = false;
+        ran
     }
 }
 
