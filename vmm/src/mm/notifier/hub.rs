@@ -25,7 +25,7 @@ use super::ranges::RangeSet;
 use super::seq::{lock, ReadSeq, SeqState};
 use super::{NotifierError, Reason, Subscriber};
 use crate::mm::addr::GpaRange;
-use crate::mm::sync::{thread, Condvar, Mutex};
+use crate::mm::sync::{thread, Condvar, Mutex, MutexGuard};
 
 /// Identifies one subscription; returned by [`InvalidationHub::subscribe`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -75,6 +75,20 @@ struct Gate {
     removed: bool,
     /// Threads currently inside one of this subscriber's callbacks.
     running: Vec<thread::ThreadId>,
+    /// Threads waiting on `gate_cv` (for `ready` or for `running` to
+    /// empty). A callback's return wakes only if there are some: a wake is a
+    /// system call, and every op delivers to every subscriber.
+    waiting: usize,
+}
+
+impl Gate {
+    /// Waits on `cv` once, counted in `waiting` while it sleeps.
+    fn wait<'a>(mut gate: MutexGuard<'a, Gate>, cv: &Condvar) -> MutexGuard<'a, Gate> {
+        gate.waiting += 1;
+        let mut gate = cv.wait(gate).unwrap_or_else(|e| e.into_inner());
+        gate.waiting -= 1;
+        gate
+    }
 }
 
 /// One subscription.
@@ -83,8 +97,14 @@ struct Entry {
     interest: Interest,
     subscriber: Arc<dyn Subscriber>,
     gate: Mutex<Gate>,
-    /// Signalled when `ready`/`removed` are set and when a callback returns.
+    /// Signalled when `ready`/`removed` are set, and when a callback
+    /// returns while a thread waits.
     gate_cv: Condvar,
+    /// Broken on purpose (models only): a returning callback reads
+    /// `waiting` in a critical section of its own, before the one that
+    /// leaves `running`, so a waiter that comes between is never woken.
+    #[cfg(test)]
+    early_waiting_check: bool,
 }
 
 impl fmt::Debug for Entry {
@@ -105,23 +125,42 @@ struct InCallback<'a> {
 
 impl Drop for InCallback<'_> {
     fn drop(&mut self) {
+        #[cfg(test)]
+        let early = self
+            .entry
+            .early_waiting_check
+            .then(|| lock(&self.entry.gate).waiting);
         let mut gate = lock(&self.entry.gate);
         if let Some(pos) = gate.running.iter().position(|t| *t == self.me) {
             gate.running.swap_remove(pos);
         }
+        // Read under the lock that left `running`: a waiter counted after
+        // it sees `running` without this thread and does not sleep on it.
+        let waiting = gate.waiting;
+        #[cfg(test)]
+        let waiting = early.unwrap_or(waiting);
         drop(gate);
-        self.entry.gate_cv.notify_all();
+        if waiting > 0 {
+            self.entry.gate_cv.notify_all();
+        }
     }
 }
 
 impl Entry {
-    fn new(id: SubscriptionId, interest: Interest, subscriber: Arc<dyn Subscriber>) -> Self {
+    fn new(
+        id: SubscriptionId,
+        interest: Interest,
+        subscriber: Arc<dyn Subscriber>,
+        #[cfg_attr(not(test), allow(unused_variables))] hub: &InvalidationHub,
+    ) -> Self {
         Self {
             id,
             interest,
             subscriber,
             gate: Mutex::new(Gate::default()),
             gate_cv: Condvar::new(),
+            #[cfg(test)]
+            early_waiting_check: hub.early_waiting_check,
         }
     }
 
@@ -131,7 +170,7 @@ impl Entry {
         let me = thread::current().id();
         let mut gate = lock(&self.gate);
         while wait_ready && !gate.ready && !gate.removed {
-            gate = self.gate_cv.wait(gate).unwrap_or_else(|e| e.into_inner());
+            gate = Gate::wait(gate, &self.gate_cv);
         }
         if gate.removed {
             return None;
@@ -158,7 +197,7 @@ impl Entry {
         gate.removed = true;
         self.gate_cv.notify_all();
         while gate.running.iter().any(|t| *t != me) {
-            gate = self.gate_cv.wait(gate).unwrap_or_else(|e| e.into_inner());
+            gate = Gate::wait(gate, &self.gate_cv);
         }
     }
 }
@@ -225,6 +264,9 @@ impl HubState {
 pub struct InvalidationHub {
     seq: SeqState,
     state: Mutex<HubState>,
+    /// Gives every entry the broken wake of [`Entry`] (models only).
+    #[cfg(test)]
+    early_waiting_check: bool,
 }
 
 impl Default for InvalidationHub {
@@ -288,6 +330,18 @@ impl InvalidationHub {
         Self {
             seq: SeqState::new(),
             state: Mutex::new(HubState::default()),
+            #[cfg(test)]
+            early_waiting_check: false,
+        }
+    }
+
+    /// A hub whose subscriptions' returning callbacks look for waiters too
+    /// early: the broken variant the loom model of `unsubscribe` must catch.
+    #[cfg(all(test, vmm_loom))]
+    pub(super) fn with_early_waiting_check() -> Self {
+        Self {
+            early_waiting_check: true,
+            ..Self::new()
         }
     }
 
@@ -340,7 +394,7 @@ impl InvalidationHub {
             let id = SubscriptionId(st.next_subscription);
             st.next_subscription += 1;
             st.generation += 1;
-            let entry = Arc::new(Entry::new(id, interest, subscriber));
+            let entry = Arc::new(Entry::new(id, interest, subscriber, self));
             st.entries.push(Arc::clone(&entry));
             let plugged: Vec<GpaRange> = match replay {
                 Replay::None => Vec::new(),

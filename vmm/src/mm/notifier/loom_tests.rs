@@ -18,7 +18,10 @@
 //! - `test_loom_hub_subscribe_*`: registering during an invalidation yields a
 //!   matched start/end pair (or nothing), never an end before its start.
 //! - `test_loom_hub_unsubscribe_*`: once `unsubscribe` returns no callback of
-//!   that subscriber is running or starts.
+//!   that subscriber is running or starts. A returning callback wakes the
+//!   waiting `unsubscribe` only when a waiter is counted; caught when it
+//!   looks for waiters before the critical section that leaves the running
+//!   set.
 //! - `test_loom_hub_subscribe_racing_veto_*`: a subscriber registering while
 //!   `begin` runs the vetoes is either checked or registered after the
 //!   record (then its start comes from the registration).
@@ -331,8 +334,26 @@ fn test_loom_hub_subscribe_racing_invalidation_gets_matched_pair() {
 /// starts, while a writer delivers to it from another thread.
 #[test]
 fn test_loom_hub_unsubscribe_racing_delivery_then_silence() {
-    builder(3).check(|| {
-        let hub = Arc::new(InvalidationHub::new());
+    unsubscribe_racing_delivery_model(InvalidationHub::new);
+}
+
+/// A returning callback wakes `unsubscribe` only if it waits; caught when
+/// the callback looks for waiters before the critical section that leaves
+/// the running set (the waiter sleeps forever: loom reports the deadlock).
+#[test]
+fn test_loom_hub_callback_waiter_check_outside_its_exit_is_caught() {
+    let caught = catch_unwind(AssertUnwindSafe(|| {
+        unsubscribe_racing_delivery_model(InvalidationHub::with_early_waiting_check)
+    }));
+    assert!(
+        caught.is_err(),
+        "the model missed a callback exit that checks for waiters too early"
+    );
+}
+
+fn unsubscribe_racing_delivery_model(make: fn() -> InvalidationHub) {
+    builder(3).check(move || {
+        let hub = Arc::new(make());
         let rec = Arc::new(Recorder::default());
         let id = hub
             .subscribe(Interest::All, rec.clone(), Replay::None)
