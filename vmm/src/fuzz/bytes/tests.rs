@@ -201,3 +201,68 @@ fn test_the_corpus_has_every_kind_of_step() {
         );
     }
 }
+
+/// What the committed inputs cost, uninstrumented: every input run five
+/// times after a warm-up, its best time kept; prints the mean, median and
+/// tail, the share of the time in inputs with each kind of step, and the
+/// slowest inputs. A file plug's unnamed file goes to `TMPDIR` (put it on
+/// tmpfs, as the libFuzzer target does). Figures: docs/fuzzing.md.
+///
+/// `TMPDIR=/dev/shm cargo test --release -p vmm --lib corpus_cost -- --ignored --nocapture`
+#[test]
+#[ignore = "a measurement, not a check"]
+fn corpus_cost() {
+    use std::collections::BTreeMap;
+    use std::time::{Duration, Instant};
+    let mut rows: Vec<(Duration, usize, Vec<&str>, std::path::PathBuf)> = Vec::new();
+    for entry in std::fs::read_dir(corpus()).unwrap() {
+        let path = entry.unwrap().path();
+        let data = std::fs::read(&path).unwrap();
+        let _ = run(&data);
+        let best = (0..5)
+            .map(|_| {
+                let t = Instant::now();
+                let _ = run(&data);
+                t.elapsed()
+            })
+            .min()
+            .unwrap();
+        let (actions, _) = decode(&data);
+        let mut kinds: Vec<&str> = actions.iter().map(Action::kind).collect();
+        kinds.sort_unstable();
+        kinds.dedup();
+        rows.push((best, actions.len(), kinds, path));
+    }
+    assert!(!rows.is_empty(), "no corpus at {}", corpus().display());
+    rows.sort_by_key(|r| std::cmp::Reverse(r.0));
+    let total: Duration = rows.iter().map(|r| r.0).sum();
+    let n = rows.len();
+    let at = |q: f64| rows[((1.0 - q) * n as f64) as usize].0;
+    eprintln!(
+        "{n} inputs: mean {:?}, median {:?}, 90th percentile {:?}, 99th {:?}",
+        total / n as u32,
+        at(0.5),
+        at(0.9),
+        at(0.99)
+    );
+    let share = |t: Duration| 100.0 * t.as_secs_f64() / total.as_secs_f64();
+    let tenth: Duration = rows.iter().take(n / 10).map(|r| r.0).sum();
+    eprintln!("the slowest tenth: {:.1}% of the time", share(tenth));
+    let mut by_kind: BTreeMap<&str, (Duration, u32)> = BTreeMap::new();
+    for (t, _, kinds, _) in &rows {
+        for k in kinds {
+            let e = by_kind.entry(k).or_default();
+            e.0 += *t;
+            e.1 += 1;
+        }
+    }
+    eprintln!("inputs with a step of each kind: how many, their share of the time, their mean");
+    for (kind, (t, count)) in by_kind {
+        eprintln!("  {kind:14} {count:5} {:5.1}% {:?}", share(t), t / count);
+    }
+    eprintln!("the slowest inputs:");
+    for (t, steps, kinds, path) in rows.iter().take(5) {
+        let name = path.file_name().unwrap_or_default().to_string_lossy();
+        eprintln!("  {t:?} {steps} steps ({}) {name}", kinds.join(","));
+    }
+}
