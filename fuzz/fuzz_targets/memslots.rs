@@ -11,6 +11,10 @@
 //! `VMM_FUZZ_STEPS=FILE` writes to FILE how many inputs ran each number of
 //! steps (every 1024 inputs).
 //!
+//! Unless `TMPDIR` is set, the target sets it to `/dev/shm` when that is
+//! a writable tmpfs with room ([`files`]): `file` plugs create their
+//! unnamed files there.
+//!
 //! The coverage libFuzzer steers by is the code under test's: after every
 //! input the counters of the code that judges it (the model, the simulated
 //! VM's steps, checks and reset, the decoder, the scenario invariants and
@@ -42,30 +46,65 @@ mod oracle;
 
 /// Where the unnamed files of `file` plugs go.
 mod files {
-    use std::path::Path;
+    use std::mem::MaybeUninit;
 
-    /// Shared memory's tmpfs, where one is writable.
-    const TMPFS: &str = "/dev/shm";
+    /// Shared memory's tmpfs.
+    const TMPFS: &std::ffi::CStr = c"/dev/shm";
+    /// Free space it must have: an input pins at most 16 MiB and DMA a
+    /// few pages more; the rest of a file is never populated. (A
+    /// container's default of 64 MB can be shared with others.)
+    const MIN_FREE: u64 = 256 << 20;
 
     /// Points `TMPDIR` at tmpfs unless the user set it. A `file` plug
-    /// creates an unnamed file in `TMPDIR` and DMA pins populate its pages:
-    /// on a disk file system (ext4 `/tmp` here) every populated page is
-    /// page cache filled by readahead and later truncated, about 15 times
-    /// the cost of the same input on tmpfs, while the memory manager sees
-    /// the same shared file mapping either way.
+    /// creates an unnamed file in `TMPDIR` and pins and DMA populate its
+    /// pages: on a disk file system (ext4 `/tmp` here) each populated page
+    /// is page cache filled by readahead and dropped again at the unplug,
+    /// so such inputs cost 9 to 16 times as much as on tmpfs, while the
+    /// memory manager sees the same shared file mapping either way.
+    /// libFuzzer's own temporary files (`-fork`'s work directory, `-merge`'s
+    /// control file) follow `TMPDIR` too. Left as it is when `/dev/shm`
+    /// is not a tmpfs this process may write with `MIN_FREE` available.
     pub fn on_tmpfs() {
         if std::env::var_os("TMPDIR").is_some() {
             return;
         }
-        let writable = Path::new(TMPFS)
-            .metadata()
-            .is_ok_and(|m| m.is_dir() && !m.permissions().readonly());
-        if writable {
-            // Runs from LLVMFuzzerInitialize, before libFuzzer starts its
-            // other threads: no thread reads the environment meanwhile.
-            std::env::set_var("TMPDIR", TMPFS);
-            eprintln!("INFO: unnamed files of `file` plugs in {TMPFS} (TMPDIR was unset)");
+        match usable() {
+            Ok(()) => {
+                // Runs from LLVMFuzzerInitialize, before libFuzzer starts
+                // its other threads: no thread reads the environment
+                // meanwhile.
+                std::env::set_var("TMPDIR", TMPFS.to_str().unwrap_or("/dev/shm"));
+                eprintln!("INFO: unnamed files of `file` plugs in /dev/shm (TMPDIR was unset)");
+            }
+            Err(why) => eprintln!("INFO: unnamed files of `file` plugs in /tmp: /dev/shm {why}"),
         }
+    }
+
+    fn usable() -> Result<(), String> {
+        let mut fs = MaybeUninit::<libc::statfs>::uninit();
+        // SAFETY: a NUL-terminated path and room for one `statfs`, which the
+        // call fills when it returns 0.
+        if unsafe { libc::statfs(TMPFS.as_ptr(), fs.as_mut_ptr()) } != 0 {
+            return Err(format!("{}", std::io::Error::last_os_error()));
+        }
+        // SAFETY: filled, as statfs returned 0.
+        let fs = unsafe { fs.assume_init() };
+        if fs.f_type != libc::TMPFS_MAGIC {
+            return Err(format!("is not a tmpfs (type {:#x})", fs.f_type));
+        }
+        let free = fs.f_bavail.saturating_mul(fs.f_bsize as u64);
+        if free < MIN_FREE {
+            return Err(format!(
+                "has {} MiB free, under {} MiB",
+                free >> 20,
+                MIN_FREE >> 20
+            ));
+        }
+        // SAFETY: a NUL-terminated path; access only reads it.
+        if unsafe { libc::access(TMPFS.as_ptr(), libc::W_OK) } != 0 {
+            return Err("is not writable".into());
+        }
+        Ok(())
     }
 }
 

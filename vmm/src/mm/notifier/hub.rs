@@ -75,9 +75,10 @@ struct Gate {
     removed: bool,
     /// Threads currently inside one of this subscriber's callbacks.
     running: Vec<thread::ThreadId>,
-    /// Threads waiting on `gate_cv` (for `ready` or for `running` to
-    /// empty). A callback's return wakes only if there are some: a wake is a
-    /// system call, and every op delivers to every subscriber.
+    /// Threads waiting on `gate_cv` (for `ready`, or for `running` to hold
+    /// no thread but the waiter). A callback's return wakes only if there
+    /// are some: a wake is a system call, and every op delivers to every
+    /// subscriber.
     waiting: usize,
 }
 
