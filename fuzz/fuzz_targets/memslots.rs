@@ -46,10 +46,12 @@ mod oracle;
 
 /// Where the unnamed files of `file` plugs go.
 mod files {
+    use std::ffi::{CStr, OsStr};
     use std::mem::MaybeUninit;
+    use std::os::unix::ffi::OsStrExt;
 
     /// Shared memory's tmpfs.
-    const TMPFS: &std::ffi::CStr = c"/dev/shm";
+    const TMPFS: &CStr = c"/dev/shm";
     /// Free space it must have: an input pins at most 16 MiB and DMA a
     /// few pages more; the rest of a file is never populated. (A
     /// container's default of 64 MB can be shared with others.)
@@ -73,10 +75,13 @@ mod files {
                 // Runs from LLVMFuzzerInitialize, before libFuzzer starts
                 // its other threads: no thread reads the environment
                 // meanwhile.
-                std::env::set_var("TMPDIR", TMPFS.to_str().unwrap_or("/dev/shm"));
-                eprintln!("INFO: unnamed files of `file` plugs in /dev/shm (TMPDIR was unset)");
+                std::env::set_var("TMPDIR", OsStr::from_bytes(TMPFS.to_bytes()));
+                eprintln!("INFO: unnamed files of `file` plugs in {TMPFS:?} (TMPDIR was unset)");
             }
-            Err(why) => eprintln!("INFO: unnamed files of `file` plugs in /tmp: /dev/shm {why}"),
+            Err(why) => {
+                let tmp = std::env::temp_dir();
+                eprintln!("INFO: unnamed files of `file` plugs in {tmp:?}: {TMPFS:?} {why}");
+            }
         }
     }
 
